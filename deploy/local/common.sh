@@ -1,0 +1,79 @@
+# Shared settings for the local stack scripts: versions, cache and state paths, helpers.
+# Sourced, never run. Everything binds to 127.0.0.1.
+set -euo pipefail
+
+K8S_VERSION="${K8S_VERSION:-v1.37.2}"
+ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
+KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
+KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
+
+# Built binaries and the Go/Maven caches live outside the work tree so that a fresh
+# clone on the same machine reuses them; each build is keyed by its version.
+JOBRUNNER_CACHE="${JOBRUNNER_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/jobrunner}"
+export GOMODCACHE="${GOMODCACHE_OVERRIDE:-$JOBRUNNER_CACHE/go/mod}"
+export GOCACHE="${GOCACHE_OVERRIDE:-$JOBRUNNER_CACHE/go/build}"
+export GOFLAGS="-buildvcs=false"
+export CGO_ENABLED=0
+
+# Runtime state (data dirs, logs, pids, kubeconfig, env file) for one stack.
+JOBRUNNER_STATE="${JOBRUNNER_STATE:-/tmp/jobrunner-stack}"
+LOG_DIR="$JOBRUNNER_STATE/logs"
+PID_DIR="$JOBRUNNER_STATE/pids"
+KUBECONFIG_PATH="$JOBRUNNER_STATE/kubeconfig"
+ENV_FILE="$JOBRUNNER_STATE/stack.env"
+
+K8S_BIN="$JOBRUNNER_CACHE/k8s-$K8S_VERSION/bin"
+ETCD_BIN="$JOBRUNNER_CACHE/etcd-$ETCD_VERSION/bin"
+KWOK_BIN="$JOBRUNNER_CACHE/kwok-$KWOK_VERSION/bin"
+KAFKA_HOME="$JOBRUNNER_CACHE/kafka-$KAFKA_VERSION"
+
+APISERVER_PORT="${APISERVER_PORT:-6443}"
+ETCD_PORT="${ETCD_PORT:-2379}"
+KAFKA_PORT="${KAFKA_PORT:-9092}"
+KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
+RABBITMQ_PORT="${RABBITMQ_PORT:-5672}"
+RABBITMQ_MGMT_PORT="${RABBITMQ_MGMT_PORT:-15672}"
+
+log() { printf '[stack %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+
+# die COMMAND LOGFILE: say which command failed and where to look.
+die() {
+  log "FAILED: $1"
+  if [[ -n "${2:-}" ]]; then
+    log "log: $2"
+    [[ -f "$2" ]] && tail -n 30 "$2" >&2 || true
+  fi
+  exit 1
+}
+
+# wait_for DESCRIPTION SECONDS COMMAND...: poll until COMMAND succeeds or time runs out.
+wait_for() {
+  local what="$1" timeout="$2"; shift 2
+  local deadline=$((SECONDS + timeout))
+  until "$@" >/dev/null 2>&1; do
+    if (( SECONDS >= deadline )); then return 1; fi
+    sleep 0.5
+  done
+}
+
+pid_alive() { [[ -f "$PID_DIR/$1.pid" ]] && kill -0 "$(cat "$PID_DIR/$1.pid")" 2>/dev/null; }
+
+# start_bg NAME LOG COMMAND...: start a daemon detached from this shell, remember its pid.
+start_bg() {
+  local name="$1" logfile="$2"; shift 2
+  mkdir -p "$PID_DIR" "$LOG_DIR"
+  setsid "$@" >>"$logfile" 2>&1 < /dev/null &
+  echo $! > "$PID_DIR/$name.pid"
+}
+
+stop_pid() {
+  local name="$1" pidfile="$PID_DIR/$1.pid"
+  [[ -f "$pidfile" ]] || return 0
+  local pid; pid="$(cat "$pidfile")"
+  if kill -0 "$pid" 2>/dev/null; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  rm -f "$pidfile"
+}

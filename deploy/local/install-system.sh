@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the machine packages the local stack needs and a fresh Debian machine may
+# lack: RabbitMQ (with Erlang), a JDK for Kafka, openssl and curl. Idempotent; needs root
+# (or sudo) only when something is missing.
+source "$(dirname "$0")/common.sh"
+
+need=()
+[[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] || need+=(rabbitmq-server)
+command -v java >/dev/null || need+=(default-jre-headless)
+command -v mvn >/dev/null || need+=(maven)
+command -v openssl >/dev/null || need+=(openssl)
+command -v curl >/dev/null || need+=(curl)
+command -v go >/dev/null || need+=(golang-go)
+if (( ${#need[@]} == 0 )); then log "system packages present"; exit 0; fi
+
+sudo=""; (( EUID == 0 )) || sudo="sudo"
+log "installing: ${need[*]}"
+aptlog="$JOBRUNNER_CACHE/apt.log"; mkdir -p "$JOBRUNNER_CACHE"
+$sudo apt-get update >>"$aptlog" 2>&1 || die "apt-get update" "$aptlog"
+# Keep the package's init script from starting a system-wide RabbitMQ: the stack starts
+# its own node with its own data dir and config.
+policy_added=0
+if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+  printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
+  $sudo chmod +x /usr/sbin/policy-rc.d; policy_added=1
+fi
+DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends "${need[@]}" >>"$aptlog" 2>&1 \
+  || { (( policy_added )) && $sudo rm -f /usr/sbin/policy-rc.d; die "apt-get install ${need[*]}" "$aptlog"; }
+(( policy_added )) && $sudo rm -f /usr/sbin/policy-rc.d
+log "installed: ${need[*]}"

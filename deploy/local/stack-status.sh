@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Health of each part of the local stack, one line each; exits non-zero if any is down.
+source "$(dirname "$0")/common.sh"
+HERE="$(cd "$(dirname "$0")" && pwd)"
+set +e
+PKI="$JOBRUNNER_STATE/pki"
+failed=0
+check() {
+  local name="$1" detail="$2"; shift 2
+  if "$@" >/dev/null 2>&1; then
+    printf '  %-24s up    %s\n' "$name" "$detail"
+  else
+    printf '  %-24s DOWN  %s (log: %s)\n' "$name" "$detail" "$LOG_DIR/$name.log"; failed=1
+  fi
+}
+kget() { curl -sf --cacert "$PKI/apiserver.crt" -H "Authorization: Bearer $(cat "$PKI/admin.token" 2>/dev/null)" "https://127.0.0.1:$APISERVER_PORT$1"; }
+node_ready() { kget /api/v1/nodes/kwok-node-0 | grep -q '"type": "Ready"'; }
+rss() {
+  local total=0 pid
+  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kwok kafka; do
+    [[ -f "$PID_DIR/$name.pid" ]] || continue
+    pid="$(cat "$PID_DIR/$name.pid")"
+    total=$((total + $(awk '/VmRSS/{print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)))
+  done
+  # RabbitMQ runs as a beam.smp tree started from its script.
+  for pid in $(pgrep -f 'beam.smp.*jobrunner@localhost'); do
+    total=$((total + $(awk '/VmRSS/{print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)))
+  done
+  echo $((total / 1024))
+}
+
+echo "jobrunner local stack ($JOBRUNNER_STATE)"
+check etcd "http://127.0.0.1:$ETCD_PORT" curl -sf "http://127.0.0.1:$ETCD_PORT/health"
+check kube-apiserver "https://127.0.0.1:$APISERVER_PORT" kget /readyz
+check kube-controller-manager "https://127.0.0.1:10257" curl -skf https://127.0.0.1:10257/healthz
+check kube-scheduler "https://127.0.0.1:10259" curl -skf https://127.0.0.1:10259/healthz
+check kwok "node kwok-node-0 Ready" node_ready
+check rabbitmq "amqp://127.0.0.1:$RABBITMQ_PORT, http://127.0.0.1:$RABBITMQ_MGMT_PORT" \
+  curl -sf -u guest:guest "http://127.0.0.1:$RABBITMQ_MGMT_PORT/api/overview"
+check kafka "127.0.0.1:$KAFKA_PORT" bash -c "exec 3<>/dev/tcp/127.0.0.1/$KAFKA_PORT"
+echo "  kubeconfig: $KUBECONFIG_PATH"
+echo "  resident memory of the stack: $(rss) MiB"
+exit $failed

@@ -1,0 +1,277 @@
+#!/usr/bin/env bash
+# Brings up the real services jobrunner's tests run against, all on 127.0.0.1:
+#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, KWOK with one fake node,
+#   RabbitMQ (with the management plugin) and Apache Kafka (KRaft, one node).
+# Idempotent: a part that is already healthy is left alone. Binaries are built once and
+# cached by version (see build-*.sh). Writes $ENV_FILE for the tests and the demo.
+#
+# Usage: stack-up.sh [all|k8s|rabbitmq|kafka]...
+source "$(dirname "$0")/common.sh"
+HERE="$(cd "$(dirname "$0")" && pwd)"
+
+PKI="$JOBRUNNER_STATE/pki"
+TOKEN_FILE="$PKI/admin.token"
+APISERVER_URL="https://127.0.0.1:$APISERVER_PORT"
+mkdir -p "$LOG_DIR" "$PID_DIR" "$PKI"
+
+admin_token() { cat "$TOKEN_FILE"; }
+kcurl() { curl -sS --fail --cacert "$PKI/apiserver.crt" -H "Authorization: Bearer $(admin_token)" "$@"; }
+
+# ---------------------------------------------------------------- Kubernetes
+start_etcd() {
+  if curl -sf "http://127.0.0.1:$ETCD_PORT/health" >/dev/null 2>&1; then log "etcd already healthy"; return; fi
+  log "starting etcd $ETCD_VERSION"
+  start_bg etcd "$LOG_DIR/etcd.log" "$ETCD_BIN/etcd" \
+    --name jobrunner --data-dir "$JOBRUNNER_STATE/etcd" \
+    --listen-client-urls "http://127.0.0.1:$ETCD_PORT" --advertise-client-urls "http://127.0.0.1:$ETCD_PORT" \
+    --listen-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
+    --initial-advertise-peer-urls "http://127.0.0.1:$((ETCD_PORT + 1))" \
+    --initial-cluster "jobrunner=http://127.0.0.1:$((ETCD_PORT + 1))" \
+    --unsafe-no-fsync --quota-backend-bytes 4294967296 --log-level warn
+  wait_for etcd 60 curl -sf "http://127.0.0.1:$ETCD_PORT/health" \
+    || die "etcd --data-dir $JOBRUNNER_STATE/etcd (no /health within 60s)" "$LOG_DIR/etcd.log"
+}
+
+make_pki() {
+  [[ -f "$PKI/sa.key" ]] || {
+    openssl genrsa -out "$PKI/sa.key" 2048 2>/dev/null || die "openssl genrsa (service-account key)"
+    openssl rsa -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null || die "openssl rsa -pubout"
+  }
+  [[ -f "$TOKEN_FILE" ]] || {
+    openssl rand -hex 24 > "$TOKEN_FILE"
+    # token,user,uid,"group1,group2": system:masters makes this an administrator.
+    printf '%s,jobrunner-admin,jobrunner-admin,"system:masters"\n' "$(admin_token)" > "$PKI/tokens.csv"
+  }
+}
+
+write_kubeconfig() {
+  local ca; ca="$(base64 -w0 < "$PKI/apiserver.crt")"
+  cat > "$KUBECONFIG_PATH" <<KC
+apiVersion: v1
+kind: Config
+clusters:
+- name: jobrunner-local
+  cluster:
+    server: $APISERVER_URL
+    certificate-authority-data: $ca
+users:
+- name: jobrunner-admin
+  user:
+    token: $(admin_token)
+contexts:
+- name: jobrunner-local
+  context: {cluster: jobrunner-local, user: jobrunner-admin, namespace: default}
+current-context: jobrunner-local
+KC
+  chmod 600 "$KUBECONFIG_PATH"
+}
+
+apiserver_ready() { kcurl "$APISERVER_URL/readyz" >/dev/null 2>&1; }
+
+start_apiserver() {
+  make_pki
+  if [[ -f "$PKI/apiserver.crt" ]] && apiserver_ready; then log "kube-apiserver already ready"; write_kubeconfig; return; fi
+  log "starting kube-apiserver $K8S_VERSION"
+  start_bg kube-apiserver "$LOG_DIR/kube-apiserver.log" "$K8S_BIN/kube-apiserver" \
+    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
+    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
+    --cert-dir "$PKI" --token-auth-file "$PKI/tokens.csv" \
+    --authorization-mode RBAC \
+    --service-account-issuer https://kubernetes.default.svc.cluster.local \
+    --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
+    --service-cluster-ip-range 10.96.0.0/16 --endpoint-reconciler-type none \
+    --allow-privileged=true --profiling=false --v 1
+  # The serving certificate is generated at start; the kubeconfig trusts it as its CA.
+  wait_for "apiserver cert" 60 test -s "$PKI/apiserver.crt" \
+    || die "kube-apiserver (no serving certificate in $PKI within 60s)" "$LOG_DIR/kube-apiserver.log"
+  wait_for kube-apiserver 120 apiserver_ready \
+    || die "kube-apiserver (no /readyz within 120s)" "$LOG_DIR/kube-apiserver.log"
+  write_kubeconfig
+}
+
+start_controller_manager() {
+  if pid_alive kube-controller-manager && curl -skf https://127.0.0.1:10257/healthz >/dev/null 2>&1; then
+    log "kube-controller-manager already healthy"; return
+  fi
+  stop_pid kube-controller-manager
+  log "starting kube-controller-manager"
+  # The default controller set includes job, ttl-after-finished, garbage collection and
+  # the service-account controller that creates each namespace's `default` account.
+  start_bg kube-controller-manager "$LOG_DIR/kube-controller-manager.log" "$K8S_BIN/kube-controller-manager" \
+    --kubeconfig "$KUBECONFIG_PATH" --leader-elect=false --bind-address 127.0.0.1 \
+    --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/apiserver.crt" \
+    --use-service-account-credentials=false --concurrent-job-syncs 20 --concurrent-gc-syncs 20 \
+    --kube-api-qps 200 --kube-api-burst 400 --v 1
+  wait_for kube-controller-manager 60 curl -skf https://127.0.0.1:10257/healthz \
+    || die "kube-controller-manager (no /healthz within 60s)" "$LOG_DIR/kube-controller-manager.log"
+}
+
+start_scheduler() {
+  if pid_alive kube-scheduler && curl -skf https://127.0.0.1:10259/healthz >/dev/null 2>&1; then
+    log "kube-scheduler already healthy"; return
+  fi
+  stop_pid kube-scheduler
+  log "starting kube-scheduler"
+  start_bg kube-scheduler "$LOG_DIR/kube-scheduler.log" "$K8S_BIN/kube-scheduler" \
+    --kubeconfig "$KUBECONFIG_PATH" --leader-elect=false --bind-address 127.0.0.1 \
+    --kube-api-qps 200 --kube-api-burst 400 --v 1
+  wait_for kube-scheduler 60 curl -skf https://127.0.0.1:10259/healthz \
+    || die "kube-scheduler (no /healthz within 60s)" "$LOG_DIR/kube-scheduler.log"
+}
+
+node_ready() {
+  kcurl "$APISERVER_URL/api/v1/nodes/kwok-node-0" 2>/dev/null \
+    | python3 -c 'import json,sys; n=json.load(sys.stdin); sys.exit(0 if any(c["type"]=="Ready" and c["status"]=="True" for c in n.get("status",{}).get("conditions",[])) else 1)'
+}
+
+start_kwok() {
+  local stages="$GOMODCACHE/sigs.k8s.io/kwok@$KWOK_VERSION/kustomize/stage"
+  if ! pid_alive kwok; then
+    [[ -d "$stages" ]] || die "kwok stages not found in $stages (run build-kwok.sh)"
+    log "starting kwok $KWOK_VERSION"
+    # KWOK's own stages for nodes and for pod start-up/deletion; ours decide how a Job's
+    # pod ends (see kwok/job-pod-stages.yaml). pod-delete lets GC and TTL deletions finish
+    # without a kubelet.
+    start_bg kwok "$LOG_DIR/kwok.log" "$KWOK_BIN/kwok" \
+      --kubeconfig "$KUBECONFIG_PATH" \
+      --manage-nodes-with-annotation-selector kwok.x-k8s.io/node=fake \
+      --node-lease-duration-seconds 40 --server-address 127.0.0.1:10247 \
+      --config "$stages/node/fast/node-initialize.yaml" \
+      --config "$stages/node/heartbeat-with-lease/node-heartbeat-with-lease.yaml" \
+      --config "$stages/pod/fast/pod-ready.yaml" \
+      --config "$stages/pod/fast/pod-delete.yaml" \
+      --config "$HERE/kwok/job-pod-stages.yaml"
+  fi
+  local code
+  code="$(curl -s -o /dev/null -w '%{http_code}' --cacert "$PKI/apiserver.crt" -H "Authorization: Bearer $(admin_token)" \
+    -H 'Content-Type: application/json' -X POST --data @"$HERE/kwok/node.json" "$APISERVER_URL/api/v1/nodes")"
+  [[ "$code" == 201 || "$code" == 409 ]] || die "POST /api/v1/nodes (kwok-node-0) answered HTTP $code"
+  wait_for "kwok node" 60 node_ready || die "kwok (node kwok-node-0 not Ready within 60s)" "$LOG_DIR/kwok.log"
+  log "node kwok-node-0 Ready"
+}
+
+up_k8s() {
+  bash "$HERE/build-etcd.sh"; bash "$HERE/build-k8s.sh"; bash "$HERE/build-kwok.sh"
+  start_etcd; start_apiserver; start_controller_manager; start_scheduler; start_kwok
+}
+
+# ---------------------------------------------------------------- RabbitMQ
+RMQ_DIR="$JOBRUNNER_STATE/rabbitmq"
+rmq_env() {
+  # Run the server directly (not Debian's su wrapper, which drops the environment) with
+  # all state under $RMQ_DIR; root's Erlang cookie is shared with rabbitmqctl.
+  export RABBITMQ_NODENAME="jobrunner@localhost" RABBITMQ_USE_LONGNAME=false \
+    RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT="$RABBITMQ_PORT" \
+    RABBITMQ_DIST_PORT=$((RABBITMQ_PORT + 20000)) ERL_EPMD_ADDRESS=127.0.0.1 \
+    RABBITMQ_MNESIA_BASE="$RMQ_DIR/mnesia" RABBITMQ_LOG_BASE="$LOG_DIR/rabbitmq" \
+    RABBITMQ_CONFIG_FILE="$RMQ_DIR/rabbitmq.conf" RABBITMQ_ENABLED_PLUGINS_FILE="$RMQ_DIR/enabled_plugins" \
+    RABBITMQ_PID_FILE="$RMQ_DIR/rabbitmq.pid" RABBITMQ_PLUGINS_EXPAND_DIR="$RMQ_DIR/plugins-expand"
+}
+rmqctl() { rmq_env; /usr/lib/rabbitmq/bin/rabbitmqctl -n jobrunner@localhost "$@"; }
+
+up_rabbitmq() {
+  [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] || bash "$HERE/install-system.sh"
+  if rmqctl status >/dev/null 2>&1; then log "rabbitmq already running"; return; fi
+  mkdir -p "$RMQ_DIR" "$LOG_DIR/rabbitmq"
+  cat > "$RMQ_DIR/rabbitmq.conf" <<CONF
+listeners.tcp.1 = 127.0.0.1:$RABBITMQ_PORT
+management.tcp.ip = 127.0.0.1
+management.tcp.port = $RABBITMQ_MGMT_PORT
+# RabbitMQ's default (30 min); tests shorten it at run time with rabbitmqctl eval.
+consumer_timeout = ${RABBITMQ_CONSUMER_TIMEOUT_MS:-1800000}
+vm_memory_high_watermark.relative = 0.2
+CONF
+  echo '[rabbitmq_management].' > "$RMQ_DIR/enabled_plugins"
+  log "starting rabbitmq-server"
+  rmq_env
+  start_bg rabbitmq "$LOG_DIR/rabbitmq-server.log" /usr/lib/rabbitmq/bin/rabbitmq-server
+  wait_for rabbitmq 120 rmqctl await_startup \
+    || die "rabbitmq-server (await_startup failed within 120s)" "$LOG_DIR/rabbitmq-server.log"
+  wait_for "rabbitmq management" 60 curl -sf -u guest:guest "http://127.0.0.1:$RABBITMQ_MGMT_PORT/api/overview" \
+    || die "rabbitmq management plugin (no /api/overview within 60s)" "$LOG_DIR/rabbitmq-server.log"
+}
+
+# ---------------------------------------------------------------- Kafka
+KAFKA_DIR="$JOBRUNNER_STATE/kafka"
+kafka_java() { java -Xms128m -Xmx512m -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.properties" -cp "$KAFKA_HOME/libs/*" "$@"; }
+kafka_ready() { (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null && grep -q "Kafka Server started" "$LOG_DIR/kafka.log" 2>/dev/null; }
+
+up_kafka() {
+  bash "$HERE/build-kafka.sh"
+  if pid_alive kafka && kafka_ready; then log "kafka already running"; return; fi
+  stop_pid kafka
+  mkdir -p "$KAFKA_DIR"
+  cat > "$KAFKA_DIR/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$KAFKA_DIR/data
+num.partitions=1
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+auto.create.topics.enable=true
+PROPS
+  cat > "$KAFKA_DIR/log4j2.properties" <<'L4J'
+rootLogger.level = INFO
+rootLogger.appenderRef.stdout.ref = STDOUT
+appender.stdout.type = Console
+appender.stdout.name = STDOUT
+appender.stdout.layout.type = PatternLayout
+appender.stdout.layout.pattern = [%d] %p %m (%c)%n
+logger.kafka.name = kafka
+logger.kafka.level = INFO
+logger.state.name = state.change.logger
+logger.state.level = WARN
+L4J
+  if [[ ! -f "$KAFKA_DIR/data/meta.properties" ]]; then
+    local cluster_id
+    cluster_id="$(kafka_java kafka.tools.StorageTool random-uuid 2>>"$LOG_DIR/kafka-format.log")" \
+      || die "kafka.tools.StorageTool random-uuid" "$LOG_DIR/kafka-format.log"
+    kafka_java kafka.tools.StorageTool format -t "$cluster_id" -c "$KAFKA_DIR/server.properties" \
+      >>"$LOG_DIR/kafka-format.log" 2>&1 || die "kafka.tools.StorageTool format" "$LOG_DIR/kafka-format.log"
+  fi
+  log "starting kafka $KAFKA_VERSION"
+  : > "$LOG_DIR/kafka.log"
+  start_bg kafka "$LOG_DIR/kafka.log" java -Xms128m -Xmx512m -XX:+UseG1GC \
+    -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.properties" -cp "$KAFKA_HOME/libs/*" \
+    kafka.Kafka "$KAFKA_DIR/server.properties"
+  wait_for kafka 120 kafka_ready || die "kafka.Kafka (not started within 120s)" "$LOG_DIR/kafka.log"
+}
+
+write_env() {
+  cat > "$ENV_FILE" <<ENV
+# Written by deploy/local/stack-up.sh; read by the test fixtures and the demo.
+JOBRUNNER_TEST_KUBECONFIG=$KUBECONFIG_PATH
+JOBRUNNER_TEST_RABBITMQ_URL=amqp://guest:guest@127.0.0.1:$RABBITMQ_PORT/
+JOBRUNNER_TEST_RABBITMQ_MANAGEMENT_URL=http://guest:guest@127.0.0.1:$RABBITMQ_MGMT_PORT/
+JOBRUNNER_TEST_RABBITMQCTL=$HERE/rabbitmqctl.sh
+JOBRUNNER_TEST_KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT
+JOBRUNNER_TEST_STACK_STATE=$JOBRUNNER_STATE
+ENV
+}
+
+parts=("$@"); (( ${#parts[@]} )) || parts=(all)
+start=$SECONDS
+for part in "${parts[@]}"; do
+  case "$part" in
+    all) bash "$HERE/install-system.sh"; up_k8s; up_rabbitmq; up_kafka ;;
+    k8s) up_k8s ;;
+    rabbitmq) up_rabbitmq ;;
+    kafka) up_kafka ;;
+    *) die "unknown part '$part' (use all, k8s, rabbitmq or kafka)" ;;
+  esac
+done
+write_env
+log "stack up in $((SECONDS - start))s"
+log "kubeconfig: $KUBECONFIG_PATH"
+log "environment for tests: $ENV_FILE"
+echo "$KUBECONFIG_PATH"
