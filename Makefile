@@ -1,0 +1,57 @@
+# jobrunner developer commands. `make demo` and `make test` are the two you need.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STACK := deploy/local
+STACK_ENV ?= /tmp/jobrunner-stack/stack.env
+PYTEST_ARGS ?=
+
+.PHONY: help venv stack-up stack-down stack-status lint test test-unit test-integration demo bench clean
+
+help:
+	@echo "make demo         bring up the stack and run the demo"
+	@echo "make test         lint, type-check and run every test against the real stack"
+	@echo "make test-unit    the fast unit tests alone (no services)"
+	@echo "make stack-up | stack-down | stack-status"
+	@echo "make bench        benchmarks (figures printed)"
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(BIN)/.installed
+
+stack-up:
+	bash $(STACK)/stack-up.sh
+
+stack-down:
+	bash $(STACK)/stack-down.sh
+
+stack-status:
+	bash $(STACK)/stack-status.sh
+
+lint: venv
+	$(BIN)/ruff check jobrunner tests
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+test-unit: venv
+	$(BIN)/pytest -m "not integration" $(PYTEST_ARGS)
+
+test-integration: venv stack-up
+	set -a && source $(STACK_ENV) && set +a && $(BIN)/pytest -m integration $(PYTEST_ARGS)
+
+test: venv stack-up lint
+	set -a && source $(STACK_ENV) && set +a && $(BIN)/pytest $(PYTEST_ARGS)
+
+demo: venv stack-up
+	bash $(STACK)/stack-status.sh
+
+bench: venv stack-up
+	@echo "no benchmarks yet"
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,1 @@
+"""Message sources: one module per broker behind the MessageSource protocol."""
