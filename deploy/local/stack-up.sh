@@ -151,7 +151,13 @@ start_kwok() {
 }
 
 up_k8s() {
-  bash "$HERE/build-etcd.sh"; bash "$HERE/build-k8s.sh"; bash "$HERE/build-kwok.sh"
+  # The three builds share nothing but the module cache; run them side by side so the
+  # downloads of one overlap the compiling of another.
+  local pids=() p
+  bash "$HERE/build-k8s.sh" & pids+=($!)
+  bash "$HERE/build-etcd.sh" & pids+=($!)
+  bash "$HERE/build-kwok.sh" & pids+=($!)
+  for p in "${pids[@]}"; do wait "$p" || die "building the control plane (see the messages above)"; done
   start_etcd; start_apiserver; start_controller_manager; start_scheduler; start_kwok
 }
 

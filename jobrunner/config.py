@@ -1,0 +1,278 @@
+"""Settings and the ScaledJob-style manifest models.
+
+Manifests keep KEDA's field names and defaults wherever the meaning is the same, so a
+``keda.sh/v1alpha1`` ScaledJob loads unchanged; jobrunner's own fields (how the message
+reaches the Job, the ack policy, the dead-letter target) have defaults that make such a
+manifest run. Models validate plain dicts, so the same objects can later come from custom
+resources read from the cluster rather than from files.
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+API_GROUP = "jobrunner.dev"
+API_VERSION = f"{API_GROUP}/v1alpha1"
+KEDA_API_VERSION = "keda.sh/v1alpha1"
+SUPPORTED_API_VERSIONS = (API_VERSION, KEDA_API_VERSION)
+
+
+class ManifestError(Exception):
+    """A manifest that cannot be used; the message names the file and the field."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+class ObjectMeta(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = Field(min_length=1, max_length=40)
+    namespace: str = "default"
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class AuthenticationRef(_Model):
+    name: str
+    kind: Literal["TriggerAuthentication", "ClusterTriggerAuthentication"] = "TriggerAuthentication"
+
+
+class Trigger(_Model):
+    type: str
+    name: str | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+    authenticationRef: AuthenticationRef | None = None
+    useCachedMetrics: bool | None = None
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _stringify(cls, value: Any) -> Any:
+        # KEDA's metadata is map[string]string; YAML may give numbers or booleans.
+        if isinstance(value, dict):
+            return {
+                k: v if isinstance(v, str) else str(v).lower() if isinstance(v, bool) else str(v)
+                for k, v in value.items()
+            }
+        return value
+
+
+class DeliveryMode(enum.StrEnum):
+    AUTO = "auto"
+    """env when the body fits ``maxEnvBytes``, else a file from a per-Job Secret."""
+    ENV = "env"
+    FILE = "file"
+    ARGS = "args"
+    """As env, and ``$(JOBRUNNER_MESSAGE)`` appended to each container's args."""
+
+
+class MessageDelivery(_Model):
+    mode: DeliveryMode = DeliveryMode.AUTO
+    envVarName: str = "JOBRUNNER_MESSAGE"
+    maxEnvBytes: int = Field(default=32 * 1024, ge=0)
+    """Largest body passed in an env var; larger ones go to a mounted file."""
+    maxMessageBytes: int = Field(default=512 * 1024, gt=0, le=1000 * 1024)
+    """Largest body accepted at all; beyond it the message is dead-lettered. A Secret
+    holds at most 1 MiB, which bounds this."""
+    mountPath: str = "/var/run/jobrunner/message"
+    containers: list[str] | None = None
+    """Containers that get the message; all of them when unset."""
+
+
+class AckPolicy(enum.StrEnum):
+    ON_JOB_COMPLETION = "onJobCompletion"
+    """Ack when the Job succeeds, dead-letter when it fails for good."""
+    ON_JOB_CREATION = "onJobCreation"
+    """Ack once the Job exists (the Job is the durable record); failures are still
+    dead-lettered, by republishing the original message kept with the Job."""
+
+
+class DeadLetter(_Model):
+    exchange: str | None = None
+    """Exchange for dead-lettered copies. Unset: the queue's own dead-letter exchange
+    when it has one, else the queue named by ``queue``."""
+    routingKey: str | None = None
+    queue: str | None = None
+    """Fallback queue (declared durable) when neither ``exchange`` nor the queue's own
+    dead-letter exchange is there. Default: ``<queueName>.dead-letter``."""
+
+
+class ScaledJobSpec(_Model):
+    jobTargetRef: dict[str, Any] | None = None
+    """A batch/v1 JobSpec whose strings may hold Jinja2 expressions."""
+    jobTemplate: str | None = None
+    """jobrunner: a template file (YAML, a Job or a JobSpec) instead of jobTargetRef,
+    relative to the manifest's directory or to ``job_templates/``."""
+    maxReplicaCount: int = Field(default=100, ge=1)
+    successfulJobsHistoryLimit: int = Field(default=100, ge=0)
+    failedJobsHistoryLimit: int = Field(default=100, ge=0)
+    triggers: list[Trigger] = Field(min_length=1)
+    # KEDA fields that mean nothing for a push-based dispatcher; accepted and ignored.
+    pollingInterval: int | None = None
+    minReplicaCount: int | None = None
+    envSourceContainerName: str | None = None
+    rolloutStrategy: str | None = None
+    rollout: dict[str, Any] | None = None
+    scalingStrategy: dict[str, Any] | None = None
+    # jobrunner's own fields.
+    messageDelivery: MessageDelivery = Field(default_factory=MessageDelivery)
+    ackPolicy: AckPolicy = AckPolicy.ON_JOB_COMPLETION
+    deadLetter: DeadLetter = Field(default_factory=DeadLetter)
+    consumerTimeoutSeconds: float = Field(default=1800, gt=0)
+    """The broker's delivery acknowledgement timeout (RabbitMQ ``consumer_timeout``,
+    30 min by default). A message held this long would be cut off, so shortly before
+    it the Job is handed over: the message is acked and the Job, which keeps the
+    original message, becomes the durable record."""
+
+    @model_validator(mode="after")
+    def _one_template(self) -> ScaledJobSpec:
+        if (self.jobTargetRef is None) == (self.jobTemplate is None):
+            raise ValueError("give exactly one of jobTargetRef or jobTemplate")
+        return self
+
+
+class ScaledJob(_Model):
+    apiVersion: str
+    kind: Literal["ScaledJob"]
+    metadata: ObjectMeta
+    spec: ScaledJobSpec
+    status: dict[str, Any] | None = None
+
+    @field_validator("apiVersion")
+    @classmethod
+    def _known_version(cls, value: str) -> str:
+        if value not in SUPPORTED_API_VERSIONS:
+            raise ValueError(f"must be one of {', '.join(SUPPORTED_API_VERSIONS)}")
+        return value
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace
+
+
+class SecretKeyRef(_Model):
+    parameter: str
+    name: str
+    key: str
+
+
+class EnvRef(_Model):
+    parameter: str
+    name: str
+    containerName: str | None = None
+
+
+class TriggerAuthenticationSpec(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+    secretTargetRef: list[SecretKeyRef] = Field(default_factory=list)
+    env: list[EnvRef] = Field(default_factory=list)
+
+
+class TriggerAuthentication(_Model):
+    apiVersion: str
+    kind: Literal["TriggerAuthentication", "ClusterTriggerAuthentication"]
+    metadata: ObjectMeta
+    spec: TriggerAuthenticationSpec
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _explain(error: ValidationError, where: str) -> ManifestError:
+    lines = [f"{where}: invalid manifest"]
+    for item in error.errors():
+        lines.append(f"  field {_field_path(item['loc'])}: {item['msg']}")
+    return ManifestError("\n".join(lines))
+
+
+def parse_scaledjob(obj: dict[str, Any], *, where: str = "<object>") -> ScaledJob:
+    try:
+        return ScaledJob.model_validate(obj)
+    except ValidationError as exc:
+        raise _explain(exc, where) from None
+
+
+def load_documents(path: Path) -> list[dict[str, Any]]:
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: not valid YAML: {exc}") from None
+    for index, doc in enumerate(docs):
+        if not isinstance(doc, dict):
+            raise ManifestError(f"{path}: document {index + 1} is not a mapping")
+    return docs
+
+
+class ManifestSet(BaseModel):
+    """Everything one manifest file declares."""
+
+    model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
+    path: Path
+    scaledjobs: list[ScaledJob]
+    authentications: dict[str, TriggerAuthentication]
+
+
+def load_manifest(path: Path) -> ManifestSet:
+    """Load ScaledJobs (and TriggerAuthentications) from a YAML file; errors name the
+    file, the document and the field."""
+    scaledjobs: list[ScaledJob] = []
+    auths: dict[str, TriggerAuthentication] = {}
+    for index, doc in enumerate(load_documents(path)):
+        where = f"{path} (document {index + 1}, {doc.get('kind', 'no kind')})"
+        kind = doc.get("kind")
+        if kind == "ScaledJob":
+            scaledjobs.append(parse_scaledjob(doc, where=where))
+        elif kind in ("TriggerAuthentication", "ClusterTriggerAuthentication"):
+            try:
+                auth = TriggerAuthentication.model_validate(doc)
+            except ValidationError as exc:
+                raise _explain(exc, where) from None
+            auths[auth.metadata.name] = auth
+        else:
+            raise ManifestError(f"{where}: field kind: expected ScaledJob or TriggerAuthentication")
+    if not scaledjobs:
+        raise ManifestError(f"{path}: no ScaledJob in this file")
+    return ManifestSet(path=path, scaledjobs=scaledjobs, authentications=auths)
+
+
+class KubeSettings(BaseModel):
+    kubeconfig: str | None = None
+    """Path to a kubeconfig; unset: in-cluster config, else ~/.kube/config."""
+    context: str | None = None
+    api_retry_max_seconds: float = 30.0
+    """Ceiling of the exponential backoff between retries of a failing API call."""
+
+
+class DispatcherSettings(BaseModel):
+    shutdown_grace_seconds: float = 20.0
+    """How long SIGTERM waits for in-flight settlements before cancelling them."""
+    handover_margin_seconds: float = 60.0
+    """How long before the broker's consumer timeout a held message is handed over."""
+
+
+class Settings(BaseSettings):
+    """Process settings; only the CLI reads the environment (``JOBRUNNER_*``)."""
+
+    model_config = SettingsConfigDict(env_prefix="JOBRUNNER_", env_nested_delimiter="__")
+    kube: KubeSettings = Field(default_factory=KubeSettings)
+    dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
+    log_level: str = "INFO"
+    log_json: bool = False

@@ -1,0 +1,91 @@
+"""Small immutable values passed between the sources, the dispatcher and the tracker.
+
+They carry no behaviour and import no broker or Kubernetes library, so every layer can
+share them.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+MANAGED_BY = "jobrunner"
+
+# Labels select; annotations carry what labels cannot (any string, any length).
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_SCALEDJOB = "jobrunner.dev/scaledjob"
+LABEL_SOURCE = "jobrunner.dev/source"
+LABEL_MESSAGE_KEY = "jobrunner.dev/message-key"
+ANNOTATION_MESSAGE_ID = "jobrunner.dev/message-id"
+ANNOTATION_SOURCE_DETAIL = "jobrunner.dev/source-detail"
+ANNOTATION_ACK_POLICY = "jobrunner.dev/ack-policy"
+ANNOTATION_HANDED_OVER = "jobrunner.dev/handed-over"
+ANNOTATION_SETTLED = "jobrunner.dev/settled"
+# KEDA's label on Jobs it creates; set too so KEDA-minded tooling finds our Jobs.
+LABEL_KEDA_SCALEDJOB = "scaledjob.keda.sh/name"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message as received from a source, before any decision about it."""
+
+    source: str
+    """Source type, e.g. ``rabbitmq`` or ``kafka``."""
+    identity: str
+    """Stable identity across redeliveries: the message id, or a digest (see naming)."""
+    body: bytes
+    message_id: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    content_type: str | None = None
+    redelivered: bool = False
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    """Where it came from (queue, exchange, routing key, topic/partition/offset)."""
+    received_at: float = 0.0
+    """``time.monotonic()`` when it arrived, for latency figures."""
+
+
+class Outcome(enum.Enum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """How a Job ended, as read from its conditions (or from its disappearance)."""
+
+    outcome: Outcome
+    reason: str
+    message: str = ""
+
+    @property
+    def succeeded(self) -> bool:
+        return self.outcome is Outcome.SUCCEEDED
+
+
+class Action(enum.Enum):
+    ACK = "ack"
+    REQUEUE = "requeue"
+    DEAD_LETTER = "dead-letter"
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with a message; the dispatcher's settle step carries it out."""
+
+    action: Action
+    reason: str = ""
+    detail: str = ""
+    job_name: str | None = None
+
+    @classmethod
+    def ack(cls, job_name: str | None = None) -> Decision:
+        return cls(Action.ACK, job_name=job_name)
+
+    @classmethod
+    def dead_letter(cls, reason: str, detail: str = "", job_name: str | None = None) -> Decision:
+        return cls(Action.DEAD_LETTER, reason=reason, detail=detail, job_name=job_name)
+
+    @classmethod
+    def requeue(cls, reason: str, detail: str = "") -> Decision:
+        return cls(Action.REQUEUE, reason=reason, detail=detail)

@@ -1,0 +1,199 @@
+from __future__ import annotations
+
+import base64
+import json
+from typing import Any
+
+import pytest
+import yaml
+
+from jobrunner.config import ManifestError, parse_scaledjob
+from jobrunner.models import Delivery
+from jobrunner.naming import job_name, message_identity
+from jobrunner.rendering import RenderError, Renderer, original_message
+
+
+def manifest(job_spec: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
+    job_spec = job_spec or {
+        "backoffLimit": 0,
+        "template": {
+            "spec": {
+                "containers": [
+                    {
+                        "name": "work",
+                        "image": "busybox",
+                        "args": ["--task", "{{ message.json.task }}"],
+                    }
+                ]
+            }
+        },
+    }
+    return {
+        "apiVersion": "jobrunner.dev/v1alpha1",
+        "kind": "ScaledJob",
+        "metadata": {"name": "resize", "namespace": "media"},
+        "spec": {
+            "jobTargetRef": job_spec,
+            "triggers": [{"type": "rabbitmq", "metadata": {"queueName": "q"}}],
+            **spec,
+        },
+    }
+
+
+def delivery(body: bytes, message_id: str | None = "m-1", **kw: Any) -> Delivery:
+    headers = kw.pop("headers", {})
+    return Delivery(
+        source="rabbitmq",
+        identity=message_identity(message_id, body, headers),
+        body=body,
+        message_id=message_id,
+        headers=headers,
+        **kw,
+    )
+
+
+def render(body: bytes, **spec: Any) -> Any:
+    return Renderer(parse_scaledjob(manifest(**spec))).render(delivery(body))
+
+
+def env_of(job: dict[str, Any]) -> dict[str, str]:
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value") for e in container["env"]}
+
+
+def test_renders_message_fields_into_string_values() -> None:
+    rendered = render(b'{"task": "thumb"}')
+    container = rendered.job["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"] == ["--task", "thumb"]
+    assert rendered.job["metadata"]["name"] == job_name("resize", "m-1")
+    assert rendered.job["metadata"]["namespace"] == "media"
+    assert rendered.secret is None
+
+
+def test_small_body_and_metadata_reach_the_job_as_env() -> None:
+    env = env_of(
+        render(
+            b'{"task": "t"}',
+        ).job
+    )
+    assert env["JOBRUNNER_MESSAGE"] == '{"task": "t"}'
+    assert env["JOBRUNNER_MESSAGE_ID"] == "m-1"
+    assert env["JOBRUNNER_MESSAGE_ENCODING"] == "utf-8"
+    assert json.loads(env["JOBRUNNER_MESSAGE_HEADERS"]) == {}
+
+
+def test_large_body_goes_to_a_mounted_secret_file() -> None:
+    body = json.dumps({"task": "t", "pad": "x" * 100_000}).encode()
+    rendered = render(body)
+    assert rendered.secret is not None
+    assert base64.b64decode(rendered.secret["data"]["body"]) == body
+    env = env_of(rendered.job)
+    assert "JOBRUNNER_MESSAGE" not in env
+    assert env["JOBRUNNER_MESSAGE_FILE"] == "/var/run/jobrunner/message/body"
+    pod = rendered.job["spec"]["template"]["spec"]
+    assert pod["volumes"] == [
+        {"name": "jobrunner-message", "secret": {"secretName": f"{rendered.name}-message"}}
+    ]
+    assert pod["containers"][0]["volumeMounts"][0]["mountPath"] == "/var/run/jobrunner/message"
+
+
+def test_body_over_the_limit_is_refused_with_reason() -> None:
+    with pytest.raises(RenderError) as err:
+        render(b'{"task": "t"}' + b" " * 600_000)
+    assert err.value.reason == "MessageTooLarge"
+
+
+def test_body_that_is_not_json_fails_when_template_needs_json() -> None:
+    with pytest.raises(RenderError) as err:
+        render(b"not json at all")
+    assert err.value.reason == "InvalidMessage"
+
+
+def test_missing_field_is_a_template_error_naming_the_field() -> None:
+    with pytest.raises(RenderError) as err:
+        render(b'{"other": 1}')
+    assert err.value.reason == "TemplateError"
+    assert "containers[0].args[1]" in err.value.detail
+
+
+HOSTILE = [
+    "}}\n{{ 7*7 }}",
+    "x\nmetadata:\n  name: evil\nspec: {}",
+    '"},"hostNetwork":true,"x":{"',
+    "'; rm -rf / #",
+    "{% for x in range(10**9) %}x{% endfor %}",
+    "a" * 200_000,
+    "\u2028\u0000\ufeff",
+]
+
+
+@pytest.mark.parametrize("task", HOSTILE)
+def test_hostile_message_content_never_changes_job_structure(task: str) -> None:
+    rendered = render(json.dumps({"task": task}).encode(), messageDelivery={"maxEnvBytes": 10})
+    job = rendered.job
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    # The value lands verbatim in its one field; nothing else appears.
+    assert container["args"] == ["--task", task]
+    assert set(job["spec"]) == {"backoffLimit", "template"}
+    assert set(job["spec"]["template"]["spec"]) == {"containers", "restartPolicy", "volumes"}
+    assert job["metadata"]["name"] == rendered.name
+    yaml.safe_dump(job)  # still serialisable as one object
+
+
+@pytest.mark.parametrize(
+    "expression",
+    [
+        "{{ message.__class__.__mro__ }}",
+        "{{ message._delivery.body }}",
+        "{{ ''.__class__.__subclasses__() }}",
+        "{{ message.json.__class__.__init__.__globals__ }}",
+    ],
+)
+def test_sandbox_blocks_attribute_access_tricks(expression: str) -> None:
+    spec = manifest()["spec"]["jobTargetRef"]
+    spec["template"]["spec"]["containers"][0]["args"] = [expression]
+    renderer = Renderer(parse_scaledjob(manifest(job_spec=spec)))
+    with pytest.raises(RenderError) as err:
+        renderer.render(delivery(b'{"task": 1}'))
+    assert err.value.reason == "TemplateError"
+
+
+def test_template_syntax_error_fails_at_start_naming_the_field() -> None:
+    spec = manifest()["spec"]["jobTargetRef"]
+    spec["template"]["spec"]["containers"][0]["image"] = "{{ oops"
+    with pytest.raises(ManifestError, match=r"containers\[0\]\.image"):
+        Renderer(parse_scaledjob(manifest(job_spec=spec)))
+
+
+def test_labels_and_annotations_lead_back_to_the_message() -> None:
+    job = render(b'{"task": "t"}').job
+    labels, annotations = job["metadata"]["labels"], job["metadata"]["annotations"]
+    assert labels["app.kubernetes.io/managed-by"] == "jobrunner"
+    assert labels["jobrunner.dev/scaledjob"] == "resize"
+    assert labels["jobrunner.dev/source"] == "rabbitmq"
+    assert annotations["jobrunner.dev/message-id"] == "m-1"
+
+
+def test_original_message_is_kept_with_the_job() -> None:
+    rendered = Renderer(parse_scaledjob(manifest())).render(
+        delivery(b'{"task": "t"}', headers={"h": "v"})
+    )
+    kept = original_message(rendered.job, None)
+    assert kept is not None
+    assert kept["body"] == b'{"task": "t"}'
+    assert kept["headers"] == {"h": "v"}
+
+
+def test_binary_body_is_base64_in_env() -> None:
+    spec = manifest()["spec"]["jobTargetRef"]
+    spec["template"]["spec"]["containers"][0]["args"] = []
+    renderer = Renderer(parse_scaledjob(manifest(job_spec=spec)))
+    env = env_of(renderer.render(delivery(b"\x00\xff\x01")).job)
+    assert env["JOBRUNNER_MESSAGE_ENCODING"] == "base64"
+    assert base64.b64decode(env["JOBRUNNER_MESSAGE"]) == b"\x00\xff\x01"
+
+
+def test_args_mode_appends_the_message_variable() -> None:
+    rendered = render(b'{"task": "t"}', messageDelivery={"mode": "args"})
+    container = rendered.job["spec"]["template"]["spec"]["containers"][0]
+    assert container["args"][-1] == "$(JOBRUNNER_MESSAGE)"
