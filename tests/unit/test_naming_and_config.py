@@ -90,7 +90,7 @@ def test_invalid_manifest_names_file_and_field(tmp_path: Path) -> None:
 def test_misspelt_field_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "typo.yaml"
     path.write_text(KEDA_SCALEDJOB.replace("maxReplicaCount: 30", "maxReplicas: 30"))
-    with pytest.raises(ManifestError, match="spec.maxReplicas"):
+    with pytest.raises(ManifestError, match=r"spec\.maxReplicas"):
         load_manifest(path)
 
 
@@ -98,7 +98,8 @@ def test_job_name_is_stable_and_a_dns_label() -> None:
     name = job_name("My_ScaledJob.with.a.really.long.name.that.goes.on", "id-1")
     assert name == job_name("My_ScaledJob.with.a.really.long.name.that.goes.on", "id-1")
     assert len(name) <= 63
-    assert name.replace("-", "").isalnum() and name == name.lower()
+    assert name.replace("-", "").isalnum()
+    assert name == name.lower()
     assert job_name("a", "id-1") != job_name("a", "id-2")
     assert job_name("a", "id-1") != job_name("b", "id-1")
 

@@ -10,7 +10,7 @@ import yaml
 from jobrunner.config import ManifestError, parse_scaledjob
 from jobrunner.models import Delivery
 from jobrunner.naming import job_name, message_identity
-from jobrunner.rendering import RenderError, Renderer, original_message
+from jobrunner.rendering import Renderer, RenderError, original_message
 
 
 def manifest(job_spec: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
