@@ -1,0 +1,101 @@
+"""The two small interfaces the dispatcher core depends on: where messages come from and
+where Jobs go. Broker and Kubernetes libraries stay behind them."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from jobrunner.models import Decision, Delivery
+
+
+class ApiRejected(Exception):
+    """The API server refused a request for good (4xx other than conflict): retrying the
+    same request cannot help, so the message is dead-lettered with this text."""
+
+    def __init__(self, status: int, reason: str, message: str) -> None:
+        super().__init__(f"{status} {reason}: {message}")
+        self.status = status
+        self.reason = reason
+        self.message = message
+
+
+class TransientError(Exception):
+    """The API server or the broker could not be reached or answered 5xx/429: retry."""
+
+
+class WatchExpired(Exception):
+    """The watch's resourceVersion is too old (410 Gone): list again."""
+
+
+@dataclass(frozen=True)
+class WatchEvent:
+    type: str
+    """ADDED, MODIFIED, DELETED or BOOKMARK."""
+    object: Mapping[str, Any]
+
+
+class JobClient(Protocol):
+    async def create_job(
+        self, job: Mapping[str, Any], secret: Mapping[str, Any] | None
+    ) -> tuple[Mapping[str, Any], bool]:
+        """Create the Job (and its message Secret, then owned by the Job). Returns the
+        Job and whether it was created now; an existing Job of that name is returned
+        with ``False`` (a redelivery adopting it)."""
+        ...
+
+    async def get_job(self, namespace: str, name: str) -> Mapping[str, Any] | None: ...
+
+    async def annotate_job(
+        self, namespace: str, name: str, annotations: Mapping[str, str]
+    ) -> None: ...
+
+    async def delete_job(self, namespace: str, name: str) -> None:
+        """Delete with background propagation, so owned pods and Secrets go too."""
+        ...
+
+    async def read_secret(self, namespace: str, name: str) -> Mapping[str, str] | None: ...
+
+    async def list_jobs(self, namespace: str, selector: str) -> tuple[list[Mapping[str, Any]], str]:
+        """All matching Jobs and the list's resourceVersion."""
+        ...
+
+    def watch_jobs(
+        self, namespace: str, selector: str, resource_version: str
+    ) -> AsyncIterator[WatchEvent]:
+        """Events after ``resource_version``; raises WatchExpired on 410 Gone. Ends when
+        the server closes the watch; the caller resumes from the last version seen."""
+        ...
+
+
+class MessageHandle(Protocol):
+    """A received message that still awaits its settlement."""
+
+    @property
+    def delivery(self) -> Delivery: ...
+
+
+class MessageSource(Protocol):
+    name: str
+
+    async def start(self) -> None: ...
+
+    def deliveries(self) -> AsyncIterator[MessageHandle]:
+        """Messages as they arrive; the source applies its own backpressure (prefetch)."""
+        ...
+
+    async def stop_consuming(self) -> None:
+        """Take no new messages; keep the connection for settling those in hand."""
+        ...
+
+    async def settle(self, handle: MessageHandle, decision: Decision) -> bool:
+        """Carry out a decision on a live message. False when the broker no longer knows
+        it (its channel closed): it will be redelivered, and its Job adopted then."""
+        ...
+
+    async def dead_letter_copy(self, original: Mapping[str, Any], decision: Decision) -> None:
+        """Dead-letter a message that was already acked, from the copy kept with its Job."""
+        ...
+
+    async def close(self) -> None: ...

@@ -1,0 +1,279 @@
+"""RabbitMQ source on aio-pika: push consumption with prefetch as backpressure, and the
+broker side of settling (ack, requeue, dead-letter with the reason in headers).
+
+Dead-lettering publishes a copy carrying ``x-jobrunner-*`` reason headers, confirmed by
+the broker, and only then acks the original, so a crash in between can duplicate a
+dead-lettered copy but never lose the message. The copy goes to the configured exchange,
+else the queue's own dead-letter exchange (read through the management API), else a
+durable ``<queue>.dead-letter`` queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import logging
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aio_pika
+import aio_pika.abc
+import aio_pika.exceptions
+import aiormq.exceptions
+
+from jobrunner.models import Action, Decision, Delivery
+from jobrunner.naming import message_identity
+
+logger = logging.getLogger(__name__)
+
+_GONE = (
+    aio_pika.exceptions.ChannelInvalidStateError,
+    aio_pika.exceptions.ChannelClosed,
+    aiormq.exceptions.AMQPError,
+    ConnectionError,
+    RuntimeError,
+)
+
+
+@dataclass(frozen=True)
+class DeadLetterTarget:
+    exchange: str
+    routing_key: str | None
+    """None: the message's own routing key."""
+    declare_queue: str | None = None
+
+    def describe(self) -> str:
+        if self.declare_queue:
+            return f"queue {self.declare_queue!r}"
+        return f"exchange {self.exchange!r} (routing key {self.routing_key or '<original>'})"
+
+
+@dataclass
+class RabbitMQHandle:
+    delivery: Delivery
+    message: aio_pika.abc.AbstractIncomingMessage
+
+
+def _header_text(value: Any) -> str:
+    if isinstance(value, bytes):
+        return value.decode("utf-8", errors="replace")
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, default=str)
+
+
+def reason_headers(decision: Decision, extra: Mapping[str, str]) -> dict[str, str]:
+    headers = {"x-jobrunner-reason": decision.reason, "x-jobrunner-detail": decision.detail[:4000]}
+    if decision.job_name:
+        headers["x-jobrunner-job"] = decision.job_name
+    headers.update(extra)
+    return headers
+
+
+def management_queue_dead_letter(
+    management_url: str, vhost: str, queue: str
+) -> tuple[str, str | None] | None:
+    """The queue's dead-letter exchange and routing key from its arguments or policy."""
+    parsed = urllib.parse.urlsplit(management_url)
+    path = f"/api/queues/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(queue, safe='')}"
+    request = urllib.request.Request(
+        f"{parsed.scheme}://{parsed.hostname}:{parsed.port or 15672}{path}"
+    )
+    if parsed.username:
+        user = urllib.parse.unquote(parsed.username)
+        password = urllib.parse.unquote(parsed.password or "")
+        token = base64.b64encode(f"{user}:{password}".encode())
+        request.add_header("Authorization", f"Basic {token.decode()}")
+    with urllib.request.urlopen(request, timeout=5) as response:
+        info = json.load(response)
+    arguments = info.get("arguments") or {}
+    policy = info.get("effective_policy_definition") or {}
+    exchange = arguments.get("x-dead-letter-exchange", policy.get("dead-letter-exchange"))
+    if exchange is None:
+        return None
+    return exchange, arguments.get(
+        "x-dead-letter-routing-key", policy.get("dead-letter-routing-key")
+    )
+
+
+class RabbitMQSource:
+    name = "rabbitmq"
+
+    def __init__(
+        self,
+        *,
+        url: str,
+        queue: str,
+        prefetch: int,
+        dead_letter_exchange: str | None = None,
+        dead_letter_routing_key: str | None = None,
+        dead_letter_queue: str | None = None,
+        management_url: str | None = None,
+        scaledjob: str = "",
+    ) -> None:
+        self._url = url
+        self._queue_name = queue
+        self._prefetch = prefetch
+        self._dlx = dead_letter_exchange
+        self._dlx_key = dead_letter_routing_key
+        self._dlq = dead_letter_queue or f"{queue}.dead-letter"
+        self._management_url = management_url
+        self._scaledjob = scaledjob
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._consume_channel: aio_pika.abc.AbstractChannel | None = None
+        self._publish_channel: aio_pika.abc.AbstractChannel | None = None
+        self._incoming: asyncio.Queue[RabbitMQHandle] = asyncio.Queue()
+        self._consumer_tag: str | None = None
+        self._queue: aio_pika.abc.AbstractQueue | None = None
+        self.target: DeadLetterTarget | None = None
+        self.vhost = urllib.parse.unquote(urllib.parse.urlsplit(url).path.lstrip("/")) or "/"
+
+    async def start(self) -> None:
+        self._connection = await aio_pika.connect_robust(self._url, fail_fast=True)
+        self._publish_channel = await self._connection.channel(publisher_confirms=True)
+        self._consume_channel = await self._connection.channel(publisher_confirms=False)
+        await self._consume_channel.set_qos(prefetch_count=self._prefetch)
+        # Passive: the queue (with its arguments and dead-letter settings) is the user's.
+        self._queue = await self._consume_channel.get_queue(self._queue_name, ensure=True)
+        self.target = await self._resolve_target()
+        logger.info("dead-letter target for queue %s: %s", self._queue_name, self.target.describe())
+        self._consumer_tag = await self._queue.consume(self._on_message, no_ack=False)
+
+    async def _resolve_target(self) -> DeadLetterTarget:
+        if self._dlx is not None:
+            return DeadLetterTarget(self._dlx, self._dlx_key)
+        management = self._management_url or self._default_management_url()
+        try:
+            found = await asyncio.to_thread(
+                management_queue_dead_letter, management, self.vhost, self._queue_name
+            )
+        except Exception as exc:
+            logger.info(
+                "could not read queue %s arguments from %s (%s)",
+                self._queue_name,
+                urllib.parse.urlsplit(management).hostname,
+                exc,
+            )
+            found = None
+        if found is not None:
+            return DeadLetterTarget(found[0], found[1])
+        assert self._publish_channel is not None
+        await self._publish_channel.declare_queue(self._dlq, durable=True)
+        return DeadLetterTarget("", self._dlq, declare_queue=self._dlq)
+
+    def _default_management_url(self) -> str:
+        parsed = urllib.parse.urlsplit(self._url)
+        auth = ""
+        if parsed.username:
+            auth = f"{parsed.username}:{parsed.password or ''}@"
+        return f"http://{auth}{parsed.hostname}:15672/"
+
+    async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
+        headers = {str(k): _header_text(v) for k, v in (message.headers or {}).items()}
+        delivery = Delivery(
+            source=self.name,
+            identity=message_identity(message.message_id, message.body, headers),
+            body=message.body,
+            message_id=message.message_id,
+            headers=headers,
+            content_type=message.content_type,
+            redelivered=bool(message.redelivered),
+            metadata={
+                "queue": self._queue_name,
+                "exchange": message.exchange or "",
+                "routing_key": message.routing_key or "",
+                "vhost": self.vhost,
+            },
+            received_at=time.monotonic(),
+        )
+        await self._incoming.put(RabbitMQHandle(delivery=delivery, message=message))
+
+    async def deliveries(self) -> AsyncIterator[RabbitMQHandle]:
+        while True:
+            yield await self._incoming.get()
+
+    async def stop_consuming(self) -> None:
+        if self._queue is not None and self._consumer_tag is not None:
+            try:
+                await self._queue.cancel(self._consumer_tag)
+            except _GONE as exc:
+                logger.info("cancelling the consumer failed (%s); the channel is gone anyway", exc)
+            self._consumer_tag = None
+
+    async def settle(self, handle: RabbitMQHandle, decision: Decision) -> bool:
+        message = handle.message
+        try:
+            if decision.action is Action.ACK:
+                await message.ack()
+            elif decision.action is Action.REQUEUE:
+                await message.nack(requeue=True)
+            else:
+                await self._publish_dead_letter(
+                    body=message.body,
+                    message_id=message.message_id,
+                    content_type=message.content_type,
+                    headers={**(message.headers or {})},
+                    routing_key=message.routing_key or self._queue_name,
+                    decision=decision,
+                )
+                await message.ack()
+        except _GONE as exc:
+            logger.warning(
+                "message %s could not be settled (%s): the broker will redeliver it",
+                handle.delivery.identity,
+                exc,
+            )
+            return False
+        return True
+
+    async def dead_letter_copy(self, original: Mapping[str, Any], decision: Decision) -> None:
+        metadata = original.get("metadata") or {}
+        await self._publish_dead_letter(
+            body=original["body"],
+            message_id=original.get("message_id"),
+            content_type=original.get("content_type"),
+            headers=dict(original.get("headers") or {}),
+            routing_key=metadata.get("routing_key") or self._queue_name,
+            decision=decision,
+        )
+
+    async def _publish_dead_letter(
+        self,
+        *,
+        body: bytes,
+        message_id: str | None,
+        content_type: str | None,
+        headers: dict[str, Any],
+        routing_key: str,
+        decision: Decision,
+    ) -> None:
+        assert self._publish_channel is not None
+        assert self.target is not None
+        extra = {
+            "x-jobrunner-source-queue": self._queue_name,
+            "x-jobrunner-scaledjob": self._scaledjob,
+        }
+        headers.update(reason_headers(decision, extra))
+        copy = aio_pika.Message(
+            body,
+            message_id=message_id,
+            content_type=content_type,
+            headers=headers,
+            delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        )
+        if self.target.exchange:
+            exchange = await self._publish_channel.get_exchange(self.target.exchange, ensure=False)
+        else:
+            exchange = self._publish_channel.default_exchange
+        key = self.target.routing_key or routing_key
+        # With publisher confirms this returns once the broker has taken the copy.
+        await exchange.publish(copy, routing_key=key)
+
+    async def close(self) -> None:
+        if self._connection is not None:
+            await self._connection.close()

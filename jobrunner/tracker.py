@@ -1,0 +1,214 @@
+"""Follows every Job of one (namespace, label selector) to its end with a single watch.
+
+List, then watch from the list's resourceVersion; on 410 Gone list again; on any other
+break reconnect with exponential backoff. Each Job is kept as a small ``JobState`` so
+tens of thousands fit in little memory. A Job deleted by someone else before it finished
+resolves as a failure with reason ``JobDeleted`` rather than leaving a waiter hanging.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobrunner.models import (
+    ANNOTATION_ACK_POLICY,
+    ANNOTATION_HANDED_OVER,
+    ANNOTATION_SETTLED,
+    JobOutcome,
+    Outcome,
+)
+from jobrunner.protocols import ApiRejected, JobClient, TransientError, WatchExpired
+
+logger = logging.getLogger(__name__)
+
+DELETED = JobOutcome(Outcome.FAILED, "JobDeleted", "the Job was deleted before it finished")
+
+
+def outcome_of(job: Mapping[str, Any]) -> JobOutcome | None:
+    """Finished means a ``Complete`` or ``Failed`` condition that is True (as KEDA reads it)."""
+    for condition in (job.get("status") or {}).get("conditions") or []:
+        if condition.get("status") != "True":
+            continue
+        if condition.get("type") == "Complete":
+            return JobOutcome(
+                Outcome.SUCCEEDED,
+                condition.get("reason") or "Complete",
+                condition.get("message") or "",
+            )
+        if condition.get("type") == "Failed":
+            return JobOutcome(
+                Outcome.FAILED, condition.get("reason") or "Failed", condition.get("message") or ""
+            )
+    return None
+
+
+@dataclass(slots=True)
+class JobState:
+    name: str
+    uid: str
+    created: str
+    outcome: JobOutcome | None = None
+    finished_at: str = ""
+    ack_policy: str = ""
+    handed_over: bool = False
+    settled: str = ""
+
+    @classmethod
+    def from_object(cls, job: Mapping[str, Any]) -> JobState:
+        meta = job.get("metadata") or {}
+        annotations = meta.get("annotations") or {}
+        status = job.get("status") or {}
+        outcome = outcome_of(job)
+        finished_at = ""
+        if outcome is not None:
+            finished_at = (
+                status.get("completionTime")
+                or _condition_time(status)
+                or meta.get("creationTimestamp", "")
+            )
+        return cls(
+            name=meta.get("name", ""),
+            uid=meta.get("uid", ""),
+            created=meta.get("creationTimestamp", ""),
+            outcome=outcome,
+            finished_at=finished_at,
+            ack_policy=annotations.get(ANNOTATION_ACK_POLICY, ""),
+            handed_over=annotations.get(ANNOTATION_HANDED_OVER) == "true",
+            settled=annotations.get(ANNOTATION_SETTLED, ""),
+        )
+
+
+def _condition_time(status: Mapping[str, Any]) -> str:
+    for condition in status.get("conditions") or []:
+        if condition.get("type") in ("Complete", "Failed") and condition.get("status") == "True":
+            return str(condition.get("lastTransitionTime") or "")
+    return ""
+
+
+FinishedListener = Callable[[JobState, JobOutcome], None]
+
+
+@dataclass
+class _Backoff:
+    initial: float = 0.2
+    ceiling: float = 30.0
+    current: float = field(default=0.0)
+
+    def next(self) -> float:
+        self.current = min(self.ceiling, max(self.initial, self.current * 2))
+        return self.current * (0.5 + random.random() / 2)
+
+    def reset(self) -> None:
+        self.current = 0.0
+
+
+class JobTracker:
+    def __init__(
+        self, *, client: JobClient, namespace: str, selector: str, backoff_ceiling: float = 30.0
+    ) -> None:
+        self._client = client
+        self.namespace = namespace
+        self.selector = selector
+        self.jobs: dict[str, JobState] = {}
+        self._waiters: dict[str, list[asyncio.Future[JobOutcome]]] = {}
+        self._listeners: list[FinishedListener] = []
+        self.synced = asyncio.Event()
+        self._backoff = _Backoff(ceiling=backoff_ceiling)
+        self.relists = 0
+
+    def on_finished(self, listener: FinishedListener) -> None:
+        """Called once per Job when it is first seen finished (or deleted unfinished)."""
+        self._listeners.append(listener)
+
+    def unfinished(self) -> list[str]:
+        return [name for name, state in self.jobs.items() if state.outcome is None]
+
+    async def wait_for(self, name: str) -> JobOutcome:
+        state = self.jobs.get(name)
+        if state is not None and state.outcome is not None:
+            return state.outcome
+        future: asyncio.Future[JobOutcome] = asyncio.get_running_loop().create_future()
+        self._waiters.setdefault(name, []).append(future)
+        try:
+            return await future
+        finally:
+            waiters = self._waiters.get(name)
+            if waiters and future in waiters:
+                waiters.remove(future)
+                if not waiters:
+                    del self._waiters[name]
+
+    def _resolve(self, state: JobState, outcome: JobOutcome) -> None:
+        for future in self._waiters.pop(state.name, []):
+            if not future.done():
+                future.set_result(outcome)
+        for listener in self._listeners:
+            try:
+                listener(state, outcome)
+            except Exception:
+                logger.exception("finished-listener failed for job %s", state.name)
+
+    def _apply(self, kind: str, obj: Mapping[str, Any]) -> None:
+        new = JobState.from_object(obj)
+        old = self.jobs.get(new.name)
+        if kind == "DELETED":
+            self.jobs.pop(new.name, None)
+            if old is None or old.outcome is None:
+                finished = new.outcome or DELETED
+                new.outcome = finished
+                self._resolve(new, finished)
+            return
+        self.jobs[new.name] = new
+        if new.outcome is not None and (old is None or old.outcome is None):
+            self._resolve(new, new.outcome)
+
+    def _replace_all(self, items: list[Mapping[str, Any]]) -> None:
+        seen = set()
+        for obj in items:
+            seen.add((obj.get("metadata") or {}).get("name"))
+            self._apply("MODIFIED", obj)
+        for name in [n for n in self.jobs if n not in seen]:
+            # Gone while we were not watching: unfinished ones count as deleted.
+            state = self.jobs[name]
+            self._apply("DELETED", {"metadata": {"name": name, "uid": state.uid}})
+
+    async def run(self) -> None:
+        """List and watch until cancelled."""
+        resource_version: str | None = None
+        while True:
+            try:
+                if resource_version is None:
+                    items, resource_version = await self._client.list_jobs(
+                        self.namespace, self.selector
+                    )
+                    self.relists += 1
+                    self._replace_all(items)
+                    self.synced.set()
+                    logger.debug(
+                        "listed %d jobs in %s (%s)", len(items), self.namespace, self.selector
+                    )
+                async for event in self._client.watch_jobs(
+                    self.namespace, self.selector, resource_version
+                ):
+                    self._backoff.reset()
+                    meta = event.object.get("metadata") or {}
+                    resource_version = meta.get("resourceVersion") or resource_version
+                    if event.type != "BOOKMARK":
+                        self._apply(event.type, event.object)
+            except WatchExpired:
+                logger.info("watch on %s expired (410 Gone); listing again", self.namespace)
+                resource_version = None
+            except (TransientError, ApiRejected) as exc:
+                self.synced.clear()
+                delay = self._backoff.next()
+                logger.warning(
+                    "watch on %s broke (%s); reconnecting in %.1fs", self.namespace, exc, delay
+                )
+                await asyncio.sleep(delay)
+                # Events may have been missed while disconnected: a fresh list is exact.
+                resource_version = None
