@@ -49,7 +49,9 @@ class JobClient(Protocol):
 
     async def annotate_job(
         self, namespace: str, name: str, annotations: Mapping[str, str]
-    ) -> None: ...
+    ) -> Mapping[str, Any]:
+        """Merge-patch annotations; returns the Job as it is after the patch."""
+        ...
 
     async def delete_job(self, namespace: str, name: str) -> None:
         """Delete with background propagation, so owned pods and Secrets go too."""

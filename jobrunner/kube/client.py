@@ -148,10 +148,14 @@ class KubeJobClient:
                 return None
             raise
 
-    async def annotate_job(self, namespace: str, name: str, annotations: Mapping[str, str]) -> None:
+    async def annotate_job(
+        self, namespace: str, name: str, annotations: Mapping[str, str]
+    ) -> Mapping[str, Any]:
         patch = {"metadata": {"annotations": dict(annotations)}}
-        await self._call(
-            self._batch.patch_namespaced_job, name, namespace, patch, _preload_content=False
+        return _raw(
+            await self._call(
+                self._batch.patch_namespaced_job, name, namespace, patch, _preload_content=False
+            )
         )
 
     async def delete_job(self, namespace: str, name: str) -> None:
@@ -255,3 +259,20 @@ class KubeJobClient:
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.get_running_loop().run_in_executor(None, self._api.close)
+
+    async def dry_run_create(self, job: Mapping[str, Any]) -> str | None:
+        """Create with dryRun=All: None when the API server would accept the Job, else
+        its reason."""
+        try:
+            await self._call(
+                self._batch.create_namespaced_job,
+                job["metadata"]["namespace"],
+                job,
+                dry_run="All",
+                _preload_content=False,
+            )
+        except ApiRejected as exc:
+            if exc.status == 409:
+                return None
+            return f"{exc.status} {exc.reason}: {exc.message}"
+        return None

@@ -28,6 +28,7 @@ import aiormq.exceptions
 
 from jobrunner.models import Action, Decision, Delivery
 from jobrunner.naming import message_identity
+from jobrunner.protocols import MessageHandle
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +206,9 @@ class RabbitMQSource:
                 logger.info("cancelling the consumer failed (%s); the channel is gone anyway", exc)
             self._consumer_tag = None
 
-    async def settle(self, handle: RabbitMQHandle, decision: Decision) -> bool:
+    async def settle(self, handle: MessageHandle, decision: Decision) -> bool:
+        if not isinstance(handle, RabbitMQHandle):
+            raise TypeError(f"not a RabbitMQ message: {handle!r}")
         message = handle.message
         try:
             if decision.action is Action.ACK:

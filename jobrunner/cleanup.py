@@ -1,0 +1,94 @@
+"""History limits: finished Jobs beyond ``successfulJobsHistoryLimit`` /
+``failedJobsHistoryLimit`` are deleted oldest first, with background propagation so their
+pods and message Secrets go with them (as KEDA does).
+
+A Job whose message is still in hand is never deleted, and neither is a finished Job
+whose settlement is not yet recorded, unless it finished long ago: its message may still
+come back, and the Job is what tells the redelivery it already ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from jobrunner.protocols import ApiRejected, JobClient, TransientError
+from jobrunner.tracker import JobTracker
+
+logger = logging.getLogger(__name__)
+
+UNSETTLED_GRACE_SECONDS = 600.0
+
+
+def _age_seconds(timestamp: str) -> float:
+    try:
+        moment = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    return (datetime.now(UTC) - moment).total_seconds()
+
+
+class HistoryCleaner:
+    def __init__(
+        self,
+        *,
+        jobs: JobClient,
+        tracker: JobTracker,
+        namespace: str,
+        successful_limit: int,
+        failed_limit: int,
+        busy: Callable[[str], bool],
+    ) -> None:
+        self._jobs = jobs
+        self._tracker = tracker
+        self._namespace = namespace
+        self._limits = {True: successful_limit, False: failed_limit}
+        self._busy = busy
+        self._wanted = asyncio.Event()
+        self.deleted = 0
+
+    def trigger(self) -> None:
+        self._wanted.set()
+
+    def surplus(self) -> list[str]:
+        """Names to delete now, oldest first."""
+        doomed: list[str] = []
+        for succeeded, limit in self._limits.items():
+            finished = [
+                s
+                for s in self._tracker.jobs.values()
+                if s.outcome is not None and s.outcome.succeeded is succeeded
+            ]
+            finished.sort(key=lambda s: (s.finished_at, s.name))
+            excess = len(finished) - limit
+            for state in finished:
+                if excess <= 0:
+                    break
+                if self._busy(state.name):
+                    continue
+                if not state.settled and _age_seconds(state.finished_at) < UNSETTLED_GRACE_SECONDS:
+                    continue
+                doomed.append(state.name)
+                excess -= 1
+        return doomed
+
+    async def run(self) -> None:
+        while True:
+            await self._wanted.wait()
+            self._wanted.clear()
+            for name in self.surplus():
+                try:
+                    await self._jobs.delete_job(self._namespace, name)
+                    self.deleted += 1
+                    logger.info(
+                        "deleted Job %s beyond the history limit", name, extra={"job_name": name}
+                    )
+                except (TransientError, ApiRejected) as exc:
+                    logger.warning("could not delete Job %s (%s); will retry", name, exc)
+                    await asyncio.sleep(1.0)
+                    self._wanted.set()
+                    break
+            # Settlement marks arrive as watch events shortly after a Job finishes.
+            await asyncio.sleep(0.5)

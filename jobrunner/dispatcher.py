@@ -1,0 +1,337 @@
+"""The core loop for one ScaledJob: receive -> render -> create -> await outcome -> settle.
+
+It sees only the two protocols (a message source, a job client) and the tracker. Every
+settlement of a message goes through ``_settle``.
+
+Guarantees, and how:
+
+* one Job per message: the Job name is derived from the message; a redelivery gets 409
+  on create and adopts the Job it already has;
+* nothing lost: a message is acked only once its outcome is durable (the Job succeeded,
+  or a dead-lettered copy was confirmed), or once the Job itself keeps the message
+  (ack policy ``onJobCreation``, or a handover before the broker's consumer timeout);
+* crash-safe: unacked messages come back to whichever dispatcher runs next and adopt
+  their Jobs; Jobs whose message was already acked are settled from the copy they keep
+  when the tracker sees them finish, whoever started them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from jobrunner.cleanup import HistoryCleaner
+from jobrunner.config import AckPolicy, DispatcherSettings, ScaledJob
+from jobrunner.limiter import ActiveJobs
+from jobrunner.models import (
+    ANNOTATION_HANDED_OVER,
+    ANNOTATION_SETTLED,
+    Action,
+    Decision,
+    JobOutcome,
+)
+from jobrunner.protocols import ApiRejected, JobClient, MessageHandle, MessageSource, TransientError
+from jobrunner.rendering import RenderedJob, Renderer, RenderError, original_message
+from jobrunner.tasks import start_guarded, stop_tasks
+from jobrunner.tracker import JobState, JobTracker, outcome_of
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+@dataclass
+class InFlight:
+    """A message in hand. A redelivery of the same message (after a channel loss)
+    replaces ``handle``: the old one can no longer be settled."""
+
+    handle: MessageHandle
+    task: asyncio.Task[None] | None = None
+
+
+@dataclass
+class Stats:
+    received: int = 0
+    created: int = 0
+    adopted: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    create_latencies: list[float] = field(default_factory=list)
+
+
+def decision_for(outcome: JobOutcome, job_name: str) -> Decision:
+    if outcome.succeeded:
+        return Decision.ack(job_name)
+    return Decision.dead_letter(outcome.reason, outcome.message, job_name)
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        *,
+        scaledjob: ScaledJob,
+        renderer: Renderer,
+        source: MessageSource,
+        jobs: JobClient,
+        tracker: JobTracker,
+        settings: DispatcherSettings,
+        retry_ceiling: float = 30.0,
+    ) -> None:
+        self.scaledjob = scaledjob
+        self._renderer = renderer
+        self._source = source
+        self._jobs = jobs
+        self._tracker = tracker
+        self._settings = settings
+        self._retry_ceiling = retry_ceiling
+        self.limiter = ActiveJobs(scaledjob.spec.maxReplicaCount)
+        self.inflight: dict[str, InFlight] = {}
+        self._side_tasks: set[asyncio.Task[None]] = set()
+        self.stats = Stats()
+        self.cleaner = HistoryCleaner(
+            jobs=jobs,
+            tracker=tracker,
+            namespace=scaledjob.namespace,
+            successful_limit=scaledjob.spec.successfulJobsHistoryLimit,
+            failed_limit=scaledjob.spec.failedJobsHistoryLimit,
+            busy=lambda name: name in self.inflight,
+        )
+        self._log = logging.LoggerAdapter(
+            logger, {"scaledjob": scaledjob.name, "source": source.name}
+        )
+        tracker.on_finished(self._job_finished)
+
+    # ------------------------------------------------------------------ receive
+    async def run(self) -> None:
+        """Consume until cancelled; Jobs and unsettled messages are left for the next run."""
+        await self._tracker.synced.wait()
+        self.limiter.seed(self._tracker.unfinished())
+        # Jobs that finished while no dispatcher was watching and whose message was
+        # already acked are settled from the copy they keep.
+        for state in list(self._tracker.jobs.values()):
+            if state.outcome is not None:
+                self._job_finished(state, state.outcome)
+        async for handle in self._source.deliveries():
+            self._accept(handle)
+
+    def _accept(self, handle: MessageHandle) -> None:
+        delivery = handle.delivery
+        self.stats.received += 1
+        try:
+            rendered = self._renderer.render(delivery)
+        except RenderError as exc:
+            self._log.warning("message %s cannot become a Job: %s", delivery.identity, exc)
+            self._spawn(
+                self._settle(handle=handle, decision=Decision.dead_letter(exc.reason, exc.detail)),
+                name=f"settle-unrenderable-{delivery.identity[:40]}",
+            )
+            return
+        current = self.inflight.get(rendered.name)
+        if current is not None:
+            # Redelivered while we still hold it: its old channel is gone, keep the new
+            # handle for settling; the running task goes on waiting for the same Job.
+            current.handle = handle
+            return
+        record = InFlight(handle=handle)
+        self.inflight[rendered.name] = record
+        record.task = self._spawn(self._process(rendered, record), name=f"message-{rendered.name}")
+
+    def _spawn(self, coro: Awaitable[None], *, name: str) -> asyncio.Task[None]:
+        task = start_guarded(coro, name=name)  # type: ignore[arg-type]
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+        return task
+
+    # ------------------------------------------------------------------ create + wait
+    async def _process(self, rendered: RenderedJob, record: InFlight) -> None:
+        name = rendered.name
+        log = logging.LoggerAdapter(
+            self._log.logger,
+            {
+                **(self._log.extra or {}),
+                "job_name": name,
+                "message_id": record.handle.delivery.identity,
+            },
+        )
+        try:
+            await self.limiter.acquire(name)
+            try:
+                job, created = await self._retry(
+                    lambda: self._jobs.create_job(rendered.job, rendered.secret)
+                )
+            except ApiRejected as exc:
+                self.limiter.release(name)
+                log.warning("API server rejected Job %s: %s", name, exc)
+                await self._settle(
+                    handle=record.handle,
+                    decision=Decision.dead_letter(
+                        "ApiRejected", f"{exc.status} {exc.reason}: {exc.message}", name
+                    ),
+                )
+                return
+            delivery = record.handle.delivery
+            if created:
+                self.stats.created += 1
+                self.stats.create_latencies.append(time.monotonic() - delivery.received_at)
+                log.info("created Job %s", name)
+            else:
+                self.stats.adopted += 1
+                log.info("adopted existing Job %s for redelivered message", name)
+            finished = outcome_of(job)
+            if finished is not None:
+                self.limiter.release(name)
+            annotations = (job.get("metadata") or {}).get("annotations") or {}
+            if annotations.get(ANNOTATION_SETTLED):
+                # Settled before, but the ack was lost: the outcome is already durable.
+                await self._settle(handle=record.handle, decision=Decision.ack(name), mark=False)
+                return
+            if (
+                annotations.get("jobrunner.dev/ack-policy") == AckPolicy.ON_JOB_CREATION.value
+                or annotations.get(ANNOTATION_HANDED_OVER) == "true"
+            ):
+                # The Job keeps the message; failures are dead-lettered from that copy.
+                await self._settle(handle=record.handle, decision=Decision.ack(name), mark=False)
+                return
+            outcome = finished or await self._wait_or_hand_over(name, record, log)
+            if outcome is None:
+                return  # handed over
+            await self._settle(handle=record.handle, decision=decision_for(outcome, name))
+        finally:
+            if self.inflight.get(name) is record:
+                del self.inflight[name]
+
+    async def _wait_or_hand_over(
+        self, name: str, record: InFlight, log: logging.LoggerAdapter[Any]
+    ) -> JobOutcome | None:
+        """The Job's outcome, or None once the message was handed over to the Job because
+        the broker's consumer timeout was near."""
+        spec = self.scaledjob.spec
+        while True:
+            held = time.monotonic() - record.handle.delivery.received_at
+            budget = spec.consumerTimeoutSeconds - self._settings.handover_margin_seconds - held
+            try:
+                return await asyncio.wait_for(
+                    asyncio.shield(self._tracker.wait_for(name)), timeout=max(budget, 0.0)
+                )
+            except TimeoutError:
+                pass
+            job = await self._retry(
+                lambda: self._jobs.annotate_job(
+                    self.scaledjob.namespace, name, {ANNOTATION_HANDED_OVER: "true"}
+                )
+            )
+            # The patched object tells whether the Job finished first: then settle the
+            # live message normally; otherwise the Job now owns it.
+            finished = outcome_of(job)
+            if finished is not None:
+                return finished
+            log.info(
+                "message held %.0fs, near the consumer timeout: handing it over to Job %s",
+                held,
+                name,
+            )
+            await self._settle(handle=record.handle, decision=Decision.ack(name), mark=False)
+            return None
+
+    async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
+        delay = 0.1
+        while True:
+            try:
+                return await call()
+            except TransientError as exc:
+                pause = delay * (0.5 + random.random() / 2)
+                self._log.warning("Kubernetes API unavailable (%s); retrying in %.1fs", exc, pause)
+                await asyncio.sleep(pause)
+                delay = min(self._retry_ceiling, delay * 2)
+
+    # ------------------------------------------------------------------ settle
+    async def _settle(
+        self,
+        *,
+        decision: Decision,
+        handle: MessageHandle | None = None,
+        original: Mapping[str, Any] | None = None,
+        mark: bool = True,
+    ) -> None:
+        """The one place a message is settled: a live message through the source, or an
+        already-acked one from the copy its Job keeps (dead-letter only). ``mark``
+        records the settlement on the Job, for cleanup and for redeliveries."""
+        if handle is not None:
+            if not await self._source.settle(handle, decision):
+                return
+        elif decision.action is Action.DEAD_LETTER and original is not None:
+            await self._source.dead_letter_copy(original, decision)
+        if decision.action is Action.DEAD_LETTER:
+            self.stats.dead_lettered += 1
+            self._log.warning(
+                "dead-lettered message for Job %s: %s %s",
+                decision.job_name,
+                decision.reason,
+                decision.detail,
+            )
+        if mark and decision.job_name:
+            try:
+                await self._retry(
+                    lambda: self._jobs.annotate_job(
+                        self.scaledjob.namespace,
+                        decision.job_name or "",
+                        {ANNOTATION_SETTLED: decision.action.value},
+                    )
+                )
+            except ApiRejected as exc:
+                if exc.status != 404:  # already gone (TTL): nothing to mark
+                    raise
+
+    def _job_finished(self, state: JobState, outcome: JobOutcome) -> None:
+        self.limiter.release(state.name)
+        if outcome.succeeded:
+            self.stats.succeeded += 1
+        else:
+            self.stats.failed += 1
+        self.cleaner.trigger()
+        owned_by_job = state.ack_policy == AckPolicy.ON_JOB_CREATION.value or state.handed_over
+        if not owned_by_job or state.settled:
+            return
+        if outcome.reason == "JobDeleted":
+            # Its message was acked and the copy it kept went with it.
+            self._log.error(
+                "Job %s, which owned its acked message, was deleted before it finished", state.name
+            )
+            return
+        self._spawn(self._settle_kept(state, outcome), name=f"settle-kept-{state.name}")
+
+    async def _settle_kept(self, state: JobState, outcome: JobOutcome) -> None:
+        decision = decision_for(outcome, state.name)
+        if decision.action is not Action.DEAD_LETTER:
+            await self._settle(decision=decision)
+            return
+        job = await self._retry(lambda: self._jobs.get_job(self.scaledjob.namespace, state.name))
+        secret = None
+        if job is None:
+            self._log.error("Job %s vanished before its failure could be dead-lettered", state.name)
+            return
+        if "jobrunner.dev/original-message" not in (
+            (job.get("metadata") or {}).get("annotations") or {}
+        ):
+            secret = await self._retry(
+                lambda: self._jobs.read_secret(self.scaledjob.namespace, f"{state.name}-message")
+            )
+        original = original_message(job, secret)
+        if original is None:
+            self._log.error(
+                "Job %s failed (%s) but keeps no copy of its message", state.name, outcome.reason
+            )
+            return
+        await self._settle(decision=decision, original=original)
+
+    # ------------------------------------------------------------------ shutdown
+    async def drain(self, *, grace: float) -> None:
+        """Stop taking messages, give in-flight work ``grace`` seconds to settle, then
+        cancel it: unsettled messages return to the broker, Jobs keep running."""
+        await self._source.stop_consuming()
+        await stop_tasks(list(self._side_tasks), grace=grace)

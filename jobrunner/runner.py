@@ -1,0 +1,153 @@
+"""Starts and stops the long-lived tasks of a dispatcher process, and handles signals.
+
+Order at start: list Jobs (tracker synced) before consuming, so redeliveries meet the Jobs
+they already have. Order at stop (SIGTERM/SIGINT): stop consuming, give in-flight
+settlements a bounded grace, then cancel what is left; running Jobs are left running for
+the next dispatcher to adopt; close the broker connection last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobrunner.config import ManifestError, ManifestSet, ScaledJob, Settings
+from jobrunner.dispatcher import Dispatcher
+from jobrunner.kube.client import KubeJobClient, load_api_client
+from jobrunner.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY
+from jobrunner.rendering import Renderer
+from jobrunner.sources.rabbitmq import RabbitMQSource
+from jobrunner.tasks import start_guarded, stop_tasks
+from jobrunner.tracker import JobTracker
+from jobrunner.triggers import resolve_rabbitmq
+
+logger = logging.getLogger(__name__)
+
+
+def template_dirs(manifest_path: Path) -> list[Path]:
+    return [
+        manifest_path.parent,
+        manifest_path.parent / "job_templates",
+        Path.cwd() / "job_templates",
+    ]
+
+
+def selector_for(scaledjob: ScaledJob) -> str:
+    return f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_SCALEDJOB}={scaledjob.name}"
+
+
+@dataclass
+class Running:
+    dispatcher: Dispatcher
+    source: RabbitMQSource
+    tracker: JobTracker
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+
+
+async def _start_source(source: RabbitMQSource, *, stop: asyncio.Event) -> None:
+    """Connect, retrying with backoff while the broker is down (an outage at start is
+    no reason to exit); aio-pika's robust connection handles later outages."""
+    delay = 0.5
+    while not stop.is_set():
+        try:
+            await source.start()
+            return
+        except (ConnectionError, OSError) as exc:
+            logger.warning("RabbitMQ not reachable (%s); retrying in %.1fs", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 30.0)
+
+
+async def run(
+    manifests: ManifestSet, settings: Settings, *, stop: asyncio.Event | None = None
+) -> None:
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    api = load_api_client(settings.kube.kubeconfig, settings.kube.context)
+    jobs = KubeJobClient(api)
+    running: list[Running] = []
+    try:
+        for scaledjob in manifests.scaledjobs:
+            renderer = Renderer(scaledjob, base_dirs=template_dirs(manifests.path))
+            trigger = scaledjob.spec.triggers[0]
+            if trigger.type != "rabbitmq":
+                raise ManifestError(
+                    f"{manifests.path}: ScaledJob {scaledjob.name}: field spec.triggers[0].type: "
+                    f"{trigger.type!r} is not supported yet (rabbitmq is)"
+                )
+            resolved = await resolve_rabbitmq(
+                scaledjob,
+                trigger,
+                manifests.authentications,
+                lambda ns, name: jobs.read_secret(ns, name),
+            )
+            dead_letter = scaledjob.spec.deadLetter
+            source = RabbitMQSource(
+                url=resolved.url,
+                queue=resolved.queue,
+                prefetch=scaledjob.spec.maxReplicaCount,
+                dead_letter_exchange=dead_letter.exchange,
+                dead_letter_routing_key=dead_letter.routingKey,
+                dead_letter_queue=dead_letter.queue,
+                scaledjob=scaledjob.name,
+            )
+            tracker = JobTracker(
+                client=jobs,
+                namespace=scaledjob.namespace,
+                selector=selector_for(scaledjob),
+                backoff_ceiling=settings.kube.api_retry_max_seconds,
+            )
+            dispatcher = Dispatcher(
+                scaledjob=scaledjob,
+                renderer=renderer,
+                source=source,
+                jobs=jobs,
+                tracker=tracker,
+                settings=settings.dispatcher,
+                retry_ceiling=settings.kube.api_retry_max_seconds,
+            )
+            item = Running(dispatcher=dispatcher, source=source, tracker=tracker)
+            running.append(item)
+            item.tasks.append(start_guarded(tracker.run(), name=f"tracker-{scaledjob.name}"))
+            item.tasks.append(
+                start_guarded(dispatcher.cleaner.run(), name=f"cleanup-{scaledjob.name}")
+            )
+        for item in running:
+            await _start_source(item.source, stop=stop)
+            item.tasks.append(
+                start_guarded(
+                    item.dispatcher.run(), name=f"dispatch-{item.dispatcher.scaledjob.name}"
+                )
+            )
+            logger.info(
+                "dispatching %s from queue %s", item.dispatcher.scaledjob.name, item.source.target
+            )
+        root_tasks = [t for item in running for t in item.tasks]
+        stopper = asyncio.ensure_future(stop.wait())
+        done, _ = await asyncio.wait([stopper, *root_tasks], return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        for task in done:
+            if task is not stopper and not task.cancelled() and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        logger.info("stopping: no new messages; settling what can be settled")
+    finally:
+        grace = settings.dispatcher.shutdown_grace_seconds
+        await asyncio.gather(
+            *(item.dispatcher.drain(grace=grace) for item in running), return_exceptions=True
+        )
+        await stop_tasks([t for item in running for t in item.tasks], grace=0)
+        for item in running:
+            try:
+                await item.source.close()
+            except Exception as exc:
+                logger.warning("closing the RabbitMQ connection failed: %s", exc)
+        await jobs.close()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        logger.info("stopped")

@@ -1,0 +1,71 @@
+"""Fixtures for dispatcher tests: a fresh queue, a fresh namespace, and dispatcher
+processes that are always stopped (with their logs shown when a test fails)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import pytest
+
+from tests.integration.harness import Dispatcher, write_manifest
+
+
+@pytest.fixture
+async def queue(rabbitmq_url: str) -> AsyncIterator[str]:
+    """A durable queue with no dead-letter exchange of its own."""
+    name = f"q-{uuid.uuid4().hex[:10]}"
+    connection = await aio_pika.connect(rabbitmq_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(name, durable=True)
+        yield name
+        await channel.queue_delete(name)
+        await channel.queue_delete(f"{name}.dead-letter")
+
+
+@pytest.fixture
+def dispatchers(
+    kubeconfig: Path, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[..., Dispatcher]]:
+    started: list[Dispatcher] = []
+
+    def start(manifest: Path, env: dict[str, str] | None = None) -> Dispatcher:
+        d = Dispatcher(
+            manifest, kubeconfig, tmp_path / f"dispatcher-{len(started)}.log", env
+        ).start()
+        started.append(d)
+        return d
+
+    yield start
+    for d in started:
+        d.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        for d in started:
+            print(f"----- {d.log.name} -----\n{d.logs()[-20000:]}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    setattr(item, f"rep_{report.when}", report)
+
+
+@pytest.fixture
+def manifest(tmp_path: Path, namespace: str, queue: str, rabbitmq_url: str) -> Callable[..., Path]:
+    def make(name: str = "work", **spec: Any) -> Path:
+        return write_manifest(
+            tmp_path / f"{name}.yaml",
+            name=name,
+            namespace=namespace,
+            queue=queue,
+            url=rabbitmq_url,
+            **spec,
+        )
+
+    return make
