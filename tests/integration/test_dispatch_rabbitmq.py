@@ -137,7 +137,8 @@ async def test_body_that_is_not_json_is_dead_lettered_with_reason(
     # And the dispatcher is still there for the next message.
     await publish(rabbitmq_url, queue, b'{"task": "ok"}', message_id="good")
     await wait_for_jobs(kube_api, namespace, "work", 1, state="Complete")
-    assert dispatcher.process is not None and dispatcher.process.poll() is None
+    assert dispatcher.process is not None
+    assert dispatcher.process.poll() is None
 
 
 async def test_api_rejection_is_dead_lettered_with_the_servers_message(
