@@ -266,6 +266,8 @@ class DispatcherSettings(BaseModel):
     """How long SIGTERM waits for in-flight settlements before cancelling them."""
     handover_margin_seconds: float = 60.0
     """How long before the broker's consumer timeout a held message is handed over."""
+    failpoints: list[str] = Field(default_factory=list)
+    """Testing only: crash points to arm (see jobrunner.failpoints)."""
 
 
 class Settings(BaseSettings):

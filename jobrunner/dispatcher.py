@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from jobrunner.cleanup import HistoryCleaner
 from jobrunner.config import AckPolicy, DispatcherSettings, ScaledJob
+from jobrunner.failpoints import Failpoints
 from jobrunner.limiter import ActiveJobs
 from jobrunner.models import (
     ANNOTATION_HANDED_OVER,
@@ -90,6 +91,7 @@ class Dispatcher:
         self._settings = settings
         self._retry_ceiling = retry_ceiling
         self.limiter = ActiveJobs(scaledjob.spec.maxReplicaCount)
+        self._failpoints = Failpoints(settings.failpoints)
         self.inflight: dict[str, InFlight] = {}
         self._side_tasks: set[asyncio.Task[None]] = set()
         self.stats = Stats()
@@ -160,6 +162,7 @@ class Dispatcher:
         )
         try:
             await self.limiter.acquire(name)
+            self._failpoints.hit("before-create")
             try:
                 job, created = await self._retry(
                     lambda: self._jobs.create_job(rendered.job, rendered.secret)
@@ -174,6 +177,7 @@ class Dispatcher:
                     ),
                 )
                 return
+            self._failpoints.hit("after-create")
             delivery = record.handle.delivery
             if created:
                 self.stats.created += 1
@@ -261,6 +265,7 @@ class Dispatcher:
         """The one place a message is settled: a live message through the source, or an
         already-acked one from the copy its Job keeps (dead-letter only). ``mark``
         records the settlement on the Job, for cleanup and for redeliveries."""
+        self._failpoints.hit("before-settle")
         if handle is not None:
             if not await self._source.settle(handle, decision):
                 return

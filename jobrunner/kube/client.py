@@ -9,8 +9,10 @@ here and nowhere else.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -61,6 +63,20 @@ def _api_error(exc: ApiException) -> Exception:
 def _raw(response: Any) -> dict[str, Any]:
     value: dict[str, Any] = json.loads(response.data)
     return value
+
+
+def _interrupt(response: Any) -> None:
+    """Wake a thread blocked reading a watch response. Closing the response from here
+    would wait on the reader's buffer lock; shutting the socket down makes its read
+    return at once, and the thread then ends by itself."""
+    if response is None:
+        return
+    sock = getattr(getattr(response, "connection", None), "sock", None)
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_RDWR)
+        return
+    threading.Thread(target=response.close, name="kube-watch-close", daemon=True).start()
 
 
 class KubeJobClient:
@@ -251,10 +267,7 @@ class KubeJobClient:
                 yield item
         finally:
             stop.set()
-            response = holder.get("response")
-            if response is not None:
-                # Unblocks the reading thread; it exits on its own.
-                await loop.run_in_executor(None, response.close)
+            _interrupt(holder.get("response"))
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
