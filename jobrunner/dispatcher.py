@@ -200,6 +200,7 @@ class Dispatcher:
             ):
                 # The Job keeps the message; failures are dead-lettered from that copy.
                 await self._settle(handle=record.handle, decision=Decision.ack(name), mark=False)
+                log.info("acked the message: Job %s keeps it from now on", name)
                 return
             outcome = finished or await self._wait_or_hand_over(name, record, log)
             if outcome is None:
