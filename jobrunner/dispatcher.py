@@ -52,6 +52,9 @@ class InFlight:
 
     handle: MessageHandle
     task: asyncio.Task[None] | None = None
+    deciding: bool = True
+    """True until the message's fate is decided; at shutdown only decided messages are
+    worth waiting for (their settlement is under way)."""
 
 
 @dataclass
@@ -170,6 +173,7 @@ class Dispatcher:
             except ApiRejected as exc:
                 self.limiter.release(name)
                 log.warning("API server rejected Job %s: %s", name, exc)
+                record.deciding = False
                 await self._settle(
                     handle=record.handle,
                     decision=Decision.dead_letter(
@@ -190,6 +194,7 @@ class Dispatcher:
             if finished is not None:
                 self.limiter.release(name)
             annotations = (job.get("metadata") or {}).get("annotations") or {}
+            record.deciding = False
             if annotations.get(ANNOTATION_SETTLED):
                 # Settled before, but the ack was lost: the outcome is already durable.
                 await self._settle(handle=record.handle, decision=Decision.ack(name), mark=False)
@@ -199,12 +204,15 @@ class Dispatcher:
                 or annotations.get(ANNOTATION_HANDED_OVER) == "true"
             ):
                 # The Job keeps the message; failures are dead-lettered from that copy.
+                record.deciding = False
                 await self._settle(handle=record.handle, decision=Decision.ack(name), mark=False)
                 log.info("acked the message: Job %s keeps it from now on", name)
                 return
+            record.deciding = finished is None
             outcome = finished or await self._wait_or_hand_over(name, record, log)
             if outcome is None:
                 return  # handed over
+            record.deciding = False
             await self._settle(handle=record.handle, decision=decision_for(outcome, name))
         finally:
             if self.inflight.get(name) is record:
@@ -240,6 +248,7 @@ class Dispatcher:
                 held,
                 name,
             )
+            record.deciding = False
             await self._settle(handle=record.handle, decision=Decision.ack(name), mark=False)
             return None
 
@@ -340,4 +349,9 @@ class Dispatcher:
         """Stop taking messages, give in-flight work ``grace`` seconds to settle, then
         cancel it: unsettled messages return to the broker, Jobs keep running."""
         await self._source.stop_consuming()
+        undecided = [r.task for r in self.inflight.values() if r.deciding and r.task is not None]
+        for task in undecided:
+            # Waiting on a Job or on the API: nothing is decided, so let the message go
+            # back to the broker now; the next dispatcher adopts the Job.
+            task.cancel()
         await stop_tasks(list(self._side_tasks), grace=grace)
