@@ -18,11 +18,13 @@ from tests.integration.harness import Dispatcher, write_manifest
 async def queue(rabbitmq_url: str) -> AsyncIterator[str]:
     """A durable queue with no dead-letter exchange of its own."""
     name = f"q-{uuid.uuid4().hex[:10]}"
-    connection = await aio_pika.connect(rabbitmq_url)
-    async with connection:
+    async with await aio_pika.connect(rabbitmq_url) as connection:
         channel = await connection.channel()
         await channel.declare_queue(name, durable=True)
-        yield name
+    yield name
+    # A fresh connection: a test may have restarted the broker under the first one.
+    async with await aio_pika.connect(rabbitmq_url) as connection:
+        channel = await connection.channel()
         await channel.queue_delete(name)
         await channel.queue_delete(f"{name}.dead-letter")
 

@@ -1,0 +1,118 @@
+"""Broker and API-server outages in the middle of a run: the dispatcher retries with
+backoff, leaves running Jobs alone, resumes, and loses nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from kubernetes import client
+
+from tests import services
+from tests.helpers import eventually
+from tests.integration.harness import ROOT, Dispatcher, finished, jobs_of, publish, queue_depth
+
+pytestmark = [pytest.mark.kube, pytest.mark.rabbitmq]
+
+
+def stack_state() -> Path:
+    state = services.setting("JOBRUNNER_TEST_STACK_STATE")
+    if not state:
+        services.missing("the local stack's control scripts", "JOBRUNNER_TEST_STACK_STATE is unset")
+    return Path(str(state))
+
+
+async def publish_retrying(url: str, queue: str, body: bytes, message_id: str) -> None:
+    async def attempt() -> bool:
+        try:
+            await publish(url, queue, body, message_id=message_id)
+        except (ConnectionError, OSError):
+            return False
+        return True
+
+    await eventually(attempt, within=60, interval=0.5)
+
+
+async def all_settled(kube_api: client.ApiClient, namespace: str, count: int) -> bool:
+    try:
+        jobs = await asyncio.to_thread(jobs_of, kube_api, namespace, "work")
+    except Exception:
+        return False
+    return len(jobs) == count and all(
+        (j.metadata.annotations or {}).get("jobrunner.dev/settled") == "ack" for j in jobs
+    )
+
+
+async def test_rabbitmq_restart_mid_run_loses_nothing_and_runs_nothing_twice(
+    kube_api: client.ApiClient,
+    namespace: str,
+    queue: str,
+    rabbitmq_url: str,
+    manifest: Callable[..., Path],
+    dispatchers: Callable[..., Dispatcher],
+) -> None:
+    ctl = services.setting("JOBRUNNER_TEST_RABBITMQCTL")
+    if not ctl:
+        services.missing("rabbitmqctl of the local stack", "JOBRUNNER_TEST_RABBITMQCTL is unset")
+    dispatcher = dispatchers(manifest())
+    await publish(rabbitmq_url, queue, b'{"seconds": 8}', message_id="before-outage")
+    await eventually(lambda: asyncio.to_thread(jobs_of, kube_api, namespace, "work"), within=30)
+    [running] = jobs_of(kube_api, namespace, "work")
+
+    subprocess.run([str(ctl), "stop_app"], check=True, capture_output=True, timeout=120)
+    subprocess.run([str(ctl), "start_app"], check=True, capture_output=True, timeout=120)
+    await publish_retrying(rabbitmq_url, queue, b'{"task": "after"}', "after-outage")
+
+    await eventually(lambda: all_settled(kube_api, namespace, 2), within=90, interval=0.5)
+    jobs = jobs_of(kube_api, namespace, "work")
+    assert sorted(j.metadata.annotations["jobrunner.dev/message-id"] for j in jobs) == [
+        "after-outage",
+        "before-outage",
+    ]
+    # The Job that ran through the outage is the same one, never recreated.
+    assert running.metadata.uid in {j.metadata.uid for j in jobs}
+    assert all(finished(j) == "Complete" for j in jobs)
+    assert dispatcher.terminate() == 0
+    assert (await queue_depth(rabbitmq_url, queue))[0] == 0
+
+
+async def test_kube_apiserver_restart_mid_run_retries_and_resumes(
+    kube_api: client.ApiClient,
+    namespace: str,
+    queue: str,
+    rabbitmq_url: str,
+    manifest: Callable[..., Path],
+    dispatchers: Callable[..., Dispatcher],
+) -> None:
+    state = stack_state()
+    pid_file = state / "pids" / "kube-apiserver.pid"
+    dispatcher = dispatchers(manifest())
+    await publish(rabbitmq_url, queue, b'{"seconds": 10}', message_id="running-through")
+    await eventually(lambda: asyncio.to_thread(jobs_of, kube_api, namespace, "work"), within=30)
+    [running] = jobs_of(kube_api, namespace, "work")
+
+    os.kill(int(pid_file.read_text()), signal.SIGTERM)
+    try:
+        await asyncio.sleep(2)
+        # Arrives while the API server is down: creation must wait, not fail.
+        await publish(rabbitmq_url, queue, b'{"task": "during"}', message_id="during-outage")
+        await asyncio.sleep(3)
+    finally:
+        subprocess.run(
+            ["bash", str(ROOT / "deploy/local/stack-up.sh"), "k8s"],
+            check=True,
+            capture_output=True,
+            timeout=300,
+        )
+
+    await eventually(lambda: all_settled(kube_api, namespace, 2), within=120, interval=0.5)
+    jobs = jobs_of(kube_api, namespace, "work")
+    assert running.metadata.uid in {j.metadata.uid for j in jobs}
+    assert "Kubernetes API unavailable" in dispatcher.logs()
+    assert dispatcher.terminate() == 0
+    assert (await queue_depth(rabbitmq_url, queue))[0] == 0
