@@ -27,6 +27,10 @@ def stack_state() -> Path:
     return Path(str(state))
 
 
+async def run(*command: str) -> None:
+    await asyncio.to_thread(subprocess.run, command, check=True, capture_output=True, timeout=300)
+
+
 async def publish_retrying(url: str, queue: str, body: bytes, message_id: str) -> None:
     async def attempt() -> bool:
         try:
@@ -64,8 +68,8 @@ async def test_rabbitmq_restart_mid_run_loses_nothing_and_runs_nothing_twice(
     await eventually(lambda: asyncio.to_thread(jobs_of, kube_api, namespace, "work"), within=30)
     [running] = jobs_of(kube_api, namespace, "work")
 
-    subprocess.run([str(ctl), "stop_app"], check=True, capture_output=True, timeout=120)
-    subprocess.run([str(ctl), "start_app"], check=True, capture_output=True, timeout=120)
+    await run(str(ctl), "stop_app")
+    await run(str(ctl), "start_app")
     await publish_retrying(rabbitmq_url, queue, b'{"task": "after"}', "after-outage")
 
     await eventually(lambda: all_settled(kube_api, namespace, 2), within=90, interval=0.5)
