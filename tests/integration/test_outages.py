@@ -107,12 +107,7 @@ async def test_kube_apiserver_restart_mid_run_retries_and_resumes(
         await publish(rabbitmq_url, queue, b'{"task": "during"}', message_id="during-outage")
         await asyncio.sleep(3)
     finally:
-        subprocess.run(
-            ["bash", str(ROOT / "deploy/local/stack-up.sh"), "k8s"],
-            check=True,
-            capture_output=True,
-            timeout=300,
-        )
+        await run("bash", str(ROOT / "deploy/local/stack-up.sh"), "k8s")
 
     await eventually(lambda: all_settled(kube_api, namespace, 2), within=120, interval=0.5)
     jobs = jobs_of(kube_api, namespace, "work")
