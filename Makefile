@@ -34,7 +34,7 @@ stack-status:
 	bash $(STACK)/stack-status.sh
 
 lint: venv
-	$(BIN)/ruff check jobrunner tests
+	$(BIN)/ruff check jobrunner tests bench
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
@@ -51,7 +51,7 @@ demo: venv stack-up
 	bash $(STACK)/stack-status.sh
 
 bench: venv stack-up
-	@echo "no benchmarks yet"
+	$(BIN)/python bench/bench_rabbitmq.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -76,3 +76,14 @@ def test_missing_template_file_is_named(tmp_path: Path, capsys: pytest.CaptureFi
     path.write_text(EXAMPLE.read_text().replace("echo-job.yaml", "nope.yaml"))
     assert main(["validate", "-f", str(path)]) == 2
     assert "spec.jobTemplate: file not found" in capsys.readouterr().err
+
+
+def test_run_with_an_invalid_manifest_fails_at_start_naming_file_and_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(EXAMPLE.read_text().replace("ackPolicy: onJobCompletion", "ackPolicy: sometimes"))
+    assert main(["run", "-f", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert str(bad) in err
+    assert "spec.ackPolicy" in err

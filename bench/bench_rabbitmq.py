@@ -1,0 +1,369 @@
+"""Benchmark of the RabbitMQ path on the local stack (``make bench``); prints figures.
+
+Every figure is measured in this run, beside a baseline measured in the same run:
+
+* bare-client rate: Jobs created per second by a plain kubernetes client with 32 threads
+  (this machine's API-server limit for these Jobs);
+* burst rate: 1,000 messages published at once, Jobs created per second by the
+  dispatcher (first to last Job seen), and its ratio to the bare-client rate;
+* latency: 1,000 messages at a steady 20 msg/s, publish -> Job seen by a watch
+  (p50/p95/p99), which includes the watch's own delivery delay;
+* memory: resident size of a real dispatcher process idle with no Jobs, and with
+  10,000 (suspended) Jobs listed and tracked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import aio_pika
+import yaml
+from kubernetes import client, config, watch
+
+from jobrunner.config import parse_scaledjob
+from jobrunner.models import Delivery
+from jobrunner.naming import job_name
+from jobrunner.rendering import Renderer
+
+ROOT = Path(__file__).resolve().parents[1]
+STEADY, BURST, RATE, TRACKED = 1000, 1000, 20.0, 10_000
+TARGETS = {"p50_ms": 50, "p99_ms": 250, "ratio": 0.8, "rss_mib": 200}
+
+
+def env_file() -> dict[str, str]:
+    path = Path(os.environ.get("JOBRUNNER_STACK_ENV", "/tmp/jobrunner-stack/stack.env"))
+    out = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith("#"):
+            k, _, v = line.partition("=")
+            out[k] = v
+    return out
+
+
+def scaledjob_doc(
+    name: str, namespace: str, queue: str, url: str, *, suspend: bool = False
+) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "backoffLimit": 0,
+        "template": {
+            "spec": {
+                "containers": [
+                    {"name": "work", "image": "busybox:1.36", "args": ["{{ message.json.n }}"]}
+                ]
+            }
+        },
+    }
+    if suspend:
+        spec["suspend"] = True
+    return {
+        "apiVersion": "jobrunner.dev/v1alpha1",
+        "kind": "ScaledJob",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "jobTargetRef": spec,
+            "maxReplicaCount": 1000,
+            "successfulJobsHistoryLimit": 100000,
+            "failedJobsHistoryLimit": 100000,
+            "triggers": [{"type": "rabbitmq", "metadata": {"queueName": queue, "host": url}}],
+        },
+    }
+
+
+class JobWatcher:
+    """Records when each Job is first seen by a watch (a separate client)."""
+
+    def __init__(self, api: client.ApiClient, namespace: str) -> None:
+        self.seen: dict[str, float] = {}
+        self._stop = False
+        self._thread = threading.Thread(target=self._run, args=(api, namespace), daemon=True)
+        self._thread.start()
+
+    def _run(self, api: client.ApiClient, namespace: str) -> None:
+        batch = client.BatchV1Api(api)
+        rv = batch.list_namespaced_job(namespace, limit=1).metadata.resource_version
+        while not self._stop:
+            w = watch.Watch()
+            for event in w.stream(
+                batch.list_namespaced_job,
+                namespace,
+                resource_version=rv,
+                timeout_seconds=60,
+                _preload_content=False,
+                deserialize=False,
+            ):
+                obj = event["object"]
+                rv = obj["metadata"].get("resourceVersion", rv)
+                if event["type"] == "ADDED":
+                    self.seen.setdefault(obj["metadata"]["name"], time.time())
+                if self._stop:
+                    break
+
+    def wait_for(self, names: list[str], timeout: float) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if all(n in self.seen for n in names):
+                return
+            time.sleep(0.1)
+        missing = [n for n in names if n not in self.seen]
+        raise SystemExit(f"{len(missing)} Jobs never appeared (first: {missing[:3]})")
+
+    def stop(self) -> None:
+        self._stop = True
+
+
+def rendered_jobs(doc: dict[str, Any], prefix: str, count: int) -> list[dict[str, Any]]:
+    renderer = Renderer(parse_scaledjob(doc))
+    jobs = []
+    for i in range(count):
+        body = json.dumps({"n": i}).encode()
+        jobs.append(
+            renderer.render(
+                Delivery(
+                    source="rabbitmq",
+                    identity=f"{prefix}-{i}",
+                    body=body,
+                    message_id=f"{prefix}-{i}",
+                )
+            ).job
+        )
+    return jobs
+
+
+def bare_create(api: client.ApiClient, namespace: str, jobs: list[dict[str, Any]]) -> float:
+    batch = client.BatchV1Api(api)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(32) as pool:
+        list(
+            pool.map(
+                lambda j: batch.create_namespaced_job(namespace, j, _preload_content=False), jobs
+            )
+        )
+    return len(jobs) / (time.perf_counter() - start)
+
+
+def rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start_dispatcher(manifest: Path, kubeconfig: str, log: Path) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jobrunner.cli",
+            "--kubeconfig",
+            kubeconfig,
+            "run",
+            "-f",
+            str(manifest),
+        ],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        cwd=ROOT,
+        env={**os.environ, "JOBRUNNER_LOG_LEVEL": "WARNING"},
+    )
+
+
+def wait_log(log: Path, text: str, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if log.exists() and text in log.read_text(errors="replace"):
+            return
+        time.sleep(0.2)
+    raise SystemExit(f"dispatcher never logged {text!r}; see {log}")
+
+
+async def publish_many(
+    url: str, queue: str, ids: list[str], rate: float | None
+) -> dict[str, float]:
+    sent: dict[str, float] = {}
+    connection = await aio_pika.connect(url)
+    async with connection:
+        channel = await connection.channel(publisher_confirms=False)
+        start = time.monotonic()
+        for i, mid in enumerate(ids):
+            if rate:
+                delay = start + i / rate - time.monotonic()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            sent[mid] = time.time()
+            await channel.default_exchange.publish(
+                aio_pika.Message(json.dumps({"n": i}).encode(), message_id=mid), routing_key=queue
+            )
+    return sent
+
+
+def pct(values: list[float], p: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
+
+
+def main() -> int:
+    stack = env_file()
+    kubeconfig, url = stack["JOBRUNNER_TEST_KUBECONFIG"], stack["JOBRUNNER_TEST_RABBITMQ_URL"]
+    api = config.new_client_from_config(config_file=kubeconfig)
+    api.configuration.connection_pool_maxsize = 32
+    core = client.CoreV1Api(api)
+    run_id = uuid.uuid4().hex[:6]
+    namespace, queue = f"bench-{run_id}", f"bench-{run_id}"
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+    asyncio.run(_declare(url, queue))
+    work = Path(tempfile.mkdtemp(prefix="jobrunner-bench-"))
+    log = work / "dispatcher.log"
+    results: dict[str, float] = {}
+    dispatcher: subprocess.Popen[bytes] | None = None
+    watcher = JobWatcher(api, namespace)
+    try:
+        doc = scaledjob_doc("bench", namespace, queue, url)
+        print(f"bench: namespace {namespace}, logs in {work}", flush=True)
+
+        baseline_jobs = rendered_jobs(
+            scaledjob_doc("baseline", namespace, queue, url), "base", BURST
+        )
+        results["bare_rate"] = bare_create(api, namespace, baseline_jobs)
+        print(
+            f"  bare client: {results['bare_rate']:.1f} Jobs/s ({BURST} Jobs, 32 threads)",
+            flush=True,
+        )
+        time.sleep(5)  # let the Job controller's pods for the baseline settle
+
+        manifest = work / "bench.yaml"
+        manifest.write_text(yaml.safe_dump(doc))
+        dispatcher = start_dispatcher(manifest, kubeconfig, log)
+        time.sleep(4)
+        results["idle_rss"] = rss_mib(dispatcher.pid)
+
+        ids = [f"steady-{i}" for i in range(STEADY)]
+        sent = asyncio.run(publish_many(url, queue, ids, RATE))
+        names = {mid: job_name("bench", mid) for mid in ids}
+        watcher.wait_for(list(names.values()), timeout=120)
+        latencies = [(watcher.seen[names[m]] - sent[m]) * 1000 for m in ids]
+        for p in (50, 95, 99):
+            results[f"p{p}_ms"] = pct(latencies, p)
+        print(
+            f"  steady {RATE:.0f} msg/s x {STEADY}: publish->Job p50 {results['p50_ms']:.1f} ms, "
+            f"p95 {results['p95_ms']:.1f} ms, p99 {results['p99_ms']:.1f} ms "
+            f"(mean {statistics.mean(latencies):.1f})",
+            flush=True,
+        )
+        time.sleep(5)
+
+        ids = [f"burst-{i}" for i in range(BURST)]
+        asyncio.run(publish_many(url, queue, ids, None))
+        burst_names = [job_name("bench", m) for m in ids]
+        watcher.wait_for(burst_names, timeout=300)
+        times = sorted(watcher.seen[n] for n in burst_names)
+        results["burst_rate"] = (len(times) - 1) / (times[-1] - times[0])
+        results["ratio"] = results["burst_rate"] / results["bare_rate"]
+        print(
+            f"  burst of {BURST}: {results['burst_rate']:.1f} Jobs/s = "
+            f"{results['ratio'] * 100:.0f}% of the bare client",
+            flush=True,
+        )
+        dispatcher.terminate()
+        dispatcher.wait(60)
+
+        mem_doc = scaledjob_doc("bench-mem", namespace, queue, url, suspend=True)
+        suspended = rendered_jobs(mem_doc, "mem", TRACKED)
+        rate = bare_create(api, namespace, suspended)
+        print(f"  created {TRACKED} suspended Jobs ({rate:.0f}/s)", flush=True)
+        mem_manifest = work / "mem.yaml"
+        mem_manifest.write_text(yaml.safe_dump(mem_doc))
+        log_mem = work / "dispatcher-mem.log"
+        dispatcher = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "jobrunner.cli",
+                "--kubeconfig",
+                kubeconfig,
+                "run",
+                "-f",
+                str(mem_manifest),
+            ],
+            stdout=log_mem.open("ab"),
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env={**os.environ, "JOBRUNNER_LOG_LEVEL": "DEBUG"},
+        )
+        wait_log(log_mem, f"listed {TRACKED} jobs", timeout=300)
+        time.sleep(2)
+        results["tracked_rss"] = rss_mib(dispatcher.pid)
+        print(
+            f"  dispatcher RSS: idle {results['idle_rss']:.0f} MiB, with {TRACKED} Jobs tracked "
+            f"{results['tracked_rss']:.0f} MiB",
+            flush=True,
+        )
+    finally:
+        watcher.stop()
+        if dispatcher is not None and dispatcher.poll() is None:
+            dispatcher.terminate()
+            dispatcher.wait(60)
+        core.delete_namespace(namespace, propagation_policy="Background")
+        asyncio.run(_delete(url, queue))
+
+    rows = [
+        (
+            "publish->Job p50",
+            f"{results['p50_ms']:.1f} ms",
+            f"<= {TARGETS['p50_ms']} ms",
+            results["p50_ms"] <= TARGETS["p50_ms"],
+        ),
+        ("publish->Job p95", f"{results['p95_ms']:.1f} ms", "", True),
+        (
+            "publish->Job p99",
+            f"{results['p99_ms']:.1f} ms",
+            f"<= {TARGETS['p99_ms']} ms",
+            results["p99_ms"] <= TARGETS["p99_ms"],
+        ),
+        ("bare client (baseline)", f"{results['bare_rate']:.1f} Jobs/s", "", True),
+        ("dispatcher under burst", f"{results['burst_rate']:.1f} Jobs/s", "", True),
+        (
+            "burst / bare",
+            f"{results['ratio'] * 100:.0f} %",
+            ">= 80 %",
+            results["ratio"] >= TARGETS["ratio"],
+        ),
+        ("RSS, idle", f"{results['idle_rss']:.0f} MiB", "", True),
+        (
+            f"RSS, {TRACKED} Jobs tracked",
+            f"{results['tracked_rss']:.0f} MiB",
+            "<= 200 MiB",
+            results["tracked_rss"] <= TARGETS["rss_mib"],
+        ),
+    ]
+    print("\n| figure | measured | target | met |\n| --- | --- | --- | --- |")
+    for name, value, target, met in rows:
+        print(f"| {name} | {value} | {target} | {'yes' if met else 'NO'} |")
+    return 0
+
+
+async def _declare(url: str, queue: str) -> None:
+    async with await aio_pika.connect(url) as connection:
+        await (await connection.channel()).declare_queue(queue, durable=True)
+
+
+async def _delete(url: str, queue: str) -> None:
+    async with await aio_pika.connect(url) as connection:
+        channel = await connection.channel()
+        await channel.queue_delete(queue)
+        await channel.queue_delete(f"{queue}.dead-letter")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
