@@ -2,9 +2,10 @@
 ``failedJobsHistoryLimit`` are deleted oldest first, with background propagation so their
 pods and message Secrets go with them (as KEDA does).
 
-A Job whose message is still in hand is never deleted, and neither is a finished Job
-whose settlement is not yet recorded, unless it finished long ago: its message may still
-come back, and the Job is what tells the redelivery it already ran.
+A Job whose message is still in hand is never deleted, and neither is a finished Job not
+known to be settled (by this process, by an annotation, or because it owned its message),
+unless it finished long ago: its message may still come back, and the Job is what tells
+the redelivery it already ran.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
+from jobrunner.config import AckPolicy
 from jobrunner.protocols import ApiRejected, JobClient, TransientError
-from jobrunner.tracker import JobTracker
+from jobrunner.tracker import JobState, JobTracker
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +42,14 @@ class HistoryCleaner:
         successful_limit: int,
         failed_limit: int,
         busy: Callable[[str], bool],
+        settled: set[str],
     ) -> None:
         self._jobs = jobs
         self._tracker = tracker
         self._namespace = namespace
         self._limits = {True: successful_limit, False: failed_limit}
         self._busy = busy
+        self._settled = settled
         self._wanted = asyncio.Event()
         self.deleted = 0
 
@@ -68,11 +72,21 @@ class HistoryCleaner:
                     break
                 if self._busy(state.name):
                     continue
-                if not state.settled and _age_seconds(state.finished_at) < UNSETTLED_GRACE_SECONDS:
+                if (
+                    not self._is_settled(state)
+                    and _age_seconds(state.finished_at) < UNSETTLED_GRACE_SECONDS
+                ):
                     continue
                 doomed.append(state.name)
                 excess -= 1
         return doomed
+
+    def _is_settled(self, state: JobState) -> bool:
+        if state.settled or state.name in self._settled:
+            return True
+        # A Job that owns its message and succeeded has nothing left to settle.
+        owns = state.ack_policy == AckPolicy.ON_JOB_CREATION.value or state.handed_over
+        return owns and state.outcome is not None and state.outcome.succeeded
 
     async def run(self) -> None:
         while True:
@@ -81,6 +95,7 @@ class HistoryCleaner:
             for name in self.surplus():
                 try:
                     await self._jobs.delete_job(self._namespace, name)
+                    self._settled.discard(name)
                     self.deleted += 1
                     logger.info(
                         "deleted Job %s beyond the history limit", name, extra={"job_name": name}
@@ -90,5 +105,7 @@ class HistoryCleaner:
                     await asyncio.sleep(1.0)
                     self._wanted.set()
                     break
+            # Forget settlements of Jobs that are gone (TTL, someone else).
+            self._settled.intersection_update(self._tracker.jobs)
             # Settlement marks arrive as watch events shortly after a Job finishes.
             await asyncio.sleep(0.5)

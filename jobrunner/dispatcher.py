@@ -96,6 +96,8 @@ class Dispatcher:
         self.limiter = ActiveJobs(scaledjob.spec.maxReplicaCount)
         self._failpoints = Failpoints(settings.failpoints)
         self.inflight: dict[str, InFlight] = {}
+        self.settled_here: set[str] = set()
+        """Jobs whose message this process acked: free for cleanup at once."""
         self._side_tasks: set[asyncio.Task[None]] = set()
         self.stats = Stats()
         self.cleaner = HistoryCleaner(
@@ -105,6 +107,7 @@ class Dispatcher:
             successful_limit=scaledjob.spec.successfulJobsHistoryLimit,
             failed_limit=scaledjob.spec.failedJobsHistoryLimit,
             busy=lambda name: name in self.inflight,
+            settled=self.settled_here,
         )
         self._log = logging.LoggerAdapter(
             logger, {"scaledjob": scaledjob.name, "source": source.name}
@@ -289,7 +292,13 @@ class Dispatcher:
                 decision.reason,
                 decision.detail,
             )
-        if mark and decision.job_name:
+        self._log.info("settled: %s for Job %s", decision.action.value, decision.job_name)
+        if decision.job_name and decision.action is not Action.DEAD_LETTER:
+            self.settled_here.add(decision.job_name)
+        elif mark and decision.job_name:
+            # Recorded on the Job so that a redelivery (after a lost ack) or another
+            # dispatcher never dead-letters the same message twice. An ack needs no
+            # record: acking again is harmless, and it saves an API write per message.
             try:
                 await self._retry(
                     lambda: self._jobs.annotate_job(

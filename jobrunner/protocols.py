@@ -36,6 +36,13 @@ class WatchEvent:
     object: Mapping[str, Any]
 
 
+@dataclass(frozen=True)
+class JobPage:
+    items: list[Mapping[str, Any]]
+    resource_version: str
+    continue_token: str | None
+
+
 class JobClient(Protocol):
     async def create_job(
         self, job: Mapping[str, Any], secret: Mapping[str, Any] | None
@@ -59,8 +66,11 @@ class JobClient(Protocol):
 
     async def read_secret(self, namespace: str, name: str) -> Mapping[str, str] | None: ...
 
-    async def list_jobs(self, namespace: str, selector: str) -> tuple[list[Mapping[str, Any]], str]:
-        """All matching Jobs and the list's resourceVersion."""
+    async def list_jobs(
+        self, namespace: str, selector: str, *, limit: int = 500, continue_token: str | None = None
+    ) -> JobPage:
+        """One page of matching Jobs; follow ``continue_token`` for the rest. All pages
+        share the first page's resourceVersion."""
         ...
 
     def watch_jobs(

@@ -167,15 +167,25 @@ class JobTracker:
         if new.outcome is not None and (old is None or old.outcome is None):
             self._resolve(new, new.outcome)
 
-    def _replace_all(self, items: list[Mapping[str, Any]]) -> None:
-        seen = set()
-        for obj in items:
-            seen.add((obj.get("metadata") or {}).get("name"))
-            self._apply("MODIFIED", obj)
+    async def _list(self) -> str:
+        """List page by page, keeping only a JobState per Job so a large listing never
+        sits in memory whole; then count Jobs gone since the last listing as deleted."""
+        seen: set[str] = set()
+        token: str | None = None
+        resource_version = ""
+        while True:
+            page = await self._client.list_jobs(self.namespace, self.selector, continue_token=token)
+            resource_version = resource_version or page.resource_version
+            for obj in page.items:
+                seen.add((obj.get("metadata") or {}).get("name", ""))
+                self._apply("MODIFIED", obj)
+            token = page.continue_token
+            if not token:
+                break
         for name in [n for n in self.jobs if n not in seen]:
-            # Gone while we were not watching: unfinished ones count as deleted.
             state = self.jobs[name]
             self._apply("DELETED", {"metadata": {"name": name, "uid": state.uid}})
+        return resource_version
 
     async def run(self) -> None:
         """List and watch until cancelled."""
@@ -183,14 +193,11 @@ class JobTracker:
         while True:
             try:
                 if resource_version is None:
-                    items, resource_version = await self._client.list_jobs(
-                        self.namespace, self.selector
-                    )
+                    resource_version = await self._list()
                     self.relists += 1
-                    self._replace_all(items)
                     self.synced.set()
                     logger.debug(
-                        "listed %d jobs in %s (%s)", len(items), self.namespace, self.selector
+                        "listed %d jobs in %s (%s)", len(self.jobs), self.namespace, self.selector
                     )
                 async for event in self._client.watch_jobs(
                     self.namespace, self.selector, resource_version

@@ -23,7 +23,7 @@ from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
-from jobrunner.protocols import ApiRejected, TransientError, WatchEvent, WatchExpired
+from jobrunner.protocols import ApiRejected, JobPage, TransientError, WatchEvent, WatchExpired
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -200,16 +200,23 @@ class KubeJobClient:
             raise
         return raw.get("data") or {}
 
-    async def list_jobs(self, namespace: str, selector: str) -> tuple[list[Mapping[str, Any]], str]:
+    async def list_jobs(
+        self, namespace: str, selector: str, *, limit: int = 500, continue_token: str | None = None
+    ) -> JobPage:
+        kwargs: dict[str, Any] = {"label_selector": selector, "limit": limit}
+        if continue_token:
+            kwargs["_continue"] = continue_token
         raw = _raw(
             await self._call(
-                self._batch.list_namespaced_job,
-                namespace,
-                label_selector=selector,
-                _preload_content=False,
+                self._batch.list_namespaced_job, namespace, _preload_content=False, **kwargs
             )
         )
-        return raw.get("items") or [], raw["metadata"]["resourceVersion"]
+        meta = raw.get("metadata") or {}
+        return JobPage(
+            items=raw.get("items") or [],
+            resource_version=meta["resourceVersion"],
+            continue_token=meta.get("continue") or None,
+        )
 
     async def watch_jobs(
         self, namespace: str, selector: str, resource_version: str

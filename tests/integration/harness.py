@@ -122,6 +122,14 @@ class Dispatcher:
     def logs(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    async def settled(self, action: str, count: int, *, within: float = 60) -> None:
+        """Wait until this dispatcher has logged ``count`` settlements of ``action``."""
+
+        async def enough() -> bool:
+            return self.logs().count(f"settled: {action} for Job") >= count
+
+        await eventually(enough, within=within, interval=0.2)
+
 
 def jobs_of(kube_api: client.ApiClient, namespace: str, scaledjob: str) -> list[Any]:
     return (

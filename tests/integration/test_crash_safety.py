@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from tests.helpers import eventually
 from tests.integration.harness import (
     Dispatcher,
     drain_queue,
@@ -37,18 +36,12 @@ async def assert_exactly_once(
     queue: str,
     dispatcher: Dispatcher,
 ) -> None:
-    async def all_settled() -> bool:
-        jobs = await asyncio.to_thread(jobs_of, kube_api, namespace, "work")
-        return len(jobs) >= len(ids) and all(
-            (j.metadata.annotations or {}).get("jobrunner.dev/settled") for j in jobs
-        )
-
-    await eventually(all_settled, within=60, interval=0.5)
+    await dispatcher.settled("ack", len(ids))
+    await wait_for_jobs(kube_api, namespace, "work", len(ids), state="Complete")
     jobs = jobs_of(kube_api, namespace, "work")
     by_message = sorted(j.metadata.annotations["jobrunner.dev/message-id"] for j in jobs)
     assert by_message == sorted(ids), "exactly one Job per message"
     assert all(finished(j) == "Complete" for j in jobs)
-    assert {j.metadata.annotations["jobrunner.dev/settled"] for j in jobs} == {"ack"}
     # Nothing left to redeliver once the dispatcher lets go of the channel.
     assert dispatcher.terminate() == 0
     assert (await queue_depth(rabbitmq_url, queue))[0] == 0

@@ -115,16 +115,9 @@ async def test_sigterm_stops_consuming_leaves_jobs_running_and_next_dispatcher_a
 
     second = dispatchers(path)
     await wait_for_jobs(kube_api, namespace, "work", 1, state="Complete", within=40)
-    await eventually(lambda: _settled_ack(kube_api, namespace), within=20)
+    await second.settled("ack", 1)
     assert "adopted existing Job" in second.logs()
     assert len(jobs_of(kube_api, namespace, "work")) == 1
-
-
-async def _settled_ack(kube_api: client.ApiClient, namespace: str) -> bool:
-    jobs = await asyncio.to_thread(jobs_of, kube_api, namespace, "work")
-    return bool(jobs) and all(
-        (j.metadata.annotations or {}).get("jobrunner.dev/settled") == "ack" for j in jobs
-    )
 
 
 @pytest.fixture

@@ -42,16 +42,6 @@ async def publish_retrying(url: str, queue: str, body: bytes, message_id: str) -
     await eventually(attempt, within=60, interval=0.5)
 
 
-async def all_settled(kube_api: client.ApiClient, namespace: str, count: int) -> bool:
-    try:
-        jobs = await asyncio.to_thread(jobs_of, kube_api, namespace, "work")
-    except Exception:
-        return False
-    return len(jobs) == count and all(
-        (j.metadata.annotations or {}).get("jobrunner.dev/settled") == "ack" for j in jobs
-    )
-
-
 async def test_rabbitmq_restart_mid_run_loses_nothing_and_runs_nothing_twice(
     kube_api: client.ApiClient,
     namespace: str,
@@ -72,7 +62,7 @@ async def test_rabbitmq_restart_mid_run_loses_nothing_and_runs_nothing_twice(
     await run(str(ctl), "start_app")
     await publish_retrying(rabbitmq_url, queue, b'{"task": "after"}', "after-outage")
 
-    await eventually(lambda: all_settled(kube_api, namespace, 2), within=90, interval=0.5)
+    await dispatcher.settled("ack", 2, within=90)
     jobs = jobs_of(kube_api, namespace, "work")
     assert sorted(j.metadata.annotations["jobrunner.dev/message-id"] for j in jobs) == [
         "after-outage",
@@ -109,7 +99,7 @@ async def test_kube_apiserver_restart_mid_run_retries_and_resumes(
     finally:
         await run("bash", str(ROOT / "deploy/local/stack-up.sh"), "k8s")
 
-    await eventually(lambda: all_settled(kube_api, namespace, 2), within=120, interval=0.5)
+    await dispatcher.settled("ack", 2, within=120)
     jobs = jobs_of(kube_api, namespace, "work")
     assert running.metadata.uid in {j.metadata.uid for j in jobs}
     assert "Kubernetes API unavailable" in dispatcher.logs()

@@ -99,7 +99,7 @@ def test_job_fails_when_pod_template_asks(kube_api: client.ApiClient, namespace:
 def test_finished_job_is_deleted_after_its_ttl(kube_api: client.ApiClient, namespace: str) -> None:
     batch, core = client.BatchV1Api(kube_api), client.CoreV1Api(kube_api)
     wait_for_default_service_account(core, namespace)
-    batch.create_namespaced_job(namespace, make_job("short-lived", ttl=1))
+    batch.create_namespaced_job(namespace, make_job("short-lived", ttl=5))
 
     wait_until(lambda: conditions(batch, namespace, "short-lived").get("Complete"), timeout=60)
     wait_until(lambda: job_gone(batch, namespace, "short-lived"), timeout=60)

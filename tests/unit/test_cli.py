@@ -82,7 +82,9 @@ def test_run_with_an_invalid_manifest_fails_at_start_naming_file_and_field(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text(EXAMPLE.read_text().replace("ackPolicy: onJobCompletion", "ackPolicy: sometimes"))
+    bad.write_text(
+        EXAMPLE.read_text().replace("ackPolicy: onJobCompletion", "ackPolicy: sometimes")
+    )
     assert main(["run", "-f", str(bad)]) == 2
     err = capsys.readouterr().err
     assert str(bad) in err

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from jobrunner.models import Outcome
-from jobrunner.protocols import TransientError, WatchEvent, WatchExpired
+from jobrunner.protocols import JobPage, TransientError, WatchEvent, WatchExpired
 from jobrunner.tracker import JobTracker
 
 
@@ -27,9 +27,19 @@ class ScriptedClient:
         self.listings, self.watches = listings, watches
         self.list_calls = 0
 
-    async def list_jobs(self, namespace: str, selector: str) -> tuple[list[Mapping[str, Any]], str]:
-        self.list_calls += 1
-        return list(self.listings.pop(0) if self.listings else []), "10"
+    async def list_jobs(
+        self, namespace: str, selector: str, *, limit: int = 500, continue_token: str | None = None
+    ) -> JobPage:
+        # Serves each listing in pages of one Job, to exercise pagination.
+        if continue_token is None:
+            self.list_calls += 1
+            self.current: list[Mapping[str, Any]] = list(
+                self.listings.pop(0) if self.listings else []
+            )
+        page, self.current = self.current[:1], self.current[1:]
+        return JobPage(
+            items=page, resource_version="10", continue_token="more" if self.current else None
+        )
 
     async def watch_jobs(
         self, namespace: str, selector: str, resource_version: str
@@ -53,6 +63,14 @@ async def run_until(tracker: JobTracker, check: Any) -> None:
         raise AssertionError("condition not reached")
     finally:
         task.cancel()
+
+
+async def test_listing_in_pages_tracks_every_job() -> None:
+    client = ScriptedClient([[job("a"), job("b", "Complete"), job("c")]], [[]])
+    tracker = JobTracker(client=client, namespace="ns", selector="x")  # type: ignore[arg-type]
+    await run_until(tracker, tracker.synced.is_set)
+    assert sorted(tracker.jobs) == ["a", "b", "c"]
+    assert sorted(tracker.unfinished()) == ["a", "c"]
 
 
 async def test_finished_job_resolves_waiter_with_condition_reason() -> None:
