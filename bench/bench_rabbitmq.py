@@ -25,7 +25,7 @@ import tempfile
 import threading
 import time
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -143,7 +143,11 @@ def rendered_jobs(doc: dict[str, Any], prefix: str, count: int) -> list[dict[str
     return jobs
 
 
-def bare_create(api: client.ApiClient, namespace: str, jobs: list[dict[str, Any]]) -> float:
+def bare_create(kubeconfig: str, namespace: str, jobs: list[dict[str, Any]]) -> float:
+    """Runs in a process of its own, as the dispatcher does, so neither side shares a GIL
+    with the bench's watcher."""
+    api = config.new_client_from_config(config_file=kubeconfig)
+    api.configuration.connection_pool_maxsize = 32
     batch = client.BatchV1Api(api)
     start = time.perf_counter()
     with ThreadPoolExecutor(32) as pool:
@@ -297,7 +301,8 @@ def main() -> int:
             jobs = rendered_jobs(
                 scaledjob_doc("baseline", namespace, queue, url), f"base{round_}", BURST
             )
-            bare_rates.append(bare_create(api, namespace, jobs))
+            with ProcessPoolExecutor(1) as pool:
+                bare_rates.append(pool.submit(bare_create, kubeconfig, namespace, jobs).result())
             print(
                 f"  bare client: {bare_rates[-1]:.1f} Jobs/s ({BURST} Jobs, 32 threads; "
                 f"after {waited:.0f}s for the cluster to go quiet)",
@@ -327,7 +332,8 @@ def main() -> int:
 
         mem_doc = scaledjob_doc("bench-mem", namespace, queue, url, suspend=True)
         suspended = rendered_jobs(mem_doc, "mem", TRACKED)
-        rate = bare_create(api, namespace, suspended)
+        with ProcessPoolExecutor(1) as pool:
+            rate = pool.submit(bare_create, kubeconfig, namespace, suspended).result()
         print(f"  created {TRACKED} suspended Jobs ({rate:.0f}/s)", flush=True)
         mem_manifest = work / "mem.yaml"
         mem_manifest.write_text(yaml.safe_dump(mem_doc))
@@ -366,14 +372,14 @@ def main() -> int:
 
     rows = [
         (
-            "publish->Job p50",
+            "publish->Job created p50",
             f"{results['p50_ms']:.1f} ms",
             f"<= {TARGETS['p50_ms']} ms",
             results["p50_ms"] <= TARGETS["p50_ms"],
         ),
         ("publish->Job created p95", f"{results['p95_ms']:.1f} ms", "", True),
         (
-            "publish->Job p99",
+            "publish->Job created p99",
             f"{results['p99_ms']:.1f} ms",
             f"<= {TARGETS['p99_ms']} ms",
             results["p99_ms"] <= TARGETS["p99_ms"],
