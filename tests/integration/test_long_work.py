@@ -1,5 +1,5 @@
 """Work that outlives the broker's delivery acknowledgement timeout (RabbitMQ's
-``consumer_timeout``, shortened here to 3 s) is handed over to its Job before the broker
+``consumer_timeout``, shortened here to 4 s) is handed over to its Job before the broker
 would cut the channel: the message is acked, the Job runs to its end exactly once, and a
 failure is still dead-lettered from the copy of the message the Job keeps. Also the
 ``onJobCreation`` ack policy, which hands every message over at creation."""
@@ -26,7 +26,7 @@ from tests.integration.harness import (
 )
 
 pytestmark = [pytest.mark.kube, pytest.mark.rabbitmq]
-HANDOVER = {"JOBRUNNER_DISPATCHER__HANDOVER_MARGIN_SECONDS": "1.5"}
+HANDOVER = {"JOBRUNNER_DISPATCHER__HANDOVER_MARGIN_SECONDS": "2.5"}
 
 
 def rabbitmqctl(*args: str) -> None:
@@ -41,7 +41,7 @@ def short_consumer_timeout(rabbitmq_url: str) -> Iterator[None]:
     # Channel ticks every second so the broker enforces the timeout promptly.
     rabbitmqctl(
         "eval",
-        "application:set_env(rabbit, consumer_timeout, 3000), "
+        "application:set_env(rabbit, consumer_timeout, 4000), "
         "application:set_env(rabbit, channel_tick_interval, 1000).",
     )
     try:
@@ -63,7 +63,7 @@ async def test_work_longer_than_consumer_timeout_is_handed_over_never_rerun(
     manifest: Callable[..., Path],
     dispatchers: Callable[..., Dispatcher],
 ) -> None:
-    dispatcher = dispatchers(manifest(consumerTimeoutSeconds=3), HANDOVER)
+    dispatcher = dispatchers(manifest(consumerTimeoutSeconds=4), HANDOVER)
     await publish(rabbitmq_url, queue, b'{"seconds": 10}', message_id="long")
 
     [job] = await wait_for_jobs(kube_api, namespace, "work", 1, state="Complete", within=40)
@@ -77,6 +77,29 @@ async def test_work_longer_than_consumer_timeout_is_handed_over_never_rerun(
 
 
 @pytest.mark.usefixtures("short_consumer_timeout")
+async def test_channel_cut_by_the_broker_redelivers_and_the_job_is_adopted_not_rerun(
+    kube_api: client.ApiClient,
+    namespace: str,
+    queue: str,
+    rabbitmq_url: str,
+    manifest: Callable[..., Path],
+    dispatchers: Callable[..., Dispatcher],
+) -> None:
+    """The control for the test above: without a handover (the manifest's
+    consumerTimeoutSeconds is the default 30 min), the broker really does cut the channel
+    at 4 s; the message comes back and adopts its Job instead of running it again."""
+    dispatcher = dispatchers(manifest())
+    await publish(rabbitmq_url, queue, b'{"seconds": 10}', message_id="cut")
+
+    await wait_for_jobs(kube_api, namespace, "work", 1, state="Complete", within=40)
+    await dispatcher.settled("ack", 1, within=40)
+    assert "adopted existing Job" in dispatcher.logs()
+    assert len(jobs_of(kube_api, namespace, "work")) == 1
+    assert dispatcher.terminate() == 0
+    assert (await queue_depth(rabbitmq_url, queue))[0] == 0
+
+
+@pytest.mark.usefixtures("short_consumer_timeout")
 async def test_failure_after_handover_is_dead_lettered_from_the_kept_copy(
     kube_api: client.ApiClient,
     namespace: str,
@@ -85,7 +108,7 @@ async def test_failure_after_handover_is_dead_lettered_from_the_kept_copy(
     manifest: Callable[..., Path],
     dispatchers: Callable[..., Dispatcher],
 ) -> None:
-    dispatchers(manifest(consumerTimeoutSeconds=3), HANDOVER)
+    dispatchers(manifest(consumerTimeoutSeconds=4), HANDOVER)
     body = b'{"seconds": 8, "fail": "failed"}'
     await publish(rabbitmq_url, queue, body, message_id="long-fail", headers={"tenant": "t1"})
 
