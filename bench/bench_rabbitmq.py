@@ -154,9 +154,18 @@ def bare_create(kubeconfig: str, namespace: str, jobs: list[dict[str, Any]]) -> 
     batch = client.BatchV1Api(client.ApiClient(configuration))
     with ThreadPoolExecutor(32) as pool:
         # Warm the connections first, as the dispatcher's are by the time it bursts.
-        list(pool.map(lambda _: batch.list_namespaced_job(namespace, limit=1, _preload_content=False), range(64)))
+        list(
+            pool.map(
+                lambda _: batch.list_namespaced_job(namespace, limit=1, _preload_content=False),
+                range(64),
+            )
+        )
         start = time.perf_counter()
-        list(pool.map(lambda j: batch.create_namespaced_job(namespace, j, _preload_content=False), jobs))
+        list(
+            pool.map(
+                lambda j: batch.create_namespaced_job(namespace, j, _preload_content=False), jobs
+            )
+        )
         return len(jobs) / (time.perf_counter() - start)
 
 
@@ -212,7 +221,9 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def start_dispatcher(manifest: Path, kubeconfig: str, log: Path) -> subprocess.Popen[bytes]:
+def start_dispatcher(
+    manifest: Path, kubeconfig: str, log: Path, level: str = "INFO"
+) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             sys.executable,
@@ -227,7 +238,7 @@ def start_dispatcher(manifest: Path, kubeconfig: str, log: Path) -> subprocess.P
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
         cwd=ROOT,
-        env={**os.environ, "JOBRUNNER_LOG_LEVEL": "INFO", "TZ": "UTC"},
+        env={**os.environ, "JOBRUNNER_LOG_LEVEL": level, "TZ": "UTC"},
     )
 
 
@@ -273,7 +284,9 @@ def main() -> int:
     core = client.CoreV1Api(api)
     waited = wait_for_earlier_runs(core)
     if waited:
-        print(f"bench: waited {waited:.0f}s for an earlier run's namespace to be deleted", flush=True)
+        print(
+            f"bench: waited {waited:.0f}s for an earlier run's namespace to be deleted", flush=True
+        )
     run_id = uuid.uuid4().hex[:6]
     namespace, queue = f"bench-{run_id}", f"bench-{run_id}"
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
@@ -354,22 +367,7 @@ def main() -> int:
         mem_manifest = work / "mem.yaml"
         mem_manifest.write_text(yaml.safe_dump(mem_doc))
         log_mem = work / "dispatcher-mem.log"
-        dispatcher = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "jobrunner.cli",
-                "--kubeconfig",
-                kubeconfig,
-                "run",
-                "-f",
-                str(mem_manifest),
-            ],
-            stdout=log_mem.open("ab"),
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env={**os.environ, "JOBRUNNER_LOG_LEVEL": "DEBUG"},
-        )
+        dispatcher = start_dispatcher(mem_manifest, kubeconfig, log_mem, level="DEBUG")
         wait_log(log_mem, f"listed {TRACKED} jobs", timeout=300)
         time.sleep(2)
         results["tracked_rss"] = rss_mib(dispatcher.pid)

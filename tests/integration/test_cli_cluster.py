@@ -52,16 +52,3 @@ def test_server_dry_run_reports_the_servers_rejection(
     assert "422" in err
     assert "Bad_Name" in err
 
-
-async def test_watch_from_a_compacted_resource_version_raises_watch_expired(
-    kube_api: object, namespace: str
-) -> None:
-    """The real API server answers 410 Gone; the client turns it into WatchExpired,
-    on which the tracker lists again."""
-    from jobrunner.kube.client import KubeJobClient
-    from jobrunner.protocols import WatchExpired
-
-    jobs = KubeJobClient(kube_api)  # type: ignore[arg-type]
-    with pytest.raises(WatchExpired):
-        async for _ in jobs.watch_jobs(namespace, "app=none", "1"):
-            pass
