@@ -77,29 +77,6 @@ async def test_work_longer_than_consumer_timeout_is_handed_over_never_rerun(
 
 
 @pytest.mark.usefixtures("short_consumer_timeout")
-async def test_channel_cut_by_the_broker_redelivers_and_the_job_is_adopted_not_rerun(
-    kube_api: client.ApiClient,
-    namespace: str,
-    queue: str,
-    rabbitmq_url: str,
-    manifest: Callable[..., Path],
-    dispatchers: Callable[..., Dispatcher],
-) -> None:
-    """The control for the test above: without a handover (the manifest's
-    consumerTimeoutSeconds is the default 30 min), the broker really does cut the channel
-    at 4 s; the message comes back and adopts its Job instead of running it again."""
-    dispatcher = dispatchers(manifest())
-    await publish(rabbitmq_url, queue, b'{"seconds": 10}', message_id="cut")
-
-    await wait_for_jobs(kube_api, namespace, "work", 1, state="Complete", within=40)
-    await dispatcher.settled("ack", 1, within=40)
-    assert "adopted existing Job" in dispatcher.logs()
-    assert len(jobs_of(kube_api, namespace, "work")) == 1
-    assert dispatcher.terminate() == 0
-    assert (await queue_depth(rabbitmq_url, queue))[0] == 0
-
-
-@pytest.mark.usefixtures("short_consumer_timeout")
 async def test_failure_after_handover_is_dead_lettered_from_the_kept_copy(
     kube_api: client.ApiClient,
     namespace: str,
