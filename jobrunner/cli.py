@@ -108,7 +108,16 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     manifests = load_manifest(Path(args.file))
     for scaledjob in manifests.scaledjobs:  # fail at start, not at the first message
         Renderer(scaledjob, base_dirs=template_dirs(Path(args.file)))
-    asyncio.run(runner.run(manifests, settings))
+    from jobrunner.telemetry import Telemetry, tracer_provider
+
+    endpoint = settings.telemetry.otlp_endpoint or settings.otel_traces_endpoint
+    telemetry = Telemetry.create(tracer_provider(otlp_endpoint=endpoint))
+    try:
+        asyncio.run(runner.run(manifests, settings, telemetry=telemetry))
+    finally:
+        provider = telemetry.provider
+        if provider is not None:
+            provider.shutdown()
     return 0
 
 

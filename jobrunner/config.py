@@ -14,7 +14,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AliasChoices,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 API_GROUP = "jobrunner.dev"
@@ -270,11 +278,31 @@ class DispatcherSettings(BaseModel):
     """Testing only: crash points to arm (see jobrunner.failpoints)."""
 
 
+class TelemetrySettings(BaseModel):
+    http_port: int | None = None
+    """Port for /metrics, /healthz and /readyz; unset: no HTTP server (the image sets 8080)."""
+    http_host: str = "127.0.0.1"
+    """Address to bind; the image sets 0.0.0.0 so the kubelet's probes reach it."""
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces); unset: spans are
+    not exported (the CLI also honours OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)."""
+    queue_depth_interval_seconds: float = 10.0
+    """How often the queue depth gauge is refreshed."""
+
+
 class Settings(BaseSettings):
     """Process settings; only the CLI reads the environment (``JOBRUNNER_*``)."""
 
     model_config = SettingsConfigDict(env_prefix="JOBRUNNER_", env_nested_delimiter="__")
     kube: KubeSettings = Field(default_factory=KubeSettings)
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    otel_traces_endpoint: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices(
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "JOBRUNNER_OTEL_TRACES_ENDPOINT"
+        ),
+    )
+    """OpenTelemetry's standard variable, honoured when telemetry.otlp_endpoint is unset."""
     log_level: str = "INFO"
     log_json: bool = False

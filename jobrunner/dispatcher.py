@@ -22,8 +22,12 @@ import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
+
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from jobrunner.cleanup import HistoryCleaner
 from jobrunner.config import AckPolicy, DispatcherSettings, ScaledJob
@@ -39,6 +43,7 @@ from jobrunner.models import (
 from jobrunner.protocols import ApiRejected, JobClient, MessageHandle, MessageSource, TransientError
 from jobrunner.rendering import RenderedJob, Renderer, RenderError, original_message
 from jobrunner.tasks import start_guarded, stop_tasks
+from jobrunner.telemetry import Telemetry, extract_context, traceparent_of
 from jobrunner.tracker import JobState, JobTracker, outcome_of
 
 logger = logging.getLogger(__name__)
@@ -47,25 +52,21 @@ T = TypeVar("T")
 
 @dataclass
 class InFlight:
-    """A message in hand. A redelivery of the same message (after a channel loss)
-    replaces ``handle``: the old one can no longer be settled."""
+    """A message in hand. Another delivery of the same message while it is in hand (a
+    redelivery after a channel loss, or a duplicate publish) joins ``handles``: all of
+    them are settled together, the newest first, since an older one's channel may be
+    gone."""
 
-    handle: MessageHandle
+    handles: list[MessageHandle]
+    span: trace.Span
     task: asyncio.Task[None] | None = None
     deciding: bool = True
     """True until the message's fate is decided; at shutdown only decided messages are
     worth waiting for (their settlement is under way)."""
 
-
-@dataclass
-class Stats:
-    received: int = 0
-    created: int = 0
-    adopted: int = 0
-    succeeded: int = 0
-    failed: int = 0
-    dead_lettered: int = 0
-    create_latencies: list[float] = field(default_factory=list)
+    @property
+    def handle(self) -> MessageHandle:
+        return self.handles[-1]
 
 
 def decision_for(outcome: JobOutcome, job_name: str) -> Decision:
@@ -84,6 +85,7 @@ class Dispatcher:
         jobs: JobClient,
         tracker: JobTracker,
         settings: DispatcherSettings,
+        telemetry: Telemetry,
         retry_ceiling: float = 30.0,
     ) -> None:
         self.scaledjob = scaledjob
@@ -99,7 +101,19 @@ class Dispatcher:
         self.settled_here: set[str] = set()
         """Jobs whose message this process acked: free for cleanup at once."""
         self._side_tasks: set[asyncio.Task[None]] = set()
-        self.stats = Stats()
+        self._tracer = telemetry.tracer
+        metrics = telemetry.metrics
+        sj = scaledjob.name
+        self._m_received = metrics.messages_received.labels(sj, source.name)
+        self._m_created = metrics.jobs_created.labels(sj)
+        self._m_adopted = metrics.jobs_adopted.labels(sj)
+        self._m_succeeded = metrics.jobs_succeeded.labels(sj)
+        self._m_failed = metrics.jobs_failed
+        self._m_dead = metrics.dead_lettered
+        self._m_receive_to_create = metrics.receive_to_create.labels(sj)
+        self._m_publish_to_create = metrics.publish_to_create.labels(sj)
+        self._m_duration = metrics.job_duration
+        metrics.jobs_active.labels(sj).set_function(lambda: len(self.limiter))
         self.cleaner = HistoryCleaner(
             jobs=jobs,
             tracker=tracker,
@@ -129,25 +143,62 @@ class Dispatcher:
 
     def _accept(self, handle: MessageHandle) -> None:
         delivery = handle.delivery
-        self.stats.received += 1
+        self._m_received.inc()
+        span = self._tracer.start_span(
+            "jobrunner.message",
+            context=extract_context(delivery.headers),
+            kind=SpanKind.CONSUMER,
+            attributes={
+                "messaging.system": delivery.source,
+                "messaging.destination.name": delivery.metadata.get("queue", ""),
+                "messaging.message.id": delivery.message_id or "",
+                "jobrunner.scaledjob": self.scaledjob.name,
+                "jobrunner.message_identity": delivery.identity,
+            },
+        )
         try:
-            rendered = self._renderer.render(delivery)
+            with trace.use_span(span), self._tracer.start_as_current_span("render"):
+                # The Job joins the message's trace through TRACEPARENT.
+                extra = {"TRACEPARENT": traceparent_of(span) or ""}
+                rendered = self._renderer.render(delivery, extra_env=extra)
         except RenderError as exc:
             self._log.warning("message %s cannot become a Job: %s", delivery.identity, exc)
+            span.set_status(Status(StatusCode.ERROR, exc.reason))
             self._spawn(
-                self._settle(handle=handle, decision=Decision.dead_letter(exc.reason, exc.detail)),
+                self._settle_and_end(
+                    span, handles=[handle], decision=Decision.dead_letter(exc.reason, exc.detail)
+                ),
                 name=f"settle-unrenderable-{delivery.identity[:40]}",
             )
             return
+        span.set_attribute("jobrunner.job_name", rendered.name)
         current = self.inflight.get(rendered.name)
         if current is not None:
-            # Redelivered while we still hold it: its old channel is gone, keep the new
-            # handle for settling; the running task goes on waiting for the same Job.
-            current.handle = handle
+            # The same message again while we hold it: it joins the one in hand and is
+            # settled with it; the running task goes on waiting for the same Job.
+            current.handles.append(handle)
+            self._m_adopted.inc()
+            self._log.info(
+                "message %s arrived again while in hand; joined Job %s",
+                delivery.identity,
+                rendered.name,
+            )
+            self._event_by_name(
+                rendered.name,
+                "Normal",
+                "Adopted",
+                f"message {delivery.identity} arrived again; it joins this Job",
+            )
+            span.set_attribute("jobrunner.merged_into_inflight", True)
+            span.end()
             return
-        record = InFlight(handle=handle)
+        record = InFlight(handles=[handle], span=span)
         self.inflight[rendered.name] = record
         record.task = self._spawn(self._process(rendered, record), name=f"message-{rendered.name}")
+
+    async def _settle_and_end(self, span: trace.Span, **kwargs: Any) -> None:
+        with trace.use_span(span, end_on_exit=True):
+            await self._settle(**kwargs)
 
     def _spawn(self, coro: Awaitable[None], *, name: str) -> asyncio.Task[None]:
         task = start_guarded(coro, name=name)  # type: ignore[arg-type]
@@ -167,59 +218,84 @@ class Dispatcher:
             },
         )
         try:
-            await self.limiter.acquire(name)
-            self._failpoints.hit("before-create")
-            try:
-                job, created = await self._retry(
-                    lambda: self._jobs.create_job(rendered.job, rendered.secret)
-                )
-            except ApiRejected as exc:
-                self.limiter.release(name)
-                log.warning("API server rejected Job %s: %s", name, exc)
-                record.deciding = False
-                await self._settle(
-                    handle=record.handle,
-                    decision=Decision.dead_letter(
-                        "ApiRejected", f"{exc.status} {exc.reason}: {exc.message}", name
-                    ),
-                )
-                return
-            self._failpoints.hit("after-create")
-            delivery = record.handle.delivery
-            if created:
-                self.stats.created += 1
-                self.stats.create_latencies.append(time.monotonic() - delivery.received_at)
-                log.info("created Job %s", name)
-            else:
-                self.stats.adopted += 1
-                log.info("adopted existing Job %s for redelivered message", name)
-            finished = outcome_of(job)
-            if finished is not None:
-                self.limiter.release(name)
-            annotations = (job.get("metadata") or {}).get("annotations") or {}
-            record.deciding = False
-            if annotations.get(ANNOTATION_SETTLED):
-                # Settled before, but the ack was lost: the outcome is already durable.
-                await self._settle(handle=record.handle, decision=Decision.ack(name), mark=False)
-                return
-            if (
-                annotations.get("jobrunner.dev/ack-policy") == AckPolicy.ON_JOB_CREATION.value
-                or annotations.get(ANNOTATION_HANDED_OVER) == "true"
-            ):
-                # The Job keeps the message; failures are dead-lettered from that copy.
-                record.deciding = False
-                await self._settle(handle=record.handle, decision=Decision.ack(name), mark=False)
-                log.info("acked the message: Job %s keeps it from now on", name)
-                return
-            record.deciding = finished is None
-            outcome = finished or await self._wait_or_hand_over(name, record, log)
-            if outcome is None:
-                return  # handed over
-            record.deciding = False
-            await self._settle(handle=record.handle, decision=decision_for(outcome, name))
+            with trace.use_span(record.span, end_on_exit=True):
+                await self._create_wait_settle(rendered, record, log)
         finally:
             if self.inflight.get(name) is record:
                 del self.inflight[name]
+
+    async def _create_wait_settle(
+        self, rendered: RenderedJob, record: InFlight, log: logging.LoggerAdapter[Any]
+    ) -> None:
+        name = rendered.name
+        with self._tracer.start_as_current_span("wait-for-slot"):
+            await self.limiter.acquire(name)
+        self._failpoints.hit("before-create")
+        try:
+            with self._tracer.start_as_current_span("create") as create_span:
+                job, created = await self._retry(
+                    lambda: self._jobs.create_job(rendered.job, rendered.secret)
+                )
+                create_span.set_attribute("jobrunner.adopted", not created)
+        except ApiRejected as exc:
+            self.limiter.release(name)
+            log.warning("API server rejected Job %s: %s", name, exc)
+            record.deciding = False
+            await self._settle(
+                handles=record.handles,
+                decision=Decision.dead_letter(
+                    "ApiRejected", f"{exc.status} {exc.reason}: {exc.message}", name
+                ),
+            )
+            return
+        self._failpoints.hit("after-create")
+        delivery = record.handle.delivery
+        if created:
+            self._m_created.inc()
+            self._m_receive_to_create.observe(time.monotonic() - delivery.received_at)
+            if delivery.published_at is not None:
+                self._m_publish_to_create.observe(max(0.0, time.time() - delivery.published_at))
+            log.info("created Job %s", name)
+        else:
+            self._m_adopted.inc()
+            log.info("adopted existing Job %s for redelivered message", name)
+            self._event(
+                job,
+                "Normal",
+                "Adopted",
+                f"message {delivery.identity} was redelivered; adopted this Job "
+                "instead of creating another",
+            )
+        finished = outcome_of(job)
+        if finished is not None:
+            self.limiter.release(name)
+        annotations = (job.get("metadata") or {}).get("annotations") or {}
+        record.deciding = False
+        if annotations.get(ANNOTATION_SETTLED):
+            # Settled before, but the ack was lost: the outcome is already durable.
+            await self._settle(handles=record.handles, decision=Decision.ack(name), mark=False)
+            return
+        if (
+            annotations.get("jobrunner.dev/ack-policy") == AckPolicy.ON_JOB_CREATION.value
+            or annotations.get(ANNOTATION_HANDED_OVER) == "true"
+        ):
+            # The Job keeps the message; failures are dead-lettered from that copy.
+            record.deciding = False
+            await self._settle(handles=record.handles, decision=Decision.ack(name), mark=False)
+            log.info("acked the message: Job %s keeps it from now on", name)
+            return
+        record.deciding = finished is None
+        with self._tracer.start_as_current_span("wait") as wait_span:
+            outcome = finished or await self._wait_or_hand_over(name, record, log)
+            wait_span.set_attribute(
+                "jobrunner.outcome", outcome.reason if outcome else "handed-over"
+            )
+        if outcome is None:
+            return  # handed over
+        record.deciding = False
+        if not outcome.succeeded:
+            record.span.set_status(Status(StatusCode.ERROR, outcome.reason))
+        await self._settle(handles=record.handles, decision=decision_for(outcome, name))
 
     async def _wait_or_hand_over(
         self, name: str, record: InFlight, log: logging.LoggerAdapter[Any]
@@ -252,7 +328,7 @@ class Dispatcher:
                 name,
             )
             record.deciding = False
-            await self._settle(handle=record.handle, decision=Decision.ack(name), mark=False)
+            await self._settle(handles=record.handles, decision=Decision.ack(name), mark=False)
             return None
 
     async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -271,7 +347,7 @@ class Dispatcher:
         self,
         *,
         decision: Decision,
-        handle: MessageHandle | None = None,
+        handles: list[MessageHandle] | None = None,
         original: Mapping[str, Any] | None = None,
         mark: bool = True,
     ) -> None:
@@ -279,13 +355,25 @@ class Dispatcher:
         already-acked one from the copy its Job keeps (dead-letter only). ``mark``
         records the settlement on the Job, for cleanup and for redeliveries."""
         self._failpoints.hit("before-settle")
-        if handle is not None:
-            if not await self._source.settle(handle, decision):
-                return
-        elif decision.action is Action.DEAD_LETTER and original is not None:
-            await self._source.dead_letter_copy(original, decision)
+        with self._tracer.start_as_current_span("settle") as span:
+            span.set_attribute("jobrunner.settlement", decision.action.value)
+            if decision.reason:
+                span.set_attribute("jobrunner.reason", decision.reason)
+            if handles:
+                if not await self._settle_live(handles, decision):
+                    span.set_attribute("jobrunner.redelivery_expected", True)
+                    return
+            elif decision.action is Action.DEAD_LETTER and original is not None:
+                await self._source.dead_letter_copy(original, decision)
         if decision.action is Action.DEAD_LETTER:
-            self.stats.dead_lettered += 1
+            self._m_dead.labels(self.scaledjob.name, decision.reason).inc()
+            if decision.job_name:
+                self._event_by_name(
+                    decision.job_name,
+                    "Warning",
+                    "DeadLettered",
+                    f"message dead-lettered: {decision.reason} {decision.detail}",
+                )
             self._log.warning(
                 "dead-lettered message for Job %s: %s %s",
                 decision.job_name,
@@ -311,12 +399,27 @@ class Dispatcher:
                 if exc.status != 404:  # already gone (TTL): nothing to mark
                     raise
 
+    async def _settle_live(self, handles: list[MessageHandle], decision: Decision) -> bool:
+        """The decision on the newest live delivery; every other delivery of the same
+        message in hand is a duplicate of a settled message, so it is acked. False when
+        none could be settled (all their channels are gone: the broker redelivers)."""
+        settled = False
+        for handle in reversed(handles):
+            if not settled:
+                settled = await self._source.settle(handle, decision)
+            else:
+                await self._source.settle(handle, Decision.ack(decision.job_name))
+        return settled
+
     def _job_finished(self, state: JobState, outcome: JobOutcome) -> None:
         self.limiter.release(state.name)
         if outcome.succeeded:
-            self.stats.succeeded += 1
+            self._m_succeeded.inc()
         else:
-            self.stats.failed += 1
+            self._m_failed.labels(self.scaledjob.name, outcome.reason).inc()
+        duration = _seconds_between(state.created, state.finished_at)
+        if duration is not None:
+            self._m_duration.labels(self.scaledjob.name, outcome.outcome.value).observe(duration)
         self.cleaner.trigger()
         owned_by_job = state.ack_policy == AckPolicy.ON_JOB_CREATION.value or state.handed_over
         if not owned_by_job or state.settled:
@@ -353,6 +456,38 @@ class Dispatcher:
             return
         await self._settle(decision=decision, original=original)
 
+    # ------------------------------------------------------------------ events
+    def _event(self, job: Mapping[str, Any], kind: str, reason: str, message: str) -> None:
+        """A Kubernetes Event on the Job for a dispatcher decision; best effort, never in
+        the way of settling."""
+        meta = job.get("metadata") or {}
+        self._spawn(
+            self._record_event(meta.get("name", ""), meta.get("uid"), kind, reason, message),
+            name=f"event-{reason}-{meta.get('name', '')}",
+        )
+
+    def _event_by_name(self, name: str, kind: str, reason: str, message: str) -> None:
+        state = self._tracker.jobs.get(name)
+        self._spawn(
+            self._record_event(name, state.uid if state else None, kind, reason, message),
+            name=f"event-{reason}-{name}",
+        )
+
+    async def _record_event(
+        self, name: str, uid: str | None, kind: str, reason: str, message: str
+    ) -> None:
+        try:
+            await self._jobs.record_event(
+                namespace=self.scaledjob.namespace,
+                job_name=name,
+                job_uid=uid,
+                type=kind,
+                reason=reason,
+                message=message,
+            )
+        except (ApiRejected, TransientError) as exc:
+            self._log.info("could not record %s event on Job %s: %s", reason, name, exc)
+
     # ------------------------------------------------------------------ shutdown
     async def drain(self, *, grace: float) -> None:
         """Stop taking messages, give in-flight work ``grace`` seconds to settle, then
@@ -364,3 +499,12 @@ class Dispatcher:
             # back to the broker now; the next dispatcher adopts the Job.
             task.cancel()
         await stop_tasks(list(self._side_tasks), grace=grace)
+
+
+def _seconds_between(start: str, end: str) -> float | None:
+    try:
+        a = datetime.fromisoformat(start.replace("Z", "+00:00"))
+        b = datetime.fromisoformat(end.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return max(0.0, (b - a).total_seconds())

@@ -43,6 +43,8 @@ class Delivery:
     """Where it came from (queue, exchange, routing key, topic/partition/offset)."""
     received_at: float = 0.0
     """``time.monotonic()`` when it arrived, for latency figures."""
+    published_at: float | None = None
+    """The producer's timestamp (epoch seconds), when the message carries one."""
 
 
 class Outcome(enum.Enum):

@@ -66,6 +66,19 @@ class JobClient(Protocol):
 
     async def read_secret(self, namespace: str, name: str) -> Mapping[str, str] | None: ...
 
+    async def record_event(
+        self,
+        *,
+        namespace: str,
+        job_name: str,
+        job_uid: str | None,
+        type: str,
+        reason: str,
+        message: str,
+    ) -> None:
+        """A Kubernetes Event about the Job (``type`` Normal or Warning)."""
+        ...
+
     async def list_jobs(
         self, namespace: str, selector: str, *, limit: int = 500, continue_token: str | None = None
     ) -> JobPage:
@@ -95,6 +108,15 @@ class MessageSource(Protocol):
 
     def deliveries(self) -> AsyncIterator[MessageHandle]:
         """Messages as they arrive; the source applies its own backpressure (prefetch)."""
+        ...
+
+    @property
+    def connected(self) -> bool:
+        """Connected to the broker now (for readiness)."""
+        ...
+
+    async def depth(self) -> int | None:
+        """Messages waiting in the source, when it can tell."""
         ...
 
     async def stop_consuming(self) -> None:

@@ -197,7 +197,11 @@ class Renderer:
         _check_job_spec(skeleton["spec"])
         self._compiled = _compile(skeleton, _environment(), "spec.jobTargetRef")
 
-    def render(self, delivery: Delivery) -> RenderedJob:
+    def render(
+        self, delivery: Delivery, *, extra_env: Mapping[str, str] | None = None
+    ) -> RenderedJob:
+        """The Job for ``delivery``; ``extra_env`` (such as the trace context) is added to
+        the same containers as the message."""
         sj = self.scaledjob
         delivery_cfg = sj.spec.messageDelivery
         body = delivery.body
@@ -276,6 +280,7 @@ class Renderer:
             },
             {"name": "JOBRUNNER_MESSAGE_ENCODING", "value": "utf-8" if body_is_text else "base64"},
         ]
+        env.extend({"name": k, "value": v} for k, v in (extra_env or {}).items() if v)
         if in_env:
             value = body.decode("utf-8") if body_is_text else _b64(body)
             env.append({"name": delivery_cfg.envVarName, "value": value})

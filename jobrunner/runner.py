@@ -17,11 +17,13 @@ from typing import Any
 
 from jobrunner.config import ManifestError, ManifestSet, ScaledJob, Settings
 from jobrunner.dispatcher import Dispatcher
+from jobrunner.httpserver import Heartbeat, HttpEndpoints
 from jobrunner.kube.client import KubeJobClient, load_api_client
 from jobrunner.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY
 from jobrunner.rendering import Renderer
 from jobrunner.sources.rabbitmq import RabbitMQSource
 from jobrunner.tasks import start_guarded, stop_tasks
+from jobrunner.telemetry import Telemetry
 from jobrunner.tracker import JobTracker
 from jobrunner.triggers import resolve_rabbitmq
 
@@ -45,6 +47,7 @@ class Running:
     dispatcher: Dispatcher
     source: RabbitMQSource
     tracker: JobTracker
+    queue: str
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
 
@@ -62,8 +65,40 @@ async def _start_source(source: RabbitMQSource, *, stop: asyncio.Event) -> None:
             delay = min(delay * 2, 30.0)
 
 
+async def _sample_depth(item: Running, telemetry: Telemetry, interval: float) -> None:
+    gauge = telemetry.metrics.queue_depth.labels(item.dispatcher.scaledjob.name, item.queue)
+    while True:
+        depth = await item.source.depth()
+        if depth is not None:
+            gauge.set(depth)
+        await asyncio.sleep(interval)
+
+
+async def _beat(heartbeat: Heartbeat) -> None:
+    while True:
+        heartbeat.beat()
+        await asyncio.sleep(1.0)
+
+
+def _readiness(running: list[Running]) -> tuple[bool, str]:
+    problems = []
+    for item in running:
+        name = item.dispatcher.scaledjob.name
+        if not item.source.connected:
+            problems.append(f"{name}: broker not connected")
+        if not item.tracker.synced.is_set():
+            problems.append(f"{name}: Job watch not in sync")
+    if not running:
+        problems.append("starting")
+    return (not problems, "; ".join(problems) or "ready")
+
+
 async def run(
-    manifests: ManifestSet, settings: Settings, *, stop: asyncio.Event | None = None
+    manifests: ManifestSet,
+    settings: Settings,
+    *,
+    stop: asyncio.Event | None = None,
+    telemetry: Telemetry | None = None,
 ) -> None:
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -72,6 +107,17 @@ async def run(
     api = load_api_client(settings.kube.kubeconfig, settings.kube.context)
     jobs = KubeJobClient(api)
     running: list[Running] = []
+    telemetry = telemetry or Telemetry.create()
+    heartbeat = Heartbeat()
+    http: HttpEndpoints | None = None
+    background = [start_guarded(_beat(heartbeat), name="heartbeat")]
+    if settings.telemetry.http_port is not None:
+        http = HttpEndpoints(
+            registry=telemetry.metrics.registry,
+            heartbeat=heartbeat,
+            ready=lambda: _readiness(running),
+        )
+        http.start(settings.telemetry.http_host, settings.telemetry.http_port)
     try:
         for scaledjob in manifests.scaledjobs:
             renderer = Renderer(scaledjob, base_dirs=template_dirs(manifests.path))
@@ -110,9 +156,12 @@ async def run(
                 jobs=jobs,
                 tracker=tracker,
                 settings=settings.dispatcher,
+                telemetry=telemetry,
                 retry_ceiling=settings.kube.api_retry_max_seconds,
             )
-            item = Running(dispatcher=dispatcher, source=source, tracker=tracker)
+            item = Running(
+                dispatcher=dispatcher, source=source, tracker=tracker, queue=resolved.queue
+            )
             running.append(item)
             item.tasks.append(start_guarded(tracker.run(), name=f"tracker-{scaledjob.name}"))
             item.tasks.append(
@@ -125,8 +174,12 @@ async def run(
                     item.dispatcher.run(), name=f"dispatch-{item.dispatcher.scaledjob.name}"
                 )
             )
-            logger.info(
-                "dispatching %s from queue %s", item.dispatcher.scaledjob.name, item.source.target
+            logger.info("dispatching %s from queue %s", item.dispatcher.scaledjob.name, item.queue)
+            item.tasks.append(
+                start_guarded(
+                    _sample_depth(item, telemetry, settings.telemetry.queue_depth_interval_seconds),
+                    name=f"queue-depth-{item.dispatcher.scaledjob.name}",
+                )
             )
         root_tasks = [t for item in running for t in item.tasks]
         stopper = asyncio.ensure_future(stop.wait())
@@ -147,6 +200,9 @@ async def run(
                 await item.source.close()
             except Exception as exc:
                 logger.warning("closing the RabbitMQ connection failed: %s", exc)
+        await stop_tasks(background, grace=0)
+        if http is not None:
+            http.stop()
         await jobs.close()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

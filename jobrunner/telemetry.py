@@ -1,13 +1,35 @@
-"""Logging set-up: plain or JSON lines, carrying scaledjob, job_name, message_id and
-source when a log call provides them."""
+"""Tracing, metrics and logs: what an operator needs to follow each message and to see the
+dispatcher's health with the tools they already run.
+
+* Tracing (OpenTelemetry SDK): one span per message, children for render, create, wait and
+  settle; the W3C trace context is read from the message's headers, so the span joins the
+  producer's trace, and handed to the Job as ``TRACEPARENT``. Spans are exported over
+  OTLP only when an endpoint is configured; nothing leaves the process by default.
+* Metrics (prometheus-client): Prometheus is where they are read, so they are written in
+  its model directly: names, ``_total`` counters and ``_seconds`` histograms follow its
+  conventions without an OpenTelemetry-to-Prometheus translation in between, and one
+  registry per process (no global) keeps tests independent.
+* Logs: plain or JSON lines carrying scaledjob, job_name, message_id and source.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
+from opentelemetry.sdk.trace.export import BatchSpanProcessor
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 _CONTEXT = ("scaledjob", "job_name", "message_id", "source")
+_PROPAGATOR = TraceContextTextMapPropagator()
 
 
 class _JsonFormatter(logging.Formatter):
@@ -46,3 +68,132 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
     # aio-pika and the kubernetes client are chatty at INFO.
     for noisy in ("aio_pika", "aiormq", "kubernetes", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+
+
+def extract_context(headers: Mapping[str, str]) -> Context:
+    """The producer's trace context from W3C ``traceparent``/``tracestate`` headers."""
+    return _PROPAGATOR.extract(carrier={k.lower(): v for k, v in headers.items()})
+
+
+def traceparent_of(span: trace.Span) -> str | None:
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier, context=trace.set_span_in_context(span))
+    return carrier.get("traceparent")
+
+
+def tracer_provider(
+    *, otlp_endpoint: str | None, processors: tuple[SpanProcessor, ...] = ()
+) -> TracerProvider:
+    """A provider that exports over OTLP/HTTP when an endpoint is given, else nowhere
+    (extra processors, such as a test's in-memory exporter, are added as they are)."""
+    provider = TracerProvider(resource=Resource.create({"service.name": "jobrunner"}))
+    if otlp_endpoint:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+
+        provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=otlp_endpoint)))
+    for processor in processors:
+        provider.add_span_processor(processor)
+    return provider
+
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+_DURATION_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600)
+
+
+@dataclass
+class Metrics:
+    registry: CollectorRegistry
+    messages_received: Counter
+    jobs_created: Counter
+    jobs_adopted: Counter
+    jobs_succeeded: Counter
+    jobs_failed: Counter
+    dead_lettered: Counter
+    jobs_active: Gauge
+    queue_depth: Gauge
+    receive_to_create: Histogram
+    publish_to_create: Histogram
+    job_duration: Histogram
+
+    @classmethod
+    def create(cls) -> Metrics:
+        r = CollectorRegistry()
+        sj = ["scaledjob"]
+        return cls(
+            registry=r,
+            messages_received=Counter(
+                "jobrunner_messages_received",
+                "Messages received from the source.",
+                [*sj, "source"],
+                registry=r,
+            ),
+            jobs_created=Counter("jobrunner_jobs_created", "Jobs created.", sj, registry=r),
+            jobs_adopted=Counter(
+                "jobrunner_jobs_adopted",
+                "Jobs found existing for a redelivered message and adopted instead of created.",
+                sj,
+                registry=r,
+            ),
+            jobs_succeeded=Counter(
+                "jobrunner_jobs_succeeded", "Jobs that reached Complete.", sj, registry=r
+            ),
+            jobs_failed=Counter(
+                "jobrunner_jobs_failed",
+                "Jobs that failed for good (Failed, or deleted).",
+                [*sj, "reason"],
+                registry=r,
+            ),
+            dead_lettered=Counter(
+                "jobrunner_messages_dead_lettered",
+                "Messages dead-lettered, by reason.",
+                [*sj, "reason"],
+                registry=r,
+            ),
+            jobs_active=Gauge(
+                "jobrunner_jobs_active", "Jobs holding a maxReplicaCount slot.", sj, registry=r
+            ),
+            queue_depth=Gauge(
+                "jobrunner_queue_depth_messages",
+                "Messages ready in the source queue (not counting those in flight).",
+                [*sj, "queue"],
+                registry=r,
+            ),
+            receive_to_create=Histogram(
+                "jobrunner_receive_to_create_seconds",
+                "From receiving a message to the API server's answer creating its Job.",
+                sj,
+                buckets=_LATENCY_BUCKETS,
+                registry=r,
+            ),
+            publish_to_create=Histogram(
+                "jobrunner_publish_to_create_seconds",
+                "From the producer's timestamp (AMQP timestamp property, or header "
+                "timestamp_in_ms) to the Job's creation; only for messages that carry one.",
+                sj,
+                buckets=_LATENCY_BUCKETS,
+                registry=r,
+            ),
+            job_duration=Histogram(
+                "jobrunner_job_duration_seconds",
+                "From a Job's creation to its Complete or Failed condition.",
+                [*sj, "outcome"],
+                buckets=_DURATION_BUCKETS,
+                registry=r,
+            ),
+        )
+
+
+@dataclass
+class Telemetry:
+    """What the dispatcher reports to; one per process, built by the runner."""
+
+    tracer: trace.Tracer
+    metrics: Metrics
+    provider: TracerProvider | None = None
+
+    @classmethod
+    def create(cls, provider: TracerProvider | None = None) -> Telemetry:
+        provider = provider or TracerProvider()
+        return cls(
+            tracer=provider.get_tracer("jobrunner"), metrics=Metrics.create(), provider=provider
+        )

@@ -16,6 +16,7 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import urllib3
@@ -199,6 +200,42 @@ class KubeJobClient:
                 return None
             raise
         return raw.get("data") or {}
+
+    async def record_event(
+        self,
+        *,
+        namespace: str,
+        job_name: str,
+        job_uid: str | None,
+        type: str,
+        reason: str,
+        message: str,
+    ) -> None:
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{job_name}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "name": job_name,
+                "namespace": namespace,
+                **({"uid": job_uid} if job_uid else {}),
+            },
+            "type": type,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "jobrunner"},
+            "reportingComponent": "jobrunner.dev/dispatcher",
+            "reportingInstance": socket.gethostname(),
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        await self._call(
+            self._core.create_namespaced_event, namespace, event, _preload_content=False
+        )
 
     async def list_jobs(
         self, namespace: str, selector: str, *, limit: int = 500, continue_token: str | None = None

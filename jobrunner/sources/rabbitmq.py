@@ -102,6 +102,17 @@ def management_queue_dead_letter(
     )
 
 
+def _published_at(message: aio_pika.abc.AbstractIncomingMessage) -> float | None:
+    """The producer's clock: RabbitMQ's ``timestamp_in_ms`` header (message-timestamp
+    plugin) or the AMQP ``timestamp`` property (whole seconds)."""
+    millis = (message.headers or {}).get("timestamp_in_ms")
+    if isinstance(millis, int | float):
+        return float(millis) / 1000
+    if message.timestamp is not None:
+        return message.timestamp.timestamp()
+    return None
+
+
 class RabbitMQSource:
     name = "rabbitmq"
 
@@ -191,12 +202,27 @@ class RabbitMQSource:
                 "vhost": self.vhost,
             },
             received_at=time.monotonic(),
+            published_at=_published_at(message),
         )
         await self._incoming.put(RabbitMQHandle(delivery=delivery, message=message))
 
     async def deliveries(self) -> AsyncIterator[RabbitMQHandle]:
         while True:
             yield await self._incoming.get()
+
+    @property
+    def connected(self) -> bool:
+        connection = self._connection
+        return connection is not None and not connection.is_closed and connection.connected.is_set()
+
+    async def depth(self) -> int | None:
+        if self._publish_channel is None or not self.connected:
+            return None
+        try:
+            queue = await self._publish_channel.declare_queue(self._queue_name, passive=True)
+        except _GONE:
+            return None
+        return queue.declaration_result.message_count
 
     async def stop_consuming(self) -> None:
         if self._queue is not None and self._consumer_tag is not None:

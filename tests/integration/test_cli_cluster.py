@@ -51,4 +51,3 @@ def test_server_dry_run_reports_the_servers_rejection(
     err = capsys.readouterr().err
     assert "422" in err
     assert "Bad_Name" in err
-

@@ -1,0 +1,34 @@
+"""The Grafana dashboard only queries metrics the dispatcher exports."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from prometheus_client import generate_latest
+
+from jobrunner.telemetry import Telemetry
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "deploy/grafana/jobrunner-dashboard.json"
+
+
+def test_every_dashboard_query_names_an_exported_metric() -> None:
+    metrics = Telemetry.create().metrics
+    metrics.jobs_created.labels("sj").inc()  # children make the families appear with samples
+    exported = {
+        line.split()[2]
+        for line in generate_latest(metrics.registry).decode().splitlines()
+        if line.startswith("# TYPE")
+    }
+    names = set()
+    for family in exported:
+        names.update(
+            {family, f"{family}_total", f"{family}_bucket", f"{family}_count", f"{family}_sum"}
+        )
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    assert queries
+    for query in queries:
+        for used in re.findall(r"\b(jobrunner_[a-z_]+)", query):
+            assert used in names, f"{used} is not exported"
