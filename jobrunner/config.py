@@ -109,6 +109,8 @@ class DeadLetter(_Model):
     queue: str | None = None
     """Fallback queue (declared durable) when neither ``exchange`` nor the queue's own
     dead-letter exchange is there. Default: ``<queueName>.dead-letter``."""
+    topic: str | None = None
+    """Kafka: the dead-letter topic. Default: ``<topic>.dead-letter``."""
 
 
 class ScaledJobSpec(_Model):
@@ -131,6 +133,9 @@ class ScaledJobSpec(_Model):
     # jobrunner's own fields.
     messageDelivery: MessageDelivery = Field(default_factory=MessageDelivery)
     ackPolicy: AckPolicy = AckPolicy.ON_JOB_COMPLETION
+    ordering: Literal["none", "perKey"] = "none"
+    """Kafka: ``perKey`` starts a record's Job only after the previous Job for the same
+    key (in the same partition) has finished."""
     deadLetter: DeadLetter = Field(default_factory=DeadLetter)
     consumerTimeoutSeconds: float = Field(default=1800, gt=0)
     """The broker's delivery acknowledgement timeout (RabbitMQ ``consumer_timeout``,

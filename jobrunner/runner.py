@@ -21,11 +21,12 @@ from jobrunner.httpserver import Heartbeat, HttpEndpoints
 from jobrunner.kube.client import KubeJobClient, load_api_client
 from jobrunner.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY
 from jobrunner.rendering import Renderer
+from jobrunner.sources.kafka import KafkaSource
 from jobrunner.sources.rabbitmq import RabbitMQSource
 from jobrunner.tasks import start_guarded, stop_tasks
 from jobrunner.telemetry import Telemetry
 from jobrunner.tracker import JobTracker
-from jobrunner.triggers import resolve_rabbitmq
+from jobrunner.triggers import SecretReader, resolve_kafka, resolve_rabbitmq
 
 logger = logging.getLogger(__name__)
 
@@ -45,13 +46,52 @@ def selector_for(scaledjob: ScaledJob) -> str:
 @dataclass
 class Running:
     dispatcher: Dispatcher
-    source: RabbitMQSource
+    source: Source
     tracker: JobTracker
     queue: str
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
 
-async def _start_source(source: RabbitMQSource, *, stop: asyncio.Event) -> None:
+Source = RabbitMQSource | KafkaSource
+
+
+async def _build_source(
+    scaledjob: ScaledJob, manifests: ManifestSet, read_secret: SecretReader
+) -> tuple[Source, str]:
+    """The source for the ScaledJob's (first) trigger, and the queue or topic it reads."""
+    trigger = scaledjob.spec.triggers[0]
+    spec = scaledjob.spec
+    if trigger.type == "rabbitmq":
+        rabbit = await resolve_rabbitmq(scaledjob, trigger, manifests.authentications, read_secret)
+        return RabbitMQSource(
+            url=rabbit.url,
+            queue=rabbit.queue,
+            prefetch=spec.maxReplicaCount,
+            dead_letter_exchange=spec.deadLetter.exchange,
+            dead_letter_routing_key=spec.deadLetter.routingKey,
+            dead_letter_queue=spec.deadLetter.queue,
+            scaledjob=scaledjob.name,
+        ), rabbit.queue
+    if trigger.type == "kafka":
+        kafka = await resolve_kafka(scaledjob, trigger, manifests.authentications, read_secret)
+        return KafkaSource(
+            bootstrap_servers=kafka.bootstrap_servers,
+            topic=kafka.topic,
+            group_id=kafka.group_id,
+            offset_reset=kafka.offset_reset,
+            max_in_hand=spec.maxReplicaCount,
+            dead_letter_topic=spec.deadLetter.topic or f"{kafka.topic}.dead-letter",
+            per_key_ordering=spec.ordering == "perKey",
+            client_options=kafka.client_options,
+            scaledjob=scaledjob.name,
+        ), kafka.topic
+    raise ManifestError(
+        f"{manifests.path}: ScaledJob {scaledjob.name}: field spec.triggers[0].type: "
+        f"{trigger.type!r} is not supported (rabbitmq and kafka are)"
+    )
+
+
+async def _start_source(source: Source, *, stop: asyncio.Event) -> None:
     """Connect, retrying with backoff while the broker is down (an outage at start is
     no reason to exit); aio-pika's robust connection handles later outages."""
     delay = 0.5
@@ -60,17 +100,21 @@ async def _start_source(source: RabbitMQSource, *, stop: asyncio.Event) -> None:
             await source.start()
             return
         except (ConnectionError, OSError) as exc:
-            logger.warning("RabbitMQ not reachable (%s); retrying in %.1fs", exc, delay)
+            logger.warning("%s not reachable (%s); retrying in %.1fs", source.name, exc, delay)
             await asyncio.sleep(delay)
             delay = min(delay * 2, 30.0)
 
 
 async def _sample_depth(item: Running, telemetry: Telemetry, interval: float) -> None:
-    gauge = telemetry.metrics.queue_depth.labels(item.dispatcher.scaledjob.name, item.queue)
+    name = item.dispatcher.scaledjob.name
+    gauge = telemetry.metrics.queue_depth.labels(name, item.queue)
     while True:
         depth = await item.source.depth()
         if depth is not None:
             gauge.set(depth)
+        if isinstance(item.source, KafkaSource):
+            for partition, lag in (await item.source.partition_lag()).items():
+                telemetry.metrics.consumer_lag.labels(name, item.queue, partition).set(lag)
         await asyncio.sleep(interval)
 
 
@@ -121,27 +165,8 @@ async def run(
     try:
         for scaledjob in manifests.scaledjobs:
             renderer = Renderer(scaledjob, base_dirs=template_dirs(manifests.path))
-            trigger = scaledjob.spec.triggers[0]
-            if trigger.type != "rabbitmq":
-                raise ManifestError(
-                    f"{manifests.path}: ScaledJob {scaledjob.name}: field spec.triggers[0].type: "
-                    f"{trigger.type!r} is not supported yet (rabbitmq is)"
-                )
-            resolved = await resolve_rabbitmq(
-                scaledjob,
-                trigger,
-                manifests.authentications,
-                lambda ns, name: jobs.read_secret(ns, name),
-            )
-            dead_letter = scaledjob.spec.deadLetter
-            source = RabbitMQSource(
-                url=resolved.url,
-                queue=resolved.queue,
-                prefetch=scaledjob.spec.maxReplicaCount,
-                dead_letter_exchange=dead_letter.exchange,
-                dead_letter_routing_key=dead_letter.routingKey,
-                dead_letter_queue=dead_letter.queue,
-                scaledjob=scaledjob.name,
+            source, queue = await _build_source(
+                scaledjob, manifests, lambda ns, name: jobs.read_secret(ns, name)
             )
             tracker = JobTracker(
                 client=jobs,
@@ -159,9 +184,7 @@ async def run(
                 telemetry=telemetry,
                 retry_ceiling=settings.kube.api_retry_max_seconds,
             )
-            item = Running(
-                dispatcher=dispatcher, source=source, tracker=tracker, queue=resolved.queue
-            )
+            item = Running(dispatcher=dispatcher, source=source, tracker=tracker, queue=queue)
             running.append(item)
             item.tasks.append(start_guarded(tracker.run(), name=f"tracker-{scaledjob.name}"))
             item.tasks.append(

@@ -111,6 +111,7 @@ class Metrics:
     dead_lettered: Counter
     jobs_active: Gauge
     queue_depth: Gauge
+    consumer_lag: Gauge
     receive_to_create: Histogram
     publish_to_create: Histogram
     job_duration: Histogram
@@ -156,6 +157,12 @@ class Metrics:
                 "jobrunner_queue_depth_messages",
                 "Messages ready in the source queue (not counting those in flight).",
                 [*sj, "queue"],
+                registry=r,
+            ),
+            consumer_lag=Gauge(
+                "jobrunner_consumer_lag_messages",
+                "Kafka: records after the committed offset, per partition.",
+                [*sj, "topic", "partition"],
                 registry=r,
             ),
             receive_to_create=Histogram(

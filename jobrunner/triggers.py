@@ -10,6 +10,7 @@ import os
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from jobrunner.config import ManifestError, ScaledJob, Trigger, TriggerAuthentication
 
@@ -57,6 +58,86 @@ async def auth_parameters(
         if value is not None:
             params[env_ref.parameter] = value
     return params
+
+
+@dataclass(frozen=True)
+class KafkaTrigger:
+    bootstrap_servers: str
+    topic: str
+    group_id: str
+    offset_reset: str
+    client_options: dict[str, Any]
+
+
+def _kafka_security(meta: Mapping[str, str], where: str) -> dict[str, Any]:
+    """KEDA's kafka auth parameters (``sasl``, ``username``, ``password``, ``tls``, ``ca``,
+    ``cert``, ``key``) as aiokafka client options."""
+    options: dict[str, Any] = {}
+    sasl = (meta.get("sasl") or "none").lower()
+    tls = (meta.get("tls") or "disable").lower() == "enable"
+    if tls:
+        import ssl
+
+        context = ssl.create_default_context(cadata=meta["ca"] if meta.get("ca") else None)
+        if meta.get("cert") and meta.get("key"):
+            import tempfile
+
+            with tempfile.NamedTemporaryFile("w", suffix=".pem", delete=False) as pem:
+                pem.write(meta["cert"] + "\n" + meta["key"])
+            context.load_cert_chain(pem.name)
+        options["ssl_context"] = context
+    if sasl != "none":
+        mechanisms = {
+            "plaintext": "PLAIN",
+            "scram_sha256": "SCRAM-SHA-256",
+            "scram_sha512": "SCRAM-SHA-512",
+        }
+        if sasl not in mechanisms:
+            raise ManifestError(f"{where}: field sasl: {sasl!r} is not one of {sorted(mechanisms)}")
+        options.update(
+            security_protocol="SASL_SSL" if tls else "SASL_PLAINTEXT",
+            sasl_mechanism=mechanisms[sasl],
+            sasl_plain_username=meta.get("username", ""),
+            sasl_plain_password=meta.get("password", ""),
+        )
+    elif tls:
+        options["security_protocol"] = "SSL"
+    return options
+
+
+async def resolve_kafka(
+    scaledjob: ScaledJob,
+    trigger: Trigger,
+    authentications: Mapping[str, TriggerAuthentication],
+    read_secret: SecretReader,
+) -> KafkaTrigger:
+    meta = dict(trigger.metadata)
+    meta.update(await auth_parameters(scaledjob, trigger, authentications, read_secret))
+    where = f"ScaledJob {scaledjob.name}: trigger kafka"
+    servers = meta.get("bootstrapServers") or (
+        os.environ.get(meta["bootstrapServersFromEnv"])
+        if meta.get("bootstrapServersFromEnv")
+        else None
+    )
+    for field_name, value in (
+        ("bootstrapServers", servers),
+        ("topic", meta.get("topic")),
+        ("consumerGroup", meta.get("consumerGroup")),
+    ):
+        if not value:
+            raise ManifestError(f"{where}: field metadata.{field_name}: required")
+    reset = meta.get("offsetResetPolicy", "latest")
+    if reset not in ("earliest", "latest"):
+        raise ManifestError(
+            f"{where}: field metadata.offsetResetPolicy: earliest or latest, got {reset!r}"
+        )
+    return KafkaTrigger(
+        bootstrap_servers=str(servers),
+        topic=meta["topic"],
+        group_id=meta["consumerGroup"],
+        offset_reset=reset,
+        client_options=_kafka_security(meta, where),
+    )
 
 
 async def resolve_rabbitmq(

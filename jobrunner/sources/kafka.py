@@ -1,0 +1,328 @@
+"""Kafka source on aiokafka: each record is a message whose identity is
+(topic, partition, offset), so a replayed record finds the Job it already has.
+
+* Commits only what is finished: per partition the committed offset is the lowest record
+  still in hand (``kafka_offsets``), so a crash never skips unfinished work; records that
+  finished after the last commit are replayed after a restart and adopt their Jobs
+  (whose names come from the offsets) instead of running again.
+* Backpressure without eviction: when ``max_in_hand`` records are in hand, every assigned
+  partition is paused while ``getmany`` keeps polling, so hours-long Jobs never trip
+  ``max.poll.interval.ms``.
+* Rebalances: on revocation the partitions' watermarks are committed and their records
+  are no longer settled here (the new owner replays and adopts them); on assignment
+  consumption resumes from the committed offset.
+* Dead letters go to a topic, with the reason in headers, before the offset moves on.
+* Optional per-key ordering: a record is handed out only once the previous record with
+  the same key has been settled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.errors import KafkaError
+
+from jobrunner.models import Action, Decision, Delivery
+from jobrunner.protocols import MessageHandle
+from jobrunner.sources.kafka_offsets import PartitionOffsets
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class KafkaHandle:
+    delivery: Delivery
+    partition: TopicPartition
+    offset: int
+    key: bytes | None
+    generation: int
+    """Assignment generation it was read in; a settle from an older one is stale."""
+
+
+def _text(value: bytes | None) -> str:
+    return value.decode("utf-8", errors="replace") if value is not None else ""
+
+
+class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
+    def __init__(self, source: KafkaSource) -> None:
+        self._source = source
+
+    async def on_partitions_revoked(self, revoked: Any) -> None:
+        await self._source._revoked(set(revoked))
+
+    async def on_partitions_assigned(self, assigned: Any) -> None:
+        await self._source._assigned(set(assigned))
+
+
+class KafkaSource:
+    name = "kafka"
+
+    def __init__(
+        self,
+        *,
+        bootstrap_servers: str,
+        topic: str,
+        group_id: str,
+        offset_reset: str = "latest",
+        max_in_hand: int,
+        dead_letter_topic: str,
+        per_key_ordering: bool = False,
+        client_options: Mapping[str, Any] | None = None,
+        scaledjob: str = "",
+    ) -> None:
+        self._servers = bootstrap_servers
+        self.topic = topic
+        self._group = group_id
+        self._reset = offset_reset
+        self._max_in_hand = max_in_hand
+        self.dead_letter_topic = dead_letter_topic
+        self._per_key = per_key_ordering
+        self._options = dict(client_options or {})
+        self._scaledjob = scaledjob
+        self._consumer: AIOKafkaConsumer | None = None
+        self._producer: AIOKafkaProducer | None = None
+        self._offsets: dict[TopicPartition, PartitionOffsets] = {}
+        self._generation = 0
+        self._busy_keys: set[tuple[TopicPartition, bytes]] = set()
+        self._waiting: dict[tuple[TopicPartition, bytes], collections.deque[KafkaHandle]] = {}
+        self._ready: collections.deque[KafkaHandle] = collections.deque()
+        self._wakeup = asyncio.Event()
+        self._paused = False
+        self._stopped = False
+        self._commit_lock = asyncio.Lock()
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        try:
+            await self._start()
+        except KafkaError as exc:
+            raise ConnectionError(f"Kafka at {self._servers}: {exc}") from exc
+
+    async def _start(self) -> None:
+        self._producer = AIOKafkaProducer(
+            bootstrap_servers=self._servers, acks="all", enable_idempotence=True, **self._options
+        )
+        await self._producer.start()
+        self._consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._servers,
+            group_id=self._group,
+            enable_auto_commit=False,
+            auto_offset_reset=self._reset,
+            max_poll_records=max(1, min(500, self._max_in_hand)),
+            **self._options,
+        )
+        self._consumer.subscribe([self.topic], listener=_Listener(self))
+        await self._consumer.start()
+
+    @property
+    def target(self) -> str:
+        return f"topic {self.dead_letter_topic!r}"
+
+    @property
+    def connected(self) -> bool:
+        return self._consumer is not None and not self._stopped
+
+    async def close(self) -> None:
+        self._stopped = True
+        if self._consumer is not None:
+            try:
+                await self._commit_ready()
+            except KafkaError as exc:
+                logger.warning("final commit failed (%s); unfinished records will be replayed", exc)
+            await self._consumer.stop()
+        if self._producer is not None:
+            await self._producer.stop()
+
+    async def stop_consuming(self) -> None:
+        self._stopped = True
+        if self._consumer is not None and self._offsets:
+            self._consumer.pause(*self._offsets)
+
+    # ------------------------------------------------------------------ rebalances
+    async def _revoked(self, revoked: set[TopicPartition]) -> None:
+        self._generation += 1
+        await self._commit_ready(only=revoked)
+        for tp in revoked:
+            self._offsets.pop(tp, None)
+        self._ready = collections.deque(h for h in self._ready if h.partition not in revoked)
+        for key in [k for k in self._waiting if k[0] in revoked]:
+            del self._waiting[key]
+        self._busy_keys = {k for k in self._busy_keys if k[0] not in revoked}
+        logger.info(
+            "partitions revoked: %s", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked)
+        )
+
+    async def _assigned(self, assigned: set[TopicPartition]) -> None:
+        assert self._consumer is not None
+        for tp in assigned:
+            position = await self._consumer.position(tp)
+            self._offsets[tp] = PartitionOffsets(start=position)
+        self._paused = False
+        logger.info(
+            "partitions assigned: %s",
+            sorted(f"{tp.topic}/{tp.partition}@{self._offsets[tp].start}" for tp in assigned),
+        )
+
+    # ------------------------------------------------------------------ receive
+    def _in_hand(self) -> int:
+        return sum(p.in_hand for p in self._offsets.values())
+
+    def _apply_backpressure(self) -> None:
+        assert self._consumer is not None
+        full = self._in_hand() >= self._max_in_hand or self._stopped
+        partitions = list(self._offsets)
+        if full and not self._paused and partitions:
+            self._consumer.pause(*partitions)
+            self._paused = True
+        elif not full and self._paused:
+            self._consumer.resume(*partitions)
+            self._paused = False
+
+    def _handle(self, tp: TopicPartition, record: ConsumerRecord[Any, Any]) -> KafkaHandle:
+        headers = {k: _text(v) for k, v in (record.headers or ())}
+        identity = f"{tp.topic}/{tp.partition}/{record.offset}"
+        delivery = Delivery(
+            source=self.name,
+            identity=identity,
+            body=record.value or b"",
+            message_id=None,
+            headers=headers,
+            metadata={
+                "topic": tp.topic,
+                "partition": str(tp.partition),
+                "offset": str(record.offset),
+                "key": _text(record.key),
+            },
+            received_at=time.monotonic(),
+            published_at=record.timestamp / 1000 if record.timestamp else None,
+        )
+        return KafkaHandle(delivery, tp, record.offset, record.key, self._generation)
+
+    async def deliveries(self) -> AsyncIterator[KafkaHandle]:
+        assert self._consumer is not None
+        while True:
+            while self._ready:
+                yield self._ready.popleft()
+            self._apply_backpressure()
+            # Keeps polling while paused: heartbeats and max.poll.interval stay happy.
+            batch = await self._consumer.getmany(timeout_ms=200)
+            for tp, records in batch.items():
+                offsets = self._offsets.get(tp)
+                if offsets is None:
+                    continue
+                for record in records:
+                    offsets.received(record.offset)
+                    handle = self._handle(tp, record)
+                    if self._per_key and record.key is not None:
+                        slot = (tp, record.key)
+                        if slot in self._busy_keys:
+                            self._waiting.setdefault(slot, collections.deque()).append(handle)
+                            continue
+                        self._busy_keys.add(slot)
+                    self._ready.append(handle)
+
+    # ------------------------------------------------------------------ settle
+    async def settle(self, handle: MessageHandle, decision: Decision) -> bool:
+        if not isinstance(handle, KafkaHandle):
+            raise TypeError(f"not a Kafka record: {handle!r}")
+        offsets = self._offsets.get(handle.partition)
+        if offsets is None or handle.generation != self._generation:
+            # Revoked since: the partition's new owner replays the record and adopts.
+            return False
+        if decision.action is Action.REQUEUE:
+            return False  # left uncommitted: read again after a restart or rebalance
+        if decision.action is Action.DEAD_LETTER:
+            d = handle.delivery
+            await self._dead_letter(d.body, handle.key, dict(d.headers), dict(d.metadata), decision)
+        offsets.finished(handle.offset)
+        if self._per_key and handle.key is not None:
+            slot = (handle.partition, handle.key)
+            waiting = self._waiting.get(slot)
+            if waiting:
+                self._ready.append(waiting.popleft())
+                if not waiting:
+                    del self._waiting[slot]
+            else:
+                self._busy_keys.discard(slot)
+        await self._commit_ready()
+        return True
+
+    async def dead_letter_copy(self, original: Mapping[str, Any], decision: Decision) -> None:
+        metadata = dict(original.get("metadata") or {})
+        key = metadata.get("key")
+        await self._dead_letter(
+            original["body"],
+            key.encode() if key else None,
+            dict(original.get("headers") or {}),
+            metadata,
+            decision,
+        )
+
+    async def _dead_letter(
+        self,
+        body: bytes,
+        key: bytes | None,
+        headers: dict[str, str],
+        metadata: dict[str, str],
+        decision: Decision,
+    ) -> None:
+        assert self._producer is not None
+        headers.update(
+            {
+                "x-jobrunner-reason": decision.reason,
+                "x-jobrunner-detail": decision.detail[:4000],
+                "x-jobrunner-scaledjob": self._scaledjob,
+                "x-jobrunner-source-topic": metadata.get("topic", self.topic),
+                "x-jobrunner-source-partition": metadata.get("partition", ""),
+                "x-jobrunner-source-offset": metadata.get("offset", ""),
+            }
+        )
+        if decision.job_name:
+            headers["x-jobrunner-job"] = decision.job_name
+        # acks=all: returns once the dead-letter topic holds the copy.
+        await self._producer.send_and_wait(
+            self.dead_letter_topic,
+            value=body,
+            key=key,
+            headers=[(k, v.encode()) for k, v in headers.items()],
+        )
+
+    async def _commit_ready(self, only: set[TopicPartition] | None = None) -> None:
+        if self._consumer is None:
+            return
+        async with self._commit_lock:
+            offsets = {
+                tp: mark
+                for tp, part in self._offsets.items()
+                if (only is None or tp in only) and (mark := part.to_commit()) is not None
+            }
+            if not offsets:
+                return
+            await self._consumer.commit(offsets)
+            for tp, mark in offsets.items():
+                if tp in self._offsets:
+                    self._offsets[tp].committed = mark
+
+    # ------------------------------------------------------------------ observability
+    async def depth(self) -> int | None:
+        lag = await self.partition_lag()
+        return sum(lag.values()) if lag else None
+
+    async def partition_lag(self) -> dict[str, int]:
+        """Per partition: records after the committed watermark (the log end minus it)."""
+        if self._consumer is None:
+            return {}
+        out = {}
+        for tp, part in list(self._offsets.items()):
+            end = self._consumer.highwater(tp)
+            if end is not None:
+                out[str(tp.partition)] = max(0, end - part.committed)
+        return out

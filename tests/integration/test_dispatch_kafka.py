@@ -1,0 +1,278 @@
+"""The Kafka path end to end on the real broker and cluster: one Job per record named by
+(topic, partition, offset), commits that never pass unfinished work, dead letters to a
+topic, rebalances between two dispatchers, per-key ordering."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+from kubernetes import client
+
+from jobrunner.naming import job_name
+from tests.helpers import eventually
+from tests.integration.harness import Dispatcher, busybox_job, finished, jobs_of, wait_for_jobs
+
+pytestmark = [pytest.mark.kube, pytest.mark.kafka]
+
+
+@pytest.fixture
+async def topic(kafka_bootstrap: str) -> AsyncIterator[str]:
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics(
+            [
+                NewTopic(name, num_partitions=2, replication_factor=1),
+                NewTopic(f"{name}.dead-letter", num_partitions=1, replication_factor=1),
+            ]
+        )
+        yield name
+        await admin.delete_topics([name, f"{name}.dead-letter"])
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+def kafka_manifest(
+    tmp_path: Path, namespace: str, topic: str, kafka_bootstrap: str
+) -> Callable[..., Path]:
+    group = f"g-{uuid.uuid4().hex[:8]}"
+
+    def make(name: str = "work", **spec: Any) -> Path:
+        doc = {
+            "apiVersion": "jobrunner.dev/v1alpha1",
+            "kind": "ScaledJob",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "jobTargetRef": busybox_job(),
+                "triggers": [
+                    {
+                        "type": "kafka",
+                        "metadata": {
+                            "bootstrapServers": kafka_bootstrap,
+                            "topic": topic,
+                            "consumerGroup": group,
+                            "offsetResetPolicy": "earliest",
+                        },
+                    }
+                ],
+                **spec,
+            },
+        }
+        path = tmp_path / f"{name}-kafka.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        return path
+
+    make.group = group  # type: ignore[attr-defined]
+    return make
+
+
+async def produce(
+    servers: str, topic: str, records: list[tuple[int, bytes | None, dict[str, Any]]]
+) -> list[tuple[int, int]]:
+    """(partition, key, value) -> [(partition, offset)] as the broker stored them."""
+    producer = AIOKafkaProducer(bootstrap_servers=servers, acks="all")
+    await producer.start()
+    try:
+        out = []
+        for partition, key, value in records:
+            meta = await producer.send_and_wait(
+                topic, json.dumps(value).encode(), key=key, partition=partition
+            )
+            out.append((meta.partition, meta.offset))
+        return out
+    finally:
+        await producer.stop()
+
+
+async def committed(servers: str, group: str, topic: str) -> dict[int, int]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=servers)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
+
+
+async def read_all(servers: str, topic: str, count: int, within: float = 30) -> list[Any]:
+    consumer = AIOKafkaConsumer(
+        topic,
+        bootstrap_servers=servers,
+        group_id=f"r-{uuid.uuid4().hex[:6]}",
+        auto_offset_reset="earliest",
+        enable_auto_commit=False,
+    )
+    await consumer.start()
+    out: list[Any] = []
+    try:
+        deadline = asyncio.get_running_loop().time() + within
+        while len(out) < count and asyncio.get_running_loop().time() < deadline:
+            batch = await consumer.getmany(timeout_ms=500)
+            for records in batch.values():
+                out.extend(records)
+        return out
+    finally:
+        await consumer.stop()
+
+
+def names_for(topic: str, stored: list[tuple[int, int]]) -> set[str]:
+    return {job_name("work", f"{topic}/{p}/{o}") for p, o in stored}
+
+
+async def test_each_record_becomes_one_job_named_by_its_offset_and_is_committed(
+    kube_api: client.ApiClient,
+    namespace: str,
+    topic: str,
+    kafka_bootstrap: str,
+    kafka_manifest: Callable[..., Path],
+    dispatchers: Callable[..., Dispatcher],
+) -> None:
+    dispatcher = dispatchers(kafka_manifest())
+    stored = await produce(
+        kafka_bootstrap,
+        topic,
+        [(0, b"a", {"task": "x"}), (1, b"b", {"task": "y"}), (0, b"c", {"task": "z"})],
+    )
+    jobs = await wait_for_jobs(kube_api, namespace, "work", 3, state="Complete", within=60)
+    assert {j.metadata.name for j in jobs} == names_for(topic, stored)
+    assert {j.metadata.labels["jobrunner.dev/source"] for j in jobs} == {"kafka"}
+    await dispatcher.settled("ack", 3)
+
+    async def all_committed() -> bool:
+        return await committed(kafka_bootstrap, kafka_manifest.group, topic) == {0: 2, 1: 1}  # type: ignore[attr-defined]
+
+    await eventually(all_committed, within=20, interval=0.5)
+
+
+async def test_commit_never_passes_an_unfinished_record_and_a_crash_relaunches_nothing(
+    kube_api: client.ApiClient,
+    namespace: str,
+    topic: str,
+    kafka_bootstrap: str,
+    kafka_manifest: Callable[..., Path],
+    dispatchers: Callable[..., Dispatcher],
+) -> None:
+    path = kafka_manifest()
+    first = dispatchers(path)
+    stored = await produce(
+        kafka_bootstrap, topic, [(0, None, {"seconds": 10}), (0, None, {"task": "quick"})]
+    )
+    # The second record finishes first; the first still runs, so nothing is committed.
+    await first.settled("ack", 1, within=60)
+    assert await committed(kafka_bootstrap, kafka_manifest.group, topic) in ({}, {0: 0}, {0: -1})  # type: ignore[attr-defined]
+    # Killed now: the finished record is not committed; the Job is the evidence.
+    first.kill()
+    second = dispatchers(path)
+    await second.settled("ack", 2, within=60)
+    jobs = jobs_of(kube_api, namespace, "work")
+    assert {j.metadata.name for j in jobs} == names_for(topic, stored), "nothing launched twice"
+    assert all(finished(j) == "Complete" for j in jobs)
+    assert second.logs().count("adopted existing Job") == 2
+
+    async def all_committed() -> bool:
+        return await committed(kafka_bootstrap, kafka_manifest.group, topic) == {0: 2}  # type: ignore[attr-defined]
+
+    await eventually(all_committed, within=20, interval=0.5)
+
+
+async def test_failed_job_and_unusable_record_go_to_the_dead_letter_topic(
+    kube_api: client.ApiClient,
+    namespace: str,
+    topic: str,
+    kafka_bootstrap: str,
+    kafka_manifest: Callable[..., Path],
+    dispatchers: Callable[..., Dispatcher],
+) -> None:
+    dispatcher = dispatchers(kafka_manifest())
+    producer = AIOKafkaProducer(bootstrap_servers=kafka_bootstrap)
+    await producer.start()
+    try:
+        await producer.send_and_wait(topic, b'{"fail": "failed"}', key=b"k1", partition=0)
+        await producer.send_and_wait(topic, b"not json", key=b"k2", partition=0)
+    finally:
+        await producer.stop()
+    dead = await read_all(kafka_bootstrap, f"{topic}.dead-letter", 2)
+    reasons = {r.key: dict(r.headers)["x-jobrunner-reason"].decode() for r in dead}
+    assert reasons == {b"k1": "BackoffLimitExceeded", b"k2": "InvalidMessage"}
+    await dispatcher.settled("dead-letter", 2)
+
+    async def moved_on() -> bool:
+        return await committed(kafka_bootstrap, kafka_manifest.group, topic) == {0: 2}  # type: ignore[attr-defined]
+
+    await eventually(moved_on, within=20, interval=0.5)
+
+
+async def test_two_dispatchers_with_a_rebalance_mid_run_launch_every_record_once(
+    kube_api: client.ApiClient,
+    namespace: str,
+    topic: str,
+    kafka_bootstrap: str,
+    kafka_manifest: Callable[..., Path],
+    dispatchers: Callable[..., Dispatcher],
+) -> None:
+    path = kafka_manifest(maxReplicaCount=20)
+    first = dispatchers(path)
+    stored = await produce(
+        kafka_bootstrap, topic, [(i % 2, None, {"seconds": 2}) for i in range(10)]
+    )
+    await wait_for_jobs(kube_api, namespace, "work", 3, within=60)
+    second = dispatchers(path)  # joins the group: partitions move mid-run
+
+    async def rebalanced() -> bool:
+        return "partitions assigned" in second.logs()
+
+    await eventually(rebalanced, within=60, interval=0.5)
+    stored += await produce(
+        kafka_bootstrap, topic, [(i % 2, None, {"seconds": 1}) for i in range(10)]
+    )
+    jobs = await wait_for_jobs(kube_api, namespace, "work", 20, state="Complete", within=120)
+    assert len(jobs) == 20
+    assert {j.metadata.name for j in jobs} == names_for(topic, stored)
+
+    async def all_committed() -> bool:
+        return await committed(kafka_bootstrap, kafka_manifest.group, topic) == {0: 10, 1: 10}  # type: ignore[attr-defined]
+
+    await eventually(all_committed, within=60, interval=0.5)
+    assert "partitions revoked" in first.logs()
+
+
+async def test_per_key_ordering_starts_a_keys_next_job_after_the_previous_finished(
+    kube_api: client.ApiClient,
+    namespace: str,
+    topic: str,
+    kafka_bootstrap: str,
+    kafka_manifest: Callable[..., Path],
+    dispatchers: Callable[..., Dispatcher],
+) -> None:
+    dispatcher = dispatchers(kafka_manifest(ordering="perKey"))
+    stored = await produce(
+        kafka_bootstrap,
+        topic,
+        [
+            (0, b"same", {"seconds": 4}),
+            (0, b"same", {"task": "next"}),
+            (0, b"other", {"task": "free"}),
+        ],
+    )
+    await dispatcher.settled("ack", 3, within=60)
+    first, second, other = (job_name("work", f"{topic}/{p}/{o}") for p, o in stored)
+    logs = dispatcher.logs()
+
+    def line_of(pattern: str) -> int:
+        return next(i for i, line in enumerate(logs.splitlines()) if re.search(pattern, line))
+
+    # "other" did not wait; "next" was created only after "first" was settled.
+    assert line_of(f"created Job {other}") < line_of(f"settled: ack for Job {first}")
+    assert line_of(f"settled: ack for Job {first}") < line_of(f"created Job {second}")
