@@ -66,7 +66,7 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # aio-pika and the kubernetes client are chatty at INFO.
-    for noisy in ("aio_pika", "aiormq", "kubernetes", "urllib3"):
+    for noisy in ("aio_pika", "aiormq", "aiokafka", "kubernetes", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
 
 

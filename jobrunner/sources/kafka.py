@@ -148,6 +148,8 @@ class KafkaSource:
 
     # ------------------------------------------------------------------ rebalances
     async def _revoked(self, revoked: set[TopicPartition]) -> None:
+        if not revoked:  # the first join revokes nothing
+            return
         self._generation += 1
         await self._commit_ready(only=revoked)
         for tp in revoked:

@@ -276,3 +276,56 @@ async def test_per_key_ordering_starts_a_keys_next_job_after_the_previous_finish
     # "other" did not wait; "next" was created only after "first" was settled.
     assert line_of(f"created Job {other}") < line_of(f"settled: ack for Job {first}")
     assert line_of(f"settled: ack for Job {first}") < line_of(f"created Job {second}")
+
+
+async def test_backpressure_pauses_partitions_without_a_rebalance_and_lag_is_exposed(
+    kube_api: client.ApiClient,
+    namespace: str,
+    topic: str,
+    kafka_bootstrap: str,
+    kafka_manifest: Callable[..., Path],
+    dispatchers: Callable[..., Dispatcher],
+) -> None:
+    from tests.integration.test_observability import free_port, get, samples
+
+    port = free_port()
+    dispatcher = dispatchers(
+        kafka_manifest(maxReplicaCount=1),
+        {
+            "JOBRUNNER_TELEMETRY__HTTP_PORT": str(port),
+            "JOBRUNNER_TELEMETRY__QUEUE_DEPTH_INTERVAL_SECONDS": "0.5",
+        },
+    )
+    await produce(kafka_bootstrap, topic, [(0, None, {"seconds": 3}) for _ in range(3)])
+
+    def lag() -> float | None:
+        try:
+            values = samples(get(f"http://127.0.0.1:{port}/metrics")[1])
+        except OSError:
+            return None
+        key = (
+            "jobrunner_consumer_lag_messages",
+            (("partition", "0"), ("scaledjob", "work"), ("topic", topic)),
+        )
+        return values.get(key)
+
+    peak_active, peak_lag = 0, 0.0
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 90
+    while loop.time() < deadline:
+        jobs = await asyncio.to_thread(jobs_of, kube_api, namespace, "work")
+        peak_active = max(peak_active, sum(1 for j in jobs if finished(j) is None))
+        peak_lag = max(peak_lag, await asyncio.to_thread(lag) or 0)
+        if len(jobs) == 3 and all(finished(j) for j in jobs):
+            break
+        await asyncio.sleep(0.3)
+    assert peak_active == 1, "maxReplicaCount=1 holds while the consumer keeps polling"
+    assert peak_lag >= 2, "the records waiting behind the paused partition show as lag"
+    await dispatcher.settled("ack", 3)
+
+    async def caught_up() -> bool:
+        return await asyncio.to_thread(lag) == 0
+
+    await eventually(caught_up, within=20, interval=0.5)
+    # Paused, not evicted: the group never rebalanced away from this consumer.
+    assert "partitions revoked" not in dispatcher.logs()
