@@ -51,7 +51,8 @@ demo: venv stack-up
 	bash $(STACK)/stack-status.sh
 
 bench: venv stack-up
-	$(BIN)/python bench/bench_rabbitmq.py
+	$(BIN)/python bench/bench_dispatch.py rabbitmq
+	$(BIN)/python bench/bench_dispatch.py kafka
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,4 +1,5 @@
-"""Benchmark of the RabbitMQ path on the local stack (``make bench``); prints figures.
+"""Benchmark of the dispatch path on the local stack (``make bench``; ``bench_dispatch.py
+rabbitmq`` or ``kafka``); prints figures.
 
 Every figure is measured in this run, beside a baseline measured in the same run:
 
@@ -55,7 +56,7 @@ def env_file() -> dict[str, str]:
 
 
 def scaledjob_doc(
-    name: str, namespace: str, queue: str, url: str, *, suspend: bool = False
+    name: str, namespace: str, trigger: dict[str, Any], *, suspend: bool = False
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "backoffLimit": 0,
@@ -78,9 +79,96 @@ def scaledjob_doc(
             "maxReplicaCount": 1000,
             "successfulJobsHistoryLimit": 100000,
             "failedJobsHistoryLimit": 100000,
-            "triggers": [{"type": "rabbitmq", "metadata": {"queueName": queue, "host": url}}],
+            "triggers": [trigger],
         },
     }
+
+
+class RabbitBroker:
+    source = "rabbitmq"
+
+    def __init__(self, stack: dict[str, str], name: str) -> None:
+        self.url, self.queue = stack["JOBRUNNER_TEST_RABBITMQ_URL"], name
+
+    def setup(self) -> None:
+        asyncio.run(_declare(self.url, self.queue))
+
+    def trigger(self) -> dict[str, Any]:
+        return {"type": "rabbitmq", "metadata": {"queueName": self.queue, "host": self.url}}
+
+    def publish(self, prefix: str, count: int, rate: float | None) -> dict[str, float]:
+        """Job name -> when its message was published."""
+        ids = [f"{prefix}-{i}" for i in range(count)]
+        sent = asyncio.run(publish_many(self.url, self.queue, ids, rate))
+        return {job_name("bench", mid): t for mid, t in sent.items()}
+
+    def teardown(self) -> None:
+        asyncio.run(_delete(self.url, self.queue))
+
+
+class KafkaBroker:
+    source = "kafka"
+
+    def __init__(self, stack: dict[str, str], name: str) -> None:
+        self.servers, self.topic = stack["JOBRUNNER_TEST_KAFKA_BOOTSTRAP"], name
+
+    def setup(self) -> None:
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        async def create() -> None:
+            admin = AIOKafkaAdminClient(bootstrap_servers=self.servers)
+            await admin.start()
+            try:
+                await admin.create_topics(
+                    [NewTopic(self.topic, num_partitions=2, replication_factor=1)]
+                )
+            finally:
+                await admin.close()
+
+        asyncio.run(create())
+
+    def trigger(self) -> dict[str, Any]:
+        return {
+            "type": "kafka",
+            "metadata": {
+                "bootstrapServers": self.servers,
+                "topic": self.topic,
+                "consumerGroup": f"{self.topic}-group",
+                "offsetResetPolicy": "earliest",
+            },
+        }
+
+    def publish(self, prefix: str, count: int, rate: float | None) -> dict[str, float]:
+        from aiokafka import AIOKafkaProducer
+
+        async def run() -> dict[str, float]:
+            producer = AIOKafkaProducer(bootstrap_servers=self.servers, linger_ms=0)
+            await producer.start()
+            out: dict[str, float] = {}
+            try:
+                start = time.monotonic()
+                pending = []
+                for i in range(count):
+                    if rate:
+                        delay = start + i / rate - time.monotonic()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                    sent_at = time.time()
+                    future = await producer.send(
+                        self.topic, json.dumps({"n": i}).encode(), partition=i % 2
+                    )
+                    pending.append((sent_at, future))
+                for sent_at, future in pending:
+                    meta = await future
+                    out[job_name("bench", f"{self.topic}/{meta.partition}/{meta.offset}")] = sent_at
+            finally:
+                await producer.stop()
+            return out
+
+        return asyncio.run(run())
+
+    def teardown(self) -> None:
+        pass
 
 
 class JobWatcher:
@@ -306,8 +394,9 @@ def pct(values: list[float], p: float) -> float:
 
 
 def main() -> int:
+    source = sys.argv[1] if len(sys.argv) > 1 else "rabbitmq"
     stack = env_file()
-    kubeconfig, url = stack["JOBRUNNER_TEST_KUBECONFIG"], stack["JOBRUNNER_TEST_RABBITMQ_URL"]
+    kubeconfig = stack["JOBRUNNER_TEST_KUBECONFIG"]
     api = config.new_client_from_config(config_file=kubeconfig)
     api.configuration.connection_pool_maxsize = 32
     core = client.CoreV1Api(api)
@@ -317,17 +406,18 @@ def main() -> int:
             f"bench: waited {waited:.0f}s for an earlier run's namespace to be deleted", flush=True
         )
     run_id = uuid.uuid4().hex[:6]
-    namespace, queue = f"bench-{run_id}", f"bench-{run_id}"
+    namespace = f"bench-{run_id}"
+    broker = (KafkaBroker if source == "kafka" else RabbitBroker)(stack, f"bench-{run_id}")
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
-    asyncio.run(_declare(url, queue))
+    broker.setup()
     work = Path(tempfile.mkdtemp(prefix="jobrunner-bench-"))
     log = work / "dispatcher.log"
     results: dict[str, float] = {}
     dispatcher: subprocess.Popen[bytes] | None = None
     watcher = JobWatcher(api, namespace)
     try:
-        doc = scaledjob_doc("bench", namespace, queue, url)
-        print(f"bench: namespace {namespace}, logs in {work}", flush=True)
+        doc = scaledjob_doc("bench", namespace, broker.trigger())
+        print(f"bench ({broker.source}): namespace {namespace}, logs in {work}", flush=True)
 
         manifest = work / "bench.yaml"
         manifest.write_text(yaml.safe_dump(doc))
@@ -335,14 +425,12 @@ def main() -> int:
         time.sleep(4)
         results["idle_rss"] = rss_mib(dispatcher.pid)
 
-        ids = [f"steady-{i}" for i in range(STEADY)]
-        sent = asyncio.run(publish_many(url, queue, ids, RATE))
-        names = {mid: job_name("bench", mid) for mid in ids}
-        watcher.wait_for(list(names.values()), timeout=120)
-        time.sleep(1)
+        sent = broker.publish("steady", STEADY, RATE)
+        wait_created(log, list(sent), timeout=120)
+        watcher.wait_for(list(sent), timeout=120)
         created = created_times(log)
-        latencies = [(created[names[m]] - sent[m]) * 1000 for m in ids]
-        seen = [(watcher.seen[names[m]] - sent[m]) * 1000 for m in ids]
+        latencies = [(created[n] - t) * 1000 for n, t in sent.items()]
+        seen = [(watcher.seen[n] - t) * 1000 for n, t in sent.items()]
         for p in (50, 95, 99):
             results[f"p{p}_ms"] = pct(latencies, p)
             results[f"seen_p{p}_ms"] = pct(seen, p)
@@ -357,7 +445,7 @@ def main() -> int:
         for round_ in range(2):
             waited = wait_quiet(api, namespace)
             jobs = rendered_jobs(
-                scaledjob_doc("baseline", namespace, queue, url), f"base{round_}", BURST
+                scaledjob_doc("baseline", namespace, broker.trigger()), f"base{round_}", BURST
             )
             with ProcessPoolExecutor(1) as pool:
                 bare_rates.append(pool.submit(bare_create, kubeconfig, namespace, jobs).result())
@@ -368,9 +456,7 @@ def main() -> int:
             )
             if round_ == 0:
                 waited = wait_quiet(api, namespace)
-                ids = [f"burst-{i}" for i in range(BURST)]
-                asyncio.run(publish_many(url, queue, ids, None))
-                burst_names = [job_name("bench", m) for m in ids]
+                burst_names = list(broker.publish("burst", BURST, None))
                 wait_created(log, burst_names, timeout=300)
                 times = sorted(created_times(log)[n] for n in burst_names)
                 results["burst_rate"] = (len(times) - 1) / (times[-1] - times[0])
@@ -388,7 +474,7 @@ def main() -> int:
         dispatcher.terminate()
         dispatcher.wait(60)
 
-        mem_doc = scaledjob_doc("bench-mem", namespace, queue, url, suspend=True)
+        mem_doc = scaledjob_doc("bench-mem", namespace, broker.trigger(), suspend=True)
         suspended = rendered_jobs(mem_doc, "mem", TRACKED)
         with ProcessPoolExecutor(1) as pool:
             rate = pool.submit(bare_create, kubeconfig, namespace, suspended).result()
@@ -411,7 +497,7 @@ def main() -> int:
             dispatcher.terminate()
             dispatcher.wait(60)
         core.delete_namespace(namespace, propagation_policy="Background")
-        asyncio.run(_delete(url, queue))
+        broker.teardown()
 
     rows = [
         (
