@@ -422,7 +422,13 @@ def main() -> int:
         manifest = work / "bench.yaml"
         manifest.write_text(yaml.safe_dump(doc))
         dispatcher = start_dispatcher(manifest, kubeconfig, log)
-        time.sleep(4)
+        # Measure from a ready dispatcher (broker connected, watch in sync, partitions
+        # assigned) on a quiet cluster, not from its start-up.
+        wait_log(log, "dispatching bench", timeout=60)
+        if broker.source == "kafka":
+            wait_log(log, "partitions assigned", timeout=60)
+        wait_quiet(api, namespace)
+        time.sleep(2)
         results["idle_rss"] = rss_mib(dispatcher.pid)
 
         sent = broker.publish("steady", STEADY, RATE)

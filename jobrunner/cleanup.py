@@ -43,6 +43,7 @@ class HistoryCleaner:
         failed_limit: int,
         busy: Callable[[str], bool],
         settled: set[str],
+        before_pass: Callable[[], None] = lambda: None,
     ) -> None:
         self._jobs = jobs
         self._tracker = tracker
@@ -50,6 +51,7 @@ class HistoryCleaner:
         self._limits = {True: successful_limit, False: failed_limit}
         self._busy = busy
         self._settled = settled
+        self._before_pass = before_pass
         self._wanted = asyncio.Event()
         self.deleted = 0
 
@@ -92,6 +94,7 @@ class HistoryCleaner:
         while True:
             await self._wanted.wait()
             self._wanted.clear()
+            self._before_pass()
             for name in self.surplus():
                 try:
                     await self._jobs.delete_job(self._namespace, name)

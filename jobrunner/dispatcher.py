@@ -99,7 +99,9 @@ class Dispatcher:
         self._failpoints = Failpoints(settings.failpoints)
         self.inflight: dict[str, InFlight] = {}
         self.settled_here: set[str] = set()
-        """Jobs whose message this process acked: free for cleanup at once."""
+        """Jobs whose message this process settled for good: free for cleanup."""
+        self._awaiting_durable: dict[str, MessageHandle] = {}
+        """Settled, but not yet durably (Kafka: offset not committed yet)."""
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._tracer = telemetry.tracer
         metrics = telemetry.metrics
@@ -120,7 +122,8 @@ class Dispatcher:
             namespace=scaledjob.namespace,
             successful_limit=scaledjob.spec.successfulJobsHistoryLimit,
             failed_limit=scaledjob.spec.failedJobsHistoryLimit,
-            busy=lambda name: name in self.inflight,
+            busy=lambda name: name in self.inflight or name in self._awaiting_durable,
+            before_pass=self._promote_durable,
             settled=self.settled_here,
         )
         self._log = logging.LoggerAdapter(
@@ -144,6 +147,7 @@ class Dispatcher:
     def _accept(self, handle: MessageHandle) -> None:
         delivery = handle.delivery
         self._m_received.inc()
+        self._log.debug("received message %s", delivery.identity)
         span = self._tracer.start_span(
             "jobrunner.message",
             context=extract_context(delivery.headers),
@@ -382,7 +386,11 @@ class Dispatcher:
             )
         self._log.info("settled: %s for Job %s", decision.action.value, decision.job_name)
         if decision.job_name and decision.action is not Action.DEAD_LETTER:
-            self.settled_here.add(decision.job_name)
+            durable = not handles or self._source.is_durable(handles[-1])
+            if durable:
+                self.settled_here.add(decision.job_name)
+            elif handles:
+                self._awaiting_durable[decision.job_name] = handles[-1]
         elif mark and decision.job_name:
             # Recorded on the Job so that a redelivery (after a lost ack) or another
             # dispatcher never dead-letters the same message twice. An ack needs no
@@ -398,6 +406,14 @@ class Dispatcher:
             except ApiRejected as exc:
                 if exc.status != 404:  # already gone (TTL): nothing to mark
                     raise
+
+    def _promote_durable(self) -> None:
+        for name, handle in list(self._awaiting_durable.items()):
+            if self._source.is_durable(handle):
+                del self._awaiting_durable[name]
+                self.settled_here.add(name)
+            elif name not in self._tracker.jobs:
+                del self._awaiting_durable[name]  # gone anyway (TTL, someone else)
 
     async def _settle_live(self, handles: list[MessageHandle], decision: Decision) -> bool:
         """The decision on the newest live delivery; every other delivery of the same

@@ -128,6 +128,12 @@ class MessageSource(Protocol):
         it (its channel closed): it will be redelivered, and its Job adopted then."""
         ...
 
+    def is_durable(self, handle: MessageHandle) -> bool:
+        """Whether a settlement of ``handle`` can no longer be undone by a crash (a Kafka
+        record only once its offset is committed). Until then its Job must be kept: it
+        is what a replay adopts."""
+        ...
+
     async def dead_letter_copy(self, original: Mapping[str, Any], decision: Decision) -> None:
         """Dead-letter a message that was already acked, from the copy kept with its Job."""
         ...

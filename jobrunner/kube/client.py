@@ -44,7 +44,8 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None) -
             config.load_incluster_config(client_configuration=configuration)
         except config.ConfigException:
             config.load_kube_config(context=context, client_configuration=configuration)
-    configuration.connection_pool_maxsize = _POOL_SIZE
+    # Room for the watch streams beside the worker threads.
+    configuration.connection_pool_maxsize = _POOL_SIZE + 8
     return client.ApiClient(configuration)
 
 

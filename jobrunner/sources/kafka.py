@@ -257,6 +257,14 @@ class KafkaSource:
         await self._commit_ready()
         return True
 
+    def is_durable(self, handle: MessageHandle) -> bool:
+        if not isinstance(handle, KafkaHandle):
+            return False
+        offsets = self._offsets.get(handle.partition)
+        if offsets is None or handle.generation != self._generation:
+            return False  # revoked: the new owner replays it and needs its Job
+        return handle.offset < offsets.committed
+
     async def dead_letter_copy(self, original: Mapping[str, Any], decision: Decision) -> None:
         metadata = dict(original.get("metadata") or {})
         key = metadata.get("key")

@@ -260,6 +260,9 @@ class RabbitMQSource:
             return False
         return True
 
+    def is_durable(self, handle: MessageHandle) -> bool:
+        return True  # an ack the broker took is final
+
     async def dead_letter_copy(self, original: Mapping[str, Any], decision: Decision) -> None:
         metadata = original.get("metadata") or {}
         await self._publish_dead_letter(
