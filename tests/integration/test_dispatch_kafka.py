@@ -329,3 +329,72 @@ async def test_backpressure_pauses_partitions_without_a_rebalance_and_lag_is_exp
     await eventually(caught_up, within=20, interval=0.5)
     # Paused, not evicted: the group never rebalanced away from this consumer.
     assert "partitions revoked" not in dispatcher.logs()
+
+
+async def test_sasl_credentials_come_from_the_trigger_authentication_secret(
+    kube_api: client.ApiClient,
+    namespace: str,
+    topic: str,
+    kafka_bootstrap: str,
+    tmp_path: Path,
+    dispatchers: Callable[..., Dispatcher],
+) -> None:
+    import base64
+
+    from tests import services
+
+    sasl_servers = services.setting("JOBRUNNER_TEST_KAFKA_SASL_BOOTSTRAP")
+    if not sasl_servers:
+        services.missing("Kafka's SASL listener", "JOBRUNNER_TEST_KAFKA_SASL_BOOTSTRAP is unset")
+    secret = {
+        "sasl": "plaintext",
+        "username": services.setting("JOBRUNNER_TEST_KAFKA_SASL_USER"),
+        "password": services.setting("JOBRUNNER_TEST_KAFKA_SASL_PASSWORD"),
+    }
+    client.CoreV1Api(kube_api).create_namespaced_secret(
+        namespace,
+        client.V1Secret(
+            metadata=client.V1ObjectMeta(name="kafka-credentials"),
+            data={k: base64.b64encode(str(v).encode()).decode() for k, v in secret.items()},
+        ),
+    )
+    docs = [
+        {
+            "apiVersion": "keda.sh/v1alpha1",
+            "kind": "ScaledJob",
+            "metadata": {"name": "work", "namespace": namespace},
+            "spec": {
+                "jobTargetRef": busybox_job(),
+                "triggers": [
+                    {
+                        "type": "kafka",
+                        "metadata": {
+                            "bootstrapServers": sasl_servers,
+                            "topic": topic,
+                            "consumerGroup": f"g-{uuid.uuid4().hex[:6]}",
+                            "offsetResetPolicy": "earliest",
+                        },
+                        "authenticationRef": {"name": "kafka-auth"},
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": "keda.sh/v1alpha1",
+            "kind": "TriggerAuthentication",
+            "metadata": {"name": "kafka-auth", "namespace": namespace},
+            "spec": {
+                "secretTargetRef": [
+                    {"parameter": p, "name": "kafka-credentials", "key": p}
+                    for p in ("sasl", "username", "password")
+                ]
+            },
+        },
+    ]
+    path = tmp_path / "sasl.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    dispatcher = dispatchers(path)
+    stored = await produce(kafka_bootstrap, topic, [(0, None, {"task": "authenticated"})])
+    [job] = await wait_for_jobs(kube_api, namespace, "work", 1, state="Complete", within=60)
+    assert job.metadata.name in names_for(topic, stored)
+    await dispatcher.settled("ack", 1)
