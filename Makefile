@@ -10,7 +10,7 @@ PYTEST_ARGS ?=
 .PHONY: help venv stack-up stack-down stack-status lint test test-unit test-integration demo bench clean
 
 help:
-	@echo "make demo         bring up the stack and run the demo"
+	@echo "make demo         bring up the stack and run six messages through a dispatcher"
 	@echo "make test         lint, type-check and run every test against the real stack"
 	@echo "make test-unit    the fast unit tests alone (no services)"
 	@echo "make stack-up | stack-down | stack-status"
@@ -49,6 +49,7 @@ test: venv stack-up lint
 
 demo: venv stack-up
 	bash $(STACK)/stack-status.sh
+	$(BIN)/python $(STACK)/demo.py
 
 bench: venv stack-up
 	$(BIN)/python bench/bench_dispatch.py rabbitmq

@@ -379,8 +379,8 @@ class Dispatcher:
                     f"message dead-lettered: {decision.reason} {decision.detail}",
                 )
             self._log.warning(
-                "dead-lettered message for Job %s: %s %s",
-                decision.job_name,
+                "dead-lettered message for %s: %s %s",
+                f"Job {decision.job_name}" if decision.job_name else "no Job",
                 decision.reason,
                 decision.detail,
             )
