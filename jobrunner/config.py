@@ -283,6 +283,14 @@ class DispatcherSettings(BaseModel):
     """Testing only: crash points to arm (see jobrunner.failpoints)."""
 
 
+class KafkaSettings(BaseModel):
+    max_poll_interval_ms: int = Field(default=300_000, gt=0)
+    """The consumer's ``max.poll.interval.ms``. The dispatcher keeps polling while it
+    pauses partitions for backpressure, so Jobs of any length stay below it."""
+    session_timeout_ms: int = Field(default=10_000, gt=0)
+    heartbeat_interval_ms: int = Field(default=3_000, gt=0)
+
+
 class TelemetrySettings(BaseModel):
     http_port: int | None = None
     """Port for /metrics, /healthz and /readyz; unset: no HTTP server (the image sets 8080)."""
@@ -302,6 +310,7 @@ class Settings(BaseSettings):
     kube: KubeSettings = Field(default_factory=KubeSettings)
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    kafka: KafkaSettings = Field(default_factory=KafkaSettings)
     otel_traces_endpoint: str | None = Field(
         default=None,
         validation_alias=AliasChoices(

@@ -56,7 +56,10 @@ Source = RabbitMQSource | KafkaSource
 
 
 async def _build_source(
-    scaledjob: ScaledJob, manifests: ManifestSet, read_secret: SecretReader
+    scaledjob: ScaledJob,
+    manifests: ManifestSet,
+    read_secret: SecretReader,
+    consumer_options: dict[str, int],
 ) -> tuple[Source, str]:
     """The source for the ScaledJob's (first) trigger, and the queue or topic it reads."""
     trigger = scaledjob.spec.triggers[0]
@@ -83,6 +86,7 @@ async def _build_source(
             dead_letter_topic=spec.deadLetter.topic or f"{kafka.topic}.dead-letter",
             per_key_ordering=spec.ordering == "perKey",
             client_options=kafka.client_options,
+            consumer_options=consumer_options,
             scaledjob=scaledjob.name,
         ), kafka.topic
     raise ManifestError(
@@ -166,7 +170,10 @@ async def run(
         for scaledjob in manifests.scaledjobs:
             renderer = Renderer(scaledjob, base_dirs=template_dirs(manifests.path))
             source, queue = await _build_source(
-                scaledjob, manifests, lambda ns, name: jobs.read_secret(ns, name)
+                scaledjob,
+                manifests,
+                lambda ns, name: jobs.read_secret(ns, name),
+                settings.kafka.model_dump(),
             )
             tracker = JobTracker(
                 client=jobs,

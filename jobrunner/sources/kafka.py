@@ -76,6 +76,7 @@ class KafkaSource:
         dead_letter_topic: str,
         per_key_ordering: bool = False,
         client_options: Mapping[str, Any] | None = None,
+        consumer_options: Mapping[str, Any] | None = None,
         scaledjob: str = "",
     ) -> None:
         self._servers = bootstrap_servers
@@ -86,6 +87,7 @@ class KafkaSource:
         self.dead_letter_topic = dead_letter_topic
         self._per_key = per_key_ordering
         self._options = dict(client_options or {})
+        self._consumer_options = dict(consumer_options or {})
         self._scaledjob = scaledjob
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
@@ -117,6 +119,7 @@ class KafkaSource:
             enable_auto_commit=False,
             auto_offset_reset=self._reset,
             max_poll_records=max(1, min(500, self._max_in_hand)),
+            **self._consumer_options,
             **self._options,
         )
         self._consumer.subscribe([self.topic], listener=_Listener(self))

@@ -398,3 +398,33 @@ async def test_sasl_credentials_come_from_the_trigger_authentication_secret(
     [job] = await wait_for_jobs(kube_api, namespace, "work", 1, state="Complete", within=60)
     assert job.metadata.name in names_for(topic, stored)
     await dispatcher.settled("ack", 1)
+
+
+async def test_a_job_longer_than_max_poll_interval_keeps_its_partitions(
+    kube_api: client.ApiClient,
+    namespace: str,
+    topic: str,
+    kafka_bootstrap: str,
+    kafka_manifest: Callable[..., Path],
+    dispatchers: Callable[..., Dispatcher],
+) -> None:
+    """max.poll.interval.ms shortened to 3 s, a Job of 12 s, partitions paused at
+    maxReplicaCount=1 with a second record waiting: the consumer keeps polling, so the
+    group never evicts it and nothing is revoked or run twice."""
+    dispatcher = dispatchers(
+        kafka_manifest(maxReplicaCount=1),
+        {
+            "JOBRUNNER_KAFKA__MAX_POLL_INTERVAL_MS": "3000",
+            "JOBRUNNER_KAFKA__SESSION_TIMEOUT_MS": "6000",
+            "JOBRUNNER_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
+        },
+    )
+    stored = await produce(
+        kafka_bootstrap, topic, [(0, None, {"seconds": 12}), (0, None, {"task": "after"})]
+    )
+    await dispatcher.settled("ack", 2, within=90)
+    jobs = jobs_of(kube_api, namespace, "work")
+    assert {j.metadata.name for j in jobs} == names_for(topic, stored)
+    logs = dispatcher.logs()
+    assert "partitions revoked" not in logs
+    assert logs.count("partitions assigned") == 1
