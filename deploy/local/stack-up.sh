@@ -202,6 +202,22 @@ KAFKA_DIR="$JOBRUNNER_STATE/kafka"
 kafka_java() { java -Xms128m -Xmx512m -Dlog4j2.configurationFile="$KAFKA_DIR/log4j2.properties" -cp "$KAFKA_HOME/libs/*" "$@"; }
 kafka_ready() { (exec 3<>"/dev/tcp/127.0.0.1/$KAFKA_PORT") 2>/dev/null && grep -q "Kafka Server started" "$LOG_DIR/kafka.log" 2>/dev/null; }
 
+make_kafka_tls() {
+  local dir="$KAFKA_DIR/tls"
+  [[ -f "$dir/server.pem" ]] && return
+  mkdir -p "$dir"
+  (
+    cd "$dir"
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.crt -days 3650 \
+      -subj /CN=jobrunner-local-ca
+    openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' > server.ext
+    openssl x509 -req -in server.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out server.crt \
+      -days 3650 -extfile server.ext
+    cat server.key server.crt > server.pem
+  ) >>"$LOG_DIR/kafka-tls.log" 2>&1 || die "openssl (Kafka TLS certificates in $dir)" "$LOG_DIR/kafka-tls.log"
+}
+
 up_kafka() {
   bash "$HERE/build-kafka.sh"
   if pid_alive kafka && kafka_ready; then log "kafka already running"; return; fi
@@ -211,10 +227,13 @@ up_kafka() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT,SASL_PLAINTEXT://127.0.0.1:$KAFKA_SASL_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SASL_PLAINTEXT://127.0.0.1:$KAFKA_SASL_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT,SASL_PLAINTEXT://127.0.0.1:$KAFKA_SASL_PORT,SSL://127.0.0.1:$KAFKA_TLS_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,SASL_PLAINTEXT://127.0.0.1:$KAFKA_SASL_PORT,SSL://127.0.0.1:$KAFKA_TLS_PORT
 controller.listener.names=CONTROLLER
-listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT,SASL_PLAINTEXT:SASL_PLAINTEXT,SSL:SSL
+# A TLS listener (PEM key and chain from a local CA) so authenticationRef's tls/ca is tested.
+ssl.keystore.type=PEM
+ssl.keystore.location=$KAFKA_DIR/tls/server.pem
 # A SASL/PLAIN listener so authenticationRef credentials are tested for real.
 sasl.enabled.mechanisms=PLAIN
 listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$KAFKA_SASL_USER="$KAFKA_SASL_PASSWORD";
@@ -241,6 +260,7 @@ logger.kafka.level = INFO
 logger.state.name = state.change.logger
 logger.state.level = WARN
 L4J
+  make_kafka_tls
   if [[ ! -f "$KAFKA_DIR/data/meta.properties" ]]; then
     local cluster_id
     cluster_id="$(kafka_java kafka.tools.StorageTool random-uuid 2>>"$LOG_DIR/kafka-format.log")" \
@@ -265,6 +285,8 @@ JOBRUNNER_TEST_RABBITMQ_MANAGEMENT_URL=http://guest:guest@127.0.0.1:$RABBITMQ_MG
 JOBRUNNER_TEST_RABBITMQCTL=$HERE/rabbitmqctl.sh
 JOBRUNNER_TEST_KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT
 JOBRUNNER_TEST_KAFKA_SASL_BOOTSTRAP=127.0.0.1:$KAFKA_SASL_PORT
+JOBRUNNER_TEST_KAFKA_TLS_BOOTSTRAP=127.0.0.1:$KAFKA_TLS_PORT
+JOBRUNNER_TEST_KAFKA_TLS_CA=$KAFKA_DIR/tls/ca.crt
 JOBRUNNER_TEST_KAFKA_SASL_USER=$KAFKA_SASL_USER
 JOBRUNNER_TEST_KAFKA_SASL_PASSWORD=$KAFKA_SASL_PASSWORD
 JOBRUNNER_TEST_STACK_STATE=$JOBRUNNER_STATE

@@ -428,3 +428,68 @@ async def test_a_job_longer_than_max_poll_interval_keeps_its_partitions(
     logs = dispatcher.logs()
     assert "partitions revoked" not in logs
     assert logs.count("partitions assigned") == 1
+
+
+async def test_tls_ca_comes_from_the_trigger_authentication_secret(
+    kube_api: client.ApiClient,
+    namespace: str,
+    topic: str,
+    kafka_bootstrap: str,
+    tmp_path: Path,
+    dispatchers: Callable[..., Dispatcher],
+) -> None:
+    import base64
+
+    from tests import services
+
+    tls_servers = services.setting("JOBRUNNER_TEST_KAFKA_TLS_BOOTSTRAP")
+    ca_path = services.setting("JOBRUNNER_TEST_KAFKA_TLS_CA")
+    if not tls_servers or not ca_path:
+        services.missing("Kafka's TLS listener", "JOBRUNNER_TEST_KAFKA_TLS_BOOTSTRAP is unset")
+    secret = {"tls": "enable", "ca": await asyncio.to_thread(Path(str(ca_path)).read_text)}
+    client.CoreV1Api(kube_api).create_namespaced_secret(
+        namespace,
+        client.V1Secret(
+            metadata=client.V1ObjectMeta(name="kafka-tls"),
+            data={k: base64.b64encode(v.encode()).decode() for k, v in secret.items()},
+        ),
+    )
+    docs = [
+        {
+            "apiVersion": "keda.sh/v1alpha1",
+            "kind": "ScaledJob",
+            "metadata": {"name": "work", "namespace": namespace},
+            "spec": {
+                "jobTargetRef": busybox_job(),
+                "triggers": [
+                    {
+                        "type": "kafka",
+                        "metadata": {
+                            "bootstrapServers": tls_servers,
+                            "topic": topic,
+                            "consumerGroup": f"g-{uuid.uuid4().hex[:6]}",
+                            "offsetResetPolicy": "earliest",
+                        },
+                        "authenticationRef": {"name": "kafka-tls"},
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": "keda.sh/v1alpha1",
+            "kind": "TriggerAuthentication",
+            "metadata": {"name": "kafka-tls", "namespace": namespace},
+            "spec": {
+                "secretTargetRef": [
+                    {"parameter": p, "name": "kafka-tls", "key": p} for p in ("tls", "ca")
+                ]
+            },
+        },
+    ]
+    path = tmp_path / "tls.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    dispatcher = dispatchers(path)
+    stored = await produce(kafka_bootstrap, topic, [(1, None, {"task": "encrypted"})])
+    [job] = await wait_for_jobs(kube_api, namespace, "work", 1, state="Complete", within=60)
+    assert job.metadata.name in names_for(topic, stored)
+    await dispatcher.settled("ack", 1)
