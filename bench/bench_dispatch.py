@@ -9,7 +9,9 @@ Every figure is measured in this run, beside a baseline measured in the same run
   dispatcher (first to last Job seen), and its ratio to the bare-client rate;
 * latency: 1,000 messages at a steady 20 msg/s, publish -> the API server's answer to
   the create (p50/p95/p99, from the dispatcher's log), and publish -> Job seen by a
-  separate watch (which adds the watch's own delivery delay);
+  separate watch (which adds the watch's own delivery delay). Published means: RabbitMQ,
+  the publish call returned; Kafka, the broker appended the record (the topic uses
+  LogAppendTime), since the client's send() only queues it;
 * memory: resident size of a real dispatcher process idle with no Jobs, and with
   10,000 (suspended) Jobs listed and tracked.
 """
@@ -119,9 +121,15 @@ class KafkaBroker:
             admin = AIOKafkaAdminClient(bootstrap_servers=self.servers)
             await admin.start()
             try:
-                await admin.create_topics(
-                    [NewTopic(self.topic, num_partitions=2, replication_factor=1)]
+                # LogAppendTime: each record's timestamp is when the broker stored it, the
+                # moment it counts as published (send() alone only queues it in the client).
+                topic = NewTopic(
+                    self.topic,
+                    num_partitions=2,
+                    replication_factor=1,
+                    topic_configs={"message.timestamp.type": "LogAppendTime"},
                 )
+                await admin.create_topics([topic])
             finally:
                 await admin.close()
 
@@ -160,7 +168,8 @@ class KafkaBroker:
                     pending.append((sent_at, future))
                 for sent_at, future in pending:
                     meta = await future
-                    out[job_name("bench", f"{self.topic}/{meta.partition}/{meta.offset}")] = sent_at
+                    name = job_name("bench", f"{self.topic}/{meta.partition}/{meta.offset}")
+                    out[name] = meta.timestamp / 1000 if meta.timestamp > 0 else sent_at
             finally:
                 await producer.stop()
             return out
