@@ -34,14 +34,22 @@ from jobrunner.config import AckPolicy, DispatcherSettings, ScaledJob
 from jobrunner.failpoints import Failpoints
 from jobrunner.limiter import ActiveJobs
 from jobrunner.models import (
+    ANNOTATION_ACK_POLICY,
     ANNOTATION_HANDED_OVER,
     ANNOTATION_SETTLED,
     Action,
     Decision,
     JobOutcome,
 )
+from jobrunner.naming import message_secret_name
 from jobrunner.protocols import ApiRejected, JobClient, MessageHandle, MessageSource, TransientError
-from jobrunner.rendering import RenderedJob, Renderer, RenderError, original_message
+from jobrunner.rendering import (
+    ANNOTATION_ORIGINAL_MESSAGE,
+    RenderedJob,
+    Renderer,
+    RenderError,
+    original_message,
+)
 from jobrunner.tasks import start_guarded, stop_tasks
 from jobrunner.telemetry import Telemetry, extract_context, traceparent_of
 from jobrunner.tracker import JobState, JobTracker, outcome_of
@@ -277,15 +285,14 @@ class Dispatcher:
         record.deciding = False
         if annotations.get(ANNOTATION_SETTLED):
             # Settled before, but the ack was lost: the outcome is already durable.
-            await self._settle(handles=record.handles, decision=Decision.ack(name), mark=False)
+            await self._settle(handles=record.handles, decision=Decision.ack(name), final=False)
             return
         if (
-            annotations.get("jobrunner.dev/ack-policy") == AckPolicy.ON_JOB_CREATION.value
+            annotations.get(ANNOTATION_ACK_POLICY) == AckPolicy.ON_JOB_CREATION.value
             or annotations.get(ANNOTATION_HANDED_OVER) == "true"
         ):
             # The Job keeps the message; failures are dead-lettered from that copy.
-            record.deciding = False
-            await self._settle(handles=record.handles, decision=Decision.ack(name), mark=False)
+            await self._settle(handles=record.handles, decision=Decision.ack(name), final=False)
             log.info("acked the message: Job %s keeps it from now on", name)
             return
         record.deciding = finished is None
@@ -332,7 +339,7 @@ class Dispatcher:
                 name,
             )
             record.deciding = False
-            await self._settle(handles=record.handles, decision=Decision.ack(name), mark=False)
+            await self._settle(handles=record.handles, decision=Decision.ack(name), final=False)
             return None
 
     async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
@@ -353,11 +360,12 @@ class Dispatcher:
         decision: Decision,
         handles: list[MessageHandle] | None = None,
         original: Mapping[str, Any] | None = None,
-        mark: bool = True,
+        final: bool = True,
     ) -> None:
         """The one place a message is settled: a live message through the source, or an
-        already-acked one from the copy its Job keeps (dead-letter only). ``mark``
-        records the settlement on the Job, for cleanup and for redeliveries."""
+        already-acked one from the copy its Job keeps (dead-letter only). ``final`` says
+        the decision is the message's outcome (not an ack that hands it to its Job); only
+        then is it recorded: for cleanup, and on the Job for a dead letter."""
         self._failpoints.hit("before-settle")
         with self._tracer.start_as_current_span("settle") as span:
             span.set_attribute("jobrunner.settlement", decision.action.value)
@@ -385,13 +393,15 @@ class Dispatcher:
                 decision.detail,
             )
         self._log.info("settled: %s for Job %s", decision.action.value, decision.job_name)
-        if decision.job_name and decision.action is not Action.DEAD_LETTER:
+        if not final or not decision.job_name:
+            return
+        if decision.action is not Action.DEAD_LETTER:
             durable = not handles or self._source.is_durable(handles[-1])
             if durable:
                 self.settled_here.add(decision.job_name)
             elif handles:
                 self._awaiting_durable[decision.job_name] = handles[-1]
-        elif mark and decision.job_name:
+        else:
             # Recorded on the Job so that a redelivery (after a lost ack) or another
             # dispatcher never dead-letters the same message twice. An ack needs no
             # record: acking again is harmless, and it saves an API write per message.
@@ -458,11 +468,13 @@ class Dispatcher:
         if job is None:
             self._log.error("Job %s vanished before its failure could be dead-lettered", state.name)
             return
-        if "jobrunner.dev/original-message" not in (
+        if ANNOTATION_ORIGINAL_MESSAGE not in (
             (job.get("metadata") or {}).get("annotations") or {}
         ):
             secret = await self._retry(
-                lambda: self._jobs.read_secret(self.scaledjob.namespace, f"{state.name}-message")
+                lambda: self._jobs.read_secret(
+                    self.scaledjob.namespace, message_secret_name(state.name)
+                )
             )
         original = original_message(job, secret)
         if original is None:

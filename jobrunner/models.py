@@ -87,7 +87,3 @@ class Decision:
     @classmethod
     def dead_letter(cls, reason: str, detail: str = "", job_name: str | None = None) -> Decision:
         return cls(Action.DEAD_LETTER, reason=reason, detail=detail, job_name=job_name)
-
-    @classmethod
-    def requeue(cls, reason: str, detail: str = "") -> Decision:
-        return cls(Action.REQUEUE, reason=reason, detail=detail)

@@ -23,7 +23,7 @@ import jinja2
 import jinja2.sandbox
 import yaml
 
-from jobrunner.config import AckPolicy, DeliveryMode, ManifestError, ScaledJob
+from jobrunner.config import DeliveryMode, ManifestError, ScaledJob
 from jobrunner.models import (
     ANNOTATION_ACK_POLICY,
     ANNOTATION_MESSAGE_ID,
@@ -371,11 +371,3 @@ def original_message(
     value: dict[str, Any] = json.loads(raw)
     value["body"] = base64.b64decode(value["body"])
     return value
-
-
-def policy_of(job: Mapping[str, Any]) -> AckPolicy:
-    annotations = (job.get("metadata") or {}).get("annotations") or {}
-    try:
-        return AckPolicy(annotations.get(ANNOTATION_ACK_POLICY, AckPolicy.ON_JOB_COMPLETION.value))
-    except ValueError:
-        return AckPolicy.ON_JOB_COMPLETION

@@ -119,7 +119,6 @@ class JobTracker:
         self._listeners: list[FinishedListener] = []
         self.synced = asyncio.Event()
         self._backoff = _Backoff(ceiling=backoff_ceiling)
-        self.relists = 0
 
     def on_finished(self, listener: FinishedListener) -> None:
         """Called once per Job when it is first seen finished (or deleted unfinished)."""
@@ -194,7 +193,6 @@ class JobTracker:
             try:
                 if resource_version is None:
                     resource_version = await self._list()
-                    self.relists += 1
                     self.synced.set()
                     logger.debug(
                         "listed %d jobs in %s (%s)", len(self.jobs), self.namespace, self.selector

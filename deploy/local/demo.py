@@ -101,17 +101,17 @@ async def main() -> int:
         await channel.default_exchange.publish(
             aio_pika.Message(raw, message_id=message_id), routing_key=queue
         )
-    metrics = telemetry.metrics
-    succeeded = metrics.jobs_succeeded.labels("demo")
+    registry = telemetry.metrics.registry
     done = 0.0
     while time.monotonic() - start < 60:
-        dead = sum(
+        done = (
+            registry.get_sample_value("jobrunner_jobs_succeeded_total", {"scaledjob": "demo"}) or 0
+        ) + sum(
             s.value
-            for m in metrics.dead_lettered.collect()
+            for m in telemetry.metrics.dead_lettered.collect()
             for s in m.samples
             if s.name.endswith("_total")
         )
-        done = succeeded._value.get() + dead
         print(
             f"\r  settled {int(done)}/{len(MESSAGES)}  ({time.monotonic() - start:4.1f}s)",
             end="",

@@ -154,17 +154,19 @@ class KubeJobClient:
             _preload_content=False,
         )
 
-    async def get_job(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+    async def _read(
+        self, fn: Callable[..., Any], name: str, namespace: str
+    ) -> dict[str, Any] | None:
+        """GET an object as raw JSON; None when it does not exist."""
         try:
-            return _raw(
-                await self._call(
-                    self._batch.read_namespaced_job, name, namespace, _preload_content=False
-                )
-            )
+            return _raw(await self._call(fn, name, namespace, _preload_content=False))
         except ApiRejected as exc:
             if exc.status == 404:
                 return None
             raise
+
+    async def get_job(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        return await self._read(self._batch.read_namespaced_job, name, namespace)
 
     async def annotate_job(
         self, namespace: str, name: str, annotations: Mapping[str, str]
@@ -190,17 +192,8 @@ class KubeJobClient:
                 raise
 
     async def read_secret(self, namespace: str, name: str) -> Mapping[str, str] | None:
-        try:
-            raw = _raw(
-                await self._call(
-                    self._core.read_namespaced_secret, name, namespace, _preload_content=False
-                )
-            )
-        except ApiRejected as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return raw.get("data") or {}
+        raw = await self._read(self._core.read_namespaced_secret, name, namespace)
+        return None if raw is None else raw.get("data") or {}
 
     async def record_event(
         self,
