@@ -7,10 +7,11 @@ STACK := deploy/local
 STACK_ENV ?= /tmp/jobrunner-stack/stack.env
 PYTEST_ARGS ?=
 
-.PHONY: help venv stack-up stack-down stack-status lint test test-unit test-integration demo bench clean
+.PHONY: help venv stack-up stack-down stack-status lint test test-unit test-integration demo demo-cluster bench clean
 
 help:
-	@echo "make demo         bring up the stack and run six messages through a dispatcher"
+	@echo "make demo         eleven messages through a dispatcher, no cluster or broker needed"
+	@echo "make demo-cluster the same on the local stack (Kubernetes + RabbitMQ)"
 	@echo "make test         lint, type-check and run every test against the real stack"
 	@echo "make test-unit    the fast unit tests alone (no services)"
 	@echo "make stack-up | stack-down | stack-status"
@@ -47,9 +48,12 @@ test-integration: venv stack-up
 test: venv stack-up lint
 	set -a && source $(STACK_ENV) && set +a && $(BIN)/pytest $(PYTEST_ARGS)
 
-demo: venv stack-up
-	bash $(STACK)/stack-status.sh
+demo: venv
 	$(BIN)/python $(STACK)/demo.py
+
+demo-cluster: venv stack-up
+	bash $(STACK)/stack-status.sh
+	$(BIN)/python $(STACK)/demo.py --cluster
 
 bench: venv stack-up
 	$(BIN)/python bench/bench_dispatch.py rabbitmq

@@ -1,5 +1,9 @@
-"""Command line: ``jobrunner run | render | validate``. The only module that reads the
-environment (through Settings)."""
+"""Command line: ``jobrunner run | publish | status | jobs | logs | render | validate``.
+The only module that reads the environment (through Settings).
+
+Errors are for a person: each names the file and field (or the service) and says what
+to do next, on one line, with exit code 2 for a problem in what was given and 1 for a
+problem met while running."""
 
 from __future__ import annotations
 
@@ -14,7 +18,14 @@ from pathlib import Path
 import yaml
 
 from jobrunner import __version__
-from jobrunner.config import ManifestError, Settings, load_manifest
+from jobrunner.config import (
+    Executor,
+    ManifestError,
+    ManifestSet,
+    ScaledJob,
+    Settings,
+    load_manifest,
+)
 from jobrunner.models import Delivery
 from jobrunner.naming import message_identity
 from jobrunner.rendering import Renderer, RenderError
@@ -39,14 +50,21 @@ def _headers(pairs: list[str]) -> dict[str, str]:
     return out
 
 
+def _selected(manifests: ManifestSet, wanted: str | None) -> list[ScaledJob]:
+    if not wanted:
+        return list(manifests.scaledjobs)
+    matches = [s for s in manifests.scaledjobs if s.name == wanted]
+    if not matches:
+        names = ", ".join(s.name for s in manifests.scaledjobs)
+        raise ManifestError(
+            f"{manifests.path}: no ScaledJob named {wanted!r}; --scaledjob takes one of: {names}"
+        )
+    return matches
+
+
 def cmd_render(args: argparse.Namespace) -> int:
     manifests = load_manifest(Path(args.file))
-    scaledjob = manifests.scaledjobs[0]
-    if args.scaledjob:
-        matches = [s for s in manifests.scaledjobs if s.name == args.scaledjob]
-        if not matches:
-            raise ManifestError(f"{args.file}: no ScaledJob named {args.scaledjob!r}")
-        scaledjob = matches[0]
+    scaledjob = _selected(manifests, args.scaledjob)[0]
     body = _read_message(args.message)
     headers = _headers(args.header)
     delivery = Delivery(
@@ -121,6 +139,75 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def cmd_publish(args: argparse.Namespace, settings: Settings) -> int:
+    from jobrunner.views import publish
+
+    manifests = load_manifest(Path(args.file))
+    scaledjob = _selected(manifests, args.scaledjob)[0]
+    bodies = [_read_message(m) for m in args.messages]
+    if args.jsonl:
+        lines = Path(args.jsonl).read_text().splitlines()
+        bodies.extend(line.encode() for line in lines if line.strip())
+    if not bodies:
+        raise SystemExit("error: nothing to publish; give messages, @file, - (stdin) or --jsonl")
+    if args.message_id and len(bodies) > 1:
+        raise SystemExit("error: --message-id names one message; publish the others separately")
+    queue, path = asyncio.run(
+        publish(
+            scaledjob,
+            settings,
+            bodies,
+            message_id=args.message_id,
+            headers=_headers(args.header),
+            content_type=args.content_type,
+        )
+    )
+    print(f"published {len(bodies)} message(s) to queue {queue} ({path})")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace, settings: Settings) -> int:
+    from jobrunner.views import show_status
+
+    manifests = load_manifest(Path(args.file))
+    scaledjobs = _selected(manifests, args.scaledjob)
+    asyncio.run(show_status(scaledjobs, settings, watch=args.watch, interval=args.interval))
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace, settings: Settings) -> int:
+    from jobrunner.views import show_history
+
+    manifests = load_manifest(Path(args.file))
+    asyncio.run(show_history(_selected(manifests, args.scaledjob), settings, limit=args.limit))
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
+    from jobrunner.views import show_logs
+
+    if settings.executor is not Executor.LOCAL:
+        print(
+            f"error: on a cluster, read logs with `kubectl logs job/{args.job}`; "
+            "`jobrunner logs` reads the local executor's (add --local)",
+            file=sys.stderr,
+        )
+        return 2
+    return show_logs(settings, args.job, namespace=args.namespace)
+
+
+def _add_local(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="Jobs on this machine (the local executor) instead of a cluster",
+    )
+    parser.add_argument(
+        "--state-dir",
+        help="the local executor's and embedded queue's directory (default .jobrunner)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="jobrunner", description="One message, one Kubernetes Job."
@@ -133,6 +220,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="consume messages and run one Job per message")
     run.add_argument("-f", "--file", required=True, help="ScaledJob manifest (YAML)")
+    _add_local(run)
+
+    publish = sub.add_parser(
+        "publish", help="put messages on a ScaledJob's embedded (sqlite) queue"
+    )
+    publish.add_argument("-f", "--file", required=True, help="ScaledJob manifest (YAML)")
+    publish.add_argument("messages", nargs="*", metavar="MESSAGE", help="body, @file or -")
+    publish.add_argument("--jsonl", help="a file with one message per line")
+    publish.add_argument("--message-id", help="the message's id (one message only)")
+    publish.add_argument("--header", action="append", default=[], metavar="KEY=VALUE")
+    publish.add_argument("--content-type")
+    publish.add_argument("--scaledjob", help="which ScaledJob of the file (default: the first)")
+    publish.add_argument("--state-dir", help="where the embedded queue lives (default .jobrunner)")
+
+    status = sub.add_parser("status", help="Jobs in flight per ScaledJob (and the queue)")
+    status.add_argument("-f", "--file", required=True, help="ScaledJob manifest (YAML)")
+    status.add_argument("--scaledjob", help="only this ScaledJob of the file")
+    status.add_argument("-w", "--watch", action="store_true", help="keep the view live")
+    status.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    _add_local(status)
+
+    jobs = sub.add_parser("jobs", help="finished Jobs with their outcomes, newest first")
+    jobs.add_argument("-f", "--file", required=True, help="ScaledJob manifest (YAML)")
+    jobs.add_argument("--scaledjob", help="only this ScaledJob of the file")
+    jobs.add_argument("--limit", type=int, default=50)
+    _add_local(jobs)
+
+    logs = sub.add_parser("logs", help="a local Job's logs, every attempt")
+    logs.add_argument("job", help="the Job's name")
+    logs.add_argument("-n", "--namespace", default="default")
+    _add_local(logs)
 
     render = sub.add_parser("render", help="print the Job a message would become (offline)")
     render.add_argument("-f", "--file", required=True)
@@ -164,12 +282,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = Settings()
     if args.kubeconfig:
         settings.kube.kubeconfig = args.kubeconfig
+    if getattr(args, "local", False):
+        settings.executor = Executor.LOCAL
+    if getattr(args, "state_dir", None):
+        settings.local.state_dir = Path(args.state_dir)
+    commands = {
+        "render": lambda: cmd_render(args),
+        "validate": lambda: cmd_validate(args, settings),
+        "run": lambda: cmd_run(args, settings),
+        "publish": lambda: cmd_publish(args, settings),
+        "status": lambda: cmd_status(args, settings),
+        "jobs": lambda: cmd_jobs(args, settings),
+        "logs": lambda: cmd_logs(args, settings),
+    }
+    from jobrunner.sources.sqlite import QueueBusy
+
     try:
-        if args.command == "render":
-            return cmd_render(args)
-        if args.command == "validate":
-            return cmd_validate(args, settings)
-        return cmd_run(args, settings)
+        return commands[args.command]()
     except ManifestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -179,6 +308,33 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"error: {exc.filename}: no such file", file=sys.stderr)
         return 2
+    except QueueBusy as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        hint = _hint(exc)
+        if hint is None:
+            raise
+        print(f"error: {hint}", file=sys.stderr)
+        return 1
+
+
+def _hint(exc: Exception) -> str | None:
+    """A known failure to meet a service, said in words, with what to do about it."""
+    from kubernetes.config.config_exception import ConfigException
+
+    from jobrunner.protocols import TransientError
+
+    if isinstance(exc, ConfigException):
+        return (
+            f"no Kubernetes configuration ({exc}); pass --kubeconfig or set KUBECONFIG, "
+            "or add --local to run Jobs on this machine"
+        )
+    if isinstance(exc, TransientError):
+        return f"{exc}; is the cluster up (`make stack-up` for the local one)?"
+    return None
 
 
 if __name__ == "__main__":

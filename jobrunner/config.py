@@ -291,6 +291,23 @@ class KafkaSettings(BaseModel):
     heartbeat_interval_ms: int = Field(default=3_000, gt=0)
 
 
+class Executor(enum.StrEnum):
+    KUBERNETES = "kubernetes"
+    LOCAL = "local"
+    """Jobs run as processes on this machine (see jobrunner.local): no cluster needed."""
+
+
+class LocalSettings(BaseModel):
+    state_dir: Path = Path(".jobrunner")
+    """Where the local executor keeps its Jobs (and their logs) and where a ``sqlite``
+    trigger's queue file lives unless its ``path`` is absolute."""
+    retry_seconds: float = Field(default=1.0, ge=0)
+    """Pause before a failed local Job's first retry, doubled for each further one (a
+    cluster waits 10 s; a developer waiting on a laptop should not)."""
+    poll_interval_seconds: float = Field(default=0.1, gt=0)
+    """How often the local executor looks for Jobs whose status changed."""
+
+
 class TelemetrySettings(BaseModel):
     http_port: int | None = None
     """Port for /metrics, /healthz and /readyz; unset: no HTTP server (the image sets 8080)."""
@@ -311,6 +328,10 @@ class Settings(BaseSettings):
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    executor: Executor = Executor.KUBERNETES
+    """Explicit, never guessed: a dispatcher that cannot reach its cluster must fail,
+    not quietly run Jobs inside its own pod."""
+    local: LocalSettings = Field(default_factory=LocalSettings)
     otel_traces_endpoint: str | None = Field(
         default=None,
         validation_alias=AliasChoices(

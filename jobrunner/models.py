@@ -87,3 +87,13 @@ class Decision:
     @classmethod
     def dead_letter(cls, reason: str, detail: str = "", job_name: str | None = None) -> Decision:
         return cls(Action.DEAD_LETTER, reason=reason, detail=detail, job_name=job_name)
+
+    def reason_headers(self, **where: str) -> dict[str, str]:
+        """The ``x-jobrunner-*`` headers every source puts on a dead-lettered copy: the
+        reason, its detail, the Job, and ``where`` it came from (``source_queue="q"``
+        becomes ``x-jobrunner-source-queue``)."""
+        headers = {"x-jobrunner-reason": self.reason, "x-jobrunner-detail": self.detail[:4000]}
+        if self.job_name:
+            headers["x-jobrunner-job"] = self.job_name
+        headers.update({f"x-jobrunner-{k.replace('_', '-')}": v for k, v in where.items()})
+        return headers

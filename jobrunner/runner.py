@@ -15,18 +15,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobrunner.config import ManifestError, ManifestSet, ScaledJob, Settings
+from jobrunner.config import Executor, ManifestError, ManifestSet, ScaledJob, Settings
 from jobrunner.dispatcher import Dispatcher
 from jobrunner.httpserver import Heartbeat, HttpEndpoints
 from jobrunner.kube.client import KubeJobClient, load_api_client
+from jobrunner.local.client import LocalJobClient
 from jobrunner.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY
 from jobrunner.rendering import Renderer
 from jobrunner.sources.kafka import KafkaSource
 from jobrunner.sources.rabbitmq import RabbitMQSource
+from jobrunner.sources.sqlite import SQLiteSource
 from jobrunner.tasks import start_guarded, stop_tasks
 from jobrunner.telemetry import Telemetry
 from jobrunner.tracker import JobTracker
-from jobrunner.triggers import SecretReader, resolve_kafka, resolve_rabbitmq
+from jobrunner.triggers import SecretReader, resolve_kafka, resolve_rabbitmq, resolve_sqlite
 
 logger = logging.getLogger(__name__)
 
@@ -52,18 +54,40 @@ class Running:
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
 
 
-Source = RabbitMQSource | KafkaSource
+Source = RabbitMQSource | KafkaSource | SQLiteSource
+Jobs = KubeJobClient | LocalJobClient
+SOURCE_TYPES = ("rabbitmq", "kafka", "sqlite")
+
+
+def job_client(settings: Settings) -> Jobs:
+    """Where Jobs run: the cluster (the default) or this machine (``--local``)."""
+    if settings.executor is Executor.LOCAL:
+        return LocalJobClient(
+            settings.local.state_dir,
+            poll_interval=settings.local.poll_interval_seconds,
+            retry_seconds=settings.local.retry_seconds,
+        )
+    return KubeJobClient(load_api_client(settings.kube.kubeconfig, settings.kube.context))
 
 
 async def _build_source(
     scaledjob: ScaledJob,
     manifests: ManifestSet,
     read_secret: SecretReader,
-    consumer_options: dict[str, int],
+    settings: Settings,
 ) -> tuple[Source, str]:
     """The source for the ScaledJob's (first) trigger, and the queue or topic it reads."""
     trigger = scaledjob.spec.triggers[0]
     spec = scaledjob.spec
+    if trigger.type == "sqlite":
+        embedded = resolve_sqlite(scaledjob, trigger, settings.local.state_dir)
+        return SQLiteSource(
+            path=embedded.path,
+            queue=embedded.queue,
+            prefetch=spec.maxReplicaCount,
+            dead_letter_queue=spec.deadLetter.queue,
+            scaledjob=scaledjob.name,
+        ), embedded.queue
     if trigger.type == "rabbitmq":
         rabbit = await resolve_rabbitmq(scaledjob, trigger, manifests.authentications, read_secret)
         return RabbitMQSource(
@@ -86,12 +110,13 @@ async def _build_source(
             dead_letter_topic=spec.deadLetter.topic or f"{kafka.topic}.dead-letter",
             per_key_ordering=spec.ordering == "perKey",
             client_options=kafka.client_options,
-            consumer_options=consumer_options,
+            consumer_options=settings.kafka.model_dump(),
             scaledjob=scaledjob.name,
         ), kafka.topic
     raise ManifestError(
         f"{manifests.path}: ScaledJob {scaledjob.name}: field spec.triggers[0].type: "
-        f"{trigger.type!r} is not supported (rabbitmq and kafka are)"
+        f"{trigger.type!r} is not supported; use one of {', '.join(SOURCE_TYPES)} "
+        "(sqlite is the embedded queue, for running without a broker)"
     )
 
 
@@ -152,8 +177,7 @@ async def run(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    api = load_api_client(settings.kube.kubeconfig, settings.kube.context)
-    jobs = KubeJobClient(api)
+    jobs = job_client(settings)
     running: list[Running] = []
     telemetry = telemetry or Telemetry.create()
     heartbeat = Heartbeat()
@@ -173,7 +197,7 @@ async def run(
                 scaledjob,
                 manifests,
                 lambda ns, name: jobs.read_secret(ns, name),
-                settings.kafka.model_dump(),
+                settings,
             )
             tracker = JobTracker(
                 client=jobs,
@@ -229,7 +253,7 @@ async def run(
             try:
                 await item.source.close()
             except Exception as exc:
-                logger.warning("closing the RabbitMQ connection failed: %s", exc)
+                logger.warning("closing the %s connection failed: %s", item.source.name, exc)
         await stop_tasks(background, grace=0)
         if http is not None:
             http.stop()

@@ -10,6 +10,7 @@ import os
 import urllib.parse
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from jobrunner.config import ManifestError, ScaledJob, Trigger, TriggerAuthentication
@@ -172,3 +173,22 @@ async def resolve_rabbitmq(
     if not queue:
         raise ManifestError(f"{where}: field metadata.queueName: required")
     return RabbitMQTrigger(url=urllib.parse.urlunsplit(parsed), queue=queue)
+
+
+@dataclass(frozen=True)
+class SQLiteTrigger:
+    path: Path
+    queue: str
+
+
+def resolve_sqlite(scaledjob: ScaledJob, trigger: Trigger, state_dir: Path) -> SQLiteTrigger:
+    """``type: sqlite``: ``queueName`` (required) and ``path`` (default ``queue.db``,
+    relative to the local state directory), the embedded queue `jobrunner publish` fills."""
+    queue = trigger.metadata.get("queueName")
+    if not queue:
+        raise ManifestError(
+            f"ScaledJob {scaledjob.name}: field spec.triggers[0].metadata.queueName: required "
+            "for a sqlite trigger; name the queue that `jobrunner publish` writes to"
+        )
+    path = Path(trigger.metadata.get("path", "queue.db")).expanduser()
+    return SQLiteTrigger(path=path if path.is_absolute() else state_dir / path, queue=queue)

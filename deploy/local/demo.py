@@ -1,43 +1,141 @@
-"""`make demo`: the dispatcher on the local stack, end to end, in under a minute.
+"""`make demo` (no cluster, no broker) and `make demo-cluster` (the local stack).
 
-Publishes a handful of messages to RabbitMQ (one that makes its Job fail, one that is not
-JSON), runs a dispatcher for the example ScaledJob in this process, waits until every
-message is settled, and prints what became of each: its Job, the outcome and how long
-the Job took. Exits 0 when every message ended as expected.
+Publishes a batch of example messages, runs a dispatcher for the example ScaledJob in
+this process with a live progress display (messages settled, Jobs in flight), waits
+until every message is settled and prints what became of each: its Job, the outcome and
+how long the Job took. Exits 0 when every message ended as expected, 1 otherwise.
+
+* default: the embedded SQLite queue and the local executor (Jobs are processes here),
+  from deploy/examples/scaledjob-local.yaml, in a fresh state directory it prints;
+* ``--cluster``: RabbitMQ and the Kubernetes control plane of ``make stack-up`` (KWOK
+  plays the pods), in a namespace and queue of its own that it deletes afterwards.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
 import sys
+import tempfile
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import yaml
-from kubernetes import client, config
+from rich.console import Group
+from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+from rich.text import Text
 
 from jobrunner import runner
-from jobrunner.config import Settings, load_manifest
+from jobrunner.config import Executor, ManifestSet, Settings, load_manifest
+from jobrunner.console import JobRow, in_flight_table, rows_of, seconds
 from jobrunner.naming import job_name
+from jobrunner.protocols import JobClient
 from jobrunner.telemetry import Telemetry, configure_logging
+from jobrunner.views import list_all, make_console, publish, read_client
 
 ROOT = Path(__file__).resolve().parents[2]
-MESSAGES = [
-    ("resize-1", {"task": "resize", "seconds": 2}, "succeeded"),
-    ("resize-2", {"task": "resize", "seconds": 4}, "succeeded"),
-    ("thumb-1", {"task": "thumbnail", "seconds": 1}, "succeeded"),
-    ("report-1", {"task": "report", "seconds": 3}, "succeeded"),
-    ("broken-1", {"task": "crash", "fail": "failed"}, "dead-lettered"),
-    ("garbage-1", "this is not JSON", "dead-lettered"),
+TIMEOUT = 90.0
+
+
+@dataclass(frozen=True)
+class Message:
+    id: str
+    body: bytes
+    expected: str
+    """``succeeded`` or ``dead-lettered (<reason>)``."""
+
+
+def _json(value: Mapping[str, Any]) -> bytes:
+    return json.dumps(value).encode()
+
+
+LOCAL_MESSAGES = [
+    *(
+        Message(f"photo-{i}", _json({"image": f"photo-{i}.png", "seconds": s}), "succeeded")
+        for i, s in enumerate([1.5, 0.5, 2.0, 1.0, 0.8, 1.2, 2.5, 0.6], start=1)
+    ),
+    Message(
+        "corrupt-1",
+        _json({"image": "corrupt.png", "fail": True, "seconds": 0.2}),
+        "dead-lettered (BackoffLimitExceeded)",
+    ),
+    Message(
+        "huge-1",
+        _json({"image": "huge.tiff", "seconds": 60}),
+        "dead-lettered (DeadlineExceeded)",
+    ),
+    Message("garbage-1", b"this is not JSON", "dead-lettered (InvalidMessage)"),
+]
+
+CLUSTER_MESSAGES = [
+    Message("resize-1", _json({"task": "resize", "seconds": 2}), "succeeded"),
+    Message("resize-2", _json({"task": "resize", "seconds": 4}), "succeeded"),
+    Message("thumb-1", _json({"task": "thumbnail", "seconds": 1}), "succeeded"),
+    Message("report-1", _json({"task": "report", "seconds": 3}), "succeeded"),
+    Message(
+        "broken-1",
+        _json({"task": "crash", "fail": "failed"}),
+        "dead-lettered (BackoffLimitExceeded)",
+    ),
+    Message("garbage-1", b"this is not JSON", "dead-lettered (InvalidMessage)"),
 ]
 
 
-def stack_env() -> dict[str, str]:
+@dataclass
+class Setup:
+    manifests: ManifestSet
+    settings: Settings
+    messages: list[Message]
+    publish: Callable[[], Awaitable[None]]
+    dead_letters: Callable[[], Awaitable[dict[str, str]]]
+    """message id -> the x-jobrunner-reason it was dead-lettered with."""
+    cleanup: Callable[[], Awaitable[None]]
+    where: str
+
+
+async def local_setup() -> Setup:
+    from jobrunner.sources.sqlite import SQLiteQueue
+
+    state = Path(tempfile.mkdtemp(prefix="jobrunner-demo-"))
+    manifests = load_manifest(ROOT / "deploy/examples/scaledjob-local.yaml")
+    settings = Settings(executor=Executor.LOCAL, local={"state_dir": state, "retry_seconds": 0.5})
+    scaledjob = manifests.scaledjobs[0]
+
+    async def send() -> None:
+        for message in LOCAL_MESSAGES:
+            await publish(scaledjob, settings, [message.body], message_id=message.id)
+
+    async def dead_letters() -> dict[str, str]:
+        queue = await SQLiteQueue.open(state / "queue.db")
+        try:
+            found = await queue.messages("thumbnails.dead-letter")
+        finally:
+            await queue.close()
+        return {m.message_id or "": m.headers.get("x-jobrunner-reason", "") for m in found}
+
+    async def nothing() -> None:
+        return None
+
+    return Setup(
+        manifests=manifests,
+        settings=settings,
+        messages=LOCAL_MESSAGES,
+        publish=send,
+        dead_letters=dead_letters,
+        cleanup=nothing,
+        where=f"this machine: Jobs are processes, the queue is {state / 'queue.db'}",
+    )
+
+
+def _stack_env() -> dict[str, str]:
     path = Path(os.environ.get("JOBRUNNER_STACK_ENV", "/tmp/jobrunner-stack/stack.env"))
     return dict(
         line.split("=", 1)
@@ -46,129 +144,191 @@ def stack_env() -> dict[str, str]:
     )
 
 
-def manifest(path: Path, namespace: str, queue: str, url: str) -> Path:
-    doc = {
-        "apiVersion": "jobrunner.dev/v1alpha1",
-        "kind": "ScaledJob",
-        "metadata": {"name": "demo", "namespace": namespace},
-        "spec": {
-            "jobTemplate": str(ROOT / "job_templates/echo-job.yaml"),
-            "maxReplicaCount": 3,
-            "triggers": [{"type": "rabbitmq", "metadata": {"queueName": queue, "host": url}}],
-        },
-    }
+async def cluster_setup() -> Setup:
+    import aio_pika
+    from kubernetes import client, config
+
+    env = _stack_env()
+    url, kubeconfig = env["JOBRUNNER_TEST_RABBITMQ_URL"], env["JOBRUNNER_TEST_KUBECONFIG"]
+    run = uuid.uuid4().hex[:6]
+    namespace, queue = f"jobrunner-demo-{run}", f"demo-{run}"
+    api = config.new_client_from_config(config_file=kubeconfig)
+    core = client.CoreV1Api(api)
+    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+    work = Path(tempfile.mkdtemp(prefix="jobrunner-demo-"))
     template = yaml.safe_load((ROOT / "job_templates/echo-job.yaml").read_text())
     # The demo's Jobs may fail on request (KWOK honours the annotation).
     template["spec"]["template"]["metadata"]["annotations"]["kwok.jobrunner.dev/outcome"] = (
         "{{ message.json.get('fail', 'no') }}"
     )
-    (path.parent / "demo-job.yaml").write_text(yaml.safe_dump(template))
-    doc["spec"]["jobTemplate"] = str(path.parent / "demo-job.yaml")
-    path.write_text(yaml.safe_dump(doc))
-    return path
-
-
-async def main() -> int:
-    env = stack_env()
-    url, kubeconfig = env["JOBRUNNER_TEST_RABBITMQ_URL"], env["JOBRUNNER_TEST_KUBECONFIG"]
-    run = uuid.uuid4().hex[:6]
-    namespace, queue = f"jobrunner-demo-{run}", f"demo-{run}"
-    api = config.new_client_from_config(config_file=kubeconfig)
-    core, batch = client.CoreV1Api(api), client.BatchV1Api(api)
-    core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
-    work = Path(f"/tmp/jobrunner-demo-{run}")
-    work.mkdir()
+    (work / "demo-job.yaml").write_text(yaml.safe_dump(template))
+    doc = {
+        "apiVersion": "jobrunner.dev/v1alpha1",
+        "kind": "ScaledJob",
+        "metadata": {"name": "demo", "namespace": namespace},
+        "spec": {
+            "jobTemplate": str(work / "demo-job.yaml"),
+            "maxReplicaCount": 3,
+            "triggers": [{"type": "rabbitmq", "metadata": {"queueName": queue, "host": url}}],
+        },
+    }
+    (work / "demo.yaml").write_text(yaml.safe_dump(doc))
     connection = await aio_pika.connect(url)
     channel = await connection.channel()
     await channel.declare_queue(queue, durable=True)
-    configure_logging("ERROR")  # the table below tells the story
     settings = Settings()
     settings.kube.kubeconfig = kubeconfig
-    stop = asyncio.Event()
-    telemetry = Telemetry.create()
-    task = asyncio.create_task(
-        runner.run(
-            load_manifest(manifest(work / "demo.yaml", namespace, queue, url)),
-            settings,
-            stop=stop,
-            telemetry=telemetry,
-        )
+
+    async def send() -> None:
+        for message in CLUSTER_MESSAGES:
+            await channel.default_exchange.publish(
+                aio_pika.Message(message.body, message_id=message.id), routing_key=queue
+            )
+
+    async def dead_letters() -> dict[str, str]:
+        dead = await channel.declare_queue(f"{queue}.dead-letter", passive=True)
+        out = {}
+        while (got := await dead.get(fail=False)) is not None:
+            reason = (got.headers or {}).get("x-jobrunner-reason", "")
+            out[got.message_id or ""] = reason.decode() if isinstance(reason, bytes) else reason
+            await got.ack()
+        return out
+
+    async def cleanup() -> None:
+        await channel.queue_delete(queue)
+        await channel.queue_delete(f"{queue}.dead-letter")
+        await connection.close()
+        core.delete_namespace(namespace)
+
+    return Setup(
+        manifests=load_manifest(work / "demo.yaml"),
+        settings=settings,
+        messages=CLUSTER_MESSAGES,
+        publish=send,
+        dead_letters=dead_letters,
+        cleanup=cleanup,
+        where=f"the local stack: namespace {namespace}, RabbitMQ queue {queue}",
     )
-    start = time.monotonic()
-    print(f"demo: namespace {namespace}, queue {queue}; publishing {len(MESSAGES)} messages")
-    for message_id, body, _ in MESSAGES:
-        raw = json.dumps(body).encode() if isinstance(body, dict) else body.encode()
-        await channel.default_exchange.publish(
-            aio_pika.Message(raw, message_id=message_id), routing_key=queue
-        )
+
+
+def settled_count(telemetry: Telemetry, scaledjob: str) -> int:
     registry = telemetry.metrics.registry
-    done = 0.0
-    while time.monotonic() - start < 60:
-        done = (
-            registry.get_sample_value("jobrunner_jobs_succeeded_total", {"scaledjob": "demo"}) or 0
-        ) + sum(
-            s.value
-            for m in telemetry.metrics.dead_lettered.collect()
-            for s in m.samples
-            if s.name.endswith("_total")
-        )
-        print(
-            f"\r  settled {int(done)}/{len(MESSAGES)}  ({time.monotonic() - start:4.1f}s)",
-            end="",
-            flush=True,
-        )
-        if done >= len(MESSAGES):
-            break
-        await asyncio.sleep(0.5)
-    print()
-    stop.set()
-    await task
-    jobs = {j.metadata.name: j for j in batch.list_namespaced_job(namespace).items}
-    rows: list[tuple[str, str, str, str]] = []
-    ok = True
-    for message_id, _, expected in MESSAGES:
-        name = job_name("demo", message_id)
-        job = jobs.get(name)
-        outcome, duration = "dead-lettered (no Job)", "-"
-        if job is not None:
-            conditions = {c.type: c for c in job.status.conditions or [] if c.status == "True"}
-            if "Complete" in conditions:
-                outcome = "succeeded"
-            elif "Failed" in conditions:
-                outcome = f"dead-lettered ({conditions['Failed'].reason})"
-            else:
-                outcome = "running"
-            if job.status.start_time and (job.status.completion_time or conditions):
-                end = job.status.completion_time or max(
-                    c.last_transition_time for c in conditions.values()
-                )
-                duration = f"{(end - job.metadata.creation_timestamp).total_seconds():.0f}s"
-        ok = ok and outcome.startswith(expected)
-        rows.append((message_id, name if job is not None else "-", outcome, duration))
-    widths = [
-        max(len(r[i]) for r in [("message", "Job", "outcome", "duration"), *rows]) for i in range(4)
-    ]
-    for row in [("message", "Job", "outcome", "duration"), *rows]:
-        print("  " + "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-    dead = await channel.declare_queue(f"{queue}.dead-letter", passive=True)
-    print(
-        f"  dead-letter queue {dead.name}: {dead.declaration_result.message_count} messages, "
-        f"each with x-jobrunner-reason"
+    succeeded = registry.get_sample_value(
+        "jobrunner_jobs_succeeded_total", {"scaledjob": scaledjob}
     )
-    await channel.queue_delete(queue)
-    await channel.queue_delete(f"{queue}.dead-letter")
-    await connection.close()
-    core.delete_namespace(namespace)
-    print(
-        f"demo: {'every message ended as expected' if ok else 'UNEXPECTED outcome'} "
-        f"in {time.monotonic() - start:.1f}s"
+    dead = sum(
+        s.value
+        for m in telemetry.metrics.dead_lettered.collect()
+        for s in m.samples
+        if s.name.endswith("_total") and s.labels.get("scaledjob") == scaledjob
     )
-    return 0 if ok else 1
+    return int((succeeded or 0) + dead)
 
 
-def _main() -> Any:
-    return asyncio.run(main())
+def summary(
+    messages: list[Message], scaledjob: str, rows: dict[str, JobRow], dead: dict[str, str]
+) -> tuple[Table, bool]:
+    table = Table(title="what became of each message", title_justify="left")
+    for column in ("MESSAGE", "JOB", "OUTCOME", "ATTEMPTS", "DURATION", "AS EXPECTED"):
+        table.add_column(column, no_wrap=True)
+    all_ok = True
+    for message in messages:
+        name = job_name(scaledjob, message.id)
+        row = rows.get(name)
+        if message.id in dead:
+            outcome = f"dead-lettered ({dead[message.id]})"
+        elif row is not None and row.state == "succeeded":
+            outcome = "succeeded"
+        else:
+            outcome = row.state if row is not None else "lost"
+        ok = outcome == message.expected
+        all_ok = all_ok and ok
+        style = "green" if outcome == "succeeded" else "red" if "dead" in outcome else "yellow"
+        table.add_row(
+            message.id,
+            name if row is not None else "- (no Job)",
+            Text(outcome, style=style),
+            str(row.attempts) if row is not None else "-",
+            seconds(row.duration) if row is not None else "-",
+            Text("yes", style="green") if ok else Text(f"NO (expected {message.expected})", "red"),
+        )
+    return table, all_ok
+
+
+async def main(cluster: bool) -> int:
+    console = make_console()
+    configure_logging("ERROR")  # the live view and the table tell the story
+    setup = await (cluster_setup() if cluster else local_setup())
+    scaledjob = setup.manifests.scaledjobs[0]
+    total = len(setup.messages)
+    console.print(f"[bold]jobrunner demo[/] on {setup.where}")
+    if not cluster:
+        console.print(
+            "  the Job template names image python:3.12-slim; locally images are ignored and "
+            "the container's command runs here"
+        )
+    telemetry = Telemetry.create()
+    stop = asyncio.Event()
+    start = time.monotonic()
+    dispatcher = asyncio.create_task(
+        runner.run(setup.manifests, setup.settings, stop=stop, telemetry=telemetry),
+        name="demo-dispatcher",
+    )
+    reader: JobClient = read_client(setup.settings)
+    try:
+        await setup.publish()
+        console.print(
+            f"  published {total} messages; dispatching (up to "
+            f"{scaledjob.spec.maxReplicaCount} Jobs at a time)"
+        )
+        progress = Progress(
+            TextColumn("settled"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=console,
+        )
+        bar = progress.add_task("settled", total=total)
+        rows: list[JobRow] = []
+        with Live(progress, console=console, refresh_per_second=4) as live:
+            while time.monotonic() - start < TIMEOUT:
+                if dispatcher.done():
+                    break
+                done = settled_count(telemetry, scaledjob.name)
+                rows = rows_of(await list_all(reader, scaledjob))
+                progress.update(bar, completed=done)
+                live.update(Group(progress, in_flight_table(rows, title="in flight")))
+                if done >= total:
+                    break
+                await asyncio.sleep(0.25)
+            live.update(progress)
+        if not console.is_terminal:
+            console.print()  # a live view that was not live leaves its last line open
+        stop.set()
+        await dispatcher
+        rows = rows_of(await list_all(reader, scaledjob))
+        table, ok = summary(
+            setup.messages, scaledjob.name, {r.name: r for r in rows}, await setup.dead_letters()
+        )
+        console.print(table)
+        if not cluster:
+            state = setup.settings.local.state_dir
+            console.print(
+                f"  look around: jobrunner jobs --local --state-dir {state}"
+                " -f deploy/examples/scaledjob-local.yaml"
+            )
+        verdict = "every message ended as expected" if ok else "UNEXPECTED outcome"
+        console.print(f"demo: {verdict} in {time.monotonic() - start:.1f}s")
+        return 0 if ok else 1
+    finally:
+        if not dispatcher.done():
+            stop.set()
+            await dispatcher
+        await reader.close()  # type: ignore[attr-defined]
+        await setup.cleanup()
 
 
 if __name__ == "__main__":
-    sys.exit(_main())
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cluster", action="store_true", help="run on the local stack")
+    sys.exit(asyncio.run(main(parser.parse_args().cluster)))

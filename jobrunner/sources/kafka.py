@@ -289,17 +289,13 @@ class KafkaSource:
     ) -> None:
         assert self._producer is not None
         headers.update(
-            {
-                "x-jobrunner-reason": decision.reason,
-                "x-jobrunner-detail": decision.detail[:4000],
-                "x-jobrunner-scaledjob": self._scaledjob,
-                "x-jobrunner-source-topic": metadata.get("topic", self.topic),
-                "x-jobrunner-source-partition": metadata.get("partition", ""),
-                "x-jobrunner-source-offset": metadata.get("offset", ""),
-            }
+            decision.reason_headers(
+                scaledjob=self._scaledjob,
+                source_topic=metadata.get("topic", self.topic),
+                source_partition=metadata.get("partition", ""),
+                source_offset=metadata.get("offset", ""),
+            )
         )
-        if decision.job_name:
-            headers["x-jobrunner-job"] = decision.job_name
         # acks=all: returns once the dead-letter topic holds the copy.
         await self._producer.send_and_wait(
             self.dead_letter_topic,

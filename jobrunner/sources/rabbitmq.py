@@ -68,14 +68,6 @@ def _header_text(value: Any) -> str:
     return json.dumps(value, default=str)
 
 
-def reason_headers(decision: Decision, extra: Mapping[str, str]) -> dict[str, str]:
-    headers = {"x-jobrunner-reason": decision.reason, "x-jobrunner-detail": decision.detail[:4000]}
-    if decision.job_name:
-        headers["x-jobrunner-job"] = decision.job_name
-    headers.update(extra)
-    return headers
-
-
 def management_queue_dead_letter(
     management_url: str, vhost: str, queue: str
 ) -> tuple[str, str | None] | None:
@@ -286,11 +278,9 @@ class RabbitMQSource:
     ) -> None:
         assert self._publish_channel is not None
         assert self.target is not None
-        extra = {
-            "x-jobrunner-source-queue": self._queue_name,
-            "x-jobrunner-scaledjob": self._scaledjob,
-        }
-        headers.update(reason_headers(decision, extra))
+        headers.update(
+            decision.reason_headers(source_queue=self._queue_name, scaledjob=self._scaledjob)
+        )
         copy = aio_pika.Message(
             body,
             message_id=message_id,

@@ -1,0 +1,385 @@
+"""A JobClient that runs Jobs on this machine instead of a cluster: the local executor.
+
+It implements the same protocol as the Kubernetes client, so the dispatcher, tracker and
+cleanup run unchanged and keep every guarantee (one Job per message: a second create of
+the same name adopts; outcomes from ``Complete``/``Failed`` conditions; history limits and
+TTL delete Jobs with their logs). Each Job is a directory (see ``jobdir``) run by its own
+supervisor process (see ``supervisor``), so Jobs outlive the dispatcher as they do on a
+cluster. Listing scans the directories; watching polls them for changes, which for the
+few hundred Jobs a laptop keeps costs a few stat calls per tenth of a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from jobrunner.local.jobdir import JobDir, finished, now_rfc3339
+from jobrunner.local.supervisor import RETRY_ENV
+from jobrunner.protocols import ApiRejected, JobPage, WatchEvent, WatchExpired
+
+logger = logging.getLogger(__name__)
+_SECRET_SUFFIX = "-message"
+
+
+def parse_selector(selector: str) -> dict[str, str]:
+    """Equality selectors (``a=b,c=d``), the only kind jobrunner uses."""
+    out = {}
+    for part in filter(None, (p.strip() for p in selector.split(","))):
+        key, _, value = part.partition("=")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _matches(job: Mapping[str, Any], wanted: Mapping[str, str]) -> bool:
+    labels = (job.get("metadata") or {}).get("labels") or {}
+    return all(labels.get(k) == v for k, v in wanted.items())
+
+
+def unrunnable(job: Mapping[str, Any]) -> str | None:
+    """Why the local executor cannot run this Job, checked at create time so the message
+    is dead-lettered with the reason instead of a Job failing obscurely later."""
+    pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+    for key in ("initContainers", "containers"):
+        for i, container in enumerate(pod.get(key) or []):
+            if not container.get("command"):
+                return (
+                    f"spec.template.spec.{key}[{i}].command: the local executor runs a "
+                    "container's command and args, not its image's entrypoint; add "
+                    "`command:` to the Job template"
+                )
+    for i, volume in enumerate(pod.get("volumes") or []):
+        if "secret" not in volume and "emptyDir" not in volume:
+            return (
+                f"spec.template.spec.volumes[{i}]: only Secret and emptyDir volumes exist "
+                "locally; run this template on a cluster"
+            )
+    return None
+
+
+@dataclass
+class _Seen:
+    stamp: tuple[int, int]
+    object: dict[str, Any]
+
+
+class LocalJobClient:
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        poll_interval: float = 0.1,
+        retry_seconds: float = 1.0,
+        controller: bool = True,
+    ) -> None:
+        """``controller``: act as the cluster's controllers would (start supervisors,
+        apply TTLs); False for a read-only view such as ``jobrunner status``."""
+        self.root = state_dir / "jobs"
+        self._poll = poll_interval
+        self._retry_seconds = retry_seconds
+        self._controller = controller
+        self._children: dict[Path, subprocess.Popen[bytes]] = {}
+        self._snapshots: dict[str, dict[str, _Seen]] = {}
+        self._version = 0
+        self._changed = asyncio.Event()
+        self._images_noted: set[str] = set()
+        self._lock = threading.Lock()
+        """Guards ``_children``: scans and creates run on worker threads."""
+
+    # ------------------------------------------------------------------ objects
+    def _dir(self, namespace: str, name: str) -> JobDir:
+        return JobDir(self.root / namespace / name)
+
+    def _object(self, jobdir: JobDir) -> dict[str, Any] | None:
+        job = jobdir.job()
+        if job is None:
+            return None
+        status = jobdir.status()
+        job["status"] = {k: v for k, v in status.items() if k not in ("pgids", "started")}
+        job["metadata"]["resourceVersion"] = str(self._version)
+        return job
+
+    def _stamp(self, jobdir: JobDir) -> tuple[int, int]:
+        try:
+            stat = (jobdir.path / "job.json").stat()
+            job_stamp = stat.st_ino ^ stat.st_mtime_ns
+        except FileNotFoundError:
+            job_stamp = 0
+        return job_stamp, jobdir.status_stamp()
+
+    def _jobdirs(self, namespace: str) -> list[JobDir]:
+        base = self.root / namespace
+        if not base.is_dir():
+            return []
+        return [JobDir(p) for p in sorted(base.iterdir()) if p.is_dir()]
+
+    # ------------------------------------------------------------------ JobClient
+    async def create_job(
+        self, job: Mapping[str, Any], secret: Mapping[str, Any] | None
+    ) -> tuple[Mapping[str, Any], bool]:
+        problem = unrunnable(job)
+        if problem is not None:
+            raise ApiRejected(422, "Invalid", problem)
+        result, created = await asyncio.to_thread(self._create, job, secret)
+        self._changed.set()
+        return result, created
+
+    def _create(
+        self, job: Mapping[str, Any], secret: Mapping[str, Any] | None
+    ) -> tuple[dict[str, Any], bool]:
+        meta = job["metadata"]
+        jobdir = self._dir(meta["namespace"], meta["name"])
+        jobdir.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            jobdir.path.mkdir()
+        except FileExistsError:
+            existing = self._object(jobdir)
+            if existing is not None:
+                return existing, False
+            # A create that died before writing the Job: finish it (same message, same Job).
+        self._note_images(job)
+        if secret is not None:
+            jobdir.write_secret(dict(secret))
+        stored = json.loads(json.dumps(job))
+        stored["metadata"].update({"uid": str(uuid.uuid4()), "creationTimestamp": now_rfc3339()})
+        jobdir.write_job(stored)
+        self._supervise(jobdir)
+        created = self._object(jobdir)
+        assert created is not None
+        return created, True
+
+    def _note_images(self, job: Mapping[str, Any]) -> None:
+        pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+        for container in [*(pod.get("initContainers") or []), *(pod.get("containers") or [])]:
+            image = container.get("image")
+            if image and image not in self._images_noted:
+                self._images_noted.add(image)
+                logger.warning(
+                    "local executor: image %s is ignored; container %s runs its command on "
+                    "this machine",
+                    image,
+                    container.get("name"),
+                )
+
+    def _supervise(self, jobdir: JobDir) -> None:
+        if not self._controller:
+            return
+        with self._lock:
+            child = self._children.get(jobdir.path)
+            if child is not None and child.poll() is None:
+                return
+            env = {**os.environ, RETRY_ENV: str(self._retry_seconds)}
+            with (jobdir.path / "supervisor.log").open("ab") as log:
+                self._children[jobdir.path] = subprocess.Popen(
+                    [sys.executable, "-m", "jobrunner.local.supervisor", str(jobdir.path)],
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.DEVNULL,
+                    stderr=log,
+                    start_new_session=True,  # outlives the dispatcher, as a Job does
+                )
+
+    async def get_job(self, namespace: str, name: str) -> Mapping[str, Any] | None:
+        return await asyncio.to_thread(self._object, self._dir(namespace, name))
+
+    async def annotate_job(
+        self, namespace: str, name: str, annotations: Mapping[str, str]
+    ) -> Mapping[str, Any]:
+        def patch() -> dict[str, Any]:
+            jobdir = self._dir(namespace, name)
+            job = jobdir.job()
+            if job is None:
+                raise ApiRejected(404, "NotFound", f'jobs.batch "{name}" not found')
+            job["metadata"].setdefault("annotations", {}).update(annotations)
+            jobdir.write_job(job)
+            result = self._object(jobdir)
+            assert result is not None
+            return result
+
+        result = await asyncio.to_thread(patch)
+        self._changed.set()
+        return result
+
+    async def delete_job(self, namespace: str, name: str) -> None:
+        await asyncio.to_thread(self._delete, self._dir(namespace, name))
+        self._changed.set()
+
+    def _delete(self, jobdir: JobDir) -> None:
+        if not jobdir.path.exists():
+            return
+        pid = jobdir.supervisor_pid()
+        if pid is not None and jobdir.supervised():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGTERM)
+            for _ in range(100):
+                if not jobdir.supervised():
+                    break
+                time.sleep(0.02)
+        for pgid in jobdir.status().get("pgids") or []:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, signal.SIGKILL)
+        with self._lock:
+            child = self._children.pop(jobdir.path, None)
+        if child is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                child.wait(timeout=5)
+        shutil.rmtree(jobdir.path, ignore_errors=True)
+
+    async def read_secret(self, namespace: str, name: str) -> Mapping[str, str] | None:
+        if not name.endswith(_SECRET_SUFFIX):
+            return None  # only the Jobs' own message Secrets exist locally
+        secret = self._dir(namespace, name[: -len(_SECRET_SUFFIX)]).secret()
+        if secret is None:
+            return None
+        data: Mapping[str, str] = secret.get("data") or {}
+        return data
+
+    async def record_event(
+        self,
+        *,
+        namespace: str,
+        job_name: str,
+        job_uid: str | None,
+        type: str,
+        reason: str,
+        message: str,
+    ) -> None:
+        jobdir = self._dir(namespace, job_name)
+        if not jobdir.path.is_dir():
+            return
+        line = json.dumps(
+            {"time": now_rfc3339(), "type": type, "reason": reason, "message": message}
+        )
+        with (jobdir.path / "events.jsonl").open("a") as events:
+            events.write(line + "\n")
+
+    async def list_jobs(
+        self, namespace: str, selector: str, *, limit: int = 500, continue_token: str | None = None
+    ) -> JobPage:
+        """All matching Jobs in one page."""
+        seen = await asyncio.to_thread(self._scan, namespace, parse_selector(selector))
+        self._version += 1
+        version = str(self._version)
+        self._snapshots[version] = seen
+        while len(self._snapshots) > 16:  # a listing nobody watched from
+            del self._snapshots[next(iter(self._snapshots))]
+        return JobPage(
+            items=[s.object for s in seen.values()], resource_version=version, continue_token=None
+        )
+
+    def _scan(self, namespace: str, wanted: Mapping[str, str]) -> dict[str, _Seen]:
+        out = {}
+        for jobdir in self._jobdirs(namespace):
+            stamp = self._stamp(jobdir)
+            obj = self._object(jobdir)
+            if obj is None or not _matches(obj, wanted):
+                continue
+            out[jobdir.name] = _Seen(stamp, obj)
+            self._housekeep(jobdir, obj)
+        self._reap()
+        return out
+
+    def _reap(self) -> None:
+        """Collect the exit status of supervisors that ended, so none lingers as a zombie."""
+        with self._lock:
+            for path, child in list(self._children.items()):
+                if child.poll() is not None:
+                    del self._children[path]
+
+    def _housekeep(self, jobdir: JobDir, obj: dict[str, Any]) -> None:
+        """What the cluster's controllers would do: restart the supervisor of a Job left
+        without one (its host process died), and delete Jobs past their TTL."""
+        if not self._controller:
+            return  # a read-only view (jobrunner status) changes nothing
+        status = obj.get("status") or {}
+        if not finished(status):
+            if not jobdir.supervised():
+                with self._lock:
+                    child = self._children.get(jobdir.path)
+                    orphaned = child is None or child.poll() is not None
+                if orphaned:
+                    logger.info("Job %s has no supervisor; starting one", jobdir.name)
+                    self._supervise(jobdir)
+            return
+        ttl = (obj.get("spec") or {}).get("ttlSecondsAfterFinished")
+        if ttl is None:
+            return
+        ended = _finished_at(status)
+        if ended is not None and time.time() - ended >= float(ttl):
+            self._delete(jobdir)
+
+    async def watch_jobs(
+        self, namespace: str, selector: str, resource_version: str
+    ) -> AsyncIterator[WatchEvent]:
+        known = self._snapshots.pop(resource_version, None)
+        if known is None:
+            raise WatchExpired(f"no listing {resource_version} to watch from")
+        wanted = parse_selector(selector)
+        while True:
+            current = await asyncio.to_thread(self._scan_changes, namespace, wanted, known)
+            for name, seen in current.items():
+                old = known.get(name)
+                if old is None or old.stamp != seen.stamp:
+                    self._version += 1
+                    seen.object["metadata"]["resourceVersion"] = str(self._version)
+                    yield WatchEvent("ADDED" if old is None else "MODIFIED", seen.object)
+            for name in [n for n in known if n not in current]:
+                self._version += 1
+                gone = known[name].object
+                gone["metadata"]["resourceVersion"] = str(self._version)
+                yield WatchEvent("DELETED", gone)
+            known = current
+            self._changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), timeout=self._poll)
+
+    def _scan_changes(
+        self, namespace: str, wanted: Mapping[str, str], known: Mapping[str, _Seen]
+    ) -> dict[str, _Seen]:
+        """Like ``_scan`` but reads only Jobs whose files changed since ``known``."""
+        out = {}
+        for jobdir in self._jobdirs(namespace):
+            stamp = self._stamp(jobdir)
+            old = known.get(jobdir.name)
+            if old is not None and old.stamp == stamp:
+                out[jobdir.name] = old
+                if not finished(old.object.get("status") or {}) or (
+                    (old.object.get("spec") or {}).get("ttlSecondsAfterFinished") is not None
+                ):
+                    self._housekeep(jobdir, old.object)
+                continue
+            obj = self._object(jobdir)
+            if obj is None or not _matches(obj, wanted):
+                continue
+            out[jobdir.name] = _Seen(stamp, obj)
+            self._housekeep(jobdir, obj)
+        self._reap()
+        return out
+
+    async def close(self) -> None:
+        """Forget the supervisors without stopping them: Jobs keep running."""
+        self._children.clear()
+
+
+def _finished_at(status: Mapping[str, Any]) -> float | None:
+    for condition in status.get("conditions") or []:
+        when = condition.get("lastTransitionTime")
+        if when:
+            with contextlib.suppress(ValueError):
+                return datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp()
+    return None

@@ -1,0 +1,117 @@
+"""The on-disk record of one local Job, shared by the client (in the dispatcher) and the
+supervisor (the process that runs the Job).
+
+A Job is a directory ``<state>/jobs/<namespace>/<name>/``: ``job.json`` (the Job object,
+written by the client), ``status.json`` (its status, written only by the supervisor),
+``secret.json`` (its message Secret, if any), ``logs/`` (one file per container and
+attempt) and ``volumes/`` (the mounted Secrets and emptyDirs). Each file has one writer
+and is replaced atomically, so readers never see half a file and no lock is needed to
+read. The supervisor holds ``supervisor.lock`` while it lives: whether a Job still has
+someone running it is one non-blocking ``flock`` away, with no pid guessing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+JOB_FILE = "job.json"
+STATUS_FILE = "status.json"
+SECRET_FILE = "secret.json"
+LOCK_FILE = "supervisor.lock"
+
+
+def now_rfc3339() -> str:
+    """RFC 3339 with milliseconds (the API server keeps whole seconds; a local Job of a
+    second or two deserves a truer duration)."""
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def write_json(path: Path, value: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(value, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+class JobDir:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def volumes(self) -> Path:
+        return self.path / "volumes"
+
+    def job(self) -> dict[str, Any] | None:
+        value: dict[str, Any] | None = read_json(self.path / JOB_FILE)
+        return value
+
+    def status(self) -> dict[str, Any]:
+        value: dict[str, Any] | None = read_json(self.path / STATUS_FILE)
+        return value or {}
+
+    def secret(self) -> dict[str, Any] | None:
+        value: dict[str, Any] | None = read_json(self.path / SECRET_FILE)
+        return value
+
+    def write_job(self, job: dict[str, Any]) -> None:
+        write_json(self.path / JOB_FILE, job)
+
+    def write_status(self, status: dict[str, Any]) -> None:
+        write_json(self.path / STATUS_FILE, status)
+
+    def write_secret(self, secret: dict[str, Any]) -> None:
+        write_json(self.path / SECRET_FILE, secret)
+
+    def status_stamp(self) -> int:
+        """Changes whenever the supervisor rewrites the status (each write is a new inode)."""
+        try:
+            stat = (self.path / STATUS_FILE).stat()
+        except FileNotFoundError:
+            return 0
+        return stat.st_ino ^ stat.st_mtime_ns
+
+    def supervised(self) -> bool:
+        """True while a supervisor process holds this Job's lock."""
+        try:
+            fd = os.open(self.path / LOCK_FILE, os.O_RDONLY)
+        except FileNotFoundError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        finally:
+            os.close(fd)
+        return False
+
+    def supervisor_pid(self) -> int | None:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return int((self.path / LOCK_FILE).read_text().strip())
+        return None
+
+
+def finished(status: dict[str, Any]) -> bool:
+    return any(
+        c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
+        for c in status.get("conditions") or []
+    )

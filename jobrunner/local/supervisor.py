@@ -1,0 +1,349 @@
+"""Runs one local Job to its end: ``python -m jobrunner.local.supervisor <job dir>``.
+
+It plays the part of the Job controller and the kubelet for a single Job, as a process
+of its own (in its own session) so that Jobs outlive the dispatcher exactly as they do
+on Kubernetes: a dispatcher that crashes or restarts finds them running or finished.
+
+What it honours, as Kubernetes does: the pod's containers run together (init containers
+first, one by one) and the attempt succeeds when all exit 0; ``backoffLimit`` failed
+attempts are retried (default 6), ``activeDeadlineSeconds`` ends the Job as
+``DeadlineExceeded``; env values and ``$(VAR)`` references in command and args; Secret
+and emptyDir volumes, whose mount paths are mapped into the Job's directory. Images are
+not pulled or used: ``command`` and ``args`` run on this machine.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import fcntl
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from jobrunner.local.jobdir import LOCK_FILE, JobDir, finished, now_rfc3339
+
+RETRY_ENV = "JOBRUNNER_LOCAL_RETRY_SECONDS"
+_PASS_THROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "VIRTUAL_ENV")
+_VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+
+
+class Unrunnable(Exception):
+    """The Job cannot run locally at all (no command, say): it fails at once."""
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' ``$(VAR)`` expansion: known names are replaced, ``$$`` is a literal
+    ``$``, unknown references stay as written."""
+
+    def sub(match: re.Match[str]) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        name = match.group(1)
+        return env.get(name, match.group(0))
+
+    return _VAR.sub(sub, text)
+
+
+@dataclass
+class Process:
+    container: str
+    argv: list[str]
+    env: dict[str, str]
+    cwd: Path
+    log: Path
+
+
+def _secret_files(secret: dict[str, Any] | None, wanted: str) -> dict[str, bytes]:
+    if not secret or (secret.get("metadata") or {}).get("name") != wanted:
+        return {}
+    files = {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
+    files.update({k: v.encode() for k, v in (secret.get("stringData") or {}).items()})
+    return files
+
+
+def materialize_volumes(jobdir: JobDir, pod: dict[str, Any]) -> dict[str, Path]:
+    """Each volume as a directory of the Job; returns volume name -> local path."""
+    secret = jobdir.secret()
+    out: dict[str, Path] = {}
+    for volume in pod.get("volumes") or []:
+        name = volume.get("name", "")
+        path = jobdir.volumes / name
+        path.mkdir(parents=True, exist_ok=True)
+        if "secret" in volume:
+            secret_name = volume["secret"].get("secretName", "")
+            files = _secret_files(secret, secret_name)
+            if not files:
+                raise Unrunnable(
+                    f"volume {name}: Secret {secret_name!r} is not one the local executor "
+                    "has (it only has the Job's own message Secret)"
+                )
+            for key, data in files.items():
+                (path / key).write_bytes(data)
+        elif "emptyDir" not in volume:
+            kinds = ", ".join(k for k in volume if k != "name")
+            raise Unrunnable(
+                f"volume {name}: {kinds} volumes are not available locally "
+                "(Secret and emptyDir are)"
+            )
+        out[name] = path
+    return out
+
+
+def _map_path(value: str, mounts: list[tuple[str, Path]]) -> str:
+    for mount_path, local in mounts:
+        if value == mount_path or value.startswith(mount_path.rstrip("/") + "/"):
+            return str(local) + value[len(mount_path) :]
+    return value
+
+
+def plan(jobdir: JobDir, job: dict[str, Any], attempt: int, containers_key: str) -> list[Process]:
+    pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+    volumes = materialize_volumes(jobdir, pod)
+    secret = jobdir.secret()
+    meta = job.get("metadata") or {}
+    work = jobdir.path / "work"
+    work.mkdir(exist_ok=True)
+    out = []
+    for container in pod.get(containers_key) or []:
+        name = container.get("name", "main")
+        command = list(container.get("command") or [])
+        if not command:
+            raise Unrunnable(
+                f"container {name} has no command: the local executor runs command/args, "
+                "not an image's entrypoint; add `command:` to the template"
+            )
+        mounts = [
+            (m.get("mountPath", ""), volumes[m["name"]])
+            for m in container.get("volumeMounts") or []
+            if m.get("name") in volumes
+        ]
+        env = {k: os.environ[k] for k in _PASS_THROUGH_ENV if k in os.environ}
+        env["JOBRUNNER_LOCAL"] = "1"
+        # Logs are read while a Job runs and must survive its being killed at a deadline.
+        env["PYTHONUNBUFFERED"] = "1"
+        env["HOSTNAME"] = f"{meta.get('name', 'job')}-{attempt}"
+        for item in container.get("env") or []:
+            key = item.get("name", "")
+            if "value" in item:
+                env[key] = _map_path(expand(str(item["value"]), env), mounts)
+                continue
+            source = item.get("valueFrom") or {}
+            if "secretKeyRef" in source:
+                ref = source["secretKeyRef"]
+                data = _secret_files(secret, ref.get("name", "")).get(ref.get("key", ""))
+                if data is not None:
+                    env[key] = data.decode(errors="replace")
+            elif "fieldRef" in source:
+                field = source["fieldRef"].get("fieldPath", "")
+                value = {
+                    "metadata.name": env["HOSTNAME"],
+                    "metadata.namespace": meta.get("namespace", "default"),
+                }.get(field)
+                if value is not None:
+                    env[key] = value
+        args = list(container.get("args") or [])
+        argv = [_map_path(expand(part, env), mounts) for part in command + args]
+        working = container.get("workingDir")
+        cwd = Path(working) if working and Path(working).is_dir() else work
+        log = jobdir.logs / f"{attempt}-{name}.log"
+        out.append(Process(container=name, argv=argv, env=env, cwd=cwd, log=log))
+    return out
+
+
+class Supervisor:
+    def __init__(self, jobdir: JobDir, *, retry_seconds: float) -> None:
+        self.jobdir = jobdir
+        self.retry_seconds = retry_seconds
+        self.running: list[subprocess.Popen[bytes]] = []
+        self.grace = 30.0
+        self.status: dict[str, Any] = jobdir.status()
+
+    def save(self) -> None:
+        self.status["pgids"] = [p.pid for p in self.running]
+        self.jobdir.write_status(self.status)
+
+    def kill_running(self, grace: float = 0.0) -> None:
+        """SIGTERM the attempt's process groups, SIGKILL what is left after ``grace``
+        seconds (the pod's terminationGracePeriodSeconds, as the kubelet does)."""
+        groups = {p.pid for p in self.running} | set(self.status.get("pgids") or [])
+        for sig in (signal.SIGTERM, signal.SIGKILL) if grace > 0 else (signal.SIGKILL,):
+            for pgid in groups:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(pgid, sig)
+            end = time.time() + grace
+            while time.time() < end and any(p.poll() is None for p in self.running):
+                time.sleep(0.02)
+        for proc in self.running:
+            with contextlib.suppress(Exception):
+                proc.wait(timeout=5)
+        self.running = []
+
+    def finish(self, kind: str, reason: str, message: str) -> None:
+        now = now_rfc3339()
+        self.status["active"] = 0
+        if kind == "Complete":
+            self.status["completionTime"] = now
+            self.status["succeeded"] = 1
+        self.status["conditions"] = [
+            {
+                "type": kind,
+                "status": "True",
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": now,
+                "lastProbeTime": now,
+            }
+        ]
+        self.save()
+
+    def run(self) -> None:
+        job = self.jobdir.job()
+        if job is None or finished(self.status):
+            return
+        spec = job.get("spec") or {}
+        backoff_limit = int(spec.get("backoffLimit", 6))
+        pod = (spec.get("template") or {}).get("spec") or {}
+        self.grace = float(pod.get("terminationGracePeriodSeconds", 30))
+        deadline_seconds = spec.get("activeDeadlineSeconds")
+        self.status.setdefault("startTime", now_rfc3339())
+        self.status.setdefault("started", time.time())
+        self.status.setdefault("failed", 0)
+        self.status.setdefault("attempts", [])
+        if self.status.get("active"):
+            # The previous supervisor died during an attempt: that attempt failed (as a
+            # pod lost with its node does), and its processes must not linger.
+            self.kill_running()
+            self.status["failed"] += 1
+            self._close_attempt({"lost": -1}, "the attempt's supervisor was lost")
+        deadline = None
+        if deadline_seconds is not None:
+            deadline = float(self.status["started"]) + float(deadline_seconds)
+        self.jobdir.logs.mkdir(exist_ok=True)
+        while True:
+            if self.status["failed"] > backoff_limit:
+                self.finish(
+                    "Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"
+                )
+                return
+            attempt = len(self.status["attempts"]) + 1
+            try:
+                init = plan(self.jobdir, job, attempt, "initContainers")
+                main = plan(self.jobdir, job, attempt, "containers")
+            except Unrunnable as exc:
+                self.finish("Failed", "LocalExecutorUnsupported", str(exc))
+                return
+            self.status["active"] = 1
+            self.status["attempts"].append({"attempt": attempt, "started": now_rfc3339()})
+            self.save()
+            codes: dict[str, int] = {}
+            for step in [[p] for p in init] + [main]:
+                result = self._run_together(step, deadline)
+                if result is None:
+                    self.kill_running(grace=self.grace)
+                    self.status["failed"] += 1  # as the pod the Job controller terminates
+                    self._close_attempt(codes, "deadline exceeded")
+                    self.finish(
+                        "Failed",
+                        "DeadlineExceeded",
+                        "Job was active longer than specified deadline",
+                    )
+                    return
+                codes.update(result)
+                if any(result.values()):
+                    break
+            if not any(codes.values()):
+                self._close_attempt(codes, "")
+                self.finish(
+                    "Complete", "CompletionsReached", "Reached expected number of succeeded pods"
+                )
+                return
+            self.status["failed"] += 1
+            failed = ", ".join(f"{c} exited {code}" for c, code in codes.items() if code)
+            self._close_attempt(codes, failed)
+            if self.status["failed"] > backoff_limit:
+                continue
+            pause = min(60.0, self.retry_seconds * 2 ** (self.status["failed"] - 1))
+            if deadline is not None and time.time() + pause >= deadline:
+                pause = max(0.0, deadline - time.time())
+            time.sleep(pause)
+            if deadline is not None and time.time() >= deadline:
+                self.finish(
+                    "Failed", "DeadlineExceeded", "Job was active longer than specified deadline"
+                )
+                return
+
+    def _close_attempt(self, codes: dict[str, int], problem: str) -> None:
+        self.status["active"] = 0
+        if self.status["attempts"]:
+            current = self.status["attempts"][-1]
+            current["finished"] = now_rfc3339()
+            current["exitCodes"] = codes
+            if problem:
+                current["problem"] = problem
+        self.save()
+
+    def _run_together(self, procs: list[Process], deadline: float | None) -> dict[str, int] | None:
+        """Exit codes by container, or None when the deadline came first."""
+        self.running = []
+        for proc in procs:
+            with proc.log.open("ab") as log:
+                try:
+                    child = subprocess.Popen(
+                        proc.argv,
+                        env=proc.env,
+                        cwd=proc.cwd,
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
+                except OSError as exc:
+                    log.write(f"jobrunner: cannot start {proc.argv[0]!r}: {exc}\n".encode())
+                    self.kill_running()
+                    return {proc.container: 127}
+            self.running.append(child)
+        self.save()
+        while True:
+            codes = [p.poll() for p in self.running]
+            if all(code is not None for code in codes):
+                result = {
+                    proc.container: int(code or 0) for proc, code in zip(procs, codes, strict=True)
+                }
+                self.running = []
+                return result
+            if deadline is not None and time.time() >= deadline:
+                return None
+            time.sleep(0.02)
+
+
+def main(argv: list[str]) -> int:
+    jobdir = JobDir(Path(argv[0]))
+    fd = os.open(jobdir.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return 0  # another supervisor runs this Job
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    supervisor = Supervisor(jobdir, retry_seconds=float(os.environ.get(RETRY_ENV, "1.0")))
+
+    def on_term(signum: int, frame: object) -> None:
+        # The Job is being deleted: its processes go with it (the client waits a little,
+        # then kills what is left).
+        supervisor.kill_running()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    supervisor.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,410 @@
+"""The embedded durable queue: a SQLite file that stands in for a broker, so jobrunner
+runs with no broker at all (``jobrunner publish`` to enqueue, ``type: sqlite`` trigger to
+consume) with the same settlement semantics as RabbitMQ.
+
+Why our own small schema on aiosqlite rather than a queue library: the maintained
+SQLite queues (persist-queue, litequeue) pickle or stringify items and have no notion of
+a consumer that dies while holding messages, of a dead-letter queue with reasons, or of
+headers and message ids; those are exactly the parts jobrunner needs.
+
+Semantics:
+
+* a message is a row; publishing commits it (WAL mode, so publishers in other processes
+  never block the consumer for long);
+* delivery marks rows ``delivered`` (at most ``prefetch`` in hand, as a RabbitMQ
+  prefetch); ack deletes the row, requeue marks it ready again, dead-letter moves it to
+  the dead-letter queue with ``x-jobrunner-*`` reason headers, in one transaction;
+* one consumer per queue holds an exclusive lock file; when a consumer starts, rows its
+  dead predecessor held are ready again and come back marked redelivered, so a crash
+  loses nothing (the dispatcher then adopts the Jobs those messages already have).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from jobrunner.models import Action, Decision, Delivery
+from jobrunner.naming import message_identity
+from jobrunner.protocols import MessageHandle
+
+logger = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    queue TEXT NOT NULL,
+    body BLOB NOT NULL,
+    message_id TEXT,
+    headers TEXT NOT NULL DEFAULT '{}',
+    content_type TEXT,
+    published_at REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'ready',
+    deliveries INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS messages_by_state ON messages (queue, state, id);
+"""
+READY = "ready"
+DELIVERED = "delivered"
+
+
+class QueueBusy(Exception):
+    """Another process consumes this queue already."""
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    ready: int
+    in_hand: int
+    dead_letter: int
+
+
+@dataclass(frozen=True)
+class StoredMessage:
+    id: int
+    queue: str
+    body: bytes
+    message_id: str | None
+    headers: dict[str, str]
+    content_type: str | None
+    published_at: float
+    deliveries: int
+
+
+def dead_letter_queue_name(queue: str, configured: str | None = None) -> str:
+    return configured or f"{queue}.dead-letter"
+
+
+async def _connect(path: Path) -> aiosqlite.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    db = await aiosqlite.connect(path, timeout=30.0)
+    await db.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode: a commit survives a process crash (which is what we promise);
+    # only a power loss can drop the last transactions.
+    await db.execute("PRAGMA synchronous=NORMAL")
+    await db.executescript(_SCHEMA)
+    await db.commit()
+    return db
+
+
+def _row(row: Sequence[Any]) -> StoredMessage:
+    return StoredMessage(
+        id=row[0],
+        queue=row[1],
+        body=bytes(row[2]),
+        message_id=row[3],
+        headers=json.loads(row[4] or "{}"),
+        content_type=row[5],
+        published_at=row[6],
+        deliveries=row[7],
+    )
+
+
+_COLUMNS = "id, queue, body, message_id, headers, content_type, published_at, deliveries"
+
+
+class SQLiteQueue:
+    """The queue file, for publishers, consumers and ``jobrunner status``."""
+
+    def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
+        self._db = db
+        self.path = path
+
+    @classmethod
+    async def open(cls, path: Path) -> SQLiteQueue:
+        return cls(await _connect(path), path)
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def publish(
+        self,
+        queue: str,
+        bodies: Sequence[bytes],
+        *,
+        message_ids: Sequence[str | None] | None = None,
+        headers: Mapping[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> list[int]:
+        """Enqueue ``bodies`` in one transaction; returns their row ids."""
+        now = time.time()
+        ids = list(message_ids) if message_ids is not None else [None] * len(bodies)
+        encoded = json.dumps(dict(headers or {}), sort_keys=True)
+        out = []
+        for body, message_id in zip(bodies, ids, strict=True):
+            cursor = await self._db.execute(
+                "INSERT INTO messages (queue, body, message_id, headers, content_type,"
+                " published_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (queue, body, message_id, encoded, content_type, now),
+            )
+            out.append(int(cursor.lastrowid or 0))
+        await self._db.commit()
+        return out
+
+    async def counts(self, queue: str, dead_letter_queue: str) -> QueueCounts:
+        ready = in_hand = dead = 0
+        async with self._db.execute(
+            "SELECT queue, state, count(*) FROM messages WHERE queue IN (?, ?)"
+            " GROUP BY queue, state",
+            (queue, dead_letter_queue),
+        ) as cursor:
+            async for name, state, count in cursor:
+                if name == dead_letter_queue:
+                    dead += count
+                elif state == READY:
+                    ready = count
+                else:
+                    in_hand = count
+        return QueueCounts(ready=ready, in_hand=in_hand, dead_letter=dead)
+
+    async def messages(self, queue: str, *, limit: int = 1000) -> list[StoredMessage]:
+        async with self._db.execute(
+            f"SELECT {_COLUMNS} FROM messages WHERE queue = ? ORDER BY id LIMIT ?",
+            (queue, limit),
+        ) as cursor:
+            return [_row(row) async for row in cursor]
+
+    # -- consumer side (used by SQLiteSource, which holds the consumer lock) --------
+    async def reclaim(self, queue: str) -> int:
+        """Make every delivered row ready again (its consumer is gone)."""
+        cursor = await self._db.execute(
+            "UPDATE messages SET state = ? WHERE queue = ? AND state = ?",
+            (READY, queue, DELIVERED),
+        )
+        await self._db.commit()
+        return cursor.rowcount
+
+    async def claim(self, queue: str, limit: int) -> list[StoredMessage]:
+        async with self._db.execute(
+            "UPDATE messages SET state = ?, deliveries = deliveries + 1 WHERE id IN ("
+            " SELECT id FROM messages WHERE queue = ? AND state = ? ORDER BY id LIMIT ?)"
+            f" RETURNING {_COLUMNS}",
+            (DELIVERED, queue, READY, limit),
+        ) as cursor:
+            rows = [_row(row) async for row in cursor]
+        await self._db.commit()
+        rows.sort(key=lambda m: m.id)
+        return rows
+
+    async def ack(self, message_id: int) -> bool:
+        cursor = await self._db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+        await self._db.commit()
+        return cursor.rowcount == 1
+
+    async def requeue(self, message_id: int) -> bool:
+        cursor = await self._db.execute(
+            "UPDATE messages SET state = ? WHERE id = ?", (READY, message_id)
+        )
+        await self._db.commit()
+        return cursor.rowcount == 1
+
+    async def dead_letter(
+        self,
+        *,
+        dead_letter_queue: str,
+        body: bytes,
+        message_id: str | None,
+        headers: Mapping[str, str],
+        content_type: str | None,
+        remove: int | None = None,
+    ) -> None:
+        """Put a copy on the dead-letter queue and, in the same transaction, remove the
+        original row ``remove``: the move is all or nothing."""
+        await self._db.execute(
+            "INSERT INTO messages (queue, body, message_id, headers, content_type,"
+            " published_at) VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                dead_letter_queue,
+                body,
+                message_id,
+                json.dumps(dict(headers), sort_keys=True),
+                content_type,
+                time.time(),
+            ),
+        )
+        if remove is not None:
+            await self._db.execute("DELETE FROM messages WHERE id = ?", (remove,))
+        await self._db.commit()
+
+
+def _lock_path(db_path: Path, queue: str) -> Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", queue)
+    return db_path.with_name(f"{db_path.name}.{safe}.consumer.lock")
+
+
+@dataclass
+class SQLiteHandle:
+    delivery: Delivery
+    row_id: int
+    settled: bool = field(default=False)
+
+
+class SQLiteSource:
+    """The ``type: sqlite`` trigger: consumes one queue of the embedded queue file."""
+
+    name = "sqlite"
+
+    def __init__(
+        self,
+        *,
+        path: Path,
+        queue: str,
+        prefetch: int,
+        dead_letter_queue: str | None = None,
+        scaledjob: str = "",
+        poll_interval: float = 0.05,
+    ) -> None:
+        self.path = path
+        self._queue_name = queue
+        self._prefetch = prefetch
+        self.dead_letter_queue = dead_letter_queue_name(queue, dead_letter_queue)
+        self._scaledjob = scaledjob
+        self._poll = poll_interval
+        self._queue: SQLiteQueue | None = None
+        self._lock_fd: int | None = None
+        self._in_hand = 0
+        self._room = asyncio.Event()
+        self._consuming = True
+
+    async def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        lock = _lock_path(self.path, self._queue_name)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            raise QueueBusy(
+                f"queue {self._queue_name!r} in {self.path} is consumed by another dispatcher "
+                f"(pid {holder}); stop it first, or give this one another queueName"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        self._lock_fd = fd
+        self._queue = await SQLiteQueue.open(self.path)
+        returned = await self._queue.reclaim(self._queue_name)
+        if returned:
+            logger.info(
+                "%d message(s) held by a previous dispatcher are back on queue %s",
+                returned,
+                self._queue_name,
+            )
+        self._room.set()
+
+    async def deliveries(self) -> AsyncIterator[SQLiteHandle]:
+        assert self._queue is not None
+        while True:
+            if not self._consuming:
+                await asyncio.Event().wait()  # stopped: nothing more, until cancelled
+            free = self._prefetch - self._in_hand
+            if free <= 0:
+                self._room.clear()
+                await self._room.wait()
+                continue
+            rows = await self._queue.claim(self._queue_name, free)
+            if not rows:
+                await asyncio.sleep(self._poll)
+                continue
+            for row in rows:
+                self._in_hand += 1
+                yield SQLiteHandle(delivery=self._delivery(row), row_id=row.id)
+
+    def _delivery(self, row: StoredMessage) -> Delivery:
+        return Delivery(
+            source=self.name,
+            identity=message_identity(row.message_id, row.body, row.headers),
+            body=row.body,
+            message_id=row.message_id,
+            headers=row.headers,
+            content_type=row.content_type,
+            redelivered=row.deliveries > 1,
+            metadata={"queue": self._queue_name, "database": str(self.path)},
+            received_at=time.monotonic(),
+            published_at=row.published_at,
+        )
+
+    @property
+    def connected(self) -> bool:
+        return self._queue is not None
+
+    async def depth(self) -> int | None:
+        if self._queue is None:
+            return None
+        counts = await self._queue.counts(self._queue_name, self.dead_letter_queue)
+        return counts.ready
+
+    async def stop_consuming(self) -> None:
+        self._consuming = False
+
+    async def settle(self, handle: MessageHandle, decision: Decision) -> bool:
+        if not isinstance(handle, SQLiteHandle):
+            raise TypeError(f"not an embedded-queue message: {handle!r}")
+        assert self._queue is not None
+        if handle.settled:
+            return True
+        row = handle.row_id
+        if decision.action is Action.ACK:
+            done = await self._queue.ack(row)
+        elif decision.action is Action.REQUEUE:
+            done = await self._queue.requeue(row)
+        else:
+            delivery = handle.delivery
+            await self._queue.dead_letter(
+                dead_letter_queue=self.dead_letter_queue,
+                body=delivery.body,
+                message_id=delivery.message_id,
+                headers={
+                    **delivery.headers,
+                    **decision.reason_headers(
+                        source_queue=self._queue_name, scaledjob=self._scaledjob
+                    ),
+                },
+                content_type=delivery.content_type,
+                remove=row,
+            )
+            done = True
+        handle.settled = True
+        self._in_hand -= 1
+        self._room.set()
+        if not done:
+            logger.warning("message %s was no longer on the queue", handle.delivery.identity)
+        return True
+
+    def is_durable(self, handle: MessageHandle) -> bool:
+        return True  # every settlement is a committed transaction
+
+    async def dead_letter_copy(self, original: Mapping[str, Any], decision: Decision) -> None:
+        assert self._queue is not None
+        await self._queue.dead_letter(
+            dead_letter_queue=self.dead_letter_queue,
+            body=original["body"],
+            message_id=original.get("message_id"),
+            headers={
+                **(original.get("headers") or {}),
+                **decision.reason_headers(source_queue=self._queue_name, scaledjob=self._scaledjob),
+            },
+            content_type=original.get("content_type"),
+        )
+
+    async def close(self) -> None:
+        if self._queue is not None:
+            await self._queue.close()
+            self._queue = None
+        if self._lock_fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
+            os.close(self._lock_fd)
+            self._lock_fd = None
