@@ -9,6 +9,7 @@ resources read from the cluster rather than from files.
 
 from __future__ import annotations
 
+import difflib
 import enum
 from pathlib import Path
 from typing import Any, Literal
@@ -205,33 +206,99 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     return out
 
 
-def _explain(error: ValidationError, where: str) -> ManifestError:
+def _known_fields() -> set[str]:
+    models: list[type[BaseModel]] = [
+        ScaledJob,
+        ScaledJobSpec,
+        ObjectMeta,
+        Trigger,
+        AuthenticationRef,
+        MessageDelivery,
+        DeadLetter,
+        TriggerAuthentication,
+        TriggerAuthenticationSpec,
+        SecretKeyRef,
+        EnvRef,
+    ]
+    return {name for model in models for name in model.model_fields}
+
+
+def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+    """The 1-based line of the YAML node at ``loc`` (or of its nearest parent)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for part in loc:
+        child = None
+        if isinstance(node, yaml.MappingNode):
+            for key, value in node.value:
+                if key.value == part:
+                    # An unknown key is best pointed at by its own line.
+                    child, line = value, key.start_mark.line + 1
+                    break
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int):
+            if part < len(node.value):
+                child = node.value[part]
+                line = child.start_mark.line + 1
+        if child is None:
+            break
+        node = child
+    return line
+
+
+def _hint(item: Any) -> str:
+    kind = item["type"]
+    last = item["loc"][-1] if item["loc"] else ""
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(str(last), _known_fields(), n=1, cutoff=0.75)
+        if close:
+            return f"unknown field; did you mean {close[0]!r}?"
+        return "unknown field; remove it (see the README's manifest reference)"
+    if kind == "missing":
+        return "required; add it"
+    text = str(item["msg"])
+    if "input" in item and not isinstance(item["input"], dict | list):
+        text += f" (got {item['input']!r})"
+    return text
+
+
+def _explain(error: ValidationError, where: str, node: yaml.Node | None = None) -> ManifestError:
     lines = [f"{where}: invalid manifest"]
     for item in error.errors():
-        lines.append(f"  field {_field_path(item['loc'])}: {item['msg']}")
+        loc = tuple(item["loc"])
+        line = _line_of(node, loc)
+        at = f"line {line}, " if line is not None else ""
+        lines.append(f"  {at}field {_field_path(loc)}: {_hint(item)}")
     return ManifestError("\n".join(lines))
 
 
-def parse_scaledjob(obj: dict[str, Any], *, where: str = "<object>") -> ScaledJob:
+def parse_scaledjob(
+    obj: dict[str, Any], *, where: str = "<object>", node: yaml.Node | None = None
+) -> ScaledJob:
     try:
         return ScaledJob.model_validate(obj)
     except ValidationError as exc:
-        raise _explain(exc, where) from None
+        raise _explain(exc, where, node) from None
 
 
 def load_documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc, _ in _load_with_nodes(path)]
+
+
+def _load_with_nodes(path: Path) -> list[tuple[dict[str, Any], yaml.Node | None]]:
     try:
         text = path.read_text()
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read: {exc.strerror}") from None
     try:
         docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        nodes = [n for n in yaml.compose_all(text, Loader=yaml.SafeLoader) if n is not None]
     except yaml.YAMLError as exc:
         raise ManifestError(f"{path}: not valid YAML: {exc}") from None
     for index, doc in enumerate(docs):
         if not isinstance(doc, dict):
             raise ManifestError(f"{path}: document {index + 1} is not a mapping")
-    return docs
+    if len(nodes) != len(docs):
+        nodes = [None] * len(docs)  # type: ignore[list-item]
+    return list(zip(docs, nodes, strict=True))
 
 
 class ManifestSet(BaseModel):
@@ -248,19 +315,22 @@ def load_manifest(path: Path) -> ManifestSet:
     file, the document and the field."""
     scaledjobs: list[ScaledJob] = []
     auths: dict[str, TriggerAuthentication] = {}
-    for index, doc in enumerate(load_documents(path)):
+    for index, (doc, node) in enumerate(_load_with_nodes(path)):
         where = f"{path} (document {index + 1}, {doc.get('kind', 'no kind')})"
         kind = doc.get("kind")
         if kind == "ScaledJob":
-            scaledjobs.append(parse_scaledjob(doc, where=where))
+            scaledjobs.append(parse_scaledjob(doc, where=where, node=node))
         elif kind in ("TriggerAuthentication", "ClusterTriggerAuthentication"):
             try:
                 auth = TriggerAuthentication.model_validate(doc)
             except ValidationError as exc:
-                raise _explain(exc, where) from None
+                raise _explain(exc, where, node) from None
             auths[auth.metadata.name] = auth
         else:
-            raise ManifestError(f"{where}: field kind: expected ScaledJob or TriggerAuthentication")
+            raise ManifestError(
+                f"{where}: field kind: expected ScaledJob or TriggerAuthentication "
+                f"(got {kind!r}); other kinds belong in kubectl's files, not jobrunner's"
+            )
     if not scaledjobs:
         raise ManifestError(f"{path}: no ScaledJob in this file")
     return ManifestSet(path=path, scaledjobs=scaledjobs, authentications=auths)

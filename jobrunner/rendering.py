@@ -265,25 +265,30 @@ class Renderer:
         if not keep_in_secret:
             annotations[ANNOTATION_ORIGINAL_MESSAGE] = original
 
+        # The kubelet expands $(VAR) in env values; message text is escaped so that it
+        # arrives exactly as sent ("$$" is the kubelet's literal "$").
         env: list[dict[str, Any]] = [
             {"name": "JOBRUNNER_SOURCE", "value": delivery.source},
             {"name": "JOBRUNNER_SCALEDJOB", "value": sj.name},
             {"name": "JOBRUNNER_JOB_NAME", "value": name},
-            {"name": "JOBRUNNER_MESSAGE_ID", "value": delivery.message_id or delivery.identity},
+            {
+                "name": "JOBRUNNER_MESSAGE_ID",
+                "value": _literal(delivery.message_id or delivery.identity),
+            },
             {
                 "name": "JOBRUNNER_MESSAGE_HEADERS",
-                "value": json.dumps(dict(delivery.headers), sort_keys=True),
+                "value": _literal(json.dumps(dict(delivery.headers), sort_keys=True)),
             },
             {
                 "name": "JOBRUNNER_MESSAGE_METADATA",
-                "value": json.dumps(dict(delivery.metadata), sort_keys=True),
+                "value": _literal(json.dumps(dict(delivery.metadata), sort_keys=True)),
             },
             {"name": "JOBRUNNER_MESSAGE_ENCODING", "value": "utf-8" if body_is_text else "base64"},
         ]
         env.extend({"name": k, "value": v} for k, v in (extra_env or {}).items() if v)
         if in_env:
             value = body.decode("utf-8") if body_is_text else _b64(body)
-            env.append({"name": delivery_cfg.envVarName, "value": value})
+            env.append({"name": delivery_cfg.envVarName, "value": _literal(value)})
         secret_name = message_secret_name(name)
         if not in_env:
             env.append(
@@ -347,6 +352,11 @@ class Renderer:
                 "data": data,
             }
         return RenderedJob(name=name, job=job, secret=secret)
+
+
+def _literal(text: str) -> str:
+    """``text`` as an env value the kubelet's ``$(VAR)`` expansion leaves unchanged."""
+    return text.replace("$", "$$")
 
 
 def _is_text(body: bytes) -> bool:

@@ -125,6 +125,8 @@ def plan(jobdir: JobDir, job: dict[str, Any], attempt: int, containers_key: str)
             if m.get("name") in volumes
         ]
         env = {k: os.environ[k] for k in _PASS_THROUGH_ENV if k in os.environ}
+        # As the kubelet does, $(VAR) sees only the variables the container defines.
+        defined: dict[str, str] = {}
         env["JOBRUNNER_LOCAL"] = "1"
         # Logs are read while a Job runs and must survive its being killed at a deadline.
         env["PYTHONUNBUFFERED"] = "1"
@@ -132,14 +134,14 @@ def plan(jobdir: JobDir, job: dict[str, Any], attempt: int, containers_key: str)
         for item in container.get("env") or []:
             key = item.get("name", "")
             if "value" in item:
-                env[key] = _map_path(expand(str(item["value"]), env), mounts)
+                env[key] = defined[key] = _map_path(expand(str(item["value"]), defined), mounts)
                 continue
             source = item.get("valueFrom") or {}
             if "secretKeyRef" in source:
                 ref = source["secretKeyRef"]
                 data = _secret_files(secret, ref.get("name", "")).get(ref.get("key", ""))
                 if data is not None:
-                    env[key] = data.decode(errors="replace")
+                    env[key] = defined[key] = data.decode(errors="replace")
             elif "fieldRef" in source:
                 field = source["fieldRef"].get("fieldPath", "")
                 value = {
@@ -147,9 +149,9 @@ def plan(jobdir: JobDir, job: dict[str, Any], attempt: int, containers_key: str)
                     "metadata.namespace": meta.get("namespace", "default"),
                 }.get(field)
                 if value is not None:
-                    env[key] = value
+                    env[key] = defined[key] = value
         args = list(container.get("args") or [])
-        argv = [_map_path(expand(part, env), mounts) for part in command + args]
+        argv = [_map_path(expand(part, defined), mounts) for part in command + args]
         working = container.get("workingDir")
         cwd = Path(working) if working and Path(working).is_dir() else work
         log = jobdir.logs / f"{attempt}-{name}.log"

@@ -197,3 +197,30 @@ def test_args_mode_appends_the_message_variable() -> None:
     rendered = render(b'{"task": "t"}', messageDelivery={"mode": "args"})
     container = rendered.job["spec"]["template"]["spec"]["containers"][0]
     assert container["args"][-1] == "$(JOBRUNNER_MESSAGE)"
+
+
+def test_message_text_in_env_is_escaped_against_kubelet_expansion() -> None:
+    from jobrunner.config import parse_scaledjob
+    from jobrunner.models import Delivery
+    from jobrunner.rendering import Renderer
+
+    scaledjob = parse_scaledjob(
+        {
+            "apiVersion": "keda.sh/v1alpha1",
+            "kind": "ScaledJob",
+            "metadata": {"name": "esc"},
+            "spec": {
+                "triggers": [{"type": "sqlite", "metadata": {"queueName": "q"}}],
+                "jobTargetRef": {"template": {"spec": {"containers": [{"name": "c"}]}}},
+            },
+        }
+    )
+    body = b"costs $5, see $(HOME) and $$"
+    job = Renderer(scaledjob).render(
+        Delivery(source="t", identity="m", body=body, message_id="$(id)", headers={"h": "$(x)"})
+    ).job
+    env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    # "$$" is the kubelet's literal "$": each value arrives exactly as sent.
+    assert env["JOBRUNNER_MESSAGE"] == "costs $$5, see $$(HOME) and $$$$"
+    assert env["JOBRUNNER_MESSAGE_ID"] == "$$(id)"
+    assert env["JOBRUNNER_MESSAGE_HEADERS"] == '{"h": "$$(x)"}'

@@ -1,0 +1,237 @@
+"""The local executor on its own: Jobs rendered as the dispatcher renders them, run as
+processes, with Kubernetes' outcomes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobrunner.config import load_manifest
+from jobrunner.local.client import LocalJobClient
+from jobrunner.local.jobdir import JobDir
+from jobrunner.models import Delivery
+from jobrunner.protocols import ApiRejected
+from jobrunner.rendering import Renderer
+from jobrunner.tracker import outcome_of
+from tests.helpers import eventually
+from tests.local.conftest import ManifestFactory
+
+
+def render(manifest: Path, body: bytes, message_id: str = "m-1") -> tuple[dict[str, Any], Any]:
+    scaledjob = load_manifest(manifest).scaledjobs[0]
+    rendered = Renderer(scaledjob).render(
+        Delivery(source="sqlite", identity=message_id, body=body, message_id=message_id)
+    )
+    return rendered.job, rendered.secret
+
+
+async def finished(client: LocalJobClient, job: Mapping[str, Any], within: float = 20) -> Any:
+    meta = job["metadata"]
+
+    async def done() -> Mapping[str, Any] | None:
+        current = await client.get_job(meta["namespace"], meta["name"])
+        return current if current is not None and outcome_of(current) else None
+
+    return await eventually(done, within=within)
+
+
+def logs(state: Path, job: Mapping[str, Any]) -> dict[str, str]:
+    jobdir = JobDir(state / "jobs" / "default" / job["metadata"]["name"])
+    return {p.name: p.read_text() for p in sorted(jobdir.logs.glob("*.log"))}
+
+
+async def test_exit_code_zero_completes_the_job(
+    state_dir: Path, manifest: ManifestFactory
+) -> None:
+    client = LocalJobClient(state_dir, retry_seconds=0.1)
+    job, secret = render(manifest("print('hello from', __import__('os').environ['HOSTNAME'])"), b"{}")
+    created, was_new = await client.create_job(job, secret)
+    assert was_new
+    assert created["metadata"]["uid"]
+    done = await finished(client, job)
+    assert outcome_of(done).reason == "CompletionsReached"  # type: ignore[union-attr]
+    assert done["status"]["succeeded"] == 1
+    assert logs(state_dir, job) == {"1-main.log": f"hello from {job['metadata']['name']}-1\n"}
+
+
+async def test_failed_attempts_are_retried_up_to_the_backoff_limit(
+    state_dir: Path, manifest: ManifestFactory
+) -> None:
+    client = LocalJobClient(state_dir, retry_seconds=0.1)
+    job, secret = render(manifest("import sys; print('try'); sys.exit(3)", backoff_limit=2), b"{}")
+    await client.create_job(job, secret)
+    done = await finished(client, job)
+    outcome = outcome_of(done)
+    assert outcome is not None
+    assert (outcome.outcome.value, outcome.reason) == ("failed", "BackoffLimitExceeded")
+    assert done["status"]["failed"] == 3
+    assert [a["exitCodes"] for a in done["status"]["attempts"]] == [{"main": 3}] * 3
+    assert list(logs(state_dir, job)) == ["1-main.log", "2-main.log", "3-main.log"]
+
+
+async def test_a_job_that_fails_then_succeeds_completes(
+    state_dir: Path, manifest: ManifestFactory, tmp_path: Path
+) -> None:
+    # The first attempt leaves a mark and fails; the retry finds it and succeeds.
+    script = (
+        "import os, sys, pathlib; p = pathlib.Path(os.environ['RUNS_FILE']);"
+        "first = not p.exists(); p.write_text('x'); sys.exit(1 if first else 0)"
+    )
+    client = LocalJobClient(state_dir, retry_seconds=0.1)
+    job, secret = render(manifest(script, backoff_limit=1), b"{}")
+    await client.create_job(job, secret)
+    done = await finished(client, job)
+    assert outcome_of(done).succeeded  # type: ignore[union-attr]
+    assert done["status"]["failed"] == 1
+
+
+async def test_active_deadline_ends_the_job_and_its_processes(
+    state_dir: Path, manifest: ManifestFactory, tmp_path: Path
+) -> None:
+    script = (
+        "import os, time; open(os.environ['RUNS_FILE'], 'w').write(str(os.getpid()));"
+        "print('started'); time.sleep(60)"
+    )
+    client = LocalJobClient(state_dir)
+    job, secret = render(manifest(script, deadline=2), b"{}")
+    start = time.monotonic()
+    await client.create_job(job, secret)
+    done = await finished(client, job)
+    assert time.monotonic() - start < 10
+    outcome = outcome_of(done)
+    assert outcome is not None
+    assert outcome.reason == "DeadlineExceeded"
+    pid = int((tmp_path / "runs.txt").read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
+    assert logs(state_dir, job)["1-main.log"] == "started\n"
+
+
+@pytest.mark.parametrize(
+    ("mode", "script"),
+    [
+        ("env", "import os; print(os.environ['JOBRUNNER_MESSAGE'])"),
+        ("file", "import os; print(open(os.environ['JOBRUNNER_MESSAGE_FILE']).read())"),
+        ("args", "import sys; print(sys.argv[1])"),
+    ],
+)
+async def test_the_message_reaches_the_process_as_on_a_cluster(
+    state_dir: Path, manifest: ManifestFactory, mode: str, script: str
+) -> None:
+    # `$(HOME)` must reach the Job as written, though the kubelet expands $(VAR).
+    path = manifest(script, delivery={"mode": mode})
+    body = json.dumps({"order": 42, "note": "it's $(HOME) and {{ not a template }}"}).encode()
+    client = LocalJobClient(state_dir)
+    job, secret = render(path, body)
+    await client.create_job(job, secret)
+    done = await finished(client, job)
+    assert outcome_of(done).succeeded, logs(state_dir, job)  # type: ignore[union-attr]
+    assert logs(state_dir, job)["1-main.log"].strip() == body.decode()
+
+
+async def test_creating_the_same_job_again_adopts_it(
+    state_dir: Path, manifest: ManifestFactory
+) -> None:
+    client = LocalJobClient(state_dir)
+    job, secret = render(manifest("import time; time.sleep(0.5)"), b"{}")
+    first, created = await client.create_job(job, secret)
+    again, created_again = await client.create_job(job, secret)
+    assert (created, created_again) == (True, False)
+    assert again["metadata"]["uid"] == first["metadata"]["uid"]
+
+
+async def test_a_job_without_a_command_is_rejected_naming_the_field(
+    state_dir: Path, manifest: ManifestFactory
+) -> None:
+    path = manifest("unused", container={"command": None})
+    client = LocalJobClient(state_dir)
+    job, secret = render(path, b"{}")
+    with pytest.raises(ApiRejected) as info:
+        await client.create_job(job, secret)
+    assert info.value.status == 422
+    assert "spec.template.spec.containers[0].command" in info.value.message
+    assert "add `command:`" in info.value.message
+    assert not (state_dir / "jobs" / "default" / job["metadata"]["name"]).exists()
+
+
+async def test_jobs_outlive_a_lost_supervisor_which_is_restarted(
+    state_dir: Path, manifest: ManifestFactory
+) -> None:
+    client = LocalJobClient(state_dir, retry_seconds=0.1)
+    job, secret = render(manifest("import time; time.sleep(1.5)", backoff_limit=1), b"{}")
+    await client.create_job(job, secret)
+    jobdir = JobDir(state_dir / "jobs" / "default" / job["metadata"]["name"])
+
+    async def running() -> bool:
+        return bool(jobdir.status().get("active")) and jobdir.supervised()
+
+    await eventually(running, within=10)
+    pid = jobdir.supervisor_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    # A new dispatcher's client (as after a restart) finds the Job unsupervised.
+    fresh = LocalJobClient(state_dir, retry_seconds=0.1)
+    await fresh.list_jobs("default", "app.kubernetes.io/managed-by=jobrunner")
+    done = await finished(fresh, job)
+    assert outcome_of(done).succeeded  # type: ignore[union-attr]
+    attempts = done["status"]["attempts"]
+    assert attempts[0]["problem"] == "the attempt's supervisor was lost"
+    assert done["status"]["failed"] == 1
+
+
+async def test_deleting_a_job_stops_its_processes_and_removes_it(
+    state_dir: Path, manifest: ManifestFactory, tmp_path: Path
+) -> None:
+    script = "import os, time; open(os.environ['RUNS_FILE'], 'w').write(str(os.getpid())); time.sleep(60)"
+    client = LocalJobClient(state_dir)
+    job, secret = render(manifest(script), b"{}")
+    await client.create_job(job, secret)
+    runs = tmp_path / "runs.txt"
+
+    async def started() -> bool:
+        return runs.exists() and runs.read_text() != ""
+
+    await eventually(started, within=10)
+    await client.delete_job("default", job["metadata"]["name"])
+    assert await client.get_job("default", job["metadata"]["name"]) is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(runs.read_text()), 0)
+
+
+async def test_ttl_after_finished_deletes_the_job(
+    state_dir: Path, manifest: ManifestFactory
+) -> None:
+    client = LocalJobClient(state_dir)
+    path = manifest("pass", job_spec={"ttlSecondsAfterFinished": 1})
+    job, secret = render(path, b"{}")
+    await client.create_job(job, secret)
+    await finished(client, job)
+    selector = "jobrunner.dev/scaledjob=work"
+
+    async def gone() -> bool:
+        page = await client.list_jobs("default", selector)
+        return not page.items
+
+    await eventually(gone, within=10)
+
+
+async def test_watch_reports_a_job_finishing(state_dir: Path, manifest: ManifestFactory) -> None:
+    client = LocalJobClient(state_dir, poll_interval=0.05)
+    selector = "jobrunner.dev/scaledjob=work"
+    page = await client.list_jobs("default", selector)
+    job, secret = render(manifest("import time; time.sleep(0.3)"), b"{}")
+    await client.create_job(job, secret)
+    seen = []
+    async for event in client.watch_jobs("default", selector, page.resource_version):
+        seen.append(event.type)
+        if outcome_of(event.object) is not None:
+            break
+    assert seen[0] == "ADDED"
+    assert seen[-1] == "MODIFIED"

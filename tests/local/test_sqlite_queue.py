@@ -1,0 +1,170 @@
+"""The embedded queue's settlement semantics, on a real SQLite file."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from jobrunner.models import Action, Decision
+from jobrunner.sources.sqlite import QueueBusy, SQLiteHandle, SQLiteQueue, SQLiteSource
+
+
+async def publish(path: Path, queue: str, *bodies: bytes, ids: list[str] | None = None) -> None:
+    q = await SQLiteQueue.open(path)
+    try:
+        await q.publish(queue, list(bodies), message_ids=ids)
+    finally:
+        await q.close()
+
+
+async def counts(path: Path, queue: str) -> tuple[int, int, int]:
+    q = await SQLiteQueue.open(path)
+    try:
+        c = await q.counts(queue, f"{queue}.dead-letter")
+    finally:
+        await q.close()
+    return c.ready, c.in_hand, c.dead_letter
+
+
+@pytest.fixture
+async def source(tmp_path: Path) -> AsyncIterator[SQLiteSource]:
+    s = SQLiteSource(path=tmp_path / "q.db", queue="work", prefetch=2, scaledjob="sj")
+    await s.start()
+    yield s
+    await s.close()
+
+
+async def take(source: SQLiteSource, n: int, *, within: float = 5.0) -> list[SQLiteHandle]:
+    it = source.deliveries()
+    out = []
+    async with asyncio.timeout(within):
+        while len(out) < n:
+            out.append(await anext(it))
+    return out
+
+
+async def test_published_messages_arrive_in_order_and_an_ack_removes_them(
+    source: SQLiteSource,
+) -> None:
+    await publish(source.path, "work", b"a", b"b", ids=["m-1", "m-2"])
+    first, second = await take(source, 2)
+    assert [first.delivery.identity, second.delivery.identity] == ["m-1", "m-2"]
+    assert first.delivery.body == b"a"
+    assert not first.delivery.redelivered
+    assert await counts(source.path, "work") == (0, 2, 0)
+    assert await source.settle(first, Decision.ack("job-1"))
+    assert await source.settle(second, Decision.ack("job-2"))
+    assert await counts(source.path, "work") == (0, 0, 0)
+
+
+async def test_prefetch_bounds_the_messages_in_hand(source: SQLiteSource) -> None:
+    await publish(source.path, "work", b"1", b"2", b"3", b"4")
+    held = await take(source, 2)
+    it = source.deliveries()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.5):
+            await anext(it)
+    assert await counts(source.path, "work") == (2, 2, 0)
+    await source.settle(held[0], Decision.ack())
+    async with asyncio.timeout(5):
+        # The timeout above ended that iterator; the source itself goes on.
+        third = await anext(source.deliveries())
+    assert third.delivery.body == b"3"
+
+
+async def test_dead_letter_moves_the_message_with_its_reason(source: SQLiteSource) -> None:
+    await publish(source.path, "work", b'{"x": 1}', ids=["m-9"])
+    (handle,) = await take(source, 1)
+    await source.settle(handle, Decision.dead_letter("BackoffLimitExceeded", "exit 3", "job-9"))
+    assert await counts(source.path, "work") == (0, 0, 1)
+    q = await SQLiteQueue.open(source.path)
+    try:
+        (dead,) = await q.messages("work.dead-letter")
+    finally:
+        await q.close()
+    assert dead.body == b'{"x": 1}'
+    assert dead.message_id == "m-9"
+    assert dead.headers["x-jobrunner-reason"] == "BackoffLimitExceeded"
+    assert dead.headers["x-jobrunner-detail"] == "exit 3"
+    assert dead.headers["x-jobrunner-job"] == "job-9"
+    assert dead.headers["x-jobrunner-source-queue"] == "work"
+
+
+async def test_requeued_message_comes_back_marked_redelivered(source: SQLiteSource) -> None:
+    await publish(source.path, "work", b"again", ids=["m-r"])
+    (handle,) = await take(source, 1)
+    await source.settle(handle, Decision(Action.REQUEUE))
+    (again,) = await take(source, 1)
+    assert again.delivery.identity == "m-r"
+    assert again.delivery.redelivered
+
+
+async def test_dead_letter_copy_publishes_from_the_kept_original(source: SQLiteSource) -> None:
+    original = {"body": b"kept", "message_id": "m-k", "headers": {"tenant": "acme"}}
+    await source.dead_letter_copy(original, Decision.dead_letter("DeadlineExceeded", "", "j"))
+    q = await SQLiteQueue.open(source.path)
+    try:
+        (dead,) = await q.messages("work.dead-letter")
+    finally:
+        await q.close()
+    assert (dead.body, dead.message_id) == (b"kept", "m-k")
+    assert dead.headers["tenant"] == "acme"
+    assert dead.headers["x-jobrunner-reason"] == "DeadlineExceeded"
+
+
+async def test_a_second_consumer_of_the_same_queue_is_refused(
+    source: SQLiteSource, tmp_path: Path
+) -> None:
+    other = SQLiteSource(path=source.path, queue="work", prefetch=1)
+    with pytest.raises(QueueBusy, match=r"consumed by another dispatcher \(pid \d+\)"):
+        await other.start()
+
+
+async def test_messages_held_by_a_killed_consumer_come_back_redelivered(tmp_path: Path) -> None:
+    db = tmp_path / "q.db"
+    await publish(db, "work", b"1", b"2", b"3", ids=["a", "b", "c"])
+    consumer = textwrap.dedent(
+        f"""
+        import asyncio, sys
+        from pathlib import Path
+        from jobrunner.sources.sqlite import SQLiteSource
+        async def main():
+            s = SQLiteSource(path=Path({str(db)!r}), queue="work", prefetch=2)
+            await s.start()
+            it = s.deliveries()
+            for _ in range(2):
+                h = await anext(it)
+                print(h.delivery.identity, flush=True)
+            await asyncio.sleep(60)
+        asyncio.run(main())
+        """
+    )
+    proc = subprocess.Popen([sys.executable, "-c", consumer], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        held = [proc.stdout.readline().strip() for _ in range(2)]
+        assert held == ["a", "b"]
+        assert await counts(db, "work") == (1, 2, 0)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    after = SQLiteSource(path=db, queue="work", prefetch=5)
+    await after.start()
+    try:
+        got = await take(after, 3)
+    finally:
+        await after.close()
+    assert [(h.delivery.identity, h.delivery.redelivered) for h in got] == [
+        ("a", True),
+        ("b", True),
+        ("c", False),
+    ]
+    assert json.dumps([h.delivery.body.decode() for h in got]) == '["1", "2", "3"]'
