@@ -47,11 +47,10 @@ def logs(state: Path, job: Mapping[str, Any]) -> dict[str, str]:
     return {p.name: p.read_text() for p in sorted(jobdir.logs.glob("*.log"))}
 
 
-async def test_exit_code_zero_completes_the_job(
-    state_dir: Path, manifest: ManifestFactory
-) -> None:
+async def test_exit_code_zero_completes_the_job(state_dir: Path, manifest: ManifestFactory) -> None:
     client = LocalJobClient(state_dir, retry_seconds=0.1)
-    job, secret = render(manifest("print('hello from', __import__('os').environ['HOSTNAME'])"), b"{}")
+    script = "import os; print('hello from', os.environ['HOSTNAME'])"
+    job, secret = render(manifest(script), b"{}")
     created, was_new = await client.create_job(job, secret)
     assert was_new
     assert created["metadata"]["uid"]
@@ -189,7 +188,9 @@ async def test_jobs_outlive_a_lost_supervisor_which_is_restarted(
 async def test_deleting_a_job_stops_its_processes_and_removes_it(
     state_dir: Path, manifest: ManifestFactory, tmp_path: Path
 ) -> None:
-    script = "import os, time; open(os.environ['RUNS_FILE'], 'w').write(str(os.getpid())); time.sleep(60)"
+    script = (
+        "import os, time; open(os.environ['RUNS_FILE'], 'w').write(str(os.getpid()));time.sleep(60)"
+    )
     client = LocalJobClient(state_dir)
     job, secret = render(manifest(script), b"{}")
     await client.create_job(job, secret)

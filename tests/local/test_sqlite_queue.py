@@ -147,15 +147,17 @@ async def test_messages_held_by_a_killed_consumer_come_back_redelivered(tmp_path
         asyncio.run(main())
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", consumer], stdout=subprocess.PIPE, text=True)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", consumer, stdout=subprocess.PIPE
+    )
     try:
         assert proc.stdout is not None
-        held = [proc.stdout.readline().strip() for _ in range(2)]
+        held = [(await proc.stdout.readline()).decode().strip() for _ in range(2)]
         assert held == ["a", "b"]
         assert await counts(db, "work") == (1, 2, 0)
     finally:
         proc.send_signal(signal.SIGKILL)
-        proc.wait()
+        await proc.wait()
     after = SQLiteSource(path=db, queue="work", prefetch=5)
     await after.start()
     try:
