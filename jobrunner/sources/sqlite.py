@@ -400,7 +400,11 @@ class SQLiteSource:
         )
 
     async def close(self) -> None:
+        """Messages still in hand go back to the queue at once, as a broker requeues
+        the unacked messages of a closed channel."""
         if self._queue is not None:
+            if self._lock_fd is not None:
+                await self._queue.reclaim(self._queue_name)
             await self._queue.close()
             self._queue = None
         if self._lock_fd is not None:

@@ -74,8 +74,11 @@ def manifest(tmp_path: Path) -> ManifestFactory:
                             "name": "main",
                             "image": "python:3.12-slim",
                             "command": ["python3", "-c", script],
-                            "env": [{"name": "RUNS_FILE", "value": str(tmp_path / "runs.txt")}],
                             **(container or {}),
+                            "env": [
+                                {"name": "RUNS_FILE", "value": str(tmp_path / "runs.txt")},
+                                *(container or {}).get("env", []),
+                            ],
                         }
                     ]
                 }

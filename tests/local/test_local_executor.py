@@ -175,6 +175,11 @@ async def test_jobs_outlive_a_lost_supervisor_which_is_restarted(
     pid = jobdir.supervisor_pid()
     assert pid is not None
     os.kill(pid, signal.SIGKILL)
+
+    async def orphaned() -> bool:
+        return not jobdir.supervised()
+
+    await eventually(orphaned, within=5)
     # A new dispatcher's client (as after a restart) finds the Job unsupervised.
     fresh = LocalJobClient(state_dir, retry_seconds=0.1)
     await fresh.list_jobs("default", "app.kubernetes.io/managed-by=jobrunner")
