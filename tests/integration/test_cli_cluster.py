@@ -1,13 +1,22 @@
-"""``jobrunner validate --server-dry-run`` asks the real API server."""
+"""The CLI against the real stack: ``validate --server-dry-run``, the operator's
+``status`` and ``jobs`` views, and ``make demo-cluster``."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from jobrunner.cli import main
-from tests.integration.harness import write_manifest
+from tests.helpers import eventually
+from tests.integration.harness import ROOT, publish, write_manifest
 
 pytestmark = [pytest.mark.kube]
 
@@ -51,3 +60,59 @@ def test_server_dry_run_reports_the_servers_rejection(
     err = capsys.readouterr().err
     assert "422" in err
     assert "Bad_Name" in err
+
+
+@pytest.mark.rabbitmq
+async def test_status_and_jobs_show_the_cluster_as_the_dispatcher_works(
+    kubeconfig: Path,
+    rabbitmq_url: str,
+    queue: str,
+    manifest: Callable[..., Path],
+    dispatchers: Callable[..., Any],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = str(manifest(maxReplicaCount=2))
+    for i, body in enumerate(
+        [{"seconds": 5}, {"seconds": 5}, {"seconds": 1, "fail": "failed"}], start=1
+    ):
+        await publish(rabbitmq_url, queue, json.dumps(body).encode(), message_id=f"op-{i}")
+    dispatchers(Path(path))
+    base = ["--kubeconfig", str(kubeconfig)]
+
+    async def view(command: str) -> str:
+        # In a thread: the CLI runs its own event loop.
+        code = await asyncio.to_thread(main, [*base, command, "-f", path])
+        assert code == 0
+        return capsys.readouterr().out
+
+    async def two_running() -> str | None:
+        out = await view("status")
+        return out if out.count("running") == 2 else None
+
+    out = await eventually(two_running, within=30)
+    assert "in flight 2/2" in out
+    assert "on the cluster" in out
+    assert "op-1" in out
+    assert "op-2" in out
+
+    async def all_finished() -> str | None:
+        out = await view("jobs")
+        return out if out.count("work-") == 3 else None
+
+    out = await eventually(all_finished, within=60)
+    assert out.count("succeeded") == 2
+    assert "failed (dead-lettered)" in out
+
+
+def test_make_demo_cluster_runs_on_the_stack(kubeconfig: Path, rabbitmq_url: str) -> None:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "deploy/local/demo.py"), "--cluster"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+        env={**os.environ, "COLUMNS": "160"},
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "6/6" in result.stdout
+    assert "demo: every message ended as expected" in result.stdout

@@ -216,9 +216,13 @@ def test_message_text_in_env_is_escaped_against_kubelet_expansion() -> None:
         }
     )
     body = b"costs $5, see $(HOME) and $$"
-    job = Renderer(scaledjob).render(
-        Delivery(source="t", identity="m", body=body, message_id="$(id)", headers={"h": "$(x)"})
-    ).job
+    job = (
+        Renderer(scaledjob)
+        .render(
+            Delivery(source="t", identity="m", body=body, message_id="$(id)", headers={"h": "$(x)"})
+        )
+        .job
+    )
     env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
     # "$$" is the kubelet's literal "$": each value arrives exactly as sent.
     assert env["JOBRUNNER_MESSAGE"] == "costs $$5, see $$(HOME) and $$$$"
