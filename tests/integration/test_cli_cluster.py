@@ -97,7 +97,7 @@ async def test_status_and_jobs_show_the_cluster_as_the_dispatcher_works(
 
     async def all_finished() -> str | None:
         out = await view("jobs")
-        return out if out.count("work-") == 3 else None
+        return out if out.count("work-") == 3 and "dead-lettered" in out else None
 
     out = await eventually(all_finished, within=60)
     assert out.count("succeeded") == 2

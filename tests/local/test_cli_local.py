@@ -60,7 +60,7 @@ def test_status_jobs_and_logs_show_a_batch_from_start_to_end(
 
     def all_finished() -> str | None:
         _, text, _ = cli(capsys, "jobs", "-f", path, *local)
-        return text if text.count("work-") == 3 else None
+        return text if text.count("work-") == 3 and "dead-lettered" in text else None
 
     out = wait_until(all_finished, timeout=30)
     assert out.count("succeeded") == 2
