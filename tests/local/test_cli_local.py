@@ -149,13 +149,13 @@ def test_make_demo_runs_the_batch_and_prints_the_summary(tmp_path: Path) -> None
     )
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
-    assert "11/11" in out
-    assert "what became of each message" in out
-    assert out.count("succeeded") == 8
-    assert "dead-lettered (BackoffLimitExceeded)" in out
-    assert "dead-lettered (DeadlineExceeded)" in out
-    assert "dead-lettered (InvalidMessage)" in out
-    assert "demo: every message ended as expected" in out
+    assert "11/11" in out, out
+    assert "what became of each message" in out, out
+    assert out.count("succeeded") == 8, out
+    assert "dead-lettered (BackoffLimitExceeded)" in out, out
+    assert "dead-lettered (DeadlineExceeded)" in out, out
+    assert "dead-lettered (InvalidMessage)" in out, out
+    assert "demo: every message ended as expected" in out, out
     # The demo leaves its state for a look around, and no Job process behind.
     (state,) = tmp_path.glob("jobrunner-demo-*")
     jobs = [JobDir(p) for p in (state / "jobs" / "default").iterdir()]
