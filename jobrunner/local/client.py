@@ -74,7 +74,7 @@ def unrunnable(job: Mapping[str, Any]) -> str | None:
 
 @dataclass
 class _Seen:
-    stamp: tuple[int, int]
+    stamp: tuple[tuple[int, int, int], bytes]
     object: dict[str, Any]
 
 
@@ -113,14 +113,6 @@ class LocalJobClient:
         job["status"] = {k: v for k, v in status.items() if k not in ("pgids", "started")}
         job["metadata"]["resourceVersion"] = str(self._version)
         return job
-
-    def _stamp(self, jobdir: JobDir) -> tuple[int, int]:
-        try:
-            stat = (jobdir.path / "job.json").stat()
-            job_stamp = stat.st_ino ^ stat.st_mtime_ns
-        except FileNotFoundError:
-            job_stamp = 0
-        return job_stamp, jobdir.status_stamp()
 
     def _jobdirs(self, namespace: str) -> list[JobDir]:
         base = self.root / namespace
@@ -285,7 +277,7 @@ class LocalJobClient:
     def _scan(self, namespace: str, wanted: Mapping[str, str]) -> dict[str, _Seen]:
         out = {}
         for jobdir in self._jobdirs(namespace):
-            stamp = self._stamp(jobdir)
+            stamp = jobdir.stamp()
             obj = self._object(jobdir)
             if obj is None or not _matches(obj, wanted):
                 continue
@@ -354,7 +346,7 @@ class LocalJobClient:
         """Like ``_scan`` but reads only Jobs whose files changed since ``known``."""
         out = {}
         for jobdir in self._jobdirs(namespace):
-            stamp = self._stamp(jobdir)
+            stamp = jobdir.stamp()
             old = known.get(jobdir.name)
             if old is not None and old.stamp == stamp:
                 out[jobdir.name] = old

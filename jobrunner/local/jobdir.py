@@ -82,13 +82,21 @@ class JobDir:
     def write_secret(self, secret: dict[str, Any]) -> None:
         write_json(self.path / SECRET_FILE, secret)
 
-    def status_stamp(self) -> int:
-        """Changes whenever the supervisor rewrites the status (each write is a new inode)."""
+    def stamp(self) -> tuple[tuple[int, int, int], bytes]:
+        """Changes whenever the Job or its status changes. The status (small, rewritten
+        by the supervisor, possibly twice within one tick of the file-time clock and onto
+        a reused inode) is compared by content; job.json, which only the client rewrites
+        and which only grows (annotations), by inode, time and size."""
         try:
-            stat = (self.path / STATUS_FILE).stat()
+            stat = (self.path / JOB_FILE).stat()
+            job = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
         except FileNotFoundError:
-            return 0
-        return stat.st_ino ^ stat.st_mtime_ns
+            job = (0, 0, 0)
+        try:
+            status = (self.path / STATUS_FILE).read_bytes()
+        except FileNotFoundError:
+            status = b""
+        return job, status
 
     def supervised(self) -> bool:
         """True while a supervisor process holds this Job's lock."""
