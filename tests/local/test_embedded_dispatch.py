@@ -107,9 +107,9 @@ def test_a_restart_in_the_middle_of_a_batch_loses_and_repeats_nothing(
     ids = [f"m{i}" for i in range(8)]
     publish(path, state_dir, *({"id": i, "seconds": 1.5} for i in ids))
     first = dispatchers.start(path)
-    # Kill it once one Job has finished and others run: some messages are settled,
+    # Kill it once a Job of the second wave has started: some messages are settled,
     # some are in hand with running Jobs, the rest wait.
-    wait_until(lambda: any(what == "end" for what, _, _ in runs(tmp_path)), timeout=30)
+    wait_until(lambda: sum(what == "start" for what, _, _ in runs(tmp_path)) >= 3, timeout=30)
     first.send_signal(signal.SIGKILL)
     first.wait(timeout=10)
     before = queue_state(state_dir, "work")
