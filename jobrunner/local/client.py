@@ -264,7 +264,7 @@ class LocalJobClient:
         self, namespace: str, selector: str, *, limit: int = 500, continue_token: str | None = None
     ) -> JobPage:
         """All matching Jobs in one page."""
-        seen = await asyncio.to_thread(self._scan, namespace, parse_selector(selector))
+        seen = await asyncio.to_thread(self._scan, namespace, parse_selector(selector), {})
         self._version += 1
         version = str(self._version)
         self._snapshots[version] = seen
@@ -273,18 +273,6 @@ class LocalJobClient:
         return JobPage(
             items=[s.object for s in seen.values()], resource_version=version, continue_token=None
         )
-
-    def _scan(self, namespace: str, wanted: Mapping[str, str]) -> dict[str, _Seen]:
-        out = {}
-        for jobdir in self._jobdirs(namespace):
-            stamp = jobdir.stamp()
-            obj = self._object(jobdir)
-            if obj is None or not _matches(obj, wanted):
-                continue
-            out[jobdir.name] = _Seen(stamp, obj)
-            self._housekeep(jobdir, obj)
-        self._reap()
-        return out
 
     def _reap(self) -> None:
         """Collect the exit status of supervisors that ended, so none lingers as a zombie."""
@@ -323,7 +311,7 @@ class LocalJobClient:
             raise WatchExpired(f"no listing {resource_version} to watch from")
         wanted = parse_selector(selector)
         while True:
-            current = await asyncio.to_thread(self._scan_changes, namespace, wanted, known)
+            current = await asyncio.to_thread(self._scan, namespace, wanted, known)
             for name, seen in current.items():
                 old = known.get(name)
                 if old is None or old.stamp != seen.stamp:
@@ -340,10 +328,11 @@ class LocalJobClient:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), timeout=self._poll)
 
-    def _scan_changes(
+    def _scan(
         self, namespace: str, wanted: Mapping[str, str], known: Mapping[str, _Seen]
     ) -> dict[str, _Seen]:
-        """Like ``_scan`` but reads only Jobs whose files changed since ``known``."""
+        """The matching Jobs, parsing again only those whose files changed since ``known``
+        (everything, for a listing); housekeeping on the way."""
         out = {}
         for jobdir in self._jobdirs(namespace):
             stamp = jobdir.stamp()

@@ -23,6 +23,11 @@ from jobrunner.tracker import outcome_of
 from tests.helpers import eventually
 from tests.local.conftest import ManifestFactory
 
+NOTE_PID_AND_SLEEP = (
+    "import os, time; open(os.environ['RUNS_FILE'], 'w').write(str(os.getpid()));"
+    "print('started', flush=True); time.sleep(60)"
+)
+
 
 def render(manifest: Path, body: bytes, message_id: str = "m-1") -> tuple[dict[str, Any], Any]:
     scaledjob = load_manifest(manifest).scaledjobs[0]
@@ -94,12 +99,8 @@ async def test_a_job_that_fails_then_succeeds_completes(
 async def test_active_deadline_ends_the_job_and_its_processes(
     state_dir: Path, manifest: ManifestFactory, tmp_path: Path
 ) -> None:
-    script = (
-        "import os, time; open(os.environ['RUNS_FILE'], 'w').write(str(os.getpid()));"
-        "print('started'); time.sleep(60)"
-    )
     client = LocalJobClient(state_dir)
-    job, secret = render(manifest(script, deadline=2), b"{}")
+    job, secret = render(manifest(NOTE_PID_AND_SLEEP, deadline=2), b"{}")
     start = time.monotonic()
     await client.create_job(job, secret)
     done = await finished(client, job)
@@ -193,11 +194,8 @@ async def test_jobs_outlive_a_lost_supervisor_which_is_restarted(
 async def test_deleting_a_job_stops_its_processes_and_removes_it(
     state_dir: Path, manifest: ManifestFactory, tmp_path: Path
 ) -> None:
-    script = (
-        "import os, time; open(os.environ['RUNS_FILE'], 'w').write(str(os.getpid()));time.sleep(60)"
-    )
     client = LocalJobClient(state_dir)
-    job, secret = render(manifest(script), b"{}")
+    job, secret = render(manifest(NOTE_PID_AND_SLEEP), b"{}")
     await client.create_job(job, secret)
     runs = tmp_path / "runs.txt"
 
