@@ -350,6 +350,9 @@ class DispatcherSettings(BaseModel):
     """How long SIGTERM waits for in-flight settlements before cancelling them."""
     handover_margin_seconds: float = 60.0
     """How long before the broker's consumer timeout a held message is handed over."""
+    progress_log_seconds: float = Field(default=30.0, gt=0)
+    """While Jobs run, how often a line says how many, the longest running and what
+    waits: long work shows progress in the log, not only on /metrics."""
     failpoints: list[str] = Field(default_factory=list)
     """Testing only: crash points to arm (see jobrunner.failpoints)."""
 

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,34 @@ async def _sample_depth(item: Running, telemetry: Telemetry, interval: float) ->
         await asyncio.sleep(interval)
 
 
+def _age(stamp: str) -> float:
+    try:
+        started = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
+    except ValueError:
+        return 0.0
+    return max(0.0, (datetime.now(UTC) - started).total_seconds())
+
+
+async def _report_progress(item: Running, interval: float) -> None:
+    """A line every ``interval`` seconds while Jobs run (nothing while idle)."""
+    name = item.dispatcher.scaledjob.name
+    while True:
+        await asyncio.sleep(interval)
+        running = [s for s in item.tracker.jobs.values() if s.outcome is None]
+        if not running:
+            continue
+        oldest = max(running, key=lambda s: _age(s.created))
+        waiting = await item.source.depth()
+        logger.info(
+            "%s: %d Job(s) running (the longest, %s, for %.0fs); %s message(s) waiting",
+            name,
+            len(running),
+            oldest.name,
+            _age(oldest.created),
+            "?" if waiting is None else waiting,
+        )
+
+
 async def _beat(heartbeat: Heartbeat) -> None:
     while True:
         heartbeat.beat()
@@ -233,6 +262,12 @@ async def run(
                 start_guarded(
                     _sample_depth(item, telemetry, settings.telemetry.queue_depth_interval_seconds),
                     name=f"queue-depth-{item.dispatcher.scaledjob.name}",
+                )
+            )
+            item.tasks.append(
+                start_guarded(
+                    _report_progress(item, settings.dispatcher.progress_log_seconds),
+                    name=f"progress-{item.dispatcher.scaledjob.name}",
                 )
             )
         root_tasks = [t for item in running for t in item.tasks]

@@ -313,9 +313,10 @@ async def main(cluster: bool) -> int:
         console.print(table)
         if not cluster:
             state = setup.settings.local.state_dir
+            command = Path(sys.executable).parent / "jobrunner"
             console.print(
-                f"  look around: jobrunner jobs --local --state-dir {state}"
-                " -f deploy/examples/scaledjob-local.yaml"
+                f"  look around: {command if command.exists() else 'jobrunner'} jobs --local "
+                f"--state-dir {state} -f deploy/examples/scaledjob-local.yaml"
             )
         verdict = "every message ended as expected" if ok else "UNEXPECTED outcome"
         console.print(f"demo: {verdict} in {time.monotonic() - start:.1f}s")

@@ -119,6 +119,7 @@ class Dispatchers:
             **os.environ,
             "JOBRUNNER_LOCAL__RETRY_SECONDS": "0.2",
             "JOBRUNNER_LOG_LEVEL": "DEBUG",
+            "JOBRUNNER_DISPATCHER__PROGRESS_LOG_SECONDS": "0.5",
         }
         log = (self.log_dir / f"dispatcher-{len(self.started)}.log").open("wb")
         proc = subprocess.Popen(

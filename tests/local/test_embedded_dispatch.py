@@ -173,3 +173,5 @@ def test_sigterm_leaves_the_job_running_and_the_next_dispatcher_settles_it(
     wait_until(lambda: settled(state_dir, "work"), timeout=30)
     assert [what for what, _, _ in runs(tmp_path)] == ["start", "end"]
     assert job_outcomes(state_dir) == ["CompletionsReached"]
+    # Long work shows progress: the dispatchers said what was running while it ran.
+    assert "work: 1 Job(s) running (the longest, work-" in dispatchers.logs()
