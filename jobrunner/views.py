@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,14 @@ async def show_status(
         if not watch:
             console.print(view)
             return
+        if not console.is_terminal:
+            # Piped or logged: a live view would only print when it ends; print each
+            # refresh instead, stamped.
+            while True:
+                console.print(Text(time.strftime("-- %H:%M:%S --"), style="dim"))
+                console.print(view)
+                await asyncio.sleep(interval)
+                view = await status_renderable(client, scaledjobs, settings)
         with Live(view, console=console, auto_refresh=False) as live:
             while True:
                 await asyncio.sleep(interval)

@@ -16,6 +16,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,6 +36,7 @@ from jobrunner.protocols import ApiRejected, JobPage, WatchEvent, WatchExpired
 
 logger = logging.getLogger(__name__)
 _SECRET_SUFFIX = "-message"
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 def parse_selector(selector: str) -> dict[str, str]:
@@ -124,6 +126,13 @@ class LocalJobClient:
     async def create_job(
         self, job: Mapping[str, Any], secret: Mapping[str, Any] | None
     ) -> tuple[Mapping[str, Any], bool]:
+        meta = job.get("metadata") or {}
+        for field in ("namespace", "name"):
+            # As the API server would; here it also keeps paths inside the state directory.
+            if not _DNS_LABEL.fullmatch(str(meta.get(field, ""))):
+                raise ApiRejected(
+                    422, "Invalid", f"metadata.{field}: {meta.get(field)!r} is not a DNS label"
+                )
         problem = unrunnable(job)
         if problem is not None:
             raise ApiRejected(422, "Invalid", problem)

@@ -161,3 +161,28 @@ def test_make_demo_runs_the_batch_and_prints_the_summary(tmp_path: Path) -> None
     jobs = [JobDir(p) for p in (state / "jobs" / "default").iterdir()]
     assert len(jobs) == 10
     assert not any(job.supervised() for job in jobs)
+
+
+def test_status_watch_keeps_printing_fresh_views_when_piped(
+    manifest: ManifestFactory, state_dir: Path
+) -> None:
+    path = str(manifest(JOB))
+    assert main(["publish", "-f", path, "--state-dir", str(state_dir), '{"id": "w"}']) == 0
+    command = [sys.executable, "-m", "jobrunner.cli", "status", "--watch", "--interval", "0.3"]
+    watcher = subprocess.Popen(
+        [*command, "--local", "--state-dir", str(state_dir), "-f", path],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert watcher.stdout is not None
+        lines = []
+        while sum("queue work:" in line for line in lines) < 3:
+            line = watcher.stdout.readline()
+            assert line, "the watch ended"
+            lines.append(line)
+    finally:
+        watcher.kill()
+        watcher.wait()
+    assert sum(line.startswith("-- ") for line in lines) >= 3
+    assert "queue work: 1 waiting, 0 in hand, 0 dead-lettered" in "".join(lines)
