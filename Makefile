@@ -35,7 +35,7 @@ stack-status:
 	bash $(STACK)/stack-status.sh
 
 lint: venv
-	$(BIN)/ruff check jobrunner tests bench
+	$(BIN)/ruff check jobrunner tests bench deploy/local
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
