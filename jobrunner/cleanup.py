@@ -13,23 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from datetime import UTC, datetime
 
 from jobrunner.config import AckPolicy
 from jobrunner.protocols import ApiRejected, JobClient, TransientError
+from jobrunner.timestamps import age_seconds
 from jobrunner.tracker import JobState, JobTracker
 
 logger = logging.getLogger(__name__)
 
 UNSETTLED_GRACE_SECONDS = 600.0
-
-
-def _age_seconds(timestamp: str) -> float:
-    try:
-        moment = datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
-    except ValueError:
-        return 0.0
-    return (datetime.now(UTC) - moment).total_seconds()
 
 
 class HistoryCleaner:
@@ -76,7 +68,7 @@ class HistoryCleaner:
                     continue
                 if (
                     not self._is_settled(state)
-                    and _age_seconds(state.finished_at) < UNSETTLED_GRACE_SECONDS
+                    and age_seconds(state.finished_at) < UNSETTLED_GRACE_SECONDS
                 ):
                     continue
                 doomed.append(state.name)

@@ -280,26 +280,24 @@ def parse_scaledjob(
         raise _explain(exc, where, node) from None
 
 
-def load_documents(path: Path) -> list[dict[str, Any]]:
-    return [doc for doc, _ in _load_with_nodes(path)]
-
-
-def _load_with_nodes(path: Path) -> list[tuple[dict[str, Any], yaml.Node | None]]:
+def _documents(path: Path) -> list[tuple[dict[str, Any], yaml.Node]]:
+    """Each document of the file with its YAML node (which knows the lines), parsed once."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise ManifestError(f"{path}: cannot read: {exc.strerror}") from None
+    out: list[tuple[dict[str, Any], yaml.Node]] = []
     try:
-        docs = [d for d in yaml.safe_load_all(text) if d is not None]
-        nodes = [n for n in yaml.compose_all(text, Loader=yaml.SafeLoader) if n is not None]
+        for node in yaml.compose_all(text, Loader=yaml.SafeLoader):
+            doc = yaml.SafeLoader("").construct_document(node) if node is not None else None
+            if doc is None:
+                continue
+            if not isinstance(doc, dict):
+                raise ManifestError(f"{path}: document {len(out) + 1} is not a mapping")
+            out.append((doc, node))
     except yaml.YAMLError as exc:
         raise ManifestError(f"{path}: not valid YAML: {exc}") from None
-    for index, doc in enumerate(docs):
-        if not isinstance(doc, dict):
-            raise ManifestError(f"{path}: document {index + 1} is not a mapping")
-    if len(nodes) != len(docs):
-        nodes = [None] * len(docs)  # type: ignore[list-item]
-    return list(zip(docs, nodes, strict=True))
+    return out
 
 
 class ManifestSet(BaseModel):
@@ -316,7 +314,7 @@ def load_manifest(path: Path) -> ManifestSet:
     file, the document and the field."""
     scaledjobs: list[ScaledJob] = []
     auths: dict[str, TriggerAuthentication] = {}
-    for index, (doc, node) in enumerate(_load_with_nodes(path)):
+    for index, (doc, node) in enumerate(_documents(path)):
         where = f"{path} (document {index + 1}, {doc.get('kind', 'no kind')})"
         kind = doc.get("kind")
         if kind == "ScaledJob":

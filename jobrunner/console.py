@@ -15,19 +15,11 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from jobrunner.models import ANNOTATION_MESSAGE_ID, ANNOTATION_SETTLED
-from jobrunner.tracker import outcome_of
+from jobrunner.models import ANNOTATION_MESSAGE_ID, Action
+from jobrunner.timestamps import epoch
+from jobrunner.tracker import JobState
 
 _STYLE = {"succeeded": "green", "failed": "red", "running": "yellow", "pending": "dim"}
-
-
-def _epoch(stamp: str | None) -> float | None:
-    if not stamp:
-        return None
-    try:
-        return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
-    except ValueError:
-        return None
 
 
 @dataclass(frozen=True)
@@ -45,32 +37,25 @@ class JobRow:
 
     @classmethod
     def of(cls, job: Mapping[str, Any]) -> JobRow:
-        meta = job.get("metadata") or {}
+        state = JobState.from_object(job)
         status = job.get("status") or {}
-        annotations = meta.get("annotations") or {}
-        outcome = outcome_of(job)
+        annotations = (job.get("metadata") or {}).get("annotations") or {}
+        outcome = state.outcome
         if outcome is not None:
-            state = outcome.outcome.value
+            label = outcome.outcome.value
         else:
-            state = "running" if status.get("active") else "pending"
-        finished = None
-        if outcome is not None:
-            finished = _epoch(status.get("completionTime"))
-            for condition in status.get("conditions") or []:
-                if finished is None and condition.get("status") == "True":
-                    finished = _epoch(condition.get("lastTransitionTime"))
-        attempts = int(status.get("failed") or 0) + int(status.get("succeeded") or 0)
-        attempts += int(status.get("active") or 0)
+            label = "running" if status.get("active") else "pending"
+        attempts = sum(int(status.get(k) or 0) for k in ("failed", "succeeded", "active"))
         return cls(
-            name=meta.get("name", ""),
+            name=state.name,
             message=annotations.get(ANNOTATION_MESSAGE_ID, ""),
-            state=state,
+            state=label,
             reason=outcome.reason if outcome else "",
-            created=_epoch(meta.get("creationTimestamp")),
-            started=_epoch(status.get("startTime")),
-            finished=finished,
+            created=epoch(state.created),
+            started=epoch(status.get("startTime")),
+            finished=epoch(state.finished_at),
             attempts=attempts,
-            dead_lettered=annotations.get(ANNOTATION_SETTLED) == "dead-letter",
+            dead_lettered=state.settled == Action.DEAD_LETTER.value,
         )
 
     @property

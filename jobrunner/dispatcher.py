@@ -23,7 +23,6 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from typing import Any, TypeVar
 
 from opentelemetry import trace
@@ -52,6 +51,7 @@ from jobrunner.rendering import (
 )
 from jobrunner.tasks import start_guarded, stop_tasks
 from jobrunner.telemetry import Telemetry, extract_context, traceparent_of
+from jobrunner.timestamps import seconds_between
 from jobrunner.tracker import JobState, JobTracker, outcome_of
 
 logger = logging.getLogger(__name__)
@@ -443,7 +443,7 @@ class Dispatcher:
             self._m_succeeded.inc()
         else:
             self._m_failed.labels(self.scaledjob.name, outcome.reason).inc()
-        duration = _seconds_between(state.created, state.finished_at)
+        duration = seconds_between(state.created, state.finished_at)
         if duration is not None:
             self._m_duration.labels(self.scaledjob.name, outcome.outcome.value).observe(duration)
         self.cleaner.trigger()
@@ -527,12 +527,3 @@ class Dispatcher:
             # back to the broker now; the next dispatcher adopts the Job.
             task.cancel()
         await stop_tasks(list(self._side_tasks), grace=grace)
-
-
-def _seconds_between(start: str, end: str) -> float | None:
-    try:
-        a = datetime.fromisoformat(start.replace("Z", "+00:00"))
-        b = datetime.fromisoformat(end.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return max(0.0, (b - a).total_seconds())

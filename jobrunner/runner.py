@@ -12,7 +12,6 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ from jobrunner.sources.rabbitmq import RabbitMQSource
 from jobrunner.sources.sqlite import SQLiteSource
 from jobrunner.tasks import start_guarded, stop_tasks
 from jobrunner.telemetry import Telemetry
+from jobrunner.timestamps import age_seconds
 from jobrunner.tracker import JobTracker
 from jobrunner.triggers import SecretReader, resolve_kafka, resolve_rabbitmq, resolve_sqlite
 
@@ -53,6 +53,8 @@ class Running:
     tracker: JobTracker
     queue: str
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    depth: int | None = None
+    """Messages waiting, as last sampled."""
 
 
 Source = RabbitMQSource | KafkaSource | SQLiteSource
@@ -139,21 +141,13 @@ async def _sample_depth(item: Running, telemetry: Telemetry, interval: float) ->
     name = item.dispatcher.scaledjob.name
     gauge = telemetry.metrics.queue_depth.labels(name, item.queue)
     while True:
-        depth = await item.source.depth()
-        if depth is not None:
-            gauge.set(depth)
+        item.depth = await item.source.depth()
+        if item.depth is not None:
+            gauge.set(item.depth)
         if isinstance(item.source, KafkaSource):
             for partition, lag in (await item.source.partition_lag()).items():
                 telemetry.metrics.consumer_lag.labels(name, item.queue, partition).set(lag)
         await asyncio.sleep(interval)
-
-
-def _age(stamp: str) -> float:
-    try:
-        started = datetime.fromisoformat(stamp.replace("Z", "+00:00"))
-    except ValueError:
-        return 0.0
-    return max(0.0, (datetime.now(UTC) - started).total_seconds())
 
 
 async def _report_progress(item: Running, interval: float) -> None:
@@ -164,15 +158,14 @@ async def _report_progress(item: Running, interval: float) -> None:
         running = [s for s in item.tracker.jobs.values() if s.outcome is None]
         if not running:
             continue
-        oldest = max(running, key=lambda s: _age(s.created))
-        waiting = await item.source.depth()
+        oldest = max(running, key=lambda s: age_seconds(s.created))
         logger.info(
             "%s: %d Job(s) running (the longest, %s, for %.0fs); %s message(s) waiting",
             name,
             len(running),
             oldest.name,
-            _age(oldest.created),
-            "?" if waiting is None else waiting,
+            age_seconds(oldest.created),
+            "?" if item.depth is None else item.depth,
         )
 
 

@@ -5,7 +5,6 @@ dispatcher uses, so a view of the cluster and of the local executor are one code
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sys
 import time
 from collections.abc import Mapping, Sequence
@@ -19,9 +18,8 @@ from rich.text import Text
 from jobrunner.config import Executor, ManifestError, ScaledJob, Settings
 from jobrunner.console import QueueLine, history_table, rows_of, status_view
 from jobrunner.local.client import LocalJobClient
-from jobrunner.local.jobdir import JobDir
 from jobrunner.protocols import JobClient
-from jobrunner.runner import job_client, selector_for
+from jobrunner.runner import Jobs, job_client, selector_for
 from jobrunner.sources.sqlite import SQLiteQueue, dead_letter_queue_name
 from jobrunner.triggers import resolve_sqlite
 
@@ -75,7 +73,7 @@ async def publish(
     return queue_name, path
 
 
-def read_client(settings: Settings) -> JobClient:
+def read_client(settings: Settings) -> Jobs:
     """A client for looking only: the local one starts and deletes nothing."""
     if settings.executor is Executor.LOCAL:
         return LocalJobClient(settings.local.state_dir, controller=False)
@@ -158,8 +156,7 @@ async def show_status(
                 await asyncio.sleep(interval)
                 live.update(await status_renderable(client, scaledjobs, settings), refresh=True)
     finally:
-        with contextlib.suppress(Exception):
-            await client.close()  # type: ignore[attr-defined]
+        await client.close()
 
 
 async def show_history(scaledjobs: Sequence[ScaledJob], settings: Settings, *, limit: int) -> None:
@@ -176,12 +173,11 @@ async def show_history(scaledjobs: Sequence[ScaledJob], settings: Settings, *, l
         if settings.executor is Executor.LOCAL:
             console.print(Text("logs of a Job: jobrunner logs --local JOB", style="dim"))
     finally:
-        with contextlib.suppress(Exception):
-            await client.close()  # type: ignore[attr-defined]
+        await client.close()
 
 
 def show_logs(settings: Settings, job: str, *, namespace: str) -> int:
-    jobdir = JobDir(settings.local.state_dir / "jobs" / namespace / job)
+    jobdir = LocalJobClient(settings.local.state_dir, controller=False).jobdir(namespace, job)
     if not jobdir.path.is_dir():
         print(
             f"error: no local Job {namespace}/{job} in {settings.local.state_dir}; "

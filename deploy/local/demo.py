@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import faulthandler
 import json
 import os
 import sys
@@ -37,7 +38,6 @@ from jobrunner import runner
 from jobrunner.config import Executor, ManifestSet, Settings, load_manifest
 from jobrunner.console import JobRow, in_flight_table, rows_of, seconds
 from jobrunner.naming import job_name
-from jobrunner.protocols import JobClient
 from jobrunner.telemetry import Telemetry, configure_logging
 from jobrunner.views import list_all, make_console, publish, read_client
 
@@ -274,7 +274,7 @@ async def main(cluster: bool) -> int:
         runner.run(setup.manifests, setup.settings, stop=stop, telemetry=telemetry),
         name="demo-dispatcher",
     )
-    reader: JobClient = read_client(setup.settings)
+    reader = read_client(setup.settings)
     try:
         await setup.publish()
         console.print(
@@ -325,11 +325,14 @@ async def main(cluster: bool) -> int:
         if not dispatcher.done():
             stop.set()
             await dispatcher
-        await reader.close()  # type: ignore[attr-defined]
+        await reader.close()
         await setup.cleanup()
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cluster", action="store_true", help="run on the local stack")
+    # The demo gives up waiting after TIMEOUT; should it hang past that anyway, every
+    # thread's stack goes to stderr and the process exits, so a hang says where it is.
+    faulthandler.dump_traceback_later(TIMEOUT + 30, exit=True)
     sys.exit(asyncio.run(main(parser.parse_args().cluster)))

@@ -16,7 +16,6 @@ import socket
 import threading
 from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import urllib3
@@ -25,6 +24,7 @@ from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from jobrunner.protocols import ApiRejected, JobPage, TransientError, WatchEvent, WatchExpired
+from jobrunner.timestamps import now_rfc3339
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -205,7 +205,7 @@ class KubeJobClient:
         reason: str,
         message: str,
     ) -> None:
-        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        now = now_rfc3339()
         event = {
             "apiVersion": "v1",
             "kind": "Event",

@@ -26,13 +26,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from jobrunner.local.jobdir import JobDir, finished, now_rfc3339
+from jobrunner.local.jobdir import JobDir
 from jobrunner.local.supervisor import RETRY_ENV
 from jobrunner.protocols import ApiRejected, JobPage, WatchEvent, WatchExpired
+from jobrunner.timestamps import age_seconds, now_rfc3339
+from jobrunner.tracker import JobState, outcome_of
 
 logger = logging.getLogger(__name__)
 _SECRET_SUFFIX = "-message"
@@ -104,7 +105,8 @@ class LocalJobClient:
         """Guards ``_children``: scans and creates run on worker threads."""
 
     # ------------------------------------------------------------------ objects
-    def _dir(self, namespace: str, name: str) -> JobDir:
+    def jobdir(self, namespace: str, name: str) -> JobDir:
+        """Where the Job ``namespace/name`` is kept (its logs are under ``logs/``)."""
         return JobDir(self.root / namespace / name)
 
     def _object(self, jobdir: JobDir) -> dict[str, Any] | None:
@@ -112,7 +114,7 @@ class LocalJobClient:
         if job is None:
             return None
         status = jobdir.status()
-        job["status"] = {k: v for k, v in status.items() if k not in ("pgids", "started")}
+        job["status"] = {k: v for k, v in status.items() if k != "pgids"}
         job["metadata"]["resourceVersion"] = str(self._version)
         return job
 
@@ -144,7 +146,7 @@ class LocalJobClient:
         self, job: Mapping[str, Any], secret: Mapping[str, Any] | None
     ) -> tuple[dict[str, Any], bool]:
         meta = job["metadata"]
-        jobdir = self._dir(meta["namespace"], meta["name"])
+        jobdir = self.jobdir(meta["namespace"], meta["name"])
         jobdir.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             jobdir.path.mkdir()
@@ -157,7 +159,9 @@ class LocalJobClient:
         if secret is not None:
             jobdir.write_secret(dict(secret))
         stored = json.loads(json.dumps(job))
-        stored["metadata"].update({"uid": str(uuid.uuid4()), "creationTimestamp": now_rfc3339()})
+        stored["metadata"].update(
+            {"uid": str(uuid.uuid4()), "creationTimestamp": now_rfc3339(millis=True)}
+        )
         jobdir.write_job(stored)
         self._supervise(jobdir)
         created = self._object(jobdir)
@@ -196,13 +200,13 @@ class LocalJobClient:
                 )
 
     async def get_job(self, namespace: str, name: str) -> Mapping[str, Any] | None:
-        return await asyncio.to_thread(self._object, self._dir(namespace, name))
+        return await asyncio.to_thread(self._object, self.jobdir(namespace, name))
 
     async def annotate_job(
         self, namespace: str, name: str, annotations: Mapping[str, str]
     ) -> Mapping[str, Any]:
         def patch() -> dict[str, Any]:
-            jobdir = self._dir(namespace, name)
+            jobdir = self.jobdir(namespace, name)
             job = jobdir.job()
             if job is None:
                 raise ApiRejected(404, "NotFound", f'jobs.batch "{name}" not found')
@@ -217,7 +221,7 @@ class LocalJobClient:
         return result
 
     async def delete_job(self, namespace: str, name: str) -> None:
-        await asyncio.to_thread(self._delete, self._dir(namespace, name))
+        await asyncio.to_thread(self._delete, self.jobdir(namespace, name))
         self._changed.set()
 
     def _delete(self, jobdir: JobDir) -> None:
@@ -244,7 +248,7 @@ class LocalJobClient:
     async def read_secret(self, namespace: str, name: str) -> Mapping[str, str] | None:
         if not name.endswith(_SECRET_SUFFIX):
             return None  # only the Jobs' own message Secrets exist locally
-        secret = self._dir(namespace, name[: -len(_SECRET_SUFFIX)]).secret()
+        secret = self.jobdir(namespace, name[: -len(_SECRET_SUFFIX)]).secret()
         if secret is None:
             return None
         data: Mapping[str, str] = secret.get("data") or {}
@@ -260,11 +264,11 @@ class LocalJobClient:
         reason: str,
         message: str,
     ) -> None:
-        jobdir = self._dir(namespace, job_name)
+        jobdir = self.jobdir(namespace, job_name)
         if not jobdir.path.is_dir():
             return
         line = json.dumps(
-            {"time": now_rfc3339(), "type": type, "reason": reason, "message": message}
+            {"time": now_rfc3339(millis=True), "type": type, "reason": reason, "message": message}
         )
         with (jobdir.path / "events.jsonl").open("a") as events:
             events.write(line + "\n")
@@ -295,8 +299,7 @@ class LocalJobClient:
         without one (its host process died), and delete Jobs past their TTL."""
         if not self._controller:
             return  # a read-only view (jobrunner status) changes nothing
-        status = obj.get("status") or {}
-        if not finished(status):
+        if outcome_of(obj) is None:
             if not jobdir.supervised():
                 with self._lock:
                     child = self._children.get(jobdir.path)
@@ -308,8 +311,7 @@ class LocalJobClient:
         ttl = (obj.get("spec") or {}).get("ttlSecondsAfterFinished")
         if ttl is None:
             return
-        ended = _finished_at(status)
-        if ended is not None and time.time() - ended >= float(ttl):
+        if age_seconds(JobState.from_object(obj).finished_at) >= float(ttl):
             self._delete(jobdir)
 
     async def watch_jobs(
@@ -348,10 +350,7 @@ class LocalJobClient:
             old = known.get(jobdir.name)
             if old is not None and old.stamp == stamp:
                 out[jobdir.name] = old
-                if not finished(old.object.get("status") or {}) or (
-                    (old.object.get("spec") or {}).get("ttlSecondsAfterFinished") is not None
-                ):
-                    self._housekeep(jobdir, old.object)
+                self._housekeep(jobdir, old.object)
                 continue
             obj = self._object(jobdir)
             if obj is None or not _matches(obj, wanted):
@@ -364,12 +363,3 @@ class LocalJobClient:
     async def close(self) -> None:
         """Forget the supervisors without stopping them: Jobs keep running."""
         self._children.clear()
-
-
-def _finished_at(status: Mapping[str, Any]) -> float | None:
-    for condition in status.get("conditions") or []:
-        when = condition.get("lastTransitionTime")
-        if when:
-            with contextlib.suppress(ValueError):
-                return datetime.fromisoformat(when.replace("Z", "+00:00")).timestamp()
-    return None

@@ -16,7 +16,6 @@ import contextlib
 import fcntl
 import json
 import os
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +23,6 @@ JOB_FILE = "job.json"
 STATUS_FILE = "status.json"
 SECRET_FILE = "secret.json"
 LOCK_FILE = "supervisor.lock"
-
-
-def now_rfc3339() -> str:
-    """RFC 3339 with milliseconds (the API server keeps whole seconds; a local Job of a
-    second or two deserves a truer duration)."""
-    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -116,10 +109,3 @@ class JobDir:
         with contextlib.suppress(FileNotFoundError, ValueError):
             return int((self.path / LOCK_FILE).read_text().strip())
         return None
-
-
-def finished(status: dict[str, Any]) -> bool:
-    return any(
-        c.get("type") in ("Complete", "Failed") and c.get("status") == "True"
-        for c in status.get("conditions") or []
-    )

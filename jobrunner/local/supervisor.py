@@ -27,7 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobrunner.local.jobdir import LOCK_FILE, JobDir, finished, now_rfc3339
+from jobrunner.local.jobdir import LOCK_FILE, JobDir
+from jobrunner.timestamps import epoch, now_rfc3339
+from jobrunner.tracker import outcome_of
 
 RETRY_ENV = "JOBRUNNER_LOCAL_RETRY_SECONDS"
 _PASS_THROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "VIRTUAL_ENV")
@@ -188,7 +190,7 @@ class Supervisor:
         self.running = []
 
     def finish(self, kind: str, reason: str, message: str) -> None:
-        now = now_rfc3339()
+        now = now_rfc3339(millis=True)
         self.status["active"] = 0
         if kind == "Complete":
             self.status["completionTime"] = now
@@ -207,15 +209,14 @@ class Supervisor:
 
     def run(self) -> None:
         job = self.jobdir.job()
-        if job is None or finished(self.status):
+        if job is None or outcome_of({"status": self.status}) is not None:
             return
         spec = job.get("spec") or {}
         backoff_limit = int(spec.get("backoffLimit", 6))
         pod = (spec.get("template") or {}).get("spec") or {}
         self.grace = float(pod.get("terminationGracePeriodSeconds", 30))
         deadline_seconds = spec.get("activeDeadlineSeconds")
-        self.status.setdefault("startTime", now_rfc3339())
-        self.status.setdefault("started", time.time())
+        self.status.setdefault("startTime", now_rfc3339(millis=True))
         self.status.setdefault("failed", 0)
         self.status.setdefault("attempts", [])
         if self.status.get("active"):
@@ -226,7 +227,7 @@ class Supervisor:
             self._close_attempt({"lost": -1}, "the attempt's supervisor was lost")
         deadline = None
         if deadline_seconds is not None:
-            deadline = float(self.status["started"]) + float(deadline_seconds)
+            deadline = (epoch(self.status["startTime"]) or time.time()) + float(deadline_seconds)
         self.jobdir.logs.mkdir(exist_ok=True)
         while True:
             if self.status["failed"] > backoff_limit:
@@ -242,7 +243,9 @@ class Supervisor:
                 self.finish("Failed", "LocalExecutorUnsupported", str(exc))
                 return
             self.status["active"] = 1
-            self.status["attempts"].append({"attempt": attempt, "started": now_rfc3339()})
+            self.status["attempts"].append(
+                {"attempt": attempt, "started": now_rfc3339(millis=True)}
+            )
             self.save()
             codes: dict[str, int] = {}
             for step in [[p] for p in init] + [main]:
@@ -285,7 +288,7 @@ class Supervisor:
         self.status["active"] = 0
         if self.status["attempts"]:
             current = self.status["attempts"][-1]
-            current["finished"] = now_rfc3339()
+            current["finished"] = now_rfc3339(millis=True)
             current["exitCodes"] = codes
             if problem:
                 current["problem"] = problem

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -101,10 +100,8 @@ async def test_active_deadline_ends_the_job_and_its_processes(
 ) -> None:
     client = LocalJobClient(state_dir)
     job, secret = render(manifest(NOTE_PID_AND_SLEEP, deadline=2), b"{}")
-    start = time.monotonic()
     await client.create_job(job, secret)
-    done = await finished(client, job)
-    assert time.monotonic() - start < 10
+    done = await finished(client, job)  # within 20 s, though the process sleeps 60
     outcome = outcome_of(done)
     assert outcome is not None
     assert outcome.reason == "DeadlineExceeded"

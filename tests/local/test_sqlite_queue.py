@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
 import subprocess
 import sys
@@ -169,4 +168,4 @@ async def test_messages_held_by_a_killed_consumer_come_back_redelivered(tmp_path
         ("b", True),
         ("c", False),
     ]
-    assert json.dumps([h.delivery.body.decode() for h in got]) == '["1", "2", "3"]'
+    assert [h.delivery.body for h in got] == [b"1", b"2", b"3"]
