@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,16 +88,37 @@ def dead_letter_queue_name(queue: str, configured: str | None = None) -> str:
     return configured or f"{queue}.dead-letter"
 
 
-async def _connect(path: Path) -> aiosqlite.Connection:
+async def _connect(path: Path, *, within: float = 30.0) -> aiosqlite.Connection:
     path.parent.mkdir(parents=True, exist_ok=True)
-    db = await aiosqlite.connect(path, timeout=30.0)
-    await db.execute("PRAGMA journal_mode=WAL")
-    # NORMAL in WAL mode: a commit survives a process crash (which is what we promise);
-    # only a power loss can drop the last transactions.
-    await db.execute("PRAGMA synchronous=NORMAL")
-    await db.executescript(_SCHEMA)
-    await db.commit()
+    db = await aiosqlite.connect(path, timeout=within)
+    try:
+        await _prepare(db, within)
+    except BaseException:
+        # An open connection's worker thread would keep the process from exiting.
+        await db.close()
+        raise
     return db
+
+
+async def _prepare(db: aiosqlite.Connection, within: float) -> None:
+    """WAL mode and the schema. Two processes opening a new file at once (a dispatcher
+    and `jobrunner publish`) can meet here: switching the journal mode answers "database
+    is locked" at once, without SQLite's busy wait, so it is retried for ``within`` s."""
+    delay, deadline = 0.01, time.monotonic() + within
+    while True:
+        try:
+            await db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode: a commit survives a process crash (which is what we
+            # promise); only a power loss can drop the last transactions.
+            await db.execute("PRAGMA synchronous=NORMAL")
+            await db.executescript(_SCHEMA)
+            await db.commit()
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() + delay > deadline:
+                raise
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.5)
 
 
 def _row(row: Sequence[Any]) -> StoredMessage:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -169,3 +170,36 @@ async def test_messages_held_by_a_killed_consumer_come_back_redelivered(tmp_path
         ("c", False),
     ]
     assert [h.delivery.body for h in got] == [b"1", b"2", b"3"]
+
+
+async def test_processes_opening_a_new_queue_file_at_once_all_succeed(tmp_path: Path) -> None:
+    # A dispatcher and `jobrunner publish` may create the file together; switching it to
+    # WAL then answers "database is locked" at once to one of them (about one trial in
+    # three on this machine before the retry), and the failed opener used to hang at exit.
+    opener = textwrap.dedent(
+        """
+        import asyncio, sys, time
+        from pathlib import Path
+        from jobrunner.sources.sqlite import SQLiteQueue
+        async def main():
+            while time.time() < float(sys.argv[2]):
+                pass
+            q = await SQLiteQueue.open(Path(sys.argv[1]))
+            await q.publish("work", [b"x"])
+            await q.close()
+        asyncio.run(main())
+        """
+    )
+    for trial in range(10):
+        db = tmp_path / f"fresh-{trial}.db"
+        start = str(time.time() + 0.6)
+        procs = [
+            await asyncio.create_subprocess_exec(
+                sys.executable, "-c", opener, str(db), start, stderr=subprocess.PIPE
+            )
+            for _ in range(2)
+        ]
+        async with asyncio.timeout(30):
+            errors = [(await p.communicate())[1].decode() for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], "\n".join(errors)
+        assert await counts(db, "work") == (2, 0, 0)
