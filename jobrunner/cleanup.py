@@ -11,6 +11,7 @@ the redelivery it already ran.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -22,6 +23,7 @@ from jobrunner.tracker import JobState, JobTracker
 logger = logging.getLogger(__name__)
 
 UNSETTLED_GRACE_SECONDS = 600.0
+BUSY_RECHECK_SECONDS = 1.0
 
 
 class HistoryCleaner:
@@ -45,6 +47,7 @@ class HistoryCleaner:
         self._settled = settled
         self._before_pass = before_pass
         self._wanted = asyncio.Event()
+        self._deleting: set[str] = set()
         self.deleted = 0
 
     def trigger(self) -> None:
@@ -52,7 +55,19 @@ class HistoryCleaner:
 
     def surplus(self) -> list[str]:
         """Names to delete now, oldest first."""
+        return self.plan()[0]
+
+    def plan(self) -> tuple[list[str], float | None]:
+        """Names to delete now (oldest first), and in how many seconds a Job kept back
+        only for now (its message still in hand, or not yet known settled) should be
+        looked at again; None when nothing was kept back."""
         doomed: list[str] = []
+        recheck: float | None = None
+
+        def again(seconds: float) -> None:
+            nonlocal recheck
+            recheck = seconds if recheck is None else min(recheck, seconds)
+
         for succeeded, limit in self._limits.items():
             finished = [
                 s
@@ -64,16 +79,23 @@ class HistoryCleaner:
             for state in finished:
                 if excess <= 0:
                     break
+                if state.name in self._deleting:
+                    excess -= 1  # deleted already; its watch event is on the way
+                    continue
                 if self._busy(state.name):
+                    # Its settlement triggers a pass; a Kafka commit does not, so look
+                    # again soon (an in-memory check, no API call).
+                    again(BUSY_RECHECK_SECONDS)
                     continue
-                if (
-                    not self._is_settled(state)
-                    and age_seconds(state.finished_at) < UNSETTLED_GRACE_SECONDS
-                ):
-                    continue
+                if not self._is_settled(state):
+                    age = age_seconds(state.finished_at)
+                    if age < UNSETTLED_GRACE_SECONDS:
+                        # Settled elsewhere (a mark arriving by watch), or the grace ends.
+                        again(min(BUSY_RECHECK_SECONDS * 4, UNSETTLED_GRACE_SECONDS - age))
+                        continue
                 doomed.append(state.name)
                 excess -= 1
-        return doomed
+        return doomed, recheck
 
     def _is_settled(self, state: JobState) -> bool:
         if state.settled or state.name in self._settled:
@@ -83,13 +105,20 @@ class HistoryCleaner:
         return owns and state.outcome is not None and state.outcome.succeeded
 
     async def run(self) -> None:
+        """Delete surplus Jobs whenever a Job finishes or a message is settled, and
+        again when a Job kept back only for now may go: promptly, whatever else happens
+        (an idle queue included)."""
+        recheck: float | None = None
         while True:
-            await self._wanted.wait()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wanted.wait(), timeout=recheck)
             self._wanted.clear()
             self._before_pass()
-            for name in self.surplus():
+            doomed, recheck = self.plan()
+            for name in doomed:
                 try:
                     await self._jobs.delete_job(self._namespace, name)
+                    self._deleting.add(name)
                     self._settled.discard(name)
                     self.deleted += 1
                     logger.info(
@@ -97,10 +126,8 @@ class HistoryCleaner:
                     )
                 except (TransientError, ApiRejected) as exc:
                     logger.warning("could not delete Job %s (%s); will retry", name, exc)
-                    await asyncio.sleep(1.0)
-                    self._wanted.set()
+                    recheck = 1.0
                     break
             # Forget settlements of Jobs that are gone (TTL, someone else).
             self._settled.intersection_update(self._tracker.jobs)
-            # Settlement marks arrive as watch events shortly after a Job finishes.
-            await asyncio.sleep(0.5)
+            self._deleting.intersection_update(self._tracker.jobs)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import signal
 import sys
 import time
 from collections.abc import Sequence
@@ -28,8 +29,7 @@ from jobrunner.config import (
 )
 from jobrunner.models import Delivery
 from jobrunner.naming import message_identity
-from jobrunner.rendering import Renderer, RenderError
-from jobrunner.runner import template_dirs
+from jobrunner.rendering import Renderer, RenderError, template_dirs
 
 
 def _read_message(value: str) -> bytes:
@@ -85,37 +85,65 @@ def cmd_render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _notes(manifests: ManifestSet) -> None:
+    for note in manifests.skipped:
+        print(f"{manifests.path}: note: skipped {note}", file=sys.stderr)
+
+
 def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
+    """Everything ``run`` or the API server would refuse: the manifest and its triggers,
+    the Job template against the batch/v1 schema, a sample message rendered through it,
+    and (``--server-dry-run``) the API server's own strict check."""
     manifests = load_manifest(Path(args.file))
+    _notes(manifests)
+    problems = 0
     for scaledjob in manifests.scaledjobs:
         renderer = Renderer(scaledjob, base_dirs=template_dirs(Path(args.file)))
-        print(
-            f"{args.file}: ScaledJob {scaledjob.namespace}/{scaledjob.name}: valid "
-            f"(apiVersion {scaledjob.apiVersion}, ack policy {scaledjob.spec.ackPolicy.value}, "
-            f"maxReplicaCount {scaledjob.spec.maxReplicaCount})"
+        where = f"{args.file}: ScaledJob {scaledjob.namespace}/{scaledjob.name}"
+        body = args.sample_message.encode() if args.sample_message else None
+        delivery = Delivery(
+            source=scaledjob.spec.triggers[0].type,
+            identity="validate-sample",
+            body=body if body is not None else b"{}",
+            message_id="validate-sample",
+            metadata={"queue": scaledjob.spec.triggers[0].metadata.get("queueName", "")},
         )
-        if args.server_dry_run:
-            sample = args.sample_message.encode() if args.sample_message else b"{}"
-            delivery = Delivery(
-                source="validate", identity="dry-run", body=sample, message_id="dry-run"
-            )
-            try:
-                rendered = renderer.render(delivery)
-            except RenderError as exc:
+        try:
+            rendered = renderer.render(delivery)
+        except RenderError as exc:
+            if body is None and exc.reason in ("TemplateError", "InvalidMessage"):
+                # No sample given: `{}` may simply lack what the template reads.
                 print(
-                    f"  cannot render a sample message ({exc}); pass --sample-message",
-                    file=sys.stderr,
+                    f"{where}: valid; a sample message was not rendered ({exc.detail}); "
+                    "pass --sample-message to check one"
                 )
-                return 1
+                rendered = None
+            else:
+                print(f"{where}: the sample message cannot become a Job: {exc}", file=sys.stderr)
+                problems += 1
+                continue
+        else:
+            sample = "the sample message" if body is not None else "a sample message {}"
+            print(
+                f"{where}: valid (apiVersion {scaledjob.apiVersion}, ack policy "
+                f"{scaledjob.spec.ackPolicy.value}, maxReplicaCount "
+                f"{scaledjob.spec.maxReplicaCount}; {sample} renders a valid Job)"
+            )
+        if args.server_dry_run:
+            if rendered is None:
+                print("  server-side dry run needs a Job: pass --sample-message", file=sys.stderr)
+                problems += 1
+                continue
             from jobrunner.kube.client import KubeJobClient, load_api_client
 
             client = KubeJobClient(load_api_client(settings.kube.kubeconfig, settings.kube.context))
             problem = asyncio.run(client.dry_run_create(rendered.job))
             if problem:
                 print(f"  server-side dry run rejected the Job: {problem}", file=sys.stderr)
-                return 1
-            print("  server-side dry run: the API server accepts the Job")
-    return 0
+                problems += 1
+                continue
+            print("  server-side dry run (strict field validation): the API server accepts it")
+    return 1 if problems else 0
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
@@ -124,14 +152,24 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
 
     configure_logging(settings.log_level, json_lines=settings.log_json)
     manifests = load_manifest(Path(args.file))
+    _notes(manifests)
     for scaledjob in manifests.scaledjobs:  # fail at start, not at the first message
         Renderer(scaledjob, base_dirs=template_dirs(Path(args.file)))
     from jobrunner.telemetry import Telemetry, tracer_provider
 
     endpoint = settings.telemetry.otlp_endpoint or settings.otel_traces_endpoint
     telemetry = Telemetry.create(tracer_provider(otlp_endpoint=endpoint))
+
+    async def serve() -> None:
+        # Signals belong to the program, not the runner: SIGTERM and SIGINT ask it to stop.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await runner.run(manifests, settings, stop=stop, telemetry=telemetry)
+
     try:
-        asyncio.run(runner.run(manifests, settings, telemetry=telemetry))
+        asyncio.run(serve())
     finally:
         provider = telemetry.provider
         if provider is not None:

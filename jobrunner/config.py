@@ -20,11 +20,15 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from jobrunner import limits
 
 API_GROUP = "jobrunner.dev"
 API_VERSION = f"{API_GROUP}/v1alpha1"
@@ -83,15 +87,31 @@ class DeliveryMode(enum.StrEnum):
 
 class MessageDelivery(_Model):
     mode: DeliveryMode = DeliveryMode.AUTO
-    envVarName: str = "JOBRUNNER_MESSAGE"
+    envVarName: str = Field(default="JOBRUNNER_MESSAGE", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     maxEnvBytes: int = Field(default=32 * 1024, ge=0)
-    """Largest body passed in an env var; larger ones go to a mounted file."""
-    maxMessageBytes: int = Field(default=512 * 1024, gt=0, le=1000 * 1024)
-    """Largest body accepted at all; beyond it the message is dead-lettered. A Secret
-    holds at most 1 MiB, which bounds this."""
+    """Largest body passed in an env var; larger ones go to a mounted file (mode
+    ``auto``) or are dead-lettered ``MessageTooLarge`` (modes ``env``/``args``). At most
+    128 KiB less the variable's name: the most Linux passes in one environment string."""
+    maxMessageBytes: int = Field(default=512 * 1024, gt=0, le=limits.MESSAGE_MAX)
+    """Largest body accepted at all; beyond it the message is dead-lettered
+    ``MessageTooLarge``. At most 960 KiB: the per-Job Secret that carries a large body
+    holds at most 1 MiB, and keeps the headers beside it."""
     mountPath: str = "/var/run/jobrunner/message"
     containers: list[str] | None = None
     """Containers that get the message; all of them when unset."""
+
+    @field_validator("maxEnvBytes")
+    @classmethod
+    def _fits_an_env_string(cls, value: int, info: ValidationInfo) -> int:
+        name = info.data.get("envVarName") or "JOBRUNNER_MESSAGE"
+        most = limits.env_value_max(name)
+        if value > most:
+            raise ValueError(
+                f"{value} can never work: Linux passes at most {most} bytes in the "
+                f"variable {name} (MAX_ARG_STRLEN, 128 KiB, less its name); larger bodies "
+                "must go to a file (mode auto or file)"
+            )
+        return value
 
 
 class AckPolicy(enum.StrEnum):
@@ -157,6 +177,19 @@ class ScaledJob(_Model):
     metadata: ObjectMeta
     spec: ScaledJobSpec
     status: dict[str, Any] | None = None
+    _node: yaml.Node | None = PrivateAttr(default=None)
+    """The YAML node it was read from, when read from a file: errors give lines."""
+    _origin: str = PrivateAttr(default="")
+    """The file it was read from, when it was ("" for an object from elsewhere)."""
+
+    @property
+    def origin(self) -> str:
+        """``"<file>: "`` to put before an error about this ScaledJob, or ""."""
+        return f"{self._origin}: " if self._origin else ""
+
+    def line_of(self, path: tuple[int | str, ...]) -> int | None:
+        """The manifest line of the field at ``path`` (None when not read from a file)."""
+        return line_of(self._node, path)
 
     @field_validator("apiVersion")
     @classmethod
@@ -223,7 +256,7 @@ def _known_fields() -> set[str]:
     return {name for model in models for name in model.model_fields}
 
 
-def _line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
+def line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
     """The 1-based line of the YAML node at ``loc`` (or of its nearest parent)."""
     line = node.start_mark.line + 1 if node is not None else None
     for part in loc:
@@ -265,27 +298,64 @@ def _explain(error: ValidationError, where: str, node: yaml.Node | None = None) 
     lines = [f"{where}: invalid manifest"]
     for item in error.errors():
         loc = tuple(item["loc"])
-        line = _line_of(node, loc)
+        line = line_of(node, loc)
         at = f"line {line}, " if line is not None else ""
         lines.append(f"  {at}field {_field_path(loc)}: {_hint(item)}")
     return ManifestError("\n".join(lines))
 
 
 def parse_scaledjob(
-    obj: dict[str, Any], *, where: str = "<object>", node: yaml.Node | None = None
+    obj: dict[str, Any],
+    *,
+    where: str = "<object>",
+    node: yaml.Node | None = None,
+    origin: str = "",
 ) -> ScaledJob:
+    """A ScaledJob from a plain object (a file's document, or a custom resource), its
+    triggers checked without I/O; ManifestError naming each field (and its line, given
+    the YAML ``node``)."""
     try:
-        return ScaledJob.model_validate(obj)
+        scaledjob = ScaledJob.model_validate(obj)
     except ValidationError as exc:
         raise _explain(exc, where, node) from None
+    scaledjob._node = node
+    scaledjob._origin = origin
+    from jobrunner.triggers import check_trigger  # the triggers package imports this one
+
+    problems = []
+    for i, trigger in enumerate(scaledjob.spec.triggers):
+        for problem in check_trigger(trigger):
+            loc: tuple[int | str, ...] = ("spec", "triggers", i, *problem.field.split("."))
+            line = line_of(node, loc)
+            at = f"line {line}, " if line is not None else ""
+            problems.append(f"  {at}field {_field_path(loc)}: {problem.text}")
+    if problems:
+        raise ManifestError("\n".join([f"{where}: invalid trigger", *problems]))
+    return scaledjob
+
+
+def read_text(path: Path) -> str:
+    """A manifest or template file as UTF-8 text; ManifestError saying what to do when it
+    cannot be read or is not UTF-8."""
+    try:
+        raw = path.read_bytes()
+    except IsADirectoryError:
+        raise ManifestError(f"{path}: is a directory; give a YAML file") from None
+    except OSError as exc:
+        raise ManifestError(f"{path}: cannot read: {exc.strerror}") from None
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise ManifestError(
+            f"{path}: line {line}: not UTF-8 (byte 0x{raw[exc.start]:02x} at offset "
+            f"{exc.start}); save the file as UTF-8"
+        ) from None
 
 
 def _documents(path: Path) -> list[tuple[dict[str, Any], yaml.Node]]:
     """Each document of the file with its YAML node (which knows the lines), parsed once."""
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ManifestError(f"{path}: cannot read: {exc.strerror}") from None
+    text = read_text(path)
     out: list[tuple[dict[str, Any], yaml.Node]] = []
     try:
         for node in yaml.compose_all(text, Loader=yaml.SafeLoader):
@@ -301,38 +371,60 @@ def _documents(path: Path) -> list[tuple[dict[str, Any], yaml.Node]]:
 
 
 class ManifestSet(BaseModel):
-    """Everything one manifest file declares."""
+    """Everything one manifest file declares that jobrunner uses."""
 
     model_config = ConfigDict(frozen=True, arbitrary_types_allowed=True)
     path: Path
     scaledjobs: list[ScaledJob]
     authentications: dict[str, TriggerAuthentication]
+    secrets: dict[tuple[str, str], dict[str, Any]] = Field(default_factory=dict)
+    """Secrets of the file by (namespace, name): used for a TriggerAuthentication when
+    the cluster has none of that name (see jobrunner.triggers.auth)."""
+    skipped: list[str] = Field(default_factory=list)
+    """Documents of other kinds, left to kubectl: one note each."""
 
 
 def load_manifest(path: Path) -> ManifestSet:
-    """Load ScaledJobs (and TriggerAuthentications) from a YAML file; errors name the
-    file, the document and the field."""
+    """Load ScaledJobs, TriggerAuthentications and Secrets from a YAML file, as a KEDA
+    user keeps them for ``kubectl apply -f``; documents of other kinds are skipped with
+    a note. Errors name the file, the line and the field."""
     scaledjobs: list[ScaledJob] = []
     auths: dict[str, TriggerAuthentication] = {}
+    secrets: dict[tuple[str, str], dict[str, Any]] = {}
+    skipped: list[str] = []
     for index, (doc, node) in enumerate(_documents(path)):
-        where = f"{path} (document {index + 1}, {doc.get('kind', 'no kind')})"
         kind = doc.get("kind")
+        where = f"{path} (document {index + 1}, {kind or 'no kind'})"
         if kind == "ScaledJob":
-            scaledjobs.append(parse_scaledjob(doc, where=where, node=node))
+            scaledjobs.append(parse_scaledjob(doc, where=where, node=node, origin=str(path)))
         elif kind in ("TriggerAuthentication", "ClusterTriggerAuthentication"):
             try:
                 auth = TriggerAuthentication.model_validate(doc)
             except ValidationError as exc:
                 raise _explain(exc, where, node) from None
             auths[auth.metadata.name] = auth
-        else:
+        elif kind == "Secret":
+            meta = doc.get("metadata") or {}
+            secrets[(str(meta.get("namespace") or "default"), str(meta.get("name")))] = doc
+        elif not kind:
             raise ManifestError(
-                f"{where}: field kind: expected ScaledJob or TriggerAuthentication "
-                f"(got {kind!r}); other kinds belong in kubectl's files, not jobrunner's"
+                f"{where}: line {node.start_mark.line + 1}, field kind: required; "
+                "add kind: ScaledJob"
+            )
+        else:
+            name = (doc.get("metadata") or {}).get("name", "?")
+            skipped.append(
+                f"{kind} {name} (document {index + 1}): not jobrunner's; left to kubectl"
             )
     if not scaledjobs:
         raise ManifestError(f"{path}: no ScaledJob in this file")
-    return ManifestSet(path=path, scaledjobs=scaledjobs, authentications=auths)
+    return ManifestSet(
+        path=path,
+        scaledjobs=scaledjobs,
+        authentications=auths,
+        secrets=secrets,
+        skipped=skipped,
+    )
 
 
 class KubeSettings(BaseModel):
@@ -348,6 +440,11 @@ class DispatcherSettings(BaseModel):
     """How long SIGTERM waits for in-flight settlements before cancelling them."""
     handover_margin_seconds: float = 60.0
     """How long before the broker's consumer timeout a held message is handed over."""
+    max_unforeseen_errors: int = Field(default=3, ge=1)
+    """Tries a message gets when processing it fails in a way nobody foresaw (a bug, a
+    library that changed): it is released to the source that many times, then
+    dead-lettered ``InternalError`` with the exception, so none stays in hand or loops
+    forever."""
     progress_log_seconds: float = Field(default=30.0, gt=0)
     """While Jobs run, how often a line says how many, the longest running and what
     waits: long work shows progress in the log, not only on /metrics."""

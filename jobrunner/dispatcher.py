@@ -18,6 +18,8 @@ Guarantees, and how:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import random
 import time
@@ -34,10 +36,12 @@ from jobrunner.failpoints import Failpoints
 from jobrunner.limiter import ActiveJobs
 from jobrunner.models import (
     ANNOTATION_ACK_POLICY,
+    ANNOTATION_BODY_DIGEST,
     ANNOTATION_HANDED_OVER,
     ANNOTATION_SETTLED,
     Action,
     Decision,
+    Delivery,
     JobOutcome,
 )
 from jobrunner.naming import message_secret_name
@@ -123,7 +127,11 @@ class Dispatcher:
         self._m_receive_to_create = metrics.receive_to_create.labels(sj)
         self._m_publish_to_create = metrics.publish_to_create.labels(sj)
         self._m_duration = metrics.job_duration
+        self._m_unforeseen = metrics.unforeseen_errors
+        self._metrics = metrics
         metrics.jobs_active.labels(sj).set_function(lambda: len(self.limiter))
+        self._unforeseen: dict[str, int] = {}
+        """Unforeseen errors so far per message identity (bounded retries)."""
         self.cleaner = HistoryCleaner(
             jobs=jobs,
             tracker=tracker,
@@ -138,6 +146,24 @@ class Dispatcher:
             logger, {"scaledjob": scaledjob.name, "source": source.name}
         )
         tracker.on_finished(self._job_finished)
+
+    def close(self) -> None:
+        """Undo what construction registered: the tracker listener and the metric series
+        of this ScaledJob (a replaced unit must leave no second settler or stale series)."""
+        self._tracker.remove_listener(self._job_finished)
+        sj = self.scaledjob.name
+        for metric in (
+            self._metrics.jobs_active,
+            self._metrics.jobs_created,
+            self._metrics.jobs_adopted,
+            self._metrics.jobs_succeeded,
+            self._metrics.receive_to_create,
+            self._metrics.publish_to_create,
+        ):
+            with contextlib.suppress(KeyError):
+                metric.remove(sj)
+        with contextlib.suppress(KeyError):
+            self._metrics.messages_received.remove(sj, self._source.name)
 
     # ------------------------------------------------------------------ receive
     async def run(self) -> None:
@@ -155,7 +181,9 @@ class Dispatcher:
     def _accept(self, handle: MessageHandle) -> None:
         delivery = handle.delivery
         self._m_received.inc()
-        self._log.debug("received message %s", delivery.identity)
+        self._log.debug(
+            "received message %s", delivery.identity, extra={"message_id": delivery.identity}
+        )
         span = self._tracer.start_span(
             "jobrunner.message",
             context=extract_context(delivery.headers),
@@ -174,7 +202,7 @@ class Dispatcher:
                 extra = {"TRACEPARENT": traceparent_of(span) or ""}
                 rendered = self._renderer.render(delivery, extra_env=extra)
         except RenderError as exc:
-            self._log.warning("message %s cannot become a Job: %s", delivery.identity, exc)
+            self._message_log(delivery).warning("message cannot become a Job: %s", exc)
             span.set_status(Status(StatusCode.ERROR, exc.reason))
             self._spawn(
                 self._settle_and_end(
@@ -183,37 +211,86 @@ class Dispatcher:
                 name=f"settle-unrenderable-{delivery.identity[:40]}",
             )
             return
+        except Exception as exc:  # a bug or a library change: never leave it in hand
+            span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+            self._spawn(
+                self._end_after(span, self._release_unforeseen([handle], None, exc)),
+                name=f"unforeseen-{delivery.identity[:40]}",
+            )
+            return
         span.set_attribute("jobrunner.job_name", rendered.name)
         current = self.inflight.get(rendered.name)
         if current is not None:
-            # The same message again while we hold it: it joins the one in hand and is
-            # settled with it; the running task goes on waiting for the same Job.
-            current.handles.append(handle)
-            self._m_adopted.inc()
-            self._log.info(
-                "message %s arrived again while in hand; joined Job %s",
-                delivery.identity,
-                rendered.name,
-            )
-            self._event_by_name(
-                rendered.name,
-                "Normal",
-                "Adopted",
-                f"message {delivery.identity} arrived again; it joins this Job",
-            )
-            span.set_attribute("jobrunner.merged_into_inflight", True)
-            span.end()
+            self._join(current, handle, rendered.name, span)
             return
         record = InFlight(handles=[handle], span=span)
         self.inflight[rendered.name] = record
         record.task = self._spawn(self._process(rendered, record), name=f"message-{rendered.name}")
+
+    def _join(self, current: InFlight, handle: MessageHandle, name: str, span: trace.Span) -> None:
+        """The same identity again while a delivery of it is in hand: a redelivery or a
+        duplicate publish joins it and is settled with it; another body under the same
+        message id is a different message and is dead-lettered at once."""
+        delivery = handle.delivery
+        log = self._message_log(delivery, name)
+        if delivery.body != current.handle.delivery.body:
+            decision = self._reused_id(delivery, name, "a message in hand")
+            log.warning("message id reused for another body: %s", decision.detail)
+            self._spawn(
+                self._settle_and_end(span, handles=[handle], decision=decision),
+                name=f"settle-reused-{name}",
+            )
+            return
+        current.handles.append(handle)
+        self._m_adopted.inc()
+        how = "was redelivered" if delivery.redelivered else "was published again"
+        log.info("message %s while in hand; it joins Job %s", how, name)
+        self._event_by_name(
+            name, "Normal", "Adopted", f"message {delivery.identity} {how}; it joins this Job"
+        )
+        span.set_attribute("jobrunner.merged_into_inflight", True)
+        span.end()
+
+    def _message_log(
+        self, delivery: Delivery, job_name: str | None = None
+    ) -> logging.LoggerAdapter[Any]:
+        """A logger whose lines carry the message's fields (and its Job's, when it has one)."""
+        extra = {**(self._log.extra or {}), "message_id": delivery.identity}
+        if job_name:
+            extra["job_name"] = job_name
+        return logging.LoggerAdapter(self._log.logger, extra)
+
+    def _job_log(self, job_name: str) -> logging.LoggerAdapter[Any]:
+        """A logger whose lines carry the Job (and the message id the Job records)."""
+        state = self._tracker.jobs.get(job_name)
+        return logging.LoggerAdapter(
+            self._log.logger,
+            {
+                **(self._log.extra or {}),
+                "job_name": job_name,
+                "message_id": state.message_id if state else "",
+            },
+        )
+
+    def _reused_id(self, delivery: Delivery, name: str, holder: str) -> Decision:
+        return Decision.dead_letter(
+            "MessageIdReused",
+            f"message id {delivery.message_id or delivery.identity!r} already belongs to "
+            f"{holder} (Job {name}) with a different body; it was not run. Give every "
+            "message its own message_id",
+            name,
+        )
+
+    async def _end_after(self, span: trace.Span, work: Awaitable[None]) -> None:
+        with trace.use_span(span, end_on_exit=True):
+            await work
 
     async def _settle_and_end(self, span: trace.Span, **kwargs: Any) -> None:
         with trace.use_span(span, end_on_exit=True):
             await self._settle(**kwargs)
 
     def _spawn(self, coro: Awaitable[None], *, name: str) -> asyncio.Task[None]:
-        task = start_guarded(coro, name=name)  # type: ignore[arg-type]
+        task = start_guarded(coro, name=name, long_lived=False)  # type: ignore[arg-type]
         self._side_tasks.add(task)
         task.add_done_callback(self._side_tasks.discard)
         return task
@@ -221,20 +298,56 @@ class Dispatcher:
     # ------------------------------------------------------------------ create + wait
     async def _process(self, rendered: RenderedJob, record: InFlight) -> None:
         name = rendered.name
-        log = logging.LoggerAdapter(
-            self._log.logger,
-            {
-                **(self._log.extra or {}),
-                "job_name": name,
-                "message_id": record.handle.delivery.identity,
-            },
-        )
+        log = self._message_log(record.handle.delivery, name)
         try:
             with trace.use_span(record.span, end_on_exit=True):
-                await self._create_wait_settle(rendered, record, log)
+                try:
+                    await self._create_wait_settle(rendered, record, log)
+                except Exception as exc:  # nobody foresaw it: never leave the message in hand
+                    record.span.set_status(Status(StatusCode.ERROR, type(exc).__name__))
+                    if name not in self._tracker.unfinished():
+                        self.limiter.release(name)
+                    await self._release_unforeseen(record.handles, name, exc)
         finally:
             if self.inflight.get(name) is record:
                 del self.inflight[name]
+
+    async def _release_unforeseen(
+        self, handles: list[MessageHandle], name: str | None, exc: Exception
+    ) -> None:
+        """An error nobody foresaw (a bug, a library that changed): the message goes back
+        to the source to be tried again, and after ``max_unforeseen_errors`` tries it is
+        dead-lettered ``InternalError`` with the exception, so no message ever stays in
+        hand and none loops forever. The dispatcher goes on."""
+        delivery = handles[-1].delivery
+        log = self._message_log(delivery, name)
+        self._m_unforeseen.labels(self.scaledjob.name, type(exc).__name__).inc()
+        count = self._unforeseen.get(delivery.identity, 0) + 1
+        self._unforeseen[delivery.identity] = count
+        limit = self._settings.max_unforeseen_errors
+        log.error(
+            "unforeseen error processing the message (try %d of %d): %s: %s",
+            count,
+            limit,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+        if count < limit:
+            decision = Decision(Action.REQUEUE, reason="InternalError", job_name=name)
+        else:
+            self._unforeseen.pop(delivery.identity, None)
+            decision = Decision.dead_letter(
+                "InternalError", f"{type(exc).__name__}: {exc} (after {count} tries)", name
+            )
+        try:
+            await self._settle(handles=handles, decision=decision, final=False)
+        except Exception as again:
+            log.error(
+                "could not release the message either (%s); it returns to the source when "
+                "its connection closes",
+                again,
+            )
 
     async def _create_wait_settle(
         self, rendered: RenderedJob, record: InFlight, log: logging.LoggerAdapter[Any]
@@ -262,6 +375,7 @@ class Dispatcher:
             return
         self._failpoints.hit("after-create")
         delivery = record.handle.delivery
+        finished = outcome_of(job)
         if created:
             self._m_created.inc()
             self._m_receive_to_create.observe(time.monotonic() - delivery.received_at)
@@ -269,16 +383,15 @@ class Dispatcher:
                 self._m_publish_to_create.observe(max(0.0, time.time() - delivery.published_at))
             log.info("created Job %s", name)
         else:
-            self._m_adopted.inc()
-            log.info("adopted existing Job %s for redelivered message", name)
-            self._event(
-                job,
-                "Normal",
-                "Adopted",
-                f"message {delivery.identity} was redelivered; adopted this Job "
-                "instead of creating another",
-            )
-        finished = outcome_of(job)
+            refusal = self._refuse_reuse(job, delivery, finished)
+            if refusal is not None:
+                if finished is not None or name not in self._tracker.unfinished():
+                    self.limiter.release(name)
+                record.deciding = False
+                log.warning("not run: %s", refusal.detail)
+                await self._settle(handles=record.handles, decision=refusal, final=False)
+                return
+            self._adopted(job, delivery, log)
         if finished is not None:
             self.limiter.release(name)
         annotations = (job.get("metadata") or {}).get("annotations") or {}
@@ -307,6 +420,48 @@ class Dispatcher:
         if not outcome.succeeded:
             record.span.set_status(Status(StatusCode.ERROR, outcome.reason))
         await self._settle(handles=record.handles, decision=decision_for(outcome, name))
+
+    def _refuse_reuse(
+        self, job: Mapping[str, Any], delivery: Delivery, finished: JobOutcome | None
+    ) -> Decision | None:
+        """The identity rule for a message whose Job already exists. None: adopt the Job
+        (a redelivery, a replayed Kafka record, or a duplicate publish while the Job still
+        runs). A dead letter saying why: a different body under the same message id
+        (``MessageIdReused``), or a fresh publish of a message whose Job already finished
+        (``DuplicateMessage``) — a message is never acked for work it did not get."""
+        meta = job.get("metadata") or {}
+        name = str(meta.get("name", ""))
+        digest = (meta.get("annotations") or {}).get(ANNOTATION_BODY_DIGEST)
+        if digest and digest != hashlib.sha256(delivery.body).hexdigest():
+            return self._reused_id(delivery, name, "an earlier message")
+        if delivery.redelivered or delivery.positional or finished is None:
+            return None
+        state = "succeeded" if finished.succeeded else f"failed ({finished.reason})"
+        return Decision.dead_letter(
+            "DuplicateMessage",
+            f"this message (id {delivery.message_id or delivery.identity!r}) already ran as "
+            f"Job {name}, which {state}; a new publish of it is not run again. To run it "
+            "again, publish it with a new message_id, or replay its dead letter "
+            "(jobrunner dead-letters --replay)",
+            name,
+        )
+
+    def _adopted(
+        self, job: Mapping[str, Any], delivery: Delivery, log: logging.LoggerAdapter[Any]
+    ) -> None:
+        name = (job.get("metadata") or {}).get("name", "")
+        self._m_adopted.inc()
+        if delivery.redelivered or delivery.positional:
+            how = "was delivered again"
+        else:
+            how = "was published again while its Job runs"
+        log.info("message %s: adopted its existing Job %s", how, name)
+        self._event(
+            job,
+            "Normal",
+            "Adopted",
+            f"message {delivery.identity} {how}; adopted this Job instead of creating another",
+        )
 
     async def _wait_or_hand_over(
         self, name: str, record: InFlight, log: logging.LoggerAdapter[Any]
@@ -377,6 +532,19 @@ class Dispatcher:
                     return
             elif decision.action is Action.DEAD_LETTER and original is not None:
                 await self._source.dead_letter_copy(original, decision)
+        delivery = handles[-1].delivery if handles else None
+        log = self._log
+        if delivery is not None:
+            log = self._message_log(delivery, decision.job_name)
+        elif decision.job_name:
+            log = logging.LoggerAdapter(
+                self._log.logger,
+                {
+                    **(self._log.extra or {}),
+                    "job_name": decision.job_name,
+                    "message_id": str((original or {}).get("identity") or ""),
+                },
+            )
         if decision.action is Action.DEAD_LETTER:
             self._m_dead.labels(self.scaledjob.name, decision.reason).inc()
             if decision.job_name:
@@ -386,19 +554,26 @@ class Dispatcher:
                     "DeadLettered",
                     f"message dead-lettered: {decision.reason} {decision.detail}",
                 )
-            self._log.warning(
-                "dead-lettered message for %s: %s %s",
-                f"Job {decision.job_name}" if decision.job_name else "no Job",
+            log.warning(
+                "dead-lettered the message (%s): %s %s",
+                f"Job {decision.job_name}" if decision.job_name else "no Job was created",
                 decision.reason,
                 decision.detail,
             )
-        self._log.info("settled: %s for Job %s", decision.action.value, decision.job_name)
+        elif decision.action is Action.ACK:
+            log.info(
+                "acked the message%s",
+                f" (Job {decision.job_name})" if decision.job_name else "",
+            )
+        else:
+            log.info("released the message to the source to be tried again")
         if not final or not decision.job_name:
             return
         if decision.action is not Action.DEAD_LETTER:
             durable = not handles or self._source.is_durable(handles[-1])
             if durable:
                 self.settled_here.add(decision.job_name)
+                self.cleaner.trigger()
             elif handles:
                 self._awaiting_durable[decision.job_name] = handles[-1]
         else:
@@ -416,6 +591,8 @@ class Dispatcher:
             except ApiRejected as exc:
                 if exc.status != 404:  # already gone (TTL): nothing to mark
                     raise
+            self.settled_here.add(decision.job_name)
+            self.cleaner.trigger()
 
     def _promote_durable(self) -> None:
         for name, handle in list(self._awaiting_durable.items()):
@@ -452,7 +629,7 @@ class Dispatcher:
             return
         if outcome.reason == "JobDeleted":
             # Its message was acked and the copy it kept went with it.
-            self._log.error(
+            self._job_log(state.name).error(
                 "Job %s, which owned its acked message, was deleted before it finished", state.name
             )
             return
@@ -466,7 +643,9 @@ class Dispatcher:
         job = await self._retry(lambda: self._jobs.get_job(self.scaledjob.namespace, state.name))
         secret = None
         if job is None:
-            self._log.error("Job %s vanished before its failure could be dead-lettered", state.name)
+            self._job_log(state.name).error(
+                "Job %s vanished before its failure could be dead-lettered", state.name
+            )
             return
         if ANNOTATION_ORIGINAL_MESSAGE not in (
             (job.get("metadata") or {}).get("annotations") or {}
@@ -478,7 +657,7 @@ class Dispatcher:
             )
         original = original_message(job, secret)
         if original is None:
-            self._log.error(
+            self._job_log(state.name).error(
                 "Job %s failed (%s) but keeps no copy of its message", state.name, outcome.reason
             )
             return

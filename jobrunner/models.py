@@ -22,6 +22,9 @@ ANNOTATION_SOURCE_DETAIL = "jobrunner.dev/source-detail"
 ANNOTATION_ACK_POLICY = "jobrunner.dev/ack-policy"
 ANNOTATION_HANDED_OVER = "jobrunner.dev/handed-over"
 ANNOTATION_SETTLED = "jobrunner.dev/settled"
+ANNOTATION_BODY_DIGEST = "jobrunner.dev/body-sha256"
+"""SHA-256 of the body the Job was made for: a later message that reuses the identity
+with another body is told apart from a redelivery."""
 # KEDA's label on Jobs it creates; set too so KEDA-minded tooling finds our Jobs.
 LABEL_KEDA_SCALEDJOB = "scaledjob.keda.sh/name"
 
@@ -45,6 +48,12 @@ class Delivery:
     """``time.monotonic()`` when it arrived, for latency figures."""
     published_at: float | None = None
     """The producer's timestamp (epoch seconds), when the message carries one."""
+    positional: bool = False
+    """The identity names one publish (a Kafka record's topic/partition/offset), so a
+    Job found for it is always this same publish replayed: it is adopted whatever
+    ``redelivered`` says. Otherwise (a message id, or a digest of the body) only a
+    delivery the source marks ``redelivered`` adopts a finished Job; see the
+    dispatcher's identity rule."""
 
 
 class Outcome(enum.Enum):

@@ -25,6 +25,13 @@ class TransientError(Exception):
     """The API server or the broker could not be reached or answered 5xx/429: retry."""
 
 
+class SourceError(Exception):
+    """A source cannot consume now for a reason a person must fix or wait out: the
+    broker is unreachable, refuses the credentials, or the queue does not exist. The
+    text names the broker and the queue and says what to do; the runner retries with
+    backoff and reports it on ``/readyz``."""
+
+
 class WatchExpired(Exception):
     """The watch's resourceVersion is too old (410 Gone): list again."""
 

@@ -1,31 +1,49 @@
-"""Turns a message into the Job (and, for large bodies, the Secret) that carries it.
+"""Turns a message into the Job (and, when needed, the Secret) that carries it.
 
-Pure: no I/O, so ``jobrunner render`` can show offline exactly what would be created.
+Pure: no I/O after construction, so ``jobrunner render`` shows offline exactly what
+would be created.
 
-Safety: the Job template is parsed first, and only its string *values* are Jinja2
-templates, each rendered on its own in a ``SandboxedEnvironment`` with
-``StrictUndefined``. Rendered text is never parsed again, so nothing in a message (YAML,
-JSON, quotes, newlines, ``{{ }}``) can add, remove or reshape a field of the Job.
+Safety, in the order it is applied:
+
+* the Job template is parsed first, and only its string *values* are Jinja2 templates,
+  each rendered on its own in a ``SandboxedEnvironment`` with ``StrictUndefined``.
+  Rendered text is never parsed again, so nothing in a message (YAML, JSON, quotes,
+  newlines, ``{{ }}``) can add, remove or reshape a field of the Job;
+* the kubelet expands ``$(VAR)`` in a container's ``command``, ``args``, env values and
+  ``subPathExpr``. In those fields what an expression outputs is escaped (``$`` ->
+  ``$$``, the kubelet's literal dollar), so message text arrives byte-exact and can never
+  pull another variable (a Secret's value, say) into itself; the template's own text,
+  ``$(VAR)`` included, is left for the kubelet to expand;
+* the rendered Job is checked against the batch/v1 schema, text landing in the type
+  its field has (see ``jobschema``), and against the platform's limits (``limits``).
+  A message that cannot make a valid Job is refused (``TemplateError``,
+  ``MessageTooLarge``, ``InvalidMessage``) before any Job exists.
 """
 
 from __future__ import annotations
 
 import base64
 import copy
+import difflib
+import functools
+import hashlib
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import jinja2
+import jinja2.meta
 import jinja2.sandbox
 import yaml
 
-from jobrunner.config import DeliveryMode, ManifestError, ScaledJob
+from jobrunner import jobschema, limits
+from jobrunner.config import DeliveryMode, ManifestError, MessageDelivery, ScaledJob
 from jobrunner.models import (
     ANNOTATION_ACK_POLICY,
+    ANNOTATION_BODY_DIGEST,
     ANNOTATION_MESSAGE_ID,
     ANNOTATION_SOURCE_DETAIL,
     LABEL_KEDA_SCALEDJOB,
@@ -43,6 +61,12 @@ ANNOTATION_ORIGINAL_MESSAGE = "jobrunner.dev/original-message"
 # is well below that, else in the per-Job Secret.
 ORIGINAL_IN_ANNOTATION_MAX = 96 * 1024
 MESSAGE_VOLUME = "jobrunner-message"
+TEMPLATE_NAMES = ("message", "job", "scaledjob")
+"""The names a template sees."""
+ARG_MAX = 2 * 1024 * 1024
+"""Linux: argv and environment together, with the 8 MiB stack a container gets by
+default (a quarter of RLIMIT_STACK)."""
+_CONTAINER_LISTS = ("containers", "initContainers", "ephemeralContainers")
 
 
 class RenderError(Exception):
@@ -88,48 +112,106 @@ def _b64(value: str | bytes) -> str:
     return base64.b64encode(raw).decode()
 
 
-def _environment() -> jinja2.sandbox.SandboxedEnvironment:
+def literal(text: str) -> str:
+    """``text`` as a value the kubelet's ``$(VAR)`` expansion leaves unchanged."""
+    return text.replace("$", "$$")
+
+
+def _environment(*, kubelet_expanded: bool) -> jinja2.sandbox.SandboxedEnvironment:
+    """The Jinja2 environment for one kind of field. In a field the kubelet expands,
+    every expression's output is escaped (``finalize`` runs on each ``{{ }}`` result,
+    never on the template's own text)."""
+    finalize: Callable[[Any], Any] | None = None
+    if kubelet_expanded:
+
+        def finalize(value: Any) -> Any:
+            return literal(value if isinstance(value, str) else str(value))
+
     env = jinja2.sandbox.SandboxedEnvironment(
-        undefined=jinja2.StrictUndefined, autoescape=False, keep_trailing_newline=False
+        undefined=jinja2.StrictUndefined,
+        autoescape=False,
+        keep_trailing_newline=False,
+        finalize=finalize,
     )
     env.filters["b64encode"] = _b64
     env.filters["tojson"] = lambda v: json.dumps(v, sort_keys=True)
     return env
 
 
+def kubelet_expands(path: tuple[str | int, ...]) -> bool:
+    """Whether the kubelet expands ``$(VAR)`` in the JobSpec field at ``path``: a
+    container's command and args items, env values and volumeMounts' subPathExpr (Pod
+    spec reference: "Variable references $(VAR_NAME) are expanded using the container's
+    environment")."""
+    if len(path) < 6 or path[:2] != ("template", "spec") or path[2] not in _CONTAINER_LISTS:
+        return False
+    rest = path[4:]
+    if rest[0] in ("command", "args"):
+        return len(rest) == 2 and isinstance(rest[1], int)
+    if rest[0] == "env":
+        return len(rest) == 3 and rest[2] == "value"
+    if rest[0] == "volumeMounts":
+        return len(rest) == 3 and rest[2] == "subPathExpr"
+    return False
+
+
 Compiled = Callable[[Mapping[str, Any]], Any]
 
 
-def _compile(node: Any, env: jinja2.Environment, path: str) -> Compiled:
-    """Pre-compile every string leaf; a syntax error names its field at start-up."""
-    if isinstance(node, dict):
-        parts = {k: _compile(v, env, f"{path}.{k}") for k, v in node.items()}
-        return lambda ctx: {k: fn(ctx) for k, fn in parts.items()}
-    if isinstance(node, list):
-        items = [_compile(v, env, f"{path}[{i}]") for i, v in enumerate(node)]
-        return lambda ctx: [fn(ctx) for fn in items]
-    if isinstance(node, str) and ("{{" in node or "{%" in node or "{#" in node):
-        try:
-            template = env.from_string(node)
-        except jinja2.TemplateSyntaxError as exc:
-            raise ManifestError(f"field {path}: template syntax error: {exc.message}") from None
+@dataclass
+class _Compiler:
+    """Pre-compiles every string leaf, so a syntax error or an unknown name is found at
+    start-up, naming its field (``where`` + path) and, for files, its line."""
 
-        def render(ctx: Mapping[str, Any], template: jinja2.Template = template) -> str:
+    where: Callable[[tuple[str | int, ...]], str]
+    plain: jinja2.Environment = field(default_factory=lambda: _environment(kubelet_expanded=False))
+    expanded: jinja2.Environment = field(
+        default_factory=lambda: _environment(kubelet_expanded=True)
+    )
+
+    def compile(self, node: Any, path: tuple[str | int, ...], *, spec: bool) -> Compiled:
+        if isinstance(node, dict):
+            parts = {k: self.compile(v, (*path, k), spec=spec) for k, v in node.items()}
+            return lambda ctx: {k: fn(ctx) for k, fn in parts.items()}
+        if isinstance(node, list):
+            items = [self.compile(v, (*path, i), spec=spec) for i, v in enumerate(node)]
+            return lambda ctx: [fn(ctx) for fn in items]
+        if jobschema.is_templated(node):
+            return self._string(node, path, escape=spec and kubelet_expands(path))
+        return lambda ctx: copy.deepcopy(node)
+
+    def _string(self, source: str, path: tuple[str | int, ...], *, escape: bool) -> Compiled:
+        env = self.expanded if escape else self.plain
+        where = self.where(path)
+        try:
+            parsed = env.parse(source)
+        except jinja2.TemplateSyntaxError as exc:
+            raise ManifestError(f"{where}: template syntax error: {exc.message}") from None
+        unknown = sorted(jinja2.meta.find_undeclared_variables(parsed) - set(TEMPLATE_NAMES))
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], TEMPLATE_NAMES, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ManifestError(
+                f"{where}: unknown name {unknown[0]!r} in the template; {hint}templates see "
+                f"{', '.join(TEMPLATE_NAMES)}"
+            )
+        template = env.from_string(source)
+
+        def render(ctx: Mapping[str, Any]) -> str:
             try:
                 return template.render(ctx)
             except RenderError:
                 raise
             except jinja2.UndefinedError as exc:
-                raise RenderError("TemplateError", f"field {path}: {exc.message}") from None
+                raise RenderError("TemplateError", f"{where}: {exc.message}") from None
             except jinja2.exceptions.SecurityError as exc:
-                raise RenderError("TemplateError", f"field {path}: blocked: {exc}") from None
+                raise RenderError("TemplateError", f"{where}: blocked: {exc}") from None
             except Exception as exc:
                 raise RenderError(
-                    "TemplateError", f"field {path}: {type(exc).__name__}: {exc}"
+                    "TemplateError", f"{where}: {type(exc).__name__}: {exc}"
                 ) from None
 
         return render
-    return lambda ctx: copy.deepcopy(node)
 
 
 @dataclass(frozen=True)
@@ -140,76 +222,260 @@ class RenderedJob:
     """Per-Job Secret holding the message, created before the Job and then owned by it."""
 
 
-def load_job_template(scaledjob: ScaledJob, *, base_dirs: list[Path]) -> dict[str, Any]:
-    """The Job skeleton: ``{"metadata": {...}, "spec": JobSpec}`` from jobTargetRef or a
-    template file (a Job or a bare JobSpec)."""
+@dataclass(frozen=True)
+class JobTemplate:
+    """The Job skeleton as written: ``metadata`` (labels, annotations) and a JobSpec, and
+    how to name a field of it in an error (``spec.jobTargetRef.backoffLimit``, or
+    ``job.yaml line 7, field spec.backoffLimit``)."""
+
+    metadata: dict[str, Any]
+    spec: dict[str, Any]
+    origin: str
+    """Where it was written: the manifest's ``spec.jobTargetRef`` or a template file."""
+    spec_prefix: str
+    lines: Callable[[tuple[str | int, ...]], int | None] = lambda path: None
+
+    def where(self, path: tuple[str | int, ...], *, in_spec: bool = True) -> str:
+        """A field of the template, for errors: file, line and path."""
+        name = jobschema.field_path(path, self.spec_prefix if in_spec else "metadata")
+        line = self.lines(("spec", *path) if in_spec else ("metadata", *path))
+        at = f"line {line}, " if line is not None else ""
+        return f"{self.origin}{at}field {name}"
+
+
+def template_dirs(manifest_path: Path) -> list[Path]:
+    """Where a relative ``jobTemplate`` is looked for: beside the manifest, in its
+    ``job_templates/``, then in ``job_templates/`` of the working directory."""
+    base = manifest_path.resolve().parent
+    return [base, base / "job_templates", Path.cwd() / "job_templates"]
+
+
+def _yaml_lines(node: yaml.Node | None) -> Callable[[tuple[str | int, ...]], int | None]:
+    from jobrunner.config import line_of
+
+    return lambda path: line_of(node, path)
+
+
+def load_job_template(scaledjob: ScaledJob, *, base_dirs: list[Path]) -> JobTemplate:
+    """The Job skeleton from ``jobTargetRef`` or a template file (a Job or a bare
+    JobSpec), checked against the batch/v1 schema; ManifestError naming the field."""
     spec = scaledjob.spec
     if spec.jobTargetRef is not None:
-        return {"metadata": {}, "spec": copy.deepcopy(spec.jobTargetRef)}
+        template = JobTemplate(
+            metadata={},
+            spec=copy.deepcopy(spec.jobTargetRef),
+            origin=scaledjob.origin,
+            spec_prefix="spec.jobTargetRef",
+            lines=lambda path: scaledjob.line_of(("spec", "jobTargetRef", *path[1:])),
+        )
+        _check_template(template)
+        return template
     assert spec.jobTemplate is not None
-    candidates = [Path(spec.jobTemplate)] + [d / spec.jobTemplate for d in base_dirs]
+    wanted = Path(spec.jobTemplate).expanduser()
+    candidates = [wanted] if wanted.is_absolute() else [d / wanted for d in base_dirs]
     for candidate in candidates:
         if candidate.is_file():
-            try:
-                doc = yaml.safe_load(candidate.read_text())
-            except yaml.YAMLError as exc:
-                raise ManifestError(
-                    f"field spec.jobTemplate: {candidate}: not valid YAML: {exc}"
-                ) from None
-            if not isinstance(doc, dict):
-                raise ManifestError(
-                    f"field spec.jobTemplate: {candidate}: expected a Job or JobSpec mapping"
-                )
-            if doc.get("kind") == "Job":
-                meta = doc.get("metadata") or {}
-                return {
-                    "metadata": {k: meta[k] for k in ("labels", "annotations") if k in meta},
-                    "spec": doc.get("spec") or {},
-                }
-            return {"metadata": {}, "spec": doc}
+            template = _read_template_file(candidate)
+            _check_template(template)
+            return template
     tried = ", ".join(str(c) for c in candidates)
-    raise ManifestError(f"field spec.jobTemplate: file not found (tried {tried})")
+    line = scaledjob.line_of(("spec", "jobTemplate"))
+    at = f"line {line}, " if line is not None else ""
+    raise ManifestError(
+        f"{scaledjob.origin}{at}field spec.jobTemplate: file not found: {spec.jobTemplate} "
+        f"(tried {tried}); a relative path is looked for beside the manifest and in its "
+        "job_templates/"
+    )
 
 
-def _check_job_spec(spec: Any) -> None:
-    if not isinstance(spec, dict):
-        raise ManifestError("field spec.jobTargetRef: expected a JobSpec mapping")
-    template = spec.get("template")
-    pod = template.get("spec") if isinstance(template, dict) else None
-    containers = pod.get("containers") if isinstance(pod, dict) else None
-    if not isinstance(containers, list) or not containers:
-        raise ManifestError(
-            "field spec.jobTargetRef.template.spec.containers: at least one container is required"
-        )
-    for i, c in enumerate(containers):
-        if not isinstance(c, dict) or not c.get("name"):
+def _read_template_file(path: Path) -> JobTemplate:
+    from jobrunner.config import read_text
+
+    text = read_text(path)
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        doc = yaml.SafeLoader("").construct_document(node) if node is not None else None
+    except yaml.YAMLError as exc:
+        raise ManifestError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ManifestError(f"{path}: expected a Job or a JobSpec mapping")
+    if doc.get("kind") == "Job":
+        meta = doc.get("metadata") or {}
+        unused = sorted(set(meta) - {"labels", "annotations", "name", "namespace"})
+        if unused:
             raise ManifestError(
-                f"field spec.jobTargetRef.template.spec.containers[{i}].name: required"
+                f"{path}: field metadata.{unused[0]}: jobrunner sets a Job's metadata; a "
+                "template may give labels and annotations only"
             )
+        return JobTemplate(
+            metadata={k: meta[k] for k in ("labels", "annotations") if k in meta},
+            spec=doc.get("spec") or {},
+            origin=f"{path}: ",
+            spec_prefix="spec",
+            lines=_yaml_lines(node),
+        )
+    return JobTemplate(
+        metadata={},
+        spec=doc,
+        origin=f"{path}: ",
+        spec_prefix="",
+        lines=functools.partial(line_of_spec, node),
+    )
+
+
+def line_of_spec(node: yaml.Node | None, path: tuple[str | int, ...]) -> int | None:
+    """Lines of a bare JobSpec file: its root is the spec itself."""
+    from jobrunner.config import line_of
+
+    return line_of(node, path[1:] if path and path[0] == "spec" else path)
+
+
+def _check_template(template: JobTemplate) -> None:
+    problems = jobschema.check_template(template.spec)
+    problems += [
+        jobschema.SchemaProblem(("metadata", *p.path), p.text)
+        for p in jobschema.check_template(template.metadata, jobschema.OBJECT_META)
+    ]
+    if not problems:
+        containers = ((template.spec.get("template") or {}).get("spec") or {}).get("containers")
+        if not containers:
+            problems.append(
+                jobschema.SchemaProblem(
+                    ("template", "spec", "containers"), "at least one container is required"
+                )
+            )
+    if problems:
+        lines = []
+        for problem in problems:
+            if problem.path and problem.path[0] == "metadata":
+                lines.append(f"  {template.where(problem.path[1:], in_spec=False)}: {problem.text}")
+            else:
+                lines.append(f"  {template.where(problem.path)}: {problem.text}")
+        raise ManifestError("invalid Job template (batch/v1 JobSpec)\n" + "\n".join(lines))
+
+
+@dataclass(frozen=True)
+class _Placement:
+    """Where the body goes: an env value (text or base64) or a file from the Secret."""
+
+    in_env: bool
+    env_value: str | None
+    """The value the process sees (before escaping), when in env."""
+    encoding: str
+
+
+def _place_body(body: bytes, config: MessageDelivery) -> _Placement:
+    """Decide how the body reaches the Job: env when the mode says so and it fits both
+    ``maxEnvBytes`` and what Linux passes in one variable, else a file."""
+    text = _text(body)
+    value = text if text is not None else _b64(body)
+    encoding = "utf-8" if text is not None else "base64"
+    most = limits.env_value_max(config.envVarName)
+    fits = len(body) <= config.maxEnvBytes and len(value.encode()) <= most
+    mode = config.mode
+    if mode is DeliveryMode.FILE or (mode is DeliveryMode.AUTO and not fits):
+        return _Placement(in_env=False, env_value=None, encoding=encoding)
+    if not fits:
+        raise RenderError(
+            "MessageTooLarge",
+            f"body is {len(body)} bytes ({len(value.encode())} as {encoding}), over "
+            f"messageDelivery.maxEnvBytes ({config.maxEnvBytes}) or the {most} bytes Linux "
+            f"passes in one variable, for mode {mode.value}; use mode auto or file",
+        )
+    return _Placement(in_env=True, env_value=value, encoding=encoding)
+
+
+def _text(body: bytes) -> str | None:
+    """The body as text when it is UTF-8 without NUL (NUL cannot travel in env)."""
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+    return None if "\x00" in text else text
+
+
+def _message_env(
+    delivery: Delivery,
+    *,
+    name: str,
+    scaledjob: str,
+    placement: _Placement,
+    config: MessageDelivery,
+    extra: Mapping[str, str],
+) -> list[dict[str, Any]]:
+    """The env every message container gets. Message text is escaped against the
+    kubelet's ``$(VAR)`` expansion."""
+    env: list[dict[str, Any]] = [
+        {"name": "JOBRUNNER_SOURCE", "value": delivery.source},
+        {"name": "JOBRUNNER_SCALEDJOB", "value": scaledjob},
+        {"name": "JOBRUNNER_JOB_NAME", "value": name},
+        {
+            "name": "JOBRUNNER_MESSAGE_ID",
+            "value": literal(delivery.message_id or delivery.identity),
+        },
+        {
+            "name": "JOBRUNNER_MESSAGE_HEADERS",
+            "value": literal(json.dumps(dict(delivery.headers), sort_keys=True)),
+        },
+        {
+            "name": "JOBRUNNER_MESSAGE_METADATA",
+            "value": literal(json.dumps(dict(delivery.metadata), sort_keys=True)),
+        },
+        {"name": "JOBRUNNER_MESSAGE_ENCODING", "value": placement.encoding},
+    ]
+    env.extend({"name": k, "value": literal(v)} for k, v in extra.items() if v)
+    if placement.in_env:
+        assert placement.env_value is not None
+        env.append({"name": config.envVarName, "value": literal(placement.env_value)})
+    else:
+        env.append({"name": "JOBRUNNER_MESSAGE_FILE", "value": f"{config.mountPath}/body"})
+    return env
+
+
+def _original(delivery: Delivery, *, with_body: bool) -> str:
+    """The message as received, kept with its Job for a later dead letter."""
+    kept: dict[str, Any] = {
+        "message_id": delivery.message_id,
+        "identity": delivery.identity,
+        "headers": dict(delivery.headers),
+        "content_type": delivery.content_type,
+        "metadata": dict(delivery.metadata),
+    }
+    if with_body:
+        kept["body"] = _b64(delivery.body)
+    return json.dumps(kept, sort_keys=True)
+
+
+def _annotations_size(annotations: Mapping[str, Any]) -> int:
+    return sum(len(str(k).encode()) + len(str(v).encode()) for k, v in annotations.items())
 
 
 class Renderer:
-    """Renders Jobs for one ScaledJob; construct once at start (templates compile then)."""
+    """Renders Jobs for one ScaledJob; construct once at start (templates are read,
+    checked against the batch/v1 schema and compiled then; ManifestError on a mistake)."""
 
     def __init__(self, scaledjob: ScaledJob, *, base_dirs: list[Path] | None = None) -> None:
         self.scaledjob = scaledjob
-        skeleton = load_job_template(scaledjob, base_dirs=base_dirs or [])
-        _check_job_spec(skeleton["spec"])
-        self._compiled = _compile(skeleton, _environment(), "spec.jobTargetRef")
+        self.template = load_job_template(scaledjob, base_dirs=base_dirs or [])
+        compiler = _Compiler(where=self.template.where)
+        self._spec = compiler.compile(self.template.spec, (), spec=True)
+        meta_compiler = _Compiler(where=lambda p: self.template.where(p, in_spec=False))
+        self._metadata = meta_compiler.compile(self.template.metadata, (), spec=False)
 
     def render(
         self, delivery: Delivery, *, extra_env: Mapping[str, str] | None = None
     ) -> RenderedJob:
         """The Job for ``delivery``; ``extra_env`` (such as the trace context) is added to
-        the same containers as the message."""
+        the same containers as the message. RenderError when the message cannot make a
+        Job the API server and the container runtime would take."""
         sj = self.scaledjob
-        delivery_cfg = sj.spec.messageDelivery
+        config = sj.spec.messageDelivery
         body = delivery.body
-        if len(body) > delivery_cfg.maxMessageBytes:
+        if len(body) > config.maxMessageBytes:
             raise RenderError(
                 "MessageTooLarge",
                 f"body is {len(body)} bytes, over messageDelivery.maxMessageBytes "
-                f"({delivery_cfg.maxMessageBytes})",
+                f"({config.maxMessageBytes})",
             )
         name = job_name(sj.name, delivery.identity)
         context = {
@@ -217,161 +483,210 @@ class Renderer:
             "scaledjob": {"name": sj.name, "namespace": sj.namespace},
             "job": {"name": name},
         }
-        rendered = self._compiled(context)
-        job_meta = rendered.get("metadata") or {}
-        spec = rendered["spec"]
-        pod_template = spec.setdefault("template", {})
-        pod_meta = pod_template.setdefault("metadata", {}) or {}
-        pod_template["metadata"] = pod_meta
-        pod_spec = pod_template["spec"]
-        pod_spec.setdefault("restartPolicy", "Never")
-
-        labels = {
-            LABEL_MANAGED_BY: MANAGED_BY,
-            LABEL_SCALEDJOB: sj.name,
-            LABEL_KEDA_SCALEDJOB: sj.name,
-            LABEL_SOURCE: delivery.source,
-            LABEL_MESSAGE_KEY: message_key(sj.name, delivery.identity),
-        }
-        annotations = {
-            ANNOTATION_MESSAGE_ID: delivery.identity,
-            ANNOTATION_SOURCE_DETAIL: json.dumps(dict(delivery.metadata), sort_keys=True),
-            ANNOTATION_ACK_POLICY: sj.spec.ackPolicy.value,
-        }
-        original = json.dumps(
-            {
-                "body": _b64(body),
-                "message_id": delivery.message_id,
-                "headers": dict(delivery.headers),
-                "content_type": delivery.content_type,
-                "metadata": dict(delivery.metadata),
-            },
-            sort_keys=True,
+        spec = self._spec(context)
+        job_meta = self._metadata(context)
+        placement = _place_body(body, config)
+        env = _message_env(
+            delivery,
+            name=name,
+            scaledjob=sj.name,
+            placement=placement,
+            config=config,
+            extra=extra_env or {},
         )
-
-        mode = delivery_cfg.mode
-        body_is_text = _is_text(body)
-        in_env = mode in (DeliveryMode.ENV, DeliveryMode.ARGS) or (
-            mode is DeliveryMode.AUTO and len(body) <= delivery_cfg.maxEnvBytes
-        )
-        if in_env and mode is not DeliveryMode.AUTO and len(body) > delivery_cfg.maxEnvBytes:
-            raise RenderError(
-                "MessageTooLarge",
-                f"body is {len(body)} bytes, over messageDelivery.maxEnvBytes "
-                f"({delivery_cfg.maxEnvBytes}) for mode {mode.value}",
-            )
-        keep_in_secret = len(original) > ORIGINAL_IN_ANNOTATION_MAX
-        needs_secret = not in_env or keep_in_secret
-        if not keep_in_secret:
-            annotations[ANNOTATION_ORIGINAL_MESSAGE] = original
-
-        # The kubelet expands $(VAR) in env values; message text is escaped so that it
-        # arrives exactly as sent ("$$" is the kubelet's literal "$").
-        env: list[dict[str, Any]] = [
-            {"name": "JOBRUNNER_SOURCE", "value": delivery.source},
-            {"name": "JOBRUNNER_SCALEDJOB", "value": sj.name},
-            {"name": "JOBRUNNER_JOB_NAME", "value": name},
-            {
-                "name": "JOBRUNNER_MESSAGE_ID",
-                "value": _literal(delivery.message_id or delivery.identity),
-            },
-            {
-                "name": "JOBRUNNER_MESSAGE_HEADERS",
-                "value": _literal(json.dumps(dict(delivery.headers), sort_keys=True)),
-            },
-            {
-                "name": "JOBRUNNER_MESSAGE_METADATA",
-                "value": _literal(json.dumps(dict(delivery.metadata), sort_keys=True)),
-            },
-            {"name": "JOBRUNNER_MESSAGE_ENCODING", "value": "utf-8" if body_is_text else "base64"},
-        ]
-        env.extend({"name": k, "value": v} for k, v in (extra_env or {}).items() if v)
-        if in_env:
-            value = body.decode("utf-8") if body_is_text else _b64(body)
-            env.append({"name": delivery_cfg.envVarName, "value": _literal(value)})
         secret_name = message_secret_name(name)
-        if not in_env:
-            env.append(
-                {"name": "JOBRUNNER_MESSAGE_FILE", "value": f"{delivery_cfg.mountPath}/body"}
-            )
-            volumes = pod_spec.setdefault("volumes", [])
-            volumes.append({"name": MESSAGE_VOLUME, "secret": {"secretName": secret_name}})
-
-        targets = delivery_cfg.containers
-        for container in pod_spec["containers"]:
-            if targets is not None and container.get("name") not in targets:
-                continue
-            container["env"] = [*env, *(container.get("env") or [])]
-            if not in_env:
-                mounts = container.setdefault("volumeMounts", [])
-                mounts.append(
-                    {"name": MESSAGE_VOLUME, "mountPath": delivery_cfg.mountPath, "readOnly": True}
-                )
-            if mode is DeliveryMode.ARGS:
-                container["args"] = [
-                    *(container.get("args") or []),
-                    f"$({delivery_cfg.envVarName})",
-                ]
-
-        pod_meta["labels"] = {
-            **(pod_meta.get("labels") or {}),
-            **{
-                LABEL_MANAGED_BY: MANAGED_BY,
-                LABEL_SCALEDJOB: sj.name,
-            },
-        }
+        self._inject(spec, env, placement, secret_name)
         job = {
             "apiVersion": "batch/v1",
             "kind": "Job",
             "metadata": {
                 "name": name,
                 "namespace": sj.namespace,
-                "labels": {**(job_meta.get("labels") or {}), **labels},
-                "annotations": {**(job_meta.get("annotations") or {}), **annotations},
+                "labels": {**(job_meta.get("labels") or {}), **self._labels(delivery)},
+                "annotations": {
+                    **(job_meta.get("annotations") or {}),
+                    ANNOTATION_MESSAGE_ID: delivery.identity,
+                    ANNOTATION_SOURCE_DETAIL: json.dumps(dict(delivery.metadata), sort_keys=True),
+                    ANNOTATION_ACK_POLICY: sj.spec.ackPolicy.value,
+                    ANNOTATION_BODY_DIGEST: hashlib.sha256(body).hexdigest(),
+                },
             },
             "spec": spec,
         }
+        self._check_schema(job)
+        keep_in_secret = self._keep_original(job, delivery)
         secret = None
-        if needs_secret:
-            data = {
-                "body": _b64(body),
-                "headers.json": _b64(json.dumps(dict(delivery.headers), sort_keys=True)),
-                "metadata.json": _b64(json.dumps(dict(delivery.metadata), sort_keys=True)),
-            }
-            if keep_in_secret:
-                data["original.json"] = _b64(original)
-            secret = {
-                "apiVersion": "v1",
-                "kind": "Secret",
-                "type": "Opaque",
-                "metadata": {
-                    "name": secret_name,
-                    "namespace": sj.namespace,
-                    "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_SCALEDJOB: sj.name},
-                },
-                "data": data,
-            }
+        if keep_in_secret or not placement.in_env:
+            secret = self._secret(delivery, secret_name, with_original=keep_in_secret)
+        self._check_limits(job)
         return RenderedJob(name=name, job=job, secret=secret)
 
+    def _labels(self, delivery: Delivery) -> dict[str, str]:
+        sj = self.scaledjob.name
+        return {
+            LABEL_MANAGED_BY: MANAGED_BY,
+            LABEL_SCALEDJOB: sj,
+            LABEL_KEDA_SCALEDJOB: sj,
+            LABEL_SOURCE: delivery.source,
+            LABEL_MESSAGE_KEY: message_key(sj, delivery.identity),
+        }
 
-def _literal(text: str) -> str:
-    """``text`` as an env value the kubelet's ``$(VAR)`` expansion leaves unchanged."""
-    return text.replace("$", "$$")
+    def _inject(
+        self,
+        spec: dict[str, Any],
+        env: list[dict[str, Any]],
+        placement: _Placement,
+        secret_name: str,
+    ) -> None:
+        """Put the message's env (and volume) into the containers that get it."""
+        config = self.scaledjob.spec.messageDelivery
+        pod_template = spec.setdefault("template", {})
+        pod_meta = pod_template.get("metadata") or {}
+        pod_template["metadata"] = pod_meta
+        pod_meta["labels"] = {
+            **(pod_meta.get("labels") or {}),
+            LABEL_MANAGED_BY: MANAGED_BY,
+            LABEL_SCALEDJOB: self.scaledjob.name,
+        }
+        pod_spec = pod_template["spec"]
+        pod_spec.setdefault("restartPolicy", "Never")
+        if not placement.in_env:
+            volumes = pod_spec.setdefault("volumes", [])
+            volumes.append({"name": MESSAGE_VOLUME, "secret": {"secretName": secret_name}})
+        targets = config.containers
+        for container in pod_spec["containers"]:
+            if targets is not None and container.get("name") not in targets:
+                continue
+            container["env"] = [*copy.deepcopy(env), *(container.get("env") or [])]
+            if not placement.in_env:
+                mounts = container.setdefault("volumeMounts", [])
+                mounts.append(
+                    {"name": MESSAGE_VOLUME, "mountPath": config.mountPath, "readOnly": True}
+                )
+            if config.mode is DeliveryMode.ARGS:
+                container["args"] = [*(container.get("args") or []), f"$({config.envVarName})"]
 
+    def _where_rendered(self, path: tuple[str | int, ...]) -> str:
+        """A field of the rendered Job, named where the template wrote it."""
+        if path and path[0] == "spec":
+            return self.template.where(path[1:])
+        if len(path) > 1 and path[0] == "metadata":
+            return self.template.where(path[1:], in_spec=False)
+        return f"field {jobschema.field_path(path)}"
 
-def _is_text(body: bytes) -> bool:
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError:
+    def _check_schema(self, job: dict[str, Any]) -> None:
+        problems = jobschema.coerce(job)
+        if not problems:
+            return
+        first = problems[0]
+        reason = "InvalidMessage" if "NUL byte" in first.text else "TemplateError"
+        detail = "; ".join(f"{self._where_rendered(p.path)}: {p.text}" for p in problems[:5])
+        raise RenderError(reason, detail)
+
+    def _keep_original(self, job: dict[str, Any], delivery: Delivery) -> bool:
+        """Keep the original message in an annotation when it fits well within the
+        annotations' 256 KiB; True when it must go to the Secret instead."""
+        annotations = job["metadata"]["annotations"]
+        original = _original(delivery, with_body=True)
+        if len(original) > ORIGINAL_IN_ANNOTATION_MAX:
+            return True
+        if _annotations_size(annotations) + len(original) > limits.ANNOTATIONS_MAX:
+            return True
+        annotations[ANNOTATION_ORIGINAL_MESSAGE] = original
         return False
-    # NUL cannot travel in an env var.
-    return "\x00" not in text
+
+    def _secret(self, delivery: Delivery, name: str, *, with_original: bool) -> dict[str, Any]:
+        data = {
+            "body": delivery.body,
+            "headers.json": json.dumps(dict(delivery.headers), sort_keys=True).encode(),
+            "metadata.json": json.dumps(dict(delivery.metadata), sort_keys=True).encode(),
+        }
+        if with_original:
+            # The body is already the Secret's "body"; the copy keeps the rest.
+            data["original.json"] = _original(delivery, with_body=False).encode()
+        size = sum(len(v) for v in data.values())
+        if size > limits.SECRET_DATA_MAX:
+            raise RenderError(
+                "MessageTooLarge",
+                f"the message with its headers is {size} bytes, over the 1 MiB a Kubernetes "
+                "Secret holds",
+            )
+        sj = self.scaledjob
+        return {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "type": "Opaque",
+            "metadata": {
+                "name": name,
+                "namespace": sj.namespace,
+                "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_SCALEDJOB: sj.name},
+            },
+            "data": {k: _b64(v) for k, v in data.items()},
+        }
+
+    def _check_limits(self, job: dict[str, Any]) -> None:
+        """Annotations, the object's size, and each container's argv and environment."""
+        for path, notes in (
+            (("metadata", "annotations"), job["metadata"].get("annotations") or {}),
+            (
+                ("spec", "template", "metadata", "annotations"),
+                ((job["spec"].get("template") or {}).get("metadata") or {}).get("annotations")
+                or {},
+            ),
+        ):
+            size = _annotations_size(notes)
+            if size > limits.ANNOTATIONS_MAX:
+                raise RenderError(
+                    "MessageTooLarge",
+                    f"{self._where_rendered(path)}: {size} bytes, over the 256 KiB "
+                    "Kubernetes allows for an object's annotations",
+                )
+        size = len(json.dumps(job).encode())
+        if size > limits.OBJECT_MAX - 64 * 1024:
+            raise RenderError(
+                "MessageTooLarge",
+                f"the Job would be {size} bytes, over what etcd stores in one object "
+                "(1.5 MiB, less room for its status); pass large bodies as a file",
+            )
+        pod = job["spec"]["template"]["spec"]
+        for kind in _CONTAINER_LISTS:
+            for i, container in enumerate(pod.get(kind) or []):
+                self._check_exec(container, ("spec", "template", "spec", kind, i))
+
+    def _check_exec(self, container: Mapping[str, Any], path: tuple[str | int, ...]) -> None:
+        """What execve() takes: no string over MAX_ARG_STRLEN, all together under
+        ARG_MAX. Values are measured as the process sees them (``$$`` is one byte)."""
+        total = 0
+        strings: list[tuple[tuple[str | int, ...], int]] = []
+        for key in ("command", "args"):
+            for j, arg in enumerate(container.get(key) or []):
+                strings.append(((*path, key, j), len(str(arg).replace("$$", "$").encode()) + 1))
+        for j, item in enumerate(container.get("env") or []):
+            value = str(item.get("value", "")).replace("$$", "$")
+            length = len(str(item.get("name", "")).encode()) + 1 + len(value.encode()) + 1
+            strings.append(((*path, "env", j, "value"), length))
+        for where, length in strings:
+            total += length
+            if length > limits.MAX_ARG_STRLEN:
+                raise RenderError(
+                    "MessageTooLarge",
+                    f"{self._where_rendered(where)}: {length} bytes, over the "
+                    f"{limits.MAX_ARG_STRLEN} Linux passes in one argument or variable "
+                    "(MAX_ARG_STRLEN); pass large text as a file",
+                )
+        if total > ARG_MAX:
+            raise RenderError(
+                "MessageTooLarge",
+                f"{self._where_rendered(path)}: arguments and environment total {total} "
+                f"bytes, over the {ARG_MAX} a process can be started with",
+            )
 
 
 def original_message(
     job: Mapping[str, Any], secret_data: Mapping[str, str] | None
 ) -> dict[str, Any] | None:
-    """The original message kept with a Job (annotation, or the Secret's original.json)."""
+    """The original message kept with a Job (annotation, or the Secret's original.json
+    with the Secret's body), with ``body`` as bytes; None when it keeps none."""
     annotations = (job.get("metadata") or {}).get("annotations") or {}
     raw = annotations.get(ANNOTATION_ORIGINAL_MESSAGE)
     if raw is None and secret_data and "original.json" in secret_data:
@@ -379,5 +694,10 @@ def original_message(
     if raw is None:
         return None
     value: dict[str, Any] = json.loads(raw)
-    value["body"] = base64.b64decode(value["body"])
+    if "body" in value:
+        value["body"] = base64.b64decode(value["body"])
+    elif secret_data and "body" in secret_data:
+        value["body"] = base64.b64decode(secret_data["body"])
+    else:
+        return None
     return value

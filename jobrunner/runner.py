@@ -1,172 +1,255 @@
-"""Starts and stops the long-lived tasks of a dispatcher process, and handles signals.
+"""Starts and stops the long-lived work of a dispatcher process: one ``DispatchUnit`` per
+ScaledJob, each owning its tasks (Job watch, cleanup, connect-and-dispatch, samplers).
 
-Order at start: list Jobs (tracker synced) before consuming, so redeliveries meet the Jobs
-they already have. Order at stop (SIGTERM/SIGINT): stop consuming, give in-flight
-settlements a bounded grace, then cancel what is left; running Jobs are left running for
-the next dispatcher to adopt; close the broker connection last.
+Order in a unit: list Jobs (tracker synced) before consuming, so redeliveries meet the
+Jobs they already have. Units start independently: a broker that is down, or a queue
+that does not exist yet, keeps only its own ScaledJob waiting (one clear line per retry,
+and ``/readyz`` says why) while the others work. Order at stop: stop consuming, give
+in-flight settlements a bounded grace, then cancel what is left; running Jobs are left
+running for the next dispatcher to adopt; close the broker connection last. Signals are
+the caller's business (the CLI sets ``stop``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
-import signal
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
-from jobrunner.config import Executor, ManifestError, ManifestSet, ScaledJob, Settings
+from jobrunner.config import Executor, ManifestSet, ScaledJob, Settings
 from jobrunner.dispatcher import Dispatcher
 from jobrunner.httpserver import Heartbeat, HttpEndpoints
-from jobrunner.kube.client import KubeJobClient, load_api_client
-from jobrunner.local.client import LocalJobClient
 from jobrunner.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY
-from jobrunner.rendering import Renderer
-from jobrunner.sources.kafka import KafkaSource
-from jobrunner.sources.rabbitmq import RabbitMQSource
-from jobrunner.sources.sqlite import SQLiteSource
-from jobrunner.tasks import start_guarded, stop_tasks
+from jobrunner.protocols import JobClient, MessageSource, SourceError
+from jobrunner.rendering import Renderer, template_dirs
+from jobrunner.tasks import is_essential, start_guarded, stop_tasks
 from jobrunner.telemetry import Telemetry
 from jobrunner.timestamps import age_seconds
 from jobrunner.tracker import JobTracker
-from jobrunner.triggers import SecretReader, resolve_kafka, resolve_rabbitmq, resolve_sqlite
+from jobrunner.triggers import FileSecrets, ResolveContext, TriggerType, resolve_trigger
 
 logger = logging.getLogger(__name__)
 
-
-def template_dirs(manifest_path: Path) -> list[Path]:
-    return [
-        manifest_path.parent,
-        manifest_path.parent / "job_templates",
-        Path.cwd() / "job_templates",
-    ]
+__all__ = ["DispatchUnit", "job_client", "run", "selector_for", "template_dirs"]
 
 
 def selector_for(scaledjob: ScaledJob) -> str:
     return f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_SCALEDJOB}={scaledjob.name}"
 
 
-@dataclass
-class Running:
-    dispatcher: Dispatcher
-    source: Source
-    tracker: JobTracker
-    queue: str
-    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
-    depth: int | None = None
-    """Messages waiting, as last sampled."""
+class ClosableJobClient(JobClient, Protocol):
+    async def close(self) -> None: ...
 
 
-Source = RabbitMQSource | KafkaSource | SQLiteSource
-Jobs = KubeJobClient | LocalJobClient
-SOURCE_TYPES = ("rabbitmq", "kafka", "sqlite")
-
-
-def job_client(settings: Settings) -> Jobs:
-    """Where Jobs run: the cluster (the default) or this machine (``--local``)."""
+def job_client(settings: Settings) -> ClosableJobClient:
+    """Where Jobs run: the cluster (the default) or this machine (``--local``). Each
+    executor is imported only when chosen."""
     if settings.executor is Executor.LOCAL:
+        from jobrunner.local.client import LocalJobClient
+
         return LocalJobClient(
             settings.local.state_dir,
             poll_interval=settings.local.poll_interval_seconds,
             retry_seconds=settings.local.retry_seconds,
         )
+    from jobrunner.kube.client import KubeJobClient, load_api_client
+
     return KubeJobClient(load_api_client(settings.kube.kubeconfig, settings.kube.context))
 
 
-async def _build_source(
-    scaledjob: ScaledJob,
-    manifests: ManifestSet,
-    read_secret: SecretReader,
-    settings: Settings,
-) -> tuple[Source, str]:
-    """The source for the ScaledJob's (first) trigger, and the queue or topic it reads."""
-    trigger = scaledjob.spec.triggers[0]
-    spec = scaledjob.spec
-    if trigger.type == "sqlite":
-        embedded = resolve_sqlite(scaledjob, trigger, settings.local.state_dir)
-        return SQLiteSource(
-            path=embedded.path,
-            queue=embedded.queue,
-            prefetch=spec.maxReplicaCount,
-            dead_letter_queue=spec.deadLetter.queue,
-            scaledjob=scaledjob.name,
-        ), embedded.queue
-    if trigger.type == "rabbitmq":
-        rabbit = await resolve_rabbitmq(scaledjob, trigger, manifests.authentications, read_secret)
-        return RabbitMQSource(
-            url=rabbit.url,
-            queue=rabbit.queue,
-            prefetch=spec.maxReplicaCount,
-            dead_letter_exchange=spec.deadLetter.exchange,
-            dead_letter_routing_key=spec.deadLetter.routingKey,
-            dead_letter_queue=spec.deadLetter.queue,
-            scaledjob=scaledjob.name,
-        ), rabbit.queue
-    if trigger.type == "kafka":
-        kafka = await resolve_kafka(scaledjob, trigger, manifests.authentications, read_secret)
-        return KafkaSource(
-            bootstrap_servers=kafka.bootstrap_servers,
-            topic=kafka.topic,
-            group_id=kafka.group_id,
-            offset_reset=kafka.offset_reset,
-            max_in_hand=spec.maxReplicaCount,
-            dead_letter_topic=spec.deadLetter.topic or f"{kafka.topic}.dead-letter",
-            per_key_ordering=spec.ordering == "perKey",
-            client_options=kafka.client_options,
-            consumer_options=settings.kafka.model_dump(),
-            scaledjob=scaledjob.name,
-        ), kafka.topic
-    raise ManifestError(
-        f"{manifests.path}: ScaledJob {scaledjob.name}: field spec.triggers[0].type: "
-        f"{trigger.type!r} is not supported; use one of {', '.join(SOURCE_TYPES)} "
-        "(sqlite is the embedded queue, for running without a broker)"
-    )
+@runtime_checkable
+class ReportsLag(Protocol):
+    """A source that can tell its lag per partition (Kafka)."""
+
+    async def partition_lag(self) -> dict[str, int]: ...
 
 
-async def _start_source(source: Source, *, stop: asyncio.Event) -> None:
-    """Connect, retrying with backoff while the broker is down (an outage at start is
-    no reason to exit); aio-pika's robust connection handles later outages."""
-    delay = 0.5
-    while not stop.is_set():
-        try:
-            await source.start()
-            return
-        except (ConnectionError, OSError) as exc:
-            logger.warning("%s not reachable (%s); retrying in %.1fs", source.name, exc, delay)
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, 30.0)
+def load_source(kind: TriggerType, resolved: Any, scaledjob: ScaledJob, settings: Settings) -> Any:
+    """The source for a resolved trigger, from the factory its type names."""
+    module, _, function = kind.source.partition(":")
+    factory = getattr(importlib.import_module(module), function)
+    return factory(resolved, scaledjob=scaledjob, settings=settings)
 
 
-async def _sample_depth(item: Running, telemetry: Telemetry, interval: float) -> None:
-    name = item.dispatcher.scaledjob.name
-    gauge = telemetry.metrics.queue_depth.labels(name, item.queue)
-    while True:
-        item.depth = await item.source.depth()
-        if item.depth is not None:
-            gauge.set(item.depth)
-        if isinstance(item.source, KafkaSource):
-            for partition, lag in (await item.source.partition_lag()).items():
-                telemetry.metrics.consumer_lag.labels(name, item.queue, partition).set(lag)
-        await asyncio.sleep(interval)
+@dataclass
+class DispatchUnit:
+    """Everything that serves one ScaledJob; ``start`` spawns its tasks, ``stop`` ends
+    them in order and unregisters what it registered."""
 
+    scaledjob: ScaledJob
+    dispatcher: Dispatcher
+    source: MessageSource
+    tracker: JobTracker
+    kind: TriggerType
+    destination: str
+    """The queue, topic... it consumes, for logs and the depth gauge."""
+    tasks: list[asyncio.Task[Any]] = field(default_factory=list)
+    depth: int | None = None
+    """Messages waiting, as last sampled."""
+    problem: str | None = "starting"
+    """Why the unit is not consuming now (None when it is), for /readyz and logs."""
 
-async def _report_progress(item: Running, interval: float) -> None:
-    """A line every ``interval`` seconds while Jobs run (nothing while idle)."""
-    name = item.dispatcher.scaledjob.name
-    while True:
-        await asyncio.sleep(interval)
-        running = [s for s in item.tracker.jobs.values() if s.outcome is None]
-        if not running:
-            continue
-        oldest = max(running, key=lambda s: age_seconds(s.created))
-        logger.info(
-            "%s: %d Job(s) running (the longest, %s, for %.0fs); %s message(s) waiting",
-            name,
-            len(running),
-            oldest.name,
-            age_seconds(oldest.created),
-            "?" if item.depth is None else item.depth,
+    @property
+    def name(self) -> str:
+        return self.scaledjob.name
+
+    @classmethod
+    async def build(
+        cls,
+        scaledjob: ScaledJob,
+        *,
+        manifests: ManifestSet,
+        jobs: JobClient,
+        settings: Settings,
+        telemetry: Telemetry,
+    ) -> DispatchUnit:
+        """Render templates and resolve the trigger (reading Secrets); ManifestError on
+        any mistake in the manifest."""
+        renderer = Renderer(scaledjob, base_dirs=template_dirs(manifests.path))
+        context = ResolveContext(
+            scaledjob=scaledjob,
+            trigger=scaledjob.spec.triggers[0],
+            authentications=manifests.authentications,
+            read_secret=FileSecrets(jobs.read_secret, manifests.secrets),
+            state_dir=settings.local.state_dir,
         )
+        kind, resolved = await resolve_trigger(context)
+        source = load_source(kind, resolved, scaledjob, settings)
+        tracker = JobTracker(
+            client=jobs,
+            namespace=scaledjob.namespace,
+            selector=selector_for(scaledjob),
+            backoff_ceiling=settings.kube.api_retry_max_seconds,
+        )
+        dispatcher = Dispatcher(
+            scaledjob=scaledjob,
+            renderer=renderer,
+            source=source,
+            jobs=jobs,
+            tracker=tracker,
+            settings=settings.dispatcher,
+            telemetry=telemetry,
+            retry_ceiling=settings.kube.api_retry_max_seconds,
+        )
+        destination = getattr(resolved, kind.destination, None) or getattr(resolved, "queue", "")
+        return cls(
+            scaledjob=scaledjob,
+            dispatcher=dispatcher,
+            source=source,
+            tracker=tracker,
+            kind=kind,
+            destination=str(destination),
+        )
+
+    def start(self, *, settings: Settings, telemetry: Telemetry) -> None:
+        name = self.name
+        self.tasks += [
+            start_guarded(self.tracker.run(), name=f"tracker-{name}"),
+            start_guarded(self.dispatcher.cleaner.run(), name=f"cleanup-{name}"),
+            start_guarded(self._connect_and_dispatch(), name=f"dispatch-{name}"),
+            start_guarded(
+                self._sample_depth(telemetry, settings.telemetry.queue_depth_interval_seconds),
+                name=f"queue-depth-{name}",
+                essential=False,
+            ),
+            start_guarded(
+                self._report_progress(settings.dispatcher.progress_log_seconds),
+                name=f"progress-{name}",
+                essential=False,
+            ),
+        ]
+
+    async def _connect_and_dispatch(self) -> None:
+        await self._connect()
+        logger.info(
+            "dispatching %s from %s %s",
+            self.name,
+            self.kind.destination,
+            self.destination,
+            extra={"scaledjob": self.name, "source": self.source.name},
+        )
+        await self.dispatcher.run()
+
+    async def _connect(self) -> None:
+        """Connect, retrying with backoff while the broker is down or the queue missing
+        (neither is a reason to exit: both get fixed while we wait). One line per try."""
+        delay = 0.5
+        while True:
+            try:
+                await self.source.start()
+                self.problem = None
+                return
+            except (SourceError, ConnectionError, OSError) as exc:
+                self.problem = str(exc)
+                logger.warning(
+                    "%s: %s; retrying in %.0fs",
+                    self.name,
+                    exc,
+                    delay,
+                    extra={"scaledjob": self.name, "source": self.source.name},
+                )
+                # A half-open connection must not linger into the next try.
+                await self.source.close()
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 30.0)
+
+    async def _sample_depth(self, telemetry: Telemetry, interval: float) -> None:
+        gauge = telemetry.metrics.queue_depth.labels(self.name, self.destination)
+        while True:
+            if self.problem is None:
+                self.depth = await self.source.depth()
+                if self.depth is not None:
+                    gauge.set(self.depth)
+                if isinstance(self.source, ReportsLag):
+                    for partition, lag in (await self.source.partition_lag()).items():
+                        telemetry.metrics.consumer_lag.labels(
+                            self.name, self.destination, partition
+                        ).set(lag)
+            await asyncio.sleep(interval)
+
+    async def _report_progress(self, interval: float) -> None:
+        """A line every ``interval`` seconds while Jobs run (nothing while idle)."""
+        while True:
+            await asyncio.sleep(interval)
+            running = [s for s in self.tracker.jobs.values() if s.outcome is None]
+            if not running:
+                continue
+            oldest = max(running, key=lambda s: age_seconds(s.created))
+            logger.info(
+                "%s: %d Job(s) running (the longest, %s, for %.0fs); %s message(s) waiting",
+                self.name,
+                len(running),
+                oldest.name,
+                age_seconds(oldest.created),
+                "?" if self.depth is None else self.depth,
+                extra={"scaledjob": self.name, "source": self.source.name},
+            )
+
+    def readiness(self) -> str | None:
+        """None when ready, else why not."""
+        if self.problem is not None:
+            return f"{self.name}: {self.problem}"
+        if not self.source.connected:
+            return f"{self.name}: broker not connected"
+        if not self.tracker.synced.is_set():
+            return f"{self.name}: Job watch not in sync"
+        return None
+
+    async def stop(self, *, grace: float) -> None:
+        """Stop consuming, settle what is decided within ``grace`` seconds, then end the
+        unit's tasks and close its source. Running Jobs are left running."""
+        try:
+            await self.dispatcher.drain(grace=grace)
+        finally:
+            await stop_tasks(self.tasks, grace=0)
+            self.dispatcher.close()
+            try:
+                await self.source.close()
+            except Exception as exc:
+                logger.warning("closing the %s connection failed: %s", self.source.name, exc)
 
 
 async def _beat(heartbeat: Heartbeat) -> None:
@@ -175,15 +258,10 @@ async def _beat(heartbeat: Heartbeat) -> None:
         await asyncio.sleep(1.0)
 
 
-def _readiness(running: list[Running]) -> tuple[bool, str]:
-    problems = []
-    for item in running:
-        name = item.dispatcher.scaledjob.name
-        if not item.source.connected:
-            problems.append(f"{name}: broker not connected")
-        if not item.tracker.synced.is_set():
-            problems.append(f"{name}: Job watch not in sync")
-    if not running:
+def readiness(units: list[DispatchUnit]) -> tuple[bool, str]:
+    """(ready, why): ready when every unit consumes and watches its Jobs."""
+    problems = [p for p in (u.readiness() for u in units) if p is not None]
+    if not units:
         problems.append("starting")
     return (not problems, "; ".join(problems) or "ready")
 
@@ -194,13 +272,13 @@ async def run(
     *,
     stop: asyncio.Event | None = None,
     telemetry: Telemetry | None = None,
+    on_started: Callable[[list[DispatchUnit]], None] | None = None,
 ) -> None:
+    """Serve every ScaledJob of ``manifests`` until ``stop`` is set (or an essential task
+    fails, which is raised)."""
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     jobs = job_client(settings)
-    running: list[Running] = []
+    units: list[DispatchUnit] = []
     telemetry = telemetry or Telemetry.create()
     heartbeat = Heartbeat()
     http: HttpEndpoints | None = None
@@ -209,63 +287,27 @@ async def run(
         http = HttpEndpoints(
             registry=telemetry.metrics.registry,
             heartbeat=heartbeat,
-            ready=lambda: _readiness(running),
+            ready=lambda: readiness(units),
         )
         http.start(settings.telemetry.http_host, settings.telemetry.http_port)
     try:
         for scaledjob in manifests.scaledjobs:
-            renderer = Renderer(scaledjob, base_dirs=template_dirs(manifests.path))
-            source, queue = await _build_source(
-                scaledjob,
-                manifests,
-                lambda ns, name: jobs.read_secret(ns, name),
-                settings,
-            )
-            tracker = JobTracker(
-                client=jobs,
-                namespace=scaledjob.namespace,
-                selector=selector_for(scaledjob),
-                backoff_ceiling=settings.kube.api_retry_max_seconds,
-            )
-            dispatcher = Dispatcher(
-                scaledjob=scaledjob,
-                renderer=renderer,
-                source=source,
-                jobs=jobs,
-                tracker=tracker,
-                settings=settings.dispatcher,
-                telemetry=telemetry,
-                retry_ceiling=settings.kube.api_retry_max_seconds,
-            )
-            item = Running(dispatcher=dispatcher, source=source, tracker=tracker, queue=queue)
-            running.append(item)
-            item.tasks.append(start_guarded(tracker.run(), name=f"tracker-{scaledjob.name}"))
-            item.tasks.append(
-                start_guarded(dispatcher.cleaner.run(), name=f"cleanup-{scaledjob.name}")
-            )
-        for item in running:
-            await _start_source(item.source, stop=stop)
-            item.tasks.append(
-                start_guarded(
-                    item.dispatcher.run(), name=f"dispatch-{item.dispatcher.scaledjob.name}"
+            units.append(
+                await DispatchUnit.build(
+                    scaledjob,
+                    manifests=manifests,
+                    jobs=jobs,
+                    settings=settings,
+                    telemetry=telemetry,
                 )
             )
-            logger.info("dispatching %s from queue %s", item.dispatcher.scaledjob.name, item.queue)
-            item.tasks.append(
-                start_guarded(
-                    _sample_depth(item, telemetry, settings.telemetry.queue_depth_interval_seconds),
-                    name=f"queue-depth-{item.dispatcher.scaledjob.name}",
-                )
-            )
-            item.tasks.append(
-                start_guarded(
-                    _report_progress(item, settings.dispatcher.progress_log_seconds),
-                    name=f"progress-{item.dispatcher.scaledjob.name}",
-                )
-            )
-        root_tasks = [t for item in running for t in item.tasks]
+        for unit in units:
+            unit.start(settings=settings, telemetry=telemetry)
+        if on_started is not None:
+            on_started(units)
+        essential = [t for unit in units for t in unit.tasks if is_essential(t)]
         stopper = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait([stopper, *root_tasks], return_when=asyncio.FIRST_COMPLETED)
+        done, _ = await asyncio.wait([stopper, *essential], return_when=asyncio.FIRST_COMPLETED)
         stopper.cancel()
         for task in done:
             if task is not stopper and not task.cancelled() and task.exception() is not None:
@@ -273,19 +315,9 @@ async def run(
         logger.info("stopping: no new messages; settling what can be settled")
     finally:
         grace = settings.dispatcher.shutdown_grace_seconds
-        await asyncio.gather(
-            *(item.dispatcher.drain(grace=grace) for item in running), return_exceptions=True
-        )
-        await stop_tasks([t for item in running for t in item.tasks], grace=0)
-        for item in running:
-            try:
-                await item.source.close()
-            except Exception as exc:
-                logger.warning("closing the %s connection failed: %s", item.source.name, exc)
+        await asyncio.gather(*(unit.stop(grace=grace) for unit in units), return_exceptions=True)
         await stop_tasks(background, grace=0)
         if http is not None:
             http.stop()
         await jobs.close()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
         logger.info("stopped")

@@ -115,6 +115,7 @@ class Metrics:
     receive_to_create: Histogram
     publish_to_create: Histogram
     job_duration: Histogram
+    unforeseen_errors: Counter
 
     @classmethod
     def create(cls) -> Metrics:
@@ -178,6 +179,14 @@ class Metrics:
                 "timestamp_in_ms) to the Job's creation; only for messages that carry one.",
                 sj,
                 buckets=_LATENCY_BUCKETS,
+                registry=r,
+            ),
+            unforeseen_errors=Counter(
+                "jobrunner_unforeseen_errors",
+                "Errors nobody foresaw while processing a message (a bug, or a library that "
+                "changed); the message is released, then dead-lettered InternalError after "
+                "a few attempts.",
+                [*sj, "error"],
                 registry=r,
             ),
             job_duration=Histogram(

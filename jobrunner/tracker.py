@@ -18,6 +18,7 @@ from typing import Any
 from jobrunner.models import (
     ANNOTATION_ACK_POLICY,
     ANNOTATION_HANDED_OVER,
+    ANNOTATION_MESSAGE_ID,
     ANNOTATION_SETTLED,
     JobOutcome,
     Outcome,
@@ -57,6 +58,8 @@ class JobState:
     ack_policy: str = ""
     handed_over: bool = False
     settled: str = ""
+    message_id: str = ""
+    """The identity of the message the Job was made for (its annotation)."""
 
     @classmethod
     def from_object(cls, job: Mapping[str, Any]) -> JobState:
@@ -80,6 +83,7 @@ class JobState:
             ack_policy=annotations.get(ANNOTATION_ACK_POLICY, ""),
             handed_over=annotations.get(ANNOTATION_HANDED_OVER) == "true",
             settled=annotations.get(ANNOTATION_SETTLED, ""),
+            message_id=annotations.get(ANNOTATION_MESSAGE_ID, ""),
         )
 
 
@@ -123,6 +127,10 @@ class JobTracker:
     def on_finished(self, listener: FinishedListener) -> None:
         """Called once per Job when it is first seen finished (or deleted unfinished)."""
         self._listeners.append(listener)
+
+    def remove_listener(self, listener: FinishedListener) -> None:
+        if listener in self._listeners:
+            self._listeners.remove(listener)
 
     def unfinished(self) -> list[str]:
         return [name for name, state in self.jobs.items() if state.outcome is None]

@@ -19,9 +19,9 @@ from jobrunner.config import Executor, ManifestError, ScaledJob, Settings
 from jobrunner.console import QueueLine, history_table, rows_of, status_view
 from jobrunner.local.client import LocalJobClient
 from jobrunner.protocols import JobClient
-from jobrunner.runner import Jobs, job_client, selector_for
+from jobrunner.runner import ClosableJobClient, job_client, selector_for
 from jobrunner.sources.sqlite import SQLiteQueue, dead_letter_queue_name
-from jobrunner.triggers import resolve_sqlite
+from jobrunner.triggers.sqlite import sqlite_location
 
 
 def make_console() -> Console:
@@ -37,7 +37,7 @@ def _embedded(scaledjob: ScaledJob, settings: Settings) -> tuple[Path, str] | No
     trigger = scaledjob.spec.triggers[0]
     if trigger.type != "sqlite":
         return None
-    resolved = resolve_sqlite(scaledjob, trigger, settings.local.state_dir)
+    resolved = sqlite_location(trigger.metadata, settings.local.state_dir)
     return resolved.path, resolved.queue
 
 
@@ -73,7 +73,7 @@ async def publish(
     return queue_name, path
 
 
-def read_client(settings: Settings) -> Jobs:
+def read_client(settings: Settings) -> ClosableJobClient:
     """A client for looking only: the local one starts and deletes nothing."""
     if settings.executor is Executor.LOCAL:
         return LocalJobClient(settings.local.state_dir, controller=False)

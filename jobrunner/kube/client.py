@@ -1,9 +1,14 @@
-"""JobClient on the official (synchronous) kubernetes client.
+"""JobClient on the official (synchronous) kubernetes client's transport.
 
-Calls run on a dedicated thread pool sized for bursts of creates; bodies are plain dicts
-and responses are parsed from raw JSON (``_preload_content=False``), which is several
-times cheaper than the client's model classes. The watch stream is bridged into asyncio
-here and nowhere else.
+Requests are plain JSON over the client's ApiClient (its configuration, authentication
+and connection pool), not through its generated model classes: since the 37.x line those
+validate bodies client-side with pydantic and would refuse, or reshape, what the API
+server itself accepts (a quantity written as a number, say), and they change between
+releases. jobrunner checks Jobs against the API server's own published schema instead
+(``jobschema``), and the server has the last word. Calls run on a dedicated thread pool
+sized for bursts of creates; the watch stream is bridged into asyncio here and nowhere
+else. urllib3's own retries are off: failures come back at once as TransientError, and
+the caller retries with its backoff, logging one line per try.
 """
 
 from __future__ import annotations
@@ -14,22 +19,24 @@ import json
 import logging
 import socket
 import threading
-from collections.abc import AsyncIterator, Callable, Mapping
+import urllib.parse
+from collections.abc import AsyncIterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any
 
 import urllib3
 from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
 from kubernetes.watch.watch import iter_resp_lines
 
 from jobrunner.protocols import ApiRejected, JobPage, TransientError, WatchEvent, WatchExpired
 from jobrunner.timestamps import now_rfc3339
 
 logger = logging.getLogger(__name__)
-T = TypeVar("T")
 _POOL_SIZE = 32
 _WATCH_SECONDS = 240
+_REQUEST_TIMEOUT = (10, 60)
+_JSON = "application/json"
+_MERGE_PATCH = "application/merge-patch+json"
 
 
 def load_api_client(kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:
@@ -46,25 +53,37 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None) -
             config.load_kube_config(context=context, client_configuration=configuration)
     # Room for the watch streams beside the worker threads.
     configuration.connection_pool_maxsize = _POOL_SIZE + 8
+    # Our callers retry with backoff and one log line per try; urllib3's own retries
+    # would only add warnings and delay.
+    configuration.retries = 0
     return client.ApiClient(configuration)
 
 
-def _api_error(exc: ApiException) -> Exception:
-    status = exc.status or 0
-    message = exc.reason or ""
+def _rejection(status: int, reason: str, data: bytes | None) -> Exception:
+    message = reason
     try:
-        body = json.loads(exc.body or "{}")
+        body = json.loads(data or b"{}")
         message = body.get("message") or message
-    except (ValueError, TypeError):
+        reason = body.get("reason") or reason
+    except (ValueError, TypeError, AttributeError):
         pass
-    if status in (429,) or status >= 500 or status == 0:
+    if status == 429 or status >= 500 or status == 0:
         return TransientError(f"API server answered {status}: {message}")
-    return ApiRejected(status, exc.reason or "", message)
+    return ApiRejected(status, reason, message)
 
 
-def _raw(response: Any) -> dict[str, Any]:
-    value: dict[str, Any] = json.loads(response.data)
-    return value
+def _unreachable(host: str, exc: BaseException) -> TransientError:
+    """One short line for a failure to reach the API server (urllib3's own text runs to
+    hundreds of characters)."""
+    reason: BaseException | None = getattr(exc, "reason", None) or exc
+    text = str(reason)
+    for known in ("Connection refused", "timed out", "Name or service not known", "reset"):
+        if known.lower() in text.lower():
+            text = known.lower()
+            break
+    else:
+        text = text.split(": ", 1)[-1][:120]
+    return TransientError(f"API server {host} unreachable ({text})")
 
 
 def _interrupt(response: Any) -> None:
@@ -84,18 +103,52 @@ def _interrupt(response: Any) -> None:
 class KubeJobClient:
     def __init__(self, api_client: client.ApiClient) -> None:
         self._api = api_client
-        self._batch = client.BatchV1Api(api_client)
-        self._core = client.CoreV1Api(api_client)
+        self._host = urllib.parse.urlsplit(api_client.configuration.host).netloc
         self._pool = ThreadPoolExecutor(max_workers=_POOL_SIZE, thread_name_prefix="kube-api")
 
-    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        loop = asyncio.get_running_loop()
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        query: list[tuple[str, Any]] | None = None,
+        body: Any = None,
+        content_type: str = _JSON,
+        timeout: Any = _REQUEST_TIMEOUT,
+    ) -> Any:
+        """One request; the urllib3 response, unread, when its status is 2xx."""
+        headers = {"Accept": _JSON}
+        if body is not None:
+            headers["Content-Type"] = content_type
+        method, url, headers, body, _ = self._api.param_serialize(
+            method,
+            path,
+            query_params=query or [],
+            header_params=headers,
+            body=body,
+            auth_settings=["BearerToken"],
+        )
         try:
-            return await loop.run_in_executor(self._pool, lambda: fn(*args, **kwargs))
-        except ApiException as exc:
-            raise _api_error(exc) from exc
+            response = self._api.call_api(method, url, headers, body, _request_timeout=timeout)
         except (urllib3.exceptions.HTTPError, OSError) as exc:
-            raise TransientError(f"API server unreachable: {exc}") from exc
+            raise _unreachable(self._host, exc) from exc
+        if not 200 <= response.status <= 299:
+            response.read()
+            raise _rejection(response.status, response.reason or "", response.data)
+        return response.response
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        response = self._send(method, path, **kwargs)
+        try:
+            data = response.data
+        except (urllib3.exceptions.HTTPError, OSError) as exc:
+            raise _unreachable(self._host, exc) from exc
+        value: dict[str, Any] = json.loads(data)
+        return value
+
+    async def _call(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, lambda: self._json(method, path, **kwargs))
 
     async def create_job(
         self, job: Mapping[str, Any], secret: Mapping[str, Any] | None
@@ -104,20 +157,14 @@ class KubeJobClient:
         name = job["metadata"]["name"]
         if secret is not None:
             try:
-                await self._call(
-                    self._core.create_namespaced_secret, namespace, secret, _preload_content=False
-                )
+                await self._call("POST", _secrets(namespace), body=dict(secret))
             except ApiRejected as exc:
                 if exc.status != 409:  # a previous attempt made it: same message, same data
                     raise
         created = True
         result: Mapping[str, Any]
         try:
-            result = _raw(
-                await self._call(
-                    self._batch.create_namespaced_job, namespace, job, _preload_content=False
-                )
-            )
+            result = await self._call("POST", _jobs(namespace), body=dict(job))
         except ApiRejected as exc:
             if exc.status != 409:
                 raise
@@ -132,67 +179,51 @@ class KubeJobClient:
 
     async def _own_secret(self, secret_name: str, job: Mapping[str, Any]) -> None:
         meta = job["metadata"]
-        patch = {
-            "metadata": {
-                "ownerReferences": [
-                    {
-                        "apiVersion": "batch/v1",
-                        "kind": "Job",
-                        "name": meta["name"],
-                        "uid": meta["uid"],
-                        "blockOwnerDeletion": False,
-                        "controller": False,
-                    }
-                ]
-            }
-        }
+        patch = {"metadata": {"ownerReferences": [owner_reference(job)]}}
         await self._call(
-            self._core.patch_namespaced_secret,
-            secret_name,
-            meta["namespace"],
-            patch,
-            _preload_content=False,
+            "PATCH",
+            f"{_secrets(meta['namespace'])}/{secret_name}",
+            body=patch,
+            content_type=_MERGE_PATCH,
         )
 
-    async def _read(
-        self, fn: Callable[..., Any], name: str, namespace: str
-    ) -> dict[str, Any] | None:
+    async def _read(self, path: str) -> dict[str, Any] | None:
         """GET an object as raw JSON; None when it does not exist."""
         try:
-            return _raw(await self._call(fn, name, namespace, _preload_content=False))
+            return await self._call("GET", path)
         except ApiRejected as exc:
             if exc.status == 404:
                 return None
             raise
 
     async def get_job(self, namespace: str, name: str) -> Mapping[str, Any] | None:
-        return await self._read(self._batch.read_namespaced_job, name, namespace)
+        return await self._read(f"{_jobs(namespace)}/{name}")
 
     async def annotate_job(
         self, namespace: str, name: str, annotations: Mapping[str, str]
     ) -> Mapping[str, Any]:
         patch = {"metadata": {"annotations": dict(annotations)}}
-        return _raw(
-            await self._call(
-                self._batch.patch_namespaced_job, name, namespace, patch, _preload_content=False
-            )
+        return await self._call(
+            "PATCH", f"{_jobs(namespace)}/{name}", body=patch, content_type=_MERGE_PATCH
         )
 
     async def delete_job(self, namespace: str, name: str) -> None:
         try:
             await self._call(
-                self._batch.delete_namespaced_job,
-                name,
-                namespace,
-                propagation_policy="Background",
-                _preload_content=False,
+                "DELETE",
+                f"{_jobs(namespace)}/{name}",
+                body={
+                    "kind": "DeleteOptions",
+                    "apiVersion": "v1",
+                    "propagationPolicy": "Background",
+                },
             )
         except ApiRejected as exc:
             if exc.status != 404:
                 raise
 
     async def read_secret(self, namespace: str, name: str) -> Mapping[str, str] | None:
-        raw = await self._read(self._core.read_namespaced_secret, name, namespace)
+        raw = await self._read(f"{_secrets(namespace)}/{name}")
         return None if raw is None else raw.get("data") or {}
 
     async def record_event(
@@ -227,21 +258,15 @@ class KubeJobClient:
             "lastTimestamp": now,
             "count": 1,
         }
-        await self._call(
-            self._core.create_namespaced_event, namespace, event, _preload_content=False
-        )
+        await self._call("POST", f"/api/v1/namespaces/{namespace}/events", body=event)
 
     async def list_jobs(
         self, namespace: str, selector: str, *, limit: int = 500, continue_token: str | None = None
     ) -> JobPage:
-        kwargs: dict[str, Any] = {"label_selector": selector, "limit": limit}
+        query: list[tuple[str, Any]] = [("labelSelector", selector), ("limit", limit)]
         if continue_token:
-            kwargs["_continue"] = continue_token
-        raw = _raw(
-            await self._call(
-                self._batch.list_namespaced_job, namespace, _preload_content=False, **kwargs
-            )
-        )
+            query.append(("continue", continue_token))
+        raw = await self._call("GET", _jobs(namespace), query=query)
         meta = raw.get("metadata") or {}
         return JobPage(
             items=raw.get("items") or [],
@@ -262,15 +287,17 @@ class KubeJobClient:
 
         def pump() -> None:
             try:
-                response = self._batch.list_namespaced_job(
-                    namespace,
-                    label_selector=selector,
-                    watch=True,
-                    resource_version=resource_version,
-                    allow_watch_bookmarks=True,
-                    timeout_seconds=_WATCH_SECONDS,
-                    _preload_content=False,
-                    _request_timeout=(10, _WATCH_SECONDS + 30),
+                response = self._send(
+                    "GET",
+                    _jobs(namespace),
+                    query=[
+                        ("labelSelector", selector),
+                        ("watch", "true"),
+                        ("resourceVersion", resource_version),
+                        ("allowWatchBookmarks", "true"),
+                        ("timeoutSeconds", _WATCH_SECONDS),
+                    ],
+                    timeout=(10, _WATCH_SECONDS + 30),
                 )
                 holder["response"] = response
                 for line in iter_resp_lines(response):
@@ -286,8 +313,8 @@ class KubeJobClient:
                         return
                     put(WatchEvent(type=event["type"], object=obj))
                 put(None)
-            except ApiException as exc:
-                put(WatchExpired(str(exc)) if exc.status == 410 else _api_error(exc))
+            except ApiRejected as exc:
+                put(WatchExpired(str(exc)) if exc.status == 410 else exc)
             except BaseException as exc:
                 put(exc if stop.is_set() is False else None)
 
@@ -312,18 +339,40 @@ class KubeJobClient:
         await asyncio.get_running_loop().run_in_executor(None, self._api.close)
 
     async def dry_run_create(self, job: Mapping[str, Any]) -> str | None:
-        """Create with dryRun=All: None when the API server would accept the Job, else
-        its reason."""
+        """Create with ``dryRun=All`` and strict field validation (unknown or duplicate
+        fields are errors, not warnings): None when the API server would accept the Job,
+        else its reason."""
         try:
             await self._call(
-                self._batch.create_namespaced_job,
-                job["metadata"]["namespace"],
-                job,
-                dry_run="All",
-                _preload_content=False,
+                "POST",
+                _jobs(job["metadata"]["namespace"]),
+                query=[("dryRun", "All"), ("fieldValidation", "Strict")],
+                body=dict(job),
             )
         except ApiRejected as exc:
             if exc.status == 409:
                 return None
             return f"{exc.status} {exc.reason}: {exc.message}"
         return None
+
+
+def _jobs(namespace: str) -> str:
+    return f"/apis/batch/v1/namespaces/{namespace}/jobs"
+
+
+def _secrets(namespace: str) -> str:
+    return f"/api/v1/namespaces/{namespace}/secrets"
+
+
+def owner_reference(job: Mapping[str, Any]) -> dict[str, Any]:
+    """The reference that makes a Job own an object (its message Secret): garbage
+    collected with the Job, never blocking its deletion."""
+    meta = job["metadata"]
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "name": meta["name"],
+        "uid": meta.get("uid", ""),
+        "blockOwnerDeletion": False,
+        "controller": False,
+    }

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobrunner import jobschema
 from jobrunner.local.jobdir import JobDir
 from jobrunner.local.supervisor import RETRY_ENV
 from jobrunner.protocols import ApiRejected, JobPage, WatchEvent, WatchExpired
@@ -101,6 +102,7 @@ class LocalJobClient:
         self._version = 0
         self._changed = asyncio.Event()
         self._images_noted: set[str] = set()
+        self._restarts: dict[Path, tuple[int, float]] = {}
         self._lock = threading.Lock()
         """Guards ``_children``: scans and creates run on worker threads."""
 
@@ -135,6 +137,14 @@ class LocalJobClient:
                 raise ApiRejected(
                     422, "Invalid", f"metadata.{field}: {meta.get(field)!r} is not a DNS label"
                 )
+        # What the API server would refuse, refused the same way (a 422 naming the
+        # field), so a bad Job never reaches a supervisor.
+        problems = jobschema.check_object(job)
+        if problems:
+            detail = "; ".join(f"{p.field()}: {p.text}" for p in problems[:5])
+            raise ApiRejected(
+                422, "Invalid", f'Job.batch "{meta.get("name")}" is invalid: {detail}'
+            )
         problem = unrunnable(job)
         if problem is not None:
             raise ApiRejected(422, "Invalid", problem)
@@ -304,7 +314,7 @@ class LocalJobClient:
                 with self._lock:
                     child = self._children.get(jobdir.path)
                     orphaned = child is None or child.poll() is not None
-                if orphaned:
+                if orphaned and self._may_restart(jobdir):
                     logger.info("Job %s has no supervisor; starting one", jobdir.name)
                     self._supervise(jobdir)
             return
@@ -313,6 +323,16 @@ class LocalJobClient:
             return
         if age_seconds(JobState.from_object(obj).finished_at) >= float(ttl):
             self._delete(jobdir)
+
+    def _may_restart(self, jobdir: JobDir) -> bool:
+        """Restarts of a Job's supervisor back off (0.5 s doubling to 30 s), so a
+        supervisor that keeps dying cannot spin; each restart is logged."""
+        now = time.monotonic()
+        count, not_before = self._restarts.get(jobdir.path, (0, 0.0))
+        if now < not_before:
+            return False
+        self._restarts[jobdir.path] = (count + 1, now + min(30.0, 0.5 * 2**count))
+        return True
 
     async def watch_jobs(
         self, namespace: str, selector: str, resource_version: str

@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -346,7 +347,20 @@ def main(argv: list[str]) -> int:
         os._exit(0)
 
     signal.signal(signal.SIGTERM, on_term)
-    supervisor.run()
+    try:
+        supervisor.run()
+    except Exception as exc:
+        # Whatever went wrong, the Job ends Failed with the reason, visible to `status`
+        # and `jobs` and settled by the dispatcher; a supervisor that died instead would
+        # be restarted, fail the same way, and never settle the message.
+        traceback.print_exc()  # to supervisor.log
+        supervisor.kill_running()
+        supervisor.finish(
+            "Failed",
+            "LocalExecutorError",
+            f"the local executor could not run this Job: {type(exc).__name__}: {exc} "
+            "(traceback in supervisor.log)",
+        )
     return 0
 
 

@@ -21,6 +21,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import os
+import ssl
+import tempfile
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
@@ -30,9 +33,11 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPa
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.errors import KafkaError
 
+from jobrunner.config import ScaledJob, Settings
 from jobrunner.models import Action, Decision, Delivery
 from jobrunner.protocols import MessageHandle
 from jobrunner.sources.kafka_offsets import PartitionOffsets
+from jobrunner.triggers.kafka import SASL_MECHANISMS, KafkaTrigger
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +213,7 @@ class KafkaSource:
             },
             received_at=time.monotonic(),
             published_at=record.timestamp / 1000 if record.timestamp else None,
+            positional=True,
         )
         return KafkaHandle(delivery, tp, record.offset, record.key, self._generation)
 
@@ -335,3 +341,46 @@ class KafkaSource:
             if end is not None:
                 out[str(tp.partition)] = max(0, end - part.committed)
         return out
+
+
+def client_options(trigger: KafkaTrigger) -> dict[str, Any]:
+    """KEDA's kafka authentication parameters as aiokafka client options."""
+    options: dict[str, Any] = {}
+    if trigger.tls:
+        context = ssl.create_default_context(cadata=trigger.ca or None)
+        if trigger.cert and trigger.key:
+            # ssl loads a client certificate only from a file.
+            with tempfile.NamedTemporaryFile("w", suffix=".pem", delete=False) as pem:
+                pem.write(trigger.cert + "\n" + trigger.key)
+            try:
+                context.load_cert_chain(pem.name)
+            finally:
+                os.unlink(pem.name)
+        options["ssl_context"] = context
+    if trigger.sasl != "none":
+        options.update(
+            security_protocol="SASL_SSL" if trigger.tls else "SASL_PLAINTEXT",
+            sasl_mechanism=SASL_MECHANISMS[trigger.sasl],
+            sasl_plain_username=trigger.username,
+            sasl_plain_password=trigger.password,
+        )
+    elif trigger.tls:
+        options["security_protocol"] = "SSL"
+    return options
+
+
+def open_source(trigger: KafkaTrigger, *, scaledjob: ScaledJob, settings: Settings) -> KafkaSource:
+    """The source for a resolved ``kafka`` trigger (see jobrunner.triggers.kafka)."""
+    spec = scaledjob.spec
+    return KafkaSource(
+        bootstrap_servers=trigger.bootstrap_servers,
+        topic=trigger.topic,
+        group_id=trigger.group_id,
+        offset_reset=trigger.offset_reset,
+        max_in_hand=spec.maxReplicaCount,
+        dead_letter_topic=spec.deadLetter.topic or f"{trigger.topic}.dead-letter",
+        per_key_ordering=spec.ordering == "perKey",
+        client_options=client_options(trigger),
+        consumer_options=settings.kafka.model_dump(),
+        scaledjob=scaledjob.name,
+    )

@@ -26,9 +26,11 @@ import aio_pika.abc
 import aio_pika.exceptions
 import aiormq.exceptions
 
+from jobrunner.config import ScaledJob, Settings
 from jobrunner.models import Action, Decision, Delivery
 from jobrunner.naming import message_identity
 from jobrunner.protocols import MessageHandle
+from jobrunner.triggers.rabbitmq import RabbitMQTrigger
 
 logger = logging.getLogger(__name__)
 
@@ -299,3 +301,19 @@ class RabbitMQSource:
     async def close(self) -> None:
         if self._connection is not None:
             await self._connection.close()
+
+
+def open_source(
+    trigger: RabbitMQTrigger, *, scaledjob: ScaledJob, settings: Settings
+) -> RabbitMQSource:
+    """The source for a resolved ``rabbitmq`` trigger (see jobrunner.triggers.rabbitmq)."""
+    spec = scaledjob.spec
+    return RabbitMQSource(
+        url=trigger.url,
+        queue=trigger.queue,
+        prefetch=spec.maxReplicaCount,
+        dead_letter_exchange=spec.deadLetter.exchange,
+        dead_letter_routing_key=spec.deadLetter.routingKey,
+        dead_letter_queue=spec.deadLetter.queue,
+        scaledjob=scaledjob.name,
+    )

@@ -37,9 +37,11 @@ from typing import Any
 
 import aiosqlite
 
+from jobrunner.config import ScaledJob, Settings
 from jobrunner.models import Action, Decision, Delivery
 from jobrunner.naming import message_identity
 from jobrunner.protocols import MessageHandle
+from jobrunner.triggers.sqlite import SQLiteTrigger
 
 logger = logging.getLogger(__name__)
 
@@ -138,11 +140,19 @@ _COLUMNS = "id, queue, body, message_id, headers, content_type, published_at, de
 
 
 class SQLiteQueue:
-    """The queue file, for publishers, consumers and ``jobrunner status``."""
+    """The queue file, for publishers, consumers and ``jobrunner status``.
+
+    One connection, one statement sequence at a time: every method holds ``_busy`` from
+    its first statement to its commit. aiosqlite runs statements of concurrent
+    coroutines on one thread in arrival order, so without it one coroutine's COMMIT can
+    land while another's SELECT is still being read ("cannot commit transaction - SQL
+    statements in progress") or commit another's half-done transaction.
+    """
 
     def __init__(self, db: aiosqlite.Connection, path: Path) -> None:
         self._db = db
         self.path = path
+        self._busy = asyncio.Lock()
 
     @classmethod
     async def open(cls, path: Path) -> SQLiteQueue:
@@ -161,76 +171,85 @@ class SQLiteQueue:
         content_type: str | None = None,
     ) -> list[int]:
         """Enqueue ``bodies`` in one transaction; returns their row ids."""
-        now = time.time()
-        ids = list(message_ids) if message_ids is not None else [None] * len(bodies)
-        encoded = json.dumps(dict(headers or {}), sort_keys=True)
-        out = []
-        for body, message_id in zip(bodies, ids, strict=True):
-            cursor = await self._db.execute(
-                "INSERT INTO messages (queue, body, message_id, headers, content_type,"
-                " published_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (queue, body, message_id, encoded, content_type, now),
-            )
-            out.append(int(cursor.lastrowid or 0))
-        await self._db.commit()
-        return out
+        async with self._busy:
+            now = time.time()
+            ids = list(message_ids) if message_ids is not None else [None] * len(bodies)
+            encoded = json.dumps(dict(headers or {}), sort_keys=True)
+            out = []
+            for body, message_id in zip(bodies, ids, strict=True):
+                cursor = await self._db.execute(
+                    "INSERT INTO messages (queue, body, message_id, headers, content_type,"
+                    " published_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (queue, body, message_id, encoded, content_type, now),
+                )
+                out.append(int(cursor.lastrowid or 0))
+            await self._db.commit()
+            return out
 
     async def counts(self, queue: str, dead_letter_queue: str) -> QueueCounts:
-        ready = in_hand = dead = 0
-        async with self._db.execute(
-            "SELECT queue, state, count(*) FROM messages WHERE queue IN (?, ?)"
-            " GROUP BY queue, state",
-            (queue, dead_letter_queue),
-        ) as cursor:
-            async for name, state, count in cursor:
-                if name == dead_letter_queue:
-                    dead += count
-                elif state == READY:
-                    ready = count
-                else:
-                    in_hand = count
-        return QueueCounts(ready=ready, in_hand=in_hand, dead_letter=dead)
+        async with self._busy:
+            ready = in_hand = dead = 0
+            async with self._db.execute(
+                "SELECT queue, state, count(*) FROM messages WHERE queue IN (?, ?)"
+                " GROUP BY queue, state",
+                (queue, dead_letter_queue),
+            ) as cursor:
+                async for name, state, count in cursor:
+                    if name == dead_letter_queue:
+                        dead += count
+                    elif state == READY:
+                        ready = count
+                    else:
+                        in_hand = count
+            return QueueCounts(ready=ready, in_hand=in_hand, dead_letter=dead)
 
     async def messages(self, queue: str, *, limit: int = 1000) -> list[StoredMessage]:
-        async with self._db.execute(
-            f"SELECT {_COLUMNS} FROM messages WHERE queue = ? ORDER BY id LIMIT ?",
-            (queue, limit),
-        ) as cursor:
+        async with (
+            self._busy,
+            self._db.execute(
+                f"SELECT {_COLUMNS} FROM messages WHERE queue = ? ORDER BY id LIMIT ?",
+                (queue, limit),
+            ) as cursor,
+        ):
             return [_row(row) async for row in cursor]
 
     # -- consumer side (used by SQLiteSource, which holds the consumer lock) --------
     async def reclaim(self, queue: str) -> int:
         """Make every delivered row ready again (its consumer is gone)."""
-        cursor = await self._db.execute(
-            "UPDATE messages SET state = ? WHERE queue = ? AND state = ?",
-            (READY, queue, DELIVERED),
-        )
-        await self._db.commit()
-        return cursor.rowcount
+        async with self._busy:
+            cursor = await self._db.execute(
+                "UPDATE messages SET state = ? WHERE queue = ? AND state = ?",
+                (READY, queue, DELIVERED),
+            )
+            await self._db.commit()
+            return cursor.rowcount
 
     async def claim(self, queue: str, limit: int) -> list[StoredMessage]:
-        async with self._db.execute(
-            "UPDATE messages SET state = ?, deliveries = deliveries + 1 WHERE id IN ("
-            " SELECT id FROM messages WHERE queue = ? AND state = ? ORDER BY id LIMIT ?)"
-            f" RETURNING {_COLUMNS}",
-            (DELIVERED, queue, READY, limit),
-        ) as cursor:
-            rows = [_row(row) async for row in cursor]
-        await self._db.commit()
-        rows.sort(key=lambda m: m.id)
-        return rows
+        async with self._busy:
+            async with self._db.execute(
+                "UPDATE messages SET state = ?, deliveries = deliveries + 1 WHERE id IN ("
+                " SELECT id FROM messages WHERE queue = ? AND state = ? ORDER BY id LIMIT ?)"
+                f" RETURNING {_COLUMNS}",
+                (DELIVERED, queue, READY, limit),
+            ) as cursor:
+                rows = [_row(row) async for row in cursor]
+            await self._db.commit()
+            rows.sort(key=lambda m: m.id)
+            return rows
 
     async def ack(self, message_id: int) -> bool:
-        cursor = await self._db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
-        await self._db.commit()
-        return cursor.rowcount == 1
+        async with self._busy:
+            cursor = await self._db.execute("DELETE FROM messages WHERE id = ?", (message_id,))
+            await self._db.commit()
+            return cursor.rowcount == 1
 
     async def requeue(self, message_id: int) -> bool:
-        cursor = await self._db.execute(
-            "UPDATE messages SET state = ? WHERE id = ?", (READY, message_id)
-        )
-        await self._db.commit()
-        return cursor.rowcount == 1
+        async with self._busy:
+            cursor = await self._db.execute(
+                "UPDATE messages SET state = ? WHERE id = ?", (READY, message_id)
+            )
+            await self._db.commit()
+            return cursor.rowcount == 1
 
     async def dead_letter(
         self,
@@ -244,21 +263,22 @@ class SQLiteQueue:
     ) -> None:
         """Put a copy on the dead-letter queue and, in the same transaction, remove the
         original row ``remove``: the move is all or nothing."""
-        await self._db.execute(
-            "INSERT INTO messages (queue, body, message_id, headers, content_type,"
-            " published_at) VALUES (?, ?, ?, ?, ?, ?)",
-            (
-                dead_letter_queue,
-                body,
-                message_id,
-                json.dumps(dict(headers), sort_keys=True),
-                content_type,
-                time.time(),
-            ),
-        )
-        if remove is not None:
-            await self._db.execute("DELETE FROM messages WHERE id = ?", (remove,))
-        await self._db.commit()
+        async with self._busy:
+            await self._db.execute(
+                "INSERT INTO messages (queue, body, message_id, headers, content_type,"
+                " published_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    dead_letter_queue,
+                    body,
+                    message_id,
+                    json.dumps(dict(headers), sort_keys=True),
+                    content_type,
+                    time.time(),
+                ),
+            )
+            if remove is not None:
+                await self._db.execute("DELETE FROM messages WHERE id = ?", (remove,))
+            await self._db.commit()
 
 
 def _lock_path(db_path: Path, queue: str) -> Path:
@@ -434,3 +454,16 @@ class SQLiteSource:
                 fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None
+
+
+def open_source(
+    trigger: SQLiteTrigger, *, scaledjob: ScaledJob, settings: Settings
+) -> SQLiteSource:
+    """The source for a resolved ``sqlite`` trigger (see jobrunner.triggers.sqlite)."""
+    return SQLiteSource(
+        path=trigger.path,
+        queue=trigger.queue,
+        prefetch=scaledjob.spec.maxReplicaCount,
+        dead_letter_queue=scaledjob.spec.deadLetter.queue,
+        scaledjob=scaledjob.name,
+    )

@@ -90,7 +90,7 @@ async def test_sigkill_while_jobs_run_then_restart_adopts_them(
 
     second = dispatchers(path)
     await assert_exactly_once(kube_api, namespace, ids, rabbitmq_url, queue, second)
-    assert "adopted existing Job" in second.logs()
+    assert "adopted its existing Job" in second.logs()
 
 
 async def test_sigkill_between_create_and_ack_with_ack_on_creation(

@@ -179,7 +179,7 @@ async def test_commit_never_passes_an_unfinished_record_and_a_crash_relaunches_n
     jobs = jobs_of(kube_api, namespace, "work")
     assert {j.metadata.name for j in jobs} == names_for(topic, stored), "nothing launched twice"
     assert all(finished(j) == "Complete" for j in jobs)
-    assert second.logs().count("adopted existing Job") == 2
+    assert second.logs().count("adopted its existing Job") == 2
 
     async def all_committed() -> bool:
         return await committed(kafka_bootstrap, kafka_manifest.group, topic) == {0: 2}  # type: ignore[attr-defined]

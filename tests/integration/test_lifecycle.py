@@ -115,7 +115,7 @@ async def test_sigterm_stops_consuming_leaves_jobs_running_and_next_dispatcher_a
     second = dispatchers(path)
     await wait_for_jobs(kube_api, namespace, "work", 1, state="Complete", within=40)
     await second.settled("ack", 1)
-    assert "adopted existing Job" in second.logs()
+    assert "adopted its existing Job" in second.logs()
     assert len(jobs_of(kube_api, namespace, "work")) == 1
 
 

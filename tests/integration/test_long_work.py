@@ -69,7 +69,7 @@ async def test_work_longer_than_consumer_timeout_is_handed_over_never_rerun(
     [job] = await wait_for_jobs(kube_api, namespace, "work", 1, state="Complete", within=40)
     logs = dispatcher.logs()
     assert "handing it over to Job" in logs
-    assert "adopted existing Job" not in logs, "the message must not have come back"
+    assert "adopted its existing Job" not in logs, "the message must not have come back"
     assert len(jobs_of(kube_api, namespace, "work")) == 1
     assert dispatcher.terminate() == 0
     assert (await queue_depth(rabbitmq_url, queue))[0] == 0

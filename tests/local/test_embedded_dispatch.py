@@ -124,7 +124,7 @@ def test_a_restart_in_the_middle_of_a_batch_loses_and_repeats_nothing(
     assert ended == sorted(ids)
     assert job_outcomes(state_dir) == ["CompletionsReached"] * 8
     assert queue_state(state_dir, "work") == {"ready": 0, "in_hand": 0, "dead": 0}
-    assert "adopted existing Job" in dispatchers.logs()
+    assert "adopted its existing Job" in dispatchers.logs()
 
 
 def test_failures_and_unusable_messages_are_dead_lettered_with_the_reason(

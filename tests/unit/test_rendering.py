@@ -34,7 +34,7 @@ def manifest(job_spec: dict[str, Any] | None = None, **spec: Any) -> dict[str, A
         "metadata": {"name": "resize", "namespace": "media"},
         "spec": {
             "jobTargetRef": job_spec,
-            "triggers": [{"type": "rabbitmq", "metadata": {"queueName": "q"}}],
+            "triggers": [{"type": "rabbitmq", "metadata": {"queueName": "q", "host": "amqp://localhost"}}],
             **spec,
         },
     }
@@ -122,8 +122,8 @@ HOSTILE = [
     '"},"hostNetwork":true,"x":{"',
     "'; rm -rf / #",
     "{% for x in range(10**9) %}x{% endfor %}",
-    "a" * 200_000,
-    "\u2028\u0000\ufeff",
+    "a" * 100_000,
+    "\u2028\ufeff\U0001f600",
 ]
 
 
@@ -138,6 +138,23 @@ def test_hostile_message_content_never_changes_job_structure(task: str) -> None:
     assert set(job["spec"]["template"]["spec"]) == {"containers", "restartPolicy", "volumes"}
     assert job["metadata"]["name"] == rendered.name
     yaml.safe_dump(job)  # still serialisable as one object
+
+
+@pytest.mark.parametrize(
+    ("task", "reason"),
+    [
+        ("\u2028\u0000\ufeff", "InvalidMessage"),
+        ("a" * 200_000, "MessageTooLarge"),
+    ],
+)
+def test_message_text_no_process_can_receive_is_refused_before_any_job(
+    task: str, reason: str
+) -> None:
+    # A NUL ends a C string; one argument over MAX_ARG_STRLEN makes execve fail.
+    with pytest.raises(RenderError) as err:
+        render(json.dumps({"task": task}).encode(), messageDelivery={"maxEnvBytes": 10})
+    assert err.value.reason == reason
+    assert "spec.jobTargetRef.template.spec.containers[0].args[1]" in err.value.detail
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,41 @@
+"""Limits of the platform a Job passes through, in one place, each with its source.
+
+They are checked where they apply: ``validate`` refuses settings that can never work,
+and a message whose Job would break one is dead-lettered ``MessageTooLarge`` (or
+``TemplateError`` for what a template made of it) before any Job exists.
+"""
+
+from __future__ import annotations
+
+MAX_ARG_STRLEN = 32 * 4096
+"""Linux: the longest single argv or environment string execve() accepts, counting
+``NAME=`` and the terminating NUL (``MAX_ARG_STRLEN`` in include/uapi/linux/binfmts.h).
+Beyond it execve fails with E2BIG, "Argument list too long"."""
+
+SECRET_DATA_MAX = 1024 * 1024
+"""Kubernetes: the values of a Secret's ``data`` may total 1 MiB
+(``MaxSecretSize`` in k8s.io/kubernetes/pkg/apis/core/validation)."""
+
+ANNOTATIONS_MAX = 256 * 1024
+"""Kubernetes: an object's annotations (keys and values) may total 256 KiB
+(``TotalAnnotationSizeLimitB`` in apimachinery's ValidateAnnotations)."""
+
+OBJECT_MAX = 1536 * 1024
+"""etcd: the largest request it takes by default (``--max-request-bytes`` 1.5 MiB); an
+object is stored in one request, so a Job (and the Pod made from it) must stay below."""
+
+LABEL_VALUE_MAX = 63
+"""Kubernetes: a label value is at most 63 characters (IsValidLabelValue)."""
+
+SECRET_RESERVE = 64 * 1024
+"""What a message Secret keeps beside the body (headers, metadata, the kept copy's
+fields), reserved when bounding ``maxMessageBytes``."""
+
+MESSAGE_MAX = SECRET_DATA_MAX - SECRET_RESERVE
+"""The largest ``maxMessageBytes`` that always fits in the per-Job Secret."""
+
+
+def env_value_max(name: str) -> int:
+    """The longest value (in bytes) an environment variable ``name`` can carry into a
+    process: MAX_ARG_STRLEN less ``NAME=`` and the NUL."""
+    return MAX_ARG_STRLEN - len(name.encode()) - 2

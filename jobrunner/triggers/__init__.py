@@ -1,0 +1,177 @@
+"""Trigger types: how a ScaledJob trigger (KEDA's ``type`` and ``metadata`` names) and the
+parameters of its TriggerAuthentication become the settings a source connects with.
+
+One registry keyed by trigger type, so a new source is a new module here (and one under
+``jobrunner/sources/``) plus one line in ``_MODULES`` — never a branch in the runner. Each
+type is checked twice: ``check`` without any I/O (``jobrunner validate`` runs it, so
+validate refuses what ``run`` would), and ``resolve`` at start, when Secrets and
+environment variables are read.
+
+This package is core: it imports no broker or Kubernetes library.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from jobrunner.config import ManifestError, ScaledJob, Trigger, TriggerAuthentication
+from jobrunner.triggers.auth import FileSecrets, SecretReader, auth_parameters
+
+__all__ = [
+    "FileSecrets",
+    "Problem",
+    "ResolveContext",
+    "SecretReader",
+    "TriggerType",
+    "check_trigger",
+    "resolve_trigger",
+    "trigger_type",
+    "trigger_types",
+]
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One mistake in a trigger, at ``field`` (relative to the trigger, e.g.
+    ``metadata.queueName``)."""
+
+    field: str
+    text: str
+
+
+@dataclass(frozen=True)
+class ResolveContext:
+    """What resolving a trigger may read: its ScaledJob, the TriggerAuthentications of the
+    manifest, Secrets (the cluster's, then the manifest file's) and the local state
+    directory (for the embedded queue)."""
+
+    scaledjob: ScaledJob
+    trigger: Trigger
+    authentications: Mapping[str, TriggerAuthentication]
+    read_secret: SecretReader
+    state_dir: Path
+
+    async def parameters(self) -> dict[str, str]:
+        """The trigger's metadata overlaid with its TriggerAuthentication's parameters
+        (KEDA's precedence: authentication wins)."""
+        params = dict(self.trigger.metadata)
+        params.update(
+            await auth_parameters(
+                self.scaledjob, self.trigger, self.authentications, self.read_secret
+            )
+        )
+        return params
+
+    def where(self) -> str:
+        return f"ScaledJob {self.scaledjob.name}: trigger {self.trigger.type}"
+
+
+@dataclass(frozen=True)
+class TriggerType:
+    """One kind of trigger.
+
+    ``metadata``: every metadata key the type understands (KEDA's names, plus KEDA's
+    queue-length keys that a push dispatcher accepts and ignores); any other key is a
+    mistake, reported with a did-you-mean. ``check(metadata, has_auth)`` returns the
+    static problems; ``resolve`` returns the source's settings object, raising
+    ManifestError naming the field; ``source`` is ``"module:function"`` of the source
+    factory, imported only when a dispatcher starts (so ``validate`` needs no broker
+    library).
+    """
+
+    name: str
+    destination: str
+    """What the source consumes from, in the broker's words: queue, topic, stream..."""
+    metadata: frozenset[str]
+    check: Callable[[Mapping[str, str], bool], list[Problem]]
+    resolve: Callable[[ResolveContext], Awaitable[Any]]
+    source: str
+    summary: str = ""
+    aliases: tuple[str, ...] = field(default=())
+
+
+# Trigger type -> the module under jobrunner.triggers that defines TRIGGER.
+_MODULES = {
+    "rabbitmq": "rabbitmq",
+    "kafka": "kafka",
+    "apache-kafka": "kafka",
+    "sqlite": "sqlite",
+}
+
+
+def trigger_types() -> list[str]:
+    """Every supported trigger type (aliases included), sorted."""
+    return sorted(_MODULES)
+
+
+def trigger_type(name: str, *, where: str = "") -> TriggerType:
+    """The registered type ``name``; ManifestError (naming the supported ones, with a
+    did-you-mean) when there is none."""
+    module = _MODULES.get(name)
+    if module is None:
+        close = difflib.get_close_matches(name, list(_MODULES), n=1, cutoff=0.6)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        prefix = f"{where}: " if where else ""
+        raise ManifestError(
+            f"{prefix}field type: {name!r} is not supported; {hint}"
+            f"use one of {', '.join(trigger_types())} (sqlite is the embedded queue, for "
+            "running without a broker)"
+        )
+    found: TriggerType = importlib.import_module(f"jobrunner.triggers.{module}").TRIGGER
+    return found
+
+
+def check_trigger(trigger: Trigger) -> list[Problem]:
+    """Static problems of ``trigger``: an unsupported type, unknown metadata keys, and
+    the type's own checks (required keys, allowed values). No I/O."""
+    try:
+        kind = trigger_type(trigger.type)
+    except ManifestError as exc:
+        return [Problem("type", str(exc).split("field type: ", 1)[-1])]
+    problems = []
+    for key in trigger.metadata:
+        if key not in kind.metadata:
+            close = difflib.get_close_matches(key, sorted(kind.metadata), n=1, cutoff=0.7)
+            hint = f"did you mean {close[0]!r}?" if close else "remove it"
+            problems.append(
+                Problem(f"metadata.{key}", f"unknown {kind.name} trigger metadata key; {hint}")
+            )
+    problems.extend(kind.check(trigger.metadata, trigger.authenticationRef is not None))
+    return problems
+
+
+async def resolve_trigger(context: ResolveContext) -> tuple[TriggerType, Any]:
+    """The trigger's type and its resolved settings; ManifestError on any problem."""
+    kind = trigger_type(context.trigger.type, where=context.where())
+    problems = check_trigger(context.trigger)
+    if problems:
+        raise ManifestError(
+            "; ".join(f"{context.where()}: field {p.field}: {p.text}" for p in problems)
+        )
+    return kind, await kind.resolve(context)
+
+
+def required(metadata: Mapping[str, str], *keys: str, what: str = "") -> list[Problem]:
+    """A problem for each of ``keys`` missing or empty in ``metadata``."""
+    return [
+        Problem(f"metadata.{key}", f"required{what}; add it")
+        for key in keys
+        if not metadata.get(key)
+    ]
+
+
+def one_of(metadata: Mapping[str, str], key: str, allowed: tuple[str, ...]) -> list[Problem]:
+    value = metadata.get(key)
+    if value is None or value in allowed:
+        return []
+    return [Problem(f"metadata.{key}", f"one of {', '.join(allowed)}; got {value!r}")]
+
+
+def raise_problems(where: str, problems: list[Problem]) -> None:
+    if problems:
+        raise ManifestError("; ".join(f"{where}: field {p.field}: {p.text}" for p in problems))

@@ -1,0 +1,98 @@
+"""KEDA's TriggerAuthentication: parameters taken from Secrets (``secretTargetRef``) and
+from the dispatcher's environment (``env``).
+
+Secrets are read from the cluster first. A Secret that the manifest file itself declares
+(the way users keep a Secret beside its ScaledJob for ``kubectl apply -f``) is used when
+the cluster has none of that name — always so with the local executor, which has no
+cluster — and a log line says which copy was used.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from jobrunner.config import ManifestError, ScaledJob, Trigger, TriggerAuthentication
+
+logger = logging.getLogger(__name__)
+
+SecretReader = Callable[[str, str], Awaitable[Mapping[str, str] | None]]
+"""(namespace, name) -> the Secret's base64 ``data``, or None when it does not exist."""
+
+
+def secret_data(secret: Mapping[str, Any]) -> dict[str, str]:
+    """A Secret manifest's values as base64 ``data`` (``stringData`` encoded, and winning
+    over ``data`` for the same key, as the API server merges them)."""
+    data = {str(k): str(v) for k, v in (secret.get("data") or {}).items()}
+    for key, value in (secret.get("stringData") or {}).items():
+        data[str(key)] = base64.b64encode(str(value).encode()).decode()
+    return data
+
+
+class FileSecrets:
+    """A SecretReader that asks ``cluster`` first, then the Secrets of the manifest file
+    (``secrets``: (namespace, name) -> Secret object)."""
+
+    def __init__(
+        self,
+        cluster: SecretReader | None,
+        secrets: Mapping[tuple[str, str], Mapping[str, Any]],
+    ) -> None:
+        self._cluster = cluster
+        self._secrets = secrets
+
+    async def __call__(self, namespace: str, name: str) -> Mapping[str, str] | None:
+        if self._cluster is not None:
+            found = await self._cluster(namespace, name)
+            if found is not None:
+                return found
+        local = self._secrets.get((namespace, name))
+        if local is None:
+            return None
+        logger.info(
+            "Secret %s/%s: the cluster has none, using the one declared in the manifest file",
+            namespace,
+            name,
+        )
+        return secret_data(local)
+
+
+async def auth_parameters(
+    scaledjob: ScaledJob,
+    trigger: Trigger,
+    authentications: Mapping[str, TriggerAuthentication],
+    read_secret: SecretReader,
+) -> dict[str, str]:
+    """The parameters the trigger's ``authenticationRef`` supplies; {} without one."""
+    ref = trigger.authenticationRef
+    if ref is None:
+        return {}
+    auth = authentications.get(ref.name)
+    if auth is None:
+        raise ManifestError(
+            f"ScaledJob {scaledjob.name}: field spec.triggers[].authenticationRef.name: "
+            f"TriggerAuthentication {ref.name!r} is not in the manifest file; add it there"
+        )
+    params: dict[str, str] = {}
+    for item in auth.spec.secretTargetRef:
+        data = await read_secret(scaledjob.namespace, item.name)
+        where = f"TriggerAuthentication {auth.metadata.name}: secretTargetRef {item.parameter}"
+        if data is None:
+            raise ManifestError(
+                f"{where}: Secret {scaledjob.namespace}/{item.name} not found in the cluster "
+                "or the manifest file; create it (kubectl create secret generic ...)"
+            )
+        if item.key not in data:
+            raise ManifestError(
+                f"{where}: Secret {scaledjob.namespace}/{item.name} has no key {item.key!r} "
+                f"(it has: {', '.join(sorted(data)) or 'none'})"
+            )
+        params[item.parameter] = base64.b64decode(data[item.key]).decode()
+    for env_ref in auth.spec.env:
+        value = os.environ.get(env_ref.name)
+        if value is not None:
+            params[env_ref.parameter] = value
+    return params
