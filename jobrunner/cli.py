@@ -142,7 +142,7 @@ def cmd_validate(args: argparse.Namespace, settings: Settings) -> int:
                 print(f"  server-side dry run rejected the Job: {problem}", file=sys.stderr)
                 problems += 1
                 continue
-            print("  server-side dry run (strict field validation): the API server accepts it")
+            print("  server-side dry run (strict field validation): the API server accepts the Job")
     return 1 if problems else 0
 
 

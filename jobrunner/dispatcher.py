@@ -333,15 +333,18 @@ class Dispatcher:
             exc,
             exc_info=exc,
         )
-        if count < limit:
-            decision = Decision(Action.REQUEUE, reason="InternalError", job_name=name)
-        else:
-            self._unforeseen.pop(delivery.identity, None)
-            decision = Decision.dead_letter(
-                "InternalError", f"{type(exc).__name__}: {exc} (after {count} tries)", name
-            )
+        dead = Decision.dead_letter(
+            "InternalError", f"{type(exc).__name__}: {exc} (after {count} tries)", name
+        )
         try:
-            await self._settle(handles=handles, decision=decision, final=False)
+            if count < limit:
+                requeue = Decision(Action.REQUEUE, reason="InternalError", job_name=name)
+                if await self._settle(handles=handles, decision=requeue, final=False):
+                    return
+                # The source cannot hand it out again now (a Kafka record is read again
+                # only after a restart): dead-letter it rather than hold it.
+            self._unforeseen.pop(delivery.identity, None)
+            await self._settle(handles=handles, decision=dead, final=False)
         except Exception as again:
             log.error(
                 "could not release the message either (%s); it returns to the source when "
@@ -516,7 +519,7 @@ class Dispatcher:
         handles: list[MessageHandle] | None = None,
         original: Mapping[str, Any] | None = None,
         final: bool = True,
-    ) -> None:
+    ) -> bool:
         """The one place a message is settled: a live message through the source, or an
         already-acked one from the copy its Job keeps (dead-letter only). ``final`` says
         the decision is the message's outcome (not an ack that hands it to its Job); only
@@ -529,7 +532,7 @@ class Dispatcher:
             if handles:
                 if not await self._settle_live(handles, decision):
                     span.set_attribute("jobrunner.redelivery_expected", True)
-                    return
+                    return False
             elif decision.action is Action.DEAD_LETTER and original is not None:
                 await self._source.dead_letter_copy(original, decision)
         delivery = handles[-1].delivery if handles else None
@@ -568,7 +571,7 @@ class Dispatcher:
         else:
             log.info("released the message to the source to be tried again")
         if not final or not decision.job_name:
-            return
+            return True
         if decision.action is not Action.DEAD_LETTER:
             durable = not handles or self._source.is_durable(handles[-1])
             if durable:
@@ -576,6 +579,7 @@ class Dispatcher:
                 self.cleaner.trigger()
             elif handles:
                 self._awaiting_durable[decision.job_name] = handles[-1]
+            return True
         else:
             # Recorded on the Job so that a redelivery (after a lost ack) or another
             # dispatcher never dead-letters the same message twice. An ack needs no
@@ -593,6 +597,7 @@ class Dispatcher:
                     raise
             self.settled_here.add(decision.job_name)
             self.cleaner.trigger()
+        return True
 
     def _promote_durable(self) -> None:
         for name, handle in list(self._awaiting_durable.items()):

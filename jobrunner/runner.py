@@ -230,8 +230,9 @@ class DispatchUnit:
 
     def readiness(self) -> str | None:
         """None when ready, else why not."""
-        if self.problem is not None:
-            return f"{self.name}: {self.problem}"
+        problem = self.problem or getattr(self.source, "problem", None)
+        if problem is not None:
+            return f"{self.name}: {problem}"
         if not self.source.connected:
             return f"{self.name}: broker not connected"
         if not self.tracker.synced.is_set():

@@ -29,7 +29,7 @@ import aiormq.exceptions
 from jobrunner.config import ScaledJob, Settings
 from jobrunner.models import Action, Decision, Delivery
 from jobrunner.naming import message_identity
-from jobrunner.protocols import MessageHandle
+from jobrunner.protocols import MessageHandle, SourceError
 from jobrunner.triggers.rabbitmq import RabbitMQTrigger
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,11 @@ def management_queue_dead_letter(
     )
 
 
+def _short(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:160]
+
+
 def _published_at(message: aio_pika.abc.AbstractIncomingMessage) -> float | None:
     """The producer's clock: RabbitMQ's ``timestamp_in_ms`` header (message-timestamp
     plugin) or the AMQP ``timestamp`` property (whole seconds)."""
@@ -138,8 +143,53 @@ class RabbitMQSource:
         self._queue: aio_pika.abc.AbstractQueue | None = None
         self.target: DeadLetterTarget | None = None
         self.vhost = urllib.parse.unquote(urllib.parse.urlsplit(url).path.lstrip("/")) or "/"
+        self._user = urllib.parse.unquote(urllib.parse.urlsplit(url).username or "guest")
+        self.problem: str | None = None
+        """Why the source cannot consume now, noticed after it started (for /readyz)."""
+
+    @property
+    def broker(self) -> str:
+        """The broker's address without credentials, for messages."""
+        parsed = urllib.parse.urlsplit(self._url)
+        return f"{parsed.scheme}://{parsed.hostname}:{parsed.port or 5672}"
 
     async def start(self) -> None:
+        """Connect and start consuming. SourceError, in one line naming the broker, the
+        vhost and the queue and saying what to do, when the broker cannot be reached,
+        refuses the credentials, or has no such vhost or queue."""
+        try:
+            await self._start()
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            raise SourceError(
+                f"RabbitMQ at {self.broker}: queue {self._queue_name!r} does not exist in "
+                f"vhost {self.vhost!r}; declare it (rabbitmqadmin declare queue "
+                f"name={self._queue_name} durable=true) or fix metadata.queueName"
+            ) from None
+        except aiormq.exceptions.ChannelAccessRefused as exc:
+            raise SourceError(
+                f"RabbitMQ at {self.broker}: user {self._user!r} may not read queue "
+                f"{self._queue_name!r} in vhost {self.vhost!r} ({exc}); grant it "
+                "(rabbitmqctl set_permissions)"
+            ) from None
+        except aiormq.exceptions.ProbableAuthenticationError:
+            raise SourceError(
+                f"RabbitMQ at {self.broker} refused the credentials of user {self._user!r}; "
+                "check the password in the host URL or the TriggerAuthentication"
+            ) from None
+        except aiormq.exceptions.AMQPConnectionError as exc:
+            raise SourceError(
+                f"RabbitMQ at {self.broker} is not reachable ({_short(exc)}); is it running?"
+            ) from None
+        except aiormq.exceptions.AMQPError as exc:
+            # Closing the connection while it opens: a vhost that does not exist, or one
+            # the user may not use.
+            raise SourceError(
+                f"RabbitMQ at {self.broker} refused to open vhost {self.vhost!r} for user "
+                f"{self._user!r} ({_short(exc)}); does the vhost exist, and may the user "
+                "use it? (rabbitmqctl list_vhosts, list_permissions)"
+            ) from None
+
+    async def _start(self) -> None:
         self._connection = await aio_pika.connect_robust(self._url, fail_fast=True)
         self._publish_channel = await self._connection.channel(publisher_confirms=True)
         self._consume_channel = await self._connection.channel(publisher_confirms=False)
@@ -210,12 +260,22 @@ class RabbitMQSource:
         return connection is not None and not connection.is_closed and connection.connected.is_set()
 
     async def depth(self) -> int | None:
+        """Messages ready in the queue; also notices a queue deleted under us (the
+        problem then shows on /readyz until it exists again)."""
         if self._publish_channel is None or not self.connected:
             return None
         try:
             queue = await self._publish_channel.declare_queue(self._queue_name, passive=True)
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            self.problem = (
+                f"RabbitMQ at {self.broker}: queue {self._queue_name!r} no longer exists in "
+                f"vhost {self.vhost!r}; declare it again"
+            )
+            logger.warning("%s", self.problem)
+            return None
         except _GONE:
             return None
+        self.problem = None
         return queue.declaration_result.message_count
 
     async def stop_consuming(self) -> None:
@@ -299,8 +359,10 @@ class RabbitMQSource:
         await exchange.publish(copy, routing_key=key)
 
     async def close(self) -> None:
-        if self._connection is not None:
-            await self._connection.close()
+        connection, self._connection = self._connection, None
+        self._queue = self._consumer_tag = None
+        if connection is not None:
+            await connection.close()
 
 
 def open_source(

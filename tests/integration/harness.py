@@ -125,10 +125,16 @@ class Dispatcher:
     async def settled(self, action: str, count: int, *, within: float = 60) -> None:
         """Wait until this dispatcher has logged ``count`` settlements of ``action``."""
 
+        line = SETTLED_LINES[action]
+
         async def enough() -> bool:
-            return self.logs().count(f"settled: {action} for Job") >= count
+            return self.logs().count(line) >= count
 
         await eventually(enough, within=within, interval=0.2)
+
+
+SETTLED_LINES = {"ack": "acked the message (Job ", "dead-letter": "dead-lettered the message ("}
+"""What a dispatcher logs when it settles a message, by action."""
 
 
 def jobs_of(kube_api: client.ApiClient, namespace: str, scaledjob: str) -> list[Any]:

@@ -234,3 +234,23 @@ async def test_keda_scaledjob_runs_unchanged_with_host_from_a_cluster_secret(
     assert env["JOBRUNNER_MESSAGE"] == "hello"
     assert job.metadata.labels["scaledjob.keda.sh/name"] == "rabbitmq-consumer"
     assert job.spec.backoff_limit == 4
+
+
+async def test_the_last_finished_job_beyond_the_limit_goes_while_the_queue_is_idle(
+    kube_api: client.ApiClient,
+    namespace: str,
+    queue: str,
+    rabbitmq_url: str,
+    manifest: Callable[..., Path],
+    dispatchers: Callable[..., Dispatcher],
+) -> None:
+    # With nothing else finishing after it, the settled Job must still be deleted.
+    dispatcher = dispatchers(manifest(successfulJobsHistoryLimit=0))
+    await publish(rabbitmq_url, queue, b"{}", message_id="only")
+    await dispatcher.settled("ack", 1)
+
+    async def gone() -> bool:
+        return not await asyncio.to_thread(jobs_of, kube_api, namespace, "work")
+
+    await eventually(gone, within=60, interval=0.5)
+    assert "deleted Job work-" in dispatcher.logs()

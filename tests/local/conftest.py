@@ -115,11 +115,15 @@ class Dispatchers:
         self.started: list[subprocess.Popen[bytes]] = []
 
     def start(self, manifest: Path) -> subprocess.Popen[bytes]:
+        return self.start_with(manifest, {})
+
+    def start_with(self, manifest: Path, extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
         env = {
             **os.environ,
             "JOBRUNNER_LOCAL__RETRY_SECONDS": "0.2",
             "JOBRUNNER_LOG_LEVEL": "DEBUG",
             "JOBRUNNER_DISPATCHER__PROGRESS_LOG_SECONDS": "0.5",
+            **extra_env,
         }
         log = (self.log_dir / f"dispatcher-{len(self.started)}.log").open("wb")
         proc = subprocess.Popen(

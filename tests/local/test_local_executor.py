@@ -236,3 +236,57 @@ async def test_watch_reports_a_job_finishing(state_dir: Path, manifest: Manifest
             break
     assert seen[0] == "ADDED"
     assert seen[-1] == "MODIFIED"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"backoffLimit": "two"}, "spec.backoffLimit"),
+        ({"activeDeadlineSeconds": "1m"}, "spec.activeDeadlineSeconds"),
+        ({"completions": True}, "spec.completions"),
+        ({"backofLimit": 1}, "spec.backofLimit"),
+    ],
+)
+async def test_a_job_the_api_server_would_refuse_is_refused_at_create(
+    state_dir: Path, manifest: ManifestFactory, change: dict[str, Any], field: str
+) -> None:
+    client = LocalJobClient(state_dir)
+    job, secret = render(manifest("print('never')"), b"{}")
+    job["spec"].update(change)
+    with pytest.raises(ApiRejected) as info:
+        await client.create_job(job, secret)
+    assert info.value.status == 422
+    assert f"{field}: " in info.value.message
+    assert not (state_dir / "jobs" / "default" / job["metadata"]["name"]).exists()
+
+
+async def test_a_container_env_with_a_nul_byte_is_refused_at_create(
+    state_dir: Path, manifest: ManifestFactory
+) -> None:
+    client = LocalJobClient(state_dir)
+    job, secret = render(manifest("print('never')"), b"{}")
+    job["spec"]["template"]["spec"]["containers"][0]["env"].append({"name": "X", "value": "a\0b"})
+    with pytest.raises(ApiRejected) as info:
+        await client.create_job(job, secret)
+    assert "NUL byte" in info.value.message
+
+
+async def test_a_supervisor_that_meets_the_unexpected_fails_the_job_once_not_forever(
+    state_dir: Path, manifest: ManifestFactory
+) -> None:
+    client = LocalJobClient(state_dir, retry_seconds=0.1)
+    job, _ = render(manifest("print('never')"), b"{}")
+    name = job["metadata"]["name"]
+    jobdir = JobDir(state_dir / "jobs" / "default" / name)
+    jobdir.path.mkdir(parents=True)
+    # A Job record written by something other than create (an older version, a hand
+    # edit) that the supervisor cannot run.
+    job["spec"]["backoffLimit"] = "two"
+    job["metadata"].update(uid="u-1", creationTimestamp="2026-01-01T00:00:00Z")
+    jobdir.write_job(job)
+    await client.list_jobs("default", "app.kubernetes.io/managed-by=jobrunner")
+    done = await finished(client, job)
+    condition = done["status"]["conditions"][0]
+    assert (condition["type"], condition["reason"]) == ("Failed", "LocalExecutorError")
+    assert "ValueError" in condition["message"]
+    assert "Traceback" in (jobdir.path / "supervisor.log").read_text()
