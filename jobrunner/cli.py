@@ -27,7 +27,7 @@ from jobrunner.config import (
     Settings,
     load_manifest,
 )
-from jobrunner.models import Delivery
+from jobrunner.models import FINALIZER, Delivery
 from jobrunner.naming import message_identity
 from jobrunner.rendering import Renderer, RenderError, template_dirs
 
@@ -234,6 +234,54 @@ def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
     return show_logs(settings, args.job, namespace=args.namespace)
 
 
+def cmd_finalizers(args: argparse.Namespace, settings: Settings) -> int:
+    """List, or release, Jobs that still carry jobrunner's finalizer."""
+    from jobrunner import finalizers
+    from jobrunner.views import read_client
+
+    async def go() -> int:
+        jobs = read_client(settings)
+        try:
+            if args.all_namespaces and hasattr(jobs, "list_guarded_jobs"):
+                found = [
+                    finalizers.GuardedJob.of(j)
+                    for j in await jobs.list_guarded_jobs(finalizers.selector(args.scaledjob))
+                ]
+            else:
+                if args.all_namespaces:
+                    base = settings.local.state_dir / "jobs"
+                    namespaces = sorted(p.name for p in base.iterdir()) if base.is_dir() else []
+                elif args.namespace:
+                    namespaces = [args.namespace]
+                elif args.file:
+                    namespaces = sorted(
+                        {s.namespace for s in load_manifest(Path(args.file)).scaledjobs}
+                    )
+                else:
+                    namespaces = ["default"]
+                found = await finalizers.guarded_jobs(jobs, namespaces, args.scaledjob)
+            for job in found:
+                print(f"{job.namespace}/{job.name}\t{job.scaledjob}\t{job.state}\t{job.message_id}")
+            if args.action == "list":
+                print(f"{len(found)} Job(s) carry the finalizer {FINALIZER}", file=sys.stderr)
+                return 0
+            if found and not args.yes:
+                print(
+                    f"error: this would release {len(found)} Job(s); a Job whose message is "
+                    "still unsettled could then be deleted and its message run again by a "
+                    "second Job. Stop here if a dispatcher still runs for them; else add --yes",
+                    file=sys.stderr,
+                )
+                return 2
+            released = await finalizers.release(jobs, found)
+            print(f"released {released} Job(s)", file=sys.stderr)
+            return 0
+        finally:
+            await jobs.close()
+
+    return asyncio.run(go())
+
+
 def _add_local(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--local",
@@ -290,6 +338,18 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-n", "--namespace", default="default")
     _add_local(logs)
 
+    fin = sub.add_parser(
+        "finalizers",
+        help="list or release Jobs still guarded by jobrunner's finalizer (after an uninstall)",
+    )
+    fin.add_argument("action", choices=["list", "release"])
+    fin.add_argument("-f", "--file", help="the ScaledJobs' manifest: their namespaces")
+    fin.add_argument("-n", "--namespace", help="this namespace only")
+    fin.add_argument("-A", "--all-namespaces", action="store_true", help="every namespace")
+    fin.add_argument("--scaledjob", help="only the Jobs of this ScaledJob")
+    fin.add_argument("--yes", action="store_true", help="release without asking")
+    _add_local(fin)
+
     render = sub.add_parser("render", help="print the Job a message would become (offline)")
     render.add_argument("-f", "--file", required=True)
     render.add_argument("--message", required=True, help="body text, @file, or - for stdin")
@@ -332,6 +392,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": lambda: cmd_status(args, settings),
         "jobs": lambda: cmd_jobs(args, settings),
         "logs": lambda: cmd_logs(args, settings),
+        "finalizers": lambda: cmd_finalizers(args, settings),
     }
     from jobrunner.sources.sqlite import QueueBusy
 

@@ -440,6 +440,10 @@ class DispatcherSettings(BaseModel):
     """How long SIGTERM waits for in-flight settlements before cancelling them."""
     handover_margin_seconds: float = 60.0
     """How long before the broker's consumer timeout a held message is handed over."""
+    unclaimed_deletion_grace_seconds: float = Field(default=600.0, ge=0)
+    """A finished Job being deleted whose message no delivery claims (it was settled just
+    before a crash, before the Job was released) is let go this long after it finished;
+    a delivery that does come meanwhile settles it and releases it at once."""
     max_unforeseen_errors: int = Field(default=3, ge=1)
     """Tries a message gets when processing it fails in a way nobody foresaw (a bug, a
     library that changed): it is released to the source that many times, then

@@ -22,6 +22,12 @@ ANNOTATION_SOURCE_DETAIL = "jobrunner.dev/source-detail"
 ANNOTATION_ACK_POLICY = "jobrunner.dev/ack-policy"
 ANNOTATION_HANDED_OVER = "jobrunner.dev/handed-over"
 ANNOTATION_SETTLED = "jobrunner.dev/settled"
+FINALIZER = "jobrunner.dev/settlement"
+"""On every Job jobrunner creates, removed only once the Job's message has a durable fate
+(acked, dead-lettered and confirmed, or its offset committed): deleting the Job before
+then (a person, the TTL controller, history cleanup, a namespace deletion) leaves it in
+place, with the copy of the message it keeps, until a dispatcher has settled that
+message. ``jobrunner finalizers release`` removes it by hand (after an uninstall)."""
 ANNOTATION_BODY_DIGEST = "jobrunner.dev/body-sha256"
 """SHA-256 of the body the Job was made for: a later message that reuses the identity
 with another body is told apart from a redelivery."""

@@ -68,7 +68,18 @@ class JobClient(Protocol):
         ...
 
     async def delete_job(self, namespace: str, name: str) -> None:
-        """Delete with background propagation, so owned pods and Secrets go too."""
+        """Delete with background propagation, so owned pods and Secrets go too. A Job
+        that still carries a finalizer stays, with ``deletionTimestamp`` set, until the
+        finalizer is removed."""
+        ...
+
+    async def release_job(
+        self, namespace: str, name: str, annotations: Mapping[str, str]
+    ) -> Mapping[str, Any] | None:
+        """Remove jobrunner's finalizer (``models.FINALIZER``) and merge ``annotations``
+        in one write, safe against concurrent writers (retried on conflict). Returns the
+        Job after it, or None when it no longer exists. A Job whose deletion was waiting
+        on the finalizer is then deleted."""
         ...
 
     async def read_secret(self, namespace: str, name: str) -> Mapping[str, str] | None: ...

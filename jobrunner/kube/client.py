@@ -28,6 +28,7 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.watch.watch import iter_resp_lines
 
+from jobrunner.models import FINALIZER
 from jobrunner.protocols import ApiRejected, JobPage, TransientError, WatchEvent, WatchExpired
 from jobrunner.timestamps import now_rfc3339
 
@@ -37,6 +38,8 @@ _WATCH_SECONDS = 240
 _REQUEST_TIMEOUT = (10, 60)
 _JSON = "application/json"
 _MERGE_PATCH = "application/merge-patch+json"
+_JSON_PATCH = "application/json-patch+json"
+_CONFLICT_RETRIES = 10
 
 
 def load_api_client(kubeconfig: str | None = None, context: str | None = None) -> client.ApiClient:
@@ -222,6 +225,76 @@ class KubeJobClient:
             if exc.status != 404:
                 raise
 
+    async def release_job(
+        self, namespace: str, name: str, annotations: Mapping[str, str]
+    ) -> Mapping[str, Any] | None:
+        path = f"{_jobs(namespace)}/{name}"
+        # The usual case in one request: the Job carries our finalizer alone (the test op
+        # makes the patch fail, 422, otherwise) and has annotations (jobrunner set some).
+        fast = [
+            {"op": "test", "path": "/metadata/finalizers", "value": [FINALIZER]},
+            {"op": "replace", "path": "/metadata/finalizers", "value": []},
+            *(
+                {"op": "add", "path": f"/metadata/annotations/{_pointer(k)}", "value": v}
+                for k, v in annotations.items()
+            ),
+        ]
+        try:
+            return await self._call("PATCH", path, body=fast, content_type=_JSON_PATCH)
+        except ApiRejected as exc:
+            if exc.status == 404:
+                return None
+            if exc.status not in (409, 422):
+                raise
+        for _ in range(_CONFLICT_RETRIES):
+            job = await self._read(path)
+            if job is None:
+                return None
+            meta = job["metadata"]
+            finalizers = meta.get("finalizers") or []
+            current = meta.get("annotations") or {}
+            if FINALIZER not in finalizers and all(
+                current.get(k) == v for k, v in annotations.items()
+            ):
+                return job
+            patch = {
+                "metadata": {
+                    # The precondition makes the write fail (409) if anyone changed the
+                    # Job since the read, instead of overwriting their finalizers.
+                    "resourceVersion": meta["resourceVersion"],
+                    "finalizers": [f for f in finalizers if f != FINALIZER],
+                    "annotations": dict(annotations),
+                }
+            }
+            try:
+                return await self._call("PATCH", path, body=patch, content_type=_MERGE_PATCH)
+            except ApiRejected as exc:
+                if exc.status == 404:
+                    return None
+                if exc.status != 409:
+                    raise
+        raise TransientError(
+            f"Job {namespace}/{name} kept changing while its finalizer was removed"
+        )
+
+    async def list_guarded_jobs(self, selector: str) -> list[Mapping[str, Any]]:
+        """Jobs matching ``selector`` in every namespace (one paged cluster-wide list)."""
+        items: list[Mapping[str, Any]] = []
+        token: str | None = None
+        while True:
+            query: list[tuple[str, Any]] = [("labelSelector", selector), ("limit", 500)]
+            if token:
+                query.append(("continue", token))
+            raw = await self._call("GET", "/apis/batch/v1/jobs", query=query)
+            items += [
+                j
+                for j in raw.get("items") or []
+                if FINALIZER in ((j.get("metadata") or {}).get("finalizers") or [])
+            ]
+            token = (raw.get("metadata") or {}).get("continue") or None
+            if not token:
+                return items
+
     async def read_secret(self, namespace: str, name: str) -> Mapping[str, str] | None:
         raw = await self._read(f"{_secrets(namespace)}/{name}")
         return None if raw is None else raw.get("data") or {}
@@ -354,6 +427,11 @@ class KubeJobClient:
                 return None
             return f"{exc.status} {exc.reason}: {exc.message}"
         return None
+
+
+def _pointer(key: str) -> str:
+    """``key`` as a JSON Pointer segment (RFC 6901)."""
+    return key.replace("~", "~0").replace("/", "~1")
 
 
 def _jobs(namespace: str) -> str:
