@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import random
@@ -532,6 +533,10 @@ class Dispatcher:
         the decision is the message's outcome (not an ack that hands it to its Job); only
         then is it recorded: for cleanup, and on the Job for a dead letter."""
         self._failpoints.hit("before-settle")
+        identity = handles[-1].delivery.identity if handles else ""
+        if not identity and original is not None:
+            identity = str(original.get("identity") or original.get("message_id") or "")
+        decision = dataclasses.replace(decision, message_identity=identity)
         with self._tracer.start_as_current_span("settle") as span:
             span.set_attribute("jobrunner.settlement", decision.action.value)
             if decision.reason:

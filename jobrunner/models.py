@@ -94,6 +94,9 @@ class Decision:
     reason: str = ""
     detail: str = ""
     job_name: str | None = None
+    message_identity: str = ""
+    """The message's identity (its id, or digest, or Kafka position), carried by a
+    dead-lettered copy so a consumer of the dead-letter target can drop a duplicate."""
 
     @classmethod
     def ack(cls, job_name: str | None = None) -> Decision:
@@ -105,10 +108,12 @@ class Decision:
 
     def reason_headers(self, **where: str) -> dict[str, str]:
         """The ``x-jobrunner-*`` headers every source puts on a dead-lettered copy: the
-        reason, its detail, the Job, and ``where`` it came from (``source_queue="q"``
+        reason, its detail, the Job, the message's identity, and ``where`` it came from (``source_queue="q"``
         becomes ``x-jobrunner-source-queue``)."""
         headers = {"x-jobrunner-reason": self.reason, "x-jobrunner-detail": self.detail[:4000]}
         if self.job_name:
             headers["x-jobrunner-job"] = self.job_name
+        if self.message_identity:
+            headers["x-jobrunner-message-id"] = self.message_identity
         headers.update({f"x-jobrunner-{k.replace('_', '-')}": v for k, v in where.items()})
         return headers
