@@ -167,7 +167,10 @@ class ScaledJobSpec(_Model):
     @model_validator(mode="after")
     def _one_template(self) -> ScaledJobSpec:
         if (self.jobTargetRef is None) == (self.jobTemplate is None):
-            raise ValueError("give exactly one of jobTargetRef or jobTemplate")
+            raise ValueError(
+                "give exactly one of spec.jobTargetRef (the Job template inline) or "
+                "spec.jobTemplate (a template file)"
+            )
         return self
 
 
