@@ -108,7 +108,8 @@ class Decision:
 
     def reason_headers(self, **where: str) -> dict[str, str]:
         """The ``x-jobrunner-*`` headers every source puts on a dead-lettered copy: the
-        reason, its detail, the Job, the message's identity, and ``where`` it came from (``source_queue="q"``
+        reason, its detail, the Job, the message's identity, and ``where`` it came from
+        (``source_queue="q"``
         becomes ``x-jobrunner-source-queue``)."""
         headers = {"x-jobrunner-reason": self.reason, "x-jobrunner-detail": self.detail[:4000]}
         if self.job_name:

@@ -87,19 +87,15 @@ def test_any_message_keeps_the_jobs_structure_and_arrives_byte_exact(
         message_id=message_id,
         headers=headers,
     )
-    try:
-        rendered = RENDERER.render(delivery)
-    except RenderError as exc:
+    text = body.decode("utf-8", errors="replace") + (message_id or "") + "".join(headers.values())
+    if "\x00" in text:
         # Only what no process can carry may be refused: a NUL byte in text.
-        assert exc.reason == "InvalidMessage", exc
-        assert "NUL" in exc.detail
-        text = body.decode("utf-8", errors="replace")
-        assert (
-            "\x00" in text
-            or "\x00" in (message_id or "")
-            or any("\x00" in v for v in headers.values())
-        )
+        with pytest.raises(RenderError) as refused:
+            RENDERER.render(delivery)
+        assert refused.value.reason == "InvalidMessage"
+        assert "NUL" in refused.value.detail
         return
+    rendered = RENDERER.render(delivery)
     job = rendered.job
     container = job["spec"]["template"]["spec"]["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"]}
@@ -194,9 +190,11 @@ def test_any_field_made_wrong_is_named_in_a_clear_error(
     # Accepted: the wrong value must have been a valid one for that field after all
     # (null for an optional field, a string where a string goes, ...), and the
     # ScaledJob still renders a message or refuses it with a reason.
+    reason = ""
     try:
         Renderer(parse_scaledjob(doc)).render(
             Delivery(source="sqlite", identity="m", body=b"{}", message_id="m")
         )
     except RenderError as exc:
-        assert exc.reason in ("TemplateError", "InvalidMessage", "MessageTooLarge")
+        reason = exc.reason
+    assert reason in ("", "TemplateError", "InvalidMessage", "MessageTooLarge")
