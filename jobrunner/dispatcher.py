@@ -480,9 +480,13 @@ class Dispatcher:
         """The Job's outcome, or None once the message was handed over to the Job because
         the broker's consumer timeout was near."""
         spec = self.scaledjob.spec
+        delivery = record.handle.delivery
+        at_risk = delivery.returns_left is not None and delivery.returns_left <= 1
         while True:
-            held = time.monotonic() - record.handle.delivery.received_at
+            held = time.monotonic() - delivery.received_at
             budget = spec.consumerTimeoutSeconds - self._settings.handover_margin_seconds - held
+            if at_risk:
+                budget = 0.0  # one more return and the broker drops it: hand it over now
             try:
                 return await asyncio.wait_for(
                     asyncio.shield(self._tracker.wait_for(name)), timeout=max(budget, 0.0)
@@ -499,11 +503,19 @@ class Dispatcher:
             finished = outcome_of(job)
             if finished is not None:
                 return finished
-            log.info(
-                "message held %.0fs, near the consumer timeout: handing it over to Job %s",
-                held,
-                name,
-            )
+            if at_risk:
+                log.info(
+                    "message near the queue's delivery limit (%s return(s) left): handing "
+                    "it over to Job %s",
+                    delivery.returns_left,
+                    name,
+                )
+            else:
+                log.info(
+                    "message held %.0fs, near the consumer timeout: handing it over to Job %s",
+                    held,
+                    name,
+                )
             record.deciding = False
             await self._settle(handles=record.handles, decision=Decision.ack(name), final=False)
             return None

@@ -54,6 +54,11 @@ class Delivery:
     """``time.monotonic()`` when it arrived, for latency figures."""
     published_at: float | None = None
     """The producer's timestamp (epoch seconds), when the message carries one."""
+    returns_left: int | None = None
+    """How many more times the source tolerates this message coming back before it drops
+    or dead-letters it on its own (a quorum queue's delivery limit less the returns so
+    far); None: no limit. With one or none left the dispatcher hands the message over to
+    its Job as soon as the Job exists, so a crash cannot make the broker drop it."""
     positional: bool = False
     """The identity names one publish (a Kafka record's topic/partition/offset), so a
     Job found for it is always this same publish replayed: it is adopted whatever

@@ -70,10 +70,22 @@ def _header_text(value: Any) -> str:
     return json.dumps(value, default=str)
 
 
-def management_queue_dead_letter(
-    management_url: str, vhost: str, queue: str
-) -> tuple[str, str | None] | None:
-    """The queue's dead-letter exchange and routing key from its arguments or policy."""
+@dataclass(frozen=True)
+class QueueSettings:
+    """What the broker applies to the queue, from its arguments or its policy (arguments
+    win, as RabbitMQ resolves them)."""
+
+    queue_type: str = "classic"
+    dead_letter_exchange: str | None = None
+    dead_letter_routing_key: str | None = None
+    delivery_limit: int | None = None
+    """Quorum queues: returns a message survives; past them the broker drops it (or
+    dead-letters it itself). None: unlimited."""
+
+
+def management_queue_settings(management_url: str, vhost: str, queue: str) -> QueueSettings:
+    """The queue's type, dead-letter exchange and delivery limit, read through the
+    management API (``GET /api/queues/<vhost>/<queue>``)."""
     parsed = urllib.parse.urlsplit(management_url)
     path = f"/api/queues/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(queue, safe='')}"
     request = urllib.request.Request(
@@ -88,11 +100,18 @@ def management_queue_dead_letter(
         info = json.load(response)
     arguments = info.get("arguments") or {}
     policy = info.get("effective_policy_definition") or {}
-    exchange = arguments.get("x-dead-letter-exchange", policy.get("dead-letter-exchange"))
-    if exchange is None:
-        return None
-    return exchange, arguments.get(
-        "x-dead-letter-routing-key", policy.get("dead-letter-routing-key")
+    limit = arguments.get("x-delivery-limit", policy.get("delivery-limit"))
+    return QueueSettings(
+        queue_type=str(info.get("type") or arguments.get("x-queue-type") or "classic"),
+        dead_letter_exchange=arguments.get(
+            "x-dead-letter-exchange", policy.get("dead-letter-exchange")
+        ),
+        dead_letter_routing_key=arguments.get(
+            "x-dead-letter-routing-key", policy.get("dead-letter-routing-key")
+        ),
+        delivery_limit=int(limit)
+        if isinstance(limit, int | str) and str(limit).isdigit()
+        else None,
     )
 
 
@@ -146,6 +165,7 @@ class RabbitMQSource:
         self._user = urllib.parse.unquote(urllib.parse.urlsplit(url).username or "guest")
         self.problem: str | None = None
         """Why the source cannot consume now, noticed after it started (for /readyz)."""
+        self.settings = QueueSettings()
 
     @property
     def broker(self) -> str:
@@ -196,28 +216,44 @@ class RabbitMQSource:
         await self._consume_channel.set_qos(prefetch_count=self._prefetch)
         # Passive: the queue (with its arguments and dead-letter settings) is the user's.
         self._queue = await self._consume_channel.get_queue(self._queue_name, ensure=True)
+        self.settings = await self._queue_settings()
         self.target = await self._resolve_target()
         logger.info("dead-letter target for queue %s: %s", self._queue_name, self.target.describe())
+        if self.settings.delivery_limit is not None:
+            logger.warning(
+                "queue %s is a %s queue with delivery limit %d: the broker drops (or "
+                "dead-letters) a message returned more often than that, which repeated "
+                "dispatcher crashes could cause; a message with one return left is handed "
+                "over to its Job as soon as the Job exists",
+                self._queue_name,
+                self.settings.queue_type,
+                self.settings.delivery_limit,
+            )
         self._consumer_tag = await self._queue.consume(self._on_message, no_ack=False)
 
-    async def _resolve_target(self) -> DeadLetterTarget:
-        if self._dlx is not None:
-            return DeadLetterTarget(self._dlx, self._dlx_key)
+    async def _queue_settings(self) -> QueueSettings:
         management = self._management_url or self._default_management_url()
         try:
-            found = await asyncio.to_thread(
-                management_queue_dead_letter, management, self.vhost, self._queue_name
+            return await asyncio.to_thread(
+                management_queue_settings, management, self.vhost, self._queue_name
             )
         except Exception as exc:
             logger.info(
-                "could not read queue %s arguments from %s (%s)",
+                "could not read queue %s arguments from %s (%s); assuming no dead-letter "
+                "exchange and no delivery limit",
                 self._queue_name,
                 urllib.parse.urlsplit(management).hostname,
                 exc,
             )
-            found = None
-        if found is not None:
-            return DeadLetterTarget(found[0], found[1])
+            return QueueSettings()
+
+    async def _resolve_target(self) -> DeadLetterTarget:
+        if self._dlx is not None:
+            return DeadLetterTarget(self._dlx, self._dlx_key)
+        if self.settings.dead_letter_exchange is not None:
+            return DeadLetterTarget(
+                self.settings.dead_letter_exchange, self.settings.dead_letter_routing_key
+            )
         assert self._publish_channel is not None
         await self._publish_channel.declare_queue(self._dlq, durable=True)
         return DeadLetterTarget("", self._dlq, declare_queue=self._dlq)
@@ -239,6 +275,7 @@ class RabbitMQSource:
             headers=headers,
             content_type=message.content_type,
             redelivered=bool(message.redelivered),
+            returns_left=self._returns_left(message),
             metadata={
                 "queue": self._queue_name,
                 "exchange": message.exchange or "",
@@ -249,6 +286,15 @@ class RabbitMQSource:
             published_at=_published_at(message),
         )
         await self._incoming.put(RabbitMQHandle(delivery=delivery, message=message))
+
+    def _returns_left(self, message: aio_pika.abc.AbstractIncomingMessage) -> int | None:
+        """Quorum queues count each return of a message in ``x-delivery-count`` and drop
+        it once the count exceeds the queue's delivery limit."""
+        limit = self.settings.delivery_limit
+        if limit is None:
+            return None
+        count = (message.headers or {}).get("x-delivery-count", 0)
+        return limit - int(count) if isinstance(count, int) else limit
 
     async def deliveries(self) -> AsyncIterator[RabbitMQHandle]:
         while True:
