@@ -14,6 +14,9 @@ import asyncio
 import base64
 import json
 import logging
+import os
+import ssl
+import tempfile
 import time
 import urllib.parse
 import urllib.request
@@ -115,6 +118,23 @@ def management_queue_settings(management_url: str, vhost: str, queue: str) -> Qu
     )
 
 
+def _ssl_cause(exc: BaseException) -> str | None:
+    """The TLS failure inside a connection error, when that is what it was."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return f"certificate not trusted: {seen.verify_message}"
+        if isinstance(seen, ssl.SSLError):
+            return seen.reason or str(seen)
+        for arg in getattr(seen, "args", ()):
+            if isinstance(arg, ssl.SSLError):
+                return _ssl_cause(arg)
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 def _short(exc: BaseException) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text[:160]
@@ -145,8 +165,10 @@ class RabbitMQSource:
         dead_letter_queue: str | None = None,
         management_url: str | None = None,
         scaledjob: str = "",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._url = url
+        self._ssl = ssl_context
         self._queue_name = queue
         self._prefetch = prefetch
         self._dlx = dead_letter_exchange
@@ -171,7 +193,8 @@ class RabbitMQSource:
     def broker(self) -> str:
         """The broker's address without credentials, for messages."""
         parsed = urllib.parse.urlsplit(self._url)
-        return f"{parsed.scheme}://{parsed.hostname}:{parsed.port or 5672}"
+        default = 5671 if parsed.scheme == "amqps" else 5672
+        return f"{parsed.scheme}://{parsed.hostname}:{parsed.port or default}"
 
     async def start(self) -> None:
         """Connect and start consuming. SourceError, in one line naming the broker, the
@@ -196,7 +219,19 @@ class RabbitMQSource:
                 f"RabbitMQ at {self.broker} refused the credentials of user {self._user!r}; "
                 "check the password in the host URL or the TriggerAuthentication"
             ) from None
+        except ssl.SSLCertVerificationError as exc:
+            raise SourceError(
+                f"RabbitMQ at {self.broker}: its TLS certificate is not trusted "
+                f"({exc.verify_message}); give the CA that signed it (TriggerAuthentication "
+                "parameter ca)"
+            ) from None
         except aiormq.exceptions.AMQPConnectionError as exc:
+            cause = _ssl_cause(exc)
+            if cause is not None:
+                raise SourceError(
+                    f"RabbitMQ at {self.broker}: TLS failed ({cause}); check the CA (parameter "
+                    "ca) and the client certificate (cert, key)"
+                ) from None
             raise SourceError(
                 f"RabbitMQ at {self.broker} is not reachable ({_short(exc)}); is it running?"
             ) from None
@@ -210,7 +245,9 @@ class RabbitMQSource:
             ) from None
 
     async def _start(self) -> None:
-        self._connection = await aio_pika.connect_robust(self._url, fail_fast=True)
+        self._connection = await aio_pika.connect_robust(
+            self._url, fail_fast=True, ssl_context=self._ssl
+        )
         self._publish_channel = await self._connection.channel(publisher_confirms=True)
         self._consume_channel = await self._connection.channel(publisher_confirms=False)
         await self._consume_channel.set_qos(prefetch_count=self._prefetch)
@@ -411,6 +448,26 @@ class RabbitMQSource:
             await connection.close()
 
 
+def ssl_context(trigger: RabbitMQTrigger) -> ssl.SSLContext | None:
+    """The TLS context for an amqps:// broker: the trigger's CA (else the system's), its
+    client certificate when given, verification off only with ``unsafeSsl``."""
+    if not trigger.tls:
+        return None
+    context = ssl.create_default_context(cadata=trigger.ca or None)
+    if trigger.unsafe_ssl:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if trigger.cert and trigger.key:
+        # ssl loads a client certificate only from a file.
+        with tempfile.NamedTemporaryFile("w", suffix=".pem", delete=False) as pem:
+            pem.write(trigger.cert + "\n" + trigger.key)
+        try:
+            context.load_cert_chain(pem.name, password=trigger.key_password or None)
+        finally:
+            os.unlink(pem.name)
+    return context
+
+
 def open_source(
     trigger: RabbitMQTrigger, *, scaledjob: ScaledJob, settings: Settings
 ) -> RabbitMQSource:
@@ -419,6 +476,7 @@ def open_source(
     return RabbitMQSource(
         url=trigger.url,
         queue=trigger.queue,
+        ssl_context=ssl_context(trigger),
         prefetch=spec.maxReplicaCount,
         dead_letter_exchange=spec.deadLetter.exchange,
         dead_letter_routing_key=spec.deadLetter.routingKey,
