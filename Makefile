@@ -7,7 +7,7 @@ STACK := deploy/local
 STACK_ENV ?= /tmp/jobrunner-stack/stack.env
 PYTEST_ARGS ?=
 
-.PHONY: help venv stack-up stack-down stack-status lint test test-unit test-integration demo demo-cluster bench clean
+.PHONY: soak help venv stack-up stack-down stack-status lint test test-unit test-integration demo demo-cluster bench clean
 
 help:
 	@echo "make demo         eleven messages through a dispatcher, no cluster or broker needed"
@@ -16,6 +16,7 @@ help:
 	@echo "make test-unit    the fast unit tests alone (no services)"
 	@echo "make stack-up | stack-down | stack-status"
 	@echo "make bench        benchmarks (figures printed)"
+	@echo "make soak         10 min chaos run: dispatchers killed, brokers and API server restarted, Jobs deleted (SOAK_ARGS='--seed 3 --minutes 30')"
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +55,9 @@ demo: venv
 demo-cluster: venv stack-up
 	bash $(STACK)/stack-status.sh
 	$(BIN)/python $(STACK)/demo.py --cluster
+
+soak: venv stack-up
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 bench: venv stack-up
 	$(BIN)/python bench/bench_dispatch.py rabbitmq
