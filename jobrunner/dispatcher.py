@@ -488,6 +488,7 @@ class Dispatcher:
             finished = outcome_of(job)
             if finished is not None:
                 return finished
+            held = time.monotonic() - record.handle.delivery.received_at  # as of now
             log.info(
                 "message held %.0fs, near the consumer timeout: handing it over to Job %s",
                 held,

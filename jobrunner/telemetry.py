@@ -14,6 +14,7 @@ dispatcher's health with the tools they already run.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import sys
@@ -32,10 +33,17 @@ _CONTEXT = ("scaledjob", "job_name", "message_id", "source")
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
+def iso_time(created: float) -> str:
+    """ISO 8601 / RFC 3339 in UTC with milliseconds (``2026-11-29T16:22:33.123Z``), what
+    log collectors parse without configuration."""
+    moment = datetime.datetime.fromtimestamp(created, datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
-            "time": self.formatTime(record),
+            "time": iso_time(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
