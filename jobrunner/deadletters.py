@@ -111,7 +111,7 @@ class DeadLetterStore(Protocol):
         """Where a replay goes (``queue work``, ``topic work``)."""
         ...
 
-    async def list(self, *, limit: int) -> list[DeadLetter]:
+    async def read(self, *, limit: int) -> list[DeadLetter]:
         """The oldest ``limit`` dead letters, oldest first, without consuming them."""
         ...
 

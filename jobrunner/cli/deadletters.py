@@ -139,7 +139,7 @@ async def _dead_letters(ctx: Context, scaledjobs: list[ScaledJob]) -> int:
         for scaledjob in scaledjobs:
             store = await open_store(ctx, scaledjob)
             try:
-                letters = await store.list(limit=args.limit)
+                letters = await store.read(limit=args.limit)
             except BaseException:
                 await store.close()
                 raise

@@ -261,7 +261,7 @@ async def _show_pod(
     container: str | None,
     follow: bool,
 ) -> None:
-    from jobrunner.protocols import ApiRejected
+    from jobrunner.protocols import ApiRejected, TransientError
 
     out = sys.stdout
     pod_name = (pod.get("metadata") or {}).get("name", "")
@@ -284,4 +284,7 @@ async def _show_pod(
                 out.write(await client.pod_log(namespace, pod_name, name))
         except ApiRejected as exc:
             out.write(f"(no log from the node: {exc.message})\n")
+        except TransientError as exc:
+            # A node without a kubelet to ask (KWOK's) or one that is down.
+            out.write(f"(no log from the node: {exc})\n")
         out.flush()

@@ -31,6 +31,7 @@ from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from jobrunner.config import ScaledJob, Settings
@@ -452,7 +453,12 @@ class KafkaDeadLetters:
     def destination(self) -> str:
         return f"topic {self.topic}"
 
-    async def list(self, *, limit: int) -> list[DeadLetter]:
+    async def read(self, *, limit: int) -> list[DeadLetter]:
+        partitions = await self._partitions(
+            [self.dead_letter_topic, self.dead_letter_topic + REPLAYED_SUFFIX]
+        )
+        if not partitions.get(self.dead_letter_topic):
+            return []
         consumer = AIOKafkaConsumer(
             bootstrap_servers=self._servers,
             group_id=None,
@@ -466,15 +472,14 @@ class KafkaDeadLetters:
             await consumer.stop()
             raise ConnectionError(f"Kafka at {self._servers}: {exc}") from exc
         try:
-            topics = await consumer.topics()
-            if self.dead_letter_topic not in topics:
-                return []
-            records = await _read_all(consumer, self.dead_letter_topic)
+            records = await _read_all(
+                consumer, self.dead_letter_topic, partitions[self.dead_letter_topic]
+            )
             replayed: dict[str, str] = {}
-            if self.dead_letter_topic + REPLAYED_SUFFIX in topics:
-                for marker in await _read_all(consumer, self.dead_letter_topic + REPLAYED_SUFFIX):
-                    if marker.key is not None:
-                        replayed[_text(marker.key)] = _text(marker.value)
+            markers = self.dead_letter_topic + REPLAYED_SUFFIX
+            for marker in await _read_all(consumer, markers, partitions.get(markers, [])):
+                if marker.key is not None:
+                    replayed[_text(marker.key)] = _text(marker.value)
         finally:
             await consumer.stop()
         records.sort(key=lambda r: (r.timestamp, r.partition, r.offset))
@@ -493,6 +498,22 @@ class KafkaDeadLetters:
             )
         unreplayed = [d for d in out if d.replayed is None][:limit]
         return unreplayed + [d for d in out if d.replayed is not None][: limit - len(unreplayed)]
+
+    async def _partitions(self, topics: list[str]) -> dict[str, list[int]]:
+        """The partitions of those of ``topics`` that exist (asking does not create them)."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self._servers, **self._options)
+        try:
+            await admin.start()
+            existing = set(await admin.list_topics())
+            wanted = [t for t in topics if t in existing]
+            described = await admin.describe_topics(wanted) if wanted else []
+        except KafkaError as exc:
+            raise ConnectionError(f"Kafka at {self._servers}: {exc}") from exc
+        finally:
+            await admin.close()
+        return {
+            d["topic"]: sorted(p["partition"] for p in d.get("partitions") or []) for d in described
+        }
 
     async def replay(self, letters: Sequence[DeadLetter], *, value: str) -> int:
         if self._producer is None:
@@ -527,11 +548,11 @@ class KafkaDeadLetters:
             self._producer = None
 
 
-async def _read_all(consumer: AIOKafkaConsumer, topic: str) -> list[ConsumerRecord[Any, Any]]:
-    """Every record of ``topic`` up to its current end."""
-    partitions = [
-        TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or ())
-    ]
+async def _read_all(
+    consumer: AIOKafkaConsumer, topic: str, numbers: list[int]
+) -> list[ConsumerRecord[Any, Any]]:
+    """Every record of the ``numbers`` partitions of ``topic`` up to their current end."""
+    partitions = [TopicPartition(topic, p) for p in numbers]
     if not partitions:
         return []
     consumer.assign(partitions)

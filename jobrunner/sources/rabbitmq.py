@@ -359,7 +359,7 @@ class RabbitMQDeadLetters:
             self._channel = await self._connection.channel(publisher_confirms=True)
         return self._channel
 
-    async def list(self, *, limit: int) -> list[DeadLetter]:
+    async def read(self, *, limit: int) -> list[DeadLetter]:
         channel = await self._open()
         try:
             queue = await channel.get_queue(self.dead_letter_queue, ensure=True)

@@ -548,7 +548,7 @@ class SQLiteDeadLetters:
             self._db = await SQLiteQueue.open(self.path)
         return self._db
 
-    async def list(self, *, limit: int) -> list[DeadLetter]:
+    async def read(self, *, limit: int) -> list[DeadLetter]:
         if not self.path.exists():
             return []
         rows = await (await self._open()).messages(self.dead_letter_queue, limit=limit)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,3 +289,56 @@ def test_bare_jobrunner_prints_help_and_exits_0(
         "dead-letters",
     ):
         assert f"\n  {command} " in result.stdout
+
+
+CLOSED_PORT_KUBECONFIG = """
+apiVersion: v1
+kind: Config
+clusters: [{name: c, cluster: {server: "https://127.0.0.1:1"}}]
+users: [{name: u, user: {token: t}}]
+contexts: [{name: x, context: {cluster: c, user: u}}]
+current-context: x
+"""
+
+
+def test_an_unreachable_cluster_is_one_short_line_per_try(tmp_path: Path) -> None:
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(CLOSED_PORT_KUBECONFIG)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBRUNNER_")}
+    base = [sys.executable, "-m", "jobrunner.cli", "--kubeconfig", str(kubeconfig)]
+    status = subprocess.run(
+        [*base, "status", "-f", EXAMPLE, "--state-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+        check=False,
+    )
+    assert status.returncode == 1
+    assert status.stderr.splitlines() == [
+        "error: API server 127.0.0.1:1 unreachable (connection refused); is the cluster up? "
+        "(`make stack-up` starts the local one)"
+    ]
+    run = subprocess.Popen(
+        [*base, "run", "-f", EXAMPLE, "--state-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        lines: list[str] = []
+        assert run.stdout is not None
+        while sum("unreachable" in line for line in lines) < 3 and time.monotonic() < deadline:
+            lines.append(run.stdout.readline())
+    finally:
+        run.terminate()
+        rest, _ = run.communicate(timeout=30)
+    lines += rest.splitlines()
+    tries = [line for line in lines if "unreachable" in line]
+    assert len(tries) >= 3, lines
+    assert all(len(line) < 250 for line in tries), tries
+    assert "API server 127.0.0.1:1 unreachable (connection refused)" in tries[0]
+    assert not any("urllib3" in line or "Retrying" in line for line in lines), lines
+    assert "Traceback" not in "".join(lines)

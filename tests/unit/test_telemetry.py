@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import datetime
 import json
 import logging
+import re
 import urllib.request
 
 import pytest
@@ -74,3 +76,8 @@ def test_json_logs_carry_message_context(capsys: pytest.CaptureFixture[str]) -> 
         "m-1",
         "rabbitmq",
     )
+    # ISO 8601 in UTC, what log collectors parse without configuration.
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"]), line["time"]
+    stamped = datetime.datetime.fromisoformat(line["time"].replace("Z", "+00:00"))
+    now = datetime.datetime.now(datetime.UTC)
+    assert abs((now - stamped).total_seconds()) < 60
