@@ -76,6 +76,16 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
     # aio-pika and the kubernetes client are chatty at INFO.
     for noisy in ("aio_pika", "aiormq", "aiokafka", "kubernetes", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # The runner says a failed connect once per try, in words; aiormq's own ERROR line
+    # for the same failure would double every retry.
+    aiormq = logging.getLogger("aiormq.connection")
+    if not any(isinstance(f, _DropConnectFailures) for f in aiormq.filters):
+        aiormq.addFilter(_DropConnectFailures())
+
+
+class _DropConnectFailures(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("error when creating transport")
 
 
 def extract_context(headers: Mapping[str, str]) -> Context:
