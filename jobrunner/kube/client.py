@@ -349,7 +349,9 @@ class KubeJobClient:
         pods.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
         return pods
 
-    async def pod_log(self, namespace: str, pod: str, container: str) -> str:
+    async def pod_log(
+        self, namespace: str, pod: str, container: str, *, tail_lines: int | None = None
+    ) -> str:
         """A container's log as the kubelet keeps it; ApiRejected when it has none (a
         container not started yet, a pod whose node has no kubelet to ask)."""
 
@@ -357,7 +359,8 @@ class KubeJobClient:
             response = self._send(
                 "GET",
                 f"/api/v1/namespaces/{namespace}/pods/{pod}/log",
-                query=[("container", container)],
+                query=[("container", container)]
+                + ([("tailLines", tail_lines)] if tail_lines is not None else []),
                 accept="*/*",
             )
             try:
@@ -408,6 +411,44 @@ class KubeJobClient:
         finally:
             stop.set()
             _interrupt(holder.get("response"))
+
+    async def failure_detail(self, namespace: str, name: str) -> str:
+        """The last attempt of a failed Job, as its pod tells it: each container that
+        exited non-zero (code and reason), and the last lines of its log when the node
+        serves it; "" when nothing can be read (no pod left, no permission)."""
+        try:
+            pods = await self.list_pods(namespace, f"job-name={name}")
+        except (ApiRejected, TransientError):
+            return ""
+        if not pods:
+            return ""
+        pod = pods[-1]
+        pod_name = (pod.get("metadata") or {}).get("name", "")
+        status = pod.get("status") or {}
+        failed = []
+        for item in [
+            *(status.get("initContainerStatuses") or []),
+            *(status.get("containerStatuses") or []),
+        ]:
+            ended = (item.get("state") or {}).get("terminated") or {}
+            if ended.get("exitCode"):
+                reason = ended.get("reason") or "Error"
+                failed.append((item.get("name", ""), f"exited {ended['exitCode']} ({reason})"))
+        if not failed:
+            return ""
+        text = f"attempt {len(pods)} (pod {pod_name}): " + ", ".join(
+            f"{c} {what}" for c, what in failed
+        )
+        container = failed[-1][0]
+        try:
+            log = await self.pod_log(namespace, pod_name, container, tail_lines=3)
+        except (ApiRejected, TransientError):
+            return text
+        lines = [line.strip() for line in log.splitlines() if line.strip()]
+        if lines:
+            tail = " | ".join(lines)
+            text += f"; last lines of {container}: {tail[-600:]}"
+        return text
 
     async def dry_run_create(self, job: Mapping[str, Any]) -> str | None:
         """Create with ``dryRun=All`` and strict field validation (unknown or duplicate

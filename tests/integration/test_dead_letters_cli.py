@@ -55,6 +55,9 @@ async def test_rabbitmq_dead_letters_are_listed_without_consuming_and_replayed_a
     assert found["bad-1"]["reason"] == "BackoffLimitExceeded"
     assert found["bad-1"]["job"] == job_name("work", "bad-1")
     assert found["bad-1"]["deadLetteredAt"] is not None
+    # What the pod told (KWOK's node serves no logs, so no last lines here).
+    assert "attempt 1 (pod work-" in found["bad-1"]["detail"]
+    assert "work exited 1 (Error)" in found["bad-1"]["detail"]
     assert found["junk-1"]["reason"] == "InvalidMessage"
     # Listing did not consume them.
     assert (await queue_depth(rabbitmq_url, f"{queue}.dead-letter"))[0] == 2
