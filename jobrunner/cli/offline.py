@@ -128,5 +128,5 @@ def _validate_one(ctx: Context, scaledjob: ScaledJob, client: Any) -> int:
     if problem:
         print(f"  server-side dry run rejected the Job: {problem}", file=sys.stderr)
         return 1
-    print("  server-side dry run (strict field validation): the API server accepts it")
+    print("  server-side dry run (strict field validation): the API server accepts the Job")
     return 0
