@@ -387,6 +387,8 @@ class DispatcherLine:
     """True: a live process holds the consumer lock; False: none does (a stale lock
     names the last one); None: cannot be told from here."""
     text: str
+    pid: int | None = None
+    """The live one's, or the last one's."""
 
 
 def status_view(

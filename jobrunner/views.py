@@ -143,7 +143,7 @@ def dispatcher_line(
         return None
     lock = consumer_lock(*embedded)
     if lock is not None and lock.live:
-        return DispatcherLine(True, f"running (pid {lock.pid or '?'})")
+        return DispatcherLine(True, f"running (pid {lock.pid or '?'})", lock.pid)
     waiting = queue.ready + queue.in_hand if queue is not None else 0
     then = f"{waiting} message(s) wait for one: {start}" if waiting else f"start one: {start}"
     if lock is None:
@@ -154,7 +154,7 @@ def dispatcher_line(
         else ""
     )
     return DispatcherLine(
-        False, f"not running (the last one, pid {lock.pid or '?'}, is gone{held}); {then}"
+        False, f"not running (the last one, pid {lock.pid or '?'}, is gone{held}); {then}", lock.pid
     )
 
 
@@ -207,7 +207,11 @@ class ScaledJobStatus:
             },
             "dispatcher": None
             if self.dispatcher is None
-            else {"alive": self.dispatcher.alive, "detail": self.dispatcher.text},
+            else {
+                "alive": self.dispatcher.alive,
+                "pid": self.dispatcher.pid,
+                "detail": self.dispatcher.text,
+            },
         }
 
 
