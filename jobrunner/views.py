@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from rich.console import Console, Group, RenderableType
+from rich.console import Console, RenderableType
 from rich.live import Live
 from rich.text import Text
 
@@ -237,12 +237,6 @@ async def status_of(
     return out
 
 
-async def status_renderable(
-    client: JobClient, scaledjobs: Sequence[ScaledJob], settings: Settings
-) -> RenderableType:
-    return Group(*(s.renderable() for s in await status_of(client, scaledjobs, settings)))
-
-
 async def refresh(
     console: Console,
     render: Callable[[], Any],
@@ -267,23 +261,6 @@ async def refresh(
         while True:
             await asyncio.sleep(interval)
             live.update(await render(), refresh=True)
-
-
-async def show_status(
-    scaledjobs: Sequence[ScaledJob], settings: Settings, *, watch: bool, interval: float
-) -> None:
-    """The status table of ``scaledjobs`` (the demo's and older callers' entry)."""
-    console = make_console()
-    client = read_client(settings)
-    try:
-        await refresh(
-            console,
-            lambda: status_renderable(client, scaledjobs, settings),
-            interval=interval,
-            watching=watch,
-        )
-    finally:
-        await client.close()
 
 
 def history_renderable(
