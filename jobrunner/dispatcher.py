@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from opentelemetry import trace
@@ -46,7 +45,14 @@ from jobrunner.models import (
     JobOutcome,
 )
 from jobrunner.naming import message_secret_name
-from jobrunner.protocols import ApiRejected, JobClient, MessageHandle, MessageSource, TransientError
+from jobrunner.protocols import (
+    ApiRejected,
+    DescribesFailures,
+    JobClient,
+    MessageHandle,
+    MessageSource,
+    TransientError,
+)
 from jobrunner.rendering import (
     ANNOTATION_ORIGINAL_MESSAGE,
     RenderedJob,
@@ -430,7 +436,7 @@ class Dispatcher:
         record.deciding = False
         if not outcome.succeeded:
             record.span.set_status(Status(StatusCode.ERROR, outcome.reason))
-        await self._settle(handles=record.handles, decision=decision_for(outcome, name))
+        await self._settle(handles=record.handles, decision=await self._decide(outcome, name))
 
     def _refuse_reuse(
         self, job: Mapping[str, Any], delivery: Delivery, finished: JobOutcome | None
@@ -511,6 +517,7 @@ class Dispatcher:
                     name,
                 )
             else:
+                held = time.monotonic() - delivery.received_at  # as of now
                 log.info(
                     "message held %.0fs, near the consumer timeout: handing it over to Job %s",
                     held,
@@ -548,7 +555,7 @@ class Dispatcher:
         identity = handles[-1].delivery.identity if handles else ""
         if not identity and original is not None:
             identity = str(original.get("identity") or original.get("message_id") or "")
-        decision = dataclasses.replace(decision, message_identity=identity)
+        decision = replace(decision, message_identity=identity)
         with self._tracer.start_as_current_span("settle") as span:
             span.set_attribute("jobrunner.settlement", decision.action.value)
             if decision.reason:
@@ -744,8 +751,27 @@ class Dispatcher:
         )
         await self._release(state.name, "abandoned")
 
+    async def _decide(self, outcome: JobOutcome, name: str) -> Decision:
+        """``decision_for``, a failure's detail completed with what the executor can still
+        tell (exit codes, the last lines of a log): best effort, at most a few seconds."""
+        decision = decision_for(outcome, name)
+        if decision.action is not Action.DEAD_LETTER or not isinstance(
+            self._jobs, DescribesFailures
+        ):
+            return decision
+        try:
+            extra = await asyncio.wait_for(
+                self._jobs.failure_detail(self.scaledjob.namespace, name), timeout=5.0
+            )
+        except Exception as exc:  # the detail is a courtesy; the dead letter is not
+            self._log.debug("no failure detail for Job %s: %s", name, exc)
+            return decision
+        if not extra:
+            return decision
+        return replace(decision, detail=f"{decision.detail}; {extra}" if decision.detail else extra)
+
     async def _settle_kept(self, state: JobState, outcome: JobOutcome) -> None:
-        decision = decision_for(outcome, state.name)
+        decision = await self._decide(outcome, state.name)
         if decision.action is not Action.DEAD_LETTER:
             await self._settle(decision=decision)
             return

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ import aio_pika.exceptions
 import aiormq.exceptions
 
 from jobrunner.config import ScaledJob, Settings
+from jobrunner.deadletters import DeadLetter, replay_headers
 from jobrunner.models import Action, Decision, Delivery
 from jobrunner.naming import message_identity
 from jobrunner.protocols import MessageHandle, SourceError
@@ -432,6 +434,8 @@ class RabbitMQSource:
             content_type=content_type,
             headers=headers,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            # When it was dead-lettered, for `jobrunner dead-letters`.
+            timestamp=datetime.datetime.now(datetime.UTC),
         )
         if self.target.exchange:
             exchange = await self._publish_channel.get_exchange(self.target.exchange, ensure=False)
@@ -482,4 +486,108 @@ def open_source(
         dead_letter_routing_key=spec.deadLetter.routingKey,
         dead_letter_queue=spec.deadLetter.queue,
         scaledjob=scaledjob.name,
+    )
+
+
+class RabbitMQDeadLetters:
+    """A dead-letter queue, for ``jobrunner dead-letters``. Listing takes the messages
+    with ``basic.get`` and does not ack them, so closing the channel puts them back where
+    they were; a replay publishes a copy to the source queue (confirmed by the broker)
+    and only then acks the dead letter, so a crash in between can duplicate the replay,
+    never lose it."""
+
+    def __init__(self, *, url: str, queue: str, dead_letter_queue: str) -> None:
+        self._url = url
+        self.queue = queue
+        self.dead_letter_queue = dead_letter_queue
+        parsed = urllib.parse.urlsplit(url)
+        self._host = f"{parsed.hostname}:{parsed.port or 5672}"
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._held: dict[int, aio_pika.abc.AbstractIncomingMessage] = {}
+
+    @property
+    def where(self) -> str:
+        return f"queue {self.dead_letter_queue} on RabbitMQ {self._host}"
+
+    @property
+    def destination(self) -> str:
+        return f"queue {self.queue}"
+
+    async def _open(self) -> aio_pika.abc.AbstractChannel:
+        if self._channel is None:
+            try:
+                self._connection = await aio_pika.connect(self._url, timeout=10)
+            except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
+                raise ConnectionError(
+                    f"RabbitMQ at {self._host}: {exc or type(exc).__name__}"
+                ) from exc
+            self._channel = await self._connection.channel(publisher_confirms=True)
+        return self._channel
+
+    async def read(self, *, limit: int) -> list[DeadLetter]:
+        channel = await self._open()
+        try:
+            queue = await channel.get_queue(self.dead_letter_queue, ensure=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            self._channel = None  # the broker closed it
+            return []
+        out: list[DeadLetter] = []
+        while len(out) < limit:
+            message = await queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            headers = {str(k): _header_text(v) for k, v in (message.headers or {}).items()}
+            letter = DeadLetter(
+                id=message.message_id or message_identity(None, message.body, headers)[:19],
+                body=message.body,
+                headers=headers,
+                message_id=message.message_id,
+                content_type=message.content_type,
+                when=message.timestamp.timestamp() if message.timestamp else None,
+            )
+            self._held[id(letter)] = message
+            out.append(letter)
+        return out
+
+    async def replay(self, letters: Sequence[DeadLetter], *, value: str) -> int:
+        channel = await self._open()
+        done = 0
+        for letter in letters:
+            message = self._held.pop(id(letter), None)
+            if message is None:
+                continue
+            copy = aio_pika.Message(
+                letter.body,
+                message_id=letter.message_id,
+                content_type=letter.content_type,
+                headers=dict(replay_headers(letter.headers, value)),
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                timestamp=datetime.datetime.now(datetime.UTC),
+            )
+            target = letter.source_header("queue") or self.queue
+            await channel.default_exchange.publish(copy, routing_key=target)
+            await message.ack()
+            done += 1
+        return done
+
+    async def close(self) -> None:
+        """What was listed and not replayed goes back to the dead-letter queue."""
+        self._held.clear()
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+            self._channel = None
+
+
+def open_dead_letters(
+    trigger: RabbitMQTrigger, *, scaledjob: ScaledJob, settings: Settings
+) -> RabbitMQDeadLetters:
+    """The dead letters of a resolved ``rabbitmq`` trigger: its ``deadLetter.queue`` or
+    ``<queueName>.dead-letter`` (dead letters sent to an exchange land wherever it
+    routes them; ``jobrunner dead-letters --dead-letter-queue`` names that queue)."""
+    return RabbitMQDeadLetters(
+        url=trigger.url,
+        queue=trigger.queue,
+        dead_letter_queue=scaledjob.spec.deadLetter.queue or f"{trigger.queue}.dead-letter",
     )
