@@ -53,6 +53,11 @@ class HistoryCleaner:
     def trigger(self) -> None:
         self._wanted.set()
 
+    def set_limits(self, *, successful: int, failed: int) -> None:
+        """New history limits, applied at once (the operator changes them live)."""
+        self._limits = {True: successful, False: failed}
+        self.trigger()
+
     def surplus(self) -> list[str]:
         """Names to delete now, oldest first."""
         return self.plan()[0]

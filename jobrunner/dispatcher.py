@@ -156,6 +156,18 @@ class Dispatcher:
         tracker.on_deletion(self._job_deleting)
         self._working_on: set[str] = set()
         """Jobs with a settle-from-copy or release task running (one at a time each)."""
+        self.last_message_at: float | None = None
+        """When the last message arrived (epoch seconds), for the operator's status."""
+
+    def resize(self, scaledjob: ScaledJob) -> None:
+        """Take a new spec whose only changes are limits (``maxReplicaCount``, history):
+        applied live, nothing restarted. The caller checks that nothing else changed."""
+        spec = scaledjob.spec
+        self.scaledjob = scaledjob
+        self.limiter.resize(spec.maxReplicaCount)
+        self.cleaner.set_limits(
+            successful=spec.successfulJobsHistoryLimit, failed=spec.failedJobsHistoryLimit
+        )
 
     def close(self) -> None:
         """Undo what construction registered: the tracker listener and the metric series
@@ -195,6 +207,7 @@ class Dispatcher:
     def _accept(self, handle: MessageHandle) -> None:
         delivery = handle.delivery
         self._m_received.inc()
+        self.last_message_at = time.time()
         self._log.debug(
             "received message %s", delivery.identity, extra={"message_id": delivery.identity}
         )

@@ -2,7 +2,10 @@
 
 Backpressure only: a message that finds no free slot waits, still unacked, and the
 source's prefetch stops the broker from sending more. Nothing is dropped or rejected.
-A Job already active (a redelivery adopting it) needs no new slot.
+A Job already active (a redelivery adopting it) needs no new slot. The limit changes live
+(``resize``: the operator applies a new ``maxReplicaCount`` without replacing the
+dispatcher): a larger limit wakes as many waiters as it frees slots; a smaller one lets
+the Jobs already active run on and admits no new one until enough have ended.
 """
 
 from __future__ import annotations
@@ -40,14 +43,24 @@ class ActiveJobs:
                 raise
         self._active.add(name)
 
+    def resize(self, limit: int) -> None:
+        """A new limit, at once: waiters that now fit are woken."""
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, got {limit}")
+        self.limit = limit
+        self._wake()
+
     def release(self, name: str) -> None:
         if name in self._active:
             self._active.remove(name)
             self._wake()
 
     def _wake(self) -> None:
-        while self._waiters and len(self._active) < self.limit:
+        """Wake one waiter per free slot (each re-checks the limit when it runs, so a
+        spurious wake-up only sends it back to the queue)."""
+        free = self.limit - len(self._active)
+        while self._waiters and free > 0:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                return
+                free -= 1

@@ -15,11 +15,18 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from jobrunner.config import Executor, ManifestSet, ScaledJob, Settings
+from jobrunner.config import (
+    Executor,
+    ManifestSet,
+    ScaledJob,
+    Settings,
+    TriggerAuthentication,
+)
 from jobrunner.dispatcher import Dispatcher
 from jobrunner.httpserver import Heartbeat, HttpEndpoints
 from jobrunner.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY
@@ -29,11 +36,25 @@ from jobrunner.tasks import is_essential, start_guarded, stop_tasks
 from jobrunner.telemetry import Telemetry
 from jobrunner.timestamps import age_seconds
 from jobrunner.tracker import JobTracker
-from jobrunner.triggers import FileSecrets, ResolveContext, TriggerType, resolve_trigger
+from jobrunner.triggers import (
+    FileSecrets,
+    ResolveContext,
+    SecretReader,
+    TriggerType,
+    resolve_trigger,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DispatchUnit", "job_client", "run", "selector_for", "template_dirs"]
+__all__ = [
+    "DispatchUnit",
+    "SourceOpener",
+    "job_client",
+    "load_source",
+    "run",
+    "selector_for",
+    "template_dirs",
+]
 
 
 def selector_for(scaledjob: ScaledJob) -> str:
@@ -67,6 +88,10 @@ class ReportsLag(Protocol):
     async def partition_lag(self) -> dict[str, int]: ...
 
 
+SourceOpener = Callable[[TriggerType, Any, ScaledJob, Settings], MessageSource]
+"""Makes the source of a resolved trigger: (type, resolved settings, ScaledJob, settings)."""
+
+
 def load_source(kind: TriggerType, resolved: Any, scaledjob: ScaledJob, settings: Settings) -> Any:
     """The source for a resolved trigger, from the factory its type names."""
     module, _, function = kind.source.partition(":")
@@ -91,6 +116,9 @@ class DispatchUnit:
     """Messages waiting, as last sampled."""
     problem: str | None = "starting"
     """Why the unit is not consuming now (None when it is), for /readyz and logs."""
+    capacity: int = 0
+    """The ``maxReplicaCount`` the source was opened with (its prefetch): the most a
+    live resize can grant."""
 
     @property
     def name(self) -> str:
@@ -106,18 +134,45 @@ class DispatchUnit:
         settings: Settings,
         telemetry: Telemetry,
     ) -> DispatchUnit:
-        """Render templates and resolve the trigger (reading Secrets); ManifestError on
-        any mistake in the manifest."""
-        renderer = Renderer(scaledjob, base_dirs=template_dirs(manifests.path))
+        """A unit for a ScaledJob of a manifest file: its TriggerAuthentications and
+        Secrets may be in the file, templates beside it. ManifestError on any mistake."""
+        return await cls.create(
+            scaledjob,
+            jobs=jobs,
+            settings=settings,
+            telemetry=telemetry,
+            authentications=manifests.authentications,
+            read_secret=FileSecrets(jobs.read_secret, manifests.secrets),
+            base_dirs=template_dirs(manifests.path),
+        )
+
+    @classmethod
+    async def create(
+        cls,
+        scaledjob: ScaledJob,
+        *,
+        jobs: JobClient,
+        settings: Settings,
+        telemetry: Telemetry,
+        authentications: Mapping[str, TriggerAuthentication],
+        read_secret: SecretReader,
+        base_dirs: list[Path],
+        open_source: SourceOpener | None = None,
+    ) -> DispatchUnit:
+        """Render templates and resolve the trigger (reading Secrets through
+        ``read_secret``); ManifestError on any mistake in the ScaledJob. ``open_source``
+        makes the source for the resolved trigger (default: the factory its type names;
+        tests pass ``jobrunner.testing``'s memory source)."""
+        renderer = Renderer(scaledjob, base_dirs=base_dirs)
         context = ResolveContext(
             scaledjob=scaledjob,
             trigger=scaledjob.spec.triggers[0],
-            authentications=manifests.authentications,
-            read_secret=FileSecrets(jobs.read_secret, manifests.secrets),
+            authentications=authentications,
+            read_secret=read_secret,
             state_dir=settings.local.state_dir,
         )
         kind, resolved = await resolve_trigger(context)
-        source = load_source(kind, resolved, scaledjob, settings)
+        source = (open_source or load_source)(kind, resolved, scaledjob, settings)
         tracker = JobTracker(
             client=jobs,
             namespace=scaledjob.namespace,
@@ -142,7 +197,18 @@ class DispatchUnit:
             tracker=tracker,
             kind=kind,
             destination=str(destination),
+            capacity=scaledjob.spec.maxReplicaCount,
         )
+
+    def resize(self, scaledjob: ScaledJob) -> bool:
+        """Apply a new spec that differs only in its limits, live: True when done. False
+        when the new ``maxReplicaCount`` is above what the source was opened with (its
+        prefetch, which a broker fixes per consumer): the unit must be replaced."""
+        if scaledjob.spec.maxReplicaCount > self.capacity:
+            return False
+        self.scaledjob = scaledjob
+        self.dispatcher.resize(scaledjob)
+        return True
 
     def start(self, *, settings: Settings, telemetry: Telemetry) -> None:
         name = self.name

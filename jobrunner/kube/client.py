@@ -108,6 +108,9 @@ class KubeJobClient:
         self._api = api_client
         self._host = urllib.parse.urlsplit(api_client.configuration.host).netloc
         self._pool = ThreadPoolExecutor(max_workers=_POOL_SIZE, thread_name_prefix="kube-api")
+        self.requests: dict[str, int] = {}
+        """Requests sent, by verb (a watch counts as WATCH): what a process costs the API
+        server (the operator reports it as a metric)."""
 
     def _send(
         self,
@@ -121,6 +124,8 @@ class KubeJobClient:
         accept: str = _JSON,
     ) -> Any:
         """One request; the urllib3 response, unread, when its status is 2xx."""
+        verb = "WATCH" if ("watch", "true") in (query or []) else method
+        self.requests[verb] = self.requests.get(verb, 0) + 1
         headers = {"Accept": accept}
         if body is not None:
             headers["Content-Type"] = content_type
@@ -348,9 +353,19 @@ class KubeJobClient:
             continue_token=meta.get("continue") or None,
         )
 
-    async def watch_jobs(
+    def watch_jobs(
         self, namespace: str, selector: str, resource_version: str
     ) -> AsyncIterator[WatchEvent]:
+        return self.watch_path(
+            _jobs(namespace), selector=selector, resource_version=resource_version
+        )
+
+    async def watch_path(
+        self, path: str, *, selector: str = "", resource_version: str
+    ) -> AsyncIterator[WatchEvent]:
+        """Watch the collection at ``path`` from ``resource_version``: the one bridge
+        from the client's blocking stream into asyncio (a thread per watch). Raises
+        WatchExpired on 410 Gone; ends when the server closes the watch."""
         loop = asyncio.get_running_loop()
         queue: asyncio.Queue[WatchEvent | BaseException | None] = asyncio.Queue()
         stop = threading.Event()
@@ -361,18 +376,15 @@ class KubeJobClient:
 
         def pump() -> None:
             try:
-                response = self._send(
-                    "GET",
-                    _jobs(namespace),
-                    query=[
-                        ("labelSelector", selector),
-                        ("watch", "true"),
-                        ("resourceVersion", resource_version),
-                        ("allowWatchBookmarks", "true"),
-                        ("timeoutSeconds", _WATCH_SECONDS),
-                    ],
-                    timeout=(10, _WATCH_SECONDS + 30),
-                )
+                query: list[tuple[str, Any]] = [
+                    ("watch", "true"),
+                    ("resourceVersion", resource_version),
+                    ("allowWatchBookmarks", "true"),
+                    ("timeoutSeconds", _WATCH_SECONDS),
+                ]
+                if selector:
+                    query.insert(0, ("labelSelector", selector))
+                response = self._send("GET", path, query=query, timeout=(10, _WATCH_SECONDS + 30))
                 holder["response"] = response
                 for line in iter_resp_lines(response):
                     if stop.is_set():
@@ -392,7 +404,10 @@ class KubeJobClient:
             except BaseException as exc:
                 put(exc if stop.is_set() is False else None)
 
-        thread = threading.Thread(target=pump, name=f"kube-watch-{namespace}", daemon=True)
+        name = path.rsplit("/", 3)
+        thread = threading.Thread(
+            target=pump, name=f"kube-watch-{'-'.join(name[-3:])}", daemon=True
+        )
         thread.start()
         try:
             while True:

@@ -1,0 +1,326 @@
+"""The dispatch units of one operator replica, keyed by (namespace, name), reconciled
+against what the replica wants to serve (kopf's ``orchestration.adjust_tasks`` is the
+model: desired against running, stop before start).
+
+Each key has a slot and, while it has something to do, one worker that walks it to its
+desired state a step at a time, so a slow drain of one ScaledJob never holds up another,
+and steps of one key never overlap:
+
+* not wanted any more (deleted, paused, its bucket given up), or its essence changed (the
+  trigger, the template, its TriggerAuthentication): stop the unit — stop consuming,
+  settle what is decided within the grace, release the rest to the broker; running Jobs
+  are never touched — and only then build and start the new one;
+* only limits changed (a new generation, same essence): applied to the running unit
+  (``DispatchUnit.resize``); replaced when the source cannot grant them;
+* a unit that cannot be built (a Secret missing, a template the schema refuses) or whose
+  essential task fails is reported and tried again with backoff; other keys go on.
+
+Whatever happens is told through ``on_event`` (for Kubernetes Events) and ``on_change``
+(for status), never by the registry writing to the API itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobrunner.config import ManifestError
+from jobrunner.operator.resources import Key, Wanted
+from jobrunner.runner import DispatchUnit
+from jobrunner.tasks import is_essential, start_guarded
+
+logger = logging.getLogger(__name__)
+
+
+class Phase(enum.StrEnum):
+    STARTING = "Starting"
+    RUNNING = "Running"
+    PAUSED = "Paused"
+    INVALID = "Invalid"
+    """The object cannot be served as it is; waits for a change to it."""
+    FAILED = "Failed"
+    """Building or running the unit failed; tried again with backoff."""
+    STOPPED = "Stopped"
+
+
+EventSink = Callable[[Wanted, str, str, str], None]
+"""(the object, Normal|Warning, reason, message)."""
+
+
+@dataclass
+class Slot:
+    key: Key
+    desired: Wanted | None = None
+    current: Wanted | None = None
+    """What the unit was built from (None while there is no unit)."""
+    unit: DispatchUnit | None = None
+    phase: Phase = Phase.STARTING
+    problem: str | None = None
+    failures: int = 0
+    retry_at: float = 0.0
+    unit_failed: str | None = None
+    """Set when an essential task of the unit ended: why."""
+    grace: float = 0.0
+    worker: asyncio.Task[None] | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    observed: int = 0
+    """The generation last acted on."""
+    reported: str | None = None
+    """The failure last told in an Event (a retry failing the same way is not told again)."""
+
+    @property
+    def seen(self) -> Wanted | None:
+        return self.desired or self.current
+
+
+class Registry:
+    def __init__(
+        self,
+        *,
+        build: Callable[[Wanted], Awaitable[DispatchUnit]],
+        start: Callable[[DispatchUnit], None],
+        on_event: EventSink = lambda *_: None,
+        on_change: Callable[[Key], None] = lambda _: None,
+        retry_initial: float = 1.0,
+        retry_ceiling: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._build = build
+        self._start = start
+        self._event = on_event
+        self._changed = on_change
+        self._retry_initial = retry_initial
+        self._retry_ceiling = retry_ceiling
+        self._clock = clock
+        self.slots: dict[Key, Slot] = {}
+
+    # ------------------------------------------------------------------ desired state
+    def reconcile(
+        self, wanted: Mapping[Key, Wanted], *, grace: float | Callable[[Key], float]
+    ) -> None:
+        """Make ``wanted`` the desired state (keys absent from it are not wanted here);
+        returns at once, the workers do the rest."""
+        if callable(grace):
+            grace_of = grace
+        else:
+            fixed = float(grace)
+
+            def grace_of(_key: Key) -> float:
+                return fixed
+
+        for key, slot in self.slots.items():
+            if key not in wanted and slot.desired is not None:
+                slot.desired = None
+                slot.grace = grace_of(key)
+                self._kick(slot)
+        for key, want in wanted.items():
+            found = self.slots.get(key)
+            if found is None:
+                found = self.slots[key] = Slot(key=key)
+            slot = found
+            if slot.desired != want:
+                slot.desired = want
+                slot.grace = grace_of(key)
+                self._kick(slot)
+
+    def _kick(self, slot: Slot) -> None:
+        if slot.worker is None or slot.worker.done():
+            slot.worker = start_guarded(
+                self._converge(slot),
+                name=f"reconcile-{slot.key[0]}/{slot.key[1]}",
+                long_lived=False,
+            )
+        else:
+            slot.wake.set()
+
+    def converged(self) -> bool:
+        """Every worker idle (tests wait on it)."""
+        return all(s.worker is None or s.worker.done() for s in self.slots.values())
+
+    async def close(self, *, grace: float) -> None:
+        """Stop every unit (running Jobs are left running) and wait for it."""
+        self.reconcile({}, grace=grace)
+        workers = [s.worker for s in self.slots.values() if s.worker is not None]
+        await asyncio.gather(*workers, return_exceptions=True)
+
+    # ------------------------------------------------------------------ one key
+    async def _converge(self, slot: Slot) -> None:
+        while True:
+            slot.wake.clear()
+            wait = await self._step(slot)
+            if wait is None:
+                continue
+            if wait <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(slot.wake.wait(), timeout=wait)
+        if slot.desired is None and slot.unit is None and self.slots.get(slot.key) is slot:
+            del self.slots[slot.key]
+            self._changed(slot.key)
+
+    async def _step(self, slot: Slot) -> float | None:
+        """One step toward the desired state. None: look again at once; 0: converged;
+        a positive number: nothing to do before that many seconds (a retry)."""
+        desired, unit = slot.desired, slot.unit
+        if unit is not None:
+            current = slot.current
+            assert current is not None
+            if slot.unit_failed is not None:
+                await self._stop(slot, grace=0.0)
+                self._failed(slot, f"the dispatcher failed: {slot.unit_failed}")
+                return None
+            if desired is None or not desired.runnable:
+                await self._stop(slot, grace=slot.grace)
+                if desired is None:
+                    self._event(
+                        current, "Normal", "Stopped", "dispatcher stopped; running Jobs continue"
+                    )
+                return None
+            if desired.essence != current.essence or desired.uid != current.uid:
+                await self._stop(slot, grace=slot.grace)
+                self._event(
+                    desired,
+                    "Normal",
+                    "Replacing",
+                    f"generation {desired.generation}: trigger or template changed; dispatcher "
+                    "replaced, running Jobs untouched",
+                )
+                return None
+            if desired.generation != current.generation:
+                assert desired.scaledjob is not None
+                if unit.resize(desired.scaledjob):
+                    slot.current = desired
+                    slot.observed = desired.generation
+                    spec = desired.scaledjob.spec
+                    self._event(
+                        desired,
+                        "Normal",
+                        "Updated",
+                        f"generation {desired.generation} applied live: maxReplicaCount "
+                        f"{spec.maxReplicaCount}, history {spec.successfulJobsHistoryLimit}/"
+                        f"{spec.failedJobsHistoryLimit}",
+                    )
+                    self._changed(slot.key)
+                    return None
+                await self._stop(slot, grace=slot.grace)
+                self._event(
+                    desired,
+                    "Normal",
+                    "Replacing",
+                    f"generation {desired.generation}: maxReplicaCount above what the source was "
+                    "opened with; dispatcher replaced, running Jobs untouched",
+                )
+                return None
+            return 0
+        # No unit.
+        if desired is None:
+            slot.phase = Phase.STOPPED
+            return 0
+        if desired.invalid is not None:
+            self._set(slot, Phase.INVALID, desired.invalid, event=("Warning", "InvalidSpec"))
+            slot.observed = desired.generation
+            return 0
+        if desired.paused is not None:
+            self._set(
+                slot,
+                Phase.PAUSED,
+                f"paused by the annotation {desired.paused}; running Jobs continue",
+                event=("Normal", "Paused"),
+            )
+            slot.observed = desired.generation
+            return 0
+        if slot.phase is Phase.FAILED and slot.current is None:
+            left = slot.retry_at - self._clock()
+            if left > 0 and slot.observed == desired.generation:
+                return left
+        return await self._build_and_start(slot, desired)
+
+    async def _build_and_start(self, slot: Slot, desired: Wanted) -> float | None:
+        if slot.phase is not Phase.FAILED:  # a retry stays Failed until it works
+            slot.phase = Phase.STARTING
+            self._changed(slot.key)
+        try:
+            unit = await self._build(desired)
+        except ManifestError as exc:
+            slot.observed = desired.generation
+            self._failed(slot, str(exc).replace("\n", "; "), reason="InvalidSpec")
+            return None
+        except Exception as exc:  # never let one ScaledJob stop the others
+            logger.exception("building the dispatcher of %s/%s failed", *slot.key)
+            slot.observed = desired.generation
+            self._failed(slot, f"{type(exc).__name__}: {exc}")
+            return None
+        slot.unit, slot.current, slot.unit_failed = unit, desired, None
+        try:
+            self._start(unit)
+        except Exception as exc:
+            logger.exception("starting the dispatcher of %s/%s failed", *slot.key)
+            await self._stop(slot, grace=0.0)
+            self._failed(slot, f"{type(exc).__name__}: {exc}")
+            return None
+        watch = functools.partial(self._task_ended, slot, unit)
+        for task in unit.tasks:
+            if is_essential(task):
+                task.add_done_callback(watch)
+        was_failing = slot.failures > 0
+        slot.failures = 0
+        slot.reported = None
+        slot.observed = desired.generation
+        slot.problem = None
+        slot.phase = Phase.RUNNING
+        self._event(
+            desired,
+            "Normal",
+            "Started",
+            f"dispatching from {unit.kind.destination} {unit.destination}"
+            + (" (after failures)" if was_failing else ""),
+        )
+        self._changed(slot.key)
+        return None
+
+    def _task_ended(self, slot: Slot, unit: DispatchUnit, task: asyncio.Task[Any]) -> None:
+        if task.cancelled() or slot.unit is not unit:
+            return
+        exc = task.exception()
+        slot.unit_failed = f"{type(exc).__name__}: {exc}" if exc else f"{task.get_name()} ended"
+        self._kick(slot)
+
+    async def _stop(self, slot: Slot, *, grace: float) -> None:
+        unit, slot.unit = slot.unit, None
+        slot.current = None
+        if unit is None:
+            return
+        slot.phase = Phase.STOPPED
+        try:
+            await unit.stop(grace=grace)
+        except Exception:
+            logger.exception("stopping the dispatcher of %s/%s failed", *slot.key)
+        self._changed(slot.key)
+
+    def _failed(self, slot: Slot, problem: str, *, reason: str = "DispatcherFailed") -> None:
+        slot.failures += 1
+        delay = min(self._retry_ceiling, self._retry_initial * 2 ** (slot.failures - 1))
+        slot.retry_at = self._clock() + delay
+        slot.phase, slot.problem = Phase.FAILED, problem
+        logger.warning("%s/%s: %s; trying again in %.0fs", *slot.key, problem, delay)
+        if slot.reported != problem and slot.desired is not None:
+            slot.reported = problem
+            self._event(slot.desired, "Warning", reason, problem)
+        self._changed(slot.key)
+
+    def _set(
+        self, slot: Slot, phase: Phase, problem: str | None, *, event: tuple[str, str]
+    ) -> None:
+        if slot.phase is phase and slot.problem == problem:
+            return
+        slot.phase, slot.problem = phase, problem
+        if slot.desired is not None and problem is not None:
+            self._event(slot.desired, event[0], event[1], problem)
+        self._changed(slot.key)

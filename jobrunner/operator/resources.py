@@ -1,0 +1,190 @@
+"""From custom resources to what a replica wants to serve.
+
+A ScaledJob object becomes a ``Wanted``: the parsed ScaledJob (or why it cannot be used,
+naming the field), whether it is paused, and its *essence* — everything whose change
+needs a new dispatch unit (the trigger, the template, delivery, the referenced
+TriggerAuthentication's version). Limits (``maxReplicaCount``, history limits) and KEDA
+fields that mean nothing to a push dispatcher are outside the essence: they change live.
+
+Pause: KEDA's annotation ``autoscaling.keda.sh/paused`` (its rule: the value is read as
+a Go bool, and a value that is not one counts as paused) or jobrunner's spelling
+``jobrunner.dev/paused`` (same rule). For a KEDA object taken over by jobrunner, KEDA's
+annotation pauses KEDA — which the takeover requires — so only jobrunner's pauses the
+dispatcher there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from jobrunner.config import (
+    KEDA_API_VERSION,
+    ManifestError,
+    ScaledJob,
+    TriggerAuthentication,
+    parse_scaledjob,
+)
+
+Key = tuple[str, str]
+"""(namespace, name) of a ScaledJob."""
+
+KEDA_PAUSED = "autoscaling.keda.sh/paused"
+PAUSED = "jobrunner.dev/paused"
+TAKEOVER = "jobrunner.dev/takeover"
+"""On a keda.sh ScaledJob: "true" asks jobrunner to serve it (with KEDA paused on it)."""
+
+LIVE_FIELDS = frozenset(
+    {
+        "maxReplicaCount",
+        "successfulJobsHistoryLimit",
+        "failedJobsHistoryLimit",
+        # KEDA's, meaningless to a push dispatcher: a change needs nothing.
+        "pollingInterval",
+        "minReplicaCount",
+        "rollout",
+        "rolloutStrategy",
+        "scalingStrategy",
+        "envSourceContainerName",
+    }
+)
+"""Spec fields applied without replacing the unit."""
+
+_GO_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
+
+
+def go_bool_paused(value: str | None) -> bool:
+    """KEDA's reading of its paused annotation: absent is not paused; a Go bool is
+    itself; anything else counts as paused."""
+    return value is not None and value not in _GO_FALSE
+
+
+@dataclass(frozen=True)
+class Wanted:
+    """One ScaledJob as this replica sees it, whatever its state."""
+
+    key: Key
+    generation: int
+    uid: str
+    keda: bool = False
+    """A keda.sh ScaledJob taken over (no status written on it: KEDA owns its status)."""
+    scaledjob: ScaledJob | None = None
+    invalid: str | None = None
+    """Why the object cannot be served (the fields named); None when it can."""
+    paused: str | None = None
+    """Which annotation pauses it; None when not paused."""
+    essence: str = ""
+    authentications: Mapping[str, TriggerAuthentication] = field(default_factory=dict)
+
+    @property
+    def runnable(self) -> bool:
+        return self.scaledjob is not None and self.paused is None
+
+    @property
+    def triggers(self) -> str:
+        spec = (self.scaledjob.spec.triggers if self.scaledjob else []) or []
+        return ",".join(t.type for t in spec)
+
+
+def bucket_of(key: Key, buckets: int) -> int:
+    """The bucket of a ScaledJob: a stable hash of namespace/name (every replica, every
+    Python process computes the same one)."""
+    digest = hashlib.sha256(f"{key[0]}/{key[1]}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % buckets
+
+
+def essence(scaledjob: ScaledJob, auth_versions: Mapping[str, str]) -> str:
+    """A digest of what needs a new unit when it changes."""
+    spec = scaledjob.spec.model_dump(mode="json", exclude=set(LIVE_FIELDS))
+    text = json.dumps({"spec": spec, "auth": dict(sorted(auth_versions.items()))}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def parse_authentication(obj: Mapping[str, Any]) -> TriggerAuthentication | None:
+    """A TriggerAuthentication object from the cluster; None when it cannot be read
+    (the ScaledJob that refers to it then says so)."""
+    body = {k: v for k, v in obj.items() if k in ("apiVersion", "kind", "metadata", "spec")}
+    body.setdefault("spec", {})
+    try:
+        return TriggerAuthentication.model_validate(body)
+    except ValueError:
+        return None
+
+
+def wanted_from(
+    obj: Mapping[str, Any],
+    *,
+    keda: bool = False,
+    authentications: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Wanted:
+    """What ``obj`` (a ScaledJob object read from the API server) asks for.
+    ``authentications``: the TriggerAuthentication objects of its namespace, by name."""
+    meta = obj.get("metadata") or {}
+    key = (str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
+    annotations = meta.get("annotations") or {}
+    generation = int(meta.get("generation") or 0)
+    uid = str(meta.get("uid") or "")
+
+    def make(**fields: Any) -> Wanted:
+        return Wanted(key=key, generation=generation, uid=uid, keda=keda, **fields)
+
+    paused = None
+    if go_bool_paused(annotations.get(PAUSED)):
+        paused = PAUSED
+    elif not keda and go_bool_paused(annotations.get(KEDA_PAUSED)):
+        paused = KEDA_PAUSED
+    body = {k: v for k, v in obj.items() if k in ("apiVersion", "kind", "metadata", "spec")}
+    if keda:
+        body["apiVersion"] = KEDA_API_VERSION
+    where = f"ScaledJob {key[0]}/{key[1]}"
+    try:
+        scaledjob = parse_scaledjob(body, where=where)
+    except ManifestError as exc:
+        return make(invalid=_one_line(str(exc), where), paused=paused)
+    refs = {t.authenticationRef.name for t in scaledjob.spec.triggers if t.authenticationRef}
+    found: dict[str, TriggerAuthentication] = {}
+    versions: dict[str, str] = {}
+    for name in sorted(refs):
+        raw = (authentications or {}).get(name)
+        auth = parse_authentication(raw) if raw is not None else None
+        if auth is None:
+            kind = "keda.sh" if keda else "jobrunner.dev"
+            problem = "not found" if raw is None else "cannot be read"
+            return make(
+                invalid=(
+                    f"field spec.triggers[].authenticationRef.name: TriggerAuthentication "
+                    f"{name!r} ({kind}) {problem} in namespace {key[0]}; create it"
+                ),
+                paused=paused,
+            )
+        found[name] = auth
+        versions[name] = str((raw or {}).get("metadata", {}).get("resourceVersion", ""))
+    return make(
+        scaledjob=scaledjob,
+        paused=paused,
+        essence=essence(scaledjob, versions),
+        authentications=found,
+    )
+
+
+def _one_line(text: str, where: str) -> str:
+    """A ManifestError's text as a condition message: its lines joined, the object's
+    name (which the condition's object says already) dropped."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if lines and lines[0].startswith(where):
+        head = lines[0][len(where) :].lstrip(": ")
+        lines = lines[1:] if head in ("invalid manifest", "invalid trigger") else [head, *lines[1:]]
+    return "; ".join(lines)
+
+
+def takeover_requested(obj: Mapping[str, Any]) -> bool:
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    return str(annotations.get(TAKEOVER, "")).lower() == "true"
+
+
+def keda_paused(obj: Mapping[str, Any]) -> bool:
+    annotations = (obj.get("metadata") or {}).get("annotations") or {}
+    return go_bool_paused(annotations.get(KEDA_PAUSED))
