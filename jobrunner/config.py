@@ -41,7 +41,11 @@ class ManifestError(Exception):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+    # Attribute docstrings become schema descriptions: the CRDs (jobrunner.operator.crd)
+    # are generated from these models, and `kubectl explain` shows them.
+    model_config = ConfigDict(
+        extra="forbid", populate_by_name=True, frozen=True, use_attribute_docstrings=True
+    )
 
 
 class ObjectMeta(BaseModel):
@@ -223,7 +227,7 @@ class EnvRef(_Model):
 
 
 class TriggerAuthenticationSpec(BaseModel):
-    model_config = ConfigDict(extra="allow", frozen=True)
+    model_config = ConfigDict(extra="allow", frozen=True, use_attribute_docstrings=True)
     secretTargetRef: list[SecretKeyRef] = Field(default_factory=list)
     env: list[EnvRef] = Field(default_factory=list)
 
@@ -496,6 +500,48 @@ class TelemetrySettings(BaseModel):
     """How often the queue depth gauge is refreshed."""
 
 
+class OperatorSettings(BaseModel):
+    """``jobrunner operator``: ScaledJobs from the cluster (see jobrunner.operator)."""
+
+    watch_namespaces: str = ""
+    """Comma-separated namespaces whose ScaledJobs to serve; empty: all namespaces (a
+    cluster-wide watch, which needs a ClusterRoleBinding)."""
+    label_selector: str = ""
+    """Serve only ScaledJobs with these labels (a Kubernetes label selector)."""
+    lease_namespace: str = ""
+    """Where the replicas' Leases live; empty: the pod's own namespace (from its service
+    account), else ``default``."""
+    lease_group: str = Field(default="jobrunner", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    """Prefix of the Lease names and value of their ``jobrunner.dev/lease-group`` label:
+    replicas with the same group share the ScaledJobs (one Helm release, one group)."""
+    identity: str = ""
+    """This replica's name in the group; empty: ``$POD_NAME`` (else the host name) and a
+    random suffix, so a restarted container is never taken for its predecessor."""
+    buckets: int = Field(default=16, ge=1, le=1024)
+    """ScaledJobs hash into this many buckets, one Lease each; a replica holds at most
+    ceil(buckets / live replicas). More buckets than replicas spreads work evenly; every
+    replica must use the same number."""
+    lease_duration_seconds: float = Field(default=15.0, gt=0)
+    """A replica whose member Lease has not changed for this long (as another replica
+    sees it) is gone: its buckets are taken over. The takeover time after a crash."""
+    renew_seconds: float = Field(default=3.0, gt=0)
+    """How often a replica renews its member Lease: one write per replica per period,
+    the steady API cost of high availability."""
+    renew_deadline_seconds: float = Field(default=10.0, gt=0)
+    """A replica that could not renew for this long stops every dispatcher it runs (it
+    must: the others will take its buckets at ``lease_duration_seconds``)."""
+    keda_takeover: bool = False
+    """Also serve keda.sh ScaledJobs annotated ``jobrunner.dev/takeover: "true"`` (and
+    paused for KEDA with ``autoscaling.keda.sh/paused: "true"``): migrate one ScaledJob
+    at a time."""
+    status_interval_seconds: float = Field(default=10.0, gt=0)
+    """At most one status write per ScaledJob per this many seconds for the counters
+    (``activeJobs``, ``lastMessageTime``); a condition that changes is written at once."""
+
+    def namespaces(self) -> list[str]:
+        return [n.strip() for n in self.watch_namespaces.split(",") if n.strip()]
+
+
 class Settings(BaseSettings):
     """Process settings; only the CLI reads the environment (``JOBRUNNER_*``)."""
 
@@ -508,6 +554,7 @@ class Settings(BaseSettings):
     """Explicit, never guessed: a dispatcher that cannot reach its cluster must fail,
     not quietly run Jobs inside its own pod."""
     local: LocalSettings = Field(default_factory=LocalSettings)
+    operator: OperatorSettings = Field(default_factory=OperatorSettings)
     otel_traces_endpoint: str | None = Field(
         default=None,
         validation_alias=AliasChoices(

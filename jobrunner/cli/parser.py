@@ -347,6 +347,54 @@ def _validate(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _operator(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--watch-namespace",
+        action="append",
+        default=[],
+        metavar="NS",
+        help="serve the ScaledJobs of this namespace (repeat, or a comma list; -n adds one; "
+        "default: all namespaces; JOBRUNNER_OPERATOR__WATCH_NAMESPACES)",
+    )
+    p.add_argument(
+        "-A",
+        "--all-namespaces",
+        action="store_true",
+        help="serve the ScaledJobs of every namespace (the default without --watch-namespace)",
+    )
+    p.add_argument(
+        "--selector",
+        "-l",
+        metavar="SELECTOR",
+        help="only ScaledJobs with these labels, e.g. team=media "
+        "(JOBRUNNER_OPERATOR__LABEL_SELECTOR)",
+    )
+    p.add_argument(
+        "--lease-namespace",
+        metavar="NS",
+        help="namespace of the replicas' Leases (default: the pod's namespace, else default)",
+    )
+    p.add_argument(
+        "--identity",
+        metavar="NAME",
+        help="this replica's name among the replicas (default: $POD_NAME or the host name, "
+        "with a random suffix)",
+    )
+    p.add_argument(
+        "--buckets",
+        type=positive_int,
+        metavar="N",
+        help="ScaledJobs hash into N buckets, one Lease each, shared by the replicas "
+        "(default 16; every replica must use the same)",
+    )
+    p.add_argument(
+        "--keda-takeover",
+        action="store_true",
+        help="also serve keda.sh ScaledJobs annotated jobrunner.dev/takeover=true (and paused "
+        "for KEDA): migrate one at a time",
+    )
+
+
 M = "scaledjob.yaml"
 COMMANDS = [
     Command(
@@ -364,6 +412,29 @@ COMMANDS = [
         ],
         configure=_run,
         local=True,
+    ),
+    Command(
+        name="operator",
+        group="Run",
+        target="jobrunner.cli.operator:cmd_operator",
+        summary="Serve the cluster's ScaledJob resources, one dispatcher each",
+        description="Watch ScaledJob custom resources (jobrunner.dev/v1alpha1) and run one\n"
+        "dispatcher per ScaledJob, writing its status and Events. Replicas share the\n"
+        "ScaledJobs through Leases, every replica working; a spec change never touches\n"
+        "running Jobs. Until SIGTERM or Ctrl-C, which hands the ScaledJobs over at once.",
+        usage="jobrunner operator [--watch-namespace NS ... | -A] [-l SELECTOR] [options]",
+        examples=[
+            ("Serve every namespace's ScaledJobs", "jobrunner operator -A"),
+            (
+                "Two namespaces, Leases in jobrunner-system",
+                "jobrunner operator --watch-namespace media,etl --lease-namespace jobrunner-system",
+            ),
+            (
+                "Also take over KEDA ScaledJobs annotated for it",
+                "jobrunner operator -A --keda-takeover",
+            ),
+        ],
+        configure=_operator,
     ),
     Command(
         name="publish",

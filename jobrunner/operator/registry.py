@@ -74,6 +74,8 @@ class Slot:
     """The generation last acted on."""
     reported: str | None = None
     """The failure last told in an Event (a retry failing the same way is not told again)."""
+    reason: str = ""
+    """The reason of the last failure: ``InvalidSpec`` or ``DispatcherFailed``."""
 
     @property
     def seen(self) -> Wanted | None:
@@ -308,7 +310,7 @@ class Registry:
         slot.failures += 1
         delay = min(self._retry_ceiling, self._retry_initial * 2 ** (slot.failures - 1))
         slot.retry_at = self._clock() + delay
-        slot.phase, slot.problem = Phase.FAILED, problem
+        slot.phase, slot.problem, slot.reason = Phase.FAILED, problem, reason
         logger.warning("%s/%s: %s; trying again in %.0fs", *slot.key, problem, delay)
         if slot.reported != problem and slot.desired is not None:
             slot.reported = problem

@@ -144,6 +144,17 @@ def wanted_from(
         scaledjob = parse_scaledjob(body, where=where)
     except ManifestError as exc:
         return make(invalid=_one_line(str(exc), where), paused=paused)
+    for i, trigger in enumerate(scaledjob.spec.triggers):
+        ref = trigger.authenticationRef
+        if ref is not None and ref.kind == "ClusterTriggerAuthentication":
+            return make(
+                invalid=(
+                    f"field spec.triggers[{i}].authenticationRef.kind: "
+                    "ClusterTriggerAuthentication is not supported by the operator; use a "
+                    "TriggerAuthentication in the ScaledJob's namespace"
+                ),
+                paused=paused,
+            )
     refs = {t.authenticationRef.name for t in scaledjob.spec.triggers if t.authenticationRef}
     found: dict[str, TriggerAuthentication] = {}
     versions: dict[str, str] = {}

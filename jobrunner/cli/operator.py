@@ -1,0 +1,102 @@
+"""``operator``: serve the ScaledJobs of the cluster (custom resources), one dispatcher
+per ScaledJob, sharing them with the other replicas through Leases; until SIGTERM or
+Ctrl-C."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+from pathlib import Path
+
+from jobrunner.cli.context import Context
+from jobrunner.cli.errors import CliError
+
+_SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+
+
+def _own_namespace() -> str:
+    """The pod's namespace (its service account's), else ``default``."""
+    try:
+        return _SA_NAMESPACE.read_text().strip() or "default"
+    except OSError:
+        return "default"
+
+
+def cmd_operator(ctx: Context) -> int:
+    from jobrunner.config import Executor
+    from jobrunner.operator.leases import default_identity
+    from jobrunner.telemetry import Telemetry, configure_logging, tracer_provider
+
+    args = ctx.args
+    settings = ctx.settings
+    op = settings.operator
+    if settings.executor is Executor.LOCAL:
+        raise CliError(
+            "the operator serves ScaledJobs of a cluster; JOBRUNNER_EXECUTOR=local does not apply"
+        )
+    namespaces = [n for value in args.watch_namespace for n in value.split(",") if n.strip()]
+    if ctx.flag("namespace"):
+        namespaces.append(ctx.flag("namespace"))
+    if args.all_namespaces and namespaces:
+        raise CliError("-A (all namespaces) and --watch-namespace/-n exclude each other; give one")
+    if namespaces:
+        op.watch_namespaces = ",".join(dict.fromkeys(n.strip() for n in namespaces))
+    elif args.all_namespaces:
+        op.watch_namespaces = ""
+    for flag, name in (
+        ("selector", "label_selector"),
+        ("lease_namespace", "lease_namespace"),
+        ("identity", "identity"),
+        ("buckets", "buckets"),
+    ):
+        if getattr(args, flag) is not None:
+            setattr(op, name, getattr(args, flag))
+    if args.keda_takeover:
+        op.keda_takeover = True
+    if not op.renew_seconds < op.renew_deadline_seconds < op.lease_duration_seconds:
+        raise CliError(
+            "JOBRUNNER_OPERATOR__RENEW_SECONDS < JOBRUNNER_OPERATOR__RENEW_DEADLINE_SECONDS < "
+            f"JOBRUNNER_OPERATOR__LEASE_DURATION_SECONDS must hold (now {op.renew_seconds}, "
+            f"{op.renew_deadline_seconds}, {op.lease_duration_seconds})"
+        )
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+    ctx.check_kubeconfig()
+    identity = op.identity or default_identity(os.environ.get("POD_NAME"), socket.gethostname())
+    lease_namespace = op.lease_namespace or _own_namespace()
+    endpoint = settings.telemetry.otlp_endpoint or settings.otel_traces_endpoint
+    telemetry = Telemetry.create(tracer_provider(otlp_endpoint=endpoint))
+
+    async def serve() -> None:
+        from jobrunner.kube.client import KubeJobClient, load_api_client
+        from jobrunner.kube.objects import KubeObjects
+        from jobrunner.operator.operator import Operator, serve_http
+
+        # Signals belong to the program: SIGTERM and SIGINT ask the operator to stop.
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        jobs = KubeJobClient(load_api_client(settings.kube.kubeconfig, settings.kube.context))
+        try:
+            operator = Operator(
+                settings=settings,
+                objects=KubeObjects(jobs),
+                jobs=jobs,
+                telemetry=telemetry,
+                identity=identity,
+                lease_namespace=lease_namespace,
+            )
+            operator.register_metrics(lambda: jobs.requests)
+            async with serve_http(operator, settings, telemetry):
+                await operator.run(stop)
+        finally:
+            await jobs.close()
+
+    try:
+        asyncio.run(serve())
+    finally:
+        if telemetry.provider is not None:
+            telemetry.provider.shutdown()
+    return 0

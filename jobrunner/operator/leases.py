@@ -1,0 +1,416 @@
+"""Who may serve which ScaledJobs: every replica works, each ScaledJob has one owner.
+
+ScaledJobs hash into ``B`` buckets (``resources.bucket_of``). Each bucket is a
+``coordination.k8s.io`` Lease, ``<group>-bucket-<i>``, whose ``holderIdentity`` is the
+replica serving it; each replica also keeps a *member* Lease, ``<group>-member-<hash>``,
+which it renews every ``renew_every`` seconds. All Leases live in one namespace (the
+release's), labelled ``jobrunner.dev/lease-group=<group>``, and every replica watches
+them.
+
+* **Liveness** is the member Lease alone: a bucket Lease is written only when it changes
+  hands, so the steady cost is one write per replica per renewal, whatever ``B`` is.
+  As in client-go, a member counts as gone when its Lease has not changed for
+  ``duration`` seconds *as this replica observed it* (its own clock, no clock sync).
+* **Fair share**: a replica holds at most ``ceil(B / live members)`` buckets; it takes
+  buckets that are free (no holder, or a holder whose member Lease is gone or expired)
+  by a compare-and-swap on the Lease's resourceVersion, and gives up its excess when
+  members join: it first stops the dispatchers of those buckets, then clears the holder.
+* **Safety**: a replica serves its buckets only while its last successful renewal is
+  younger than ``renew_deadline`` (< ``duration``): one cut off from the API server stops
+  its dispatchers before any other replica may decide it is gone. Overlap beyond that is
+  made harmless by deterministic Job names (409 -> adopt) and the settled annotation, as
+  in kopf's peering there are no per-object locks.
+* **Exit** (SIGTERM): dispatchers stop, then the member Lease is deleted and the buckets
+  cleared, so the others take over within one watch event, not one lease duration.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import math
+import random
+import re
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from jobrunner.operator import api
+from jobrunner.operator.api import ObjectClient
+from jobrunner.operator.informer import Informer
+from jobrunner.protocols import ApiRejected, TransientError
+from jobrunner.tasks import start_guarded, stop_tasks
+
+logger = logging.getLogger(__name__)
+
+LABEL_GROUP = "jobrunner.dev/lease-group"
+LABEL_ROLE = "jobrunner.dev/lease-role"
+
+
+def micro_time() -> str:
+    """Now as a Kubernetes MicroTime."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _version(obj: dict[str, Any] | None) -> int:
+    try:
+        return int(((obj or {}).get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
+
+
+class LeaseKeeper:
+    def __init__(
+        self,
+        *,
+        api_client: ObjectClient,
+        namespace: str,
+        group: str,
+        identity: str,
+        buckets: int,
+        duration: float,
+        renew_every: float,
+        renew_deadline: float,
+        on_change: Callable[[], None] = lambda: None,
+        before_release: Callable[[frozenset[int]], Awaitable[None]] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not renew_every < renew_deadline < duration:
+            raise ValueError(
+                f"lease timings must satisfy renew_every ({renew_every}) < renew_deadline "
+                f"({renew_deadline}) < duration ({duration})"
+            )
+        self._api = api_client
+        self.namespace = namespace
+        self.group = group
+        self.identity = identity
+        self.buckets = buckets
+        self.duration = duration
+        self.renew_every = renew_every
+        self.renew_deadline = renew_deadline
+        self._on_change = on_change
+        self._before_release = before_release
+        self._clock = clock
+        self._path = api.leases(namespace)
+        self.member_name = f"{group}-member-{hashlib.sha256(identity.encode()).hexdigest()[:10]}"
+        self.informer = Informer(
+            api_client,
+            self._path,
+            selector=f"{LABEL_GROUP}={group}",
+            on_change=self._observed_change,
+            what=f"Leases in {namespace}",
+        )
+        self._seen: dict[str, tuple[int, float]] = {}
+        """Lease name -> (resourceVersion, when this replica saw it change)."""
+        self._held: dict[int, int] = {}
+        """Bucket -> the resourceVersion of our write that took it."""
+        self._releasing: set[int] = set()
+        self._renewed_at: float | None = None
+        self._registered_at: float | None = None
+        self._wake = asyncio.Event()
+        self._owned: frozenset[int] = frozenset()
+        self.transitions = 0
+        """Buckets taken or given up so far (for metrics and tests)."""
+
+    # ------------------------------------------------------------------ what we own
+    @property
+    def owned(self) -> frozenset[int]:
+        """The buckets whose ScaledJobs this replica may serve now."""
+        return self._owned
+
+    def bucket_name(self, bucket: int) -> str:
+        return f"{self.group}-bucket-{bucket}"
+
+    def _valid(self, now: float) -> bool:
+        return (
+            self._renewed_at is not None
+            and now - self._renewed_at < self.renew_deadline
+            and self.informer.synced.is_set()
+        )
+
+    def _refresh_owned(self) -> None:
+        now = self._clock()
+        owned = (
+            frozenset(b for b in self._held if b not in self._releasing)
+            if self._valid(now)
+            else frozenset()
+        )
+        if owned != self._owned:
+            if self._owned and not owned and not self._valid(now):
+                logger.warning(
+                    "no member Lease renewal for %.1fs (deadline %.0fs): stopping every "
+                    "dispatcher of this replica until the API server answers again",
+                    now - (self._renewed_at or now),
+                    self.renew_deadline,
+                )
+            self._owned = owned
+            self._on_change()
+
+    def live_members(self) -> int:
+        now = self._clock()
+        count = 0
+        for key, obj in self.informer.store.items():
+            name = key[1]
+            if (obj.get("metadata") or {}).get("labels", {}).get(LABEL_ROLE) != "member":
+                continue
+            if name == self.member_name:
+                continue
+            if self._alive(name, now):
+                count += 1
+        return count + (1 if self._valid(now) else 0)
+
+    def fair_share(self) -> int:
+        return math.ceil(self.buckets / max(1, self.live_members()))
+
+    def _alive(self, lease_name: str, now: float) -> bool:
+        seen = self._seen.get(lease_name)
+        return seen is not None and now - seen[1] < self.duration
+
+    def _member_of(self, holder: str) -> str:
+        return f"{self.group}-member-{hashlib.sha256(holder.encode()).hexdigest()[:10]}"
+
+    def holder(self, bucket: int) -> str:
+        obj = self.informer.store.get((self.namespace, self.bucket_name(bucket)))
+        return str(((obj or {}).get("spec") or {}).get("holderIdentity") or "")
+
+    def _free(self, bucket: int, now: float) -> bool:
+        holder = self.holder(bucket)
+        if not holder:
+            return True
+        if holder == self.identity:
+            return bucket not in self._held  # ours from before a restart of the same name
+        member = self._member_of(holder)
+        if (self.namespace, member) not in self.informer.store:
+            # Its member Lease is gone: deleted on exit, or expired and cleaned up. Wait
+            # a full duration from when we first saw the bucket, as for an expiry.
+            return not self._alive(self.bucket_name(bucket), now)
+        return not self._alive(member, now)
+
+    # ------------------------------------------------------------------ watching
+    def _observed_change(self) -> None:
+        now = self._clock()
+        present = set()
+        for (_, name), obj in self.informer.store.items():
+            present.add(name)
+            version = _version(obj)
+            seen = self._seen.get(name)
+            if seen is None or seen[0] != version:
+                self._seen[name] = (version, now)
+        for name in list(self._seen):
+            if name not in present:
+                del self._seen[name]
+        # A bucket someone else now holds (they found our member Lease expired) is not
+        # ours, whatever we last wrote — unless what we see is older than our write.
+        for bucket, written in list(self._held.items()):
+            lease = self.informer.store.get((self.namespace, self.bucket_name(bucket)))
+            if lease is None or _version(lease) <= written:
+                continue
+            if self.holder(bucket) != self.identity:
+                logger.warning(
+                    "bucket %d was taken over by %s", bucket, self.holder(bucket) or "nobody"
+                )
+                del self._held[bucket]
+        self._refresh_owned()
+        self._wake.set()
+
+    # ------------------------------------------------------------------ the loop
+    async def run(self) -> None:
+        """Keep membership and buckets until cancelled (then call ``release``). Three
+        loops: renewing the member Lease (never held up by the others: a slow drain of
+        dispatchers must not let our membership lapse), a watchdog that withdraws
+        everything once renewals are overdue, and the balancer that takes and gives up
+        buckets."""
+        tasks = [start_guarded(self.informer.run(), name="lease-informer")]
+        try:
+            await self.informer.synced.wait()
+            tasks += [
+                start_guarded(self._renewer(), name="lease-renewer"),
+                start_guarded(self._watchdog(), name="lease-watchdog"),
+            ]
+            await self._balancer()
+        finally:
+            await stop_tasks(tasks, grace=0)
+
+    @property
+    def _tick(self) -> float:
+        return min(0.5, self.renew_every / 2)
+
+    async def _renewer(self) -> None:
+        while True:
+            try:
+                # A renewal that takes longer than the deadline is as good as none.
+                await asyncio.wait_for(self._renew_member(), timeout=self.renew_deadline)
+                self._refresh_owned()
+                self._wake.set()
+                pause = self.renew_every * random.uniform(0.85, 1.0)
+            except (TransientError, ApiRejected, TimeoutError) as exc:
+                logger.warning("renewing the member Lease failed (%s); trying again", exc)
+                pause = min(1.0, self.renew_every / 2)
+            await asyncio.sleep(pause)
+
+    async def _watchdog(self) -> None:
+        while True:
+            self._refresh_owned()
+            await asyncio.sleep(self._tick)
+
+    async def _balancer(self) -> None:
+        while True:
+            self._wake.clear()
+            try:
+                await self._balance()
+            except (TransientError, ApiRejected) as exc:
+                logger.warning("taking or giving up buckets failed (%s); trying again", exc)
+            self._refresh_owned()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=self._tick)
+
+    async def _balance(self) -> None:
+        now = self._clock()
+        if not self._valid(now) or self._registered_at is None:
+            return
+        if now - self._registered_at < min(2.0, self.renew_every):
+            return  # let the others' member Leases be seen before taking a share
+        share = self.fair_share()
+        held = sorted(b for b in self._held if b not in self._releasing)
+        if len(held) > share:
+            await self._give_up(frozenset(held[share:]), why=f"fair share is {share}")
+            return
+        if len(held) < share:
+            free = [b for b in range(self.buckets) if b not in self._held and self._free(b, now)]
+            random.shuffle(free)
+            for bucket in free[: share - len(held)]:
+                await self._take(bucket)
+
+    async def _renew_member(self) -> None:
+        sent = self._clock()
+        path = f"{self._path}/{self.member_name}"
+        spec = {"renewTime": micro_time()}
+        try:
+            await self._api.patch(path, {"spec": spec})
+        except ApiRejected as exc:
+            if exc.status != 404:
+                raise
+            await self._api.create(
+                self._path,
+                {
+                    "apiVersion": "coordination.k8s.io/v1",
+                    "kind": "Lease",
+                    "metadata": {
+                        "name": self.member_name,
+                        "labels": {LABEL_GROUP: self.group, LABEL_ROLE: "member"},
+                    },
+                    "spec": {
+                        "holderIdentity": self.identity,
+                        "leaseDurationSeconds": math.ceil(self.duration),
+                        "acquireTime": micro_time(),
+                        **spec,
+                    },
+                },
+            )
+            logger.info("joined lease group %s as %s", self.group, self.identity)
+        self._renewed_at = sent
+        if self._registered_at is None:
+            self._registered_at = sent
+
+    async def _take(self, bucket: int) -> None:
+        name = self.bucket_name(bucket)
+        current = self.informer.store.get((self.namespace, name))
+        now = micro_time()
+        try:
+            if current is None:
+                result = await self._api.create(
+                    self._path,
+                    {
+                        "apiVersion": "coordination.k8s.io/v1",
+                        "kind": "Lease",
+                        "metadata": {
+                            "name": name,
+                            "labels": {LABEL_GROUP: self.group, LABEL_ROLE: "bucket"},
+                        },
+                        "spec": {
+                            "holderIdentity": self.identity,
+                            "leaseDurationSeconds": math.ceil(self.duration),
+                            "acquireTime": now,
+                            "renewTime": now,
+                            "leaseTransitions": 0,
+                        },
+                    },
+                )
+            else:
+                spec = current.get("spec") or {}
+                result = await self._api.patch(
+                    f"{self._path}/{name}",
+                    {
+                        "metadata": {"resourceVersion": current["metadata"]["resourceVersion"]},
+                        "spec": {
+                            "holderIdentity": self.identity,
+                            "acquireTime": now,
+                            "renewTime": now,
+                            "leaseTransitions": int(spec.get("leaseTransitions") or 0) + 1,
+                        },
+                    },
+                )
+        except ApiRejected as exc:
+            if exc.status in (409, 404):
+                return  # someone was quicker; the watch shows who
+            raise
+        previous = str(((current or {}).get("spec") or {}).get("holderIdentity") or "")
+        self._held[bucket] = _version(result)
+        self.transitions += 1
+        logger.info("took bucket %d%s", bucket, f" (from {previous}, gone)" if previous else "")
+        self._refresh_owned()
+
+    async def _give_up(self, buckets: frozenset[int], *, why: str) -> None:
+        """Stop serving ``buckets`` (the caller's dispatchers first), then clear them."""
+        self._releasing |= buckets
+        self._refresh_owned()
+        try:
+            if self._before_release is not None:
+                await self._before_release(buckets)
+            for bucket in sorted(buckets):
+                await self._clear(bucket)
+                logger.info("gave up bucket %d (%s)", bucket, why)
+        finally:
+            self._releasing -= buckets
+
+    async def _clear(self, bucket: int) -> None:
+        written = self._held.pop(bucket, None)
+        if written is None:
+            return
+        self.transitions += 1
+        name = self.bucket_name(bucket)
+        current = self.informer.store.get((self.namespace, name))
+        version = str(written)
+        if current is not None and _version(current) >= written:
+            if self.holder(bucket) != self.identity:
+                return  # already someone else's
+            version = current["metadata"]["resourceVersion"]
+        try:
+            await self._api.patch(
+                f"{self._path}/{name}",
+                {"metadata": {"resourceVersion": version}, "spec": {"holderIdentity": None}},
+            )
+        except ApiRejected as exc:
+            if exc.status not in (404, 409):
+                raise
+
+    async def release(self) -> None:
+        """On exit, after the dispatchers stopped: leave the group and clear our
+        buckets, so the others take them over at once. Best effort."""
+        self._owned = frozenset()
+        with contextlib.suppress(TransientError, ApiRejected):
+            await self._api.delete(f"{self._path}/{self.member_name}")
+        for bucket in sorted(self._held):
+            with contextlib.suppress(TransientError, ApiRejected):
+                await self._clear(bucket)
+        logger.info("left lease group %s", self.group)
+
+
+def default_identity(pod_name: str | None, hostname: str) -> str:
+    """This process's identity in the lease group: the pod's name (or the host's) with a
+    random suffix, so a restarted container never passes for its dead predecessor."""
+    base = re.sub(r"[^a-z0-9.-]+", "-", (pod_name or hostname).lower()).strip("-.")[:50]
+    return f"{base or 'jobrunner'}-{random.getrandbits(24):06x}"

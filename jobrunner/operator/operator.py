@@ -1,0 +1,446 @@
+"""One operator replica: watches ScaledJobs (and the TriggerAuthentications they refer
+to), keeps its share of the bucket Leases, and has the registry run one dispatch unit
+for each ScaledJob of the buckets it holds; writes their status and Events.
+
+The desired state is recomputed from the local stores whenever anything changes (an
+object, a Lease, a unit's state) and handed to the registry, which converges each key on
+its own. Nothing is decided from a store that is not in sync: while the ScaledJob watch
+is broken, units keep running as they are (only losing the Leases stops them).
+
+Signals are the caller's: ``run`` returns when ``stop`` is set, after stopping every unit
+(running Jobs are left running) and then giving up its Leases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from jobrunner.config import Settings
+from jobrunner.httpserver import Heartbeat, HttpEndpoints
+from jobrunner.operator import api
+from jobrunner.operator.api import ObjectClient
+from jobrunner.operator.informer import Informer
+from jobrunner.operator.leases import LeaseKeeper
+from jobrunner.operator.registry import Phase, Registry
+from jobrunner.operator.resources import (
+    Key,
+    Wanted,
+    bucket_of,
+    keda_paused,
+    takeover_requested,
+    wanted_from,
+)
+from jobrunner.operator.status import EventRecorder, StatusWriter, desired_status
+from jobrunner.protocols import ApiRejected, JobClient, TransientError
+from jobrunner.runner import DispatchUnit
+from jobrunner.tasks import is_essential, start_guarded, stop_tasks
+from jobrunner.telemetry import Telemetry
+
+logger = logging.getLogger(__name__)
+
+UnitBuilder = Callable[[Wanted], Awaitable[DispatchUnit]]
+
+
+class Operator:
+    def __init__(
+        self,
+        *,
+        settings: Settings,
+        objects: ObjectClient,
+        jobs: JobClient,
+        telemetry: Telemetry,
+        identity: str,
+        lease_namespace: str,
+        build: UnitBuilder | None = None,
+        template_dirs: list[Path] | None = None,
+    ) -> None:
+        self.settings = settings
+        op = settings.operator
+        self.identity = identity
+        self._objects = objects
+        self._jobs = jobs
+        self._telemetry = telemetry
+        self._template_dirs = template_dirs or [Path.cwd() / "job_templates"]
+        self._dirty = asyncio.Event()
+        self._units_moved = asyncio.Event()
+        namespaces: list[str | None] = list(op.namespaces()) or [None]
+
+        def where(ns: str | None) -> str:
+            return f"in {ns}" if ns else "in all namespaces"
+
+        self.scaledjobs = [
+            Informer(
+                objects,
+                api.scaledjobs(ns),
+                selector=op.label_selector,
+                on_change=self.poke,
+                what=f"ScaledJobs {where(ns)}",
+            )
+            for ns in namespaces
+        ]
+        self.authentications = [
+            Informer(
+                objects,
+                api.trigger_authentications(ns),
+                on_change=self.poke,
+                what=f"TriggerAuthentications {where(ns)}",
+            )
+            for ns in namespaces
+        ]
+        self.keda_scaledjobs: list[Informer] = []
+        self.keda_authentications: list[Informer] = []
+        if op.keda_takeover:
+            self.keda_scaledjobs = [
+                Informer(
+                    objects,
+                    api.scaledjobs(ns, keda=True),
+                    selector=op.label_selector,
+                    on_change=self.poke,
+                    what=f"keda.sh ScaledJobs {where(ns)}",
+                )
+                for ns in namespaces
+            ]
+            self.keda_authentications = [
+                Informer(
+                    objects,
+                    api.trigger_authentications(ns, keda=True),
+                    on_change=self.poke,
+                    what=f"keda.sh TriggerAuthentications {where(ns)}",
+                )
+                for ns in namespaces
+            ]
+        self.leases = LeaseKeeper(
+            api_client=objects,
+            namespace=lease_namespace,
+            group=op.lease_group,
+            identity=identity,
+            buckets=op.buckets,
+            duration=op.lease_duration_seconds,
+            renew_every=op.renew_seconds,
+            renew_deadline=op.renew_deadline_seconds,
+            on_change=self.poke,
+            before_release=self._stop_buckets,
+        )
+        self.registry = Registry(
+            build=build or self._build,
+            start=self._start_unit,
+            on_event=self._event,
+            on_change=self._unit_changed,
+        )
+        self.status = StatusWriter(objects, volatile_interval=op.status_interval_seconds)
+        self.events = EventRecorder(objects, instance=identity)
+        self._side: set[asyncio.Task[Any]] = set()
+        self._all: dict[Key, Wanted] = {}
+        self._objects_by_key: dict[Key, dict[str, Any]] = {}
+        self._conflicts: set[Key] = set()
+        self._registered: list[Collector] = []
+
+    # ------------------------------------------------------------------ wiring
+    def poke(self) -> None:
+        self._dirty.set()
+
+    def _unit_changed(self, _key: Key) -> None:
+        self._units_moved.set()
+        self.poke()
+
+    async def _build(self, wanted: Wanted) -> DispatchUnit:
+        assert wanted.scaledjob is not None
+        return await DispatchUnit.create(
+            wanted.scaledjob,
+            jobs=self._jobs,
+            settings=self.settings,
+            telemetry=self._telemetry,
+            authentications=wanted.authentications,
+            read_secret=self._jobs.read_secret,
+            base_dirs=self._template_dirs,
+        )
+
+    def _start_unit(self, unit: DispatchUnit) -> None:
+        unit.start(settings=self.settings, telemetry=self._telemetry)
+
+    def _event(self, wanted: Wanted, kind: str, reason: str, message: str) -> None:
+        logger.info(
+            "%s/%s: %s: %s",
+            *wanted.key,
+            reason,
+            message,
+            extra={"scaledjob": wanted.key[1]},
+        )
+        task = start_guarded(
+            self.events.record(wanted, kind, reason, message),
+            name=f"event-{reason}-{wanted.key[1]}",
+            long_lived=False,
+        )
+        self._side.add(task)
+        task.add_done_callback(self._side.discard)
+
+    def synced(self) -> bool:
+        return all(i.synced.is_set() for i in (*self.scaledjobs, *self.authentications))
+
+    # ------------------------------------------------------------------ desired state
+    def _collect(self) -> dict[Key, Wanted]:
+        """Every ScaledJob this replica sees, whichever bucket it is in."""
+        auths: dict[str, dict[str, dict[str, Any]]] = {}
+        for informer in self.authentications:
+            for (ns, name), obj in informer.store.items():
+                auths.setdefault(ns, {})[name] = obj
+        found: dict[Key, Wanted] = {}
+        objects: dict[Key, dict[str, Any]] = {}
+        for informer in self.scaledjobs:
+            for obj in informer.store.values():
+                want = wanted_from(obj, authentications=auths.get(_ns(obj), {}))
+                found[want.key] = want
+                objects[want.key] = obj
+        keda_auths: dict[str, dict[str, dict[str, Any]]] = {}
+        for informer in self.keda_authentications:
+            for (ns, name), obj in informer.store.items():
+                keda_auths.setdefault(ns, {})[name] = obj
+        for informer in self.keda_scaledjobs:
+            for obj in informer.store.values():
+                if not takeover_requested(obj):
+                    continue
+                want = wanted_from(obj, keda=True, authentications=keda_auths.get(_ns(obj), {}))
+                if want.key in found and not found[want.key].keda:
+                    if want.key not in self._conflicts:
+                        self._conflicts.add(want.key)
+                        self._event(
+                            want,
+                            "Warning",
+                            "NameConflict",
+                            "a jobrunner.dev ScaledJob of the same name is served instead",
+                        )
+                    continue
+                if not keda_paused(obj):
+                    want = Wanted(
+                        key=want.key,
+                        generation=want.generation,
+                        uid=want.uid,
+                        keda=True,
+                        invalid=(
+                            "takeover asked, but KEDA still scales this ScaledJob: add the "
+                            'annotation autoscaling.keda.sh/paused: "true" so that only '
+                            "jobrunner runs its Jobs"
+                        ),
+                    )
+                found[want.key] = want
+                objects[want.key] = obj
+        self._objects_by_key = objects
+        return found
+
+    def _reconcile(self) -> None:
+        if not self.synced():
+            return  # an empty or stale store must not stop anything
+        self._all = self._collect()
+        owned = self.leases.owned
+        buckets = self.settings.operator.buckets
+        wanted = {k: w for k, w in self._all.items() if bucket_of(k, buckets) in owned}
+        normal = self.settings.dispatcher.shutdown_grace_seconds
+        op = self.settings.operator
+        # A bucket lost because our renewals lapsed must be let go quickly: the others
+        # may take it over at lease_duration.
+        urgent = max(0.0, min(normal, (op.lease_duration_seconds - op.renew_deadline_seconds) / 2))
+
+        def grace(key: Key) -> float:
+            return normal if key not in self._all else urgent
+
+        self.registry.reconcile(wanted, grace=grace)
+
+    async def _stop_buckets(self, buckets: frozenset[int]) -> None:
+        """Before a bucket is given up: its units stop first (stop before start, across
+        replicas)."""
+        n = self.settings.operator.buckets
+        while True:
+            self._units_moved.clear()
+            self._reconcile()
+            if not any(
+                slot.unit is not None and bucket_of(key, n) in buckets
+                for key, slot in self.registry.slots.items()
+            ):
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._units_moved.wait(), timeout=1.0)
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            await self._dirty.wait()
+            await asyncio.sleep(0.05)  # a listing's burst of changes in one pass
+            self._dirty.clear()
+            self._reconcile()
+
+    async def _status_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await self.sync_status()
+
+    async def sync_status(self) -> None:
+        for key, slot in list(self.registry.slots.items()):
+            want = slot.seen
+            obj = self._objects_by_key.get(key)
+            if want is None or want.keda or obj is None:
+                continue
+            current = obj.get("status") or {}
+            status = desired_status(want, slot, current=current, owner=self.identity)
+            try:
+                await self.status.sync(want, status, current)
+            except (TransientError, ApiRejected) as exc:
+                logger.info("could not write the status of %s/%s: %s", *key, exc)
+
+    # ------------------------------------------------------------------ health
+    def readiness(self) -> tuple[bool, str]:
+        problems = [
+            i.problem
+            for i in (*self.scaledjobs, *self.authentications)
+            if not i.synced.is_set() and i.problem
+        ]
+        if self.leases.informer.problem and not self.leases.informer.synced.is_set():
+            problems.append(self.leases.informer.problem)
+        ready = not problems
+        units = [
+            p
+            for slot in self.registry.slots.values()
+            if slot.unit is not None and (p := slot.unit.readiness()) is not None
+        ]
+        detail = "; ".join(problems) or (
+            f"ready: {len(self.leases.owned)} of {self.settings.operator.buckets} buckets, "
+            f"{sum(1 for s in self.registry.slots.values() if s.unit is not None)} dispatchers"
+        )
+        if units:
+            detail += " (not consuming: " + "; ".join(units[:10]) + ")"
+        return ready, detail
+
+    def register_metrics(self, requests: Callable[[], dict[str, int]]) -> None:
+        """The operator's own series on the process's registry (removed when ``run``
+        ends); ``requests``: the API requests sent so far, by verb."""
+        collector = _OperatorCollector(self, requests)
+        self._telemetry.metrics.registry.register(collector)
+        self._registered.append(collector)
+
+    # ------------------------------------------------------------------ run
+    async def run(self, stop: asyncio.Event) -> None:
+        """Serve until ``stop`` is set (or an essential task fails, which is raised)."""
+        informers = [
+            *self.scaledjobs,
+            *self.authentications,
+            *self.keda_scaledjobs,
+            *self.keda_authentications,
+        ]
+        tasks = [
+            start_guarded(i.run(), name=f"informer-{i.what}", essential=i in self.scaledjobs)
+            for i in informers
+        ]
+        tasks += [
+            start_guarded(self.leases.run(), name="leases"),
+            start_guarded(self._reconcile_loop(), name="reconcile"),
+            start_guarded(self._status_loop(), name="status", essential=False),
+        ]
+        logger.info(
+            "operator %s serving ScaledJobs %s (lease group %s in %s, %d buckets)",
+            self.identity,
+            ", ".join(i.what for i in self.scaledjobs),
+            self.settings.operator.lease_group,
+            self.leases.namespace,
+            self.settings.operator.buckets,
+        )
+        try:
+            essential = [t for t in tasks if is_essential(t)]
+            stopper = asyncio.ensure_future(stop.wait())
+            done, _ = await asyncio.wait([stopper, *essential], return_when=asyncio.FIRST_COMPLETED)
+            stopper.cancel()
+            for task in done:
+                if task is not stopper and not task.cancelled() and task.exception() is not None:
+                    raise task.exception()  # type: ignore[misc]
+            logger.info("stopping: every dispatcher stops, running Jobs continue")
+        finally:
+            # Stop before release: the units end (messages undecided go back to the
+            # broker, running Jobs run on) while the Leases still say they are ours;
+            # only then are the Leases given up, and the next owner starts.
+            await stop_tasks([t for t in tasks if t.get_name() in ("reconcile", "status")], grace=0)
+            await self.registry.close(grace=self.settings.dispatcher.shutdown_grace_seconds)
+            await stop_tasks([t for t in tasks if t.get_name() == "leases"], grace=0)
+            await self.leases.release()
+            await stop_tasks(tasks, grace=0)
+            await stop_tasks(list(self._side), grace=2.0)
+            for collector in self._registered:
+                with contextlib.suppress(KeyError):
+                    self._telemetry.metrics.registry.unregister(collector)
+            logger.info("operator stopped")
+
+
+@contextlib.asynccontextmanager
+async def serve_http(
+    operator: Operator, settings: Settings, telemetry: Telemetry
+) -> AsyncIterator[None]:
+    """/metrics, /healthz (the event loop beats) and /readyz (the watches are in sync
+    and the member Lease renewed) while the body runs, when a port is set."""
+    heartbeat = Heartbeat()
+
+    async def beat() -> None:
+        while True:
+            heartbeat.beat()
+            await asyncio.sleep(1.0)
+
+    task = start_guarded(beat(), name="heartbeat", essential=False)
+    http = None
+    if settings.telemetry.http_port is not None:
+        http = HttpEndpoints(
+            registry=telemetry.metrics.registry, heartbeat=heartbeat, ready=operator.readiness
+        )
+        http.start(settings.telemetry.http_host, settings.telemetry.http_port)
+    try:
+        yield
+    finally:
+        await stop_tasks([task], grace=0)
+        if http is not None:
+            http.stop()
+
+
+def _ns(obj: dict[str, Any]) -> str:
+    return str((obj.get("metadata") or {}).get("namespace") or "default")
+
+
+class _OperatorCollector(Collector):
+    """The operator's own figures: units by phase, buckets held, live replicas, and the
+    requests sent to the API server."""
+
+    def __init__(self, operator: Operator, requests: Callable[[], dict[str, int]]) -> None:
+        self._op = operator
+        self._requests = requests
+
+    def collect(self) -> Iterable[Any]:
+        phases = GaugeMetricFamily(
+            "jobrunner_operator_scaledjobs",
+            "ScaledJobs this replica serves or reports, by phase.",
+            labels=["phase"],
+        )
+        counts = {p.value: 0 for p in Phase}
+        for slot in self._op.registry.slots.values():
+            counts[slot.phase.value] += 1
+        for phase, count in counts.items():
+            phases.add_metric([phase], count)
+        yield phases
+        yield GaugeMetricFamily(
+            "jobrunner_operator_buckets_owned",
+            "Buckets (Leases) this replica holds.",
+            value=len(self._op.leases.owned),
+        )
+        yield GaugeMetricFamily(
+            "jobrunner_operator_live_replicas",
+            "Replicas of the lease group alive, as this one sees them.",
+            value=self._op.leases.live_members(),
+        )
+        requests = CounterMetricFamily(
+            "jobrunner_kube_requests",
+            "Requests sent to the Kubernetes API server, by verb (WATCH: a watch opened).",
+            labels=["verb"],
+        )
+        for verb, count in sorted(self._requests().items()):
+            requests.add_metric([verb], count)
+        yield requests

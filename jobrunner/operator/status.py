@@ -1,0 +1,238 @@
+"""What a ScaledJob's ``status`` says, and Kubernetes Events about it.
+
+Conditions have metav1.Condition's shape (``type``, ``status``, ``observedGeneration``,
+``lastTransitionTime``, ``reason``, ``message``), with KEDA's three types:
+
+* ``Ready``: True when the dispatcher consumes and its Job watch is in sync (reason
+  ``DispatcherReady``), or when the ScaledJob is valid and paused (``ScaledJobPaused``);
+  False with ``InvalidSpec`` (the message names the field), ``Starting``,
+  ``SourceUnavailable`` (the broker's words), ``JobWatchNotSynced`` or
+  ``DispatcherFailed``.
+* ``Active``: True while Jobs of it run (``JobsActive``), else ``NoJobsActive``.
+* ``Paused``: ``ScaledJobPaused`` / ``ScaledJobUnpaused`` (KEDA's reasons), naming the
+  annotation.
+
+Besides: ``observedGeneration``, ``activeJobs``, ``lastMessageTime``, ``lastError``
+(the most recent problem and when; kept after recovery, ``Ready`` says the present),
+``triggersTypes`` (as KEDA's, for the printer column) and ``owner`` (the replica serving
+it). A status is written only when it differs from what the object shows; the counters
+(``activeJobs``, ``lastMessageTime``) at most every ``volatile_interval`` seconds, so a
+busy ScaledJob costs one write per interval and an idle one none.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from jobrunner.operator import api
+from jobrunner.operator.api import ObjectClient
+from jobrunner.operator.registry import Phase, Slot
+from jobrunner.operator.resources import Key, Wanted
+from jobrunner.protocols import ApiRejected, TransientError
+from jobrunner.timestamps import now_rfc3339
+
+logger = logging.getLogger(__name__)
+
+VOLATILE = ("activeJobs", "lastMessageTime")
+
+
+def _rfc3339(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _condition(
+    kind: str,
+    status: str,
+    reason: str,
+    message: str,
+    *,
+    generation: int,
+    previous: Mapping[str, Mapping[str, Any]],
+) -> dict[str, Any]:
+    before = previous.get(kind) or {}
+    since = before.get("lastTransitionTime") if before.get("status") == status else None
+    return {
+        "type": kind,
+        "status": status,
+        "observedGeneration": generation,
+        "lastTransitionTime": since or now_rfc3339(),
+        "reason": reason,
+        "message": message[:32768],
+    }
+
+
+def desired_status(
+    wanted: Wanted, slot: Slot | None, *, current: Mapping[str, Any], owner: str
+) -> dict[str, Any]:
+    """The status ``wanted`` should show, given its slot here and the status it shows
+    now (``current``: transition times are kept when a condition's status is unchanged,
+    ``lastError`` and ``lastMessageTime`` are carried over)."""
+    previous = {c.get("type", ""): c for c in current.get("conditions") or []}
+    generation = slot.observed if slot is not None and slot.observed else wanted.generation
+    unit = slot.unit if slot is not None else None
+    phase = slot.phase if slot is not None else Phase.STARTING
+    problem = slot.problem if slot is not None else None
+
+    if phase is Phase.INVALID:
+        ready = ("False", "InvalidSpec", problem or "")
+    elif phase is Phase.FAILED:
+        ready = ("False", (slot.reason if slot else "") or "DispatcherFailed", problem or "")
+    elif phase is Phase.PAUSED:
+        ready = ("True", "ScaledJobPaused", "valid; paused, so no messages are consumed")
+    elif unit is not None and phase is Phase.RUNNING:
+        why = unit.readiness()
+        if why is None:
+            ready = (
+                "True",
+                "DispatcherReady",
+                f"consuming from {unit.kind.destination} {unit.destination}",
+            )
+            problem = None
+        elif not unit.tracker.synced.is_set() and unit.problem is None:
+            ready = ("False", "JobWatchNotSynced", why)
+        else:
+            ready = ("False", "SourceUnavailable", why)
+            problem = why
+    else:
+        ready = ("False", "Starting", "starting the dispatcher")
+
+    active = len(unit.dispatcher.limiter) if unit is not None else None
+    spec_max = wanted.scaledjob.spec.maxReplicaCount if wanted.scaledjob else 0
+    if active:
+        active_c = ("True", "JobsActive", f"{active} Job(s) active of at most {spec_max}")
+    else:
+        active_c = ("False", "NoJobsActive", "no Job of this ScaledJob is active")
+    if wanted.paused:
+        paused_c = ("True", "ScaledJobPaused", f"paused by the annotation {wanted.paused}")
+    else:
+        paused_c = ("False", "ScaledJobUnpaused", "not paused")
+
+    status: dict[str, Any] = {
+        "observedGeneration": generation,
+        "conditions": [
+            _condition(k, *v, generation=generation, previous=previous)
+            for k, v in (("Ready", ready), ("Active", active_c), ("Paused", paused_c))
+        ],
+        "triggersTypes": wanted.triggers or None,
+        "owner": owner,
+        "activeJobs": active,
+        "lastMessageTime": current.get("lastMessageTime"),
+        "lastError": current.get("lastError"),
+    }
+    if unit is not None and unit.dispatcher.last_message_at is not None:
+        status["lastMessageTime"] = _rfc3339(unit.dispatcher.last_message_at)
+    if problem and (current.get("lastError") or {}).get("message") != problem:
+        status["lastError"] = {"message": problem[:4096], "time": now_rfc3339()}
+    return status
+
+
+def _comparable(status: Mapping[str, Any], *, volatile: bool) -> dict[str, Any]:
+    out = {k: v for k, v in status.items() if v is not None}
+    out["conditions"] = [
+        {k: v for k, v in c.items() if k != "lastTransitionTime"}
+        for c in status.get("conditions") or []
+    ]
+    if not volatile:
+        for name in VOLATILE:
+            out.pop(name, None)
+    return out
+
+
+class StatusWriter:
+    """Writes ScaledJob status through the ``/status`` subresource, only on change."""
+
+    def __init__(
+        self,
+        api_client: ObjectClient,
+        *,
+        volatile_interval: float = 10.0,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self._api = api_client
+        self._volatile_interval = volatile_interval
+        self._clock = clock
+        self._written_at: dict[Key, float] = {}
+        self._last: dict[Key, dict[str, Any]] = {}
+        self.writes = 0
+
+    def forget(self, key: Key) -> None:
+        self._written_at.pop(key, None)
+        self._last.pop(key, None)
+
+    async def sync(
+        self, wanted: Wanted, status: dict[str, Any], current: Mapping[str, Any]
+    ) -> bool:
+        """Write ``status`` when it differs from ``current`` (the object's, or what we
+        wrote last, whichever is newer to us). True when written."""
+        key = wanted.key
+        seen = self._last.get(key) or current
+        if _comparable(status, volatile=False) == _comparable(seen, volatile=False):
+            if _comparable(status, volatile=True) == _comparable(seen, volatile=True):
+                return False
+            since = self._clock() - self._written_at.get(key, float("-inf"))
+            if since < self._volatile_interval:
+                return False
+        path = f"{api.scaledjobs(key[0])}/{key[1]}/status"
+        # Fields we no longer report are removed (None is a merge patch's null).
+        patch: dict[str, Any] = {"status": dict(status)}
+        if wanted.uid:  # a precondition: never write on a namesake created meanwhile
+            patch["metadata"] = {"uid": wanted.uid}
+        try:
+            await self._api.patch(path, patch)
+        except ApiRejected as exc:
+            if exc.status in (404, 409, 422):
+                self.forget(key)
+                return False  # deleted (or recreated) meanwhile
+            raise
+        self.writes += 1
+        self._written_at[key] = self._clock()
+        self._last[key] = {k: v for k, v in status.items() if v is not None}
+        return True
+
+
+class EventRecorder:
+    """Kubernetes Events on ScaledJobs (core/v1, as ``kubectl describe`` shows them).
+    Best effort: an Event that cannot be written is logged, never in the way."""
+
+    def __init__(self, api_client: ObjectClient, *, instance: str) -> None:
+        self._api = api_client
+        self._instance = instance
+        self.recorded: list[tuple[Key, str, str, str]] = []
+
+    async def record(self, wanted: Wanted, kind: str, reason: str, message: str) -> None:
+        namespace, name = wanted.key
+        now = now_rfc3339()
+        event = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {"generateName": f"{name}.", "namespace": namespace},
+            "involvedObject": {
+                "apiVersion": f"{api.KEDA_GROUP}/{api.KEDA_VERSION}"
+                if wanted.keda
+                else f"{api.GROUP}/{api.VERSION}",
+                "kind": "ScaledJob",
+                "name": name,
+                "namespace": namespace,
+                **({"uid": wanted.uid} if wanted.uid else {}),
+            },
+            "type": kind,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "jobrunner-operator"},
+            "reportingComponent": "jobrunner.dev/operator",
+            "reportingInstance": self._instance[:128],
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        self.recorded.append((wanted.key, kind, reason, message))
+        try:
+            await self._api.create(api.events(namespace), event)
+        except (ApiRejected, TransientError) as exc:
+            logger.info(
+                "could not record %s event on ScaledJob %s/%s: %s", reason, *wanted.key, exc
+            )
