@@ -116,7 +116,10 @@ class HistoryCleaner:
         recheck: float | None = None
         while True:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wanted.wait(), timeout=recheck)
+                # Not asyncio.wait_for: on Python 3.11 it loses a cancellation that comes
+                # as the event is set, and the cleaner of a stopped unit would run on.
+                async with asyncio.timeout(recheck):
+                    await self._wanted.wait()
             self._wanted.clear()
             self._before_pass()
             doomed, recheck = self.plan()

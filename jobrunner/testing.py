@@ -23,7 +23,6 @@ Core only: no broker or Kubernetes library.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import copy
 import itertools
 import time
@@ -87,7 +86,8 @@ class MemoryJobClient:
         self._log: list[tuple[int, str, str, dict[str, Any]]] = []
         """(resourceVersion, namespace, event type, object) of every change."""
         self._history = history
-        self._changed = asyncio.Condition()
+        self._changed = asyncio.Event()
+        """Replaced by a fresh one at each change, after setting it: wakes the watchers."""
         self.fail_next: dict[str, BaseException] = {}
         """Method name -> an exception its next call raises (once)."""
 
@@ -102,8 +102,8 @@ class MemoryJobClient:
         job["metadata"]["resourceVersion"] = str(self._rv)
         self._log.append((self._rv, job["metadata"]["namespace"], kind, copy.deepcopy(job)))
         del self._log[: -self._history]
-        async with self._changed:
-            self._changed.notify_all()
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     # ------------------------------------------------------------------ JobClient
     async def create_job(
@@ -235,9 +235,8 @@ class MemoryJobClient:
                 after = rv
                 if ns == namespace and matches(obj["metadata"].get("labels") or {}, selector):
                     yield WatchEvent(type=kind, object=copy.deepcopy(obj))
-            async with self._changed:
-                if self._rv <= after:
-                    await self._changed.wait()
+            if self._rv <= after:
+                await self._changed.wait()
 
     async def close(self) -> None:
         pass
@@ -519,7 +518,7 @@ class MemoryObjects:
         self._rv = 0
         self._log: list[tuple[int, str, str | None, str, dict[str, Any]]] = []
         self._history = history
-        self._changed = asyncio.Condition()
+        self._changed = asyncio.Event()
 
     def client(self, name: str = "client") -> MemoryObjectClient:
         return MemoryObjectClient(self, name)
@@ -529,8 +528,8 @@ class MemoryObjects:
         obj["metadata"]["resourceVersion"] = str(self._rv)
         self._log.append((self._rv, resource, namespace, kind, copy.deepcopy(obj)))
         del self._log[: -self._history]
-        async with self._changed:
-            self._changed.notify_all()
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     def find(self, path: str) -> dict[str, Any] | None:
         resource, namespace, name, _ = _parse_path(path)
@@ -552,9 +551,20 @@ class MemoryObjectClient:
     def __init__(self, store: MemoryObjects, name: str) -> None:
         self.store = store
         self.name = name
-        self.down = False
-        """While True every request fails as an unreachable API server does."""
+        self._down = False
         self.requests: dict[str, int] = {}
+
+    @property
+    def down(self) -> bool:
+        """While True every request fails as an unreachable API server does, and open
+        watches break."""
+        return self._down
+
+    @down.setter
+    def down(self, value: bool) -> None:
+        self._down = value
+        changed, self.store._changed = self.store._changed, asyncio.Event()
+        changed.set()  # open watches look again
 
     def _check(self, verb: str) -> None:
         self.requests[verb] = self.requests.get(verb, 0) + 1
@@ -598,10 +608,8 @@ class MemoryObjectClient:
                     continue
                 if matches(obj["metadata"].get("labels") or {}, selector):
                     yield WatchEvent(type=kind, object=copy.deepcopy(obj))
-            async with store._changed:
-                if store._rv <= after:
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(store._changed.wait(), timeout=0.5)
+            if store._rv <= after:
+                await store._changed.wait()
 
     async def get(self, path: str) -> dict[str, Any] | None:
         self._check("GET")

@@ -242,7 +242,8 @@ class LeaseKeeper:
         while True:
             try:
                 # A renewal that takes longer than the deadline is as good as none.
-                await asyncio.wait_for(self._renew_member(), timeout=self.renew_deadline)
+                async with asyncio.timeout(self.renew_deadline):
+                    await self._renew_member()
                 self._refresh_owned()
                 self._wake.set()
                 pause = self.renew_every * random.uniform(0.85, 1.0)
@@ -265,7 +266,8 @@ class LeaseKeeper:
                 logger.warning("taking or giving up buckets failed (%s); trying again", exc)
             self._refresh_owned()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout=self._tick)
+                async with asyncio.timeout(self._tick):
+                    await self._wake.wait()
 
     async def _balance(self) -> None:
         now = self._clock()

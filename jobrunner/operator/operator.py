@@ -266,7 +266,8 @@ class Operator:
             ):
                 return
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._units_moved.wait(), timeout=1.0)
+                async with asyncio.timeout(1.0):
+                    await self._units_moved.wait()
 
     async def _reconcile_loop(self) -> None:
         while True:

@@ -162,7 +162,8 @@ class Registry:
             if wait <= 0:
                 break
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(slot.wake.wait(), timeout=wait)
+                async with asyncio.timeout(wait):
+                    await slot.wake.wait()
         if slot.desired is None and slot.unit is None and self.slots.get(slot.key) is slot:
             del self.slots[slot.key]
             self._changed(slot.key)
