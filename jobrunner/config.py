@@ -460,6 +460,18 @@ class KafkaSettings(BaseModel):
     heartbeat_interval_ms: int = Field(default=3_000, gt=0)
 
 
+class AzureQueueSettings(BaseModel):
+    visibility_timeout_seconds: float = Field(default=600.0, ge=2, le=7 * 24 * 3600)
+    """How long a received message stays invisible; renewed at half this interval for
+    as long as its Job runs, so a message is never handed out twice while its Job lives.
+    10 minutes is the Functions queue listener's fixed lease (QueueListener.cs). After a
+    dispatcher dies, its messages come back once this much time has passed."""
+    max_poll_interval_seconds: float = Field(default=5.0, gt=0)
+    """Longest pause between two receives of an empty queue (the pause starts at 0.1 s
+    and doubles while the queue stays empty; the Functions host's maxPollingInterval,
+    1 min by default, plays the same part)."""
+
+
 class Executor(enum.StrEnum):
     KUBERNETES = "kubernetes"
     LOCAL = "local"
@@ -497,6 +509,7 @@ class Settings(BaseSettings):
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    azure_queue: AzureQueueSettings = Field(default_factory=AzureQueueSettings)
     executor: Executor = Executor.KUBERNETES
     """Explicit, never guessed: a dispatcher that cannot reach its cluster must fail,
     not quietly run Jobs inside its own pod."""

@@ -93,6 +93,9 @@ class TriggerType:
     source: str
     summary: str = ""
     aliases: tuple[str, ...] = field(default=())
+    sink: str = ""
+    """``"module:function"`` of the factory of a publisher to this kind of destination
+    (for output bindings, see jobrunner.outputs); "" when the type cannot be one."""
 
 
 # Trigger type -> the module under jobrunner.triggers that defines TRIGGER.
@@ -101,6 +104,7 @@ _MODULES = {
     "kafka": "kafka",
     "apache-kafka": "kafka",
     "sqlite": "sqlite",
+    "azure-queue": "azure_queue",
 }
 
 
