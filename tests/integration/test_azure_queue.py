@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import signal
 import uuid
@@ -71,10 +72,8 @@ async def azure_queue(azure_storage: str) -> AsyncIterator[str]:
     yield name
     for each in (name, f"{name}-poison"):
         async with QueueClient.from_connection_string(azure_storage, each) as queue:
-            try:
+            with contextlib.suppress(Exception):
                 await queue.delete_queue()
-            except Exception:
-                pass
 
 
 def manifest(tmp_path: Path, queue: str, *, max_replicas: int = 4) -> Path:
@@ -112,9 +111,7 @@ def manifest(tmp_path: Path, queue: str, *, max_replicas: int = 4) -> Path:
     return path
 
 
-def start(
-    dispatchers: Dispatchers, path: Path, connection: str, **settings: str
-) -> Any:
+def start(dispatchers: Dispatchers, path: Path, connection: str, **settings: str) -> Any:
     return dispatchers.start_with(
         path,
         {
@@ -205,7 +202,8 @@ def test_a_job_running_past_the_visibility_timeout_is_not_delivered_again(
     assert [w for w, _, _ in runs(tmp_path)] == ["start", "end"], runs(tmp_path)
     logs = dispatchers.logs()
     # Four lease periods passed; the message was never handed out again.
-    assert "adopted" not in logs and "redelivered" not in logs, logs
+    assert "adopted" not in logs, logs
+    assert "redelivered" not in logs, logs
     assert "lease lost" not in logs, logs
     assert list(outcomes(state_dir).values()) == ["CompletionsReached"]
     wait_until(lambda: count(azure_storage, azure_queue) == 0, timeout=30)
@@ -246,13 +244,18 @@ def test_a_failed_job_moves_its_message_to_the_poison_queue_with_the_reason_logg
     assert f"moved to {poison}: BackoffLimitExceeded" in logs, logs
     (job,) = outcomes(state_dir)
     events = (state_dir / "jobs" / "default" / job / "events.jsonl").read_text()
-    assert "DeadLettered" in events and "BackoffLimitExceeded" in events
+    assert "DeadLettered" in events
+    assert "BackoffLimitExceeded" in events
     annotations = JobDir(state_dir / "jobs" / "default" / job).job()["metadata"]["annotations"]  # type: ignore[index]
     wait_until(
-        lambda: JobDir(state_dir / "jobs" / "default" / job).job()["metadata"][  # type: ignore[index]
-            "annotations"
-        ].get("jobrunner.dev/settled")
-        == "dead-letter",
+        lambda: (
+            JobDir(state_dir / "jobs" / "default" / job)
+            .job()["metadata"][  # type: ignore[index]
+                "annotations"
+            ]
+            .get("jobrunner.dev/settled")
+            == "dead-letter"
+        ),
         timeout=30,
     )
     assert annotations["jobrunner.dev/message-id"]
@@ -277,7 +280,8 @@ def test_an_undecodable_message_is_poisoned_with_the_reason_and_its_neighbours_r
     wait_until(lambda: settled_count(dispatchers) >= 2, timeout=90)
     assert sorted(i for w, i, _ in runs(tmp_path) if w == "start") == ["after", "before"]
     logs = dispatchers.logs()
-    assert "InvalidMessage" in logs and "not base64" in logs, logs
+    assert "InvalidMessage" in logs, logs
+    assert "not base64" in logs, logs
     assert len(outcomes(state_dir)) == 2  # no Job for the undecodable one
     wait_until(lambda: count(azure_storage, azure_queue) == 0, timeout=30)
 
