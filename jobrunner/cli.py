@@ -1,4 +1,5 @@
-"""Command line: ``jobrunner run | publish | status | jobs | logs | render | validate``.
+"""Command line: ``jobrunner run | publish | status | jobs | logs | render | validate |
+functions import``.
 The only module that reads the environment (through Settings).
 
 Errors are for a person: each names the file and field (or the service) and says what
@@ -234,6 +235,12 @@ def cmd_logs(args: argparse.Namespace, settings: Settings) -> int:
     return show_logs(settings, args.job, namespace=args.namespace)
 
 
+def cmd_functions(args: argparse.Namespace) -> int:
+    from jobrunner.functions import importer
+
+    return importer.run(args)
+
+
 def _add_local(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--local",
@@ -308,6 +315,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="also create the rendered Job with dryRun=All on the cluster",
     )
     validate.add_argument("--sample-message", help="body used for the dry run (default {})")
+
+    from jobrunner.functions import importer
+
+    functions = sub.add_parser("functions", help="Azure Functions-style apps as ScaledJobs")
+    functions_sub = functions.add_subparsers(dest="functions_command", metavar="COMMAND")
+    functions_sub.required = True
+    importer.add_arguments(
+        functions_sub.add_parser(
+            "import", help="write one ScaledJob manifest per function of a function app"
+        )
+    )
     return parser
 
 
@@ -332,6 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "status": lambda: cmd_status(args, settings),
         "jobs": lambda: cmd_jobs(args, settings),
         "logs": lambda: cmd_logs(args, settings),
+        "functions": lambda: cmd_functions(args),
     }
     from jobrunner.sources.sqlite import QueueBusy
 

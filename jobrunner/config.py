@@ -134,6 +134,46 @@ class DeadLetter(_Model):
     """Kafka: the dead-letter topic. Default: ``<topic>.dead-letter``."""
 
 
+class OutputBinding(_Model):
+    """Where one of a function's output bindings publishes: a destination named like a
+    trigger (KEDA's type and metadata names, an optional authenticationRef)."""
+
+    name: str
+    """The function's output binding name (``$return`` for its return value)."""
+    type: str
+    """azure-queue, rabbitmq, kafka or sqlite (the embedded queue)."""
+    metadata: dict[str, str] = Field(default_factory=dict)
+    authenticationRef: AuthenticationRef | None = None
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _stringify(cls, value: Any) -> Any:
+        return Trigger._stringify(value)
+
+    def as_trigger(self) -> Trigger:
+        """The destination as a trigger of its type, to check and resolve it the same
+        way (a Kafka destination needs no consumer group: a placeholder fills it)."""
+        metadata = dict(self.metadata)
+        if self.type in ("kafka", "apache-kafka"):
+            metadata.setdefault("consumerGroup", "jobrunner-outputs")
+        return Trigger(
+            type=self.type,
+            name=self.name,
+            metadata=metadata,
+            authenticationRef=self.authenticationRef,
+        )
+
+
+class FunctionSpec(_Model):
+    """jobrunner: the ScaledJob runs an Azure Functions-style function through the in-Job
+    invoker (see jobrunner.functions), which records its result on the Job; the
+    dispatcher then publishes the function's outputs when it settles the message and
+    puts a failed function's error in the dead letter (see jobrunner.outputs)."""
+
+    name: str
+    outputs: list[OutputBinding] = Field(default_factory=list)
+
+
 class ScaledJobSpec(_Model):
     jobTargetRef: dict[str, Any] | None = None
     """A batch/v1 JobSpec whose strings may hold Jinja2 expressions."""
@@ -158,6 +198,8 @@ class ScaledJobSpec(_Model):
     """Kafka: ``perKey`` starts a record's Job only after the previous Job for the same
     key (in the same partition) has finished."""
     deadLetter: DeadLetter = Field(default_factory=DeadLetter)
+    function: FunctionSpec | None = None
+    """An Azure Functions-style function (written by ``jobrunner functions import``)."""
     consumerTimeoutSeconds: float = Field(default=1800, gt=0)
     """The broker's delivery acknowledgement timeout (RabbitMQ ``consumer_timeout``,
     30 min by default). A message held this long would be cut off, so shortly before
@@ -252,6 +294,8 @@ def _known_fields() -> set[str]:
         TriggerAuthenticationSpec,
         SecretKeyRef,
         EnvRef,
+        OutputBinding,
+        FunctionSpec,
     ]
     return {name for model in models for name in model.model_fields}
 
@@ -320,12 +364,19 @@ def parse_scaledjob(
         raise _explain(exc, where, node) from None
     scaledjob._node = node
     scaledjob._origin = origin
-    from jobrunner.triggers import check_trigger  # the triggers package imports this one
+    from jobrunner.triggers import check_output, check_trigger  # they import this module
 
     problems = []
     for i, trigger in enumerate(scaledjob.spec.triggers):
         for problem in check_trigger(trigger):
             loc: tuple[int | str, ...] = ("spec", "triggers", i, *problem.field.split("."))
+            line = line_of(node, loc)
+            at = f"line {line}, " if line is not None else ""
+            problems.append(f"  {at}field {_field_path(loc)}: {problem.text}")
+    function = scaledjob.spec.function
+    for i, output in enumerate(function.outputs if function else []):
+        for problem in check_output(output):
+            loc = ("spec", "function", "outputs", i, *problem.field.split("."))
             line = line_of(node, loc)
             at = f"line {line}, " if line is not None else ""
             problems.append(f"  {at}field {_field_path(loc)}: {problem.text}")

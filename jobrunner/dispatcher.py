@@ -45,7 +45,14 @@ from jobrunner.models import (
     JobOutcome,
 )
 from jobrunner.naming import message_secret_name
-from jobrunner.protocols import ApiRejected, JobClient, MessageHandle, MessageSource, TransientError
+from jobrunner.protocols import (
+    ApiRejected,
+    JobClient,
+    MessageHandle,
+    MessageSource,
+    SettleHook,
+    TransientError,
+)
 from jobrunner.rendering import (
     ANNOTATION_ORIGINAL_MESSAGE,
     RenderedJob,
@@ -99,8 +106,11 @@ class Dispatcher:
         settings: DispatcherSettings,
         telemetry: Telemetry,
         retry_ceiling: float = 30.0,
+        settle_hook: SettleHook | None = None,
     ) -> None:
         self.scaledjob = scaledjob
+        self._settle_hook = settle_hook
+        """Asked before a final settlement naming a Job (a function's outputs)."""
         self._renderer = renderer
         self._source = source
         self._jobs = jobs
@@ -525,6 +535,8 @@ class Dispatcher:
         the decision is the message's outcome (not an ack that hands it to its Job); only
         then is it recorded: for cleanup, and on the Job for a dead letter."""
         self._failpoints.hit("before-settle")
+        if final and decision.job_name and self._settle_hook is not None:
+            decision = await self._settle_hook.before_settle(decision)
         with self._tracer.start_as_current_span("settle") as span:
             span.set_attribute("jobrunner.settlement", decision.action.value)
             if decision.reason:

@@ -166,3 +166,11 @@ class MessageSink(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class SettleHook(Protocol):
+    """A collaborator the dispatcher asks, in its settle step, before a message's final
+    settlement that names a Job (jobrunner.outputs publishes a function's outputs
+    there). It returns the decision to carry out (the same, or a dead letter)."""
+
+    async def before_settle(self, decision: Decision) -> Decision: ...
