@@ -273,6 +273,9 @@ class Options:
     local: bool = False
     python: str | None = None
     port: int = 8080
+    embedded: bool = False
+    """Triggers and queue outputs on the embedded queue (``type: sqlite``), same queue
+    names: the app runs with no broker at all (``jobrunner publish`` fills it)."""
 
 
 def plan_function(app: App, function: Function, options: Options) -> list[dict[str, Any]]:
@@ -312,6 +315,9 @@ def plan_function(app: App, function: Function, options: Options) -> list[dict[s
             )
         outputs.append((bname, map_binding(binding, app, f"{where}: binding {bname}", output=True)))
     source = map_binding(trigger, app, f"{where}: binding {trigger.get('name')}")
+    if options.embedded:
+        source = _embedded(source)
+        outputs = [(b, _embedded(d)) for b, d in outputs]
     name = dns_label(f"{app.name}-{function.name}", 40)
     settings_secret = f"{app.name}-settings"
     docs: list[dict[str, Any]] = [_secret(app, settings_secret)]
@@ -352,6 +358,11 @@ def plan_function(app: App, function: Function, options: Options) -> list[dict[s
         }
     )
     return docs
+
+
+def _embedded(destination: Destination) -> Destination:
+    name = destination.metadata.get("queueName") or destination.metadata.get("topic") or ""
+    return Destination("sqlite", {"queueName": name})
 
 
 def _message_container(app: App) -> str:
@@ -612,6 +623,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="manifests for the local executor (this machine's paths; no images)",
     )
     parser.add_argument(
+        "--embedded",
+        action="store_true",
+        help="triggers and queue outputs on the embedded queue (no broker; with --local)",
+    )
+    parser.add_argument(
         "--setting",
         action="append",
         default=[],
@@ -638,6 +654,7 @@ def run(args: argparse.Namespace) -> int:
         local=args.local,
         python=args.python,
         port=args.port,
+        embedded=args.embedded,
     )
     result = import_app(directory, options, name=args.name, settings=overrides)
     for path, what in result.written:
