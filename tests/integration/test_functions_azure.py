@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import signal
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -76,51 +73,8 @@ FUNCTION_JSON = {
 }
 
 
-@pytest.fixture
-def queues(azure_storage: str) -> Iterator[dict[str, str]]:
-    run = uuid.uuid4().hex[:10]
-    names = {"orders": f"orders-{run}", "receipts": f"receipts-{run}"}
-
-    async def create() -> None:
-        async with QueueClient.from_connection_string(azure_storage, names["orders"]) as q:
-            await q.create_queue()
-
-    asyncio.run(create())
-    yield names
-
-    async def delete() -> None:
-        for name in [*names.values(), f"{names['orders']}-poison"]:
-            async with QueueClient.from_connection_string(azure_storage, name) as q:
-                with contextlib.suppress(Exception):  # never created
-                    await q.delete_queue()
-
-    asyncio.run(delete())
-
-
-@pytest.fixture
-def dispatchers(tmp_path: Path) -> Iterator[Dispatchers]:
-    state = tmp_path / "state"
-    state.mkdir()
-    d = Dispatchers(state, tmp_path)
-    yield d
-    for proc in d.started:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait(timeout=10)
-    from jobrunner.local.client import LocalJobClient
-
-    client = LocalJobClient(state, controller=False)
-
-    async def delete_all() -> None:
-        base = state / "jobs" / "default"
-        for job in base.iterdir() if base.is_dir() else []:
-            await client.delete_job("default", job.name)
-
-    asyncio.run(delete_all())
-
-
 def custom_handler_app(
-    root: Path, connection: str, queues: dict[str, str], handler: str = HANDLER
+    root: Path, connection: str, function_queues: dict[str, str], handler: str = HANDLER
 ) -> Path:
     app = root / "orders-app"
     (app / "ProcessOrder").mkdir(parents=True)
@@ -143,8 +97,8 @@ def custom_handler_app(
                 "Values": {
                     "AzureWebJobsStorage": connection,
                     "Storage": connection,
-                    "OrdersQueue": queues["orders"],
-                    "ReceiptsQueue": queues["receipts"],
+                    "OrdersQueue": function_queues["orders"],
+                    "ReceiptsQueue": function_queues["receipts"],
                 }
             }
         )
@@ -184,14 +138,17 @@ def job_logs(state: Path) -> str:
 
 
 def test_custom_handler_success_gets_the_host_payload_and_its_output_is_published(
-    azure_storage: str, queues: dict[str, str], dispatchers: Dispatchers, tmp_path: Path
+    azure_storage: str,
+    function_queues: dict[str, str],
+    local_dispatchers: Dispatchers,
+    tmp_path: Path,
 ) -> None:
-    app = custom_handler_app(tmp_path, azure_storage, queues)
+    app = custom_handler_app(tmp_path, azure_storage, function_queues)
     manifest = imported(app, tmp_path / "out")
-    sent = send(azure_storage, queues["orders"], b'{"id": "o-1"}')
-    dispatchers.start_with(manifest, run_env())
-    wait_until(lambda: settled_count(dispatchers) >= 1, timeout=90)
-    assert receipts(azure_storage, queues["receipts"]) == [b'{"order": "o-1"}']
+    sent = send(azure_storage, function_queues["orders"], b'{"id": "o-1"}')
+    local_dispatchers.start_with(manifest, run_env())
+    wait_until(lambda: settled_count(local_dispatchers) >= 1, timeout=90)
+    assert receipts(azure_storage, function_queues["receipts"]) == [b'{"order": "o-1"}']
     request = json.loads((app / "requests" / f"{sent.id}.json").read_text())
     assert request["path"] == "/ProcessOrder"
     assert request["invocation"]
@@ -206,48 +163,59 @@ def test_custom_handler_success_gets_the_host_payload_and_its_output_is_publishe
     assert meta["InsertionTime"].startswith(sent.inserted_on.isoformat()[:19])
     assert meta["sys"]["MethodName"] == "ProcessOrder"
     assert set(meta["sys"]) == {"MethodName", "UtcNow", "RandGuid"}
-    wait_until(lambda: count(azure_storage, queues["orders"]) == 0, timeout=30)
+    wait_until(lambda: count(azure_storage, function_queues["orders"]) == 0, timeout=30)
 
 
 def test_custom_handler_logs_go_to_the_job_log(
-    azure_storage: str, queues: dict[str, str], dispatchers: Dispatchers, tmp_path: Path
+    azure_storage: str,
+    function_queues: dict[str, str],
+    local_dispatchers: Dispatchers,
+    tmp_path: Path,
 ) -> None:
-    app = custom_handler_app(tmp_path, azure_storage, queues)
+    app = custom_handler_app(tmp_path, azure_storage, function_queues)
     manifest = imported(app, tmp_path / "out")
-    send(azure_storage, queues["orders"], b'{"id": "o-logs"}')
-    dispatchers.start_with(manifest, run_env())
-    wait_until(lambda: settled_count(dispatchers) >= 1, timeout=90)
-    (job,) = outcomes(dispatchers.state)
-    invoker_log = (dispatchers.state / "jobs/default" / job / "logs/1-invoker.log").read_text()
+    send(azure_storage, function_queues["orders"], b'{"id": "o-logs"}')
+    local_dispatchers.start_with(manifest, run_env())
+    wait_until(lambda: settled_count(local_dispatchers) >= 1, timeout=90)
+    (job,) = outcomes(local_dispatchers.state)
+    invoker_log = (
+        local_dispatchers.state / "jobs/default" / job / "logs/1-invoker.log"
+    ).read_text()
     assert "processed order o-logs\n" in invoker_log
 
 
 def test_custom_handler_non_2xx_dead_letters_with_its_status_and_text(
-    azure_storage: str, queues: dict[str, str], dispatchers: Dispatchers, tmp_path: Path
+    azure_storage: str,
+    function_queues: dict[str, str],
+    local_dispatchers: Dispatchers,
+    tmp_path: Path,
 ) -> None:
-    app = custom_handler_app(tmp_path, azure_storage, queues)
+    app = custom_handler_app(tmp_path, azure_storage, function_queues)
     manifest = imported(app, tmp_path / "out")
     body = b'{"id": "o-2", "status": 503, "text": "warehouse closed"}'
-    send(azure_storage, queues["orders"], body)
-    dispatchers.start_with(manifest, run_env())
-    poison = f"{queues['orders']}-poison"
+    send(azure_storage, function_queues["orders"], body)
+    local_dispatchers.start_with(manifest, run_env())
+    poison = f"{function_queues['orders']}-poison"
     wait_until(lambda: len(peek_all(azure_storage, poison)) == 1, timeout=90)
     assert base64.b64decode(peek_all(azure_storage, poison)[0]) == body
-    logs = dispatchers.logs()
+    logs = local_dispatchers.logs()
     assert (
         "FunctionFailed the custom handler answered 503 Service Unavailable to POST "
         "/ProcessOrder: warehouse closed" in logs
     ), logs
-    (job,) = outcomes(dispatchers.state)
-    events = (dispatchers.state / "jobs/default" / job / "events.jsonl").read_text()
+    (job,) = outcomes(local_dispatchers.state)
+    events = (local_dispatchers.state / "jobs/default" / job / "events.jsonl").read_text()
     assert "warehouse closed" in events
-    assert receipts(azure_storage, queues["receipts"]) == []
+    assert receipts(azure_storage, function_queues["receipts"]) == []
 
 
 def test_custom_handler_that_never_listens_fails_with_a_clear_reason(
-    azure_storage: str, queues: dict[str, str], dispatchers: Dispatchers, tmp_path: Path
+    azure_storage: str,
+    function_queues: dict[str, str],
+    local_dispatchers: Dispatchers,
+    tmp_path: Path,
 ) -> None:
-    app = custom_handler_app(tmp_path, azure_storage, queues, handler=NEVER_LISTENS)
+    app = custom_handler_app(tmp_path, azure_storage, function_queues, handler=NEVER_LISTENS)
     manifest = imported(app, tmp_path / "out")
     # The generated probe allows the documented 60 s; a test need not wait that long.
     docs = list(yaml.safe_load_all(manifest.read_text()))
@@ -255,11 +223,11 @@ def test_custom_handler_that_never_listens_fails_with_a_clear_reason(
         "failureThreshold"
     ] = 3
     manifest.write_text(yaml.safe_dump_all(docs))
-    send(azure_storage, queues["orders"], b'{"id": "o-3"}')
-    dispatchers.start_with(manifest, run_env())
-    poison = f"{queues['orders']}-poison"
+    send(azure_storage, function_queues["orders"], b'{"id": "o-3"}')
+    local_dispatchers.start_with(manifest, run_env())
+    poison = f"{function_queues['orders']}-poison"
     wait_until(lambda: len(peek_all(azure_storage, poison)) == 1, timeout=90)
-    logs = dispatchers.logs()
+    logs = local_dispatchers.logs()
     assert "sidecar handler: startupProbe failed 3 times" in logs, logs
     assert "tcp 127.0.0.1:" in logs
     assert "Connection refused" in logs
@@ -269,28 +237,28 @@ def test_custom_handler_that_never_listens_fails_with_a_clear_reason(
 def test_outputs_are_published_once_across_a_dispatcher_sigkill_after_the_job_finished(
     crash: str,
     azure_storage: str,
-    queues: dict[str, str],
-    dispatchers: Dispatchers,
+    function_queues: dict[str, str],
+    local_dispatchers: Dispatchers,
     tmp_path: Path,
 ) -> None:
-    app = custom_handler_app(tmp_path, azure_storage, queues)
+    app = custom_handler_app(tmp_path, azure_storage, function_queues)
     manifest = imported(app, tmp_path / "out")
-    send(azure_storage, queues["orders"], b'{"id": "o-4"}')
-    first = dispatchers.start_with(
+    send(azure_storage, function_queues["orders"], b'{"id": "o-4"}')
+    first = local_dispatchers.start_with(
         manifest, {**run_env(), "JOBRUNNER_DISPATCHER__FAILPOINTS": json.dumps([crash])}
     )
     first.wait(timeout=90)  # the failpoint kills it once the Job has finished
     assert first.returncode == -signal.SIGKILL
-    assert list(outcomes(dispatchers.state).values()) == ["CompletionsReached"]
-    published_before = receipts(azure_storage, queues["receipts"])
+    assert list(outcomes(local_dispatchers.state).values()) == ["CompletionsReached"]
+    published_before = receipts(azure_storage, function_queues["receipts"])
     assert len(published_before) == (0 if crash == "before-settle" else 1)
-    dispatchers.start_with(manifest, run_env())
-    wait_until(lambda: settled_count(dispatchers) >= 1, timeout=90)
-    assert receipts(azure_storage, queues["receipts"]) == [b'{"order": "o-4"}']
-    assert "adopted its existing Job" in dispatchers.logs()
-    wait_until(lambda: count(azure_storage, queues["orders"]) == 0, timeout=30)
-    (job,) = outcomes(dispatchers.state)
-    annotations = JobDir(dispatchers.state / "jobs/default" / job).job()["metadata"][  # type: ignore[index]
+    local_dispatchers.start_with(manifest, run_env())
+    wait_until(lambda: settled_count(local_dispatchers) >= 1, timeout=90)
+    assert receipts(azure_storage, function_queues["receipts"]) == [b'{"order": "o-4"}']
+    assert "adopted its existing Job" in local_dispatchers.logs()
+    wait_until(lambda: count(azure_storage, function_queues["orders"]) == 0, timeout=30)
+    (job,) = outcomes(local_dispatchers.state)
+    annotations = JobDir(local_dispatchers.state / "jobs/default" / job).job()["metadata"][  # type: ignore[index]
         "annotations"
     ]
     assert annotations["jobrunner.dev/outputs-published"] == "1"
