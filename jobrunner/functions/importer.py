@@ -273,6 +273,8 @@ class Options:
     local: bool = False
     python: str | None = None
     port: int = 8080
+    namespace: str | None = None
+    """Put every object in this namespace (default: none given, i.e. kubectl's)."""
     embedded: bool = False
     """Triggers and queue outputs on the embedded queue (``type: sqlite``), same queue
     names: the app runs with no broker at all (``jobrunner publish`` fills it)."""
@@ -577,6 +579,9 @@ def import_app(
         except Unsupported as exc:
             result.skipped.append((function.name, str(exc)))
             continue
+        if options.namespace:
+            for doc in docs:
+                doc["metadata"]["namespace"] = options.namespace
         scaledjob = docs[-1]
         path = options.out / f"{scaledjob['metadata']['name']}.yaml"
         path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
@@ -591,7 +596,12 @@ def import_app(
         )
     if result.written and not options.local:
         path = options.out / f"{app.name}-rbac.yaml"
-        path.write_text(yaml.safe_dump_all(_rbac(app), sort_keys=False))
+        rbac = _rbac(app)
+        if options.namespace:
+            for doc in rbac:
+                doc["metadata"]["namespace"] = options.namespace
+            rbac[-1]["subjects"][0]["namespace"] = options.namespace
+        path.write_text(yaml.safe_dump_all(rbac, sort_keys=False))
         result.written.append((path, "the invoker's ServiceAccount, Role and RoleBinding"))
     return result
 
@@ -609,6 +619,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "-o", "--out", help="where to write the manifests (default ./<app>-scaledjobs)"
     )
     parser.add_argument("--name", help="the app's name (default: the directory's)")
+    parser.add_argument("-n", "--namespace", help="the namespace of every object written")
     parser.add_argument("--image", help="the function app's image (default <app>:latest)")
     parser.add_argument(
         "--jobrunner-image", default="jobrunner:latest", help="the image with the invoker"
@@ -655,6 +666,7 @@ def run(args: argparse.Namespace) -> int:
         python=args.python,
         port=args.port,
         embedded=args.embedded,
+        namespace=args.namespace,
     )
     result = import_app(directory, options, name=args.name, settings=overrides)
     for path, what in result.written:
