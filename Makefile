@@ -7,11 +7,12 @@ STACK := deploy/local
 STACK_ENV ?= /tmp/jobrunner-stack/stack.env
 PYTEST_ARGS ?=
 
-.PHONY: help venv stack-up stack-down stack-status lint test test-unit test-integration demo demo-cluster bench clean
+.PHONY: help venv stack-up stack-down stack-status lint test test-unit test-integration demo demo-cluster demo-functions bench clean
 
 help:
 	@echo "make demo         eleven messages through a dispatcher, no cluster or broker needed"
 	@echo "make demo-cluster the same on the local stack (Kubernetes + RabbitMQ)"
+	@echo "make demo-functions two Azure Functions-style apps, one Job per message, no cluster"
 	@echo "make test         lint, type-check and run every test against the real stack"
 	@echo "make test-unit    the fast unit tests alone (no services)"
 	@echo "make stack-up | stack-down | stack-status"
@@ -50,6 +51,9 @@ test: venv stack-up lint
 
 demo: venv
 	$(BIN)/python $(STACK)/demo.py
+
+demo-functions: venv
+	$(BIN)/python $(STACK)/demo_functions.py
 
 demo-cluster: venv stack-up
 	bash $(STACK)/stack-status.sh

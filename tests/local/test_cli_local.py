@@ -187,3 +187,30 @@ def test_status_watch_keeps_printing_fresh_views_when_piped(
         watcher.wait()
     assert sum(line.startswith("-- ") for line in lines) >= 3
     assert "queue work: 1 waiting, 0 in hand, 0 dead-lettered" in "".join(lines)
+
+
+def test_make_demo_functions_runs_both_example_apps_and_prints_the_summary(
+    tmp_path: Path,
+) -> None:
+    """`make demo-functions`: the two example function apps, no cluster, no Azure."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "COLUMNS": "160"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "deploy/local/demo_functions.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "what became of each message" in out, out
+    assert out.count("succeeded") == 8, out
+    assert out.count("dead-lettered (FunctionFailed)") == 2, out
+    assert '{"order":"order-1","total":19}' in out, out
+    assert "demo-functions: every message ended as expected" in out, out
+    (work,) = tmp_path.glob("jobrunner-demo-functions-*")
+    jobs = [JobDir(p) for p in (work / "state" / "jobs" / "default").iterdir()]
+    assert len(jobs) == 10
+    assert not any(job.supervised() for job in jobs)
