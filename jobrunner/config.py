@@ -209,7 +209,10 @@ class ScaledJobSpec(_Model):
     @model_validator(mode="after")
     def _one_template(self) -> ScaledJobSpec:
         if (self.jobTargetRef is None) == (self.jobTemplate is None):
-            raise ValueError("give exactly one of jobTargetRef or jobTemplate")
+            raise ValueError(
+                "give exactly one of spec.jobTargetRef (the Job template inline) or "
+                "spec.jobTemplate (a template file)"
+            )
         return self
 
 
@@ -482,15 +485,19 @@ class KubeSettings(BaseModel):
     kubeconfig: str | None = None
     """Path to a kubeconfig; unset: in-cluster config, else ~/.kube/config."""
     context: str | None = None
-    api_retry_max_seconds: float = 30.0
+    api_retry_max_seconds: float = Field(default=30.0, gt=0)
     """Ceiling of the exponential backoff between retries of a failing API call."""
 
 
 class DispatcherSettings(BaseModel):
-    shutdown_grace_seconds: float = 20.0
+    shutdown_grace_seconds: float = Field(default=20.0, ge=0)
     """How long SIGTERM waits for in-flight settlements before cancelling them."""
-    handover_margin_seconds: float = 60.0
+    handover_margin_seconds: float = Field(default=60.0, ge=0)
     """How long before the broker's consumer timeout a held message is handed over."""
+    unclaimed_deletion_grace_seconds: float = Field(default=600.0, ge=0)
+    """A finished Job being deleted whose message no delivery claims (it was settled just
+    before a crash, before the Job was released) is let go this long after it finished;
+    a delivery that does come meanwhile settles it and releases it at once."""
     max_unforeseen_errors: int = Field(default=3, ge=1)
     """Tries a message gets when processing it fails in a way nobody foresaw (a bug, a
     library that changed): it is released to the source that many times, then
@@ -541,14 +548,14 @@ class LocalSettings(BaseModel):
 
 
 class TelemetrySettings(BaseModel):
-    http_port: int | None = None
+    http_port: int | None = Field(default=None, ge=0, le=65535)
     """Port for /metrics, /healthz and /readyz; unset: no HTTP server (the image sets 8080)."""
     http_host: str = "127.0.0.1"
     """Address to bind; the image sets 0.0.0.0 so the kubelet's probes reach it."""
     otlp_endpoint: str | None = None
     """OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces); unset: spans are
     not exported (the CLI also honours OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)."""
-    queue_depth_interval_seconds: float = 10.0
+    queue_depth_interval_seconds: float = Field(default=10.0, gt=0)
     """How often the queue depth gauge is refreshed."""
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from jobrunner.models import Decision, Delivery
 
@@ -68,7 +68,18 @@ class JobClient(Protocol):
         ...
 
     async def delete_job(self, namespace: str, name: str) -> None:
-        """Delete with background propagation, so owned pods and Secrets go too."""
+        """Delete with background propagation, so owned pods and Secrets go too. A Job
+        that still carries a finalizer stays, with ``deletionTimestamp`` set, until the
+        finalizer is removed."""
+        ...
+
+    async def release_job(
+        self, namespace: str, name: str, annotations: Mapping[str, str]
+    ) -> Mapping[str, Any] | None:
+        """Remove jobrunner's finalizer (``models.FINALIZER``) and merge ``annotations``
+        in one write, safe against concurrent writers (retried on conflict). Returns the
+        Job after it, or None when it no longer exists. A Job whose deletion was waiting
+        on the finalizer is then deleted."""
         ...
 
     async def read_secret(self, namespace: str, name: str) -> Mapping[str, str] | None: ...
@@ -98,6 +109,18 @@ class JobClient(Protocol):
     ) -> AsyncIterator[WatchEvent]:
         """Events after ``resource_version``; raises WatchExpired on 410 Gone. Ends when
         the server closes the watch; the caller resumes from the last version seen."""
+        ...
+
+
+@runtime_checkable
+class DescribesFailures(Protocol):
+    """A JobClient that can say more about a failed Job than its condition does (the
+    containers' exit codes, the last lines of a log): added to the dead letter's detail.
+    The local executor needs none (its condition message says it already)."""
+
+    async def failure_detail(self, namespace: str, name: str) -> str:
+        """What is known, as one line; "" when nothing is. Best effort: never raises
+        for what cannot be read."""
         ...
 
 

@@ -46,6 +46,7 @@ from jobrunner.models import (
     ANNOTATION_BODY_DIGEST,
     ANNOTATION_MESSAGE_ID,
     ANNOTATION_SOURCE_DETAIL,
+    FINALIZER,
     LABEL_KEDA_SCALEDJOB,
     LABEL_MANAGED_BY,
     LABEL_MESSAGE_KEY,
@@ -506,6 +507,8 @@ class Renderer:
                 "name": name,
                 "namespace": sj.namespace,
                 "labels": {**(job_meta.get("labels") or {}), **self._labels(delivery)},
+                # Kept until the message's fate is durable (see models.FINALIZER).
+                "finalizers": [FINALIZER],
                 "annotations": {
                     **(job_meta.get("annotations") or {}),
                     ANNOTATION_MESSAGE_ID: delivery.identity,

@@ -67,6 +67,14 @@ def namespace(kube_api: object) -> Iterator[str]:
     try:
         yield name
     finally:
+        # Jobs whose dispatcher is gone keep jobrunner's finalizer (by design): release
+        # them, as `jobrunner finalizers release` would, so the namespace can go.
+        batch = client.BatchV1Api(kube_api)
+        for job in batch.list_namespaced_job(name).items:
+            if job.metadata.finalizers:
+                batch.patch_namespaced_job(
+                    job.metadata.name, name, {"metadata": {"finalizers": None}}
+                )
         core.delete_namespace(name, propagation_policy="Background")
 
 

@@ -610,46 +610,10 @@ def _destination(metadata: Mapping[str, str]) -> str:
     return metadata.get("queueName") or metadata.get("topic") or ""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``jobrunner functions import``."""
-    parser.add_argument(
-        "directory", help="the function app (host.json, function.json files or function_app.py)"
-    )
-    parser.add_argument(
-        "-o", "--out", help="where to write the manifests (default ./<app>-scaledjobs)"
-    )
-    parser.add_argument("--name", help="the app's name (default: the directory's)")
-    parser.add_argument("-n", "--namespace", help="the namespace of every object written")
-    parser.add_argument("--image", help="the function app's image (default <app>:latest)")
-    parser.add_argument(
-        "--jobrunner-image", default="jobrunner:latest", help="the image with the invoker"
-    )
-    parser.add_argument("--port", type=int, default=8080, help="the custom handler's port")
-    parser.add_argument(
-        "--python", help="interpreter that indexes a v2 app (and runs it with --local)"
-    )
-    parser.add_argument(
-        "--local",
-        action="store_true",
-        help="manifests for the local executor (this machine's paths; no images)",
-    )
-    parser.add_argument(
-        "--embedded",
-        action="store_true",
-        help="triggers and queue outputs on the embedded queue (no broker; with --local)",
-    )
-    parser.add_argument(
-        "--setting",
-        action="append",
-        default=[],
-        metavar="NAME=VALUE",
-        help="an app setting, over local.settings.json",
-    )
-
-
 def run(args: argparse.Namespace) -> int:
-    """``jobrunner functions import``: prints what was written and what was not (and
-    why); exit 0 when at least one function was imported, else 1."""
+    """``jobrunner functions import`` (its options: jobrunner.cli.parser ``_functions``,
+    and the global ``-n``): prints what was written and what was not (and why); exit 0
+    when at least one function was imported, else 1."""
     directory = Path(args.directory)
     overrides = {}
     for pair in args.setting:
@@ -666,7 +630,7 @@ def run(args: argparse.Namespace) -> int:
         python=args.python,
         port=args.port,
         embedded=args.embedded,
-        namespace=args.namespace,
+        namespace=getattr(args, "namespace", None),
     )
     result = import_app(directory, options, name=args.name, settings=overrides)
     for path, what in result.written:

@@ -18,6 +18,7 @@ import contextlib
 import fcntl
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ JOB_FILE = "job.json"
 STATUS_FILE = "status.json"
 SECRET_FILE = "secret.json"
 LOCK_FILE = "supervisor.lock"
+RECORD_LOCK_FILE = "job.lock"
 JOB_ANNOTATIONS_FILE = "job-annotations.json"
 
 
@@ -103,6 +105,17 @@ class JobDir:
         with contextlib.suppress(FileNotFoundError):
             status += (self.path / JOB_ANNOTATIONS_FILE).read_bytes()
         return job, status
+
+    @contextlib.contextmanager
+    def record_lock(self) -> Iterator[None]:
+        """Held across a read-modify-write of ``job.json`` (writers in other processes
+        wait), as an API server serialises writes to one object."""
+        fd = os.open(self.path / RECORD_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def supervised(self) -> bool:
         """True while a supervisor process holds this Job's lock."""

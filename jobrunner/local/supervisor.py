@@ -337,7 +337,9 @@ class Supervisor:
         while True:
             if self.status["failed"] > backoff_limit:
                 self.finish(
-                    "Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"
+                    "Failed",
+                    "BackoffLimitExceeded",
+                    "Job has reached the specified backoff limit" + self._last_attempt(),
                 )
                 return
             attempt = len(self.status["attempts"]) + 1
@@ -374,7 +376,7 @@ class Supervisor:
                     self.finish(
                         "Failed",
                         "DeadlineExceeded",
-                        "Job was active longer than specified deadline",
+                        "Job was active longer than specified deadline" + self._last_attempt(),
                     )
                     return
                 codes.update(result)
@@ -405,9 +407,34 @@ class Supervisor:
             time.sleep(pause)
             if deadline is not None and time.time() >= deadline:
                 self.finish(
-                    "Failed", "DeadlineExceeded", "Job was active longer than specified deadline"
+                    "Failed",
+                    "DeadlineExceeded",
+                    "Job was active longer than specified deadline" + self._last_attempt(),
                 )
                 return
+
+    def _last_attempt(self) -> str:
+        """What the last attempt came to, for the failure's message (and so for the dead
+        letter's detail): each container's exit code, or that it was stopped, and the last
+        lines of the log of the one that failed (or was stopped)."""
+        if not self.status.get("attempts"):
+            return ""
+        last = self.status["attempts"][-1]
+        codes: dict[str, int] = last.get("exitCodes") or {}
+        failed = [c for c, code in codes.items() if code]
+        parts = [f"{c} exited {code}" for c, code in codes.items() if code]
+        if last.get("problem") == "deadline exceeded":
+            parts.append("stopped at the deadline")
+        text = f"; attempt {last.get('attempt')}: {', '.join(parts) or last.get('problem', '')}"
+        log_of = failed[-1] if failed else None
+        if log_of is None:
+            logs = sorted(self.jobdir.logs.glob(f"{last.get('attempt')}-*.log"))
+            log_of = logs[-1].stem.partition("-")[2] if logs else None
+        if log_of is not None:
+            tail = _tail(self.jobdir.logs / f"{last.get('attempt')}-{log_of}.log")
+            if tail:
+                text += f"; last lines of {log_of}: {tail}"
+        return text
 
     def _close_attempt(self, codes: dict[str, int], problem: str) -> None:
         self.status["active"] = 0
@@ -528,6 +555,21 @@ class Supervisor:
                     wait_until = time.time() + period
                 time.sleep(0.02)
         return True
+
+
+def _tail(log: Path, lines: int = 3, most: int = 600) -> str:
+    """The last non-empty ``lines`` of ``log`` joined with `` | ``, at most ``most``
+    characters (its end kept)."""
+    try:
+        with log.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            data = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    kept = [line.strip() for line in data.splitlines() if line.strip()][-lines:]
+    text = " | ".join(kept)
+    return text if len(text) <= most else "…" + text[-most:]
 
 
 def main(argv: list[str]) -> int:

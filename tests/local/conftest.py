@@ -39,7 +39,9 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
     async def delete_all() -> None:
         for namespace in jobs.iterdir() if jobs.is_dir() else []:
             for job in namespace.iterdir():
+                # Deletion waits on jobrunner's finalizer; release it so processes end.
                 await client.delete_job(namespace.name, job.name)
+                await client.release_job(namespace.name, job.name, {})
 
     asyncio.run(delete_all())
 

@@ -200,6 +200,35 @@ async def test_deleting_a_job_stops_its_processes_and_removes_it(
         return runs.exists() and runs.read_text() != ""
 
     await eventually(started, within=10)
+    name = job["metadata"]["name"]
+    # As on a cluster, jobrunner's finalizer holds the deletion until the message is
+    # settled: the Job is marked, and runs on.
+    await client.delete_job("default", name)
+    marked = await client.get_job("default", name)
+    assert marked is not None
+    assert marked["metadata"]["deletionTimestamp"]
+    os.kill(int(runs.read_text()), 0)  # still running
+    released = await client.release_job("default", name, {"jobrunner.dev/settled": "ack"})
+    assert released is not None
+    assert released["metadata"]["finalizers"] == []
+    assert await client.get_job("default", name) is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(runs.read_text()), 0)
+
+
+async def test_a_job_without_finalizers_is_deleted_at_once(
+    state_dir: Path, manifest: ManifestFactory, tmp_path: Path
+) -> None:
+    client = LocalJobClient(state_dir)
+    job, secret = render(manifest(NOTE_PID_AND_SLEEP), b"{}")
+    job["metadata"]["finalizers"] = []
+    await client.create_job(job, secret)
+    runs = tmp_path / "runs.txt"
+
+    async def started() -> bool:
+        return runs.exists() and runs.read_text() != ""
+
+    await eventually(started, within=10)
     await client.delete_job("default", job["metadata"]["name"])
     assert await client.get_job("default", job["metadata"]["name"]) is None
     with pytest.raises(ProcessLookupError):
@@ -215,6 +244,14 @@ async def test_ttl_after_finished_deletes_the_job(
     await client.create_job(job, secret)
     await finished(client, job)
     selector = "jobrunner.dev/scaledjob=work"
+
+    async def marked() -> bool:
+        page = await client.list_jobs("default", selector)
+        return bool(page.items and page.items[0]["metadata"].get("deletionTimestamp"))
+
+    # The TTL controller's deletion waits on the finalizer, then completes.
+    await eventually(marked, within=10)
+    await client.release_job("default", job["metadata"]["name"], {})
 
     async def gone() -> bool:
         page = await client.list_jobs("default", selector)

@@ -9,6 +9,8 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
+
 from jobrunner.cli import main
 from tests.helpers import wait_until
 from tests.local.conftest import Dispatchers, ManifestFactory
@@ -153,3 +155,48 @@ def test_message_text_reaches_the_process_byte_exact_and_the_templates_variables
     wait_until(lambda: settled(state_dir, "work"), timeout=60)
     seen = (tmp_path / "runs.txt").read_text().strip()
     assert seen == repr([text, "--password=hunter2"])
+
+
+def test_a_job_removed_by_ttl_before_its_message_was_settled_is_adopted_not_run_again(
+    manifest: ManifestFactory, state_dir: Path, dispatchers: Dispatchers, tmp_path: Path
+) -> None:
+    path = manifest(RECORDING_JOB, job_spec={"ttlSecondsAfterFinished": 0})
+    publish_with_id(path, state_dir, "ttl-1", {"id": "ttl", "seconds": 0.2})
+    first = dispatchers.start_with(path, {"JOBRUNNER_DISPATCHER__FAILPOINTS": '["before-settle"]'})
+    assert first.wait(timeout=60) == -signal.SIGKILL
+    jobs = state_dir / "jobs" / "default"
+    [jobdir] = list(jobs.iterdir())
+    # The TTL is past, but the finalizer holds the Job until its message is settled.
+    job = json.loads((jobdir / "job.json").read_text())
+    assert job["metadata"]["finalizers"] == ["jobrunner.dev/settlement"]
+    dispatchers.start(path)
+    wait_until(lambda: settled(state_dir, "work"), timeout=60)
+    wait_until(lambda: not any(jobs.iterdir()), timeout=30)
+    assert starts(tmp_path) == ["ttl"], "the message ran twice"
+    assert reasons(state_dir) == []
+
+
+def test_finalizers_can_be_listed_and_released_by_hand(
+    manifest: ManifestFactory,
+    state_dir: Path,
+    dispatchers: Dispatchers,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = manifest(RECORDING_JOB)
+    publish(path, state_dir, {"id": "stuck", "seconds": 30})
+    proc = dispatchers.start(path)
+    wait_until(lambda: starts(tmp_path) == ["stuck"], timeout=60)
+    proc.send_signal(signal.SIGKILL)  # jobrunner is gone: nothing will release the Job
+    proc.wait(timeout=10)
+    base = ["finalizers", "--local", "--state-dir", str(state_dir), "-f", str(path)]
+    assert main([*base[:1], "list", *base[1:]]) == 0
+    out = capsys.readouterr()
+    assert "default/work-" in out.out
+    assert "1 Job(s) carry the finalizer jobrunner.dev/settlement" in out.err
+    assert main([*base[:1], "release", *base[1:]]) == 2  # asks first
+    assert "--yes" in capsys.readouterr().err
+    assert main([*base[:1], "release", *base[1:], "--yes"]) == 0
+    assert "released 1 Job(s)" in capsys.readouterr().err
+    assert main([*base[:1], "list", *base[1:]]) == 0
+    assert "0 Job(s) carry" in capsys.readouterr().err
