@@ -42,7 +42,7 @@ import binascii
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -59,6 +59,7 @@ from azure.storage.queue import QueueMessage
 from azure.storage.queue.aio import QueueClient
 
 from jobrunner.config import ScaledJob, Settings
+from jobrunner.deadletters import DeadLetter
 from jobrunner.models import Action, Decision, Delivery
 from jobrunner.protocols import MessageHandle, OutputRefused, SourceError
 from jobrunner.tasks import start_guarded
@@ -462,6 +463,67 @@ class AzureQueueSource:
         self._client = self._poison = None
 
 
+class AzureQueueDeadLetters:
+    """The poison queue, for ``jobrunner dead-letters``. A poison message is the original
+    text alone (the Functions convention: no headers), so the reason is not listed here:
+    it is on the Job and in the dispatcher's log. Listing peeks (at most 32 messages, the
+    service's peek limit); a replay sends the text back to the source queue as a new
+    message (a new id, so a new Job) and then deletes the poison copy."""
+
+    def __init__(self, trigger: AzureQueueTrigger) -> None:
+        self._trigger = trigger
+        self.queue = trigger.queue
+        self.poison_queue = trigger.poison_queue
+        self._poison = QueueClient.from_connection_string(trigger.connection, trigger.poison_queue)
+        self._source = QueueClient.from_connection_string(trigger.connection, trigger.queue)
+
+    @property
+    def where(self) -> str:
+        return f"queue {self.poison_queue} at {self._trigger.account}"
+
+    @property
+    def destination(self) -> str:
+        return f"queue {self.queue}"
+
+    async def read(self, *, limit: int) -> list[DeadLetter]:
+        try:
+            messages = await self._poison.peek_messages(max_messages=min(limit, _RECEIVE_MAX))
+        except ResourceNotFoundError:
+            return []
+        return [self._letter(m) for m in messages]
+
+    def _letter(self, message: QueueMessage) -> DeadLetter:
+        text = str(message.content)
+        body, _ = decode_text(text, self._trigger.encoding)
+        return DeadLetter(
+            id=message.id,
+            body=body,
+            message_id=message.id,
+            when=message.inserted_on.timestamp() if message.inserted_on else None,
+        )
+
+    async def replay(self, letters: Sequence[DeadLetter], *, value: str) -> int:
+        wanted = {d.id for d in letters}
+        done = 0
+        async for message in self._poison.receive_messages(
+            max_messages=_RECEIVE_MAX, visibility_timeout=60
+        ):
+            if message.id not in wanted:
+                await self._poison.update_message(
+                    message.id, pop_receipt=message.pop_receipt, visibility_timeout=0
+                )
+                continue
+            await self._source.send_message(str(message.content))
+            await self._poison.delete_message(message.id, pop_receipt=message.pop_receipt)
+            done += 1
+        return done
+
+    async def close(self) -> None:
+        for client in (self._poison, self._source):
+            with contextlib.suppress(Exception):
+                await client.close()
+
+
 class AzureQueueSink:
     """Publishes output-binding messages to a Storage queue (created when missing, as the
     Functions queue output binding does), encoded as the binding's messageEncoding."""
@@ -495,6 +557,13 @@ def open_source(
         max_poll_interval=settings.azure_queue.max_poll_interval_seconds,
         scaledjob=scaledjob.name,
     )
+
+
+def open_dead_letters(
+    trigger: AzureQueueTrigger, *, scaledjob: ScaledJob, settings: Settings
+) -> AzureQueueDeadLetters:
+    """The poison queue of a resolved ``azure-queue`` trigger."""
+    return AzureQueueDeadLetters(trigger)
 
 
 def open_sink(trigger: AzureQueueTrigger, *, settings: Settings) -> AzureQueueSink:

@@ -293,3 +293,32 @@ def test_a_missing_azure_queue_is_one_clear_line(
     start(dispatchers, manifest(tmp_path, missing), azure_storage)
     wait_until(lambda: "does not exist; create it" in dispatchers.logs(), timeout=60)
     assert f"queue {missing!r}" in dispatchers.logs()
+
+
+def test_poison_messages_are_listed_and_a_replay_runs_as_a_new_job(
+    azure_storage: str,
+    azure_queue: str,
+    state_dir: Path,
+    dispatchers: Dispatchers,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from jobrunner.cli import main as cli
+
+    text = b64json({"id": "again", "exit": 1})
+    asyncio.run(send(azure_storage, azure_queue, text))
+    path = manifest(tmp_path, azure_queue)
+    start(dispatchers, path, azure_storage)
+    poison = f"{azure_queue}-poison"
+    wait_until(lambda: peek_all(azure_storage, poison) == [text], timeout=90)
+    monkeypatch.setenv("STORAGE_CONNECTION", azure_storage)
+    capsys.readouterr()
+    assert cli(["dead-letters", "-f", str(path), "--local", "-o", "json"]) == 0
+    (letter,) = json.loads(capsys.readouterr().out)
+    assert json.loads(letter["body"]) == {"id": "again", "exit": 1}
+    assert cli(["dead-letters", "-f", str(path), "--local", "--replay", letter["id"]]) == 0
+    assert peek_all(azure_storage, poison) == []
+    # Back on its queue as a new message: a new id, so a second Job (which fails again).
+    wait_until(lambda: len(outcomes(state_dir)) == 2, timeout=60)
+    wait_until(lambda: len(peek_all(azure_storage, poison)) == 1, timeout=90)
