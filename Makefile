@@ -16,13 +16,15 @@ ifneq ($(shell $(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11)
 $(shell rm -f $(BIN)/.installed)
 endif
 
-.PHONY: help venv lint test test-unit test-integration demo demo-cluster bench soak \
+.PHONY: help venv lint test test-unit test-integration demo demo-cluster demo-functions bench soak \
 	stack-up stack-down stack-status clean
 
 help:
 	@echo "make demo              eleven messages through a dispatcher on this machine: no cluster,"
 	@echo "                       no broker; makes the virtualenv first if needed (~10 s after that)"
 	@echo "make demo-cluster      the same idea on the local stack (Kubernetes + RabbitMQ); starts it"
+	@echo "make demo-functions    two Azure Functions-style apps, one Job per message: no cluster,"
+	@echo "                       no Azure (~5 s after the virtualenv; the handler example needs Node)"
 	@echo "make test              ruff, mypy, import contracts and every test; starts the local stack"
 	@echo "make test-unit         the unit tests and the embedded-mode tests: no services (~1 min)"
 	@echo "make test-integration  the tests against the local stack alone; starts it"
@@ -84,6 +86,9 @@ test: venv stack-up lint
 
 demo: venv
 	$(BIN)/python $(STACK)/demo.py
+
+demo-functions: venv
+	$(BIN)/python $(STACK)/demo_functions.py
 
 demo-cluster: venv stack-up
 	bash $(STACK)/stack-status.sh

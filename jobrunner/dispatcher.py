@@ -51,6 +51,7 @@ from jobrunner.protocols import (
     JobClient,
     MessageHandle,
     MessageSource,
+    SettleHook,
     TransientError,
 )
 from jobrunner.rendering import (
@@ -106,8 +107,11 @@ class Dispatcher:
         settings: DispatcherSettings,
         telemetry: Telemetry,
         retry_ceiling: float = 30.0,
+        settle_hook: SettleHook | None = None,
     ) -> None:
         self.scaledjob = scaledjob
+        self._settle_hook = settle_hook
+        """Asked before a final settlement naming a Job (a function's outputs)."""
         self._renderer = renderer
         self._source = source
         self._jobs = jobs
@@ -565,6 +569,8 @@ class Dispatcher:
         the decision is the message's outcome (not an ack that hands it to its Job); only
         then is it recorded: for cleanup, and on the Job for a dead letter."""
         self._failpoints.hit("before-settle")
+        if final and decision.job_name and self._settle_hook is not None:
+            decision = await self._settle_hook.before_settle(decision)
         identity = handles[-1].delivery.identity if handles else ""
         if not identity and original is not None:
             identity = str(original.get("identity") or original.get("message_id") or "")
@@ -702,7 +708,7 @@ class Dispatcher:
             return
         if outcome.succeeded:
             if state.guarded:
-                self._release_soon(state.name, Action.ACK.value)
+                self._release_succeeded_kept(state)
             return
         if outcome.reason == "JobDeleted" and not state.guarded:
             # A Job from before finalizers: its kept copy went with it.
@@ -711,6 +717,18 @@ class Dispatcher:
             )
             return
         self._once(state.name, self._settle_kept(state, outcome), f"settle-kept-{state.name}")
+
+    def _release_succeeded_kept(self, state: JobState) -> None:
+        """A Job that keeps its (acked) message succeeded. With a settle hook (a
+        function's outputs) the success goes through ``_settle`` so the hook runs before
+        the Job is released; else the Job is simply released."""
+        if self._settle_hook is None:
+            self._release_soon(state.name, Action.ACK.value)
+            return
+        self._once(state.name, self._settle_succeeded(state.name), f"settle-kept-{state.name}")
+
+    async def _settle_succeeded(self, name: str) -> None:
+        await self._settle(decision=Decision.ack(name))
 
     @staticmethod
     def _owns_message(state: JobState) -> bool:
@@ -745,8 +763,10 @@ class Dispatcher:
 
     def _job_finished_quietly(self, state: JobState, outcome: JobOutcome) -> None:
         """The settle-or-release half of ``_job_finished`` (no metrics: counted once)."""
-        if outcome.succeeded or state.settled:
-            self._release_soon(state.name, state.settled or Action.ACK.value)
+        if outcome.succeeded and not state.settled:
+            self._release_succeeded_kept(state)
+        elif state.settled:
+            self._release_soon(state.name, state.settled)
         else:
             self._once(state.name, self._settle_kept(state, outcome), f"settle-kept-{state.name}")
 

@@ -65,6 +65,10 @@ class Delivery:
     ``redelivered`` says. Otherwise (a message id, or a digest of the body) only a
     delivery the source marks ``redelivered`` adopts a finished Job; see the
     dispatcher's identity rule."""
+    unreadable: str | None = None
+    """Why the source could not decode this message (an Azure queue message that is not
+    the base64 it should be, say): it cannot become a Job and is dead-lettered
+    ``InvalidMessage`` with this text. ``body`` is then the message as received."""
 
 
 class Outcome(enum.Enum):

@@ -169,3 +169,31 @@ class MessageSource(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class OutputRefused(Exception):
+    """A destination refused an output for good (too large for it, say): publishing it
+    again cannot help, so the message is dead-lettered with this text."""
+
+
+class MessageSink(Protocol):
+    """Where an output binding's messages go (see jobrunner.outputs). Each source module
+    that can be a destination has an ``open_sink`` beside its ``open_source``."""
+
+    async def publish(self, body: bytes, *, message_id: str) -> None:
+        """Publish one message and return once the broker has it (confirmed, committed).
+        ``message_id`` is deterministic per (Job, binding, index), so a consumer can
+        recognise the one republish a crash can cause (see jobrunner.outputs). Raises
+        OutputRefused for a message the destination can never take; anything else is
+        retried."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class SettleHook(Protocol):
+    """A collaborator the dispatcher asks, in its settle step, before a message's final
+    settlement that names a Job (jobrunner.outputs publishes a function's outputs
+    there). It returns the decision to carry out (the same, or a dead letter)."""
+
+    async def before_settle(self, decision: Decision) -> Decision: ...

@@ -16,7 +16,7 @@ import asyncio
 import importlib
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
@@ -28,9 +28,11 @@ from jobrunner.config import (
     TriggerAuthentication,
 )
 from jobrunner.dispatcher import Dispatcher
+from jobrunner.failpoints import Failpoints
 from jobrunner.httpserver import Heartbeat, HttpEndpoints
 from jobrunner.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY
-from jobrunner.protocols import JobClient, MessageSource, SourceError
+from jobrunner.outputs import FunctionResults
+from jobrunner.protocols import JobClient, MessageSink, MessageSource, SourceError
 from jobrunner.rendering import Renderer, template_dirs
 from jobrunner.tasks import is_essential, start_guarded, stop_tasks
 from jobrunner.telemetry import Telemetry
@@ -99,6 +101,36 @@ def load_source(kind: TriggerType, resolved: Any, scaledjob: ScaledJob, settings
     return factory(resolved, scaledjob=scaledjob, settings=settings)
 
 
+def load_sink(kind: TriggerType, resolved: Any, settings: Settings) -> MessageSink:
+    """A publisher to a resolved destination, from the factory its type names."""
+    module, _, function = kind.sink.partition(":")
+    factory = getattr(importlib.import_module(module), function)
+    sink: MessageSink = factory(resolved, settings=settings)
+    return sink
+
+
+async def function_results(
+    scaledjob: ScaledJob, context: ResolveContext, jobs: JobClient, settings: Settings
+) -> FunctionResults | None:
+    """The settle hook of a ScaledJob that runs a function (``spec.function``), its
+    output destinations resolved like triggers; None for any other ScaledJob."""
+    function = scaledjob.spec.function
+    if function is None:
+        return None
+    sinks: dict[str, MessageSink] = {}
+    for output in function.outputs:
+        kind, resolved = await resolve_trigger(replace(context, trigger=output.as_trigger()))
+        sinks[output.name] = load_sink(kind, resolved, settings)
+    return FunctionResults(
+        jobs=jobs,
+        namespace=scaledjob.namespace,
+        function=function.name,
+        sinks=sinks,
+        failpoints=Failpoints(settings.dispatcher.failpoints),
+        retry_ceiling=settings.kube.api_retry_max_seconds,
+    )
+
+
 @dataclass
 class DispatchUnit:
     """Everything that serves one ScaledJob; ``start`` spawns its tasks, ``stop`` ends
@@ -119,6 +151,8 @@ class DispatchUnit:
     capacity: int = 0
     """The ``maxReplicaCount`` the source was opened with (its prefetch): the most a
     live resize can grant."""
+    results: FunctionResults | None = None
+    """A function's outputs and errors, settled with its messages (spec.function)."""
 
     @property
     def name(self) -> str:
@@ -173,6 +207,7 @@ class DispatchUnit:
         )
         kind, resolved = await resolve_trigger(context)
         source = (open_source or load_source)(kind, resolved, scaledjob, settings)
+        results = await function_results(scaledjob, context, jobs, settings)
         tracker = JobTracker(
             client=jobs,
             namespace=scaledjob.namespace,
@@ -188,6 +223,7 @@ class DispatchUnit:
             settings=settings.dispatcher,
             telemetry=telemetry,
             retry_ceiling=settings.kube.api_retry_max_seconds,
+            settle_hook=results,
         )
         destination = getattr(resolved, kind.destination, None) or getattr(resolved, "queue", "")
         return cls(
@@ -198,6 +234,7 @@ class DispatchUnit:
             kind=kind,
             destination=str(destination),
             capacity=scaledjob.spec.maxReplicaCount,
+            results=results,
         )
 
     def resize(self, scaledjob: ScaledJob) -> bool:
@@ -317,6 +354,8 @@ class DispatchUnit:
                 await self.source.close()
             except Exception as exc:
                 logger.warning("closing the %s connection failed: %s", self.source.name, exc)
+            if self.results is not None:
+                await self.results.close()
 
 
 async def _beat(heartbeat: Heartbeat) -> None:

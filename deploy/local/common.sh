@@ -6,6 +6,9 @@ K8S_VERSION="${K8S_VERSION:-v1.37.2}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
 KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
+# Azurite: 3.35.0 is the newest release whose engines accept Node 20 (3.36.0 wants >= 21,
+# 3.37.0 >= 22); Debian 13's nodejs is 20.
+AZURITE_VERSION="${AZURITE_VERSION:-3.35.0}"
 
 # Built binaries and the Go/Maven caches live outside the work tree so that a fresh
 # clone on the same machine reuses them; each build is keyed by its version.
@@ -26,6 +29,7 @@ K8S_BIN="$JOBRUNNER_CACHE/k8s-$K8S_VERSION/bin"
 ETCD_BIN="$JOBRUNNER_CACHE/etcd-$ETCD_VERSION/bin"
 KWOK_BIN="$JOBRUNNER_CACHE/kwok-$KWOK_VERSION/bin"
 KAFKA_HOME="$JOBRUNNER_CACHE/kafka-$KAFKA_VERSION"
+AZURITE_HOME="$JOBRUNNER_CACHE/azurite-$AZURITE_VERSION"
 
 APISERVER_PORT="${APISERVER_PORT:-6443}"
 ETCD_PORT="${ETCD_PORT:-2379}"
@@ -40,6 +44,10 @@ RABBITMQ_MGMT_PORT="${RABBITMQ_MGMT_PORT:-15672}"
 RABBITMQ_TLS_PORT="${RABBITMQ_TLS_PORT:-5671}"
 RABBITMQ_USER="${RABBITMQ_USER:-jobrunner}"
 RABBITMQ_PASSWORD="${RABBITMQ_PASSWORD:-local-rabbit-secret}"
+AZURITE_QUEUE_PORT="${AZURITE_QUEUE_PORT:-10001}"
+# Azurite's well-known development account (public, the same in every Azurite).
+AZURITE_ACCOUNT=devstoreaccount1
+AZURITE_KEY="Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 log() { printf '[stack %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Brings up the real services jobrunner's tests run against, all on 127.0.0.1:
 #   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, KWOK with one fake node,
-#   RabbitMQ (with the management plugin) and Apache Kafka (KRaft, one node).
+#   RabbitMQ (with the management plugin), Apache Kafka (KRaft, one node) and Azurite
+#   (the Azure Storage emulator, queue service only).
 # Idempotent: a part that is already healthy is left alone. Binaries are built once and
 # cached by version (see build-*.sh). Writes $ENV_FILE for the tests and the demo.
 #
-# Usage: stack-up.sh [all|k8s|rabbitmq|kafka]...
+# Usage: stack-up.sh [all|k8s|rabbitmq|kafka|azurite]...
 source "$(dirname "$0")/common.sh"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 
@@ -321,8 +322,32 @@ L4J
   wait_for kafka 120 kafka_ready || die "kafka.Kafka (not started within 120s)" "$LOG_DIR/kafka.log"
 }
 
+# ---------------------------------------------------------------- Azurite (queue service)
+AZURITE_DIR="$JOBRUNNER_STATE/azurite"
+AZURITE_CONNECTION="DefaultEndpointsProtocol=http;AccountName=$AZURITE_ACCOUNT;AccountKey=$AZURITE_KEY;QueueEndpoint=http://127.0.0.1:$AZURITE_QUEUE_PORT/$AZURITE_ACCOUNT;"
+# Any HTTP answer from the queue endpoint means it serves (an anonymous request gets 4xx).
+azurite_ready() { curl -s -o /dev/null "http://127.0.0.1:$AZURITE_QUEUE_PORT/$AZURITE_ACCOUNT?comp=list"; }
+
+up_azurite() {
+  bash "$HERE/build-azurite.sh"
+  if pid_alive azurite && azurite_ready; then log "azurite already running"; return; fi
+  stop_pid azurite
+  mkdir -p "$AZURITE_DIR"
+  log "starting azurite $AZURITE_VERSION (queue service)"
+  # --skipApiVersionCheck: the Python SDK sends a newer x-ms-version than this Azurite's
+  # baseline (2025-11-05) and would get 400 InvalidHeaderValue otherwise.
+  start_bg azurite "$LOG_DIR/azurite.log" node "$AZURITE_HOME/node_modules/azurite/dist/src/queue/main.js" \
+    --queueHost 127.0.0.1 --queuePort "$AZURITE_QUEUE_PORT" --location "$AZURITE_DIR" \
+    --skipApiVersionCheck --disableTelemetry
+  wait_for azurite 60 azurite_ready || die "azurite-queue (no answer on :$AZURITE_QUEUE_PORT within 60s)" "$LOG_DIR/azurite.log"
+}
+azurite_env() {
+  echo "JOBRUNNER_TEST_AZURE_STORAGE_CONNECTION_STRING=$AZURITE_CONNECTION"
+}
+
 write_env() {
-  cat > "$ENV_FILE" <<ENV
+  local fresh="$ENV_FILE.new"
+  cat > "$fresh" <<ENV
 # Written by deploy/local/stack-up.sh; read by the test fixtures and the demo.
 JOBRUNNER_TEST_KUBECONFIG=$KUBECONFIG_PATH
 JOBRUNNER_TEST_RABBITMQ_URL=amqp://guest:guest@127.0.0.1:$RABBITMQ_PORT/
@@ -340,17 +365,27 @@ JOBRUNNER_TEST_KAFKA_SASL_USER=$KAFKA_SASL_USER
 JOBRUNNER_TEST_KAFKA_SASL_PASSWORD=$KAFKA_SASL_PASSWORD
 JOBRUNNER_TEST_STACK_STATE=$JOBRUNNER_STATE
 ENV
+  azurite_env >> "$fresh"
+  # Keep what other parts (started by another checkout's stack-up) wrote: several
+  # branches share one stack.
+  if [[ -f "$ENV_FILE" ]]; then
+    grep -E '^[A-Z_]+=' "$ENV_FILE" | while IFS= read -r line; do
+      grep -q "^${line%%=*}=" "$fresh" || echo "$line"
+    done >> "$fresh"
+  fi
+  mv "$fresh" "$ENV_FILE"
 }
 
 parts=("$@"); (( ${#parts[@]} )) || parts=(all)
 start=$SECONDS
 for part in "${parts[@]}"; do
   case "$part" in
-    all) bash "$HERE/install-system.sh"; up_k8s; up_rabbitmq; up_kafka ;;
+    all) bash "$HERE/install-system.sh"; up_k8s; up_rabbitmq; up_kafka; up_azurite ;;
     k8s) up_k8s ;;
     rabbitmq) up_rabbitmq ;;
     kafka) up_kafka ;;
-    *) die "unknown part '$part' (use all, k8s, rabbitmq or kafka)" ;;
+    azurite) up_azurite ;;
+    *) die "unknown part '$part' (use all, k8s, rabbitmq, kafka or azurite)" ;;
   esac
 done
 write_env

@@ -1,5 +1,6 @@
 """The command line: ``jobrunner run | publish | render | validate | status | jobs | logs
-| dead-letters``. The only code that reads the environment (through Settings).
+| dead-letters | functions import``. The only code that reads the environment (through
+Settings).
 
 One module per command group, sharing one way to build settings, manifests and clients
 (``context``) and one way to say an error (``errors``):
@@ -9,7 +10,8 @@ One module per command group, sharing one way to build settings, manifests and c
 * ``run``          run a dispatcher, publish to the embedded queue;
 * ``offline``      render, validate: nothing running needed;
 * ``observe``      status, jobs, logs;
-* ``deadletters``  list and replay dead letters.
+* ``deadletters``  list and replay dead letters;
+* ``functions``    import an Azure Functions app (the mapping is jobrunner.functions').
 
 A command module is imported only when its command runs, and heavy libraries only by
 the command that uses them.

@@ -279,6 +279,57 @@ def _dead_letters(p: argparse.ArgumentParser) -> None:
     _local(p)
 
 
+def _functions(p: argparse.ArgumentParser) -> None:
+    p.add_argument("action", choices=["import"], help="import: write the manifests")
+    p.add_argument(
+        "directory",
+        metavar="DIR",
+        help="the function app: host.json with function.json folders or a function_app.py",
+    )
+    p.add_argument(
+        "-o",
+        "--out",
+        metavar="DIR",
+        help="where to write the manifests (default ./<app>-scaledjobs)",
+    )
+    p.add_argument("--name", metavar="NAME", help="the app's name (default: the directory's)")
+    p.add_argument(
+        "--image", metavar="IMAGE", help="the function app's image (default <app>:latest)"
+    )
+    p.add_argument(
+        "--jobrunner-image",
+        default="jobrunner:latest",
+        metavar="IMAGE",
+        help="the image that carries the in-Job invoker (default jobrunner:latest)",
+    )
+    p.add_argument(
+        "--port", type=positive_int, default=8080, help="a custom handler's port (default 8080)"
+    )
+    p.add_argument(
+        "--python",
+        metavar="PATH",
+        help="the interpreter that indexes a v2 app (and runs it with --local); it needs "
+        "azure-functions and the app's imports (default: jobrunner's own)",
+    )
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="manifests for the local executor: this machine's paths, images ignored",
+    )
+    p.add_argument(
+        "--embedded",
+        action="store_true",
+        help="with --local: triggers and queue outputs on the embedded queue (no broker)",
+    )
+    p.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an app setting, over local.settings.json (repeat for more)",
+    )
+
+
 def _finalizers(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "action",
@@ -565,6 +616,29 @@ COMMANDS = [
         ],
         configure=_dead_letters,
         local=True,
+    ),
+    Command(
+        name="functions",
+        group="Run",
+        target="jobrunner.cli.functions:cmd_functions",
+        summary="Import an Azure Functions app: one ScaledJob per function",
+        description="Read a function app (host.json, each */function.json or a Python v2\n"
+        "function_app.py, local.settings.json) and write one ScaledJob manifest per\n"
+        "function a message triggers: queueTrigger -> azure-queue, rabbitMQTrigger ->\n"
+        "rabbitmq, kafkaTrigger -> kafka, %Setting% values resolved, connection strings in\n"
+        "a Secret. Functions jobrunner cannot run are listed with the reason.",
+        usage="jobrunner functions import DIR [-o OUT] [-n NS] [--image IMAGE] [--local] [options]",
+        examples=[
+            (
+                "Manifests for a cluster",
+                "jobrunner functions import ./my-app -o manifests/ -n jobs --image my-app:1",
+            ),
+            (
+                "Run an app on this machine with no broker",
+                "jobrunner functions import ./my-app -o local/ --local --embedded",
+            ),
+        ],
+        configure=_functions,
     ),
     Command(
         name="finalizers",

@@ -582,3 +582,37 @@ def open_dead_letters(
         dead_letter_topic=scaledjob.spec.deadLetter.topic or f"{trigger.topic}.dead-letter",
         client_options=client_options(trigger),
     )
+
+
+class KafkaSink:
+    """Publishes output-binding messages to a topic (``acks=all``), the deterministic
+    output id in the ``message-id`` header."""
+
+    def __init__(self, trigger: KafkaTrigger) -> None:
+        self._topic = trigger.topic
+        self._options = client_options(trigger)
+        self._bootstrap = trigger.bootstrap_servers
+        self._producer: AIOKafkaProducer | None = None
+
+    async def publish(self, body: bytes, *, message_id: str) -> None:
+        if self._producer is None:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self._bootstrap,
+                acks="all",
+                enable_idempotence=True,
+                **self._options,
+            )
+            await producer.start()
+            self._producer = producer
+        await self._producer.send_and_wait(
+            self._topic, body, headers=[("message-id", message_id.encode())]
+        )
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+
+def open_sink(trigger: KafkaTrigger, *, settings: Settings) -> KafkaSink:
+    return KafkaSink(trigger)

@@ -591,3 +591,42 @@ def open_dead_letters(
         queue=trigger.queue,
         dead_letter_queue=scaledjob.spec.deadLetter.queue or f"{trigger.queue}.dead-letter",
     )
+
+
+class RabbitMQSink:
+    """Publishes output-binding messages to a queue through the default exchange, with
+    publisher confirms, persistent, the deterministic output id as ``message_id``. The
+    queue is declared (durable) when it does not exist."""
+
+    def __init__(self, trigger: RabbitMQTrigger) -> None:
+        self._url = trigger.url
+        self._queue = trigger.queue
+        self._ssl = ssl_context(trigger)
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+
+    async def publish(self, body: bytes, *, message_id: str) -> None:
+        if self._channel is None or self._channel.is_closed:
+            if self._connection is None:
+                self._connection = await aio_pika.connect_robust(
+                    self._url, fail_fast=True, ssl_context=self._ssl
+                )
+            self._channel = await self._connection.channel(publisher_confirms=True)
+            try:
+                await self._channel.declare_queue(self._queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                self._channel = await self._connection.channel(publisher_confirms=True)
+                await self._channel.declare_queue(self._queue, durable=True)
+        message = aio_pika.Message(
+            body, message_id=message_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+        )
+        await self._channel.default_exchange.publish(message, routing_key=self._queue)
+
+    async def close(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None:
+            await connection.close()
+
+
+def open_sink(trigger: RabbitMQTrigger, *, settings: Settings) -> RabbitMQSink:
+    return RabbitMQSink(trigger)

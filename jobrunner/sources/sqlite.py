@@ -187,6 +187,19 @@ class SQLiteQueue:
             await self._db.commit()
             return out
 
+    async def publish_once(self, queue: str, body: bytes, *, message_id: str) -> bool:
+        """Enqueue ``body`` unless ``queue`` already holds a message with ``message_id``
+        (one transaction); True when it was enqueued now."""
+        async with self._busy:
+            cursor = await self._db.execute(
+                "INSERT INTO messages (queue, body, message_id, headers, content_type,"
+                " published_at) SELECT ?, ?, ?, '{}', NULL, ? WHERE NOT EXISTS"
+                " (SELECT 1 FROM messages WHERE queue = ? AND message_id = ?)",
+                (queue, body, message_id, time.time(), queue, message_id),
+            )
+            await self._db.commit()
+            return cursor.rowcount == 1
+
     async def counts(self, queue: str, dead_letter_queue: str) -> QueueCounts:
         async with self._busy:
             ready = in_hand = dead = 0
@@ -586,3 +599,26 @@ def open_dead_letters(
         queue=trigger.queue,
         dead_letter_queue=dead_letter_queue_name(trigger.queue, scaledjob.spec.deadLetter.queue),
     )
+
+
+class SQLiteSink:
+    """Publishes output-binding messages to a queue of the embedded queue file, each only
+    once per output id while the queue holds it (see SQLiteQueue.publish_once)."""
+
+    def __init__(self, trigger: SQLiteTrigger) -> None:
+        self._trigger = trigger
+        self._queue: SQLiteQueue | None = None
+
+    async def publish(self, body: bytes, *, message_id: str) -> None:
+        if self._queue is None:
+            self._queue = await SQLiteQueue.open(self._trigger.path)
+        await self._queue.publish_once(self._trigger.queue, body, message_id=message_id)
+
+    async def close(self) -> None:
+        if self._queue is not None:
+            await self._queue.close()
+            self._queue = None
+
+
+def open_sink(trigger: SQLiteTrigger, *, settings: Settings) -> SQLiteSink:
+    return SQLiteSink(trigger)

@@ -133,5 +133,6 @@ TRIGGER = TriggerType(
     check=_check,
     resolve=_resolve,
     source="jobrunner.sources.rabbitmq:open_source",
+    sink="jobrunner.sources.rabbitmq:open_sink",
     summary="a RabbitMQ queue over AMQP 0-9-1",
 )

@@ -115,7 +115,7 @@ def test_an_unknown_trigger_type_lists_the_supported_ones(
     code, _, err = cli(capsys, "run", "--local", "--state-dir", str(state_dir), "-f", str(path))
     assert code == 2
     assert "field spec.triggers[0].type: 'redis' is not supported" in err
-    assert "use one of apache-kafka, kafka, rabbitmq, sqlite" in err
+    assert "use one of apache-kafka, azure-queue, kafka, rabbitmq, sqlite" in err
 
 
 def test_publish_to_a_broker_trigger_says_to_use_the_broker(
@@ -367,3 +367,30 @@ def test_logs_follow_a_job_attempt_by_attempt_with_exit_codes(
     assert "init 2 done" in out
     assert "tick 0\n" not in out
     assert "init 1 done" not in out
+
+
+def test_make_demo_functions_runs_both_example_apps_and_prints_the_summary(
+    tmp_path: Path,
+) -> None:
+    """`make demo-functions`: the two example function apps, no cluster, no Azure."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "COLUMNS": "160"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "deploy/local/demo_functions.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "what became of each message" in out, out
+    assert out.count("succeeded") == 8, out
+    assert out.count("dead-lettered (FunctionFailed)") == 2, out
+    assert '{"order":"order-1","total":19}' in out, out
+    assert "demo-functions: every message ended as expected" in out, out
+    (work,) = tmp_path.glob("jobrunner-demo-functions-*")
+    jobs = [JobDir(p) for p in (work / "state" / "jobs" / "default").iterdir()]
+    assert len(jobs) == 10
+    assert not any(job.supervised() for job in jobs)
