@@ -32,6 +32,8 @@ help:
 	@echo "make bench             dispatch benchmarks on RabbitMQ then Kafka (~15 min); starts the stack"
 	@echo "make soak              10 min chaos run: dispatchers killed, brokers and API server"
 	@echo "                       restarted, Jobs deleted; SOAK_ARGS='--seed 3 --minutes 30'"
+	@echo "make helm              build Helm from the Go module proxy into the stack's cache (~1 min)"
+	@echo "make crds              write deploy/crds/ and the chart's crds/ from the pydantic models"
 	@echo "make stack-up          start the local stack (builds it the first time, ~17 min)"
 	@echo "make stack-down        stop it (keeps its data; purge: bash $(STACK)/stack-down.sh --purge)"
 	@echo "make stack-status      what runs, where, and its memory"
@@ -64,6 +66,12 @@ venv: $(BIN)/.installed
 stack-up:
 	bash $(STACK)/stack-up.sh
 
+helm:
+	bash $(STACK)/build-helm.sh
+
+crds: venv
+	$(BIN)/python deploy/crds/generate.py
+
 stack-down:
 	bash $(STACK)/stack-down.sh
 
@@ -78,10 +86,10 @@ lint: venv
 test-unit: venv
 	$(BIN)/pytest -m "not integration" $(PYTEST_ARGS)
 
-test-integration: venv stack-up
+test-integration: venv stack-up helm
 	set -a && source $(STACK_ENV) && set +a && $(BIN)/pytest -m integration $(PYTEST_ARGS)
 
-test: venv stack-up lint
+test: venv stack-up helm lint
 	set -a && source $(STACK_ENV) && set +a && $(BIN)/pytest $(PYTEST_ARGS)
 
 demo: venv
