@@ -46,13 +46,14 @@ def operators(
         env: dict[str, str] | None = None,
         args: tuple[str, ...] = (),
         config: Path | None = None,
+        lease_namespace: str | None = None,
     ) -> OperatorProcess:
         name = identity or f"op-{len(started)}"
         process = OperatorProcess(
             config or kubeconfig,
             tmp_path / f"{name}.log",
             namespaces=namespaces or [namespace],
-            lease_namespace=namespace,
+            lease_namespace=lease_namespace or namespace,
             identity=name,
             env=env,
             args=args,
