@@ -9,6 +9,7 @@ What it owns:
                  that load manifest files (``deploy/crds/`` is written from it, and a test
                  keeps them equal);
 * ``informer``   list-then-watch of one collection into a local store (re-list on 410);
+* ``jobwatch``   one Job list+watch per namespace shared by every unit of the replica;
 * ``registry``   the units by (namespace, name): desired against running, stop before
                  start, limits applied live, a failed unit restarted with backoff;
 * ``leases``     who may act on what: a Lease per hashed bucket and one per replica,

@@ -28,6 +28,7 @@ from jobrunner.httpserver import Heartbeat, HttpEndpoints
 from jobrunner.operator import api
 from jobrunner.operator.api import ObjectClient
 from jobrunner.operator.informer import Informer
+from jobrunner.operator.jobwatch import SharedJobs
 from jobrunner.operator.leases import LeaseKeeper
 from jobrunner.operator.registry import Phase, Registry
 from jobrunner.operator.resources import (
@@ -67,6 +68,8 @@ class Operator:
         self.identity = identity
         self._objects = objects
         self._jobs = jobs
+        # One Job list+watch per namespace for all units, not one per ScaledJob.
+        self.shared_jobs = SharedJobs(jobs, backoff_ceiling=settings.kube.api_retry_max_seconds)
         self._telemetry = telemetry
         self._template_dirs = template_dirs or [Path.cwd() / "job_templates"]
         self._dirty = asyncio.Event()
@@ -155,7 +158,7 @@ class Operator:
         assert wanted.scaledjob is not None
         return await DispatchUnit.create(
             wanted.scaledjob,
-            jobs=self._jobs,
+            jobs=self.shared_jobs,
             settings=self.settings,
             telemetry=self._telemetry,
             authentications=wanted.authentications,
@@ -365,6 +368,7 @@ class Operator:
             # only then are the Leases given up, and the next owner starts.
             await stop_tasks([t for t in tasks if t.get_name() in ("reconcile", "status")], grace=0)
             await self.registry.close(grace=self.settings.dispatcher.shutdown_grace_seconds)
+            await self.shared_jobs.close()
             await stop_tasks([t for t in tasks if t.get_name() == "leases"], grace=0)
             await self.leases.release()
             await stop_tasks(tasks, grace=0)

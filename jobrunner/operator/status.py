@@ -176,6 +176,16 @@ class StatusWriter:
             since = self._clock() - self._written_at.get(key, float("-inf"))
             if since < self._volatile_interval:
                 return False
+        logger.debug(
+            "status of %s/%s: writing %s",
+            *key,
+            sorted(
+                k
+                for k in set(status) | set(seen)
+                if _comparable(status, volatile=True).get(k)
+                != _comparable(seen, volatile=True).get(k)
+            ),
+        )
         path = f"{api.scaledjobs(key[0])}/{key[1]}/status"
         # Fields we no longer report are removed (None is a merge patch's null).
         patch: dict[str, Any] = {"status": dict(status)}

@@ -46,7 +46,7 @@ class Replica:
             assert want.scaledjob is not None
             return await DispatchUnit.create(
                 want.scaledjob,
-                jobs=env.jobs,
+                jobs=self.operator.shared_jobs,  # as the operator's own build does
                 settings=settings,
                 telemetry=telemetry,
                 authentications=want.authentications,

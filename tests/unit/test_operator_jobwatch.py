@@ -1,0 +1,130 @@
+"""One Job list+watch per namespace shared by the trackers of many units (operator mode),
+on the in-memory Job client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from jobrunner.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB
+from jobrunner.operator.jobwatch import SharedJobs, compact
+from jobrunner.tasks import start_guarded, stop_tasks
+from jobrunner.testing import MemoryJobClient
+from jobrunner.tracker import JobTracker
+from tests.helpers import eventually
+
+
+def job(name: str, scaledjob: str, **annotations: str) -> dict[str, Any]:
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": "ns",
+            "labels": {LABEL_MANAGED_BY: "jobrunner", LABEL_SCALEDJOB: scaledjob},
+            "annotations": annotations,
+        },
+        "spec": {"template": {"spec": {"containers": [{"name": "c", "image": "x"}]}}},
+    }
+
+
+async def until(check: Callable[[], bool]) -> None:
+    async def ok() -> bool:
+        return check()
+
+    await eventually(ok, within=5, interval=0.02)
+
+
+@pytest.fixture
+async def shared() -> AsyncIterator[tuple[MemoryJobClient, SharedJobs, list[JobTracker]]]:
+    inner = MemoryJobClient()
+    jobs = SharedJobs(inner)
+    trackers = [
+        JobTracker(
+            client=jobs,
+            namespace="ns",
+            selector=f"{LABEL_MANAGED_BY}=jobrunner,{LABEL_SCALEDJOB}={sj}",
+        )
+        for sj in ("a", "b", "c")
+    ]
+    tasks = [start_guarded(t.run(), name=f"tracker-{i}") for i, t in enumerate(trackers)]
+    yield inner, jobs, trackers
+    await stop_tasks(tasks, grace=0)
+    await jobs.close()
+
+
+async def test_many_trackers_share_one_list_and_one_watch(
+    shared: tuple[MemoryJobClient, SharedJobs, list[JobTracker]],
+) -> None:
+    inner, _, trackers = shared
+    await inner.create_job(job("a-1", "a"), None)
+    await inner.create_job(job("b-1", "b"), None)
+    await until(lambda: all(t.synced.is_set() for t in trackers))
+    await until(lambda: sorted(trackers[0].jobs) == ["a-1"] and sorted(trackers[1].jobs) == ["b-1"])
+    assert trackers[2].jobs == {}
+    await inner.finish("ns", "b-1", succeeded=False, reason="DeadlineExceeded")
+    await until(lambda: trackers[1].jobs["b-1"].outcome is not None)
+    assert trackers[1].jobs["b-1"].outcome.reason == "DeadlineExceeded"  # type: ignore[union-attr]
+    assert inner.calls["list_jobs"] == 1
+    assert inner.calls["watch_jobs"] == 1
+
+
+async def test_a_broken_feed_makes_every_tracker_list_again(
+    shared: tuple[MemoryJobClient, SharedJobs, list[JobTracker]],
+) -> None:
+    inner, jobs, trackers = shared
+    await until(lambda: all(t.synced.is_set() for t in trackers))
+    feed = jobs._feeds["ns"]
+    # The feed breaks (its error path bumps the epoch and wakes the watchers): every
+    # tracker's watch ends with TransientError, so each lists again and misses nothing.
+    lists = inner.calls.get("list_jobs", 0)
+    feed.epoch += 1
+    feed._wake()
+    await until(lambda: not all(t.synced.is_set() for t in trackers) or True)
+    await inner.create_job(job("a-2", "a"), None)
+    await until(lambda: "a-2" in trackers[0].jobs)
+    await until(lambda: all(t.synced.is_set() for t in trackers))
+    assert inner.calls.get("list_jobs", 0) == lists, "trackers list from the shared copy"
+
+
+def test_compact_copy_keeps_what_a_tracker_reads_and_not_the_bulky_message() -> None:
+    raw = job(
+        "a-1",
+        "a",
+        **{"jobrunner.dev/original-message": "x" * 100_000, "jobrunner.dev/message-id": "m"},
+    )
+    raw["metadata"]["managedFields"] = [{"manager": "x"}]
+    raw["metadata"]["finalizers"] = ["jobrunner.dev/settlement"]
+    raw["status"] = {"conditions": [{"type": "Complete", "status": "True"}]}
+    small = compact(raw)
+    assert "spec" not in small
+    assert "managedFields" not in small["metadata"]
+    assert small["metadata"]["annotations"] == {"jobrunner.dev/message-id": "m"}
+    assert small["metadata"]["finalizers"] == ["jobrunner.dev/settlement"]
+    assert small["status"] == raw["status"]
+
+
+async def test_watch_that_falls_behind_the_log_is_told_to_list_again() -> None:
+    from jobrunner.operator import jobwatch
+    from jobrunner.protocols import WatchExpired
+
+    inner = MemoryJobClient()
+    jobs = SharedJobs(inner)
+    old, jobwatch.LOG_SIZE = jobwatch.LOG_SIZE, 3
+    try:
+        page = await jobs.list_jobs("ns", "")
+        feed = jobs._feeds["ns"]
+        feed.log = type(feed.log)(maxlen=3)
+        for i in range(6):
+            await inner.create_job(job(f"a-{i}", "a"), None)
+        await until(lambda: feed.version >= 6)
+        with pytest.raises(WatchExpired):
+            async for _ in jobs.watch_jobs("ns", "", page.resource_version):
+                pass
+    finally:
+        jobwatch.LOG_SIZE = old
+        await jobs.close()
+    await asyncio.sleep(0)
