@@ -58,7 +58,7 @@ class Replica:
             env={
                 **os.environ,
                 "JOBRUNNER_TELEMETRY__HTTP_PORT": str(port),
-                "JOBRUNNER_LOG_LEVEL": "INFO",
+                "JOBRUNNER_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "INFO"),
                 **env,
             },
             cwd=ROOT,
@@ -165,51 +165,59 @@ def teardown(api: client.ApiClient, namespace: str) -> None:
     client.CoreV1Api(api).delete_namespace(namespace, propagation_policy="Background")
 
 
+def takeover_round(api: client.ApiClient, sig: signal.Signals, tmp: Path) -> float:
+    """Seconds from ``sig`` to the owner of a busy ScaledJob until the other replica
+    dispatches it."""
+    custom = client.CustomObjectsApi(api)
+    namespace = setup(api)
+    queue = f"bench-{uuid.uuid4().hex[:8]}"
+    asyncio.run(declare([queue]))
+    replicas = [Replica(n, namespace, 18200 + i, tmp, {}) for i, n in enumerate(("a", "b"))]
+    try:
+        custom.create_namespaced_custom_object(
+            "jobrunner.dev", "v1alpha1", namespace, "scaledjobs",
+            scaledjob("busy", namespace, queue, maxReplicaCount=3),
+        )
+
+        def owner() -> str:
+            obj = custom.get_namespaced_custom_object("jobrunner.dev", "v1alpha1", namespace, "scaledjobs", "busy")
+            return str((obj.get("status") or {}).get("owner") or "")
+
+        # Both replicas in and the split settled before the clock starts.
+        wait(lambda: all("took bucket" in r.logs() for r in replicas) and bool(owner()), 120, "the split")
+        time.sleep(5)
+        victim = next(r for r in replicas if r.name == owner())
+        other = next(r for r in replicas if r is not victim)
+        asyncio.run(publish(queue, 30, 2))
+        time.sleep(3)
+        before = other.logs().count("dispatching busy from")
+        start = time.monotonic()
+        victim.process.send_signal(sig)
+        wait(lambda: other.logs().count("dispatching busy from") > before, 120, "the takeover")
+        return time.monotonic() - start
+    finally:
+        for r in replicas:
+            if r.process.poll() is None:
+                r.process.kill()
+                r.process.wait()
+        asyncio.run(declare([queue], delete=True))
+        teardown(api, namespace)
+
+
 def takeover(args: argparse.Namespace) -> None:
     api = config.new_client_from_config(config_file=KUBECONFIG)
-    custom = client.CustomObjectsApi(api)
     results: dict[str, list[float]] = {"SIGKILL": [], "SIGTERM": []}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
             for sig in (signal.SIGKILL, signal.SIGTERM):
-                namespace = setup(api)
-                queue = f"bench-{uuid.uuid4().hex[:8]}"
-                asyncio.run(declare([queue]))
-                replicas = [Replica(n, namespace, 18200 + i, Path(tmp), {}) for i, n in enumerate(("a", "b"))]
-                try:
-                    custom.create_namespaced_custom_object(
-                        "jobrunner.dev", "v1alpha1", namespace, "scaledjobs",
-                        scaledjob("busy", namespace, queue, maxReplicaCount=3),
-                    )
-
-                    def owner() -> str:
-                        obj = custom.get_namespaced_custom_object("jobrunner.dev", "v1alpha1", namespace, "scaledjobs", "busy")
-                        return str((obj.get("status") or {}).get("owner") or "")
-
-                    # Both replicas in and the split settled (each holds 8 of 16 buckets).
-                    wait(lambda: all("took bucket" in r.logs() for r in replicas) and owner(), 120, "the split")
-                    time.sleep(5)
-                    current = owner()
-                    victim = next(r for r in replicas if r.name == current)
-                    other = next(r for r in replicas if r is not victim)
-                    asyncio.run(publish(queue, 30, 2))
-                    time.sleep(3)
-                    before = other.logs().count("dispatching busy from")
-                    start = time.monotonic()
-                    victim.process.send_signal(sig)
-                    wait(lambda: other.logs().count("dispatching busy from") > before, 120, "the takeover")
-                    took = time.monotonic() - start
-                    results[sig.name].append(took)
-                    print(f"round {round_ + 1}: {sig.name} -> taken over in {took:.2f}s", flush=True)
-                finally:
-                    for r in replicas:
-                        if r.process.poll() is None:
-                            r.process.kill()
-                            r.process.wait()
-                    asyncio.run(declare([queue], delete=True))
-                    teardown(api, namespace)
-    for sig, values in results.items():
-        print(f"takeover after {sig}: " + ", ".join(f"{v:.2f}s" for v in values) + f" (mean {sum(values) / len(values):.2f}s)")
+                took = takeover_round(api, sig, Path(tmp))
+                results[sig.name].append(took)
+                print(f"round {round_ + 1}: {sig.name} -> taken over in {took:.2f}s", flush=True)
+    for sig_name, values in results.items():
+        print(
+            f"takeover after {sig_name}: " + ", ".join(f"{v:.2f}s" for v in values)
+            + f" (mean {sum(values) / len(values):.2f}s)"
+        )
 
 
 def idle(args: argparse.Namespace) -> None:
@@ -219,19 +227,22 @@ def idle(args: argparse.Namespace) -> None:
     queues = [f"bench-{uuid.uuid4().hex[:8]}" for _ in range(args.scaledjobs)]
     asyncio.run(declare(queues))
     replicas: list[Replica] = []
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.log_dir or scratch
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         try:
             for i, queue in enumerate(queues):
                 custom.create_namespaced_custom_object(
                     "jobrunner.dev", "v1alpha1", namespace, "scaledjobs", scaledjob(f"sj{i:03d}", namespace, queue)
                 )
-            one = Replica("solo", namespace, 18300, Path(tmp), {})
-            replicas.append(one)
-            started = time.monotonic()
-            wait(lambda: ready_count(custom, namespace) == args.scaledjobs, 600, "every ScaledJob Ready")
-            print(f"one replica: {args.scaledjobs} ScaledJobs Ready {time.monotonic() - started:.0f}s after start", flush=True)
-            time.sleep(30)
-            print(f"one replica serving {args.scaledjobs} idle ScaledJobs: RSS {one.rss_mib():.0f} MiB, {one.threads()} threads", flush=True)
+            if not args.skip_single:
+                one = Replica("solo", namespace, 18300, Path(tmp), {})
+                replicas.append(one)
+                started = time.monotonic()
+                wait(lambda: ready_count(custom, namespace) == args.scaledjobs, 600, "every ScaledJob Ready")
+                print(f"one replica: {args.scaledjobs} ScaledJobs Ready {time.monotonic() - started:.0f}s after start", flush=True)
+                time.sleep(30)
+                print(f"one replica serving {args.scaledjobs} idle ScaledJobs: RSS {one.rss_mib():.0f} MiB, {one.threads()} threads", flush=True)
             for r in replicas:
                 r.stop()
             replicas.clear()
@@ -279,6 +290,8 @@ def main() -> None:
     i.add_argument("--scaledjobs", type=int, default=200)
     i.add_argument("--replicas", type=int, default=3)
     i.add_argument("--window", type=float, default=300)
+    i.add_argument("--skip-single", action="store_true", help="only the replicas' API cost")
+    i.add_argument("--log-dir", help="keep the replicas' logs here (BENCH_LOG_LEVEL=DEBUG for more)")
     args = parser.parse_args()
     {"takeover": takeover, "idle": idle}[args.what](args)
 

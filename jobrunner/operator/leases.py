@@ -319,7 +319,12 @@ class LeaseKeeper:
 
     async def _take(self, bucket: int) -> None:
         name = self.bucket_name(bucket)
+        # Decide on the very version the write is conditioned on (no await in between):
+        # a bucket found free a moment ago may have been taken since, and a
+        # compare-and-swap on the newer version would then succeed against its holder.
         current = self.informer.store.get((self.namespace, name))
+        if not self._valid(self._clock()) or not self._free(bucket, self._clock()):
+            return
         now = micro_time()
         try:
             if current is None:

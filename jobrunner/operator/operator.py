@@ -144,6 +144,7 @@ class Operator:
         self._all: dict[Key, Wanted] = {}
         self._objects_by_key: dict[Key, dict[str, Any]] = {}
         self._conflicts: set[Key] = set()
+        self._parse_cache: dict[Key, tuple[tuple[Any, ...], Wanted]] = {}
         self._registered: list[Collector] = []
 
     # ------------------------------------------------------------------ wiring
@@ -199,7 +200,7 @@ class Operator:
         objects: dict[Key, dict[str, Any]] = {}
         for informer in self.scaledjobs:
             for obj in informer.store.values():
-                want = wanted_from(obj, authentications=auths.get(_ns(obj), {}))
+                want = self._parsed(obj, auths.get(_ns(obj), {}), keda=False)
                 found[want.key] = want
                 objects[want.key] = obj
         keda_auths: dict[str, dict[str, dict[str, Any]]] = {}
@@ -210,7 +211,7 @@ class Operator:
             for obj in informer.store.values():
                 if not takeover_requested(obj):
                     continue
-                want = wanted_from(obj, keda=True, authentications=keda_auths.get(_ns(obj), {}))
+                want = self._parsed(obj, keda_auths.get(_ns(obj), {}), keda=True)
                 if want.key in found and not found[want.key].keda:
                     if want.key not in self._conflicts:
                         self._conflicts.add(want.key)
@@ -236,7 +237,36 @@ class Operator:
                 found[want.key] = want
                 objects[want.key] = obj
         self._objects_by_key = objects
+        for gone in set(self._parse_cache) - set(found):
+            del self._parse_cache[gone]
         return found
+
+    def _parsed(
+        self, obj: dict[str, Any], auths: dict[str, dict[str, Any]], *, keda: bool
+    ) -> Wanted:
+        """``wanted_from``, parsed again only when what the user wrote changed (its
+        generation, labels or annotations, or a TriggerAuthentication's version): a
+        status write or a resync re-parses nothing."""
+        meta = obj.get("metadata") or {}
+        fingerprint = (
+            keda,
+            meta.get("uid"),
+            meta.get("generation"),
+            repr(sorted((meta.get("labels") or {}).items())),
+            repr(sorted((meta.get("annotations") or {}).items())),
+            repr(
+                sorted(
+                    (n, (a.get("metadata") or {}).get("resourceVersion")) for n, a in auths.items()
+                )
+            ),
+        )
+        key = (_ns(obj), str(meta.get("name") or ""))
+        cached = self._parse_cache.get(key)
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        want = wanted_from(obj, keda=keda, authentications=auths)
+        self._parse_cache[key] = (fingerprint, want)
+        return want
 
     def _reconcile(self) -> None:
         if not self.synced():

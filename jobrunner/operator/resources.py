@@ -54,6 +54,7 @@ LIVE_FIELDS = frozenset(
 """Spec fields applied without replacing the unit."""
 
 _GO_FALSE = {"0", "f", "F", "FALSE", "false", "False"}
+_USER_METADATA = ("name", "namespace", "labels", "annotations", "uid", "generation")
 
 
 def go_bool_paused(value: str | None) -> bool:
@@ -136,7 +137,10 @@ def wanted_from(
         paused = PAUSED
     elif not keda and go_bool_paused(annotations.get(KEDA_PAUSED)):
         paused = KEDA_PAUSED
-    body = {k: v for k, v in obj.items() if k in ("apiVersion", "kind", "metadata", "spec")}
+    body = {k: v for k, v in obj.items() if k in ("apiVersion", "kind", "spec")}
+    # Only what the user wrote: a status write (resourceVersion, managedFields) must not
+    # make the object look changed.
+    body["metadata"] = {k: v for k, v in meta.items() if k in _USER_METADATA}
     if keda:
         body["apiVersion"] = KEDA_API_VERSION
     where = f"ScaledJob {key[0]}/{key[1]}"
