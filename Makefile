@@ -79,7 +79,7 @@ stack-status:
 	bash $(STACK)/stack-status.sh
 
 lint: venv
-	$(BIN)/ruff check jobrunner tests bench deploy/local
+	$(BIN)/ruff check jobrunner tests bench deploy/local deploy/crds
 	$(BIN)/mypy
 	$(BIN)/lint-imports
 
