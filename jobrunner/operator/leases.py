@@ -124,6 +124,18 @@ class LeaseKeeper:
     def bucket_name(self, bucket: int) -> str:
         return f"{self.group}-bucket-{bucket}"
 
+    def valid(self) -> str | None:
+        """None while this replica may serve (its member Lease renewed in time and the
+        Lease watch in sync), else why not."""
+        now = self._clock()
+        if self._valid(now):
+            return None
+        if self._renewed_at is None:
+            return "member Lease not created yet"
+        if not self.informer.synced.is_set():
+            return self.informer.problem or "Lease watch not in sync"
+        return f"member Lease not renewed for {now - self._renewed_at:.0f}s"
+
     def _valid(self, now: float) -> bool:
         return (
             self._renewed_at is not None

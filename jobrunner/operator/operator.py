@@ -334,8 +334,9 @@ class Operator:
             for i in (*self.scaledjobs, *self.authentications)
             if not i.synced.is_set() and i.problem
         ]
-        if self.leases.informer.problem and not self.leases.informer.synced.is_set():
-            problems.append(self.leases.informer.problem)
+        lease_problem = self.leases.valid()
+        if lease_problem is not None:
+            problems.append(lease_problem)
         ready = not problems
         units = [
             p

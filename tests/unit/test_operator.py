@@ -247,3 +247,15 @@ async def test_keda_scaledjob_is_taken_over_only_when_annotated_and_paused_for_k
     await until(lambda: env.jobs.names(NS, "jobrunner.dev/scaledjob=legacy"))
     found = env.store.find(f"{api.scaledjobs(NS, keda=True)}/legacy") or {}
     assert "status" not in found, "KEDA's object keeps its own status"
+
+
+async def test_readiness_says_when_the_replica_may_not_serve(env: Env) -> None:
+    r = env.replica("r1")
+    await until(lambda: r.operator.readiness()[0])
+    assert "16 buckets" not in r.operator.readiness()[1]
+    assert "of 8 buckets" in r.operator.readiness()[1]
+    r.client.down = True
+    await until(lambda: not r.operator.readiness()[0])
+    assert "unreachable" in r.operator.readiness()[1] or "Lease" in r.operator.readiness()[1]
+    r.client.down = False
+    await until(lambda: r.operator.readiness()[0])
