@@ -45,7 +45,14 @@ from jobrunner.models import (
     JobOutcome,
 )
 from jobrunner.naming import message_secret_name
-from jobrunner.protocols import ApiRejected, JobClient, MessageHandle, MessageSource, TransientError
+from jobrunner.protocols import (
+    ApiRejected,
+    JobClient,
+    KeepsMessagesAlive,
+    MessageHandle,
+    MessageSource,
+    TransientError,
+)
 from jobrunner.rendering import (
     ANNOTATION_ORIGINAL_MESSAGE,
     RenderedJob,
@@ -468,13 +475,15 @@ class Dispatcher:
     ) -> JobOutcome | None:
         """The Job's outcome, or None once the message was handed over to the Job because
         the broker's consumer timeout was near."""
-        spec = self.scaledjob.spec
+        limit = self._hold_limit()
+        margin = self._settings.handover_margin_seconds
         while True:
             held = time.monotonic() - record.handle.delivery.received_at
-            budget = spec.consumerTimeoutSeconds - self._settings.handover_margin_seconds - held
+            budget = None if limit is None else limit - margin - held
             try:
                 return await asyncio.wait_for(
-                    asyncio.shield(self._tracker.wait_for(name)), timeout=max(budget, 0.0)
+                    asyncio.shield(self._tracker.wait_for(name)),
+                    timeout=None if budget is None else max(budget, 0.0),
                 )
             except TimeoutError:
                 pass
@@ -496,6 +505,17 @@ class Dispatcher:
             record.deciding = False
             await self._settle(handles=record.handles, decision=Decision.ack(name), final=False)
             return None
+
+    def _hold_limit(self) -> float | None:
+        """Seconds a message may be held before it is handed over to its Job: the
+        ScaledJob's ``consumerTimeoutSeconds`` when set, else the source's own limit when
+        it keeps messages alive (None: no limit), else the RabbitMQ-minded default."""
+        spec = self.scaledjob.spec
+        if "consumerTimeoutSeconds" not in spec.model_fields_set and isinstance(
+            self._source, KeepsMessagesAlive
+        ):
+            return self._source.hold_limit_seconds
+        return spec.consumerTimeoutSeconds
 
     async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
         delay = 0.1
