@@ -5,7 +5,9 @@ a consumer group.
 TriggerAuthentication), ``stream``, ``consumerGroup`` (required here: jobrunner reads as
 a group member), ``databaseIndex``, ``enableTLS`` (or the ``tls: enable`` parameter),
 ``unsafeSsl``; ``username`` and ``password`` from metadata (``...FromEnv``) or
-authentication, with ``ca``, ``cert``, ``key`` for TLS. KEDA's pending/lag scaling keys
+authentication, with ``ca``, ``cert``, ``key`` for TLS. jobrunner's own
+``claimMinIdleSeconds`` (default 60): how long an entry of a consumer that stopped
+heartbeating waits before another dispatcher claims it. KEDA's pending/lag scaling keys
 are accepted and ignored. The group must exist (``XGROUP CREATE <stream> <group> $
 MKSTREAM``): where a new group starts reading is the operator's choice, not ours.
 """
@@ -40,6 +42,8 @@ class RedisStreamsTrigger:
     ca: str = ""
     cert: str = ""
     key: str = ""
+    claim_min_idle: float = 60.0
+    """Seconds an entry must have been idle before another consumer claims it."""
 
     @property
     def address(self) -> str:
@@ -65,6 +69,11 @@ def _check(metadata: Mapping[str, str], has_auth: bool) -> list[Problem]:
         )
     problems += one_of(metadata, "enableTLS", ("true", "false"))
     problems += one_of(metadata, "unsafeSsl", ("true", "false"))
+    idle = metadata.get("claimMinIdleSeconds")
+    if idle is not None and not (idle.isdigit() and int(idle) >= 2):
+        problems.append(
+            Problem("metadata.claimMinIdleSeconds", f"whole seconds, at least 2; got {idle!r}")
+        )
     index = metadata.get("databaseIndex")
     if index is not None and not index.isdigit():
         problems.append(Problem("metadata.databaseIndex", f"a number; got {index!r}"))
@@ -98,6 +107,7 @@ async def _resolve(context: ResolveContext) -> RedisStreamsTrigger:
         ca=meta.get("ca", ""),
         cert=meta.get("cert", "") or meta.get("Cert", ""),
         key=meta.get("key", ""),
+        claim_min_idle=float(meta.get("claimMinIdleSeconds") or 60),
     )
 
 
@@ -121,6 +131,8 @@ TRIGGER = TriggerType(
             "databaseIndex",
             "enableTLS",
             "unsafeSsl",
+            # jobrunner's own: idle seconds before a dead consumer's entries are claimed.
+            "claimMinIdleSeconds",
             # KEDA's pending-entries / lag scaling keys: accepted, meaningless for push.
             "pendingEntriesCount",
             "streamLength",
