@@ -20,6 +20,8 @@ from jobrunner.models import LABEL_SCALEDJOB
 from tests.helpers import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
+SETTLED_LINES = {"ack": "acked the message (Job", "dead-letter": "dead-lettered the message ("}
+"""The dispatcher's log line for a settlement of each kind (jobrunner.dispatcher._settle)."""
 
 
 def write_manifest(
@@ -122,11 +124,15 @@ class Dispatcher:
     def logs(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def settlements(self, action: str) -> int:
+        """Settlements of ``action`` (ack or dead-letter) this dispatcher has logged."""
+        return self.logs().count(SETTLED_LINES[action])
+
     async def settled(self, action: str, count: int, *, within: float = 60) -> None:
         """Wait until this dispatcher has logged ``count`` settlements of ``action``."""
 
         async def enough() -> bool:
-            return self.logs().count(f"settled: {action} for Job") >= count
+            return self.settlements(action) >= count
 
         await eventually(enough, within=within, interval=0.2)
 
