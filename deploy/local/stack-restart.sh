@@ -13,4 +13,4 @@ case "$part" in
 esac
 log "restarting $name"
 stop_pid "$name"
-bash "$HERE/stack-up.sh" "$part" >/dev/null
+JOBRUNNER_STACK_WRITE_ENV=0 bash "$HERE/stack-up.sh" "$part" >/dev/null

@@ -408,7 +408,8 @@ for part in "${parts[@]}"; do
     *) die "unknown part '$part' (use all, k8s, rabbitmq, kafka, sqs, redis, nats or mqtt)" ;;
   esac
 done
-write_env
+# stack-restart.sh restarts one part without rewriting the env file others read.
+[[ "${JOBRUNNER_STACK_WRITE_ENV:-1}" == 1 ]] && write_env
 log "stack up in $((SECONDS - start))s"
 log "kubeconfig: $KUBECONFIG_PATH"
 log "environment for tests: $ENV_FILE"

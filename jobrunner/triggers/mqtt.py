@@ -5,7 +5,10 @@ jobrunner's, in KEDA's style.
 ``host`` (``mqtt://host:1883`` or ``mqtts://host:8883``, or ``hostFromEnv``, or a
 TriggerAuthentication ``host``), ``topic`` (a filter; wildcards allowed), ``sharedGroup``
 (the ``$share/<group>/`` name; default ``jobrunner-<ScaledJob>``, so every dispatcher of a
-ScaledJob shares the work), ``clientId`` or ``clientIdFromEnv`` (default
+ScaledJob shares the work; ``shared: "false"`` subscribes to the plain filter instead,
+for one dispatcher per ScaledJob: Mosquitto 2.0.11 does not restore shared
+subscriptions from its persistence file after a restart, plain ones it does),
+``clientId`` or ``clientIdFromEnv`` (default
 ``jobrunner-<namespace>-<ScaledJob>``; each dispatcher needs its own, stable across its
 restarts, e.g. a StatefulSet pod name from the downward API), ``sessionExpirySeconds``
 (how long the broker keeps the session and its unacknowledged messages while the
@@ -25,6 +28,7 @@ from jobrunner.triggers import (
     ResolveContext,
     TriggerType,
     from_env,
+    one_of,
     raise_problems,
     required,
 )
@@ -47,10 +51,13 @@ class MQTTTrigger:
     cert: str = ""
     key: str = ""
 
+    shared: bool = True
+
     @property
     def subscription(self) -> str:
-        """The MQTT 5 shared subscription (MQTT 5.0, section 4.8.2)."""
-        return f"$share/{self.shared_group}/{self.topic}"
+        """The MQTT 5 shared subscription (MQTT 5.0, section 4.8.2), or the plain topic
+        filter with ``shared: "false"``."""
+        return f"$share/{self.shared_group}/{self.topic}" if self.shared else self.topic
 
 
 def topic_matches(topic_filter: str, topic: str) -> bool:
@@ -74,6 +81,7 @@ def _check(metadata: Mapping[str, str], has_auth: bool) -> list[Problem]:
     host = metadata.get("host")
     if host and urllib.parse.urlsplit(host).scheme not in SCHEMES:
         problems.append(Problem("metadata.host", f"an mqtt:// or mqtts:// URL; got {host!r}"))
+    problems += one_of(metadata, "shared", ("true", "false"))
     for key in ("sharedGroup",):
         value = metadata.get(key)
         if value is not None and (not value or any(c in value for c in "/+#")):
@@ -121,6 +129,7 @@ async def _resolve(context: ResolveContext) -> MQTTTrigger:
         ca=meta.get("ca", ""),
         cert=meta.get("cert", ""),
         key=meta.get("key", ""),
+        shared=(meta.get("shared") or "true") == "true",
     )
 
 
@@ -133,6 +142,7 @@ TRIGGER = TriggerType(
             "hostFromEnv",
             "topic",
             "sharedGroup",
+            "shared",
             "clientId",
             "clientIdFromEnv",
             "sessionExpirySeconds",

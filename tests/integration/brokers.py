@@ -80,6 +80,9 @@ class Kit:
         """ScaledJob spec fields the broker needs besides the trigger."""
         return {}
 
+    def for_broker_restart(self) -> None:
+        """Adjust the setup for a test that restarts the broker."""
+
 
 async def _until(check: Any, within: float, interval: float = 0.3) -> Any:
     loop = asyncio.get_running_loop()
@@ -395,6 +398,18 @@ class MQTTKit(Kit):
     def __post_init__(self) -> None:
         self.has_timer = False
         self._dead: _MQTTSession | None = None
+        self._sessions: set[str] = set()
+        self.shared = True
+
+    def for_broker_restart(self) -> None:
+        # Mosquitto 2.0.11 (Debian 12) restores plain subscriptions of persistent sessions
+        # from its persistence file after a restart, but not shared ones: a message
+        # published before the dispatcher re-subscribes would have no subscriber.
+        self.shared = False
+
+    @property
+    def subscription(self) -> str:
+        return f"$share/jobrunner-work/{self.topic}" if self.shared else self.topic
 
     @property
     def topic(self) -> str:
@@ -418,12 +433,23 @@ class MQTTKit(Kit):
                 "topic": self.topic,
                 "clientIdFromEnv": "TEST_MQTT_CLIENT_ID",
                 "sessionExpirySeconds": "600",
+                "shared": str(self.shared).lower(),
                 **extra,
             },
         }
 
     def dispatcher_env(self, index: int) -> dict[str, str]:
-        return {**self.env, "TEST_MQTT_CLIENT_ID": f"{self.name}-d{index}"}
+        client_id = f"{self.name}-d{index}"
+        if client_id not in self._sessions:
+            # MQTT stores a message only for subscriptions that exist when it is
+            # published: the dispatcher's persistent session is made (and subscribed)
+            # now, as a dispatcher that ran before would have left it; the dispatcher
+            # then resumes it.
+            session = _MQTTSession(self.url, client_id, clean=False)
+            session.subscribe(self.subscription)
+            session.close()
+            self._sessions.add(client_id)
+        return {**self.env, "TEST_MQTT_CLIENT_ID": client_id}
 
     def spec(self) -> dict[str, Any]:
         return {"deadLetter": {"topic": self.dead_letter_topic}}

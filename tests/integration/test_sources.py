@@ -210,6 +210,7 @@ async def test_broker_restart_mid_run_loses_nothing_and_runs_nothing_twice(
     manifest: Callable[..., Path],
     dispatchers: Callable[..., Dispatcher],
 ) -> None:
+    kit.for_broker_restart()
     dispatcher = start(dispatchers, kit, manifest())
     await kit.publish(b'{"seconds": 10}', message_id="before")
     [running] = await wait_for_jobs(kube_api, namespace, "work", 1)
