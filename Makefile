@@ -58,6 +58,7 @@ demo-cluster: venv stack-up
 bench: venv stack-up
 	$(BIN)/python bench/bench_dispatch.py rabbitmq
 	$(BIN)/python bench/bench_dispatch.py kafka
+	for s in sqs redis nats mqtt; do $(BIN)/python bench/bench_dispatch.py $$s || exit 1; done
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

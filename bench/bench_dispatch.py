@@ -1,5 +1,5 @@
 """Benchmark of the dispatch path on the local stack (``make bench``; ``bench_dispatch.py
-rabbitmq`` or ``kafka``); prints figures.
+rabbitmq``, ``kafka``, ``sqs``, ``redis``, ``nats`` or ``mqtt``); prints figures.
 
 Every figure is measured in this run, beside a baseline measured in the same run:
 
@@ -11,7 +11,9 @@ Every figure is measured in this run, beside a baseline measured in the same run
   the create (p50/p95/p99, from the dispatcher's log), and publish -> Job seen by a
   separate watch (which adds the watch's own delivery delay). Published means: RabbitMQ,
   the publish call returned; Kafka, the broker appended the record (the topic uses
-  LogAppendTime), since the client's send() only queues it;
+  LogAppendTime), since the client's send() only queues it; SQS, SendMessage answered;
+  Redis, the entry's id (the server's clock at XADD); NATS, the stream's PubAck came
+  back; MQTT, the broker's PUBACK came back;
 * memory: resident size of a real dispatcher process idle with no Jobs, and with
   10,000 (suspended) Jobs listed and tracked.
 """
@@ -178,6 +180,264 @@ class KafkaBroker:
 
     def teardown(self) -> None:
         pass
+
+
+class SQSBroker:
+    source = "sqs"
+
+    def __init__(self, stack: dict[str, str], name: str) -> None:
+        self.endpoint, self.queue = stack["JOBRUNNER_TEST_SQS_ENDPOINT"], name
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+
+    def _client(self) -> Any:
+        from aiobotocore.session import get_session
+
+        return get_session().create_client(
+            "sqs", region_name="us-east-1", endpoint_url=self.endpoint
+        )
+
+    def setup(self) -> None:
+        async def create() -> None:
+            async with self._client() as sqs:
+                await sqs.create_queue(QueueName=self.queue)
+
+        asyncio.run(create())
+
+    def trigger(self) -> dict[str, Any]:
+        return {
+            "type": "aws-sqs-queue",
+            "metadata": {
+                "queueURL": self.queue,
+                "awsRegion": "us-east-1",
+                "awsEndpoint": self.endpoint,
+            },
+        }
+
+    def publish(self, prefix: str, count: int, rate: float | None) -> dict[str, float]:
+        async def run() -> dict[str, float]:
+            out: dict[str, float] = {}
+            async with self._client() as sqs:
+                url = (await sqs.get_queue_url(QueueName=self.queue))["QueueUrl"]
+                start = time.monotonic()
+                if rate is None:  # a burst: batches of 10, SQS's most
+                    for first in range(0, count, 10):
+                        entries = [
+                            {"Id": str(i), "MessageBody": json.dumps({"n": i})}
+                            for i in range(first, min(count, first + 10))
+                        ]
+                        answer = await sqs.send_message_batch(QueueUrl=url, Entries=entries)
+                        now = time.time()
+                        for ok in answer.get("Successful", []):
+                            out[job_name("bench", ok["MessageId"])] = now
+                    return out
+                for i in range(count):
+                    delay = start + i / rate - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    answer = await sqs.send_message(
+                        QueueUrl=url, MessageBody=json.dumps({"n": i})
+                    )
+                    out[job_name("bench", answer["MessageId"])] = time.time()
+            return out
+
+        return asyncio.run(run())
+
+    def teardown(self) -> None:
+        async def delete() -> None:
+            async with self._client() as sqs:
+                for name in (self.queue, f"{self.queue}-dead-letter"):
+                    try:
+                        url = (await sqs.get_queue_url(QueueName=name))["QueueUrl"]
+                    except Exception:
+                        continue
+                    await sqs.delete_queue(QueueUrl=url)
+
+        asyncio.run(delete())
+
+
+class RedisBroker:
+    source = "redis"
+
+    def __init__(self, stack: dict[str, str], name: str) -> None:
+        self.address, self.stream = stack["JOBRUNNER_TEST_REDIS_ADDRESS"], name
+
+    def _client(self) -> Any:
+        import redis.asyncio as aioredis
+
+        host, _, port = self.address.rpartition(":")
+        return aioredis.Redis(host=host, port=int(port))
+
+    def setup(self) -> None:
+        async def create() -> None:
+            async with self._client() as r:
+                await r.xgroup_create(self.stream, "bench", id="0", mkstream=True)
+
+        asyncio.run(create())
+
+    def trigger(self) -> dict[str, Any]:
+        return {
+            "type": "redis-streams",
+            "metadata": {"address": self.address, "stream": self.stream, "consumerGroup": "bench"},
+        }
+
+    def publish(self, prefix: str, count: int, rate: float | None) -> dict[str, float]:
+        async def run() -> dict[str, float]:
+            out: dict[str, float] = {}
+            async with self._client() as r:
+                start = time.monotonic()
+                for i in range(count):
+                    if rate:
+                        delay = start + i / rate - time.monotonic()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                    entry = (await r.xadd(self.stream, {"n": str(i)})).decode()
+                    # The entry id's first part is the server's clock at XADD, in ms.
+                    out[job_name("bench", f"{self.stream}/{entry}")] = (
+                        int(entry.split("-")[0]) / 1000
+                    )
+            return out
+
+        return asyncio.run(run())
+
+    def teardown(self) -> None:
+        async def delete() -> None:
+            async with self._client() as r:
+                await r.delete(self.stream, f"{self.stream}.dead-letter")
+
+        asyncio.run(delete())
+
+
+class NatsBroker:
+    source = "nats"
+
+    def __init__(self, stack: dict[str, str], name: str) -> None:
+        self.url, self.stream = stack["JOBRUNNER_TEST_NATS_URL"], name.replace("-", "_")
+
+    def setup(self) -> None:
+        import nats
+
+        async def create() -> None:
+            nc = await nats.connect(self.url)
+            try:
+                await nc.jetstream().add_stream(name=self.stream, subjects=[f"{self.stream}.>"])
+            finally:
+                await nc.close()
+
+        asyncio.run(create())
+
+    def trigger(self) -> dict[str, Any]:
+        return {
+            "type": "nats-jetstream",
+            "metadata": {"natsServer": self.url, "stream": self.stream, "consumer": "bench"},
+        }
+
+    def publish(self, prefix: str, count: int, rate: float | None) -> dict[str, float]:
+        import nats
+
+        async def run() -> dict[str, float]:
+            out: dict[str, float] = {}
+            nc = await nats.connect(self.url)
+            js = nc.jetstream()
+            try:
+                start = time.monotonic()
+                for i in range(count):
+                    if rate:
+                        delay = start + i / rate - time.monotonic()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                    ack = await js.publish(f"{self.stream}.jobs", json.dumps({"n": i}).encode())
+                    out[job_name("bench", f"{self.stream}/{ack.seq}")] = time.time()
+            finally:
+                await nc.close()
+            return out
+
+        return asyncio.run(run())
+
+    def teardown(self) -> None:
+        import nats
+
+        async def delete() -> None:
+            nc = await nats.connect(self.url)
+            try:
+                for name in (self.stream, f"{self.stream}-dead-letter"):
+                    try:
+                        await nc.jetstream().delete_stream(name)
+                    except Exception:
+                        continue
+            finally:
+                await nc.close()
+
+        asyncio.run(delete())
+
+
+class MQTTBroker:
+    source = "mqtt"
+
+    def __init__(self, stack: dict[str, str], name: str) -> None:
+        from urllib.parse import urlparse
+
+        self.url, self.topic = stack["JOBRUNNER_TEST_MQTT_URL"], f"bench/{name}"
+        parsed = urlparse(self.url)
+        self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 1883
+
+    def setup(self) -> None:
+        pass  # the dispatcher's session subscribes before anything is published
+
+    def trigger(self) -> dict[str, Any]:
+        return {"type": "mqtt", "metadata": {"host": self.url, "topic": self.topic}}
+
+    def publish(self, prefix: str, count: int, rate: float | None) -> dict[str, float]:
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        acked: dict[int, float] = {}
+        publisher = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"bench-pub-{uuid.uuid4().hex[:6]}",
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
+        publisher.max_inflight_messages_set(1000)
+        publisher.on_publish = lambda c, u, mid, rc, p: acked.setdefault(mid, time.time())
+        publisher.connect(self.host, self.port)
+        publisher.loop_start()
+        sent: dict[int, str] = {}
+        try:
+            start = time.monotonic()
+            for i in range(count):
+                if rate:
+                    delay = start + i / rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                message_id = f"{prefix}-{i}"
+                props = Properties(PacketTypes.PUBLISH)
+                props.UserProperty = [("message-id", message_id)]
+                info = publisher.publish(
+                    self.topic, json.dumps({"n": i}).encode(), qos=1, properties=props
+                )
+                sent[info.mid] = message_id
+            deadline = time.time() + 120
+            while len(acked) < len(sent) and time.time() < deadline:
+                time.sleep(0.05)
+        finally:
+            publisher.disconnect()
+            publisher.loop_stop()
+        return {job_name("bench", mid): acked[m] for m, mid in sent.items() if m in acked}
+
+    def teardown(self) -> None:
+        pass
+
+
+BROKERS: dict[str, Any] = {
+    "rabbitmq": RabbitBroker,
+    "kafka": KafkaBroker,
+    "sqs": SQSBroker,
+    "redis": RedisBroker,
+    "nats": NatsBroker,
+    "mqtt": MQTTBroker,
+}
 
 
 class JobWatcher:
@@ -416,7 +676,9 @@ def main() -> int:
         )
     run_id = uuid.uuid4().hex[:6]
     namespace = f"bench-{run_id}"
-    broker = (KafkaBroker if source == "kafka" else RabbitBroker)(stack, f"bench-{run_id}")
+    if source not in BROKERS:
+        raise SystemExit(f"unknown source {source!r}; use one of {', '.join(BROKERS)}")
+    broker = BROKERS[source](stack, f"bench-{run_id}")
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
     broker.setup()
     work = Path(tempfile.mkdtemp(prefix="jobrunner-bench-"))

@@ -22,9 +22,8 @@ from tests.integration.harness import Dispatcher, busybox_job, finished, jobs_of
 pytestmark = [pytest.mark.kube]
 
 
-@pytest.fixture(params=KITS)
+@pytest.fixture(params=[pytest.param(k, marks=getattr(pytest.mark, k)) for k in KITS])
 async def kit(request: pytest.FixtureRequest) -> AsyncIterator[Kit]:
-    request.applymarker(getattr(pytest.mark, request.param))
     made = make_kit(request.param, request)
     await made.prepare()
     try:
