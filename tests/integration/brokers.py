@@ -302,6 +302,8 @@ class NatsKit(Kit):
                     info = await js.stream_info(f"{self.name}-dead-letter")
                 except nats.js.errors.NotFoundError:
                     return False
+                if not info.state.messages:
+                    return False
                 for seq in range(info.state.first_seq, info.state.last_seq + 1):
                     stored = await js.get_msg(f"{self.name}-dead-letter", seq)
                     out.append(DeadLetter(stored.data or b"", dict(stored.headers or {})))
