@@ -299,6 +299,7 @@ class SQSSource:
             # receipt, which alone deletes reliably; the dispatcher joins the delivery.
             known.receipt = message["ReceiptHandle"]
             known.handle.stale = False
+            known.handle.received_at = now  # a new receive starts a new 12-hour clock
         dedup = system.get("MessageDeduplicationId")
         group = system.get("MessageGroupId")
         sent = system.get("SentTimestamp")
