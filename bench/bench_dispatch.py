@@ -50,12 +50,15 @@ TARGETS = {"p50_ms": 50, "p99_ms": 250, "ratio": 0.8, "rss_mib": 200}
 
 
 def env_file() -> dict[str, str]:
+    """The stack's addresses: stack.env, overridden by ``JOBRUNNER_TEST_*`` variables of
+    the environment (as the test fixtures take them)."""
     path = Path(os.environ.get("JOBRUNNER_STACK_ENV", "/tmp/jobrunner-stack/stack.env"))
     out = {}
     for line in path.read_text().splitlines():
         if "=" in line and not line.startswith("#"):
             k, _, v = line.partition("=")
             out[k] = v
+    out.update({k: v for k, v in os.environ.items() if k.startswith("JOBRUNNER_TEST_")})
     return out
 
 
