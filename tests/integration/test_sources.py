@@ -254,3 +254,47 @@ async def test_active_jobs_peak_at_exactly_max_replica_count(
     assert peak == 2
     await dispatcher.settled("ack", 6)
     await all_settled(kit)
+
+
+@pytest.mark.parametrize(
+    ("kind", "said"),
+    [
+        pytest.param("sqs", "does not exist; create it", marks=pytest.mark.sqs),
+        pytest.param("redis", "does not exist; create it with its group", marks=pytest.mark.redis),
+        pytest.param("nats", "does not exist; create it", marks=pytest.mark.nats),
+    ],
+)
+async def test_a_missing_queue_or_stream_is_reported_and_consumed_once_created(
+    kind: str,
+    said: str,
+    request: pytest.FixtureRequest,
+    kube_api: client.ApiClient,
+    namespace: str,
+    tmp_path: Path,
+    dispatchers: Callable[..., Dispatcher],
+) -> None:
+    """MQTT has no counterpart: a topic exists as soon as something is published to it."""
+    kit = make_kit(kind, request)
+    doc = {
+        "apiVersion": "jobrunner.dev/v1alpha1",
+        "kind": "ScaledJob",
+        "metadata": {"name": "work", "namespace": namespace},
+        "spec": {"jobTargetRef": busybox_job(), "triggers": [kit.trigger()], **kit.spec()},
+    }
+    path = tmp_path / "missing.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    dispatcher = start(dispatchers, kit, path)
+    try:
+
+        async def reported() -> bool:
+            return said in dispatcher.logs()
+
+        await eventually(reported, within=60, interval=0.3)
+        assert dispatcher.process is not None
+        assert dispatcher.process.poll() is None, "it waits; it does not exit"
+        await kit.prepare()
+        await kit.publish(b'{"task": "late"}', message_id="late")
+        await wait_for_jobs(kube_api, namespace, "work", 1, state="Complete", within=90)
+        await dispatcher.settled("ack", 1, within=60)
+    finally:
+        await kit.cleanup()
