@@ -274,8 +274,8 @@ async def test_per_key_ordering_starts_a_keys_next_job_after_the_previous_finish
         return next(i for i, line in enumerate(logs.splitlines()) if re.search(pattern, line))
 
     # "other" did not wait; "next" was created only after "first" was settled.
-    assert line_of(f"created Job {other}") < line_of(f"settled: ack for Job {first}")
-    assert line_of(f"settled: ack for Job {first}") < line_of(f"created Job {second}")
+    assert line_of(f"created Job {other}") < line_of(re.escape(f"acked the message (Job {first})"))
+    assert line_of(re.escape(f"acked the message (Job {first})")) < line_of(f"created Job {second}")
 
 
 async def test_backpressure_pauses_partitions_without_a_rebalance_and_lag_is_exposed(
