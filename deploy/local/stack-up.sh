@@ -313,9 +313,12 @@ up_redis() {
   log "starting redis-server $(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/')"
   # Append-only file, fsync'd on every write: an XACK or XADD that returned survives a
   # restart (Redis' default snapshotting would lose the last minutes).
+  # Besides the open default user, an ACL user with a password, so TriggerAuthentication
+  # credentials are tested for real.
   start_bg redis "$LOG_DIR/redis.log" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" \
     --dir "$REDIS_DIR" --appendonly yes --appendfsync always --save "" --daemonize no \
-    --protected-mode yes --loglevel notice
+    --protected-mode yes --loglevel notice \
+    --user "$REDIS_USER" on ">$REDIS_PASSWORD" "~*" "&*" "+@all"
   wait_for redis 60 bash -c "redis-cli -p $REDIS_PORT ping | grep -q PONG" \
     || die "redis-server (no PONG within 60s)" "$LOG_DIR/redis.log"
 }
@@ -381,6 +384,8 @@ JOBRUNNER_TEST_KAFKA_SASL_USER=$KAFKA_SASL_USER
 JOBRUNNER_TEST_KAFKA_SASL_PASSWORD=$KAFKA_SASL_PASSWORD
 JOBRUNNER_TEST_SQS_ENDPOINT=http://127.0.0.1:$ELASTICMQ_PORT
 JOBRUNNER_TEST_REDIS_ADDRESS=127.0.0.1:$REDIS_PORT
+JOBRUNNER_TEST_REDIS_USER=$REDIS_USER
+JOBRUNNER_TEST_REDIS_PASSWORD=$REDIS_PASSWORD
 JOBRUNNER_TEST_NATS_URL=nats://127.0.0.1:$NATS_PORT
 JOBRUNNER_TEST_NATS_MONITORING=127.0.0.1:$NATS_MONITOR_PORT
 JOBRUNNER_TEST_MQTT_URL=mqtt://127.0.0.1:$MQTT_PORT

@@ -298,3 +298,72 @@ async def test_a_missing_queue_or_stream_is_reported_and_consumed_once_created(
         await dispatcher.settled("ack", 1, within=60)
     finally:
         await kit.cleanup()
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize(("password", "works"), [("right", True), ("wrong", False)])
+async def test_redis_credentials_come_from_the_trigger_authentication(
+    password: str,
+    works: bool,
+    request: pytest.FixtureRequest,
+    kube_api: client.ApiClient,
+    namespace: str,
+    tmp_path: Path,
+    dispatchers: Callable[..., Dispatcher],
+) -> None:
+    """KEDA's redis-streams authentication parameters (``username``, ``password``) from a
+    Secret through a TriggerAuthentication; refused credentials are one clear line and
+    the dispatcher waits instead of exiting."""
+    from tests import services
+
+    user = services.setting("JOBRUNNER_TEST_REDIS_USER")
+    secret = services.setting("JOBRUNNER_TEST_REDIS_PASSWORD")
+    if not user or not secret:
+        services.missing("Redis's ACL user", "JOBRUNNER_TEST_REDIS_USER is unset")
+    kit = make_kit("redis", request)
+    await kit.prepare()
+    trigger = kit.trigger()
+    trigger["authenticationRef"] = {"name": "redis-auth"}
+    docs = [
+        {
+            "apiVersion": "keda.sh/v1alpha1",
+            "kind": "ScaledJob",
+            "metadata": {"name": "work", "namespace": namespace},
+            "spec": {"jobTargetRef": busybox_job(), "triggers": [trigger]},
+        },
+        {
+            "apiVersion": "keda.sh/v1alpha1",
+            "kind": "TriggerAuthentication",
+            "metadata": {"name": "redis-auth", "namespace": namespace},
+            "spec": {
+                "secretTargetRef": [
+                    {"parameter": p, "name": "redis-credentials", "key": p}
+                    for p in ("username", "password")
+                ]
+            },
+        },
+        {
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "redis-credentials", "namespace": namespace},
+            "stringData": {"username": user, "password": secret if works else "wrong"},
+        },
+    ]
+    path = tmp_path / "auth.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    dispatcher = start(dispatchers, kit, path)
+    try:
+        if works:
+            await kit.publish(b'{"task": "authenticated"}')
+            await wait_for_jobs(kube_api, namespace, "work", 1, state="Complete", within=60)
+            await dispatcher.settled("ack", 1)
+        else:
+
+            async def refused() -> bool:
+                return "credentials refused" in dispatcher.logs()
+
+            await eventually(refused, within=60, interval=0.3)
+            assert dispatcher.process is not None
+            assert dispatcher.process.poll() is None
+    finally:
+        await kit.cleanup()
