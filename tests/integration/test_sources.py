@@ -124,6 +124,27 @@ async def test_failed_job_is_dead_lettered_with_reason(
     await all_settled(kit)
 
 
+async def test_a_failure_after_the_ack_is_dead_lettered_from_the_copy_the_job_keeps(
+    kube_api: client.ApiClient,
+    namespace: str,
+    kit: Kit,
+    manifest: Callable[..., Path],
+    dispatchers: Callable[..., Dispatcher],
+) -> None:
+    """``ackPolicy: onJobCreation``: the message is settled once the Job exists, so its
+    failure is dead-lettered from the copy kept with the Job (``dead_letter_copy``)."""
+    dispatcher = start(dispatchers, kit, manifest(ackPolicy="onJobCreation"))
+    body = b'{"task": "kept", "fail": "failed", "seconds": 2}'
+    await kit.publish(body, message_id="kept")
+    [dead] = await kit.dead_letters(1, within=60)
+    assert dead.body == body
+    assert dead.headers["x-jobrunner-reason"] == "BackoffLimitExceeded"
+    [job] = jobs_of(kube_api, namespace, "work")
+    assert dead.headers["x-jobrunner-job"] == job.metadata.name
+    assert dispatcher.settlements("ack") == 1, "acked at creation"
+    await all_settled(kit)
+
+
 async def test_a_job_longer_than_the_redelivery_timer_is_neither_redelivered_nor_cut_off(
     kube_api: client.ApiClient,
     namespace: str,
