@@ -10,11 +10,12 @@ Rules, from the SQS Developer Guide:
   that cap (``hold_limit_seconds``): it is deleted and the Job keeps the copy.
 * Each receive returns a new receipt handle and only the newest one deletes reliably;
   the source remembers the newest per message id and settles with it.
-* FIFO queues: SQS delivers no further message of a message group while one is in flight,
-  so holding a message until its Job ends runs a group's Jobs one at a time, in order.
-  The identity is the deduplication id (a producer's retry after SQS's 5-minute
-  deduplication window finds the Job it already has); on a standard queue it is the
-  message id, which names one send.
+* FIFO queues: SQS returns no message of a message group while others of it are in
+  flight, but one receive may return several of a group; the source hands those out
+  one at a time, in order, each after the previous one's settlement, so a group's Jobs
+  run one after another. The identity is the deduplication id (a producer's retry after
+  SQS's 5-minute deduplication window finds the Job it already has); on a standard queue
+  it is the message id, which names one send.
 * Dead letters: a copy (``SendMessage``, with ``x-jobrunner-*`` reason attributes) to
   ``deadLetter.queue``, else the queue's redrive-policy target, else ``<queue>-dead-letter``
   (created, FIFO when the queue is); only then is the original deleted. SQS allows 10
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import collections
 import contextlib
 import json
 import logging
@@ -88,6 +90,8 @@ class _InHand:
     group_id: str | None = None
     dedup_id: str | None = None
     attributes: dict[str, Any] = field(default_factory=dict)
+    handed_out: bool = False
+    """Given to the dispatcher (FIFO: only a message group's oldest in hand is)."""
 
 
 def _error_code(exc: ClientError) -> str:
@@ -125,6 +129,10 @@ class SQSSource:
         self._visibility = 30
         self._incoming: asyncio.Queue[SQSHandle] = asyncio.Queue()
         self._in_hand: dict[str, _InHand] = {}
+        self._group_head: dict[str, str] = {}
+        """FIFO: message group -> the message id handed out (its Job runs now)."""
+        self._group_waiting: dict[str, collections.deque[str]] = {}
+        """FIFO: message group -> message ids in hand waiting their turn, in order."""
         self._slot_freed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self._connected = False
@@ -300,6 +308,8 @@ class SQSSource:
             known.receipt = message["ReceiptHandle"]
             known.handle.stale = False
             known.handle.received_at = now  # a new receive starts a new 12-hour clock
+            if not known.handed_out:
+                return  # still waiting its turn in its message group
         dedup = system.get("MessageDeduplicationId")
         group = system.get("MessageGroupId")
         sent = system.get("SentTimestamp")
@@ -326,10 +336,41 @@ class SQSSource:
         )
         handle = SQSHandle(delivery, message_id, received_at=now, renewed_at=now)
         if known is None:
-            self._in_hand[message_id] = _InHand(
-                message["ReceiptHandle"], handle, group, dedup, attributes
-            )
+            item = _InHand(message["ReceiptHandle"], handle, group, dedup, attributes)
+            self._in_hand[message_id] = item
+            if self.fifo and group:
+                # SQS may return several messages of one group in one receive (and then
+                # none of that group until they are deleted): hand them out one at a
+                # time, in order, so a group's Jobs run one after another.
+                if group in self._group_head:
+                    self._group_waiting.setdefault(group, collections.deque()).append(message_id)
+                    return
+                self._group_head[group] = message_id
+            item.handed_out = True
         self._incoming.put_nowait(handle)
+
+    def _next_in_group(self, group: str) -> None:
+        waiting = self._group_waiting.get(group)
+        while waiting:
+            item = self._in_hand.get(waiting.popleft())
+            if item is not None:
+                self._group_head[group] = item.handle.message_id
+                item.handed_out = True
+                self._incoming.put_nowait(item.handle)
+                break
+        if not waiting:
+            self._group_waiting.pop(group, None)
+
+    def _take_waiting(self, group: str | None) -> list[_InHand]:
+        """FIFO: the messages of ``group`` waiting their turn, no longer held."""
+        taken = []
+        for message_id in self._group_waiting.pop(group or "", ()):
+            item = self._in_hand.pop(message_id, None)
+            if item is not None:
+                taken.append(item)
+        if taken:
+            self._slot_freed.set()
+        return taken
 
     # ------------------------------------------------------------------ keep alive
     async def _renew_loop(self) -> None:
@@ -390,9 +431,15 @@ class SQSSource:
         assert self._client is not None
         try:
             if decision.action is Action.REQUEUE:
-                await self._client.change_message_visibility(
-                    QueueUrl=self.queue_url, ReceiptHandle=item.receipt, VisibilityTimeout=0
-                )
+                # FIFO: the group's later messages go back with it, or they would run
+                # before it.
+                later = self._take_waiting(item.group_id if self.fifo else None)
+                for released in [item, *later]:
+                    await self._client.change_message_visibility(
+                        QueueUrl=self.queue_url,
+                        ReceiptHandle=released.receipt,
+                        VisibilityTimeout=0,
+                    )
             else:
                 if decision.action is Action.DEAD_LETTER:
                     await self._send_dead_letter(
@@ -428,8 +475,14 @@ class SQSSource:
         return True
 
     def _release(self, message_id: str) -> None:
-        if self._in_hand.pop(message_id, None) is not None:
-            self._slot_freed.set()
+        item = self._in_hand.pop(message_id, None)
+        if item is None:
+            return
+        self._slot_freed.set()
+        group = item.group_id
+        if group and self._group_head.get(group) == message_id:
+            del self._group_head[group]
+            self._next_in_group(group)
 
     def is_durable(self, handle: MessageHandle) -> bool:
         return True  # a delete SQS answered is final

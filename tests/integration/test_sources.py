@@ -388,3 +388,67 @@ async def test_redis_credentials_come_from_the_trigger_authentication(
             assert dispatcher.process.poll() is None
     finally:
         await kit.cleanup()
+
+
+@pytest.mark.sqs
+async def test_sqs_fifo_runs_a_message_groups_jobs_in_order_named_by_deduplication_id(
+    request: pytest.FixtureRequest,
+    kube_api: client.ApiClient,
+    namespace: str,
+    tmp_path: Path,
+    dispatchers: Callable[..., Dispatcher],
+) -> None:
+    """SQS delivers no further message of a group while one is in flight, and the source
+    holds each until its Job ends: one group's Jobs run one at a time, in order, while
+    another group's run beside them. Each Job is named by the deduplication id."""
+    import re
+
+    from jobrunner.naming import job_name
+    from tests.integration.brokers import SQSKit
+
+    kit = make_kit("sqs", request)
+    assert isinstance(kit, SQSKit)
+    kit.name += ".fifo"
+    async with kit._client() as sqs:
+        url = (
+            await sqs.create_queue(
+                QueueName=kit.name,
+                Attributes={"FifoQueue": "true", "VisibilityTimeout": str(TIMER)},
+            )
+        )["QueueUrl"]
+        doc = {
+            "apiVersion": "jobrunner.dev/v1alpha1",
+            "kind": "ScaledJob",
+            "metadata": {"name": "work", "namespace": namespace},
+            "spec": {"jobTargetRef": busybox_job(), "triggers": [kit.trigger()]},
+        }
+        path = tmp_path / "fifo.yaml"
+        path.write_text(yaml.safe_dump(doc))
+        dispatcher = start(dispatchers, kit, path)
+        sends = [("a", "a1", 3), ("a", "a2", 1), ("b", "b1", 1), ("a", "a3", 1)]
+        for group, dedup, seconds in sends:
+            await sqs.send_message(
+                QueueUrl=url,
+                MessageBody=json.dumps({"task": dedup, "seconds": seconds}),
+                MessageGroupId=group,
+                MessageDeduplicationId=dedup,
+            )
+    try:
+        await dispatcher.settled("ack", 4, within=90)
+        jobs = jobs_of(kube_api, namespace, "work")
+        assert {j.metadata.name for j in jobs} == {job_name("work", d) for _, d, _ in sends}
+        lines = dispatcher.logs().splitlines()
+
+        def line_of(pattern: str) -> int:
+            return next(i for i, line in enumerate(lines) if re.search(pattern, line))
+
+        name = {d: job_name("work", d) for _, d, _ in sends}
+        acked = {d: line_of(re.escape(f"acked the message (Job {name[d]})")) for d in name}
+        created = {d: line_of(f"created Job {name[d]}") for d in name}
+        # Group a: each Job starts only after the previous one's message was settled.
+        assert acked["a1"] < created["a2"]
+        assert acked["a2"] < created["a3"]
+        # Group b did not wait for group a.
+        assert created["b1"] < acked["a1"]
+    finally:
+        await kit.cleanup()
