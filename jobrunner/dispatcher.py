@@ -23,8 +23,8 @@ import hashlib
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from opentelemetry import trace
@@ -47,10 +47,12 @@ from jobrunner.models import (
 from jobrunner.naming import message_secret_name
 from jobrunner.protocols import (
     ApiRejected,
+    DescribesFailures,
     JobClient,
     KeepsMessagesAlive,
     MessageHandle,
     MessageSource,
+    SettleHook,
     TransientError,
 )
 from jobrunner.rendering import (
@@ -62,7 +64,7 @@ from jobrunner.rendering import (
 )
 from jobrunner.tasks import start_guarded, stop_tasks
 from jobrunner.telemetry import Telemetry, extract_context, traceparent_of
-from jobrunner.timestamps import seconds_between
+from jobrunner.timestamps import age_seconds, seconds_between
 from jobrunner.tracker import JobState, JobTracker, outcome_of
 
 logger = logging.getLogger(__name__)
@@ -106,8 +108,11 @@ class Dispatcher:
         settings: DispatcherSettings,
         telemetry: Telemetry,
         retry_ceiling: float = 30.0,
+        settle_hook: SettleHook | None = None,
     ) -> None:
         self.scaledjob = scaledjob
+        self._settle_hook = settle_hook
+        """Asked before a final settlement naming a Job (a function's outputs)."""
         self._renderer = renderer
         self._source = source
         self._jobs = jobs
@@ -153,11 +158,15 @@ class Dispatcher:
             logger, {"scaledjob": scaledjob.name, "source": source.name}
         )
         tracker.on_finished(self._job_finished)
+        tracker.on_deletion(self._job_deleting)
+        self._working_on: set[str] = set()
+        """Jobs with a settle-from-copy or release task running (one at a time each)."""
 
     def close(self) -> None:
         """Undo what construction registered: the tracker listener and the metric series
         of this ScaledJob (a replaced unit must leave no second settler or stale series)."""
         self._tracker.remove_listener(self._job_finished)
+        self._tracker.remove_deletion_listener(self._job_deleting)
         sj = self.scaledjob.name
         for metric in (
             self._metrics.jobs_active,
@@ -178,10 +187,13 @@ class Dispatcher:
         await self._tracker.synced.wait()
         self.limiter.seed(self._tracker.unfinished())
         # Jobs that finished while no dispatcher was watching and whose message was
-        # already acked are settled from the copy they keep.
+        # already acked are settled from the copy they keep; Jobs deleted meanwhile
+        # wait on their finalizer for this dispatcher.
         for state in list(self._tracker.jobs.values()):
             if state.outcome is not None:
                 self._job_finished(state, state.outcome)
+        for state in self._tracker.deleting():
+            self._job_deleting(state)
         async for handle in self._source.deliveries():
             self._accept(handle)
 
@@ -340,15 +352,18 @@ class Dispatcher:
             exc,
             exc_info=exc,
         )
-        if count < limit:
-            decision = Decision(Action.REQUEUE, reason="InternalError", job_name=name)
-        else:
-            self._unforeseen.pop(delivery.identity, None)
-            decision = Decision.dead_letter(
-                "InternalError", f"{type(exc).__name__}: {exc} (after {count} tries)", name
-            )
+        dead = Decision.dead_letter(
+            "InternalError", f"{type(exc).__name__}: {exc} (after {count} tries)", name
+        )
         try:
-            await self._settle(handles=handles, decision=decision, final=False)
+            if count < limit:
+                requeue = Decision(Action.REQUEUE, reason="InternalError", job_name=name)
+                if await self._settle(handles=handles, decision=requeue, final=False):
+                    return
+                # The source cannot hand it out again now (a Kafka record is read again
+                # only after a restart): dead-letter it rather than hold it.
+            self._unforeseen.pop(delivery.identity, None)
+            await self._settle(handles=handles, decision=dead, final=False)
         except Exception as again:
             log.error(
                 "could not release the message either (%s); it returns to the source when "
@@ -426,7 +441,7 @@ class Dispatcher:
         record.deciding = False
         if not outcome.succeeded:
             record.span.set_status(Status(StatusCode.ERROR, outcome.reason))
-        await self._settle(handles=record.handles, decision=decision_for(outcome, name))
+        await self._settle(handles=record.handles, decision=await self._decide(outcome, name))
 
     def _refuse_reuse(
         self, job: Mapping[str, Any], delivery: Delivery, finished: JobOutcome | None
@@ -477,9 +492,13 @@ class Dispatcher:
         the broker's consumer timeout was near."""
         limit = self._hold_limit()
         margin = self._settings.handover_margin_seconds
+        delivery = record.handle.delivery
+        at_risk = delivery.returns_left is not None and delivery.returns_left <= 1
         while True:
-            held = time.monotonic() - record.handle.delivery.received_at
+            held = time.monotonic() - delivery.received_at
             budget = None if limit is None else limit - margin - held
+            if at_risk:
+                budget = 0.0  # one more return and the broker drops it: hand it over now
             try:
                 return await asyncio.wait_for(
                     asyncio.shield(self._tracker.wait_for(name)),
@@ -497,11 +516,20 @@ class Dispatcher:
             finished = outcome_of(job)
             if finished is not None:
                 return finished
-            log.info(
-                "message held %.0fs, near the consumer timeout: handing it over to Job %s",
-                held,
-                name,
-            )
+            if at_risk:
+                log.info(
+                    "message near the queue's delivery limit (%s return(s) left): handing "
+                    "it over to Job %s",
+                    delivery.returns_left,
+                    name,
+                )
+            else:
+                held = time.monotonic() - delivery.received_at  # as of now
+                log.info(
+                    "message held %.0fs, near the consumer timeout: handing it over to Job %s",
+                    held,
+                    name,
+                )
             record.deciding = False
             await self._settle(handles=record.handles, decision=Decision.ack(name), final=False)
             return None
@@ -536,12 +564,18 @@ class Dispatcher:
         handles: list[MessageHandle] | None = None,
         original: Mapping[str, Any] | None = None,
         final: bool = True,
-    ) -> None:
+    ) -> bool:
         """The one place a message is settled: a live message through the source, or an
         already-acked one from the copy its Job keeps (dead-letter only). ``final`` says
         the decision is the message's outcome (not an ack that hands it to its Job); only
         then is it recorded: for cleanup, and on the Job for a dead letter."""
         self._failpoints.hit("before-settle")
+        if final and decision.job_name and self._settle_hook is not None:
+            decision = await self._settle_hook.before_settle(decision)
+        identity = handles[-1].delivery.identity if handles else ""
+        if not identity and original is not None:
+            identity = str(original.get("identity") or original.get("message_id") or "")
+        decision = replace(decision, message_identity=identity)
         with self._tracer.start_as_current_span("settle") as span:
             span.set_attribute("jobrunner.settlement", decision.action.value)
             if decision.reason:
@@ -549,7 +583,7 @@ class Dispatcher:
             if handles:
                 if not await self._settle_live(handles, decision):
                     span.set_attribute("jobrunner.redelivery_expected", True)
-                    return
+                    return False
             elif decision.action is Action.DEAD_LETTER and original is not None:
                 await self._source.dead_letter_copy(original, decision)
         delivery = handles[-1].delivery if handles else None
@@ -588,39 +622,62 @@ class Dispatcher:
         else:
             log.info("released the message to the source to be tried again")
         if not final or not decision.job_name:
-            return
+            return True
         if decision.action is not Action.DEAD_LETTER:
             durable = not handles or self._source.is_durable(handles[-1])
             if durable:
                 self.settled_here.add(decision.job_name)
+                await self._release(decision.job_name, decision.action.value)
                 self.cleaner.trigger()
             elif handles:
                 self._awaiting_durable[decision.job_name] = handles[-1]
-        else:
-            # Recorded on the Job so that a redelivery (after a lost ack) or another
-            # dispatcher never dead-letters the same message twice. An ack needs no
-            # record: acking again is harmless, and it saves an API write per message.
-            try:
-                await self._retry(
-                    lambda: self._jobs.annotate_job(
-                        self.scaledjob.namespace,
-                        decision.job_name or "",
-                        {ANNOTATION_SETTLED: decision.action.value},
-                    )
-                )
-            except ApiRejected as exc:
-                if exc.status != 404:  # already gone (TTL): nothing to mark
-                    raise
-            self.settled_here.add(decision.job_name)
-            self.cleaner.trigger()
+            return True
+        # Recorded on the Job (with the finalizer's removal) so that a redelivery after
+        # a lost ack, or another dispatcher, never dead-letters the same message twice.
+        self.settled_here.add(decision.job_name)
+        await self._release(decision.job_name, decision.action.value)
+        self.cleaner.trigger()
+        return True
 
     def _promote_durable(self) -> None:
         for name, handle in list(self._awaiting_durable.items()):
             if self._source.is_durable(handle):
                 del self._awaiting_durable[name]
                 self.settled_here.add(name)
+                self._release_soon(name, Action.ACK.value)
             elif name not in self._tracker.jobs:
                 del self._awaiting_durable[name]  # gone anyway (TTL, someone else)
+
+    async def _release(self, name: str, settled: str) -> None:
+        """The message of Job ``name`` has a durable fate: remove the finalizer (and
+        record the settlement) in one write, so the Job may now be deleted."""
+        try:
+            await self._retry(
+                lambda: self._jobs.release_job(
+                    self.scaledjob.namespace, name, {ANNOTATION_SETTLED: settled}
+                )
+            )
+        except ApiRejected as exc:
+            self._job_log(name).warning("could not release Job %s: %s", name, exc)
+
+    def _release_soon(self, name: str, settled: str) -> None:
+        self._once(name, self._release(name, settled), f"release-{name}")
+
+    def _once(self, name: str, work: Coroutine[Any, Any, None], task_name: str) -> None:
+        """Run ``work`` for Job ``name`` unless work for it already runs (two listeners
+        may react to the same Job: it finished, and its deletion began)."""
+        if name in self._working_on:
+            work.close()
+            return
+        self._working_on.add(name)
+
+        async def guarded() -> None:
+            try:
+                await work
+            finally:
+                self._working_on.discard(name)
+
+        self._spawn(guarded(), name=task_name)
 
     async def _settle_live(self, handles: list[MessageHandle], decision: Decision) -> bool:
         """The decision on the newest live delivery; every other delivery of the same
@@ -644,19 +701,111 @@ class Dispatcher:
         if duration is not None:
             self._m_duration.labels(self.scaledjob.name, outcome.outcome.value).observe(duration)
         self.cleaner.trigger()
-        owned_by_job = state.ack_policy == AckPolicy.ON_JOB_CREATION.value or state.handed_over
-        if not owned_by_job or state.settled:
+        if not self._owns_message(state) or state.name in self.inflight:
             return
-        if outcome.reason == "JobDeleted":
-            # Its message was acked and the copy it kept went with it.
+        if state.settled:
+            if state.guarded:  # settled, but the release did not happen (a crash)
+                self._release_soon(state.name, state.settled)
+            return
+        if outcome.succeeded:
+            if state.guarded:
+                self._release_succeeded_kept(state)
+            return
+        if outcome.reason == "JobDeleted" and not state.guarded:
+            # A Job from before finalizers: its kept copy went with it.
             self._job_log(state.name).error(
                 "Job %s, which owned its acked message, was deleted before it finished", state.name
             )
             return
-        self._spawn(self._settle_kept(state, outcome), name=f"settle-kept-{state.name}")
+        self._once(state.name, self._settle_kept(state, outcome), f"settle-kept-{state.name}")
+
+    def _release_succeeded_kept(self, state: JobState) -> None:
+        """A Job that keeps its (acked) message succeeded. With a settle hook (a
+        function's outputs) the success goes through ``_settle`` so the hook runs before
+        the Job is released; else the Job is simply released."""
+        if self._settle_hook is None:
+            self._release_soon(state.name, Action.ACK.value)
+            return
+        self._once(state.name, self._settle_succeeded(state.name), f"settle-kept-{state.name}")
+
+    async def _settle_succeeded(self, name: str) -> None:
+        await self._settle(decision=Decision.ack(name))
+
+    @staticmethod
+    def _owns_message(state: JobState) -> bool:
+        """The Job keeps its message (acked on creation, or handed over): failures are
+        dead-lettered from its copy by whichever dispatcher sees them."""
+        return state.ack_policy == AckPolicy.ON_JOB_CREATION.value or state.handed_over
+
+    def _job_deleting(self, state: JobState) -> None:
+        """A Job that still carries our finalizer is being deleted (a person, the TTL
+        controller, history cleanup, a namespace deletion). Its message is settled
+        first, then the finalizer goes and the deletion finishes:
+
+        * its message is in hand here: the waiting task settles it (the Job's outcome,
+          or ``JobDeleted`` if it had not finished) and releases the Job;
+        * already settled (a crash came between the settlement and the release): release;
+        * the Job keeps its message: dead-letter ``JobDeleted`` (or its failure) from the
+          copy, or nothing if it succeeded; then release (``_job_finished`` does both);
+        * otherwise the message is with the broker or another dispatcher: its delivery
+          adopts the Job and settles it here or there. If none comes within the grace
+          (a crash came between an ack and the release), the Job is let go.
+        """
+        if state.name in self.inflight:
+            return
+        if state.settled:
+            self._release_soon(state.name, state.settled)
+            return
+        if self._owns_message(state):
+            if state.outcome is not None:
+                self._job_finished_quietly(state, state.outcome)
+            return
+        self._once(state.name, self._release_if_unclaimed(state), f"release-late-{state.name}")
+
+    def _job_finished_quietly(self, state: JobState, outcome: JobOutcome) -> None:
+        """The settle-or-release half of ``_job_finished`` (no metrics: counted once)."""
+        if outcome.succeeded and not state.settled:
+            self._release_succeeded_kept(state)
+        elif state.settled:
+            self._release_soon(state.name, state.settled)
+        else:
+            self._once(state.name, self._settle_kept(state, outcome), f"settle-kept-{state.name}")
+
+    async def _release_if_unclaimed(self, state: JobState) -> None:
+        grace = self._settings.unclaimed_deletion_grace_seconds
+        await asyncio.sleep(max(0.0, grace - age_seconds(state.finished_at)))
+        current = self._tracker.jobs.get(state.name)
+        if current is None or not current.guarded or state.name in self.inflight:
+            return  # released elsewhere, or its message arrived meanwhile
+        self._job_log(state.name).warning(
+            "Job %s is being deleted and no delivery of its message came within %.0fs: "
+            "its message was settled before a crash; letting the deletion finish",
+            state.name,
+            grace,
+        )
+        await self._release(state.name, "abandoned")
+
+    async def _decide(self, outcome: JobOutcome, name: str) -> Decision:
+        """``decision_for``, a failure's detail completed with what the executor can still
+        tell (exit codes, the last lines of a log): best effort, at most a few seconds."""
+        decision = decision_for(outcome, name)
+        if decision.action is not Action.DEAD_LETTER or not isinstance(
+            self._jobs, DescribesFailures
+        ):
+            return decision
+        try:
+            extra = await asyncio.wait_for(
+                self._jobs.failure_detail(self.scaledjob.namespace, name), timeout=5.0
+            )
+        except Exception as exc:  # the detail is a courtesy; the dead letter is not
+            self._log.debug("no failure detail for Job %s: %s", name, exc)
+            return decision
+        if not extra:
+            return decision
+        return replace(decision, detail=f"{decision.detail}; {extra}" if decision.detail else extra)
 
     async def _settle_kept(self, state: JobState, outcome: JobOutcome) -> None:
-        decision = decision_for(outcome, state.name)
+        decision = await self._decide(outcome, state.name)
         if decision.action is not Action.DEAD_LETTER:
             await self._settle(decision=decision)
             return

@@ -22,6 +22,12 @@ ANNOTATION_SOURCE_DETAIL = "jobrunner.dev/source-detail"
 ANNOTATION_ACK_POLICY = "jobrunner.dev/ack-policy"
 ANNOTATION_HANDED_OVER = "jobrunner.dev/handed-over"
 ANNOTATION_SETTLED = "jobrunner.dev/settled"
+FINALIZER = "jobrunner.dev/settlement"
+"""On every Job jobrunner creates, removed only once the Job's message has a durable fate
+(acked, dead-lettered and confirmed, or its offset committed): deleting the Job before
+then (a person, the TTL controller, history cleanup, a namespace deletion) leaves it in
+place, with the copy of the message it keeps, until a dispatcher has settled that
+message. ``jobrunner finalizers release`` removes it by hand (after an uninstall)."""
 ANNOTATION_BODY_DIGEST = "jobrunner.dev/body-sha256"
 """SHA-256 of the body the Job was made for: a later message that reuses the identity
 with another body is told apart from a redelivery."""
@@ -48,12 +54,21 @@ class Delivery:
     """``time.monotonic()`` when it arrived, for latency figures."""
     published_at: float | None = None
     """The producer's timestamp (epoch seconds), when the message carries one."""
+    returns_left: int | None = None
+    """How many more times the source tolerates this message coming back before it drops
+    or dead-letters it on its own (a quorum queue's delivery limit less the returns so
+    far); None: no limit. With one or none left the dispatcher hands the message over to
+    its Job as soon as the Job exists, so a crash cannot make the broker drop it."""
     positional: bool = False
     """The identity names one publish (a Kafka record's topic/partition/offset), so a
     Job found for it is always this same publish replayed: it is adopted whatever
     ``redelivered`` says. Otherwise (a message id, or a digest of the body) only a
     delivery the source marks ``redelivered`` adopts a finished Job; see the
     dispatcher's identity rule."""
+    unreadable: str | None = None
+    """Why the source could not decode this message (an Azure queue message that is not
+    the base64 it should be, say): it cannot become a Job and is dead-lettered
+    ``InvalidMessage`` with this text. ``body`` is then the message as received."""
 
 
 class Outcome(enum.Enum):
@@ -88,6 +103,9 @@ class Decision:
     reason: str = ""
     detail: str = ""
     job_name: str | None = None
+    message_identity: str = ""
+    """The message's identity (its id, or digest, or Kafka position), carried by a
+    dead-lettered copy so a consumer of the dead-letter target can drop a duplicate."""
 
     @classmethod
     def ack(cls, job_name: str | None = None) -> Decision:
@@ -99,10 +117,13 @@ class Decision:
 
     def reason_headers(self, **where: str) -> dict[str, str]:
         """The ``x-jobrunner-*`` headers every source puts on a dead-lettered copy: the
-        reason, its detail, the Job, and ``where`` it came from (``source_queue="q"``
+        reason, its detail, the Job, the message's identity, and ``where`` it came from
+        (``source_queue="q"``
         becomes ``x-jobrunner-source-queue``)."""
         headers = {"x-jobrunner-reason": self.reason, "x-jobrunner-detail": self.detail[:4000]}
         if self.job_name:
             headers["x-jobrunner-job"] = self.job_name
+        if self.message_identity:
+            headers["x-jobrunner-message-id"] = self.message_identity
         headers.update({f"x-jobrunner-{k.replace('_', '-')}": v for k, v in where.items()})
         return headers

@@ -68,7 +68,18 @@ class JobClient(Protocol):
         ...
 
     async def delete_job(self, namespace: str, name: str) -> None:
-        """Delete with background propagation, so owned pods and Secrets go too."""
+        """Delete with background propagation, so owned pods and Secrets go too. A Job
+        that still carries a finalizer stays, with ``deletionTimestamp`` set, until the
+        finalizer is removed."""
+        ...
+
+    async def release_job(
+        self, namespace: str, name: str, annotations: Mapping[str, str]
+    ) -> Mapping[str, Any] | None:
+        """Remove jobrunner's finalizer (``models.FINALIZER``) and merge ``annotations``
+        in one write, safe against concurrent writers (retried on conflict). Returns the
+        Job after it, or None when it no longer exists. A Job whose deletion was waiting
+        on the finalizer is then deleted."""
         ...
 
     async def read_secret(self, namespace: str, name: str) -> Mapping[str, str] | None: ...
@@ -98,6 +109,18 @@ class JobClient(Protocol):
     ) -> AsyncIterator[WatchEvent]:
         """Events after ``resource_version``; raises WatchExpired on 410 Gone. Ends when
         the server closes the watch; the caller resumes from the last version seen."""
+        ...
+
+
+@runtime_checkable
+class DescribesFailures(Protocol):
+    """A JobClient that can say more about a failed Job than its condition does (the
+    containers' exit codes, the last lines of a log): added to the dead letter's detail.
+    The local executor needs none (its condition message says it already)."""
+
+    async def failure_detail(self, namespace: str, name: str) -> str:
+        """What is known, as one line; "" when nothing is. Best effort: never raises
+        for what cannot be read."""
         ...
 
 
@@ -162,3 +185,31 @@ class KeepsMessagesAlive(Protocol):
         broker's cap (SQS: 12 h), before which the message is handed over to its Job.
         A ScaledJob that sets ``consumerTimeoutSeconds`` overrides it."""
         ...
+
+
+class OutputRefused(Exception):
+    """A destination refused an output for good (too large for it, say): publishing it
+    again cannot help, so the message is dead-lettered with this text."""
+
+
+class MessageSink(Protocol):
+    """Where an output binding's messages go (see jobrunner.outputs). Each source module
+    that can be a destination has an ``open_sink`` beside its ``open_source``."""
+
+    async def publish(self, body: bytes, *, message_id: str) -> None:
+        """Publish one message and return once the broker has it (confirmed, committed).
+        ``message_id`` is deterministic per (Job, binding, index), so a consumer can
+        recognise the one republish a crash can cause (see jobrunner.outputs). Raises
+        OutputRefused for a message the destination can never take; anything else is
+        retried."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class SettleHook(Protocol):
+    """A collaborator the dispatcher asks, in its settle step, before a message's final
+    settlement that names a Job (jobrunner.outputs publishes a function's outputs
+    there). It returns the decision to carry out (the same, or a dead letter)."""
+
+    async def before_settle(self, decision: Decision) -> Decision: ...

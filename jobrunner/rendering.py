@@ -46,6 +46,7 @@ from jobrunner.models import (
     ANNOTATION_BODY_DIGEST,
     ANNOTATION_MESSAGE_ID,
     ANNOTATION_SOURCE_DETAIL,
+    FINALIZER,
     LABEL_KEDA_SCALEDJOB,
     LABEL_MANAGED_BY,
     LABEL_MESSAGE_KEY,
@@ -471,6 +472,8 @@ class Renderer:
         sj = self.scaledjob
         config = sj.spec.messageDelivery
         body = delivery.body
+        if delivery.unreadable is not None:
+            raise RenderError("InvalidMessage", delivery.unreadable)
         if len(body) > config.maxMessageBytes:
             raise RenderError(
                 "MessageTooLarge",
@@ -485,6 +488,7 @@ class Renderer:
         }
         spec = self._spec(context)
         job_meta = self._metadata(context)
+        self._check_rendered(spec, job_meta)
         placement = _place_body(body, config)
         env = _message_env(
             delivery,
@@ -503,6 +507,8 @@ class Renderer:
                 "name": name,
                 "namespace": sj.namespace,
                 "labels": {**(job_meta.get("labels") or {}), **self._labels(delivery)},
+                # Kept until the message's fate is durable (see models.FINALIZER).
+                "finalizers": [FINALIZER],
                 "annotations": {
                     **(job_meta.get("annotations") or {}),
                     ANNOTATION_MESSAGE_ID: delivery.identity,
@@ -574,14 +580,32 @@ class Renderer:
             return self.template.where(path[1:], in_spec=False)
         return f"field {jobschema.field_path(path)}"
 
-    def _check_schema(self, job: dict[str, Any]) -> None:
-        problems = jobschema.coerce(job)
+    def _check_rendered(self, spec: dict[str, Any], metadata: dict[str, Any]) -> None:
+        """What the template made of the message, before jobrunner adds its own: text
+        lands in its field's type, or the message is a TemplateError naming the field as
+        the template wrote it (InvalidMessage for what no process can carry)."""
+        problems = jobschema.coerce(spec, jobschema.JOB_SPEC)
+        problems += [
+            jobschema.SchemaProblem(("metadata", *p.path), p.text)
+            for p in jobschema.coerce(metadata, jobschema.OBJECT_META)
+        ]
         if not problems:
             return
-        first = problems[0]
-        reason = "InvalidMessage" if "NUL byte" in first.text else "TemplateError"
-        detail = "; ".join(f"{self._where_rendered(p.path)}: {p.text}" for p in problems[:5])
+        reason = "InvalidMessage" if "NUL byte" in problems[0].text else "TemplateError"
+        detail = "; ".join(
+            f"{self._where_rendered(p.path if p.path[:1] == ('metadata',) else ('spec', *p.path))}"
+            f": {p.text}"
+            for p in problems[:5]
+        )
         raise RenderError(reason, detail)
+
+    def _check_schema(self, job: dict[str, Any]) -> None:
+        """The whole Job, with what jobrunner added (the message's id and headers in
+        env): anything wrong now came with the message itself."""
+        problems = jobschema.coerce(job)
+        if problems:
+            detail = "; ".join(f"field {p.field()}: {p.text}" for p in problems[:5])
+            raise RenderError("InvalidMessage", detail)
 
     def _keep_original(self, job: dict[str, Any], delivery: Delivery) -> bool:
         """Keep the original message in an annotation when it fits well within the

@@ -20,6 +20,7 @@ from jobrunner.models import (
     ANNOTATION_HANDED_OVER,
     ANNOTATION_MESSAGE_ID,
     ANNOTATION_SETTLED,
+    FINALIZER,
     JobOutcome,
     Outcome,
 )
@@ -31,7 +32,16 @@ DELETED = JobOutcome(Outcome.FAILED, "JobDeleted", "the Job was deleted before i
 
 
 def outcome_of(job: Mapping[str, Any]) -> JobOutcome | None:
-    """Finished means a ``Complete`` or ``Failed`` condition that is True (as KEDA reads it)."""
+    """Finished means a ``Complete`` or ``Failed`` condition that is True (as KEDA reads it);
+    an unfinished Job whose deletion has begun (``deletionTimestamp``: our finalizer keeps
+    it) has ended too, as ``JobDeleted``."""
+    outcome = _condition_outcome(job)
+    if outcome is None and (job.get("metadata") or {}).get("deletionTimestamp"):
+        return DELETED
+    return outcome
+
+
+def _condition_outcome(job: Mapping[str, Any]) -> JobOutcome | None:
     for condition in (job.get("status") or {}).get("conditions") or []:
         if condition.get("status") != "True":
             continue
@@ -60,6 +70,10 @@ class JobState:
     settled: str = ""
     message_id: str = ""
     """The identity of the message the Job was made for (its annotation)."""
+    deleting: bool = False
+    """Its deletion has begun (``deletionTimestamp``)."""
+    guarded: bool = False
+    """It carries jobrunner's finalizer: its message's fate is not yet durable."""
 
     @classmethod
     def from_object(cls, job: Mapping[str, Any]) -> JobState:
@@ -72,6 +86,7 @@ class JobState:
             finished_at = (
                 status.get("completionTime")
                 or _condition_time(status)
+                or meta.get("deletionTimestamp")
                 or meta.get("creationTimestamp", "")
             )
         return cls(
@@ -84,6 +99,8 @@ class JobState:
             handed_over=annotations.get(ANNOTATION_HANDED_OVER) == "true",
             settled=annotations.get(ANNOTATION_SETTLED, ""),
             message_id=annotations.get(ANNOTATION_MESSAGE_ID, ""),
+            deleting=bool(meta.get("deletionTimestamp")),
+            guarded=FINALIZER in (meta.get("finalizers") or []),
         )
 
 
@@ -121,6 +138,7 @@ class JobTracker:
         self.jobs: dict[str, JobState] = {}
         self._waiters: dict[str, list[asyncio.Future[JobOutcome]]] = {}
         self._listeners: list[FinishedListener] = []
+        self._deletion_listeners: list[Callable[[JobState], None]] = []
         self.synced = asyncio.Event()
         self._backoff = _Backoff(ceiling=backoff_ceiling)
 
@@ -131,6 +149,20 @@ class JobTracker:
     def remove_listener(self, listener: FinishedListener) -> None:
         if listener in self._listeners:
             self._listeners.remove(listener)
+
+    def on_deletion(self, listener: Callable[[JobState], None]) -> None:
+        """Called once per Job that still carries jobrunner's finalizer when it is first
+        seen being deleted (after ``on_finished``, which a deletion also triggers for a
+        Job that had not finished)."""
+        self._deletion_listeners.append(listener)
+
+    def remove_deletion_listener(self, listener: Callable[[JobState], None]) -> None:
+        if listener in self._deletion_listeners:
+            self._deletion_listeners.remove(listener)
+
+    def deleting(self) -> list[JobState]:
+        """Jobs whose deletion waits on jobrunner's finalizer."""
+        return [s for s in self.jobs.values() if s.deleting and s.guarded]
 
     def unfinished(self) -> list[str]:
         return [name for name, state in self.jobs.items() if state.outcome is None]
@@ -173,6 +205,12 @@ class JobTracker:
         self.jobs[new.name] = new
         if new.outcome is not None and (old is None or old.outcome is None):
             self._resolve(new, new.outcome)
+        if new.deleting and new.guarded and not (old is not None and old.deleting):
+            for deletion_listener in self._deletion_listeners:
+                try:
+                    deletion_listener(new)
+                except Exception:
+                    logger.exception("deletion-listener failed for job %s", new.name)
 
     async def _list(self) -> str:
         """List page by page, keeping only a JobState per Job so a large listing never

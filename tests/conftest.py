@@ -32,6 +32,12 @@ def kafka_bootstrap() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def azure_storage() -> str:
+    """Azurite's connection string."""
+    return services.azure_storage_connection()
+
+
+@pytest.fixture(scope="session")
 def sqs_endpoint() -> str:
     return services.stack_service("SQS (ElasticMQ)", "JOBRUNNER_TEST_SQS_ENDPOINT")
 
@@ -81,6 +87,14 @@ def namespace(kube_api: object) -> Iterator[str]:
     try:
         yield name
     finally:
+        # Jobs whose dispatcher is gone keep jobrunner's finalizer (by design): release
+        # them, as `jobrunner finalizers release` would, so the namespace can go.
+        batch = client.BatchV1Api(kube_api)
+        for job in batch.list_namespaced_job(name).items:
+            if job.metadata.finalizers:
+                batch.patch_namespaced_job(
+                    job.metadata.name, name, {"metadata": {"finalizers": None}}
+                )
         core.delete_namespace(name, propagation_policy="Background")
 
 

@@ -8,6 +8,9 @@ KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
 KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
 ELASTICMQ_VERSION="${ELASTICMQ_VERSION:-1.7.1}"
 NATS_VERSION="${NATS_VERSION:-v2.15.2}"
+# Azurite: 3.35.0 is the newest release whose engines accept Node 20 (3.36.0 wants >= 21,
+# 3.37.0 >= 22); Debian 13's nodejs is 20.
+AZURITE_VERSION="${AZURITE_VERSION:-3.35.0}"
 
 # Built binaries and the Go/Maven caches live outside the work tree so that a fresh
 # clone on the same machine reuses them; each build is keyed by its version.
@@ -30,6 +33,7 @@ KWOK_BIN="$JOBRUNNER_CACHE/kwok-$KWOK_VERSION/bin"
 KAFKA_HOME="$JOBRUNNER_CACHE/kafka-$KAFKA_VERSION"
 ELASTICMQ_HOME="$JOBRUNNER_CACHE/elasticmq-$ELASTICMQ_VERSION"
 NATS_BIN="$JOBRUNNER_CACHE/nats-server-$NATS_VERSION/bin"
+AZURITE_HOME="$JOBRUNNER_CACHE/azurite-$AZURITE_VERSION"
 
 APISERVER_PORT="${APISERVER_PORT:-6443}"
 ETCD_PORT="${ETCD_PORT:-2379}"
@@ -48,6 +52,13 @@ REDIS_PASSWORD="${REDIS_PASSWORD:-local-stack-secret}"
 NATS_PORT="${NATS_PORT:-4222}"
 NATS_MONITOR_PORT="${NATS_MONITOR_PORT:-8222}"
 MQTT_PORT="${MQTT_PORT:-1883}"
+RABBITMQ_TLS_PORT="${RABBITMQ_TLS_PORT:-5671}"
+RABBITMQ_USER="${RABBITMQ_USER:-jobrunner}"
+RABBITMQ_PASSWORD="${RABBITMQ_PASSWORD:-local-rabbit-secret}"
+AZURITE_QUEUE_PORT="${AZURITE_QUEUE_PORT:-10001}"
+# Azurite's well-known development account (public, the same in every Azurite).
+AZURITE_ACCOUNT=devstoreaccount1
+AZURITE_KEY="Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 log() { printf '[stack %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Brings up the real services jobrunner's tests run against, all on 127.0.0.1:
 #   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, KWOK with one fake node,
-#   RabbitMQ (with the management plugin), Apache Kafka (KRaft, one node), ElasticMQ
-#   (SQS), Redis, NATS with JetStream and Mosquitto (MQTT 5).
+#   RabbitMQ (with the management plugin), Apache Kafka (KRaft, one node), Azurite
+#   (the Azure Storage emulator, queue service only), ElasticMQ (SQS), Redis, NATS with
+#   JetStream and Mosquitto (MQTT 5).
 # Idempotent: a part that is already healthy is left alone. Binaries are built once and
 # cached by version (see build-*.sh). Writes $ENV_FILE for the tests and the demo.
 #
-# Usage: stack-up.sh [all|k8s|rabbitmq|kafka|sqs|redis|nats|mqtt]...
+# Usage: stack-up.sh [all|k8s|rabbitmq|kafka|azurite|sqs|redis|nats|mqtt]...
 source "$(dirname "$0")/common.sh"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 
@@ -176,12 +177,43 @@ rmq_env() {
 }
 rmqctl() { rmq_env; /usr/lib/rabbitmq/bin/rabbitmqctl -n jobrunner@localhost "$@"; }
 
+make_rabbitmq_tls() {
+  # The server certificate is signed by the local CA the Kafka TLS listener uses.
+  make_kafka_tls
+  local dir="$RMQ_DIR/tls" ca="$KAFKA_DIR/tls"
+  [[ -f "$dir/server.crt" ]] && return
+  mkdir -p "$dir"
+  (
+    cd "$dir"
+    openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' > server.ext
+    openssl x509 -req -in server.csr -CA "$ca/ca.crt" -CAkey "$ca/ca.key" -CAcreateserial \
+      -out server.crt -days 3650 -extfile server.ext
+    chmod 644 server.key
+  ) >>"$LOG_DIR/rabbitmq-tls.log" 2>&1 || die "openssl (RabbitMQ TLS certificates in $dir)" "$LOG_DIR/rabbitmq-tls.log"
+}
+
+rabbitmq_tls_up() { (exec 3<>"/dev/tcp/127.0.0.1/$RABBITMQ_TLS_PORT") 2>/dev/null; }
+
 up_rabbitmq() {
   [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] || bash "$HERE/install-system.sh"
-  if rmqctl status >/dev/null 2>&1; then log "rabbitmq already running"; return; fi
-  mkdir -p "$RMQ_DIR" "$LOG_DIR/rabbitmq"
+  mkdir -p "$RMQ_DIR" "$LOG_DIR/rabbitmq" "$KAFKA_DIR"
+  make_rabbitmq_tls
+  if rmqctl status >/dev/null 2>&1; then
+    if rabbitmq_tls_up; then log "rabbitmq already running"; rabbitmq_user; return; fi
+    # Started by an older stack-up without the TLS listener: restart it with this config.
+    log "restarting rabbitmq to add its TLS listener"
+    rmqctl stop >/dev/null 2>&1 || true
+    stop_pid rabbitmq
+  fi
   cat > "$RMQ_DIR/rabbitmq.conf" <<CONF
 listeners.tcp.1 = 127.0.0.1:$RABBITMQ_PORT
+listeners.ssl.1 = 127.0.0.1:$RABBITMQ_TLS_PORT
+ssl_options.cacertfile = $KAFKA_DIR/tls/ca.crt
+ssl_options.certfile = $RMQ_DIR/tls/server.crt
+ssl_options.keyfile = $RMQ_DIR/tls/server.key
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = false
 management.tcp.ip = 127.0.0.1
 management.tcp.port = $RABBITMQ_MGMT_PORT
 # RabbitMQ's default (30 min); tests shorten it at run time with rabbitmqctl eval.
@@ -196,6 +228,20 @@ CONF
     || die "rabbitmq-server (await_startup failed within 120s)" "$LOG_DIR/rabbitmq-server.log"
   wait_for "rabbitmq management" 60 curl -sf -u guest:guest "http://127.0.0.1:$RABBITMQ_MGMT_PORT/api/overview" \
     || die "rabbitmq management plugin (no /api/overview within 60s)" "$LOG_DIR/rabbitmq-server.log"
+  wait_for "rabbitmq TLS listener" 30 rabbitmq_tls_up \
+    || die "rabbitmq TLS listener on :$RABBITMQ_TLS_PORT" "$LOG_DIR/rabbitmq-server.log"
+  rabbitmq_user
+}
+
+# A user with a real password beside guest, as production brokers have.
+rabbitmq_user() {
+  if ! rmqctl list_users 2>/dev/null | grep -q "^$RABBITMQ_USER\b"; then
+    rmqctl add_user "$RABBITMQ_USER" "$RABBITMQ_PASSWORD" >/dev/null \
+      || die "rabbitmqctl add_user $RABBITMQ_USER" "$LOG_DIR/rabbitmq-server.log"
+  fi
+  rmqctl set_permissions -p / "$RABBITMQ_USER" ".*" ".*" ".*" >/dev/null \
+    || die "rabbitmqctl set_permissions $RABBITMQ_USER" "$LOG_DIR/rabbitmq-server.log"
+  rmqctl set_user_tags "$RABBITMQ_USER" management >/dev/null || true
 }
 
 # ---------------------------------------------------------------- Kafka
@@ -369,13 +415,41 @@ CONF
   wait_for mosquitto 60 mqtt_ready || die "mosquitto -c $MQTT_DIR/mosquitto.conf (no \$SYS answer within 60s)" "$LOG_DIR/mosquitto.log"
 }
 
+# ---------------------------------------------------------------- Azurite (queue service)
+AZURITE_DIR="$JOBRUNNER_STATE/azurite"
+AZURITE_CONNECTION="DefaultEndpointsProtocol=http;AccountName=$AZURITE_ACCOUNT;AccountKey=$AZURITE_KEY;QueueEndpoint=http://127.0.0.1:$AZURITE_QUEUE_PORT/$AZURITE_ACCOUNT;"
+# Any HTTP answer from the queue endpoint means it serves (an anonymous request gets 4xx).
+azurite_ready() { curl -s -o /dev/null "http://127.0.0.1:$AZURITE_QUEUE_PORT/$AZURITE_ACCOUNT?comp=list"; }
+
+up_azurite() {
+  bash "$HERE/build-azurite.sh"
+  if pid_alive azurite && azurite_ready; then log "azurite already running"; return; fi
+  stop_pid azurite
+  mkdir -p "$AZURITE_DIR"
+  log "starting azurite $AZURITE_VERSION (queue service)"
+  # --skipApiVersionCheck: the Python SDK sends a newer x-ms-version than this Azurite's
+  # baseline (2025-11-05) and would get 400 InvalidHeaderValue otherwise.
+  start_bg azurite "$LOG_DIR/azurite.log" node "$AZURITE_HOME/node_modules/azurite/dist/src/queue/main.js" \
+    --queueHost 127.0.0.1 --queuePort "$AZURITE_QUEUE_PORT" --location "$AZURITE_DIR" \
+    --skipApiVersionCheck --disableTelemetry
+  wait_for azurite 60 azurite_ready || die "azurite-queue (no answer on :$AZURITE_QUEUE_PORT within 60s)" "$LOG_DIR/azurite.log"
+}
+azurite_env() {
+  echo "JOBRUNNER_TEST_AZURE_STORAGE_CONNECTION_STRING=$AZURITE_CONNECTION"
+}
+
 write_env() {
-  cat > "$ENV_FILE" <<ENV
+  local fresh="$ENV_FILE.new"
+  cat > "$fresh" <<ENV
 # Written by deploy/local/stack-up.sh; read by the test fixtures and the demo.
 JOBRUNNER_TEST_KUBECONFIG=$KUBECONFIG_PATH
 JOBRUNNER_TEST_RABBITMQ_URL=amqp://guest:guest@127.0.0.1:$RABBITMQ_PORT/
 JOBRUNNER_TEST_RABBITMQ_MANAGEMENT_URL=http://guest:guest@127.0.0.1:$RABBITMQ_MGMT_PORT/
 JOBRUNNER_TEST_RABBITMQCTL=$HERE/rabbitmqctl.sh
+JOBRUNNER_TEST_RABBITMQ_TLS_URL=amqps://$RABBITMQ_USER:$RABBITMQ_PASSWORD@127.0.0.1:$RABBITMQ_TLS_PORT/
+JOBRUNNER_TEST_RABBITMQ_TLS_CA=$KAFKA_DIR/tls/ca.crt
+JOBRUNNER_TEST_RABBITMQ_USER=$RABBITMQ_USER
+JOBRUNNER_TEST_RABBITMQ_PASSWORD=$RABBITMQ_PASSWORD
 JOBRUNNER_TEST_KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT
 JOBRUNNER_TEST_KAFKA_SASL_BOOTSTRAP=127.0.0.1:$KAFKA_SASL_PORT
 JOBRUNNER_TEST_KAFKA_TLS_BOOTSTRAP=127.0.0.1:$KAFKA_TLS_PORT
@@ -392,6 +466,15 @@ JOBRUNNER_TEST_MQTT_URL=mqtt://127.0.0.1:$MQTT_PORT
 JOBRUNNER_TEST_STACK_RESTART=$HERE/stack-restart.sh
 JOBRUNNER_TEST_STACK_STATE=$JOBRUNNER_STATE
 ENV
+  azurite_env >> "$fresh"
+  # Keep what other parts (started by another checkout's stack-up) wrote: several
+  # branches share one stack.
+  if [[ -f "$ENV_FILE" ]]; then
+    grep -E '^[A-Z_]+=' "$ENV_FILE" | while IFS= read -r line; do
+      grep -q "^${line%%=*}=" "$fresh" || echo "$line"
+    done >> "$fresh"
+  fi
+  mv "$fresh" "$ENV_FILE"
 }
 
 parts=("$@"); (( ${#parts[@]} )) || parts=(all)
@@ -402,15 +485,16 @@ for part in "${parts[@]}"; do
       bash "$HERE/install-system.sh"
       # Every cached binary at once: the downloads of one overlap the compiling of another.
       bash "$HERE/build-all.sh"
-      up_k8s; up_rabbitmq; up_kafka; up_sqs; up_redis; up_nats; up_mqtt ;;
+      up_k8s; up_rabbitmq; up_kafka; up_azurite; up_sqs; up_redis; up_nats; up_mqtt ;;
     k8s) up_k8s ;;
     rabbitmq) up_rabbitmq ;;
     kafka) up_kafka ;;
+    azurite) up_azurite ;;
     sqs) up_sqs ;;
     redis) up_redis ;;
     nats) up_nats ;;
     mqtt) up_mqtt ;;
-    *) die "unknown part '$part' (use all, k8s, rabbitmq, kafka, sqs, redis, nats or mqtt)" ;;
+    *) die "unknown part '$part' (use all, k8s, rabbitmq, kafka, azurite, sqs, redis, nats or mqtt)" ;;
   esac
 done
 # stack-restart.sh restarts one part without rewriting the env file others read.

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from typing import Any
 from jobrunner import jobschema
 from jobrunner.local.jobdir import JobDir
 from jobrunner.local.supervisor import RETRY_ENV
+from jobrunner.models import FINALIZER
 from jobrunner.protocols import ApiRejected, JobPage, WatchEvent, WatchExpired
 from jobrunner.timestamps import age_seconds, now_rfc3339
 from jobrunner.tracker import JobState, outcome_of
@@ -66,6 +67,14 @@ def unrunnable(job: Mapping[str, Any]) -> str | None:
                     f"spec.template.spec.{key}[{i}].command: the local executor runs a "
                     "container's command and args, not its image's entrypoint; add "
                     "`command:` to the Job template"
+                )
+    for i, container in enumerate(pod.get("initContainers") or []):
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = container.get(kind) or {}
+            if probe and not any(k in probe for k in ("tcpSocket", "httpGet", "exec")):
+                return (
+                    f"spec.template.spec.initContainers[{i}].{kind}: the local executor runs "
+                    "tcpSocket, httpGet and exec probes only"
                 )
     for i, volume in enumerate(pod.get("volumes") or []):
         if "secret" not in volume and "emptyDir" not in volume:
@@ -117,6 +126,10 @@ class LocalJobClient:
             return None
         status = jobdir.status()
         job["status"] = {k: v for k, v in status.items() if k != "pgids"}
+        added = jobdir.job_annotations()
+        if added:
+            annotations = job["metadata"].setdefault("annotations", {})
+            job["metadata"]["annotations"] = {**added, **annotations}
         job["metadata"]["resourceVersion"] = str(self._version)
         return job
 
@@ -212,27 +225,73 @@ class LocalJobClient:
     async def get_job(self, namespace: str, name: str) -> Mapping[str, Any] | None:
         return await asyncio.to_thread(self._object, self.jobdir(namespace, name))
 
+    def _modify(
+        self, jobdir: JobDir, change: Callable[[dict[str, Any]], None]
+    ) -> dict[str, Any] | None:
+        """Read-modify-write of the Job record under a lock, as an API server serialises
+        writes to one object (dispatchers in other processes may write it too). Returns
+        the Job after the change; None when it does not exist."""
+        if not jobdir.path.is_dir():
+            return None
+        with jobdir.record_lock():
+            job = jobdir.job()
+            if job is None:
+                return None
+            change(job)
+            jobdir.write_job(job)
+        return self._object(jobdir)
+
     async def annotate_job(
         self, namespace: str, name: str, annotations: Mapping[str, str]
     ) -> Mapping[str, Any]:
-        def patch() -> dict[str, Any]:
-            jobdir = self.jobdir(namespace, name)
-            job = jobdir.job()
-            if job is None:
-                raise ApiRejected(404, "NotFound", f'jobs.batch "{name}" not found')
+        def change(job: dict[str, Any]) -> None:
             job["metadata"].setdefault("annotations", {}).update(annotations)
-            jobdir.write_job(job)
-            result = self._object(jobdir)
-            assert result is not None
-            return result
 
-        result = await asyncio.to_thread(patch)
+        result = await asyncio.to_thread(self._modify, self.jobdir(namespace, name), change)
+        if result is None:
+            raise ApiRejected(404, "NotFound", f'jobs.batch "{name}" not found')
         self._changed.set()
         return result
 
-    async def delete_job(self, namespace: str, name: str) -> None:
-        await asyncio.to_thread(self._delete, self.jobdir(namespace, name))
+    async def release_job(
+        self, namespace: str, name: str, annotations: Mapping[str, str]
+    ) -> Mapping[str, Any] | None:
+        def release() -> dict[str, Any] | None:
+            jobdir = self.jobdir(namespace, name)
+
+            def change(job: dict[str, Any]) -> None:
+                meta = job["metadata"]
+                meta["finalizers"] = [f for f in meta.get("finalizers") or [] if f != FINALIZER]
+                meta.setdefault("annotations", {}).update(annotations)
+
+            result = self._modify(jobdir, change)
+            if result is not None and self._deletable(result):
+                self._delete(jobdir)
+            return result
+
+        result = await asyncio.to_thread(release)
         self._changed.set()
+        return result
+
+    @staticmethod
+    def _deletable(job: Mapping[str, Any]) -> bool:
+        meta = job.get("metadata") or {}
+        return bool(meta.get("deletionTimestamp")) and not meta.get("finalizers")
+
+    async def delete_job(self, namespace: str, name: str) -> None:
+        await asyncio.to_thread(self._request_delete, self.jobdir(namespace, name))
+        self._changed.set()
+
+    def _request_delete(self, jobdir: JobDir) -> None:
+        """As the API server deletes: a Job with finalizers is only marked
+        (``deletionTimestamp``) and stays until they are removed; one without goes now."""
+
+        def mark(job: dict[str, Any]) -> None:
+            job["metadata"].setdefault("deletionTimestamp", now_rfc3339())
+
+        job = self._modify(jobdir, mark)
+        if job is None or not (job.get("metadata") or {}).get("finalizers"):
+            self._delete(jobdir)
 
     def _delete(self, jobdir: JobDir) -> None:
         if not jobdir.path.exists():
@@ -321,8 +380,9 @@ class LocalJobClient:
         ttl = (obj.get("spec") or {}).get("ttlSecondsAfterFinished")
         if ttl is None:
             return
-        if age_seconds(JobState.from_object(obj).finished_at) >= float(ttl):
-            self._delete(jobdir)
+        expired = age_seconds(JobState.from_object(obj).finished_at) >= float(ttl)
+        if expired and not (obj.get("metadata") or {}).get("deletionTimestamp"):
+            self._request_delete(jobdir)
 
     def _may_restart(self, jobdir: JobDir) -> bool:
         """Restarts of a Job's supervisor back off (0.5 s doubling to 30 s), so a

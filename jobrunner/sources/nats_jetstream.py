@@ -359,17 +359,15 @@ class NatsJetStreamSource:
     ) -> None:
         headers = {k: v for k, v in headers.items() if not k.startswith("x-jobrunner-")}
         # Nats-Msg-Id would make the dead-letter stream drop it as a duplicate of nothing
-        # related; the id travels as x-jobrunner-message-id instead.
-        message_id = headers.pop("Nats-Msg-Id", "")
-        headers.update(
-            decision.reason_headers(
-                scaledjob=self._scaledjob,
-                source_stream=metadata.get("stream", self.stream),
-                source_sequence=metadata.get("sequence", ""),
-                source_subject=metadata.get("subject", ""),
-                message_id=message_id,
-            )
-        )
+        # related; it travels as x-jobrunner-source-msg-id instead.
+        where = {
+            "scaledjob": self._scaledjob,
+            "source_stream": metadata.get("stream", self.stream),
+            "source_sequence": metadata.get("sequence", ""),
+            "source_subject": metadata.get("subject", ""),
+            "source_msg_id": headers.pop("Nats-Msg-Id", ""),
+        }
+        headers.update(decision.reason_headers(**{k: v for k, v in where.items() if v}))
         # Awaits the PubAck: the dead-letter stream holds the copy.
         await self._js.publish(self.dead_letter_subject, body, headers=headers, timeout=10)
 

@@ -16,7 +16,8 @@ Rules, from the SQS Developer Guide:
   run one after another. The identity is the deduplication id (a producer's retry after
   SQS's 5-minute deduplication window finds the Job it already has); on a standard queue
   it is the message id, which names one send.
-* Dead letters: a copy (``SendMessage``, with ``x-jobrunner-*`` reason attributes) to
+* Dead letters: a copy (``SendMessage``, with ``x-jobrunner-*`` reason attributes, the
+  SQS message id in ``x-jobrunner-source-message-id``) to
   ``deadLetter.queue``, else the queue's redrive-policy target, else ``<queue>-dead-letter``
   (created, FIFO when the queue is); only then is the original deleted. SQS allows 10
   message attributes: when the originals and ours would pass that, the originals travel
@@ -513,7 +514,7 @@ class SQSSource:
     ) -> None:
         assert self._client is not None
         ours = decision.reason_headers(
-            source_queue=self._trigger.queue_name, message_id=message_id
+            source_queue=self._trigger.queue_name, source_message_id=message_id
         )
         ours["x-jobrunner-scaledjob"] = self._scaledjob
         ours = {k: v for k, v in ours.items() if v}

@@ -20,10 +20,6 @@ from jobrunner.models import LABEL_SCALEDJOB
 from tests.helpers import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
-SETTLED_LINES = {"ack": "acked the message (Job", "dead-letter": "dead-lettered the message ("}
-"""The dispatcher's log line for a settlement of each kind (jobrunner.dispatcher._settle)."""
-
-
 def write_manifest(
     path: Path,
     *,
@@ -129,12 +125,17 @@ class Dispatcher:
         return self.logs().count(SETTLED_LINES[action])
 
     async def settled(self, action: str, count: int, *, within: float = 60) -> None:
-        """Wait until this dispatcher has logged ``count`` settlements of ``action``."""
+        """Wait until this dispatcher has logged ``count`` settlements of ``action``
+        (``ack`` or ``dead-letter``), as the dispatcher words them."""
 
         async def enough() -> bool:
             return self.settlements(action) >= count
 
         await eventually(enough, within=within, interval=0.2)
+
+
+SETTLED_LINES = {"ack": "acked the message (Job ", "dead-letter": "dead-lettered the message ("}
+"""What a dispatcher logs when it settles a message, by action."""
 
 
 def jobs_of(kube_api: client.ApiClient, namespace: str, scaledjob: str) -> list[Any]:

@@ -105,3 +105,78 @@ async def test_kube_apiserver_restart_mid_run_retries_and_resumes(
     assert "Kubernetes API unavailable" in dispatcher.logs()
     assert dispatcher.terminate() == 0
     assert (await queue_depth(rabbitmq_url, queue))[0] == 0
+
+
+async def test_a_missing_queue_waits_alone_says_why_and_starts_once_declared(
+    kube_api: client.ApiClient,
+    namespace: str,
+    queue: str,
+    rabbitmq_url: str,
+    tmp_path: Path,
+    dispatchers: Callable[..., Dispatcher],
+) -> None:
+    import uuid
+
+    import aio_pika
+    import yaml
+
+    from tests.integration.harness import busybox_job
+    from tests.integration.test_observability import free_port, get
+
+    missing = f"q-missing-{uuid.uuid4().hex[:8]}"
+    docs = [
+        {
+            "apiVersion": "jobrunner.dev/v1alpha1",
+            "kind": "ScaledJob",
+            "metadata": {"name": name, "namespace": namespace},
+            "spec": {
+                "jobTargetRef": busybox_job(),
+                "triggers": [
+                    {"type": "rabbitmq", "metadata": {"queueName": q, "host": rabbitmq_url}}
+                ],
+            },
+        }
+        for name, q in (("absent", missing), ("present", queue))
+    ]
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    port = free_port()
+    dispatcher = dispatchers(path, {"JOBRUNNER_TELEMETRY__HTTP_PORT": str(port)})
+    base = f"http://127.0.0.1:{port}"
+    # The other ScaledJob of the same dispatcher works all the same.
+    await publish(rabbitmq_url, queue, b"{}", message_id="present-1")
+    await dispatcher.settled("ack", 1)
+
+    async def not_ready_naming_the_queue() -> str | None:
+        try:
+            status, text = await asyncio.to_thread(get, f"{base}/readyz")
+        except OSError:  # not listening yet
+            return None
+        return text if status == 503 and missing in text else None
+
+    why = await eventually(not_ready_naming_the_queue, within=30)
+    assert "vhost '/'" in why
+    assert "declare it" in why
+    logs = dispatcher.logs()
+    assert f"queue '{missing}' does not exist in vhost '/'" in logs
+    assert "Traceback" not in logs
+    assert "ChannelNotFoundEntity" not in logs
+    assert dispatcher.process is not None
+    assert dispatcher.process.poll() is None
+    # Declared later, it is consumed without a restart.
+    async with await aio_pika.connect(rabbitmq_url) as connection:
+        channel = await connection.channel()
+        await channel.declare_queue(missing, durable=True)
+    try:
+        await publish(rabbitmq_url, missing, b"{}", message_id="absent-1")
+        await dispatcher.settled("ack", 2, within=90)
+
+        async def ready() -> bool:
+            return (await asyncio.to_thread(get, f"{base}/readyz"))[0] == 200
+
+        await eventually(ready, within=60)
+    finally:
+        async with await aio_pika.connect(rabbitmq_url) as connection:
+            channel = await connection.channel()
+            await channel.queue_delete(missing)
+            await channel.queue_delete(f"{missing}.dead-letter")

@@ -39,7 +39,9 @@ def state_dir(tmp_path: Path) -> Iterator[Path]:
     async def delete_all() -> None:
         for namespace in jobs.iterdir() if jobs.is_dir() else []:
             for job in namespace.iterdir():
+                # Deletion waits on jobrunner's finalizer; release it so processes end.
                 await client.delete_job(namespace.name, job.name)
+                await client.release_job(namespace.name, job.name, {})
 
     asyncio.run(delete_all())
 
@@ -115,11 +117,15 @@ class Dispatchers:
         self.started: list[subprocess.Popen[bytes]] = []
 
     def start(self, manifest: Path) -> subprocess.Popen[bytes]:
+        return self.start_with(manifest, {})
+
+    def start_with(self, manifest: Path, extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
         env = {
             **os.environ,
             "JOBRUNNER_LOCAL__RETRY_SECONDS": "0.2",
             "JOBRUNNER_LOG_LEVEL": "DEBUG",
             "JOBRUNNER_DISPATCHER__PROGRESS_LOG_SECONDS": "0.5",
+            **extra_env,
         }
         log = (self.log_dir / f"dispatcher-{len(self.started)}.log").open("wb")
         proc = subprocess.Popen(

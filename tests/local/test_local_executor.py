@@ -200,6 +200,35 @@ async def test_deleting_a_job_stops_its_processes_and_removes_it(
         return runs.exists() and runs.read_text() != ""
 
     await eventually(started, within=10)
+    name = job["metadata"]["name"]
+    # As on a cluster, jobrunner's finalizer holds the deletion until the message is
+    # settled: the Job is marked, and runs on.
+    await client.delete_job("default", name)
+    marked = await client.get_job("default", name)
+    assert marked is not None
+    assert marked["metadata"]["deletionTimestamp"]
+    os.kill(int(runs.read_text()), 0)  # still running
+    released = await client.release_job("default", name, {"jobrunner.dev/settled": "ack"})
+    assert released is not None
+    assert released["metadata"]["finalizers"] == []
+    assert await client.get_job("default", name) is None
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(runs.read_text()), 0)
+
+
+async def test_a_job_without_finalizers_is_deleted_at_once(
+    state_dir: Path, manifest: ManifestFactory, tmp_path: Path
+) -> None:
+    client = LocalJobClient(state_dir)
+    job, secret = render(manifest(NOTE_PID_AND_SLEEP), b"{}")
+    job["metadata"]["finalizers"] = []
+    await client.create_job(job, secret)
+    runs = tmp_path / "runs.txt"
+
+    async def started() -> bool:
+        return runs.exists() and runs.read_text() != ""
+
+    await eventually(started, within=10)
     await client.delete_job("default", job["metadata"]["name"])
     assert await client.get_job("default", job["metadata"]["name"]) is None
     with pytest.raises(ProcessLookupError):
@@ -215,6 +244,14 @@ async def test_ttl_after_finished_deletes_the_job(
     await client.create_job(job, secret)
     await finished(client, job)
     selector = "jobrunner.dev/scaledjob=work"
+
+    async def marked() -> bool:
+        page = await client.list_jobs("default", selector)
+        return bool(page.items and page.items[0]["metadata"].get("deletionTimestamp"))
+
+    # The TTL controller's deletion waits on the finalizer, then completes.
+    await eventually(marked, within=10)
+    await client.release_job("default", job["metadata"]["name"], {})
 
     async def gone() -> bool:
         page = await client.list_jobs("default", selector)
@@ -236,3 +273,57 @@ async def test_watch_reports_a_job_finishing(state_dir: Path, manifest: Manifest
             break
     assert seen[0] == "ADDED"
     assert seen[-1] == "MODIFIED"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"backoffLimit": "two"}, "spec.backoffLimit"),
+        ({"activeDeadlineSeconds": "1m"}, "spec.activeDeadlineSeconds"),
+        ({"completions": True}, "spec.completions"),
+        ({"backofLimit": 1}, "spec.backofLimit"),
+    ],
+)
+async def test_a_job_the_api_server_would_refuse_is_refused_at_create(
+    state_dir: Path, manifest: ManifestFactory, change: dict[str, Any], field: str
+) -> None:
+    client = LocalJobClient(state_dir)
+    job, secret = render(manifest("print('never')"), b"{}")
+    job["spec"].update(change)
+    with pytest.raises(ApiRejected) as info:
+        await client.create_job(job, secret)
+    assert info.value.status == 422
+    assert f"{field}: " in info.value.message
+    assert not (state_dir / "jobs" / "default" / job["metadata"]["name"]).exists()
+
+
+async def test_a_container_env_with_a_nul_byte_is_refused_at_create(
+    state_dir: Path, manifest: ManifestFactory
+) -> None:
+    client = LocalJobClient(state_dir)
+    job, secret = render(manifest("print('never')"), b"{}")
+    job["spec"]["template"]["spec"]["containers"][0]["env"].append({"name": "X", "value": "a\0b"})
+    with pytest.raises(ApiRejected) as info:
+        await client.create_job(job, secret)
+    assert "NUL byte" in info.value.message
+
+
+async def test_a_supervisor_that_meets_the_unexpected_fails_the_job_once_not_forever(
+    state_dir: Path, manifest: ManifestFactory
+) -> None:
+    client = LocalJobClient(state_dir, retry_seconds=0.1)
+    job, _ = render(manifest("print('never')"), b"{}")
+    name = job["metadata"]["name"]
+    jobdir = JobDir(state_dir / "jobs" / "default" / name)
+    jobdir.path.mkdir(parents=True)
+    # A Job record written by something other than create (an older version, a hand
+    # edit) that the supervisor cannot run.
+    job["spec"]["backoffLimit"] = "two"
+    job["metadata"].update(uid="u-1", creationTimestamp="2026-01-01T00:00:00Z")
+    jobdir.write_job(job)
+    await client.list_jobs("default", "app.kubernetes.io/managed-by=jobrunner")
+    done = await finished(client, job)
+    condition = done["status"]["conditions"][0]
+    assert (condition["type"], condition["reason"]) == ("Failed", "LocalExecutorError")
+    assert "ValueError" in condition["message"]
+    assert "Traceback" in (jobdir.path / "supervisor.log").read_text()

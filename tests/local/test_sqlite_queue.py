@@ -203,3 +203,37 @@ async def test_processes_opening_a_new_queue_file_at_once_all_succeed(tmp_path: 
             errors = [(await p.communicate())[1].decode() for p in procs]
         assert [p.returncode for p in procs] == [0, 0], "\n".join(errors)
         assert await counts(db, "work") == (2, 0, 0)
+
+
+async def test_many_settlements_at_once_are_each_carried_out_whole(tmp_path: Path) -> None:
+    # A dispatcher at maxReplicaCount 20 settling as fast as Jobs end, half of them dead
+    # letters, while the consumer keeps claiming: every settlement completes and the
+    # counts add up (statements of concurrent settlements once interleaved on the one
+    # connection: "cannot commit transaction - SQL statements in progress").
+    path = tmp_path / "q.db"
+    total = 400
+    await publish(path, "work", *(f"m{i}".encode() for i in range(total)))
+    source = SQLiteSource(path=path, queue="work", prefetch=20, scaledjob="sj", poll_interval=0)
+    await source.start()
+    settled: list[bool] = []
+
+    async def settle(handle: SQLiteHandle, i: int) -> None:
+        await asyncio.sleep(0)
+        if i % 2:
+            decision = Decision.dead_letter("Boom", "x" * 500, f"j{i}")
+        else:
+            decision = Decision.ack(f"j{i}")
+        settled.append(await source.settle(handle, decision))
+
+    try:
+        async with asyncio.timeout(60), asyncio.TaskGroup() as group:
+            count = 0
+            async for handle in source.deliveries():
+                group.create_task(settle(handle, count))
+                count += 1
+                if count == total:
+                    break
+    finally:
+        await source.close()
+    assert settled == [True] * total
+    assert await counts(path, "work") == (0, 0, total // 2)

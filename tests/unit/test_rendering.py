@@ -34,7 +34,9 @@ def manifest(job_spec: dict[str, Any] | None = None, **spec: Any) -> dict[str, A
         "metadata": {"name": "resize", "namespace": "media"},
         "spec": {
             "jobTargetRef": job_spec,
-            "triggers": [{"type": "rabbitmq", "metadata": {"queueName": "q", "host": "amqp://localhost"}}],
+            "triggers": [
+                {"type": "rabbitmq", "metadata": {"queueName": "q", "host": "amqp://localhost"}}
+            ],
             **spec,
         },
     }
@@ -245,3 +247,103 @@ def test_message_text_in_env_is_escaped_against_kubelet_expansion() -> None:
     assert env["JOBRUNNER_MESSAGE"] == "costs $$5, see $$(HOME) and $$$$"
     assert env["JOBRUNNER_MESSAGE_ID"] == "$$(id)"
     assert env["JOBRUNNER_MESSAGE_HEADERS"] == '{"h": "$$(x)"}'
+
+
+SECRET_PULLING = "echo $(DB_PASSWORD) $$ $(HOME)"
+
+
+@pytest.mark.parametrize(
+    ("container", "where"),
+    [
+        ({"command": ["sh", "-c", "{{ message.json.cmd }}"]}, ("command", 2)),
+        ({"args": ["--run", "{{ message.json.cmd }}"]}, ("args", 1)),
+        ({"args": ["prefix {{ message.json.cmd }} suffix"]}, ("args", 0)),
+        ({"env": [{"name": "CMD", "value": "{{ message.json.cmd }}"}]}, ("env", -1)),
+        (
+            {
+                "volumeMounts": [
+                    {"name": "v", "mountPath": "/v", "subPathExpr": "{{ message.json.cmd }}"}
+                ]
+            },
+            ("volumeMounts", 0),
+        ),
+    ],
+)
+def test_message_text_reaches_every_kubelet_expanded_field_byte_exact(
+    container: dict[str, Any], where: tuple[str, int]
+) -> None:
+    from jobrunner.local.supervisor import expand  # the kubelet's $(VAR) rule
+
+    spec = {
+        "template": {
+            "spec": {
+                "containers": [
+                    {
+                        "name": "work",
+                        "image": "busybox",
+                        "env": [{"name": "DB_PASSWORD", "value": "hunter2"}],
+                        **container,
+                    }
+                ],
+                "volumes": [{"name": "v", "emptyDir": {}}],
+            }
+        }
+    }
+    body = json.dumps({"cmd": SECRET_PULLING}).encode()
+    job = Renderer(parse_scaledjob(manifest(spec))).render(delivery(body)).job
+    out = job["spec"]["template"]["spec"]["containers"][0]
+    key, index = where
+    if key == "env":
+        value = next(e["value"] for e in out["env"] if e["name"] == "CMD")
+    elif key == "volumeMounts":
+        value = out["volumeMounts"][0]["subPathExpr"]
+    else:
+        value = out[key][index]
+    defined = {"DB_PASSWORD": "hunter2", "HOME": "/root"}
+    expanded = expand(value, defined)
+    assert "hunter2" not in expanded, "a message pulled a variable of the container into itself"
+    assert SECRET_PULLING in expanded
+
+
+def test_the_templates_own_variable_references_still_expand() -> None:
+    from jobrunner.local.supervisor import expand
+
+    spec = {
+        "template": {
+            "spec": {
+                "containers": [
+                    {
+                        "name": "work",
+                        "image": "busybox",
+                        "env": [{"name": "DB_PASSWORD", "value": "hunter2"}],
+                        "args": ["--password=$(DB_PASSWORD)", "--task={{ message.json.cmd }}"],
+                    }
+                ]
+            }
+        }
+    }
+    body = json.dumps({"cmd": "$(DB_PASSWORD)"}).encode()
+    job = Renderer(parse_scaledjob(manifest(spec))).render(delivery(body)).job
+    args = job["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert [expand(a, {"DB_PASSWORD": "hunter2"}) for a in args] == [
+        "--password=hunter2",
+        "--task=$(DB_PASSWORD)",
+    ]
+
+
+def test_fields_the_kubelet_does_not_expand_keep_message_text_unescaped() -> None:
+    spec = {
+        "template": {
+            "metadata": {"annotations": {"note": "{{ message.json.cmd }}"}},
+            "spec": {
+                "containers": [
+                    {"name": "work", "image": "busybox", "workingDir": "/w/{{ message.json.cmd }}"}
+                ]
+            },
+        }
+    }
+    body = json.dumps({"cmd": "$(X)"}).encode()
+    job = Renderer(parse_scaledjob(manifest(spec))).render(delivery(body)).job
+    template = job["spec"]["template"]
+    assert template["metadata"]["annotations"]["note"] == "$(X)"
+    assert template["spec"]["containers"][0]["workingDir"] == "/w/$(X)"
