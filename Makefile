@@ -29,7 +29,7 @@ help:
 	@echo "make test-unit         the unit tests and the embedded-mode tests: no services (~1 min)"
 	@echo "make test-integration  the tests against the local stack alone; starts it"
 	@echo "make lint              ruff, mypy --strict and the import contracts"
-	@echo "make bench             dispatch benchmarks on RabbitMQ then Kafka (~15 min); starts the stack"
+	@echo "make bench             dispatch benchmarks: RabbitMQ, Kafka, SQS, Redis, NATS, MQTT (~35 min)"
 	@echo "make soak              10 min chaos run: dispatchers killed, brokers and API server"
 	@echo "                       restarted, Jobs deleted; SOAK_ARGS='--seed 3 --minutes 30'"
 	@echo "make stack-up          start the local stack (builds it the first time, ~17 min)"
