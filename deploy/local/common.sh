@@ -6,6 +6,8 @@ K8S_VERSION="${K8S_VERSION:-v1.37.2}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
 KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
+# KEDA is built only for `make bench-keda` (deploy/local/keda-up.sh), never for the tests.
+KEDA_VERSION="${KEDA_VERSION:-v2.21.0}"
 
 # Built binaries and the Go/Maven caches live outside the work tree so that a fresh
 # clone on the same machine reuses them; each build is keyed by its version.
@@ -26,6 +28,8 @@ K8S_BIN="$JOBRUNNER_CACHE/k8s-$K8S_VERSION/bin"
 ETCD_BIN="$JOBRUNNER_CACHE/etcd-$ETCD_VERSION/bin"
 KWOK_BIN="$JOBRUNNER_CACHE/kwok-$KWOK_VERSION/bin"
 KAFKA_HOME="$JOBRUNNER_CACHE/kafka-$KAFKA_VERSION"
+KEDA_HOME="$JOBRUNNER_CACHE/keda-$KEDA_VERSION"
+KEDA_BIN="$KEDA_HOME/bin"
 
 APISERVER_PORT="${APISERVER_PORT:-6443}"
 ETCD_PORT="${ETCD_PORT:-2379}"
