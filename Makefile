@@ -7,7 +7,7 @@ STACK := deploy/local
 STACK_ENV ?= /tmp/jobrunner-stack/stack.env
 PYTEST_ARGS ?=
 
-.PHONY: help venv stack-up stack-down stack-status lint test test-unit test-integration demo demo-cluster bench clean
+.PHONY: help venv stack-up stack-down stack-status lint test test-unit test-integration demo demo-cluster bench bench-keda clean
 
 help:
 	@echo "make demo         eleven messages through a dispatcher, no cluster or broker needed"
@@ -16,6 +16,7 @@ help:
 	@echo "make test-unit    the fast unit tests alone (no services)"
 	@echo "make stack-up | stack-down | stack-status"
 	@echo "make bench        benchmarks (figures printed)"
+	@echo "make bench-keda   jobrunner beside the real KEDA operator (built from source), one table"
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -58,6 +59,11 @@ demo-cluster: venv stack-up
 bench: venv stack-up
 	$(BIN)/python bench/bench_dispatch.py rabbitmq
 	$(BIN)/python bench/bench_dispatch.py kafka
+
+# KEDA is built (once, cached in ~/.cache/jobrunner/keda-<version>/) and started only here.
+bench-keda: venv stack-up
+	bash $(STACK)/build-keda.sh >/dev/null
+	$(BIN)/python bench/bench_keda.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
