@@ -196,13 +196,16 @@ def _finished(obj: dict[str, Any]) -> tuple[bool, bool]:
 class Worker:
     """Plays the worker KEDA's Jobs are meant to run: once a Job's pod runs, it takes one
     message from its ScaledJob's queue and acks it at once (KEDA's RabbitMQ scaler counts
-    ready messages, so a taken message no longer counts)."""
+    ready messages, so a taken message no longer counts). One per system; its connection
+    also tells whether the broker went away during that system's run."""
 
     def __init__(self, url: str) -> None:
         self.queues: dict[str, str] = {}
         self.taken: dict[str, Take] = {}
         self.empty: list[Take] = []
         self.errors: list[str] = []
+        self.connection_lost = 0
+        self._closing = False
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="worker", daemon=True)
@@ -212,8 +215,16 @@ class Worker:
         asyncio.run_coroutine_threadsafe(self._connect(url), self._loop).result(30)
 
     async def _connect(self, url: str) -> None:
-        self._connection = await aio_pika.connect(url)
-        self._channel = await self._connection.channel()
+        # Robust: if someone restarts RabbitMQ meanwhile, the worker carries on (and the
+        # run says that the broker went away).
+        connection = await aio_pika.connect_robust(url)
+        connection.close_callbacks.add(self._lost)
+        self._connection = connection
+        self._channel = await connection.channel()
+
+    def _lost(self, *_: Any) -> None:
+        if not self._closing:
+            self.connection_lost += 1
 
     def take(self, scaledjob: str, job: str) -> None:
         queue = self.queues.get(scaledjob)
@@ -238,6 +249,7 @@ class Worker:
                 self.errors.append(f"{job}: {exc!r}")
 
     def close(self) -> None:
+        self._closing = True
         if self._connection is not None:
             asyncio.run_coroutine_threadsafe(self._connection.close(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
@@ -505,6 +517,7 @@ class Bench:
     url: str
     run_id: str
     work: Path
+    state: Path
 
     @property
     def core(self) -> client.CoreV1Api:
@@ -740,16 +753,18 @@ def node_ready(core: client.CoreV1Api) -> bool:
     return any(c.type == "Ready" and c.status == "True" for c in node.status.conditions or [])
 
 
-def run_system(bench: Bench, system: System, worker: Worker | None) -> dict[str, Any]:
+def run_system(bench: Bench, system: System) -> dict[str, Any]:
     namespace = f"{PREFIX}{bench.run_id}-{system.key}"
     out: dict[str, Any] = {"load_before": load()}
+    processes = stack_processes(bench.state)
     create_namespace(bench.core, namespace)
     keda: Process | None = None
     side: Side
     attribution: Attribution
-    observer = Observer(bench.api, namespace, worker)
+    worker = Worker(bench.url)
+    keda_worker = worker if system.keda else None
+    observer = Observer(bench.api, namespace, keda_worker)
     if system.keda:
-        assert worker is not None
         keda = Process(
             "keda-operator",
             ["bash", str(DEPLOY / "keda-run.sh"), namespace],
@@ -769,11 +784,11 @@ def run_system(bench: Bench, system: System, worker: Worker | None) -> dict[str,
         attribution = JobrunnerAttribution(observer)
     print(f"\n{system.title}: namespace {namespace} (load {out['load_before']})", flush=True)
     try:
-        out.update(phase_fast(bench, system, namespace, side, observer, attribution, worker))
+        out.update(phase_fast(bench, system, namespace, side, observer, attribution, keda_worker))
         if keda:
             keda.check()
-        out.update(phase_spec(bench, system, namespace, side, observer, attribution, worker))
-        out.update(phase_slow(bench, system, namespace, side, observer, attribution, worker))
+        out.update(phase_spec(bench, system, namespace, side, observer, attribution, keda_worker))
+        out.update(phase_slow(bench, system, namespace, side, observer, attribution, keda_worker))
         if keda:
             keda.check()
     finally:
@@ -790,6 +805,40 @@ def run_system(bench: Bench, system: System, worker: Worker | None) -> dict[str,
                 "Failed to create a new Job"
             )
         observer.stop()
+        worker.close()
+        if worker.errors:
+            print(f"  worker errors: {worker.errors[:5]}", flush=True)
+        # Others share this stack: say so if a part of it restarted during this system's run.
+        now = stack_processes(bench.state)
+        out["disturbed"] = [name for name, pid in processes.items() if now.get(name) != pid]
+        if worker.connection_lost:
+            out["disturbed"].append("RabbitMQ connection lost")
+        if out["disturbed"]:
+            print(
+                f"  WARNING: during this run: restarted or lost: {', '.join(out['disturbed'])} "
+                "(someone else's test?); these figures are not comparable",
+                flush=True,
+            )
+    return out
+
+
+STACK_PARTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
+
+
+def stack_processes(state: Path) -> dict[str, str]:
+    """Each stack process this benchmark uses (from stack-up's pid files) as pid and start
+    time. RabbitMQ's node restarts its app in place: the worker's connection tells that."""
+    out = {}
+    for part in STACK_PARTS:
+        pidfile = state / "pids" / f"{part}.pid"
+        if not pidfile.exists():
+            continue
+        pid = pidfile.read_text().strip()
+        try:
+            started = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        except (OSError, IndexError):
+            started = "gone"
+        out[pidfile.stem] = f"{pid}@{started}"
     return out
 
 
@@ -825,7 +874,7 @@ def phase_fast(
     out: dict[str, Any] = {}
     for phase, count, rate in (("steady", STEADY, RATE), ("burst", BURST, None)):
         since = time.time()
-        ids = [f"{phase}-{i}" for i in range(count)]
+        ids = [f"{system.key}-{phase}-{i}" for i in range(count)]
         sent = asyncio.run(publish_many(bench.url, queue, ids, rate))
         timeout = 120 + 3 * system.poll_seconds()
         until, done = wait_done(observer, attribution, name, sent, timeout)
@@ -862,7 +911,7 @@ def phase_spec(
         worker.queues[name] = queue
     annotations = {"kwok.jobrunner.dev/run-duration": SPEC_RUN_FOR}
     side.start(_doc(bench, system, namespace, name, queue, pod_annotations=annotations))
-    ids = [f"spec-{i}" for i in range(SPEC_JOBS)]
+    ids = [f"{system.key}-spec-{i}" for i in range(SPEC_JOBS)]
     sent = asyncio.run(publish_many(bench.url, queue, ids, None))
     deadline = time.time() + 60 + 2 * system.poll_seconds()
     while time.time() < deadline:
@@ -955,7 +1004,7 @@ def phase_slow(
         )
     )
     since = time.time()
-    ids = [f"slow-{i}" for i in range(SLOW_MESSAGES)]
+    ids = [f"{system.key}-slow-{i}" for i in range(SLOW_MESSAGES)]
     sent = asyncio.run(publish_many(bench.url, queue, ids, SLOW_RATE))
     timeout = 120 + 3 * system.poll_seconds()
     until, done = wait_done(observer, attribution, name, sent, timeout)
@@ -1066,7 +1115,8 @@ def main() -> int:
     core = client.CoreV1Api(api)
     work = Path(tempfile.mkdtemp(prefix="jobrunner-bench-keda-"))
     run_id = uuid.uuid4().hex[:6]
-    bench = Bench(api, kubeconfig, url, run_id, work)
+    state = Path(stack.get("JOBRUNNER_TEST_STACK_STATE", "/tmp/jobrunner-stack"))
+    bench = Bench(api, kubeconfig, url, run_id, work, state)
     began = time.time()
     print(
         "bench-keda: jobrunner and the real KEDA operator, the same RabbitMQ workload, one "
@@ -1089,7 +1139,6 @@ def main() -> int:
         ["bash", str(DEPLOY / "kwok-node-run.sh"), NODE, str(free_port())],
         work / "kwok-node.log",
     )
-    worker: Worker | None = None
     results: dict[str, dict[str, Any]] = {}
     try:
         deadline = time.time() + 60
@@ -1105,16 +1154,11 @@ def main() -> int:
         if waited:
             print(f"  waited {waited:.0f}s for an earlier run's namespaces to go", flush=True)
         base = baseline(bench, "before")
-        worker = Worker(url)
         for system in systems:
-            results[system.key] = run_system(bench, system, worker if system.keda else None)
+            results[system.key] = run_system(bench, system)
         after = baseline(bench, "after")
         base = {k: base[k] + after[k] for k in base}
-        if worker.errors:
-            print(f"  worker errors: {worker.errors[:5]}", flush=True)
     finally:
-        if worker is not None:
-            worker.close()
         for ns in core.list_namespace().items:
             if ns.metadata.name.startswith(f"{PREFIX}{run_id}"):
                 release_scaledjobs(api, ns.metadata.name)
@@ -1273,6 +1317,12 @@ def print_table(
         "³ Lost: the message was taken (acked) by a Job that was then deleted before it "
         "completed. A worker that acked only at the end would see these repeated instead."
     )
+    for s in systems:
+        if results[s.key]["disturbed"]:
+            print(
+                f"WARNING: {s.title}: the shared stack was disturbed during its run "
+                f"({', '.join(results[s.key]['disturbed'])}); its figures are not comparable"
+            )
     errors = [f"{s.title} {results[s.key]['create_errors']}" for s in systems if s.keda]
     if errors:
         print(
