@@ -1185,6 +1185,10 @@ def main() -> int:
     return 0
 
 
+def _times(factor: float) -> str:
+    return f"{factor:.1f}x" if factor < 100 else f"{factor:.0f}x"
+
+
 def _ratio(jr: float | None, other: float | None) -> str:
     if jr is None or other is None or other == 0:
         return "—"
@@ -1268,9 +1272,7 @@ def print_table(
     row(
         "publish -> Job created p50 ÷ bare call -> ADDED p50 (steady)",
         [
-            f"{created / pct(added, 50):.1f}x"
-            if (created := figure(x, "steady", "created"))
-            else "—"
+            _times(created / pct(added, 50)) if (created := figure(x, "steady", "created")) else "—"
             for x in r
         ],
     )
