@@ -1192,7 +1192,8 @@ def _times(factor: float) -> str:
 def _ratio(jr: float | None, other: float | None) -> str:
     if jr is None or other is None or other == 0:
         return "—"
-    return f"{jr / other:.3f}" if jr / other < 10 else f"{jr / other:.0f}"
+    ratio = jr / other
+    return f"{ratio:.2g} (1/{1 / ratio:.0f})" if 0 < ratio < 0.5 else f"{ratio:.2f}"
 
 
 def print_table(
