@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import json
 import multiprocessing
 import os
 import platform
@@ -65,6 +66,7 @@ from benchlib import (
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
+from jobrunner.models import FINALIZER
 from jobrunner.naming import job_name
 
 # The workload. The same for every system.
@@ -689,16 +691,32 @@ def create_namespace(core: client.CoreV1Api, name: str) -> None:
     raise SystemExit(f"namespace {name}: no default ServiceAccount within 60s")
 
 
-def release_scaledjobs(api: client.ApiClient, namespace: str) -> None:
-    """KEDA's finalizer on a ScaledJob keeps its namespace from going away once KEDA has
-    stopped; drop it (only ever on this benchmark's namespaces)."""
+def release_finalizers(api: client.ApiClient, namespace: str) -> int:
+    """Finalizers keep a namespace from going away once their owner has stopped: KEDA's on
+    its ScaledJobs, jobrunner's on a Job whose message is not settled yet. Drops them, only
+    ever in this benchmark's own namespaces, after the system has stopped; returns how
+    many Jobs still carried jobrunner's."""
+    batch = client.BatchV1Api(api)
+    held = 0
+    for job in json.loads(batch.list_namespaced_job(namespace, _preload_content=False).data)[
+        "items"
+    ]:
+        finalizers = job["metadata"].get("finalizers") or []
+        if FINALIZER in finalizers:
+            held += 1
+            batch.patch_namespaced_job(
+                job["metadata"]["name"],
+                namespace,
+                {"metadata": {"finalizers": [f for f in finalizers if f != FINALIZER]}},
+                _content_type="application/merge-patch+json",
+            )
     custom = client.CustomObjectsApi(api)
     try:
         items = custom.list_namespaced_custom_object(
             KEDA_GROUP, KEDA_VERSION_API, namespace, KEDA_PLURAL
         )["items"]
     except ApiException:
-        return
+        return held
     for item in items:
         if item["metadata"].get("finalizers"):
             custom.patch_namespaced_custom_object(
@@ -710,6 +728,7 @@ def release_scaledjobs(api: client.ApiClient, namespace: str) -> None:
                 {"metadata": {"finalizers": None}},
                 _content_type="application/merge-patch+json",
             )
+    return held
 
 
 def delete_namespace(core: client.CoreV1Api, name: str, timeout: float) -> float:
@@ -794,13 +813,19 @@ def run_system(bench: Bench, system: System) -> dict[str, Any]:
     finally:
         side.stop()
         out["load_after"] = load()
+        if not system.keda:
+            # Every message was settled before its phase ended; a Job still guarded now
+            # would be jobrunner's to explain.
+            held = release_finalizers(bench.api, namespace)
+            if held:
+                print(f"  {held} Job(s) still carried {FINALIZER} after the dispatcher stopped")
         # Delete while KEDA still runs (it removes its finalizers) and while the bench
         # node's KWOK still finishes pod deletions; the next system starts on a clean slate.
         waited = delete_namespace(bench.core, namespace, timeout=240)
         print(f"  namespace deleted in {waited:.0f}s", flush=True)
         if keda:
             keda.stop()
-            release_scaledjobs(bench.api, namespace)
+            release_finalizers(bench.api, namespace)
             out["create_errors"] = keda.log.read_text(errors="replace").count(
                 "Failed to create a new Job"
             )
@@ -1149,7 +1174,7 @@ def main() -> int:
             time.sleep(0.5)
         for ns in core.list_namespace().items:
             if ns.metadata.name.startswith(PREFIX):
-                release_scaledjobs(api, ns.metadata.name)
+                release_finalizers(api, ns.metadata.name)
         waited = wait_for_earlier_runs(core, (PREFIX,))
         if waited:
             print(f"  waited {waited:.0f}s for an earlier run's namespaces to go", flush=True)
@@ -1161,7 +1186,7 @@ def main() -> int:
     finally:
         for ns in core.list_namespace().items:
             if ns.metadata.name.startswith(f"{PREFIX}{run_id}"):
-                release_scaledjobs(api, ns.metadata.name)
+                release_finalizers(api, ns.metadata.name)
                 delete_namespace(core, ns.metadata.name, timeout=120)
         node.stop()
         try:
