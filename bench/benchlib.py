@@ -23,7 +23,7 @@ import aio_pika
 from kubernetes import client, watch
 
 from jobrunner.config import parse_scaledjob
-from jobrunner.models import Delivery
+from jobrunner.models import FINALIZER, Delivery
 from jobrunner.rendering import Renderer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,7 +83,9 @@ async def delete_queue(url: str, queue: str) -> None:
 
 def rendered_jobs(doc: dict[str, Any], prefix: str, count: int) -> list[dict[str, Any]]:
     """The Jobs jobrunner would create for messages ``<prefix>-<i>`` (body ``{"n": i}``),
-    rendered by its own renderer: a bare client creating these creates the same Jobs."""
+    rendered by its own renderer: a bare client creating these creates the same Jobs, less
+    jobrunner's settlement finalizer (no dispatcher will ever settle these, and a Job
+    that keeps it would keep its namespace from ever being deleted)."""
     renderer = Renderer(parse_scaledjob(doc))
     jobs = []
     for i in range(count):
@@ -98,6 +100,9 @@ def rendered_jobs(doc: dict[str, Any], prefix: str, count: int) -> list[dict[str
                 )
             ).job
         )
+    for job in jobs:
+        meta = job["metadata"]
+        meta["finalizers"] = [f for f in meta.get("finalizers") or [] if f != FINALIZER]
     return jobs
 
 
