@@ -34,6 +34,7 @@ import json
 import multiprocessing
 import os
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -811,26 +812,21 @@ def run_system(bench: Bench, system: System) -> dict[str, Any]:
         if keda:
             keda.check()
     finally:
-        side.stop()
+        attempt("stopping the dispatcher", side.stop)
         out["load_after"] = load()
         if not system.keda:
-            # Every message was settled before its phase ended; a Job still guarded now
-            # would be jobrunner's to explain.
-            held = release_finalizers(bench.api, namespace)
-            if held:
-                print(f"  {held} Job(s) still carried {FINALIZER} after the dispatcher stopped")
+            attempt("releasing finalizers", lambda: _report_held(bench, namespace))
         # Delete while KEDA still runs (it removes its finalizers) and while the bench
         # node's KWOK still finishes pod deletions; the next system starts on a clean slate.
-        waited = delete_namespace(bench.core, namespace, timeout=240)
-        print(f"  namespace deleted in {waited:.0f}s", flush=True)
+        attempt(f"deleting namespace {namespace}", lambda: _delete_timed(bench, namespace))
         if keda:
             keda.stop()
-            release_finalizers(bench.api, namespace)
+            attempt("releasing finalizers", lambda: release_finalizers(bench.api, namespace))
             out["create_errors"] = keda.log.read_text(errors="replace").count(
                 "Failed to create a new Job"
             )
         observer.stop()
-        worker.close()
+        attempt("closing the worker", worker.close)
         if worker.errors:
             print(f"  worker errors: {worker.errors[:5]}", flush=True)
         # Others share this stack: say so if a part of it restarted during this system's run.
@@ -845,6 +841,29 @@ def run_system(bench: Bench, system: System) -> dict[str, Any]:
                 flush=True,
             )
     return out
+
+
+def attempt(what: str, call: Callable[[], object]) -> None:
+    """A teardown step that runs whatever happened before it: one that fails (the API
+    server restarting under someone else's test, say) must not leave the benchmark's
+    processes, namespaces or node behind."""
+    try:
+        call()
+    except Exception as exc:
+        print(f"  (teardown: {what} failed: {exc!r:.300})", flush=True)
+
+
+def _report_held(bench: Bench, namespace: str) -> None:
+    # Every message was settled before its phase ended; a Job still guarded now would be
+    # jobrunner's to explain.
+    held = release_finalizers(bench.api, namespace)
+    if held:
+        print(f"  {held} Job(s) still carried {FINALIZER} after the dispatcher stopped")
+
+
+def _delete_timed(bench: Bench, namespace: str) -> None:
+    waited = delete_namespace(bench.core, namespace, timeout=240)
+    print(f"  namespace deleted in {waited:.0f}s", flush=True)
 
 
 STACK_PARTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok")
@@ -1080,7 +1099,10 @@ def baseline(bench: Bench, when: str) -> dict[str, list[float]]:
         return {"answer": answer, "added": added}
     finally:
         observer.stop()
-        delete_namespace(bench.core, namespace, timeout=240)
+        attempt(
+            f"deleting namespace {namespace}",
+            lambda: delete_namespace(bench.core, namespace, timeout=240),
+        )
 
 
 def conditions(api: client.ApiClient, url: str) -> list[str]:
@@ -1120,6 +1142,23 @@ def busiest() -> str:
     return ", ".join(" ".join(line.split()[::-1]) + "%" for line in out)
 
 
+def _delete_run_namespaces(bench: Bench) -> None:
+    """Whatever is left of this run's namespaces, finalizers released first (their owners
+    have stopped)."""
+    for ns in bench.core.list_namespace().items:
+        if ns.metadata.name.startswith(f"{PREFIX}{bench.run_id}"):
+            release_finalizers(bench.api, ns.metadata.name)
+            delete_namespace(bench.core, ns.metadata.name, timeout=120)
+
+
+def _delete_node(core: client.CoreV1Api) -> None:
+    try:
+        core.delete_node(NODE)
+    except ApiException as exc:
+        if exc.status != 404:
+            raise
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -1128,6 +1167,9 @@ def main() -> int:
         help="which systems, in order (default: all: %(default)s)",
     )
     args = parser.parse_args()
+    # SIGTERM (make's, timeout's) unwinds like Ctrl-C, so the teardown stops KEDA and the
+    # bench node's KWOK and deletes what this run made.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     known = {s.key: s for s in SYSTEMS}
     try:
         systems = [known[k] for k in args.systems.split(",")]
@@ -1184,19 +1226,15 @@ def main() -> int:
         after = baseline(bench, "after")
         base = {k: base[k] + after[k] for k in base}
     finally:
-        for ns in core.list_namespace().items:
-            if ns.metadata.name.startswith(f"{PREFIX}{run_id}"):
-                release_finalizers(api, ns.metadata.name)
-                delete_namespace(core, ns.metadata.name, timeout=120)
+        attempt("deleting this run's namespaces", lambda: _delete_run_namespaces(bench))
         node.stop()
-        try:
-            core.delete_node(NODE)
-        except ApiException as exc:
-            if exc.status != 404:
-                print(f"  (could not delete node {NODE}: {exc.reason})", flush=True)
+        attempt(f"deleting node {NODE}", lambda: _delete_node(core))
         for system in systems:
             for phase in ("fast", "spec", "slow"):
-                asyncio.run(delete_queue(url, f"{PREFIX}{run_id}-{system.key}-{phase}"))
+                queue = f"{PREFIX}{run_id}-{system.key}-{phase}"
+                attempt(
+                    f"deleting queue {queue}", lambda q=queue: asyncio.run(delete_queue(url, q))
+                )
     print_table(systems, base, results)
     print(
         f"\nrun took {(time.time() - began) / 60:.1f} min; load average at the end {load()}; "
