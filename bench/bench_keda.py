@@ -42,7 +42,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -562,11 +562,10 @@ def _triple(values: list[float], expected: int) -> str:
     return text if len(values) >= expected else f"{text} ({expected - len(values)} never)"
 
 
-def peak(
-    records: Iterable[JobRecord], sent: dict[str, float], started: Callable[[str], float | None]
-) -> tuple[int, int]:
+def peak(records: list[JobRecord], sent: dict[str, float]) -> tuple[int, int]:
     """Most Jobs active at once (created, not finished or deleted), and how many messages
-    were published but not yet being worked on at that moment."""
+    had been published but had no Job yet when that peak was first reached (counted: Jobs
+    created so far against messages published so far, as footnote 1 pairs them)."""
     events: list[tuple[float, int]] = []
     for r in records:
         events.append((r.added, 1))
@@ -580,12 +579,9 @@ def peak(
         active += delta
         if active > best:
             best, best_at = active, at
-    waiting = 0
-    for mid, t in sent.items():
-        s = started(mid)
-        if t <= best_at and (s is None or s > best_at):
-            waiting += 1
-    return best, waiting
+    published = sum(1 for t in sent.values() if t <= best_at)
+    created = sum(1 for r in records if r.added <= best_at)
+    return best, max(0, published - created)
 
 
 def wait_done(
@@ -638,7 +634,7 @@ def measure_flow(
     starts = {mid: s for mid in sent if (s := started(mid)) is not None}
     work = [starts[mid] - t for mid, t in sent.items() if mid in starts]
     all_started = max(starts.values()) - first_pub if len(starts) == len(sent) else None
-    top, waiting = peak(records, sent, started)
+    top, waiting = peak(records, sent)
     return {
         "created": created,
         "work": work,
@@ -1322,7 +1318,7 @@ def print_table(
         )
         row(f"peak active Jobs (limit {MAX_REPLICAS})", [str(x[phase]["peak"]) for x in r])
         row(
-            "messages waiting (published, not started) at that peak",
+            "messages waiting for a Job when that peak was reached",
             [str(x[phase]["waiting_at_peak"]) for x in r],
         )
     answer, added = base["answer"], base["added"]
