@@ -798,7 +798,10 @@ def run_system(bench: Bench, system: System) -> dict[str, Any]:
     else:
         side = JobrunnerSide(bench.kubeconfig, bench.work)
         attribution = JobrunnerAttribution(observer)
-    print(f"\n{system.title}: namespace {namespace} (load {out['load_before']})", flush=True)
+    print(
+        f"\n{system.title}: namespace {namespace} (load {out['load_before']}; {busiest()})",
+        flush=True,
+    )
     try:
         out.update(phase_fast(bench, system, namespace, side, observer, attribution, keda_worker))
         if keda:
@@ -1132,10 +1135,22 @@ def conditions(api: client.ApiClient, url: str) -> list[str]:
 
 
 def busiest() -> str:
-    out = subprocess.run(
-        ["ps", "-eo", "pcpu,comm", "--sort=-pcpu", "--no-headers"], capture_output=True, text=True
-    ).stdout.splitlines()[:6]
-    return ", ".join(" ".join(line.split()[::-1]) + "%" for line in out)
+    """What else the machine is doing: the processes using most CPU over two seconds (from
+    top), and how many test runs (pytest) are going on."""
+    frames = subprocess.run(
+        ["top", "-b", "-n", "2", "-d", "2", "-o", "%CPU", "-w", "200"],
+        capture_output=True,
+        text=True,
+    ).stdout
+    lines = frames.split("\ntop - ")[-1].splitlines()
+    header = next((i for i, line in enumerate(lines) if line.split()[:1] == ["PID"]), len(lines))
+    top = []
+    for line in lines[header + 1 : header + 7]:
+        cols = line.split()
+        if len(cols) >= 12 and float(cols[8]) >= 1:
+            top.append(f"{cols[11]} {cols[8]}%")
+    tests = subprocess.run(["pgrep", "-fc", "bin/pytest"], capture_output=True, text=True)
+    return f"{', '.join(top) or 'nothing over 1%'}; pytest processes: {tests.stdout.strip() or 0}"
 
 
 def _delete_run_namespaces(bench: Bench) -> None:
