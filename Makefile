@@ -1,24 +1,61 @@
 # jobrunner developer commands. `make demo` and `make test` are the two you need.
 SHELL := /bin/bash
-PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STACK := deploy/local
 STACK_ENV ?= /tmp/jobrunner-stack/stack.env
 PYTEST_ARGS ?=
+# A Python >= 3.11: python3 when it is new enough, else the newest python3.X on PATH.
+PYTHON ?= $(shell for p in python3 python3.14 python3.13 python3.12 python3.11; do \
+	command -v $$p >/dev/null 2>&1 && $$p -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+	2>/dev/null && { echo $$p; break; }; done)
 
-.PHONY: help venv stack-up stack-down stack-status lint test test-unit test-integration demo demo-cluster bench bench-keda clean
+# A virtualenv whose Python is gone or older than 3.11 (made before a newer one was
+# installed, say) is made again, instead of every target failing the same way forever.
+ifneq ($(shell $(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null && echo ok),ok)
+$(shell rm -f $(BIN)/.installed)
+endif
+
+.PHONY: help venv lint test test-unit test-integration demo demo-cluster demo-functions bench bench-keda soak \
+	stack-up stack-down stack-status clean
 
 help:
-	@echo "make demo         eleven messages through a dispatcher, no cluster or broker needed"
-	@echo "make demo-cluster the same on the local stack (Kubernetes + RabbitMQ)"
-	@echo "make test         lint, type-check and run every test against the real stack"
-	@echo "make test-unit    the fast unit tests alone (no services)"
-	@echo "make stack-up | stack-down | stack-status"
-	@echo "make bench        benchmarks (figures printed)"
-	@echo "make bench-keda   jobrunner beside the real KEDA operator (built from source), one table"
+	@echo "make demo              eleven messages through a dispatcher on this machine: no cluster,"
+	@echo "                       no broker; makes the virtualenv first if needed (~10 s after that)"
+	@echo "make demo-cluster      the same idea on the local stack (Kubernetes + RabbitMQ); starts it"
+	@echo "make demo-functions    two Azure Functions-style apps, one Job per message: no cluster,"
+	@echo "                       no Azure (~5 s after the virtualenv; the handler example needs Node)"
+	@echo "make test              ruff, mypy, import contracts and every test; starts the local stack"
+	@echo "make test-unit         the unit tests and the embedded-mode tests: no services (~1 min)"
+	@echo "make test-integration  the tests against the local stack alone; starts it"
+	@echo "make lint              ruff, mypy --strict and the import contracts"
+	@echo "make bench             dispatch benchmarks on RabbitMQ then Kafka (~15 min); starts the stack"
+	@echo "make bench-keda        jobrunner beside the real KEDA operator (built from source the first"
+	@echo "                       time, ~10 min), one table (~15 min); starts the stack"
+	@echo "make soak              10 min chaos run: dispatchers killed, brokers and API server"
+	@echo "                       restarted, Jobs deleted; SOAK_ARGS='--seed 3 --minutes 30'"
+	@echo "make stack-up          start the local stack (builds it the first time, ~17 min)"
+	@echo "make stack-down        stop it (keeps its data; purge: bash $(STACK)/stack-down.sh --purge)"
+	@echo "make stack-status      what runs, where, and its memory"
+	@echo "make venv              the virtualenv $(VENV) with jobrunner installed (editable)"
+	@echo "make clean             remove the virtualenv, caches, ./.jobrunner and the demos' state"
+	@echo "                       directories (\$${TMPDIR:-/tmp}/jobrunner-demo-*)"
+	@echo "PYTHON=/path/to/python3.11 picks the interpreter for the virtualenv."
 
 $(BIN)/.installed: pyproject.toml
+	@if [ -z "$(PYTHON)" ]; then \
+		echo "jobrunner needs Python >= 3.11 and found none on PATH (python3 is" \
+			"$$(python3 --version 2>&1 || echo missing)); install one, or run make PYTHON=/path/to/python3.11"; \
+		exit 1; fi
+	@if [ -e $(VENV) ] && ! $(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+			2>/dev/null; then \
+		echo "$(VENV) was made by $$($(BIN)/python --version 2>&1 || echo 'a Python that is gone');" \
+			"making it again with $$($(PYTHON) --version)"; \
+		rm -rf $(VENV); fi
+	@echo "Making the virtualenv $(VENV) with $$($(PYTHON) --version) and installing jobrunner into it"
+	@echo "(editable) with kubernetes, aio-pika, aiokafka, pydantic, jinja2, opentelemetry, rich and"
+	@echo "the test tools (pytest, mypy, ruff, import-linter): once, about a minute. Afterwards the"
+	@echo "jobrunner command is $(BIN)/jobrunner (or: source $(BIN)/activate)."
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[test]'
@@ -52,9 +89,15 @@ test: venv stack-up lint
 demo: venv
 	$(BIN)/python $(STACK)/demo.py
 
+demo-functions: venv
+	$(BIN)/python $(STACK)/demo_functions.py
+
 demo-cluster: venv stack-up
 	bash $(STACK)/stack-status.sh
 	$(BIN)/python $(STACK)/demo.py --cluster
+
+soak: venv stack-up
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 bench: venv stack-up
 	$(BIN)/python bench/bench_dispatch.py rabbitmq
@@ -66,4 +109,5 @@ bench-keda: venv stack-up
 	$(BIN)/python bench/bench_keda.py
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .jobrunner
+	rm -rf "$${TMPDIR:-/tmp}"/jobrunner-demo-*

@@ -134,6 +134,46 @@ class DeadLetter(_Model):
     """Kafka: the dead-letter topic. Default: ``<topic>.dead-letter``."""
 
 
+class OutputBinding(_Model):
+    """Where one of a function's output bindings publishes: a destination named like a
+    trigger (KEDA's type and metadata names, an optional authenticationRef)."""
+
+    name: str
+    """The function's output binding name (``$return`` for its return value)."""
+    type: str
+    """azure-queue, rabbitmq, kafka or sqlite (the embedded queue)."""
+    metadata: dict[str, str] = Field(default_factory=dict)
+    authenticationRef: AuthenticationRef | None = None
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _stringify(cls, value: Any) -> Any:
+        return Trigger._stringify(value)
+
+    def as_trigger(self) -> Trigger:
+        """The destination as a trigger of its type, to check and resolve it the same
+        way (a Kafka destination needs no consumer group: a placeholder fills it)."""
+        metadata = dict(self.metadata)
+        if self.type in ("kafka", "apache-kafka"):
+            metadata.setdefault("consumerGroup", "jobrunner-outputs")
+        return Trigger(
+            type=self.type,
+            name=self.name,
+            metadata=metadata,
+            authenticationRef=self.authenticationRef,
+        )
+
+
+class FunctionSpec(_Model):
+    """jobrunner: the ScaledJob runs an Azure Functions-style function through the in-Job
+    invoker (see jobrunner.functions), which records its result on the Job; the
+    dispatcher then publishes the function's outputs when it settles the message and
+    puts a failed function's error in the dead letter (see jobrunner.outputs)."""
+
+    name: str
+    outputs: list[OutputBinding] = Field(default_factory=list)
+
+
 class ScaledJobSpec(_Model):
     jobTargetRef: dict[str, Any] | None = None
     """A batch/v1 JobSpec whose strings may hold Jinja2 expressions."""
@@ -158,6 +198,8 @@ class ScaledJobSpec(_Model):
     """Kafka: ``perKey`` starts a record's Job only after the previous Job for the same
     key (in the same partition) has finished."""
     deadLetter: DeadLetter = Field(default_factory=DeadLetter)
+    function: FunctionSpec | None = None
+    """An Azure Functions-style function (written by ``jobrunner functions import``)."""
     consumerTimeoutSeconds: float = Field(default=1800, gt=0)
     """The broker's delivery acknowledgement timeout (RabbitMQ ``consumer_timeout``,
     30 min by default). A message held this long would be cut off, so shortly before
@@ -167,7 +209,10 @@ class ScaledJobSpec(_Model):
     @model_validator(mode="after")
     def _one_template(self) -> ScaledJobSpec:
         if (self.jobTargetRef is None) == (self.jobTemplate is None):
-            raise ValueError("give exactly one of jobTargetRef or jobTemplate")
+            raise ValueError(
+                "give exactly one of spec.jobTargetRef (the Job template inline) or "
+                "spec.jobTemplate (a template file)"
+            )
         return self
 
 
@@ -252,6 +297,8 @@ def _known_fields() -> set[str]:
         TriggerAuthenticationSpec,
         SecretKeyRef,
         EnvRef,
+        OutputBinding,
+        FunctionSpec,
     ]
     return {name for model in models for name in model.model_fields}
 
@@ -320,12 +367,19 @@ def parse_scaledjob(
         raise _explain(exc, where, node) from None
     scaledjob._node = node
     scaledjob._origin = origin
-    from jobrunner.triggers import check_trigger  # the triggers package imports this one
+    from jobrunner.triggers import check_output, check_trigger  # they import this module
 
     problems = []
     for i, trigger in enumerate(scaledjob.spec.triggers):
         for problem in check_trigger(trigger):
             loc: tuple[int | str, ...] = ("spec", "triggers", i, *problem.field.split("."))
+            line = line_of(node, loc)
+            at = f"line {line}, " if line is not None else ""
+            problems.append(f"  {at}field {_field_path(loc)}: {problem.text}")
+    function = scaledjob.spec.function
+    for i, output in enumerate(function.outputs if function else []):
+        for problem in check_output(output):
+            loc = ("spec", "function", "outputs", i, *problem.field.split("."))
             line = line_of(node, loc)
             at = f"line {line}, " if line is not None else ""
             problems.append(f"  {at}field {_field_path(loc)}: {problem.text}")
@@ -431,14 +485,14 @@ class KubeSettings(BaseModel):
     kubeconfig: str | None = None
     """Path to a kubeconfig; unset: in-cluster config, else ~/.kube/config."""
     context: str | None = None
-    api_retry_max_seconds: float = 30.0
+    api_retry_max_seconds: float = Field(default=30.0, gt=0)
     """Ceiling of the exponential backoff between retries of a failing API call."""
 
 
 class DispatcherSettings(BaseModel):
-    shutdown_grace_seconds: float = 20.0
+    shutdown_grace_seconds: float = Field(default=20.0, ge=0)
     """How long SIGTERM waits for in-flight settlements before cancelling them."""
-    handover_margin_seconds: float = 60.0
+    handover_margin_seconds: float = Field(default=60.0, ge=0)
     """How long before the broker's consumer timeout a held message is handed over."""
     unclaimed_deletion_grace_seconds: float = Field(default=600.0, ge=0)
     """A finished Job being deleted whose message no delivery claims (it was settled just
@@ -464,6 +518,18 @@ class KafkaSettings(BaseModel):
     heartbeat_interval_ms: int = Field(default=3_000, gt=0)
 
 
+class AzureQueueSettings(BaseModel):
+    visibility_timeout_seconds: float = Field(default=600.0, ge=2, le=7 * 24 * 3600)
+    """How long a received message stays invisible; renewed at half this interval for
+    as long as its Job runs, so a message is never handed out twice while its Job lives.
+    10 minutes is the Functions queue listener's fixed lease (QueueListener.cs). After a
+    dispatcher dies, its messages come back once this much time has passed."""
+    max_poll_interval_seconds: float = Field(default=5.0, gt=0)
+    """Longest pause between two receives of an empty queue (the pause starts at 0.1 s
+    and doubles while the queue stays empty; the Functions host's maxPollingInterval,
+    1 min by default, plays the same part)."""
+
+
 class Executor(enum.StrEnum):
     KUBERNETES = "kubernetes"
     LOCAL = "local"
@@ -482,14 +548,14 @@ class LocalSettings(BaseModel):
 
 
 class TelemetrySettings(BaseModel):
-    http_port: int | None = None
+    http_port: int | None = Field(default=None, ge=0, le=65535)
     """Port for /metrics, /healthz and /readyz; unset: no HTTP server (the image sets 8080)."""
     http_host: str = "127.0.0.1"
     """Address to bind; the image sets 0.0.0.0 so the kubelet's probes reach it."""
     otlp_endpoint: str | None = None
     """OTLP/HTTP traces endpoint (e.g. http://collector:4318/v1/traces); unset: spans are
     not exported (the CLI also honours OTEL_EXPORTER_OTLP_TRACES_ENDPOINT)."""
-    queue_depth_interval_seconds: float = 10.0
+    queue_depth_interval_seconds: float = Field(default=10.0, gt=0)
     """How often the queue depth gauge is refreshed."""
 
 
@@ -501,6 +567,7 @@ class Settings(BaseSettings):
     dispatcher: DispatcherSettings = Field(default_factory=DispatcherSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     kafka: KafkaSettings = Field(default_factory=KafkaSettings)
+    azure_queue: AzureQueueSettings = Field(default_factory=AzureQueueSettings)
     executor: Executor = Executor.KUBERNETES
     """Explicit, never guessed: a dispatcher that cannot reach its cluster must fail,
     not quietly run Jobs inside its own pod."""

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hashlib
 import logging
 import random
 import time
 from collections.abc import Awaitable, Callable, Coroutine, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from opentelemetry import trace
@@ -46,7 +45,15 @@ from jobrunner.models import (
     JobOutcome,
 )
 from jobrunner.naming import message_secret_name
-from jobrunner.protocols import ApiRejected, JobClient, MessageHandle, MessageSource, TransientError
+from jobrunner.protocols import (
+    ApiRejected,
+    DescribesFailures,
+    JobClient,
+    MessageHandle,
+    MessageSource,
+    SettleHook,
+    TransientError,
+)
 from jobrunner.rendering import (
     ANNOTATION_ORIGINAL_MESSAGE,
     RenderedJob,
@@ -100,8 +107,11 @@ class Dispatcher:
         settings: DispatcherSettings,
         telemetry: Telemetry,
         retry_ceiling: float = 30.0,
+        settle_hook: SettleHook | None = None,
     ) -> None:
         self.scaledjob = scaledjob
+        self._settle_hook = settle_hook
+        """Asked before a final settlement naming a Job (a function's outputs)."""
         self._renderer = renderer
         self._source = source
         self._jobs = jobs
@@ -430,7 +440,7 @@ class Dispatcher:
         record.deciding = False
         if not outcome.succeeded:
             record.span.set_status(Status(StatusCode.ERROR, outcome.reason))
-        await self._settle(handles=record.handles, decision=decision_for(outcome, name))
+        await self._settle(handles=record.handles, decision=await self._decide(outcome, name))
 
     def _refuse_reuse(
         self, job: Mapping[str, Any], delivery: Delivery, finished: JobOutcome | None
@@ -480,9 +490,13 @@ class Dispatcher:
         """The Job's outcome, or None once the message was handed over to the Job because
         the broker's consumer timeout was near."""
         spec = self.scaledjob.spec
+        delivery = record.handle.delivery
+        at_risk = delivery.returns_left is not None and delivery.returns_left <= 1
         while True:
-            held = time.monotonic() - record.handle.delivery.received_at
+            held = time.monotonic() - delivery.received_at
             budget = spec.consumerTimeoutSeconds - self._settings.handover_margin_seconds - held
+            if at_risk:
+                budget = 0.0  # one more return and the broker drops it: hand it over now
             try:
                 return await asyncio.wait_for(
                     asyncio.shield(self._tracker.wait_for(name)), timeout=max(budget, 0.0)
@@ -499,11 +513,20 @@ class Dispatcher:
             finished = outcome_of(job)
             if finished is not None:
                 return finished
-            log.info(
-                "message held %.0fs, near the consumer timeout: handing it over to Job %s",
-                held,
-                name,
-            )
+            if at_risk:
+                log.info(
+                    "message near the queue's delivery limit (%s return(s) left): handing "
+                    "it over to Job %s",
+                    delivery.returns_left,
+                    name,
+                )
+            else:
+                held = time.monotonic() - delivery.received_at  # as of now
+                log.info(
+                    "message held %.0fs, near the consumer timeout: handing it over to Job %s",
+                    held,
+                    name,
+                )
             record.deciding = False
             await self._settle(handles=record.handles, decision=Decision.ack(name), final=False)
             return None
@@ -533,10 +556,12 @@ class Dispatcher:
         the decision is the message's outcome (not an ack that hands it to its Job); only
         then is it recorded: for cleanup, and on the Job for a dead letter."""
         self._failpoints.hit("before-settle")
+        if final and decision.job_name and self._settle_hook is not None:
+            decision = await self._settle_hook.before_settle(decision)
         identity = handles[-1].delivery.identity if handles else ""
         if not identity and original is not None:
             identity = str(original.get("identity") or original.get("message_id") or "")
-        decision = dataclasses.replace(decision, message_identity=identity)
+        decision = replace(decision, message_identity=identity)
         with self._tracer.start_as_current_span("settle") as span:
             span.set_attribute("jobrunner.settlement", decision.action.value)
             if decision.reason:
@@ -670,7 +695,7 @@ class Dispatcher:
             return
         if outcome.succeeded:
             if state.guarded:
-                self._release_soon(state.name, Action.ACK.value)
+                self._release_succeeded_kept(state)
             return
         if outcome.reason == "JobDeleted" and not state.guarded:
             # A Job from before finalizers: its kept copy went with it.
@@ -679,6 +704,18 @@ class Dispatcher:
             )
             return
         self._once(state.name, self._settle_kept(state, outcome), f"settle-kept-{state.name}")
+
+    def _release_succeeded_kept(self, state: JobState) -> None:
+        """A Job that keeps its (acked) message succeeded. With a settle hook (a
+        function's outputs) the success goes through ``_settle`` so the hook runs before
+        the Job is released; else the Job is simply released."""
+        if self._settle_hook is None:
+            self._release_soon(state.name, Action.ACK.value)
+            return
+        self._once(state.name, self._settle_succeeded(state.name), f"settle-kept-{state.name}")
+
+    async def _settle_succeeded(self, name: str) -> None:
+        await self._settle(decision=Decision.ack(name))
 
     @staticmethod
     def _owns_message(state: JobState) -> bool:
@@ -713,8 +750,10 @@ class Dispatcher:
 
     def _job_finished_quietly(self, state: JobState, outcome: JobOutcome) -> None:
         """The settle-or-release half of ``_job_finished`` (no metrics: counted once)."""
-        if outcome.succeeded or state.settled:
-            self._release_soon(state.name, state.settled or Action.ACK.value)
+        if outcome.succeeded and not state.settled:
+            self._release_succeeded_kept(state)
+        elif state.settled:
+            self._release_soon(state.name, state.settled)
         else:
             self._once(state.name, self._settle_kept(state, outcome), f"settle-kept-{state.name}")
 
@@ -732,8 +771,27 @@ class Dispatcher:
         )
         await self._release(state.name, "abandoned")
 
+    async def _decide(self, outcome: JobOutcome, name: str) -> Decision:
+        """``decision_for``, a failure's detail completed with what the executor can still
+        tell (exit codes, the last lines of a log): best effort, at most a few seconds."""
+        decision = decision_for(outcome, name)
+        if decision.action is not Action.DEAD_LETTER or not isinstance(
+            self._jobs, DescribesFailures
+        ):
+            return decision
+        try:
+            extra = await asyncio.wait_for(
+                self._jobs.failure_detail(self.scaledjob.namespace, name), timeout=5.0
+            )
+        except Exception as exc:  # the detail is a courtesy; the dead letter is not
+            self._log.debug("no failure detail for Job %s: %s", name, exc)
+            return decision
+        if not extra:
+            return decision
+        return replace(decision, detail=f"{decision.detail}; {extra}" if decision.detail else extra)
+
     async def _settle_kept(self, state: JobState, outcome: JobOutcome) -> None:
-        decision = decision_for(outcome, state.name)
+        decision = await self._decide(outcome, state.name)
         if decision.action is not Action.DEAD_LETTER:
             await self._settle(decision=decision)
             return

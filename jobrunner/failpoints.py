@@ -13,7 +13,17 @@ from collections.abc import Iterable
 
 logger = logging.getLogger(__name__)
 
-POINTS = frozenset({"before-create", "after-create", "before-settle"})
+POINTS = frozenset(
+    {
+        "before-create",
+        "after-create",
+        "before-settle",
+        # jobrunner.outputs: after one output message is confirmed, before it is recorded;
+        # after every output is published and recorded, before the message is settled.
+        "after-output-sent",
+        "after-outputs-published",
+    }
+)
 _RAISE = "raise:"
 
 

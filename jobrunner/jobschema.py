@@ -152,6 +152,9 @@ class _Walker:
                 self.problem(path, f"expected {_EXPECTED[kind]}, got {_describe(value)}{hint}")
                 return value
             for i, item in enumerate(value):
+                if item is None:
+                    self.problem((*path, i), "expected a value, got null (remove the item)")
+                    continue
                 value[i] = self.value(item, prop["items"], (*path, i))
             return value
         if kind == "map":
@@ -159,6 +162,9 @@ class _Walker:
                 self.problem(path, f"expected {_EXPECTED[kind]}, got {_describe(value)}")
                 return value
             for key in list(value):
+                if value[key] is None:
+                    self.problem((*path, key), "expected a value, got null")
+                    continue
                 value[key] = self.value(value[key], prop["values"], (*path, key))
             return value
         return self.scalar(value, prop, path)

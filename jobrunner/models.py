@@ -54,12 +54,21 @@ class Delivery:
     """``time.monotonic()`` when it arrived, for latency figures."""
     published_at: float | None = None
     """The producer's timestamp (epoch seconds), when the message carries one."""
+    returns_left: int | None = None
+    """How many more times the source tolerates this message coming back before it drops
+    or dead-letters it on its own (a quorum queue's delivery limit less the returns so
+    far); None: no limit. With one or none left the dispatcher hands the message over to
+    its Job as soon as the Job exists, so a crash cannot make the broker drop it."""
     positional: bool = False
     """The identity names one publish (a Kafka record's topic/partition/offset), so a
     Job found for it is always this same publish replayed: it is adopted whatever
     ``redelivered`` says. Otherwise (a message id, or a digest of the body) only a
     delivery the source marks ``redelivered`` adopts a finished Job; see the
     dispatcher's identity rule."""
+    unreadable: str | None = None
+    """Why the source could not decode this message (an Azure queue message that is not
+    the base64 it should be, say): it cannot become a Job and is dead-lettered
+    ``InvalidMessage`` with this text. ``body`` is then the message as received."""
 
 
 class Outcome(enum.Enum):
@@ -108,7 +117,8 @@ class Decision:
 
     def reason_headers(self, **where: str) -> dict[str, str]:
         """The ``x-jobrunner-*`` headers every source puts on a dead-lettered copy: the
-        reason, its detail, the Job, the message's identity, and ``where`` it came from (``source_queue="q"``
+        reason, its detail, the Job, the message's identity, and ``where`` it came from
+        (``source_queue="q"``
         becomes ``x-jobrunner-source-queue``)."""
         headers = {"x-jobrunner-reason": self.reason, "x-jobrunner-detail": self.detail[:4000]}
         if self.job_name:

@@ -13,6 +13,11 @@ Guarantee: one Job per identity per ScaledJob for as long as that Job exists. Wi
 ``message_id``, two publishes of byte-identical content with identical headers are one
 message to jobrunner (the second adopts the first's Job); set ``message_id`` to tell them
 apart. Kafka records use (topic, partition, offset) as identity.
+
+A replayed dead letter is new work, not a redelivery: ``jobrunner dead-letters --replay``
+republishes it with the header ``x-jobrunner-replay`` (any value unique to that replay,
+by default its UTC time), and its identity becomes ``<identity>#replay-<value>``, so it
+gets a Job of its own instead of being refused as a duplicate of the Job that failed.
 """
 
 from __future__ import annotations
@@ -22,12 +27,20 @@ import json
 import re
 from collections.abc import Mapping
 
+REPLAY_HEADER = "x-jobrunner-replay"
+"""Set on a replayed dead letter; its value makes the replay's identity unique."""
 _BROKER_HEADERS = ("x-death", "x-delivery-count", "x-first-death-", "x-last-death-", "x-jobrunner-")
 _NAME_PREFIX_MAX = 40
 _INVALID = re.compile(r"[^a-z0-9-]+")
 
 
 def message_identity(message_id: str | None, body: bytes, headers: Mapping[str, object]) -> str:
+    base = _base_identity(message_id, body, headers)
+    replay = headers.get(REPLAY_HEADER)
+    return f"{base}#replay-{replay}" if replay else base
+
+
+def _base_identity(message_id: str | None, body: bytes, headers: Mapping[str, object]) -> str:
     if message_id:
         return message_id
     stable = {k: headers[k] for k in sorted(headers) if not k.lower().startswith(_BROKER_HEADERS)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from jobrunner.models import Decision, Delivery
 
@@ -112,6 +112,18 @@ class JobClient(Protocol):
         ...
 
 
+@runtime_checkable
+class DescribesFailures(Protocol):
+    """A JobClient that can say more about a failed Job than its condition does (the
+    containers' exit codes, the last lines of a log): added to the dead letter's detail.
+    The local executor needs none (its condition message says it already)."""
+
+    async def failure_detail(self, namespace: str, name: str) -> str:
+        """What is known, as one line; "" when nothing is. Best effort: never raises
+        for what cannot be read."""
+        ...
+
+
 class MessageHandle(Protocol):
     """A received message that still awaits its settlement."""
 
@@ -157,3 +169,31 @@ class MessageSource(Protocol):
         ...
 
     async def close(self) -> None: ...
+
+
+class OutputRefused(Exception):
+    """A destination refused an output for good (too large for it, say): publishing it
+    again cannot help, so the message is dead-lettered with this text."""
+
+
+class MessageSink(Protocol):
+    """Where an output binding's messages go (see jobrunner.outputs). Each source module
+    that can be a destination has an ``open_sink`` beside its ``open_source``."""
+
+    async def publish(self, body: bytes, *, message_id: str) -> None:
+        """Publish one message and return once the broker has it (confirmed, committed).
+        ``message_id`` is deterministic per (Job, binding, index), so a consumer can
+        recognise the one republish a crash can cause (see jobrunner.outputs). Raises
+        OutputRefused for a message the destination can never take; anything else is
+        retried."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class SettleHook(Protocol):
+    """A collaborator the dispatcher asks, in its settle step, before a message's final
+    settlement that names a Job (jobrunner.outputs publishes a function's outputs
+    there). It returns the decision to carry out (the same, or a dead letter)."""
+
+    async def before_settle(self, decision: Decision) -> Decision: ...

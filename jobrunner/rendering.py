@@ -472,6 +472,8 @@ class Renderer:
         sj = self.scaledjob
         config = sj.spec.messageDelivery
         body = delivery.body
+        if delivery.unreadable is not None:
+            raise RenderError("InvalidMessage", delivery.unreadable)
         if len(body) > config.maxMessageBytes:
             raise RenderError(
                 "MessageTooLarge",

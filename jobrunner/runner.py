@@ -16,14 +16,16 @@ import asyncio
 import importlib
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol, runtime_checkable
 
 from jobrunner.config import Executor, ManifestSet, ScaledJob, Settings
 from jobrunner.dispatcher import Dispatcher
+from jobrunner.failpoints import Failpoints
 from jobrunner.httpserver import Heartbeat, HttpEndpoints
 from jobrunner.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY
-from jobrunner.protocols import JobClient, MessageSource, SourceError
+from jobrunner.outputs import FunctionResults
+from jobrunner.protocols import JobClient, MessageSink, MessageSource, SourceError
 from jobrunner.rendering import Renderer, template_dirs
 from jobrunner.tasks import is_essential, start_guarded, stop_tasks
 from jobrunner.telemetry import Telemetry
@@ -74,6 +76,36 @@ def load_source(kind: TriggerType, resolved: Any, scaledjob: ScaledJob, settings
     return factory(resolved, scaledjob=scaledjob, settings=settings)
 
 
+def load_sink(kind: TriggerType, resolved: Any, settings: Settings) -> MessageSink:
+    """A publisher to a resolved destination, from the factory its type names."""
+    module, _, function = kind.sink.partition(":")
+    factory = getattr(importlib.import_module(module), function)
+    sink: MessageSink = factory(resolved, settings=settings)
+    return sink
+
+
+async def function_results(
+    scaledjob: ScaledJob, context: ResolveContext, jobs: JobClient, settings: Settings
+) -> FunctionResults | None:
+    """The settle hook of a ScaledJob that runs a function (``spec.function``), its
+    output destinations resolved like triggers; None for any other ScaledJob."""
+    function = scaledjob.spec.function
+    if function is None:
+        return None
+    sinks: dict[str, MessageSink] = {}
+    for output in function.outputs:
+        kind, resolved = await resolve_trigger(replace(context, trigger=output.as_trigger()))
+        sinks[output.name] = load_sink(kind, resolved, settings)
+    return FunctionResults(
+        jobs=jobs,
+        namespace=scaledjob.namespace,
+        function=function.name,
+        sinks=sinks,
+        failpoints=Failpoints(settings.dispatcher.failpoints),
+        retry_ceiling=settings.kube.api_retry_max_seconds,
+    )
+
+
 @dataclass
 class DispatchUnit:
     """Everything that serves one ScaledJob; ``start`` spawns its tasks, ``stop`` ends
@@ -91,6 +123,8 @@ class DispatchUnit:
     """Messages waiting, as last sampled."""
     problem: str | None = "starting"
     """Why the unit is not consuming now (None when it is), for /readyz and logs."""
+    results: FunctionResults | None = None
+    """A function's outputs and errors, settled with its messages (spec.function)."""
 
     @property
     def name(self) -> str:
@@ -118,6 +152,7 @@ class DispatchUnit:
         )
         kind, resolved = await resolve_trigger(context)
         source = load_source(kind, resolved, scaledjob, settings)
+        results = await function_results(scaledjob, context, jobs, settings)
         tracker = JobTracker(
             client=jobs,
             namespace=scaledjob.namespace,
@@ -133,6 +168,7 @@ class DispatchUnit:
             settings=settings.dispatcher,
             telemetry=telemetry,
             retry_ceiling=settings.kube.api_retry_max_seconds,
+            settle_hook=results,
         )
         destination = getattr(resolved, kind.destination, None) or getattr(resolved, "queue", "")
         return cls(
@@ -142,6 +178,7 @@ class DispatchUnit:
             tracker=tracker,
             kind=kind,
             destination=str(destination),
+            results=results,
         )
 
     def start(self, *, settings: Settings, telemetry: Telemetry) -> None:
@@ -251,6 +288,8 @@ class DispatchUnit:
                 await self.source.close()
             except Exception as exc:
                 logger.warning("closing the %s connection failed: %s", self.source.name, exc)
+            if self.results is not None:
+                await self.results.close()
 
 
 async def _beat(heartbeat: Heartbeat) -> None:

@@ -14,6 +14,7 @@ dispatcher's health with the tools they already run.
 
 from __future__ import annotations
 
+import datetime
 import json
 import logging
 import sys
@@ -32,10 +33,17 @@ _CONTEXT = ("scaledjob", "job_name", "message_id", "source")
 _PROPAGATOR = TraceContextTextMapPropagator()
 
 
+def iso_time(created: float) -> str:
+    """ISO 8601 / RFC 3339 in UTC with milliseconds (``2026-11-29T16:22:33.123Z``), what
+    log collectors parse without configuration."""
+    moment = datetime.datetime.fromtimestamp(created, datetime.UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         out = {
-            "time": self.formatTime(record),
+            "time": iso_time(record.created),
             "level": record.levelname,
             "logger": record.name,
             "message": record.getMessage(),
@@ -68,6 +76,16 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
     # aio-pika and the kubernetes client are chatty at INFO.
     for noisy in ("aio_pika", "aiormq", "aiokafka", "kubernetes", "urllib3"):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # The runner says a failed connect once per try, in words; aiormq's own ERROR line
+    # for the same failure would double every retry.
+    aiormq = logging.getLogger("aiormq.connection")
+    if not any(isinstance(f, _DropConnectFailures) for f in aiormq.filters):
+        aiormq.addFilter(_DropConnectFailures())
+
+
+class _DropConnectFailures(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("error when creating transport")
 
 
 def extract_context(headers: Mapping[str, str]) -> Context:

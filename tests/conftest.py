@@ -32,6 +32,12 @@ def kafka_bootstrap() -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def azure_storage() -> str:
+    """Azurite's connection string."""
+    return services.azure_storage_connection()
+
+
+@pytest.fixture(scope="session")
 def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with services.kubeconfig_path(tmp_path_factory.mktemp("kube")) as path:
         yield path

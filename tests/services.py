@@ -3,8 +3,8 @@
 Each service is looked up in this order:
 
 1. the environment (``JOBRUNNER_TEST_KUBECONFIG``, ``JOBRUNNER_TEST_RABBITMQ_URL``,
-   ``JOBRUNNER_TEST_KAFKA_BOOTSTRAP``), which ``make test`` fills from the file that
-   ``deploy/local/stack-up.sh`` writes;
+   ``JOBRUNNER_TEST_KAFKA_BOOTSTRAP``, ``JOBRUNNER_TEST_AZURE_STORAGE_CONNECTION_STRING``),
+   which ``make test`` fills from the file that ``deploy/local/stack-up.sh`` writes;
 2. that file itself (``JOBRUNNER_STACK_ENV``, default ``/tmp/jobrunner-stack/stack.env``),
    so a plain ``pytest`` works once the stack is up;
 3. a Docker engine, when one answers: the service is started with testcontainers
@@ -117,6 +117,20 @@ def kafka_bootstrap() -> Iterator[str]:
             yield container.get_bootstrap_server()
         return
     missing("Kafka", "JOBRUNNER_TEST_KAFKA_BOOTSTRAP is unset and no Docker engine answers")
+
+
+def azure_storage_connection() -> str:
+    """Azurite's connection string (queue endpoint), checked to accept connections.
+    There is no container fallback: Azurite comes from the local stack only."""
+    connection = setting("JOBRUNNER_TEST_AZURE_STORAGE_CONNECTION_STRING")
+    if not connection:
+        missing("Azurite", "JOBRUNNER_TEST_AZURE_STORAGE_CONNECTION_STRING is unset")
+    assert connection is not None
+    parts = dict(p.split("=", 1) for p in connection.split(";") if "=" in p)
+    endpoint = urlparse(parts.get("QueueEndpoint", ""))
+    if not tcp_reachable(endpoint.hostname or "127.0.0.1", endpoint.port or 10001):
+        missing("Azurite", f"{parts.get('QueueEndpoint')} does not accept connections")
+    return connection
 
 
 @contextlib.contextmanager

@@ -6,7 +6,10 @@ K8S_VERSION="${K8S_VERSION:-v1.37.2}"
 ETCD_VERSION="${ETCD_VERSION:-v3.6.16}"
 KWOK_VERSION="${KWOK_VERSION:-v0.8.0}"
 KAFKA_VERSION="${KAFKA_VERSION:-4.1.1}"
-# KEDA is built only for `make bench-keda` (deploy/local/keda-up.sh), never for the tests.
+# Azurite: 3.35.0 is the newest release whose engines accept Node 20 (3.36.0 wants >= 21,
+# 3.37.0 >= 22); Debian 13's nodejs is 20.
+AZURITE_VERSION="${AZURITE_VERSION:-3.35.0}"
+# KEDA is built only for `make bench-keda` (deploy/local/keda-run.sh), never for the tests.
 KEDA_VERSION="${KEDA_VERSION:-v2.21.0}"
 
 # Built binaries and the Go/Maven caches live outside the work tree so that a fresh
@@ -28,6 +31,7 @@ K8S_BIN="$JOBRUNNER_CACHE/k8s-$K8S_VERSION/bin"
 ETCD_BIN="$JOBRUNNER_CACHE/etcd-$ETCD_VERSION/bin"
 KWOK_BIN="$JOBRUNNER_CACHE/kwok-$KWOK_VERSION/bin"
 KAFKA_HOME="$JOBRUNNER_CACHE/kafka-$KAFKA_VERSION"
+AZURITE_HOME="$JOBRUNNER_CACHE/azurite-$AZURITE_VERSION"
 KEDA_HOME="$JOBRUNNER_CACHE/keda-$KEDA_VERSION"
 KEDA_BIN="$KEDA_HOME/bin"
 
@@ -41,6 +45,13 @@ KAFKA_SASL_USER="${KAFKA_SASL_USER:-jobrunner}"
 KAFKA_SASL_PASSWORD="${KAFKA_SASL_PASSWORD:-local-stack-secret}"
 RABBITMQ_PORT="${RABBITMQ_PORT:-5672}"
 RABBITMQ_MGMT_PORT="${RABBITMQ_MGMT_PORT:-15672}"
+RABBITMQ_TLS_PORT="${RABBITMQ_TLS_PORT:-5671}"
+RABBITMQ_USER="${RABBITMQ_USER:-jobrunner}"
+RABBITMQ_PASSWORD="${RABBITMQ_PASSWORD:-local-rabbit-secret}"
+AZURITE_QUEUE_PORT="${AZURITE_QUEUE_PORT:-10001}"
+# Azurite's well-known development account (public, the same in every Azurite).
+AZURITE_ACCOUNT=devstoreaccount1
+AZURITE_KEY="Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 log() { printf '[stack %s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the machine packages the local stack needs and a fresh Debian machine may
-# lack: RabbitMQ (with Erlang), a JDK for Kafka, openssl and curl. Idempotent; needs root
-# (or sudo) only when something is missing.
+# lack: RabbitMQ (with Erlang), a JDK for Kafka, Node and npm for Azurite, openssl and
+# curl. Idempotent; needs root (or sudo) only when something is missing.
 source "$(dirname "$0")/common.sh"
 
 need=()
@@ -11,6 +11,7 @@ command -v mvn >/dev/null || need+=(maven)
 command -v openssl >/dev/null || need+=(openssl)
 command -v curl >/dev/null || need+=(curl)
 command -v go >/dev/null || need+=(golang-go)
+command -v npm >/dev/null || need+=(nodejs npm)   # Azurite
 if (( ${#need[@]} == 0 )); then log "system packages present"; exit 0; fi
 
 sudo=""; (( EUID == 0 )) || sudo="sudo"

@@ -17,7 +17,7 @@ kget() { curl -sf --cacert "$PKI/apiserver.crt" -H "Authorization: Bearer $(cat 
 node_ready() { kget /api/v1/nodes/kwok-node-0 | grep -q '"type": "Ready"'; }
 rss() {
   local total=0 pid
-  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kwok kafka; do
+  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kwok kafka azurite; do
     [[ -f "$PID_DIR/$name.pid" ]] || continue
     pid="$(cat "$PID_DIR/$name.pid")"
     total=$((total + $(awk '/VmRSS/{print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)))
@@ -38,6 +38,8 @@ check kwok "node kwok-node-0 Ready" node_ready
 check rabbitmq "amqp://127.0.0.1:$RABBITMQ_PORT, http://127.0.0.1:$RABBITMQ_MGMT_PORT" \
   curl -sf -u guest:guest "http://127.0.0.1:$RABBITMQ_MGMT_PORT/api/overview"
 check kafka "127.0.0.1:$KAFKA_PORT" bash -c "exec 3<>/dev/tcp/127.0.0.1/$KAFKA_PORT"
+check azurite "http://127.0.0.1:$AZURITE_QUEUE_PORT/$AZURITE_ACCOUNT (queue)" \
+  curl -s -o /dev/null "http://127.0.0.1:$AZURITE_QUEUE_PORT/$AZURITE_ACCOUNT?comp=list"
 echo "  kubeconfig: $KUBECONFIG_PATH"
 echo "  resident memory of the stack: $(rss) MiB"
 exit $failed

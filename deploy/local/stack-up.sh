@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Brings up the real services jobrunner's tests run against, all on 127.0.0.1:
 #   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, KWOK with one fake node,
-#   RabbitMQ (with the management plugin) and Apache Kafka (KRaft, one node).
+#   RabbitMQ (with the management plugin), Apache Kafka (KRaft, one node) and Azurite
+#   (the Azure Storage emulator, queue service only).
 # Idempotent: a part that is already healthy is left alone. Binaries are built once and
 # cached by version (see build-*.sh). Writes $ENV_FILE for the tests and the demo.
 #
-# Usage: stack-up.sh [all|k8s|rabbitmq|kafka]...
+# Usage: stack-up.sh [all|k8s|rabbitmq|kafka|azurite]...
 source "$(dirname "$0")/common.sh"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 
@@ -175,12 +176,43 @@ rmq_env() {
 }
 rmqctl() { rmq_env; /usr/lib/rabbitmq/bin/rabbitmqctl -n jobrunner@localhost "$@"; }
 
+make_rabbitmq_tls() {
+  # The server certificate is signed by the local CA the Kafka TLS listener uses.
+  make_kafka_tls
+  local dir="$RMQ_DIR/tls" ca="$KAFKA_DIR/tls"
+  [[ -f "$dir/server.crt" ]] && return
+  mkdir -p "$dir"
+  (
+    cd "$dir"
+    openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj /CN=127.0.0.1
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' > server.ext
+    openssl x509 -req -in server.csr -CA "$ca/ca.crt" -CAkey "$ca/ca.key" -CAcreateserial \
+      -out server.crt -days 3650 -extfile server.ext
+    chmod 644 server.key
+  ) >>"$LOG_DIR/rabbitmq-tls.log" 2>&1 || die "openssl (RabbitMQ TLS certificates in $dir)" "$LOG_DIR/rabbitmq-tls.log"
+}
+
+rabbitmq_tls_up() { (exec 3<>"/dev/tcp/127.0.0.1/$RABBITMQ_TLS_PORT") 2>/dev/null; }
+
 up_rabbitmq() {
   [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] || bash "$HERE/install-system.sh"
-  if rmqctl status >/dev/null 2>&1; then log "rabbitmq already running"; return; fi
-  mkdir -p "$RMQ_DIR" "$LOG_DIR/rabbitmq"
+  mkdir -p "$RMQ_DIR" "$LOG_DIR/rabbitmq" "$KAFKA_DIR"
+  make_rabbitmq_tls
+  if rmqctl status >/dev/null 2>&1; then
+    if rabbitmq_tls_up; then log "rabbitmq already running"; rabbitmq_user; return; fi
+    # Started by an older stack-up without the TLS listener: restart it with this config.
+    log "restarting rabbitmq to add its TLS listener"
+    rmqctl stop >/dev/null 2>&1 || true
+    stop_pid rabbitmq
+  fi
   cat > "$RMQ_DIR/rabbitmq.conf" <<CONF
 listeners.tcp.1 = 127.0.0.1:$RABBITMQ_PORT
+listeners.ssl.1 = 127.0.0.1:$RABBITMQ_TLS_PORT
+ssl_options.cacertfile = $KAFKA_DIR/tls/ca.crt
+ssl_options.certfile = $RMQ_DIR/tls/server.crt
+ssl_options.keyfile = $RMQ_DIR/tls/server.key
+ssl_options.verify = verify_peer
+ssl_options.fail_if_no_peer_cert = false
 management.tcp.ip = 127.0.0.1
 management.tcp.port = $RABBITMQ_MGMT_PORT
 # RabbitMQ's default (30 min); tests shorten it at run time with rabbitmqctl eval.
@@ -195,6 +227,20 @@ CONF
     || die "rabbitmq-server (await_startup failed within 120s)" "$LOG_DIR/rabbitmq-server.log"
   wait_for "rabbitmq management" 60 curl -sf -u guest:guest "http://127.0.0.1:$RABBITMQ_MGMT_PORT/api/overview" \
     || die "rabbitmq management plugin (no /api/overview within 60s)" "$LOG_DIR/rabbitmq-server.log"
+  wait_for "rabbitmq TLS listener" 30 rabbitmq_tls_up \
+    || die "rabbitmq TLS listener on :$RABBITMQ_TLS_PORT" "$LOG_DIR/rabbitmq-server.log"
+  rabbitmq_user
+}
+
+# A user with a real password beside guest, as production brokers have.
+rabbitmq_user() {
+  if ! rmqctl list_users 2>/dev/null | grep -q "^$RABBITMQ_USER\b"; then
+    rmqctl add_user "$RABBITMQ_USER" "$RABBITMQ_PASSWORD" >/dev/null \
+      || die "rabbitmqctl add_user $RABBITMQ_USER" "$LOG_DIR/rabbitmq-server.log"
+  fi
+  rmqctl set_permissions -p / "$RABBITMQ_USER" ".*" ".*" ".*" >/dev/null \
+    || die "rabbitmqctl set_permissions $RABBITMQ_USER" "$LOG_DIR/rabbitmq-server.log"
+  rmqctl set_user_tags "$RABBITMQ_USER" management >/dev/null || true
 }
 
 # ---------------------------------------------------------------- Kafka
@@ -276,13 +322,41 @@ L4J
   wait_for kafka 120 kafka_ready || die "kafka.Kafka (not started within 120s)" "$LOG_DIR/kafka.log"
 }
 
+# ---------------------------------------------------------------- Azurite (queue service)
+AZURITE_DIR="$JOBRUNNER_STATE/azurite"
+AZURITE_CONNECTION="DefaultEndpointsProtocol=http;AccountName=$AZURITE_ACCOUNT;AccountKey=$AZURITE_KEY;QueueEndpoint=http://127.0.0.1:$AZURITE_QUEUE_PORT/$AZURITE_ACCOUNT;"
+# Any HTTP answer from the queue endpoint means it serves (an anonymous request gets 4xx).
+azurite_ready() { curl -s -o /dev/null "http://127.0.0.1:$AZURITE_QUEUE_PORT/$AZURITE_ACCOUNT?comp=list"; }
+
+up_azurite() {
+  bash "$HERE/build-azurite.sh"
+  if pid_alive azurite && azurite_ready; then log "azurite already running"; return; fi
+  stop_pid azurite
+  mkdir -p "$AZURITE_DIR"
+  log "starting azurite $AZURITE_VERSION (queue service)"
+  # --skipApiVersionCheck: the Python SDK sends a newer x-ms-version than this Azurite's
+  # baseline (2025-11-05) and would get 400 InvalidHeaderValue otherwise.
+  start_bg azurite "$LOG_DIR/azurite.log" node "$AZURITE_HOME/node_modules/azurite/dist/src/queue/main.js" \
+    --queueHost 127.0.0.1 --queuePort "$AZURITE_QUEUE_PORT" --location "$AZURITE_DIR" \
+    --skipApiVersionCheck --disableTelemetry
+  wait_for azurite 60 azurite_ready || die "azurite-queue (no answer on :$AZURITE_QUEUE_PORT within 60s)" "$LOG_DIR/azurite.log"
+}
+azurite_env() {
+  echo "JOBRUNNER_TEST_AZURE_STORAGE_CONNECTION_STRING=$AZURITE_CONNECTION"
+}
+
 write_env() {
-  cat > "$ENV_FILE" <<ENV
+  local fresh="$ENV_FILE.new"
+  cat > "$fresh" <<ENV
 # Written by deploy/local/stack-up.sh; read by the test fixtures and the demo.
 JOBRUNNER_TEST_KUBECONFIG=$KUBECONFIG_PATH
 JOBRUNNER_TEST_RABBITMQ_URL=amqp://guest:guest@127.0.0.1:$RABBITMQ_PORT/
 JOBRUNNER_TEST_RABBITMQ_MANAGEMENT_URL=http://guest:guest@127.0.0.1:$RABBITMQ_MGMT_PORT/
 JOBRUNNER_TEST_RABBITMQCTL=$HERE/rabbitmqctl.sh
+JOBRUNNER_TEST_RABBITMQ_TLS_URL=amqps://$RABBITMQ_USER:$RABBITMQ_PASSWORD@127.0.0.1:$RABBITMQ_TLS_PORT/
+JOBRUNNER_TEST_RABBITMQ_TLS_CA=$KAFKA_DIR/tls/ca.crt
+JOBRUNNER_TEST_RABBITMQ_USER=$RABBITMQ_USER
+JOBRUNNER_TEST_RABBITMQ_PASSWORD=$RABBITMQ_PASSWORD
 JOBRUNNER_TEST_KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT
 JOBRUNNER_TEST_KAFKA_SASL_BOOTSTRAP=127.0.0.1:$KAFKA_SASL_PORT
 JOBRUNNER_TEST_KAFKA_TLS_BOOTSTRAP=127.0.0.1:$KAFKA_TLS_PORT
@@ -291,17 +365,27 @@ JOBRUNNER_TEST_KAFKA_SASL_USER=$KAFKA_SASL_USER
 JOBRUNNER_TEST_KAFKA_SASL_PASSWORD=$KAFKA_SASL_PASSWORD
 JOBRUNNER_TEST_STACK_STATE=$JOBRUNNER_STATE
 ENV
+  azurite_env >> "$fresh"
+  # Keep what other parts (started by another checkout's stack-up) wrote: several
+  # branches share one stack.
+  if [[ -f "$ENV_FILE" ]]; then
+    grep -E '^[A-Z_]+=' "$ENV_FILE" | while IFS= read -r line; do
+      grep -q "^${line%%=*}=" "$fresh" || echo "$line"
+    done >> "$fresh"
+  fi
+  mv "$fresh" "$ENV_FILE"
 }
 
 parts=("$@"); (( ${#parts[@]} )) || parts=(all)
 start=$SECONDS
 for part in "${parts[@]}"; do
   case "$part" in
-    all) bash "$HERE/install-system.sh"; up_k8s; up_rabbitmq; up_kafka ;;
+    all) bash "$HERE/install-system.sh"; up_k8s; up_rabbitmq; up_kafka; up_azurite ;;
     k8s) up_k8s ;;
     rabbitmq) up_rabbitmq ;;
     kafka) up_kafka ;;
-    *) die "unknown part '$part' (use all, k8s, rabbitmq or kafka)" ;;
+    azurite) up_azurite ;;
+    *) die "unknown part '$part' (use all, k8s, rabbitmq, kafka or azurite)" ;;
   esac
 done
 write_env

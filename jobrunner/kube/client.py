@@ -118,9 +118,10 @@ class KubeJobClient:
         body: Any = None,
         content_type: str = _JSON,
         timeout: Any = _REQUEST_TIMEOUT,
+        accept: str = _JSON,
     ) -> Any:
         """One request; the urllib3 response, unread, when its status is 2xx."""
-        headers = {"Accept": _JSON}
+        headers = {"Accept": accept}
         if body is not None:
             headers["Content-Type"] = content_type
         method, url, headers, body, _ = self._api.param_serialize(
@@ -410,6 +411,117 @@ class KubeJobClient:
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
         await asyncio.get_running_loop().run_in_executor(None, self._api.close)
+
+    # ------------------------------------------------------------------ pods (for `logs`)
+    async def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        """The pods matching ``selector`` (a Job's: ``job-name=<job>``), oldest first."""
+        raw = await self._call(
+            "GET", f"/api/v1/namespaces/{namespace}/pods", query=[("labelSelector", selector)]
+        )
+        pods: list[dict[str, Any]] = raw.get("items") or []
+        pods.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
+        return pods
+
+    async def pod_log(
+        self, namespace: str, pod: str, container: str, *, tail_lines: int | None = None
+    ) -> str:
+        """A container's log as the kubelet keeps it; ApiRejected when it has none (a
+        container not started yet, a pod whose node has no kubelet to ask)."""
+
+        def read() -> str:
+            response = self._send(
+                "GET",
+                f"/api/v1/namespaces/{namespace}/pods/{pod}/log",
+                query=[("container", container)]
+                + ([("tailLines", tail_lines)] if tail_lines is not None else []),
+                accept="*/*",
+            )
+            try:
+                data: bytes = response.data
+            except (urllib3.exceptions.HTTPError, OSError) as exc:
+                raise _unreachable(self._host, exc) from exc
+            return data.decode("utf-8", errors="replace")
+
+        return await asyncio.get_running_loop().run_in_executor(self._pool, read)
+
+    async def follow_pod_log(self, namespace: str, pod: str, container: str) -> AsyncIterator[str]:
+        """A container's log from its start, then as it is written, until the container
+        ends (``kubectl logs -f``)."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+        holder: dict[str, Any] = {}
+        stop = threading.Event()
+
+        def pump() -> None:
+            try:
+                response = self._send(
+                    "GET",
+                    f"/api/v1/namespaces/{namespace}/pods/{pod}/log",
+                    query=[("container", container), ("follow", "true")],
+                    accept="*/*",
+                    timeout=(10, None),
+                )
+                holder["response"] = response
+                for chunk in response.stream(4096, decode_content=True):
+                    if stop.is_set():
+                        break
+                    loop.call_soon_threadsafe(
+                        queue.put_nowait, chunk.decode("utf-8", errors="replace")
+                    )
+                loop.call_soon_threadsafe(queue.put_nowait, None)
+            except BaseException as exc:
+                loop.call_soon_threadsafe(queue.put_nowait, None if stop.is_set() else exc)
+
+        threading.Thread(target=pump, name=f"kube-log-{pod}", daemon=True).start()
+        try:
+            while True:
+                item = await queue.get()
+                if item is None:
+                    return
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()
+            _interrupt(holder.get("response"))
+
+    async def failure_detail(self, namespace: str, name: str) -> str:
+        """The last attempt of a failed Job, as its pod tells it: each container that
+        exited non-zero (code and reason), and the last lines of its log when the node
+        serves it; "" when nothing can be read (no pod left, no permission)."""
+        try:
+            pods = await self.list_pods(namespace, f"job-name={name}")
+        except (ApiRejected, TransientError):
+            return ""
+        if not pods:
+            return ""
+        pod = pods[-1]
+        pod_name = (pod.get("metadata") or {}).get("name", "")
+        status = pod.get("status") or {}
+        failed = []
+        for item in [
+            *(status.get("initContainerStatuses") or []),
+            *(status.get("containerStatuses") or []),
+        ]:
+            ended = (item.get("state") or {}).get("terminated") or {}
+            if ended.get("exitCode"):
+                reason = ended.get("reason") or "Error"
+                failed.append((item.get("name", ""), f"exited {ended['exitCode']} ({reason})"))
+        if not failed:
+            return ""
+        text = f"attempt {len(pods)} (pod {pod_name}): " + ", ".join(
+            f"{c} {what}" for c, what in failed
+        )
+        container = failed[-1][0]
+        try:
+            log = await self.pod_log(namespace, pod_name, container, tail_lines=3)
+        except (ApiRejected, TransientError):
+            return text
+        lines = [line.strip() for line in log.splitlines() if line.strip()]
+        if lines:
+            tail = " | ".join(lines)
+            text += f"; last lines of {container}: {tail[-600:]}"
+        return text
 
     async def dry_run_create(self, job: Mapping[str, Any]) -> str | None:
         """Create with ``dryRun=All`` and strict field validation (unknown or duplicate

@@ -68,6 +68,14 @@ def unrunnable(job: Mapping[str, Any]) -> str | None:
                     "container's command and args, not its image's entrypoint; add "
                     "`command:` to the Job template"
                 )
+    for i, container in enumerate(pod.get("initContainers") or []):
+        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
+            probe = container.get(kind) or {}
+            if probe and not any(k in probe for k in ("tcpSocket", "httpGet", "exec")):
+                return (
+                    f"spec.template.spec.initContainers[{i}].{kind}: the local executor runs "
+                    "tcpSocket, httpGet and exec probes only"
+                )
     for i, volume in enumerate(pod.get("volumes") or []):
         if "secret" not in volume and "emptyDir" not in volume:
             return (
@@ -118,6 +126,10 @@ class LocalJobClient:
             return None
         status = jobdir.status()
         job["status"] = {k: v for k, v in status.items() if k != "pgids"}
+        added = jobdir.job_annotations()
+        if added:
+            annotations = job["metadata"].setdefault("annotations", {})
+            job["metadata"]["annotations"] = {**added, **annotations}
         job["metadata"]["resourceVersion"] = str(self._version)
         return job
 

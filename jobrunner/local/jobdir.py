@@ -3,10 +3,12 @@ supervisor (the process that runs the Job).
 
 A Job is a directory ``<state>/jobs/<namespace>/<name>/``: ``job.json`` (the Job object,
 written by the client), ``status.json`` (its status, written only by the supervisor),
-``secret.json`` (its message Secret, if any), ``logs/`` (one file per container and
-attempt) and ``volumes/`` (the mounted Secrets and emptyDirs). Each file has one writer
-and is replaced atomically, so readers never see half a file and no lock is needed to
-read. The supervisor holds ``supervisor.lock`` while it lives: whether a Job still has
+``secret.json`` (its message Secret, if any), ``job-annotations.json`` (annotations the
+Job's own processes add, written by them: the local stand-in for a pod patching its Job
+through the API server, as jobrunner's function invoker does), ``logs/`` (one file per
+container and attempt) and ``volumes/`` (the mounted Secrets and emptyDirs). Each file
+has one writer and is replaced atomically, so readers never see half a file and no lock
+is needed to read. The supervisor holds ``supervisor.lock`` while it lives: whether a Job still has
 someone running it is one non-blocking ``flock`` away, with no pid guessing.
 """
 
@@ -25,6 +27,7 @@ STATUS_FILE = "status.json"
 SECRET_FILE = "secret.json"
 LOCK_FILE = "supervisor.lock"
 RECORD_LOCK_FILE = "job.lock"
+JOB_ANNOTATIONS_FILE = "job-annotations.json"
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -64,6 +67,14 @@ class JobDir:
         value: dict[str, Any] | None = read_json(self.path / STATUS_FILE)
         return value or {}
 
+    def job_annotations(self) -> dict[str, str]:
+        """Annotations the Job's processes added (see the module docstring)."""
+        try:
+            value = read_json(self.path / JOB_ANNOTATIONS_FILE)
+        except ValueError:
+            return {}  # being replaced right now; the next read sees it whole
+        return {str(k): str(v) for k, v in (value or {}).items()}
+
     def secret(self) -> dict[str, Any] | None:
         value: dict[str, Any] | None = read_json(self.path / SECRET_FILE)
         return value
@@ -91,6 +102,8 @@ class JobDir:
             status = (self.path / STATUS_FILE).read_bytes()
         except FileNotFoundError:
             status = b""
+        with contextlib.suppress(FileNotFoundError):
+            status += (self.path / JOB_ANNOTATIONS_FILE).read_bytes()
         return job, status
 
     @contextlib.contextmanager

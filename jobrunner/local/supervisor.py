@@ -5,7 +5,12 @@ of its own (in its own session) so that Jobs outlive the dispatcher exactly as t
 on Kubernetes: a dispatcher that crashes or restarts finds them running or finished.
 
 What it honours, as Kubernetes does: the pod's containers run together (init containers
-first, one by one) and the attempt succeeds when all exit 0; ``backoffLimit`` failed
+first, one by one) and the attempt succeeds when all exit 0; native sidecars (init
+containers with ``restartPolicy: Always``) are started in order and kept running
+(restarted if they exit) while the rest start, and are stopped (SIGTERM, then SIGKILL
+after the grace period, in reverse order) once the main containers have finished; a
+sidecar's ``startupProbe`` and ``readinessProbe`` (tcpSocket, httpGet, exec) must pass
+before the next container starts (see ``_start_sidecar``); ``backoffLimit`` failed
 attempts are retried (default 6), ``activeDeadlineSeconds`` ends the Job as
 ``DeadlineExceeded``; env values and ``$(VAR)`` references in command and args; Secret
 and emptyDir volumes, whose mount paths are mapped into the Job's directory. Images are
@@ -17,9 +22,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import fcntl
+import http.client
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -61,6 +68,10 @@ class Process:
     env: dict[str, str]
     cwd: Path
     log: Path
+    sidecar: bool = False
+    """An init container with ``restartPolicy: Always`` (a native sidecar)."""
+    spec: dict[str, Any] | None = None
+    """The container as written (its probes and ports)."""
 
 
 def _secret_files(secret: dict[str, Any] | None, wanted: str) -> dict[str, bytes]:
@@ -134,6 +145,9 @@ def plan(jobdir: JobDir, job: dict[str, Any], attempt: int, containers_key: str)
         # Logs are read while a Job runs and must survive its being killed at a deadline.
         env["PYTHONUNBUFFERED"] = "1"
         env["HOSTNAME"] = f"{meta.get('name', 'job')}-{attempt}"
+        # Where a process may record annotations on its Job (the local stand-in for a
+        # pod patching its Job through the API server; see jobdir.JOB_ANNOTATIONS_FILE).
+        env["JOBRUNNER_LOCAL_JOB_DIR"] = str(jobdir.path)
         for item in container.get("env") or []:
             key = item.get("name", "")
             if "value" in item:
@@ -158,8 +172,78 @@ def plan(jobdir: JobDir, job: dict[str, Any], attempt: int, containers_key: str)
         working = container.get("workingDir")
         cwd = Path(working) if working and Path(working).is_dir() else work
         log = jobdir.logs / f"{attempt}-{name}.log"
-        out.append(Process(container=name, argv=argv, env=env, cwd=cwd, log=log))
+        out.append(
+            Process(
+                container=name,
+                argv=argv,
+                env=env,
+                cwd=cwd,
+                log=log,
+                sidecar=containers_key == "initContainers"
+                and container.get("restartPolicy") == "Always",
+                spec=container,
+            )
+        )
     return out
+
+
+class ProbeFailed(Exception):
+    """A sidecar's startup or readiness probe did not pass within its failureThreshold."""
+
+
+def _port(value: Any, container: dict[str, Any]) -> int:
+    """A probe's port: a number, or the name of one of the container's ports."""
+    if isinstance(value, int) or (isinstance(value, str) and value.isdigit()):
+        return int(value)
+    for port in container.get("ports") or []:
+        if port.get("name") == value:
+            return int(port["containerPort"])
+    raise Unrunnable(f"container {container.get('name')}: probe port {value!r} is not named")
+
+
+def probe_once(probe: dict[str, Any], proc: Process) -> str | None:
+    """Run one probe (tcpSocket, httpGet or exec; the pod's address is 127.0.0.1 here):
+    None on success, else what failed. An httpGet passes with a status from 200 to 399,
+    an exec with exit code 0, a tcpSocket when the connection opens, each within
+    ``timeoutSeconds`` (default 1), as the kubelet's prober does."""
+    container = proc.spec or {}
+    timeout = float(probe.get("timeoutSeconds", 1))
+    if "tcpSocket" in probe:
+        port = _port(probe["tcpSocket"].get("port"), container)
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=timeout):
+                return None
+        except OSError as exc:
+            return f"tcp 127.0.0.1:{port}: {exc.strerror or exc}"
+    if "httpGet" in probe:
+        get = probe["httpGet"]
+        port = _port(get.get("port"), container)
+        path = get.get("path") or "/"
+        cls = (
+            http.client.HTTPSConnection
+            if str(get.get("scheme", "HTTP")).upper() == "HTTPS"
+            else http.client.HTTPConnection
+        )
+        connection = cls("127.0.0.1", port, timeout=timeout)
+        try:
+            headers = {h["name"]: h["value"] for h in get.get("httpHeaders") or []}
+            connection.request("GET", path, headers=headers)
+            status = connection.getresponse().status
+        except (OSError, http.client.HTTPException) as exc:
+            return f"GET http://127.0.0.1:{port}{path}: {exc or type(exc).__name__}"
+        finally:
+            connection.close()
+        return None if 200 <= status < 400 else f"GET http://127.0.0.1:{port}{path}: {status}"
+    if "exec" in probe:
+        command = list(probe["exec"].get("command") or [])
+        try:
+            done = subprocess.run(
+                command, env=proc.env, cwd=proc.cwd, capture_output=True, timeout=timeout
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            return f"exec {command}: {exc}"
+        return None if done.returncode == 0 else f"exec {command}: exit {done.returncode}"
+    raise Unrunnable(f"container {container.get('name')}: only tcpSocket, httpGet and exec probes")
 
 
 class Supervisor:
@@ -167,16 +251,20 @@ class Supervisor:
         self.jobdir = jobdir
         self.retry_seconds = retry_seconds
         self.running: list[subprocess.Popen[bytes]] = []
+        self.sidecars: list[tuple[Process, subprocess.Popen[bytes]]] = []
+        """Native sidecars of the current attempt, in start order."""
         self.grace = 30.0
         self.status: dict[str, Any] = jobdir.status()
 
     def save(self) -> None:
-        self.status["pgids"] = [p.pid for p in self.running]
+        self.status["pgids"] = [p.pid for p in self.running] + [p.pid for _, p in self.sidecars]
         self.jobdir.write_status(self.status)
 
     def kill_running(self, grace: float = 0.0) -> None:
         """SIGTERM the attempt's process groups, SIGKILL what is left after ``grace``
         seconds (the pod's terminationGracePeriodSeconds, as the kubelet does)."""
+        self.running += [p for _, p in self.sidecars]
+        self.sidecars = []
         groups = {p.pid for p in self.running} | set(self.status.get("pgids") or [])
         for sig in (signal.SIGTERM, signal.SIGKILL) if grace > 0 else (signal.SIGKILL,):
             for pgid in groups:
@@ -189,6 +277,22 @@ class Supervisor:
             with contextlib.suppress(Exception):
                 proc.wait(timeout=5)
         self.running = []
+
+    def stop_sidecars(self) -> None:
+        """After the main containers: SIGTERM each sidecar in reverse start order and
+        SIGKILL what is left after the grace period (the kubelet's order)."""
+        for _, child in reversed(self.sidecars):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGTERM)
+            end = time.time() + self.grace
+            while time.time() < end and child.poll() is None:
+                time.sleep(0.02)
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGKILL)
+            with contextlib.suppress(Exception):
+                child.wait(timeout=5)
+        self.sidecars = []
+        self.save()
 
     def finish(self, kind: str, reason: str, message: str) -> None:
         now = now_rfc3339(millis=True)
@@ -233,7 +337,9 @@ class Supervisor:
         while True:
             if self.status["failed"] > backoff_limit:
                 self.finish(
-                    "Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit"
+                    "Failed",
+                    "BackoffLimitExceeded",
+                    "Job has reached the specified backoff limit" + self._last_attempt(),
                 )
                 return
             attempt = len(self.status["attempts"]) + 1
@@ -249,8 +355,20 @@ class Supervisor:
             )
             self.save()
             codes: dict[str, int] = {}
+            problem = ""
             for step in [[p] for p in init] + [main]:
-                result = self._run_together(step, deadline)
+                result: dict[str, int] | None
+                if step[0].sidecar:
+                    try:
+                        started = self._start_sidecar(step[0], deadline)
+                    except ProbeFailed as exc:
+                        problem = str(exc)
+                        codes[step[0].container] = 1
+                        self.kill_running(grace=self.grace)
+                        break
+                    result = None if not started else {}
+                else:
+                    result = self._run_together(step, deadline)
                 if result is None:
                     self.kill_running(grace=self.grace)
                     self.status["failed"] += 1  # as the pod the Job controller terminates
@@ -258,12 +376,13 @@ class Supervisor:
                     self.finish(
                         "Failed",
                         "DeadlineExceeded",
-                        "Job was active longer than specified deadline",
+                        "Job was active longer than specified deadline" + self._last_attempt(),
                     )
                     return
                 codes.update(result)
                 if any(result.values()):
                     break
+            self.stop_sidecars()
             if not any(codes.values()):
                 self._close_attempt(codes, "")
                 self.finish(
@@ -271,9 +390,16 @@ class Supervisor:
                 )
                 return
             self.status["failed"] += 1
-            failed = ", ".join(f"{c} exited {code}" for c, code in codes.items() if code)
+            failed = problem or ", ".join(f"{c} exited {code}" for c, code in codes.items() if code)
             self._close_attempt(codes, failed)
             if self.status["failed"] > backoff_limit:
+                if problem:
+                    self.finish(
+                        "Failed",
+                        "BackoffLimitExceeded",
+                        f"Job has reached the specified backoff limit (last attempt: {problem})",
+                    )
+                    return
                 continue
             pause = min(60.0, self.retry_seconds * 2 ** (self.status["failed"] - 1))
             if deadline is not None and time.time() + pause >= deadline:
@@ -281,9 +407,34 @@ class Supervisor:
             time.sleep(pause)
             if deadline is not None and time.time() >= deadline:
                 self.finish(
-                    "Failed", "DeadlineExceeded", "Job was active longer than specified deadline"
+                    "Failed",
+                    "DeadlineExceeded",
+                    "Job was active longer than specified deadline" + self._last_attempt(),
                 )
                 return
+
+    def _last_attempt(self) -> str:
+        """What the last attempt came to, for the failure's message (and so for the dead
+        letter's detail): each container's exit code, or that it was stopped, and the last
+        lines of the log of the one that failed (or was stopped)."""
+        if not self.status.get("attempts"):
+            return ""
+        last = self.status["attempts"][-1]
+        codes: dict[str, int] = last.get("exitCodes") or {}
+        failed = [c for c, code in codes.items() if code]
+        parts = [f"{c} exited {code}" for c, code in codes.items() if code]
+        if last.get("problem") == "deadline exceeded":
+            parts.append("stopped at the deadline")
+        text = f"; attempt {last.get('attempt')}: {', '.join(parts) or last.get('problem', '')}"
+        log_of = failed[-1] if failed else None
+        if log_of is None:
+            logs = sorted(self.jobdir.logs.glob(f"{last.get('attempt')}-*.log"))
+            log_of = logs[-1].stem.partition("-")[2] if logs else None
+        if log_of is not None:
+            tail = _tail(self.jobdir.logs / f"{last.get('attempt')}-{log_of}.log")
+            if tail:
+                text += f"; last lines of {log_of}: {tail}"
+        return text
 
     def _close_attempt(self, codes: dict[str, int], problem: str) -> None:
         self.status["active"] = 0
@@ -317,6 +468,7 @@ class Supervisor:
             self.running.append(child)
         self.save()
         while True:
+            self._keep_sidecars()
             codes = [p.poll() for p in self.running]
             if all(code is not None for code in codes):
                 result = {
@@ -327,6 +479,97 @@ class Supervisor:
             if deadline is not None and time.time() >= deadline:
                 return None
             time.sleep(0.02)
+
+    def _spawn(self, proc: Process) -> subprocess.Popen[bytes]:
+        with proc.log.open("ab") as log:
+            return subprocess.Popen(
+                proc.argv,
+                env=proc.env,
+                cwd=proc.cwd,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+
+    def _keep_sidecars(self) -> None:
+        """restartPolicy Always: a sidecar that exited is started again (at most once a
+        second, noted in its log)."""
+        for i, (proc, child) in enumerate(self.sidecars):
+            if child.poll() is None:
+                continue
+            last = getattr(child, "jobrunner_ended", None)
+            if last is None:
+                child.jobrunner_ended = time.time()  # type: ignore[attr-defined]
+                continue
+            if time.time() - last < 1.0:
+                continue
+            with proc.log.open("ab") as log:
+                log.write(f"jobrunner: sidecar exited {child.returncode}; restarting\n".encode())
+            try:
+                self.sidecars[i] = (proc, self._spawn(proc))
+            except OSError:
+                continue
+            self.save()
+
+    def _start_sidecar(self, proc: Process, deadline: float | None) -> bool:
+        """Start a native sidecar and wait until it has started: its ``startupProbe``
+        passed (the kubelet starts the next container only then), and then its
+        ``readinessProbe`` (locally there is no Service whose endpoints readiness would
+        steer, so it gates the next container too). A probe that fails
+        ``failureThreshold`` times (default 3) raises ProbeFailed: the kubelet would
+        restart the sidecar and keep the pod waiting until its deadline; locally the
+        attempt fails at once, saying which probe failed and how. False when the
+        deadline came first."""
+        try:
+            child = self._spawn(proc)
+        except OSError as exc:
+            raise ProbeFailed(
+                f"sidecar {proc.container}: cannot start {proc.argv[0]!r}: {exc}"
+            ) from None
+        self.sidecars.append((proc, child))
+        self.save()
+        spec = proc.spec or {}
+        for kind in ("startupProbe", "readinessProbe"):
+            probe = spec.get(kind)
+            if not probe:
+                continue
+            period = float(probe.get("periodSeconds", 10))
+            threshold = int(probe.get("failureThreshold", 3))
+            wait_until = time.time() + float(probe.get("initialDelaySeconds", 0))
+            failures = 0
+            while True:
+                if deadline is not None and time.time() >= deadline:
+                    return False
+                self._keep_sidecars()
+                if time.time() >= wait_until:
+                    problem = probe_once(probe, proc)
+                    if problem is None:
+                        break
+                    failures += 1
+                    if failures >= threshold:
+                        raise ProbeFailed(
+                            f"sidecar {proc.container}: {kind} failed {failures} times "
+                            f"({period:g}s apart): {problem}"
+                        )
+                    wait_until = time.time() + period
+                time.sleep(0.02)
+        return True
+
+
+def _tail(log: Path, lines: int = 3, most: int = 600) -> str:
+    """The last non-empty ``lines`` of ``log`` joined with `` | ``, at most ``most``
+    characters (its end kept)."""
+    try:
+        with log.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 8192))
+            data = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    kept = [line.strip() for line in data.splitlines() if line.strip()][-lines:]
+    text = " | ".join(kept)
+    return text if len(text) <= most else "…" + text[-most:]
 
 
 def main(argv: list[str]) -> int:

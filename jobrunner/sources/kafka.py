@@ -25,15 +25,17 @@ import os
 import ssl
 import tempfile
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
+from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError
 
 from jobrunner.config import ScaledJob, Settings
+from jobrunner.deadletters import DeadLetter, replay_headers
 from jobrunner.models import Action, Decision, Delivery
 from jobrunner.protocols import MessageHandle
 from jobrunner.sources.kafka_offsets import PartitionOffsets
@@ -172,6 +174,7 @@ class KafkaSource:
 
     async def _assigned(self, assigned: set[TopicPartition]) -> None:
         assert self._consumer is not None
+        fresh = [tp for tp in assigned if await self._consumer.committed(tp) is None]
         for tp in assigned:
             position = await self._consumer.position(tp)
             self._offsets[tp] = PartitionOffsets(start=position)
@@ -179,6 +182,36 @@ class KafkaSource:
         logger.info(
             "partitions assigned: %s",
             sorted(f"{tp.topic}/{tp.partition}@{self._offsets[tp].start}" for tp in assigned),
+        )
+        if fresh:
+            await self._note_fresh_start(fresh)
+
+    async def _note_fresh_start(self, fresh: list[TopicPartition]) -> None:
+        """A group with no committed offset starts where offsetResetPolicy says. At
+        ``latest`` the records already in the topic are never processed, and silence
+        looks like a broken dispatcher: say so, with how many."""
+        assert self._consumer is not None
+        where = ", ".join(sorted(f"{tp.topic}/{tp.partition}" for tp in fresh))
+        if self._reset != "latest":
+            logger.info(
+                "consumer group %s has no committed offset on %s: starting from the "
+                "earliest record (offsetResetPolicy %s)",
+                self._group,
+                where,
+                self._reset,
+            )
+            return
+        beginning = await self._consumer.beginning_offsets(fresh)
+        skipped = sum(max(0, self._offsets[tp].start - beginning[tp]) for tp in fresh)
+        logger.warning(
+            "consumer group %s is new on %s: starting at the end (offsetResetPolicy latest, "
+            "KEDA's default), so the %d record(s) already there will not be processed; "
+            "only records published from now on are. Set offsetResetPolicy: earliest to "
+            "take them",
+            self._group,
+            where,
+            skipped,
+            extra={"scaledjob": self._scaledjob, "source": self.name},
         )
 
     # ------------------------------------------------------------------ receive
@@ -384,3 +417,202 @@ def open_source(trigger: KafkaTrigger, *, scaledjob: ScaledJob, settings: Settin
         consumer_options=settings.kafka.model_dump(),
         scaledjob=scaledjob.name,
     )
+
+
+REPLAYED_SUFFIX = ".replayed"
+
+
+class KafkaDeadLetters:
+    """A dead-letter topic, for ``jobrunner dead-letters``. Read from the beginning by a
+    consumer without a group (nothing is committed). A topic is a log that cannot lose
+    a record, so a replay is remembered in ``<dead-letter topic>.replayed`` (key
+    ``partition:offset``, value the replay's ``x-jobrunner-replay``), written after the
+    copy is on the source topic; listings leave replayed records out. Like the
+    dead-letter topic, it is created on first use when the brokers create topics
+    automatically."""
+
+    def __init__(
+        self,
+        *,
+        bootstrap_servers: str,
+        topic: str,
+        dead_letter_topic: str,
+        client_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self._servers = bootstrap_servers
+        self.topic = topic
+        self.dead_letter_topic = dead_letter_topic
+        self._options = dict(client_options or {})
+        self._producer: AIOKafkaProducer | None = None
+
+    @property
+    def where(self) -> str:
+        return f"topic {self.dead_letter_topic} on Kafka {self._servers}"
+
+    @property
+    def destination(self) -> str:
+        return f"topic {self.topic}"
+
+    async def read(self, *, limit: int) -> list[DeadLetter]:
+        partitions = await self._partitions(
+            [self.dead_letter_topic, self.dead_letter_topic + REPLAYED_SUFFIX]
+        )
+        if not partitions.get(self.dead_letter_topic):
+            return []
+        consumer = AIOKafkaConsumer(
+            bootstrap_servers=self._servers,
+            group_id=None,
+            enable_auto_commit=False,
+            request_timeout_ms=15_000,
+            **self._options,
+        )
+        try:
+            await consumer.start()
+        except KafkaError as exc:
+            await consumer.stop()
+            raise ConnectionError(f"Kafka at {self._servers}: {exc}") from exc
+        try:
+            records = await _read_all(
+                consumer, self.dead_letter_topic, partitions[self.dead_letter_topic]
+            )
+            replayed: dict[str, str] = {}
+            markers = self.dead_letter_topic + REPLAYED_SUFFIX
+            for marker in await _read_all(consumer, markers, partitions.get(markers, [])):
+                if marker.key is not None:
+                    replayed[_text(marker.key)] = _text(marker.value)
+        finally:
+            await consumer.stop()
+        records.sort(key=lambda r: (r.timestamp, r.partition, r.offset))
+        out = []
+        for record in records:
+            letter_id = f"{record.partition}:{record.offset}"
+            out.append(
+                DeadLetter(
+                    id=letter_id,
+                    body=record.value or b"",
+                    headers={k: _text(v) for k, v in (record.headers or ())},
+                    key=record.key,
+                    when=record.timestamp / 1000 if record.timestamp else None,
+                    replayed=replayed.get(letter_id),
+                )
+            )
+        unreplayed = [d for d in out if d.replayed is None][:limit]
+        return unreplayed + [d for d in out if d.replayed is not None][: limit - len(unreplayed)]
+
+    async def _partitions(self, topics: list[str]) -> dict[str, list[int]]:
+        """The partitions of those of ``topics`` that exist (asking does not create them)."""
+        admin = AIOKafkaAdminClient(bootstrap_servers=self._servers, **self._options)
+        try:
+            await admin.start()
+            existing = set(await admin.list_topics())
+            wanted = [t for t in topics if t in existing]
+            described = await admin.describe_topics(wanted) if wanted else []
+        except KafkaError as exc:
+            raise ConnectionError(f"Kafka at {self._servers}: {exc}") from exc
+        finally:
+            await admin.close()
+        return {
+            d["topic"]: sorted(p["partition"] for p in d.get("partitions") or []) for d in described
+        }
+
+    async def replay(self, letters: Sequence[DeadLetter], *, value: str) -> int:
+        if self._producer is None:
+            self._producer = AIOKafkaProducer(
+                bootstrap_servers=self._servers,
+                acks="all",
+                enable_idempotence=True,
+                **self._options,
+            )
+            try:
+                await self._producer.start()
+            except KafkaError as exc:
+                raise ConnectionError(f"Kafka at {self._servers}: {exc}") from exc
+        for letter in letters:
+            headers = replay_headers(letter.headers, value)
+            await self._producer.send_and_wait(
+                letter.source_header("topic") or self.topic,
+                value=letter.body,
+                key=letter.key,
+                headers=[(k, v.encode()) for k, v in headers.items()],
+            )
+            await self._producer.send_and_wait(
+                self.dead_letter_topic + REPLAYED_SUFFIX,
+                key=letter.id.encode(),
+                value=value.encode(),
+            )
+        return len(letters)
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+
+async def _read_all(
+    consumer: AIOKafkaConsumer, topic: str, numbers: list[int]
+) -> list[ConsumerRecord[Any, Any]]:
+    """Every record of the ``numbers`` partitions of ``topic`` up to their current end."""
+    partitions = [TopicPartition(topic, p) for p in numbers]
+    if not partitions:
+        return []
+    consumer.assign(partitions)
+    await consumer.seek_to_beginning(*partitions)
+    ends = await consumer.end_offsets(partitions)
+    out: list[ConsumerRecord[Any, Any]] = []
+    pending = {tp for tp in partitions if ends[tp] > await consumer.position(tp)}
+    deadline = time.monotonic() + 60
+    while pending:
+        if time.monotonic() > deadline:
+            raise ConnectionError(f"Kafka: reading topic {topic} to its end took over 60 s")
+        batch = await consumer.getmany(*pending, timeout_ms=1000)
+        for tp, records in batch.items():
+            out.extend(r for r in records if r.offset < ends[tp])
+        pending = {tp for tp in pending if await consumer.position(tp) < ends[tp]}
+    return out
+
+
+def open_dead_letters(
+    trigger: KafkaTrigger, *, scaledjob: ScaledJob, settings: Settings
+) -> KafkaDeadLetters:
+    """The dead letters of a resolved ``kafka`` trigger: its ``deadLetter.topic`` or
+    ``<topic>.dead-letter``."""
+    return KafkaDeadLetters(
+        bootstrap_servers=trigger.bootstrap_servers,
+        topic=trigger.topic,
+        dead_letter_topic=scaledjob.spec.deadLetter.topic or f"{trigger.topic}.dead-letter",
+        client_options=client_options(trigger),
+    )
+
+
+class KafkaSink:
+    """Publishes output-binding messages to a topic (``acks=all``), the deterministic
+    output id in the ``message-id`` header."""
+
+    def __init__(self, trigger: KafkaTrigger) -> None:
+        self._topic = trigger.topic
+        self._options = client_options(trigger)
+        self._bootstrap = trigger.bootstrap_servers
+        self._producer: AIOKafkaProducer | None = None
+
+    async def publish(self, body: bytes, *, message_id: str) -> None:
+        if self._producer is None:
+            producer = AIOKafkaProducer(
+                bootstrap_servers=self._bootstrap,
+                acks="all",
+                enable_idempotence=True,
+                **self._options,
+            )
+            await producer.start()
+            self._producer = producer
+        await self._producer.send_and_wait(
+            self._topic, body, headers=[("message-id", message_id.encode())]
+        )
+
+    async def close(self) -> None:
+        if self._producer is not None:
+            await self._producer.stop()
+            self._producer = None
+
+
+def open_sink(trigger: KafkaTrigger, *, settings: Settings) -> KafkaSink:
+    return KafkaSink(trigger)

@@ -12,12 +12,16 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime
 import json
 import logging
+import os
+import ssl
+import tempfile
 import time
 import urllib.parse
 import urllib.request
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +31,7 @@ import aio_pika.exceptions
 import aiormq.exceptions
 
 from jobrunner.config import ScaledJob, Settings
+from jobrunner.deadletters import DeadLetter, replay_headers
 from jobrunner.models import Action, Decision, Delivery
 from jobrunner.naming import message_identity
 from jobrunner.protocols import MessageHandle, SourceError
@@ -70,10 +75,22 @@ def _header_text(value: Any) -> str:
     return json.dumps(value, default=str)
 
 
-def management_queue_dead_letter(
-    management_url: str, vhost: str, queue: str
-) -> tuple[str, str | None] | None:
-    """The queue's dead-letter exchange and routing key from its arguments or policy."""
+@dataclass(frozen=True)
+class QueueSettings:
+    """What the broker applies to the queue, from its arguments or its policy (arguments
+    win, as RabbitMQ resolves them)."""
+
+    queue_type: str = "classic"
+    dead_letter_exchange: str | None = None
+    dead_letter_routing_key: str | None = None
+    delivery_limit: int | None = None
+    """Quorum queues: returns a message survives; past them the broker drops it (or
+    dead-letters it itself). None: unlimited."""
+
+
+def management_queue_settings(management_url: str, vhost: str, queue: str) -> QueueSettings:
+    """The queue's type, dead-letter exchange and delivery limit, read through the
+    management API (``GET /api/queues/<vhost>/<queue>``)."""
     parsed = urllib.parse.urlsplit(management_url)
     path = f"/api/queues/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(queue, safe='')}"
     request = urllib.request.Request(
@@ -88,12 +105,36 @@ def management_queue_dead_letter(
         info = json.load(response)
     arguments = info.get("arguments") or {}
     policy = info.get("effective_policy_definition") or {}
-    exchange = arguments.get("x-dead-letter-exchange", policy.get("dead-letter-exchange"))
-    if exchange is None:
-        return None
-    return exchange, arguments.get(
-        "x-dead-letter-routing-key", policy.get("dead-letter-routing-key")
+    limit = arguments.get("x-delivery-limit", policy.get("delivery-limit"))
+    return QueueSettings(
+        queue_type=str(info.get("type") or arguments.get("x-queue-type") or "classic"),
+        dead_letter_exchange=arguments.get(
+            "x-dead-letter-exchange", policy.get("dead-letter-exchange")
+        ),
+        dead_letter_routing_key=arguments.get(
+            "x-dead-letter-routing-key", policy.get("dead-letter-routing-key")
+        ),
+        delivery_limit=int(limit)
+        if isinstance(limit, int | str) and str(limit).isdigit()
+        else None,
     )
+
+
+def _ssl_cause(exc: BaseException) -> str | None:
+    """The TLS failure inside a connection error, when that is what it was."""
+    seen: BaseException | None = exc
+    for _ in range(5):
+        if seen is None:
+            return None
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return f"certificate not trusted: {seen.verify_message}"
+        if isinstance(seen, ssl.SSLError):
+            return seen.reason or str(seen)
+        for arg in getattr(seen, "args", ()):
+            if isinstance(arg, ssl.SSLError):
+                return _ssl_cause(arg)
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def _short(exc: BaseException) -> str:
@@ -126,8 +167,10 @@ class RabbitMQSource:
         dead_letter_queue: str | None = None,
         management_url: str | None = None,
         scaledjob: str = "",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._url = url
+        self._ssl = ssl_context
         self._queue_name = queue
         self._prefetch = prefetch
         self._dlx = dead_letter_exchange
@@ -146,12 +189,14 @@ class RabbitMQSource:
         self._user = urllib.parse.unquote(urllib.parse.urlsplit(url).username or "guest")
         self.problem: str | None = None
         """Why the source cannot consume now, noticed after it started (for /readyz)."""
+        self.settings = QueueSettings()
 
     @property
     def broker(self) -> str:
         """The broker's address without credentials, for messages."""
         parsed = urllib.parse.urlsplit(self._url)
-        return f"{parsed.scheme}://{parsed.hostname}:{parsed.port or 5672}"
+        default = 5671 if parsed.scheme == "amqps" else 5672
+        return f"{parsed.scheme}://{parsed.hostname}:{parsed.port or default}"
 
     async def start(self) -> None:
         """Connect and start consuming. SourceError, in one line naming the broker, the
@@ -176,7 +221,19 @@ class RabbitMQSource:
                 f"RabbitMQ at {self.broker} refused the credentials of user {self._user!r}; "
                 "check the password in the host URL or the TriggerAuthentication"
             ) from None
+        except ssl.SSLCertVerificationError as exc:
+            raise SourceError(
+                f"RabbitMQ at {self.broker}: its TLS certificate is not trusted "
+                f"({exc.verify_message}); give the CA that signed it (TriggerAuthentication "
+                "parameter ca)"
+            ) from None
         except aiormq.exceptions.AMQPConnectionError as exc:
+            cause = _ssl_cause(exc)
+            if cause is not None:
+                raise SourceError(
+                    f"RabbitMQ at {self.broker}: TLS failed ({cause}); check the CA (parameter "
+                    "ca) and the client certificate (cert, key)"
+                ) from None
             raise SourceError(
                 f"RabbitMQ at {self.broker} is not reachable ({_short(exc)}); is it running?"
             ) from None
@@ -190,34 +247,52 @@ class RabbitMQSource:
             ) from None
 
     async def _start(self) -> None:
-        self._connection = await aio_pika.connect_robust(self._url, fail_fast=True)
+        self._connection = await aio_pika.connect_robust(
+            self._url, fail_fast=True, ssl_context=self._ssl
+        )
         self._publish_channel = await self._connection.channel(publisher_confirms=True)
         self._consume_channel = await self._connection.channel(publisher_confirms=False)
         await self._consume_channel.set_qos(prefetch_count=self._prefetch)
         # Passive: the queue (with its arguments and dead-letter settings) is the user's.
         self._queue = await self._consume_channel.get_queue(self._queue_name, ensure=True)
+        self.settings = await self._queue_settings()
         self.target = await self._resolve_target()
         logger.info("dead-letter target for queue %s: %s", self._queue_name, self.target.describe())
+        if self.settings.delivery_limit is not None:
+            logger.warning(
+                "queue %s is a %s queue with delivery limit %d: the broker drops (or "
+                "dead-letters) a message returned more often than that, which repeated "
+                "dispatcher crashes could cause; a message with one return left is handed "
+                "over to its Job as soon as the Job exists",
+                self._queue_name,
+                self.settings.queue_type,
+                self.settings.delivery_limit,
+            )
         self._consumer_tag = await self._queue.consume(self._on_message, no_ack=False)
 
-    async def _resolve_target(self) -> DeadLetterTarget:
-        if self._dlx is not None:
-            return DeadLetterTarget(self._dlx, self._dlx_key)
+    async def _queue_settings(self) -> QueueSettings:
         management = self._management_url or self._default_management_url()
         try:
-            found = await asyncio.to_thread(
-                management_queue_dead_letter, management, self.vhost, self._queue_name
+            return await asyncio.to_thread(
+                management_queue_settings, management, self.vhost, self._queue_name
             )
         except Exception as exc:
             logger.info(
-                "could not read queue %s arguments from %s (%s)",
+                "could not read queue %s arguments from %s (%s); assuming no dead-letter "
+                "exchange and no delivery limit",
                 self._queue_name,
                 urllib.parse.urlsplit(management).hostname,
                 exc,
             )
-            found = None
-        if found is not None:
-            return DeadLetterTarget(found[0], found[1])
+            return QueueSettings()
+
+    async def _resolve_target(self) -> DeadLetterTarget:
+        if self._dlx is not None:
+            return DeadLetterTarget(self._dlx, self._dlx_key)
+        if self.settings.dead_letter_exchange is not None:
+            return DeadLetterTarget(
+                self.settings.dead_letter_exchange, self.settings.dead_letter_routing_key
+            )
         assert self._publish_channel is not None
         await self._publish_channel.declare_queue(self._dlq, durable=True)
         return DeadLetterTarget("", self._dlq, declare_queue=self._dlq)
@@ -239,6 +314,7 @@ class RabbitMQSource:
             headers=headers,
             content_type=message.content_type,
             redelivered=bool(message.redelivered),
+            returns_left=self._returns_left(message),
             metadata={
                 "queue": self._queue_name,
                 "exchange": message.exchange or "",
@@ -249,6 +325,15 @@ class RabbitMQSource:
             published_at=_published_at(message),
         )
         await self._incoming.put(RabbitMQHandle(delivery=delivery, message=message))
+
+    def _returns_left(self, message: aio_pika.abc.AbstractIncomingMessage) -> int | None:
+        """Quorum queues count each return of a message in ``x-delivery-count`` and drop
+        it once the count exceeds the queue's delivery limit."""
+        limit = self.settings.delivery_limit
+        if limit is None:
+            return None
+        count = (message.headers or {}).get("x-delivery-count", 0)
+        return limit - int(count) if isinstance(count, int) else limit
 
     async def deliveries(self) -> AsyncIterator[RabbitMQHandle]:
         while True:
@@ -349,6 +434,8 @@ class RabbitMQSource:
             content_type=content_type,
             headers=headers,
             delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+            # When it was dead-lettered, for `jobrunner dead-letters`.
+            timestamp=datetime.datetime.now(datetime.UTC),
         )
         if self.target.exchange:
             exchange = await self._publish_channel.get_exchange(self.target.exchange, ensure=False)
@@ -365,6 +452,26 @@ class RabbitMQSource:
             await connection.close()
 
 
+def ssl_context(trigger: RabbitMQTrigger) -> ssl.SSLContext | None:
+    """The TLS context for an amqps:// broker: the trigger's CA (else the system's), its
+    client certificate when given, verification off only with ``unsafeSsl``."""
+    if not trigger.tls:
+        return None
+    context = ssl.create_default_context(cadata=trigger.ca or None)
+    if trigger.unsafe_ssl:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if trigger.cert and trigger.key:
+        # ssl loads a client certificate only from a file.
+        with tempfile.NamedTemporaryFile("w", suffix=".pem", delete=False) as pem:
+            pem.write(trigger.cert + "\n" + trigger.key)
+        try:
+            context.load_cert_chain(pem.name, password=trigger.key_password or None)
+        finally:
+            os.unlink(pem.name)
+    return context
+
+
 def open_source(
     trigger: RabbitMQTrigger, *, scaledjob: ScaledJob, settings: Settings
 ) -> RabbitMQSource:
@@ -373,9 +480,153 @@ def open_source(
     return RabbitMQSource(
         url=trigger.url,
         queue=trigger.queue,
+        ssl_context=ssl_context(trigger),
         prefetch=spec.maxReplicaCount,
         dead_letter_exchange=spec.deadLetter.exchange,
         dead_letter_routing_key=spec.deadLetter.routingKey,
         dead_letter_queue=spec.deadLetter.queue,
         scaledjob=scaledjob.name,
     )
+
+
+class RabbitMQDeadLetters:
+    """A dead-letter queue, for ``jobrunner dead-letters``. Listing takes the messages
+    with ``basic.get`` and does not ack them, so closing the channel puts them back where
+    they were; a replay publishes a copy to the source queue (confirmed by the broker)
+    and only then acks the dead letter, so a crash in between can duplicate the replay,
+    never lose it."""
+
+    def __init__(self, *, url: str, queue: str, dead_letter_queue: str) -> None:
+        self._url = url
+        self.queue = queue
+        self.dead_letter_queue = dead_letter_queue
+        parsed = urllib.parse.urlsplit(url)
+        self._host = f"{parsed.hostname}:{parsed.port or 5672}"
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+        self._held: dict[int, aio_pika.abc.AbstractIncomingMessage] = {}
+
+    @property
+    def where(self) -> str:
+        return f"queue {self.dead_letter_queue} on RabbitMQ {self._host}"
+
+    @property
+    def destination(self) -> str:
+        return f"queue {self.queue}"
+
+    async def _open(self) -> aio_pika.abc.AbstractChannel:
+        if self._channel is None:
+            try:
+                self._connection = await aio_pika.connect(self._url, timeout=10)
+            except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
+                raise ConnectionError(
+                    f"RabbitMQ at {self._host}: {exc or type(exc).__name__}"
+                ) from exc
+            self._channel = await self._connection.channel(publisher_confirms=True)
+        return self._channel
+
+    async def read(self, *, limit: int) -> list[DeadLetter]:
+        channel = await self._open()
+        try:
+            queue = await channel.get_queue(self.dead_letter_queue, ensure=True)
+        except aio_pika.exceptions.ChannelNotFoundEntity:
+            self._channel = None  # the broker closed it
+            return []
+        out: list[DeadLetter] = []
+        while len(out) < limit:
+            message = await queue.get(no_ack=False, fail=False)
+            if message is None:
+                break
+            headers = {str(k): _header_text(v) for k, v in (message.headers or {}).items()}
+            letter = DeadLetter(
+                id=message.message_id or message_identity(None, message.body, headers)[:19],
+                body=message.body,
+                headers=headers,
+                message_id=message.message_id,
+                content_type=message.content_type,
+                when=message.timestamp.timestamp() if message.timestamp else None,
+            )
+            self._held[id(letter)] = message
+            out.append(letter)
+        return out
+
+    async def replay(self, letters: Sequence[DeadLetter], *, value: str) -> int:
+        channel = await self._open()
+        done = 0
+        for letter in letters:
+            message = self._held.pop(id(letter), None)
+            if message is None:
+                continue
+            copy = aio_pika.Message(
+                letter.body,
+                message_id=letter.message_id,
+                content_type=letter.content_type,
+                headers=dict(replay_headers(letter.headers, value)),
+                delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                timestamp=datetime.datetime.now(datetime.UTC),
+            )
+            target = letter.source_header("queue") or self.queue
+            await channel.default_exchange.publish(copy, routing_key=target)
+            await message.ack()
+            done += 1
+        return done
+
+    async def close(self) -> None:
+        """What was listed and not replayed goes back to the dead-letter queue."""
+        self._held.clear()
+        if self._connection is not None:
+            await self._connection.close()
+            self._connection = None
+            self._channel = None
+
+
+def open_dead_letters(
+    trigger: RabbitMQTrigger, *, scaledjob: ScaledJob, settings: Settings
+) -> RabbitMQDeadLetters:
+    """The dead letters of a resolved ``rabbitmq`` trigger: its ``deadLetter.queue`` or
+    ``<queueName>.dead-letter`` (dead letters sent to an exchange land wherever it
+    routes them; ``jobrunner dead-letters --dead-letter-queue`` names that queue)."""
+    return RabbitMQDeadLetters(
+        url=trigger.url,
+        queue=trigger.queue,
+        dead_letter_queue=scaledjob.spec.deadLetter.queue or f"{trigger.queue}.dead-letter",
+    )
+
+
+class RabbitMQSink:
+    """Publishes output-binding messages to a queue through the default exchange, with
+    publisher confirms, persistent, the deterministic output id as ``message_id``. The
+    queue is declared (durable) when it does not exist."""
+
+    def __init__(self, trigger: RabbitMQTrigger) -> None:
+        self._url = trigger.url
+        self._queue = trigger.queue
+        self._ssl = ssl_context(trigger)
+        self._connection: aio_pika.abc.AbstractRobustConnection | None = None
+        self._channel: aio_pika.abc.AbstractChannel | None = None
+
+    async def publish(self, body: bytes, *, message_id: str) -> None:
+        if self._channel is None or self._channel.is_closed:
+            if self._connection is None:
+                self._connection = await aio_pika.connect_robust(
+                    self._url, fail_fast=True, ssl_context=self._ssl
+                )
+            self._channel = await self._connection.channel(publisher_confirms=True)
+            try:
+                await self._channel.declare_queue(self._queue, passive=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                self._channel = await self._connection.channel(publisher_confirms=True)
+                await self._channel.declare_queue(self._queue, durable=True)
+        message = aio_pika.Message(
+            body, message_id=message_id, delivery_mode=aio_pika.DeliveryMode.PERSISTENT
+        )
+        await self._channel.default_exchange.publish(message, routing_key=self._queue)
+
+    async def close(self) -> None:
+        connection, self._connection, self._channel = self._connection, None, None
+        if connection is not None:
+            await connection.close()
+
+
+def open_sink(trigger: RabbitMQTrigger, *, settings: Settings) -> RabbitMQSink:
+    return RabbitMQSink(trigger)

@@ -38,6 +38,7 @@ from typing import Any
 import aiosqlite
 
 from jobrunner.config import ScaledJob, Settings
+from jobrunner.deadletters import DeadLetter, replay_headers
 from jobrunner.models import Action, Decision, Delivery
 from jobrunner.naming import message_identity
 from jobrunner.protocols import MessageHandle
@@ -186,6 +187,19 @@ class SQLiteQueue:
             await self._db.commit()
             return out
 
+    async def publish_once(self, queue: str, body: bytes, *, message_id: str) -> bool:
+        """Enqueue ``body`` unless ``queue`` already holds a message with ``message_id``
+        (one transaction); True when it was enqueued now."""
+        async with self._busy:
+            cursor = await self._db.execute(
+                "INSERT INTO messages (queue, body, message_id, headers, content_type,"
+                " published_at) SELECT ?, ?, ?, '{}', NULL, ? WHERE NOT EXISTS"
+                " (SELECT 1 FROM messages WHERE queue = ? AND message_id = ?)",
+                (queue, body, message_id, time.time(), queue, message_id),
+            )
+            await self._db.commit()
+            return cursor.rowcount == 1
+
     async def counts(self, queue: str, dead_letter_queue: str) -> QueueCounts:
         async with self._busy:
             ready = in_hand = dead = 0
@@ -279,6 +293,27 @@ class SQLiteQueue:
             if remove is not None:
                 await self._db.execute("DELETE FROM messages WHERE id = ?", (remove,))
             await self._db.commit()
+
+    async def move(self, moves: Sequence[tuple[int, str, Mapping[str, str]]]) -> int:
+        """Move rows to other queues with new headers, in one transaction: each
+        ``(row id, queue, headers)`` becomes a new ready message on ``queue`` (the same
+        body, message id and content type) and the row is deleted. Rows already gone are
+        skipped; returns how many moved."""
+        async with self._busy:
+            moved = 0
+            now = time.time()
+            for row_id, queue, headers in moves:
+                cursor = await self._db.execute(
+                    "INSERT INTO messages (queue, body, message_id, headers, content_type,"
+                    " published_at) SELECT ?, body, message_id, ?, content_type, ?"
+                    " FROM messages WHERE id = ?",
+                    (queue, json.dumps(dict(headers), sort_keys=True), now, row_id),
+                )
+                if cursor.rowcount:
+                    await self._db.execute("DELETE FROM messages WHERE id = ?", (row_id,))
+                    moved += 1
+            await self._db.commit()
+            return moved
 
 
 def _lock_path(db_path: Path, queue: str) -> Path:
@@ -467,3 +502,123 @@ def open_source(
         dead_letter_queue=scaledjob.spec.deadLetter.queue,
         scaledjob=scaledjob.name,
     )
+
+
+@dataclass(frozen=True)
+class ConsumerLock:
+    """Who consumes a queue, as its lock file says."""
+
+    path: Path
+    pid: int | None
+    """The last consumer's pid, as it wrote it."""
+    live: bool
+    """True while a process holds the lock (a dispatcher consumes the queue now)."""
+
+
+def consumer_lock(db_path: Path, queue: str) -> ConsumerLock | None:
+    """The consumer lock of ``queue`` in ``db_path``; None when no dispatcher ever
+    consumed it. Read without taking it: a shared non-blocking lock fails exactly while
+    a dispatcher holds its exclusive one."""
+    path = _lock_path(db_path, queue)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        text = os.read(fd, 64).decode(errors="replace").strip()
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            live = True
+        else:
+            live = False
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+    return ConsumerLock(path=path, pid=int(text) if text.isdigit() else None, live=live)
+
+
+class SQLiteDeadLetters:
+    """The dead-letter queue of an embedded queue, for ``jobrunner dead-letters``. A
+    replay moves the row back to its source queue in one transaction."""
+
+    def __init__(self, *, path: Path, queue: str, dead_letter_queue: str) -> None:
+        self.path = path
+        self.queue = queue
+        self.dead_letter_queue = dead_letter_queue
+        self._db: SQLiteQueue | None = None
+
+    @property
+    def where(self) -> str:
+        return f"queue {self.dead_letter_queue} in {self.path}"
+
+    @property
+    def destination(self) -> str:
+        return f"queue {self.queue}"
+
+    async def _open(self) -> SQLiteQueue:
+        if self._db is None:
+            self._db = await SQLiteQueue.open(self.path)
+        return self._db
+
+    async def read(self, *, limit: int) -> list[DeadLetter]:
+        if not self.path.exists():
+            return []
+        rows = await (await self._open()).messages(self.dead_letter_queue, limit=limit)
+        return [
+            DeadLetter(
+                id=str(row.id),
+                body=row.body,
+                headers=row.headers,
+                message_id=row.message_id,
+                content_type=row.content_type,
+                when=row.published_at,
+            )
+            for row in rows
+        ]
+
+    async def replay(self, letters: Sequence[DeadLetter], *, value: str) -> int:
+        moves = [
+            (int(d.id), d.source_header("queue") or self.queue, replay_headers(d.headers, value))
+            for d in letters
+        ]
+        return await (await self._open()).move(moves)
+
+    async def close(self) -> None:
+        if self._db is not None:
+            await self._db.close()
+            self._db = None
+
+
+def open_dead_letters(
+    trigger: SQLiteTrigger, *, scaledjob: ScaledJob, settings: Settings
+) -> SQLiteDeadLetters:
+    """The dead letters of a resolved ``sqlite`` trigger."""
+    return SQLiteDeadLetters(
+        path=trigger.path,
+        queue=trigger.queue,
+        dead_letter_queue=dead_letter_queue_name(trigger.queue, scaledjob.spec.deadLetter.queue),
+    )
+
+
+class SQLiteSink:
+    """Publishes output-binding messages to a queue of the embedded queue file, each only
+    once per output id while the queue holds it (see SQLiteQueue.publish_once)."""
+
+    def __init__(self, trigger: SQLiteTrigger) -> None:
+        self._trigger = trigger
+        self._queue: SQLiteQueue | None = None
+
+    async def publish(self, body: bytes, *, message_id: str) -> None:
+        if self._queue is None:
+            self._queue = await SQLiteQueue.open(self._trigger.path)
+        await self._queue.publish_once(self._trigger.queue, body, message_id=message_id)
+
+    async def close(self) -> None:
+        if self._queue is not None:
+            await self._queue.close()
+            self._queue = None
+
+
+def open_sink(trigger: SQLiteTrigger, *, settings: Settings) -> SQLiteSink:
+    return SQLiteSink(trigger)

@@ -19,7 +19,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from jobrunner.config import ManifestError, ScaledJob, Trigger, TriggerAuthentication
+from jobrunner.config import (
+    ManifestError,
+    OutputBinding,
+    ScaledJob,
+    Trigger,
+    TriggerAuthentication,
+)
 from jobrunner.triggers.auth import FileSecrets, SecretReader, auth_parameters
 
 __all__ = [
@@ -28,6 +34,7 @@ __all__ = [
     "ResolveContext",
     "SecretReader",
     "TriggerType",
+    "check_output",
     "check_trigger",
     "resolve_trigger",
     "trigger_type",
@@ -93,6 +100,9 @@ class TriggerType:
     source: str
     summary: str = ""
     aliases: tuple[str, ...] = field(default=())
+    sink: str = ""
+    """``"module:function"`` of the factory of a publisher to this kind of destination
+    (for output bindings, see jobrunner.outputs); "" when the type cannot be one."""
 
 
 # Trigger type -> the module under jobrunner.triggers that defines TRIGGER.
@@ -101,6 +111,7 @@ _MODULES = {
     "kafka": "kafka",
     "apache-kafka": "kafka",
     "sqlite": "sqlite",
+    "azure-queue": "azure_queue",
 }
 
 
@@ -143,6 +154,18 @@ def check_trigger(trigger: Trigger) -> list[Problem]:
             )
     problems.extend(kind.check(trigger.metadata, trigger.authenticationRef is not None))
     return problems
+
+
+def check_output(output: OutputBinding) -> list[Problem]:
+    """Static problems of a function's output destination: a type that can be one, and
+    that type's own checks on its metadata."""
+    try:
+        kind = trigger_type(output.type)
+    except ManifestError as exc:
+        return [Problem("type", str(exc).split("field type: ", 1)[-1])]
+    if not kind.sink:
+        return [Problem("type", f"{kind.name} cannot be an output destination")]
+    return check_trigger(output.as_trigger())
 
 
 async def resolve_trigger(context: ResolveContext) -> tuple[TriggerType, Any]:

@@ -119,5 +119,6 @@ TRIGGER = TriggerType(
     check=_check,
     resolve=_resolve,
     source="jobrunner.sources.kafka:open_source",
+    sink="jobrunner.sources.kafka:open_sink",
     summary="an Apache Kafka topic, read by a consumer group",
 )

@@ -1,7 +1,10 @@
 """``type: rabbitmq``: KEDA's RabbitMQ scaler metadata, consumed over AMQP.
 
 ``host`` (an ``amqp://`` or ``amqps://`` URL), ``hostFromEnv`` or a TriggerAuthentication
-``host`` parameter; ``queueName``; ``vhostName`` overrides the URL's vhost. KEDA's
+``host`` parameter; ``queueName``; ``vhostName`` overrides the URL's vhost. TLS and
+credentials as KEDA's TriggerAuthentication parameters: ``username``, ``password``,
+``tls: enable``, ``ca``, ``cert``, ``key``, ``keyPassword``; ``unsafeSsl: "true"`` in
+metadata skips verifying the broker's certificate. KEDA's
 queue-length keys (``mode``, ``value``, ...) are accepted and ignored: a push dispatcher
 takes every message as it arrives.
 """
@@ -26,7 +29,17 @@ from jobrunner.triggers import (
 @dataclass(frozen=True)
 class RabbitMQTrigger:
     url: str
+    """amqp:// or amqps://, with the credentials (never logged)."""
     queue: str
+    tls: bool = False
+    """TLS on: an amqps:// URL, or KEDA's ``tls: enable``."""
+    ca: str = ""
+    """PEM of the CA that signed the broker's certificate (else the system's CAs)."""
+    cert: str = ""
+    key: str = ""
+    key_password: str = ""
+    unsafe_ssl: bool = False
+    """KEDA's ``unsafeSsl``: do not verify the broker's certificate."""
 
 
 def _check(metadata: Mapping[str, str], has_auth: bool) -> list[Problem]:
@@ -37,6 +50,7 @@ def _check(metadata: Mapping[str, str], has_auth: bool) -> list[Problem]:
     if host and urllib.parse.urlsplit(host).scheme not in ("amqp", "amqps"):
         problems.append(_not_amqp(host))
     problems += one_of(metadata, "protocol", ("auto", "amqp"))
+    problems += one_of(metadata, "unsafeSsl", ("true", "false"))
     return problems
 
 
@@ -70,7 +84,25 @@ async def _resolve(context: ResolveContext) -> RabbitMQTrigger:
         raise_problems(where, [_not_amqp(host)])
     if meta.get("vhostName"):
         parsed = parsed._replace(path="/" + urllib.parse.quote(meta["vhostName"], safe=""))
-    return RabbitMQTrigger(url=urllib.parse.urlunsplit(parsed), queue=meta["queueName"])
+    if meta.get("username") or meta.get("password"):
+        # KEDA's username/password parameters win over credentials in the host URL.
+        user = urllib.parse.quote(meta.get("username") or parsed.username or "", safe="")
+        password = urllib.parse.quote(meta.get("password") or "", safe="")
+        host_port = parsed.netloc.rsplit("@", 1)[-1]
+        parsed = parsed._replace(netloc=f"{user}:{password}@{host_port}")
+    tls = parsed.scheme == "amqps" or meta.get("tls", "").lower() == "enable"
+    if tls and parsed.scheme == "amqp":
+        parsed = parsed._replace(scheme="amqps")
+    return RabbitMQTrigger(
+        url=urllib.parse.urlunsplit(parsed),
+        queue=meta["queueName"],
+        tls=tls,
+        ca=meta.get("ca", ""),
+        cert=meta.get("cert", ""),
+        key=meta.get("key", ""),
+        key_password=meta.get("keyPassword", ""),
+        unsafe_ssl=meta.get("unsafeSsl", "").lower() == "true",
+    )
 
 
 TRIGGER = TriggerType(
@@ -101,5 +133,6 @@ TRIGGER = TriggerType(
     check=_check,
     resolve=_resolve,
     source="jobrunner.sources.rabbitmq:open_source",
+    sink="jobrunner.sources.rabbitmq:open_sink",
     summary="a RabbitMQ queue over AMQP 0-9-1",
 )

@@ -40,5 +40,6 @@ TRIGGER = TriggerType(
     check=_check,
     resolve=_resolve,
     source="jobrunner.sources.sqlite:open_source",
+    sink="jobrunner.sources.sqlite:open_sink",
     summary="the embedded queue: a SQLite file, no broker needed",
 )

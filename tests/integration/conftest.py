@@ -3,6 +3,9 @@ processes that are always stopped (with their logs shown when a test fails)."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import signal
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
@@ -10,8 +13,11 @@ from typing import Any
 
 import aio_pika
 import pytest
+from azure.storage.queue.aio import QueueClient
 
+from jobrunner.local.client import LocalJobClient
 from tests.integration.harness import Dispatcher, write_manifest
+from tests.local.conftest import Dispatchers
 
 
 @pytest.fixture
@@ -71,3 +77,47 @@ def manifest(tmp_path: Path, namespace: str, queue: str, rabbitmq_url: str) -> C
         )
 
     return make
+
+
+@pytest.fixture
+def function_queues(azure_storage: str) -> Iterator[dict[str, str]]:
+    """An orders queue (created) and a receipts queue (made by the output) of their own;
+    both and the poison queue are deleted afterwards."""
+    run = uuid.uuid4().hex[:10]
+    names = {"orders": f"orders-{run}", "receipts": f"receipts-{run}"}
+
+    async def create() -> None:
+        async with QueueClient.from_connection_string(azure_storage, names["orders"]) as q:
+            await q.create_queue()
+
+    asyncio.run(create())
+    yield names
+
+    async def delete() -> None:
+        for name in [*names.values(), f"{names['orders']}-poison"]:
+            async with QueueClient.from_connection_string(azure_storage, name) as q:
+                with contextlib.suppress(Exception):  # never created
+                    await q.delete_queue()
+
+    asyncio.run(delete())
+
+
+@pytest.fixture
+def local_dispatchers(tmp_path: Path) -> Iterator[Dispatchers]:
+    """`jobrunner run --local` processes on a state directory whose Jobs are removed after."""
+    state = tmp_path / "state"
+    state.mkdir()
+    d = Dispatchers(state, tmp_path)
+    yield d
+    for proc in d.started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=10)
+    client = LocalJobClient(state, controller=False)
+
+    async def delete_all() -> None:
+        base = state / "jobs" / "default"
+        for job in base.iterdir() if base.is_dir() else []:
+            await client.delete_job("default", job.name)
+
+    asyncio.run(delete_all())

@@ -123,7 +123,11 @@ class Dispatcher:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     async def settled(self, action: str, count: int, *, within: float = 60) -> None:
-        """Wait until this dispatcher has logged ``count`` settlements of ``action``."""
+        """Wait until this dispatcher has logged ``count`` settlements of ``action``
+        (``ack`` or ``dead-letter``), as the dispatcher words them."""
+        line = {"ack": "acked the message (Job ", "dead-letter": "dead-lettered the message ("}[
+            action
+        ]
 
         line = SETTLED_LINES[action]
 

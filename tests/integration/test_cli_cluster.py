@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -63,8 +64,9 @@ def test_server_dry_run_reports_the_servers_rejection(
 
 
 @pytest.mark.rabbitmq
-async def test_status_and_jobs_show_the_cluster_as_the_dispatcher_works(
+async def test_status_jobs_and_logs_show_the_cluster_as_the_dispatcher_works(
     kubeconfig: Path,
+    namespace: str,
     rabbitmq_url: str,
     queue: str,
     manifest: Callable[..., Path],
@@ -79,29 +81,40 @@ async def test_status_and_jobs_show_the_cluster_as_the_dispatcher_works(
     dispatchers(Path(path))
     base = ["--kubeconfig", str(kubeconfig)]
 
-    async def view(command: str) -> str:
+    async def view(command: str, *more: str) -> str:
         # In a thread: the CLI runs its own event loop.
-        code = await asyncio.to_thread(main, [*base, command, "-f", path])
+        code = await asyncio.to_thread(main, [*base, command, "-f", path, *more])
         assert code == 0
         return capsys.readouterr().out
 
     async def two_running() -> str | None:
-        out = await view("status")
-        return out if out.count("running") == 2 else None
+        (status,) = json.loads(await view("status", "-o", "json"))
+        running = [j for j in status["inFlight"] if j["state"] == "running"]
+        return "yes" if len(running) == 2 else None
 
-    out = await eventually(two_running, within=30)
+    await eventually(two_running, within=30)
+    out = await view("status")
     assert "in flight 2/2" in out
     assert "on the cluster" in out
     assert "op-1" in out
     assert "op-2" in out
 
-    async def all_finished() -> str | None:
-        out = await view("jobs")
-        return out if out.count("work-") == 3 and "dead-lettered" in out else None
+    async def all_finished() -> list[dict[str, Any]] | None:
+        jobs: list[dict[str, Any]] = json.loads(await view("jobs", "-o", "json"))
+        return jobs if len(jobs) == 3 and any(j["deadLettered"] for j in jobs) else None
 
-    out = await eventually(all_finished, within=60)
-    assert out.count("succeeded") == 2
-    assert "failed (dead-lettered)" in out
+    jobs = await eventually(all_finished, within=60)
+    assert sorted(j["state"] for j in jobs) == ["failed", "succeeded", "succeeded"]
+    out = await view("jobs")
+    assert re.search(r"op-3 +failed +BackoffLimitExceeded +yes", out), out
+
+    # The failed Job's pod, its exit code and reason as the (KWOK) node reported them.
+    (failed,) = [j for j in jobs if j["state"] == "failed"]
+    code = await asyncio.to_thread(main, [*base, "logs", failed["job"], "-n", namespace])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert re.search(r"==> attempt 1 \(pod .+\), container work: exit 1 \(Error\) <==", out), out
+    assert "==> Job failed: BackoffLimitExceeded" in out
 
 
 def test_make_demo_cluster_runs_on_the_stack(kubeconfig: Path, rabbitmq_url: str) -> None:

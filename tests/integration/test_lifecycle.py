@@ -42,11 +42,22 @@ async def test_history_limits_delete_oldest_finished_jobs_and_their_secrets(
             successfulJobsHistoryLimit=2, failedJobsHistoryLimit=1, messageDelivery={"mode": "file"}
         )
     )
-    for i in range(5):
-        await publish(rabbitmq_url, queue, b'{"task": "ok"}', message_id=f"ok-{i}")
-        await asyncio.sleep(1.1)  # distinct completion times, so "oldest" is well defined
-    for i in range(3):
-        await publish(rabbitmq_url, queue, b'{"fail": "failed"}', message_id=f"bad-{i}")
+
+    async def finished_job(message_id: str) -> bool:
+        jobs = await asyncio.to_thread(jobs_of, kube_api, namespace, "work")
+        return any(
+            j.metadata.annotations["jobrunner.dev/message-id"] == message_id and finished(j)
+            for j in jobs
+        )
+
+    # One at a time, each published once the previous has finished and a second has
+    # passed (completion times have one-second resolution), so "oldest" is well defined
+    # however slowly the machine runs.
+    for message_id, body in [(f"ok-{i}", b'{"task": "ok"}') for i in range(5)] + [
+        (f"bad-{i}", b'{"fail": "failed"}') for i in range(3)
+    ]:
+        await publish(rabbitmq_url, queue, body, message_id=message_id)
+        await eventually(lambda m=message_id: finished_job(m), within=60, interval=0.3)
         await asyncio.sleep(1.1)
 
     async def trimmed() -> list[str] | None:

@@ -148,7 +148,10 @@ async def test_a_missing_queue_waits_alone_says_why_and_starts_once_declared(
     await dispatcher.settled("ack", 1)
 
     async def not_ready_naming_the_queue() -> str | None:
-        status, text = await asyncio.to_thread(get, f"{base}/readyz")
+        try:
+            status, text = await asyncio.to_thread(get, f"{base}/readyz")
+        except OSError:  # not listening yet
+            return None
         return text if status == 503 and missing in text else None
 
     why = await eventually(not_ready_naming_the_queue, within=30)

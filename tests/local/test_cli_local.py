@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +13,7 @@ import pytest
 
 from jobrunner.cli import main
 from jobrunner.local.jobdir import JobDir
+from jobrunner.naming import job_name
 from tests.helpers import wait_until
 from tests.local.conftest import ROOT, Dispatchers, ManifestFactory
 
@@ -51,27 +54,37 @@ def test_status_jobs_and_logs_show_a_batch_from_start_to_end(
     dispatchers.start(Path(path))
 
     def two_running() -> str | None:
-        _, text, _ = cli(capsys, "status", "-f", path, *local)
-        return text if text.count("running") == 2 else None
+        _, text, _ = cli(capsys, "status", "-f", path, *local, "-o", "json")
+        (status,) = json.loads(text)
+        running = [j for j in status["inFlight"] if j["state"] == "running"]
+        return text if len(running) == 2 else None
 
-    out = wait_until(two_running, timeout=20)
+    wait_until(two_running, timeout=20)
+    _, out, _ = cli(capsys, "status", "-f", path, *local)
     assert "in flight 2/2" in out
     assert "1 waiting, 2 in hand" in out
+    assert re.search(r"dispatcher: running \(pid \d+\)", out), out
 
-    def all_finished() -> str | None:
-        _, text, _ = cli(capsys, "jobs", "-f", path, *local)
-        return text if text.count("work-") == 3 and "dead-lettered" in text else None
+    def all_finished() -> list[dict[str, object]] | None:
+        _, text, _ = cli(capsys, "jobs", "-f", path, *local, "-o", "json")
+        jobs: list[dict[str, object]] = json.loads(text)
+        return jobs if len(jobs) == 3 and any(j["deadLettered"] for j in jobs) else None
 
-    out = wait_until(all_finished, timeout=30)
+    jobs = wait_until(all_finished, timeout=30)
+    assert sorted(str(j["state"]) for j in jobs) == ["failed", "succeeded", "succeeded"]
+    (failed,) = [j for j in jobs if j["state"] == "failed"]
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert failed["deadLettered"] is True
+    assert "main exited 2" in str(failed["detail"])
+    code, out, _ = cli(capsys, "jobs", "-f", path, *local)
     assert out.count("succeeded") == 2
-    assert "failed (dead-lettered)" in out
-    assert "BackoffLimitExceeded" in out
+    assert re.search(r"failed +BackoffLimitExceeded +yes", out), out
 
-    job = next(p.name for p in (state_dir / "jobs" / "default").iterdir())
-    code, out, _ = cli(capsys, "logs", job, *local)
+    code, out, _ = cli(capsys, "logs", str(failed["job"]), *local)
     assert code == 0
-    assert "==> attempt 1, container main <==" in out
-    assert "working on" in out
+    assert "==> attempt 1, container main: exit 2 (Error) <==" in out
+    assert "working on bad" in out
+    assert "==> Job failed: BackoffLimitExceeded" in out
 
 
 def test_a_typo_in_a_manifest_names_file_line_field_and_fix(
@@ -102,7 +115,7 @@ def test_an_unknown_trigger_type_lists_the_supported_ones(
     code, _, err = cli(capsys, "run", "--local", "--state-dir", str(state_dir), "-f", str(path))
     assert code == 2
     assert "field spec.triggers[0].type: 'redis' is not supported" in err
-    assert "use one of apache-kafka, kafka, rabbitmq, sqlite" in err
+    assert "use one of apache-kafka, azure-queue, kafka, rabbitmq, sqlite" in err
 
 
 def test_publish_to_a_broker_trigger_says_to_use_the_broker(
@@ -187,3 +200,197 @@ def test_status_watch_keeps_printing_fresh_views_when_piped(
         watcher.wait()
     assert sum(line.startswith("-- ") for line in lines) >= 3
     assert "queue work: 1 waiting, 0 in hand, 0 dead-lettered" in "".join(lines)
+
+
+def test_dead_letters_are_listed_and_a_replay_runs_as_a_new_job(
+    manifest: ManifestFactory,
+    state_dir: Path,
+    dispatchers: Dispatchers,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # The template reads message.json: a body that is not JSON is dead-lettered InvalidMessage.
+    reads_json = {"env": [{"name": "ID", "value": "{{ message.json.id }}"}]}
+    path = str(manifest(JOB, container=reads_json))
+    local = ["--local", "--state-dir", str(state_dir)]
+    publish = ["publish", "-f", path, "--state-dir", str(state_dir)]
+    assert cli(capsys, *publish, "--message-id", "fail-1", '{"id": "fail-1", "exit": 3}')[0] == 0
+    assert cli(capsys, *publish, "--message-id", "garbage-1", "not json")[0] == 0
+    dispatchers.start(Path(path))
+
+    def two_dead() -> list[dict[str, object]] | None:
+        _, text, _ = cli(capsys, "dead-letters", "-f", path, *local, "-o", "json")
+        letters: list[dict[str, object]] = json.loads(text)
+        return letters if len(letters) == 2 else None
+
+    letters = {str(d["messageId"]): d for d in wait_until(two_dead, timeout=30)}
+    failed = letters["fail-1"]
+    assert failed["reason"] == "BackoffLimitExceeded"
+    assert "main exited 3" in str(failed["detail"])
+    assert "working on fail-1" in str(failed["detail"])  # the log's last lines
+    assert failed["job"] == job_name("work", "fail-1")
+    assert failed["body"] == '{"id": "fail-1", "exit": 3}'
+    assert letters["garbage-1"]["reason"] == "InvalidMessage"
+
+    code, out, _ = cli(capsys, "dead-letters", "-f", path, *local)
+    assert code == 0
+    assert re.search(r"fail-1 +BackoffLimitExceeded +work-", out), out
+    assert "body: not json" in out
+    assert "--replay [ID ...]" in out
+    assert f"--state-dir {state_dir}" in out  # the hint keeps the user's state directory
+
+    code, out, err = cli(
+        capsys, "dead-letters", "-f", path, *local, "--reason", "BackoffLimitExceeded", "--replay"
+    )
+    assert code == 0, err
+    assert "replayed 1 dead letter(s) to queue work as new work" in out
+
+    def replayed_and_failed_again() -> list[dict[str, object]] | None:
+        _, text, _ = cli(capsys, "jobs", "-f", path, *local, "-o", "json")
+        jobs: list[dict[str, object]] = json.loads(text)
+        again = [j for j in jobs if "#replay-" in str(j["message"]) and j["deadLettered"]]
+        return jobs if again else None
+
+    jobs = wait_until(replayed_and_failed_again, timeout=30)
+    assert len({j["job"] for j in jobs}) == 2  # a Job of its own, not the first one adopted
+    (letter,) = [d for d in wait_until(two_dead, timeout=10) if d["messageId"] == "fail-1"]
+    assert letter["reason"] == "BackoffLimitExceeded"  # ran again; not DuplicateMessage
+    assert str(letter["headers"]["x-jobrunner-replay"])  # type: ignore[index]
+    code, out, _ = cli(capsys, "jobs", "-f", path, *local)
+    assert "fail-1 (replay)" in out
+
+
+def test_status_tells_a_live_dispatcher_from_a_stale_lock(
+    manifest: ManifestFactory,
+    state_dir: Path,
+    dispatchers: Dispatchers,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = str(manifest(JOB))
+    local = ["--local", "--state-dir", str(state_dir)]
+    assert cli(capsys, "publish", "-f", path, "--state-dir", str(state_dir), '{"id": "a"}')[0] == 0
+    _, out, _ = cli(capsys, "status", "-f", path, *local)
+    assert "dispatcher: none has consumed this queue yet; 1 message(s) wait for one" in out
+    assert f"jobrunner run --local --state-dir {state_dir} -f {path}" in out
+
+    proc = dispatchers.start(Path(path))
+
+    def alive() -> dict[str, object] | None:
+        _, text, _ = cli(capsys, "status", "-f", path, *local, "-o", "json")
+        dispatcher: dict[str, object] = json.loads(text)[0]["dispatcher"]
+        return dispatcher if dispatcher["alive"] else None
+
+    assert f"pid {proc.pid}" in str(wait_until(alive, timeout=20)["detail"])
+    proc.kill()
+    proc.wait(timeout=10)
+    _, out, _ = cli(capsys, "status", "-f", path, *local)
+    assert f"dispatcher: not running (the last one, pid {proc.pid}, is gone" in out
+
+
+def test_views_warn_when_no_state_is_where_they_look(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    example = str(ROOT / "deploy/examples/scaledjob-local.yaml")
+    code, _, err = cli(capsys, "status", "--local", "-f", example)
+    assert code == 0
+    assert "warning: no .jobrunner here" in err
+    assert "pass --state-dir DIR" in err
+    code, _, err = cli(capsys, "jobs", "--local", "--state-dir", "elsewhere", "-f", example)
+    assert code == 0
+    assert "warning: --state-dir elsewhere does not exist" in err
+
+
+LOGS_MANIFEST = """
+apiVersion: jobrunner.dev/v1alpha1
+kind: ScaledJob
+metadata: {name: logs}
+spec:
+  triggers: [{type: sqlite, metadata: {queueName: logs}}]
+  jobTargetRef:
+    backoffLimit: 1
+    template:
+      spec:
+        initContainers:
+        - {name: fetch, image: x, command: [python3, -c, "print('init 1 done')"]}
+        - {name: unpack, image: x, command: [python3, -c, "print('init 2 done')"]}
+        containers:
+        - name: work
+          image: x
+          command:
+          - python3
+          - -c
+          - |
+            import os, sys, time
+            for i in range(3):
+                print("tick", i, flush=True)
+                time.sleep(0.4)
+            sys.exit(4)
+"""
+
+
+def test_logs_follow_a_job_attempt_by_attempt_with_exit_codes(
+    tmp_path: Path, state_dir: Path, dispatchers: Dispatchers, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "logs.yaml"
+    path.write_text(LOGS_MANIFEST)
+    local = ["--local", "--state-dir", str(state_dir)]
+    assert cli(capsys, "publish", "-f", str(path), *local[1:], "--message-id", "l-1", "{}")[0] == 0
+    dispatchers.start(path)
+    name = job_name("logs", "l-1")
+    wait_until(lambda: (state_dir / "jobs" / "default" / name).is_dir(), timeout=20)
+    follow = subprocess.run(
+        [sys.executable, "-m", "jobrunner.cli", "logs", name, *local, "-f"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert follow.returncode == 0, follow.stderr
+    out = follow.stdout
+    # Each part's end is said once, in order (a part that still ran when `logs -f`
+    # reached it was announced as running first).
+    headers = [line for line in out.splitlines() if ": exit " in line or "Job failed" in line]
+    assert headers == [
+        "==> attempt 1, init container fetch: exit 0 (Completed) <==",
+        "==> attempt 1, init container unpack: exit 0 (Completed) <==",
+        "==> attempt 1, container work: exit 4 (Error) <==",
+        "==> attempt 2, init container fetch: exit 0 (Completed) <==",
+        "==> attempt 2, init container unpack: exit 0 (Completed) <==",
+        "==> attempt 2, container work: exit 4 (Error) <==",
+        headers[-1],
+    ], out
+    assert headers[-1].startswith("==> Job failed: BackoffLimitExceeded")
+    assert out.count("tick 2\n") == 2
+    # Afterwards, and one container only.
+    code, out, _ = cli(capsys, "logs", name, *local, "-c", "unpack")
+    assert code == 0
+    assert "init 2 done" in out
+    assert "tick 0\n" not in out
+    assert "init 1 done" not in out
+
+
+def test_make_demo_functions_runs_both_example_apps_and_prints_the_summary(
+    tmp_path: Path,
+) -> None:
+    """`make demo-functions`: the two example function apps, no cluster, no Azure."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "COLUMNS": "160"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "deploy/local/demo_functions.py")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    out = result.stdout
+    assert "what became of each message" in out, out
+    assert out.count("succeeded") == 8, out
+    assert out.count("dead-lettered (FunctionFailed)") == 2, out
+    assert '{"order":"order-1","total":19}' in out, out
+    assert "demo-functions: every message ended as expected" in out, out
+    (work,) = tmp_path.glob("jobrunner-demo-functions-*")
+    jobs = [JobDir(p) for p in (work / "state" / "jobs" / "default").iterdir()]
+    assert len(jobs) == 10
+    assert not any(job.supervised() for job in jobs)

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import json
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +92,85 @@ def test_run_with_an_invalid_manifest_fails_at_start_naming_file_and_field(
     err = capsys.readouterr().err
     assert str(bad) in err
     assert "spec.ackPolicy" in err
+
+
+def test_render_json_is_an_appliable_list_and_yaml_shows_the_secrets_owner(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    body = tmp_path / "big.json"
+    body.write_text(json.dumps({"task": "x", "pad": "a" * 40_000}))  # over maxEnvBytes: a file
+    assert main(["render", "-f", str(EXAMPLE), "--message", f"@{body}", "-o", "json"]) == 0
+    out = capsys.readouterr()
+    listed = json.loads(out.out)
+    assert listed["apiVersion"] == "v1"
+    assert listed["kind"] == "List"
+    secret, job = listed["items"]
+    assert (secret["kind"], job["kind"]) == ("Secret", "Job")
+    assert "ownerReferences" not in secret["metadata"]  # no uid yet: it would not apply
+    assert f"Job {job['metadata']['name']} own Secret" in out.err
+
+    assert main(["render", "-f", str(EXAMPLE), "--message", f"@{body}"]) == 0
+    text = capsys.readouterr().out
+    docs = list(yaml.safe_load_all(text))
+    assert [d["kind"] for d in docs] == ["Secret", "Job"]
+    comment = "\n".join(line[4:] for line in text.splitlines() if line.startswith("#   "))
+    (owner,) = yaml.safe_load(comment)["metadata"]["ownerReferences"]
+    assert owner["kind"] == "Job"
+    assert owner["name"] == job["metadata"]["name"]
+    assert owner["blockOwnerDeletion"] is False
+
+
+def test_global_options_work_before_and_after_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    local = ROOT / "deploy/examples/scaledjob-local.yaml"
+    for args in (
+        ["-n", "team-a", "render", "-f", str(local), "--message", '{"image": "a"}'],
+        ["render", "-f", str(local), "--message", '{"image": "a"}', "--namespace", "team-a"],
+    ):
+        assert main(args) == 0
+        assert yaml.safe_load(capsys.readouterr().out)["metadata"]["namespace"] == "team-a"
+
+
+def test_every_option_of_every_command_is_documented_with_examples() -> None:
+    import argparse
+
+    from jobrunner.cli.parser import COMMANDS, build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for command in COMMANDS:
+        p = sub.choices[command.name]
+        assert command.summary
+        assert command.description
+        assert command.examples
+        text = p.format_help()
+        assert "examples:" in text
+        for action in p._actions:
+            assert action.help, (command.name, action.dest)
+            assert action.help != argparse.SUPPRESS, (command.name, action.dest)
+        # Every example parses (as the shell would split it, up to a pipe).
+        for _, line in command.examples:
+            words = shlex.split(line)
+            words = words[1 : words.index("|")] if "|" in words else words[1:]
+            args = parser.parse_args(words)
+            assert args.command == command.name
+
+
+def test_help_and_version_import_no_heavy_library() -> None:
+    program = (
+        "import sys\n"
+        "from jobrunner.cli import main\n"
+        "for args in (['--version'], ['--help'], ['jobs', '--help']):\n"
+        "    try:\n"
+        "        main(args)\n"
+        "    except SystemExit:\n"
+        "        pass\n"
+        "heavy = {'pydantic', 'yaml', 'rich', 'kubernetes', 'jinja2', 'aiosqlite', 'aio_pika',\n"
+        "         'aiokafka', 'opentelemetry'}\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", program], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == "[]"

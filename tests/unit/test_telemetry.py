@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import datetime
 import json
 import logging
+import re
 import urllib.request
 
 import pytest
@@ -74,3 +76,22 @@ def test_json_logs_carry_message_context(capsys: pytest.CaptureFixture[str]) -> 
         "m-1",
         "rabbitmq",
     )
+    # ISO 8601 in UTC, what log collectors parse without configuration.
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"]), line["time"]
+    stamped = datetime.datetime.fromisoformat(line["time"].replace("Z", "+00:00"))
+    now = datetime.datetime.now(datetime.UTC)
+    assert abs((now - stamped).total_seconds()) < 60
+
+
+def test_a_failed_broker_connect_is_said_once_not_twice(capsys: pytest.CaptureFixture[str]) -> None:
+    configure_logging("INFO")
+    try:
+        logging.getLogger("aiormq.connection").error(
+            "error when creating transport: %r", ConnectionRefusedError(111, "refused")
+        )
+        logging.getLogger("aiormq.connection").error("Unexpected connection close")
+    finally:
+        logging.getLogger().handlers.clear()
+    err = capsys.readouterr().err
+    assert "creating transport" not in err  # the runner's own retry line says it
+    assert "Unexpected connection close" in err

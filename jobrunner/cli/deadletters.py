@@ -1,0 +1,237 @@
+"""``dead-letters``: list what a ScaledJob dead-lettered (embedded queue, RabbitMQ, Kafka)
+and replay it to its source as new work (see ``jobrunner.deadletters``)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import importlib
+import json
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import yaml
+
+from jobrunner.cli.context import Context
+from jobrunner.cli.errors import CliError
+from jobrunner.config import Executor, ScaledJob
+from jobrunner.console import Cell, Column, FitTable, age, preview, rfc3339
+from jobrunner.deadletters import DeadLetter, DeadLetterStore, replay_value, select
+from jobrunner.views import make_console
+
+
+async def open_store(ctx: Context, scaledjob: ScaledJob) -> DeadLetterStore:
+    """The dead letters of ``scaledjob``'s trigger, from the module of its source (its
+    ``open_dead_letters``), the trigger resolved as ``run`` resolves it."""
+    from jobrunner.triggers import FileSecrets, ResolveContext, resolve_trigger
+
+    settings = ctx.settings
+    override = ctx.flag("dead_letter_queue")
+    if override:
+        dead_letter = scaledjob.spec.deadLetter.model_copy(
+            update={"queue": override, "topic": override}
+        )
+        scaledjob = scaledjob.model_copy(
+            update={"spec": scaledjob.spec.model_copy(update={"deadLetter": dead_letter})}
+        )
+    clients: list[Any] = []
+
+    async def cluster_secret(namespace: str, name: str) -> Mapping[str, str] | None:
+        if not clients:
+            clients.append(ctx.job_client())
+        found: Mapping[str, str] | None = await clients[0].read_secret(namespace, name)
+        return found
+
+    try:
+        kind, resolved = await resolve_trigger(
+            ResolveContext(
+                scaledjob=scaledjob,
+                trigger=scaledjob.spec.triggers[0],
+                authentications=ctx.manifests.authentications,
+                read_secret=FileSecrets(cluster_secret, ctx.manifests.secrets),
+                state_dir=settings.local.state_dir,
+            )
+        )
+    finally:
+        for client in clients:
+            await client.close()
+    module = importlib.import_module(kind.source.partition(":")[0])
+    factory = getattr(module, "open_dead_letters", None)
+    if factory is None:
+        raise CliError(f"dead-letters does not know {kind.name} triggers yet")
+    store: DeadLetterStore = factory(resolved, scaledjob=scaledjob, settings=settings)
+    return store
+
+
+def _body(letter: DeadLetter) -> dict[str, str]:
+    try:
+        return {"body": letter.body.decode("utf-8"), "encoding": "utf-8"}
+    except UnicodeDecodeError:
+        return {"body": base64.b64encode(letter.body).decode(), "encoding": "base64"}
+
+
+def as_dict(scaledjob: ScaledJob, letter: DeadLetter) -> dict[str, Any]:
+    return {
+        "scaledjob": scaledjob.name,
+        "namespace": scaledjob.namespace,
+        "id": letter.id,
+        "messageId": letter.message_id,
+        "reason": letter.reason or None,
+        "detail": letter.detail or None,
+        "job": letter.job or None,
+        "deadLetteredAt": rfc3339(letter.when),
+        "replayed": letter.replayed,
+        "headers": dict(letter.headers),
+        "contentType": letter.content_type,
+        **_body(letter),
+    }
+
+
+def table(letters: list[DeadLetter], *, title: str, wide: bool) -> FitTable:
+    t = FitTable(
+        columns=[
+            Column("ID"),
+            Column("MESSAGE", shrink="end", min_width=10),
+            Column("REASON"),
+            Column("JOB", shrink="middle", min_width=14),
+            Column("AGE", drop=1),
+        ],
+        title=title,
+        wide=wide,
+    )
+    for letter in letters:
+        notes = []
+        if letter.detail:
+            notes.append(Cell(f"detail: {letter.detail}", "dim"))
+        notes.append(Cell(f"body: {preview(letter.body, 0)}", "dim"))
+        if letter.replayed:
+            notes.append(Cell(f"replayed: {letter.replayed}", "yellow"))
+        label = letter.message_id or preview(letter.body, 40)
+        t.add_row(
+            letter.id,
+            label,
+            Cell(letter.reason or "-", "red"),
+            letter.job or "-",
+            age(letter.when),
+            notes=notes,
+        )
+    return t
+
+
+def cmd_dead_letters(ctx: Context) -> int:
+    args = ctx.args
+    scaledjobs = ctx.scaledjobs()
+    if args.replay and len(scaledjobs) > 1:
+        raise CliError(
+            f"{args.file} has {len(scaledjobs)} ScaledJobs and IDs are per ScaledJob: add "
+            "--scaledjob NAME to replay by id"
+        )
+    if any(s.spec.triggers[0].type == "sqlite" for s in scaledjobs):
+        ctx.warn_if_no_state()
+    return asyncio.run(_dead_letters(ctx, scaledjobs))
+
+
+async def _dead_letters(ctx: Context, scaledjobs: list[ScaledJob]) -> int:
+    args = ctx.args
+    found: list[tuple[ScaledJob, DeadLetterStore, list[DeadLetter]]] = []
+    try:
+        for scaledjob in scaledjobs:
+            store = await open_store(ctx, scaledjob)
+            try:
+                letters = await store.read(limit=args.limit)
+            except BaseException:
+                await store.close()
+                raise
+            shown = select(letters, reasons=args.reason, include_replayed=args.all)
+            found.append((scaledjob, store, shown))
+        if args.replay is not None:
+            return await _replay(ctx, found)
+        _show(ctx, found)
+        return 0
+    finally:
+        for _, store, _ in found:
+            await store.close()
+
+
+def _show(ctx: Context, found: list[tuple[ScaledJob, DeadLetterStore, list[DeadLetter]]]) -> None:
+    args = ctx.args
+    if args.output in ("json", "yaml"):
+        items = [as_dict(s, d) for s, _, letters in found for d in letters]
+        if args.output == "json":
+            print(json.dumps(items, indent=2))
+        else:
+            print(yaml.safe_dump(items, sort_keys=False), end="")
+        return
+    console = make_console()
+    local = ctx.settings.executor is Executor.LOCAL
+    for scaledjob, store, letters in found:
+        name = f"{scaledjob.namespace}/{scaledjob.name}"
+        filters = f" with reason {' or '.join(args.reason)}" if args.reason else ""
+        if not letters:
+            console.print(f"{name}: no dead letters{filters} in {store.where}", style="dim")
+            continue
+        title = f"{name}: {len(letters)} dead letter(s){filters} in {store.where}"
+        console.print(table(letters, title=title, wide=args.output == "wide"))
+    if any(letters for _, _, letters in found):
+        replay = ctx.again("dead-letters", *ctx.file_args(), local=local)
+        console.print(
+            f"replay them as new work: {replay} --replay [ID ...]", style="dim", soft_wrap=True
+        )
+
+
+async def _replay(
+    ctx: Context, found: list[tuple[ScaledJob, DeadLetterStore, list[DeadLetter]]]
+) -> int:
+    args = ctx.args
+    value = replay_value()
+    total = 0
+    for scaledjob, store, letters in found:
+        chosen = select(letters, ids=args.replay, include_replayed=args.all)
+        missing = sorted(set(args.replay) - {d.id for d in chosen})
+        if missing:
+            known = ", ".join(d.id for d in letters) or "none"
+            raise CliError(
+                f"no dead letter with id {', '.join(missing)} in {store.where}"
+                + (f" with reason {' or '.join(args.reason)}" if args.reason else "")
+                + f" (ids there: {known}); nothing was replayed"
+            )
+        name = f"{scaledjob.namespace}/{scaledjob.name}"
+        if not chosen:
+            print(f"{name}: nothing to replay")
+            continue
+        count = await store.replay(chosen, value=value)
+        total += count
+        labels = ", ".join(
+            f"{d.id} ({d.message_id})" if d.message_id else d.id for d in chosen[:10]
+        ) + (f" and {len(chosen) - 10} more" if len(chosen) > 10 else "")
+        print(
+            f"{name}: replayed {count} dead letter(s) to {store.destination} as new work "
+            f"(x-jobrunner-replay: {value}): {labels}"
+        )
+    if total:
+        local = ctx.settings.executor is Executor.LOCAL
+        print(
+            f"follow them: {ctx.again('status', *ctx.file_args(), '-w', local=local)}",
+            file=sys.stderr,
+        )
+        _note_no_dispatcher(ctx, [s for s, _, _ in found])
+    return 0
+
+
+def _note_no_dispatcher(ctx: Context, scaledjobs: list[ScaledJob]) -> None:
+    """After a replay to an embedded queue that no dispatcher consumes, how to start one."""
+    from jobrunner.sources.sqlite import consumer_lock
+    from jobrunner.views import embedded_queue
+
+    for scaledjob in scaledjobs:
+        embedded = embedded_queue(scaledjob, ctx.settings)
+        if embedded is None:
+            continue
+        lock = consumer_lock(*embedded)
+        if lock is None or not lock.live:
+            start = ctx.again("run", *ctx.file_args(), local=True)
+            print(
+                f"no dispatcher consumes queue {embedded[1]}; start one: {start}", file=sys.stderr
+            )
+            return

@@ -1,0 +1,128 @@
+"""Errors for a person: every failure the command line meets ends as one ``error:`` line
+that names the input (a file and line, a flag, an environment variable, a service) and
+says what to do, with exit code 2 for a problem in what was given and 1 for a problem met
+while running. Never a raw traceback: an error nobody foresaw says it is a bug and how
+to see its traceback (``--debug``).
+
+Exception types of libraries that are imported only by some commands are recognised
+only when their module is already loaded (if it is not, the exception cannot be one of
+them), so this module imports nothing heavy.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from jobrunner.cli.context import Context
+
+USAGE = 2
+"""A problem in what was given: a flag, a file, a setting."""
+FAILED = 1
+"""A problem met while running: a service down, a refusal, a failed render."""
+
+
+class CliError(Exception):
+    """An error already said for a person; ``code`` is the exit code."""
+
+    def __init__(self, message: str, code: int = USAGE) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _loaded(module: str, name: str) -> type[BaseException] | None:
+    found = getattr(sys.modules.get(module), name, None)
+    return found if isinstance(found, type) and issubclass(found, BaseException) else None
+
+
+def _is(exc: BaseException, module: str, name: str) -> bool:
+    kind = _loaded(module, name)
+    return kind is not None and isinstance(exc, kind)
+
+
+def explain(exc: BaseException, ctx: Context | None) -> tuple[str, int] | None:
+    """The line (without ``error: ``) and exit code for a known failure; None for one
+    nobody foresaw."""
+    if isinstance(exc, CliError):
+        return str(exc), exc.code
+    if _is(exc, "jobrunner.config", "ManifestError"):
+        return str(exc), USAGE
+    if _is(exc, "jobrunner.rendering", "RenderError"):
+        return f"the message cannot become a Job: {exc}", FAILED
+    if _is(exc, "jobrunner.sources.sqlite", "QueueBusy"):
+        return str(exc), FAILED
+    if _is(exc, "kubernetes.config.config_exception", "ConfigException"):
+        hint = ctx.no_cluster_hint() if ctx is not None else "pass --kubeconfig"
+        return f"no Kubernetes configuration ({exc}); {hint}", FAILED
+    if _is(exc, "jobrunner.protocols", "TransientError"):
+        return f"{exc}; is the cluster up? (`make stack-up` starts the local one)", FAILED
+    if _is(exc, "jobrunner.protocols", "ApiRejected"):
+        return f"the Kubernetes API server refused: {exc}", FAILED
+    if _is(exc, "jobrunner.protocols", "SourceError"):
+        return str(exc), FAILED
+    for module, name, what in (
+        ("aiokafka.errors", "KafkaError", "Kafka"),
+        ("aiormq.exceptions", "AMQPError", "RabbitMQ"),
+    ):
+        if _is(exc, module, name):
+            return f"{what}: {exc or type(exc).__name__}", FAILED
+    if isinstance(exc, ConnectionError):
+        return f"cannot reach the service: {exc}", FAILED
+    if isinstance(exc, TimeoutError):
+        return f"timed out: {exc or 'no answer'}", FAILED
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}", USAGE
+    return None
+
+
+def run_guarded(action: Callable[[], int], ctx: Context | None, *, debug: bool) -> int:
+    """Run ``action``; any exception becomes one line on stderr and an exit code."""
+    try:
+        return action()
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        # The reader went away (`jobrunner jobs | head`): nothing more to say.
+        _silence_stdout()
+        return 141
+    except SystemExit:
+        raise
+    except BaseException as exc:
+        known = explain(exc, ctx)
+        if known is None:
+            if debug:
+                import traceback
+
+                traceback.print_exc()
+            print(
+                f"error: unexpected {type(exc).__name__}: {exc}. This is a bug in jobrunner; "
+                "run the command again with --debug for the traceback, and report it",
+                file=sys.stderr,
+            )
+            return FAILED
+        if debug:
+            import traceback
+
+            traceback.print_exc()
+        message, code = known
+        print(f"error: {message}", file=sys.stderr)
+        return code
+
+
+def _silence_stdout() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+def note(message: str, *args: Any) -> None:
+    print(message % args if args else message, file=sys.stderr)

@@ -1,0 +1,60 @@
+"""``finalizers list | release``: the Jobs still guarded by jobrunner's finalizer, and its
+removal by hand after an uninstall (see ``jobrunner.finalizers``)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+from jobrunner.cli.context import Context
+from jobrunner.cli.errors import CliError
+
+
+def cmd_finalizers(ctx: Context) -> int:
+    from jobrunner import finalizers
+    from jobrunner.models import FINALIZER
+
+    args = ctx.args
+
+    async def go() -> int:
+        jobs = ctx.job_client()
+        try:
+            scaledjob = ctx.flag("scaledjob")
+            selector = finalizers.selector(scaledjob)
+            if args.all_namespaces and hasattr(jobs, "list_guarded_jobs"):
+                found = [
+                    finalizers.GuardedJob.of(j) for j in await jobs.list_guarded_jobs(selector)
+                ]
+            else:
+                found = await finalizers.guarded_jobs(jobs, namespaces(ctx), scaledjob)
+            for job in found:
+                print(f"{job.namespace}/{job.name}  {job.scaledjob}  {job.state}  {job.message_id}")
+            if args.action == "list":
+                print(f"{len(found)} Job(s) carry the finalizer {FINALIZER}", file=sys.stderr)
+                return 0
+            if found and not args.yes:
+                raise CliError(
+                    f"this would release {len(found)} Job(s): a Job whose message is still "
+                    "unsettled could then be deleted and its message run again by a second "
+                    "Job. Stop here if a dispatcher still runs for them; else add --yes"
+                )
+            released = await finalizers.release(jobs, found)
+            print(f"released {released} Job(s)", file=sys.stderr)
+            return 0
+        finally:
+            await jobs.close()
+
+    return asyncio.run(go())
+
+
+def namespaces(ctx: Context) -> list[str]:
+    """-n, else every namespace of the local executor with -A, else the file's."""
+    if ctx.flag("namespace"):
+        return [str(ctx.flag("namespace"))]
+    if ctx.flag("all_namespaces"):
+        base: Path = ctx.settings.local.state_dir / "jobs"
+        return sorted(p.name for p in base.iterdir()) if base.is_dir() else []
+    if ctx.flag("file"):
+        return sorted({s.namespace for s in ctx.scaledjobs()})
+    return ["default"]

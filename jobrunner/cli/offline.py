@@ -1,0 +1,132 @@
+"""``render`` and ``validate``: what a manifest and a message become, with nothing
+running (``validate --server-dry-run`` asks the API server too)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from typing import Any
+
+import yaml
+
+from jobrunner.cli.context import Context
+from jobrunner.cli.inputs import parse_headers, read_message
+from jobrunner.config import ScaledJob
+from jobrunner.models import Delivery
+from jobrunner.naming import message_identity
+from jobrunner.rendering import Renderer, RenderError, template_dirs
+
+
+def _metadata(scaledjob: ScaledJob) -> dict[str, str]:
+    meta = scaledjob.spec.triggers[0].metadata
+    if "topic" in meta:
+        return {"topic": meta["topic"], "partition": "0", "offset": "0"}
+    return {"queue": meta.get("queueName", "")}
+
+
+def cmd_render(ctx: Context) -> int:
+    scaledjob = ctx.scaledjobs()[0]
+    body = read_message(ctx.args.message, flag="--message")
+    headers = parse_headers(ctx.args.header)
+    delivery = Delivery(
+        source=scaledjob.spec.triggers[0].type,
+        identity=message_identity(ctx.args.message_id, body, headers),
+        body=body,
+        message_id=ctx.args.message_id,
+        headers=headers,
+        metadata=_metadata(scaledjob),
+        received_at=time.monotonic(),
+    )
+    rendered = Renderer(scaledjob, base_dirs=template_dirs(ctx.manifests.path)).render(delivery)
+    job = rendered.job
+    secret = rendered.secret
+    owner: dict[str, Any] | None = None
+    if secret is not None:
+        from jobrunner.kube.client import owner_reference
+
+        owner = owner_reference(job)
+        owner["uid"] = "<the Job's uid, known once it exists>"
+    if ctx.args.output == "json":
+        items = [d for d in (secret, job) if d is not None]
+        print(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}, indent=2))
+        if secret is not None:
+            print(
+                f"note: jobrunner makes Job {job['metadata']['name']} own Secret "
+                f"{secret['metadata']['name']} (an ownerReference, added once the Job exists), "
+                "so it is deleted with the Job; applied by hand, it is not",
+                file=sys.stderr,
+            )
+        return 0
+    if secret is not None and owner is not None:
+        patch = yaml.safe_dump({"metadata": {"ownerReferences": [owner]}}, sort_keys=False)
+        print("# The message Secret. jobrunner creates it, then the Job, then makes the Job own")
+        print("# it (deleted with the Job) by adding, once the Job has its uid:")
+        for line in patch.splitlines():
+            print(f"#   {line}")
+        print(yaml.safe_dump(secret, sort_keys=False), end="")
+        print("---")
+    print(yaml.safe_dump(job, sort_keys=False), end="")
+    return 0
+
+
+def cmd_validate(ctx: Context) -> int:
+    """Everything ``run`` or the API server would refuse: the manifest and its triggers,
+    the Job template against the batch/v1 schema, a sample message rendered through it,
+    and (``--server-dry-run``) the API server's own strict check."""
+    ctx.notes()
+    problems = 0
+    client = ctx.kube_client() if ctx.args.server_dry_run else None
+    try:
+        for scaledjob in ctx.scaledjobs():
+            problems += _validate_one(ctx, scaledjob, client)
+    finally:
+        if client is not None:
+            asyncio.run(client.close())
+    return 1 if problems else 0
+
+
+def _validate_one(ctx: Context, scaledjob: ScaledJob, client: Any) -> int:
+    args = ctx.args
+    renderer = Renderer(scaledjob, base_dirs=template_dirs(ctx.manifests.path))
+    where = f"{args.file}: ScaledJob {scaledjob.namespace}/{scaledjob.name}"
+    body = args.sample_message.encode() if args.sample_message else None
+    delivery = Delivery(
+        source=scaledjob.spec.triggers[0].type,
+        identity="validate-sample",
+        body=body if body is not None else b"{}",
+        message_id="validate-sample",
+        metadata=_metadata(scaledjob),
+    )
+    try:
+        rendered = renderer.render(delivery)
+    except RenderError as exc:
+        if body is None and exc.reason in ("TemplateError", "InvalidMessage"):
+            # No sample given: `{}` may simply lack what the template reads.
+            print(
+                f"{where}: valid; a sample message was not rendered ({exc.detail}); "
+                "pass --sample-message to check one"
+            )
+            rendered = None
+        else:
+            print(f"{where}: the sample message cannot become a Job: {exc}", file=sys.stderr)
+            return 1
+    else:
+        sample = "the sample message" if body is not None else "a sample message {}"
+        print(
+            f"{where}: valid (apiVersion {scaledjob.apiVersion}, ack policy "
+            f"{scaledjob.spec.ackPolicy.value}, maxReplicaCount "
+            f"{scaledjob.spec.maxReplicaCount}; {sample} renders a valid Job)"
+        )
+    if client is None:
+        return 0
+    if rendered is None:
+        print("  server-side dry run needs a Job: pass --sample-message", file=sys.stderr)
+        return 1
+    problem = asyncio.run(client.dry_run_create(rendered.job))
+    if problem:
+        print(f"  server-side dry run rejected the Job: {problem}", file=sys.stderr)
+        return 1
+    print("  server-side dry run (strict field validation): the API server accepts the Job")
+    return 0
