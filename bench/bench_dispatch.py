@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -35,31 +33,25 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import yaml
-from kubernetes import client, config, watch
+from benchlib import (
+    ListWatch,
+    declare_queue,
+    delete_queue,
+    env_file,
+    pct,
+    publish_many,
+    rendered_jobs,
+    start_dispatcher,
+    wait_for_earlier_runs,
+    wait_log,
+)
+from kubernetes import client, config
 
-from jobrunner.config import parse_scaledjob
-from jobrunner.models import Delivery
 from jobrunner.naming import job_name
-from jobrunner.rendering import Renderer
 
-ROOT = Path(__file__).resolve().parents[1]
 STEADY, BURST, RATE, TRACKED = 1000, 1000, 20.0, 10_000
 TARGETS = {"p50_ms": 50, "p99_ms": 250, "ratio": 0.8, "rss_mib": 200}
-
-
-def env_file() -> dict[str, str]:
-    """The stack's addresses: stack.env, overridden by ``JOBRUNNER_TEST_*`` variables of
-    the environment (as the test fixtures take them)."""
-    path = Path(os.environ.get("JOBRUNNER_STACK_ENV", "/tmp/jobrunner-stack/stack.env"))
-    out = {}
-    for line in path.read_text().splitlines():
-        if "=" in line and not line.startswith("#"):
-            k, _, v = line.partition("=")
-            out[k] = v
-    out.update({k: v for k, v in os.environ.items() if k.startswith("JOBRUNNER_TEST_")})
-    return out
 
 
 def scaledjob_doc(
@@ -98,7 +90,7 @@ class RabbitBroker:
         self.url, self.queue = stack["JOBRUNNER_TEST_RABBITMQ_URL"], name
 
     def setup(self) -> None:
-        asyncio.run(_declare(self.url, self.queue))
+        asyncio.run(declare_queue(self.url, self.queue))
 
     def trigger(self) -> dict[str, Any]:
         return {"type": "rabbitmq", "metadata": {"queueName": self.queue, "host": self.url}}
@@ -110,7 +102,7 @@ class RabbitBroker:
         return {job_name("bench", mid): t for mid, t in sent.items()}
 
     def teardown(self) -> None:
-        asyncio.run(_delete(self.url, self.queue))
+        asyncio.run(delete_queue(self.url, self.queue))
 
 
 class KafkaBroker:
@@ -448,46 +440,13 @@ class JobWatcher:
 
     def __init__(self, api: client.ApiClient, namespace: str) -> None:
         self.seen: dict[str, float] = {}
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, args=(api, namespace), daemon=True)
-        self._thread.start()
+        self._watch = ListWatch(
+            client.BatchV1Api(api).list_namespaced_job, namespace, self._on_event, name="watcher"
+        )
 
-    def _run(self, api: client.ApiClient, namespace: str) -> None:
-        batch = client.BatchV1Api(api)
-        rv = None
-        while not self._stop:
-            try:
-                if rv is None:
-                    # (Re)listing: Jobs first seen here get "now", which can only make a
-                    # latency look worse, never better.
-                    raw = json.loads(
-                        batch.list_namespaced_job(namespace, _preload_content=False).data
-                    )
-                    for item in raw["items"]:
-                        self.seen.setdefault(item["metadata"]["name"], time.time())
-                    rv = raw["metadata"]["resourceVersion"]
-                w = watch.Watch()
-                for event in w.stream(
-                    batch.list_namespaced_job,
-                    namespace,
-                    resource_version=rv,
-                    timeout_seconds=60,
-                    _preload_content=False,
-                    deserialize=False,
-                ):
-                    obj = event["object"]
-                    if event["type"] == "ERROR":
-                        rv = None
-                        break
-                    rv = obj["metadata"].get("resourceVersion", rv)
-                    if event["type"] == "ADDED":
-                        self.seen.setdefault(obj["metadata"]["name"], time.time())
-                    if self._stop:
-                        break
-            except Exception as exc:
-                print(f"  (watcher: {exc!r}; listing again)", flush=True)
-                rv = None
-                time.sleep(0.5)
+    def _on_event(self, kind: str, obj: dict[str, Any], now: float) -> None:
+        if kind == "ADDED":
+            self.seen.setdefault(obj["metadata"]["name"], now)
 
     def wait_for(self, names: list[str], timeout: float) -> None:
         deadline = time.time() + timeout
@@ -499,25 +458,7 @@ class JobWatcher:
         raise SystemExit(f"{len(missing)} Jobs never appeared (first: {missing[:3]})")
 
     def stop(self) -> None:
-        self._stop = True
-
-
-def rendered_jobs(doc: dict[str, Any], prefix: str, count: int) -> list[dict[str, Any]]:
-    renderer = Renderer(parse_scaledjob(doc))
-    jobs = []
-    for i in range(count):
-        body = json.dumps({"n": i}).encode()
-        jobs.append(
-            renderer.render(
-                Delivery(
-                    source="rabbitmq",
-                    identity=f"{prefix}-{i}",
-                    body=body,
-                    message_id=f"{prefix}-{i}",
-                )
-            ).job
-        )
-    return jobs
+        self._watch.stop()
 
 
 def bare_create(kubeconfig: str, namespace: str, jobs: list[dict[str, Any]]) -> float:
@@ -568,18 +509,6 @@ def wait_quiet(api: client.ApiClient, namespace: str, timeout: float = 600) -> f
     raise SystemExit(f"cluster not quiet after {timeout}s")
 
 
-def wait_for_earlier_runs(core: client.CoreV1Api, timeout: float = 900) -> float:
-    """An earlier run's namespace (11,000+ Jobs) takes minutes to delete and loads the API
-    server meanwhile; measure only once it is gone."""
-    start = time.time()
-    while time.time() - start < timeout:
-        names = [n.metadata.name for n in core.list_namespace().items]
-        if not any(n.startswith(("bench-", "prof-")) for n in names):
-            return time.time() - start
-        time.sleep(2)
-    raise SystemExit("an earlier benchmark namespace is still being deleted")
-
-
 def created_times(log: Path) -> dict[str, float]:
     """When the dispatcher got the API server's answer to each create (its INFO log)."""
     out = {}
@@ -610,61 +539,6 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def start_dispatcher(
-    manifest: Path, kubeconfig: str, log: Path, level: str = "INFO"
-) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jobrunner.cli",
-            "--kubeconfig",
-            kubeconfig,
-            "run",
-            "-f",
-            str(manifest),
-        ],
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-        env={**os.environ, "JOBRUNNER_LOG_LEVEL": level, "TZ": "UTC"},
-    )
-
-
-def wait_log(log: Path, text: str, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if log.exists() and text in log.read_text(errors="replace"):
-            return
-        time.sleep(0.2)
-    raise SystemExit(f"dispatcher never logged {text!r}; see {log}")
-
-
-async def publish_many(
-    url: str, queue: str, ids: list[str], rate: float | None
-) -> dict[str, float]:
-    sent: dict[str, float] = {}
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=False)
-        start = time.monotonic()
-        for i, mid in enumerate(ids):
-            if rate:
-                delay = start + i / rate - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            sent[mid] = time.time()
-            await channel.default_exchange.publish(
-                aio_pika.Message(json.dumps({"n": i}).encode(), message_id=mid), routing_key=queue
-            )
-    return sent
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
-
 def main() -> int:
     source = sys.argv[1] if len(sys.argv) > 1 else "rabbitmq"
     stack = env_file()
@@ -672,7 +546,7 @@ def main() -> int:
     api = config.new_client_from_config(config_file=kubeconfig)
     api.configuration.connection_pool_maxsize = 32
     core = client.CoreV1Api(api)
-    waited = wait_for_earlier_runs(core)
+    waited = wait_for_earlier_runs(core, ("bench-", "prof-"))
     if waited:
         print(
             f"bench: waited {waited:.0f}s for an earlier run's namespace to be deleted", flush=True
@@ -815,18 +689,6 @@ def main() -> int:
     for name, value, target, met in rows:
         print(f"| {name} | {value} | {target} | {'yes' if met else 'NO'} |")
     return 0
-
-
-async def _declare(url: str, queue: str) -> None:
-    async with await aio_pika.connect(url) as connection:
-        await (await connection.channel()).declare_queue(queue, durable=True)
-
-
-async def _delete(url: str, queue: str) -> None:
-    async with await aio_pika.connect(url) as connection:
-        channel = await connection.channel()
-        await channel.queue_delete(queue)
-        await channel.queue_delete(f"{queue}.dead-letter")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ NATS_VERSION="${NATS_VERSION:-v2.15.2}"
 # Azurite: 3.35.0 is the newest release whose engines accept Node 20 (3.36.0 wants >= 21,
 # 3.37.0 >= 22); Debian 13's nodejs is 20.
 AZURITE_VERSION="${AZURITE_VERSION:-3.35.0}"
+# KEDA is built only for `make bench-keda` (deploy/local/keda-run.sh), never for the tests.
+KEDA_VERSION="${KEDA_VERSION:-v2.21.0}"
 
 # Built binaries and the Go/Maven caches live outside the work tree so that a fresh
 # clone on the same machine reuses them; each build is keyed by its version.
@@ -34,6 +36,8 @@ KAFKA_HOME="$JOBRUNNER_CACHE/kafka-$KAFKA_VERSION"
 ELASTICMQ_HOME="$JOBRUNNER_CACHE/elasticmq-$ELASTICMQ_VERSION"
 NATS_BIN="$JOBRUNNER_CACHE/nats-server-$NATS_VERSION/bin"
 AZURITE_HOME="$JOBRUNNER_CACHE/azurite-$AZURITE_VERSION"
+KEDA_HOME="$JOBRUNNER_CACHE/keda-$KEDA_VERSION"
+KEDA_BIN="$KEDA_HOME/bin"
 
 APISERVER_PORT="${APISERVER_PORT:-6443}"
 ETCD_PORT="${ETCD_PORT:-2379}"
