@@ -40,7 +40,8 @@ def env_file() -> dict[str, str]:
     for line in path.read_text().splitlines():
         if "=" in line and not line.startswith("#"):
             k, _, v = line.partition("=")
-            out[k] = v
+            # Single-quoted values (they hold ';') read as the shell reads them.
+            out[k] = v[1:-1] if len(v) >= 2 and v[0] == v[-1] == "'" else v
     out.update({k: v for k, v in os.environ.items() if k.startswith("JOBRUNNER_TEST_")})
     return out
 

@@ -74,7 +74,8 @@ def stack_env() -> dict[str, str]:
     for line in path.read_text().splitlines():
         if "=" in line and not line.startswith("#"):
             key, _, value = line.partition("=")
-            out[key.strip()] = value.strip()
+            value = value.strip()
+            out[key.strip()] = value[1:-1] if value[:1] == value[-1:] == "'" else value
     return out
 
 

@@ -38,6 +38,14 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
+def unquote(value: str) -> str:
+    """A stack.env value as the shell that sources the file reads it (single-quoted
+    values hold ';')."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
 def read_stack_env() -> dict[str, str]:
     path = Path(os.environ.get("JOBRUNNER_STACK_ENV", DEFAULT_STACK_ENV))
     values: dict[str, str] = {}
@@ -47,7 +55,7 @@ def read_stack_env() -> dict[str, str]:
         line = line.strip()
         if line and not line.startswith("#") and "=" in line:
             key, _, value = line.partition("=")
-            values[key.strip()] = value.strip()
+            values[key.strip()] = unquote(value.strip())
     return values
 
 

@@ -435,7 +435,8 @@ up_azurite() {
   wait_for azurite 60 azurite_ready || die "azurite-queue (no answer on :$AZURITE_QUEUE_PORT within 60s)" "$LOG_DIR/azurite.log"
 }
 azurite_env() {
-  echo "JOBRUNNER_TEST_AZURE_STORAGE_CONNECTION_STRING=$AZURITE_CONNECTION"
+  # Quoted: the value holds ';', and the file is also sourced by a shell (make test).
+  echo "JOBRUNNER_TEST_AZURE_STORAGE_CONNECTION_STRING='$AZURITE_CONNECTION'"
 }
 
 write_env() {
