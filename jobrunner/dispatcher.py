@@ -124,7 +124,7 @@ class Dispatcher:
         self.inflight: dict[str, InFlight] = {}
         self.settled_here: set[str] = set()
         """Jobs whose message this process settled for good: free for cleanup."""
-        self._awaiting_durable: dict[str, MessageHandle] = {}
+        self._awaiting_durable: dict[str, tuple[MessageHandle, str]] = {}
         """Settled, but not yet durably (Kafka: offset not committed yet)."""
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._tracer = telemetry.tracer
@@ -623,28 +623,26 @@ class Dispatcher:
             log.info("released the message to the source to be tried again")
         if not final or not decision.job_name:
             return True
-        if decision.action is not Action.DEAD_LETTER:
-            durable = not handles or self._source.is_durable(handles[-1])
-            if durable:
-                self.settled_here.add(decision.job_name)
-                await self._release(decision.job_name, decision.action.value)
-                self.cleaner.trigger()
-            elif handles:
-                self._awaiting_durable[decision.job_name] = handles[-1]
-            return True
-        # Recorded on the Job (with the finalizer's removal) so that a redelivery after
-        # a lost ack, or another dispatcher, never dead-letters the same message twice.
-        self.settled_here.add(decision.job_name)
-        await self._release(decision.job_name, decision.action.value)
-        self.cleaner.trigger()
+        # The settlement is recorded on the Job together with the finalizer's removal
+        # (so a redelivery after a lost ack, or another dispatcher, never dead-letters
+        # the same message twice), and only once it is durable: a Kafka record is
+        # settled for good when its offset is committed; before that a crash replays it,
+        # and the replay must still find its Job.
+        durable = not handles or self._source.is_durable(handles[-1])
+        if durable:
+            self.settled_here.add(decision.job_name)
+            await self._release(decision.job_name, decision.action.value)
+            self.cleaner.trigger()
+        elif handles:
+            self._awaiting_durable[decision.job_name] = (handles[-1], decision.action.value)
         return True
 
     def _promote_durable(self) -> None:
-        for name, handle in list(self._awaiting_durable.items()):
+        for name, (handle, settled) in list(self._awaiting_durable.items()):
             if self._source.is_durable(handle):
                 del self._awaiting_durable[name]
                 self.settled_here.add(name)
-                self._release_soon(name, Action.ACK.value)
+                self._release_soon(name, settled)
             elif name not in self._tracker.jobs:
                 del self._awaiting_durable[name]  # gone anyway (TTL, someone else)
 
