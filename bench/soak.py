@@ -557,7 +557,11 @@ class Soak:
         await asyncio.sleep(self.args.first_fault)
         while self.publishing:
             kind = self.rng.choices(kinds, weights)[0]
-            fault = await self.inject(kind)
+            try:
+                fault = await self.inject(kind)
+            except Exception as exc:  # a harness step failed (not jobrunner): go on
+                log(f"fault {kind} could not be injected: {type(exc).__name__}: {exc}")
+                continue
             if fault is not None:
                 self.faults.append(fault)
                 log(f"fault {kind} {fault.target}: over in {fault.over - fault.started:.1f}s")
@@ -587,8 +591,8 @@ class Soak:
                         self.namespace,
                         propagation_policy="Background",
                     )
-                except client.ApiException as exc:
-                    log(f"delete {name}: {exc.status}")
+                except Exception as exc:  # the API server may be down (another fault)
+                    log(f"delete {name}: {type(exc).__name__}")
             return Fault(kind, ",".join(victims), started, time.time())
         if kind == "restart-rabbitmq":
             ctl = self.env["JOBRUNNER_TEST_RABBITMQCTL"]
