@@ -16,7 +16,7 @@ ifneq ($(shell $(BIN)/python -c 'import sys; sys.exit(sys.version_info < (3, 11)
 $(shell rm -f $(BIN)/.installed)
 endif
 
-.PHONY: help venv lint test test-unit test-integration demo demo-cluster demo-functions bench soak \
+.PHONY: help venv lint test test-unit test-integration demo demo-cluster demo-functions bench bench-keda soak \
 	stack-up stack-down stack-status clean
 
 help:
@@ -29,7 +29,9 @@ help:
 	@echo "make test-unit         the unit tests and the embedded-mode tests: no services (~1 min)"
 	@echo "make test-integration  the tests against the local stack alone; starts it"
 	@echo "make lint              ruff, mypy --strict and the import contracts"
-	@echo "make bench             dispatch benchmarks on RabbitMQ then Kafka (~15 min); starts the stack"
+	@echo "make bench             dispatch benchmarks: RabbitMQ, Kafka, SQS, Redis, NATS, MQTT (~35 min)"
+	@echo "make bench-keda        jobrunner beside the real KEDA operator (built from source the first"
+	@echo "                       time, ~10 min), one table (~15 min); starts the stack"
 	@echo "make soak              10 min chaos run: dispatchers killed, brokers and API server"
 	@echo "                       restarted, Jobs deleted; SOAK_ARGS='--seed 3 --minutes 30'"
 	@echo "make helm              build Helm from the Go module proxy into the stack's cache (~1 min)"
@@ -108,6 +110,12 @@ soak: venv stack-up
 bench: venv stack-up
 	$(BIN)/python bench/bench_dispatch.py rabbitmq
 	$(BIN)/python bench/bench_dispatch.py kafka
+	for s in sqs redis nats mqtt; do $(BIN)/python bench/bench_dispatch.py $$s || exit 1; done
+
+# KEDA is built (once, cached in ~/.cache/jobrunner/keda-<version>/) and started only here.
+bench-keda: venv stack-up
+	bash $(STACK)/build-keda.sh >/dev/null
+	$(BIN)/python bench/bench_keda.py
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .jobrunner

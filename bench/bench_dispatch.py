@@ -1,5 +1,5 @@
 """Benchmark of the dispatch path on the local stack (``make bench``; ``bench_dispatch.py
-rabbitmq`` or ``kafka``); prints figures.
+rabbitmq``, ``kafka``, ``sqs``, ``redis``, ``nats`` or ``mqtt``); prints figures.
 
 Every figure is measured in this run, beside a baseline measured in the same run:
 
@@ -11,7 +11,9 @@ Every figure is measured in this run, beside a baseline measured in the same run
   the create (p50/p95/p99, from the dispatcher's log), and publish -> Job seen by a
   separate watch (which adds the watch's own delivery delay). Published means: RabbitMQ,
   the publish call returned; Kafka, the broker appended the record (the topic uses
-  LogAppendTime), since the client's send() only queues it;
+  LogAppendTime), since the client's send() only queues it; SQS, SendMessage answered;
+  Redis, the entry's id (the server's clock at XADD); NATS, the stream's PubAck came
+  back; MQTT, the broker's PUBACK came back;
 * memory: resident size of a real dispatcher process idle with no Jobs, and with
   10,000 (suspended) Jobs listed and tracked.
 """
@@ -25,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
@@ -33,28 +34,25 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aio_pika
 import yaml
-from kubernetes import client, config, watch
+from benchlib import (
+    ListWatch,
+    declare_queue,
+    delete_queue,
+    env_file,
+    pct,
+    publish_many,
+    rendered_jobs,
+    start_dispatcher,
+    wait_for_earlier_runs,
+    wait_log,
+)
+from kubernetes import client, config
 
-from jobrunner.config import parse_scaledjob
-from jobrunner.models import Delivery
 from jobrunner.naming import job_name
-from jobrunner.rendering import Renderer
 
-ROOT = Path(__file__).resolve().parents[1]
 STEADY, BURST, RATE, TRACKED = 1000, 1000, 20.0, 10_000
 TARGETS = {"p50_ms": 50, "p99_ms": 250, "ratio": 0.8, "rss_mib": 200}
-
-
-def env_file() -> dict[str, str]:
-    path = Path(os.environ.get("JOBRUNNER_STACK_ENV", "/tmp/jobrunner-stack/stack.env"))
-    out = {}
-    for line in path.read_text().splitlines():
-        if "=" in line and not line.startswith("#"):
-            k, _, v = line.partition("=")
-            out[k] = v
-    return out
 
 
 def scaledjob_doc(
@@ -93,7 +91,7 @@ class RabbitBroker:
         self.url, self.queue = stack["JOBRUNNER_TEST_RABBITMQ_URL"], name
 
     def setup(self) -> None:
-        asyncio.run(_declare(self.url, self.queue))
+        asyncio.run(declare_queue(self.url, self.queue))
 
     def trigger(self) -> dict[str, Any]:
         return {"type": "rabbitmq", "metadata": {"queueName": self.queue, "host": self.url}}
@@ -105,7 +103,7 @@ class RabbitBroker:
         return {job_name("bench", mid): t for mid, t in sent.items()}
 
     def teardown(self) -> None:
-        asyncio.run(_delete(self.url, self.queue))
+        asyncio.run(delete_queue(self.url, self.queue))
 
 
 class KafkaBroker:
@@ -180,51 +178,276 @@ class KafkaBroker:
         pass
 
 
+class SQSBroker:
+    source = "sqs"
+
+    def __init__(self, stack: dict[str, str], name: str) -> None:
+        self.endpoint, self.queue = stack["JOBRUNNER_TEST_SQS_ENDPOINT"], name
+        os.environ.setdefault("AWS_ACCESS_KEY_ID", "bench")
+        os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "bench")
+
+    def _client(self) -> Any:
+        from aiobotocore.session import get_session
+
+        return get_session().create_client(
+            "sqs", region_name="us-east-1", endpoint_url=self.endpoint
+        )
+
+    def setup(self) -> None:
+        async def create() -> None:
+            async with self._client() as sqs:
+                await sqs.create_queue(QueueName=self.queue)
+
+        asyncio.run(create())
+
+    def trigger(self) -> dict[str, Any]:
+        return {
+            "type": "aws-sqs-queue",
+            "metadata": {
+                "queueURL": self.queue,
+                "awsRegion": "us-east-1",
+                "awsEndpoint": self.endpoint,
+            },
+        }
+
+    def publish(self, prefix: str, count: int, rate: float | None) -> dict[str, float]:
+        async def run() -> dict[str, float]:
+            out: dict[str, float] = {}
+            async with self._client() as sqs:
+                url = (await sqs.get_queue_url(QueueName=self.queue))["QueueUrl"]
+                start = time.monotonic()
+                if rate is None:  # a burst: batches of 10, SQS's most
+                    for first in range(0, count, 10):
+                        entries = [
+                            {"Id": str(i), "MessageBody": json.dumps({"n": i})}
+                            for i in range(first, min(count, first + 10))
+                        ]
+                        answer = await sqs.send_message_batch(QueueUrl=url, Entries=entries)
+                        now = time.time()
+                        for ok in answer.get("Successful", []):
+                            out[job_name("bench", ok["MessageId"])] = now
+                    return out
+                for i in range(count):
+                    delay = start + i / rate - time.monotonic()
+                    if delay > 0:
+                        await asyncio.sleep(delay)
+                    answer = await sqs.send_message(
+                        QueueUrl=url, MessageBody=json.dumps({"n": i})
+                    )
+                    out[job_name("bench", answer["MessageId"])] = time.time()
+            return out
+
+        return asyncio.run(run())
+
+    def teardown(self) -> None:
+        async def delete() -> None:
+            async with self._client() as sqs:
+                for name in (self.queue, f"{self.queue}-dead-letter"):
+                    try:
+                        url = (await sqs.get_queue_url(QueueName=name))["QueueUrl"]
+                    except Exception:
+                        continue
+                    await sqs.delete_queue(QueueUrl=url)
+
+        asyncio.run(delete())
+
+
+class RedisBroker:
+    source = "redis"
+
+    def __init__(self, stack: dict[str, str], name: str) -> None:
+        self.address, self.stream = stack["JOBRUNNER_TEST_REDIS_ADDRESS"], name
+
+    def _client(self) -> Any:
+        import redis.asyncio as aioredis
+
+        host, _, port = self.address.rpartition(":")
+        return aioredis.Redis(host=host, port=int(port))
+
+    def setup(self) -> None:
+        async def create() -> None:
+            async with self._client() as r:
+                await r.xgroup_create(self.stream, "bench", id="0", mkstream=True)
+
+        asyncio.run(create())
+
+    def trigger(self) -> dict[str, Any]:
+        return {
+            "type": "redis-streams",
+            "metadata": {"address": self.address, "stream": self.stream, "consumerGroup": "bench"},
+        }
+
+    def publish(self, prefix: str, count: int, rate: float | None) -> dict[str, float]:
+        async def run() -> dict[str, float]:
+            out: dict[str, float] = {}
+            async with self._client() as r:
+                start = time.monotonic()
+                for i in range(count):
+                    if rate:
+                        delay = start + i / rate - time.monotonic()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                    entry = (await r.xadd(self.stream, {"n": str(i)})).decode()
+                    # The entry id's first part is the server's clock at XADD, in ms.
+                    out[job_name("bench", f"{self.stream}/{entry}")] = (
+                        int(entry.split("-")[0]) / 1000
+                    )
+            return out
+
+        return asyncio.run(run())
+
+    def teardown(self) -> None:
+        async def delete() -> None:
+            async with self._client() as r:
+                await r.delete(self.stream, f"{self.stream}.dead-letter")
+
+        asyncio.run(delete())
+
+
+class NatsBroker:
+    source = "nats"
+
+    def __init__(self, stack: dict[str, str], name: str) -> None:
+        self.url, self.stream = stack["JOBRUNNER_TEST_NATS_URL"], name.replace("-", "_")
+
+    def setup(self) -> None:
+        import nats
+
+        async def create() -> None:
+            nc = await nats.connect(self.url)
+            try:
+                await nc.jetstream().add_stream(name=self.stream, subjects=[f"{self.stream}.>"])
+            finally:
+                await nc.close()
+
+        asyncio.run(create())
+
+    def trigger(self) -> dict[str, Any]:
+        return {
+            "type": "nats-jetstream",
+            "metadata": {"natsServer": self.url, "stream": self.stream, "consumer": "bench"},
+        }
+
+    def publish(self, prefix: str, count: int, rate: float | None) -> dict[str, float]:
+        import nats
+
+        async def run() -> dict[str, float]:
+            out: dict[str, float] = {}
+            nc = await nats.connect(self.url)
+            js = nc.jetstream()
+            try:
+                start = time.monotonic()
+                for i in range(count):
+                    if rate:
+                        delay = start + i / rate - time.monotonic()
+                        if delay > 0:
+                            await asyncio.sleep(delay)
+                    ack = await js.publish(f"{self.stream}.jobs", json.dumps({"n": i}).encode())
+                    out[job_name("bench", f"{self.stream}/{ack.seq}")] = time.time()
+            finally:
+                await nc.close()
+            return out
+
+        return asyncio.run(run())
+
+    def teardown(self) -> None:
+        import nats
+
+        async def delete() -> None:
+            nc = await nats.connect(self.url)
+            try:
+                for name in (self.stream, f"{self.stream}-dead-letter"):
+                    try:
+                        await nc.jetstream().delete_stream(name)
+                    except Exception:
+                        continue
+            finally:
+                await nc.close()
+
+        asyncio.run(delete())
+
+
+class MQTTBroker:
+    source = "mqtt"
+
+    def __init__(self, stack: dict[str, str], name: str) -> None:
+        from urllib.parse import urlparse
+
+        self.url, self.topic = stack["JOBRUNNER_TEST_MQTT_URL"], f"bench/{name}"
+        parsed = urlparse(self.url)
+        self.host, self.port = parsed.hostname or "127.0.0.1", parsed.port or 1883
+
+    def setup(self) -> None:
+        pass  # the dispatcher's session subscribes before anything is published
+
+    def trigger(self) -> dict[str, Any]:
+        return {"type": "mqtt", "metadata": {"host": self.url, "topic": self.topic}}
+
+    def publish(self, prefix: str, count: int, rate: float | None) -> dict[str, float]:
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        acked: dict[int, float] = {}
+        publisher = paho.Client(
+            callback_api_version=CallbackAPIVersion.VERSION2,
+            client_id=f"bench-pub-{uuid.uuid4().hex[:6]}",
+            protocol=MQTTProtocolVersion.MQTTv5,
+        )
+        publisher.max_inflight_messages_set(1000)
+        publisher.on_publish = lambda c, u, mid, rc, p: acked.setdefault(mid, time.time())
+        publisher.connect(self.host, self.port)
+        publisher.loop_start()
+        sent: dict[int, str] = {}
+        try:
+            start = time.monotonic()
+            for i in range(count):
+                if rate:
+                    delay = start + i / rate - time.monotonic()
+                    if delay > 0:
+                        time.sleep(delay)
+                message_id = f"{prefix}-{i}"
+                props = Properties(PacketTypes.PUBLISH)
+                props.UserProperty = [("message-id", message_id)]
+                info = publisher.publish(
+                    self.topic, json.dumps({"n": i}).encode(), qos=1, properties=props
+                )
+                sent[info.mid] = message_id
+            deadline = time.time() + 120
+            while len(acked) < len(sent) and time.time() < deadline:
+                time.sleep(0.05)
+        finally:
+            publisher.disconnect()
+            publisher.loop_stop()
+        return {job_name("bench", mid): acked[m] for m, mid in sent.items() if m in acked}
+
+    def teardown(self) -> None:
+        pass
+
+
+BROKERS: dict[str, Any] = {
+    "rabbitmq": RabbitBroker,
+    "kafka": KafkaBroker,
+    "sqs": SQSBroker,
+    "redis": RedisBroker,
+    "nats": NatsBroker,
+    "mqtt": MQTTBroker,
+}
+
+
 class JobWatcher:
     """Records when each Job is first seen by a watch (a separate client)."""
 
     def __init__(self, api: client.ApiClient, namespace: str) -> None:
         self.seen: dict[str, float] = {}
-        self._stop = False
-        self._thread = threading.Thread(target=self._run, args=(api, namespace), daemon=True)
-        self._thread.start()
+        self._watch = ListWatch(
+            client.BatchV1Api(api).list_namespaced_job, namespace, self._on_event, name="watcher"
+        )
 
-    def _run(self, api: client.ApiClient, namespace: str) -> None:
-        batch = client.BatchV1Api(api)
-        rv = None
-        while not self._stop:
-            try:
-                if rv is None:
-                    # (Re)listing: Jobs first seen here get "now", which can only make a
-                    # latency look worse, never better.
-                    raw = json.loads(
-                        batch.list_namespaced_job(namespace, _preload_content=False).data
-                    )
-                    for item in raw["items"]:
-                        self.seen.setdefault(item["metadata"]["name"], time.time())
-                    rv = raw["metadata"]["resourceVersion"]
-                w = watch.Watch()
-                for event in w.stream(
-                    batch.list_namespaced_job,
-                    namespace,
-                    resource_version=rv,
-                    timeout_seconds=60,
-                    _preload_content=False,
-                    deserialize=False,
-                ):
-                    obj = event["object"]
-                    if event["type"] == "ERROR":
-                        rv = None
-                        break
-                    rv = obj["metadata"].get("resourceVersion", rv)
-                    if event["type"] == "ADDED":
-                        self.seen.setdefault(obj["metadata"]["name"], time.time())
-                    if self._stop:
-                        break
-            except Exception as exc:
-                print(f"  (watcher: {exc!r}; listing again)", flush=True)
-                rv = None
-                time.sleep(0.5)
+    def _on_event(self, kind: str, obj: dict[str, Any], now: float) -> None:
+        if kind == "ADDED":
+            self.seen.setdefault(obj["metadata"]["name"], now)
 
     def wait_for(self, names: list[str], timeout: float) -> None:
         deadline = time.time() + timeout
@@ -236,25 +459,7 @@ class JobWatcher:
         raise SystemExit(f"{len(missing)} Jobs never appeared (first: {missing[:3]})")
 
     def stop(self) -> None:
-        self._stop = True
-
-
-def rendered_jobs(doc: dict[str, Any], prefix: str, count: int) -> list[dict[str, Any]]:
-    renderer = Renderer(parse_scaledjob(doc))
-    jobs = []
-    for i in range(count):
-        body = json.dumps({"n": i}).encode()
-        jobs.append(
-            renderer.render(
-                Delivery(
-                    source="rabbitmq",
-                    identity=f"{prefix}-{i}",
-                    body=body,
-                    message_id=f"{prefix}-{i}",
-                )
-            ).job
-        )
-    return jobs
+        self._watch.stop()
 
 
 def bare_create(kubeconfig: str, namespace: str, jobs: list[dict[str, Any]]) -> float:
@@ -305,18 +510,6 @@ def wait_quiet(api: client.ApiClient, namespace: str, timeout: float = 600) -> f
     raise SystemExit(f"cluster not quiet after {timeout}s")
 
 
-def wait_for_earlier_runs(core: client.CoreV1Api, timeout: float = 900) -> float:
-    """An earlier run's namespace (11,000+ Jobs) takes minutes to delete and loads the API
-    server meanwhile; measure only once it is gone."""
-    start = time.time()
-    while time.time() - start < timeout:
-        names = [n.metadata.name for n in core.list_namespace().items]
-        if not any(n.startswith(("bench-", "prof-")) for n in names):
-            return time.time() - start
-        time.sleep(2)
-    raise SystemExit("an earlier benchmark namespace is still being deleted")
-
-
 def created_times(log: Path) -> dict[str, float]:
     """When the dispatcher got the API server's answer to each create (its INFO log)."""
     out = {}
@@ -347,61 +540,6 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def start_dispatcher(
-    manifest: Path, kubeconfig: str, log: Path, level: str = "INFO"
-) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jobrunner.cli",
-            "--kubeconfig",
-            kubeconfig,
-            "run",
-            "-f",
-            str(manifest),
-        ],
-        stdout=log.open("ab"),
-        stderr=subprocess.STDOUT,
-        cwd=ROOT,
-        env={**os.environ, "JOBRUNNER_LOG_LEVEL": level, "TZ": "UTC"},
-    )
-
-
-def wait_log(log: Path, text: str, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if log.exists() and text in log.read_text(errors="replace"):
-            return
-        time.sleep(0.2)
-    raise SystemExit(f"dispatcher never logged {text!r}; see {log}")
-
-
-async def publish_many(
-    url: str, queue: str, ids: list[str], rate: float | None
-) -> dict[str, float]:
-    sent: dict[str, float] = {}
-    connection = await aio_pika.connect(url)
-    async with connection:
-        channel = await connection.channel(publisher_confirms=False)
-        start = time.monotonic()
-        for i, mid in enumerate(ids):
-            if rate:
-                delay = start + i / rate - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-            sent[mid] = time.time()
-            await channel.default_exchange.publish(
-                aio_pika.Message(json.dumps({"n": i}).encode(), message_id=mid), routing_key=queue
-            )
-    return sent
-
-
-def pct(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
-
-
 def main() -> int:
     source = sys.argv[1] if len(sys.argv) > 1 else "rabbitmq"
     stack = env_file()
@@ -409,14 +547,16 @@ def main() -> int:
     api = config.new_client_from_config(config_file=kubeconfig)
     api.configuration.connection_pool_maxsize = 32
     core = client.CoreV1Api(api)
-    waited = wait_for_earlier_runs(core)
+    waited = wait_for_earlier_runs(core, ("bench-", "prof-"))
     if waited:
         print(
             f"bench: waited {waited:.0f}s for an earlier run's namespace to be deleted", flush=True
         )
     run_id = uuid.uuid4().hex[:6]
     namespace = f"bench-{run_id}"
-    broker = (KafkaBroker if source == "kafka" else RabbitBroker)(stack, f"bench-{run_id}")
+    if source not in BROKERS:
+        raise SystemExit(f"unknown source {source!r}; use one of {', '.join(BROKERS)}")
+    broker = BROKERS[source](stack, f"bench-{run_id}")
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
     broker.setup()
     work = Path(tempfile.mkdtemp(prefix="jobrunner-bench-"))
@@ -550,18 +690,6 @@ def main() -> int:
     for name, value, target, met in rows:
         print(f"| {name} | {value} | {target} | {'yes' if met else 'NO'} |")
     return 0
-
-
-async def _declare(url: str, queue: str) -> None:
-    async with await aio_pika.connect(url) as connection:
-        await (await connection.channel()).declare_queue(queue, durable=True)
-
-
-async def _delete(url: str, queue: str) -> None:
-    async with await aio_pika.connect(url) as connection:
-        channel = await connection.channel()
-        await channel.queue_delete(queue)
-        await channel.queue_delete(f"{queue}.dead-letter")
 
 
 if __name__ == "__main__":

@@ -135,7 +135,13 @@ class DeadLetter(_Model):
     """Fallback queue (declared durable) when neither ``exchange`` nor the queue's own
     dead-letter exchange is there. Default: ``<queueName>.dead-letter``."""
     topic: str | None = None
-    """Kafka: the dead-letter topic. Default: ``<topic>.dead-letter``."""
+    """Kafka: the dead-letter topic. Default: ``<topic>.dead-letter``. MQTT: the topic
+    dead-lettered copies are published to. Default: ``jobrunner/dead-letter/<ScaledJob>``."""
+    stream: str | None = None
+    """Redis Streams: the dead-letter stream. Default: ``<stream>.dead-letter``."""
+    subject: str | None = None
+    """NATS JetStream: the subject dead-lettered copies are published to (a stream must
+    store it). Default: ``jobrunner.dead-letter.<stream>``."""
 
 
 class OutputBinding(_Model):
@@ -208,7 +214,9 @@ class ScaledJobSpec(_Model):
     """The broker's delivery acknowledgement timeout (RabbitMQ ``consumer_timeout``,
     30 min by default). A message held this long would be cut off, so shortly before
     it the Job is handed over: the message is acked and the Job, which keeps the
-    original message, becomes the durable record."""
+    original message, becomes the durable record. Unset, a source that keeps its
+    messages alive uses its own limit instead (SQS: 12 h; Redis Streams, JetStream,
+    MQTT: none), see ``protocols.KeepsMessagesAlive``."""
 
     @model_validator(mode="after")
     def _one_template(self) -> ScaledJobSpec:

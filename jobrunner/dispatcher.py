@@ -49,6 +49,7 @@ from jobrunner.protocols import (
     ApiRejected,
     DescribesFailures,
     JobClient,
+    KeepsMessagesAlive,
     MessageHandle,
     MessageSource,
     SettleHook,
@@ -123,7 +124,7 @@ class Dispatcher:
         self.inflight: dict[str, InFlight] = {}
         self.settled_here: set[str] = set()
         """Jobs whose message this process settled for good: free for cleanup."""
-        self._awaiting_durable: dict[str, MessageHandle] = {}
+        self._awaiting_durable: dict[str, tuple[MessageHandle, str]] = {}
         """Settled, but not yet durably (Kafka: offset not committed yet)."""
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._tracer = telemetry.tracer
@@ -502,17 +503,19 @@ class Dispatcher:
     ) -> JobOutcome | None:
         """The Job's outcome, or None once the message was handed over to the Job because
         the broker's consumer timeout was near."""
-        spec = self.scaledjob.spec
+        limit = self._hold_limit()
+        margin = self._settings.handover_margin_seconds
         delivery = record.handle.delivery
         at_risk = delivery.returns_left is not None and delivery.returns_left <= 1
         while True:
             held = time.monotonic() - delivery.received_at
-            budget = spec.consumerTimeoutSeconds - self._settings.handover_margin_seconds - held
+            budget = None if limit is None else limit - margin - held
             if at_risk:
                 budget = 0.0  # one more return and the broker drops it: hand it over now
             try:
                 return await asyncio.wait_for(
-                    asyncio.shield(self._tracker.wait_for(name)), timeout=max(budget, 0.0)
+                    asyncio.shield(self._tracker.wait_for(name)),
+                    timeout=None if budget is None else max(budget, 0.0),
                 )
             except TimeoutError:
                 pass
@@ -543,6 +546,17 @@ class Dispatcher:
             record.deciding = False
             await self._settle(handles=record.handles, decision=Decision.ack(name), final=False)
             return None
+
+    def _hold_limit(self) -> float | None:
+        """Seconds a message may be held before it is handed over to its Job: the
+        ScaledJob's ``consumerTimeoutSeconds`` when set, else the source's own limit when
+        it keeps messages alive (None: no limit), else the RabbitMQ-minded default."""
+        spec = self.scaledjob.spec
+        if "consumerTimeoutSeconds" not in spec.model_fields_set and isinstance(
+            self._source, KeepsMessagesAlive
+        ):
+            return self._source.hold_limit_seconds
+        return spec.consumerTimeoutSeconds
 
     async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
         delay = 0.1
@@ -622,28 +636,26 @@ class Dispatcher:
             log.info("released the message to the source to be tried again")
         if not final or not decision.job_name:
             return True
-        if decision.action is not Action.DEAD_LETTER:
-            durable = not handles or self._source.is_durable(handles[-1])
-            if durable:
-                self.settled_here.add(decision.job_name)
-                await self._release(decision.job_name, decision.action.value)
-                self.cleaner.trigger()
-            elif handles:
-                self._awaiting_durable[decision.job_name] = handles[-1]
-            return True
-        # Recorded on the Job (with the finalizer's removal) so that a redelivery after
-        # a lost ack, or another dispatcher, never dead-letters the same message twice.
-        self.settled_here.add(decision.job_name)
-        await self._release(decision.job_name, decision.action.value)
-        self.cleaner.trigger()
+        # The settlement is recorded on the Job together with the finalizer's removal
+        # (so a redelivery after a lost ack, or another dispatcher, never dead-letters
+        # the same message twice), and only once it is durable: a Kafka record is
+        # settled for good when its offset is committed; before that a crash replays it,
+        # and the replay must still find its Job.
+        durable = not handles or self._source.is_durable(handles[-1])
+        if durable:
+            self.settled_here.add(decision.job_name)
+            await self._release(decision.job_name, decision.action.value)
+            self.cleaner.trigger()
+        elif handles:
+            self._awaiting_durable[decision.job_name] = (handles[-1], decision.action.value)
         return True
 
     def _promote_durable(self) -> None:
-        for name, handle in list(self._awaiting_durable.items()):
+        for name, (handle, settled) in list(self._awaiting_durable.items()):
             if self._source.is_durable(handle):
                 del self._awaiting_durable[name]
                 self.settled_here.add(name)
-                self._release_soon(name, Action.ACK.value)
+                self._release_soon(name, settled)
             elif name not in self._tracker.jobs:
                 del self._awaiting_durable[name]  # gone anyway (TTL, someone else)
 

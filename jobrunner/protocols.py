@@ -171,6 +171,22 @@ class MessageSource(Protocol):
     async def close(self) -> None: ...
 
 
+@runtime_checkable
+class KeepsMessagesAlive(Protocol):
+    """A source that renews the broker's redelivery timer while a message is in hand (SQS
+    visibility, JetStream in-progress acks, Redis idle-time heartbeats, an MQTT session
+    that never redelivers on a live connection), so it can hold a message as long as its
+    Job runs rather than as long as RabbitMQ's ``consumer_timeout``."""
+
+    @property
+    def hold_limit_seconds(self) -> float | None:
+        """How long after receipt a message can still be held: None without a limit (the
+        message is settled only once its Job ends, however long it runs), else the
+        broker's cap (SQS: 12 h), before which the message is handed over to its Job.
+        A ScaledJob that sets ``consumerTimeoutSeconds`` overrides it."""
+        ...
+
+
 class OutputRefused(Exception):
     """A destination refused an output for good (too large for it, say): publishing it
     again cannot help, so the message is dead-lettered with this text."""

@@ -38,6 +38,26 @@ def azure_storage() -> str:
 
 
 @pytest.fixture(scope="session")
+def sqs_endpoint() -> str:
+    return services.stack_service("SQS (ElasticMQ)", "JOBRUNNER_TEST_SQS_ENDPOINT")
+
+
+@pytest.fixture(scope="session")
+def redis_address() -> str:
+    return services.stack_service("Redis", "JOBRUNNER_TEST_REDIS_ADDRESS")
+
+
+@pytest.fixture(scope="session")
+def nats_url() -> str:
+    return services.stack_service("NATS JetStream", "JOBRUNNER_TEST_NATS_URL")
+
+
+@pytest.fixture(scope="session")
+def mqtt_url() -> str:
+    return services.stack_service("MQTT (Mosquitto)", "JOBRUNNER_TEST_MQTT_URL")
+
+
+@pytest.fixture(scope="session")
 def kubeconfig(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     with services.kubeconfig_path(tmp_path_factory.mktemp("kube")) as path:
         yield path

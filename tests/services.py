@@ -3,12 +3,15 @@
 Each service is looked up in this order:
 
 1. the environment (``JOBRUNNER_TEST_KUBECONFIG``, ``JOBRUNNER_TEST_RABBITMQ_URL``,
-   ``JOBRUNNER_TEST_KAFKA_BOOTSTRAP``, ``JOBRUNNER_TEST_AZURE_STORAGE_CONNECTION_STRING``),
-   which ``make test`` fills from the file that ``deploy/local/stack-up.sh`` writes;
+   ``JOBRUNNER_TEST_KAFKA_BOOTSTRAP``, ``JOBRUNNER_TEST_AZURE_STORAGE_CONNECTION_STRING``,
+   ``JOBRUNNER_TEST_SQS_ENDPOINT``, ``JOBRUNNER_TEST_REDIS_ADDRESS``,
+   ``JOBRUNNER_TEST_NATS_URL``, ``JOBRUNNER_TEST_MQTT_URL``), which ``make test`` fills
+   from the file that ``deploy/local/stack-up.sh`` writes;
 2. that file itself (``JOBRUNNER_STACK_ENV``, default ``/tmp/jobrunner-stack/stack.env``),
    so a plain ``pytest`` works once the stack is up;
 3. a Docker engine, when one answers: the service is started with testcontainers
-   (RabbitMQ, Kafka, k3s) for the session.
+   (RabbitMQ, Kafka, k3s) for the session. The SQS, Redis, NATS and MQTT servers come
+   from the local stack only.
 
 When none gives the service, the test is skipped with the command to run, except under
 ``CI=true``, where a missing service fails the run: CI must never pass by skipping.
@@ -35,6 +38,14 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
 
 
+def unquote(value: str) -> str:
+    """A stack.env value as the shell that sources the file reads it (single-quoted
+    values hold ';')."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+        return value[1:-1]
+    return value
+
+
 def read_stack_env() -> dict[str, str]:
     path = Path(os.environ.get("JOBRUNNER_STACK_ENV", DEFAULT_STACK_ENV))
     values: dict[str, str] = {}
@@ -44,7 +55,7 @@ def read_stack_env() -> dict[str, str]:
         line = line.strip()
         if line and not line.startswith("#") and "=" in line:
             key, _, value = line.partition("=")
-            values[key.strip()] = value.strip()
+            values[key.strip()] = unquote(value.strip())
     return values
 
 
@@ -151,3 +162,16 @@ def kubeconfig_path(tmp_dir: Path) -> Iterator[Path]:
             yield path
         return
     missing("Kubernetes", "JOBRUNNER_TEST_KUBECONFIG is unset and no Docker engine answers")
+
+
+def stack_service(service: str, variable: str) -> str:
+    """A service address of the local stack (``variable`` in the environment or
+    stack.env) that accepts TCP connections; missing() otherwise."""
+    value = setting(variable)
+    if not value:
+        missing(service, f"{variable} is unset")
+    assert value is not None
+    parsed = urlparse(value if "://" in value else f"tcp://{value}")
+    if not tcp_reachable(parsed.hostname or "127.0.0.1", parsed.port or 0):
+        missing(service, f"{value} does not accept connections")
+    return value

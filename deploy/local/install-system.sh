@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # Installs the machine packages the local stack needs and a fresh Debian machine may
-# lack: RabbitMQ (with Erlang), a JDK for Kafka, Node and npm for Azurite, openssl and
-# curl. Idempotent; needs root (or sudo) only when something is missing.
+# lack: RabbitMQ (with Erlang), Redis, Mosquitto, a JDK for Kafka and ElasticMQ, Node and
+# npm for Azurite, openssl and curl. Idempotent; needs root (or sudo) only when something
+# is missing.
 source "$(dirname "$0")/common.sh"
 
 need=()
 [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] || need+=(rabbitmq-server)
+[[ -x /usr/bin/redis-server ]] || need+=(redis-server)
+[[ -x /usr/sbin/mosquitto ]] || need+=(mosquitto)
+command -v mosquitto_sub >/dev/null || need+=(mosquitto-clients)
 command -v java >/dev/null || need+=(default-jre-headless)
 command -v mvn >/dev/null || need+=(maven)
 command -v openssl >/dev/null || need+=(openssl)
@@ -18,8 +22,8 @@ sudo=""; (( EUID == 0 )) || sudo="sudo"
 log "installing: ${need[*]}"
 aptlog="$JOBRUNNER_CACHE/apt.log"; mkdir -p "$JOBRUNNER_CACHE"
 $sudo apt-get update >>"$aptlog" 2>&1 || die "apt-get update" "$aptlog"
-# Keep the package's init script from starting a system-wide RabbitMQ: the stack starts
-# its own node with its own data dir and config.
+# Keep the packages' init scripts from starting a system-wide RabbitMQ, Redis or
+# Mosquitto: the stack starts its own servers with their own data dirs and configs.
 policy_added=0
 if [[ ! -e /usr/sbin/policy-rc.d ]]; then
   printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null

@@ -7,7 +7,7 @@ HERE="$(cd "$(dirname "$0")" && pwd)"
 if [[ -f "$JOBRUNNER_STATE/rabbitmq/rabbitmq.conf" ]] && "$HERE/rabbitmqctl.sh" status >/dev/null 2>&1; then
   log "stopping rabbitmq"; "$HERE/rabbitmqctl.sh" stop >/dev/null 2>&1 || true
 fi
-for part in azurite kafka rabbitmq kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
+for part in mosquitto nats redis elasticmq azurite kafka rabbitmq kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
   if pid_alive "$part"; then log "stopping $part"; fi
   stop_pid "$part"
 done

@@ -17,7 +17,7 @@ kget() { curl -sf --cacert "$PKI/apiserver.crt" -H "Authorization: Bearer $(cat 
 node_ready() { kget /api/v1/nodes/kwok-node-0 | grep -q '"type": "Ready"'; }
 rss() {
   local total=0 pid
-  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kwok kafka azurite; do
+  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kwok kafka azurite elasticmq redis nats mosquitto; do
     [[ -f "$PID_DIR/$name.pid" ]] || continue
     pid="$(cat "$PID_DIR/$name.pid")"
     total=$((total + $(awk '/VmRSS/{print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)))
@@ -40,6 +40,10 @@ check rabbitmq "amqp://127.0.0.1:$RABBITMQ_PORT, http://127.0.0.1:$RABBITMQ_MGMT
 check kafka "127.0.0.1:$KAFKA_PORT" bash -c "exec 3<>/dev/tcp/127.0.0.1/$KAFKA_PORT"
 check azurite "http://127.0.0.1:$AZURITE_QUEUE_PORT/$AZURITE_ACCOUNT (queue)" \
   curl -s -o /dev/null "http://127.0.0.1:$AZURITE_QUEUE_PORT/$AZURITE_ACCOUNT?comp=list"
+check elasticmq "http://127.0.0.1:$ELASTICMQ_PORT (SQS)" curl -sf "http://127.0.0.1:$ELASTICMQ_PORT/?Action=ListQueues"
+check redis "127.0.0.1:$REDIS_PORT" bash -c "redis-cli -p $REDIS_PORT ping | grep -q PONG"
+check nats "nats://127.0.0.1:$NATS_PORT, http://127.0.0.1:$NATS_MONITOR_PORT" curl -sf "http://127.0.0.1:$NATS_MONITOR_PORT/healthz?js-enabled-only=true"
+check mosquitto "mqtt://127.0.0.1:$MQTT_PORT" mosquitto_sub -h 127.0.0.1 -p "$MQTT_PORT" -t '$SYS/broker/uptime' -C 1 -W 3
 echo "  kubeconfig: $KUBECONFIG_PATH"
 echo "  resident memory of the stack: $(rss) MiB"
 exit $failed

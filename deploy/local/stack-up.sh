@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Brings up the real services jobrunner's tests run against, all on 127.0.0.1:
 #   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, KWOK with one fake node,
-#   RabbitMQ (with the management plugin), Apache Kafka (KRaft, one node) and Azurite
-#   (the Azure Storage emulator, queue service only).
+#   RabbitMQ (with the management plugin), Apache Kafka (KRaft, one node), Azurite
+#   (the Azure Storage emulator, queue service only), ElasticMQ (SQS), Redis, NATS with
+#   JetStream and Mosquitto (MQTT 5).
 # Idempotent: a part that is already healthy is left alone. Binaries are built once and
 # cached by version (see build-*.sh). Writes $ENV_FILE for the tests and the demo.
 #
-# Usage: stack-up.sh [all|k8s|rabbitmq|kafka|azurite]...
+# Usage: stack-up.sh [all|k8s|rabbitmq|kafka|azurite|sqs|redis|nats|mqtt]...
 source "$(dirname "$0")/common.sh"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 
@@ -322,6 +323,98 @@ L4J
   wait_for kafka 120 kafka_ready || die "kafka.Kafka (not started within 120s)" "$LOG_DIR/kafka.log"
 }
 
+# ---------------------------------------------------------------- ElasticMQ (SQS)
+SQS_DIR="$JOBRUNNER_STATE/elasticmq"
+sqs_ready() { curl -sf "http://127.0.0.1:$ELASTICMQ_PORT/?Action=ListQueues" >/dev/null; }
+
+up_sqs() {
+  bash "$HERE/build-elasticmq.sh"
+  if pid_alive elasticmq && sqs_ready; then log "elasticmq already running"; return; fi
+  stop_pid elasticmq
+  mkdir -p "$SQS_DIR"
+  # Queues and messages are kept on disk (H2), so a restart loses nothing, as on SQS.
+  cat > "$SQS_DIR/elasticmq.conf" <<CONF
+include classpath("application.conf")
+node-address { protocol = http, host = 127.0.0.1, port = $ELASTICMQ_PORT, context-path = "" }
+rest-sqs { enabled = true, bind-port = $ELASTICMQ_PORT, bind-hostname = "127.0.0.1", sqs-limits = strict }
+rest-stats { enabled = false }
+generate-node-address = false
+queues-storage { enabled = true, path = "$SQS_DIR/queues.conf" }
+messages-storage { enabled = true, uri = "jdbc:h2:$SQS_DIR/messages" }
+aws { region = us-east-1, accountId = 000000000000 }
+CONF
+  log "starting elasticmq $ELASTICMQ_VERSION"
+  start_bg elasticmq "$LOG_DIR/elasticmq.log" java -Xms64m -Xmx256m -XX:+UseSerialGC \
+    -Dconfig.file="$SQS_DIR/elasticmq.conf" -cp "$ELASTICMQ_HOME/libs/*" org.elasticmq.server.Main
+  wait_for elasticmq 120 sqs_ready || die "org.elasticmq.server.Main (no answer on :$ELASTICMQ_PORT within 120s)" "$LOG_DIR/elasticmq.log"
+}
+
+# ---------------------------------------------------------------- Redis
+REDIS_DIR="$JOBRUNNER_STATE/redis"
+up_redis() {
+  [[ -x /usr/bin/redis-server ]] || bash "$HERE/install-system.sh"
+  if pid_alive redis && redis-cli -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; then log "redis already running"; return; fi
+  stop_pid redis
+  mkdir -p "$REDIS_DIR"
+  log "starting redis-server $(redis-server --version | sed 's/.*v=\([^ ]*\).*/\1/')"
+  # Append-only file, fsync'd on every write: an XACK or XADD that returned survives a
+  # restart (Redis' default snapshotting would lose the last minutes).
+  # Besides the open default user, an ACL user with a password, so TriggerAuthentication
+  # credentials are tested for real.
+  start_bg redis "$LOG_DIR/redis.log" redis-server --bind 127.0.0.1 --port "$REDIS_PORT" \
+    --dir "$REDIS_DIR" --appendonly yes --appendfsync always --save "" --daemonize no \
+    --protected-mode yes --loglevel notice \
+    --user "$REDIS_USER" on ">$REDIS_PASSWORD" "~*" "&*" "+@all"
+  wait_for redis 60 bash -c "redis-cli -p $REDIS_PORT ping | grep -q PONG" \
+    || die "redis-server (no PONG within 60s)" "$LOG_DIR/redis.log"
+}
+
+# ---------------------------------------------------------------- NATS JetStream
+NATS_DIR="$JOBRUNNER_STATE/nats"
+nats_ready() { curl -sf "http://127.0.0.1:$NATS_MONITOR_PORT/healthz?js-enabled-only=true" >/dev/null; }
+up_nats() {
+  bash "$HERE/build-nats.sh"
+  if pid_alive nats && nats_ready; then log "nats-server already running"; return; fi
+  stop_pid nats
+  mkdir -p "$NATS_DIR"
+  log "starting nats-server $NATS_VERSION with JetStream"
+  start_bg nats "$LOG_DIR/nats.log" "$NATS_BIN/nats-server" -a 127.0.0.1 -p "$NATS_PORT" \
+    -m "$NATS_MONITOR_PORT" -js -sd "$NATS_DIR" -n jobrunner-local
+  wait_for nats 60 nats_ready || die "nats-server -js (no /healthz within 60s)" "$LOG_DIR/nats.log"
+}
+
+# ---------------------------------------------------------------- Mosquitto (MQTT 5)
+MQTT_DIR="$JOBRUNNER_STATE/mosquitto"
+mqtt_ready() { mosquitto_sub -h 127.0.0.1 -p "$MQTT_PORT" -t '$SYS/broker/uptime' -C 1 -W 3; }
+up_mqtt() {
+  [[ -x /usr/sbin/mosquitto ]] && command -v mosquitto_sub >/dev/null || bash "$HERE/install-system.sh"
+  if pid_alive mosquitto && mqtt_ready >/dev/null 2>&1; then log "mosquitto already running"; return; fi
+  stop_pid mosquitto
+  mkdir -p "$MQTT_DIR"
+  # Persistent sessions and their queued QoS 1 messages are saved after every change
+  # (autosave_on_changes with a count of 1), so a restart keeps what a session held;
+  # Mosquitto's default saves every 30 minutes only.
+  cat > "$MQTT_DIR/mosquitto.conf" <<CONF
+listener $MQTT_PORT 127.0.0.1
+allow_anonymous true
+user root
+persistence true
+persistence_location $MQTT_DIR/
+autosave_on_changes true
+autosave_interval 1
+max_queued_messages 100000
+max_inflight_messages 0
+log_dest stdout
+log_type error
+log_type warning
+log_type notice
+connection_messages true
+CONF
+  log "starting mosquitto $(mosquitto -h 2>/dev/null | head -1 | awk '{print $3}')"
+  start_bg mosquitto "$LOG_DIR/mosquitto.log" /usr/sbin/mosquitto -c "$MQTT_DIR/mosquitto.conf"
+  wait_for mosquitto 60 mqtt_ready || die "mosquitto -c $MQTT_DIR/mosquitto.conf (no \$SYS answer within 60s)" "$LOG_DIR/mosquitto.log"
+}
+
 # ---------------------------------------------------------------- Azurite (queue service)
 AZURITE_DIR="$JOBRUNNER_STATE/azurite"
 AZURITE_CONNECTION="DefaultEndpointsProtocol=http;AccountName=$AZURITE_ACCOUNT;AccountKey=$AZURITE_KEY;QueueEndpoint=http://127.0.0.1:$AZURITE_QUEUE_PORT/$AZURITE_ACCOUNT;"
@@ -342,7 +435,8 @@ up_azurite() {
   wait_for azurite 60 azurite_ready || die "azurite-queue (no answer on :$AZURITE_QUEUE_PORT within 60s)" "$LOG_DIR/azurite.log"
 }
 azurite_env() {
-  echo "JOBRUNNER_TEST_AZURE_STORAGE_CONNECTION_STRING=$AZURITE_CONNECTION"
+  # Quoted: the value holds ';', and the file is also sourced by a shell (make test).
+  echo "JOBRUNNER_TEST_AZURE_STORAGE_CONNECTION_STRING='$AZURITE_CONNECTION'"
 }
 
 write_env() {
@@ -363,6 +457,14 @@ JOBRUNNER_TEST_KAFKA_TLS_BOOTSTRAP=127.0.0.1:$KAFKA_TLS_PORT
 JOBRUNNER_TEST_KAFKA_TLS_CA=$KAFKA_DIR/tls/ca.crt
 JOBRUNNER_TEST_KAFKA_SASL_USER=$KAFKA_SASL_USER
 JOBRUNNER_TEST_KAFKA_SASL_PASSWORD=$KAFKA_SASL_PASSWORD
+JOBRUNNER_TEST_SQS_ENDPOINT=http://127.0.0.1:$ELASTICMQ_PORT
+JOBRUNNER_TEST_REDIS_ADDRESS=127.0.0.1:$REDIS_PORT
+JOBRUNNER_TEST_REDIS_USER=$REDIS_USER
+JOBRUNNER_TEST_REDIS_PASSWORD=$REDIS_PASSWORD
+JOBRUNNER_TEST_NATS_URL=nats://127.0.0.1:$NATS_PORT
+JOBRUNNER_TEST_NATS_MONITORING=127.0.0.1:$NATS_MONITOR_PORT
+JOBRUNNER_TEST_MQTT_URL=mqtt://127.0.0.1:$MQTT_PORT
+JOBRUNNER_TEST_STACK_RESTART=$HERE/stack-restart.sh
 JOBRUNNER_TEST_STACK_STATE=$JOBRUNNER_STATE
 ENV
   azurite_env >> "$fresh"
@@ -380,15 +482,24 @@ parts=("$@"); (( ${#parts[@]} )) || parts=(all)
 start=$SECONDS
 for part in "${parts[@]}"; do
   case "$part" in
-    all) bash "$HERE/install-system.sh"; up_k8s; up_rabbitmq; up_kafka; up_azurite ;;
+    all)
+      bash "$HERE/install-system.sh"
+      # Every cached binary at once: the downloads of one overlap the compiling of another.
+      bash "$HERE/build-all.sh"
+      up_k8s; up_rabbitmq; up_kafka; up_azurite; up_sqs; up_redis; up_nats; up_mqtt ;;
     k8s) up_k8s ;;
     rabbitmq) up_rabbitmq ;;
     kafka) up_kafka ;;
     azurite) up_azurite ;;
-    *) die "unknown part '$part' (use all, k8s, rabbitmq, kafka or azurite)" ;;
+    sqs) up_sqs ;;
+    redis) up_redis ;;
+    nats) up_nats ;;
+    mqtt) up_mqtt ;;
+    *) die "unknown part '$part' (use all, k8s, rabbitmq, kafka, azurite, sqs, redis, nats or mqtt)" ;;
   esac
 done
-write_env
+# stack-restart.sh restarts one part without rewriting the env file others read.
+[[ "${JOBRUNNER_STACK_WRITE_ENV:-1}" == 1 ]] && write_env
 log "stack up in $((SECONDS - start))s"
 log "kubeconfig: $KUBECONFIG_PATH"
 log "environment for tests: $ENV_FILE"

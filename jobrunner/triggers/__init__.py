@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,10 @@ _MODULES = {
     "rabbitmq": "rabbitmq",
     "kafka": "kafka",
     "apache-kafka": "kafka",
+    "aws-sqs-queue": "sqs",
+    "redis-streams": "redis_streams",
+    "nats-jetstream": "nats_jetstream",
+    "mqtt": "mqtt",
     "sqlite": "sqlite",
     "azure-queue": "azure_queue",
 }
@@ -186,6 +191,16 @@ def required(metadata: Mapping[str, str], *keys: str, what: str = "") -> list[Pr
         for key in keys
         if not metadata.get(key)
     ]
+
+
+def from_env(metadata: Mapping[str, str], key: str) -> str | None:
+    """KEDA's ``<key>`` or ``<key>FromEnv`` (the name of a variable of the dispatcher's
+    environment, as KEDA reads it from the scale target's container): the value, or None
+    when neither gives one."""
+    if metadata.get(key):
+        return metadata[key]
+    env_key = metadata.get(f"{key}FromEnv")
+    return os.environ.get(env_key) or None if env_key else None
 
 
 def one_of(metadata: Mapping[str, str], key: str, allowed: tuple[str, ...]) -> list[Problem]:

@@ -20,8 +20,6 @@ from jobrunner.models import LABEL_SCALEDJOB
 from tests.helpers import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
 def write_manifest(
     path: Path,
     *,
@@ -122,17 +120,16 @@ class Dispatcher:
     def logs(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
+    def settlements(self, action: str) -> int:
+        """Settlements of ``action`` (ack or dead-letter) this dispatcher has logged."""
+        return self.logs().count(SETTLED_LINES[action])
+
     async def settled(self, action: str, count: int, *, within: float = 60) -> None:
         """Wait until this dispatcher has logged ``count`` settlements of ``action``
         (``ack`` or ``dead-letter``), as the dispatcher words them."""
-        line = {"ack": "acked the message (Job ", "dead-letter": "dead-lettered the message ("}[
-            action
-        ]
-
-        line = SETTLED_LINES[action]
 
         async def enough() -> bool:
-            return self.logs().count(line) >= count
+            return self.settlements(action) >= count
 
         await eventually(enough, within=within, interval=0.2)
 

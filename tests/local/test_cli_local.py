@@ -115,7 +115,10 @@ def test_an_unknown_trigger_type_lists_the_supported_ones(
     code, _, err = cli(capsys, "run", "--local", "--state-dir", str(state_dir), "-f", str(path))
     assert code == 2
     assert "field spec.triggers[0].type: 'redis' is not supported" in err
-    assert "use one of apache-kafka, azure-queue, kafka, rabbitmq, sqlite" in err
+    assert (
+        "use one of apache-kafka, aws-sqs-queue, azure-queue, kafka, mqtt, nats-jetstream, "
+        "rabbitmq, redis-streams, sqlite" in err
+    )
 
 
 def test_publish_to_a_broker_trigger_says_to_use_the_broker(

@@ -1,0 +1,141 @@
+"""The newer trigger types, checked and resolved without a broker: KEDA's metadata names,
+TriggerAuthentication parameters, and the mistakes each refuses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from jobrunner.config import ManifestError, parse_scaledjob
+from jobrunner.triggers import ResolveContext, check_trigger, resolve_trigger
+from jobrunner.triggers.mqtt import topic_matches
+
+
+def scaledjob(trigger: dict[str, Any], **spec: Any) -> Any:
+    return parse_scaledjob(
+        {
+            "apiVersion": "keda.sh/v1alpha1",
+            "kind": "ScaledJob",
+            "metadata": {"name": "work", "namespace": "ns"},
+            "spec": {"jobTargetRef": {"template": {}}, "triggers": [trigger], **spec},
+        }
+    )
+
+
+async def no_secret(namespace: str, name: str) -> None:
+    return None
+
+
+async def resolve(trigger: dict[str, Any], **spec: Any) -> Any:
+    sj = scaledjob(trigger, **spec)
+    context = ResolveContext(
+        scaledjob=sj,
+        trigger=sj.spec.triggers[0],
+        authentications={},
+        read_secret=no_secret,
+        state_dir=Path("."),
+    )
+    return (await resolve_trigger(context))[1]
+
+
+async def test_sqs_takes_kedas_queue_url_and_names_the_queue() -> None:
+    resolved = await resolve(
+        {
+            "type": "aws-sqs-queue",
+            "metadata": {
+                "queueURL": "https://sqs.eu-west-1.amazonaws.com/123456789012/work.fifo",
+                "awsRegion": "eu-west-1",
+                "queueLength": "5",
+            },
+        }
+    )
+    assert resolved.queue_name == "work.fifo"
+    assert resolved.region == "eu-west-1"
+    assert resolved.access_key_id is None, "no keys: the AWS SDK's default chain"
+
+
+async def test_sqs_refuses_a_consumer_timeout_past_the_12_hour_cap() -> None:
+    with pytest.raises(ManifestError, match="43200"):
+        await resolve(
+            {"type": "aws-sqs-queue", "metadata": {"queueURL": "q", "awsRegion": "r"}},
+            consumerTimeoutSeconds=50_000,
+        )
+
+
+async def test_redis_streams_reads_kedas_address_and_group(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("REDIS_PASSWORD", "s3cret")
+    resolved = await resolve(
+        {
+            "type": "redis-streams",
+            "metadata": {
+                "address": "redis.ns:6380",
+                "stream": "work",
+                "consumerGroup": "jobs",
+                "passwordFromEnv": "REDIS_PASSWORD",
+                "pendingEntriesCount": "10",
+            },
+        }
+    )
+    assert (resolved.host, resolved.port, resolved.password) == ("redis.ns", 6380, "s3cret")
+    assert resolved.claim_min_idle == 60
+
+
+async def test_nats_client_url_defaults_to_the_monitoring_endpoints_host() -> None:
+    resolved = await resolve(
+        {
+            "type": "nats-jetstream",
+            "metadata": {
+                "natsServerMonitoringEndpoint": "nats.ns.svc:8222",
+                "stream": "WORK",
+                "consumer": "jobs",
+                "account": "$G",
+            },
+        }
+    )
+    assert resolved.server == "nats://nats.ns.svc:4222"
+
+
+async def test_mqtt_defaults_to_a_shared_subscription_and_a_stable_client_id() -> None:
+    resolved = await resolve(
+        {"type": "mqtt", "metadata": {"host": "mqtt://broker:1883", "topic": "devices/+/up"}}
+    )
+    assert resolved.subscription == "$share/jobrunner-work/devices/+/up"
+    assert resolved.client_id == "jobrunner-ns-work"
+    assert (resolved.host, resolved.port, resolved.tls) == ("broker", 1883, False)
+
+
+async def test_mqtt_refuses_a_dead_letter_topic_inside_its_own_filter() -> None:
+    with pytest.raises(ManifestError, match="dead letters would come back"):
+        await resolve(
+            {"type": "mqtt", "metadata": {"host": "mqtt://b", "topic": "#"}},
+        )
+
+
+def test_topic_filters_match_as_mqtt_says() -> None:
+    assert topic_matches("devices/+/up", "devices/a/up")
+    assert not topic_matches("devices/+/up", "devices/a/b/up")
+    assert topic_matches("devices/#", "devices/a/b")
+    assert not topic_matches("#", "$SYS/broker")
+
+
+@pytest.mark.parametrize(
+    ("trigger", "field"),
+    [
+        ({"type": "aws-sqs-queue", "metadata": {"queueUrl": "q", "awsRegion": "r"}}, "queueUrl"),
+        ({"type": "redis-streams", "metadata": {"address": "a:1", "stream": "s"}}, "consumerGroup"),
+        (
+            {"type": "nats-jetstream", "metadata": {"natsServer": "nats://n", "stream": "S"}},
+            "consumer",
+        ),
+        ({"type": "mqtt", "metadata": {"host": "http://b", "topic": "t"}}, "host"),
+    ],
+)
+def test_static_checks_name_the_field(trigger: dict[str, Any], field: str) -> None:
+    from jobrunner.config import Trigger
+
+    problems = check_trigger(Trigger.model_validate(trigger))
+    assert any(p.field == f"metadata.{field}" for p in problems), problems
