@@ -259,3 +259,23 @@ async def test_readiness_says_when_the_replica_may_not_serve(env: Env) -> None:
     assert "unreachable" in r.operator.readiness()[1] or "Lease" in r.operator.readiness()[1]
     r.client.down = False
     await until(lambda: r.operator.readiness()[0])
+
+
+async def test_unreachable_queue_is_ready_false_with_the_brokers_words_and_recovers(
+    env: Env,
+) -> None:
+    env.broker.missing.add("q")
+    env.replica("r1")
+    await env.apply(scaledjob_object())
+    ready = await until(
+        lambda: (
+            env.condition("work", "Ready").get("reason") == "SourceUnavailable"
+            and env.condition("work", "Ready")
+        )
+    )
+    assert "does not exist" in ready["message"]
+    assert env.condition("work", "Ready")["status"] == "False"
+    assert "does not exist" in env.status("work")["lastError"]["message"]
+    env.broker.missing.clear()
+    await until(lambda: env.condition("work", "Ready").get("reason") == "DispatcherReady")
+    assert "does not exist" in env.status("work")["lastError"]["message"], "kept as the last"
