@@ -37,6 +37,7 @@ from kubernetes import client, config
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.integration.operator_harness import CRDS, apply_crds  # noqa: E402
 from tests.services import read_stack_env  # noqa: E402
 
 ENV = {**read_stack_env(), **os.environ}
@@ -152,6 +153,7 @@ def wait(check: Any, within: float, what: str) -> None:
 
 
 def setup(api: client.ApiClient) -> str:
+    apply_crds(api, sorted(CRDS.glob("*.yaml")))  # this tree's CRDs, as `helm install` would
     namespace = f"bench-op-{uuid.uuid4().hex[:6]}"
     client.CoreV1Api(api).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
     return namespace

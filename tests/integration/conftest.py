@@ -14,9 +14,12 @@ from typing import Any
 import aio_pika
 import pytest
 from azure.storage.queue.aio import QueueClient
+from kubernetes import client
 
 from jobrunner.local.client import LocalJobClient
+from tests import services
 from tests.integration.harness import Dispatcher, write_manifest
+from tests.integration.operator_harness import CRDS, ROOT, apply_crds
 from tests.local.conftest import Dispatchers
 
 
@@ -121,3 +124,27 @@ def local_dispatchers(tmp_path: Path) -> Iterator[Dispatchers]:
             await client.delete_job("default", job.name)
 
     asyncio.run(delete_all())
+
+
+@pytest.fixture(scope="session")
+def jobrunner_crds(kube_api: client.ApiClient) -> list[str]:
+    """jobrunner's CRDs from this work tree (deploy/crds), applied to the test cluster."""
+    return apply_crds(kube_api, sorted(CRDS.glob("*.yaml")))
+
+
+@pytest.fixture(scope="session")
+def keda_crds(kube_api: client.ApiClient) -> list[str]:
+    """KEDA's own CRDs (keda.sh), fetched from its module by deploy/local/keda-crds.sh
+    (no KEDA build) and applied: the takeover of keda.sh ScaledJobs is tested against
+    KEDA's real schema."""
+    import subprocess
+
+    fetched = subprocess.run(
+        ["bash", str(ROOT / "deploy" / "local" / "keda-crds.sh")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    if fetched.returncode != 0:
+        services.missing("KEDA's CRDs", f"keda-crds.sh failed: {fetched.stderr[-800:]}")
+    return apply_crds(kube_api, sorted(Path(fetched.stdout.strip()).glob("keda.sh_*.yaml")))

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
 from kubernetes import client
 
 from tests.helpers import eventually
@@ -30,6 +31,43 @@ FAST_LEASES = {
     "JOBRUNNER_DISPATCHER__SHUTDOWN_GRACE_SECONDS": "5",
 }
 """Lease timings for tests: a crashed replica's ScaledJobs move after about 6 s."""
+
+
+CRDS = ROOT / "deploy" / "crds"
+
+
+def apply_crds(api: client.ApiClient, paths: list[Path], *, within: float = 60.0) -> list[str]:
+    """Server-side apply of the CustomResourceDefinitions in `paths` (YAML files, one or
+    more documents each), then wait until each is Established. Returns their names.
+
+    Server-side, because KEDA's ScaledJob CRD is too large for the annotation a
+    client-side apply keeps (262,144 bytes); a second apply of the same file changes
+    nothing, so the stack can keep them between runs."""
+    extensions = client.ApiextensionsV1Api(api)
+    names: list[str] = []
+    for path in paths:
+        for document in yaml.safe_load_all(path.read_text()):
+            if not document:
+                continue
+            name = document["metadata"]["name"]
+            extensions.patch_custom_resource_definition(
+                name,
+                document,
+                field_manager="jobrunner-tests",
+                force=True,
+                _content_type="application/apply-patch+yaml",
+            )
+            names.append(name)
+    deadline = time.monotonic() + within
+    for name in names:
+        while True:
+            status = extensions.read_custom_resource_definition(name).status
+            if any(c.type == "Established" and c.status == "True" for c in status.conditions or []):
+                break
+            if time.monotonic() > deadline:
+                raise AssertionError(f"CRD {name} not Established within {within}s")
+            time.sleep(0.2)
+    return names
 
 
 class OperatorProcess:

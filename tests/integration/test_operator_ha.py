@@ -26,7 +26,7 @@ from tests.integration.operator_harness import (
 )
 from tests.integration.test_operator import crs, guarded, job_spec, operators, queues
 
-pytestmark = [pytest.mark.kube, pytest.mark.rabbitmq]
+pytestmark = [pytest.mark.kube, pytest.mark.rabbitmq, pytest.mark.usefixtures("jobrunner_crds")]
 __all__ = ["crs", "operators", "queues"]  # fixtures shared with test_operator
 
 LEASE_SECONDS = float(FAST_LEASES["JOBRUNNER_OPERATOR__LEASE_DURATION_SECONDS"])

@@ -27,7 +27,7 @@ from tests.integration.harness import finished, jobs_of, publish, queue_depth, w
 from tests.integration.operator_harness import OperatorProcess, ScaledJobs, events_of, scaledjob
 from tests.integration.test_operator import crs, guarded, job_spec, operators, queues
 
-pytestmark = [pytest.mark.kube, pytest.mark.rabbitmq]
+pytestmark = [pytest.mark.kube, pytest.mark.rabbitmq, pytest.mark.usefixtures("jobrunner_crds")]
 __all__ = ["crs", "operators", "queues"]
 
 
