@@ -37,6 +37,55 @@ def test_lint_strict_fails_on_values_the_schema_refuses() -> None:
         assert "values don't meet the specifications of the schema" in result.stdout + result.stderr
 
 
+def refused(*sets: str) -> str:
+    """What `helm lint --strict` and `helm template` say refusing these values (both
+    must refuse them); the template's message."""
+    args = [arg for item in sets for arg in ("--set", item)]
+    lint = helm("lint", "--strict", str(CHART), *args, check=False)
+    assert lint.returncode != 0, (sets, lint.stdout)
+    template = helm("template", "rel", str(CHART), *args, check=False)
+    assert template.returncode != 0, sets
+    return template.stderr
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("podDisruptionBudget.maxUnavailable=abc", "'abc' does not match pattern"),
+        ("podDisruptionBudget.maxUnavailable=101%", "'101%' does not match pattern"),
+        ("podDisruptionBudget.maxUnavailable=-1", "minimum: got -1, want 0"),
+        ("podDisruptionBudget.maxUnavailable=null", "missing property 'maxUnavailable'"),
+        ("leases.durationSeconds=-3", "exclusiveMinimum: got -3, want 0"),
+        ("leases.renewSeconds=soon", "'soon' does not match pattern"),
+        ("shutdownGraceSeconds=-1", "minimum: got -1, want 0"),
+    ],
+)
+def test_schema_refuses_what_kubernetes_or_the_operator_would(bad: str, message: str) -> None:
+    stderr = refused(bad)
+    assert "values don't meet the specifications of the schema" in stderr
+    assert message in stderr
+
+
+def test_pdb_takes_an_integer_or_a_percentage() -> None:
+    (pdb,) = of_kind(render("podDisruptionBudget.maxUnavailable=50%"), "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == "50%"
+    (pdb,) = of_kind(render("podDisruptionBudget.maxUnavailable=2"), "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 2
+
+
+def test_decimal_seconds_pass_through_set_as_the_operator_takes_them() -> None:
+    # `--set` passes decimals as strings; the operator's settings are floats.
+    deployment = of_kind(
+        render("leases.durationSeconds=15.5", "shutdownGraceSeconds=2.5"), "Deployment"
+    )[0]
+    env = {
+        e["name"]: e.get("value")
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    assert env["JOBRUNNER_OPERATOR__LEASE_DURATION_SECONDS"] == "15.5"
+    assert env["JOBRUNNER_DISPATCHER__SHUTDOWN_GRACE_SECONDS"] == "2.5"
+
+
 def test_default_install_watches_every_namespace_with_one_cluster_binding() -> None:
     docs = render()
     (binding,) = of_kind(docs, "ClusterRoleBinding")
