@@ -86,6 +86,61 @@ def test_decimal_seconds_pass_through_set_as_the_operator_takes_them() -> None:
     assert env["JOBRUNNER_DISPATCHER__SHUTDOWN_GRACE_SECONDS"] == "2.5"
 
 
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (
+            ("leases.renewSeconds=20",),
+            "0 < renewSeconds (20) < renewDeadlineSeconds (10) < durationSeconds (15) must hold",
+        ),
+        (
+            ("leases.renewDeadlineSeconds=15",),
+            "0 < renewSeconds (3) < renewDeadlineSeconds (15) < durationSeconds (15) must hold",
+        ),
+        (
+            ("leases.durationSeconds=9.5",),
+            "renewDeadlineSeconds (10) < durationSeconds (9.5) must hold",
+        ),
+        (
+            ("terminationGracePeriodSeconds=5",),
+            "terminationGracePeriodSeconds (5) must exceed shutdownGraceSeconds (20)",
+        ),
+        (
+            ("shutdownGraceSeconds=40.5",),
+            "terminationGracePeriodSeconds (40) must exceed shutdownGraceSeconds (40.5)",
+        ),
+        (
+            ("podDisruptionBudget.maxUnavailable=0",),
+            "podDisruptionBudget.maxUnavailable (0) must allow at least one eviction",
+        ),
+        (
+            ("podDisruptionBudget.maxUnavailable=0%",),
+            "podDisruptionBudget.maxUnavailable (0%) must allow at least one eviction",
+        ),
+    ],
+)
+def test_values_that_would_install_and_not_work_are_refused(
+    bad: tuple[str, ...], message: str
+) -> None:
+    assert message in refused(*bad)
+
+
+def test_the_cross_field_rules_let_good_values_through() -> None:
+    docs = render(
+        "leases.renewSeconds=1.5",
+        "leases.renewDeadlineSeconds=4",
+        "leases.durationSeconds=6",
+        "shutdownGraceSeconds=5",
+        "terminationGracePeriodSeconds=6",
+    )
+    assert (
+        of_kind(docs, "Deployment")[0]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+        == 6
+    )
+    disabled = render("podDisruptionBudget.enabled=false", "podDisruptionBudget.maxUnavailable=0")
+    assert of_kind(disabled, "PodDisruptionBudget") == []
+
+
 def test_default_install_watches_every_namespace_with_one_cluster_binding() -> None:
     docs = render()
     (binding,) = of_kind(docs, "ClusterRoleBinding")
