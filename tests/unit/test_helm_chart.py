@@ -233,6 +233,8 @@ def test_deployment_has_probes_security_context_spread_and_a_pdb() -> None:
     assert deployment["spec"]["replicas"] == 2
     (pdb,) = of_kind(docs, "PodDisruptionBudget")
     assert pdb["spec"]["maxUnavailable"] == 1
+    # Unready replicas (informers unsynced: CRDs missing, RBAC wrong) must not block a drain.
+    assert pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
     for doc in docs:
         labels = doc["metadata"]["labels"]
         for key in (
