@@ -58,12 +58,29 @@ def refused(*sets: str) -> str:
         ("leases.durationSeconds=-3", "exclusiveMinimum: got -3, want 0"),
         ("leases.renewSeconds=soon", "'soon' does not match pattern"),
         ("shutdownGraceSeconds=-1", "minimum: got -1, want 0"),
+        ("fullnameOverride=Job_Runner", "'Job_Runner' does not match pattern"),
+        ("nameOverride=job.runner", "'job.runner' does not match pattern"),
+        ("serviceMonitor.scrapeTimeout=10 seconds", "'10 seconds' does not match pattern"),
     ],
 )
 def test_schema_refuses_what_kubernetes_or_the_operator_would(bad: str, message: str) -> None:
     stderr = refused(bad)
     assert "values don't meet the specifications of the schema" in stderr
     assert message in stderr
+
+
+def test_names_and_durations_the_schema_checks_still_render() -> None:
+    docs = render(
+        "fullnameOverride=ops-jobrunner",
+        "serviceMonitor.enabled=true",
+        "serviceMonitor.interval=1m30s",
+        "serviceMonitor.scrapeTimeout=10s",
+        extra=("--api-versions", "monitoring.coreos.com/v1/ServiceMonitor"),
+    )
+    (monitor,) = of_kind(docs, "ServiceMonitor")
+    assert monitor["metadata"]["name"] == "ops-jobrunner"
+    assert monitor["spec"]["endpoints"][0]["interval"] == "1m30s"
+    assert monitor["spec"]["endpoints"][0]["scrapeTimeout"] == "10s"
 
 
 def test_pdb_takes_an_integer_or_a_percentage() -> None:
