@@ -50,8 +50,13 @@ class _Model(BaseModel):
 
 class ObjectMeta(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
-    name: str = Field(min_length=1, max_length=40)
-    namespace: str = "default"
+    name: str = Field(min_length=1, max_length=40, pattern=limits.DNS1123_LABEL_PATTERN)
+    """A DNS-1123 label (lowercase letters, digits, '-'): the names of its Jobs are made
+    from it, and Kubernetes refuses a Job name that is not one. At most 40 characters, so
+    that the name, the Job's suffix and its pods' suffixes stay within 63."""
+    namespace: str = Field(
+        default="default", max_length=limits.DNS1123_LABEL_MAX, pattern=limits.DNS1123_LABEL_PATTERN
+    )
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
 
@@ -193,7 +198,9 @@ class ScaledJobSpec(_Model):
     maxReplicaCount: int = Field(default=100, ge=1)
     successfulJobsHistoryLimit: int = Field(default=100, ge=0)
     failedJobsHistoryLimit: int = Field(default=100, ge=0)
-    triggers: list[Trigger] = Field(min_length=1)
+    triggers: list[Trigger] = Field(min_length=1, json_schema_extra={"maxItems": 1})
+    """One trigger: a ScaledJob's dispatcher consumes one source. KEDA takes several
+    (and scales on their sum); here each source gets a ScaledJob of its own."""
     # KEDA fields that mean nothing for a push-based dispatcher; accepted and ignored.
     pollingInterval: int | None = None
     minReplicaCount: int | None = None
@@ -217,6 +224,16 @@ class ScaledJobSpec(_Model):
     original message, becomes the durable record. Unset, a source that keeps its
     messages alive uses its own limit instead (SQS: 12 h; Redis Streams, JetStream,
     MQTT: none), see ``protocols.KeepsMessagesAlive``."""
+
+    @field_validator("triggers")
+    @classmethod
+    def _one_trigger(cls, value: list[Trigger]) -> list[Trigger]:
+        if len(value) > 1:
+            raise ValueError(
+                f"{len(value)} triggers; jobrunner consumes one source per ScaledJob (KEDA "
+                "adds several up): give each trigger a ScaledJob of its own"
+            )
+        return value
 
     @model_validator(mode="after")
     def _one_template(self) -> ScaledJobSpec:
@@ -347,6 +364,11 @@ def _hint(item: Any) -> str:
         return "unknown field; remove it (see the README's manifest reference)"
     if kind == "missing":
         return "required; add it"
+    if kind == "string_pattern_mismatch" and item["ctx"].get("pattern") == (
+        limits.DNS1123_LABEL_PATTERN
+    ):
+        problem = limits.dns1123_label_problem(str(item["input"]), "it")
+        return f"{problem}, as Kubernetes requires" if problem else str(item["msg"])
     text = str(item["msg"])
     if "input" in item and not isinstance(item["input"], dict | list):
         text += f" (got {item['input']!r})"
@@ -484,6 +506,18 @@ def load_manifest(path: Path) -> ManifestSet:
             )
     if not scaledjobs:
         raise ManifestError(f"{path}: no ScaledJob in this file")
+    seen: dict[tuple[str, str], ScaledJob] = {}
+    for scaledjob in scaledjobs:
+        key = (scaledjob.metadata.namespace, scaledjob.name)
+        first = seen.setdefault(key, scaledjob)
+        if first is not scaledjob:
+            line = scaledjob.line_of(("metadata", "name"))
+            earlier = first.line_of(("metadata", "name"))
+            raise ManifestError(
+                f"{path}: line {line}, field metadata.name: a second ScaledJob {key[1]!r} in "
+                f"namespace {key[0]!r} (the first is at line {earlier}); names are unique "
+                "per namespace: rename one"
+            )
     return ManifestSet(
         path=path,
         scaledjobs=scaledjobs,

@@ -41,6 +41,8 @@ from jobrunner.limits import LABEL_VALUE_MAX
 JOB = "io.k8s.api.batch.v1.Job"
 JOB_SPEC = "io.k8s.api.batch.v1.JobSpec"
 OBJECT_META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
+JOB_RESTART_POLICIES = ("OnFailure", "Never")
+"""The restart policies a Job's pod template may have (batch/v1 Job validation)."""
 
 _TEMPLATE_MARKERS = ("{{", "{%", "{#")
 _INTEGER = re.compile(r"[-+]?\d+")
@@ -218,7 +220,26 @@ class _Walker:
                 self.problem((*path, key), "required; add it")
         if type_name == OBJECT_META:
             self.labels(value.get("labels"), (*path, "labels"))
+        if type_name == JOB_SPEC:
+            self.job_pod_rules(value, path)
         return value
+
+    def job_pod_rules(self, spec: dict[str, Any], path: Path) -> None:
+        """What the API server's Job validation adds to the PodSpec schema
+        (k8s.io/kubernetes pkg/apis/batch/validation: a Job's pods restart ``OnFailure``
+        or ``Never``; ``Always``, a PodSpec's default, is refused for a Job)."""
+        template = spec.get("template")
+        pod = template.get("spec") if isinstance(template, dict) else None
+        policy = pod.get("restartPolicy") if isinstance(pod, dict) else None
+        if not isinstance(policy, str) or (self.templates and is_templated(policy)):
+            return
+        where = (*path, "template", "spec", "restartPolicy")
+        if policy not in JOB_RESTART_POLICIES and all(p.path != where for p in self.problems):
+            self.problem(
+                where,
+                f"a Job's pods must have restartPolicy OnFailure or Never, got {policy!r} "
+                "(the API server refuses Always for a Job); leave it out for Never",
+            )
 
     def labels(self, labels: Any, path: Path) -> None:
         if not isinstance(labels, dict):

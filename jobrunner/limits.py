@@ -39,3 +39,26 @@ def env_value_max(name: str) -> int:
     """The longest value (in bytes) an environment variable ``name`` can carry into a
     process: MAX_ARG_STRLEN less ``NAME=`` and the NUL."""
     return MAX_ARG_STRLEN - len(name.encode()) - 2
+
+
+DNS1123_LABEL_MAX = 63
+"""Kubernetes: a namespace name, and any name that becomes a label value or part of a
+DNS name, is a DNS-1123 label: at most 63 characters, lowercase letters, digits and '-',
+starting and ending with a letter or digit (``IsDNS1123Label`` in apimachinery's
+util/validation)."""
+
+DNS1123_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+def dns1123_label_problem(text: str, what: str = "a name") -> str | None:
+    """Why ``text`` is not a DNS-1123 label (see DNS1123_LABEL_MAX), or None when it is."""
+    import re
+
+    if len(text) > DNS1123_LABEL_MAX:
+        return f"{what} is at most {DNS1123_LABEL_MAX} characters, got {len(text)}"
+    if not re.fullmatch(DNS1123_LABEL_PATTERN, text):
+        return (
+            f"{what} must be lowercase letters, digits and '-', starting and ending with a "
+            f"letter or digit (a DNS-1123 label), got {text!r}"
+        )
+    return None

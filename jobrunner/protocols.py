@@ -25,7 +25,13 @@ class TransientError(Exception):
     """The API server or the broker could not be reached or answered 5xx/429: retry."""
 
 
-class SourceError(Exception):
+class Refusal(Exception):
+    """A failure whose text says all there is to say: what is wrong and what to do. A
+    task that ends with one is logged in that text alone, without a traceback (which
+    would only bury it); the command line prints it as its one error line."""
+
+
+class SourceError(Refusal):
     """A source cannot consume now for a reason a person must fix or wait out: the
     broker is unreachable, refuses the credentials, or the queue does not exist. The
     text names the broker and the queue and says what to do; the runner retries with

@@ -272,21 +272,49 @@ def load_job_template(scaledjob: ScaledJob, *, base_dirs: list[Path]) -> JobTemp
         _check_template(template)
         return template
     assert spec.jobTemplate is not None
-    wanted = Path(spec.jobTemplate).expanduser()
-    candidates = [wanted] if wanted.is_absolute() else [d / wanted for d in base_dirs]
+    line = scaledjob.line_of(("spec", "jobTemplate"))
+    at = f"line {line}, " if line is not None else ""
+    if scaledjob.origin:
+        # Read from a file: its author owns this filesystem; any path will do.
+        wanted = Path(spec.jobTemplate).expanduser()
+        candidates = [wanted] if wanted.is_absolute() else [d / wanted for d in base_dirs]
+    else:
+        # A custom resource: whoever may create ScaledJobs wrote it, so it may name only
+        # files in the operator's template directories (no absolute path, no '..', no
+        # symlink out), or it could probe the operator's filesystem through its status.
+        confined = _confined(spec.jobTemplate, base_dirs)
+        if confined is None:
+            raise ManifestError(
+                f"{at}field spec.jobTemplate: {spec.jobTemplate!r} is outside the "
+                f"operator's template directories ({', '.join(map(str, base_dirs))}); give "
+                "a path relative to them, or put the Job template in spec.jobTargetRef"
+            )
+        candidates = confined
     for candidate in candidates:
         if candidate.is_file():
             template = _read_template_file(candidate)
             _check_template(template)
             return template
     tried = ", ".join(str(c) for c in candidates)
-    line = scaledjob.line_of(("spec", "jobTemplate"))
-    at = f"line {line}, " if line is not None else ""
     raise ManifestError(
         f"{scaledjob.origin}{at}field spec.jobTemplate: file not found: {spec.jobTemplate} "
         f"(tried {tried}); a relative path is looked for beside the manifest and in its "
         "job_templates/"
     )
+
+
+def _confined(name: str, base_dirs: list[Path]) -> list[Path] | None:
+    """``name`` in each of ``base_dirs``, each resolved path checked to stay inside its
+    directory; None when ``name`` is absolute, starts with '~' or climbs out with '..'."""
+    wanted = Path(name)
+    if wanted.is_absolute() or name.startswith("~") or ".." in wanted.parts:
+        return None
+    inside = []
+    for base in base_dirs:
+        candidate = (base / wanted).resolve()
+        if candidate.is_relative_to(base.resolve()):
+            inside.append(candidate)
+    return inside
 
 
 def _read_template_file(path: Path) -> JobTemplate:

@@ -14,6 +14,8 @@ import logging
 from collections.abc import Coroutine, Iterable
 from typing import Any
 
+from jobrunner.protocols import Refusal
+
 logger = logging.getLogger(__name__)
 
 _ESSENTIAL = "jobrunner_essential"
@@ -23,7 +25,9 @@ def _report(task: asyncio.Task[Any]) -> None:
     if task.cancelled():
         return
     exc = task.exception()
-    if exc is not None:
+    if isinstance(exc, Refusal):
+        logger.error("task %s failed: %s", task.get_name(), exc)
+    elif exc is not None:
         logger.error("task %s failed: %r", task.get_name(), exc, exc_info=exc)
     elif getattr(task, "jobrunner_long_lived", False):
         logger.warning("task %s ended without being asked to", task.get_name())

@@ -26,6 +26,7 @@ def _own_namespace() -> str:
 
 def cmd_operator(ctx: Context) -> int:
     from jobrunner.config import Executor
+    from jobrunner.limits import dns1123_label_problem
     from jobrunner.operator.leases import default_identity
     from jobrunner.telemetry import Telemetry, configure_logging, tracer_provider
 
@@ -55,6 +56,10 @@ def cmd_operator(ctx: Context) -> int:
             setattr(op, name, getattr(args, flag))
     if args.keda_takeover:
         op.keda_takeover = True
+    for name in [*op.namespaces(), *([op.lease_namespace] if op.lease_namespace else [])]:
+        problem = dns1123_label_problem(name, "a namespace")
+        if problem:
+            raise CliError(f"{problem} (--watch-namespace, --lease-namespace or their settings)")
     if not op.renew_seconds < op.renew_deadline_seconds < op.lease_duration_seconds:
         raise CliError(
             "JOBRUNNER_OPERATOR__RENEW_SECONDS < JOBRUNNER_OPERATOR__RENEW_DEADLINE_SECONDS < "

@@ -92,6 +92,16 @@ def interval_seconds(text: str) -> float:
     return value
 
 
+def namespace_name(text: str) -> str:
+    """A Kubernetes namespace name (a DNS-1123 label), refused before any request."""
+    from jobrunner.limits import dns1123_label_problem
+
+    problem = dns1123_label_problem(text, "a namespace")
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 # ---------------------------------------------------------------------- option sets
 def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     """Options every command takes, before or after its name. A subcommand's copy has no
@@ -114,6 +124,7 @@ def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
         "-n",
         "--namespace",
         metavar="NS",
+        type=namespace_name,
         default=default,
         help="namespace of the ScaledJobs and their Jobs (default: the manifest's, else default)",
     )
@@ -423,6 +434,7 @@ def _operator(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--lease-namespace",
         metavar="NS",
+        type=namespace_name,
         help="namespace of the replicas' Leases (default: the pod's namespace, else default)",
     )
     p.add_argument(

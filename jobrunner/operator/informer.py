@@ -66,6 +66,25 @@ class Informer:
         self.store = seen
         return version
 
+    def _hint(self, exc: Exception) -> str:
+        """What to do about a refusal that no retry will cure (it is retried anyway: a
+        CRD or a RoleBinding may be applied while the operator waits)."""
+        if not isinstance(exc, ApiRejected):
+            return ""
+        if exc.status == 404 and self.path.startswith("/apis/"):
+            group = self.path.split("/")[2]
+            if group == "keda.sh":
+                return "; KEDA's CRDs are not installed: --keda-takeover needs them"
+            return (
+                f"; the {group} CRDs are not installed: `kubectl apply -f deploy/crds/` "
+                "(helm install does it)"
+            )
+        if exc.status == 403:
+            return "; this identity may not list and watch them: check the chart's RBAC"
+        if exc.status == 400 and self.selector:
+            return f"; is the label selector {self.selector!r} right?"
+        return ""
+
     async def run(self) -> None:
         """List and watch until cancelled."""
         version: str | None = None
@@ -95,11 +114,15 @@ class Informer:
                 version = None
             except (TransientError, ApiRejected) as exc:
                 self.synced.clear()
-                self.problem = f"{self.what}: {exc}"
+                self.problem = f"{self.what}: {exc}{self._hint(exc)}"
                 delay = min(self._ceiling, max(0.2, delay * 2))
                 pause = delay * (0.5 + random.random() / 2)
                 logger.warning(
-                    "watch on %s broke (%s); listing again in %.1fs", self.what, exc, pause
+                    "watch on %s broke (%s%s); listing again in %.1fs",
+                    self.what,
+                    exc,
+                    self._hint(exc),
+                    pause,
                 )
                 await asyncio.sleep(pause)
                 version = None

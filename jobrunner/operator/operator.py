@@ -376,10 +376,12 @@ class Operator:
             start_guarded(self._reconcile_loop(), name="reconcile"),
             start_guarded(self._status_loop(), name="status", essential=False),
         ]
+        selector = self.settings.operator.label_selector
         logger.info(
-            "operator %s serving ScaledJobs %s (lease group %s in %s, %d buckets)",
+            "operator %s serving %s%s (lease group %s in %s, %d buckets)",
             self.identity,
             ", ".join(i.what for i in self.scaledjobs),
+            f" labelled {selector}" if selector else "",
             self.settings.operator.lease_group,
             self.leases.namespace,
             self.settings.operator.buckets,

@@ -381,9 +381,7 @@ class MQTTSource:
             received_at=time.monotonic(),
             published_at=int(millis) / 1000 if millis.isdigit() else None,
         )
-        self._incoming.put_nowait(
-            MQTTHandle(delivery, message.mid, message.qos, self._generation)
-        )
+        self._incoming.put_nowait(MQTTHandle(delivery, message.mid, message.qos, self._generation))
 
     # ------------------------------------------------------------------ settle
     async def settle(self, handle: MessageHandle, decision: Decision) -> bool:
@@ -426,9 +424,7 @@ class MQTTSource:
     ) -> None:
         """Publish the copy and wait for its PUBACK; until a session stores it, retry."""
         headers = {k: v for k, v in headers.items() if not k.startswith("x-jobrunner-")}
-        headers.update(
-            decision.reason_headers(scaledjob=self._scaledjob, source_topic=topic)
-        )
+        headers.update(decision.reason_headers(scaledjob=self._scaledjob, source_topic=topic))
         properties = Properties(PacketTypes.PUBLISH)  # type: ignore[no-untyped-call]
         properties.UserProperty = [(k, v) for k, v in headers.items() if v]
         while True:

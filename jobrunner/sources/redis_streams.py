@@ -229,9 +229,7 @@ class RedisStreamsSource:
             if free <= 0:
                 self._slot_freed.clear()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(
-                        self._slot_freed.wait(), timeout=self.heartbeat_seconds
-                    )
+                    await asyncio.wait_for(self._slot_freed.wait(), timeout=self.heartbeat_seconds)
                 continue
             try:
                 if time.monotonic() >= next_claim:
@@ -244,9 +242,7 @@ class RedisStreamsSource:
                 )
             except _DOWN as exc:
                 self._connected = False
-                logger.warning(
-                    "%s: reading failed (%s); retrying in %.1fs", self.where, exc, delay
-                )
+                logger.warning("%s: reading failed (%s); retrying in %.1fs", self.where, exc, delay)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
                 continue

@@ -41,7 +41,7 @@ from jobrunner.config import ScaledJob, Settings
 from jobrunner.deadletters import DeadLetter, replay_headers
 from jobrunner.models import Action, Decision, Delivery
 from jobrunner.naming import message_identity
-from jobrunner.protocols import MessageHandle
+from jobrunner.protocols import MessageHandle, Refusal
 from jobrunner.triggers.sqlite import SQLiteTrigger
 
 logger = logging.getLogger(__name__)
@@ -64,8 +64,9 @@ READY = "ready"
 DELIVERED = "delivered"
 
 
-class QueueBusy(Exception):
-    """Another process consumes this queue already."""
+class QueueBusy(Refusal):
+    """Another process consumes this queue already (an embedded queue has one consumer:
+    its lock file names the holder's pid)."""
 
 
 @dataclass(frozen=True)
@@ -364,6 +365,12 @@ class SQLiteSource:
         except BlockingIOError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "?"
             os.close(fd)
+            if holder == str(os.getpid()):
+                raise QueueBusy(
+                    f"queue {self._queue_name!r} in {self.path} is consumed by another "
+                    "ScaledJob of this same dispatcher; an embedded queue has one consumer: "
+                    "give each ScaledJob its own queueName"
+                ) from None
             raise QueueBusy(
                 f"queue {self._queue_name!r} in {self.path} is consumed by another dispatcher "
                 f"(pid {holder}); stop it first, or give this one another queueName"

@@ -63,8 +63,10 @@ def _check(metadata: Mapping[str, str], has_auth: bool) -> list[Problem]:
         or has_auth
     ):
         problems.append(
-            Problem("metadata.natsServer", "give natsServer (nats://host:4222) or "
-                    "natsServerMonitoringEndpoint")
+            Problem(
+                "metadata.natsServer",
+                "give natsServer (nats://host:4222) or natsServerMonitoringEndpoint",
+            )
         )
     server = metadata.get("natsServer")
     if server and urllib.parse.urlsplit(server).scheme not in ("nats", "tls"):

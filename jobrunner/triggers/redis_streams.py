@@ -64,8 +64,10 @@ def _check(metadata: Mapping[str, str], has_auth: bool) -> list[Problem]:
     problems = required(metadata, "stream", "consumerGroup")
     if not _address_given(metadata, has_auth):
         problems.append(
-            Problem("metadata.address", "give address (host:port), host and port, or an "
-                    "authenticationRef")
+            Problem(
+                "metadata.address",
+                "give address (host:port), host and port, or an authenticationRef",
+            )
         )
     problems += one_of(metadata, "enableTLS", ("true", "false"))
     problems += one_of(metadata, "unsafeSsl", ("true", "false"))

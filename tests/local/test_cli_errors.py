@@ -52,6 +52,16 @@ def cases(tmp: Path) -> list[Case]:
             [str(not_utf8), "line 1", "not UTF-8", "save the file as UTF-8"],
         ),
         Case("manifest missing", ["validate", "-f", str(tmp / "nope.yaml")], ["nope.yaml"]),
+        Case(
+            "namespace not a DNS-1123 label",
+            ["-n", "Bad NS", "validate", "-f", EXAMPLE],
+            ["argument -n/--namespace", "a DNS-1123 label", "'Bad NS'"],
+        ),
+        Case(
+            "operator namespace with capitals",
+            ["operator", "--watch-namespace", "Media"],
+            ["a namespace must be lowercase", "'Media'", "--watch-namespace"],
+        ),
         Case("manifest a directory", ["validate", "-f", str(tmp)], ["is a directory"]),
         Case(
             "Jinja syntax error in a template file",

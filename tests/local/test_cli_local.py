@@ -289,6 +289,41 @@ def test_status_tells_a_live_dispatcher_from_a_stale_lock(
     assert f"dispatcher: not running (the last one, pid {proc.pid}, is gone" in out
 
 
+def test_a_second_dispatcher_on_one_embedded_queue_is_one_line_naming_the_first(
+    manifest: ManifestFactory,
+    state_dir: Path,
+    dispatchers: Dispatchers,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+) -> None:
+    path = manifest(JOB)
+    local = ["--local", "--state-dir", str(state_dir)]
+    first = dispatchers.start(path)
+
+    def alive() -> bool:
+        _, text, _ = cli(capsys, "status", "-f", str(path), *local, "-o", "json")
+        return bool(json.loads(text)[0]["dispatcher"]["alive"])
+
+    wait_until(alive, timeout=30)
+    run = [sys.executable, "-m", "jobrunner.cli", "run", *local]
+    second = subprocess.run([*run, "-f", str(path)], capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1
+    assert f"is consumed by another dispatcher (pid {first.pid}); stop it first" in second.stderr
+    assert "Traceback" not in second.stderr + second.stdout
+    # Two ScaledJobs of one file on one queue: the second is told it is its own sibling.
+    doc = path.read_text()
+    twins = tmp_path / "twins.yaml"
+    twins.write_text(doc + "\n---\n" + doc.replace("name: work", "name: twin", 1))
+    own = subprocess.run(
+        [*run, "--state-dir", str(tmp_path / "other"), "-f", str(twins)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert "consumed by another ScaledJob of this same dispatcher" in own.stderr
+    assert "Traceback" not in own.stderr + own.stdout
+
+
 def test_views_warn_when_no_state_is_where_they_look(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -123,8 +123,10 @@ async def test_dead_letter_copy_publishes_from_the_kept_original(source: SQLiteS
 async def test_a_second_consumer_of_the_same_queue_is_refused(
     source: SQLiteSource, tmp_path: Path
 ) -> None:
+    # In this same process: another process is refused naming its pid (see
+    # test_a_second_dispatcher_on_one_embedded_queue_is_one_line_naming_the_first).
     other = SQLiteSource(path=source.path, queue="work", prefetch=1)
-    with pytest.raises(QueueBusy, match=r"consumed by another dispatcher \(pid \d+\)"):
+    with pytest.raises(QueueBusy, match=r"consumed by another ScaledJob of this same dispatcher"):
         await other.start()
 
 

@@ -366,3 +366,75 @@ def test_headers_that_would_overflow_the_secret_are_too_large() -> None:
         render_with(b"x" * (500 * 1024), headers=headers)
     assert err.value.reason == "MessageTooLarge"
     assert "1 MiB" in err.value.detail
+
+
+def _custom_resource(job_template: str) -> Any:
+    """A ScaledJob as the operator gets it from the API server (no file behind it)."""
+    return parse_scaledjob(
+        {
+            "apiVersion": "jobrunner.dev/v1alpha1",
+            "kind": "ScaledJob",
+            "metadata": {"name": "probe", "namespace": "team"},
+            "spec": {
+                "jobTemplate": job_template,
+                "triggers": [{"type": "sqlite", "metadata": {"queueName": "q"}}],
+            },
+        }
+    )
+
+
+JOB_FILE = "template:\n  spec:\n    containers: [{name: w, image: busybox}]\n"
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "~/secret.yaml", "../x.yaml", "a/../../x.yaml"])
+def test_a_custom_resource_may_not_name_a_file_outside_the_template_directories(
+    tmp_path: Path, name: str
+) -> None:
+    templates = tmp_path / "job_templates"
+    templates.mkdir()
+    (tmp_path / "x.yaml").write_text("password: hunter2\n")  # what a probe would reveal
+    with pytest.raises(ManifestError) as err:
+        Renderer(_custom_resource(name), base_dirs=[templates])
+    text = str(err.value)
+    assert f"field spec.jobTemplate: {name!r} is outside the operator's template" in text
+    assert "password" not in text
+    assert "not found" not in text
+
+
+def test_a_symlink_out_of_the_template_directory_is_not_followed(tmp_path: Path) -> None:
+    templates = tmp_path / "job_templates"
+    templates.mkdir()
+    (tmp_path / "secret.yaml").write_text("password: hunter2\n")
+    (templates / "link.yaml").symlink_to(tmp_path / "secret.yaml")
+    with pytest.raises(ManifestError) as err:
+        Renderer(_custom_resource("link.yaml"), base_dirs=[templates])
+    assert "file not found: link.yaml" in str(err.value)
+    assert "password" not in str(err.value)
+
+
+def test_a_custom_resource_names_a_template_inside_the_directories_and_a_file_any(
+    tmp_path: Path,
+) -> None:
+    templates = tmp_path / "job_templates"
+    (templates / "team").mkdir(parents=True)
+    (templates / "team" / "job.yaml").write_text(JOB_FILE)
+    assert Renderer(_custom_resource("team/job.yaml"), base_dirs=[templates]).template
+    # A manifest file's author owns the filesystem: an absolute path is theirs to give.
+    elsewhere = tmp_path / "elsewhere.yaml"
+    elsewhere.write_text(JOB_FILE)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "keda.sh/v1alpha1",
+                "kind": "ScaledJob",
+                "metadata": {"name": "own"},
+                "spec": {
+                    "jobTemplate": str(elsewhere),
+                    "triggers": [{"type": "sqlite", "metadata": {"queueName": "q"}}],
+                },
+            }
+        )
+    )
+    scaledjob = load_manifest(manifest).scaledjobs[0]
+    assert Renderer(scaledjob, base_dirs=template_dirs(manifest)).template

@@ -279,3 +279,22 @@ async def test_unreachable_queue_is_ready_false_with_the_brokers_words_and_recov
     env.broker.missing.clear()
     await until(lambda: env.condition("work", "Ready").get("reason") == "DispatcherReady")
     assert "does not exist" in env.status("work")["lastError"]["message"], "kept as the last"
+
+
+def test_a_refused_watch_says_what_to_do() -> None:
+    from jobrunner.operator.informer import Informer
+    from jobrunner.protocols import ApiRejected, TransientError
+
+    def hint(path: str, exc: Exception, selector: str = "") -> str:
+        return Informer(MemoryObjects().client(), path, selector=selector)._hint(exc)
+
+    missing = ApiRejected(404, "NotFound", "the server could not find the requested resource")
+    assert "the jobrunner.dev CRDs are not installed: `kubectl apply -f deploy/crds/`" in hint(
+        api.scaledjobs(None), missing
+    )
+    assert "KEDA's CRDs are not installed" in hint(api.scaledjobs("media", keda=True), missing)
+    forbidden = ApiRejected(403, "Forbidden", "cannot list")
+    assert "check the chart's RBAC" in hint(api.scaledjobs("media"), forbidden)
+    bad = ApiRejected(400, "BadRequest", "unable to parse requirement")
+    assert "is the label selector 'a b' right?" in hint(api.scaledjobs(None), bad, "a b")
+    assert hint(api.scaledjobs(None), TransientError("503")) == ""

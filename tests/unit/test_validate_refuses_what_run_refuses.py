@@ -216,3 +216,62 @@ def test_a_secret_in_the_file_serves_its_trigger_authentication_when_the_cluster
     # The cluster's Secret wins over the file's.
     resolved = asyncio.run(resolve(FileSecrets(cluster_has_one, manifests.secrets)))
     assert resolved.url == "amqp://cluster:5672/"
+
+
+def _named(name: str, **meta: Any) -> dict[str, Any]:
+    doc = scaledjob(RABBIT)
+    doc["metadata"] = {"name": name, **meta}
+    return doc
+
+
+@pytest.mark.parametrize(
+    ("doc", "says"),
+    [
+        # Names that the API server refuses for every Job made from them (DNS-1123).
+        (_named("a b"), "field metadata.name: it must be lowercase letters, digits and '-'"),
+        (_named("Thumbnails_Bad"), "got 'Thumbnails_Bad', as Kubernetes requires"),
+        (_named("-lead"), "field metadata.name: it must be lowercase"),
+        (_named("ok", namespace="Bad NS"), "field metadata.namespace: it must be lowercase"),
+        (_named("ok", namespace="n" * 64), "field metadata.namespace: String should have at most"),
+        # A Job's pods restart OnFailure or Never: Always is a PodSpec's value, not a Job's.
+        (
+            scaledjob(
+                RABBIT,
+                {"template": {"spec": {**JOB["template"]["spec"], "restartPolicy": "Always"}}},
+            ),
+            "field spec.jobTargetRef.template.spec.restartPolicy: a Job's pods must have "
+            "restartPolicy OnFailure or Never, got 'Always'",
+        ),
+        # A second trigger would be ignored: refused instead, naming what to do.
+        (
+            {**scaledjob(RABBIT), "spec": {"jobTargetRef": JOB, "triggers": [RABBIT, RABBIT]}},
+            "field spec.triggers: Value error, 2 triggers; jobrunner consumes one source per "
+            "ScaledJob",
+        ),
+    ],
+)
+def test_what_kubernetes_refuses_for_every_job_fails_validate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], doc: dict[str, Any], says: str
+) -> None:
+    code, _, err = validate(tmp_path, capsys, doc, extra=[])
+    assert code == 2, err
+    assert says in err
+    assert "Traceback" not in err
+
+
+def test_two_scaledjobs_of_one_name_in_a_file_fail_validate_naming_both_lines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, _, err = validate(tmp_path, capsys, _named("twice"), _named("twice"), extra=[])
+    assert code == 2, err
+    assert "field metadata.name: a second ScaledJob 'twice' in namespace 'default'" in err
+    assert "(the first is at line 4)" in err
+
+
+def test_a_restart_policy_the_job_allows_and_a_templated_one_pass(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for policy in ("OnFailure", "Never", "{{ message.json.policy }}"):
+        spec = {"template": {"spec": {**JOB["template"]["spec"], "restartPolicy": policy}}}
+        code, _, err = validate(tmp_path, capsys, scaledjob(RABBIT, spec), extra=[])
+        assert code == 0, (policy, err)
