@@ -16,6 +16,17 @@ def cmd_finalizers(ctx: Context) -> int:
     from jobrunner.models import FINALIZER
 
     args = ctx.args
+    given = [
+        f
+        for f, on in (
+            ("-f", ctx.flag("file")),
+            ("-n", ctx.flag("namespace")),
+            ("-A", ctx.flag("all_namespaces")),
+        )
+        if on
+    ]
+    if len(given) > 1:
+        raise CliError(f"{' and '.join(given)} exclude each other: give one (or none: default)")
 
     async def go() -> int:
         jobs = ctx.job_client()

@@ -161,7 +161,7 @@ def _local(parser: argparse.ArgumentParser, *, executor: bool = True) -> None:
     group.add_argument(
         "--state-dir",
         metavar="DIR",
-        help="where the local executor keeps Jobs and the embedded queue its file "
+        help="where the local executor keeps its Jobs and the embedded queue its file "
         "(default: .jobrunner in the current directory; JOBRUNNER_LOCAL__STATE_DIR)",
     )
 
@@ -612,11 +612,11 @@ COMMANDS = [
         group="Inspect and act",
         target="jobrunner.cli.deadletters:cmd_dead_letters",
         summary="List dead letters and replay them as new work",
-        description="List the messages a ScaledJob dead-lettered (embedded queue, RabbitMQ "
-        "or\nKafka): id, reason, Job, age, the failure's detail and a body preview.\n"
-        "--replay publishes them back to their queue or topic as new work, each with\n"
-        "the header x-jobrunner-replay so it gets a new Job instead of being refused as\n"
-        "a duplicate of the one that failed.",
+        description="List the messages a ScaledJob dead-lettered (embedded queue, RabbitMQ,\n"
+        "Kafka or Azure Storage queue): id, reason, Job, age, the failure's detail and\n"
+        "a body preview. --replay publishes them back to their queue or topic as new\n"
+        "work, each with the header x-jobrunner-replay so it gets a new Job instead of\n"
+        "being refused as a duplicate of the one that failed.",
         usage="jobrunner dead-letters -f FILE [--reason R] [--replay [ID ...]] [options]",
         examples=[
             ("List them", f"jobrunner dead-letters --local -f {M}"),
@@ -639,7 +639,7 @@ COMMANDS = [
         "function a message triggers: queueTrigger -> azure-queue, rabbitMQTrigger ->\n"
         "rabbitmq, kafkaTrigger -> kafka, %Setting% values resolved, connection strings in\n"
         "a Secret. Functions jobrunner cannot run are listed with the reason.",
-        usage="jobrunner functions import DIR [-o OUT] [-n NS] [--image IMAGE] [--local] [options]",
+        usage="jobrunner functions import DIR [-o DIR] [-n NS] [--image IMAGE] [--local] [options]",
         examples=[
             (
                 "Manifests for a cluster",
