@@ -58,6 +58,11 @@ def cases(tmp: Path) -> list[Case]:
             ["argument -n/--namespace", "a DNS-1123 label", "'Bad NS'"],
         ),
         Case(
+            "finalizers: -f and -A together",
+            ["finalizers", "list", "-f", EXAMPLE, "-A", *local],
+            ["-f and -A exclude each other"],
+        ),
+        Case(
             "operator namespace with capitals",
             ["operator", "--watch-namespace", "Media"],
             ["a namespace must be lowercase", "'Media'", "--watch-namespace"],
