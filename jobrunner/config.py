@@ -454,8 +454,22 @@ def _documents(path: Path) -> list[tuple[dict[str, Any], yaml.Node]]:
                 raise ManifestError(f"{path}: document {len(out) + 1} is not a mapping")
             out.append((doc, node))
     except yaml.YAMLError as exc:
-        raise ManifestError(f"{path}: not valid YAML: {exc}") from None
+        raise yaml_error(path, exc) from None
     return out
+
+
+def yaml_error(path: Path, exc: yaml.YAMLError) -> ManifestError:
+    """``path: line L, column C: not valid YAML: <problem> (<context> at line K)``, from
+    PyYAML's marks (0-based) rather than its multi-line text about "<unicode string>"."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None)
+    if mark is None or problem is None:
+        return ManifestError(f"{path}: not valid YAML: {exc}")
+    text = f"{path}: line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {problem}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None:
+        text += f" ({context} at line {context_mark.line + 1})"
+    return ManifestError(text)
 
 
 class ManifestSet(BaseModel):

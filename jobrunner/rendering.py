@@ -325,7 +325,9 @@ def _read_template_file(path: Path) -> JobTemplate:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         doc = yaml.SafeLoader("").construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
-        raise ManifestError(f"{path}: not valid YAML: {exc}") from None
+        from jobrunner.config import yaml_error
+
+        raise yaml_error(path, exc) from None
     if not isinstance(doc, dict):
         raise ManifestError(f"{path}: expected a Job or a JobSpec mapping")
     if doc.get("kind") == "Job":

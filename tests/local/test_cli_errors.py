@@ -44,8 +44,15 @@ def cases(tmp: Path) -> list[Case]:
         "apiVersion: keda.sh/v1alpha1\nkind: ScaledJob\nmetadata: {name: t}\nspec:\n"
         "  jobTemplate: job.yaml\n  triggers:\n  - type: sqlite\n    metadata: {queueName: t}\n"
     )
+    bad_yaml = tmp / "bad.yaml"
+    bad_yaml.write_text("apiVersion: v1\nkind: ScaledJob\nmetadata: {name: x\nspec: 1\n")
     local = ["--local", "--state-dir", str(tmp / "state")]
     return [
+        Case(
+            "manifest not YAML",
+            ["validate", "-f", str(bad_yaml)],
+            [f"{bad_yaml}: line 4, column 5: not valid YAML", "flow mapping at line 3"],
+        ),
         Case(
             "manifest not UTF-8",
             ["validate", "-f", str(not_utf8)],
