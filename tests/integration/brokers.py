@@ -62,6 +62,12 @@ class Kit:
     async def dead_letters(self, count: int, *, within: float = 30) -> list[DeadLetter]:
         raise NotImplementedError
 
+    async def all_dead_letters(self, *, within: float = 300) -> list[DeadLetter]:
+        """Every dead letter the target holds, once the dispatchers have settled all (the
+        soak's final count). Kits whose read is a full snapshot read once; one whose read
+        consumes (SQS) reads until the queue is empty, however long that takes."""
+        return await self.dead_letters(0, within=within)
+
     async def remaining(self) -> int | None:
         """Messages the broker still holds for the consumer (waiting or unsettled); None
         when the broker cannot tell."""
@@ -155,7 +161,9 @@ class SQSKit(Kit):
                 except sqs.exceptions.QueueDoesNotExist:
                     return False
                 answer = await sqs.receive_message(
-                    QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1,
+                    QueueUrl=url,
+                    MaxNumberOfMessages=10,
+                    WaitTimeSeconds=1,
                     MessageAttributeNames=["All"],
                 )
                 for m in answer.get("Messages", []):
@@ -166,6 +174,39 @@ class SQSKit(Kit):
                 return len(out) >= count
 
             await _until(more, within)
+        return out
+
+    async def all_dead_letters(self, *, within: float = 300) -> list[DeadLetter]:
+        out: list[DeadLetter] = []
+        async with self._client() as sqs:
+            try:
+                url = (await sqs.get_queue_url(QueueName=f"{self.name}-dead-letter"))["QueueUrl"]
+            except sqs.exceptions.QueueDoesNotExist:
+                return out
+
+            async def drained() -> bool:
+                answer = await sqs.receive_message(
+                    QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1,
+                    MessageAttributeNames=["All"],
+                )  # fmt: skip
+                for m in answer.get("Messages", []):
+                    attributes = m.get("MessageAttributes", {})
+                    headers = {k: v.get("StringValue", "") for k, v in attributes.items()}
+                    out.append(DeadLetter(m["Body"].encode(), headers))
+                    await sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+                if answer.get("Messages"):
+                    return False
+                left = (await sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"]))[
+                    "Attributes"
+                ]
+                return (
+                    int(left["ApproximateNumberOfMessages"])
+                    + int(left["ApproximateNumberOfMessagesNotVisible"])
+                    == 0
+                )
+
+            if not await _until(drained, within, interval=0):
+                raise AssertionError(f"dead-letter queue of {self.name} not drained in {within}s")
         return out
 
     async def remaining(self) -> int | None:
@@ -301,9 +342,9 @@ class NatsKit(Kit):
                 try:
                     info = await js.stream_info(f"{self.name}-dead-letter")
                 except nats.js.errors.NotFoundError:
-                    return False
+                    return count == 0
                 if not info.state.messages:
-                    return False
+                    return count == 0
                 for seq in range(info.state.first_seq, info.state.last_seq + 1):
                     stored = await js.get_msg(f"{self.name}-dead-letter", seq)
                     out.append(DeadLetter(stored.data or b"", dict(stored.headers or {})))
