@@ -356,8 +356,9 @@ class Kafka:
         return await self.backlog()
 
     async def dead_letters(self) -> list[tuple[str, dict[str, str]]]:
+        topic = f"{self.topic}.dead-letter"
         consumer = AIOKafkaConsumer(
-            f"{self.topic}.dead-letter",
+            topic,
             bootstrap_servers=self.servers,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
@@ -365,13 +366,21 @@ class Kafka:
         await consumer.start()
         out = []
         try:
-            # Read up to the end offsets taken now, however slow the fetches: an empty poll
-            # on a busy machine is not the end of the topic.
-            partitions = consumer.partitions_for_topic(f"{self.topic}.dead-letter") or set()
-            assigned = [TopicPartition(f"{self.topic}.dead-letter", p) for p in partitions]
-            end = await consumer.end_offsets(assigned) if assigned else {}
+            # Read every partition up to the end offsets taken once it is assigned, however
+            # slow the fetches: an empty poll on a busy machine is not the end of the topic.
+            assigned_by = time.monotonic() + 30
+            while not consumer.assignment():  # no group: every partition, once metadata is in
+                if time.monotonic() > assigned_by:
+                    return out  # the topic does not exist: no dead letter was ever sent
+                await asyncio.sleep(0.2)
             deadline = time.monotonic() + 300
-            while any(await consumer.position(tp) < end[tp] for tp in end):
+            partitions = sorted(consumer.assignment())
+            end = await consumer.end_offsets(partitions)
+
+            async def behind() -> bool:
+                return any([await consumer.position(tp) < end[tp] for tp in partitions])
+
+            while await behind():
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"dead letters of {self.topic} not read within 300 s")
                 batch = await consumer.getmany(timeout_ms=2000)
