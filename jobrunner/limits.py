@@ -7,6 +7,8 @@ and a message whose Job would break one is dead-lettered ``MessageTooLarge`` (or
 
 from __future__ import annotations
 
+import re
+
 MAX_ARG_STRLEN = 32 * 4096
 """Linux: the longest single argv or environment string execve() accepts, counting
 ``NAME=`` and the terminating NUL (``MAX_ARG_STRLEN`` in include/uapi/linux/binfmts.h).
@@ -48,15 +50,14 @@ starting and ending with a letter or digit (``IsDNS1123Label`` in apimachinery's
 util/validation)."""
 
 DNS1123_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+_DNS1123_LABEL = re.compile(DNS1123_LABEL_PATTERN)
 
 
 def dns1123_label_problem(text: str, what: str = "a name") -> str | None:
     """Why ``text`` is not a DNS-1123 label (see DNS1123_LABEL_MAX), or None when it is."""
-    import re
-
     if len(text) > DNS1123_LABEL_MAX:
         return f"{what} is at most {DNS1123_LABEL_MAX} characters, got {len(text)}"
-    if not re.fullmatch(DNS1123_LABEL_PATTERN, text):
+    if not _DNS1123_LABEL.fullmatch(text):
         return (
             f"{what} must be lowercase letters, digits and '-', starting and ending with a "
             f"letter or digit (a DNS-1123 label), got {text!r}"

@@ -27,7 +27,6 @@ cd "$work"
 
 info="$(go mod download -json "github.com/kedacore/keda/v2@$KEDA_VERSION" 2>>"$buildlog")" \
   || die "go mod download github.com/kedacore/keda/v2@$KEDA_VERSION" "$buildlog"
-module_dir="$(python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])' <<<"$info")"
 upstream_mod="$(python3 -c 'import json,sys; print(json.load(sys.stdin)["GoMod"])' <<<"$info")"
 
 # The wrapper: KEDA's go version, a require of KEDA, and KEDA's replace and exclude
@@ -68,8 +67,7 @@ start=$SECONDS
 ldflags="-s -w -X=github.com/kedacore/keda/v2/version.Version=${KEDA_VERSION#v}"
 go build -trimpath -ldflags "$ldflags" -o "$operator.tmp" github.com/kedacore/keda/v2/cmd/operator \
   >>"$buildlog" 2>&1 || die "go build github.com/kedacore/keda/v2/cmd/operator@$KEDA_VERSION" "$buildlog"
-cp "$module_dir"/config/crd/bases/*.yaml "$crds/"
-chmod u+w "$crds"/*.yaml
+bash "$(dirname "$0")/keda-crds.sh" >/dev/null || die "keda-crds.sh (KEDA's CRDs from its module)"
 mv "$operator.tmp" "$operator"
 log "keda $KEDA_VERSION built in $((SECONDS - start))s into $KEDA_BIN"
 echo "$operator"

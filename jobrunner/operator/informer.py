@@ -114,14 +114,15 @@ class Informer:
                 version = None
             except (TransientError, ApiRejected) as exc:
                 self.synced.clear()
-                self.problem = f"{self.what}: {exc}{self._hint(exc)}"
+                hint = self._hint(exc)
+                self.problem = f"{self.what}: {exc}{hint}"
                 delay = min(self._ceiling, max(0.2, delay * 2))
                 pause = delay * (0.5 + random.random() / 2)
                 logger.warning(
                     "watch on %s broke (%s%s); listing again in %.1fs",
                     self.what,
                     exc,
-                    self._hint(exc),
+                    hint,
                     pause,
                 )
                 await asyncio.sleep(pause)

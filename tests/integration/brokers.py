@@ -101,6 +101,21 @@ async def _until(check: Any, within: float, interval: float = 0.3) -> Any:
 
 
 # ---------------------------------------------------------------------------- SQS
+async def _take_dead_letters(sqs: Any, url: str, out: list[DeadLetter]) -> int:
+    """Receive up to 10 dead letters from the queue at ``url`` into ``out``, deleting
+    each; how many came."""
+    answer = await sqs.receive_message(
+        QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1, MessageAttributeNames=["All"]
+    )
+    messages = answer.get("Messages", [])
+    for m in messages:
+        attributes = m.get("MessageAttributes", {})
+        headers = {k: v.get("StringValue", "") for k, v in attributes.items()}
+        out.append(DeadLetter(m["Body"].encode(), headers))
+        await sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+    return len(messages)
+
+
 @dataclass
 class SQSKit(Kit):
     endpoint: str = ""
@@ -160,17 +175,7 @@ class SQSKit(Kit):
                     ]
                 except sqs.exceptions.QueueDoesNotExist:
                     return False
-                answer = await sqs.receive_message(
-                    QueueUrl=url,
-                    MaxNumberOfMessages=10,
-                    WaitTimeSeconds=1,
-                    MessageAttributeNames=["All"],
-                )
-                for m in answer.get("Messages", []):
-                    attributes = m.get("MessageAttributes", {})
-                    headers = {k: v.get("StringValue", "") for k, v in attributes.items()}
-                    out.append(DeadLetter(m["Body"].encode(), headers))
-                    await sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
+                await _take_dead_letters(sqs, url, out)
                 return len(out) >= count
 
             await _until(more, within)
@@ -185,16 +190,7 @@ class SQSKit(Kit):
                 return out
 
             async def drained() -> bool:
-                answer = await sqs.receive_message(
-                    QueueUrl=url, MaxNumberOfMessages=10, WaitTimeSeconds=1,
-                    MessageAttributeNames=["All"],
-                )  # fmt: skip
-                for m in answer.get("Messages", []):
-                    attributes = m.get("MessageAttributes", {})
-                    headers = {k: v.get("StringValue", "") for k, v in attributes.items()}
-                    out.append(DeadLetter(m["Body"].encode(), headers))
-                    await sqs.delete_message(QueueUrl=url, ReceiptHandle=m["ReceiptHandle"])
-                if answer.get("Messages"):
+                if await _take_dead_letters(sqs, url, out):
                     return False
                 left = (await sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["All"]))[
                     "Attributes"
