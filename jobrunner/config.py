@@ -656,9 +656,38 @@ class OperatorSettings(BaseModel):
     status_interval_seconds: float = Field(default=10.0, gt=0)
     """At most one status write per ScaledJob per this many seconds for the counters
     (``activeJobs``, ``lastMessageTime``); a condition that changes is written at once."""
+    tenant_env_allow_list: str = ""
+    """Comma-separated names of the operator's own environment variables that ScaledJobs
+    may read (KEDA's ``*FromEnv`` keys, TriggerAuthentication ``env``); empty, the
+    default: none, and a ScaledJob naming any variable is ``InvalidSpec``. The
+    operator's environment is the chart owner's (broker credentials, cloud keys), not
+    the tenants': a listed variable can be read by every ScaledJob author and sent to
+    any host they name, so list only values every tenant may have."""
+    allow_operator_identity: bool = False
+    """Let an SQS trigger without keys use the operator's own AWS identity (its IRSA or
+    instance role) when it asks for it (KEDA's ``identityOwner: operator``). Off by
+    default: that identity reaches every queue the operator's role reaches, for every
+    tenant. Azure queues never use an ambient identity, so this changes nothing there."""
 
     def namespaces(self) -> list[str]:
         return [n.strip() for n in self.watch_namespaces.split(",") if n.strip()]
+
+    def tenant_env_names(self) -> list[str]:
+        """``tenant_env_allow_list`` as names."""
+        return [n.strip() for n in self.tenant_env_allow_list.split(",") if n.strip()]
+
+    @field_validator("tenant_env_allow_list")
+    @classmethod
+    def _env_names(cls, value: str) -> str:
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        # A POSIX-style name: ASCII letters, digits and _, not starting with a digit.
+        bad = [n for n in names if not (n.isascii() and n.isidentifier())]
+        if bad:
+            raise ValueError(
+                "comma-separated names of environment variables (letters, digits and _, "
+                f"not starting with a digit); not names: {', '.join(map(repr, bad))}"
+            )
+        return value
 
 
 class Settings(BaseSettings):
