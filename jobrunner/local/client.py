@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobrunner import jobschema
+from jobrunner import apipath, jobschema
 from jobrunner.local.jobdir import JobDir
 from jobrunner.local.supervisor import RETRY_ENV
 from jobrunner.models import FINALIZER
@@ -117,8 +117,12 @@ class LocalJobClient:
 
     # ------------------------------------------------------------------ objects
     def jobdir(self, namespace: str, name: str) -> JobDir:
-        """Where the Job ``namespace/name`` is kept (its logs are under ``logs/``)."""
-        return JobDir(self.root / namespace / name)
+        """Where the Job ``namespace/name`` is kept (its logs are under ``logs/``).
+        InvalidName for a namespace or name that is not one (``..`` would leave the state
+        directory: a Job's directory is deleted whole)."""
+        return JobDir(
+            self.root / apipath.namespace(namespace) / apipath.name(name, field="Job name")
+        )
 
     def _object(self, jobdir: JobDir) -> dict[str, Any] | None:
         job = jobdir.job()
@@ -134,7 +138,7 @@ class LocalJobClient:
         return job
 
     def _jobdirs(self, namespace: str) -> list[JobDir]:
-        base = self.root / namespace
+        base = self.root / apipath.namespace(namespace)
         if not base.is_dir():
             return []
         return [JobDir(p) for p in sorted(base.iterdir()) if p.is_dir()]
