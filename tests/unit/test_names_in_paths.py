@@ -428,3 +428,41 @@ async def test_a_taken_over_keda_object_naming_another_namespaces_secret_reads_n
     assert marker not in json.dumps(env.store.items(api.events(NS)))
     await asyncio.sleep(0.3)  # a retry would read it now: none comes
     assert env.jobs.calls.get("read_secret", 0) == 0
+
+
+@pytest.mark.parametrize(
+    ("key", "name"),
+    [
+        ("volumes", "../../../../escaped"),
+        ("volumes", "a/b"),
+        ("containers", "../../../escaped"),
+        ("containers", "Main"),
+        ("initContainers", ".."),
+    ],
+)
+async def test_a_local_job_whose_container_or_volume_name_is_a_path_is_refused(
+    tmp_path: Path, key: str, name: str
+) -> None:
+    """Those names become files in the Job's directory; a template may render them from
+    the message. The API server refuses them on a cluster (422); so does the local
+    executor, before anything is written."""
+    container: dict[str, Any] = {"name": "main", "image": "busybox", "command": ["true"]}
+    pod: dict[str, Any] = {"restartPolicy": "Never", "containers": [container]}
+    if key == "volumes":
+        pod["volumes"] = [{"name": name, "emptyDir": {}}]
+    elif key == "containers":
+        container["name"] = name
+    else:
+        pod["initContainers"] = [{**container, "name": name}]
+    job = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": "work-1", "namespace": "default"},
+        "spec": {"template": {"spec": pod}},
+    }
+    jobs = LocalJobClient(tmp_path / "state", controller=False)
+    with pytest.raises(ApiRejected) as refused:
+        await jobs.create_job(job, None)
+    assert refused.value.status == 422
+    assert f"spec.template.spec.{key}[0].name: it must be lowercase" in refused.value.message
+    assert not (tmp_path / "state").exists(), "nothing written"
