@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -48,6 +48,21 @@ class _Model(BaseModel):
     )
 
 
+ObjectName = Annotated[
+    str,
+    Field(max_length=limits.DNS1123_SUBDOMAIN_MAX, pattern=limits.DNS1123_SUBDOMAIN_PATTERN),
+]
+"""The name of a Kubernetes object that becomes part of an API path (a Secret, a
+TriggerAuthentication): a DNS-1123 subdomain, as the API server requires of it. Checked
+here, and by the CRDs' schema, so that ``..``, ``/`` or ``%2F`` in a name can never make
+a path to another object (see ``jobrunner.apipath``)."""
+
+LabelName = Annotated[
+    str, Field(max_length=limits.DNS1123_LABEL_MAX, pattern=limits.DNS1123_LABEL_PATTERN)
+]
+"""A name Kubernetes requires to be a DNS-1123 label: a namespace, a container."""
+
+
 class ObjectMeta(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
     name: str = Field(min_length=1, max_length=40, pattern=limits.DNS1123_LABEL_PATTERN)
@@ -62,7 +77,9 @@ class ObjectMeta(BaseModel):
 
 
 class AuthenticationRef(_Model):
-    name: str
+    name: ObjectName
+    """The TriggerAuthentication's name (a DNS-1123 subdomain), in the ScaledJob's
+    namespace."""
     kind: Literal["TriggerAuthentication", "ClusterTriggerAuthentication"] = "TriggerAuthentication"
 
 
@@ -283,14 +300,26 @@ class ScaledJob(_Model):
 
 class SecretKeyRef(_Model):
     parameter: str
-    name: str
+    name: ObjectName
+    """The Secret's name (a DNS-1123 subdomain), in the TriggerAuthentication's
+    namespace."""
     key: str
 
 
 class EnvRef(_Model):
     parameter: str
     name: str
-    containerName: str | None = None
+    containerName: LabelName | None = None
+    """KEDA: the container whose environment holds ``name`` (a DNS-1123 label)."""
+
+
+class AuthenticationMeta(BaseModel):
+    """A TriggerAuthentication's metadata: its name is an object name (a DNS-1123
+    subdomain, up to 253 characters, as KEDA's), not a prefix of Job names."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: ObjectName
+    namespace: LabelName = "default"
 
 
 class TriggerAuthenticationSpec(BaseModel):
@@ -302,7 +331,7 @@ class TriggerAuthenticationSpec(BaseModel):
 class TriggerAuthentication(_Model):
     apiVersion: str
     kind: Literal["TriggerAuthentication", "ClusterTriggerAuthentication"]
-    metadata: ObjectMeta
+    metadata: AuthenticationMeta
     spec: TriggerAuthenticationSpec
 
 
@@ -318,6 +347,7 @@ def _known_fields() -> set[str]:
         ScaledJob,
         ScaledJobSpec,
         ObjectMeta,
+        AuthenticationMeta,
         Trigger,
         AuthenticationRef,
         MessageDelivery,
@@ -354,6 +384,13 @@ def line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
     return line
 
 
+_NAME_RULES = {
+    limits.DNS1123_LABEL_PATTERN: limits.dns1123_label_problem,
+    limits.DNS1123_SUBDOMAIN_PATTERN: limits.dns1123_subdomain_problem,
+}
+"""The Kubernetes rule behind each name pattern, to say it in words."""
+
+
 def _hint(item: Any) -> str:
     kind = item["type"]
     last = item["loc"][-1] if item["loc"] else ""
@@ -364,13 +401,15 @@ def _hint(item: Any) -> str:
         return "unknown field; remove it (see the README's manifest reference)"
     if kind == "missing":
         return "required; add it"
-    if kind == "string_pattern_mismatch" and item["ctx"].get("pattern") == (
-        limits.DNS1123_LABEL_PATTERN
-    ):
-        problem = limits.dns1123_label_problem(str(item["input"]), "it")
+    pattern = item["ctx"].get("pattern") if kind == "string_pattern_mismatch" else None
+    rule = _NAME_RULES.get(pattern) if pattern else None
+    if rule is not None:
+        problem = rule(str(item["input"]), "it")
         return f"{problem}, as Kubernetes requires" if problem else str(item["msg"])
     text = str(item["msg"])
-    if "input" in item and not isinstance(item["input"], dict | list):
+    if kind == "string_too_long":  # the count says it; a 254-character echo would not
+        text += f" (got {len(str(item['input']))})"
+    elif "input" in item and not isinstance(item["input"], dict | list):
         text += f" (got {item['input']!r})"
     return text
 
@@ -420,6 +459,17 @@ def parse_scaledjob(
     if problems:
         raise ManifestError("\n".join([f"{where}: invalid trigger", *problems]))
     return scaledjob
+
+
+def parse_trigger_authentication(
+    obj: dict[str, Any], *, where: str = "<object>", node: yaml.Node | None = None
+) -> TriggerAuthentication:
+    """A TriggerAuthentication from a plain object (a file's document, or a custom
+    resource of jobrunner.dev or keda.sh); ManifestError naming each field otherwise."""
+    try:
+        return TriggerAuthentication.model_validate(obj)
+    except ValidationError as exc:
+        raise _explain(exc, where, node) from None
 
 
 def read_text(path: Path) -> str:
@@ -500,10 +550,7 @@ def load_manifest(path: Path) -> ManifestSet:
         if kind == "ScaledJob":
             scaledjobs.append(parse_scaledjob(doc, where=where, node=node, origin=str(path)))
         elif kind in ("TriggerAuthentication", "ClusterTriggerAuthentication"):
-            try:
-                auth = TriggerAuthentication.model_validate(doc)
-            except ValidationError as exc:
-                raise _explain(exc, where, node) from None
+            auth = parse_trigger_authentication(doc, where=where, node=node)
             auths[auth.metadata.name] = auth
         elif kind == "Secret":
             meta = doc.get("metadata") or {}

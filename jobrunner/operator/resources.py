@@ -33,6 +33,7 @@ from jobrunner.config import (
     ScaledJob,
     TriggerAuthentication,
     parse_scaledjob,
+    parse_trigger_authentication,
 )
 from jobrunner.triggers import Reach, tenant_problems
 
@@ -111,15 +112,16 @@ def essence(scaledjob: ScaledJob, auth_versions: Mapping[str, str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def parse_authentication(obj: Mapping[str, Any]) -> TriggerAuthentication | None:
-    """A TriggerAuthentication object from the cluster; None when it cannot be read
-    (the ScaledJob that refers to it then says so)."""
+def parse_authentication(obj: Mapping[str, Any]) -> TriggerAuthentication | str:
+    """A TriggerAuthentication object from the cluster, or why it cannot be used (its
+    fields named; the ScaledJob that refers to it then says so). A keda.sh object has
+    no schema for its Secret names: this check is what keeps them names."""
     body = {k: v for k, v in obj.items() if k in ("apiVersion", "kind", "metadata", "spec")}
     body.setdefault("spec", {})
     try:
-        return TriggerAuthentication.model_validate(body)
-    except ValueError:
-        return None
+        return parse_trigger_authentication(body, where="TriggerAuthentication")
+    except ManifestError as exc:
+        return _one_line(str(exc), "TriggerAuthentication")
 
 
 def wanted_from(
@@ -186,14 +188,16 @@ def wanted_from(
     for name in sorted(refs):
         raw = (authentications or {}).get(name)
         auth = parse_authentication(raw) if raw is not None else None
-        if auth is None:
+        if not isinstance(auth, TriggerAuthentication):
             kind = "keda.sh" if keda else "jobrunner.dev"
-            problem = "not found" if raw is None else "cannot be read"
+            what = f"TriggerAuthentication {name!r} ({kind})"
+            problem = (
+                f"{what} not found in namespace {key[0]}; create it"
+                if auth is None
+                else f"{what} in namespace {key[0]} cannot be used: {auth}"
+            )
             return make(
-                invalid=(
-                    f"field spec.triggers[].authenticationRef.name: TriggerAuthentication "
-                    f"{name!r} ({kind}) {problem} in namespace {key[0]}; create it"
-                ),
+                invalid=f"field spec.triggers[].authenticationRef.name: {problem}",
                 paused=paused,
             )
         found[name] = auth
