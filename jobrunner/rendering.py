@@ -58,8 +58,9 @@ from jobrunner.models import (
 from jobrunner.naming import job_name, message_key, message_secret_name
 
 ANNOTATION_ORIGINAL_MESSAGE = "jobrunner.dev/original-message"
-# A Job's annotations may total 256 KiB; keep the original message there only when it
-# is well below that, else in the per-Job Secret.
+# A Job's annotations may total 256 KiB; keep the original message there only when its
+# body is in the Job's spec anyway (env, args) and it is well below that, else in the
+# per-Job Secret.
 ORIGINAL_IN_ANNOTATION_MAX = 96 * 1024
 MESSAGE_VOLUME = "jobrunner-message"
 TEMPLATE_NAMES = ("message", "job", "scaledjob")
@@ -220,7 +221,8 @@ class RenderedJob:
     name: str
     job: dict[str, Any]
     secret: dict[str, Any] | None
-    """Per-Job Secret holding the message, created before the Job and then owned by it."""
+    """Per-Job Secret holding the message (the file a pod mounts, and the original kept
+    for a dead letter), created after the Job and owned by it (see messagesecret)."""
 
 
 @dataclass(frozen=True)
@@ -550,7 +552,7 @@ class Renderer:
             "spec": spec,
         }
         self._check_schema(job)
-        keep_in_secret = self._keep_original(job, delivery)
+        keep_in_secret = self._keep_original(job, delivery, placement)
         secret = None
         if keep_in_secret or not placement.in_env:
             secret = self._secret(delivery, secret_name, with_original=keep_in_secret)
@@ -637,9 +639,16 @@ class Renderer:
             detail = "; ".join(f"field {p.field()}: {p.text}" for p in problems[:5])
             raise RenderError("InvalidMessage", detail)
 
-    def _keep_original(self, job: dict[str, Any], delivery: Delivery) -> bool:
-        """Keep the original message in an annotation when it fits well within the
-        annotations' 256 KiB; True when it must go to the Secret instead."""
+    def _keep_original(
+        self, job: dict[str, Any], delivery: Delivery, placement: _Placement
+    ) -> bool:
+        """Where the original message is kept for a later dead letter: True for the
+        Secret. An annotation only when the body is in the Job's spec already (env or
+        args) and it fits well within the annotations' 256 KiB: a body delivered as a
+        file stays in the Secret alone, since whoever may ``get jobs`` could read an
+        annotation (and the Job's spec too, which is why env is no place for secrets)."""
+        if not placement.in_env:
+            return True
         annotations = job["metadata"]["annotations"]
         original = _original(delivery, with_body=True)
         if len(original) > ORIGINAL_IN_ANNOTATION_MAX:
@@ -674,6 +683,9 @@ class Renderer:
                 "name": name,
                 "namespace": sj.namespace,
                 "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_SCALEDJOB: sj.name},
+                # The Job's own digest: a Secret found under this name is used only when
+                # it holds this body (see jobrunner.messagesecret).
+                "annotations": {ANNOTATION_BODY_DIGEST: hashlib.sha256(delivery.body).hexdigest()},
             },
             "data": {k: _b64(v) for k, v in data.items()},
         }

@@ -78,10 +78,14 @@ def job_client(settings: Settings) -> ClosableJobClient:
             settings.local.state_dir,
             poll_interval=settings.local.poll_interval_seconds,
             retry_seconds=settings.local.retry_seconds,
+            failpoints=Failpoints(settings.dispatcher.failpoints),
         )
     from jobrunner.kube.client import KubeJobClient, load_api_client
 
-    return KubeJobClient(load_api_client(settings.kube.kubeconfig, settings.kube.context))
+    return KubeJobClient(
+        load_api_client(settings.kube.kubeconfig, settings.kube.context),
+        failpoints=Failpoints(settings.dispatcher.failpoints),
+    )
 
 
 @runtime_checkable

@@ -138,7 +138,8 @@ async def test_operator_as_the_charts_service_account_serves_a_scaledjob_end_to_
     (queue,) = await queues()
     config = service_account_kubeconfig(kube_api, kubeconfig, release, tmp_path / "sa.kubeconfig")
     # The broker's address comes from a Secret through a TriggerAuthentication (Secret get
-    # by name), and bodies go by file (the per-Job message Secret: create and patch).
+    # by name), and bodies go by file (the per-Job message Secret: create, owned by its
+    # Job from its creation).
     core = client.CoreV1Api(kube_api)
     core.create_namespaced_secret(
         namespace,
@@ -221,6 +222,11 @@ async def test_charts_service_account_is_refused_what_the_operator_must_not_have
         "list secrets in its own namespace": lambda: core.list_namespaced_secret(release.namespace),
         "jobs of another namespace": lambda: batch.list_namespaced_job(other),
         "secrets of another namespace": lambda: core.read_namespaced_secret("x", other),
+        # A message Secret is created owned by its Job: never changed, never deleted.
+        "patch a Secret": lambda: core.patch_namespaced_secret(
+            "x", namespace, {"metadata": {"labels": {"a": "b"}}}
+        ),
+        "delete a Secret": lambda: core.delete_namespaced_secret("x", namespace),
         "ScaledJobs of another namespace": lambda: custom.list_namespaced_custom_object(
             "jobrunner.dev", "v1alpha1", other, "scaledjobs"
         ),
