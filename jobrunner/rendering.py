@@ -485,8 +485,18 @@ class Renderer:
     """Renders Jobs for one ScaledJob; construct once at start (templates are read,
     checked against the batch/v1 schema and compiled then; ManifestError on a mistake)."""
 
-    def __init__(self, scaledjob: ScaledJob, *, base_dirs: list[Path] | None = None) -> None:
+    def __init__(
+        self,
+        scaledjob: ScaledJob,
+        *,
+        base_dirs: list[Path] | None = None,
+        copy_in_job_only: bool = False,
+    ) -> None:
+        """``copy_in_job_only``: the dispatcher cannot read message Secrets back
+        (``DispatcherSettings.read_message_secrets`` false), so a message whose copy does
+        not fit in its Job's annotations is a RenderError ``MessageTooLarge``."""
         self.scaledjob = scaledjob
+        self._copy_in_job_only = copy_in_job_only
         self.template = load_job_template(scaledjob, base_dirs=base_dirs or [])
         compiler = _Compiler(where=self.template.where)
         self._spec = compiler.compile(self.template.spec, (), spec=True)
@@ -642,9 +652,22 @@ class Renderer:
         annotations' 256 KiB; True when it must go to the Secret instead."""
         annotations = job["metadata"]["annotations"]
         original = _original(delivery, with_body=True)
-        if len(original) > ORIGINAL_IN_ANNOTATION_MAX:
-            return True
-        if _annotations_size(annotations) + len(original) > limits.ANNOTATIONS_MAX:
+        if (
+            len(original) > ORIGINAL_IN_ANNOTATION_MAX
+            or _annotations_size(annotations) + len(original) > limits.ANNOTATIONS_MAX
+        ):
+            if self._copy_in_job_only:
+                # Refused before any Job exists: a Job that came to own this message (an
+                # onJobCreation ack, a hand-over) and failed could not be dead-lettered.
+                raise RenderError(
+                    "MessageTooLarge",
+                    f"the copy of the message a Job keeps is {len(original)} bytes, over the "
+                    f"{ORIGINAL_IN_ANNOTATION_MAX} kept in its annotations, and this "
+                    "dispatcher may not read message Secrets back "
+                    "(JOBRUNNER_DISPATCHER__READ_MESSAGE_SECRETS=false, the chart's "
+                    "permissions.operator.restrict.secret); send a large body by "
+                    "reference instead, or turn the restriction off",
+                )
             return True
         annotations[ANNOTATION_ORIGINAL_MESSAGE] = original
         return False

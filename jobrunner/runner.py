@@ -197,7 +197,11 @@ class DispatchUnit:
         ``read_secret``); ManifestError on any mistake in the ScaledJob. ``open_source``
         makes the source for the resolved trigger (default: the factory its type names;
         tests pass ``jobrunner.testing``'s memory source)."""
-        renderer = Renderer(scaledjob, base_dirs=base_dirs)
+        renderer = Renderer(
+            scaledjob,
+            base_dirs=base_dirs,
+            copy_in_job_only=not settings.dispatcher.read_message_secrets,
+        )
         context = ResolveContext(
             scaledjob=scaledjob,
             trigger=scaledjob.spec.triggers[0],
