@@ -3,6 +3,8 @@ the values that matter (RBAC scope, least privilege, probes, security context)."
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -192,15 +194,20 @@ def test_watched_namespaces_get_a_rolebinding_each_and_no_cluster_binding() -> N
     assert env["JOBRUNNER_OPERATOR__WATCH_NAMESPACES"] == "media,etl"
 
 
+def grants_of(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    """(apiGroup, resource) -> every verb a rule grants on it (any name or some)."""
+    grants: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                grants.setdefault((group, resource), set()).update(rule["verbs"])
+    return grants
+
+
 def test_rbac_is_least_privilege() -> None:
     docs = render()
     (cluster_role,) = of_kind(docs, "ClusterRole")
-    grants = {
-        (group, resource): set(rule["verbs"])
-        for rule in cluster_role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-    }
+    grants = grants_of(cluster_role)
     assert ("", "pods") not in grants
     assert ("", "pods/log") not in grants
     assert grants[("", "secrets")] == {"get", "create", "patch"}, "no list or watch of Secrets"
@@ -283,3 +290,136 @@ def test_service_monitor_renders_only_where_its_crd_exists() -> None:
 )
 def test_chart_installs_the_generated_crds(name: str) -> None:
     assert (CHART / "crds" / name).read_text() == (CHART.parents[1] / "crds" / name).read_text()
+
+
+# ---------------------------------------------------------------- a shared cluster
+
+
+def secret_rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    (cluster_role,) = of_kind(docs, "ClusterRole")
+    return [r for r in cluster_role["rules"] if "secrets" in r["resources"]]
+
+
+def operator_env(docs: list[dict[str, Any]]) -> dict[str, str | None]:
+    deployment = of_kind(docs, "Deployment")[0]
+    return {
+        e["name"]: e.get("value")
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+
+
+def test_default_lets_the_operator_get_any_secret_by_name_and_read_message_secrets() -> None:
+    docs = render()
+    unnamed = {v for r in secret_rules(docs) if "resourceNames" not in r for v in r["verbs"]}
+    assert "get" in unnamed
+    assert not {"list", "watch"} & unnamed
+    assert operator_env(docs)["JOBRUNNER_DISPATCHER__READ_MESSAGE_SECRETS"] == "true"
+
+
+def test_restrict_secret_grants_get_on_the_allow_listed_names_only() -> None:
+    docs = render(
+        "permissions.operator.restrict.secret=true",
+        "permissions.operator.restrict.namesAllowList={broker,kafka-creds}",
+    )
+    rules = secret_rules(docs)
+    getters = [r for r in rules if "get" in r["verbs"]]
+    assert getters == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "verbs": ["get"],
+            "resourceNames": ["broker", "kafka-creds"],
+        }
+    ]
+    # What no name can narrow stays: creating the per-Job message Secret. Nothing that
+    # returns a Secret's data without a name (get/list/watch) is left.
+    unnamed = {v for r in rules if "resourceNames" not in r for v in r["verbs"]}
+    assert "create" in unnamed
+    assert not {"get", "list", "watch", "update", "deletecollection"} & unnamed
+    # The operator is told it cannot read its message Secrets back.
+    assert operator_env(docs)["JOBRUNNER_DISPATCHER__READ_MESSAGE_SECRETS"] == "false"
+
+
+def test_restrict_secret_with_no_names_grants_no_get_at_all() -> None:
+    rules = secret_rules(render("permissions.operator.restrict.secret=true"))
+    assert all("get" not in r["verbs"] for r in rules)
+    assert any("create" in r["verbs"] for r in rules)
+
+
+def test_restrict_applies_through_watched_namespace_bindings_too() -> None:
+    docs = render(
+        "permissions.operator.restrict.secret=true",
+        "permissions.operator.restrict.namesAllowList={broker}",
+        "watchNamespaces={media}",
+    )
+    assert of_kind(docs, "ClusterRoleBinding") == []
+    (getter,) = [r for r in secret_rules(docs) if "get" in r["verbs"]]
+    assert getter["resourceNames"] == ["broker"]
+
+
+def test_an_allow_list_without_restrict_is_refused_as_narrowing_nothing() -> None:
+    message = refused("permissions.operator.restrict.namesAllowList={broker}")
+    assert "permissions.operator.restrict.namesAllowList (broker) narrows nothing" in message
+    assert "set restrict.secret=true" in message
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("permissions.operator.restrict.namesAllowList={../kube-system}", "does not match pattern"),
+        ("permissions.operator.restrict.namesAllowList={Broker}", "does not match pattern"),
+        ("permissions.operator.restrict.secret=maybe", "got string, want boolean"),
+    ],
+)
+def test_schema_refuses_bad_shared_cluster_values(bad: str, message: str) -> None:
+    stderr = refused(bad)
+    assert "values don't meet the specifications of the schema" in stderr
+    assert message in stderr
+
+
+def notes(tmp_path: Path, *sets: str) -> str:
+    """NOTES.txt as `helm install` would print it. `helm template` drops NOTES.txt, so a
+    copy of the chart renders it into a document of its own."""
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    text = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "_notes_for_test.tpl").write_text(
+        '{{- define "test.notes" -}}\n' + text + "{{- end }}\n"
+    )
+    (chart / "templates" / "notes-for-test.yaml").write_text(
+        'kind: Notes\nnotes: {{ include "test.notes" . | toJson }}\n'
+    )
+    args = ["template", "rel", str(chart), "-n", "jr-system"]
+    for item in sets:
+        args += ["--set", item]
+    args += ["--show-only", "templates/notes-for-test.yaml"]
+    return str(yaml.safe_load(helm(*args).stdout)["notes"])
+
+
+def test_notes_say_what_the_default_grants_and_warn_of_cluster_wide_secret_reads(
+    tmp_path: Path,
+) -> None:
+    text = notes(tmp_path)
+    assert "What the operator may do in EVERY namespace (a ClusterRoleBinding)" in text
+    assert "get any Secret by name" in text
+    assert "list the namespaces to serve instead" in text
+    assert "WARNING: the operator may read any Secret of any namespace" in text
+
+
+@pytest.mark.parametrize(
+    ("sets", "grants"),
+    [
+        (("watchNamespaces={media,etl}",), "get any Secret by name"),
+        (
+            ("permissions.operator.restrict.secret=true",
+             "permissions.operator.restrict.namesAllowList={broker}"),
+            "get only broker",
+        ),
+    ],
+)  # fmt: skip
+def test_notes_do_not_warn_once_secrets_are_narrowed(
+    tmp_path: Path, sets: tuple[str, ...], grants: str
+) -> None:
+    text = notes(tmp_path, *sets)
+    assert grants in text
+    assert "WARNING" not in text
