@@ -3,6 +3,7 @@ the values that matter (RBAC scope, least privilege, probes, security context)."
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -363,12 +364,129 @@ def test_an_allow_list_without_restrict_is_refused_as_narrowing_nothing() -> Non
     assert "set restrict.secret=true" in message
 
 
+NETPOL = (
+    "networkPolicy.enabled=true",
+    "networkPolicy.apiServer.cidrs={10.0.0.1/32}",
+)
+DESTINATIONS = json.dumps(
+    [
+        {"name": "rabbitmq", "cidr": "10.20.0.0/24", "except": ["10.20.0.9/32"],
+         "ports": [{"port": 5672}, {"port": 15672}]},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "brokers"}},
+         "podSelector": {}, "ports": [{"port": 9092, "endPort": 9094}]},
+        {"podSelector": {"matchLabels": {"app": "nats"}},
+         "ports": [{"port": "client", "protocol": "TCP"}]},
+    ]
+)  # fmt: skip
+
+
+def test_network_policy_is_off_by_default() -> None:
+    assert of_kind(render(), "NetworkPolicy") == []
+
+
+def test_network_policy_allows_dns_the_api_server_and_the_listed_brokers_only() -> None:
+    docs = render(*NETPOL, extra=("--set-json", f"networkPolicy.destinations={DESTINATIONS}"))
+    (policy,) = of_kind(docs, "NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "jobrunner",
+        "app.kubernetes.io/instance": "rel",
+    }
+    assert spec["policyTypes"] == ["Egress"], "ingress (metrics, probes) is left alone"
+    dns, api, rabbit, kafka, nats = spec["egress"]
+    assert dns["to"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+        }
+    ]
+    assert {(p["protocol"], p["port"]) for p in dns["ports"]} == {("UDP", 53), ("TCP", 53)}
+    assert api == {
+        "to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}],
+        "ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}],
+    }
+    assert rabbit["to"] == [{"ipBlock": {"cidr": "10.20.0.0/24", "except": ["10.20.0.9/32"]}}]
+    assert [p["port"] for p in rabbit["ports"]] == [5672, 15672]
+    # An empty selector is kept: {} means every pod of the selected namespaces.
+    assert kafka["to"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "brokers"}},
+            "podSelector": {},
+        }
+    ]
+    assert kafka["ports"] == [{"protocol": "TCP", "port": 9092, "endPort": 9094}]
+    assert nats["to"] == [{"podSelector": {"matchLabels": {"app": "nats"}}}]
+    assert nats["ports"] == [{"protocol": "TCP", "port": "client"}]
+    # Nothing else: no rule without a destination (that would allow everything).
+    assert all(rule.get("to") for rule in spec["egress"])
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (
+            ("networkPolicy.enabled=true", "networkPolicy.apiServer.cidrs={10.0.0.1/32}"),
+            "networkPolicy.enabled with no networkPolicy.destinations",
+        ),
+        (
+            ("networkPolicy.enabled=true", "networkPolicy.destinations[0].cidr=10.0.0.9/32",
+             "networkPolicy.destinations[0].ports[0].port=5672"),
+            "the API server's addresses are not known: set networkPolicy.apiServer.cidrs",
+        ),
+    ],
+)  # fmt: skip
+def test_a_network_policy_that_would_cut_the_operator_off_is_refused(
+    sets: tuple[str, ...], message: str
+) -> None:
+    assert message in refused(*sets)
+
+
+@pytest.mark.parametrize(
+    ("destination", "message"),
+    [
+        ({"cidr": "10.0.0.0/8"}, "missing property 'ports'"),
+        ({"cidr": "10.0.0.0/8", "ports": []}, "minItems"),
+        ({"ports": [{"port": 5672}]}, "oneOf"),
+        (
+            {"cidr": "10.0.0.0/8", "podSelector": {}, "ports": [{"port": 5672}]},
+            "oneOf",
+        ),
+        ({"cidr": "10.0.0.0", "ports": [{"port": 5672}]}, "does not match pattern"),
+        ({"cidr": "10.0.0.0/8", "ports": [{"port": 70000}]}, "maximum"),
+        (
+            {"cidr": "10.0.0.0/8", "ports": [{"port": 1, "protocol": "ICMP"}]},
+            "value must be one of",
+        ),
+        (
+            {"podSelector": {"matchLabel": {"a": "b"}}, "ports": [{"port": 1}]},
+            "additional properties 'matchLabel' not allowed",
+        ),
+    ],
+)
+def test_schema_refuses_network_destinations_kubernetes_would_not_take(
+    destination: dict[str, Any], message: str
+) -> None:
+    args = [
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        "networkPolicy.apiServer.cidrs={10.0.0.1/32}",
+    ]
+    args += ["--set-json", f"networkPolicy.destinations={json.dumps([destination])}"]
+    result = helm("template", "rel", str(CHART), *args, check=False)
+    assert result.returncode != 0, destination
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert message in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
         ("permissions.operator.restrict.namesAllowList={../kube-system}", "does not match pattern"),
         ("permissions.operator.restrict.namesAllowList={Broker}", "does not match pattern"),
         ("permissions.operator.restrict.secret=maybe", "got string, want boolean"),
+        ("networkPolicy.apiServer.cidrs={10.0.0.1}", "does not match pattern"),
+        ("networkPolicy.apiServer.ports=null", "missing property 'ports'"),
     ],
 )
 def test_schema_refuses_bad_shared_cluster_values(bad: str, message: str) -> None:
