@@ -479,12 +479,89 @@ def test_schema_refuses_network_destinations_kubernetes_would_not_take(
     assert message in result.stderr, result.stderr
 
 
+def policy_and_binding(*sets: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    docs = render("admissionPolicy.enabled=true", *sets)
+    (policy,) = of_kind(docs, "ValidatingAdmissionPolicy")
+    (binding,) = of_kind(docs, "ValidatingAdmissionPolicyBinding")
+    return policy, binding
+
+
+def test_admission_policy_is_off_by_default() -> None:
+    docs = render()
+    assert of_kind(docs, "ValidatingAdmissionPolicy") == []
+    assert of_kind(docs, "ValidatingAdmissionPolicyBinding") == []
+
+
+def test_admission_policy_judges_the_jobs_the_operators_service_account_creates() -> None:
+    policy, binding = policy_and_binding()
+    spec = policy["spec"]
+    assert spec["failurePolicy"] == "Fail"
+    assert spec["matchConstraints"]["resourceRules"] == [
+        {"apiGroups": ["batch"], "apiVersions": ["v1"], "operations": ["CREATE"],
+         "resources": ["jobs"]}
+    ], "CREATE only: the operator must still patch and release Jobs made before it"  # fmt: skip
+    (condition,) = spec["matchConditions"]
+    assert (
+        condition["expression"]
+        == 'request.userInfo.username == "system:serviceaccount:jr-system:rel-jobrunner"'
+    )
+    rules = " ".join(v["expression"] for v in spec["variables"])
+    for field in ("privileged", "allowPrivilegeEscalation", "capabilities.add", "hostNetwork",
+                  "hostPID", "hostIPC", "hostPath", "initContainers"):  # fmt: skip
+        assert field in rules, field
+    assert all(v["reason"] == "Forbidden" and v["messageExpression"] for v in spec["validations"])
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"] == "rel-jobrunner-jobs"
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert binding["spec"]["matchResources"]["namespaceSelector"] == {
+        "matchExpressions": [
+            {"key": "jobrunner.dev/allow-privileged-jobs", "operator": "NotIn", "values": ["true"]}
+        ]
+    }
+
+
+def test_admission_policy_follows_the_service_account_and_the_values() -> None:
+    policy, binding = policy_and_binding(
+        "serviceAccount.name=ops",
+        "admissionPolicy.optInLabel=example.com/privileged",
+        "admissionPolicy.allowedCapabilities={NET_BIND_SERVICE}",
+        "admissionPolicy.validationActions={Warn,Audit}",
+    )
+    (condition,) = policy["spec"]["matchConditions"]
+    assert condition["expression"].endswith('"system:serviceaccount:jr-system:ops"')
+    caps = next(v for v in policy["spec"]["variables"] if v["name"] == "allowedCapabilities")
+    assert caps["expression"] == '["NET_BIND_SERVICE"]'
+    assert binding["spec"]["validationActions"] == ["Warn", "Audit"]
+    (expr,) = binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"]
+    assert expr["key"] == "example.com/privileged"
+
+
+@pytest.mark.parametrize(
+    ("sets", "extra", "message"),
+    [
+        ((), ("--kube-version", "1.29.0"), "needs ValidatingAdmissionPolicy"),
+        (("admissionPolicy.validationActions={Deny,Warn}",), (), "Deny and Warn cannot be used"),
+    ],
+)  # fmt: skip
+def test_an_admission_policy_the_cluster_would_not_take_is_refused(
+    sets: tuple[str, ...], extra: tuple[str, ...], message: str
+) -> None:
+    args = ["--set", "admissionPolicy.enabled=true", *extra]
+    for item in sets:
+        args += ["--set", item]
+    result = helm("template", "rel", str(CHART), *args, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
 @pytest.mark.parametrize(
     ("bad", "message"),
     [
         ("permissions.operator.restrict.namesAllowList={../kube-system}", "does not match pattern"),
         ("permissions.operator.restrict.namesAllowList={Broker}", "does not match pattern"),
         ("permissions.operator.restrict.secret=maybe", "got string, want boolean"),
+        ("admissionPolicy.validationActions={Block}", "value must be one of"),
+        ("admissionPolicy.optInLabel=not a label", "does not match pattern"),
+        ("admissionPolicy.allowedCapabilities={cap_sys_admin}", "does not match pattern"),
         ("networkPolicy.apiServer.cidrs={10.0.0.1}", "does not match pattern"),
         ("networkPolicy.apiServer.ports=null", "missing property 'ports'"),
     ],
@@ -493,6 +570,21 @@ def test_schema_refuses_bad_shared_cluster_values(bad: str, message: str) -> Non
     stderr = refused(bad)
     assert "values don't meet the specifications of the schema" in stderr
     assert message in stderr
+
+
+def test_every_switch_on_passes_helm_lint_strict() -> None:
+    args = [
+        "--set", "permissions.operator.restrict.secret=true",
+        "--set", "permissions.operator.restrict.namesAllowList={broker}",
+        "--set", "watchNamespaces={media}",
+        "--set", "admissionPolicy.enabled=true",
+        "--set", "networkPolicy.enabled=true",
+        "--set", "networkPolicy.apiServer.cidrs={10.0.0.1/32}",
+        "--set-json", f"networkPolicy.destinations={DESTINATIONS}",
+    ]  # fmt: skip
+    result = helm("lint", "--strict", str(CHART), *args)
+    assert "0 chart(s) failed" in result.stdout
+    assert "[WARNING]" not in result.stdout
 
 
 def notes(tmp_path: Path, *sets: str) -> str:
