@@ -613,6 +613,13 @@ class DispatcherSettings(BaseModel):
     progress_log_seconds: float = Field(default=30.0, gt=0)
     """While Jobs run, how often a line says how many, the longest running and what
     waits: long work shows progress in the log, not only on /metrics."""
+    read_message_secrets: bool = True
+    """False when this dispatcher may not ``get`` its own message Secrets (the chart's
+    ``permissions.operator.restrict.secret``: RBAC can name Secrets, and per-Job names
+    cannot be known in advance). Every Job then keeps its message's copy in its own
+    annotations, where a Job that owns its message is dead-lettered from, and a message
+    whose copy does not fit there (over 96 KiB) is dead-lettered ``MessageTooLarge`` on
+    arrival instead of making a Job whose failure could not be dead-lettered."""
     failpoints: list[str] = Field(default_factory=list)
     """Testing only: crash points to arm (see jobrunner.failpoints)."""
 

@@ -487,8 +487,18 @@ class Renderer:
     """Renders Jobs for one ScaledJob; construct once at start (templates are read,
     checked against the batch/v1 schema and compiled then; ManifestError on a mistake)."""
 
-    def __init__(self, scaledjob: ScaledJob, *, base_dirs: list[Path] | None = None) -> None:
+    def __init__(
+        self,
+        scaledjob: ScaledJob,
+        *,
+        base_dirs: list[Path] | None = None,
+        copy_in_job_only: bool = False,
+    ) -> None:
+        """``copy_in_job_only``: the dispatcher cannot read message Secrets back
+        (``DispatcherSettings.read_message_secrets`` false), so a message whose copy does
+        not fit in its Job's annotations is a RenderError ``MessageTooLarge``."""
         self.scaledjob = scaledjob
+        self._copy_in_job_only = copy_in_job_only
         self.template = load_job_template(scaledjob, base_dirs=base_dirs or [])
         compiler = _Compiler(where=self.template.where)
         self._spec = compiler.compile(self.template.spec, (), spec=True)
@@ -646,14 +656,30 @@ class Renderer:
         Secret. An annotation only when the body is in the Job's spec already (env or
         args) and it fits well within the annotations' 256 KiB: a body delivered as a
         file stays in the Secret alone, since whoever may ``get jobs`` could read an
-        annotation (and the Job's spec too, which is why env is no place for secrets)."""
-        if not placement.in_env:
+        annotation (and the Job's spec too, which is why env is no place for secrets).
+        A dispatcher that may not read message Secrets (``copy_in_job_only``) keeps every
+        copy in the annotation: the chart's owner traded that for the operator reading no
+        Secret of a tenant's (README, Security)."""
+        if not placement.in_env and not self._copy_in_job_only:
             return True
         annotations = job["metadata"]["annotations"]
         original = _original(delivery, with_body=True)
-        if len(original) > ORIGINAL_IN_ANNOTATION_MAX:
-            return True
-        if _annotations_size(annotations) + len(original) > limits.ANNOTATIONS_MAX:
+        if (
+            len(original) > ORIGINAL_IN_ANNOTATION_MAX
+            or _annotations_size(annotations) + len(original) > limits.ANNOTATIONS_MAX
+        ):
+            if self._copy_in_job_only:
+                # Refused before any Job exists: a Job that came to own this message (an
+                # onJobCreation ack, a hand-over) and failed could not be dead-lettered.
+                raise RenderError(
+                    "MessageTooLarge",
+                    f"the copy of the message a Job keeps is {len(original)} bytes, over the "
+                    f"{ORIGINAL_IN_ANNOTATION_MAX} kept in its annotations, and this "
+                    "dispatcher may not read message Secrets back "
+                    "(JOBRUNNER_DISPATCHER__READ_MESSAGE_SECRETS=false, the chart's "
+                    "permissions.operator.restrict.secret); send a large body by "
+                    "reference instead, or turn the restriction off",
+                )
             return True
         annotations[ANNOTATION_ORIGINAL_MESSAGE] = original
         return False

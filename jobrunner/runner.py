@@ -85,6 +85,7 @@ def job_client(settings: Settings) -> ClosableJobClient:
     return KubeJobClient(
         load_api_client(settings.kube.kubeconfig, settings.kube.context),
         failpoints=Failpoints(settings.dispatcher.failpoints),
+        read_message_secrets=settings.dispatcher.read_message_secrets,
     )
 
 
@@ -209,7 +210,11 @@ class DispatchUnit:
         ``Reach.for_tenants``); ManifestError on any mistake in the ScaledJob. ``open_source``
         makes the source for the resolved trigger (default: the factory its type names;
         tests pass ``jobrunner.testing``'s memory source)."""
-        renderer = Renderer(scaledjob, base_dirs=base_dirs)
+        renderer = Renderer(
+            scaledjob,
+            base_dirs=base_dirs,
+            copy_in_job_only=not settings.dispatcher.read_message_secrets,
+        )
         context = ResolveContext(
             scaledjob=scaledjob,
             trigger=scaledjob.spec.triggers[0],

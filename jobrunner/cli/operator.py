@@ -82,6 +82,7 @@ def cmd_operator(ctx: Context) -> int:
     )
 
     async def serve() -> None:
+        from jobrunner.failpoints import Failpoints
         from jobrunner.kube.client import KubeJobClient, load_api_client
         from jobrunner.kube.objects import KubeObjects
         from jobrunner.operator.operator import Operator, serve_http
@@ -91,7 +92,11 @@ def cmd_operator(ctx: Context) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        jobs = KubeJobClient(load_api_client(settings.kube.kubeconfig, settings.kube.context))
+        jobs = KubeJobClient(
+            load_api_client(settings.kube.kubeconfig, settings.kube.context),
+            failpoints=Failpoints(settings.dispatcher.failpoints),
+            read_message_secrets=settings.dispatcher.read_message_secrets,
+        )
         try:
             operator = Operator(
                 settings=settings,

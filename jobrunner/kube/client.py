@@ -107,10 +107,18 @@ def _interrupt(response: Any) -> None:
 
 class KubeJobClient:
     def __init__(
-        self, api_client: client.ApiClient, *, failpoints: Failpoints | None = None
+        self,
+        api_client: client.ApiClient,
+        *,
+        failpoints: Failpoints | None = None,
+        read_message_secrets: bool = True,
     ) -> None:
+        """``read_message_secrets`` False: this client may not ``get`` message Secrets (the
+        chart's ``permissions.operator.restrict.secret``), so it makes them blind: see
+        ``create_job``."""
         self._api = api_client
         self._failpoints = failpoints or Failpoints()
+        self._read_secrets = read_message_secrets
         self._host = urllib.parse.urlsplit(api_client.configuration.host).netloc
         self._pool = ThreadPoolExecutor(max_workers=_POOL_SIZE, thread_name_prefix="kube-api")
         self.requests: dict[str, int] = {}
@@ -177,11 +185,21 @@ class KubeJobClient:
         it. Raises ApiRejected for a refusal, after removing a Job whose Secret was
         refused (a message is never left with a Job that waits for a Secret that will
         not come); TransientError when it is worth trying again, which then completes
-        what this call began (the Job exists: its Secret is made then)."""
+        what this call began (the Job exists: its Secret is made then).
+
+        Without the right to read message Secrets (``read_message_secrets`` False) the
+        Secret is made blind: no GET first, and a Secret of the name already there cannot
+        be checked. For a Job just made, such a Secret is refused (the Job removed, the
+        message dead-lettered ``MessageSecretConflict`` saying so), since the pod might
+        mount a body that is not its message's; for a Job adopted, it is taken to be the
+        one an earlier attempt made for it (only someone allowed to create Secrets in the
+        namespace could have put another there between the two creates)."""
         namespace = job["metadata"]["namespace"]
         name = job["metadata"]["name"]
         if secret is None:
             return await self._create_or_adopt(job)
+        if not self._read_secrets:
+            return await self._create_blind(job, secret)
         secret_path = _secret(namespace, secret["metadata"]["name"])
         digest = messagesecret.job_digest(job)
         found = await self._read(secret_path)
@@ -202,6 +220,42 @@ class KubeJobClient:
         if found is None:
             await self._create_secret(result, secret)
         return result, True
+
+    async def _create_blind(
+        self, job: Mapping[str, Any], secret: Mapping[str, Any]
+    ) -> tuple[Mapping[str, Any], bool]:
+        """``create_job`` without reading Secrets (see there)."""
+        result, created = await self._create_or_adopt(job)
+        meta = result.get("metadata") or {}
+        if not created and (
+            messagesecret.job_digest(result) != messagesecret.job_digest(job)
+            or meta.get("deletionTimestamp")
+        ):
+            return result, False  # refused or settled by the dispatcher, as in _complete
+        if created:
+            self._failpoints.hit("between-job-and-secret")
+        try:
+            await self._call(
+                "POST", _secrets(meta["namespace"]), body=messagesecret.owned_by(secret, result)
+            )
+        except ApiRejected as exc:
+            if exc.status != 409:
+                await self._discard(result, f"its message Secret was refused: {exc}")
+                raise ApiRejected(
+                    exc.status,
+                    exc.reason,
+                    f"the Job's message Secret was refused, so the Job was removed: {exc.message}",
+                ) from exc
+            if created:
+                why = (
+                    f"Secret {meta['namespace']}/{secret['metadata']['name']} exists already "
+                    "and this dispatcher may not read it to check whose body it holds "
+                    "(permissions.operator.restrict.secret); delete it, then publish the "
+                    "message again"
+                )
+                await self._discard(result, why)
+                raise ApiRejected(409, messagesecret.CONFLICT_REASON, why) from exc
+        return result, created
 
     @staticmethod
     def _before_job(check: messagesecret.Check) -> None:

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from jobrunner.config import ManifestError, ScaledJob, Trigger, TriggerAuthentication
+from jobrunner.protocols import ApiRejected
 from jobrunner.triggers.reach import Reach
 
 logger = logging.getLogger(__name__)
@@ -83,8 +84,21 @@ async def auth_parameters(
         )
     params: dict[str, str] = {}
     for item in auth.spec.secretTargetRef:
-        data = await read_secret(scaledjob.namespace, item.name)
         where = f"TriggerAuthentication {auth.metadata.name}: secretTargetRef {item.parameter}"
+        try:
+            data = await read_secret(scaledjob.namespace, item.name)
+        except ApiRejected as exc:
+            if exc.status != 403:
+                raise
+            # RBAC's refusal, in our words (the server's text stays out of status). Also
+            # the answer for a Secret that does not exist: 403 comes before 404.
+            raise ManifestError(
+                f"{where}: Secret {scaledjob.namespace}/{item.name}: the dispatcher is not "
+                "allowed to read it (403 Forbidden); with the chart's "
+                "permissions.operator.restrict.secret, only Secrets named in "
+                "permissions.operator.restrict.namesAllowList can be used: ask the "
+                "operator's owner to add it there, or name an allowed Secret"
+            ) from exc
         if data is None:
             raise ManifestError(
                 f"{where}: Secret {scaledjob.namespace}/{item.name} not found in the cluster "
