@@ -566,8 +566,41 @@ class DispatcherSettings(BaseModel):
     progress_log_seconds: float = Field(default=30.0, gt=0)
     """While Jobs run, how often a line says how many, the longest running and what
     waits: long work shows progress in the log, not only on /metrics."""
+    render_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    """Wall time one message's Job may take to render (every templated string of it). A
+    template ordinarily renders in well under a millisecond; past this the render is
+    stopped (its worker killed if need be) and the message dead-lettered
+    ``TemplateError`` saying so. At most 60 s: a render holds one of the process's
+    render workers for that long."""
+    render_output_bytes: int = Field(default=1024 * 1024, ge=4096, le=limits.OBJECT_MAX)
+    """Characters the templates of one Job may output in all, counted while they stream;
+    past it: ``TemplateError``. At most 1.5 MiB: no Job larger than that can be stored
+    (etcd's request limit, see ``limits.OBJECT_MAX``)."""
+    render_memory_bytes: int = Field(default=128 * 1024 * 1024, ge=64 * 1024 * 1024)
+    """Address space of each render worker (``RLIMIT_AS``), Python itself included (about
+    25 MiB); a render that needs more is a ``TemplateError``. Keep
+    ``render_workers`` x this, plus the dispatcher's own memory, within the pod's memory
+    limit (the chart's default: 512 MiB)."""
+    render_workers: int = Field(default=2, ge=1, le=64)
+    """Render worker processes, shared by every ScaledJob of the process; started on
+    first use."""
+    render_workers_per_scaledjob: int = Field(default=1, ge=1)
+    """The most workers one ScaledJob holds at once, so that a ScaledJob whose renders
+    run to the time limit leaves the others workers to render with. Below
+    ``render_workers`` for that to hold (each ScaledJob renders one message at a time
+    anyway)."""
     failpoints: list[str] = Field(default_factory=list)
     """Testing only: crash points to arm (see jobrunner.failpoints)."""
+
+    @model_validator(mode="after")
+    def _share_fits(self) -> DispatcherSettings:
+        if self.render_workers_per_scaledjob > self.render_workers:
+            raise ValueError(
+                f"render_workers_per_scaledjob ({self.render_workers_per_scaledjob}) is over "
+                f"render_workers ({self.render_workers}); a ScaledJob cannot hold more "
+                "workers than there are"
+            )
+        return self
 
 
 class KafkaSettings(BaseModel):

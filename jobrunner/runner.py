@@ -13,6 +13,7 @@ the caller's business (the CLI sets ``stop``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
 from collections.abc import Callable, Mapping
@@ -33,7 +34,8 @@ from jobrunner.httpserver import Heartbeat, HttpEndpoints
 from jobrunner.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY
 from jobrunner.outputs import FunctionResults
 from jobrunner.protocols import JobClient, MessageSink, MessageSource, SourceError
-from jobrunner.rendering import Renderer, template_dirs
+from jobrunner.rendering import Renderer, render_pool, template_dirs
+from jobrunner.sandbox.pool import RenderPool
 from jobrunner.tasks import is_essential, start_guarded, stop_tasks
 from jobrunner.telemetry import Telemetry
 from jobrunner.timestamps import age_seconds
@@ -167,6 +169,7 @@ class DispatchUnit:
         jobs: JobClient,
         settings: Settings,
         telemetry: Telemetry,
+        renders: RenderPool | None = None,
     ) -> DispatchUnit:
         """A unit for a ScaledJob of a manifest file: its TriggerAuthentications and
         Secrets may be in the file, templates beside it. ManifestError on any mistake."""
@@ -178,6 +181,7 @@ class DispatchUnit:
             authentications=manifests.authentications,
             read_secret=FileSecrets(jobs.read_secret, manifests.secrets),
             base_dirs=template_dirs(manifests.path),
+            renders=renders,
         )
 
     @classmethod
@@ -192,12 +196,19 @@ class DispatchUnit:
         read_secret: SecretReader,
         base_dirs: list[Path],
         open_source: SourceOpener | None = None,
+        renders: RenderPool | None = None,
     ) -> DispatchUnit:
         """Render templates and resolve the trigger (reading Secrets through
         ``read_secret``); ManifestError on any mistake in the ScaledJob. ``open_source``
         makes the source for the resolved trigger (default: the factory its type names;
-        tests pass ``jobrunner.testing``'s memory source)."""
-        renderer = Renderer(scaledjob, base_dirs=base_dirs)
+        tests pass ``jobrunner.testing``'s memory source). ``renders``: the process's
+        render workers (None: templates render in this process, without time or memory
+        limits; for tests)."""
+        # Parsing a large template takes a while (see rendering.TEMPLATE_SOURCE_MAX):
+        # not on the event loop that every ScaledJob shares.
+        renderer = await asyncio.to_thread(
+            functools.partial(Renderer, scaledjob, base_dirs=base_dirs, pool=renders)
+        )
         context = ResolveContext(
             scaledjob=scaledjob,
             trigger=scaledjob.spec.triggers[0],
@@ -388,6 +399,7 @@ async def run(
     telemetry = telemetry or Telemetry.create()
     heartbeat = Heartbeat()
     http: HttpEndpoints | None = None
+    renders = render_pool(settings.dispatcher)
     background = [start_guarded(_beat(heartbeat), name="heartbeat")]
     if settings.telemetry.http_port is not None:
         http = HttpEndpoints(
@@ -405,6 +417,7 @@ async def run(
                     jobs=jobs,
                     settings=settings,
                     telemetry=telemetry,
+                    renders=renders,
                 )
             )
         for unit in units:
@@ -423,6 +436,7 @@ async def run(
         grace = settings.dispatcher.shutdown_grace_seconds
         await asyncio.gather(*(unit.stop(grace=grace) for unit in units), return_exceptions=True)
         await stop_tasks(background, grace=0)
+        await renders.close()
         if http is not None:
             http.stop()
         await jobs.close()
