@@ -361,13 +361,16 @@ def _reserved_keys(template: JobTemplate) -> list[jobschema.SchemaProblem]:
     RESERVED_KEYS). jobrunner overwrites some of them when it renders, but a template
     that sets one means something it cannot have (its Job counted as another
     ScaledJob's, a message marked settled, a forged kept copy): refused, not ignored."""
-    pod = (template.spec.get("template") or {}).get("metadata") or {}
-    places: list[tuple[tuple[str | int, ...], Any]] = [
-        (("metadata", kind), template.metadata.get(kind)) for kind in ("labels", "annotations")
+    pod_template = template.spec.get("template")
+    pod = pod_template.get("metadata") if isinstance(pod_template, dict) else None
+    places: list[tuple[tuple[str | int, ...], Any]] = []
+    where: list[tuple[tuple[str | int, ...], Any]] = [
+        (("metadata",), template.metadata),
+        (("template", "metadata"), pod),
     ]
-    places += [
-        (("template", "metadata", kind), pod.get(kind)) for kind in ("labels", "annotations")
-    ]
+    for at, meta in where:
+        if isinstance(meta, dict):  # else the schema check names what it is
+            places += [((*at, kind), meta.get(kind)) for kind in ("labels", "annotations")]
     problems = []
     for path, keys in places:
         for key in keys if isinstance(keys, dict) else {}:

@@ -8,9 +8,13 @@ the dispatcher). Standard library and jinja2 only: see the package docstring.
 What the environment adds to Jinja2's ``SandboxedEnvironment`` (which already keeps a
 template from Python's internals and bounds ``range`` to 100,000 items):
 
-* no constant folding (``optimized=False``): Jinja2 otherwise evaluates constant
-  expressions, filters included, while *compiling*, so ``{{ 'x'|center(10**9) }}``
-  would run at start-up in the dispatcher's own process, outside any limit;
+* no constant folding: Jinja2 otherwise evaluates constant expressions, filters
+  included, while *compiling* (and while listing a template's names), so
+  ``{{ 'x'|center(10**9) }}`` or ``{{ '%999999999d' % 1 }}`` would run at start-up in
+  the dispatcher's own process, outside any limit. Its optimizer is off
+  (``optimized=False``), and since the compiler still folds what an output holds,
+  every filter and test takes the render context (never folded) and every binary
+  operator is intercepted (never folded);
 * ``*`` and ``**`` are checked before they run: a string, list or tuple repeated past
   the output limit, or a power past 65,536 bits, is a ``TemplateError`` at once
   (without the check each is a single C call that only the memory limit stops);
@@ -139,8 +143,29 @@ def literal(text: str) -> str:
     return text.replace("$", "$$")
 
 
+def _at_runtime(func: Any) -> Any:
+    """``func`` (a filter or test) as one that takes the render context, which Jinja2
+    never evaluates while compiling: with constant arguments it would otherwise run
+    in whichever process compiles the template (``_FilterTestCommon.as_const``)."""
+    passes = getattr(getattr(func, "jinja_pass_arg", None), "name", None)
+    if passes == "context":
+        return func
+
+    @jinja2.pass_context
+    def call(context: jinja2.runtime.Context, *args: Any, **kwargs: Any) -> Any:
+        if passes == "eval_context":
+            return func(context.eval_ctx, *args, **kwargs)
+        if passes == "environment":
+            return func(context.environment, *args, **kwargs)
+        return func(*args, **kwargs)
+
+    return call
+
+
 class _Sandbox(jinja2.sandbox.SandboxedEnvironment):
-    intercepted_binops = frozenset({"*", "**"})
+    # Every binary operator is intercepted: an intercepted one is also never folded
+    # while compiling (BinExpr.as_const), and '*' and '**' are checked (call_binop).
+    intercepted_binops = frozenset(jinja2.sandbox.SandboxedEnvironment.default_binop_table)
 
     def __init__(self, *, output_limit: int, **options: Any) -> None:
         super().__init__(**options)
@@ -153,7 +178,8 @@ class _Sandbox(jinja2.sandbox.SandboxedEnvironment):
             self._check_repeat(left, right)
             self._check_repeat(right, left)
         elif (
-            isinstance(left, int)
+            operator == "**"
+            and isinstance(left, int)
             and isinstance(right, int)
             and right > 0
             and abs(left) > 1
@@ -200,6 +226,8 @@ def environment(
     )
     env.filters["b64encode"] = b64
     env.filters["tojson"] = lambda v: json.dumps(v, sort_keys=True)
+    env.filters = {name: _at_runtime(f) for name, f in env.filters.items()}
+    env.tests = {name: _at_runtime(t) for name, t in env.tests.items()}
     return env
 
 
