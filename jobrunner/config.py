@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -60,6 +60,21 @@ class _Model(BaseModel):
     )
 
 
+ObjectName = Annotated[
+    str,
+    Field(max_length=limits.DNS1123_SUBDOMAIN_MAX, pattern=limits.DNS1123_SUBDOMAIN_PATTERN),
+]
+"""The name of a Kubernetes object that becomes part of an API path (a Secret, a
+TriggerAuthentication): a DNS-1123 subdomain, as the API server requires of it. Checked
+here, and by the CRDs' schema, so that ``..``, ``/`` or ``%2F`` in a name can never make
+a path to another object (see ``jobrunner.apipath``)."""
+
+LabelName = Annotated[
+    str, Field(max_length=limits.DNS1123_LABEL_MAX, pattern=limits.DNS1123_LABEL_PATTERN)
+]
+"""A name Kubernetes requires to be a DNS-1123 label: a namespace, a container."""
+
+
 class ObjectMeta(BaseModel):
     model_config = ConfigDict(extra="allow", frozen=True)
     name: str = Field(min_length=1, max_length=40, pattern=limits.DNS1123_LABEL_PATTERN)
@@ -74,7 +89,9 @@ class ObjectMeta(BaseModel):
 
 
 class AuthenticationRef(_Model):
-    name: str
+    name: ObjectName
+    """The TriggerAuthentication's name (a DNS-1123 subdomain), in the ScaledJob's
+    namespace."""
     kind: Literal["TriggerAuthentication", "ClusterTriggerAuthentication"] = "TriggerAuthentication"
 
 
@@ -320,14 +337,26 @@ class ScaledJob(_Model):
 
 class SecretKeyRef(_Model):
     parameter: str
-    name: str
+    name: ObjectName
+    """The Secret's name (a DNS-1123 subdomain), in the TriggerAuthentication's
+    namespace."""
     key: str
 
 
 class EnvRef(_Model):
     parameter: str
     name: str
-    containerName: str | None = None
+    containerName: LabelName | None = None
+    """KEDA: the container whose environment holds ``name`` (a DNS-1123 label)."""
+
+
+class AuthenticationMeta(BaseModel):
+    """A TriggerAuthentication's metadata: its name is an object name (a DNS-1123
+    subdomain, up to 253 characters, as KEDA's), not a prefix of Job names."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: ObjectName
+    namespace: LabelName = "default"
 
 
 class TriggerAuthenticationSpec(BaseModel):
@@ -339,7 +368,7 @@ class TriggerAuthenticationSpec(BaseModel):
 class TriggerAuthentication(_Model):
     apiVersion: str
     kind: Literal["TriggerAuthentication", "ClusterTriggerAuthentication"]
-    metadata: ObjectMeta
+    metadata: AuthenticationMeta
     spec: TriggerAuthenticationSpec
 
 
@@ -355,6 +384,7 @@ def _known_fields() -> set[str]:
         ScaledJob,
         ScaledJobSpec,
         ObjectMeta,
+        AuthenticationMeta,
         Trigger,
         AuthenticationRef,
         MessageDelivery,
@@ -391,6 +421,13 @@ def line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
     return line
 
 
+_NAME_RULES = {
+    limits.DNS1123_LABEL_PATTERN: limits.dns1123_label_problem,
+    limits.DNS1123_SUBDOMAIN_PATTERN: limits.dns1123_subdomain_problem,
+}
+"""The Kubernetes rule behind each name pattern, to say it in words."""
+
+
 def _hint(item: Any) -> str:
     kind = item["type"]
     last = item["loc"][-1] if item["loc"] else ""
@@ -401,13 +438,15 @@ def _hint(item: Any) -> str:
         return "unknown field; remove it (see the README's manifest reference)"
     if kind == "missing":
         return "required; add it"
-    if kind == "string_pattern_mismatch" and item["ctx"].get("pattern") == (
-        limits.DNS1123_LABEL_PATTERN
-    ):
-        problem = limits.dns1123_label_problem(str(item["input"]), "it")
+    pattern = item["ctx"].get("pattern") if kind == "string_pattern_mismatch" else None
+    rule = _NAME_RULES.get(pattern) if pattern else None
+    if rule is not None:
+        problem = rule(str(item["input"]), "it")
         return f"{problem}, as Kubernetes requires" if problem else str(item["msg"])
     text = str(item["msg"])
-    if "input" in item and not isinstance(item["input"], dict | list):
+    if kind == "string_too_long":  # the count says it; a 254-character echo would not
+        text += f" (got {len(str(item['input']))})"
+    elif "input" in item and not isinstance(item["input"], dict | list):
         text += f" (got {item['input']!r})"
     return text
 
@@ -457,6 +496,17 @@ def parse_scaledjob(
     if problems:
         raise ManifestError("\n".join([f"{where}: invalid trigger", *problems]))
     return scaledjob
+
+
+def parse_trigger_authentication(
+    obj: dict[str, Any], *, where: str = "<object>", node: yaml.Node | None = None
+) -> TriggerAuthentication:
+    """A TriggerAuthentication from a plain object (a file's document, or a custom
+    resource of jobrunner.dev or keda.sh); ManifestError naming each field otherwise."""
+    try:
+        return TriggerAuthentication.model_validate(obj)
+    except ValidationError as exc:
+        raise _explain(exc, where, node) from None
 
 
 def read_text(path: Path) -> str:
@@ -537,10 +587,7 @@ def load_manifest(path: Path) -> ManifestSet:
         if kind == "ScaledJob":
             scaledjobs.append(parse_scaledjob(doc, where=where, node=node, origin=str(path)))
         elif kind in ("TriggerAuthentication", "ClusterTriggerAuthentication"):
-            try:
-                auth = TriggerAuthentication.model_validate(doc)
-            except ValidationError as exc:
-                raise _explain(exc, where, node) from None
+            auth = parse_trigger_authentication(doc, where=where, node=node)
             auths[auth.metadata.name] = auth
         elif kind == "Secret":
             meta = doc.get("metadata") or {}
@@ -726,9 +773,38 @@ class OperatorSettings(BaseModel):
     status_interval_seconds: float = Field(default=10.0, gt=0)
     """At most one status write per ScaledJob per this many seconds for the counters
     (``activeJobs``, ``lastMessageTime``); a condition that changes is written at once."""
+    tenant_env_allow_list: str = ""
+    """Comma-separated names of the operator's own environment variables that ScaledJobs
+    may read (KEDA's ``*FromEnv`` keys, TriggerAuthentication ``env``); empty, the
+    default: none, and a ScaledJob naming any variable is ``InvalidSpec``. The
+    operator's environment is the chart owner's (broker credentials, cloud keys), not
+    the tenants': a listed variable can be read by every ScaledJob author and sent to
+    any host they name, so list only values every tenant may have."""
+    allow_operator_identity: bool = False
+    """Let an SQS trigger without keys use the operator's own AWS identity (its IRSA or
+    instance role) when it asks for it (KEDA's ``identityOwner: operator``). Off by
+    default: that identity reaches every queue the operator's role reaches, for every
+    tenant. Azure queues never use an ambient identity, so this changes nothing there."""
 
     def namespaces(self) -> list[str]:
         return [n.strip() for n in self.watch_namespaces.split(",") if n.strip()]
+
+    def tenant_env_names(self) -> list[str]:
+        """``tenant_env_allow_list`` as names."""
+        return [n.strip() for n in self.tenant_env_allow_list.split(",") if n.strip()]
+
+    @field_validator("tenant_env_allow_list")
+    @classmethod
+    def _env_names(cls, value: str) -> str:
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        # A POSIX-style name: ASCII letters, digits and _, not starting with a digit.
+        bad = [n for n in names if not (n.isascii() and n.isidentifier())]
+        if bad:
+            raise ValueError(
+                "comma-separated names of environment variables (letters, digits and _, "
+                f"not starting with a digit); not names: {', '.join(map(repr, bad))}"
+            )
+        return value
 
 
 class Settings(BaseSettings):

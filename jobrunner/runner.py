@@ -42,6 +42,7 @@ from jobrunner.timestamps import age_seconds
 from jobrunner.tracker import JobTracker
 from jobrunner.triggers import (
     FileSecrets,
+    Reach,
     ResolveContext,
     SecretReader,
     TriggerType,
@@ -169,10 +170,13 @@ class DispatchUnit:
         jobs: JobClient,
         settings: Settings,
         telemetry: Telemetry,
+        reach: Reach,
         renders: RenderPool | None = None,
     ) -> DispatchUnit:
         """A unit for a ScaledJob of a manifest file: its TriggerAuthentications and
-        Secrets may be in the file, templates beside it. ManifestError on any mistake."""
+        Secrets may be in the file, templates beside it; ``reach``: what its triggers
+        may use of this process (``Reach.own(os.environ)`` for ``jobrunner run``: the
+        user's own). ManifestError on any mistake."""
         return await cls.create(
             scaledjob,
             jobs=jobs,
@@ -181,6 +185,7 @@ class DispatchUnit:
             authentications=manifests.authentications,
             read_secret=FileSecrets(jobs.read_secret, manifests.secrets),
             base_dirs=template_dirs(manifests.path),
+            reach=reach,
             renders=renders,
         )
 
@@ -195,11 +200,14 @@ class DispatchUnit:
         authentications: Mapping[str, TriggerAuthentication],
         read_secret: SecretReader,
         base_dirs: list[Path],
+        reach: Reach,
         open_source: SourceOpener | None = None,
         renders: RenderPool | None = None,
     ) -> DispatchUnit:
         """Render templates and resolve the trigger (reading Secrets through
-        ``read_secret``); ManifestError on any mistake in the ScaledJob. ``open_source``
+        ``read_secret``, environment variables and the process's cloud identity only as
+        far as ``reach`` allows: a tenant's ScaledJob under the operator gets
+        ``Reach.for_tenants``); ManifestError on any mistake in the ScaledJob. ``open_source``
         makes the source for the resolved trigger (default: the factory its type names;
         tests pass ``jobrunner.testing``'s memory source). ``renders``: the process's
         render workers (None: templates render in this process, without time or memory
@@ -215,6 +223,7 @@ class DispatchUnit:
             authentications=authentications,
             read_secret=read_secret,
             state_dir=settings.local.state_dir,
+            reach=reach,
         )
         kind, resolved = await resolve_trigger(context)
         source = (open_source or load_source)(kind, resolved, scaledjob, settings)
@@ -390,9 +399,11 @@ async def run(
     stop: asyncio.Event | None = None,
     telemetry: Telemetry | None = None,
     on_started: Callable[[list[DispatchUnit]], None] | None = None,
+    reach: Reach,
 ) -> None:
     """Serve every ScaledJob of ``manifests`` until ``stop`` is set (or an essential task
-    fails, which is raised)."""
+    fails, which is raised). ``reach``: what the triggers may use of this process (the
+    command line passes ``Reach.own(os.environ)``: the manifest's author runs it)."""
     stop = stop or asyncio.Event()
     jobs = job_client(settings)
     units: list[DispatchUnit] = []
@@ -417,6 +428,7 @@ async def run(
                     jobs=jobs,
                     settings=settings,
                     telemetry=telemetry,
+                    reach=reach,
                     renders=renders,
                 )
             )

@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobrunner import apipath
 from jobrunner.models import FINALIZER, Action, Decision, Delivery
 from jobrunner.naming import message_identity
 from jobrunner.protocols import (
@@ -127,6 +128,7 @@ class MemoryJobClient:
 
     async def get_job(self, namespace: str, name: str) -> Mapping[str, Any] | None:
         self._count("get_job")
+        apipath.name(name, field="Job name")  # as the real client: refused unsent
         job = self.jobs.get((namespace, name))
         return copy.deepcopy(job) if job is not None else None
 
@@ -179,6 +181,7 @@ class MemoryJobClient:
 
     async def read_secret(self, namespace: str, name: str) -> Mapping[str, str] | None:
         self._count("read_secret")
+        apipath.name(name, field="Secret name")  # as the real client: refused unsent
         secret = self.secrets.get((namespace, name))
         return None if secret is None else dict(secret.get("data") or {})
 
@@ -490,7 +493,9 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 
 def _parse_path(path: str) -> tuple[str, str | None, str | None, str | None]:
-    """(group/version/resource, namespace, name, subresource) of an API path."""
+    """(group/version/resource, namespace, name, subresource) of an API path; InvalidName
+    for one the real client would refuse unsent (``apipath.check_path``)."""
+    apipath.check_path(path)
     parts = path.strip("/").split("/")
     if parts[0] == "api":
         gv, rest = parts[1], parts[2:]

@@ -39,6 +39,7 @@ from jobrunner.config import Executor, ManifestSet, Settings, load_manifest
 from jobrunner.console import JobRow, in_flight_table, rows_of, seconds
 from jobrunner.naming import job_name
 from jobrunner.telemetry import Telemetry, configure_logging
+from jobrunner.triggers import Reach
 from jobrunner.views import list_all, make_console, publish, read_client
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -271,7 +272,13 @@ async def main(cluster: bool) -> int:
     stop = asyncio.Event()
     start = time.monotonic()
     dispatcher = asyncio.create_task(
-        runner.run(setup.manifests, setup.settings, stop=stop, telemetry=telemetry),
+        runner.run(
+            setup.manifests,
+            setup.settings,
+            stop=stop,
+            telemetry=telemetry,
+            reach=Reach.own(os.environ),  # a dispatcher of the user's own
+        ),
         name="demo-dispatcher",
     )
     reader = read_client(setup.settings)

@@ -28,6 +28,7 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.watch.watch import iter_resp_lines
 
+from jobrunner import apipath
 from jobrunner.models import FINALIZER
 from jobrunner.protocols import ApiRejected, JobPage, TransientError, WatchEvent, WatchExpired
 from jobrunner.timestamps import now_rfc3339
@@ -124,6 +125,7 @@ class KubeJobClient:
         accept: str = _JSON,
     ) -> Any:
         """One request; the urllib3 response, unread, when its status is 2xx."""
+        apipath.check_path(path)  # the last guard: a path no builder escaped is never sent
         verb = "WATCH" if ("watch", "true") in (query or []) else method
         self.requests[verb] = self.requests.get(verb, 0) + 1
         headers = {"Accept": accept}
@@ -191,7 +193,7 @@ class KubeJobClient:
         patch = {"metadata": {"ownerReferences": [owner_reference(job)]}}
         await self._call(
             "PATCH",
-            f"{_secrets(meta['namespace'])}/{secret_name}",
+            _secret(meta["namespace"], secret_name),
             body=patch,
             content_type=_MERGE_PATCH,
         )
@@ -206,21 +208,21 @@ class KubeJobClient:
             raise
 
     async def get_job(self, namespace: str, name: str) -> Mapping[str, Any] | None:
-        return await self._read(f"{_jobs(namespace)}/{name}")
+        return await self._read(_job(namespace, name))
 
     async def annotate_job(
         self, namespace: str, name: str, annotations: Mapping[str, str]
     ) -> Mapping[str, Any]:
         patch = {"metadata": {"annotations": dict(annotations)}}
         return await self._call(
-            "PATCH", f"{_jobs(namespace)}/{name}", body=patch, content_type=_MERGE_PATCH
+            "PATCH", _job(namespace, name), body=patch, content_type=_MERGE_PATCH
         )
 
     async def delete_job(self, namespace: str, name: str) -> None:
         try:
             await self._call(
                 "DELETE",
-                f"{_jobs(namespace)}/{name}",
+                _job(namespace, name),
                 body={
                     "kind": "DeleteOptions",
                     "apiVersion": "v1",
@@ -234,7 +236,7 @@ class KubeJobClient:
     async def release_job(
         self, namespace: str, name: str, annotations: Mapping[str, str]
     ) -> Mapping[str, Any] | None:
-        path = f"{_jobs(namespace)}/{name}"
+        path = _job(namespace, name)
         # The usual case in one request: the Job carries our finalizer alone (the test op
         # makes the patch fail, 422, otherwise) and has annotations (jobrunner set some).
         fast = [
@@ -302,7 +304,7 @@ class KubeJobClient:
                 return items
 
     async def read_secret(self, namespace: str, name: str) -> Mapping[str, str] | None:
-        raw = await self._read(f"{_secrets(namespace)}/{name}")
+        raw = await self._read(_secret(namespace, name))
         return None if raw is None else raw.get("data") or {}
 
     async def record_event(
@@ -337,7 +339,7 @@ class KubeJobClient:
             "lastTimestamp": now,
             "count": 1,
         }
-        await self._call("POST", f"/api/v1/namespaces/{namespace}/events", body=event)
+        await self._call("POST", _core(namespace, "events"), body=event)
 
     async def list_jobs(
         self, namespace: str, selector: str, *, limit: int = 500, continue_token: str | None = None
@@ -430,9 +432,7 @@ class KubeJobClient:
     # ------------------------------------------------------------------ pods (for `logs`)
     async def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         """The pods matching ``selector`` (a Job's: ``job-name=<job>``), oldest first."""
-        raw = await self._call(
-            "GET", f"/api/v1/namespaces/{namespace}/pods", query=[("labelSelector", selector)]
-        )
+        raw = await self._call("GET", _core(namespace, "pods"), query=[("labelSelector", selector)])
         pods: list[dict[str, Any]] = raw.get("items") or []
         pods.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
         return pods
@@ -442,11 +442,12 @@ class KubeJobClient:
     ) -> str:
         """A container's log as the kubelet keeps it; ApiRejected when it has none (a
         container not started yet, a pod whose node has no kubelet to ask)."""
+        path = _pod_log(namespace, pod)
 
         def read() -> str:
             response = self._send(
                 "GET",
-                f"/api/v1/namespaces/{namespace}/pods/{pod}/log",
+                path,
                 query=[("container", container)]
                 + ([("tailLines", tail_lines)] if tail_lines is not None else []),
                 accept="*/*",
@@ -466,12 +467,13 @@ class KubeJobClient:
         queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
         holder: dict[str, Any] = {}
         stop = threading.Event()
+        path = _pod_log(namespace, pod)
 
         def pump() -> None:
             try:
                 response = self._send(
                     "GET",
-                    f"/api/v1/namespaces/{namespace}/pods/{pod}/log",
+                    path,
                     query=[("container", container), ("follow", "true")],
                     accept="*/*",
                     timeout=(10, None),
@@ -562,11 +564,28 @@ def _pointer(key: str) -> str:
 
 
 def _jobs(namespace: str) -> str:
-    return f"/apis/batch/v1/namespaces/{namespace}/jobs"
+    return f"/apis/batch/v1/namespaces/{apipath.namespace(namespace)}/jobs"
+
+
+def _job(namespace: str, name: str) -> str:
+    return f"{_jobs(namespace)}/{apipath.name(name, field='Job name')}"
+
+
+def _core(namespace: str, plural: str) -> str:
+    """A core (``/api/v1``) collection of ``namespace``: secrets, pods, events."""
+    return f"/api/v1/namespaces/{apipath.namespace(namespace)}/{plural}"
 
 
 def _secrets(namespace: str) -> str:
-    return f"/api/v1/namespaces/{namespace}/secrets"
+    return _core(namespace, "secrets")
+
+
+def _secret(namespace: str, name: str) -> str:
+    return f"{_secrets(namespace)}/{apipath.name(name, field='Secret name')}"
+
+
+def _pod_log(namespace: str, pod: str) -> str:
+    return f"{_core(namespace, 'pods')}/{apipath.name(pod, field='Pod name')}/log"
 
 
 def owner_reference(job: Mapping[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobrunner import jobschema
+from jobrunner import apipath, jobschema, limits
 from jobrunner.local.jobdir import JobDir
 from jobrunner.local.supervisor import RETRY_ENV
 from jobrunner.models import FINALIZER
@@ -60,6 +60,9 @@ def unrunnable(job: Mapping[str, Any]) -> str | None:
     """Why the local executor cannot run this Job, checked at create time so the message
     is dead-lettered with the reason instead of a Job failing obscurely later."""
     pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+    problem = _file_names_problem(pod)
+    if problem is not None:
+        return problem
     for key in ("initContainers", "containers"):
         for i, container in enumerate(pod.get(key) or []):
             if not container.get("command"):
@@ -82,6 +85,23 @@ def unrunnable(job: Mapping[str, Any]) -> str | None:
                 f"spec.template.spec.volumes[{i}]: only Secret and emptyDir volumes exist "
                 "locally; run this template on a cluster"
             )
+    return None
+
+
+def _file_names_problem(pod: Mapping[str, Any]) -> str | None:
+    """Container and volume names become file names in the Job's directory (``logs/
+    <attempt>-<container>.log``, ``volumes/<volume>/``). The API server refuses any that
+    is not a DNS-1123 label (``ValidateContainers``, ``ValidateVolumes``); so does the
+    local executor, so that a name rendered from a message can never reach a file
+    outside the Job's directory."""
+    for key in ("initContainers", "containers", "volumes"):
+        for i, item in enumerate(pod.get(key) or []):
+            name = item.get("name") if isinstance(item, Mapping) else None
+            if name is None:
+                continue  # jobschema says it is required
+            problem = limits.dns1123_label_problem(str(name), "it")
+            if problem:
+                return f"spec.template.spec.{key}[{i}].name: {problem}, as Kubernetes requires"
     return None
 
 
@@ -117,8 +137,12 @@ class LocalJobClient:
 
     # ------------------------------------------------------------------ objects
     def jobdir(self, namespace: str, name: str) -> JobDir:
-        """Where the Job ``namespace/name`` is kept (its logs are under ``logs/``)."""
-        return JobDir(self.root / namespace / name)
+        """Where the Job ``namespace/name`` is kept (its logs are under ``logs/``).
+        InvalidName for a namespace or name that is not one (``..`` would leave the state
+        directory: a Job's directory is deleted whole)."""
+        return JobDir(
+            self.root / apipath.namespace(namespace) / apipath.name(name, field="Job name")
+        )
 
     def _object(self, jobdir: JobDir) -> dict[str, Any] | None:
         job = jobdir.job()
@@ -134,7 +158,7 @@ class LocalJobClient:
         return job
 
     def _jobdirs(self, namespace: str) -> list[JobDir]:
-        base = self.root / namespace
+        base = self.root / apipath.namespace(namespace)
         if not base.is_dir():
             return []
         return [JobDir(p) for p in sorted(base.iterdir()) if p.is_dir()]

@@ -45,6 +45,7 @@ from jobrunner.rendering import render_pool
 from jobrunner.runner import DispatchUnit
 from jobrunner.tasks import is_essential, start_guarded, stop_tasks
 from jobrunner.telemetry import Telemetry
+from jobrunner.triggers import Reach
 
 logger = logging.getLogger(__name__)
 
@@ -63,8 +64,12 @@ class Operator:
         lease_namespace: str,
         build: UnitBuilder | None = None,
         template_dirs: list[Path] | None = None,
+        reach: Reach | None = None,
     ) -> None:
+        """``reach``: what tenants' ScaledJobs may use of this process (the command line
+        passes ``Reach.for_tenants`` with the owner's allow-list); default: nothing."""
         self.settings = settings
+        self.reach = reach if reach is not None else Reach()
         op = settings.operator
         self.identity = identity
         self._objects = objects
@@ -168,6 +173,7 @@ class Operator:
             authentications=wanted.authentications,
             read_secret=self._jobs.read_secret,
             base_dirs=self._template_dirs,
+            reach=self.reach,
             renders=self.renders,
         )
 
@@ -268,7 +274,7 @@ class Operator:
         cached = self._parse_cache.get(key)
         if cached is not None and cached[0] == fingerprint:
             return cached[1]
-        want = wanted_from(obj, keda=keda, authentications=auths)
+        want = wanted_from(obj, keda=keda, authentications=auths, reach=self.reach)
         self._parse_cache[key] = (fingerprint, want)
         return want
 

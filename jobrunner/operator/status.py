@@ -186,7 +186,7 @@ class StatusWriter:
                 != _comparable(seen, volatile=True).get(k)
             ),
         )
-        path = f"{api.scaledjobs(key[0])}/{key[1]}/status"
+        path = api.item(api.scaledjobs(key[0]), key[1], "status", what="ScaledJob name")
         # Fields we no longer report are removed (None is a merge patch's null).
         patch: dict[str, Any] = {"status": dict(status)}
         if wanted.uid:  # a precondition: never write on a namesake created meanwhile

@@ -2,7 +2,8 @@
 
 ``host`` (an ``amqp://`` or ``amqps://`` URL), ``hostFromEnv`` or a TriggerAuthentication
 ``host`` parameter; ``queueName``; ``vhostName`` overrides the URL's vhost. TLS and
-credentials as KEDA's TriggerAuthentication parameters: ``username``, ``password``,
+credentials as KEDA's TriggerAuthentication parameters (or ``usernameFromEnv`` and
+``passwordFromEnv`` in metadata): ``username``, ``password``,
 ``tls: enable``, ``ca``, ``cert``, ``key``, ``keyPassword``; ``unsafeSsl: "true"`` in
 metadata skips verifying the broker's certificate. KEDA's
 queue-length keys (``mode``, ``value``, ...) are accepted and ignored: a push dispatcher
@@ -11,7 +12,6 @@ takes every message as it arrives.
 
 from __future__ import annotations
 
-import os
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -66,14 +66,12 @@ def _not_amqp(host: str) -> Problem:
 async def _resolve(context: ResolveContext) -> RabbitMQTrigger:
     meta = await context.parameters()
     where = context.where()
-    host = meta.get("host")
+    host = context.from_env(meta, "host")
     if not host and meta.get("hostFromEnv"):
-        host = os.environ.get(meta["hostFromEnv"])
-        if not host:
-            raise_problems(
-                where,
-                [Problem("metadata.hostFromEnv", f"${meta['hostFromEnv']} is not set")],
-            )
+        raise_problems(
+            where,
+            [Problem("metadata.hostFromEnv", context.reach.unset(meta["hostFromEnv"]))],
+        )
     if not host:
         raise_problems(
             where, [Problem("metadata.host", "give host, hostFromEnv or an authenticationRef")]
@@ -84,10 +82,12 @@ async def _resolve(context: ResolveContext) -> RabbitMQTrigger:
         raise_problems(where, [_not_amqp(host)])
     if meta.get("vhostName"):
         parsed = parsed._replace(path="/" + urllib.parse.quote(meta["vhostName"], safe=""))
-    if meta.get("username") or meta.get("password"):
+    username = context.from_env(meta, "username")
+    password_given = context.from_env(meta, "password")
+    if username or password_given:
         # KEDA's username/password parameters win over credentials in the host URL.
-        user = urllib.parse.quote(meta.get("username") or parsed.username or "", safe="")
-        password = urllib.parse.quote(meta.get("password") or "", safe="")
+        user = urllib.parse.quote(username or parsed.username or "", safe="")
+        password = urllib.parse.quote(password_given or "", safe="")
         host_port = parsed.netloc.rsplit("@", 1)[-1]
         parsed = parsed._replace(netloc=f"{user}:{password}@{host_port}")
     tls = parsed.scheme == "amqps" or meta.get("tls", "").lower() == "enable"

@@ -5,6 +5,7 @@ Kubernetes Events on the Jobs."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import urllib.request
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from jobrunner import runner
 from jobrunner.config import Settings, load_manifest
 from jobrunner.telemetry import Telemetry, tracer_provider
+from jobrunner.triggers import Reach
 from tests.helpers import eventually
 from tests.integration.harness import Dispatcher, drain_queue, publish, wait_for_jobs
 
@@ -44,7 +46,13 @@ async def test_message_span_joins_producer_trace_and_the_job_gets_traceparent(
     settings.kube.kubeconfig = str(kubeconfig)
     stop = asyncio.Event()
     task = asyncio.create_task(
-        runner.run(load_manifest(manifest()), settings, stop=stop, telemetry=telemetry)
+        runner.run(
+            load_manifest(manifest()),
+            settings,
+            stop=stop,
+            telemetry=telemetry,
+            reach=Reach.own(os.environ),
+        )
     )
     try:
         await publish(

@@ -19,6 +19,7 @@ from jobrunner.operator.resources import Key, Wanted, wanted_from
 from jobrunner.runner import DispatchUnit
 from jobrunner.telemetry import Telemetry
 from jobrunner.testing import MemoryBroker, MemoryJobClient, MemorySource
+from jobrunner.triggers import Reach
 from tests.helpers import eventually
 
 NS = "jobs"
@@ -115,6 +116,7 @@ async def world() -> AsyncIterator[World]:
             authentications=want.authentications,
             read_secret=jobs.read_secret,
             base_dirs=[],
+            reach=Reach(),
             open_source=open_source,
         )
         built.append(unit)

@@ -24,6 +24,7 @@ from jobrunner.sandbox.pool import RenderPool
 from jobrunner.sandbox.templates import RenderLimits, StringFailure, Strings
 from jobrunner.telemetry import Telemetry
 from jobrunner.testing import MemoryBroker, MemoryJobClient, MemorySource
+from jobrunner.triggers import Reach
 from tests.helpers import eventually
 
 LIMITS = RenderLimits(seconds=1.0, output_bytes=1024 * 1024, memory_bytes=128 * 1024 * 1024)
@@ -444,6 +445,7 @@ async def test_dispatcher_dead_letters_a_hostile_message_while_another_scaledjob
             read_secret=jobs.read_secret,
             base_dirs=[],
             open_source=open_source,
+            reach=Reach(),
             renders=renders,
         )
         for name, arg in (("bad", forever), ("good", "{{ message.json.task }}"))

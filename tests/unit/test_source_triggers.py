@@ -3,13 +3,14 @@ TriggerAuthentication parameters, and the mistakes each refuses."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from jobrunner.config import ManifestError, parse_scaledjob
-from jobrunner.triggers import ResolveContext, check_trigger, resolve_trigger
+from jobrunner.triggers import Reach, ResolveContext, check_trigger, resolve_trigger
 from jobrunner.triggers.mqtt import topic_matches
 
 
@@ -36,6 +37,7 @@ async def resolve(trigger: dict[str, Any], **spec: Any) -> Any:
         authentications={},
         read_secret=no_secret,
         state_dir=Path("."),
+        reach=Reach.own(os.environ),
     )
     return (await resolve_trigger(context))[1]
 
