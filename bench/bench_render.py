@@ -52,8 +52,8 @@ from jobrunner.sandbox.templates import RenderLimits  # noqa: E402
 
 LIMITS = RenderLimits(seconds=1.0)
 HOSTILE = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
-FINITE_HOSTILE = "{% for i in range(2000) %}{% for j in range(2000) %}{% endfor %}{% endfor %}"
-"""For the worker thread, which nothing can stop: about 4 million iterations."""
+FINITE_HOSTILE = "{% for i in range(4000) %}{% for j in range(4000) %}{% endfor %}{% endfor %}"
+"""For the worker thread, which nothing can stop: 16 million iterations."""
 
 
 def scaledjob(job: dict[str, Any] | None = None, template: str | None = None) -> Any:

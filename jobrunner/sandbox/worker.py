@@ -11,7 +11,9 @@ Its bounds, each enforced by the kernel or by the worker's own clock:
 * time: ``ITIMER_REAL`` raises ``Deadline`` into the render when its time is up (it
   interrupts Python code; a single long C call, such as building one huge string, is
   cut short by the pool, which kills the worker a little later);
-* output: counted while it streams (``templates.Strings.render``).
+* output: counted while it streams (``templates.Strings.render``);
+* CPU: it runs at nice ``NICE``, so a render spinning to its time limit yields the CPU
+  to the dispatcher's event loop.
 
 The protocol, on stdin and stdout, each frame a 4-byte big-endian length then its bytes:
 the worker first sends ``{"ready": pid}``; then for each message it reads a JSON header
@@ -47,6 +49,9 @@ from jobrunner.sandbox.templates import (
 CACHE_SIZE = 64
 """Compiled templates kept per worker (one entry per ScaledJob template version)."""
 HEADER = struct.Struct(">I")
+NICE = 10
+"""A worker runs at a lower CPU priority than the dispatcher: a render that spins to its
+time limit takes CPU the event loop (Lease renewals, Job watches) does not want."""
 
 
 def context_of(data: Mapping[str, Any], body: bytes) -> dict[str, Any]:
@@ -90,6 +95,7 @@ def _confine(limits: RenderLimits) -> None:
             adj.write("1000")
     except OSError:
         pass  # not Linux, or /proc read-only: the memory limit below still holds
+    os.nice(NICE)
     resource.setrlimit(resource.RLIMIT_AS, (limits.memory_bytes, limits.memory_bytes))
     signal.signal(signal.SIGALRM, _deadline)
 

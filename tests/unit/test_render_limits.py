@@ -240,7 +240,9 @@ async def test_cancelled_render_leaves_no_worker_behind_with_a_stale_answer(
         assert rendered.job["spec"]["template"]["spec"]["containers"][0]["args"] == [str(i)]
 
 
-async def test_workers_get_no_environment_and_a_memory_limit(pool: RenderPool) -> None:
+async def test_workers_get_no_environment_a_memory_limit_and_a_lower_priority(
+    pool: RenderPool,
+) -> None:
     fine = Renderer(parse_scaledjob(manifest("{{ message.json.task }}")), pool=pool)
     await fine.render_bounded(delivery())
     (worker,) = pool._idle
@@ -249,12 +251,14 @@ async def test_workers_get_no_environment_and_a_memory_limit(pool: RenderPool) -
     line = next(r for r in proc["limits"].splitlines() if r.startswith("Max address space"))
     assert str(LIMITS.memory_bytes) in line
     assert proc["oom_score_adj"].strip() == "1000"
+    nice = int(proc["stat"].rsplit(")", 1)[1].split()[16])
+    assert nice >= 10, "a spinning render yields the CPU to the event loop"
 
 
 def _proc(pid: int) -> dict[str, str]:
     return {
         name: Path(f"/proc/{pid}/{name}").read_text()
-        for name in ("environ", "limits", "oom_score_adj")
+        for name in ("environ", "limits", "oom_score_adj", "stat")
     }
 
 
