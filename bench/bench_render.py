@@ -4,7 +4,8 @@ minute of one core (``python bench/bench_render.py``, ``--quick`` for a tenth).
 
 Options, each measured in this run:
 
-* in-process: today's path before the fix (``Renderer.render`` on the event loop), the
+* in-process: ``Renderer.render`` on the event loop, as the dispatcher rendered before
+  (with the sandbox's output and operator checks, no time or memory limit): the
   baseline;
 * (a) worker process: ``Renderer.render_bounded`` through ``jobrunner.sandbox``'s pool
   (what the dispatcher uses): killable on timeout, memory capped by RLIMIT_AS;
@@ -31,7 +32,6 @@ import argparse
 import asyncio
 import statistics
 import sys
-import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
@@ -245,7 +245,7 @@ async def main(count: int) -> None:
         print(f"  {label}")
         baseline = await per_render(here, count)
         base = statistics.median(baseline)
-        print(row("in-process (before the fix)", baseline, None))
+        print(row("in-process, no limits", baseline, None))
         print(
             row("(a) worker process (chosen)", await per_render(pooled.render_bounded, count), base)
         )
@@ -295,7 +295,6 @@ async def main(count: int) -> None:
     print(f"\nstarting a worker and its first render: {time.perf_counter() - start:.3f} s")
     await first.close()
     await pool.close()
-    print(f"threads now: {threading.active_count()}")
 
 
 if __name__ == "__main__":
