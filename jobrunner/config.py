@@ -36,6 +36,18 @@ KEDA_API_VERSION = "keda.sh/v1alpha1"
 SUPPORTED_API_VERSIONS = (API_VERSION, KEDA_API_VERSION)
 
 
+MAX_REPLICA_COUNT_MAX = 1000
+"""The largest ``maxReplicaCount`` (see ScaledJobSpec.maxReplicaCount for why)."""
+HISTORY_LIMIT_MAX = 1000
+"""The largest ``successfulJobsHistoryLimit`` and ``failedJobsHistoryLimit``."""
+FUNCTION_OUTPUTS_MAX = 16
+"""The most output bindings a function may have: each is a broker connection the
+dispatcher opens and keeps for its ScaledJob."""
+AMQP_SHORTSTR_MAX = 255
+"""AMQP 0-9-1: an exchange, queue or routing key is a ``shortstr``, at most 255 octets
+(RabbitMQ refuses longer)."""
+
+
 class ManifestError(Exception):
     """A manifest that cannot be used; the message names the file and the field."""
 
@@ -149,13 +161,16 @@ class AckPolicy(enum.StrEnum):
 
 
 class DeadLetter(_Model):
-    exchange: str | None = None
+    exchange: str | None = Field(default=None, max_length=AMQP_SHORTSTR_MAX)
     """Exchange for dead-lettered copies. Unset: the queue's own dead-letter exchange
-    when it has one, else the queue named by ``queue``."""
-    routingKey: str | None = None
-    queue: str | None = None
+    when it has one, else the queue named by ``queue``. At most 255 characters (an
+    AMQP shortstr)."""
+    routingKey: str | None = Field(default=None, max_length=AMQP_SHORTSTR_MAX)
+    """At most 255 characters (an AMQP shortstr)."""
+    queue: str | None = Field(default=None, max_length=AMQP_SHORTSTR_MAX)
     """Fallback queue (declared durable) when neither ``exchange`` nor the queue's own
-    dead-letter exchange is there. Default: ``<queueName>.dead-letter``."""
+    dead-letter exchange is there. Default: ``<queueName>.dead-letter``. At most 255
+    characters (RabbitMQ's; SQS takes 80 and Azure 63, which they check)."""
     topic: str | None = None
     """Kafka: the dead-letter topic. Default: ``<topic>.dead-letter``. MQTT: the topic
     dead-lettered copies are published to. Default: ``jobrunner/dead-letter/<ScaledJob>``."""
@@ -203,18 +218,40 @@ class FunctionSpec(_Model):
     puts a failed function's error in the dead letter (see jobrunner.outputs)."""
 
     name: str
-    outputs: list[OutputBinding] = Field(default_factory=list)
+    outputs: list[OutputBinding] = Field(default_factory=list, max_length=FUNCTION_OUTPUTS_MAX)
+    """At most 16: each output is a broker connection the dispatcher opens and keeps."""
 
 
 class ScaledJobSpec(_Model):
     jobTargetRef: dict[str, Any] | None = None
-    """A batch/v1 JobSpec whose strings may hold Jinja2 expressions."""
-    jobTemplate: str | None = None
+    """A batch/v1 JobSpec whose strings may hold Jinja2 expressions. Its templated
+    strings may hold 64 KiB of template text in all (parsing costs the dispatcher about
+    6 s per MiB), and labels and annotations under ``jobrunner.dev/`` (and
+    ``app.kubernetes.io/managed-by``, ``scaledjob.keda.sh/name``) are jobrunner's own:
+    a template that sets one is refused. Each message's render may take 2 s and make
+    1 MiB of text (the operator's ``dispatcher.render_*`` settings); past either the
+    message is dead-lettered ``TemplateError``."""
+    jobTemplate: str | None = Field(default=None, max_length=4096)
     """jobrunner: a template file (YAML, a Job or a JobSpec) instead of jobTargetRef,
-    relative to the manifest's directory or to ``job_templates/``."""
-    maxReplicaCount: int = Field(default=100, ge=1)
-    successfulJobsHistoryLimit: int = Field(default=100, ge=0)
-    failedJobsHistoryLimit: int = Field(default=100, ge=0)
+    relative to the manifest's directory or to ``job_templates/``. At most 4096
+    characters (Linux's PATH_MAX)."""
+    maxReplicaCount: int = Field(default=100, ge=1, le=MAX_REPLICA_COUNT_MAX)
+    """The most messages in hand, and so Jobs running, at once: the broker's prefetch
+    (RabbitMQ ``basic.qos``, MQTT Receive Maximum, the in-hand cap of the other
+    sources). KEDA's default, 100. At most 1000: every message in hand is held, body
+    and all, in the dispatcher's memory until it is settled (with ackPolicy
+    onJobCompletion, until its Job ends): 1000 x the default ``maxMessageBytes`` is
+    500 MiB, the chart's memory limit. 1000 is also NATS JetStream's default
+    ``max_ack_pending``; the protocols' own ceilings are higher
+    (RabbitMQ's prefetch-count and MQTT's Receive Maximum are 16-bit, 65,535; SQS
+    receives 10 per call and holds about 120,000 in flight per queue)."""
+    successfulJobsHistoryLimit: int = Field(default=100, ge=0, le=HISTORY_LIMIT_MAX)
+    """Succeeded Jobs kept (the oldest are deleted first). KEDA's default, 100. At most
+    1000: every kept Job stays in the API server and in the dispatcher's Job watch;
+    for longer records use the logs or the dead-letter queue."""
+    failedJobsHistoryLimit: int = Field(default=100, ge=0, le=HISTORY_LIMIT_MAX)
+    """Failed Jobs kept (the oldest are deleted first). KEDA's default, 100. At most
+    1000, as ``successfulJobsHistoryLimit``."""
     triggers: list[Trigger] = Field(min_length=1, json_schema_extra={"maxItems": 1})
     """One trigger: a ScaledJob's dispatcher consumes one source. KEDA takes several
     (and scales on their sum); here each source gets a ScaledJob of its own."""
@@ -620,8 +657,41 @@ class DispatcherSettings(BaseModel):
     annotations, where a Job that owns its message is dead-lettered from, and a message
     whose copy does not fit there (over 96 KiB) is dead-lettered ``MessageTooLarge`` on
     arrival instead of making a Job whose failure could not be dead-lettered."""
+    render_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    """Wall time one message's Job may take to render (every templated string of it). A
+    template ordinarily renders in well under a millisecond; past this the render is
+    stopped (its worker killed if need be) and the message dead-lettered
+    ``TemplateError`` saying so. At most 60 s: a render holds one of the process's
+    render workers for that long."""
+    render_output_bytes: int = Field(default=1024 * 1024, ge=4096, le=limits.OBJECT_MAX)
+    """Characters the templates of one Job may output in all, counted while they stream;
+    past it: ``TemplateError``. At most 1.5 MiB: no Job larger than that can be stored
+    (etcd's request limit, see ``limits.OBJECT_MAX``)."""
+    render_memory_bytes: int = Field(default=128 * 1024 * 1024, ge=64 * 1024 * 1024)
+    """Address space of each render worker (``RLIMIT_AS``), Python itself included (about
+    25 MiB); a render that needs more is a ``TemplateError``. Keep
+    ``render_workers`` x this, plus the dispatcher's own memory, within the pod's memory
+    limit (the chart's default: 512 MiB)."""
+    render_workers: int = Field(default=2, ge=1, le=64)
+    """Render worker processes, shared by every ScaledJob of the process; started on
+    first use."""
+    render_workers_per_scaledjob: int = Field(default=1, ge=1)
+    """The most workers one ScaledJob holds at once, so that a ScaledJob whose renders
+    run to the time limit leaves the others workers to render with. Below
+    ``render_workers`` for that to hold (each ScaledJob renders one message at a time
+    anyway)."""
     failpoints: list[str] = Field(default_factory=list)
     """Testing only: crash points to arm (see jobrunner.failpoints)."""
+
+    @model_validator(mode="after")
+    def _share_fits(self) -> DispatcherSettings:
+        if self.render_workers_per_scaledjob > self.render_workers:
+            raise ValueError(
+                f"render_workers_per_scaledjob ({self.render_workers_per_scaledjob}) is over "
+                f"render_workers ({self.render_workers}); a ScaledJob cannot hold more "
+                "workers than there are"
+            )
+        return self
 
 
 class KafkaSettings(BaseModel):

@@ -207,9 +207,9 @@ class Dispatcher:
         for state in self._tracker.deleting():
             self._job_deleting(state)
         async for handle in self._source.deliveries():
-            self._accept(handle)
+            await self._accept(handle)
 
-    def _accept(self, handle: MessageHandle) -> None:
+    async def _accept(self, handle: MessageHandle) -> None:
         delivery = handle.delivery
         self._m_received.inc()
         self.last_message_at = time.time()
@@ -230,9 +230,11 @@ class Dispatcher:
         )
         try:
             with trace.use_span(span), self._tracer.start_as_current_span("render"):
-                # The Job joins the message's trace through TRACEPARENT.
+                # The Job joins the message's trace through TRACEPARENT. Rendered off
+                # the event loop, under the render limits (see jobrunner.sandbox); one
+                # message at a time per ScaledJob, as it always was.
                 extra = {"TRACEPARENT": traceparent_of(span) or ""}
-                rendered = self._renderer.render(delivery, extra_env=extra)
+                rendered = await self._renderer.render_bounded(delivery, extra_env=extra)
         except RenderError as exc:
             self._message_log(delivery).warning("message cannot become a Job: %s", exc)
             span.set_status(Status(StatusCode.ERROR, exc.reason))

@@ -13,6 +13,7 @@ the caller's business (the CLI sets ``stop``).
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import logging
 from collections.abc import Callable, Mapping
@@ -33,7 +34,8 @@ from jobrunner.httpserver import Heartbeat, HttpEndpoints
 from jobrunner.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY
 from jobrunner.outputs import FunctionResults
 from jobrunner.protocols import JobClient, MessageSink, MessageSource, SourceError
-from jobrunner.rendering import Renderer, template_dirs
+from jobrunner.rendering import Renderer, render_pool, template_dirs
+from jobrunner.sandbox.pool import RenderPool
 from jobrunner.tasks import is_essential, start_guarded, stop_tasks
 from jobrunner.telemetry import Telemetry
 from jobrunner.timestamps import age_seconds
@@ -174,6 +176,7 @@ class DispatchUnit:
         settings: Settings,
         telemetry: Telemetry,
         reach: Reach,
+        renders: RenderPool | None = None,
     ) -> DispatchUnit:
         """A unit for a ScaledJob of a manifest file: its TriggerAuthentications and
         Secrets may be in the file, templates beside it; ``reach``: what its triggers
@@ -188,6 +191,7 @@ class DispatchUnit:
             read_secret=FileSecrets(jobs.read_secret, manifests.secrets),
             base_dirs=template_dirs(manifests.path),
             reach=reach,
+            renders=renders,
         )
 
     @classmethod
@@ -203,17 +207,26 @@ class DispatchUnit:
         base_dirs: list[Path],
         reach: Reach,
         open_source: SourceOpener | None = None,
+        renders: RenderPool | None = None,
     ) -> DispatchUnit:
         """Render templates and resolve the trigger (reading Secrets through
         ``read_secret``, environment variables and the process's cloud identity only as
         far as ``reach`` allows: a tenant's ScaledJob under the operator gets
         ``Reach.for_tenants``); ManifestError on any mistake in the ScaledJob. ``open_source``
         makes the source for the resolved trigger (default: the factory its type names;
-        tests pass ``jobrunner.testing``'s memory source)."""
-        renderer = Renderer(
-            scaledjob,
-            base_dirs=base_dirs,
-            copy_in_job_only=not settings.dispatcher.read_message_secrets,
+        tests pass ``jobrunner.testing``'s memory source). ``renders``: the process's
+        render workers (None: templates render in this process, without time or memory
+        limits; for tests)."""
+        # Parsing a large template takes a while (see rendering.TEMPLATE_SOURCE_MAX):
+        # not on the event loop that every ScaledJob shares.
+        renderer = await asyncio.to_thread(
+            functools.partial(
+                Renderer,
+                scaledjob,
+                base_dirs=base_dirs,
+                pool=renders,
+                copy_in_job_only=not settings.dispatcher.read_message_secrets,
+            )
         )
         context = ResolveContext(
             scaledjob=scaledjob,
@@ -408,6 +421,7 @@ async def run(
     telemetry = telemetry or Telemetry.create()
     heartbeat = Heartbeat()
     http: HttpEndpoints | None = None
+    renders = render_pool(settings.dispatcher)
     background = [start_guarded(_beat(heartbeat), name="heartbeat")]
     if settings.telemetry.http_port is not None:
         http = HttpEndpoints(
@@ -426,6 +440,7 @@ async def run(
                     settings=settings,
                     telemetry=telemetry,
                     reach=reach,
+                    renders=renders,
                 )
             )
         for unit in units:
@@ -444,6 +459,7 @@ async def run(
         grace = settings.dispatcher.shutdown_grace_seconds
         await asyncio.gather(*(unit.stop(grace=grace) for unit in units), return_exceptions=True)
         await stop_tasks(background, grace=0)
+        await renders.close()
         if http is not None:
             http.stop()
         await jobs.close()

@@ -41,6 +41,7 @@ from jobrunner.operator.resources import (
 )
 from jobrunner.operator.status import EventRecorder, StatusWriter, desired_status
 from jobrunner.protocols import ApiRejected, JobClient, TransientError
+from jobrunner.rendering import render_pool
 from jobrunner.runner import DispatchUnit
 from jobrunner.tasks import is_essential, start_guarded, stop_tasks
 from jobrunner.telemetry import Telemetry
@@ -77,6 +78,8 @@ class Operator:
         self.shared_jobs = SharedJobs(jobs, backoff_ceiling=settings.kube.api_retry_max_seconds)
         self._telemetry = telemetry
         self._template_dirs = template_dirs or [Path.cwd() / "job_templates"]
+        self.renders = render_pool(settings.dispatcher)
+        """Render workers shared by every unit of this replica (jobrunner.sandbox)."""
         self._dirty = asyncio.Event()
         self._units_moved = asyncio.Event()
         namespaces: list[str | None] = list(op.namespaces()) or [None]
@@ -171,6 +174,7 @@ class Operator:
             read_secret=self._jobs.read_secret,
             base_dirs=self._template_dirs,
             reach=self.reach,
+            renders=self.renders,
         )
 
     def _start_unit(self, unit: DispatchUnit) -> None:
@@ -407,6 +411,7 @@ class Operator:
             # only then are the Leases given up, and the next owner starts.
             await stop_tasks([t for t in tasks if t.get_name() in ("reconcile", "status")], grace=0)
             await self.registry.close(grace=self.settings.dispatcher.shutdown_grace_seconds)
+            await self.renders.close()
             await self.shared_jobs.close()
             await stop_tasks([t for t in tasks if t.get_name() == "leases"], grace=0)
             await self.leases.release()
