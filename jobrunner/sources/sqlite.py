@@ -110,6 +110,22 @@ def _make_private(path: Path) -> None:
 
 
 async def _connect(path: Path, *, within: float = 30.0) -> aiosqlite.Connection:
+    """An open, prepared connection. Cancelling this waits for the open under way to end
+    and closes it, then re-raises: aiosqlite's worker thread finishes a connect it was
+    given whatever its caller does, and one left behind answers an event loop that may be
+    closed by then (a traceback from its thread as the process exits: seen when a
+    dispatcher stopped while a unit was still connecting, on a busy machine)."""
+    opening = asyncio.ensure_future(_open(path, within))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            db = await opening  # bounded: the open gives up after ``within`` s
+            await db.close()
+        raise
+
+
+async def _open(path: Path, within: float) -> aiosqlite.Connection:
     await asyncio.to_thread(_make_private, path)
     db = await aiosqlite.connect(path, timeout=within)
     try:
