@@ -29,6 +29,8 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from jobrunner.redaction import redact
+
 _CONTEXT = ("scaledjob", "job_name", "message_id", "source")
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -53,14 +55,14 @@ class _JsonFormatter(logging.Formatter):
                 out[key] = getattr(record, key)
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        return redact(json.dumps(out, default=str))
 
 
 class _TextFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         context = " ".join(f"{k}={getattr(record, k)}" for k in _CONTEXT if hasattr(record, k))
-        return f"{base} [{context}]" if context else base
+        return redact(f"{base} [{context}]" if context else base)
 
 
 def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
@@ -73,8 +75,19 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # aio-pika and the kubernetes client are chatty at INFO.
-    for noisy in ("aio_pika", "aiormq", "aiokafka", "kubernetes", "urllib3"):
+    # aio-pika and the kubernetes client are chatty at INFO; azure-core's HTTP logging
+    # policy logs every request and its headers at INFO, botocore its requests and
+    # responses at DEBUG (bodies included: an SQS answer is a message's body).
+    for noisy in (
+        "aio_pika",
+        "aiormq",
+        "aiokafka",
+        "kubernetes",
+        "urllib3",
+        "azure",
+        "botocore",
+        "aiobotocore",
+    ):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     # The runner says a failed connect once per try, in words; aiormq's own ERROR line
     # for the same failure would double every retry.
