@@ -15,6 +15,8 @@ every place text leaves the process:
   caller checks it against the broker's own list (``known_code``) — never the text of a
   server's answer (``describe_error``). Texts jobrunner wrote itself (``Refusal`` and its
   subclasses such as ``SourceError``) are passed on, since they are built from these;
+* a traceback in the log keeps its frames (where a bug is) but says each exception of
+  its chain as ``describe_error`` does (``describe_traceback``);
 * last, as a net under all of it, ``redact`` removes credentials from any text (userinfo
   in URLs, URL query strings, ``AccountKey=``/``SharedAccessSignature=``/``password=``
   pairs, ``Authorization`` values); the log formatters run every line through it, library
@@ -31,6 +33,7 @@ import os
 import re
 import socket
 import ssl
+import traceback
 import urllib.parse
 from collections.abc import Collection
 
@@ -41,6 +44,7 @@ __all__ = [
     "addresses",
     "connection_string_endpoint",
     "describe_error",
+    "describe_traceback",
     "known_code",
     "redact",
 ]
@@ -195,6 +199,19 @@ def _specific(exc: BaseException) -> str | None:
     return None
 
 
+def _own_words(exc: BaseException) -> str | None:
+    """What ``exc`` itself (not its chain) says safely, or None."""
+    if isinstance(exc, Refusal):
+        return redact(str(exc))
+    if isinstance(exc, ssl.SSLError):
+        return _tls_words(exc)
+    if isinstance(exc, TimeoutError):
+        return "timed out"
+    if isinstance(exc, OSError):
+        return _os_words(exc)
+    return None
+
+
 def describe_error(exc: BaseException) -> str:
     """``exc`` in jobrunner's own words: the text of a ``Refusal`` (jobrunner wrote it),
     else the exception's class with what its chain says safely (an errno, a TLS
@@ -206,3 +223,37 @@ def describe_error(exc: BaseException) -> str:
     name = type(exc).__name__
     detail = _specific(exc)
     return f"{name}: {detail}" if detail else name
+
+
+def describe_traceback(exc: BaseException) -> str:
+    """A traceback of ``exc`` and the exceptions it came from, as Python prints one —
+    the same frames, oldest cause first — but with each exception said as
+    ``describe_error`` says it: where the failure happened is told, what a server
+    answered is not (an exception's message may quote it). Ends without a newline."""
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and all(current is not seen for seen in chain):
+        chain.append(current)
+        if current.__cause__ is not None:
+            current = current.__cause__
+        else:
+            current = None if current.__suppress_context__ else current.__context__
+    parts: list[str] = []
+    oldest_first = chain[::-1]
+    for earlier, later in zip(oldest_first, [*oldest_first[1:], None], strict=True):
+        parts.append("Traceback (most recent call last):\n")
+        parts.extend(traceback.format_tb(earlier.__traceback__))
+        kind = type(earlier)
+        name = kind.__qualname__
+        if kind.__module__ != "builtins":
+            name = f"{kind.__module__}.{name}"
+        detail = _own_words(earlier)
+        parts.append(f"{name}: {detail}\n" if detail else f"{name}\n")
+        if later is not None:
+            link = (
+                "The above exception was the direct cause of the following exception:"
+                if later.__cause__ is earlier
+                else "During handling of the above exception, another exception occurred:"
+            )
+            parts.append(f"\n{link}\n\n")
+    return redact("".join(parts).rstrip("\n"))

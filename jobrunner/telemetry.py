@@ -20,6 +20,7 @@ import logging
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -29,7 +30,7 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from jobrunner.redaction import redact
+from jobrunner.redaction import describe_error, describe_traceback, redact
 
 _CONTEXT = ("scaledjob", "job_name", "message_id", "source")
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -43,6 +44,9 @@ def iso_time(created: float) -> str:
 
 
 class _JsonFormatter(logging.Formatter):
+    def formatException(self, ei: Any) -> str:
+        return describe_traceback(ei[1]) if ei and ei[1] is not None else ""
+
     def format(self, record: logging.LogRecord) -> str:
         out = {
             "time": iso_time(record.created),
@@ -59,6 +63,9 @@ class _JsonFormatter(logging.Formatter):
 
 
 class _TextFormatter(logging.Formatter):
+    def formatException(self, ei: Any) -> str:
+        return describe_traceback(ei[1]) if ei and ei[1] is not None else ""
+
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         context = " ".join(f"{k}={getattr(record, k)}" for k in _CONTEXT if hasattr(record, k))
@@ -72,12 +79,17 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
         if json_lines
         else _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    handler.addFilter(_LibraryWords())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # aio-pika and the kubernetes client are chatty at INFO; azure-core's HTTP logging
-    # policy logs every request and its headers at INFO, botocore its requests and
-    # responses at DEBUG (bodies included: an SQS answer is a message's body).
+    # Client libraries stay at WARNING whatever the level, because below it they log
+    # what must not reach a log (found by running each against the local stack at
+    # DEBUG): aiokafka's connection logs the SASL PLAIN bytes, password included;
+    # azure-core's HTTP logging policy every request and the server's answer headers
+    # (INFO); botocore the signed request and every response body (DEBUG; an SQS answer
+    # is a message's body); redis-py the server's error text. aio-pika and the
+    # kubernetes client are merely chatty at INFO.
     for noisy in (
         "aio_pika",
         "aiormq",
@@ -87,6 +99,8 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
         "azure",
         "botocore",
         "aiobotocore",
+        "redis",
+        "nats",
     ):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     # The runner says a failed connect once per try, in words; aiormq's own ERROR line
@@ -99,6 +113,31 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
 class _DropConnectFailures(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("error when creating transport")
+
+
+class _LibraryWords(logging.Filter):
+    """A library's line keeps its words but says an exception as jobrunner.redaction's
+    ``describe_error`` does (class and errno, not its text), and loses its traceback:
+    at WARNING and above the libraries quote the server's answer there (aiokafka's
+    ``Unable connect to ...: <the broker's error message>``, nats-py's
+    ``encountered error``). jobrunner's own lines are left as they are: they are built
+    from safe words already, and a traceback on one is a bug's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "jobrunner" or record.name.startswith("jobrunner."):
+            return True
+        if isinstance(record.args, tuple) and any(
+            isinstance(a, BaseException) for a in record.args
+        ):
+            record.args = tuple(
+                describe_error(a) if isinstance(a, BaseException) else a for a in record.args
+            )
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.getMessage()} ({describe_error(record.exc_info[1])})"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 def extract_context(headers: Mapping[str, str]) -> Context:

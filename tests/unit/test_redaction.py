@@ -15,12 +15,14 @@ from jobrunner.redaction import (
     addresses,
     connection_string_endpoint,
     describe_error,
+    describe_traceback,
     known_code,
     redact,
 )
 from jobrunner.telemetry import configure_logging
 
 KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+BANNER = "banner: internal admin panel"
 SAS = "sv=2024-11-04&ss=q&srt=sco&sp=rwdlacup&se=2027-01-01T00:00:00Z&sig=AbC%2Bd%3D"
 
 
@@ -31,7 +33,10 @@ SAS = "sv=2024-11-04&ss=q&srt=sco&sp=rwdlacup&se=2027-01-01T00:00:00Z&sig=AbC%2B
         ("nats://token-only@nats.example", "nats://nats.example"),
         ("redis://default:s3cret@redis.example:6379/0", "redis://redis.example:6379"),
         ("rediss://:s3cret@10.0.0.7:6380", "rediss://10.0.0.7:6380"),
-        ("amqps://guest:p%40ss@rabbit.example:5671/vhost?heartbeat=5", "amqps://rabbit.example:5671"),
+        (
+            "amqps://guest:p%40ss@rabbit.example:5671/vhost?heartbeat=5",
+            "amqps://rabbit.example:5671",
+        ),
         (f"https://acct.queue.core.windows.net/jobs?{SAS}", "https://acct.queue.core.windows.net"),
         ("http://user:pw@[::1]:8080/x#frag", "http://[::1]:8080"),
         ("kafka.example:9092", "kafka.example:9092"),
@@ -140,10 +145,55 @@ def test_every_log_line_is_redacted_libraries_included(capsys: pytest.CaptureFix
             try:
                 raise ConnectionError("redis://default:s3cret-pw@redis:6379 is down")
             except ConnectionError:
-                logging.getLogger("redis.asyncio.connection").exception("failed")
+                logging.getLogger("jobrunner.test").exception("a bug's traceback")
         finally:
             logging.getLogger().handlers.clear()
         err = capsys.readouterr().err
         assert "nats://***@nats:4222" in err
         assert "redis://***@redis:6379" in err
         assert "s3cret-pw" not in err
+
+
+def test_a_librarys_line_says_an_exception_by_its_class_not_the_servers_text(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    answer = "Authentication failed: <html>internal admin panel</html>"
+    configure_logging("INFO")
+    try:
+        logging.getLogger("aiokafka").error(
+            'Unable connect to "%s:%s": %s', "10.0.0.9", 9092, RuntimeError(answer)
+        )
+        try:
+            raise ValueError(answer)
+        except ValueError:
+            logging.getLogger("nats.aio.client").exception("nats: encountered error")
+            logging.getLogger("jobrunner.test").exception("a bug")
+    finally:
+        logging.getLogger().handlers.clear()
+    err = capsys.readouterr().err
+    assert 'Unable connect to "10.0.0.9:9092": RuntimeError' in err
+    assert "nats: encountered error (ValueError)" in err
+    assert "admin panel" not in err
+    assert "Traceback (most recent call last)" in err, "a bug's traceback keeps its frames"
+    assert "in test_a_librarys_line_says_an_exception_by_its_class" in err
+
+
+def test_a_traceback_keeps_its_frames_and_says_each_exception_safely() -> None:
+    def connect() -> None:
+        try:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, BANNER)
+        except OSError as exc:
+            raise SourceUnreachable("Redis at nats://u:pw@10.0.0.9:6379 is not reachable") from exc
+
+    try:
+        connect()
+    except SourceUnreachable as exc:
+        text = describe_traceback(exc)
+    assert "admin panel" not in text
+    assert ":pw@" not in text
+    assert "in connect" in text
+    assert "ConnectionRefusedError: ECONNREFUSED (connection refused)" in text
+    assert "direct cause" in text
+    assert text.endswith(
+        "jobrunner.protocols.SourceUnreachable: Redis at nats://***@10.0.0.9:6379 is not reachable"
+    )
