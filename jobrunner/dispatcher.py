@@ -55,6 +55,7 @@ from jobrunner.protocols import (
     SettleHook,
     TransientError,
 )
+from jobrunner.redaction import describe_error
 from jobrunner.rendering import (
     ANNOTATION_ORIGINAL_MESSAGE,
     RenderedJob,
@@ -357,17 +358,18 @@ class Dispatcher:
         count = self._unforeseen.get(delivery.identity, 0) + 1
         self._unforeseen[delivery.identity] = count
         limit = self._settings.max_unforeseen_errors
+        # The dead letter's detail reaches the ScaledJob's author (headers, the Job's
+        # annotations and Events): jobrunner's words only, since the exception may quote
+        # a server the author chose. The traceback, for the bug it is, goes to the log.
+        words = describe_error(exc)
         log.error(
-            "unforeseen error processing the message (try %d of %d): %s: %s",
+            "unforeseen error processing the message (try %d of %d): %s",
             count,
             limit,
-            type(exc).__name__,
-            exc,
+            words,
             exc_info=exc,
         )
-        dead = Decision.dead_letter(
-            "InternalError", f"{type(exc).__name__}: {exc} (after {count} tries)", name
-        )
+        dead = Decision.dead_letter("InternalError", f"{words} (after {count} tries)", name)
         try:
             if count < limit:
                 requeue = Decision(Action.REQUEUE, reason="InternalError", job_name=name)

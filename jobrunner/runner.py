@@ -33,6 +33,7 @@ from jobrunner.httpserver import Heartbeat, HttpEndpoints
 from jobrunner.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY
 from jobrunner.outputs import FunctionResults
 from jobrunner.protocols import JobClient, MessageSink, MessageSource, SourceError
+from jobrunner.redaction import describe_error, redact
 from jobrunner.rendering import Renderer, template_dirs
 from jobrunner.tasks import is_essential, start_guarded, stop_tasks
 from jobrunner.telemetry import Telemetry
@@ -286,11 +287,13 @@ class DispatchUnit:
                 self.problem = None
                 return
             except (SourceError, ConnectionError, OSError) as exc:
-                self.problem = str(exc)
+                # In jobrunner's words: the text goes to /readyz and the ScaledJob's
+                # status, and must not carry a server's answer or a credential.
+                self.problem = describe_error(exc)
                 logger.warning(
                     "%s: %s; retrying in %.0fs",
                     self.name,
-                    exc,
+                    self.problem,
                     delay,
                     extra={"scaledjob": self.name, "source": self.source.name},
                 )
@@ -332,10 +335,11 @@ class DispatchUnit:
             )
 
     def readiness(self) -> str | None:
-        """None when ready, else why not."""
+        """None when ready, else why not: ``<scaledjob>: <why>`` in jobrunner's words
+        (sources build their problems with jobrunner.redaction; ``redact`` is the net)."""
         problem = self.problem or getattr(self.source, "problem", None)
         if problem is not None:
-            return f"{self.name}: {problem}"
+            return f"{self.name}: {redact(problem)}"
         if not self.source.connected:
             return f"{self.name}: broker not connected"
         if not self.tracker.synced.is_set():
@@ -353,7 +357,9 @@ class DispatchUnit:
             try:
                 await self.source.close()
             except Exception as exc:
-                logger.warning("closing the %s connection failed: %s", self.source.name, exc)
+                logger.warning(
+                    "closing the %s connection failed: %s", self.source.name, describe_error(exc)
+                )
             if self.results is not None:
                 await self.results.close()
 

@@ -34,7 +34,8 @@ from jobrunner.config import ScaledJob, Settings
 from jobrunner.deadletters import DeadLetter, replay_headers
 from jobrunner.models import Action, Decision, Delivery
 from jobrunner.naming import message_identity
-from jobrunner.protocols import MessageHandle, SourceError
+from jobrunner.protocols import MessageHandle, SourceError, SourceUnreachable
+from jobrunner.redaction import address, describe_error
 from jobrunner.triggers.rabbitmq import RabbitMQTrigger
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ def _ssl_cause(exc: BaseException) -> str | None:
         if isinstance(seen, ssl.SSLCertVerificationError):
             return f"certificate not trusted: {seen.verify_message}"
         if isinstance(seen, ssl.SSLError):
-            return seen.reason or str(seen)
+            return seen.reason or "handshake failed"  # an OpenSSL reason code
         for arg in getattr(seen, "args", ()):
             if isinstance(arg, ssl.SSLError):
                 return _ssl_cause(arg)
@@ -137,9 +138,42 @@ def _ssl_cause(exc: BaseException) -> str | None:
     return None
 
 
+AMQP_REPLY_CODES = {
+    311: "CONTENT_TOO_LARGE",
+    312: "NO_ROUTE",
+    313: "NO_CONSUMERS",
+    320: "CONNECTION_FORCED",
+    402: "INVALID_PATH",
+    403: "ACCESS_REFUSED",
+    404: "NOT_FOUND",
+    405: "RESOURCE_LOCKED",
+    406: "PRECONDITION_FAILED",
+    501: "FRAME_ERROR",
+    502: "SYNTAX_ERROR",
+    503: "COMMAND_INVALID",
+    504: "CHANNEL_ERROR",
+    505: "UNEXPECTED_FRAME",
+    506: "RESOURCE_ERROR",
+    530: "NOT_ALLOWED",
+    540: "NOT_IMPLEMENTED",
+    541: "INTERNAL_ERROR",
+}
+"""AMQP 0-9-1's reply codes (the specification's constants): what is reported of a
+broker's close, rather than its reply text."""
+
+
 def _short(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:160]
+    """An AMQP failure in jobrunner's words: the reply code and its name from the
+    specification when the broker closed with one, else the class and errno
+    (jobrunner.redaction) — never the broker's reply text."""
+    if isinstance(exc, aiormq.exceptions.AMQPError):
+        code = next((a for a in exc.args if isinstance(a, int)), None)
+        if code is None:
+            frame = next((a for a in exc.args if hasattr(a, "reply_code")), None)
+            code = getattr(frame, "reply_code", None)
+        if isinstance(code, int) and code in AMQP_REPLY_CODES:
+            return f"{type(exc).__name__}: AMQP {code} {AMQP_REPLY_CODES[code]}"
+    return describe_error(exc)
 
 
 def _published_at(message: aio_pika.abc.AbstractIncomingMessage) -> float | None:
@@ -194,9 +228,8 @@ class RabbitMQSource:
     @property
     def broker(self) -> str:
         """The broker's address without credentials, for messages."""
-        parsed = urllib.parse.urlsplit(self._url)
-        default = 5671 if parsed.scheme == "amqps" else 5672
-        return f"{parsed.scheme}://{parsed.hostname}:{parsed.port or default}"
+        default = 5671 if urllib.parse.urlsplit(self._url).scheme == "amqps" else 5672
+        return address(self._url, default_port=default)
 
     async def start(self) -> None:
         """Connect and start consuming. SourceError, in one line naming the broker, the
@@ -213,7 +246,7 @@ class RabbitMQSource:
         except aiormq.exceptions.ChannelAccessRefused as exc:
             raise SourceError(
                 f"RabbitMQ at {self.broker}: user {self._user!r} may not read queue "
-                f"{self._queue_name!r} in vhost {self.vhost!r} ({exc}); grant it "
+                f"{self._queue_name!r} in vhost {self.vhost!r} ({_short(exc)}); grant it "
                 "(rabbitmqctl set_permissions)"
             ) from None
         except aiormq.exceptions.ProbableAuthenticationError:
@@ -234,7 +267,7 @@ class RabbitMQSource:
                     f"RabbitMQ at {self.broker}: TLS failed ({cause}); check the CA (parameter "
                     "ca) and the client certificate (cert, key)"
                 ) from None
-            raise SourceError(
+            raise SourceUnreachable(
                 f"RabbitMQ at {self.broker} is not reachable ({_short(exc)}); is it running?"
             ) from None
         except aiormq.exceptions.AMQPError as exc:
@@ -368,7 +401,9 @@ class RabbitMQSource:
             try:
                 await self._queue.cancel(self._consumer_tag)
             except _GONE as exc:
-                logger.info("cancelling the consumer failed (%s); the channel is gone anyway", exc)
+                logger.info(
+                    "cancelling the consumer failed (%s); the channel is gone anyway", _short(exc)
+                )
             self._consumer_tag = None
 
     async def settle(self, handle: MessageHandle, decision: Decision) -> bool:
@@ -394,7 +429,7 @@ class RabbitMQSource:
             logger.warning(
                 "message %s could not be settled (%s): the broker will redeliver it",
                 handle.delivery.identity,
-                exc,
+                _short(exc),
             )
             return False
         return True
@@ -500,8 +535,7 @@ class RabbitMQDeadLetters:
         self._url = url
         self.queue = queue
         self.dead_letter_queue = dead_letter_queue
-        parsed = urllib.parse.urlsplit(url)
-        self._host = f"{parsed.hostname}:{parsed.port or 5672}"
+        self._host = address(url, default_port=5672)
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._held: dict[int, aio_pika.abc.AbstractIncomingMessage] = {}
@@ -519,9 +553,7 @@ class RabbitMQDeadLetters:
             try:
                 self._connection = await aio_pika.connect(self._url, timeout=10)
             except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
-                raise ConnectionError(
-                    f"RabbitMQ at {self._host}: {exc or type(exc).__name__}"
-                ) from exc
+                raise SourceUnreachable(f"RabbitMQ at {self._host}: {_short(exc)}") from exc
             self._channel = await self._connection.channel(publisher_confirms=True)
         return self._channel
 
