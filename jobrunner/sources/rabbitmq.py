@@ -19,6 +19,7 @@ import os
 import ssl
 import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -89,26 +90,56 @@ class QueueSettings:
     dead-letters it itself). None: unlimited."""
 
 
-def management_queue_settings(management_url: str, vhost: str, queue: str) -> QueueSettings:
+MANAGEMENT_ANSWER_MAX = 1024 * 1024
+"""The most of a management API answer read (a queue's description is a few KiB)."""
+_QUEUE_TYPES = ("classic", "quorum", "stream")
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error: urllib would resend the Authorization header to wherever
+    it points, https or not."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def management_queue_settings(
+    management_url: str,
+    vhost: str,
+    queue: str,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    credentials: tuple[str, str] | None = None,
+) -> QueueSettings:
     """The queue's type, dead-letter exchange and delivery limit, read through the
-    management API (``GET /api/queues/<vhost>/<queue>``)."""
+    management API (``GET /api/queues/<vhost>/<queue>``) at ``management_url``
+    (``scheme://host:port``; https verified with ``ssl_context``), with Basic auth when
+    ``credentials`` (user, password) are given. Redirects are refused and at most
+    ``MANAGEMENT_ANSWER_MAX`` bytes are read. Raises ``urllib.error.URLError`` (an
+    ``HTTPError`` for a non-2xx answer), ``OSError`` or ``ValueError`` (not JSON)."""
     parsed = urllib.parse.urlsplit(management_url)
     path = f"/api/queues/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(queue, safe='')}"
+    default_port = 15671 if parsed.scheme == "https" else 15672
+    host = f"[{parsed.hostname}]" if ":" in (parsed.hostname or "") else parsed.hostname
     request = urllib.request.Request(
-        f"{parsed.scheme}://{parsed.hostname}:{parsed.port or 15672}{path}"
+        f"{parsed.scheme}://{host}:{parsed.port or default_port}{path}"
     )
-    if parsed.username:
-        user = urllib.parse.unquote(parsed.username)
-        password = urllib.parse.unquote(parsed.password or "")
-        token = base64.b64encode(f"{user}:{password}".encode())
+    if credentials is not None:
+        token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode())
         request.add_header("Authorization", f"Basic {token.decode()}")
-    with urllib.request.urlopen(request, timeout=5) as response:
-        info = json.load(response)
+    opener = urllib.request.build_opener(
+        _NoRedirects(), urllib.request.HTTPSHandler(context=ssl_context)
+    )
+    with opener.open(request, timeout=5) as response:
+        info = json.loads(response.read(MANAGEMENT_ANSWER_MAX))
+    if not isinstance(info, dict):
+        raise ValueError("the management API's answer is not a JSON object")
     arguments = info.get("arguments") or {}
     policy = info.get("effective_policy_definition") or {}
     limit = arguments.get("x-delivery-limit", policy.get("delivery-limit"))
+    queue_type = str(info.get("type") or arguments.get("x-queue-type") or "classic")
     return QueueSettings(
-        queue_type=str(info.get("type") or arguments.get("x-queue-type") or "classic"),
+        queue_type=queue_type if queue_type in _QUEUE_TYPES else "classic",
         dead_letter_exchange=arguments.get(
             "x-dead-letter-exchange", policy.get("dead-letter-exchange")
         ),
@@ -119,6 +150,16 @@ def management_queue_settings(management_url: str, vhost: str, queue: str) -> Qu
         if isinstance(limit, int | str) and str(limit).isdigit()
         else None,
     )
+
+
+def _http_words(exc: BaseException) -> str:
+    """A failed management lookup in jobrunner's words: the HTTP status, never the
+    answer's reason phrase or body."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code}"
+    if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, BaseException):
+        return describe_error(exc.reason)
+    return describe_error(exc)
 
 
 def _ssl_cause(exc: BaseException) -> str | None:
@@ -202,6 +243,7 @@ class RabbitMQSource:
         management_url: str | None = None,
         scaledjob: str = "",
         ssl_context: ssl.SSLContext | None = None,
+        management_ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._url = url
         self._ssl = ssl_context
@@ -211,6 +253,7 @@ class RabbitMQSource:
         self._dlx_key = dead_letter_routing_key
         self._dlq = dead_letter_queue or f"{queue}.dead-letter"
         self._management_url = management_url
+        self._management_ssl = management_ssl_context or ssl_context
         self._scaledjob = scaledjob
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._consume_channel: aio_pika.abc.AbstractChannel | None = None
@@ -303,19 +346,50 @@ class RabbitMQSource:
             )
         self._consumer_tag = await self._queue.consume(self._on_message, no_ack=False)
 
+    @property
+    def management_url(self) -> str:
+        """Where the management API is asked for the queue's settings: the trigger's
+        ``managementURL``, else the broker's host at ``https://…:15671`` when the AMQP
+        link is amqps (verified with the link's TLS settings), ``http://…:15672`` when
+        it is plain amqp (its credentials already cross that network in clear)."""
+        if self._management_url:
+            return self._management_url
+        parsed = urllib.parse.urlsplit(self._url)
+        host = f"[{parsed.hostname}]" if ":" in (parsed.hostname or "") else parsed.hostname
+        if parsed.scheme == "amqps":
+            return f"https://{host}:15671/"
+        return f"http://{host}:15672/"
+
+    def _management_credentials(self) -> tuple[str, str] | None:
+        """The management URL's own userinfo, else the AMQP link's (as KEDA's http
+        protocol uses the host URL's); None when neither has any."""
+        for url in (self._management_url or "", self._url):
+            parsed = urllib.parse.urlsplit(url)
+            if parsed.username:
+                return (
+                    urllib.parse.unquote(parsed.username),
+                    urllib.parse.unquote(parsed.password or ""),
+                )
+        return None
+
     async def _queue_settings(self) -> QueueSettings:
-        management = self._management_url or self._default_management_url()
+        management = self.management_url
         try:
             return await asyncio.to_thread(
-                management_queue_settings, management, self.vhost, self._queue_name
+                management_queue_settings,
+                management,
+                self.vhost,
+                self._queue_name,
+                ssl_context=self._management_ssl,
+                credentials=self._management_credentials(),
             )
         except Exception as exc:
             logger.info(
-                "could not read queue %s arguments from %s (%s); assuming no dead-letter "
-                "exchange and no delivery limit",
+                "could not read queue %s arguments from the management API at %s (%s); "
+                "assuming no dead-letter exchange and no delivery limit",
                 self._queue_name,
-                urllib.parse.urlsplit(management).hostname,
-                exc,
+                address(management),
+                _http_words(exc),
             )
             return QueueSettings()
 
@@ -329,13 +403,6 @@ class RabbitMQSource:
         assert self._publish_channel is not None
         await self._publish_channel.declare_queue(self._dlq, durable=True)
         return DeadLetterTarget("", self._dlq, declare_queue=self._dlq)
-
-    def _default_management_url(self) -> str:
-        parsed = urllib.parse.urlsplit(self._url)
-        auth = ""
-        if parsed.username:
-            auth = f"{parsed.username}:{parsed.password or ''}@"
-        return f"http://{auth}{parsed.hostname}:15672/"
 
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         headers = {str(k): _header_text(v) for k, v in (message.headers or {}).items()}
@@ -512,10 +579,16 @@ def open_source(
 ) -> RabbitMQSource:
     """The source for a resolved ``rabbitmq`` trigger (see jobrunner.triggers.rabbitmq)."""
     spec = scaledjob.spec
+    link_tls = ssl_context(trigger)
+    management_tls = link_tls
+    if link_tls is None and trigger.management_url.startswith("https:"):
+        management_tls = ssl.create_default_context(cadata=trigger.ca or None)
     return RabbitMQSource(
         url=trigger.url,
         queue=trigger.queue,
-        ssl_context=ssl_context(trigger),
+        management_url=trigger.management_url or None,
+        ssl_context=link_tls,
+        management_ssl_context=management_tls,
         prefetch=spec.maxReplicaCount,
         dead_letter_exchange=spec.deadLetter.exchange,
         dead_letter_routing_key=spec.deadLetter.routingKey,
