@@ -371,7 +371,11 @@ async def _beat(heartbeat: Heartbeat) -> None:
 
 
 def readiness(units: list[DispatchUnit]) -> tuple[bool, str]:
-    """(ready, why): ready when every unit consumes and watches its Jobs."""
+    """(ready, why) for ``/readyz`` of ``jobrunner run -f``: ready when every unit
+    consumes and watches its Jobs, else each unit's name and reason. The names and the
+    reasons (broker hosts without credentials, in jobrunner's words) are shown because a
+    manifest file has one author, who runs the process: it is theirs to read. The
+    operator, serving many authors, shows counts only (``Operator.readiness``)."""
     problems = [p for p in (u.readiness() for u in units) if p is not None]
     if not units:
         problems.append("starting")

@@ -33,6 +33,8 @@ def test_health_and_readiness_report_their_state() -> None:
 
         assert get("/healthz")[0] == 200
         assert get("/readyz") == (503, "sj: broker not connected\n")
+        state["ready"] = (False, "sj: NATS at nats://u:s3cret@nats:4222 is not reachable")
+        assert get("/readyz") == (503, "sj: NATS at nats://***@nats:4222 is not reachable\n")
         state["ready"] = (True, "ready")
         assert get("/readyz")[0] == 200
         status, body = get("/metrics")

@@ -1,0 +1,92 @@
+"""Operator mode serves many ScaledJob authors at once: what one of them can read (status,
+Events) and what anyone can read (/readyz, /metrics) holds jobrunner's own words only,
+each tenant's series are its own, and nothing the operator remembers grows with every
+Event or every ScaledJob that came and went. On the in-memory twins (no cluster)."""
+
+from __future__ import annotations
+
+from jobrunner.operator import api
+from jobrunner.operator.resources import wanted_from
+from jobrunner.operator.status import RECORDED_MAX, EventRecorder, StatusWriter
+from jobrunner.testing import MemoryObjects
+from tests.unit.test_operator import NS, Env, env, until
+from tests.unit.test_operator_registry import (
+    World,
+    jobs_count,
+    publish,
+    scaledjob_object,
+    world,
+)
+
+__all__ = ["env", "world"]  # the fixtures, shared with the operator's other unit tests
+
+MARKER = "INTERNAL-ANSWER-7f3a"
+"""What an internal service answered: it must reach nothing a tenant can read."""
+
+
+async def test_readiness_tells_counts_never_a_scaledjob_or_its_broker(env: Env) -> None:
+    env.broker.missing.add("secret-queue")
+    r = env.replica("r1")
+    await env.apply(scaledjob_object("tenant-a-billing", queue="secret-queue"))
+    await until(
+        lambda: env.condition("tenant-a-billing", "Ready").get("reason") == "SourceUnavailable"
+    )
+    ready, detail = r.operator.readiness()
+    assert ready, "a tenant's broker is not the replica's readiness"
+    assert "1 dispatchers" in detail, detail
+    assert "1 not consuming" in detail, detail
+    for private in ("tenant-a-billing", "secret-queue", NS, "memory broker"):
+        assert private not in detail, detail
+    # Its author still reads why, in its own status.
+    assert "secret-queue" in env.condition("tenant-a-billing", "Ready")["message"]
+
+
+async def test_a_failure_reaches_status_and_events_in_jobrunners_words(world: World) -> None:
+    told: list[str] = []
+    tell = world.registry._event
+    world.registry._event = lambda w, kind, reason, message: (
+        told.append(message),
+        tell(w, kind, reason, message),
+    )
+    world.jobs.fail_next["list_jobs"] = RuntimeError(f"server said: {MARKER}")
+    world.apply(scaledjob_object())
+    await until(lambda: "DispatcherFailed" in world.reasons())
+    await publish(world, "q", "a")
+    await jobs_count(world, 1)
+    failed = [m for m in told if "RuntimeError" in m]
+    assert failed, told
+    assert not [m for m in told if MARKER in m], told
+
+
+async def test_the_event_recorder_keeps_a_bounded_number_of_events() -> None:
+    store = MemoryObjects()
+    recorder = EventRecorder(store.client(), instance="r1")
+    wanted = wanted_from(scaledjob_object())
+    for i in range(RECORDED_MAX * 4):
+        await recorder.record(wanted, "Normal", "Started", f"event {i}")
+    assert len(recorder.recorded) == RECORDED_MAX
+    assert recorder.recorded[-1][3] == f"event {RECORDED_MAX * 4 - 1}"
+
+
+async def test_an_event_or_a_condition_never_carries_a_credential() -> None:
+    store = MemoryObjects()
+    recorder = EventRecorder(store.client(), instance="r1")
+    await recorder.record(
+        wanted_from(scaledjob_object()),
+        "Warning",
+        "DispatcherFailed",
+        "connect to nats://alice:s3cret-pw@nats:4222 failed",
+    )
+    [event] = store.items(api.events(NS))
+    assert "s3cret-pw" not in event["message"]
+    assert "nats://***@nats:4222" in event["message"]
+
+
+async def test_the_status_writer_forgets_scaledjobs_no_longer_served() -> None:
+    writer = StatusWriter(MemoryObjects().client())
+    writer._last[(NS, "gone")] = {"owner": "r1"}
+    writer._written_at[(NS, "gone")] = 1.0
+    writer._last[(NS, "kept")] = {"owner": "r1"}
+    writer.retain([(NS, "kept")])
+    assert set(writer._last) == {(NS, "kept")}
+    assert set(writer._written_at) == set()
