@@ -13,6 +13,7 @@ the caller's business (the CLI sets ``stop``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib
 import logging
 from collections.abc import Callable, Mapping
@@ -303,18 +304,30 @@ class DispatchUnit:
                 delay = min(delay * 2, 30.0)
 
     async def _sample_depth(self, telemetry: Telemetry, interval: float) -> None:
-        gauge = telemetry.metrics.queue_depth.labels(self.name, self.destination)
-        while True:
-            if self.problem is None:
-                self.depth = await self.source.depth()
-                if self.depth is not None:
-                    gauge.set(self.depth)
-                if isinstance(self.source, ReportsLag):
-                    for partition, lag in (await self.source.partition_lag()).items():
-                        telemetry.metrics.consumer_lag.labels(
-                            self.name, self.destination, partition
-                        ).set(lag)
-            await asyncio.sleep(interval)
+        """Samples the queue's depth (and Kafka's lag per partition) into the gauges
+        until cancelled; then removes this unit's series, so a ScaledJob deleted or
+        moved to another replica leaves no stale figure behind."""
+        metrics = telemetry.metrics
+        series = (self.scaledjob.namespace, self.name, self.destination)
+        gauge = metrics.queue_depth.labels(*series)
+        partitions: set[str] = set()
+        try:
+            while True:
+                if self.problem is None:
+                    self.depth = await self.source.depth()
+                    if self.depth is not None:
+                        gauge.set(self.depth)
+                    if isinstance(self.source, ReportsLag):
+                        for partition, lag in (await self.source.partition_lag()).items():
+                            metrics.consumer_lag.labels(*series, partition).set(lag)
+                            partitions.add(partition)
+                await asyncio.sleep(interval)
+        finally:
+            with contextlib.suppress(KeyError):
+                metrics.queue_depth.remove(*series)
+            for partition in partitions:
+                with contextlib.suppress(KeyError):
+                    metrics.consumer_lag.remove(*series, partition)
 
     async def _report_progress(self, interval: float) -> None:
         """A line every ``interval`` seconds while Jobs run (nothing while idle)."""

@@ -9,7 +9,13 @@ dispatcher's health with the tools they already run.
   its model directly: names, ``_total`` counters and ``_seconds`` histograms follow its
   conventions without an OpenTelemetry-to-Prometheus translation in between, and one
   registry per process (no global) keeps tests independent.
-* Logs: plain or JSON lines carrying scaledjob, job_name, message_id and source.
+  Every series of a ScaledJob is labelled ``namespace`` and ``scaledjob`` (two
+  ScaledJobs of one name in two namespaces are two series); label values are bounded:
+  names, reasons (at most ``REASONS_PER_SCALEDJOB`` distinct ones per ScaledJob and
+  metric, the rest counted as ``Other``), outcomes, partitions — never a message id.
+* Logs: plain or JSON lines carrying scaledjob, job_name, message_id and source. Every
+  line, libraries' included, is passed through ``jobrunner.redaction.redact``: no
+  ``user:password@``, SAS token or ``AccountKey`` reaches the log, whoever wrote it.
 """
 
 from __future__ import annotations
@@ -170,6 +176,34 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _DURATION_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600)
 
 
+REASONS_PER_SCALEDJOB = 32
+"""Distinct ``reason`` label values one ScaledJob may add to one metric; any further
+reason counts as ``Other``. A Job's failure reason is its Failed condition's, which
+whoever may write the Job's status chooses: without a bound, a tenant could make the
+registry grow without end."""
+
+
+class _BoundedLabel:
+    """Passes label values through until ``limit`` distinct ones are seen per key, then
+    answers ``Other`` for any new one."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: dict[tuple[str, ...], set[str]] = {}
+
+    def __call__(self, key: tuple[str, ...], value: str) -> str:
+        seen = self._seen.setdefault(key, set())
+        if value in seen:
+            return value
+        if len(seen) >= self._limit:
+            return "Other"
+        seen.add(value)
+        return value
+
+    def forget(self, key: tuple[str, ...]) -> None:
+        self._seen.pop(key, None)
+
+
 @dataclass
 class Metrics:
     registry: CollectorRegistry
@@ -186,11 +220,22 @@ class Metrics:
     publish_to_create: Histogram
     job_duration: Histogram
     unforeseen_errors: Counter
+    bounded: _BoundedLabel
+
+    def reason(self, namespace: str, scaledjob: str, metric: str, reason: str) -> str:
+        """``reason`` as a label value of ``metric`` for that ScaledJob: itself, or
+        ``Other`` once the ScaledJob has used ``REASONS_PER_SCALEDJOB`` others there."""
+        return self.bounded((namespace, scaledjob, metric), reason)
+
+    def forget(self, namespace: str, scaledjob: str) -> None:
+        """Drop the reason bookkeeping of a ScaledJob no longer served here."""
+        for metric in ("jobs_failed", "dead_lettered", "unforeseen_errors"):
+            self.bounded.forget((namespace, scaledjob, metric))
 
     @classmethod
     def create(cls) -> Metrics:
         r = CollectorRegistry()
-        sj = ["scaledjob"]
+        sj = ["namespace", "scaledjob"]
         return cls(
             registry=r,
             messages_received=Counter(
@@ -266,6 +311,7 @@ class Metrics:
                 buckets=_DURATION_BUCKETS,
                 registry=r,
             ),
+            bounded=_BoundedLabel(REASONS_PER_SCALEDJOB),
         )
 
 

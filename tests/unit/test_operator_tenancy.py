@@ -5,9 +5,16 @@ Event or every ScaledJob that came and went. On the in-memory twins (no cluster)
 
 from __future__ import annotations
 
+import copy
+import json
+from typing import Any
+
+from prometheus_client import generate_latest
+
 from jobrunner.operator import api
 from jobrunner.operator.resources import wanted_from
 from jobrunner.operator.status import RECORDED_MAX, EventRecorder, StatusWriter
+from jobrunner.telemetry import REASONS_PER_SCALEDJOB, Metrics
 from jobrunner.testing import MemoryObjects
 from tests.unit.test_operator import NS, Env, env, until
 from tests.unit.test_operator_registry import (
@@ -22,6 +29,42 @@ __all__ = ["env", "world"]  # the fixtures, shared with the operator's other uni
 
 MARKER = "INTERNAL-ANSWER-7f3a"
 """What an internal service answered: it must reach nothing a tenant can read."""
+
+
+def in_namespace(obj: dict[str, Any], namespace: str) -> dict[str, Any]:
+    out = copy.deepcopy(obj)
+    out["metadata"]["namespace"] = namespace
+    for key in ("generation", "uid"):
+        out["metadata"].pop(key, None)
+    return out
+
+
+async def test_same_named_scaledjobs_of_two_namespaces_are_two_series(env: Env) -> None:
+    r = env.replica("r1")
+    await env.apply(scaledjob_object(queue="qa"))
+    await env.admin.create(
+        api.scaledjobs("other"), in_namespace(scaledjob_object(queue="qb"), "other")
+    )
+    await until(lambda: len(r.serving()) == 2)
+    await env.broker.publish("qa", json.dumps({"task": "a"}), message_id="a")
+    await env.broker.publish("qb", json.dumps({"task": "b"}), message_id="b1")
+    await env.broker.publish("qb", json.dumps({"task": "c"}), message_id="b2")
+    registry = r.operator._telemetry.metrics.registry
+
+    def created(namespace: str) -> float | None:
+        return registry.get_sample_value(
+            "jobrunner_jobs_created_total", {"namespace": namespace, "scaledjob": "work"}
+        )
+
+    await until(lambda: created(NS) == 1 and created("other") == 2)
+    # One of them goes: the other's series stay (they were one series before).
+    await env.admin.delete(f"{api.scaledjobs('other')}/work")
+    await until(lambda: r.serving() == {(NS, "work")})
+    assert created(NS) == 1
+    assert created("other") is None
+    text = generate_latest(registry).decode()
+    assert 'jobrunner_jobs_active{namespace="jobs",scaledjob="work"}' in text
+    assert 'namespace="other"' not in text
 
 
 async def test_readiness_tells_counts_never_a_scaledjob_or_its_broker(env: Env) -> None:
@@ -90,3 +133,15 @@ async def test_the_status_writer_forgets_scaledjobs_no_longer_served() -> None:
     writer.retain([(NS, "kept")])
     assert set(writer._last) == {(NS, "kept")}
     assert set(writer._written_at) == set()
+
+
+def test_reason_labels_are_bounded_per_scaledjob() -> None:
+    metrics = Metrics.create()
+    seen = {
+        metrics.reason(NS, "work", "jobs_failed", f"Reason{i}")
+        for i in range(REASONS_PER_SCALEDJOB * 3)
+    }
+    assert len(seen) == REASONS_PER_SCALEDJOB + 1
+    assert "Other" in seen
+    assert metrics.reason(NS, "work", "jobs_failed", "Reason0") == "Reason0", "kept once seen"
+    assert metrics.reason(NS, "other", "jobs_failed", "Reason99") == "Reason99"
