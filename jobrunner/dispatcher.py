@@ -608,6 +608,10 @@ class Dispatcher:
                 if not await self._settle_live(handles, decision):
                     span.set_attribute("jobrunner.redelivery_expected", True)
                     return False
+                if decision.action is not Action.REQUEUE:
+                    # Gone from the broker: its count of unforeseen errors goes too (a
+                    # message that failed once and then succeeded must not stay here).
+                    self._unforeseen.pop(identity, None)
             elif decision.action is Action.DEAD_LETTER and original is not None:
                 await self._source.dead_letter_copy(original, decision)
         delivery = handles[-1].delivery if handles else None

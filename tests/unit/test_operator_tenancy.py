@@ -145,3 +145,18 @@ def test_reason_labels_are_bounded_per_scaledjob() -> None:
     assert "Other" in seen
     assert metrics.reason(NS, "work", "jobs_failed", "Reason0") == "Reason0", "kept once seen"
     assert metrics.reason(NS, "other", "jobs_failed", "Reason99") == "Reason99"
+
+
+async def test_a_message_that_failed_once_then_succeeded_leaves_nothing_behind(
+    world: World,
+) -> None:
+    """A dispatcher remembers the unforeseen errors of a message (to dead-letter it after
+    a few), and must forget them once the message is settled: else every message that
+    ever met one stays in memory for the life of the process."""
+    world.apply(scaledjob_object())
+    world.jobs.fail_next["create_job"] = RuntimeError("a hiccup nobody foresaw")
+    await publish(world, "q", "a")
+    [name] = await jobs_count(world, 1)
+    await world.jobs.finish(NS, name)
+    await until(lambda: world.broker.acked("q"))
+    assert world.unit().dispatcher._unforeseen == {}
