@@ -308,7 +308,8 @@ class DispatchUnit:
         until cancelled; then removes this unit's series, so a ScaledJob deleted or
         moved to another replica leaves no stale figure behind."""
         metrics = telemetry.metrics
-        series = (self.scaledjob.namespace, self.name, self.destination)
+        # /metrics is unauthenticated: a queue URL's credentials never reach a label.
+        series = (self.scaledjob.namespace, self.name, redact(self.destination))
         gauge = metrics.queue_depth.labels(*series)
         partitions: set[str] = set()
         try:

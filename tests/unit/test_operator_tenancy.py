@@ -160,3 +160,27 @@ async def test_a_message_that_failed_once_then_succeeded_leaves_nothing_behind(
     await world.jobs.finish(NS, name)
     await until(lambda: world.broker.acked("q"))
     assert world.unit().dispatcher._unforeseen == {}
+
+
+async def test_no_metric_label_carries_a_credential(world: World) -> None:
+    obj = scaledjob_object()
+    obj["spec"]["triggers"] = [
+        {
+            "type": "aws-sqs-queue",
+            "metadata": {
+                "queueURL": "https://probe:s3cret-pw@sqs.example/000000000000/jobs",
+                "awsRegion": "eu-west-1",
+            },
+        }
+    ]
+    world.apply(obj)
+    await world.converged()
+    registry = world.unit().dispatcher._metrics.registry
+
+    def depth_sampled() -> bool:
+        return "jobrunner_queue_depth_messages{" in generate_latest(registry).decode()
+
+    await until(depth_sampled)
+    text = generate_latest(registry).decode()
+    assert "s3cret-pw" not in text
+    assert 'queue="https://***@sqs.example/000000000000/jobs"' in text
