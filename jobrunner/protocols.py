@@ -38,6 +38,13 @@ class SourceError(Refusal):
     backoff and reports it on ``/readyz``."""
 
 
+class SourceUnreachable(SourceError, ConnectionError):
+    """The broker cannot be reached now (refused, timed out, dropped the connection): a
+    ``SourceError`` that is also a ``ConnectionError``, in jobrunner's words (the host
+    without credentials and what failed, never the text of what answered; see
+    jobrunner.redaction)."""
+
+
 class WatchExpired(Exception):
     """The watch's resourceVersion is too old (410 Gone): list again."""
 

@@ -13,6 +13,7 @@ the caller's business (the CLI sets ``stop``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import importlib
 import logging
@@ -34,6 +35,7 @@ from jobrunner.httpserver import Heartbeat, HttpEndpoints
 from jobrunner.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY
 from jobrunner.outputs import FunctionResults
 from jobrunner.protocols import JobClient, MessageSink, MessageSource, SourceError
+from jobrunner.redaction import describe_error, redact
 from jobrunner.rendering import Renderer, render_pool, template_dirs
 from jobrunner.sandbox.pool import RenderPool
 from jobrunner.tasks import is_essential, start_guarded, stop_tasks
@@ -317,11 +319,13 @@ class DispatchUnit:
                 self.problem = None
                 return
             except (SourceError, ConnectionError, OSError) as exc:
-                self.problem = str(exc)
+                # In jobrunner's words: the text goes to /readyz and the ScaledJob's
+                # status, and must not carry a server's answer or a credential.
+                self.problem = describe_error(exc)
                 logger.warning(
                     "%s: %s; retrying in %.0fs",
                     self.name,
-                    exc,
+                    self.problem,
                     delay,
                     extra={"scaledjob": self.name, "source": self.source.name},
                 )
@@ -331,18 +335,31 @@ class DispatchUnit:
                 delay = min(delay * 2, 30.0)
 
     async def _sample_depth(self, telemetry: Telemetry, interval: float) -> None:
-        gauge = telemetry.metrics.queue_depth.labels(self.name, self.destination)
-        while True:
-            if self.problem is None:
-                self.depth = await self.source.depth()
-                if self.depth is not None:
-                    gauge.set(self.depth)
-                if isinstance(self.source, ReportsLag):
-                    for partition, lag in (await self.source.partition_lag()).items():
-                        telemetry.metrics.consumer_lag.labels(
-                            self.name, self.destination, partition
-                        ).set(lag)
-            await asyncio.sleep(interval)
+        """Samples the queue's depth (and Kafka's lag per partition) into the gauges
+        until cancelled; then removes this unit's series, so a ScaledJob deleted or
+        moved to another replica leaves no stale figure behind."""
+        metrics = telemetry.metrics
+        # /metrics is unauthenticated: a queue URL's credentials never reach a label.
+        series = (self.scaledjob.namespace, self.name, redact(self.destination))
+        gauge = metrics.queue_depth.labels(*series)
+        partitions: set[str] = set()
+        try:
+            while True:
+                if self.problem is None:
+                    self.depth = await self.source.depth()
+                    if self.depth is not None:
+                        gauge.set(self.depth)
+                    if isinstance(self.source, ReportsLag):
+                        for partition, lag in (await self.source.partition_lag()).items():
+                            metrics.consumer_lag.labels(*series, partition).set(lag)
+                            partitions.add(partition)
+                await asyncio.sleep(interval)
+        finally:
+            with contextlib.suppress(KeyError):
+                metrics.queue_depth.remove(*series)
+            for partition in partitions:
+                with contextlib.suppress(KeyError):
+                    metrics.consumer_lag.remove(*series, partition)
 
     async def _report_progress(self, interval: float) -> None:
         """A line every ``interval`` seconds while Jobs run (nothing while idle)."""
@@ -363,10 +380,11 @@ class DispatchUnit:
             )
 
     def readiness(self) -> str | None:
-        """None when ready, else why not."""
+        """None when ready, else why not: ``<scaledjob>: <why>`` in jobrunner's words
+        (sources build their problems with jobrunner.redaction; ``redact`` is the net)."""
         problem = self.problem or getattr(self.source, "problem", None)
         if problem is not None:
-            return f"{self.name}: {problem}"
+            return f"{self.name}: {redact(problem)}"
         if not self.source.connected:
             return f"{self.name}: broker not connected"
         if not self.tracker.synced.is_set():
@@ -384,7 +402,9 @@ class DispatchUnit:
             try:
                 await self.source.close()
             except Exception as exc:
-                logger.warning("closing the %s connection failed: %s", self.source.name, exc)
+                logger.warning(
+                    "closing the %s connection failed: %s", self.source.name, describe_error(exc)
+                )
             if self.results is not None:
                 await self.results.close()
 
@@ -396,7 +416,11 @@ async def _beat(heartbeat: Heartbeat) -> None:
 
 
 def readiness(units: list[DispatchUnit]) -> tuple[bool, str]:
-    """(ready, why): ready when every unit consumes and watches its Jobs."""
+    """(ready, why) for ``/readyz`` of ``jobrunner run -f``: ready when every unit
+    consumes and watches its Jobs, else each unit's name and reason. The names and the
+    reasons (broker hosts without credentials, in jobrunner's words) are shown because a
+    manifest file has one author, who runs the process: it is theirs to read. The
+    operator, serving many authors, shows counts only (``Operator.readiness``)."""
     problems = [p for p in (u.readiness() for u in units) if p is not None]
     if not units:
         problems.append("starting")

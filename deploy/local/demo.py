@@ -212,16 +212,15 @@ async def cluster_setup() -> Setup:
     )
 
 
-def settled_count(telemetry: Telemetry, scaledjob: str) -> int:
+def settled_count(telemetry: Telemetry, namespace: str, scaledjob: str) -> int:
+    labels = {"namespace": namespace, "scaledjob": scaledjob}
     registry = telemetry.metrics.registry
-    succeeded = registry.get_sample_value(
-        "jobrunner_jobs_succeeded_total", {"scaledjob": scaledjob}
-    )
+    succeeded = registry.get_sample_value("jobrunner_jobs_succeeded_total", labels)
     dead = sum(
         s.value
         for m in telemetry.metrics.dead_lettered.collect()
         for s in m.samples
-        if s.name.endswith("_total") and s.labels.get("scaledjob") == scaledjob
+        if s.name.endswith("_total") and labels.items() <= s.labels.items()
     )
     return int((succeeded or 0) + dead)
 
@@ -301,7 +300,7 @@ async def main(cluster: bool) -> int:
             while time.monotonic() - start < TIMEOUT:
                 if dispatcher.done():
                     break
-                done = settled_count(telemetry, scaledjob.name)
+                done = settled_count(telemetry, scaledjob.namespace, scaledjob.name)
                 rows = rows_of(await list_all(reader, scaledjob))
                 progress.update(bar, completed=done)
                 live.update(Group(progress, in_flight_table(rows, title="in flight")))

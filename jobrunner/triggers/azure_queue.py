@@ -27,6 +27,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from jobrunner.redaction import connection_string_endpoint
 from jobrunner.triggers import (
     Problem,
     ResolveContext,
@@ -65,10 +66,9 @@ class AzureQueueTrigger:
 
     @property
     def account(self) -> str:
-        """The account and queue endpoint from the connection string, for messages."""
-        parts = dict(p.split("=", 1) for p in self.connection.split(";") if "=" in p)
-        endpoint = parts.get("QueueEndpoint") or parts.get("AccountName", "?")
-        return endpoint.rstrip("/")
+        """Where the connection string points, for messages: the queue endpoint as
+        ``scheme://host:port`` (no SAS token, no key), else ``account <name>``."""
+        return connection_string_endpoint(self.connection)
 
 
 def _check(metadata: Mapping[str, str], has_auth: bool) -> list[Problem]:
