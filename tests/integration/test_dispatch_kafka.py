@@ -304,7 +304,7 @@ async def test_backpressure_pauses_partitions_without_a_rebalance_and_lag_is_exp
             return None
         key = (
             "jobrunner_consumer_lag_messages",
-            (("partition", "0"), ("scaledjob", "work"), ("topic", topic)),
+            (("namespace", namespace), ("partition", "0"), ("scaledjob", "work"), ("topic", topic)),
         )
         return values.get(key)
 
