@@ -39,7 +39,7 @@ import jinja2.meta
 import jinja2.sandbox
 import yaml
 
-from jobrunner import jobschema, limits
+from jobrunner import jobschema, limits, marks
 from jobrunner.config import DeliveryMode, ManifestError, MessageDelivery, ScaledJob
 from jobrunner.models import (
     ANNOTATION_ACK_POLICY,
@@ -485,8 +485,16 @@ class Renderer:
     """Renders Jobs for one ScaledJob; construct once at start (templates are read,
     checked against the batch/v1 schema and compiled then; ManifestError on a mistake)."""
 
-    def __init__(self, scaledjob: ScaledJob, *, base_dirs: list[Path] | None = None) -> None:
+    def __init__(
+        self,
+        scaledjob: ScaledJob,
+        *,
+        base_dirs: list[Path] | None = None,
+        new_key: Callable[[], bytes] = marks.new_key,
+    ) -> None:
         self.scaledjob = scaledjob
+        self._new_key = new_key
+        """Makes each function Job's key (random; tests pass their own)."""
         self.template = load_job_template(scaledjob, base_dirs=base_dirs or [])
         compiler = _Compiler(where=self.template.where)
         self._spec = compiler.compile(self.template.spec, (), spec=True)
@@ -550,10 +558,16 @@ class Renderer:
             "spec": spec,
         }
         self._check_schema(job)
-        keep_in_secret = self._keep_original(job, delivery)
+        # A function's Job keeps its copy in the Secret, which its pod cannot write (see
+        # jobrunner.marks), and always has a Secret: it holds the Job's key.
+        function = sj.spec.function is not None
+        keep_in_secret = function or self._keep_original(job, delivery)
         secret = None
         if keep_in_secret or not placement.in_env:
-            secret = self._secret(delivery, secret_name, with_original=keep_in_secret)
+            key = {marks.KEY_DATA: self._new_key()} if function else {}
+            secret = self._secret(delivery, secret_name, with_original=keep_in_secret, extra=key)
+            if function:
+                marks.equip(spec, secret, containers=config.containers, key=key[marks.KEY_DATA])
         self._check_limits(job)
         return RenderedJob(name=name, job=job, secret=secret)
 
@@ -649,11 +663,19 @@ class Renderer:
         annotations[ANNOTATION_ORIGINAL_MESSAGE] = original
         return False
 
-    def _secret(self, delivery: Delivery, name: str, *, with_original: bool) -> dict[str, Any]:
+    def _secret(
+        self,
+        delivery: Delivery,
+        name: str,
+        *,
+        with_original: bool,
+        extra: Mapping[str, bytes] | None = None,
+    ) -> dict[str, Any]:
         data = {
             "body": delivery.body,
             "headers.json": json.dumps(dict(delivery.headers), sort_keys=True).encode(),
             "metadata.json": json.dumps(dict(delivery.metadata), sort_keys=True).encode(),
+            **(extra or {}),
         }
         if with_original:
             # The body is already the Secret's "body"; the copy keeps the rest.
@@ -743,7 +765,9 @@ def original_message(
     with the Secret's body), with ``body`` as bytes; None when it keeps none."""
     annotations = (job.get("metadata") or {}).get("annotations") or {}
     raw = annotations.get(ANNOTATION_ORIGINAL_MESSAGE)
-    if raw is None and secret_data and "original.json" in secret_data:
+    if secret_data and "original.json" in secret_data:
+        # The Secret's copy wins: a Job's annotations may have been written by a pod
+        # with rights on Jobs, its Secret only by the dispatcher.
         raw = base64.b64decode(secret_data["original.json"]).decode()
     if raw is None:
         return None
