@@ -595,6 +595,20 @@ class Dispatcher:
         self._failpoints.hit("before-settle")
         if final and decision.job_name and self._settle_hook is not None:
             decision = await self._settle_hook.before_settle(decision)
+            if decision.action is Action.DEAD_LETTER and not handles and original is None:
+                # A Job that keeps its message succeeded, but its outputs cannot go out
+                # (or its result is not trusted): dead-letter the copy the Job keeps.
+                name = decision.job_name or ""
+                job = await self._retry(lambda: self._jobs.get_job(self.scaledjob.namespace, name))
+                original = await self._kept_copy(job) if job is not None else None
+                if original is None:
+                    self._job_log(name).error(
+                        "Job %s: %s (%s), and it keeps no copy of its message to dead-letter",
+                        name,
+                        decision.reason,
+                        decision.detail,
+                    )
+                    return False
         identity = handles[-1].delivery.identity if handles else ""
         if not identity and original is not None:
             identity = str(original.get("identity") or original.get("message_id") or "")
@@ -839,29 +853,32 @@ class Dispatcher:
             await self._settle(decision=decision)
             return
         job = await self._retry(lambda: self._jobs.get_job(self.scaledjob.namespace, state.name))
-        secret = None
         if job is None:
             self._job_log(state.name).error(
                 "Job %s vanished before its failure could be dead-lettered", state.name
             )
             return
-        # With marks, the copy in the Secret (which pods cannot write) is always read: it
-        # wins over an annotation (see rendering.original_message).
-        if self._marks is not None or ANNOTATION_ORIGINAL_MESSAGE not in (
-            (job.get("metadata") or {}).get("annotations") or {}
-        ):
-            secret = await self._retry(
-                lambda: self._jobs.read_secret(
-                    self.scaledjob.namespace, message_secret_name(state.name)
-                )
-            )
-        original = original_message(job, secret)
+        original = await self._kept_copy(job)
         if original is None:
             self._job_log(state.name).error(
                 "Job %s failed (%s) but keeps no copy of its message", state.name, outcome.reason
             )
             return
         await self._settle(decision=decision, original=original)
+
+    async def _kept_copy(self, job: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The copy of its message a Job keeps (annotation or Secret), None without one."""
+        name = str((job.get("metadata") or {}).get("name", ""))
+        secret = None
+        # With marks, the copy in the Secret (which pods cannot write) is always read: it
+        # wins over an annotation (see rendering.original_message).
+        if self._marks is not None or ANNOTATION_ORIGINAL_MESSAGE not in (
+            (job.get("metadata") or {}).get("annotations") or {}
+        ):
+            secret = await self._retry(
+                lambda: self._jobs.read_secret(self.scaledjob.namespace, message_secret_name(name))
+            )
+        return original_message(job, secret)
 
     # ------------------------------------------------------------------ events
     def _event(self, job: Mapping[str, Any], kind: str, reason: str, message: str) -> None:

@@ -402,3 +402,22 @@ def test_a_forged_mark_in_the_jobs_copy_is_left_alone() -> None:
     screened = asyncio.run(JobMarks(jobs=jobs, namespace=NS).screen(job))
     assert job == before
     assert SETTLED not in screened["metadata"]["annotations"]
+
+
+async def test_a_kept_message_whose_success_is_not_trusted_is_dead_lettered_from_its_copy(
+    unit: Unit,
+) -> None:
+    """The Job keeps its (acked) message and succeeds, but its result is forged: the
+    message must go to the dead letters from the copy the Job keeps, not vanish."""
+    await unit.start(ackPolicy="onJobCreation")
+    await unit.broker.publish("q", b"the real body", message_id="m1")
+    (name,) = await until(lambda: unit.jobs.names(NS) or None)
+    await until(lambda: unit.broker.acked("q") or None)
+    forged = json.dumps({"status": "succeeded", "outputs": {}})
+    await annotate(unit.jobs, name, {RESULT: forged, RESULT + "-mac": "v1:" + "0" * 64})
+    await unit.jobs.finish(NS, name)
+    (dead,) = await until(lambda: unit.broker.dead_letters("q") or None)
+    assert dead.body == b"the real body"
+    assert dead.reason == "FunctionResultUnverified"
+    await until(lambda: unit.jobs.job(NS, name)["metadata"]["annotations"].get(SETTLED))
+    assert unit.jobs.job(NS, name)["metadata"]["annotations"][SETTLED] == "dead-letter"
