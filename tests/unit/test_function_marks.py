@@ -421,3 +421,28 @@ async def test_a_kept_message_whose_success_is_not_trusted_is_dead_lettered_from
     assert dead.reason == "FunctionResultUnverified"
     await until(lambda: unit.jobs.job(NS, name)["metadata"]["annotations"].get(SETTLED))
     assert unit.jobs.job(NS, name)["metadata"]["annotations"][SETTLED] == "dead-letter"
+
+
+async def test_a_redelivery_is_not_acked_on_a_forged_settlement_of_its_running_job(
+    unit: Unit,
+) -> None:
+    """After a restart the message comes back and adopts its Job, which another pod has
+    marked settled: it waits for the Job's real end instead of being acked at once."""
+    first = await unit.start()
+    await unit.broker.publish("q", b"body", message_id="m1")
+    (name,) = await until(lambda: unit.jobs.names(NS) or None)
+    await first.stop(grace=0.5)
+    unit.unit = None
+    await annotate(unit.jobs, name, {SETTLED: "ack"})
+    await unit.start()
+    await until(lambda: any(e["reason"] == "Adopted" for e in unit.jobs.events) or None)
+    await asyncio.sleep(0.3)  # a negative: an ack on the forged mark would follow at once
+    assert unit.broker.acked("q") == []
+    job = unit.jobs.job(NS, name)
+    secret = unit.jobs.secrets[(NS, message_secret_name(name))]
+    key = base64.b64decode(secret["data"]["function-key"])
+    record = json.dumps({"status": "succeeded", "outputs": {}})
+    await annotate(unit.jobs, name, signed(key, job, RESULT, record))
+    await unit.jobs.finish(NS, name)
+    (acked,) = await until(lambda: unit.broker.acked("q") or None)
+    assert acked.job == name
