@@ -19,6 +19,9 @@ publish outputs or drop a message on its word. So every such mark is authenticat
   last, cannot be shifted into them). It sits in ``<annotation>-mac``. A mark copied from
   another Job, or from an earlier Job of the same name (another uid), or made with any
   other key, does not verify;
+* **Jobs from before keys** (made by an earlier jobrunner: their pod template mounts no
+  key, and a Job's template cannot be changed) keep being trusted as they were, so an
+  upgrade neither dead-letters the Jobs running through it nor settles old ones again;
 * **which marks**: the function's result (``jobrunner.dev/function-result``, written by
   the invoker), the outputs count (``jobrunner.dev/outputs-published``) and the settlement
   (``jobrunner.dev/settled``), written by the dispatcher with the same key. A mark that
@@ -264,6 +267,12 @@ class JobMarks:
         if cache_key in self._verdicts:
             return Mark(value, self._verdicts[cache_key])
         key = await self.key(name, uid) if uid else None
+        if key is None and not await self._has_key_volume(job):
+            # Made before Jobs had keys (an earlier jobrunner): trusted as it was then, or
+            # an upgrade would dead-letter every Job running through it. A Job made since
+            # always mounts its key, and a Job's pod template cannot be changed.
+            self._verdicts.remember(cache_key, None)
+            return Mark(value)
         problem = mark_problem(
             key=key,
             namespace=self.namespace,
@@ -277,6 +286,19 @@ class JobMarks:
         if problem is not None:
             await self._report(name, uid, annotation, value, problem)
         return Mark(value, problem)
+
+    async def _has_key_volume(self, job: Mapping[str, Any]) -> bool:
+        """Whether the Job's pod template mounts a key (the operator's watch keeps no
+        spec: then the Job is read). A Job that is gone counts as having one."""
+        spec = job.get("spec")
+        if spec is None:
+            name = str((job.get("metadata") or {}).get("name", ""))
+            full = await self._jobs.get_job(self.namespace, name)
+            if full is None:
+                return True
+            spec = full.get("spec") or {}
+        volumes = ((spec.get("template") or {}).get("spec") or {}).get("volumes") or []
+        return any(v.get("name") == KEY_VOLUME for v in volumes)
 
     async def screen(self, job: Mapping[str, Any]) -> Mapping[str, Any]:
         """``job`` with every screened mark (the settlement) that does not verify

@@ -79,12 +79,16 @@ class Sink:
         pass
 
 
-async def function_job(jobs: MemoryJobClient, name: str, key: bytes | None) -> dict[str, Any]:
-    """A finished function Job and its message Secret holding ``key``."""
+async def function_job(
+    jobs: MemoryJobClient, name: str, key: bytes | None, *, mounts_key: bool = True
+) -> dict[str, Any]:
+    """A finished function Job (its template mounting its key, as rendered since keys,
+    unless not ``mounts_key``) and its message Secret holding ``key``."""
+    volumes = [{"name": "jobrunner-function-key", "secret": {}}] if mounts_key else []
     job, _ = await jobs.create_job(
         {
             "metadata": {"name": name, "namespace": NS, "labels": {}, "annotations": {}},
-            "spec": {"template": {"spec": {"containers": [{"name": "c"}]}}},
+            "spec": {"template": {"spec": {"containers": [{"name": "c"}], "volumes": volumes}}},
         },
         {
             "metadata": {"name": message_secret_name(name), "namespace": NS},
@@ -179,6 +183,18 @@ async def test_a_job_whose_secret_holds_no_key_is_not_trusted() -> None:
     assert (decision.reason, sink.published) == ("FunctionResultUnverified", [])
     (event,) = [e for e in jobs.events if e["reason"] == "UnverifiedMark"]
     assert "holds no function-key" in event["message"]
+
+
+async def test_a_job_made_before_keys_is_trusted_as_it_was() -> None:
+    """An upgrade must not dead-letter the Jobs running through it: a Job whose
+    template mounts no key (an earlier jobrunner's; a template cannot be changed) keeps
+    today's trust. Every Job rendered since mounts one, so this opens nothing new."""
+    jobs, sink = MemoryJobClient(), Sink()
+    await function_job(jobs, "fn-old", None, mounts_key=False)
+    await annotate(jobs, "fn-old", {RESULT: SUCCESS})
+    decision = await results(jobs, sink).before_settle(Decision.ack("fn-old"))
+    assert decision.action is Action.ACK
+    assert sink.published == [(b"genuine", "fn-old/out/0")]
 
 
 async def test_a_completed_job_without_a_result_is_dead_lettered_not_acked() -> None:
