@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
@@ -36,6 +36,18 @@ KEDA_API_VERSION = "keda.sh/v1alpha1"
 SUPPORTED_API_VERSIONS = (API_VERSION, KEDA_API_VERSION)
 
 
+MAX_REPLICA_COUNT_MAX = 1000
+"""The largest ``maxReplicaCount`` (see ScaledJobSpec.maxReplicaCount for why)."""
+HISTORY_LIMIT_MAX = 1000
+"""The largest ``successfulJobsHistoryLimit`` and ``failedJobsHistoryLimit``."""
+FUNCTION_OUTPUTS_MAX = 16
+"""The most output bindings a function may have: each is a broker connection the
+dispatcher opens and keeps for its ScaledJob."""
+AMQP_SHORTSTR_MAX = 255
+"""AMQP 0-9-1: an exchange, queue or routing key is a ``shortstr``, at most 255 octets
+(RabbitMQ refuses longer)."""
+
+
 class ManifestError(Exception):
     """A manifest that cannot be used; the message names the file and the field."""
 
@@ -46,6 +58,21 @@ class _Model(BaseModel):
     model_config = ConfigDict(
         extra="forbid", populate_by_name=True, frozen=True, use_attribute_docstrings=True
     )
+
+
+ObjectName = Annotated[
+    str,
+    Field(max_length=limits.DNS1123_SUBDOMAIN_MAX, pattern=limits.DNS1123_SUBDOMAIN_PATTERN),
+]
+"""The name of a Kubernetes object that becomes part of an API path (a Secret, a
+TriggerAuthentication): a DNS-1123 subdomain, as the API server requires of it. Checked
+here, and by the CRDs' schema, so that ``..``, ``/`` or ``%2F`` in a name can never make
+a path to another object (see ``jobrunner.apipath``)."""
+
+LabelName = Annotated[
+    str, Field(max_length=limits.DNS1123_LABEL_MAX, pattern=limits.DNS1123_LABEL_PATTERN)
+]
+"""A name Kubernetes requires to be a DNS-1123 label: a namespace, a container."""
 
 
 class ObjectMeta(BaseModel):
@@ -62,7 +89,9 @@ class ObjectMeta(BaseModel):
 
 
 class AuthenticationRef(_Model):
-    name: str
+    name: ObjectName
+    """The TriggerAuthentication's name (a DNS-1123 subdomain), in the ScaledJob's
+    namespace."""
     kind: Literal["TriggerAuthentication", "ClusterTriggerAuthentication"] = "TriggerAuthentication"
 
 
@@ -132,13 +161,16 @@ class AckPolicy(enum.StrEnum):
 
 
 class DeadLetter(_Model):
-    exchange: str | None = None
+    exchange: str | None = Field(default=None, max_length=AMQP_SHORTSTR_MAX)
     """Exchange for dead-lettered copies. Unset: the queue's own dead-letter exchange
-    when it has one, else the queue named by ``queue``."""
-    routingKey: str | None = None
-    queue: str | None = None
+    when it has one, else the queue named by ``queue``. At most 255 characters (an
+    AMQP shortstr)."""
+    routingKey: str | None = Field(default=None, max_length=AMQP_SHORTSTR_MAX)
+    """At most 255 characters (an AMQP shortstr)."""
+    queue: str | None = Field(default=None, max_length=AMQP_SHORTSTR_MAX)
     """Fallback queue (declared durable) when neither ``exchange`` nor the queue's own
-    dead-letter exchange is there. Default: ``<queueName>.dead-letter``."""
+    dead-letter exchange is there. Default: ``<queueName>.dead-letter``. At most 255
+    characters (RabbitMQ's; SQS takes 80 and Azure 63, which they check)."""
     topic: str | None = None
     """Kafka: the dead-letter topic. Default: ``<topic>.dead-letter``. MQTT: the topic
     dead-lettered copies are published to. Default: ``jobrunner/dead-letter/<ScaledJob>``."""
@@ -186,18 +218,40 @@ class FunctionSpec(_Model):
     puts a failed function's error in the dead letter (see jobrunner.outputs)."""
 
     name: str
-    outputs: list[OutputBinding] = Field(default_factory=list)
+    outputs: list[OutputBinding] = Field(default_factory=list, max_length=FUNCTION_OUTPUTS_MAX)
+    """At most 16: each output is a broker connection the dispatcher opens and keeps."""
 
 
 class ScaledJobSpec(_Model):
     jobTargetRef: dict[str, Any] | None = None
-    """A batch/v1 JobSpec whose strings may hold Jinja2 expressions."""
-    jobTemplate: str | None = None
+    """A batch/v1 JobSpec whose strings may hold Jinja2 expressions. Its templated
+    strings may hold 64 KiB of template text in all (parsing costs the dispatcher about
+    6 s per MiB), and labels and annotations under ``jobrunner.dev/`` (and
+    ``app.kubernetes.io/managed-by``, ``scaledjob.keda.sh/name``) are jobrunner's own:
+    a template that sets one is refused. Each message's render may take 2 s and make
+    1 MiB of text (the operator's ``dispatcher.render_*`` settings); past either the
+    message is dead-lettered ``TemplateError``."""
+    jobTemplate: str | None = Field(default=None, max_length=4096)
     """jobrunner: a template file (YAML, a Job or a JobSpec) instead of jobTargetRef,
-    relative to the manifest's directory or to ``job_templates/``."""
-    maxReplicaCount: int = Field(default=100, ge=1)
-    successfulJobsHistoryLimit: int = Field(default=100, ge=0)
-    failedJobsHistoryLimit: int = Field(default=100, ge=0)
+    relative to the manifest's directory or to ``job_templates/``. At most 4096
+    characters (Linux's PATH_MAX)."""
+    maxReplicaCount: int = Field(default=100, ge=1, le=MAX_REPLICA_COUNT_MAX)
+    """The most messages in hand, and so Jobs running, at once: the broker's prefetch
+    (RabbitMQ ``basic.qos``, MQTT Receive Maximum, the in-hand cap of the other
+    sources). KEDA's default, 100. At most 1000: every message in hand is held, body
+    and all, in the dispatcher's memory until it is settled (with ackPolicy
+    onJobCompletion, until its Job ends): 1000 x the default ``maxMessageBytes`` is
+    500 MiB, the chart's memory limit. 1000 is also NATS JetStream's default
+    ``max_ack_pending``; the protocols' own ceilings are higher
+    (RabbitMQ's prefetch-count and MQTT's Receive Maximum are 16-bit, 65,535; SQS
+    receives 10 per call and holds about 120,000 in flight per queue)."""
+    successfulJobsHistoryLimit: int = Field(default=100, ge=0, le=HISTORY_LIMIT_MAX)
+    """Succeeded Jobs kept (the oldest are deleted first). KEDA's default, 100. At most
+    1000: every kept Job stays in the API server and in the dispatcher's Job watch;
+    for longer records use the logs or the dead-letter queue."""
+    failedJobsHistoryLimit: int = Field(default=100, ge=0, le=HISTORY_LIMIT_MAX)
+    """Failed Jobs kept (the oldest are deleted first). KEDA's default, 100. At most
+    1000, as ``successfulJobsHistoryLimit``."""
     triggers: list[Trigger] = Field(min_length=1, json_schema_extra={"maxItems": 1})
     """One trigger: a ScaledJob's dispatcher consumes one source. KEDA takes several
     (and scales on their sum); here each source gets a ScaledJob of its own."""
@@ -283,14 +337,26 @@ class ScaledJob(_Model):
 
 class SecretKeyRef(_Model):
     parameter: str
-    name: str
+    name: ObjectName
+    """The Secret's name (a DNS-1123 subdomain), in the TriggerAuthentication's
+    namespace."""
     key: str
 
 
 class EnvRef(_Model):
     parameter: str
     name: str
-    containerName: str | None = None
+    containerName: LabelName | None = None
+    """KEDA: the container whose environment holds ``name`` (a DNS-1123 label)."""
+
+
+class AuthenticationMeta(BaseModel):
+    """A TriggerAuthentication's metadata: its name is an object name (a DNS-1123
+    subdomain, up to 253 characters, as KEDA's), not a prefix of Job names."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: ObjectName
+    namespace: LabelName = "default"
 
 
 class TriggerAuthenticationSpec(BaseModel):
@@ -302,7 +368,7 @@ class TriggerAuthenticationSpec(BaseModel):
 class TriggerAuthentication(_Model):
     apiVersion: str
     kind: Literal["TriggerAuthentication", "ClusterTriggerAuthentication"]
-    metadata: ObjectMeta
+    metadata: AuthenticationMeta
     spec: TriggerAuthenticationSpec
 
 
@@ -318,6 +384,7 @@ def _known_fields() -> set[str]:
         ScaledJob,
         ScaledJobSpec,
         ObjectMeta,
+        AuthenticationMeta,
         Trigger,
         AuthenticationRef,
         MessageDelivery,
@@ -354,6 +421,13 @@ def line_of(node: yaml.Node | None, loc: tuple[int | str, ...]) -> int | None:
     return line
 
 
+_NAME_RULES = {
+    limits.DNS1123_LABEL_PATTERN: limits.dns1123_label_problem,
+    limits.DNS1123_SUBDOMAIN_PATTERN: limits.dns1123_subdomain_problem,
+}
+"""The Kubernetes rule behind each name pattern, to say it in words."""
+
+
 def _hint(item: Any) -> str:
     kind = item["type"]
     last = item["loc"][-1] if item["loc"] else ""
@@ -364,13 +438,15 @@ def _hint(item: Any) -> str:
         return "unknown field; remove it (see the README's manifest reference)"
     if kind == "missing":
         return "required; add it"
-    if kind == "string_pattern_mismatch" and item["ctx"].get("pattern") == (
-        limits.DNS1123_LABEL_PATTERN
-    ):
-        problem = limits.dns1123_label_problem(str(item["input"]), "it")
+    pattern = item["ctx"].get("pattern") if kind == "string_pattern_mismatch" else None
+    rule = _NAME_RULES.get(pattern) if pattern else None
+    if rule is not None:
+        problem = rule(str(item["input"]), "it")
         return f"{problem}, as Kubernetes requires" if problem else str(item["msg"])
     text = str(item["msg"])
-    if "input" in item and not isinstance(item["input"], dict | list):
+    if kind == "string_too_long":  # the count says it; a 254-character echo would not
+        text += f" (got {len(str(item['input']))})"
+    elif "input" in item and not isinstance(item["input"], dict | list):
         text += f" (got {item['input']!r})"
     return text
 
@@ -420,6 +496,17 @@ def parse_scaledjob(
     if problems:
         raise ManifestError("\n".join([f"{where}: invalid trigger", *problems]))
     return scaledjob
+
+
+def parse_trigger_authentication(
+    obj: dict[str, Any], *, where: str = "<object>", node: yaml.Node | None = None
+) -> TriggerAuthentication:
+    """A TriggerAuthentication from a plain object (a file's document, or a custom
+    resource of jobrunner.dev or keda.sh); ManifestError naming each field otherwise."""
+    try:
+        return TriggerAuthentication.model_validate(obj)
+    except ValidationError as exc:
+        raise _explain(exc, where, node) from None
 
 
 def read_text(path: Path) -> str:
@@ -500,10 +587,7 @@ def load_manifest(path: Path) -> ManifestSet:
         if kind == "ScaledJob":
             scaledjobs.append(parse_scaledjob(doc, where=where, node=node, origin=str(path)))
         elif kind in ("TriggerAuthentication", "ClusterTriggerAuthentication"):
-            try:
-                auth = TriggerAuthentication.model_validate(doc)
-            except ValidationError as exc:
-                raise _explain(exc, where, node) from None
+            auth = parse_trigger_authentication(doc, where=where, node=node)
             auths[auth.metadata.name] = auth
         elif kind == "Secret":
             meta = doc.get("metadata") or {}
@@ -566,8 +650,48 @@ class DispatcherSettings(BaseModel):
     progress_log_seconds: float = Field(default=30.0, gt=0)
     """While Jobs run, how often a line says how many, the longest running and what
     waits: long work shows progress in the log, not only on /metrics."""
+    read_message_secrets: bool = True
+    """False when this dispatcher may not ``get`` its own message Secrets (the chart's
+    ``permissions.operator.restrict.secret``: RBAC can name Secrets, and per-Job names
+    cannot be known in advance). Every Job then keeps its message's copy in its own
+    annotations, where a Job that owns its message is dead-lettered from, and a message
+    whose copy does not fit there (over 96 KiB) is dead-lettered ``MessageTooLarge`` on
+    arrival instead of making a Job whose failure could not be dead-lettered."""
+    render_timeout_seconds: float = Field(default=2.0, gt=0, le=60)
+    """Wall time one message's Job may take to render (every templated string of it). A
+    template ordinarily renders in well under a millisecond; past this the render is
+    stopped (its worker killed if need be) and the message dead-lettered
+    ``TemplateError`` saying so. At most 60 s: a render holds one of the process's
+    render workers for that long."""
+    render_output_bytes: int = Field(default=1024 * 1024, ge=4096, le=limits.OBJECT_MAX)
+    """Characters the templates of one Job may output in all, counted while they stream;
+    past it: ``TemplateError``. At most 1.5 MiB: no Job larger than that can be stored
+    (etcd's request limit, see ``limits.OBJECT_MAX``)."""
+    render_memory_bytes: int = Field(default=128 * 1024 * 1024, ge=64 * 1024 * 1024)
+    """Address space of each render worker (``RLIMIT_AS``), Python itself included (about
+    25 MiB); a render that needs more is a ``TemplateError``. Keep
+    ``render_workers`` x this, plus the dispatcher's own memory, within the pod's memory
+    limit (the chart's default: 512 MiB)."""
+    render_workers: int = Field(default=2, ge=1, le=64)
+    """Render worker processes, shared by every ScaledJob of the process; started on
+    first use."""
+    render_workers_per_scaledjob: int = Field(default=1, ge=1)
+    """The most workers one ScaledJob holds at once, so that a ScaledJob whose renders
+    run to the time limit leaves the others workers to render with. Below
+    ``render_workers`` for that to hold (each ScaledJob renders one message at a time
+    anyway)."""
     failpoints: list[str] = Field(default_factory=list)
     """Testing only: crash points to arm (see jobrunner.failpoints)."""
+
+    @model_validator(mode="after")
+    def _share_fits(self) -> DispatcherSettings:
+        if self.render_workers_per_scaledjob > self.render_workers:
+            raise ValueError(
+                f"render_workers_per_scaledjob ({self.render_workers_per_scaledjob}) is over "
+                f"render_workers ({self.render_workers}); a ScaledJob cannot hold more "
+                "workers than there are"
+            )
+        return self
 
 
 class KafkaSettings(BaseModel):
@@ -656,9 +780,38 @@ class OperatorSettings(BaseModel):
     status_interval_seconds: float = Field(default=10.0, gt=0)
     """At most one status write per ScaledJob per this many seconds for the counters
     (``activeJobs``, ``lastMessageTime``); a condition that changes is written at once."""
+    tenant_env_allow_list: str = ""
+    """Comma-separated names of the operator's own environment variables that ScaledJobs
+    may read (KEDA's ``*FromEnv`` keys, TriggerAuthentication ``env``); empty, the
+    default: none, and a ScaledJob naming any variable is ``InvalidSpec``. The
+    operator's environment is the chart owner's (broker credentials, cloud keys), not
+    the tenants': a listed variable can be read by every ScaledJob author and sent to
+    any host they name, so list only values every tenant may have."""
+    allow_operator_identity: bool = False
+    """Let an SQS trigger without keys use the operator's own AWS identity (its IRSA or
+    instance role) when it asks for it (KEDA's ``identityOwner: operator``). Off by
+    default: that identity reaches every queue the operator's role reaches, for every
+    tenant. Azure queues never use an ambient identity, so this changes nothing there."""
 
     def namespaces(self) -> list[str]:
         return [n.strip() for n in self.watch_namespaces.split(",") if n.strip()]
+
+    def tenant_env_names(self) -> list[str]:
+        """``tenant_env_allow_list`` as names."""
+        return [n.strip() for n in self.tenant_env_allow_list.split(",") if n.strip()]
+
+    @field_validator("tenant_env_allow_list")
+    @classmethod
+    def _env_names(cls, value: str) -> str:
+        names = [n.strip() for n in value.split(",") if n.strip()]
+        # A POSIX-style name: ASCII letters, digits and _, not starting with a digit.
+        bad = [n for n in names if not (n.isascii() and n.isidentifier())]
+        if bad:
+            raise ValueError(
+                "comma-separated names of environment variables (letters, digits and _, "
+                f"not starting with a digit); not names: {', '.join(map(repr, bad))}"
+            )
+        return value
 
 
 class Settings(BaseSettings):

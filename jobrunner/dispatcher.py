@@ -56,6 +56,7 @@ from jobrunner.protocols import (
     SettleHook,
     TransientError,
 )
+from jobrunner.redaction import describe_error
 from jobrunner.rendering import (
     ANNOTATION_ORIGINAL_MESSAGE,
     RenderedJob,
@@ -135,19 +136,21 @@ class Dispatcher:
         self._side_tasks: set[asyncio.Task[None]] = set()
         self._tracer = telemetry.tracer
         metrics = telemetry.metrics
-        sj = scaledjob.name
-        self._m_received = metrics.messages_received.labels(sj, source.name)
-        self._m_created = metrics.jobs_created.labels(sj)
-        self._m_adopted = metrics.jobs_adopted.labels(sj)
-        self._m_succeeded = metrics.jobs_succeeded.labels(sj)
+        # Series are keyed by namespace and name: same-named ScaledJobs of two
+        # namespaces are two series, and closing one never removes the other's.
+        sj = (scaledjob.namespace, scaledjob.name)
+        self._m_received = metrics.messages_received.labels(*sj, source.name)
+        self._m_created = metrics.jobs_created.labels(*sj)
+        self._m_adopted = metrics.jobs_adopted.labels(*sj)
+        self._m_succeeded = metrics.jobs_succeeded.labels(*sj)
         self._m_failed = metrics.jobs_failed
         self._m_dead = metrics.dead_lettered
-        self._m_receive_to_create = metrics.receive_to_create.labels(sj)
-        self._m_publish_to_create = metrics.publish_to_create.labels(sj)
+        self._m_receive_to_create = metrics.receive_to_create.labels(*sj)
+        self._m_publish_to_create = metrics.publish_to_create.labels(*sj)
         self._m_duration = metrics.job_duration
         self._m_unforeseen = metrics.unforeseen_errors
         self._metrics = metrics
-        metrics.jobs_active.labels(sj).set_function(lambda: len(self.limiter))
+        metrics.jobs_active.labels(*sj).set_function(lambda: len(self.limiter))
         self._unforeseen: dict[str, int] = {}
         """Unforeseen errors so far per message identity (bounded retries)."""
         self.cleaner = HistoryCleaner(
@@ -185,7 +188,7 @@ class Dispatcher:
         of this ScaledJob (a replaced unit must leave no second settler or stale series)."""
         self._tracker.remove_listener(self._job_finished)
         self._tracker.remove_deletion_listener(self._job_deleting)
-        sj = self.scaledjob.name
+        sj = (self.scaledjob.namespace, self.scaledjob.name)
         for metric in (
             self._metrics.jobs_active,
             self._metrics.jobs_created,
@@ -195,9 +198,16 @@ class Dispatcher:
             self._metrics.publish_to_create,
         ):
             with contextlib.suppress(KeyError):
-                metric.remove(sj)
+                metric.remove(*sj)
         with contextlib.suppress(KeyError):
-            self._metrics.messages_received.remove(sj, self._source.name)
+            self._metrics.messages_received.remove(*sj, self._source.name)
+        self._metrics.forget(*sj)
+
+    def _series(self, metric: str, reason: str) -> tuple[str, str, str]:
+        """(namespace, scaledjob, reason) labels of a by-reason metric, the reason bounded
+        (``Metrics.reason``)."""
+        ns, name = self.scaledjob.namespace, self.scaledjob.name
+        return ns, name, self._metrics.reason(ns, name, metric, reason)
 
     # ------------------------------------------------------------------ receive
     async def run(self) -> None:
@@ -213,9 +223,9 @@ class Dispatcher:
         for state in self._tracker.deleting():
             self._job_deleting(state)
         async for handle in self._source.deliveries():
-            self._accept(handle)
+            await self._accept(handle)
 
-    def _accept(self, handle: MessageHandle) -> None:
+    async def _accept(self, handle: MessageHandle) -> None:
         delivery = handle.delivery
         self._m_received.inc()
         self.last_message_at = time.time()
@@ -236,9 +246,11 @@ class Dispatcher:
         )
         try:
             with trace.use_span(span), self._tracer.start_as_current_span("render"):
-                # The Job joins the message's trace through TRACEPARENT.
+                # The Job joins the message's trace through TRACEPARENT. Rendered off
+                # the event loop, under the render limits (see jobrunner.sandbox); one
+                # message at a time per ScaledJob, as it always was.
                 extra = {"TRACEPARENT": traceparent_of(span) or ""}
-                rendered = self._renderer.render(delivery, extra_env=extra)
+                rendered = await self._renderer.render_bounded(delivery, extra_env=extra)
         except RenderError as exc:
             self._message_log(delivery).warning("message cannot become a Job: %s", exc)
             span.set_status(Status(StatusCode.ERROR, exc.reason))
@@ -359,21 +371,22 @@ class Dispatcher:
         hand and none loops forever. The dispatcher goes on."""
         delivery = handles[-1].delivery
         log = self._message_log(delivery, name)
-        self._m_unforeseen.labels(self.scaledjob.name, type(exc).__name__).inc()
+        self._m_unforeseen.labels(*self._series("unforeseen_errors", type(exc).__name__)).inc()
         count = self._unforeseen.get(delivery.identity, 0) + 1
         self._unforeseen[delivery.identity] = count
         limit = self._settings.max_unforeseen_errors
+        # The dead letter's detail reaches the ScaledJob's author (headers, the Job's
+        # annotations and Events): jobrunner's words only, since the exception may quote
+        # a server the author chose. The traceback, for the bug it is, goes to the log.
+        words = describe_error(exc)
         log.error(
-            "unforeseen error processing the message (try %d of %d): %s: %s",
+            "unforeseen error processing the message (try %d of %d): %s",
             count,
             limit,
-            type(exc).__name__,
-            exc,
+            words,
             exc_info=exc,
         )
-        dead = Decision.dead_letter(
-            "InternalError", f"{type(exc).__name__}: {exc} (after {count} tries)", name
-        )
+        dead = Decision.dead_letter("InternalError", f"{words} (after {count} tries)", name)
         try:
             if count < limit:
                 requeue = Decision(Action.REQUEUE, reason="InternalError", job_name=name)
@@ -621,6 +634,10 @@ class Dispatcher:
                 if not await self._settle_live(handles, decision):
                     span.set_attribute("jobrunner.redelivery_expected", True)
                     return False
+                if decision.action is not Action.REQUEUE:
+                    # Gone from the broker: its count of unforeseen errors goes too (a
+                    # message that failed once and then succeeded must not stay here).
+                    self._unforeseen.pop(identity, None)
             elif decision.action is Action.DEAD_LETTER and original is not None:
                 await self._source.dead_letter_copy(original, decision)
         delivery = handles[-1].delivery if handles else None
@@ -637,7 +654,7 @@ class Dispatcher:
                 },
             )
         if decision.action is Action.DEAD_LETTER:
-            self._m_dead.labels(self.scaledjob.name, decision.reason).inc()
+            self._m_dead.labels(*self._series("dead_lettered", decision.reason)).inc()
             if decision.job_name:
                 self._event_by_name(
                     decision.job_name,
@@ -739,10 +756,12 @@ class Dispatcher:
         if outcome.succeeded:
             self._m_succeeded.inc()
         else:
-            self._m_failed.labels(self.scaledjob.name, outcome.reason).inc()
+            self._m_failed.labels(*self._series("jobs_failed", outcome.reason)).inc()
         duration = seconds_between(state.created, state.finished_at)
         if duration is not None:
-            self._m_duration.labels(self.scaledjob.name, outcome.outcome.value).observe(duration)
+            self._m_duration.labels(
+                self.scaledjob.namespace, self.scaledjob.name, outcome.outcome.value
+            ).observe(duration)
         self.cleaner.trigger()
         if not self._owns_message(state) or state.name in self.inflight:
             return
@@ -872,9 +891,9 @@ class Dispatcher:
         secret = None
         # With marks, the copy in the Secret (which pods cannot write) is always read: it
         # wins over an annotation (see rendering.original_message).
-        if self._marks is not None or ANNOTATION_ORIGINAL_MESSAGE not in (
-            (job.get("metadata") or {}).get("annotations") or {}
-        ):
+        always = self._marks is not None and self._marks.reads_secrets
+        annotations = (job.get("metadata") or {}).get("annotations") or {}
+        if always or ANNOTATION_ORIGINAL_MESSAGE not in annotations:
             secret = await self._retry(
                 lambda: self._jobs.read_secret(self.scaledjob.namespace, message_secret_name(name))
             )

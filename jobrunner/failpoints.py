@@ -17,6 +17,9 @@ POINTS = frozenset(
     {
         "before-create",
         "after-create",
+        # jobrunner.kube.client / jobrunner.local.client: a Job created now, its message
+        # Secret not yet.
+        "between-job-and-secret",
         "before-settle",
         # jobrunner.outputs: after one output message is confirmed, before it is recorded;
         # after every output is published and recorded, before the message is settled.

@@ -1,7 +1,12 @@
 """The dispatcher's HTTP endpoints for Prometheus and the kubelet: ``/metrics``,
 ``/healthz`` (the process and its event loop are alive) and ``/readyz`` (brokers
 connected, Job watches in sync). Served by the standard library's WSGI server on a thread
-of its own, so a busy event loop cannot make a probe time out without cause."""
+of its own, so a busy event loop cannot make a probe time out without cause.
+
+The endpoints are unauthenticated: anyone who reaches the port reads them. So what
+``/readyz`` says is decided by its caller (the operator tells counts only, see
+``Operator.readiness``) and is passed through ``jobrunner.redaction.redact`` and cut to
+``READY_TEXT_MAX`` characters here, whoever the caller."""
 
 from __future__ import annotations
 
@@ -15,7 +20,12 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
+from jobrunner.redaction import redact
+
 logger = logging.getLogger(__name__)
+
+READY_TEXT_MAX = 4096
+"""The most of ``/readyz``'s text served (a probe reads the status code only)."""
 
 StartResponse = Callable[..., Any]
 
@@ -66,7 +76,7 @@ class HttpEndpoints:
             return _text(start_response, ok, "ok\n" if ok else "event loop stalled\n")
         if path == "/readyz":
             ok, detail = self._ready()
-            return _text(start_response, ok, detail + "\n")
+            return _text(start_response, ok, redact(detail)[:READY_TEXT_MAX] + "\n")
         start_response("404 Not Found", [("Content-Type", "text/plain")])
         return [b"not found\n"]
 

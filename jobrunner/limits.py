@@ -63,3 +63,28 @@ def dns1123_label_problem(text: str, what: str = "a name") -> str | None:
             f"letter or digit (a DNS-1123 label), got {text!r}"
         )
     return None
+
+
+DNS1123_SUBDOMAIN_MAX = 253
+"""Kubernetes: the name of most objects — Secrets, ConfigMaps, Jobs, Pods, Leases, Events
+and custom resources such as TriggerAuthentications — is a DNS-1123 subdomain: at most
+253 characters, lowercase letters, digits, '-' and '.', starting and ending with a letter
+or digit, each dot-separated part a DNS-1123 label (``IsDNS1123Subdomain`` in
+apimachinery's util/validation). So '.', '..', '/', '%' and uppercase can never be part of
+one, which is what keeps such a name one segment of an API path."""
+
+DNS1123_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+_DNS1123_SUBDOMAIN = re.compile(DNS1123_SUBDOMAIN_PATTERN)
+
+
+def dns1123_subdomain_problem(text: str, what: str = "a name") -> str | None:
+    """Why ``text`` is not a DNS-1123 subdomain (see DNS1123_SUBDOMAIN_MAX), or None when
+    it is."""
+    if len(text) > DNS1123_SUBDOMAIN_MAX:
+        return f"{what} is at most {DNS1123_SUBDOMAIN_MAX} characters, got {len(text)}"
+    if not _DNS1123_SUBDOMAIN.fullmatch(text):
+        return (
+            f"{what} must be lowercase letters, digits, '-' and '.', starting and ending with "
+            f"a letter or digit (a DNS-1123 subdomain), got {text!r}"
+        )
+    return None

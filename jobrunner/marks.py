@@ -19,6 +19,10 @@ publish outputs or drop a message on its word. So every such mark is authenticat
   last, cannot be shifted into them). It sits in ``<annotation>-mac``. A mark copied from
   another Job, or from an earlier Job of the same name (another uid), or made with any
   other key, does not verify;
+* **a dispatcher that may not read message Secrets** (``read_message_secrets`` false,
+  the chart's ``permissions.operator.restrict.secret``) cannot know the keys: it trusts
+  marks as they are, says so once at start, and leaves the guard to the admission policy
+  (the chart refuses that restriction with its ``invokerPolicy`` off);
 * **Jobs from before keys** (made by an earlier jobrunner: their pod template mounts no
   key, and a Job's template cannot be changed) keep being trusted as they were, so an
   upgrade neither dead-letters the Jobs running through it nor settles old ones again;
@@ -204,9 +208,15 @@ class JobMarks:
     (uid, annotation, value, MAC), so a mark is checked, and an Event about it recorded,
     once. Both caches hold at most 4096 entries."""
 
-    def __init__(self, *, jobs: JobClient, namespace: str) -> None:
+    def __init__(self, *, jobs: JobClient, namespace: str, reads_secrets: bool = True) -> None:
+        """``reads_secrets`` False: this dispatcher may not read message Secrets
+        (``dispatcher.read_message_secrets``, the chart's
+        ``permissions.operator.restrict.secret``), so it cannot know a Job's key: marks
+        are then trusted as they are, and only the admission policy keeps other pods from
+        writing them (the chart refuses that restriction without its invokerPolicy)."""
         self._jobs = jobs
         self.namespace = namespace
+        self.reads_secrets = reads_secrets
         self._keys: _Lru = _Lru()
         self._verdicts: _Lru = _Lru()
 
@@ -235,6 +245,8 @@ class JobMarks:
         """``annotations`` with a MAC beside each, for Job ``name``. Without a key (a Job
         made before keys, or its Secret gone) they go unsigned, and will not be trusted."""
         signed = dict(annotations)
+        if not self.reads_secrets:
+            return signed
         key = await self.key(name, uid) if uid else None
         if key is None:
             logger.debug("Job %s has no key: its marks go unsigned", name, extra={"job_name": name})
@@ -258,8 +270,8 @@ class JobMarks:
         meta = job.get("metadata") or {}
         annotations = meta.get("annotations") or {}
         value = annotations.get(annotation)
-        if value is None:
-            return Mark(None)
+        if value is None or not self.reads_secrets:
+            return Mark(value)
         name = str(meta.get("name", ""))
         uid = str(meta.get("uid", ""))
         mac = annotations.get(mac_annotation(annotation))

@@ -38,6 +38,13 @@ class SourceError(Refusal):
     backoff and reports it on ``/readyz``."""
 
 
+class SourceUnreachable(SourceError, ConnectionError):
+    """The broker cannot be reached now (refused, timed out, dropped the connection): a
+    ``SourceError`` that is also a ``ConnectionError``, in jobrunner's words (the host
+    without credentials and what failed, never the text of what answered; see
+    jobrunner.redaction)."""
+
+
 class WatchExpired(Exception):
     """The watch's resourceVersion is too old (410 Gone): list again."""
 
@@ -60,9 +67,20 @@ class JobClient(Protocol):
     async def create_job(
         self, job: Mapping[str, Any], secret: Mapping[str, Any] | None
     ) -> tuple[Mapping[str, Any], bool]:
-        """Create the Job (and its message Secret, then owned by the Job). Returns the
-        Job and whether it was created now; an existing Job of that name is returned
-        with ``False`` (a redelivery adopting it)."""
+        """Create the Job, then its message Secret (``secret``, when the message needs
+        one) owned by the Job from its creation (see ``jobrunner.messagesecret``).
+        Returns the Job and whether it was created now; an existing Job of that name is
+        returned with ``False`` (a redelivery adopting it), its Secret made if an earlier
+        call stopped between the two.
+
+        Never leaves a Secret without an owner, nor a Job whose Secret was refused: it is
+        removed, and ApiRejected raised. A Secret of that name that is already there is
+        used only when it holds this body (the SHA-256 of its ``body`` is the Job's
+        ``jobrunner.dev/body-sha256``); otherwise ApiRejected (409,
+        ``MessageSecretConflict``): it is never mounted, and a Job that may have run with
+        it is removed. A Job made for another body, or being deleted, is returned as it
+        is, without a Secret made for it. TransientError: try again (the next call
+        completes this one)."""
         ...
 
     async def get_job(self, namespace: str, name: str) -> Mapping[str, Any] | None: ...

@@ -30,17 +30,21 @@ import hashlib
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 from typing import Any
 
 import jinja2
 import jinja2.meta
-import jinja2.sandbox
 import yaml
 
 from jobrunner import jobschema, limits, marks
-from jobrunner.config import DeliveryMode, ManifestError, MessageDelivery, ScaledJob
+from jobrunner.config import (
+    DeliveryMode,
+    DispatcherSettings,
+    ManifestError,
+    MessageDelivery,
+    ScaledJob,
+)
 from jobrunner.models import (
     ANNOTATION_ACK_POLICY,
     ANNOTATION_BODY_DIGEST,
@@ -56,87 +60,64 @@ from jobrunner.models import (
     Delivery,
 )
 from jobrunner.naming import job_name, message_key, message_secret_name
+from jobrunner.sandbox.pool import RenderPool, RenderPoolError
+from jobrunner.sandbox.templates import (
+    TEMPLATE_NAMES,
+    MessageView,
+    RenderError,
+    RenderLimits,
+    StringFailure,
+    Strings,
+    environment,
+    literal,
+)
+from jobrunner.sandbox.templates import b64 as _b64
+
+__all__ = [
+    "TEMPLATE_NAMES",
+    "MessageView",
+    "RenderError",
+    "RenderedJob",
+    "Renderer",
+    "literal",
+    "original_message",
+    "render_pool",
+    "template_dirs",
+]
+
+
+def render_pool(settings: DispatcherSettings) -> RenderPool:
+    """The render workers of a dispatcher process, with the limits its settings give
+    (started on first use; the caller closes the pool)."""
+    return RenderPool(
+        RenderLimits(
+            seconds=settings.render_timeout_seconds,
+            output_bytes=settings.render_output_bytes,
+            memory_bytes=settings.render_memory_bytes,
+        ),
+        workers=settings.render_workers,
+        per_scaledjob=settings.render_workers_per_scaledjob,
+    )
+
 
 ANNOTATION_ORIGINAL_MESSAGE = "jobrunner.dev/original-message"
-# A Job's annotations may total 256 KiB; keep the original message there only when it
-# is well below that, else in the per-Job Secret.
+# A Job's annotations may total 256 KiB; keep the original message there only when its
+# body is in the Job's spec anyway (env, args) and it is well below that, else in the
+# per-Job Secret.
 ORIGINAL_IN_ANNOTATION_MAX = 96 * 1024
 MESSAGE_VOLUME = "jobrunner-message"
-TEMPLATE_NAMES = ("message", "job", "scaledjob")
-"""The names a template sees."""
 ARG_MAX = 2 * 1024 * 1024
 """Linux: argv and environment together, with the 8 MiB stack a container gets by
 default (a quarter of RLIMIT_STACK)."""
 _CONTAINER_LISTS = ("containers", "initContainers", "ephemeralContainers")
-
-
-class RenderError(Exception):
-    """A message that cannot become a Job. ``reason`` is a short CamelCase code used in
-    dead-letter headers; the text says what went wrong."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
-
-
-class MessageView:
-    """What a template sees as ``message``. ``json`` parses the body on first use."""
-
-    def __init__(self, delivery: Delivery) -> None:
-        self._delivery = delivery
-        self.id = delivery.message_id
-        self.identity = delivery.identity
-        self.headers = dict(delivery.headers)
-        self.metadata = dict(delivery.metadata)
-        self.source = delivery.source
-        self.content_type = delivery.content_type
-        self.size = len(delivery.body)
-
-    @cached_property
-    def body(self) -> str:
-        return self._delivery.body.decode("utf-8", errors="replace")
-
-    @cached_property
-    def json(self) -> Any:
-        try:
-            return json.loads(self._delivery.body)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise RenderError(
-                "InvalidMessage",
-                f"the template reads message.json but the body is not JSON ({exc})",
-            ) from None
-
-
-def _b64(value: str | bytes) -> str:
-    raw = value.encode() if isinstance(value, str) else value
-    return base64.b64encode(raw).decode()
-
-
-def literal(text: str) -> str:
-    """``text`` as a value the kubelet's ``$(VAR)`` expansion leaves unchanged."""
-    return text.replace("$", "$$")
-
-
-def _environment(*, kubelet_expanded: bool) -> jinja2.sandbox.SandboxedEnvironment:
-    """The Jinja2 environment for one kind of field. In a field the kubelet expands,
-    every expression's output is escaped (``finalize`` runs on each ``{{ }}`` result,
-    never on the template's own text)."""
-    finalize: Callable[[Any], Any] | None = None
-    if kubelet_expanded:
-
-        def finalize(value: Any) -> Any:
-            return literal(value if isinstance(value, str) else str(value))
-
-    env = jinja2.sandbox.SandboxedEnvironment(
-        undefined=jinja2.StrictUndefined,
-        autoescape=False,
-        keep_trailing_newline=False,
-        finalize=finalize,
-    )
-    env.filters["b64encode"] = _b64
-    env.filters["tojson"] = lambda v: json.dumps(v, sort_keys=True)
-    return env
+TEMPLATE_SOURCE_MAX = 64 * 1024
+"""Characters of template text (the templated strings) one Job template may hold.
+Parsing costs about 6 s per MiB of expressions, on the dispatcher's own process when a
+ScaledJob starts; a Job template ordinarily holds a few hundred."""
+RESERVED_PREFIX = "jobrunner.dev/"
+RESERVED_KEYS = frozenset({LABEL_MANAGED_BY, LABEL_KEDA_SCALEDJOB})
+"""Label and annotation keys a template may not write (besides every ``jobrunner.dev/``
+key): jobrunner finds, counts and settles its Jobs by them."""
 
 
 def kubelet_expands(path: tuple[str | int, ...]) -> bool:
@@ -156,38 +137,67 @@ def kubelet_expands(path: tuple[str | int, ...]) -> bool:
     return False
 
 
-Compiled = Callable[[Mapping[str, Any]], Any]
+Filler = Callable[[list[str]], Any]
+"""Builds one part of the Job from the rendered strings (in ``_Compiler.sources`` order)."""
 
 
 @dataclass
 class _Compiler:
-    """Pre-compiles every string leaf, so a syntax error or an unknown name is found at
-    start-up, naming its field (``where`` + path) and, for files, its line."""
+    """Collects every templated string of the Job template, checked at start-up, so a
+    syntax error or an unknown name is found then, naming its field (``where`` + path)
+    and, for files, its line. The strings are rendered together (in this process or in
+    a render worker) and put back by the fillers ``compile`` returns."""
 
-    where: Callable[[tuple[str | int, ...]], str]
-    plain: jinja2.Environment = field(default_factory=lambda: _environment(kubelet_expanded=False))
-    expanded: jinja2.Environment = field(
-        default_factory=lambda: _environment(kubelet_expanded=True)
+    sources: list[tuple[str, bool]] = field(default_factory=list)
+    """Each templated string and whether the kubelet expands its field."""
+    wheres: list[str] = field(default_factory=list)
+    """The field each came from, for errors."""
+    size: int = 0
+    """Characters of template text so far (bounded by TEMPLATE_SOURCE_MAX)."""
+    _envs: dict[bool, jinja2.Environment] = field(
+        default_factory=lambda: {e: environment(kubelet_expanded=e) for e in (False, True)}
     )
 
-    def compile(self, node: Any, path: tuple[str | int, ...], *, spec: bool) -> Compiled:
+    def compile(
+        self,
+        node: Any,
+        path: tuple[str | int, ...],
+        *,
+        spec: bool,
+        where: Callable[[tuple[str | int, ...]], str],
+    ) -> Filler:
         if isinstance(node, dict):
-            parts = {k: self.compile(v, (*path, k), spec=spec) for k, v in node.items()}
-            return lambda ctx: {k: fn(ctx) for k, fn in parts.items()}
+            parts = {
+                k: self.compile(v, (*path, k), spec=spec, where=where) for k, v in node.items()
+            }
+            return lambda values: {k: fn(values) for k, fn in parts.items()}
         if isinstance(node, list):
-            items = [self.compile(v, (*path, i), spec=spec) for i, v in enumerate(node)]
-            return lambda ctx: [fn(ctx) for fn in items]
+            items = [
+                self.compile(v, (*path, i), spec=spec, where=where) for i, v in enumerate(node)
+            ]
+            return lambda values: [fn(values) for fn in items]
         if jobschema.is_templated(node):
-            return self._string(node, path, escape=spec and kubelet_expands(path))
-        return lambda ctx: copy.deepcopy(node)
+            index = self._string(node, where(path), escape=spec and kubelet_expands(path))
+            return lambda values: values[index]
+        return lambda values: copy.deepcopy(node)
 
-    def _string(self, source: str, path: tuple[str | int, ...], *, escape: bool) -> Compiled:
-        env = self.expanded if escape else self.plain
-        where = self.where(path)
+    def _string(self, source: str, where: str, *, escape: bool) -> int:
+        self.size += len(source)
+        if self.size > TEMPLATE_SOURCE_MAX:
+            raise ManifestError(
+                f"{where}: the templated strings of this Job template pass "
+                f"{TEMPLATE_SOURCE_MAX} characters in all, the most jobrunner parses for one "
+                "Job template; move large fixed text out of the templated strings (a "
+                "ConfigMap, the image)"
+            )
         try:
-            parsed = env.parse(source)
+            parsed = self._envs[escape].parse(source)
         except jinja2.TemplateSyntaxError as exc:
             raise ManifestError(f"{where}: template syntax error: {exc.message}") from None
+        except RecursionError:
+            raise ManifestError(
+                f"{where}: the template nests too deep for Jinja2's parser; flatten it"
+            ) from None
         unknown = sorted(jinja2.meta.find_undeclared_variables(parsed) - set(TEMPLATE_NAMES))
         if unknown:
             close = difflib.get_close_matches(unknown[0], TEMPLATE_NAMES, n=1)
@@ -196,23 +206,9 @@ class _Compiler:
                 f"{where}: unknown name {unknown[0]!r} in the template; {hint}templates see "
                 f"{', '.join(TEMPLATE_NAMES)}"
             )
-        template = env.from_string(source)
-
-        def render(ctx: Mapping[str, Any]) -> str:
-            try:
-                return template.render(ctx)
-            except RenderError:
-                raise
-            except jinja2.UndefinedError as exc:
-                raise RenderError("TemplateError", f"{where}: {exc.message}") from None
-            except jinja2.exceptions.SecurityError as exc:
-                raise RenderError("TemplateError", f"{where}: blocked: {exc}") from None
-            except Exception as exc:
-                raise RenderError(
-                    "TemplateError", f"{where}: {type(exc).__name__}: {exc}"
-                ) from None
-
-        return render
+        self.sources.append((source, escape))
+        self.wheres.append(where)
+        return len(self.sources) - 1
 
 
 @dataclass(frozen=True)
@@ -220,7 +216,8 @@ class RenderedJob:
     name: str
     job: dict[str, Any]
     secret: dict[str, Any] | None
-    """Per-Job Secret holding the message, created before the Job and then owned by it."""
+    """Per-Job Secret holding the message (the file a pod mounts, and the original kept
+    for a dead letter), created after the Job and owned by it (see messagesecret)."""
 
 
 @dataclass(frozen=True)
@@ -361,12 +358,42 @@ def line_of_spec(node: yaml.Node | None, path: tuple[str | int, ...]) -> int | N
     return line_of(node, path[1:] if path and path[0] == "spec" else path)
 
 
+def _reserved_keys(template: JobTemplate) -> list[jobschema.SchemaProblem]:
+    """Labels and annotations the template may not set: jobrunner's own (see
+    RESERVED_KEYS). jobrunner overwrites some of them when it renders, but a template
+    that sets one means something it cannot have (its Job counted as another
+    ScaledJob's, a message marked settled, a forged kept copy): refused, not ignored."""
+    pod_template = template.spec.get("template")
+    pod = pod_template.get("metadata") if isinstance(pod_template, dict) else None
+    places: list[tuple[tuple[str | int, ...], Any]] = []
+    where: list[tuple[tuple[str | int, ...], Any]] = [
+        (("metadata",), template.metadata),
+        (("template", "metadata"), pod),
+    ]
+    for at, meta in where:
+        if isinstance(meta, dict):  # else the schema check names what it is
+            places += [((*at, kind), meta.get(kind)) for kind in ("labels", "annotations")]
+    problems = []
+    for path, keys in places:
+        for key in keys if isinstance(keys, dict) else {}:
+            if str(key).startswith(RESERVED_PREFIX) or key in RESERVED_KEYS:
+                problems.append(
+                    jobschema.SchemaProblem(
+                        (*path, key),
+                        f"{key!r} is jobrunner's own (it finds, counts and settles its Jobs "
+                        f"by it; every {RESERVED_PREFIX} key is); use a key of your own",
+                    )
+                )
+    return problems
+
+
 def _check_template(template: JobTemplate) -> None:
     problems = jobschema.check_template(template.spec)
     problems += [
         jobschema.SchemaProblem(("metadata", *p.path), p.text)
         for p in jobschema.check_template(template.metadata, jobschema.OBJECT_META)
     ]
+    problems += _reserved_keys(template)
     if not problems:
         containers = ((template.spec.get("template") or {}).get("spec") or {}).get("containers")
         if not containers:
@@ -483,49 +510,136 @@ def _annotations_size(annotations: Mapping[str, Any]) -> int:
 
 class Renderer:
     """Renders Jobs for one ScaledJob; construct once at start (templates are read,
-    checked against the batch/v1 schema and compiled then; ManifestError on a mistake)."""
+    checked against the batch/v1 schema and parsed then; ManifestError on a mistake).
+
+    The dispatcher renders with ``render_bounded``: the templates run in a render
+    worker (``pool``) under its time, output and memory limits, off the event loop.
+    ``render`` runs them in this process with only the output limit, for the offline
+    commands (``jobrunner render``, ``validate``) and for tests."""
 
     def __init__(
         self,
         scaledjob: ScaledJob,
         *,
         base_dirs: list[Path] | None = None,
+        copy_in_job_only: bool = False,
+        pool: RenderPool | None = None,
         new_key: Callable[[], bytes] = marks.new_key,
     ) -> None:
+        """``copy_in_job_only``: the dispatcher cannot read message Secrets back
+        (``DispatcherSettings.read_message_secrets`` false), so a message whose copy does
+        not fit in its Job's annotations is a RenderError ``MessageTooLarge``. ``pool``:
+        the render workers ``render_bounded`` uses. ``new_key``: makes each function
+        Job's key (random; tests pass their own)."""
         self.scaledjob = scaledjob
         self._new_key = new_key
-        """Makes each function Job's key (random; tests pass their own)."""
+        self._copy_in_job_only = copy_in_job_only
         self.template = load_job_template(scaledjob, base_dirs=base_dirs or [])
-        compiler = _Compiler(where=self.template.where)
-        self._spec = compiler.compile(self.template.spec, (), spec=True)
-        meta_compiler = _Compiler(where=lambda p: self.template.where(p, in_spec=False))
-        self._metadata = meta_compiler.compile(self.template.metadata, (), spec=False)
+        self._pool = pool
+        self.limits = pool.limits if pool is not None else RenderLimits()
+        compiler = _Compiler()
+        self._spec = compiler.compile(self.template.spec, (), spec=True, where=self.template.where)
+        self._metadata = compiler.compile(
+            self.template.metadata,
+            (),
+            spec=False,
+            where=lambda p: self.template.where(p, in_spec=False),
+        )
+        self._sources = compiler.sources
+        self._wheres = compiler.wheres
+        self._key = hashlib.sha256(json.dumps(self._sources).encode()).hexdigest()
+        """Names these templates in the render workers' caches."""
+        self._here: Strings | None = None
 
     def render(
         self, delivery: Delivery, *, extra_env: Mapping[str, str] | None = None
     ) -> RenderedJob:
-        """The Job for ``delivery``; ``extra_env`` (such as the trace context) is added to
+        """The Job for ``delivery``, rendered in this process (no time or memory limit:
+        see the class docstring); ``extra_env`` (such as the trace context) is added to
         the same containers as the message. RenderError when the message cannot make a
         Job the API server and the container runtime would take."""
+        name, context = self._context(delivery)
+        if self._here is None:
+            self._here = Strings(self._sources, limits=self.limits)
+        try:
+            values = self._here.render(
+                {
+                    "message": MessageView(body=delivery.body, **context["message"]),
+                    "scaledjob": context["scaledjob"],
+                    "job": context["job"],
+                }
+            )
+        except StringFailure as failure:
+            raise self._failed(failure) from None
+        return self._assemble(delivery, name, values, extra_env or {})
+
+    async def render_bounded(
+        self, delivery: Delivery, *, extra_env: Mapping[str, str] | None = None
+    ) -> RenderedJob:
+        """As ``render``, the templates run in a render worker under the pool's limits
+        (in this process when the Renderer has no pool). RenderError as ``render``, and
+        TemplateError naming the limit a render passed; RenderPoolError when no worker
+        could be had (not the message's fault)."""
+        if self._pool is None:
+            return self.render(delivery, extra_env=extra_env)
+        name, context = self._context(delivery)
+        try:
+            values = await self._pool.render(
+                owner=f"{self.scaledjob.namespace}/{self.scaledjob.name}",
+                key=self._key,
+                templates=self._sources,
+                context=context,
+                body=delivery.body,
+            )
+        except StringFailure as failure:
+            raise self._failed(failure) from None
+        if len(values) != len(self._sources):
+            raise RenderPoolError(
+                f"a render worker returned {len(values)} strings for {len(self._sources)}"
+            )
+        return self._assemble(delivery, name, values, extra_env or {})
+
+    def _failed(self, failure: StringFailure) -> RenderError:
+        if failure.index is None or not 0 <= failure.index < len(self._wheres):
+            return RenderError(failure.reason, failure.detail)
+        return RenderError(failure.reason, f"{self._wheres[failure.index]}: {failure.detail}")
+
+    def _context(self, delivery: Delivery) -> tuple[str, dict[str, Any]]:
+        """The Job's name and what the templates see, as plain data (``message``
+        without its body): RenderError for a message refused before any template runs."""
         sj = self.scaledjob
         config = sj.spec.messageDelivery
-        body = delivery.body
         if delivery.unreadable is not None:
             raise RenderError("InvalidMessage", delivery.unreadable)
-        if len(body) > config.maxMessageBytes:
+        if len(delivery.body) > config.maxMessageBytes:
             raise RenderError(
                 "MessageTooLarge",
-                f"body is {len(body)} bytes, over messageDelivery.maxMessageBytes "
+                f"body is {len(delivery.body)} bytes, over messageDelivery.maxMessageBytes "
                 f"({config.maxMessageBytes})",
             )
         name = job_name(sj.name, delivery.identity)
-        context = {
-            "message": MessageView(delivery),
+        return name, {
+            "message": {
+                "id": delivery.message_id,
+                "identity": delivery.identity,
+                "headers": dict(delivery.headers),
+                "metadata": dict(delivery.metadata),
+                "source": delivery.source,
+                "content_type": delivery.content_type,
+            },
             "scaledjob": {"name": sj.name, "namespace": sj.namespace},
             "job": {"name": name},
         }
-        spec = self._spec(context)
-        job_meta = self._metadata(context)
+
+    def _assemble(
+        self, delivery: Delivery, name: str, values: list[str], extra_env: Mapping[str, str]
+    ) -> RenderedJob:
+        """The Job (and Secret) from the rendered strings, checked."""
+        sj = self.scaledjob
+        config = sj.spec.messageDelivery
+        body = delivery.body
+        spec = self._spec(values)
+        job_meta = self._metadata(values)
         self._check_rendered(spec, job_meta)
         placement = _place_body(body, config)
         env = _message_env(
@@ -558,12 +672,15 @@ class Renderer:
             "spec": spec,
         }
         self._check_schema(job)
-        # A function's Job keeps its copy in the Secret, which its pod cannot write (see
-        # jobrunner.marks), and always has a Secret: it holds the Job's key.
+        # A function's Job always has a Secret, which holds the Job's key (jobrunner.marks),
+        # and keeps its copy there, where its pod cannot write (unless this dispatcher may
+        # not read Secrets back: then in the Job, as any Job's).
         function = sj.spec.function is not None
-        keep_in_secret = function or self._keep_original(job, delivery)
+        keep_in_secret = (function and not self._copy_in_job_only) or self._keep_original(
+            job, delivery, placement
+        )
         secret = None
-        if keep_in_secret or not placement.in_env:
+        if keep_in_secret or not placement.in_env or function:
             key = {marks.KEY_DATA: self._new_key()} if function else {}
             secret = self._secret(delivery, secret_name, with_original=keep_in_secret, extra=key)
             if function:
@@ -651,14 +768,37 @@ class Renderer:
             detail = "; ".join(f"field {p.field()}: {p.text}" for p in problems[:5])
             raise RenderError("InvalidMessage", detail)
 
-    def _keep_original(self, job: dict[str, Any], delivery: Delivery) -> bool:
-        """Keep the original message in an annotation when it fits well within the
-        annotations' 256 KiB; True when it must go to the Secret instead."""
+    def _keep_original(
+        self, job: dict[str, Any], delivery: Delivery, placement: _Placement
+    ) -> bool:
+        """Where the original message is kept for a later dead letter: True for the
+        Secret. An annotation only when the body is in the Job's spec already (env or
+        args) and it fits well within the annotations' 256 KiB: a body delivered as a
+        file stays in the Secret alone, since whoever may ``get jobs`` could read an
+        annotation (and the Job's spec too, which is why env is no place for secrets).
+        A dispatcher that may not read message Secrets (``copy_in_job_only``) keeps every
+        copy in the annotation: the chart's owner traded that for the operator reading no
+        Secret of a tenant's (README, Security)."""
+        if not placement.in_env and not self._copy_in_job_only:
+            return True
         annotations = job["metadata"]["annotations"]
         original = _original(delivery, with_body=True)
-        if len(original) > ORIGINAL_IN_ANNOTATION_MAX:
-            return True
-        if _annotations_size(annotations) + len(original) > limits.ANNOTATIONS_MAX:
+        if (
+            len(original) > ORIGINAL_IN_ANNOTATION_MAX
+            or _annotations_size(annotations) + len(original) > limits.ANNOTATIONS_MAX
+        ):
+            if self._copy_in_job_only:
+                # Refused before any Job exists: a Job that came to own this message (an
+                # onJobCreation ack, a hand-over) and failed could not be dead-lettered.
+                raise RenderError(
+                    "MessageTooLarge",
+                    f"the copy of the message a Job keeps is {len(original)} bytes, over the "
+                    f"{ORIGINAL_IN_ANNOTATION_MAX} kept in its annotations, and this "
+                    "dispatcher may not read message Secrets back "
+                    "(JOBRUNNER_DISPATCHER__READ_MESSAGE_SECRETS=false, the chart's "
+                    "permissions.operator.restrict.secret); send a large body by "
+                    "reference instead, or turn the restriction off",
+                )
             return True
         annotations[ANNOTATION_ORIGINAL_MESSAGE] = original
         return False
@@ -696,6 +836,9 @@ class Renderer:
                 "name": name,
                 "namespace": sj.namespace,
                 "labels": {LABEL_MANAGED_BY: MANAGED_BY, LABEL_SCALEDJOB: sj.name},
+                # The Job's own digest: a Secret found under this name is used only when
+                # it holds this body (see jobrunner.messagesecret).
+                "annotations": {ANNOTATION_BODY_DIGEST: hashlib.sha256(delivery.body).hexdigest()},
             },
             "data": {k: _b64(v) for k, v in data.items()},
         }

@@ -13,6 +13,8 @@ the caller's business (the CLI sets ``stop``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import importlib
 import logging
 from collections.abc import Callable, Mapping
@@ -34,13 +36,16 @@ from jobrunner.marks import JobMarks
 from jobrunner.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY
 from jobrunner.outputs import FunctionResults
 from jobrunner.protocols import JobClient, MessageSink, MessageSource, SourceError
-from jobrunner.rendering import Renderer, template_dirs
+from jobrunner.redaction import describe_error, redact
+from jobrunner.rendering import Renderer, render_pool, template_dirs
+from jobrunner.sandbox.pool import RenderPool
 from jobrunner.tasks import is_essential, start_guarded, stop_tasks
 from jobrunner.telemetry import Telemetry
 from jobrunner.timestamps import age_seconds
 from jobrunner.tracker import JobTracker
 from jobrunner.triggers import (
     FileSecrets,
+    Reach,
     ResolveContext,
     SecretReader,
     TriggerType,
@@ -78,10 +83,15 @@ def job_client(settings: Settings) -> ClosableJobClient:
             settings.local.state_dir,
             poll_interval=settings.local.poll_interval_seconds,
             retry_seconds=settings.local.retry_seconds,
+            failpoints=Failpoints(settings.dispatcher.failpoints),
         )
     from jobrunner.kube.client import KubeJobClient, load_api_client
 
-    return KubeJobClient(load_api_client(settings.kube.kubeconfig, settings.kube.context))
+    return KubeJobClient(
+        load_api_client(settings.kube.kubeconfig, settings.kube.context),
+        failpoints=Failpoints(settings.dispatcher.failpoints),
+        read_message_secrets=settings.dispatcher.read_message_secrets,
+    )
 
 
 @runtime_checkable
@@ -173,9 +183,13 @@ class DispatchUnit:
         jobs: JobClient,
         settings: Settings,
         telemetry: Telemetry,
+        reach: Reach,
+        renders: RenderPool | None = None,
     ) -> DispatchUnit:
         """A unit for a ScaledJob of a manifest file: its TriggerAuthentications and
-        Secrets may be in the file, templates beside it. ManifestError on any mistake."""
+        Secrets may be in the file, templates beside it; ``reach``: what its triggers
+        may use of this process (``Reach.own(os.environ)`` for ``jobrunner run``: the
+        user's own). ManifestError on any mistake."""
         return await cls.create(
             scaledjob,
             jobs=jobs,
@@ -184,6 +198,8 @@ class DispatchUnit:
             authentications=manifests.authentications,
             read_secret=FileSecrets(jobs.read_secret, manifests.secrets),
             base_dirs=template_dirs(manifests.path),
+            reach=reach,
+            renders=renders,
         )
 
     @classmethod
@@ -197,26 +213,53 @@ class DispatchUnit:
         authentications: Mapping[str, TriggerAuthentication],
         read_secret: SecretReader,
         base_dirs: list[Path],
+        reach: Reach,
         open_source: SourceOpener | None = None,
+        renders: RenderPool | None = None,
     ) -> DispatchUnit:
         """Render templates and resolve the trigger (reading Secrets through
-        ``read_secret``); ManifestError on any mistake in the ScaledJob. ``open_source``
+        ``read_secret``, environment variables and the process's cloud identity only as
+        far as ``reach`` allows: a tenant's ScaledJob under the operator gets
+        ``Reach.for_tenants``); ManifestError on any mistake in the ScaledJob. ``open_source``
         makes the source for the resolved trigger (default: the factory its type names;
-        tests pass ``jobrunner.testing``'s memory source)."""
-        renderer = Renderer(scaledjob, base_dirs=base_dirs)
+        tests pass ``jobrunner.testing``'s memory source). ``renders``: the process's
+        render workers (None: templates render in this process, without time or memory
+        limits; for tests)."""
+        # Parsing a large template takes a while (see rendering.TEMPLATE_SOURCE_MAX):
+        # not on the event loop that every ScaledJob shares.
+        renderer = await asyncio.to_thread(
+            functools.partial(
+                Renderer,
+                scaledjob,
+                base_dirs=base_dirs,
+                pool=renders,
+                copy_in_job_only=not settings.dispatcher.read_message_secrets,
+            )
+        )
         context = ResolveContext(
             scaledjob=scaledjob,
             trigger=scaledjob.spec.triggers[0],
             authentications=authentications,
             read_secret=read_secret,
             state_dir=settings.local.state_dir,
+            reach=reach,
         )
         kind, resolved = await resolve_trigger(context)
         source = (open_source or load_source)(kind, resolved, scaledjob, settings)
         # A function's pods may annotate Jobs: their marks are authenticated (marks).
         marks = None
         if scaledjob.spec.function is not None:
-            marks = JobMarks(jobs=jobs, namespace=scaledjob.namespace)
+            reads = settings.dispatcher.read_message_secrets
+            marks = JobMarks(jobs=jobs, namespace=scaledjob.namespace, reads_secrets=reads)
+            if not reads:
+                logger.warning(
+                    "%s: this dispatcher may not read message Secrets, so the function "
+                    "results on its Jobs are not checked against their keys; only an "
+                    "admission policy (the chart's invokerPolicy, or functions import's "
+                    "<app>-policy.yaml) keeps other pods from writing them",
+                    scaledjob.name,
+                    extra={"scaledjob": scaledjob.name},
+                )
         results = await function_results(scaledjob, context, jobs, settings, marks)
         tracker = JobTracker(
             client=jobs,
@@ -298,11 +341,13 @@ class DispatchUnit:
                 self.problem = None
                 return
             except (SourceError, ConnectionError, OSError) as exc:
-                self.problem = str(exc)
+                # In jobrunner's words: the text goes to /readyz and the ScaledJob's
+                # status, and must not carry a server's answer or a credential.
+                self.problem = describe_error(exc)
                 logger.warning(
                     "%s: %s; retrying in %.0fs",
                     self.name,
-                    exc,
+                    self.problem,
                     delay,
                     extra={"scaledjob": self.name, "source": self.source.name},
                 )
@@ -312,18 +357,31 @@ class DispatchUnit:
                 delay = min(delay * 2, 30.0)
 
     async def _sample_depth(self, telemetry: Telemetry, interval: float) -> None:
-        gauge = telemetry.metrics.queue_depth.labels(self.name, self.destination)
-        while True:
-            if self.problem is None:
-                self.depth = await self.source.depth()
-                if self.depth is not None:
-                    gauge.set(self.depth)
-                if isinstance(self.source, ReportsLag):
-                    for partition, lag in (await self.source.partition_lag()).items():
-                        telemetry.metrics.consumer_lag.labels(
-                            self.name, self.destination, partition
-                        ).set(lag)
-            await asyncio.sleep(interval)
+        """Samples the queue's depth (and Kafka's lag per partition) into the gauges
+        until cancelled; then removes this unit's series, so a ScaledJob deleted or
+        moved to another replica leaves no stale figure behind."""
+        metrics = telemetry.metrics
+        # /metrics is unauthenticated: a queue URL's credentials never reach a label.
+        series = (self.scaledjob.namespace, self.name, redact(self.destination))
+        gauge = metrics.queue_depth.labels(*series)
+        partitions: set[str] = set()
+        try:
+            while True:
+                if self.problem is None:
+                    self.depth = await self.source.depth()
+                    if self.depth is not None:
+                        gauge.set(self.depth)
+                    if isinstance(self.source, ReportsLag):
+                        for partition, lag in (await self.source.partition_lag()).items():
+                            metrics.consumer_lag.labels(*series, partition).set(lag)
+                            partitions.add(partition)
+                await asyncio.sleep(interval)
+        finally:
+            with contextlib.suppress(KeyError):
+                metrics.queue_depth.remove(*series)
+            for partition in partitions:
+                with contextlib.suppress(KeyError):
+                    metrics.consumer_lag.remove(*series, partition)
 
     async def _report_progress(self, interval: float) -> None:
         """A line every ``interval`` seconds while Jobs run (nothing while idle)."""
@@ -344,10 +402,11 @@ class DispatchUnit:
             )
 
     def readiness(self) -> str | None:
-        """None when ready, else why not."""
+        """None when ready, else why not: ``<scaledjob>: <why>`` in jobrunner's words
+        (sources build their problems with jobrunner.redaction; ``redact`` is the net)."""
         problem = self.problem or getattr(self.source, "problem", None)
         if problem is not None:
-            return f"{self.name}: {problem}"
+            return f"{self.name}: {redact(problem)}"
         if not self.source.connected:
             return f"{self.name}: broker not connected"
         if not self.tracker.synced.is_set():
@@ -365,7 +424,9 @@ class DispatchUnit:
             try:
                 await self.source.close()
             except Exception as exc:
-                logger.warning("closing the %s connection failed: %s", self.source.name, exc)
+                logger.warning(
+                    "closing the %s connection failed: %s", self.source.name, describe_error(exc)
+                )
             if self.results is not None:
                 await self.results.close()
 
@@ -377,7 +438,11 @@ async def _beat(heartbeat: Heartbeat) -> None:
 
 
 def readiness(units: list[DispatchUnit]) -> tuple[bool, str]:
-    """(ready, why): ready when every unit consumes and watches its Jobs."""
+    """(ready, why) for ``/readyz`` of ``jobrunner run -f``: ready when every unit
+    consumes and watches its Jobs, else each unit's name and reason. The names and the
+    reasons (broker hosts without credentials, in jobrunner's words) are shown because a
+    manifest file has one author, who runs the process: it is theirs to read. The
+    operator, serving many authors, shows counts only (``Operator.readiness``)."""
     problems = [p for p in (u.readiness() for u in units) if p is not None]
     if not units:
         problems.append("starting")
@@ -391,15 +456,18 @@ async def run(
     stop: asyncio.Event | None = None,
     telemetry: Telemetry | None = None,
     on_started: Callable[[list[DispatchUnit]], None] | None = None,
+    reach: Reach,
 ) -> None:
     """Serve every ScaledJob of ``manifests`` until ``stop`` is set (or an essential task
-    fails, which is raised)."""
+    fails, which is raised). ``reach``: what the triggers may use of this process (the
+    command line passes ``Reach.own(os.environ)``: the manifest's author runs it)."""
     stop = stop or asyncio.Event()
     jobs = job_client(settings)
     units: list[DispatchUnit] = []
     telemetry = telemetry or Telemetry.create()
     heartbeat = Heartbeat()
     http: HttpEndpoints | None = None
+    renders = render_pool(settings.dispatcher)
     background = [start_guarded(_beat(heartbeat), name="heartbeat")]
     if settings.telemetry.http_port is not None:
         http = HttpEndpoints(
@@ -417,6 +485,8 @@ async def run(
                     jobs=jobs,
                     settings=settings,
                     telemetry=telemetry,
+                    reach=reach,
+                    renders=renders,
                 )
             )
         for unit in units:
@@ -435,6 +505,7 @@ async def run(
         grace = settings.dispatcher.shutdown_grace_seconds
         await asyncio.gather(*(unit.stop(grace=grace) for unit in units), return_exceptions=True)
         await stop_tasks(background, grace=0)
+        await renders.close()
         if http is not None:
             http.stop()
         await jobs.close()

@@ -15,6 +15,7 @@ from collections.abc import Coroutine, Iterable
 from typing import Any
 
 from jobrunner.protocols import Refusal
+from jobrunner.redaction import describe_error
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +29,9 @@ def _report(task: asyncio.Task[Any]) -> None:
     if isinstance(exc, Refusal):
         logger.error("task %s failed: %s", task.get_name(), exc)
     elif exc is not None:
-        logger.error("task %s failed: %r", task.get_name(), exc, exc_info=exc)
+        # In jobrunner's words (the message may quote a server's answer); the traceback,
+        # for the bug it is, says where (jobrunner.redaction.describe_traceback).
+        logger.error("task %s failed: %s", task.get_name(), describe_error(exc), exc_info=exc)
     elif getattr(task, "jobrunner_long_lived", False):
         logger.warning("task %s ended without being asked to", task.get_name())
 

@@ -9,7 +9,13 @@ dispatcher's health with the tools they already run.
   its model directly: names, ``_total`` counters and ``_seconds`` histograms follow its
   conventions without an OpenTelemetry-to-Prometheus translation in between, and one
   registry per process (no global) keeps tests independent.
-* Logs: plain or JSON lines carrying scaledjob, job_name, message_id and source.
+  Every series of a ScaledJob is labelled ``namespace`` and ``scaledjob`` (two
+  ScaledJobs of one name in two namespaces are two series); label values are bounded:
+  names, reasons (at most ``REASONS_PER_SCALEDJOB`` distinct ones per ScaledJob and
+  metric, the rest counted as ``Other``), outcomes, partitions — never a message id.
+* Logs: plain or JSON lines carrying scaledjob, job_name, message_id and source. Every
+  line, libraries' included, is passed through ``jobrunner.redaction.redact``: no
+  ``user:password@``, SAS token or ``AccountKey`` reaches the log, whoever wrote it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import logging
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -28,6 +35,8 @@ from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from jobrunner.redaction import describe_error, describe_traceback, redact
 
 _CONTEXT = ("scaledjob", "job_name", "message_id", "source")
 _PROPAGATOR = TraceContextTextMapPropagator()
@@ -41,6 +50,9 @@ def iso_time(created: float) -> str:
 
 
 class _JsonFormatter(logging.Formatter):
+    def formatException(self, ei: Any) -> str:
+        return describe_traceback(ei[1]) if ei and ei[1] is not None else ""
+
     def format(self, record: logging.LogRecord) -> str:
         out = {
             "time": iso_time(record.created),
@@ -53,14 +65,17 @@ class _JsonFormatter(logging.Formatter):
                 out[key] = getattr(record, key)
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+        return redact(json.dumps(out, default=str))
 
 
 class _TextFormatter(logging.Formatter):
+    def formatException(self, ei: Any) -> str:
+        return describe_traceback(ei[1]) if ei and ei[1] is not None else ""
+
     def format(self, record: logging.LogRecord) -> str:
         base = super().format(record)
         context = " ".join(f"{k}={getattr(record, k)}" for k in _CONTEXT if hasattr(record, k))
-        return f"{base} [{context}]" if context else base
+        return redact(f"{base} [{context}]" if context else base)
 
 
 def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
@@ -70,11 +85,29 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
         if json_lines
         else _TextFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
     )
+    handler.addFilter(_LibraryWords())
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-    # aio-pika and the kubernetes client are chatty at INFO.
-    for noisy in ("aio_pika", "aiormq", "aiokafka", "kubernetes", "urllib3"):
+    # Client libraries stay at WARNING whatever the level, because below it they log
+    # what must not reach a log (found by running each against the local stack at
+    # DEBUG): aiokafka's connection logs the SASL PLAIN bytes, password included;
+    # azure-core's HTTP logging policy every request and the server's answer headers
+    # (INFO); botocore the signed request and every response body (DEBUG; an SQS answer
+    # is a message's body); redis-py the server's error text. aio-pika and the
+    # kubernetes client are merely chatty at INFO.
+    for noisy in (
+        "aio_pika",
+        "aiormq",
+        "aiokafka",
+        "kubernetes",
+        "urllib3",
+        "azure",
+        "botocore",
+        "aiobotocore",
+        "redis",
+        "nats",
+    ):
         logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
     # The runner says a failed connect once per try, in words; aiormq's own ERROR line
     # for the same failure would double every retry.
@@ -86,6 +119,31 @@ def configure_logging(level: str = "INFO", *, json_lines: bool = False) -> None:
 class _DropConnectFailures(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not str(record.msg).startswith("error when creating transport")
+
+
+class _LibraryWords(logging.Filter):
+    """A library's line keeps its words but says an exception as jobrunner.redaction's
+    ``describe_error`` does (class and errno, not its text), and loses its traceback:
+    at WARNING and above the libraries quote the server's answer there (aiokafka's
+    ``Unable connect to ...: <the broker's error message>``, nats-py's
+    ``encountered error``). jobrunner's own lines are left as they are: they are built
+    from safe words already, and a traceback on one is a bug's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name == "jobrunner" or record.name.startswith("jobrunner."):
+            return True
+        if isinstance(record.args, tuple) and any(
+            isinstance(a, BaseException) for a in record.args
+        ):
+            record.args = tuple(
+                describe_error(a) if isinstance(a, BaseException) else a for a in record.args
+            )
+        if record.exc_info and record.exc_info[1] is not None:
+            record.msg = f"{record.getMessage()} ({describe_error(record.exc_info[1])})"
+            record.args = ()
+            record.exc_info = None
+            record.exc_text = None
+        return True
 
 
 def extract_context(headers: Mapping[str, str]) -> Context:
@@ -118,6 +176,34 @@ _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _DURATION_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600)
 
 
+REASONS_PER_SCALEDJOB = 32
+"""Distinct ``reason`` label values one ScaledJob may add to one metric; any further
+reason counts as ``Other``. A Job's failure reason is its Failed condition's, which
+whoever may write the Job's status chooses: without a bound, a tenant could make the
+registry grow without end."""
+
+
+class _BoundedLabel:
+    """Passes label values through until ``limit`` distinct ones are seen per key, then
+    answers ``Other`` for any new one."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: dict[tuple[str, ...], set[str]] = {}
+
+    def __call__(self, key: tuple[str, ...], value: str) -> str:
+        seen = self._seen.setdefault(key, set())
+        if value in seen:
+            return value
+        if len(seen) >= self._limit:
+            return "Other"
+        seen.add(value)
+        return value
+
+    def forget(self, key: tuple[str, ...]) -> None:
+        self._seen.pop(key, None)
+
+
 @dataclass
 class Metrics:
     registry: CollectorRegistry
@@ -134,11 +220,22 @@ class Metrics:
     publish_to_create: Histogram
     job_duration: Histogram
     unforeseen_errors: Counter
+    bounded: _BoundedLabel
+
+    def reason(self, namespace: str, scaledjob: str, metric: str, reason: str) -> str:
+        """``reason`` as a label value of ``metric`` for that ScaledJob: itself, or
+        ``Other`` once the ScaledJob has used ``REASONS_PER_SCALEDJOB`` others there."""
+        return self.bounded((namespace, scaledjob, metric), reason)
+
+    def forget(self, namespace: str, scaledjob: str) -> None:
+        """Drop the reason bookkeeping of a ScaledJob no longer served here."""
+        for metric in ("jobs_failed", "dead_lettered", "unforeseen_errors"):
+            self.bounded.forget((namespace, scaledjob, metric))
 
     @classmethod
     def create(cls) -> Metrics:
         r = CollectorRegistry()
-        sj = ["scaledjob"]
+        sj = ["namespace", "scaledjob"]
         return cls(
             registry=r,
             messages_received=Counter(
@@ -214,6 +311,7 @@ class Metrics:
                 buckets=_DURATION_BUCKETS,
                 registry=r,
             ),
+            bounded=_BoundedLabel(REASONS_PER_SCALEDJOB),
         )
 
 

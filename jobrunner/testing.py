@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobrunner import apipath, messagesecret
 from jobrunner.models import FINALIZER, Action, Decision, Delivery
 from jobrunner.naming import message_identity
 from jobrunner.protocols import (
@@ -109,24 +110,47 @@ class MemoryJobClient:
     async def create_job(
         self, job: Mapping[str, Any], secret: Mapping[str, Any] | None
     ) -> tuple[Mapping[str, Any], bool]:
+        """The Job, then its Secret owned by it, by the rules the real clients follow
+        (``jobrunner.messagesecret``); a Secret that is there already and holds another
+        body is refused (409), the Job made for it removed."""
         self._count("create_job")
         meta = job["metadata"]
         key = (meta["namespace"], meta["name"])
-        if secret is not None:
-            skey = (secret["metadata"]["namespace"], secret["metadata"]["name"])
-            self.secrets.setdefault(skey, copy.deepcopy(dict(secret)))
         existing = self.jobs.get(key)
-        if existing is not None:
-            return copy.deepcopy(existing), False
-        stored = copy.deepcopy(dict(job))
-        stored["metadata"].update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339())
-        stored.setdefault("status", {})
-        self.jobs[key] = stored
-        await self._record("ADDED", stored)
-        return copy.deepcopy(stored), True
+        digest = messagesecret.job_digest(job)
+        skey = (meta["namespace"], str((secret or {}).get("metadata", {}).get("name")))
+        if existing is None:
+            found = self.secrets.get(skey) if secret is not None else None
+            check = messagesecret.check_existing(
+                found, job_name=meta["name"], job_uid=None, digest=digest
+            )
+            if check.verdict is messagesecret.Verdict.REFUSE:
+                raise messagesecret.conflict(check)
+            stored = copy.deepcopy(dict(job))
+            stored["metadata"].update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339())
+            stored.setdefault("status", {})
+            self.jobs[key] = stored
+            await self._record("ADDED", stored)
+            if secret is not None and found is None:
+                self.secrets[skey] = copy.deepcopy(messagesecret.owned_by(secret, stored))
+            return copy.deepcopy(stored), True
+        if secret is not None and messagesecret.job_digest(existing) == digest:
+            check = messagesecret.check_existing(
+                self.secrets.get(skey),
+                job_name=meta["name"],
+                job_uid=existing["metadata"]["uid"],
+                digest=digest,
+            )
+            if check.verdict is messagesecret.Verdict.REFUSE:
+                await self._remove(*key)
+                raise messagesecret.conflict(check)
+            if check.verdict is messagesecret.Verdict.CREATE:
+                self.secrets[skey] = copy.deepcopy(messagesecret.owned_by(secret, existing))
+        return copy.deepcopy(existing), False
 
     async def get_job(self, namespace: str, name: str) -> Mapping[str, Any] | None:
         self._count("get_job")
+        apipath.name(name, field="Job name")  # as the real client: refused unsent
         job = self.jobs.get((namespace, name))
         return copy.deepcopy(job) if job is not None else None
 
@@ -179,6 +203,7 @@ class MemoryJobClient:
 
     async def read_secret(self, namespace: str, name: str) -> Mapping[str, str] | None:
         self._count("read_secret")
+        apipath.name(name, field="Secret name")  # as the real client: refused unsent
         secret = self.secrets.get((namespace, name))
         return None if secret is None else dict(secret.get("data") or {})
 
@@ -490,7 +515,9 @@ def merge_patch(target: Any, patch: Any) -> Any:
 
 
 def _parse_path(path: str) -> tuple[str, str | None, str | None, str | None]:
-    """(group/version/resource, namespace, name, subresource) of an API path."""
+    """(group/version/resource, namespace, name, subresource) of an API path; InvalidName
+    for one the real client would refuse unsent (``apipath.check_path``)."""
+    apipath.check_path(path)
     parts = path.strip("/").split("/")
     if parts[0] == "api":
         gv, rest = parts[1], parts[2:]

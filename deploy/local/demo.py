@@ -39,6 +39,7 @@ from jobrunner.config import Executor, ManifestSet, Settings, load_manifest
 from jobrunner.console import JobRow, in_flight_table, rows_of, seconds
 from jobrunner.naming import job_name
 from jobrunner.telemetry import Telemetry, configure_logging
+from jobrunner.triggers import Reach
 from jobrunner.views import list_all, make_console, publish, read_client
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -211,16 +212,15 @@ async def cluster_setup() -> Setup:
     )
 
 
-def settled_count(telemetry: Telemetry, scaledjob: str) -> int:
+def settled_count(telemetry: Telemetry, namespace: str, scaledjob: str) -> int:
+    labels = {"namespace": namespace, "scaledjob": scaledjob}
     registry = telemetry.metrics.registry
-    succeeded = registry.get_sample_value(
-        "jobrunner_jobs_succeeded_total", {"scaledjob": scaledjob}
-    )
+    succeeded = registry.get_sample_value("jobrunner_jobs_succeeded_total", labels)
     dead = sum(
         s.value
         for m in telemetry.metrics.dead_lettered.collect()
         for s in m.samples
-        if s.name.endswith("_total") and s.labels.get("scaledjob") == scaledjob
+        if s.name.endswith("_total") and labels.items() <= s.labels.items()
     )
     return int((succeeded or 0) + dead)
 
@@ -271,7 +271,13 @@ async def main(cluster: bool) -> int:
     stop = asyncio.Event()
     start = time.monotonic()
     dispatcher = asyncio.create_task(
-        runner.run(setup.manifests, setup.settings, stop=stop, telemetry=telemetry),
+        runner.run(
+            setup.manifests,
+            setup.settings,
+            stop=stop,
+            telemetry=telemetry,
+            reach=Reach.own(os.environ),  # a dispatcher of the user's own
+        ),
         name="demo-dispatcher",
     )
     reader = read_client(setup.settings)
@@ -294,7 +300,7 @@ async def main(cluster: bool) -> int:
             while time.monotonic() - start < TIMEOUT:
                 if dispatcher.done():
                     break
-                done = settled_count(telemetry, scaledjob.name)
+                done = settled_count(telemetry, scaledjob.namespace, scaledjob.name)
                 rows = rows_of(await list_all(reader, scaledjob))
                 progress.update(bar, completed=done)
                 live.update(Group(progress, in_flight_table(rows, title="in flight")))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import faulthandler
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -33,6 +34,7 @@ from jobrunner.console import rows_of, seconds
 from jobrunner.naming import job_name
 from jobrunner.sources.sqlite import SQLiteQueue
 from jobrunner.telemetry import Telemetry, configure_logging
+from jobrunner.triggers import Reach
 from jobrunner.views import list_all, make_console, publish, read_client
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -151,7 +153,10 @@ async def main() -> int:
     stop = asyncio.Event()
     start = time.monotonic()
     dispatcher = asyncio.create_task(
-        runner.run(manifests, settings, stop=stop, telemetry=telemetry), name="demo-dispatcher"
+        runner.run(
+            manifests, settings, stop=stop, telemetry=telemetry, reach=Reach.own(os.environ)
+        ),
+        name="demo-dispatcher",
     )
     try:
         while time.monotonic() - start < TIMEOUT and not dispatcher.done():

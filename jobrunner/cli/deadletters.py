@@ -7,6 +7,7 @@ import asyncio
 import base64
 import importlib
 import json
+import os
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -24,7 +25,7 @@ from jobrunner.views import make_console
 async def open_store(ctx: Context, scaledjob: ScaledJob) -> DeadLetterStore:
     """The dead letters of ``scaledjob``'s trigger, from the module of its source (its
     ``open_dead_letters``), the trigger resolved as ``run`` resolves it."""
-    from jobrunner.triggers import FileSecrets, ResolveContext, resolve_trigger
+    from jobrunner.triggers import FileSecrets, Reach, ResolveContext, resolve_trigger
 
     settings = ctx.settings
     override = ctx.flag("dead_letter_queue")
@@ -51,6 +52,7 @@ async def open_store(ctx: Context, scaledjob: ScaledJob) -> DeadLetterStore:
                 authentications=ctx.manifests.authentications,
                 read_secret=FileSecrets(cluster_secret, ctx.manifests.secrets),
                 state_dir=settings.local.state_dir,
+                reach=Reach.own(os.environ),  # a file's ScaledJob, read by its own user
             )
         )
     finally:

@@ -59,6 +59,8 @@ def explain(exc: BaseException, ctx: Context | None) -> tuple[str, int] | None:
         return f"no Kubernetes configuration ({exc}); {hint}", FAILED
     if _is(exc, "jobrunner.protocols", "TransientError"):
         return f"{exc}; is the cluster up? (`make stack-up` starts the local one)", FAILED
+    if _is(exc, "jobrunner.apipath", "InvalidName"):  # refused before any request
+        return str(getattr(exc, "message", exc)), USAGE
     if _is(exc, "jobrunner.protocols", "ApiRejected"):
         return f"the Kubernetes API server refused: {exc}", FAILED
     if _is(exc, "jobrunner.protocols", "SourceError"):

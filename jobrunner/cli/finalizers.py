@@ -64,8 +64,12 @@ def namespaces(ctx: Context) -> list[str]:
     if ctx.flag("namespace"):
         return [str(ctx.flag("namespace"))]
     if ctx.flag("all_namespaces"):
+        from jobrunner.limits import dns1123_label_problem
+
         base: Path = ctx.settings.local.state_dir / "jobs"
-        return sorted(p.name for p in base.iterdir()) if base.is_dir() else []
+        found = base.iterdir() if base.is_dir() else []
+        # Only directories a namespace can have made (the local executor refuses others).
+        return sorted(p.name for p in found if p.is_dir() and not dns1123_label_problem(p.name))
     if ctx.flag("file"):
         return sorted({s.namespace for s in ctx.scaledjobs()})
     return ["default"]

@@ -44,7 +44,7 @@ def cmd_render(ctx: Context) -> int:
     secret = rendered.secret
     owner: dict[str, Any] | None = None
     if secret is not None:
-        from jobrunner.kube.client import owner_reference
+        from jobrunner.messagesecret import owner_reference
 
         owner = owner_reference(job)
         owner["uid"] = "<the Job's uid, known once it exists>"
@@ -53,16 +53,17 @@ def cmd_render(ctx: Context) -> int:
         print(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}, indent=2))
         if secret is not None:
             print(
-                f"note: jobrunner makes Job {job['metadata']['name']} own Secret "
-                f"{secret['metadata']['name']} (an ownerReference, added once the Job exists), "
-                "so it is deleted with the Job; applied by hand, it is not",
+                f"note: jobrunner creates the Job first, then makes Job "
+                f"{job['metadata']['name']} own Secret {secret['metadata']['name']} from its "
+                "creation (an ownerReference with the Job's uid), so it is deleted with the "
+                "Job; applied by hand, it is not",
                 file=sys.stderr,
             )
         return 0
     if secret is not None and owner is not None:
         patch = yaml.safe_dump({"metadata": {"ownerReferences": [owner]}}, sort_keys=False)
-        print("# The message Secret. jobrunner creates it, then the Job, then makes the Job own")
-        print("# it (deleted with the Job) by adding, once the Job has its uid:")
+        print("# The message Secret. jobrunner creates the Job first, then this Secret owned")
+        print("# by it (deleted with the Job), with, once the Job has its uid:")
         for line in patch.splitlines():
             print(f"#   {line}")
         print(yaml.safe_dump(secret, sort_keys=False), end="")

@@ -29,6 +29,7 @@ def cmd_operator(ctx: Context) -> int:
     from jobrunner.limits import dns1123_label_problem
     from jobrunner.operator.leases import default_identity
     from jobrunner.telemetry import Telemetry, configure_logging, tracer_provider
+    from jobrunner.triggers import Reach
 
     args = ctx.args
     settings = ctx.settings
@@ -72,8 +73,16 @@ def cmd_operator(ctx: Context) -> int:
     lease_namespace = op.lease_namespace or _own_namespace()
     endpoint = settings.telemetry.otlp_endpoint or settings.otel_traces_endpoint
     telemetry = Telemetry.create(tracer_provider(otlp_endpoint=endpoint))
+    # The operator's environment is its owner's, not the tenants': ScaledJobs may read
+    # only the variables the owner lists, and its cloud identity only where allowed.
+    reach = Reach.for_tenants(
+        os.environ,
+        allow_env=op.tenant_env_names(),
+        operator_identity=op.allow_operator_identity,
+    )
 
     async def serve() -> None:
+        from jobrunner.failpoints import Failpoints
         from jobrunner.kube.client import KubeJobClient, load_api_client
         from jobrunner.kube.objects import KubeObjects
         from jobrunner.operator.operator import Operator, serve_http
@@ -83,7 +92,11 @@ def cmd_operator(ctx: Context) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        jobs = KubeJobClient(load_api_client(settings.kube.kubeconfig, settings.kube.context))
+        jobs = KubeJobClient(
+            load_api_client(settings.kube.kubeconfig, settings.kube.context),
+            failpoints=Failpoints(settings.dispatcher.failpoints),
+            read_message_secrets=settings.dispatcher.read_message_secrets,
+        )
         try:
             operator = Operator(
                 settings=settings,
@@ -92,6 +105,7 @@ def cmd_operator(ctx: Context) -> int:
                 telemetry=telemetry,
                 identity=identity,
                 lease_namespace=lease_namespace,
+                reach=reach,
             )
             operator.register_metrics(lambda: jobs.requests)
             async with serve_http(operator, settings, telemetry):

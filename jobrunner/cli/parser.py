@@ -102,6 +102,27 @@ def namespace_name(text: str) -> str:
     return text
 
 
+def job_name(text: str) -> str:
+    """A Job's name (a DNS-1123 subdomain), refused before any request or file access."""
+    from jobrunner.limits import dns1123_subdomain_problem
+
+    problem = dns1123_subdomain_problem(text, "a Job name")
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
+def scaledjob_name(text: str) -> str:
+    """A ScaledJob's name (a DNS-1123 label: it becomes a label value), refused before
+    it reaches a label selector."""
+    from jobrunner.limits import dns1123_label_problem
+
+    problem = dns1123_label_problem(text, "a ScaledJob name")
+    if problem:
+        raise argparse.ArgumentTypeError(problem)
+    return text
+
+
 # ---------------------------------------------------------------------- option sets
 def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     """Options every command takes, before or after its name. A subcommand's copy has no
@@ -146,7 +167,9 @@ def _file(
         metavar="FILE",
         help="the ScaledJob manifest (YAML; may also hold TriggerAuthentications and Secrets)",
     )
-    parser.add_argument("--scaledjob", metavar="NAME", help=f"{scaledjob} (default: all)")
+    parser.add_argument(
+        "--scaledjob", metavar="NAME", type=scaledjob_name, help=f"{scaledjob} (default: all)"
+    )
 
 
 def _local(parser: argparse.ArgumentParser, *, executor: bool = True) -> None:
@@ -236,7 +259,9 @@ def _jobs(p: argparse.ArgumentParser) -> None:
 
 
 def _logs(p: argparse.ArgumentParser) -> None:
-    p.add_argument("job", metavar="JOB", help="the Job's name (see `jobrunner jobs`)")
+    p.add_argument(
+        "job", metavar="JOB", type=job_name, help="the Job's name (see `jobrunner jobs`)"
+    )
     p.add_argument(
         "-c",
         "--container",
@@ -353,7 +378,9 @@ def _finalizers(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="a ScaledJob manifest: look in its ScaledJobs' namespaces",
     )
-    p.add_argument("--scaledjob", metavar="NAME", help="only the Jobs of this ScaledJob")
+    p.add_argument(
+        "--scaledjob", metavar="NAME", type=scaledjob_name, help="only the Jobs of this ScaledJob"
+    )
     p.add_argument(
         "-A",
         "--all-namespaces",

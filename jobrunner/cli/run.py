@@ -4,6 +4,7 @@ queue)."""
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import sys
 
@@ -17,6 +18,7 @@ def cmd_run(ctx: Context) -> int:
     from jobrunner.config import Executor
     from jobrunner.rendering import Renderer, template_dirs
     from jobrunner.telemetry import Telemetry, configure_logging, tracer_provider
+    from jobrunner.triggers import Reach
 
     settings = ctx.settings
     manifests = ctx.manifests
@@ -35,7 +37,11 @@ def cmd_run(ctx: Context) -> int:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        await runner.run(manifests, settings, stop=stop, telemetry=telemetry)
+        # The dispatcher is the manifest author's own process: its environment and cloud
+        # identity are theirs, so *FromEnv and TriggerAuthentication env read all of it.
+        await runner.run(
+            manifests, settings, stop=stop, telemetry=telemetry, reach=Reach.own(os.environ)
+        )
 
     try:
         asyncio.run(serve())

@@ -28,6 +28,8 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.watch.watch import iter_resp_lines
 
+from jobrunner import apipath, messagesecret
+from jobrunner.failpoints import Failpoints
 from jobrunner.models import FINALIZER
 from jobrunner.protocols import ApiRejected, JobPage, TransientError, WatchEvent, WatchExpired
 from jobrunner.timestamps import now_rfc3339
@@ -104,8 +106,19 @@ def _interrupt(response: Any) -> None:
 
 
 class KubeJobClient:
-    def __init__(self, api_client: client.ApiClient) -> None:
+    def __init__(
+        self,
+        api_client: client.ApiClient,
+        *,
+        failpoints: Failpoints | None = None,
+        read_message_secrets: bool = True,
+    ) -> None:
+        """``read_message_secrets`` False: this client may not ``get`` message Secrets (the
+        chart's ``permissions.operator.restrict.secret``), so it makes them blind: see
+        ``create_job``."""
         self._api = api_client
+        self._failpoints = failpoints or Failpoints()
+        self._read_secrets = read_message_secrets
         self._host = urllib.parse.urlsplit(api_client.configuration.host).netloc
         self._pool = ThreadPoolExecutor(max_workers=_POOL_SIZE, thread_name_prefix="kube-api")
         self.requests: dict[str, int] = {}
@@ -124,6 +137,7 @@ class KubeJobClient:
         accept: str = _JSON,
     ) -> Any:
         """One request; the urllib3 response, unread, when its status is 2xx."""
+        apipath.check_path(path)  # the last guard: a path no builder escaped is never sent
         verb = "WATCH" if ("watch", "true") in (query or []) else method
         self.requests[verb] = self.requests.get(verb, 0) + 1
         headers = {"Accept": accept}
@@ -162,39 +176,200 @@ class KubeJobClient:
     async def create_job(
         self, job: Mapping[str, Any], secret: Mapping[str, Any] | None
     ) -> tuple[Mapping[str, Any], bool]:
+        """The Job first, then its message Secret owned by it (see ``messagesecret``).
+
+        Requests: a new Job costs a GET of the Secret (404), the Job's POST and the
+        Secret's POST; a redelivery adopting its Job, the two GETs. The GET first is what
+        keeps a Secret that is already there from being mounted by a Job just created:
+        the pod would read whatever Secret has the name by the time the kubelet mounts
+        it. Raises ApiRejected for a refusal, after removing a Job whose Secret was
+        refused (a message is never left with a Job that waits for a Secret that will
+        not come); TransientError when it is worth trying again, which then completes
+        what this call began (the Job exists: its Secret is made then).
+
+        Without the right to read message Secrets (``read_message_secrets`` False) the
+        Secret is made blind: no GET first, and a Secret of the name already there cannot
+        be checked. For a Job just made, such a Secret is refused (the Job removed, the
+        message dead-lettered ``MessageSecretConflict`` saying so), since the pod might
+        mount a body that is not its message's; for a Job adopted, it is taken to be the
+        one an earlier attempt made for it (only someone allowed to create Secrets in the
+        namespace could have put another there between the two creates)."""
         namespace = job["metadata"]["namespace"]
         name = job["metadata"]["name"]
-        if secret is not None:
-            try:
-                await self._call("POST", _secrets(namespace), body=dict(secret))
-            except ApiRejected as exc:
-                if exc.status != 409:  # a previous attempt made it: same message, same data
-                    raise
-        created = True
-        result: Mapping[str, Any]
+        if secret is None:
+            return await self._create_or_adopt(job)
+        if not self._read_secrets:
+            return await self._create_blind(job, secret)
+        secret_path = _secret(namespace, secret["metadata"]["name"])
+        digest = messagesecret.job_digest(job)
+        found = await self._read(secret_path)
+        live: Mapping[str, Any] | None = None
+        if found is not None:
+            live = await self.get_job(namespace, name)
+            if live is None:
+                check = messagesecret.check_existing(
+                    found, job_name=name, job_uid=None, digest=digest
+                )
+                self._before_job(check)
+        if live is not None:
+            return await self._complete(live, job, secret, found=found), False
+        result, created = await self._create_or_adopt(job)
+        if not created:
+            return await self._complete(result, job, secret, found=None), False
+        self._failpoints.hit("between-job-and-secret")
+        if found is None:
+            await self._create_secret(result, secret)
+        return result, True
+
+    async def _create_blind(
+        self, job: Mapping[str, Any], secret: Mapping[str, Any]
+    ) -> tuple[Mapping[str, Any], bool]:
+        """``create_job`` without reading Secrets (see there)."""
+        result, created = await self._create_or_adopt(job)
+        meta = result.get("metadata") or {}
+        if not created and (
+            messagesecret.job_digest(result) != messagesecret.job_digest(job)
+            or meta.get("deletionTimestamp")
+        ):
+            return result, False  # refused or settled by the dispatcher, as in _complete
+        if created:
+            self._failpoints.hit("between-job-and-secret")
         try:
-            result = await self._call("POST", _jobs(namespace), body=dict(job))
+            await self._call(
+                "POST", _secrets(meta["namespace"]), body=messagesecret.owned_by(secret, result)
+            )
+        except ApiRejected as exc:
+            if exc.status != 409:
+                await self._discard(result, f"its message Secret was refused: {exc}")
+                raise ApiRejected(
+                    exc.status,
+                    exc.reason,
+                    f"the Job's message Secret was refused, so the Job was removed: {exc.message}",
+                ) from exc
+            if created:
+                why = (
+                    f"Secret {meta['namespace']}/{secret['metadata']['name']} exists already "
+                    "and this dispatcher may not read it to check whose body it holds "
+                    "(permissions.operator.restrict.secret); delete it, then publish the "
+                    "message again"
+                )
+                await self._discard(result, why)
+                raise ApiRejected(409, messagesecret.CONFLICT_REASON, why) from exc
+        return result, created
+
+    @staticmethod
+    def _before_job(check: messagesecret.Check) -> None:
+        """A Secret of the name exists and its Job does not: create the Job only when the
+        Secret holds exactly this body (no Job is made that would mount another)."""
+        if check.verdict is messagesecret.Verdict.REFUSE:
+            raise messagesecret.conflict(check)
+        if check.verdict is messagesecret.Verdict.WAIT:
+            raise TransientError(check.why)
+        if check.why:
+            logger.warning("%s", check.why)
+
+    async def _create_or_adopt(self, job: Mapping[str, Any]) -> tuple[Mapping[str, Any], bool]:
+        namespace = job["metadata"]["namespace"]
+        name = job["metadata"]["name"]
+        try:
+            return await self._call("POST", _jobs(namespace), body=dict(job)), True
         except ApiRejected as exc:
             if exc.status != 409:
                 raise
-            created = False
             existing = await self.get_job(namespace, name)
             if existing is None:  # deleted between the conflict and the read: try again
                 raise TransientError(f"Job {namespace}/{name} vanished during adoption") from exc
-            result = existing
-        if secret is not None:
-            await self._own_secret(secret["metadata"]["name"], result)
-        return result, created
+            return existing, False
 
-    async def _own_secret(self, secret_name: str, job: Mapping[str, Any]) -> None:
-        meta = job["metadata"]
-        patch = {"metadata": {"ownerReferences": [owner_reference(job)]}}
-        await self._call(
-            "PATCH",
-            f"{_secrets(meta['namespace'])}/{secret_name}",
-            body=patch,
-            content_type=_MERGE_PATCH,
+    async def _complete(
+        self,
+        live: Mapping[str, Any],
+        job: Mapping[str, Any],
+        secret: Mapping[str, Any],
+        *,
+        found: Mapping[str, Any] | None,
+    ) -> Mapping[str, Any]:
+        """An existing Job adopted: make its Secret when an earlier create stopped between
+        the two (a crash), check the one it has otherwise. A Job made for another body
+        (the dispatcher refuses it, ``MessageIdReused``) or being deleted (settled as
+        ``JobDeleted``) is returned as it is: no Secret is made for it."""
+        meta = live.get("metadata") or {}
+        if messagesecret.job_digest(live) != messagesecret.job_digest(job):
+            return live
+        if meta.get("deletionTimestamp"):
+            return live
+        if found is None:
+            found = await self._read(_secret(meta["namespace"], secret["metadata"]["name"]))
+        check = messagesecret.check_existing(
+            found,
+            job_name=meta["name"],
+            job_uid=meta.get("uid"),
+            digest=messagesecret.job_digest(job),
         )
+        if check.verdict is messagesecret.Verdict.CREATE:
+            await self._create_secret(live, secret)
+        elif check.verdict is messagesecret.Verdict.WAIT:
+            raise TransientError(check.why)
+        elif check.verdict is messagesecret.Verdict.REFUSE:
+            # The Job may be running with a body that is not its message's: it goes.
+            await self._discard(live, check.why)
+            raise messagesecret.conflict(check)
+        elif check.why:
+            logger.warning("%s", check.why)
+        return live
+
+    async def _create_secret(self, job: Mapping[str, Any], secret: Mapping[str, Any]) -> None:
+        """Create ``secret`` owned by ``job``. A refusal removes the Job (its pod would
+        wait for the Secret for ever) and is raised; a Secret of the name that appeared
+        meanwhile is checked as ``_complete`` checks one."""
+        meta = job["metadata"]
+        namespace = meta["namespace"]
+        try:
+            await self._call("POST", _secrets(namespace), body=messagesecret.owned_by(secret, job))
+            return
+        except ApiRejected as exc:
+            if exc.status != 409:
+                await self._discard(job, f"its message Secret was refused: {exc}")
+                raise ApiRejected(
+                    exc.status,
+                    exc.reason,
+                    f"the Job's message Secret was refused, so the Job was removed: {exc.message}",
+                ) from exc
+        found = await self._read(_secret(namespace, secret["metadata"]["name"]))
+        check = messagesecret.check_existing(
+            found,
+            job_name=meta["name"],
+            job_uid=meta.get("uid"),
+            digest=messagesecret.job_digest(job),
+        )
+        if check.verdict is messagesecret.Verdict.USE:
+            if check.why:
+                logger.warning("%s", check.why)
+            return
+        if check.verdict is messagesecret.Verdict.CREATE:  # gone again: the next try makes it
+            raise TransientError(f"Secret {namespace}/{secret['metadata']['name']} vanished")
+        await self._discard(job, check.why)
+        if check.verdict is messagesecret.Verdict.WAIT:
+            raise TransientError(check.why)
+        raise messagesecret.conflict(check)
+
+    async def _discard(self, job: Mapping[str, Any], why: str) -> None:
+        """Remove a Job made for a message that is then refused: delete it (background:
+        its pods go too), then take jobrunner's finalizer off so the deletion finishes. A
+        crash between the two leaves a Job being deleted, which the message's redelivery
+        settles as ``JobDeleted``."""
+        meta = job["metadata"]
+        logger.warning("removing Job %s/%s: %s", meta["namespace"], meta["name"], why)
+        try:
+            await self.delete_job(meta["namespace"], meta["name"])
+            await self.release_job(meta["namespace"], meta["name"], {})
+        except ApiRejected as exc:  # no right to: say so; the refusal is what is raised
+            logger.error(
+                "could not remove Job %s/%s (%s): delete it by hand",
+                meta["namespace"],
+                meta["name"],
+                exc,
+            )
 
     async def _read(self, path: str) -> dict[str, Any] | None:
         """GET an object as raw JSON; None when it does not exist."""
@@ -206,21 +381,21 @@ class KubeJobClient:
             raise
 
     async def get_job(self, namespace: str, name: str) -> Mapping[str, Any] | None:
-        return await self._read(f"{_jobs(namespace)}/{name}")
+        return await self._read(_job(namespace, name))
 
     async def annotate_job(
         self, namespace: str, name: str, annotations: Mapping[str, str]
     ) -> Mapping[str, Any]:
         patch = {"metadata": {"annotations": dict(annotations)}}
         return await self._call(
-            "PATCH", f"{_jobs(namespace)}/{name}", body=patch, content_type=_MERGE_PATCH
+            "PATCH", _job(namespace, name), body=patch, content_type=_MERGE_PATCH
         )
 
     async def delete_job(self, namespace: str, name: str) -> None:
         try:
             await self._call(
                 "DELETE",
-                f"{_jobs(namespace)}/{name}",
+                _job(namespace, name),
                 body={
                     "kind": "DeleteOptions",
                     "apiVersion": "v1",
@@ -234,7 +409,7 @@ class KubeJobClient:
     async def release_job(
         self, namespace: str, name: str, annotations: Mapping[str, str]
     ) -> Mapping[str, Any] | None:
-        path = f"{_jobs(namespace)}/{name}"
+        path = _job(namespace, name)
         # The usual case in one request: the Job carries our finalizer alone (the test op
         # makes the patch fail, 422, otherwise) and has annotations (jobrunner set some).
         fast = [
@@ -302,7 +477,7 @@ class KubeJobClient:
                 return items
 
     async def read_secret(self, namespace: str, name: str) -> Mapping[str, str] | None:
-        raw = await self._read(f"{_secrets(namespace)}/{name}")
+        raw = await self._read(_secret(namespace, name))
         return None if raw is None else raw.get("data") or {}
 
     async def record_event(
@@ -337,7 +512,7 @@ class KubeJobClient:
             "lastTimestamp": now,
             "count": 1,
         }
-        await self._call("POST", f"/api/v1/namespaces/{namespace}/events", body=event)
+        await self._call("POST", _core(namespace, "events"), body=event)
 
     async def list_jobs(
         self, namespace: str, selector: str, *, limit: int = 500, continue_token: str | None = None
@@ -430,9 +605,7 @@ class KubeJobClient:
     # ------------------------------------------------------------------ pods (for `logs`)
     async def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         """The pods matching ``selector`` (a Job's: ``job-name=<job>``), oldest first."""
-        raw = await self._call(
-            "GET", f"/api/v1/namespaces/{namespace}/pods", query=[("labelSelector", selector)]
-        )
+        raw = await self._call("GET", _core(namespace, "pods"), query=[("labelSelector", selector)])
         pods: list[dict[str, Any]] = raw.get("items") or []
         pods.sort(key=lambda p: (p.get("metadata") or {}).get("creationTimestamp") or "")
         return pods
@@ -442,11 +615,12 @@ class KubeJobClient:
     ) -> str:
         """A container's log as the kubelet keeps it; ApiRejected when it has none (a
         container not started yet, a pod whose node has no kubelet to ask)."""
+        path = _pod_log(namespace, pod)
 
         def read() -> str:
             response = self._send(
                 "GET",
-                f"/api/v1/namespaces/{namespace}/pods/{pod}/log",
+                path,
                 query=[("container", container)]
                 + ([("tailLines", tail_lines)] if tail_lines is not None else []),
                 accept="*/*",
@@ -466,12 +640,13 @@ class KubeJobClient:
         queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
         holder: dict[str, Any] = {}
         stop = threading.Event()
+        path = _pod_log(namespace, pod)
 
         def pump() -> None:
             try:
                 response = self._send(
                     "GET",
-                    f"/api/v1/namespaces/{namespace}/pods/{pod}/log",
+                    path,
                     query=[("container", container), ("follow", "true")],
                     accept="*/*",
                     timeout=(10, None),
@@ -562,22 +737,25 @@ def _pointer(key: str) -> str:
 
 
 def _jobs(namespace: str) -> str:
-    return f"/apis/batch/v1/namespaces/{namespace}/jobs"
+    return f"/apis/batch/v1/namespaces/{apipath.namespace(namespace)}/jobs"
+
+
+def _job(namespace: str, name: str) -> str:
+    return f"{_jobs(namespace)}/{apipath.name(name, field='Job name')}"
+
+
+def _core(namespace: str, plural: str) -> str:
+    """A core (``/api/v1``) collection of ``namespace``: secrets, pods, events."""
+    return f"/api/v1/namespaces/{apipath.namespace(namespace)}/{plural}"
 
 
 def _secrets(namespace: str) -> str:
-    return f"/api/v1/namespaces/{namespace}/secrets"
+    return _core(namespace, "secrets")
 
 
-def owner_reference(job: Mapping[str, Any]) -> dict[str, Any]:
-    """The reference that makes a Job own an object (its message Secret): garbage
-    collected with the Job, never blocking its deletion."""
-    meta = job["metadata"]
-    return {
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "name": meta["name"],
-        "uid": meta.get("uid", ""),
-        "blockOwnerDeletion": False,
-        "controller": False,
-    }
+def _secret(namespace: str, name: str) -> str:
+    return f"{_secrets(namespace)}/{apipath.name(name, field='Secret name')}"
+
+
+def _pod_log(namespace: str, pod: str) -> str:
+    return f"{_core(namespace, 'pods')}/{apipath.name(pod, field='Pod name')}/log"

@@ -7,6 +7,12 @@ TTL delete Jobs with their logs). Each Job is a directory (see ``jobdir``) run b
 supervisor process (see ``supervisor``), so Jobs outlive the dispatcher as they do on a
 cluster. Listing scans the directories; watching polls them for changes, which for the
 few hundred Jobs a laptop keeps costs a few stat calls per tenth of a second.
+
+A Job's message Secret follows the cluster's rules (see ``jobrunner.messagesecret``): it
+is written after the Job, owned by it, and one found in place is used only when it holds
+this very body. The state directory is private to the user running jobrunner (0700, its
+files 0600: they hold bodies and Secrets); one left more open by an older version is
+tightened when a dispatcher starts.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobrunner import jobschema
+from jobrunner import apipath, jobschema, limits, messagesecret, privatefs
+from jobrunner.failpoints import Failpoints
 from jobrunner.local.jobdir import JobDir
 from jobrunner.local.supervisor import RETRY_ENV
 from jobrunner.marks import POD_WRITABLE
@@ -61,6 +68,9 @@ def unrunnable(job: Mapping[str, Any]) -> str | None:
     """Why the local executor cannot run this Job, checked at create time so the message
     is dead-lettered with the reason instead of a Job failing obscurely later."""
     pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+    problem = _file_names_problem(pod)
+    if problem is not None:
+        return problem
     for key in ("initContainers", "containers"):
         for i, container in enumerate(pod.get(key) or []):
             if not container.get("command"):
@@ -86,6 +96,23 @@ def unrunnable(job: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _file_names_problem(pod: Mapping[str, Any]) -> str | None:
+    """Container and volume names become file names in the Job's directory (``logs/
+    <attempt>-<container>.log``, ``volumes/<volume>/``). The API server refuses any that
+    is not a DNS-1123 label (``ValidateContainers``, ``ValidateVolumes``); so does the
+    local executor, so that a name rendered from a message can never reach a file
+    outside the Job's directory."""
+    for key in ("initContainers", "containers", "volumes"):
+        for i, item in enumerate(pod.get(key) or []):
+            name = item.get("name") if isinstance(item, Mapping) else None
+            if name is None:
+                continue  # jobschema says it is required
+            problem = limits.dns1123_label_problem(str(name), "it")
+            if problem:
+                return f"spec.template.spec.{key}[{i}].name: {problem}, as Kubernetes requires"
+    return None
+
+
 @dataclass
 class _Seen:
     stamp: tuple[tuple[int, int, int], bytes]
@@ -100,10 +127,14 @@ class LocalJobClient:
         poll_interval: float = 0.1,
         retry_seconds: float = 1.0,
         controller: bool = True,
+        failpoints: Failpoints | None = None,
     ) -> None:
         """``controller``: act as the cluster's controllers would (start supervisors,
-        apply TTLs); False for a read-only view such as ``jobrunner status``."""
+        apply TTLs; and make an existing state directory private, see ``secure``);
+        False for a read-only view such as ``jobrunner status``."""
+        self.state_dir = state_dir
         self.root = state_dir / "jobs"
+        self._failpoints = failpoints or Failpoints()
         self._poll = poll_interval
         self._retry_seconds = retry_seconds
         self._controller = controller
@@ -112,14 +143,40 @@ class LocalJobClient:
         self._version = 0
         self._changed = asyncio.Event()
         self._images_noted: set[str] = set()
+        self._confinement_noted = False
         self._restarts: dict[Path, tuple[int, float]] = {}
         self._lock = threading.Lock()
         """Guards ``_children``: scans and creates run on worker threads."""
+        if controller:
+            self.secure()
+
+    def secure(self) -> int:
+        """Make the state directory private: take the group's and others' bits off it and
+        off everything jobrunner keeps in it (an older version made them 0644 in 0755
+        directories). The Jobs' ``work/`` directories, which hold what their processes
+        wrote, are made 0700 but not entered. Returns how many modes changed (logged)."""
+        changed = privatefs.tighten(
+            self.state_dir,
+            skip=lambda path: path.name == "work" and path.parent.parent.parent == self.root,
+        )
+        if changed:
+            logger.warning(
+                "made %d file(s) and directories of the state directory %s private (0600 "
+                "files, 0700 directories): they hold message bodies and Secrets, and were "
+                "readable by other users of this machine",
+                changed,
+                self.state_dir,
+            )
+        return changed
 
     # ------------------------------------------------------------------ objects
     def jobdir(self, namespace: str, name: str) -> JobDir:
-        """Where the Job ``namespace/name`` is kept (its logs are under ``logs/``)."""
-        return JobDir(self.root / namespace / name)
+        """Where the Job ``namespace/name`` is kept (its logs are under ``logs/``).
+        InvalidName for a namespace or name that is not one (``..`` would leave the state
+        directory: a Job's directory is deleted whole)."""
+        return JobDir(
+            self.root / apipath.namespace(namespace) / apipath.name(name, field="Job name")
+        )
 
     def _object(self, jobdir: JobDir) -> dict[str, Any] | None:
         job = jobdir.job()
@@ -137,7 +194,7 @@ class LocalJobClient:
         return job
 
     def _jobdirs(self, namespace: str) -> list[JobDir]:
-        base = self.root / namespace
+        base = self.root / apipath.namespace(namespace)
         if not base.is_dir():
             return []
         return [JobDir(p) for p in sorted(base.iterdir()) if p.is_dir()]
@@ -171,28 +228,79 @@ class LocalJobClient:
     def _create(
         self, job: Mapping[str, Any], secret: Mapping[str, Any] | None
     ) -> tuple[dict[str, Any], bool]:
+        """The Job first, then its Secret owned by it, under the Job's record lock (a
+        dispatcher in another process creating the same Job waits, then adopts it)."""
         meta = job["metadata"]
         jobdir = self.jobdir(meta["namespace"], meta["name"])
-        jobdir.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            jobdir.path.mkdir()
-        except FileExistsError:
+        privatefs.private_dir(jobdir.path)
+        refused: messagesecret.Check | None = None
+        with jobdir.record_lock():
             existing = self._object(jobdir)
             if existing is not None:
-                return existing, False
-            # A create that died before writing the Job: finish it (same message, same Job).
+                refused = self._complete(jobdir, existing, job, secret)
+            else:
+                self._write_new(jobdir, job, secret)
+        if refused is not None:
+            # The Job may have run with a body that is not its message's: it goes.
+            logger.warning("removing Job %s: %s", jobdir.name, refused.why)
+            self._delete(jobdir)
+            raise messagesecret.conflict(refused)
+        if existing is None or (outcome_of(existing) is None and not jobdir.supervised()):
+            self._supervise(jobdir)  # adopted: one may be missing after a crash
+        result = self._object(jobdir)
+        assert result is not None
+        return result, existing is None
+
+    def _write_new(
+        self, jobdir: JobDir, job: Mapping[str, Any], secret: Mapping[str, Any] | None
+    ) -> None:
+        # No job.json: nothing ran here (no supervisor runs without it). What a create
+        # that stopped before writing the Job left (an older jobrunner wrote the Secret
+        # first) was never used, and goes.
+        jobdir.remove_secret()
         self._note_images(job)
-        if secret is not None:
-            jobdir.write_secret(dict(secret))
         stored = json.loads(json.dumps(job))
         stored["metadata"].update(
             {"uid": str(uuid.uuid4()), "creationTimestamp": now_rfc3339(millis=True)}
         )
         jobdir.write_job(stored)
-        self._supervise(jobdir)
-        created = self._object(jobdir)
-        assert created is not None
-        return created, True
+        if secret is None:
+            return
+        self._failpoints.hit("between-job-and-secret")
+        try:
+            jobdir.write_secret(messagesecret.owned_by(secret, stored))
+        except BaseException:
+            # A Job whose Secret cannot be written would wait for it for ever.
+            shutil.rmtree(jobdir.path, ignore_errors=True)
+            raise
+
+    @staticmethod
+    def _complete(
+        jobdir: JobDir,
+        existing: Mapping[str, Any],
+        job: Mapping[str, Any],
+        secret: Mapping[str, Any] | None,
+    ) -> messagesecret.Check | None:
+        """An existing Job adopted: write its Secret when an earlier create stopped between
+        the two, check the one it has otherwise; the check when it is refused (the caller
+        removes the Job). A Job made for another body (refused by the dispatcher as
+        ``MessageIdReused``) or being deleted is left as it is."""
+        meta = existing.get("metadata") or {}
+        digest = messagesecret.job_digest(job)
+        if secret is None or messagesecret.job_digest(existing) != digest:
+            return None
+        if meta.get("deletionTimestamp"):
+            return None
+        check = messagesecret.check_existing(
+            jobdir.secret(), job_name=meta["name"], job_uid=meta.get("uid"), digest=digest
+        )
+        if check.verdict is messagesecret.Verdict.REFUSE:
+            return check
+        if check.verdict is not messagesecret.Verdict.USE:
+            # Missing (a crash between the two writes: the supervisor waits for it), or
+            # left by an earlier Job of this directory with this very body.
+            jobdir.write_secret(messagesecret.owned_by(secret, existing))
+        return None
 
     def _note_images(self, job: Mapping[str, Any]) -> None:
         pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
@@ -206,6 +314,18 @@ class LocalJobClient:
                     image,
                     container.get("name"),
                 )
+        containers = [*(pod.get("initContainers") or []), *(pod.get("containers") or [])]
+        confining = sorted(
+            {k for c in containers for k in ("securityContext", "resources") if c.get(k)}
+            | ({"securityContext"} if pod.get("securityContext") else set())
+        )
+        if confining and not self._confinement_noted:
+            self._confinement_noted = True  # once per dispatcher, as for an image
+            logger.warning(
+                "local executor: %s not applied: a Job's processes run as the user running "
+                "jobrunner, with no limits; run it on a cluster to have them",
+                " and ".join(confining),
+            )
 
     def _supervise(self, jobdir: JobDir) -> None:
         if not self._controller:
@@ -215,7 +335,7 @@ class LocalJobClient:
             if child is not None and child.poll() is None:
                 return
             env = {**os.environ, RETRY_ENV: str(self._retry_seconds)}
-            with (jobdir.path / "supervisor.log").open("ab") as log:
+            with privatefs.append_private(jobdir.path / "supervisor.log") as log:
                 self._children[jobdir.path] = subprocess.Popen(
                     [sys.executable, "-m", "jobrunner.local.supervisor", str(jobdir.path)],
                     env=env,
@@ -342,8 +462,8 @@ class LocalJobClient:
         line = json.dumps(
             {"time": now_rfc3339(millis=True), "type": type, "reason": reason, "message": message}
         )
-        with (jobdir.path / "events.jsonl").open("a") as events:
-            events.write(line + "\n")
+        with privatefs.append_private(jobdir.path / "events.jsonl") as events:
+            events.write(line.encode() + b"\n")
 
     async def list_jobs(
         self, namespace: str, selector: str, *, limit: int = 500, continue_token: str | None = None

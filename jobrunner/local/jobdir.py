@@ -10,6 +10,9 @@ container and attempt) and ``volumes/`` (the mounted Secrets and emptyDirs). Eac
 has one writer and is replaced atomically, so readers never see half a file and no lock
 is needed to read. The supervisor holds ``supervisor.lock`` while it lives: whether a Job still has
 someone running it is one non-blocking ``flock`` away, with no pid guessing.
+
+Everything here that jobrunner writes is private to the user who runs it (0600 files in
+0700 directories, see ``jobrunner.privatefs``): it holds message bodies and Secrets.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from jobrunner.privatefs import open_private, replace_private
+
 JOB_FILE = "job.json"
 STATUS_FILE = "status.json"
 SECRET_FILE = "secret.json"
@@ -31,9 +36,8 @@ JOB_ANNOTATIONS_FILE = "job-annotations.json"
 
 
 def write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(value, sort_keys=True))
-    os.replace(tmp, path)
+    """Replace ``path`` atomically with ``value`` as JSON, in a private file."""
+    replace_private(path, json.dumps(value, sort_keys=True).encode())
 
 
 def read_json(path: Path) -> Any:
@@ -88,6 +92,10 @@ class JobDir:
     def write_secret(self, secret: dict[str, Any]) -> None:
         write_json(self.path / SECRET_FILE, secret)
 
+    def remove_secret(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            (self.path / SECRET_FILE).unlink()
+
     def stamp(self) -> tuple[tuple[int, int, int], bytes]:
         """Changes whenever the Job or its status changes. The status (small, rewritten
         by the supervisor, possibly twice within one tick of the file-time clock and onto
@@ -110,7 +118,7 @@ class JobDir:
     def record_lock(self) -> Iterator[None]:
         """Held across a read-modify-write of ``job.json`` (writers in other processes
         wait), as an API server serialises writes to one object."""
-        fd = os.open(self.path / RECORD_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_private(self.path / RECORD_LOCK_FILE, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

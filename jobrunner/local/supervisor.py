@@ -13,8 +13,12 @@ sidecar's ``startupProbe`` and ``readinessProbe`` (tcpSocket, httpGet, exec) mus
 before the next container starts (see ``_start_sidecar``); ``backoffLimit`` failed
 attempts are retried (default 6), ``activeDeadlineSeconds`` ends the Job as
 ``DeadlineExceeded``; env values and ``$(VAR)`` references in command and args; Secret
-and emptyDir volumes, whose mount paths are mapped into the Job's directory. Images are
-not pulled or used: ``command`` and ``args`` run on this machine.
+and emptyDir volumes, whose mount paths are mapped into the Job's directory; a Job
+whose message Secret is not written yet waits for it, as the kubelet waits to mount a
+Secret volume (see ``wait_for_message_secret``). Images are not pulled or used:
+``command`` and ``args`` run on this machine; nor are ``securityContext`` and
+``resources`` applied: the processes run as the user running jobrunner, unconfined.
+What it writes (logs, volumes, status) is private to that user (0600 in 0700).
 """
 
 from __future__ import annotations
@@ -36,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 from jobrunner.local.jobdir import LOCK_FILE, JobDir
+from jobrunner.naming import message_secret_name
+from jobrunner.privatefs import append_private, open_private, private_dir, write_private
 from jobrunner.timestamps import epoch, now_rfc3339
 from jobrunner.tracker import outcome_of
 
@@ -89,7 +95,7 @@ def materialize_volumes(jobdir: JobDir, pod: dict[str, Any]) -> dict[str, Path]:
     for volume in pod.get("volumes") or []:
         name = volume.get("name", "")
         path = jobdir.volumes / name
-        path.mkdir(parents=True, exist_ok=True)
+        private_dir(path)
         if "secret" in volume:
             secret_name = volume["secret"].get("secretName", "")
             files = _secret_files(secret, secret_name)
@@ -99,7 +105,7 @@ def materialize_volumes(jobdir: JobDir, pod: dict[str, Any]) -> dict[str, Path]:
                     "has (it only has the Job's own message Secret)"
                 )
             for key, data in files.items():
-                (path / key).write_bytes(data)
+                write_private(path / key, data)
         elif "emptyDir" not in volume:
             kinds = ", ".join(k for k in volume if k != "name")
             raise Unrunnable(
@@ -123,7 +129,7 @@ def plan(jobdir: JobDir, job: dict[str, Any], attempt: int, containers_key: str)
     secret = jobdir.secret()
     meta = job.get("metadata") or {}
     work = jobdir.path / "work"
-    work.mkdir(exist_ok=True)
+    private_dir(work)
     out = []
     for container in pod.get(containers_key) or []:
         name = container.get("name", "main")
@@ -333,7 +339,14 @@ class Supervisor:
         deadline = None
         if deadline_seconds is not None:
             deadline = (epoch(self.status["startTime"]) or time.time()) + float(deadline_seconds)
-        self.jobdir.logs.mkdir(exist_ok=True)
+        private_dir(self.jobdir.logs)
+        if not self.wait_for_message_secret(job, deadline):
+            self.finish(
+                "Failed",
+                "DeadlineExceeded",
+                "Job was active longer than specified deadline (waiting for its message Secret)",
+            )
+            return
         while True:
             if self.status["failed"] > backoff_limit:
                 self.finish(
@@ -413,6 +426,27 @@ class Supervisor:
                 )
                 return
 
+    def wait_for_message_secret(self, job: dict[str, Any], deadline: float | None) -> bool:
+        """Wait until the Job's message Secret is written, when the pod needs it (a Secret
+        volume or a ``secretKeyRef`` naming it): the client writes it just after the Job,
+        and after a crash between the two, when the message's redelivery adopts the Job.
+        The kubelet does the same (a Secret volume's mount is retried, the pod stays
+        Pending; ``activeDeadlineSeconds`` still ends the Job). False when the deadline
+        came first. Polls every 0.1 s, doubling to 2 s."""
+        name = message_secret_name(str((job.get("metadata") or {}).get("name", "")))
+        if not _needs_secret(job, name):
+            return True
+        pause, noted = 0.1, False
+        while (self.jobdir.secret() or {}).get("metadata", {}).get("name") != name:
+            if deadline is not None and time.time() >= deadline:
+                return False
+            if not noted:
+                print(f"waiting for Secret {name}, the Job's message", file=sys.stderr)
+                noted = True
+            time.sleep(pause)
+            pause = min(2.0, pause * 2)
+        return True
+
     def _last_attempt(self) -> str:
         """What the last attempt came to, for the failure's message (and so for the dead
         letter's detail): each container's exit code, or that it was stopped, and the last
@@ -450,7 +484,7 @@ class Supervisor:
         """Exit codes by container, or None when the deadline came first."""
         self.running = []
         for proc in procs:
-            with proc.log.open("ab") as log:
+            with append_private(proc.log) as log:
                 try:
                     child = subprocess.Popen(
                         proc.argv,
@@ -481,7 +515,7 @@ class Supervisor:
             time.sleep(0.02)
 
     def _spawn(self, proc: Process) -> subprocess.Popen[bytes]:
-        with proc.log.open("ab") as log:
+        with append_private(proc.log) as log:
             return subprocess.Popen(
                 proc.argv,
                 env=proc.env,
@@ -504,7 +538,7 @@ class Supervisor:
                 continue
             if time.time() - last < 1.0:
                 continue
-            with proc.log.open("ab") as log:
+            with append_private(proc.log) as log:
                 log.write(f"jobrunner: sidecar exited {child.returncode}; restarting\n".encode())
             try:
                 self.sidecars[i] = (proc, self._spawn(proc))
@@ -557,6 +591,19 @@ class Supervisor:
         return True
 
 
+def _needs_secret(job: dict[str, Any], name: str) -> bool:
+    """Whether the pod reads the Secret ``name``: a volume of it, or an env var from it."""
+    pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+    if any((v.get("secret") or {}).get("secretName") == name for v in pod.get("volumes") or []):
+        return True
+    for container in [*(pod.get("initContainers") or []), *(pod.get("containers") or [])]:
+        for item in container.get("env") or []:
+            ref = (item.get("valueFrom") or {}).get("secretKeyRef") or {}
+            if ref.get("name") == name:
+                return True
+    return False
+
+
 def _tail(log: Path, lines: int = 3, most: int = 600) -> str:
     """The last non-empty ``lines`` of ``log`` joined with `` | ``, at most ``most``
     characters (its end kept)."""
@@ -574,7 +621,7 @@ def _tail(log: Path, lines: int = 3, most: int = 600) -> str:
 
 def main(argv: list[str]) -> int:
     jobdir = JobDir(Path(argv[0]))
-    fd = os.open(jobdir.path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = open_private(jobdir.path / LOCK_FILE, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

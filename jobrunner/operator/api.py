@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
+from jobrunner import apipath
 from jobrunner.protocols import JobPage, WatchEvent
 
 GROUP = "jobrunner.dev"
@@ -40,9 +41,19 @@ class ObjectClient(Protocol):
 
 def collection(group: str, version: str, plural: str, namespace: str | None) -> str:
     """The path of a collection: in one namespace, or across all (``namespace`` None);
-    ``group`` "" is the core group."""
+    ``group`` "" is the core group. InvalidName for a namespace that is not one."""
     base = f"/api/{version}" if not group else f"/apis/{group}/{version}"
-    return f"{base}/namespaces/{namespace}/{plural}" if namespace else f"{base}/{plural}"
+    if namespace is None:
+        return f"{base}/{plural}"
+    return f"{base}/namespaces/{apipath.namespace(namespace)}/{plural}"
+
+
+def item(collection_path: str, name: str, subresource: str | None = None, *, what: str) -> str:
+    """The path of the object ``name`` in a collection (``collection(...)``), or of its
+    ``subresource`` (``status``); InvalidName naming ``what`` (``ScaledJob name``, ``Lease
+    name``...) when ``name`` is not a Kubernetes object name."""
+    path = f"{collection_path}/{apipath.name(name, field=what)}"
+    return f"{path}/{subresource}" if subresource else path
 
 
 def scaledjobs(namespace: str | None, *, keda: bool = False) -> str:

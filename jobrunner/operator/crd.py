@@ -280,8 +280,9 @@ def trigger_authentication_crd() -> dict[str, Any]:
     spec = structural(TriggerAuthenticationSpec.model_json_schema())
     spec["description"] = (
         "KEDA's TriggerAuthentication: parameters from Secrets of the same namespace "
-        "(secretTargetRef) or from the operator's environment (env). Other KEDA fields "
-        "are kept and ignored."
+        "(secretTargetRef), or from variables of the operator's environment (env) that "
+        "its owner allow-lists (tenantEnvAllowList). Other KEDA fields are kept; "
+        "podIdentity is honoured or refused by the SQS and Azure triggers."
     )
     return _crd(
         kind="TriggerAuthentication",

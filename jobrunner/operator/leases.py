@@ -300,7 +300,7 @@ class LeaseKeeper:
 
     async def _renew_member(self) -> None:
         sent = self._clock()
-        path = f"{self._path}/{self.member_name}"
+        path = api.item(self._path, self.member_name, what="Lease name")
         spec = {"renewTime": micro_time()}
         try:
             await self._api.patch(path, {"spec": spec})
@@ -361,7 +361,7 @@ class LeaseKeeper:
             else:
                 spec = current.get("spec") or {}
                 result = await self._api.patch(
-                    f"{self._path}/{name}",
+                    api.item(self._path, name, what="Lease name"),
                     {
                         "metadata": {"resourceVersion": current["metadata"]["resourceVersion"]},
                         "spec": {
@@ -409,7 +409,7 @@ class LeaseKeeper:
             version = current["metadata"]["resourceVersion"]
         try:
             await self._api.patch(
-                f"{self._path}/{name}",
+                api.item(self._path, name, what="Lease name"),
                 {"metadata": {"resourceVersion": version}, "spec": {"holderIdentity": None}},
             )
         except ApiRejected as exc:
@@ -421,7 +421,7 @@ class LeaseKeeper:
         buckets, so the others take them over at once. Best effort."""
         self._owned = frozenset()
         with contextlib.suppress(TransientError, ApiRejected):
-            await self._api.delete(f"{self._path}/{self.member_name}")
+            await self._api.delete(api.item(self._path, self.member_name, what="Lease name"))
         for bucket in sorted(self._held):
             with contextlib.suppress(TransientError, ApiRejected):
                 await self._clear(bucket)

@@ -41,9 +41,11 @@ from jobrunner.operator.resources import (
 )
 from jobrunner.operator.status import EventRecorder, StatusWriter, desired_status
 from jobrunner.protocols import ApiRejected, JobClient, TransientError
+from jobrunner.rendering import render_pool
 from jobrunner.runner import DispatchUnit
 from jobrunner.tasks import is_essential, start_guarded, stop_tasks
 from jobrunner.telemetry import Telemetry
+from jobrunner.triggers import Reach
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +64,12 @@ class Operator:
         lease_namespace: str,
         build: UnitBuilder | None = None,
         template_dirs: list[Path] | None = None,
+        reach: Reach | None = None,
     ) -> None:
+        """``reach``: what tenants' ScaledJobs may use of this process (the command line
+        passes ``Reach.for_tenants`` with the owner's allow-list); default: nothing."""
         self.settings = settings
+        self.reach = reach if reach is not None else Reach()
         op = settings.operator
         self.identity = identity
         self._objects = objects
@@ -72,6 +78,8 @@ class Operator:
         self.shared_jobs = SharedJobs(jobs, backoff_ceiling=settings.kube.api_retry_max_seconds)
         self._telemetry = telemetry
         self._template_dirs = template_dirs or [Path.cwd() / "job_templates"]
+        self.renders = render_pool(settings.dispatcher)
+        """Render workers shared by every unit of this replica (jobrunner.sandbox)."""
         self._dirty = asyncio.Event()
         self._units_moved = asyncio.Event()
         namespaces: list[str | None] = list(op.namespaces()) or [None]
@@ -165,6 +173,8 @@ class Operator:
             authentications=wanted.authentications,
             read_secret=self._jobs.read_secret,
             base_dirs=self._template_dirs,
+            reach=self.reach,
+            renders=self.renders,
         )
 
     def _start_unit(self, unit: DispatchUnit) -> None:
@@ -203,6 +213,7 @@ class Operator:
                 want = self._parsed(obj, auths.get(_ns(obj), {}), keda=False)
                 found[want.key] = want
                 objects[want.key] = obj
+        conflicts: set[Key] = set()
         keda_auths: dict[str, dict[str, dict[str, Any]]] = {}
         for informer in self.keda_authentications:
             for (ns, name), obj in informer.store.items():
@@ -213,8 +224,8 @@ class Operator:
                     continue
                 want = self._parsed(obj, keda_auths.get(_ns(obj), {}), keda=True)
                 if want.key in found and not found[want.key].keda:
+                    conflicts.add(want.key)
                     if want.key not in self._conflicts:
-                        self._conflicts.add(want.key)
                         self._event(
                             want,
                             "Warning",
@@ -237,6 +248,7 @@ class Operator:
                 found[want.key] = want
                 objects[want.key] = obj
         self._objects_by_key = objects
+        self._conflicts = conflicts  # a conflict resolved and come back is told again
         for gone in set(self._parse_cache) - set(found):
             del self._parse_cache[gone]
         return found
@@ -264,7 +276,7 @@ class Operator:
         cached = self._parse_cache.get(key)
         if cached is not None and cached[0] == fingerprint:
             return cached[1]
-        want = wanted_from(obj, keda=keda, authentications=auths)
+        want = wanted_from(obj, keda=keda, authentications=auths, reach=self.reach)
         self._parse_cache[key] = (fingerprint, want)
         return want
 
@@ -326,9 +338,17 @@ class Operator:
                 await self.status.sync(want, status, current)
             except (TransientError, ApiRejected) as exc:
                 logger.info("could not write the status of %s/%s: %s", *key, exc)
+        # Deleted ScaledJobs and buckets given up: nothing of theirs stays in memory.
+        self.status.retain(self.registry.slots)
 
     # ------------------------------------------------------------------ health
     def readiness(self) -> tuple[bool, str]:
+        """(ready, why) for ``/readyz``, which anyone who reaches the port may read: ready
+        while the ScaledJob and TriggerAuthentication watches are in sync and the member
+        Lease is renewed. ``why`` tells this replica's own state and counts only — the
+        watches' and the Lease's problems, buckets held, dispatchers and how many of them
+        are not consuming — never a ScaledJob's name, namespace, broker or reason: those
+        belong to the ScaledJob's author, who reads them in its status."""
         problems = [
             i.problem
             for i in (*self.scaledjobs, *self.authentications)
@@ -338,17 +358,21 @@ class Operator:
         if lease_problem is not None:
             problems.append(lease_problem)
         ready = not problems
-        units = [
-            p
-            for slot in self.registry.slots.values()
-            if slot.unit is not None and (p := slot.unit.readiness()) is not None
-        ]
+        units = [s.unit for s in self.registry.slots.values() if s.unit is not None]
+        waiting = sum(1 for u in units if u.readiness() is not None)
+        failed = sum(
+            1 for s in self.registry.slots.values() if s.phase in (Phase.FAILED, Phase.INVALID)
+        )
         detail = "; ".join(problems) or (
             f"ready: {len(self.leases.owned)} of {self.settings.operator.buckets} buckets, "
-            f"{sum(1 for s in self.registry.slots.values() if s.unit is not None)} dispatchers"
+            f"{len(units)} dispatchers"
         )
-        if units:
-            detail += " (not consuming: " + "; ".join(units[:10]) + ")"
+        counts = [
+            f"{waiting} not consuming" if waiting else "",
+            f"{failed} failed or invalid" if failed else "",
+        ]
+        if any(counts):
+            detail += f" ({', '.join(c for c in counts if c)}; each says why in its status)"
         return ready, detail
 
     def register_metrics(self, requests: Callable[[], dict[str, int]]) -> None:
@@ -401,6 +425,7 @@ class Operator:
             # only then are the Leases given up, and the next owner starts.
             await stop_tasks([t for t in tasks if t.get_name() in ("reconcile", "status")], grace=0)
             await self.registry.close(grace=self.settings.dispatcher.shutdown_grace_seconds)
+            await self.renders.close()
             await self.shared_jobs.close()
             await stop_tasks([t for t in tasks if t.get_name() == "leases"], grace=0)
             await self.leases.release()

@@ -33,6 +33,7 @@ from typing import Any
 
 from jobrunner.config import ManifestError
 from jobrunner.operator.resources import Key, Wanted
+from jobrunner.redaction import describe_error
 from jobrunner.runner import DispatchUnit
 from jobrunner.tasks import is_essential, start_guarded
 
@@ -258,7 +259,7 @@ class Registry:
         except Exception as exc:  # never let one ScaledJob stop the others
             logger.exception("building the dispatcher of %s/%s failed", *slot.key)
             slot.observed = desired.generation
-            self._failed(slot, f"{type(exc).__name__}: {exc}")
+            self._failed(slot, describe_error(exc))
             return None
         slot.unit, slot.current, slot.unit_failed = unit, desired, None
         try:
@@ -266,7 +267,7 @@ class Registry:
         except Exception as exc:
             logger.exception("starting the dispatcher of %s/%s failed", *slot.key)
             await self._stop(slot, grace=0.0)
-            self._failed(slot, f"{type(exc).__name__}: {exc}")
+            self._failed(slot, describe_error(exc))
             return None
         watch = functools.partial(self._task_ended, slot, unit)
         for task in unit.tasks:
@@ -292,7 +293,8 @@ class Registry:
         if task.cancelled() or slot.unit is not unit:
             return
         exc = task.exception()
-        slot.unit_failed = f"{type(exc).__name__}: {exc}" if exc else f"{task.get_name()} ended"
+        # Status and Events are the ScaledJob author's to read: jobrunner's words only.
+        slot.unit_failed = describe_error(exc) if exc else f"{task.get_name()} ended"
         self._kick(slot)
 
     async def _stop(self, slot: Slot, *, grace: float) -> None:

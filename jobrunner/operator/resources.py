@@ -6,6 +6,12 @@ needs a new dispatch unit (the trigger, the template, delivery, the referenced
 TriggerAuthentication's version). Limits (``maxReplicaCount``, history limits) and KEDA
 fields that mean nothing to a push dispatcher are outside the essence: they change live.
 
+What a tenant's ScaledJob may use of the operator's own process (its environment
+variables, the embedded queue's files, its cloud identity) is the ``Reach`` the operator
+was started with: what asks for more than it gives is refused here, before anything is
+built or read (``InvalidSpec``, no retry: only a new spec or new operator settings change
+the answer), and again when the trigger is resolved.
+
 Pause: KEDA's annotation ``autoscaling.keda.sh/paused`` (its rule: the value is read as
 a Go bool, and a value that is not one counts as paused) or jobrunner's spelling
 ``jobrunner.dev/paused`` (same rule). For a KEDA object taken over by jobrunner, KEDA's
@@ -27,7 +33,9 @@ from jobrunner.config import (
     ScaledJob,
     TriggerAuthentication,
     parse_scaledjob,
+    parse_trigger_authentication,
 )
+from jobrunner.triggers import Reach, tenant_problems
 
 Key = tuple[str, str]
 """(namespace, name) of a ScaledJob."""
@@ -104,15 +112,16 @@ def essence(scaledjob: ScaledJob, auth_versions: Mapping[str, str]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def parse_authentication(obj: Mapping[str, Any]) -> TriggerAuthentication | None:
-    """A TriggerAuthentication object from the cluster; None when it cannot be read
-    (the ScaledJob that refers to it then says so)."""
+def parse_authentication(obj: Mapping[str, Any]) -> TriggerAuthentication | str:
+    """A TriggerAuthentication object from the cluster, or why it cannot be used (its
+    fields named; the ScaledJob that refers to it then says so). A keda.sh object has
+    no schema for its Secret names: this check is what keeps them names."""
     body = {k: v for k, v in obj.items() if k in ("apiVersion", "kind", "metadata", "spec")}
     body.setdefault("spec", {})
     try:
-        return TriggerAuthentication.model_validate(body)
-    except ValueError:
-        return None
+        return parse_trigger_authentication(body, where="TriggerAuthentication")
+    except ManifestError as exc:
+        return _one_line(str(exc), "TriggerAuthentication")
 
 
 def wanted_from(
@@ -120,9 +129,12 @@ def wanted_from(
     *,
     keda: bool = False,
     authentications: Mapping[str, Mapping[str, Any]] | None = None,
+    reach: Reach | None = None,
 ) -> Wanted:
     """What ``obj`` (a ScaledJob object read from the API server) asks for.
-    ``authentications``: the TriggerAuthentication objects of its namespace, by name."""
+    ``authentications``: the TriggerAuthentication objects of its namespace, by name;
+    ``reach``: what the operator lets tenants use of its own process (default: nothing,
+    ``Reach()``)."""
     meta = obj.get("metadata") or {}
     key = (str(meta.get("namespace") or "default"), str(meta.get("name") or ""))
     annotations = meta.get("annotations") or {}
@@ -148,35 +160,51 @@ def wanted_from(
         scaledjob = parse_scaledjob(body, where=where)
     except ManifestError as exc:
         return make(invalid=_one_line(str(exc), where), paused=paused)
-    for i, trigger in enumerate(scaledjob.spec.triggers):
-        ref = trigger.authenticationRef
+    function = scaledjob.spec.function
+    destinations = [
+        *(
+            (f"spec.triggers[{i}]", t.authenticationRef)
+            for i, t in enumerate(scaledjob.spec.triggers)
+        ),
+        *(
+            (f"spec.function.outputs[{i}]", o.authenticationRef)
+            for i, o in enumerate(function.outputs if function is not None else [])
+        ),
+    ]
+    for path, ref in destinations:
         if ref is not None and ref.kind == "ClusterTriggerAuthentication":
             return make(
                 invalid=(
-                    f"field spec.triggers[{i}].authenticationRef.kind: "
+                    f"field {path}.authenticationRef.kind: "
                     "ClusterTriggerAuthentication is not supported by the operator; use a "
                     "TriggerAuthentication in the ScaledJob's namespace"
                 ),
                 paused=paused,
             )
-    refs = {t.authenticationRef.name for t in scaledjob.spec.triggers if t.authenticationRef}
+    # Output destinations' TriggerAuthentications too: they are resolved like triggers.
+    refs = {ref.name for _, ref in destinations if ref is not None}
     found: dict[str, TriggerAuthentication] = {}
     versions: dict[str, str] = {}
     for name in sorted(refs):
         raw = (authentications or {}).get(name)
         auth = parse_authentication(raw) if raw is not None else None
-        if auth is None:
+        if not isinstance(auth, TriggerAuthentication):
             kind = "keda.sh" if keda else "jobrunner.dev"
-            problem = "not found" if raw is None else "cannot be read"
+            what = f"TriggerAuthentication {name!r} ({kind})"
+            problem = (
+                f"{what} not found in namespace {key[0]}; create it"
+                if auth is None
+                else f"{what} in namespace {key[0]} cannot be used: {auth}"
+            )
             return make(
-                invalid=(
-                    f"field spec.triggers[].authenticationRef.name: TriggerAuthentication "
-                    f"{name!r} ({kind}) {problem} in namespace {key[0]}; create it"
-                ),
+                invalid=f"field spec.triggers[].authenticationRef.name: {problem}",
                 paused=paused,
             )
         found[name] = auth
         versions[name] = str((raw or {}).get("metadata", {}).get("resourceVersion", ""))
+    refused = tenant_problems(scaledjob, found, reach if reach is not None else Reach())
+    if refused:
+        return make(invalid="; ".join(f"field {p.field}: {p.text}" for p in refused), paused=paused)
     return make(
         scaledjob=scaledjob,
         paused=paused,

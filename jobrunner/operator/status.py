@@ -22,9 +22,10 @@ busy ScaledJob costs one write per interval and an idle one none.
 
 from __future__ import annotations
 
+import collections
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,11 +34,16 @@ from jobrunner.operator.api import ObjectClient
 from jobrunner.operator.registry import Phase, Slot
 from jobrunner.operator.resources import Key, Wanted
 from jobrunner.protocols import ApiRejected, TransientError
+from jobrunner.redaction import redact
 from jobrunner.timestamps import now_rfc3339
 
 logger = logging.getLogger(__name__)
 
 VOLATILE = ("activeJobs", "lastMessageTime")
+RECORDED_MAX = 256
+"""Events kept in memory by ``EventRecorder.recorded`` (the newest; for tests and
+debugging): a replica serving thousands of ScaledJobs for months must not grow with
+every Event it writes."""
 
 
 def _rfc3339(epoch: float) -> str:
@@ -61,7 +67,8 @@ def _condition(
         "observedGeneration": generation,
         "lastTransitionTime": since or now_rfc3339(),
         "reason": reason,
-        "message": message[:32768],
+        # The net under jobrunner.redaction's rule: no credential in what a tenant reads.
+        "message": redact(message)[:32768],
     }
 
 
@@ -126,7 +133,7 @@ def desired_status(
     if unit is not None and unit.dispatcher.last_message_at is not None:
         status["lastMessageTime"] = _rfc3339(unit.dispatcher.last_message_at)
     if problem and (current.get("lastError") or {}).get("message") != problem:
-        status["lastError"] = {"message": problem[:4096], "time": now_rfc3339()}
+        status["lastError"] = {"message": redact(problem)[:4096], "time": now_rfc3339()}
     return status
 
 
@@ -163,6 +170,15 @@ class StatusWriter:
         self._written_at.pop(key, None)
         self._last.pop(key, None)
 
+    def retain(self, keys: Iterable[Key]) -> None:
+        """Forget every ScaledJob but ``keys`` (those still served or reported here), so
+        what is remembered stays as large as what is served, however many come and go."""
+        keep = set(keys)
+        for key in [k for k in self._last if k not in keep]:
+            self.forget(key)
+        for key in [k for k in self._written_at if k not in keep]:
+            self._written_at.pop(key, None)
+
     async def sync(
         self, wanted: Wanted, status: dict[str, Any], current: Mapping[str, Any]
     ) -> bool:
@@ -186,7 +202,7 @@ class StatusWriter:
                 != _comparable(seen, volatile=True).get(k)
             ),
         )
-        path = f"{api.scaledjobs(key[0])}/{key[1]}/status"
+        path = api.item(api.scaledjobs(key[0]), key[1], "status", what="ScaledJob name")
         # Fields we no longer report are removed (None is a merge patch's null).
         patch: dict[str, Any] = {"status": dict(status)}
         if wanted.uid:  # a precondition: never write on a namesake created meanwhile
@@ -206,16 +222,23 @@ class StatusWriter:
 
 class EventRecorder:
     """Kubernetes Events on ScaledJobs (core/v1, as ``kubectl describe`` shows them).
-    Best effort: an Event that cannot be written is logged, never in the way."""
+    Best effort: an Event that cannot be written is logged, never in the way. Messages
+    are redacted (jobrunner.redaction) and cut to 1024 characters; ``recorded`` keeps the
+    newest ``RECORDED_MAX`` (key, type, reason, message), for tests and debugging."""
 
-    def __init__(self, api_client: ObjectClient, *, instance: str) -> None:
+    def __init__(
+        self, api_client: ObjectClient, *, instance: str, keep: int = RECORDED_MAX
+    ) -> None:
         self._api = api_client
         self._instance = instance
-        self.recorded: list[tuple[Key, str, str, str]] = []
+        self.recorded: collections.deque[tuple[Key, str, str, str]] = collections.deque(
+            maxlen=keep
+        )
 
     async def record(self, wanted: Wanted, kind: str, reason: str, message: str) -> None:
         namespace, name = wanted.key
         now = now_rfc3339()
+        message = redact(message)[:1024]
         event = {
             "apiVersion": "v1",
             "kind": "Event",
@@ -231,7 +254,7 @@ class EventRecorder:
             },
             "type": kind,
             "reason": reason,
-            "message": message[:1024],
+            "message": message,
             "source": {"component": "jobrunner-operator"},
             "reportingComponent": "jobrunner.dev/operator",
             "reportingInstance": self._instance[:128],

@@ -61,7 +61,8 @@ from azure.storage.queue.aio import QueueClient
 from jobrunner.config import ScaledJob, Settings
 from jobrunner.deadletters import DeadLetter
 from jobrunner.models import Action, Decision, Delivery
-from jobrunner.protocols import MessageHandle, OutputRefused, SourceError
+from jobrunner.protocols import MessageHandle, OutputRefused, SourceError, SourceUnreachable
+from jobrunner.redaction import describe_error, known_code
 from jobrunner.tasks import start_guarded
 from jobrunner.triggers.azure_queue import AzureQueueTrigger
 
@@ -147,9 +148,55 @@ class AzureQueueHandle:
     """Its poison copy is written (a retried settlement must not write a second)."""
 
 
+_STORAGE_CODES = frozenset(
+    {
+        # learn.microsoft.com "Queue service error codes" and "Common REST API error
+        # codes": the ones a queue client meets.
+        "AccountIsDisabled",
+        "AuthenticationFailed",
+        "AuthorizationFailure",
+        "AuthorizationPermissionMismatch",
+        "AuthorizationProtocolMismatch",
+        "AuthorizationResourceTypeMismatch",
+        "AuthorizationServiceMismatch",
+        "AuthorizationSourceIPMismatch",
+        "InsufficientAccountPermissions",
+        "InternalError",
+        "InvalidAuthenticationInfo",
+        "InvalidHeaderValue",
+        "InvalidQueryParameterValue",
+        "InvalidResourceName",
+        "InvalidUri",
+        "KeyVaultEncryptionKeyNotFound",
+        "MessageNotFound",
+        "MessageTooLarge",
+        "OperationTimedOut",
+        "OutOfRangeInput",
+        "PopReceiptMismatch",
+        "QueueAlreadyExists",
+        "QueueBeingDeleted",
+        "QueueDisabled",
+        "QueueNotEmpty",
+        "QueueNotFound",
+        "RequestBodyTooLarge",
+        "ResourceNotFound",
+        "ServerBusy",
+        "UnsupportedHeader",
+    }
+)
+"""Storage error codes that may be reported as they are; any other code a server sends
+is not repeated (it could be any text of the server's choosing)."""
+
+
 def _short(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:200]
+    """A Storage failure in jobrunner's words: ``HTTP <status>`` and the service's error
+    code when it is one of Storage's own, else the class and errno (jobrunner.redaction).
+    Never the answer's text: the endpoint is the ScaledJob author's to choose."""
+    if isinstance(exc, HttpResponseError) and exc.status_code is not None:
+        raw = getattr(exc, "error_code", None)
+        code = known_code(getattr(raw, "value", raw), _STORAGE_CODES)
+        return f"HTTP {exc.status_code}" + (f" {code}" if code else "")
+    return describe_error(exc)
 
 
 def _gone(exc: BaseException) -> bool:
@@ -214,11 +261,17 @@ class AzureQueueSource:
                 "key in the connection string"
             ) from None
         except (ServiceRequestError, OSError) as exc:
-            raise SourceError(
+            raise SourceUnreachable(
                 f"{self.where} is not reachable ({_short(exc)}); is it running?"
             ) from None
         except HttpResponseError as exc:
-            raise SourceError(f"{self.where} answered {exc.status_code}: {_short(exc)}") from None
+            raise SourceError(
+                f"{self.where} answered {_short(exc)}; is it a Storage queue endpoint?"
+            ) from None
+        except AzureError as exc:
+            raise SourceError(
+                f"{self.where} failed ({_short(exc)}); is it a Storage queue endpoint?"
+            ) from None
         self._reachable = True
         self._room.set()
 
@@ -244,7 +297,9 @@ class AzureQueueSource:
                 ]
                 self._reachable = True
                 self.problem = None
-            except AzureError as exc:
+            except (AzureError, SyntaxError, ValueError) as exc:
+                # SyntaxError: the SDK's XML parser met an answer that is not a Storage
+                # service's (xml.etree's ParseError), from an endpoint that is not one.
                 self._reachable = False
                 self.problem = f"{self.where}: receiving failed ({_short(exc)})"
                 logger.warning("%s; retrying in %.1fs", self.problem, self._max_poll)
@@ -319,7 +374,9 @@ class AzureQueueSource:
                         )
                         return
                     # Transient: try again sooner, well within the lease.
-                    logger.info("message %s: renewal failed (%s)", handle.message_id, exc)
+                    logger.info(
+                        "message %s: renewal failed (%s)", handle.message_id, _short(exc)
+                    )
                     interval = max(1.0, self._visibility / 6)
                     continue
                 if updated.pop_receipt:

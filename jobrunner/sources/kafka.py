@@ -37,11 +37,19 @@ from aiokafka.errors import KafkaError
 from jobrunner.config import ScaledJob, Settings
 from jobrunner.deadletters import DeadLetter, replay_headers
 from jobrunner.models import Action, Decision, Delivery
-from jobrunner.protocols import MessageHandle
+from jobrunner.protocols import MessageHandle, SourceUnreachable
+from jobrunner.redaction import addresses, describe_error
 from jobrunner.sources.kafka_offsets import PartitionOffsets
 from jobrunner.triggers.kafka import SASL_MECHANISMS, KafkaTrigger
 
 logger = logging.getLogger(__name__)
+
+
+def _short(exc: BaseException) -> str:
+    """A Kafka failure in jobrunner's words: aiokafka's error class, which is the Kafka
+    error's name (``TopicAuthorizationFailedError``), with the errno when the chain
+    has one (jobrunner.redaction) — never the text, which may quote a broker's answer."""
+    return describe_error(exc)
 
 
 @dataclass
@@ -113,7 +121,7 @@ class KafkaSource:
         try:
             await self._start()
         except KafkaError as exc:
-            raise ConnectionError(f"Kafka at {self._servers}: {exc}") from exc
+            raise SourceUnreachable(f"Kafka at {addresses(self._servers)}: {_short(exc)}") from exc
 
     async def _start(self) -> None:
         self._producer = AIOKafkaProducer(
@@ -146,7 +154,9 @@ class KafkaSource:
             try:
                 await self._commit_ready()
             except KafkaError as exc:
-                logger.warning("final commit failed (%s); unfinished records will be replayed", exc)
+                logger.warning(
+                    "final commit failed (%s); unfinished records will be replayed", _short(exc)
+                )
             await self._consumer.stop()
         if self._producer is not None:
             await self._producer.stop()
@@ -447,7 +457,7 @@ class KafkaDeadLetters:
 
     @property
     def where(self) -> str:
-        return f"topic {self.dead_letter_topic} on Kafka {self._servers}"
+        return f"topic {self.dead_letter_topic} on Kafka {addresses(self._servers)}"
 
     @property
     def destination(self) -> str:
@@ -470,7 +480,7 @@ class KafkaDeadLetters:
             await consumer.start()
         except KafkaError as exc:
             await consumer.stop()
-            raise ConnectionError(f"Kafka at {self._servers}: {exc}") from exc
+            raise SourceUnreachable(f"Kafka at {addresses(self._servers)}: {_short(exc)}") from exc
         try:
             records = await _read_all(
                 consumer, self.dead_letter_topic, partitions[self.dead_letter_topic]
@@ -508,7 +518,7 @@ class KafkaDeadLetters:
             wanted = [t for t in topics if t in existing]
             described = await admin.describe_topics(wanted) if wanted else []
         except KafkaError as exc:
-            raise ConnectionError(f"Kafka at {self._servers}: {exc}") from exc
+            raise SourceUnreachable(f"Kafka at {addresses(self._servers)}: {_short(exc)}") from exc
         finally:
             await admin.close()
         return {
@@ -526,7 +536,9 @@ class KafkaDeadLetters:
             try:
                 await self._producer.start()
             except KafkaError as exc:
-                raise ConnectionError(f"Kafka at {self._servers}: {exc}") from exc
+                raise SourceUnreachable(
+                    f"Kafka at {addresses(self._servers)}: {_short(exc)}"
+                ) from exc
         for letter in letters:
             headers = replay_headers(letter.headers, value)
             await self._producer.send_and_wait(

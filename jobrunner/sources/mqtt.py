@@ -63,7 +63,8 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from jobrunner.config import ScaledJob, Settings
 from jobrunner.models import Action, Decision, Delivery
 from jobrunner.naming import message_identity
-from jobrunner.protocols import MessageHandle, SourceError
+from jobrunner.protocols import MessageHandle, SourceError, SourceUnreachable
+from jobrunner.redaction import describe_error
 from jobrunner.tasks import start_guarded, stop_tasks
 from jobrunner.triggers.mqtt import MQTTTrigger
 
@@ -213,11 +214,11 @@ class MQTTSource:
         waiting: list[asyncio.Future[Any]] = [*self._pubacks.values(), *self._subacks.values()]
         for future in waiting:
             if not future.done():
-                future.set_exception(ConnectionError(f"{self.where}: disconnected ({reason})"))
+                future.set_exception(SourceUnreachable(f"{self.where}: disconnected ({reason})"))
         self._pubacks.clear()
         self._subacks.clear()
         if self._connack is not None and not self._connack.done():
-            self._connack.set_exception(ConnectionError(f"{self.where}: {reason}"))
+            self._connack.set_exception(SourceUnreachable(f"{self.where}: {reason}"))
         if self._closing:
             return
         if reason.value == SESSION_TAKEN_OVER:
@@ -273,20 +274,22 @@ class MQTTSource:
                 await asyncio.to_thread(client.reconnect)
             reason, resumed = await asyncio.wait_for(self._connack, timeout=15)
         except (OSError, TimeoutError, socket.gaierror) as exc:
-            raise ConnectionError(f"{self.where}: {exc or type(exc).__name__}") from None
+            raise SourceUnreachable(f"{self.where}: {describe_error(exc)}") from None
         if reason.is_failure:
             if reason.value in REFUSED:
                 raise SourceError(
                     f"{self.where}: connection refused ({reason}); check the username and "
                     "password of the TriggerAuthentication"
                 )
-            raise ConnectionError(f"{self.where}: connection refused ({reason})")
+            raise SourceUnreachable(f"{self.where}: connection refused ({reason})")
         self._connected = True
         subscription = t.subscription
         future = self._loop.create_future()
         result, mid = client.subscribe(subscription, options=SubscribeOptions(qos=1))
         if result != paho.MQTT_ERR_SUCCESS or mid is None:
-            raise ConnectionError(f"{self.where}: subscribe failed ({paho.error_string(result)})")
+            raise SourceUnreachable(
+                f"{self.where}: subscribe failed ({paho.error_string(result)})"
+            )
         self._subacks[mid] = future
         [granted] = await asyncio.wait_for(future, timeout=15)
         if granted.is_failure:
@@ -442,7 +445,7 @@ class MQTTSource:
                 await asyncio.sleep(DEAD_LETTER_RETRY_SECONDS)
                 continue
             if reason.is_failure:
-                raise ConnectionError(
+                raise SourceUnreachable(
                     f"{self.where}: dead-letter publish to {self.dead_letter_topic} refused "
                     f"({reason})"
                 )
@@ -463,7 +466,10 @@ class MQTTSource:
             try:
                 return await asyncio.wait_for(future, timeout=30)
             except (ConnectionError, TimeoutError) as exc:
-                logger.warning("dead-letter publish not acknowledged (%s); publishing again", exc)
+                logger.warning(
+                    "dead-letter publish not acknowledged (%s); publishing again",
+                    describe_error(exc),
+                )
 
     # ------------------------------------------------------------------ observability
     async def depth(self) -> int | None:

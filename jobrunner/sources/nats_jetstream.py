@@ -47,7 +47,8 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, S
 
 from jobrunner.config import ScaledJob, Settings
 from jobrunner.models import Action, Decision, Delivery
-from jobrunner.protocols import MessageHandle, SourceError
+from jobrunner.protocols import MessageHandle, SourceError, SourceUnreachable
+from jobrunner.redaction import address, describe_error
 from jobrunner.tasks import start_guarded, stop_tasks
 from jobrunner.triggers.nats_jetstream import NatsJetStreamTrigger
 
@@ -56,6 +57,20 @@ logger = logging.getLogger(__name__)
 _DOWN = (nats.errors.Error, OSError, asyncio.TimeoutError)
 DEFAULT_ACK_WAIT = 30.0
 """AckWait of a consumer jobrunner creates (JetStream's default)."""
+
+
+def _short(exc: BaseException) -> str:
+    """A NATS failure in jobrunner's words: a JetStream API error by its class and
+    numeric codes, anything else by class and errno (jobrunner.redaction) — never the
+    server's description or an error line's text."""
+    if isinstance(exc, nats.js.errors.APIError):
+        codes = [
+            f"{label} {value}"
+            for label, value in (("code", exc.code), ("err_code", exc.err_code))
+            if isinstance(value, int)
+        ]
+        return type(exc).__name__ + (f" ({', '.join(codes)})" if codes else "")
+    return describe_error(exc)
 
 
 @dataclass
@@ -95,7 +110,7 @@ class NatsJetStreamSource:
 
     @property
     def where(self) -> str:
-        return f"NATS at {self._trigger.server}"
+        return f"NATS at {address(self._trigger.server, default_port=4222)}"
 
     @property
     def hold_limit_seconds(self) -> float | None:
@@ -123,12 +138,15 @@ class NatsJetStreamSource:
                 error_cb=self._on_error,
                 **options,
             )
-        except nats.errors.NoServersError as exc:
-            raise ConnectionError(f"{self.where}: {exc}") from None
         except (nats.errors.AuthorizationError, nats.errors.InvalidUserCredentialsError) as exc:
             raise SourceError(
-                f"{self.where}: credentials refused ({exc}); check the TriggerAuthentication"
+                f"{self.where}: credentials refused ({_short(exc)}); check the "
+                "TriggerAuthentication"
             ) from None
+        except _DOWN as exc:
+            # NoServersError, a refused connection, a server that is not NATS: the
+            # runner tries again with its line on /readyz.
+            raise SourceUnreachable(f"{self.where} is not reachable ({_short(exc)})") from None
         self._js = self._nc.jetstream()
         try:
             await self._bind()
@@ -138,7 +156,7 @@ class NatsJetStreamSource:
                 f"add {self.stream} --subjects ...)"
             ) from None
         except nats.js.errors.APIError as exc:
-            raise SourceError(f"{self.where}: stream {self.stream!r}: {exc}") from None
+            raise SourceError(f"{self.where}: stream {self.stream!r}: {_short(exc)}") from None
         self._stopping = False
         self._tasks = [
             start_guarded(self._fetch_loop(), name=f"nats-fetch-{self.stream}", long_lived=False),
@@ -155,7 +173,7 @@ class NatsJetStreamSource:
         )
 
     async def _on_error(self, exc: Exception) -> None:
-        logger.warning("%s: %s", self.where, exc)
+        logger.warning("%s: %s", self.where, _short(exc))
 
     async def _bind(self) -> None:
         js = self._js
@@ -228,7 +246,7 @@ class NatsJetStreamSource:
             try:
                 await self._nc.close()
             except _DOWN as exc:
-                logger.info("closing the NATS connection: %s", exc)
+                logger.info("closing the NATS connection: %s", _short(exc))
             self._nc = None
 
     @property
@@ -252,7 +270,9 @@ class NatsJetStreamSource:
             except nats.errors.TimeoutError:
                 continue  # nothing waiting
             except _DOWN as exc:
-                logger.warning("%s: fetch failed (%s); retrying in %.1fs", self.where, exc, delay)
+                logger.warning(
+                    "%s: fetch failed (%s); retrying in %.1fs", self.where, _short(exc), delay
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
                 continue
@@ -295,7 +315,9 @@ class NatsJetStreamSource:
                 try:
                     await handle.msg.in_progress()
                 except _DOWN as exc:
-                    logger.warning("%s: in-progress ack failed (%s); will retry", self.where, exc)
+                    logger.warning(
+                        "%s: in-progress ack failed (%s); will retry", self.where, _short(exc)
+                    )
                     break
 
     # ------------------------------------------------------------------ settle
@@ -330,7 +352,7 @@ class NatsJetStreamSource:
                 "message %s could not be settled (%s): JetStream delivers it again after "
                 "AckWait and it adopts its Job",
                 handle.delivery.identity,
-                exc,
+                _short(exc),
             )
             return False
         finally:
@@ -392,7 +414,7 @@ class NatsJetStreamSource:
                 "message %s/%s dead-lettered: %s", self.stream, sequence, decision.detail
             )
         except (*_DOWN, KeyError, ValueError) as exc:
-            logger.error("MAX_DELIVERIES advisory could not be dead-lettered: %s", exc)
+            logger.error("MAX_DELIVERIES advisory could not be dead-lettered: %s", _short(exc))
 
     # ------------------------------------------------------------------ observability
     async def depth(self) -> int | None:

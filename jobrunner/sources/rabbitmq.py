@@ -19,6 +19,7 @@ import os
 import ssl
 import tempfile
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -34,7 +35,8 @@ from jobrunner.config import ScaledJob, Settings
 from jobrunner.deadletters import DeadLetter, replay_headers
 from jobrunner.models import Action, Decision, Delivery
 from jobrunner.naming import message_identity
-from jobrunner.protocols import MessageHandle, SourceError
+from jobrunner.protocols import MessageHandle, SourceError, SourceUnreachable
+from jobrunner.redaction import address, describe_error
 from jobrunner.triggers.rabbitmq import RabbitMQTrigger
 
 logger = logging.getLogger(__name__)
@@ -88,26 +90,56 @@ class QueueSettings:
     dead-letters it itself). None: unlimited."""
 
 
-def management_queue_settings(management_url: str, vhost: str, queue: str) -> QueueSettings:
+MANAGEMENT_ANSWER_MAX = 1024 * 1024
+"""The most of a management API answer read (a queue's description is a few KiB)."""
+_QUEUE_TYPES = ("classic", "quorum", "stream")
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    """A redirect is an error: urllib would resend the Authorization header to wherever
+    it points, https or not."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+def management_queue_settings(
+    management_url: str,
+    vhost: str,
+    queue: str,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    credentials: tuple[str, str] | None = None,
+) -> QueueSettings:
     """The queue's type, dead-letter exchange and delivery limit, read through the
-    management API (``GET /api/queues/<vhost>/<queue>``)."""
+    management API (``GET /api/queues/<vhost>/<queue>``) at ``management_url``
+    (``scheme://host:port``; https verified with ``ssl_context``), with Basic auth when
+    ``credentials`` (user, password) are given. Redirects are refused and at most
+    ``MANAGEMENT_ANSWER_MAX`` bytes are read. Raises ``urllib.error.URLError`` (an
+    ``HTTPError`` for a non-2xx answer), ``OSError`` or ``ValueError`` (not JSON)."""
     parsed = urllib.parse.urlsplit(management_url)
     path = f"/api/queues/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(queue, safe='')}"
+    default_port = 15671 if parsed.scheme == "https" else 15672
+    host = f"[{parsed.hostname}]" if ":" in (parsed.hostname or "") else parsed.hostname
     request = urllib.request.Request(
-        f"{parsed.scheme}://{parsed.hostname}:{parsed.port or 15672}{path}"
+        f"{parsed.scheme}://{host}:{parsed.port or default_port}{path}"
     )
-    if parsed.username:
-        user = urllib.parse.unquote(parsed.username)
-        password = urllib.parse.unquote(parsed.password or "")
-        token = base64.b64encode(f"{user}:{password}".encode())
+    if credentials is not None:
+        token = base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode())
         request.add_header("Authorization", f"Basic {token.decode()}")
-    with urllib.request.urlopen(request, timeout=5) as response:
-        info = json.load(response)
+    opener = urllib.request.build_opener(
+        _NoRedirects(), urllib.request.HTTPSHandler(context=ssl_context)
+    )
+    with opener.open(request, timeout=5) as response:
+        info = json.loads(response.read(MANAGEMENT_ANSWER_MAX))
+    if not isinstance(info, dict):
+        raise ValueError("the management API's answer is not a JSON object")
     arguments = info.get("arguments") or {}
     policy = info.get("effective_policy_definition") or {}
     limit = arguments.get("x-delivery-limit", policy.get("delivery-limit"))
+    queue_type = str(info.get("type") or arguments.get("x-queue-type") or "classic")
     return QueueSettings(
-        queue_type=str(info.get("type") or arguments.get("x-queue-type") or "classic"),
+        queue_type=queue_type if queue_type in _QUEUE_TYPES else "classic",
         dead_letter_exchange=arguments.get(
             "x-dead-letter-exchange", policy.get("dead-letter-exchange")
         ),
@@ -120,6 +152,16 @@ def management_queue_settings(management_url: str, vhost: str, queue: str) -> Qu
     )
 
 
+def _http_words(exc: BaseException) -> str:
+    """A failed management lookup in jobrunner's words: the HTTP status, never the
+    answer's reason phrase or body."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"HTTP {exc.code}"
+    if isinstance(exc, urllib.error.URLError) and isinstance(exc.reason, BaseException):
+        return describe_error(exc.reason)
+    return describe_error(exc)
+
+
 def _ssl_cause(exc: BaseException) -> str | None:
     """The TLS failure inside a connection error, when that is what it was."""
     seen: BaseException | None = exc
@@ -129,7 +171,7 @@ def _ssl_cause(exc: BaseException) -> str | None:
         if isinstance(seen, ssl.SSLCertVerificationError):
             return f"certificate not trusted: {seen.verify_message}"
         if isinstance(seen, ssl.SSLError):
-            return seen.reason or str(seen)
+            return seen.reason or "handshake failed"  # an OpenSSL reason code
         for arg in getattr(seen, "args", ()):
             if isinstance(arg, ssl.SSLError):
                 return _ssl_cause(arg)
@@ -137,9 +179,42 @@ def _ssl_cause(exc: BaseException) -> str | None:
     return None
 
 
+AMQP_REPLY_CODES = {
+    311: "CONTENT_TOO_LARGE",
+    312: "NO_ROUTE",
+    313: "NO_CONSUMERS",
+    320: "CONNECTION_FORCED",
+    402: "INVALID_PATH",
+    403: "ACCESS_REFUSED",
+    404: "NOT_FOUND",
+    405: "RESOURCE_LOCKED",
+    406: "PRECONDITION_FAILED",
+    501: "FRAME_ERROR",
+    502: "SYNTAX_ERROR",
+    503: "COMMAND_INVALID",
+    504: "CHANNEL_ERROR",
+    505: "UNEXPECTED_FRAME",
+    506: "RESOURCE_ERROR",
+    530: "NOT_ALLOWED",
+    540: "NOT_IMPLEMENTED",
+    541: "INTERNAL_ERROR",
+}
+"""AMQP 0-9-1's reply codes (the specification's constants): what is reported of a
+broker's close, rather than its reply text."""
+
+
 def _short(exc: BaseException) -> str:
-    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return text[:160]
+    """An AMQP failure in jobrunner's words: the reply code and its name from the
+    specification when the broker closed with one, else the class and errno
+    (jobrunner.redaction) — never the broker's reply text."""
+    if isinstance(exc, aiormq.exceptions.AMQPError):
+        code = next((a for a in exc.args if isinstance(a, int)), None)
+        if code is None:
+            frame = next((a for a in exc.args if hasattr(a, "reply_code")), None)
+            code = getattr(frame, "reply_code", None)
+        if isinstance(code, int) and code in AMQP_REPLY_CODES:
+            return f"{type(exc).__name__}: AMQP {code} {AMQP_REPLY_CODES[code]}"
+    return describe_error(exc)
 
 
 def _published_at(message: aio_pika.abc.AbstractIncomingMessage) -> float | None:
@@ -168,6 +243,7 @@ class RabbitMQSource:
         management_url: str | None = None,
         scaledjob: str = "",
         ssl_context: ssl.SSLContext | None = None,
+        management_ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self._url = url
         self._ssl = ssl_context
@@ -177,6 +253,7 @@ class RabbitMQSource:
         self._dlx_key = dead_letter_routing_key
         self._dlq = dead_letter_queue or f"{queue}.dead-letter"
         self._management_url = management_url
+        self._management_ssl = management_ssl_context or ssl_context
         self._scaledjob = scaledjob
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._consume_channel: aio_pika.abc.AbstractChannel | None = None
@@ -194,9 +271,8 @@ class RabbitMQSource:
     @property
     def broker(self) -> str:
         """The broker's address without credentials, for messages."""
-        parsed = urllib.parse.urlsplit(self._url)
-        default = 5671 if parsed.scheme == "amqps" else 5672
-        return f"{parsed.scheme}://{parsed.hostname}:{parsed.port or default}"
+        default = 5671 if urllib.parse.urlsplit(self._url).scheme == "amqps" else 5672
+        return address(self._url, default_port=default)
 
     async def start(self) -> None:
         """Connect and start consuming. SourceError, in one line naming the broker, the
@@ -213,7 +289,7 @@ class RabbitMQSource:
         except aiormq.exceptions.ChannelAccessRefused as exc:
             raise SourceError(
                 f"RabbitMQ at {self.broker}: user {self._user!r} may not read queue "
-                f"{self._queue_name!r} in vhost {self.vhost!r} ({exc}); grant it "
+                f"{self._queue_name!r} in vhost {self.vhost!r} ({_short(exc)}); grant it "
                 "(rabbitmqctl set_permissions)"
             ) from None
         except aiormq.exceptions.ProbableAuthenticationError:
@@ -234,7 +310,7 @@ class RabbitMQSource:
                     f"RabbitMQ at {self.broker}: TLS failed ({cause}); check the CA (parameter "
                     "ca) and the client certificate (cert, key)"
                 ) from None
-            raise SourceError(
+            raise SourceUnreachable(
                 f"RabbitMQ at {self.broker} is not reachable ({_short(exc)}); is it running?"
             ) from None
         except aiormq.exceptions.AMQPError as exc:
@@ -270,19 +346,50 @@ class RabbitMQSource:
             )
         self._consumer_tag = await self._queue.consume(self._on_message, no_ack=False)
 
+    @property
+    def management_url(self) -> str:
+        """Where the management API is asked for the queue's settings: the trigger's
+        ``managementURL``, else the broker's host at ``https://…:15671`` when the AMQP
+        link is amqps (verified with the link's TLS settings), ``http://…:15672`` when
+        it is plain amqp (its credentials already cross that network in clear)."""
+        if self._management_url:
+            return self._management_url
+        parsed = urllib.parse.urlsplit(self._url)
+        host = f"[{parsed.hostname}]" if ":" in (parsed.hostname or "") else parsed.hostname
+        if parsed.scheme == "amqps":
+            return f"https://{host}:15671/"
+        return f"http://{host}:15672/"
+
+    def _management_credentials(self) -> tuple[str, str] | None:
+        """The management URL's own userinfo, else the AMQP link's (as KEDA's http
+        protocol uses the host URL's); None when neither has any."""
+        for url in (self._management_url or "", self._url):
+            parsed = urllib.parse.urlsplit(url)
+            if parsed.username:
+                return (
+                    urllib.parse.unquote(parsed.username),
+                    urllib.parse.unquote(parsed.password or ""),
+                )
+        return None
+
     async def _queue_settings(self) -> QueueSettings:
-        management = self._management_url or self._default_management_url()
+        management = self.management_url
         try:
             return await asyncio.to_thread(
-                management_queue_settings, management, self.vhost, self._queue_name
+                management_queue_settings,
+                management,
+                self.vhost,
+                self._queue_name,
+                ssl_context=self._management_ssl,
+                credentials=self._management_credentials(),
             )
         except Exception as exc:
             logger.info(
-                "could not read queue %s arguments from %s (%s); assuming no dead-letter "
-                "exchange and no delivery limit",
+                "could not read queue %s arguments from the management API at %s (%s); "
+                "assuming no dead-letter exchange and no delivery limit",
                 self._queue_name,
-                urllib.parse.urlsplit(management).hostname,
-                exc,
+                address(management),
+                _http_words(exc),
             )
             return QueueSettings()
 
@@ -296,13 +403,6 @@ class RabbitMQSource:
         assert self._publish_channel is not None
         await self._publish_channel.declare_queue(self._dlq, durable=True)
         return DeadLetterTarget("", self._dlq, declare_queue=self._dlq)
-
-    def _default_management_url(self) -> str:
-        parsed = urllib.parse.urlsplit(self._url)
-        auth = ""
-        if parsed.username:
-            auth = f"{parsed.username}:{parsed.password or ''}@"
-        return f"http://{auth}{parsed.hostname}:15672/"
 
     async def _on_message(self, message: aio_pika.abc.AbstractIncomingMessage) -> None:
         headers = {str(k): _header_text(v) for k, v in (message.headers or {}).items()}
@@ -368,7 +468,9 @@ class RabbitMQSource:
             try:
                 await self._queue.cancel(self._consumer_tag)
             except _GONE as exc:
-                logger.info("cancelling the consumer failed (%s); the channel is gone anyway", exc)
+                logger.info(
+                    "cancelling the consumer failed (%s); the channel is gone anyway", _short(exc)
+                )
             self._consumer_tag = None
 
     async def settle(self, handle: MessageHandle, decision: Decision) -> bool:
@@ -394,7 +496,7 @@ class RabbitMQSource:
             logger.warning(
                 "message %s could not be settled (%s): the broker will redeliver it",
                 handle.delivery.identity,
-                exc,
+                _short(exc),
             )
             return False
         return True
@@ -477,10 +579,16 @@ def open_source(
 ) -> RabbitMQSource:
     """The source for a resolved ``rabbitmq`` trigger (see jobrunner.triggers.rabbitmq)."""
     spec = scaledjob.spec
+    link_tls = ssl_context(trigger)
+    management_tls = link_tls
+    if link_tls is None and trigger.management_url.startswith("https:"):
+        management_tls = ssl.create_default_context(cadata=trigger.ca or None)
     return RabbitMQSource(
         url=trigger.url,
         queue=trigger.queue,
-        ssl_context=ssl_context(trigger),
+        management_url=trigger.management_url or None,
+        ssl_context=link_tls,
+        management_ssl_context=management_tls,
         prefetch=spec.maxReplicaCount,
         dead_letter_exchange=spec.deadLetter.exchange,
         dead_letter_routing_key=spec.deadLetter.routingKey,
@@ -500,8 +608,7 @@ class RabbitMQDeadLetters:
         self._url = url
         self.queue = queue
         self.dead_letter_queue = dead_letter_queue
-        parsed = urllib.parse.urlsplit(url)
-        self._host = f"{parsed.hostname}:{parsed.port or 5672}"
+        self._host = address(url, default_port=5672)
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._channel: aio_pika.abc.AbstractChannel | None = None
         self._held: dict[int, aio_pika.abc.AbstractIncomingMessage] = {}
@@ -519,9 +626,7 @@ class RabbitMQDeadLetters:
             try:
                 self._connection = await aio_pika.connect(self._url, timeout=10)
             except (aiormq.exceptions.AMQPError, OSError, TimeoutError) as exc:
-                raise ConnectionError(
-                    f"RabbitMQ at {self._host}: {exc or type(exc).__name__}"
-                ) from exc
+                raise SourceUnreachable(f"RabbitMQ at {self._host}: {_short(exc)}") from exc
             self._channel = await self._connection.channel(publisher_confirms=True)
         return self._channel
 

@@ -51,13 +51,55 @@ from redis.exceptions import TimeoutError as RedisTimeout
 
 from jobrunner.config import ScaledJob, Settings
 from jobrunner.models import Action, Decision, Delivery
-from jobrunner.protocols import MessageHandle, SourceError
+from jobrunner.protocols import MessageHandle, SourceError, SourceUnreachable
+from jobrunner.redaction import address, describe_error, known_code
 from jobrunner.tasks import start_guarded, stop_tasks
 from jobrunner.triggers.redis_streams import RedisStreamsTrigger
 
 logger = logging.getLogger(__name__)
 
 _DOWN = (RedisConnectionError, RedisTimeout, OSError)
+REDIS_ERROR_CODES = frozenset(
+    {
+        # The first word of Redis's error replies (redis.io "Redis serialization
+        # protocol", and the server's own: errors.h, t_stream.c, acl.c).
+        "ERR",
+        "WRONGTYPE",
+        "NOAUTH",
+        "WRONGPASS",
+        "NOPERM",
+        "NOGROUP",
+        "BUSYGROUP",
+        "NOSCRIPT",
+        "BUSY",
+        "LOADING",
+        "READONLY",
+        "MASTERDOWN",
+        "MISCONF",
+        "OOM",
+        "EXECABORT",
+        "NOREPLICAS",
+        "NOPROTO",
+        "CROSSSLOT",
+        "CLUSTERDOWN",
+        "MOVED",
+        "ASK",
+        "TRYAGAIN",
+        "UNKILLABLE",
+    }
+)
+"""Error codes reported as they are; the rest of an error reply is the server's text."""
+
+
+def _short(exc: BaseException) -> str:
+    """A Redis failure in jobrunner's words: an error reply by its code (``NOGROUP``),
+    anything else by class and errno (jobrunner.redaction) — never the reply's text, nor
+    what a server that is not Redis answered (redis-py quotes it in a protocol error)."""
+    if isinstance(exc, ResponseError):
+        words = str(exc).split(maxsplit=1)
+        code = known_code(words[0] if words else "", REDIS_ERROR_CODES)
+        return f"{type(exc).__name__} {code}" if code else type(exc).__name__
+    return describe_error(exc)
 
 # KEYS[1] stream; ARGV: group, consumer, ids... Resets the idle time of each id this
 # consumer still owns; returns the ids it no longer owns.
@@ -118,7 +160,7 @@ class RedisStreamsSource:
 
     @property
     def where(self) -> str:
-        return f"Redis at {self._trigger.address}"
+        return f"Redis at {address(self._trigger.address)}"
 
     @property
     def hold_limit_seconds(self) -> float | None:
@@ -156,7 +198,7 @@ class RedisStreamsSource:
             groups = await self._redis.xinfo_groups(self.stream)
         except AuthenticationError as exc:
             raise SourceError(
-                f"{self.where}: credentials refused ({exc}); check the username and "
+                f"{self.where}: credentials refused ({_short(exc)}); check the username and "
                 "password of the TriggerAuthentication"
             ) from None
         except ResponseError as exc:
@@ -167,11 +209,19 @@ class RedisStreamsSource:
                 ) from None
             if "noauth" in str(exc).lower() or "wrongpass" in str(exc).lower():
                 raise SourceError(
-                    f"{self.where}: credentials refused ({exc}); check the TriggerAuthentication"
+                    f"{self.where}: credentials refused ({_short(exc)}); check the "
+                    "TriggerAuthentication"
                 ) from None
-            raise SourceError(f"{self.where}: stream {self.stream!r}: {exc}") from None
+            raise SourceError(f"{self.where}: stream {self.stream!r}: {_short(exc)}") from None
         except _DOWN as exc:
-            raise ConnectionError(f"{self.where}: {exc}") from None
+            raise SourceUnreachable(f"{self.where} is not reachable ({_short(exc)})") from None
+        except RedisError as exc:
+            # A server that does not speak Redis (an HTTP service, say): redis-py's
+            # protocol error quotes what it answered, so only the class is said.
+            raise SourceError(
+                f"{self.where} did not answer as Redis does ({_short(exc)}); is it a Redis "
+                "server?"
+            ) from None
         if not any(_text(g.get("name")) == self.group for g in groups):
             raise SourceError(
                 f"{self.where}: stream {self.stream!r} has no consumer group {self.group!r}; "
@@ -242,13 +292,19 @@ class RedisStreamsSource:
                 )
             except _DOWN as exc:
                 self._connected = False
-                logger.warning("%s: reading failed (%s); retrying in %.1fs", self.where, exc, delay)
+                logger.warning(
+                    "%s: reading failed (%s); retrying in %.1fs", self.where, _short(exc), delay
+                )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
                 continue
-            except ResponseError as exc:  # the group or stream was deleted under us
+            except RedisError as exc:
+                # ResponseError: the group or stream was deleted under us; any other
+                # (a protocol error): the server answered what Redis would not.
                 self._connected = False
-                logger.error("%s: stream %s: %s; retrying in 5s", self.where, self.stream, exc)
+                logger.error(
+                    "%s: stream %s: %s; retrying in 5s", self.where, self.stream, _short(exc)
+                )
                 await asyncio.sleep(5)
                 continue
             self._connected, delay = True, 0.5
@@ -343,7 +399,7 @@ class RedisStreamsSource:
                     keys=[self.stream], args=[self.group, self.consumer, *ids]
                 )
             except (*_DOWN, ResponseError) as exc:
-                logger.warning("%s: heartbeat failed (%s); will retry", self.where, exc)
+                logger.warning("%s: heartbeat failed (%s); will retry", self.where, _short(exc))
                 continue
             for entry_id in lost or []:
                 logger.warning(
@@ -375,7 +431,7 @@ class RedisStreamsSource:
                 "entry %s could not be settled (%s): it stays pending and adopts its Job when "
                 "claimed again",
                 handle.entry_id,
-                exc,
+                _short(exc),
             )
             self._release(handle.entry_id)
             return False

@@ -17,6 +17,11 @@ Semantics:
 * one consumer per queue holds an exclusive lock file; when a consumer starts, rows its
   dead predecessor held are ready again and come back marked redelivered, so a crash
   loses nothing (the dispatcher then adopts the Jobs those messages already have).
+
+The file holds message bodies: it is private to the user running jobrunner (0600, and
+SQLite gives its ``-wal`` and ``-shm`` files the database's mode; a directory it creates
+is 0700), whatever the umask, and files an older version left more open are tightened
+when the queue is opened (see ``_make_private``).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ from jobrunner.config import ScaledJob, Settings
 from jobrunner.deadletters import DeadLetter, replay_headers
 from jobrunner.models import Action, Decision, Delivery
 from jobrunner.naming import message_identity
+from jobrunner.privatefs import FILE_MODE, open_private, private_dir
 from jobrunner.protocols import MessageHandle, Refusal
 from jobrunner.triggers.sqlite import SQLiteTrigger
 
@@ -92,8 +98,35 @@ def dead_letter_queue_name(queue: str, configured: str | None = None) -> str:
     return configured or f"{queue}.dead-letter"
 
 
+def _make_private(path: Path) -> None:
+    """Create the queue file private (0600) before SQLite does (SQLite would make it
+    0644 less the umask, and its -wal and -shm files after it), and tighten those an
+    older version made."""
+    private_dir(path.parent)
+    os.close(open_private(path, os.O_RDWR))
+    for suffix in ("-wal", "-shm", "-journal"):
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            os.chmod(path.with_name(path.name + suffix), FILE_MODE)
+
+
 async def _connect(path: Path, *, within: float = 30.0) -> aiosqlite.Connection:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """An open, prepared connection. Cancelling this waits for the open under way to end
+    and closes it, then re-raises: aiosqlite's worker thread finishes a connect it was
+    given whatever its caller does, and one left behind answers an event loop that may be
+    closed by then (a traceback from its thread as the process exits: seen when a
+    dispatcher stopped while a unit was still connecting, on a busy machine)."""
+    opening = asyncio.ensure_future(_open(path, within))
+    try:
+        return await asyncio.shield(opening)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            db = await opening  # bounded: the open gives up after ``within`` s
+            await db.close()
+        raise
+
+
+async def _open(path: Path, within: float) -> aiosqlite.Connection:
+    await asyncio.to_thread(_make_private, path)
     db = await aiosqlite.connect(path, timeout=within)
     try:
         await _prepare(db, within)
@@ -357,9 +390,9 @@ class SQLiteSource:
         self._consuming = True
 
     async def start(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         lock = _lock_path(self.path, self._queue_name)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_private(lock, os.O_RDWR)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

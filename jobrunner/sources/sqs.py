@@ -32,6 +32,7 @@ import collections
 import contextlib
 import json
 import logging
+import re
 import time
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
@@ -43,7 +44,8 @@ from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
 from jobrunner.config import ScaledJob, Settings
 from jobrunner.models import Action, Decision, Delivery
-from jobrunner.protocols import MessageHandle, SourceError
+from jobrunner.protocols import MessageHandle, SourceError, SourceUnreachable
+from jobrunner.redaction import address, describe_error, known_code
 from jobrunner.tasks import start_guarded, stop_tasks
 from jobrunner.triggers.sqs import SQS_HOLD_CAP_SECONDS, SQSTrigger
 
@@ -67,6 +69,31 @@ _GONE = {
     "AWS.SimpleQueueService.MessageNotInflight",
     "InvalidParameterValue",
 }
+_CODES = _MISSING_QUEUE | _REFUSED | _GONE | {
+    # The SQS API Reference's error codes (common and per action) worth telling apart.
+    "AWS.SimpleQueueService.NonExistentQueue",
+    "ExpiredToken",
+    "IncompleteSignature",
+    "InternalFailure",
+    "InvalidAction",
+    "InvalidAddress",
+    "InvalidClientTokenId",
+    "InvalidParameterCombination",
+    "MissingParameter",
+    "OptInRequired",
+    "OverLimit",
+    "QueueDeletedRecently",
+    "RequestExpired",
+    "RequestThrottled",
+    "ServiceUnavailable",
+    "ThrottlingException",
+    "KmsAccessDenied",
+    "KmsDisabled",
+    "KmsNotFound",
+    "KmsThrottled",
+}
+"""Error codes reported as they are; any other code, and every message, is the server's
+text and is not repeated."""
 MAX_ATTRIBUTES = 10
 """Message attributes SQS accepts on one message."""
 POLL_SECONDS = 20
@@ -97,6 +124,25 @@ class _InHand:
 
 def _error_code(exc: ClientError) -> str:
     return str(exc.response.get("Error", {}).get("Code", ""))
+
+
+def _short(exc: BaseException) -> str:
+    """An SQS failure in jobrunner's words: the HTTP status and SQS's error code when it
+    is one of SQS's own, else the class and errno (jobrunner.redaction) — never the
+    answer's message (the endpoint is the ScaledJob author's to choose)."""
+    if isinstance(exc, ClientError):
+        status = (exc.response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+        code = known_code(_error_code(exc), _CODES)
+        words = [f"HTTP {status}" if isinstance(status, int) else "", code or ""]
+        return " ".join(w for w in words if w) or type(exc).__name__
+    return describe_error(exc)
+
+
+def _queue_name_of(url: str) -> str:
+    """A queue URL's last part when it is an SQS queue name, for logs (the URL came from
+    the server's answer)."""
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    return name if re.fullmatch(r"[A-Za-z0-9_-]{1,80}(\.fifo)?", name) else "<not a queue name>"
 
 
 def _attribute_text(value: Mapping[str, Any]) -> str:
@@ -141,7 +187,9 @@ class SQSSource:
 
     @property
     def where(self) -> str:
-        return f"SQS at {self._trigger.endpoint or self._trigger.region}"
+        if self._trigger.endpoint:
+            return f"SQS at {address(self._trigger.endpoint)}"
+        return f"SQS in {self._trigger.region}"
 
     @property
     def hold_limit_seconds(self) -> float | None:
@@ -169,7 +217,7 @@ class SQSSource:
             await self._discover()
         except NoCredentialsError as exc:
             raise SourceError(
-                f"{self.where}: no AWS credentials ({exc}); give awsAccessKeyID and "
+                f"{self.where}: no AWS credentials ({_short(exc)}); give awsAccessKeyID and "
                 "awsSecretAccessKey in the TriggerAuthentication, or pod identity"
             ) from None
         except ClientError as exc:
@@ -184,9 +232,9 @@ class SQSSource:
                     f"{self.where}: credentials refused for queue {t.queue_name} ({code}); "
                     "check the TriggerAuthentication's keys and the queue's policy"
                 ) from None
-            raise SourceError(f"{self.where}: queue {t.queue_name}: {exc}") from None
-        except BotoCoreError as exc:
-            raise ConnectionError(f"{self.where}: {exc}") from None
+            raise SourceError(f"{self.where}: queue {t.queue_name}: {_short(exc)}") from None
+        except (BotoCoreError, OSError) as exc:
+            raise SourceUnreachable(f"{self.where} is not reachable ({_short(exc)})") from None
         self._connected = True
         self._stopping = False
         self._tasks = [
@@ -197,10 +245,10 @@ class SQSSource:
         ]
         logger.info(
             "SQS queue %s (%s, visibility %ss); dead letters to %s",
-            self.queue_url,
+            t.queue_name,
             "FIFO" if self.fifo else "standard",
             self._visibility,
-            self.dead_letter_url,
+            _queue_name_of(self.dead_letter_url),
         )
 
     async def _discover(self) -> None:
@@ -288,7 +336,7 @@ class SQSSource:
             except (ClientError, BotoCoreError, OSError) as exc:
                 self._connected = False
                 logger.warning(
-                    "%s: receiving failed (%s); retrying in %.1fs", self.where, exc, delay
+                    "%s: receiving failed (%s); retrying in %.1fs", self.where, _short(exc), delay
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 30.0)
@@ -407,7 +455,9 @@ class SQSSource:
             )
         except (ClientError, BotoCoreError, OSError) as exc:
             self._connected = False
-            logger.warning("%s: renewing visibility failed (%s); will retry", self.where, exc)
+            logger.warning(
+                "%s: renewing visibility failed (%s); will retry", self.where, _short(exc)
+            )
             return
         self._connected = True
         for ok in answer.get("Successful", []):
@@ -419,7 +469,7 @@ class SQSSource:
                 "message %s: visibility could not be renewed (%s); SQS will deliver it again "
                 "and it will adopt its Job",
                 item.handle.delivery.identity,
-                failed.get("Code"),
+                known_code(failed.get("Code"), _CODES) or "an error code",
             )
 
     # ------------------------------------------------------------------ settle
@@ -460,7 +510,7 @@ class SQSSource:
             logger.warning(
                 "message %s could not be settled (%s): SQS will deliver it again",
                 handle.delivery.identity,
-                _error_code(exc),
+                _short(exc),
             )
             self._release(handle.message_id)
             return False
@@ -468,7 +518,7 @@ class SQSSource:
             logger.warning(
                 "message %s could not be settled (%s): SQS will deliver it again",
                 handle.delivery.identity,
-                exc,
+                _short(exc),
             )
             self._release(handle.message_id)
             return False

@@ -5,7 +5,9 @@ One registry keyed by trigger type, so a new source is a new module here (and on
 ``jobrunner/sources/``) plus one line in ``_MODULES`` — never a branch in the runner. Each
 type is checked twice: ``check`` without any I/O (``jobrunner validate`` runs it, so
 validate refuses what ``run`` would), and ``resolve`` at start, when Secrets and
-environment variables are read.
+environment variables are read. Triggers never read ``os.environ``: the variables they
+may read come in their ``ResolveContext.reach`` (see jobrunner.triggers.reach), which the
+command line makes — everything in file mode, the allow-listed few in operator mode.
 
 This package is core: it imports no broker or Kubernetes library.
 """
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import os
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,17 +28,20 @@ from jobrunner.config import (
     Trigger,
     TriggerAuthentication,
 )
-from jobrunner.triggers.auth import FileSecrets, SecretReader, auth_parameters
+from jobrunner.triggers.auth import FileSecrets, SecretReader, auth_parameters, pod_identity
+from jobrunner.triggers.reach import Reach
 
 __all__ = [
     "FileSecrets",
     "Problem",
+    "Reach",
     "ResolveContext",
     "SecretReader",
     "TriggerType",
     "check_output",
     "check_trigger",
     "resolve_trigger",
+    "tenant_problems",
     "trigger_type",
     "trigger_types",
 ]
@@ -55,14 +59,16 @@ class Problem:
 @dataclass(frozen=True)
 class ResolveContext:
     """What resolving a trigger may read: its ScaledJob, the TriggerAuthentications of the
-    manifest, Secrets (the cluster's, then the manifest file's) and the local state
-    directory (for the embedded queue)."""
+    manifest, Secrets (the cluster's, then the manifest file's), the local state
+    directory (for the embedded queue) and, through ``reach``, the environment variables
+    and the cloud identity of the dispatcher's process that this ScaledJob may use."""
 
     scaledjob: ScaledJob
     trigger: Trigger
     authentications: Mapping[str, TriggerAuthentication]
     read_secret: SecretReader
     state_dir: Path
+    reach: Reach
 
     async def parameters(self) -> dict[str, str]:
         """The trigger's metadata overlaid with its TriggerAuthentication's parameters
@@ -70,10 +76,36 @@ class ResolveContext:
         params = dict(self.trigger.metadata)
         params.update(
             await auth_parameters(
-                self.scaledjob, self.trigger, self.authentications, self.read_secret
+                self.scaledjob,
+                self.trigger,
+                self.authentications,
+                self.read_secret,
+                self.reach,
             )
         )
         return params
+
+    def from_env(self, metadata: Mapping[str, str], key: str) -> str | None:
+        """KEDA's ``<key>``, else ``<key>FromEnv`` (the name of an environment variable,
+        read through ``reach``): the value, or None when neither gives one. A variable
+        the ScaledJob may not read is a ManifestError naming it, never its value."""
+        if metadata.get(key):
+            return metadata[key]
+        name = metadata.get(f"{key}FromEnv")
+        if not name:
+            return None
+        value = self.reach.read(
+            name,
+            where=self.where(),
+            field_path=f"metadata.{key}FromEnv",
+            namespace=self.scaledjob.namespace,
+            parameter=key,
+        )
+        return value or None
+
+    def pod_identity(self) -> dict[str, str]:
+        """KEDA's ``podIdentity`` of the trigger's TriggerAuthentication; {} for none."""
+        return pod_identity(self.trigger, self.authentications)
 
     def where(self) -> str:
         return f"ScaledJob {self.scaledjob.name}: trigger {self.trigger.type}"
@@ -104,6 +136,9 @@ class TriggerType:
     sink: str = ""
     """``"module:function"`` of the factory of a publisher to this kind of destination
     (for output bindings, see jobrunner.outputs); "" when the type cannot be one."""
+    operator_refusal: str = ""
+    """Why ``jobrunner operator`` refuses this type for tenants' ScaledJobs (as a
+    trigger and as an output destination); "" when it serves it."""
 
 
 # Trigger type -> the module under jobrunner.triggers that defines TRIGGER.
@@ -173,9 +208,60 @@ def check_output(output: OutputBinding) -> list[Problem]:
     return check_trigger(output.as_trigger())
 
 
+def tenant_problems(
+    scaledjob: ScaledJob,
+    authentications: Mapping[str, TriggerAuthentication],
+    reach: Reach,
+) -> list[Problem]:
+    """What a tenant's ScaledJob asks of the operator's own process that ``reach`` does
+    not give, found without reading anything (operator mode; [] in file mode): a
+    trigger type the operator refuses (the embedded queue), a ``*FromEnv`` metadata key
+    or a TriggerAuthentication ``env`` entry naming a variable that is not allow-listed.
+    Each trigger and each function output destination is looked at; ``field`` is the
+    path from ``spec``. Resolving refuses the same things again (``ResolveContext.
+    from_env``, ``auth_parameters``), so no other path can read them either."""
+    if not reach.tenant:
+        return []
+    destinations = [(f"spec.triggers[{i}]", t) for i, t in enumerate(scaledjob.spec.triggers)]
+    if scaledjob.spec.function is not None:
+        destinations += [
+            (f"spec.function.outputs[{i}]", o.as_trigger())
+            for i, o in enumerate(scaledjob.spec.function.outputs)
+        ]
+    namespace = scaledjob.namespace
+    problems = []
+    for path, trigger in destinations:
+        if trigger.type in _MODULES:  # an unknown type is refused by resolving it
+            kind = trigger_type(trigger.type)
+            if kind.operator_refusal:
+                problems.append(Problem(f"{path}.type", f"{kind.name}: {kind.operator_refusal}"))
+        for key, name in sorted(trigger.metadata.items()):
+            if key.endswith("FromEnv") and name and not reach.may_read(name):
+                refusal = reach.refusal(name, namespace=namespace, parameter=key[: -len("FromEnv")])
+                problems.append(Problem(f"{path}.metadata.{key}", refusal))
+        ref = trigger.authenticationRef
+        auth = authentications.get(ref.name) if ref is not None else None
+        if auth is None:
+            continue
+        for j, env_ref in enumerate(auth.spec.env):
+            if not reach.may_read(env_ref.name):
+                refusal = reach.refusal(
+                    env_ref.name, namespace=namespace, parameter=env_ref.parameter
+                )
+                problems.append(
+                    Problem(
+                        f"{path}.authenticationRef",
+                        f"TriggerAuthentication {auth.metadata.name} spec.env[{j}]: {refusal}",
+                    )
+                )
+    return problems
+
+
 async def resolve_trigger(context: ResolveContext) -> tuple[TriggerType, Any]:
     """The trigger's type and its resolved settings; ManifestError on any problem."""
     kind = trigger_type(context.trigger.type, where=context.where())
+    if context.reach.tenant and kind.operator_refusal:
+        raise ManifestError(f"{context.where()}: field type: {kind.operator_refusal}")
     problems = check_trigger(context.trigger)
     if problems:
         raise ManifestError(
@@ -191,16 +277,6 @@ def required(metadata: Mapping[str, str], *keys: str, what: str = "") -> list[Pr
         for key in keys
         if not metadata.get(key)
     ]
-
-
-def from_env(metadata: Mapping[str, str], key: str) -> str | None:
-    """KEDA's ``<key>`` or ``<key>FromEnv`` (the name of a variable of the dispatcher's
-    environment, as KEDA reads it from the scale target's container): the value, or None
-    when neither gives one."""
-    if metadata.get(key):
-        return metadata[key]
-    env_key = metadata.get(f"{key}FromEnv")
-    return os.environ.get(env_key) or None if env_key else None
 
 
 def one_of(metadata: Mapping[str, str], key: str, allowed: tuple[str, ...]) -> list[Problem]:

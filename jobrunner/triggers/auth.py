@@ -1,5 +1,7 @@
 """KEDA's TriggerAuthentication: parameters taken from Secrets (``secretTargetRef``) and
-from the dispatcher's environment (``env``).
+from environment variables (``env``), as far as the trigger's ``Reach`` lets it read them
+(all of the dispatcher's own in file mode; in operator mode only what the operator's
+owner allow-lists: see jobrunner.triggers.reach).
 
 Secrets are read from the cluster first. A Secret that the manifest file itself declares
 (the way users keep a Secret beside its ScaledJob for ``kubectl apply -f``) is used when
@@ -11,11 +13,12 @@ from __future__ import annotations
 
 import base64
 import logging
-import os
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from jobrunner.config import ManifestError, ScaledJob, Trigger, TriggerAuthentication
+from jobrunner.protocols import ApiRejected
+from jobrunner.triggers.reach import Reach
 
 logger = logging.getLogger(__name__)
 
@@ -65,8 +68,11 @@ async def auth_parameters(
     trigger: Trigger,
     authentications: Mapping[str, TriggerAuthentication],
     read_secret: SecretReader,
+    reach: Reach,
 ) -> dict[str, str]:
-    """The parameters the trigger's ``authenticationRef`` supplies; {} without one."""
+    """The parameters the trigger's ``authenticationRef`` supplies; {} without one. An
+    ``env`` entry naming a variable ``reach`` does not let the ScaledJob read is a
+    ManifestError (naming the variable, never its value)."""
     ref = trigger.authenticationRef
     if ref is None:
         return {}
@@ -78,8 +84,21 @@ async def auth_parameters(
         )
     params: dict[str, str] = {}
     for item in auth.spec.secretTargetRef:
-        data = await read_secret(scaledjob.namespace, item.name)
         where = f"TriggerAuthentication {auth.metadata.name}: secretTargetRef {item.parameter}"
+        try:
+            data = await read_secret(scaledjob.namespace, item.name)
+        except ApiRejected as exc:
+            if exc.status != 403:
+                raise
+            # RBAC's refusal, in our words (the server's text stays out of status). Also
+            # the answer for a Secret that does not exist: 403 comes before 404.
+            raise ManifestError(
+                f"{where}: Secret {scaledjob.namespace}/{item.name}: the dispatcher is not "
+                "allowed to read it (403 Forbidden); with the chart's "
+                "permissions.operator.restrict.secret, only Secrets named in "
+                "permissions.operator.restrict.namesAllowList can be used: ask the "
+                "operator's owner to add it there, or name an allowed Secret"
+            ) from exc
         if data is None:
             raise ManifestError(
                 f"{where}: Secret {scaledjob.namespace}/{item.name} not found in the cluster "
@@ -91,8 +110,34 @@ async def auth_parameters(
                 f"(it has: {', '.join(sorted(data)) or 'none'})"
             )
         params[item.parameter] = base64.b64decode(data[item.key]).decode()
-    for env_ref in auth.spec.env:
-        value = os.environ.get(env_ref.name)
+    for i, env_ref in enumerate(auth.spec.env):
+        value = reach.read(
+            env_ref.name,
+            where=f"TriggerAuthentication {auth.metadata.name}",
+            field_path=f"spec.env[{i}].name",
+            namespace=scaledjob.namespace,
+            parameter=env_ref.parameter,
+        )
         if value is not None:
             params[env_ref.parameter] = value
     return params
+
+
+def pod_identity(
+    trigger: Trigger, authentications: Mapping[str, TriggerAuthentication]
+) -> dict[str, str]:
+    """KEDA's ``podIdentity`` of the trigger's TriggerAuthentication (``provider``,
+    ``identityOwner``, ``roleArn``...), as strings; {} when there is none or its provider
+    is ``none``. jobrunner keeps the field as KEDA wrote it; the trigger types that deal
+    in cloud identities (SQS, Azure) read it, so that it is honoured or refused, never
+    ignored."""
+    ref = trigger.authenticationRef
+    auth = authentications.get(ref.name) if ref is not None else None
+    extra = (auth.spec.model_extra or {}) if auth is not None else {}
+    found = extra.get("podIdentity")
+    if not isinstance(found, Mapping):
+        return {}
+    identity = {str(k): str(v) for k, v in found.items() if v is not None}
+    if identity.get("provider", "none") in ("", "none"):
+        return {}
+    return identity

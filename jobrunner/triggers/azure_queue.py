@@ -8,8 +8,11 @@ Keys (KEDA's names, kedacore/keda ``pkg/scalers/azure_queue_scaler.go``):
   rather than ``<queue>.dead-letter``);
 * the connection string: a TriggerAuthentication parameter ``connection`` or
   ``connectionFromEnv`` (the name of an environment variable of the dispatcher that
-  holds it). ``accountName`` alone means workload identity, which jobrunner does not
-  support: give a connection;
+  holds it; in operator mode only one the operator's owner allow-lists). It must carry
+  its credentials (``AccountKey`` or ``SharedAccessSignature``; Azurite's
+  ``UseDevelopmentStorage=true`` has its well-known key). ``accountName`` alone, or a
+  TriggerAuthentication ``podIdentity``, means an ambient identity (in operator mode the
+  operator's own), which jobrunner does not use: give a connection;
 * ``messageEncoding`` (jobrunner's; the Functions host.json
   ``extensions.queues.messageEncoding``): ``base64`` (the Functions default) or
   ``none``;
@@ -20,11 +23,11 @@ Keys (KEDA's names, kedacore/keda ``pkg/scalers/azure_queue_scaler.go``):
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from jobrunner.redaction import connection_string_endpoint
 from jobrunner.triggers import (
     Problem,
     ResolveContext,
@@ -63,10 +66,9 @@ class AzureQueueTrigger:
 
     @property
     def account(self) -> str:
-        """The account and queue endpoint from the connection string, for messages."""
-        parts = dict(p.split("=", 1) for p in self.connection.split(";") if "=" in p)
-        endpoint = parts.get("QueueEndpoint") or parts.get("AccountName", "?")
-        return endpoint.rstrip("/")
+        """Where the connection string points, for messages: the queue endpoint as
+        ``scheme://host:port`` (no SAS token, no key), else ``account <name>``."""
+        return connection_string_endpoint(self.connection)
 
 
 def _check(metadata: Mapping[str, str], has_auth: bool) -> list[Problem]:
@@ -86,22 +88,51 @@ def _check(metadata: Mapping[str, str], has_auth: bool) -> list[Problem]:
     return problems
 
 
+_CREDENTIAL_KEYS = ("accountkey", "sharedaccesssignature")
+
+
+def has_credentials(connection: str) -> bool:
+    """Whether a connection string authenticates by itself: an account key, a SAS, or
+    Azurite's ``UseDevelopmentStorage=true`` (its well-known key). Keys are matched
+    without case, as the Storage SDK does."""
+    parts = {
+        k.strip().lower(): v.strip()
+        for k, _, v in (p.partition("=") for p in connection.split(";"))
+        if k.strip()
+    }
+    if parts.get("usedevelopmentstorage", "").lower() == "true":
+        return True
+    return any(parts.get(key) for key in _CREDENTIAL_KEYS)
+
+
 async def _resolve(context: ResolveContext) -> AzureQueueTrigger:
     meta = await context.parameters()
     where = context.where()
-    connection = meta.get("connection")
+    if context.pod_identity():
+        provider = context.pod_identity().get("provider", "")
+        raise_problems(
+            where,
+            [
+                Problem(
+                    "authenticationRef",
+                    f"podIdentity {provider!r} is not supported for Azure queues (it would "
+                    "use an ambient identity, in operator mode the operator's own); give a "
+                    "`connection` parameter with an AccountKey or SharedAccessSignature "
+                    "from a Secret (TriggerAuthentication secretTargetRef)",
+                )
+            ],
+        )
+    connection = context.from_env(meta, "connection")
     if not connection and meta.get("connectionFromEnv"):
-        connection = os.environ.get(meta["connectionFromEnv"])
-        if not connection:
-            raise_problems(
-                where,
-                [
-                    Problem(
-                        "metadata.connectionFromEnv",
-                        f"${meta['connectionFromEnv']} is not set in the dispatcher's environment",
-                    )
-                ],
-            )
+        raise_problems(
+            where,
+            [
+                Problem(
+                    "metadata.connectionFromEnv",
+                    context.reach.unset(meta["connectionFromEnv"]),
+                )
+            ],
+        )
     if not connection:
         raise_problems(
             where,
@@ -109,11 +140,23 @@ async def _resolve(context: ResolveContext) -> AzureQueueTrigger:
                 Problem(
                     "authenticationRef",
                     "no `connection` parameter came from the TriggerAuthentication; "
-                    "workload identity (accountName alone) is not supported",
+                    "workload identity (accountName alone) is not supported: give a "
+                    "connection string from a Secret (secretTargetRef, parameter: connection)",
                 )
             ],
         )
     assert connection is not None
+    if not has_credentials(connection):
+        raise_problems(
+            where,
+            [
+                Problem(
+                    "authenticationRef",
+                    "the connection string carries no credentials (no AccountKey or "
+                    "SharedAccessSignature); jobrunner uses no ambient identity: add one",
+                )
+            ],
+        )
     queue = meta["queueName"]
     poison = context.scaledjob.spec.deadLetter.queue or f"{queue}{POISON_SUFFIX}"
     if why := queue_name_problem(poison):

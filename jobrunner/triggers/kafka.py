@@ -6,7 +6,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,13 +41,6 @@ class KafkaTrigger:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _from_env(meta: Mapping[str, str], key: str) -> str | None:
-    if meta.get(key):
-        return meta[key]
-    env_key = meta.get(f"{key}FromEnv")
-    return os.environ.get(env_key) if env_key else None
-
-
 def _check(metadata: Mapping[str, str], has_auth: bool) -> list[Problem]:
     problems = []
     for key in ("bootstrapServers", "consumerGroup", "topic"):
@@ -63,7 +55,7 @@ def _check(metadata: Mapping[str, str], has_auth: bool) -> list[Problem]:
 async def _resolve(context: ResolveContext) -> KafkaTrigger:
     meta = await context.parameters()
     where = context.where()
-    values = {k: _from_env(meta, k) for k in ("bootstrapServers", "consumerGroup", "topic")}
+    values = {k: context.from_env(meta, k) for k in ("bootstrapServers", "consumerGroup", "topic")}
     raise_problems(
         where,
         [Problem(f"metadata.{k}", "required; add it") for k, v in values.items() if not v],

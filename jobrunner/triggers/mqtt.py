@@ -27,7 +27,6 @@ from jobrunner.triggers import (
     Problem,
     ResolveContext,
     TriggerType,
-    from_env,
     one_of,
     raise_problems,
     required,
@@ -96,14 +95,14 @@ async def _resolve(context: ResolveContext) -> MQTTTrigger:
     meta = await context.parameters()
     where = context.where()
     sj = context.scaledjob
-    host = from_env(meta, "host")
+    host = context.from_env(meta, "host")
     if not host:
         raise_problems(where, [Problem("metadata.host", "no broker URL; add host")])
     parsed = urllib.parse.urlsplit(str(host))
     if parsed.scheme not in SCHEMES or not parsed.hostname:
         raise_problems(where, [Problem("metadata.host", f"an mqtt:// URL; got {host!r}")])
     tls, default_port = SCHEMES[parsed.scheme]
-    client_id = from_env(meta, "clientId") or f"jobrunner-{sj.namespace}-{sj.name}"
+    client_id = context.from_env(meta, "clientId") or f"jobrunner-{sj.namespace}-{sj.name}"
     dead_letter = sj.spec.deadLetter.topic or f"jobrunner/dead-letter/{sj.name}"
     if topic_matches(meta["topic"], dead_letter):
         raise_problems(

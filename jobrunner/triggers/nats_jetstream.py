@@ -23,7 +23,6 @@ from jobrunner.triggers import (
     Problem,
     ResolveContext,
     TriggerType,
-    from_env,
     raise_problems,
     required,
 )
@@ -41,8 +40,8 @@ class NatsJetStreamTrigger:
     ca: str = ""
 
 
-def _server(meta: Mapping[str, str]) -> str | None:
-    server = from_env(meta, "natsServer")
+def _server(context: ResolveContext, meta: Mapping[str, str]) -> str | None:
+    server = context.from_env(meta, "natsServer")
     if server:
         return server
     monitoring = meta.get("natsServerMonitoringEndpoint")
@@ -76,7 +75,7 @@ def _check(metadata: Mapping[str, str], has_auth: bool) -> list[Problem]:
 
 async def _resolve(context: ResolveContext) -> NatsJetStreamTrigger:
     meta = await context.parameters()
-    server = _server(meta)
+    server = _server(context, meta)
     if not server:
         raise_problems(
             context.where(),

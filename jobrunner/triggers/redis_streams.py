@@ -21,7 +21,6 @@ from jobrunner.triggers import (
     Problem,
     ResolveContext,
     TriggerType,
-    from_env,
     one_of,
     raise_problems,
     required,
@@ -85,8 +84,8 @@ def _check(metadata: Mapping[str, str], has_auth: bool) -> list[Problem]:
 async def _resolve(context: ResolveContext) -> RedisStreamsTrigger:
     meta = await context.parameters()
     where = context.where()
-    address = from_env(meta, "address")
-    host, port = from_env(meta, "host"), from_env(meta, "port")
+    address = context.from_env(meta, "address")
+    host, port = context.from_env(meta, "host"), context.from_env(meta, "port")
     if address:
         host, _, port = address.rpartition(":")
     problems = []
@@ -102,8 +101,8 @@ async def _resolve(context: ResolveContext) -> RedisStreamsTrigger:
         stream=meta["stream"],
         group=meta["consumerGroup"],
         database=int(meta.get("databaseIndex") or 0),
-        username=from_env(meta, "username"),
-        password=from_env(meta, "password"),
+        username=context.from_env(meta, "username"),
+        password=context.from_env(meta, "password"),
         tls=tls,
         unsafe_ssl=(meta.get("unsafeSsl") or "").lower() == "true",
         ca=meta.get("ca", ""),

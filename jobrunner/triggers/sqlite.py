@@ -42,4 +42,10 @@ TRIGGER = TriggerType(
     source="jobrunner.sources.sqlite:open_source",
     sink="jobrunner.sources.sqlite:open_sink",
     summary="the embedded queue: a SQLite file, no broker needed",
+    # A tenant's ScaledJob must not make the operator create and write files at paths
+    # it names (the path may be absolute), nor share a file queue with other tenants.
+    operator_refusal=(
+        "the embedded queue is for jobrunner run --local, and the operator does not serve "
+        "it; use a broker"
+    ),
 )

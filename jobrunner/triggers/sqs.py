@@ -5,9 +5,22 @@ asked of the endpoint); ``awsRegion`` (metadata or authentication); ``awsEndpoin
 SQS-compatible server (ElasticMQ, LocalStack) or a VPC endpoint. Credentials as KEDA's:
 TriggerAuthentication parameters ``awsAccessKeyID`` (or ``awsAccessKeyId``),
 ``awsSecretAccessKey``, ``awsSessionToken``; or metadata ``awsAccessKeyIDFromEnv`` /
-``awsSecretAccessKeyFromEnv``; with none, the AWS SDK's default chain (environment, web
-identity / IRSA, instance profile), which is what KEDA's pod identity means here. KEDA's
-queue-length keys are accepted and ignored: a push dispatcher takes every message.
+``awsSecretAccessKeyFromEnv``. KEDA's queue-length keys are accepted and ignored: a push
+dispatcher takes every message.
+
+Without keys, the AWS SDK's default chain (environment, web identity / IRSA, instance
+profile) gives the dispatcher's *own* identity. KEDA's ``identityOwner`` (kedacore/keda
+``pkg/scalers/aws/aws_common.go``) says whose identity a trigger without keys uses:
+``pod`` (its default) the scale target's, ``operator`` the KEDA operator's; its newer
+TriggerAuthentication ``podIdentity: {provider: aws}`` with ``identityOwner: keda`` (the
+default) the operator's, ``workload`` the target's. With ``jobrunner run`` the
+dispatcher is the scale target and its own operator, so both mean the default chain. In
+operator mode the default chain is the operator's identity, which a tenant may use only
+by asking for it (``identityOwner: operator``, or podIdentity aws/keda) where the
+operator's owner allows it (``allow_operator_identity``); the Job's own identity (``pod``,
+``workload``) is not something the operator can take on, so without keys that is
+refused. Keys together with the operator's identity are refused too: KEDA would quietly
+ignore the keys.
 """
 
 from __future__ import annotations
@@ -20,10 +33,10 @@ from jobrunner.triggers import (
     Problem,
     ResolveContext,
     TriggerType,
-    from_env,
     one_of,
     raise_problems,
 )
+from jobrunner.triggers.reach import OPERATOR_IDENTITY_SETTING
 
 SQS_HOLD_CAP_SECONDS = 43_200.0
 """SQS's longest visibility: 12 h from the receive (ChangeMessageVisibility refuses more;
@@ -68,14 +81,15 @@ def _check(metadata: Mapping[str, str], has_auth: bool) -> list[Problem]:
 async def _resolve(context: ResolveContext) -> SQSTrigger:
     meta = await context.parameters()
     where = context.where()
-    queue = from_env(meta, "queueURL")
+    queue = context.from_env(meta, "queueURL")
     region = meta.get("awsRegion")
     problems = []
     if not queue:
         problems.append(Problem("metadata.queueURL", "required; add it (or set $queueURLFromEnv)"))
     if not region:
         problems.append(Problem("metadata.awsRegion", "required; add it"))
-    if meta.get("awsRoleArn"):
+    pod = context.pod_identity()
+    if meta.get("awsRoleArn") or pod.get("roleArn"):
         problems.append(
             Problem(
                 "authenticationRef",
@@ -86,13 +100,16 @@ async def _resolve(context: ResolveContext) -> SQSTrigger:
         )
     # KEDA's precedence: the TriggerAuthentication's keys, else the *FromEnv metadata.
     key_id = (
-        meta.get("awsAccessKeyID") or meta.get("awsAccessKeyId") or from_env(meta, "awsAccessKeyID")
+        meta.get("awsAccessKeyID")
+        or meta.get("awsAccessKeyId")
+        or context.from_env(meta, "awsAccessKeyID")
     )
-    secret = meta.get("awsSecretAccessKey") or from_env(meta, "awsSecretAccessKey")
+    secret = meta.get("awsSecretAccessKey") or context.from_env(meta, "awsSecretAccessKey")
     if key_id and not secret:
         problems.append(
             Problem("authenticationRef", "awsAccessKeyID without awsSecretAccessKey; add it")
         )
+    problems += _identity_problems(context, meta, pod, keys=bool(key_id or secret))
     spec = context.scaledjob.spec
     if (
         "consumerTimeoutSeconds" in spec.model_fields_set
@@ -118,6 +135,71 @@ async def _resolve(context: ResolveContext) -> SQSTrigger:
         session_token=meta.get("awsSessionToken") or None,
         visibility_timeout=int(timeout) if timeout else None,
     )
+
+
+def _identity_problems(
+    context: ResolveContext, meta: Mapping[str, str], pod: Mapping[str, str], *, keys: bool
+) -> list[Problem]:
+    """Whose identity a trigger uses, as KEDA's ``identityOwner`` and ``podIdentity``
+    say (see the module docstring): [] when it can be honoured here."""
+    provider = pod.get("provider", "")
+    if provider and provider != "aws":
+        return [
+            Problem(
+                "authenticationRef",
+                f"podIdentity {provider!r} gives no AWS credentials; use provider aws, or "
+                "access keys",
+            )
+        ]
+    pod_owner = pod.get("identityOwner") or "keda"
+    if provider and pod_owner not in ("keda", "workload"):
+        return [
+            Problem(
+                "authenticationRef",
+                f"podIdentity.identityOwner: one of keda, workload; got {pod_owner!r}",
+            )
+        ]
+    wants_operator = meta.get("identityOwner") == "operator" or (
+        provider == "aws" and pod_owner == "keda"
+    )
+    field = "metadata.identityOwner" if meta.get("identityOwner") else "authenticationRef"
+    if keys:
+        if wants_operator:
+            return [
+                Problem(
+                    field,
+                    "asks for the operator's own identity, and access keys are given too "
+                    "(KEDA would ignore the keys); remove the one you do not mean",
+                )
+            ]
+        return []
+    reach = context.reach
+    if not reach.tenant:
+        return []  # jobrunner run: the default chain is the user's own identity
+    namespace = context.scaledjob.namespace
+    bring_keys = (
+        "give awsAccessKeyID and awsSecretAccessKey from a Secret of namespace "
+        f"{namespace} (TriggerAuthentication secretTargetRef)"
+    )
+    if wants_operator:
+        if reach.operator_identity:
+            return []
+        return [
+            Problem(
+                field,
+                "the operator's own AWS identity is not lent to ScaledJobs here "
+                f"({OPERATOR_IDENTITY_SETTING} is false); {bring_keys}",
+            )
+        ]
+    return [
+        Problem(
+            "authenticationRef",
+            "no AWS access keys: the operator cannot act with the Job's identity "
+            "(identityOwner: pod, KEDA's default) and lends its own only when asked "
+            f"(identityOwner: operator) and allowed ({OPERATOR_IDENTITY_SETTING}); "
+            f"{bring_keys}",
+        )
+    ]
 
 
 TRIGGER = TriggerType(

@@ -5,6 +5,7 @@ Kubernetes Events on the Jobs."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import urllib.request
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from jobrunner import runner
 from jobrunner.config import Settings, load_manifest
 from jobrunner.telemetry import Telemetry, tracer_provider
+from jobrunner.triggers import Reach
 from tests.helpers import eventually
 from tests.integration.harness import Dispatcher, drain_queue, publish, wait_for_jobs
 
@@ -44,7 +46,13 @@ async def test_message_span_joins_producer_trace_and_the_job_gets_traceparent(
     settings.kube.kubeconfig = str(kubeconfig)
     stop = asyncio.Event()
     task = asyncio.create_task(
-        runner.run(load_manifest(manifest()), settings, stop=stop, telemetry=telemetry)
+        runner.run(
+            load_manifest(manifest()),
+            settings,
+            stop=stop,
+            telemetry=telemetry,
+            reach=Reach.own(os.environ),
+        )
     )
     try:
         await publish(
@@ -134,22 +142,26 @@ async def test_metrics_health_and_events_match_what_happened(
     status, text = await asyncio.to_thread(get, f"{base}/metrics")
     assert status == 200
     values = samples(text)
-    sj = (("scaledjob", "work"),)
-    assert values[("jobrunner_messages_received_total", (*sj, ("source", "rabbitmq")))] == 5
-    assert values[("jobrunner_jobs_created_total", sj)] == 3
-    assert values[("jobrunner_jobs_adopted_total", sj)] == 1
-    assert values[("jobrunner_jobs_succeeded_total", sj)] == 2
-    assert values[("jobrunner_jobs_failed_total", (("reason", "BackoffLimitExceeded"), *sj))] == 1
+
+    def sj(**more: str) -> tuple[tuple[str, str], ...]:
+        """The labels of a series of this ScaledJob: its namespace and name, and more."""
+        return tuple(sorted({"namespace": namespace, "scaledjob": "work", **more}.items()))
+
+    assert values[("jobrunner_messages_received_total", sj(source="rabbitmq"))] == 5
+    assert values[("jobrunner_jobs_created_total", sj())] == 3
+    assert values[("jobrunner_jobs_adopted_total", sj())] == 1
+    assert values[("jobrunner_jobs_succeeded_total", sj())] == 2
+    assert values[("jobrunner_jobs_failed_total", sj(reason="BackoffLimitExceeded"))] == 1
     dead = "jobrunner_messages_dead_lettered_total"
-    assert values[(dead, (("reason", "BackoffLimitExceeded"), *sj))] == 1
-    assert values[(dead, (("reason", "InvalidMessage"), *sj))] == 1
-    assert values[("jobrunner_receive_to_create_seconds_count", sj)] == 3
+    assert values[(dead, sj(reason="BackoffLimitExceeded"))] == 1
+    assert values[(dead, sj(reason="InvalidMessage"))] == 1
+    assert values[("jobrunner_receive_to_create_seconds_count", sj())] == 3
     durations = sum(
         v for (name, _), v in values.items() if name == "jobrunner_job_duration_seconds_count"
     )
     assert durations == 3
-    assert values[("jobrunner_jobs_active", sj)] == 0
-    assert ("jobrunner_queue_depth_messages", (("queue", queue), *sj)) in values
+    assert values[("jobrunner_jobs_active", sj())] == 0
+    assert ("jobrunner_queue_depth_messages", sj(queue=queue)) in values
     assert len(await drain_queue(rabbitmq_url, f"{queue}.dead-letter", wait=5)) == 2
 
     events = client.CoreV1Api(kube_api).list_namespaced_event(namespace).items

@@ -6,9 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import http.server
+import json
+import ssl
 import subprocess
+import threading
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +26,62 @@ from tests.integration.harness import Dispatcher, busybox_job, publish, wait_for
 from tests.integration.test_observability import free_port, get
 
 pytestmark = [pytest.mark.kube, pytest.mark.rabbitmq]
+
+
+class ManagementStandIn:
+    """Stands in for RabbitMQ's management API over https on 127.0.0.1:15671 (the shared
+    broker serves it on plain http only, and is not ours to reconfigure), with the
+    stack's server certificate, so a client that trusts the stack's CA verifies it. It
+    records each request and answers a queue's description with a delivery limit of 9,
+    which the dispatcher then logs: proof that the answer came over TLS."""
+
+    PORT = 15671
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.requests: list[tuple[str, str | None]] = []
+        stand_in = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                stand_in.requests.append((self.path, self.headers.get("Authorization")))
+                body = json.dumps(
+                    {
+                        "type": "classic",
+                        "arguments": {},
+                        "effective_policy_definition": {"delivery-limit": 9},
+                    }
+                ).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:
+                pass
+
+        try:
+            self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.PORT), Handler)
+        except OSError as exc:
+            pytest.fail(f"127.0.0.1:{self.PORT} is taken ({exc}); this test needs it free")
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def management_over_https() -> Iterator[ManagementStandIn]:
+    tls_dir = Path(str(services.setting("JOBRUNNER_TEST_RABBITMQ_TLS_CA"))).parent
+    stand_in = ManagementStandIn(tls_dir / "server.crt", tls_dir / "server.key")
+    try:
+        yield stand_in
+    finally:
+        stand_in.stop()
 
 
 def tls_setting() -> tuple[str, str]:
@@ -183,3 +243,38 @@ async def test_a_wrong_password_or_an_unknown_ca_is_said_plainly_and_on_readyz(
     assert "not-the-password" not in logs
     assert dispatcher.process is not None
     assert dispatcher.process.poll() is None
+
+
+async def test_an_amqps_broker_is_asked_its_queue_settings_over_https_never_http(
+    kube_api: client.ApiClient,
+    namespace: str,
+    queue: str,
+    rabbitmq_url: str,
+    tmp_path: Path,
+    dispatchers: Callable[..., Dispatcher],
+    management_over_https: ManagementStandIn,
+) -> None:
+    """Issue #20 item 6: with amqps:// the management lookup used to go to
+    http://user:password@host:15672 with Basic auth, the credentials in clear."""
+    url, ca = tls_setting()
+    parsed = urllib.parse.urlsplit(url)
+    create_secret(
+        kube_api,
+        namespace,
+        {
+            "host": without_credentials(url),
+            "username": str(parsed.username),
+            "password": str(parsed.password),
+            "ca": ca,
+        },
+    )
+    dispatcher = dispatchers(
+        manifest(tmp_path, namespace, queue, ["host", "username", "password", "ca"])
+    )
+    await publish(rabbitmq_url, queue, b"{}", message_id="settings-over-tls")
+    await dispatcher.settled("ack", 1)
+    token = base64.b64encode(f"{parsed.username}:{parsed.password}".encode()).decode()
+    assert management_over_https.requests == [(f"/api/queues/%2F/{queue}", f"Basic {token}")]
+    logs = dispatcher.logs()
+    assert f"queue {queue} is a classic queue with delivery limit 9" in logs
+    assert str(parsed.password) not in logs

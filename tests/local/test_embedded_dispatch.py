@@ -24,6 +24,10 @@ def note(what):
         runs.write(f"{what} {message['id']} {time.time()}\\n")
 note("start")
 time.sleep(message.get("seconds", 0.5))
+gate = message.get("until")  # a file the test creates when the Job may end (bounded)
+deadline = time.time() + 120
+while gate and not os.path.exists(gate) and time.time() < deadline:
+    time.sleep(0.05)
 note("end")
 raise SystemExit(message.get("exit", 0))
 """
@@ -162,7 +166,10 @@ def test_sigterm_leaves_the_job_running_and_the_next_dispatcher_settles_it(
     manifest: ManifestFactory, state_dir: Path, dispatchers: Dispatchers, tmp_path: Path
 ) -> None:
     path = manifest(RECORDING_JOB)
-    publish(path, state_dir, {"id": "long", "seconds": 3})
+    # The Job runs until the test lets it end, however long the dispatcher's shutdown
+    # takes on a busy machine (a fixed 3 s was sometimes shorter).
+    gate = tmp_path / "may-end"
+    publish(path, state_dir, {"id": "long", "seconds": 0, "until": str(gate)})
     first = dispatchers.start(path)
     wait_until(lambda: runs(tmp_path), timeout=30)
     first.send_signal(signal.SIGTERM)
@@ -170,6 +177,10 @@ def test_sigterm_leaves_the_job_running_and_the_next_dispatcher_settles_it(
     assert not any(what == "end" for what, _, _ in runs(tmp_path)), "the Job was stopped"
     assert queue_state(state_dir, "work")["ready"] == 1  # back on the queue, not lost
     dispatchers.start(path)
+    # Long work shows progress (the fixture's dispatchers log it every 0.5 s): the second
+    # dispatcher adopted the running Job; now let it end.
+    wait_until(lambda: "1 Job(s) running" in dispatchers.logs(), timeout=60)
+    gate.touch()
     wait_until(lambda: settled(state_dir, "work"), timeout=30)
     assert [what for what, _, _ in runs(tmp_path)] == ["start", "end"]
     assert job_outcomes(state_dir) == ["CompletionsReached"]

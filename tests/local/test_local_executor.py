@@ -327,3 +327,20 @@ async def test_a_supervisor_that_meets_the_unexpected_fails_the_job_once_not_for
     assert (condition["type"], condition["reason"]) == ("Failed", "LocalExecutorError")
     assert "ValueError" in condition["message"]
     assert "Traceback" in (jobdir.path / "supervisor.log").read_text()
+
+
+async def test_security_context_and_resources_are_said_to_be_not_applied(
+    state_dir: Path, manifest: ManifestFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = manifest(
+        "print('ok')",
+        container={
+            "resources": {"limits": {"memory": "64Mi"}},
+            "securityContext": {"runAsUser": 1},
+        },
+    )
+    job, secret = render(path, b"{}")
+    with caplog.at_level("WARNING", logger="jobrunner.local.client"):
+        await LocalJobClient(state_dir).create_job(job, secret)
+    [line] = [r.getMessage() for r in caplog.records if "not applied" in r.getMessage()]
+    assert line.startswith("local executor: resources and securityContext not applied")

@@ -15,7 +15,7 @@ DASHBOARD = Path(__file__).resolve().parents[2] / "deploy/grafana/jobrunner-dash
 
 def test_every_dashboard_query_names_an_exported_metric() -> None:
     metrics = Telemetry.create().metrics
-    metrics.jobs_created.labels("sj").inc()  # children make the families appear with samples
+    metrics.jobs_created.labels("ns", "sj").inc()  # children make the families appear
     exported = {
         line.split()[2]
         for line in generate_latest(metrics.registry).decode().splitlines()
@@ -32,3 +32,26 @@ def test_every_dashboard_query_names_an_exported_metric() -> None:
     for query in queries:
         for used in re.findall(r"\b(jobrunner_[a-z_]+)", query):
             assert used in names, f"{used} is not exported"
+
+
+def test_every_dashboard_series_keeps_the_namespace_beside_the_scaledjob() -> None:
+    """Same-named ScaledJobs of two namespaces are two series: a query that groups or
+    filters by ``scaledjob`` alone would add them up."""
+    metrics = Telemetry.create().metrics
+    exported_labels = {
+        label for metric in vars(metrics).values() for label in getattr(metric, "_labelnames", ())
+    }
+    assert {"namespace", "scaledjob"} <= exported_labels
+    dashboard = json.loads(DASHBOARD.read_text())
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert "namespace" in variables
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            query = target["expr"]
+            for grouping in re.findall(r"by \(([^)]*)\)", query):
+                labels = {g.strip() for g in grouping.split(",")}
+                assert labels <= exported_labels | {"le"}, query
+                if "scaledjob" in labels:
+                    assert "namespace" in labels, query
+            if 'scaledjob=~"$scaledjob"' in query:
+                assert 'namespace=~"$namespace"' in query, query

@@ -28,6 +28,7 @@ from jobrunner.rendering import ANNOTATION_ORIGINAL_MESSAGE, Renderer, original_
 from jobrunner.runner import DispatchUnit
 from jobrunner.telemetry import Telemetry
 from jobrunner.testing import MemoryBroker, MemoryJobClient, MemorySource
+from jobrunner.triggers import Reach
 from tests.helpers import eventually
 
 T = TypeVar("T")
@@ -343,6 +344,7 @@ class Unit:
             authentications={},
             read_secret=self.jobs.read_secret,
             base_dirs=[],
+            reach=Reach(),
             open_source=open_source,
         )
         self.unit.start(settings=settings, telemetry=telemetry)
@@ -462,3 +464,22 @@ async def test_a_redelivery_is_not_acked_on_a_forged_settlement_of_its_running_j
     await unit.jobs.finish(NS, name)
     (acked,) = await until(lambda: unit.broker.acked("q") or None)
     assert acked.job == name
+
+
+async def test_a_dispatcher_that_may_not_read_secrets_leaves_the_guard_to_the_policy() -> None:
+    """Under permissions.operator.restrict.secret the keys cannot be read: marks are
+    taken as they are (the chart then insists on its invokerPolicy), and no Secret read
+    is tried (it would be refused)."""
+    from jobrunner.marks import JobMarks
+
+    jobs, sink = MemoryJobClient(), Sink()
+    await function_job(jobs, "fn-b", b"k" * 32)
+    await annotate(jobs, "fn-b", {RESULT: SUCCESS})
+    marks = JobMarks(jobs=jobs, namespace=NS, reads_secrets=False)
+    hook = FunctionResults(jobs=jobs, namespace=NS, function="Fn", sinks={"out": sink}, marks=marks)
+    assert (await hook.before_settle(Decision.ack("fn-b"))).action is Action.ACK
+    assert sink.published == [(b"genuine", "fn-b/out/0")]
+    assert jobs.calls.get("read_secret", 0) == 0
+    assert (
+        "jobrunner.dev/outputs-published-mac" not in jobs.job(NS, "fn-b")["metadata"]["annotations"]
+    )

@@ -3,6 +3,9 @@ the values that matter (RBAC scope, least privilege, probes, security context)."
 
 from __future__ import annotations
 
+import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -192,18 +195,26 @@ def test_watched_namespaces_get_a_rolebinding_each_and_no_cluster_binding() -> N
     assert env["JOBRUNNER_OPERATOR__WATCH_NAMESPACES"] == "media,etl"
 
 
+def grants_of(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    """(apiGroup, resource) -> every verb a rule grants on it (any name or some)."""
+    grants: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                grants.setdefault((group, resource), set()).update(rule["verbs"])
+    return grants
+
+
 def test_rbac_is_least_privilege() -> None:
     docs = render()
     (cluster_role,) = of_kind(docs, "ClusterRole")
-    grants = {
-        (group, resource): set(rule["verbs"])
-        for rule in cluster_role["rules"]
-        for group in rule["apiGroups"]
-        for resource in rule["resources"]
-    }
+    grants = grants_of(cluster_role)
     assert ("", "pods") not in grants
     assert ("", "pods/log") not in grants
-    assert grants[("", "secrets")] == {"get", "create", "patch"}, "no list or watch of Secrets"
+    assert grants[("", "secrets")] == {"get", "create"}, (
+        "no list or watch of Secrets, nor patch or delete: a message Secret is created "
+        "owned by its Job"
+    )
     assert grants[("jobrunner.dev", "scaledjobs")] == {"get", "list", "watch"}
     assert grants[("jobrunner.dev", "scaledjobs/status")] == {"patch"}
     assert ("keda.sh", "scaledjobs") not in grants
@@ -283,3 +294,352 @@ def test_service_monitor_renders_only_where_its_crd_exists() -> None:
 )
 def test_chart_installs_the_generated_crds(name: str) -> None:
     assert (CHART / "crds" / name).read_text() == (CHART.parents[1] / "crds" / name).read_text()
+
+
+# ---------------------------------------------------------------- a shared cluster
+
+
+def secret_rules(docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    (cluster_role,) = of_kind(docs, "ClusterRole")
+    return [r for r in cluster_role["rules"] if "secrets" in r["resources"]]
+
+
+def operator_env(docs: list[dict[str, Any]]) -> dict[str, str | None]:
+    deployment = of_kind(docs, "Deployment")[0]
+    return {
+        e["name"]: e.get("value")
+        for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+
+
+def test_default_lets_the_operator_get_any_secret_by_name_and_read_message_secrets() -> None:
+    docs = render()
+    unnamed = {v for r in secret_rules(docs) if "resourceNames" not in r for v in r["verbs"]}
+    assert "get" in unnamed
+    assert not {"list", "watch"} & unnamed
+    assert operator_env(docs)["JOBRUNNER_DISPATCHER__READ_MESSAGE_SECRETS"] == "true"
+
+
+def test_restrict_secret_grants_get_on_the_allow_listed_names_only() -> None:
+    docs = render(
+        "permissions.operator.restrict.secret=true",
+        "permissions.operator.restrict.namesAllowList={broker,kafka-creds}",
+    )
+    rules = secret_rules(docs)
+    getters = [r for r in rules if "get" in r["verbs"]]
+    assert getters == [
+        {
+            "apiGroups": [""],
+            "resources": ["secrets"],
+            "verbs": ["get"],
+            "resourceNames": ["broker", "kafka-creds"],
+        }
+    ]
+    # What no name can narrow stays: creating the per-Job message Secret. Nothing that
+    # returns a Secret's data without a name (get/list/watch) is left.
+    # (`patch` returns the object too, so it reads as much as `get`: it goes once the
+    # message Secret is created with its owner, and then this set is {"create"}.)
+    unnamed = {v for r in rules if "resourceNames" not in r for v in r["verbs"]}
+    assert "create" in unnamed
+    assert unnamed <= {"create", "patch"}
+    # The operator is told it cannot read its message Secrets back.
+    assert operator_env(docs)["JOBRUNNER_DISPATCHER__READ_MESSAGE_SECRETS"] == "false"
+
+
+def test_restrict_secret_with_no_names_grants_no_get_at_all() -> None:
+    rules = secret_rules(render("permissions.operator.restrict.secret=true"))
+    assert all("get" not in r["verbs"] for r in rules)
+    assert any("create" in r["verbs"] for r in rules)
+
+
+def test_restrict_applies_through_watched_namespace_bindings_too() -> None:
+    docs = render(
+        "permissions.operator.restrict.secret=true",
+        "permissions.operator.restrict.namesAllowList={broker}",
+        "watchNamespaces={media}",
+    )
+    assert of_kind(docs, "ClusterRoleBinding") == []
+    (getter,) = [r for r in secret_rules(docs) if "get" in r["verbs"]]
+    assert getter["resourceNames"] == ["broker"]
+
+
+def test_an_allow_list_without_restrict_is_refused_as_narrowing_nothing() -> None:
+    message = refused("permissions.operator.restrict.namesAllowList={broker}")
+    assert "permissions.operator.restrict.namesAllowList (broker) narrows nothing" in message
+    assert "set restrict.secret=true" in message
+
+
+NETPOL = (
+    "networkPolicy.enabled=true",
+    "networkPolicy.apiServer.cidrs={10.0.0.1/32}",
+)
+DESTINATIONS = json.dumps(
+    [
+        {"name": "rabbitmq", "cidr": "10.20.0.0/24", "except": ["10.20.0.9/32"],
+         "ports": [{"port": 5672}, {"port": 15672}]},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "brokers"}},
+         "podSelector": {}, "ports": [{"port": 9092, "endPort": 9094}]},
+        {"podSelector": {"matchLabels": {"app": "nats"}},
+         "ports": [{"port": "client", "protocol": "TCP"}]},
+    ]
+)  # fmt: skip
+
+
+def test_network_policy_is_off_by_default() -> None:
+    assert of_kind(render(), "NetworkPolicy") == []
+
+
+def test_network_policy_allows_dns_the_api_server_and_the_listed_brokers_only() -> None:
+    docs = render(*NETPOL, extra=("--set-json", f"networkPolicy.destinations={DESTINATIONS}"))
+    (policy,) = of_kind(docs, "NetworkPolicy")
+    spec = policy["spec"]
+    assert spec["podSelector"]["matchLabels"] == {
+        "app.kubernetes.io/name": "jobrunner",
+        "app.kubernetes.io/instance": "rel",
+    }
+    assert spec["policyTypes"] == ["Egress"], "ingress (metrics, probes) is left alone"
+    dns, api, rabbit, kafka, nats = spec["egress"]
+    assert dns["to"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}},
+            "podSelector": {"matchLabels": {"k8s-app": "kube-dns"}},
+        }
+    ]
+    assert {(p["protocol"], p["port"]) for p in dns["ports"]} == {("UDP", 53), ("TCP", 53)}
+    assert api == {
+        "to": [{"ipBlock": {"cidr": "10.0.0.1/32"}}],
+        "ports": [{"protocol": "TCP", "port": 443}, {"protocol": "TCP", "port": 6443}],
+    }
+    assert rabbit["to"] == [{"ipBlock": {"cidr": "10.20.0.0/24", "except": ["10.20.0.9/32"]}}]
+    assert [p["port"] for p in rabbit["ports"]] == [5672, 15672]
+    # An empty selector is kept: {} means every pod of the selected namespaces.
+    assert kafka["to"] == [
+        {
+            "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "brokers"}},
+            "podSelector": {},
+        }
+    ]
+    assert kafka["ports"] == [{"protocol": "TCP", "port": 9092, "endPort": 9094}]
+    assert nats["to"] == [{"podSelector": {"matchLabels": {"app": "nats"}}}]
+    assert nats["ports"] == [{"protocol": "TCP", "port": "client"}]
+    # Nothing else: no rule without a destination (that would allow everything).
+    assert all(rule.get("to") for rule in spec["egress"])
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (
+            ("networkPolicy.enabled=true", "networkPolicy.apiServer.cidrs={10.0.0.1/32}"),
+            "networkPolicy.enabled with no networkPolicy.destinations",
+        ),
+        (
+            ("networkPolicy.enabled=true", "networkPolicy.destinations[0].cidr=10.0.0.9/32",
+             "networkPolicy.destinations[0].ports[0].port=5672"),
+            "the API server's addresses are not known: set networkPolicy.apiServer.cidrs",
+        ),
+    ],
+)  # fmt: skip
+def test_a_network_policy_that_would_cut_the_operator_off_is_refused(
+    sets: tuple[str, ...], message: str
+) -> None:
+    assert message in refused(*sets)
+
+
+@pytest.mark.parametrize(
+    ("destination", "message"),
+    [
+        ({"cidr": "10.0.0.0/8"}, "missing property 'ports'"),
+        ({"cidr": "10.0.0.0/8", "ports": []}, "minItems"),
+        ({"ports": [{"port": 5672}]}, "oneOf"),
+        (
+            {"cidr": "10.0.0.0/8", "podSelector": {}, "ports": [{"port": 5672}]},
+            "oneOf",
+        ),
+        ({"cidr": "10.0.0.0", "ports": [{"port": 5672}]}, "does not match pattern"),
+        ({"cidr": "10.0.0.0/8", "ports": [{"port": 70000}]}, "maximum"),
+        (
+            {"cidr": "10.0.0.0/8", "ports": [{"port": 1, "protocol": "ICMP"}]},
+            "value must be one of",
+        ),
+        (
+            {"podSelector": {"matchLabel": {"a": "b"}}, "ports": [{"port": 1}]},
+            "additional properties 'matchLabel' not allowed",
+        ),
+    ],
+)
+def test_schema_refuses_network_destinations_kubernetes_would_not_take(
+    destination: dict[str, Any], message: str
+) -> None:
+    args = [
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        "networkPolicy.apiServer.cidrs={10.0.0.1/32}",
+    ]
+    args += ["--set-json", f"networkPolicy.destinations={json.dumps([destination])}"]
+    result = helm("template", "rel", str(CHART), *args, check=False)
+    assert result.returncode != 0, destination
+    assert "values don't meet the specifications of the schema" in result.stderr
+    assert message in result.stderr, result.stderr
+
+
+def jobs_policy(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """This policy's objects (not the invoker policy's, tests/unit/test_invoker_policy.py)."""
+    return [d for d in of_kind(docs, kind) if d["metadata"]["name"].endswith("-jobs")]
+
+
+def policy_and_binding(*sets: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    docs = render("admissionPolicy.enabled=true", *sets)
+    (policy,) = jobs_policy(docs, "ValidatingAdmissionPolicy")
+    (binding,) = jobs_policy(docs, "ValidatingAdmissionPolicyBinding")
+    return policy, binding
+
+
+def test_admission_policy_is_off_by_default() -> None:
+    docs = render()
+    assert jobs_policy(docs, "ValidatingAdmissionPolicy") == []
+    assert jobs_policy(docs, "ValidatingAdmissionPolicyBinding") == []
+
+
+def test_admission_policy_judges_the_jobs_the_operators_service_account_creates() -> None:
+    policy, binding = policy_and_binding()
+    spec = policy["spec"]
+    assert spec["failurePolicy"] == "Fail"
+    assert spec["matchConstraints"]["resourceRules"] == [
+        {"apiGroups": ["batch"], "apiVersions": ["v1"], "operations": ["CREATE"],
+         "resources": ["jobs"]}
+    ], "CREATE only: the operator must still patch and release Jobs made before it"  # fmt: skip
+    (condition,) = spec["matchConditions"]
+    assert (
+        condition["expression"]
+        == 'request.userInfo.username == "system:serviceaccount:jr-system:rel-jobrunner"'
+    )
+    rules = " ".join(v["expression"] for v in spec["variables"])
+    for field in ("privileged", "allowPrivilegeEscalation", "capabilities.add", "hostNetwork",
+                  "hostPID", "hostIPC", "hostPath", "initContainers"):  # fmt: skip
+        assert field in rules, field
+    assert all(v["reason"] == "Forbidden" and v["messageExpression"] for v in spec["validations"])
+    assert binding["spec"]["policyName"] == policy["metadata"]["name"] == "rel-jobrunner-jobs"
+    assert binding["spec"]["validationActions"] == ["Deny"]
+    assert binding["spec"]["matchResources"]["namespaceSelector"] == {
+        "matchExpressions": [
+            {"key": "jobrunner.dev/allow-privileged-jobs", "operator": "NotIn", "values": ["true"]}
+        ]
+    }
+
+
+def test_admission_policy_follows_the_service_account_and_the_values() -> None:
+    policy, binding = policy_and_binding(
+        "serviceAccount.name=ops",
+        "admissionPolicy.optInLabel=example.com/privileged",
+        "admissionPolicy.allowedCapabilities={NET_BIND_SERVICE}",
+        "admissionPolicy.validationActions={Warn,Audit}",
+    )
+    (condition,) = policy["spec"]["matchConditions"]
+    assert condition["expression"].endswith('"system:serviceaccount:jr-system:ops"')
+    caps = next(v for v in policy["spec"]["variables"] if v["name"] == "allowedCapabilities")
+    assert caps["expression"] == '["NET_BIND_SERVICE"]'
+    assert binding["spec"]["validationActions"] == ["Warn", "Audit"]
+    (expr,) = binding["spec"]["matchResources"]["namespaceSelector"]["matchExpressions"]
+    assert expr["key"] == "example.com/privileged"
+
+
+@pytest.mark.parametrize(
+    ("sets", "extra", "message"),
+    [
+        ((), ("--kube-version", "1.29.0"), "needs ValidatingAdmissionPolicy"),
+        (("admissionPolicy.validationActions={Deny,Warn}",), (), "Deny and Warn cannot be used"),
+    ],
+)  # fmt: skip
+def test_an_admission_policy_the_cluster_would_not_take_is_refused(
+    sets: tuple[str, ...], extra: tuple[str, ...], message: str
+) -> None:
+    args = ["--set", "admissionPolicy.enabled=true", *extra]
+    for item in sets:
+        args += ["--set", item]
+    result = helm("template", "rel", str(CHART), *args, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ("permissions.operator.restrict.namesAllowList={../kube-system}", "does not match pattern"),
+        ("permissions.operator.restrict.namesAllowList={Broker}", "does not match pattern"),
+        ("permissions.operator.restrict.secret=maybe", "got string, want boolean"),
+        ("admissionPolicy.validationActions={Block}", "value must be one of"),
+        ("admissionPolicy.optInLabel=not a label", "does not match pattern"),
+        ("admissionPolicy.allowedCapabilities={cap_sys_admin}", "does not match pattern"),
+        ("networkPolicy.apiServer.cidrs={10.0.0.1}", "does not match pattern"),
+        ("networkPolicy.apiServer.ports=null", "missing property 'ports'"),
+    ],
+)
+def test_schema_refuses_bad_shared_cluster_values(bad: str, message: str) -> None:
+    stderr = refused(bad)
+    assert "values don't meet the specifications of the schema" in stderr
+    assert message in stderr
+
+
+def test_every_switch_on_passes_helm_lint_strict() -> None:
+    args = [
+        "--set", "permissions.operator.restrict.secret=true",
+        "--set", "permissions.operator.restrict.namesAllowList={broker}",
+        "--set", "watchNamespaces={media}",
+        "--set", "admissionPolicy.enabled=true",
+        "--set", "networkPolicy.enabled=true",
+        "--set", "networkPolicy.apiServer.cidrs={10.0.0.1/32}",
+        "--set-json", f"networkPolicy.destinations={DESTINATIONS}",
+    ]  # fmt: skip
+    result = helm("lint", "--strict", str(CHART), *args)
+    assert "0 chart(s) failed" in result.stdout
+    assert "[WARNING]" not in result.stdout
+
+
+def notes(tmp_path: Path, *sets: str) -> str:
+    """NOTES.txt as `helm install` would print it. `helm template` drops NOTES.txt, so a
+    copy of the chart renders it into a document of its own."""
+    chart = tmp_path / "chart"
+    shutil.copytree(CHART, chart)
+    text = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "_notes_for_test.tpl").write_text(
+        '{{- define "test.notes" -}}\n' + text + "{{- end }}\n"
+    )
+    (chart / "templates" / "notes-for-test.yaml").write_text(
+        'kind: Notes\nnotes: {{ include "test.notes" . | toJson }}\n'
+    )
+    args = ["template", "rel", str(chart), "-n", "jr-system"]
+    for item in sets:
+        args += ["--set", item]
+    args += ["--show-only", "templates/notes-for-test.yaml"]
+    return str(yaml.safe_load(helm(*args).stdout)["notes"])
+
+
+def test_notes_say_what_the_default_grants_and_warn_of_cluster_wide_secret_reads(
+    tmp_path: Path,
+) -> None:
+    text = notes(tmp_path)
+    assert "What the operator may do in EVERY namespace (a ClusterRoleBinding)" in text
+    assert "get any Secret by name" in text
+    assert "list the namespaces to serve instead" in text
+    assert "WARNING: the operator may read any Secret of any namespace" in text
+
+
+@pytest.mark.parametrize(
+    ("sets", "grants"),
+    [
+        (("watchNamespaces={media,etl}",), "get any Secret by name"),
+        (
+            ("permissions.operator.restrict.secret=true",
+             "permissions.operator.restrict.namesAllowList={broker}"),
+            "get only broker",
+        ),
+    ],
+)  # fmt: skip
+def test_notes_do_not_warn_once_secrets_are_narrowed(
+    tmp_path: Path, sets: tuple[str, ...], grants: str
+) -> None:
+    text = notes(tmp_path, *sets)
+    assert grants in text
+    assert "WARNING" not in text

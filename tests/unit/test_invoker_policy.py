@@ -59,6 +59,25 @@ def test_the_chart_exempts_the_operator_and_the_accounts_named_and_binds_watched
     }
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--kube-version", "1.29.0"), "invokerPolicy.enabled needs ValidatingAdmissionPolicy"),
+        (
+            ("--set", "invokerPolicy.enabled=false", "--set",
+             "permissions.operator.restrict.secret=true"),
+            "permissions.operator.restrict.secret needs invokerPolicy.enabled",
+        ),
+    ],
+)  # fmt: skip
+def test_the_chart_refuses_values_that_would_leave_function_results_unguarded(
+    args: tuple[str, ...], message: str
+) -> None:
+    result = helm("template", "rel", str(CHART), *args, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+
+
 def test_the_chart_policy_can_be_turned_off_and_refuses_a_malformed_exemption() -> None:
     assert chart_policy("--set", "invokerPolicy.enabled=false") == []
     bad = helm(

@@ -20,6 +20,7 @@ from jobrunner.runner import DispatchUnit
 from jobrunner.tasks import start_guarded, stop_tasks
 from jobrunner.telemetry import Telemetry
 from jobrunner.testing import MemoryBroker, MemoryJobClient, MemoryObjects, MemorySource
+from jobrunner.triggers import Reach
 from tests.helpers import eventually
 from tests.unit.test_operator_registry import scaledjob_object
 
@@ -52,6 +53,7 @@ class Replica:
                 authentications=want.authentications,
                 read_secret=env.jobs.read_secret,
                 base_dirs=[],
+                reach=Reach(),
                 open_source=open_source,
             )
 

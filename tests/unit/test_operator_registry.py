@@ -19,6 +19,7 @@ from jobrunner.operator.resources import Key, Wanted, wanted_from
 from jobrunner.runner import DispatchUnit
 from jobrunner.telemetry import Telemetry
 from jobrunner.testing import MemoryBroker, MemoryJobClient, MemorySource
+from jobrunner.triggers import Reach
 from tests.helpers import eventually
 
 NS = "jobs"
@@ -115,6 +116,7 @@ async def world() -> AsyncIterator[World]:
             authentications=want.authentications,
             read_secret=jobs.read_secret,
             base_dirs=[],
+            reach=Reach(),
             open_source=open_source,
         )
         built.append(unit)
@@ -276,6 +278,8 @@ async def test_unreachable_queue_waits_alone_and_is_consumed_once_it_exists(
     await publish(world, "q", "a")
     await publish(world, "q2", "b")
     await jobs_count(world, 1)
+    # Built on its own (templates are parsed off the loop): it may come after the first.
+    await eventually(lambda: _true(world.registry.slots[(NS, "other")].unit is not None), within=10)
     other = world.unit("other")
     await eventually(lambda: _true(bool(other.readiness())), within=5)
     assert "does not exist" in (other.readiness() or "")

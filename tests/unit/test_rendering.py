@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 from typing import Any
 
@@ -10,7 +11,12 @@ import yaml
 from jobrunner.config import ManifestError, parse_scaledjob
 from jobrunner.models import Delivery
 from jobrunner.naming import job_name, message_identity
-from jobrunner.rendering import Renderer, RenderError, original_message
+from jobrunner.rendering import (
+    ANNOTATION_ORIGINAL_MESSAGE,
+    Renderer,
+    RenderError,
+    original_message,
+)
 
 
 def manifest(job_spec: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
@@ -347,3 +353,33 @@ def test_fields_the_kubelet_does_not_expand_keep_message_text_unescaped() -> Non
     template = job["spec"]["template"]
     assert template["metadata"]["annotations"]["note"] == "$(X)"
     assert template["spec"]["containers"][0]["workingDir"] == "/w/$(X)"
+
+
+def test_with_mode_file_the_original_is_in_the_secret_only() -> None:
+    rendered = render(b'{"task": "t"}', messageDelivery={"mode": "file"})
+    annotations = rendered.job["metadata"]["annotations"]
+    assert ANNOTATION_ORIGINAL_MESSAGE not in annotations
+    assert "task" not in json.dumps(annotations)
+    assert rendered.secret is not None
+    assert rendered.secret["metadata"]["annotations"] == {
+        "jobrunner.dev/body-sha256": hashlib.sha256(b'{"task": "t"}').hexdigest()
+    }
+    assert annotations["jobrunner.dev/body-sha256"] == hashlib.sha256(b'{"task": "t"}').hexdigest()
+    # Still dead-lettered with its body: read back from the Secret.
+    kept = original_message(rendered.job, rendered.secret["data"])
+    assert kept is not None
+    assert kept["body"] == b'{"task": "t"}'
+
+
+def test_auto_mode_going_to_a_file_keeps_the_original_in_the_secret_only() -> None:
+    body = json.dumps({"task": "t", "pad": "x" * 40_000}).encode()
+    rendered = render(body, messageDelivery={"mode": "auto", "maxEnvBytes": 1024})
+    assert ANNOTATION_ORIGINAL_MESSAGE not in rendered.job["metadata"]["annotations"]
+    assert rendered.secret is not None
+    assert original_message(rendered.job, rendered.secret["data"])["body"] == body  # type: ignore[index]
+
+
+def test_with_the_body_in_env_the_original_stays_in_an_annotation() -> None:
+    rendered = render(b'{"task": "t"}', messageDelivery={"mode": "env"})
+    assert rendered.secret is None
+    assert original_message(rendered.job, None)["body"] == b'{"task": "t"}'  # type: ignore[index]

@@ -3,13 +3,14 @@ TriggerAuthentication parameters, and the mistakes each refuses."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from jobrunner.config import ManifestError, parse_scaledjob
-from jobrunner.triggers import ResolveContext, check_trigger, resolve_trigger
+from jobrunner.triggers import Reach, ResolveContext, check_trigger, resolve_trigger
 from jobrunner.triggers.mqtt import topic_matches
 
 
@@ -36,6 +37,7 @@ async def resolve(trigger: dict[str, Any], **spec: Any) -> Any:
         authentications={},
         read_secret=no_secret,
         state_dir=Path("."),
+        reach=Reach.own(os.environ),
     )
     return (await resolve_trigger(context))[1]
 
@@ -139,3 +141,57 @@ def test_static_checks_name_the_field(trigger: dict[str, Any], field: str) -> No
 
     problems = check_trigger(Trigger.model_validate(trigger))
     assert any(p.field == f"metadata.{field}" for p in problems), problems
+
+
+def rabbitmq(host: str, **metadata: str) -> dict[str, Any]:
+    return {"type": "rabbitmq", "metadata": {"queueName": "q", "host": host, **metadata}}
+
+
+async def test_the_management_api_of_an_amqps_broker_is_reached_over_https() -> None:
+    from jobrunner.config import Settings
+    from jobrunner.sources.rabbitmq import open_source
+
+    for host, derived in (
+        ("amqps://u:pw@rabbit:5671/", "https://rabbit:15671/"),
+        ("amqp://u:pw@rabbit:5672/", "http://rabbit:15672/"),
+    ):
+        trigger = rabbitmq(host)
+        resolved = await resolve(trigger)
+        source = open_source(resolved, scaledjob=scaledjob(trigger), settings=Settings())
+        assert source.management_url == derived, host
+
+
+@pytest.mark.parametrize(
+    ("host", "management", "refused"),
+    [
+        # Credentials in clear where the AMQP link has them in TLS: refused.
+        ("amqps://u:pw@rabbit:5671/", "http://rabbit:15672/", "the AMQP link is amqps"),
+        ("amqps://rabbit:5671/", "http://admin:pw@rabbit:15672/", "the AMQP link is amqps"),
+        # ... or to a host other than the broker's.
+        ("amqp://u:pw@rabbit:5672/", "http://other:15672/", "not the broker's host"),
+        # Fine: https anywhere; plain http only where the link sends them in clear already,
+        # or with no credentials at all.
+        ("amqps://u:pw@rabbit:5671/", "https://mgmt.example:443/", None),
+        ("amqp://u:pw@rabbit:5672/", "http://rabbit:15672/", None),
+        ("amqps://rabbit:5671/", "http://rabbit:15672/", None),
+    ],
+)
+async def test_a_management_url_never_sends_credentials_in_clear_that_amqp_keeps_secret(
+    host: str, management: str, refused: str | None
+) -> None:
+    trigger = rabbitmq(host, managementURL=management)
+    if refused is None:
+        assert (await resolve(trigger)).management_url == management
+        return
+    with pytest.raises(ManifestError, match="managementURL") as caught:
+        await resolve(trigger)
+    assert refused in str(caught.value)
+    assert "pw" not in str(caught.value)
+
+
+def test_a_management_url_is_http_or_https() -> None:
+    from jobrunner.config import Trigger
+
+    metadata = {"queueName": "q", "host": "amqp://r/", "managementURL": "ftp://r/"}
+    problems = check_trigger(Trigger(type="rabbitmq", metadata=metadata))
+    assert [p.field for p in problems] == ["metadata.managementURL"]

@@ -15,7 +15,7 @@ from jobrunner.telemetry import Telemetry, configure_logging, extract_context, t
 
 def test_health_and_readiness_report_their_state() -> None:
     telemetry = Telemetry.create()
-    telemetry.metrics.jobs_created.labels("sj").inc()
+    telemetry.metrics.jobs_created.labels("team-a", "sj").inc()
     heartbeat = Heartbeat(stale_after=30)
     state = {"ready": (False, "sj: broker not connected")}
     endpoints = HttpEndpoints(
@@ -33,11 +33,13 @@ def test_health_and_readiness_report_their_state() -> None:
 
         assert get("/healthz")[0] == 200
         assert get("/readyz") == (503, "sj: broker not connected\n")
+        state["ready"] = (False, "sj: NATS at nats://u:s3cret@nats:4222 is not reachable")
+        assert get("/readyz") == (503, "sj: NATS at nats://***@nats:4222 is not reachable\n")
         state["ready"] = (True, "ready")
         assert get("/readyz")[0] == 200
         status, body = get("/metrics")
         assert status == 200
-        assert 'jobrunner_jobs_created_total{scaledjob="sj"} 1.0' in body
+        assert 'jobrunner_jobs_created_total{namespace="team-a",scaledjob="sj"} 1.0' in body
         heartbeat.last -= 60  # the event loop stopped beating
         assert get("/healthz")[0] == 503
     finally:

@@ -4,6 +4,7 @@ loads a KEDA user's file (other kinds beside the ScaledJob) unchanged."""
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import yaml
 
 from jobrunner.cli import main
 from jobrunner.config import load_manifest
-from jobrunner.triggers import FileSecrets, ResolveContext, resolve_trigger
+from jobrunner.triggers import FileSecrets, Reach, ResolveContext, resolve_trigger
 
 JOB = {
     "template": {
@@ -201,6 +202,7 @@ def test_a_secret_in_the_file_serves_its_trigger_authentication_when_the_cluster
             authentications=manifests.authentications,
             read_secret=reader,
             state_dir=tmp_path,
+            reach=Reach.own(os.environ),
         )
         return (await resolve_trigger(context))[1]
 

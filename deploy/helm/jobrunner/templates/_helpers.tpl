@@ -73,6 +73,10 @@ and install fine, and then not work. Each one fails rendering, so `helm lint --s
 {{- if le (float64 .Values.terminationGracePeriodSeconds) (float64 .Values.shutdownGraceSeconds) }}
 {{- include "jobrunner.refuse" (printf "terminationGracePeriodSeconds (%v) must exceed shutdownGraceSeconds (%v): on SIGTERM the operator lets in-flight settlements take up to shutdownGraceSeconds and only then gives up its Leases; killed before, its settlements are cut and its buckets wait leases.durationSeconds for a takeover" .Values.terminationGracePeriodSeconds .Values.shutdownGraceSeconds) }}
 {{- end }}
+{{- $restrict := .Values.permissions.operator.restrict }}
+{{- if and $restrict.namesAllowList (not $restrict.secret) }}
+{{- include "jobrunner.refuse" (printf "permissions.operator.restrict.namesAllowList (%s) narrows nothing while permissions.operator.restrict.secret is false: the operator may get every Secret by name then; set restrict.secret=true to allow only these" (join ", " $restrict.namesAllowList)) }}
+{{- end }}
 {{- if .Values.podDisruptionBudget.enabled }}
 {{- $max := toString .Values.podDisruptionBudget.maxUnavailable }}
 {{- if or (eq $max "0") (eq $max "0%") }}
