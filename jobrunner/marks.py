@@ -19,18 +19,18 @@ publish outputs or drop a message on its word. So every such mark is authenticat
   last, cannot be shifted into them). It sits in ``<annotation>-mac``. A mark copied from
   another Job, or from an earlier Job of the same name (another uid), or made with any
   other key, does not verify;
+* **which marks**: the function's result (``jobrunner.dev/function-result``, written by
+  the invoker), the outputs count (``jobrunner.dev/outputs-published``) and the settlement
+  (``jobrunner.dev/settled``), written by the dispatcher with the same key. A mark that
+  does not verify is ignored, with a Warning Event ``UnverifiedMark`` on the Job and a
+  log line, once per mark;
 * **a dispatcher that may not read message Secrets** (``read_message_secrets`` false,
   the chart's ``permissions.operator.restrict.secret``) cannot know the keys: it trusts
   marks as they are, says so once at start, and leaves the guard to the admission policy
   (the chart refuses that restriction with its ``invokerPolicy`` off);
 * **Jobs from before keys** (made by an earlier jobrunner: their pod template mounts no
   key, and a Job's template cannot be changed) keep being trusted as they were, so an
-  upgrade neither dead-letters the Jobs running through it nor settles old ones again;
-* **which marks**: the function's result (``jobrunner.dev/function-result``, written by
-  the invoker), the outputs count (``jobrunner.dev/outputs-published``) and the settlement
-  (``jobrunner.dev/settled``), written by the dispatcher with the same key. A mark that
-  does not verify is ignored, with a Warning Event ``UnverifiedMark`` on the Job and a
-  log line, once per mark.
+  upgrade neither dead-letters the Jobs running through it nor settles old ones again.
 
 What a MAC cannot do: prove that a mark was *removed*, or protect labels, the finalizer
 and the spec, which a pod with ``patch`` on Jobs can also change (and so make another
@@ -41,8 +41,8 @@ claiming to keep its message (``ack-policy``, ``handed-over``) is then settled f
 copy in its Secret and from its verified result, so what it does changes only who
 settles the message, never how.
 
-Stdlib only. The in-Job invoker (which may import nothing of jobrunner) computes the same
-MAC; a test checks that both agree.
+The MAC is the standard library's hmac/hashlib; the in-Job invoker (which may import
+nothing of jobrunner) computes the same one, and a test checks that both agree.
 """
 
 from __future__ import annotations
