@@ -34,6 +34,7 @@ from jobrunner.cleanup import HistoryCleaner
 from jobrunner.config import AckPolicy, DispatcherSettings, ScaledJob
 from jobrunner.failpoints import Failpoints
 from jobrunner.limiter import ActiveJobs
+from jobrunner.marks import JobMarks
 from jobrunner.models import (
     ANNOTATION_ACK_POLICY,
     ANNOTATION_BODY_DIGEST,
@@ -110,10 +111,15 @@ class Dispatcher:
         telemetry: Telemetry,
         retry_ceiling: float = 30.0,
         settle_hook: SettleHook | None = None,
+        marks: JobMarks | None = None,
     ) -> None:
         self.scaledjob = scaledjob
         self._settle_hook = settle_hook
         """Asked before a final settlement naming a Job (a function's outputs)."""
+        self._marks = marks
+        """For a ScaledJob whose pods may annotate Jobs (a function's): the settlement
+        mark is signed with each Job's key, and one found on a Job is trusted only when it
+        verifies (jobrunner.marks; the tracker screens the ones it sees)."""
         self._renderer = renderer
         self._source = source
         self._jobs = jobs
@@ -410,6 +416,10 @@ class Dispatcher:
                     lambda: self._jobs.create_job(rendered.job, rendered.secret)
                 )
                 create_span.set_attribute("jobrunner.adopted", not created)
+                if not created and self._marks is not None:
+                    marks = self._marks
+                    adopted = job
+                    job = await self._retry(lambda: marks.screen(adopted))
         except ApiRejected as exc:
             self.limiter.release(name)
             log.warning("API server rejected Job %s: %s", name, exc)
@@ -598,6 +608,20 @@ class Dispatcher:
         self._failpoints.hit("before-settle")
         if final and decision.job_name and self._settle_hook is not None:
             decision = await self._settle_hook.before_settle(decision)
+            if decision.action is Action.DEAD_LETTER and not handles and original is None:
+                # A Job that keeps its message succeeded, but its outputs cannot go out
+                # (or its result is not trusted): dead-letter the copy the Job keeps.
+                name = decision.job_name or ""
+                job = await self._retry(lambda: self._jobs.get_job(self.scaledjob.namespace, name))
+                original = await self._kept_copy(job) if job is not None else None
+                if original is None:
+                    self._job_log(name).error(
+                        "Job %s: %s (%s), and it keeps no copy of its message to dead-letter",
+                        name,
+                        decision.reason,
+                        decision.detail,
+                    )
+                    return False
         identity = handles[-1].delivery.identity if handles else ""
         if not identity and original is not None:
             identity = str(original.get("identity") or original.get("message_id") or "")
@@ -680,13 +704,21 @@ class Dispatcher:
         """The message of Job ``name`` has a durable fate: remove the finalizer (and
         record the settlement) in one write, so the Job may now be deleted."""
         try:
-            await self._retry(
-                lambda: self._jobs.release_job(
-                    self.scaledjob.namespace, name, {ANNOTATION_SETTLED: settled}
-                )
-            )
+            mark = {ANNOTATION_SETTLED: settled}
+            if self._marks is not None:
+                mark = await self._signed(self._marks, name, mark)
+            await self._retry(lambda: self._jobs.release_job(self.scaledjob.namespace, name, mark))
         except ApiRejected as exc:
             self._job_log(name).warning("could not release Job %s: %s", name, exc)
+
+    async def _signed(self, marks: JobMarks, name: str, mark: dict[str, str]) -> dict[str, str]:
+        """``mark`` with its MAC for Job ``name`` (its uid from the watch, else the API)."""
+        state = self._tracker.jobs.get(name)
+        uid = state.uid if state is not None else ""
+        if not uid:
+            job = await self._retry(lambda: self._jobs.get_job(self.scaledjob.namespace, name))
+            uid = str(((job or {}).get("metadata") or {}).get("uid", ""))
+        return await self._retry(lambda: marks.sign(name, uid, mark))
 
     def _release_soon(self, name: str, settled: str) -> None:
         self._once(name, self._release(name, settled), f"release-{name}")
@@ -840,27 +872,32 @@ class Dispatcher:
             await self._settle(decision=decision)
             return
         job = await self._retry(lambda: self._jobs.get_job(self.scaledjob.namespace, state.name))
-        secret = None
         if job is None:
             self._job_log(state.name).error(
                 "Job %s vanished before its failure could be dead-lettered", state.name
             )
             return
-        if ANNOTATION_ORIGINAL_MESSAGE not in (
-            (job.get("metadata") or {}).get("annotations") or {}
-        ):
-            secret = await self._retry(
-                lambda: self._jobs.read_secret(
-                    self.scaledjob.namespace, message_secret_name(state.name)
-                )
-            )
-        original = original_message(job, secret)
+        original = await self._kept_copy(job)
         if original is None:
             self._job_log(state.name).error(
                 "Job %s failed (%s) but keeps no copy of its message", state.name, outcome.reason
             )
             return
         await self._settle(decision=decision, original=original)
+
+    async def _kept_copy(self, job: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The copy of its message a Job keeps (annotation or Secret), None without one."""
+        name = str((job.get("metadata") or {}).get("name", ""))
+        secret = None
+        # With marks, the copy in the Secret (which pods cannot write) is always read: it
+        # wins over an annotation (see rendering.original_message).
+        always = self._marks is not None and self._marks.reads_secrets
+        annotations = (job.get("metadata") or {}).get("annotations") or {}
+        if always or ANNOTATION_ORIGINAL_MESSAGE not in annotations:
+            secret = await self._retry(
+                lambda: self._jobs.read_secret(self.scaledjob.namespace, message_secret_name(name))
+            )
+        return original_message(job, secret)
 
     # ------------------------------------------------------------------ events
     def _event(self, job: Mapping[str, Any], kind: str, reason: str, message: str) -> None:

@@ -6,6 +6,10 @@ retired for good with Jobs still guarded), nothing will: those Jobs cannot be de
 until the finalizer is removed, which is what ``release`` does. Releasing a Job whose
 message is still unsettled gives up the guarantee that a redelivery of that message
 adopts the Job rather than making a second one — say so before doing it.
+
+The settlement mark it writes (``released-by-hand``) is signed with the Job's key when
+the Job has one (a function's Job, see jobrunner.marks), so a dispatcher that sees the
+Job later trusts it as it trusts its own.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from jobrunner.marks import JobMarks
 from jobrunner.models import (
     ANNOTATION_MESSAGE_ID,
     ANNOTATION_SETTLED,
@@ -36,6 +41,7 @@ class GuardedJob:
     message_id: str
     state: str
     """Running, Complete/Failed with the reason, or Deleting."""
+    uid: str = ""
 
     @classmethod
     def of(cls, job: Mapping[str, Any]) -> GuardedJob:
@@ -50,6 +56,7 @@ class GuardedJob:
             scaledjob=(meta.get("labels") or {}).get(LABEL_SCALEDJOB, ""),
             message_id=(meta.get("annotations") or {}).get(ANNOTATION_MESSAGE_ID, ""),
             state=state,
+            uid=meta.get("uid", ""),
         )
 
 
@@ -83,8 +90,8 @@ async def release(jobs: JobClient, targets: Iterable[GuardedJob]) -> int:
     """Remove the finalizer from each of ``targets``; the number released."""
     count = 0
     for job in targets:
-        done = await jobs.release_job(
-            job.namespace, job.name, {ANNOTATION_SETTLED: RELEASED_BY_HAND}
-        )
+        marks = JobMarks(jobs=jobs, namespace=job.namespace)
+        mark = await marks.sign(job.name, job.uid, {ANNOTATION_SETTLED: RELEASED_BY_HAND})
+        done = await jobs.release_job(job.namespace, job.name, mark)
         count += done is not None
     return count

@@ -30,6 +30,17 @@ A failed function's ``error`` replaces the Job's own failure text in the dead le
 reason ``FunctionFailed``, detail the invoker's text (a handler's status and body, an
 exception's type and message) and the Job's reason.
 
+**Only authenticated records count** (jobrunner.marks): the result and the outputs
+count are trusted when their MAC verifies under the Job's own key. A record that does not
+(forged, or copied from another Job) is ignored with a Warning Event ``UnverifiedMark``.
+A Job that completed without a verified result is dead-lettered
+``FunctionResultUnverified``, not acked: the invoker never exits 0 without recording one,
+so its outputs are unknown, and acking would drop them silently, while a dead letter can
+be replayed to run the function again. A failed Job with no verified result is
+dead-lettered with its own reason, as any failed Job. An outputs count that does not
+verify counts as none published: outputs carry deterministic ids, so publishing one
+twice can be recognised, and leaving one out cannot.
+
 A destination that refuses an output for good (OutputRefused: over a Storage message's
 64 KiB, say) dead-letters the message ``OutputBindingFailed``; anything else (the broker
 is down) is retried with backoff while the message stays in hand, as a down API server
@@ -46,16 +57,19 @@ import random
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
+from jobrunner import marks
 from jobrunner.failpoints import Failpoints
+from jobrunner.marks import JobMarks
 from jobrunner.models import Action, Decision
 from jobrunner.protocols import ApiRejected, JobClient, MessageSink, OutputRefused, TransientError
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-RESULT_ANNOTATION = "jobrunner.dev/function-result"
-PUBLISHED_ANNOTATION = "jobrunner.dev/outputs-published"
+RESULT_ANNOTATION = marks.RESULT_ANNOTATION
+PUBLISHED_ANNOTATION = marks.PUBLISHED_ANNOTATION
 """How many of the Job's output messages are published (a count, as text)."""
+UNVERIFIED = "FunctionResultUnverified"
 
 
 def output_id(job_name: str, binding: str, index: int) -> str:
@@ -63,9 +77,9 @@ def output_id(job_name: str, binding: str, index: int) -> str:
     return f"{job_name}/{binding}/{index}"
 
 
-def function_result(job: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The invoker's result record on ``job``, or None (no record, or not JSON)."""
-    raw = ((job.get("metadata") or {}).get("annotations") or {}).get(RESULT_ANNOTATION)
+def function_result(raw: str | None) -> dict[str, Any] | None:
+    """The invoker's result record from its annotation's text, or None (no record, or
+    not a JSON object)."""
     if not raw:
         return None
     try:
@@ -87,10 +101,13 @@ class FunctionResults:
         namespace: str,
         function: str,
         sinks: Mapping[str, MessageSink],
+        marks: JobMarks | None = None,
         failpoints: Failpoints | None = None,
         retry_ceiling: float = 30.0,
     ) -> None:
         self._jobs = jobs
+        self.marks = marks or JobMarks(jobs=jobs, namespace=namespace)
+        """Verifies the Jobs' records and signs the outputs count."""
         self._namespace = namespace
         self.function = function
         self.sinks = dict(sinks)
@@ -106,19 +123,38 @@ class FunctionResults:
         job = await self._retry(lambda: self._jobs.get_job(self._namespace, name))
         if job is None:
             return decision
-        result = function_result(job)
-        if result is None:
-            return decision
+        mark = await self._retry(lambda: self.marks.verify(job, RESULT_ANNOTATION))
+        result = function_result(mark.trusted)
+        if result and result.get("status") == "failed" and result.get("error"):
+            job_said = f"{decision.reason} {decision.detail}".strip() or "Complete"
+            return Decision.dead_letter(
+                "FunctionFailed", f"{result['error']} (Job: {job_said})", name
+            )
         if decision.action is Action.DEAD_LETTER:
-            if result.get("status") == "failed" and result.get("error"):
-                detail = f"{result['error']} (Job: {decision.reason} {decision.detail})".strip()
-                return Decision.dead_letter("FunctionFailed", detail, name)
             return decision
+        if result is None or result.get("status") != "succeeded":
+            return Decision.dead_letter(UNVERIFIED, self._unverified(name, mark, result), name)
         try:
             await self._publish(job, name, result)
         except OutputRefused as exc:
             return Decision.dead_letter("OutputBindingFailed", str(exc), name)
         return decision
+
+    @staticmethod
+    def _unverified(name: str, mark: marks.Mark, result: Mapping[str, Any] | None) -> str:
+        if mark.value is None:
+            why = f"has no {RESULT_ANNOTATION}"
+        elif mark.problem is not None:
+            why = f"has a {RESULT_ANNOTATION} that is not trusted ({mark.problem})"
+        elif result is None:
+            why = f"has a {RESULT_ANNOTATION} that is not a JSON object"
+        else:
+            why = f"has a {RESULT_ANNOTATION} whose status is {result.get('status')!r}"
+        return (
+            f"Job {name} completed but {why}: the function's outputs are unknown, so the "
+            "message is dead-lettered rather than acked without them; replay it to run the "
+            "function again"
+        )
 
     async def _publish(self, job: Mapping[str, Any], name: str, result: Mapping[str, Any]) -> None:
         outputs = result.get("outputs") or {}
@@ -127,8 +163,12 @@ class FunctionResults:
             for binding, bodies in sorted(outputs.items())
             for index, body in enumerate(bodies)
         ]
-        annotations = (job.get("metadata") or {}).get("annotations") or {}
-        done = int(annotations.get(PUBLISHED_ANNOTATION) or 0)
+        published = await self._retry(lambda: self.marks.verify(job, PUBLISHED_ANNOTATION))
+        try:
+            done = int(published.trusted or 0)
+        except ValueError:
+            done = 0
+        uid = str((job.get("metadata") or {}).get("uid", ""))
         missing = sorted({b for b, _, _ in messages if b not in self.sinks})
         if missing:
             raise OutputRefused(
@@ -149,7 +189,7 @@ class FunctionResults:
                 continue
             await self._send(self.sinks[binding], body, output_id(name, binding, index))
             self._failpoints.hit("after-output-sent")
-            await self._record(name, position + 1)
+            await self._record(name, uid, position + 1)
         logger.info(
             "Job %s: published %d output message(s) (%s)",
             name,
@@ -159,12 +199,11 @@ class FunctionResults:
         )
         self._failpoints.hit("after-outputs-published")
 
-    async def _record(self, name: str, count: int) -> None:
-        await self._retry(
-            lambda: self._jobs.annotate_job(
-                self._namespace, name, {PUBLISHED_ANNOTATION: str(count)}
-            )
+    async def _record(self, name: str, uid: str, count: int) -> None:
+        signed = await self._retry(
+            lambda: self.marks.sign(name, uid, {PUBLISHED_ANNOTATION: str(count)})
         )
+        await self._retry(lambda: self._jobs.annotate_job(self._namespace, name, signed))
 
     async def _send(self, sink: MessageSink, body: bytes, message_id: str) -> None:
         delay = 0.2

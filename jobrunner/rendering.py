@@ -37,7 +37,7 @@ import jinja2
 import jinja2.meta
 import yaml
 
-from jobrunner import jobschema, limits
+from jobrunner import jobschema, limits, marks
 from jobrunner.config import (
     DeliveryMode,
     DispatcherSettings,
@@ -524,12 +524,15 @@ class Renderer:
         base_dirs: list[Path] | None = None,
         copy_in_job_only: bool = False,
         pool: RenderPool | None = None,
+        new_key: Callable[[], bytes] = marks.new_key,
     ) -> None:
         """``copy_in_job_only``: the dispatcher cannot read message Secrets back
         (``DispatcherSettings.read_message_secrets`` false), so a message whose copy does
         not fit in its Job's annotations is a RenderError ``MessageTooLarge``. ``pool``:
-        the render workers ``render_bounded`` uses."""
+        the render workers ``render_bounded`` uses. ``new_key``: makes each function
+        Job's key (random; tests pass their own)."""
         self.scaledjob = scaledjob
+        self._new_key = new_key
         self._copy_in_job_only = copy_in_job_only
         self.template = load_job_template(scaledjob, base_dirs=base_dirs or [])
         self._pool = pool
@@ -669,10 +672,19 @@ class Renderer:
             "spec": spec,
         }
         self._check_schema(job)
-        keep_in_secret = self._keep_original(job, delivery, placement)
+        # A function's Job always has a Secret, which holds the Job's key (jobrunner.marks),
+        # and keeps its copy there, where its pod cannot write (unless this dispatcher may
+        # not read Secrets back: then in the Job, as any Job's).
+        function = sj.spec.function is not None
+        keep_in_secret = (function and not self._copy_in_job_only) or self._keep_original(
+            job, delivery, placement
+        )
         secret = None
-        if keep_in_secret or not placement.in_env:
-            secret = self._secret(delivery, secret_name, with_original=keep_in_secret)
+        if keep_in_secret or not placement.in_env or function:
+            key = {marks.KEY_DATA: self._new_key()} if function else {}
+            secret = self._secret(delivery, secret_name, with_original=keep_in_secret, extra=key)
+            if function:
+                marks.equip(spec, secret, containers=config.containers, key=key[marks.KEY_DATA])
         self._check_limits(job)
         return RenderedJob(name=name, job=job, secret=secret)
 
@@ -791,11 +803,19 @@ class Renderer:
         annotations[ANNOTATION_ORIGINAL_MESSAGE] = original
         return False
 
-    def _secret(self, delivery: Delivery, name: str, *, with_original: bool) -> dict[str, Any]:
+    def _secret(
+        self,
+        delivery: Delivery,
+        name: str,
+        *,
+        with_original: bool,
+        extra: Mapping[str, bytes] | None = None,
+    ) -> dict[str, Any]:
         data = {
             "body": delivery.body,
             "headers.json": json.dumps(dict(delivery.headers), sort_keys=True).encode(),
             "metadata.json": json.dumps(dict(delivery.metadata), sort_keys=True).encode(),
+            **(extra or {}),
         }
         if with_original:
             # The body is already the Secret's "body"; the copy keeps the rest.
@@ -888,7 +908,9 @@ def original_message(
     with the Secret's body), with ``body`` as bytes; None when it keeps none."""
     annotations = (job.get("metadata") or {}).get("annotations") or {}
     raw = annotations.get(ANNOTATION_ORIGINAL_MESSAGE)
-    if raw is None and secret_data and "original.json" in secret_data:
+    if secret_data and "original.json" in secret_data:
+        # The Secret's copy wins: a Job's annotations may have been written by a pod
+        # with rights on Jobs, its Secret only by the dispatcher.
         raw = base64.b64decode(secret_data["original.json"]).decode()
     if raw is None:
         return None

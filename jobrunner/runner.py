@@ -32,6 +32,7 @@ from jobrunner.config import (
 from jobrunner.dispatcher import Dispatcher
 from jobrunner.failpoints import Failpoints
 from jobrunner.httpserver import Heartbeat, HttpEndpoints
+from jobrunner.marks import JobMarks
 from jobrunner.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY
 from jobrunner.outputs import FunctionResults
 from jobrunner.protocols import JobClient, MessageSink, MessageSource, SourceError
@@ -120,7 +121,11 @@ def load_sink(kind: TriggerType, resolved: Any, settings: Settings) -> MessageSi
 
 
 async def function_results(
-    scaledjob: ScaledJob, context: ResolveContext, jobs: JobClient, settings: Settings
+    scaledjob: ScaledJob,
+    context: ResolveContext,
+    jobs: JobClient,
+    settings: Settings,
+    marks: JobMarks | None = None,
 ) -> FunctionResults | None:
     """The settle hook of a ScaledJob that runs a function (``spec.function``), its
     output destinations resolved like triggers; None for any other ScaledJob."""
@@ -136,6 +141,7 @@ async def function_results(
         namespace=scaledjob.namespace,
         function=function.name,
         sinks=sinks,
+        marks=marks,
         failpoints=Failpoints(settings.dispatcher.failpoints),
         retry_ceiling=settings.kube.api_retry_max_seconds,
     )
@@ -240,12 +246,27 @@ class DispatchUnit:
         )
         kind, resolved = await resolve_trigger(context)
         source = (open_source or load_source)(kind, resolved, scaledjob, settings)
-        results = await function_results(scaledjob, context, jobs, settings)
+        # A function's pods may annotate Jobs: their marks are authenticated (marks).
+        marks = None
+        if scaledjob.spec.function is not None:
+            reads = settings.dispatcher.read_message_secrets
+            marks = JobMarks(jobs=jobs, namespace=scaledjob.namespace, reads_secrets=reads)
+            if not reads:
+                logger.warning(
+                    "%s: this dispatcher may not read message Secrets, so the function "
+                    "results on its Jobs are not checked against their keys; only an "
+                    "admission policy (the chart's invokerPolicy, or functions import's "
+                    "<app>-policy.yaml) keeps other pods from writing them",
+                    scaledjob.name,
+                    extra={"scaledjob": scaledjob.name},
+                )
+        results = await function_results(scaledjob, context, jobs, settings, marks)
         tracker = JobTracker(
             client=jobs,
             namespace=scaledjob.namespace,
             selector=selector_for(scaledjob),
             backoff_ceiling=settings.kube.api_retry_max_seconds,
+            marks=marks,
         )
         dispatcher = Dispatcher(
             scaledjob=scaledjob,
@@ -257,6 +278,7 @@ class DispatchUnit:
             telemetry=telemetry,
             retry_ceiling=settings.kube.api_retry_max_seconds,
             settle_hook=results,
+            marks=marks,
         )
         destination = getattr(resolved, kind.destination, None) or getattr(resolved, "queue", "")
         return cls(

@@ -4,6 +4,11 @@ List, then watch from the list's resourceVersion; on 410 Gone list again; on any
 break reconnect with exponential backoff. Each Job is kept as a small ``JobState`` so
 tens of thousands fit in little memory. A Job deleted by someone else before it finished
 resolves as a failure with reason ``JobDeleted`` rather than leaving a waiter hanging.
+
+With ``marks`` (a ScaledJob whose pods may annotate Jobs: a function's), every Job is
+screened as it comes in: a settlement mark that does not verify under the Job's own key
+is dropped before anything sees it (jobrunner.marks), so no listener, no history cleanup
+and no listing ever takes a forged ``settled`` for the truth.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobrunner.marks import JobMarks
 from jobrunner.models import (
     ANNOTATION_ACK_POLICY,
     ANNOTATION_HANDED_OVER,
@@ -130,9 +136,16 @@ class _Backoff:
 
 class JobTracker:
     def __init__(
-        self, *, client: JobClient, namespace: str, selector: str, backoff_ceiling: float = 30.0
+        self,
+        *,
+        client: JobClient,
+        namespace: str,
+        selector: str,
+        backoff_ceiling: float = 30.0,
+        marks: JobMarks | None = None,
     ) -> None:
         self._client = client
+        self._marks = marks
         self.namespace = namespace
         self.selector = selector
         self.jobs: dict[str, JobState] = {}
@@ -212,6 +225,13 @@ class JobTracker:
                 except Exception:
                     logger.exception("deletion-listener failed for job %s", new.name)
 
+    async def _screened(self, obj: Mapping[str, Any]) -> Mapping[str, Any]:
+        """``obj`` without the marks that do not verify (with ``marks``); TransientError
+        when the key cannot be read now (the watch then starts over)."""
+        if self._marks is None:
+            return obj
+        return await self._marks.screen(obj)
+
     async def _list(self) -> str:
         """List page by page, keeping only a JobState per Job so a large listing never
         sits in memory whole; then count Jobs gone since the last listing as deleted."""
@@ -223,7 +243,7 @@ class JobTracker:
             resource_version = resource_version or page.resource_version
             for obj in page.items:
                 seen.add((obj.get("metadata") or {}).get("name", ""))
-                self._apply("MODIFIED", obj)
+                self._apply("MODIFIED", await self._screened(obj))
             token = page.continue_token
             if not token:
                 break
@@ -249,8 +269,10 @@ class JobTracker:
                     self._backoff.reset()
                     meta = event.object.get("metadata") or {}
                     resource_version = meta.get("resourceVersion") or resource_version
-                    if event.type != "BOOKMARK":
-                        self._apply(event.type, event.object)
+                    if event.type == "DELETED":
+                        self._apply(event.type, event.object)  # gone: nothing left to act on
+                    elif event.type != "BOOKMARK":
+                        self._apply(event.type, await self._screened(event.object))
             except WatchExpired:
                 logger.info("watch on %s expired (410 Gone); listing again", self.namespace)
                 resource_version = None

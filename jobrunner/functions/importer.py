@@ -45,6 +45,7 @@ from typing import Any
 import yaml
 
 from jobrunner.config import ManifestError
+from jobrunner.functions.policy import invoker_policy
 from jobrunner.naming import dns_label
 
 APP_ROOT = "/home/site/wwwroot"
@@ -428,7 +429,7 @@ def _job(
     env_from = [] if options.local else [{"secretRef": {"name": f"{app.name}-settings"}}]
     pod: dict[str, Any] = {"restartPolicy": "Never"}
     if not options.local:
-        # The invoker records the result on its own Job (see rbac.yaml).
+        # The invoker records the result on its own Job (see rbac.yaml and policy.yaml).
         pod["serviceAccountName"] = f"{app.name}-invoker"
     out_arg = ["--outputs", ",".join(outputs)] if outputs else []
     if app.model == "custom":
@@ -541,7 +542,10 @@ def _job(
 
 
 def _rbac(app: App) -> list[dict[str, Any]]:
-    """What the invoker needs in a cluster: read and annotate its own Job."""
+    """What the invoker needs in a cluster: to annotate its own Job (a PATCH: no read).
+    RBAC cannot name the Job, so this grants every Job of the namespace; the admission
+    policy (``<app>-policy.yaml``, jobrunner.functions.policy) narrows it to the pod's
+    own Job and its result."""
     account = f"{app.name}-invoker"
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": account}},
@@ -549,7 +553,7 @@ def _rbac(app: App) -> list[dict[str, Any]]:
             "apiVersion": "rbac.authorization.k8s.io/v1",
             "kind": "Role",
             "metadata": {"name": account},
-            "rules": [{"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "patch"]}],
+            "rules": [{"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["patch"]}],
         },
         {
             "apiVersion": "rbac.authorization.k8s.io/v1",
@@ -603,6 +607,17 @@ def import_app(
             rbac[-1]["subjects"][0]["namespace"] = options.namespace
         path.write_text(yaml.safe_dump_all(rbac, sort_keys=False))
         result.written.append((path, "the invoker's ServiceAccount, Role and RoleBinding"))
+        path = options.out / f"{app.name}-policy.yaml"
+        policy = invoker_policy(app.name, options.namespace)
+        path.write_text(yaml.safe_dump_all(policy, sort_keys=False))
+        result.written.append(
+            (
+                path,
+                "an admission policy letting the invoker change only its own Job's result "
+                "(cluster-scoped: for a cluster admin, unless the jobrunner chart's "
+                "invokerPolicy is on)",
+            )
+        )
     return result
 
 

@@ -46,10 +46,19 @@ The message comes from the Job's environment as jobrunner puts it there:
 dispatcher publishes the outputs when it settles the message (exactly once, see
 jobrunner.outputs) and puts the error in the dead letter's reason. In a cluster the
 invoker patches its own Job through the API server with the pod's service account
-(needs ``get``/``patch`` on ``jobs``); under jobrunner's local executor it writes
-``job-annotations.json`` in the Job's directory (``JOBRUNNER_LOCAL_JOB_DIR``). A
-success whose outputs cannot be recorded is a failure: the Job must not complete
-without them.
+(needs ``patch`` on ``jobs``; the patch names the Job's uid, so it lands on that Job or
+nowhere); under jobrunner's local executor it writes ``job-annotations.json`` in the
+Job's directory (``JOBRUNNER_LOCAL_JOB_DIR``). A success whose outputs cannot be
+recorded is a failure: the Job must not complete without them.
+
+**The record is authenticated** (see jobrunner.marks): beside it goes
+``jobrunner.dev/function-result-mac``, an HMAC-SHA256 of the record and the Job's
+namespace, name and uid under the Job's own key, which jobrunner keeps in the Job's
+message Secret and mounts into this container only (``JOBRUNNER_FUNCTION_KEY_FILE``; the
+uid comes as ``JOBRUNNER_JOB_UID`` from the pod's controller-uid label, or locally from
+the Job's ``job.json``). The dispatcher ignores a record whose MAC does not verify, so a
+pod can vouch for its own Job only. Without a key nothing is recorded (a success then
+fails): an unauthenticated record would be ignored anyway.
 """
 
 from __future__ import annotations
@@ -58,6 +67,8 @@ import argparse
 import asyncio
 import base64
 import datetime
+import hashlib
+import hmac
 import http.client
 import importlib
 import importlib.util
@@ -83,6 +94,13 @@ RESULT_MAX_BYTES = 200 * 1024
 HOST_VERSION = "4.1037.0"
 """The Functions host version the headers claim (the notes' snapshot)."""
 SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
+KEY_FILE = "/var/run/jobrunner/function-key/function-key"
+"""Where jobrunner mounts the Job's key (jobrunner.marks.KEY_MOUNT/KEY_DATA)."""
+KEY_WAIT_SECONDS = 10.0
+"""How long to wait for the key file to appear (the kubelet mounts the Secret before the
+container starts; a local executor might write it a moment late)."""
+MARK_DOMAIN = "jobrunner.dev/mark/v1"
+"""Must equal jobrunner.marks.DOMAIN (a test checks that both compute the same MAC)."""
 
 
 class InvocationFailed(Exception):
@@ -205,9 +223,70 @@ def _one(value: Any) -> bytes:
     return json.dumps(value).encode("utf-8")
 
 
+def mark_mac(
+    *, key: bytes, namespace: str, name: str, uid: str, annotation: str, value: str
+) -> str:
+    """The MAC of one mark on a Job: jobrunner.marks.mark_mac, restated here because the
+    invoker imports nothing of jobrunner."""
+    message = "\n".join((MARK_DOMAIN, namespace, name, uid, annotation, value)).encode()
+    return "v1:" + hmac.new(key, message, hashlib.sha256).hexdigest()
+
+
+def read_key(env: dict[str, str]) -> bytes:
+    """The Job's key, from ``JOBRUNNER_FUNCTION_KEY_FILE`` (default ``KEY_FILE``),
+    waiting up to ``KEY_WAIT_SECONDS`` for it to appear. InvocationFailed without one."""
+    path = Path(env.get("JOBRUNNER_FUNCTION_KEY_FILE") or KEY_FILE)
+    deadline = time.monotonic() + KEY_WAIT_SECONDS
+    while True:
+        try:
+            key = path.read_bytes()
+        except OSError:
+            key = b""
+        if key:
+            return key
+        if time.monotonic() >= deadline:
+            raise InvocationFailed(
+                f"cannot authenticate the result: no key at {path} (jobrunner mounts the "
+                "Job's key from its message Secret into the containers that get the "
+                "message; was the Job made by jobrunner from a ScaledJob with spec.function?)"
+            )
+        time.sleep(0.2)
+
+
+def job_identity(env: dict[str, str]) -> tuple[str, str, str]:
+    """(namespace, name, uid) of this Job: locally from its ``job.json``, in a cluster
+    from ``JOBRUNNER_JOB_NAME``, ``JOBRUNNER_JOB_UID`` and the namespace
+    (``JOBRUNNER_NAMESPACE`` or the service account's). InvocationFailed when one is
+    unknown."""
+    local = env.get("JOBRUNNER_LOCAL_JOB_DIR")
+    if local:
+        try:
+            meta = json.loads((Path(local) / "job.json").read_text())["metadata"]
+            return str(meta["namespace"]), str(meta["name"]), str(meta["uid"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise InvocationFailed(f"cannot read this Job's identity from {local}: {exc}") from None
+    sa = Path(env.get("JOBRUNNER_SERVICE_ACCOUNT_DIR", SERVICE_ACCOUNT))
+    name = env.get("JOBRUNNER_JOB_NAME", "")
+    uid = env.get("JOBRUNNER_JOB_UID", "")
+    namespace = env.get("JOBRUNNER_NAMESPACE", "")
+    if not namespace:
+        try:
+            namespace = (sa / "namespace").read_text().strip()
+        except OSError:
+            namespace = ""
+    if not (namespace and name and uid):
+        raise InvocationFailed(
+            "cannot record the result: this Job's namespace, name and uid must be known "
+            f"(got {namespace!r}, {name!r}, {uid!r}: JOBRUNNER_NAMESPACE or the service "
+            "account's namespace, JOBRUNNER_JOB_NAME, JOBRUNNER_JOB_UID)"
+        )
+    return namespace, name, uid
+
+
 def record_result(result: dict[str, Any], env: dict[str, str] | None = None) -> None:
-    """Write the result record on the Job: locally into the Job's directory, in a
-    cluster through the API server. Raises InvocationFailed when it cannot."""
+    """Write the result record, with its MAC, on the Job: locally into the Job's
+    directory, in a cluster through the API server. Raises InvocationFailed when it
+    cannot."""
     env = dict(os.environ if env is None else env)
     text = json.dumps(result, sort_keys=True)
     if len(text.encode()) > RESULT_MAX_BYTES:
@@ -215,35 +294,47 @@ def record_result(result: dict[str, Any], env: dict[str, str] | None = None) -> 
             f"the outputs are {len(text.encode())} bytes, over the {RESULT_MAX_BYTES} a "
             "Job's annotations can carry"
         )
+    namespace, name, uid = job_identity(env)
+    mac = mark_mac(
+        key=read_key(env),
+        namespace=namespace,
+        name=name,
+        uid=uid,
+        annotation=RESULT_ANNOTATION,
+        value=text,
+    )
+    annotations = {RESULT_ANNOTATION: text, RESULT_ANNOTATION + "-mac": mac}
     local = env.get("JOBRUNNER_LOCAL_JOB_DIR")
     if local:
         path = Path(local) / "job-annotations.json"
         current = json.loads(path.read_text()) if path.exists() else {}
-        current[RESULT_ANNOTATION] = text
+        current.update(annotations)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(current, sort_keys=True))
         os.replace(tmp, path)
         return
-    _patch_own_job({RESULT_ANNOTATION: text}, env)
+    _patch_own_job(annotations, env, namespace=namespace, name=name, uid=uid)
 
 
-def _patch_own_job(annotations: dict[str, str], env: dict[str, str]) -> None:
+def _patch_own_job(
+    annotations: dict[str, str], env: dict[str, str], *, namespace: str, name: str, uid: str
+) -> None:
     sa = Path(env.get("JOBRUNNER_SERVICE_ACCOUNT_DIR", SERVICE_ACCOUNT))
     host = env.get("KUBERNETES_SERVICE_HOST")
     port = env.get("KUBERNETES_SERVICE_PORT", "443")
-    name = env.get("JOBRUNNER_JOB_NAME")
-    if not host or not name or not (sa / "token").exists():
+    if not host or not (sa / "token").exists():
         raise InvocationFailed(
             "cannot record the result on the Job: no API server in reach (needs "
-            "KUBERNETES_SERVICE_HOST, JOBRUNNER_JOB_NAME and a service account token; "
+            "KUBERNETES_SERVICE_HOST and a service account token; "
             "automountServiceAccountToken must not be false)"
         )
-    namespace = env.get("JOBRUNNER_NAMESPACE") or (sa / "namespace").read_text().strip()
     token = (sa / "token").read_text().strip()
     context = ssl.create_default_context(cafile=str(sa / "ca.crt"))
     host_part = f"[{host}]" if ":" in host else host
     url = f"https://{host_part}:{port}/apis/batch/v1/namespaces/{namespace}/jobs/{name}"
-    body = json.dumps({"metadata": {"annotations": annotations}}).encode()
+    # The uid makes the patch fail unless it lands on this very Job (not on a later Job of
+    # the same name).
+    body = json.dumps({"metadata": {"uid": uid, "annotations": annotations}}).encode()
     delay = 0.5
     for attempt in range(6):
         request = urllib.request.Request(url, data=body, method="PATCH")
@@ -253,10 +344,15 @@ def _patch_own_job(annotations: dict[str, str], env: dict[str, str]) -> None:
             with urllib.request.urlopen(request, timeout=30, context=context):
                 return
         except urllib.error.HTTPError as exc:
-            if exc.code in (401, 403, 404):
+            if exc.code in (401, 403, 404, 409, 422):
+                hint = (
+                    f"is this pod's Job {name} uid {uid}?"
+                    if exc.code in (409, 422)
+                    else "the pod's service account needs patch on jobs"
+                )
                 raise InvocationFailed(
                     f"the API server refused to annotate Job {namespace}/{name}: {exc.code} "
-                    f"{exc.reason}; the pod's service account needs get and patch on jobs"
+                    f"{exc.reason}: {_reason_of(exc)}; {hint}"
                 ) from None
             problem = f"{exc.code} {exc.reason}"
         except (urllib.error.URLError, OSError) as exc:
@@ -265,6 +361,14 @@ def _patch_own_job(annotations: dict[str, str], env: dict[str, str]) -> None:
             raise InvocationFailed(f"cannot record the result on Job {name}: {problem}")
         time.sleep(delay)
         delay *= 2
+
+
+def _reason_of(exc: urllib.error.HTTPError) -> str:
+    """The API server's message in a refusal (a Status object), for the log."""
+    try:
+        return str(json.loads(exc.read()).get("message", ""))[:500]
+    except (OSError, ValueError, AttributeError):
+        return ""
 
 
 def succeed(outputs: dict[str, Any], declared: list[str]) -> int:

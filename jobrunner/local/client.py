@@ -39,6 +39,7 @@ from jobrunner import apipath, jobschema, limits, messagesecret, privatefs
 from jobrunner.failpoints import Failpoints
 from jobrunner.local.jobdir import JobDir
 from jobrunner.local.supervisor import RETRY_ENV
+from jobrunner.marks import POD_WRITABLE
 from jobrunner.models import FINALIZER
 from jobrunner.protocols import ApiRejected, JobPage, WatchEvent, WatchExpired
 from jobrunner.timestamps import age_seconds, now_rfc3339
@@ -183,7 +184,9 @@ class LocalJobClient:
             return None
         status = jobdir.status()
         job["status"] = {k: v for k, v in status.items() if k != "pgids"}
-        added = jobdir.job_annotations()
+        # A Job's processes may record its function's result, nothing else: as the
+        # admission policy allows a pod in a cluster (jobrunner.marks.POD_WRITABLE).
+        added = {k: v for k, v in jobdir.job_annotations().items() if k in POD_WRITABLE}
         if added:
             annotations = job["metadata"].setdefault("annotations", {})
             job["metadata"]["annotations"] = {**added, **annotations}

@@ -1,16 +1,21 @@
 """The in-Job invoker on its own, as a Job's process runs it: the message from the
 environment (text, base64 or a file), a custom handler's answer turned into the result
-record, and the record written where the local executor reads it."""
+record, and the record written where the local executor reads it, with its MAC under
+the Job's key (the Job's directory holds job.json and the key, as the local executor's
+do)."""
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import http.server
 import json
 import os
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,10 +57,33 @@ def handler() -> Iterator[tuple[int, type[Handler]]]:
     server.shutdown()
 
 
+KEY = b"k" * 32
+UID = "2b1e0f7c-uid"
+
+
+def as_local_job(job_dir: Path) -> None:
+    """What the local executor gives a Job's processes: job.json and the mounted key."""
+    (job_dir / "job.json").write_text(
+        json.dumps({"metadata": {"name": "fn-1", "namespace": "default", "uid": UID}})
+    )
+    (job_dir / "key").write_bytes(KEY)
+
+
+def expected_mac(text: str) -> str:
+    message = "\n".join(
+        ("jobrunner.dev/mark/v1", "default", "fn-1", UID, invoker.RESULT_ANNOTATION, text)
+    )
+    return "v1:" + hmac.new(KEY, message.encode(), hashlib.sha256).hexdigest()
+
+
 def run(job_dir: Path, args: list[str], **env: str) -> tuple[int, str, dict[str, Any] | None]:
+    """The invoker as a local Job runs it; the record it left, checked to carry its MAC."""
+    if not (job_dir / "job.json").exists():
+        as_local_job(job_dir)
     full = {
         "PATH": os.environ["PATH"],
         "JOBRUNNER_LOCAL_JOB_DIR": str(job_dir),
+        "JOBRUNNER_FUNCTION_KEY_FILE": str(job_dir / "key"),
         "JOBRUNNER_SOURCE": "azure-queue",
         "JOBRUNNER_MESSAGE_ID": "m-1",
         "JOBRUNNER_MESSAGE_METADATA": json.dumps({"Id": "m-1", "DequeueCount": "2"}),
@@ -67,7 +95,10 @@ def run(job_dir: Path, args: list[str], **env: str) -> tuple[int, str, dict[str,
     annotations = job_dir / "job-annotations.json"
     record = None
     if annotations.exists():
-        record = json.loads(json.loads(annotations.read_text())[invoker.RESULT_ANNOTATION])
+        written = json.loads(annotations.read_text())
+        text = written[invoker.RESULT_ANNOTATION]
+        assert written[invoker.RESULT_ANNOTATION + "-mac"] == expected_mac(text)
+        record = json.loads(text)
     return done.returncode, done.stdout + done.stderr, record
 
 
@@ -176,3 +207,42 @@ def test_install_copies_the_invoker_which_runs_with_no_jobrunner_around(tmp_path
     )
     assert done.returncode == 0, done.stderr
     assert "custom-handler" in done.stdout
+
+
+def test_without_its_key_the_invoker_records_nothing_and_fails(
+    handler: tuple[int, type[Handler]], tmp_path: Path
+) -> None:
+    """An unauthenticated record would be ignored; the success must not stand without one."""
+    port, _ = handler
+    as_local_job(tmp_path)
+    (tmp_path / "key").unlink()
+    started = time.monotonic()
+    code, out, record = run(
+        tmp_path,
+        ["custom-handler", "--function", "Fn", "--port", str(port)],
+        JOBRUNNER_MESSAGE="x",
+    )
+    assert code == 1
+    assert record is None
+    assert "cannot authenticate the result: no key at" in out
+    assert time.monotonic() - started >= invoker.KEY_WAIT_SECONDS  # it waited for the mount
+
+
+def test_a_key_that_appears_late_is_waited_for(
+    handler: tuple[int, type[Handler]], tmp_path: Path
+) -> None:
+    port, _ = handler
+    as_local_job(tmp_path)
+    (tmp_path / "key").unlink()
+    late = threading.Timer(1.0, lambda: (tmp_path / "key").write_bytes(KEY))
+    late.start()
+    try:
+        code, out, record = run(
+            tmp_path,
+            ["custom-handler", "--function", "Fn", "--port", str(port)],
+            JOBRUNNER_MESSAGE="x",
+        )
+    finally:
+        late.cancel()
+    assert code == 0, out
+    assert record == {"status": "succeeded", "outputs": {}}

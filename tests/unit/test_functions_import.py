@@ -228,6 +228,7 @@ def test_unsupported_triggers_and_bindings_are_listed_with_the_reason(
     assert "not imported: WithInput: input binding 'extra' (blob)" in err
     assert sorted(p.name for p in (tmp_path / "out").glob("*.yaml")) == [
         "shop-good.yaml",
+        "shop-policy.yaml",
         "shop-rbac.yaml",
     ]
 
@@ -277,7 +278,11 @@ def test_the_examples_import_into_manifests_that_load_and_render(
 ) -> None:
     extra = ["--local"] if local else []
     assert run_import(ROOT / "examples/functions" / example, tmp_path / "out", *extra) == 0
-    manifests = [p for p in (tmp_path / "out").glob("*.yaml") if not p.name.endswith("-rbac.yaml")]
+    manifests = [
+        p
+        for p in (tmp_path / "out").glob("*.yaml")
+        if not p.name.endswith(("-rbac.yaml", "-policy.yaml"))
+    ]
     assert manifests
     for path in manifests:
         scaledjob = load_manifest(path).scaledjobs[0]

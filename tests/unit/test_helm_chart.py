@@ -484,17 +484,22 @@ def test_schema_refuses_network_destinations_kubernetes_would_not_take(
     assert message in result.stderr, result.stderr
 
 
+def jobs_policy(docs: list[dict[str, Any]], kind: str) -> list[dict[str, Any]]:
+    """This policy's objects (not the invoker policy's, tests/unit/test_invoker_policy.py)."""
+    return [d for d in of_kind(docs, kind) if d["metadata"]["name"].endswith("-jobs")]
+
+
 def policy_and_binding(*sets: str) -> tuple[dict[str, Any], dict[str, Any]]:
     docs = render("admissionPolicy.enabled=true", *sets)
-    (policy,) = of_kind(docs, "ValidatingAdmissionPolicy")
-    (binding,) = of_kind(docs, "ValidatingAdmissionPolicyBinding")
+    (policy,) = jobs_policy(docs, "ValidatingAdmissionPolicy")
+    (binding,) = jobs_policy(docs, "ValidatingAdmissionPolicyBinding")
     return policy, binding
 
 
 def test_admission_policy_is_off_by_default() -> None:
     docs = render()
-    assert of_kind(docs, "ValidatingAdmissionPolicy") == []
-    assert of_kind(docs, "ValidatingAdmissionPolicyBinding") == []
+    assert jobs_policy(docs, "ValidatingAdmissionPolicy") == []
+    assert jobs_policy(docs, "ValidatingAdmissionPolicyBinding") == []
 
 
 def test_admission_policy_judges_the_jobs_the_operators_service_account_creates() -> None:
