@@ -234,27 +234,15 @@ class KubeJobClient:
             return result, False  # refused or settled by the dispatcher, as in _complete
         if created:
             self._failpoints.hit("between-job-and-secret")
-        try:
-            await self._call(
-                "POST", _secrets(meta["namespace"]), body=messagesecret.owned_by(secret, result)
+        if not await self._post_secret(result, secret) and created:
+            why = (
+                f"Secret {meta['namespace']}/{secret['metadata']['name']} exists already "
+                "and this dispatcher may not read it to check whose body it holds "
+                "(permissions.operator.restrict.secret); delete it, then publish the "
+                "message again"
             )
-        except ApiRejected as exc:
-            if exc.status != 409:
-                await self._discard(result, f"its message Secret was refused: {exc}")
-                raise ApiRejected(
-                    exc.status,
-                    exc.reason,
-                    f"the Job's message Secret was refused, so the Job was removed: {exc.message}",
-                ) from exc
-            if created:
-                why = (
-                    f"Secret {meta['namespace']}/{secret['metadata']['name']} exists already "
-                    "and this dispatcher may not read it to check whose body it holds "
-                    "(permissions.operator.restrict.secret); delete it, then publish the "
-                    "message again"
-                )
-                await self._discard(result, why)
-                raise ApiRejected(409, messagesecret.CONFLICT_REASON, why) from exc
+            await self._discard(result, why)
+            raise ApiRejected(409, messagesecret.CONFLICT_REASON, why)
         return result, created
 
     @staticmethod
@@ -324,17 +312,8 @@ class KubeJobClient:
         meanwhile is checked as ``_complete`` checks one."""
         meta = job["metadata"]
         namespace = meta["namespace"]
-        try:
-            await self._call("POST", _secrets(namespace), body=messagesecret.owned_by(secret, job))
+        if await self._post_secret(job, secret):
             return
-        except ApiRejected as exc:
-            if exc.status != 409:
-                await self._discard(job, f"its message Secret was refused: {exc}")
-                raise ApiRejected(
-                    exc.status,
-                    exc.reason,
-                    f"the Job's message Secret was refused, so the Job was removed: {exc.message}",
-                ) from exc
         found = await self._read(_secret(namespace, secret["metadata"]["name"]))
         check = messagesecret.check_existing(
             found,
@@ -352,6 +331,24 @@ class KubeJobClient:
         if check.verdict is messagesecret.Verdict.WAIT:
             raise TransientError(check.why)
         raise messagesecret.conflict(check)
+
+    async def _post_secret(self, job: Mapping[str, Any], secret: Mapping[str, Any]) -> bool:
+        """POST ``secret`` owned by ``job``: True when made, False when one of the name is
+        there (409). Any other refusal removes the Job (its pod would wait for the Secret
+        for ever) and is raised, saying so."""
+        namespace = job["metadata"]["namespace"]
+        try:
+            await self._call("POST", _secrets(namespace), body=messagesecret.owned_by(secret, job))
+        except ApiRejected as exc:
+            if exc.status == 409:
+                return False
+            await self._discard(job, f"its message Secret was refused: {exc}")
+            raise ApiRejected(
+                exc.status,
+                exc.reason,
+                f"the Job's message Secret was refused, so the Job was removed: {exc.message}",
+            ) from exc
+        return True
 
     async def _discard(self, job: Mapping[str, Any], why: str) -> None:
         """Remove a Job made for a message that is then refused: delete it (background:

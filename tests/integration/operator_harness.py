@@ -144,6 +144,17 @@ class OperatorProcess:
         await eventually(joined, within=within, interval=0.2)
 
 
+def token_kubeconfig(kubeconfig: Path, token: str, path: Path, *, user: str) -> Path:
+    """A copy of ``kubeconfig`` at ``path`` whose every context authenticates with the
+    bearer ``token`` (a ServiceAccount's, from the TokenRequest API) as ``user``."""
+    config = yaml.safe_load(kubeconfig.read_text())
+    config["users"] = [{"name": user, "user": {"token": token}}]
+    for context in config["contexts"]:
+        context["context"]["user"] = user
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
 def scaledjob(
     name: str,
     *,

@@ -32,6 +32,7 @@ from tests.integration.harness import (
     queue_depth,
     wait_for_jobs,
 )
+from tests.integration.operator_harness import token_kubeconfig
 
 pytestmark = [pytest.mark.kube]
 
@@ -311,3 +312,79 @@ async def test_with_mode_file_the_body_is_in_no_annotation_and_still_dead_letter
     [dead] = await drain_queue(rabbitmq_url, f"{queue}.dead-letter", wait=60)
     assert dead.message_id == "kept"
     assert dead.body == body
+
+
+@pytest.fixture
+async def blind_jobs(
+    kube_api: client.ApiClient, kubeconfig: Path, namespace: str, tmp_path: Path
+) -> AsyncIterator[KubeJobClient]:
+    """A client as the chart's ``restrict.secret`` makes the operator: its token may create
+    Secrets and Jobs in ``namespace`` but read no Secret, and it is told so."""
+    core, rbac = client.CoreV1Api(kube_api), client.RbacAuthorizationV1Api(kube_api)
+    core.create_namespaced_service_account(namespace, {"metadata": {"name": "blind"}})
+    rules = [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]},
+        {
+            "apiGroups": ["batch"],
+            "resources": ["jobs"],
+            "verbs": ["get", "list", "watch", "create", "patch", "delete"],
+        },
+    ]
+    rbac.create_namespaced_role(namespace, {"metadata": {"name": "blind"}, "rules": rules})
+    rbac.create_namespaced_role_binding(
+        namespace,
+        {
+            "metadata": {"name": "blind"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "blind"},
+            "subjects": [{"kind": "ServiceAccount", "name": "blind", "namespace": namespace}],
+        },
+    )
+    token = core.create_namespaced_service_account_token(
+        "blind", namespace, {"spec": {"expirationSeconds": 3600}}
+    ).status.token
+    path = token_kubeconfig(kubeconfig, token, tmp_path / "blind.kubeconfig", user="blind")
+    jobs = KubeJobClient(load_api_client(str(path)), read_message_secrets=False)
+    try:
+        yield jobs
+    finally:
+        await jobs.close()
+
+
+async def test_a_client_that_may_not_read_secrets_makes_them_blind_and_refuses_one_it_cannot_check(
+    kube_api: client.ApiClient, namespace: str, blind_jobs: KubeJobClient
+) -> None:
+    core = client.CoreV1Api(kube_api)
+    # A message through: the Job, then its Secret owned by it, and not one GET of a Secret
+    # (the token has no right to: a GET would be a 403 and fail the create).
+    rendered = render(namespace, b'{"task": "ok"}', "blind-ok")
+    assert rendered.secret is not None
+    job, created = await blind_jobs.create_job(rendered.job, rendered.secret)
+    assert created
+    secret = core.read_namespaced_secret(rendered.secret["metadata"]["name"], namespace)
+    assert [o.uid for o in secret.metadata.owner_references] == [job["metadata"]["uid"]]
+    # Its redelivery adopts the Job and takes the Secret (409) for the one made for it.
+    again, created = await blind_jobs.create_job(rendered.job, rendered.secret)
+    assert not created
+    assert again["metadata"]["uid"] == job["metadata"]["uid"]
+    # A Secret of the name already there, for a Job just made, cannot be checked: refused,
+    # the Job removed, never mounting a body that may not be its message's.
+    squat = render(namespace, b'{"task": "genuine"}', "blind-squat")
+    assert squat.secret is not None
+    core.create_namespaced_secret(
+        namespace,
+        client.V1Secret(
+            metadata=client.V1ObjectMeta(name=squat.secret["metadata"]["name"]),
+            data={"body": base64.b64encode(b"someone else's body").decode()},
+        ),
+    )
+    with pytest.raises(ApiRejected) as refused:
+        await blind_jobs.create_job(squat.job, squat.secret)
+    assert refused.value.status == 409
+    assert refused.value.reason == CONFLICT_REASON
+    assert "may not read it" in refused.value.message
+
+    async def removed() -> bool:
+        names = [j.metadata.name for j in jobs_of(kube_api, namespace, "secrets")]
+        return squat.name not in names
+
+    await eventually(removed, within=30, interval=0.2)

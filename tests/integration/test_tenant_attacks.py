@@ -29,13 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 from kubernetes import client
 
 from tests.helm import CHART, helm
 from tests.helpers import eventually
 from tests.integration.harness import publish, wait_for_jobs
-from tests.integration.operator_harness import OperatorProcess, ScaledJobs, scaledjob
+from tests.integration.operator_harness import (
+    OperatorProcess,
+    ScaledJobs,
+    scaledjob,
+    token_kubeconfig,
+)
 from tests.integration.test_operator import job_spec, operators, queues
 from tests.integration.test_operator_rbac import Release, sa_client, service_account_kubeconfig
 
@@ -45,15 +49,6 @@ pytestmark = [
     pytest.mark.usefixtures("jobrunner_crds", "keda_crds"),
 ]
 __all__ = ["operators", "queues"]
-
-
-def _token_kubeconfig(kubeconfig: Path, token: str, path: Path, user: str) -> Path:
-    config = yaml.safe_load(kubeconfig.read_text())
-    config["users"] = [{"name": user, "user": {"token": token}}]
-    for context in config["contexts"]:
-        context["context"]["user"] = user
-    path.write_text(yaml.safe_dump(config))
-    return path
 
 
 @pytest.fixture
@@ -131,7 +126,9 @@ def tenant(kube_api: client.ApiClient, kubeconfig: Path, namespace: str, tmp_pat
     token = core.create_namespaced_service_account_token(
         "tenant", namespace, {"spec": {"expirationSeconds": 3600}}
     ).status.token
-    return sa_client(_token_kubeconfig(kubeconfig, token, tmp_path / "tenant.kubeconfig", "tenant"))
+    return sa_client(
+        token_kubeconfig(kubeconfig, token, tmp_path / "tenant.kubeconfig", user="tenant")
+    )
 
 
 class _Marker(http.server.BaseHTTPRequestHandler):
