@@ -12,6 +12,7 @@ no ``COLUMNS``) is never cut, as kubectl's is not.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,28 @@ def short(text: str, width: int = 24) -> str:
     return text[: max(0, width - 1)] + ELLIPSIS
 
 
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_SPACES = frozenset("\t\n\v\f\r")
+
+
+def _escaped(match: re.Match[str]) -> str:
+    char = match.group()
+    if char in _SPACES:
+        return " "
+    code = ord(char)
+    return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+
+def inert(text: str) -> str:
+    """``text`` with every control character (C0, DEL, C1, ESC among them) and every
+    bidirectional override shown as its escape (``\\x1b``), whitespace as a space, so
+    that a message id, a body or a dead letter's detail, which publishers and tenants
+    write, cannot move the cursor, hide or rewrite what is printed around it, set the
+    terminal's title or clipboard (OSC 52), or reorder a line on the terminal of whoever
+    runs ``status``, ``jobs`` or ``dead-letters``."""
+    return _UNSAFE.sub(_escaped, text)
+
+
 def one_line(text: str) -> str:
     """Whitespace (newlines included) as single spaces: a cell or a preview is one line."""
     return " ".join(text.split())
@@ -68,6 +91,10 @@ class Column:
 class Cell:
     text: str
     style: str = ""
+
+    def __post_init__(self) -> None:
+        # Whatever a cell holds is shown inert (see ``inert``), whoever made the cell.
+        object.__setattr__(self, "text", inert(self.text))
 
 
 @dataclass
@@ -129,14 +156,14 @@ class FitTable:
     def lines(self, available: int | None) -> Iterator[Text]:
         widths = self.widths(available)
         if self.title:
-            yield Text(self.title, style="bold")
+            yield Text(inert(self.title), style="bold")
         shown = [i for i, w in enumerate(widths) if w is not None]
         header = [Cell(self.columns[i].header) for i in shown]
         yield self._line(header, [widths[i] or 0 for i in shown], shown)
         for row, notes in zip(self.rows, self.notes, strict=True):
             yield self._line([row[i] for i in shown], [widths[i] or 0 for i in shown], shown)
             for note in notes:
-                text = "    " + one_line(note.text)
+                text = "    " + inert(one_line(note.text))
                 if available is not None and not self.wide:
                     text = short(text, available)
                 yield Text(text, style=note.style)
@@ -415,11 +442,11 @@ def status_view(
     parts.append(counts)
     if dispatcher is not None:
         style = {True: "green", False: "red", None: "dim"}[dispatcher.alive]
-        parts.append(Text(f"dispatcher: {dispatcher.text}", style=style))
+        parts.append(Text(f"dispatcher: {inert(dispatcher.text)}", style=style))
     if queue is not None:
         parts.append(
             Text(
-                f"queue {queue.queue}: {queue.ready} waiting, {queue.in_hand} in hand, "
+                f"queue {inert(queue.queue)}: {queue.ready} waiting, {queue.in_hand} in hand, "
                 f"{queue.dead_letter} dead-lettered"
             )
         )

@@ -142,3 +142,22 @@ def test_message_column_shows_the_id_or_a_preview_never_a_digest() -> None:
     assert message_label("sha256:" + "ab" * 32, '{"image":\n "cat.png"}') == '{"image": "cat.png"}'
     assert message_label("order-7#replay-2026", None) == "order-7 (replay)"
     assert message_label("work/0/17", None) == "work/0/17"
+
+
+def test_what_publishers_write_reaches_the_terminal_inert() -> None:
+    """A message id, a body and a dead letter's detail are the publisher's and the tenant's
+    text: printed on the terminal of whoever runs ``dead-letters``/``jobs``/``status``, an
+    escape sequence in them could hide text (``ESC[8m``), clear the screen, set the title
+    or the clipboard (OSC 52, ended by ``ESC \\``) or reverse a line (U+202E). Each is shown
+    as its escape; the table stays one line per row."""
+    hostile = "id\x1b]52;c;cHduZWQ=\x1b\\ \x1b[8mHIDDEN\x1b[0m\x9b2J\u202eevil\x07\nnext"
+    table = FitTable(columns=[Column("MESSAGE"), Column("REASON")], title=f"t{hostile}")
+    table.add_row(hostile, Cell("Failed", "red"), notes=[f"body: {hostile}"])
+    out = io.StringIO()
+    Console(file=out, width=200, force_terminal=True, color_system="truecolor").print(table)
+    printed = out.getvalue()
+    for raw in ("\x1b]", "\x1b\\", "\x1b[8m", "\x9b", "\u202e", "\x07"):
+        assert raw not in printed, f"{raw!r} reached the terminal"
+    assert "\\x1b]52;c;cHduZWQ=\\x1b\\" in printed
+    assert "\\u202eevil" in printed
+    assert len(printed.rstrip("\n").splitlines()) == 4  # title, header, row, its note
