@@ -675,20 +675,25 @@ class DispatcherSettings(BaseModel):
     render_workers: int = Field(default=2, ge=1, le=64)
     """Render worker processes, shared by every ScaledJob of the process; started on
     first use."""
-    render_workers_per_scaledjob: int = Field(default=1, ge=1)
-    """The most workers one ScaledJob holds at once, so that a ScaledJob whose renders
-    run to the time limit leaves the others workers to render with. Below
-    ``render_workers`` for that to hold (each ScaledJob renders one message at a time
-    anyway)."""
+    render_workers_per_namespace: int = Field(default=1, ge=1)
+    """The most workers the ScaledJobs of one namespace hold at once (in operator mode a
+    namespace is a tenant), so that a tenant whose renders run to the time limit, with
+    however many ScaledJobs, leaves the other namespaces workers to render with. Below
+    ``render_workers`` for that to hold."""
+    render_cooldown_max_seconds: float = Field(default=60.0, ge=0, le=3600)
+    """A ScaledJob whose render passed its time or memory limit waits before its next
+    render asks for a worker: the time limit, doubled for each such render in a row, up
+    to this; a render that succeeds ends the wait. So a hostile template holds a worker
+    a small share of the time, and other tenants' renders rarely wait for one."""
     failpoints: list[str] = Field(default_factory=list)
     """Testing only: crash points to arm (see jobrunner.failpoints)."""
 
     @model_validator(mode="after")
     def _share_fits(self) -> DispatcherSettings:
-        if self.render_workers_per_scaledjob > self.render_workers:
+        if self.render_workers_per_namespace > self.render_workers:
             raise ValueError(
-                f"render_workers_per_scaledjob ({self.render_workers_per_scaledjob}) is over "
-                f"render_workers ({self.render_workers}); a ScaledJob cannot hold more "
+                f"render_workers_per_namespace ({self.render_workers_per_namespace}) is over "
+                f"render_workers ({self.render_workers}); a namespace cannot hold more "
                 "workers than there are"
             )
         return self

@@ -22,12 +22,15 @@ Safety, in the order it is applied:
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import copy
 import difflib
 import functools
 import hashlib
 import json
+import logging
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,6 +76,8 @@ from jobrunner.sandbox.templates import (
 )
 from jobrunner.sandbox.templates import b64 as _b64
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "TEMPLATE_NAMES",
     "MessageView",
@@ -96,7 +101,8 @@ def render_pool(settings: DispatcherSettings) -> RenderPool:
             memory_bytes=settings.render_memory_bytes,
         ),
         workers=settings.render_workers,
-        per_scaledjob=settings.render_workers_per_scaledjob,
+        per_namespace=settings.render_workers_per_namespace,
+        cooldown_max=settings.render_cooldown_max_seconds,
     )
 
 
@@ -550,6 +556,10 @@ class Renderer:
         self._key = hashlib.sha256(json.dumps(self._sources).encode()).hexdigest()
         """Names these templates in the render workers' caches."""
         self._here: Strings | None = None
+        self._strikes = 0
+        """Renders in a row that passed the time or memory limit (see ``_cool_down``)."""
+        self._resume_at = 0.0
+        """``time.monotonic()`` before which the next bounded render waits."""
 
     def render(
         self, delivery: Delivery, *, extra_env: Mapping[str, str] | None = None
@@ -583,21 +593,48 @@ class Renderer:
         if self._pool is None:
             return self.render(delivery, extra_env=extra_env)
         name, context = self._context(delivery)
+        wait = self._resume_at - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
         try:
             values = await self._pool.render(
-                owner=f"{self.scaledjob.namespace}/{self.scaledjob.name}",
+                tenant=self.scaledjob.namespace,
                 key=self._key,
                 templates=self._sources,
                 context=context,
                 body=delivery.body,
             )
         except StringFailure as failure:
+            if self.limits.too_slow() in failure.detail or (
+                self.limits.too_much_memory() in failure.detail
+            ):
+                self._cool_down()
             raise self._failed(failure) from None
+        self._strikes = 0
         if len(values) != len(self._sources):
             raise RenderPoolError(
                 f"a render worker returned {len(values)} strings for {len(self._sources)}"
             )
         return self._assemble(delivery, name, values, extra_env or {})
+
+    def _cool_down(self) -> None:
+        """After a render that held a worker to its time or memory limit: the next one
+        waits first (the time limit, doubled for each such render in a row, at most the
+        pool's ``cooldown_max``), so that this ScaledJob holds a worker only a small share
+        of the time however many messages it is sent."""
+        assert self._pool is not None
+        self._strikes += 1
+        pause = min(self._pool.cooldown_max, self.limits.seconds * 2 ** (self._strikes - 1))
+        self._resume_at = time.monotonic() + pause
+        logger.warning(
+            "ScaledJob %s/%s: a render passed its limit (%d in a row); its next render waits "
+            "%.0f s before it asks for a render worker",
+            self.scaledjob.namespace,
+            self.scaledjob.name,
+            self._strikes,
+            pause,
+            extra={"scaledjob": self.scaledjob.name},
+        )
 
     def _failed(self, failure: StringFailure) -> RenderError:
         if failure.index is None or not 0 <= failure.index < len(self._wheres):

@@ -7,10 +7,13 @@ every ScaledJob of the process, each render timed, each ScaledJob held to its sh
   memory limit, the OOM killer) is replaced and the render tried once more on a fresh
   worker, so a worker lost to something else never costs a message; a second death is
   the message's own doing and is a TemplateError.
-* Fairness: a ScaledJob holds at most ``per_scaledjob`` workers at once, and renders
-  wait for a worker first come, first served; so a ScaledJob whose renders all run to
-  the time limit slows only itself while the others have workers left, and delays
-  another's render by at most one time limit when they do not.
+* Fairness: the ScaledJobs of one namespace (in operator mode, one tenant) hold at most
+  ``per_namespace`` workers at once, however many ScaledJobs it has, and renders wait
+  for a worker first come, first served; so a tenant whose renders all run to the time
+  limit slows only itself while other namespaces have workers left. (Per ScaledJob was
+  not enough: a tenant with as many hostile ScaledJobs as there are workers held them
+  all.) The Renderer adds the other half: a ScaledJob whose renders keep passing their
+  limits waits longer and longer before asking for a worker again.
 * Nothing a worker sends is trusted beyond its shape: replies are JSON (never pickle),
   of bounded size, with the fields checked; anything else is the worker's failure.
 
@@ -164,13 +167,24 @@ class _Share:
 
 
 class RenderPool:
-    """Up to ``workers`` worker processes for the whole dispatcher process; a ScaledJob
-    (``owner``) holds at most ``per_scaledjob`` of them at once. ``close`` ends them."""
+    """Up to ``workers`` worker processes for the whole dispatcher process; the renders of
+    one namespace (``tenant``) hold at most ``per_namespace`` of them at once. ``close``
+    ends them."""
 
-    def __init__(self, limits: RenderLimits, *, workers: int = 2, per_scaledjob: int = 1) -> None:
+    def __init__(
+        self,
+        limits: RenderLimits,
+        *,
+        workers: int = 2,
+        per_namespace: int = 1,
+        cooldown_max: float = 60.0,
+    ) -> None:
+        """``cooldown_max``: the longest a ScaledJob whose renders keep passing their limits
+        waits before it asks for a worker again (seconds; the Renderer applies it)."""
         self.limits = limits
         self.workers = workers
-        self.per_scaledjob = per_scaledjob
+        self.per_namespace = per_namespace
+        self.cooldown_max = cooldown_max
         self._idle: list[_Worker] = []
         self._busy: set[_Worker] = set()
         self._slots = asyncio.Semaphore(workers)
@@ -180,7 +194,7 @@ class RenderPool:
     async def render(
         self,
         *,
-        owner: str,
+        tenant: str,
         key: str,
         templates: Sequence[tuple[str, bool]],
         context: Mapping[str, Any],
@@ -196,9 +210,9 @@ class RenderPool:
             {"key": key, "templates": [list(t) for t in templates], **context},
             ensure_ascii=False,
         ).encode("utf-8", "surrogatepass")
-        share = self._shares.get(owner)
+        share = self._shares.get(tenant)
         if share is None:
-            share = self._shares[owner] = _Share(asyncio.Semaphore(self.per_scaledjob))
+            share = self._shares[tenant] = _Share(asyncio.Semaphore(self.per_namespace))
         share.users += 1
         try:
             async with share.slots:
@@ -206,7 +220,7 @@ class RenderPool:
         finally:
             share.users -= 1
             if share.users == 0:
-                del self._shares[owner]
+                del self._shares[tenant]
 
     async def _on_a_worker(self, header: bytes, body: bytes) -> list[str]:
         async with self._slots:
