@@ -115,8 +115,15 @@ def cmd_jobs(ctx: Context) -> int:
         )
     local = settings.executor is Executor.LOCAL
     if any(r.finished for _, rows in found for r in rows):
+        # `logs` looks in -n or default: name the manifest's namespace when it is another.
+        namespaces = {s.namespace for s, rows in found if rows}
+        extra = ["-n", *namespaces] if len(namespaces) == 1 and not ctx.flag("namespace") else []
+        if extra == ["-n", "default"]:
+            extra = []
         console.print(
-            f"logs of a Job: {ctx.again('logs', local=local)} JOB", style="dim", soft_wrap=True
+            f"logs of a Job: {ctx.again('logs', *extra, local=local)} JOB",
+            style="dim",
+            soft_wrap=True,
         )
     if any(r.dead_lettered for _, rows in found for r in rows):
         console.print(

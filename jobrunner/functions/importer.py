@@ -383,8 +383,11 @@ def _secret(app: App, name: str) -> dict[str, Any]:
 
 
 def _authentication(name: str, secret: str, parameters: Mapping[str, str]) -> dict[str, Any]:
+    # The ScaledJob's own group: the operator resolves a jobrunner.dev ScaledJob's
+    # authenticationRef among jobrunner.dev TriggerAuthentications only (keda.sh ones are
+    # read for keda.sh ScaledJobs it takes over), so a keda.sh one is "not found" there.
     return {
-        "apiVersion": "keda.sh/v1alpha1",
+        "apiVersion": "jobrunner.dev/v1alpha1",
         "kind": "TriggerAuthentication",
         "metadata": {"name": name},
         "spec": {

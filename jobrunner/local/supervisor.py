@@ -620,7 +620,10 @@ def _tail(log: Path, lines: int = 3, most: int = 600) -> str:
 
 
 def main(argv: list[str]) -> int:
-    jobdir = JobDir(Path(argv[0]))
+    # Absolute: a Job's processes run in its work/ directory, so a relative path handed
+    # to them (the message file, JOBRUNNER_LOCAL_JOB_DIR) would point nowhere (the
+    # default state directory, .jobrunner, is relative).
+    jobdir = JobDir(Path(argv[0]).absolute())
     fd = open_private(jobdir.path / LOCK_FILE, os.O_RDWR)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -155,6 +155,10 @@ def serve(limits: RenderLimits, source: IO[bytes], sink: IO[bytes]) -> None:
 
 def main(argv: list[str]) -> None:
     """``<seconds> <output bytes> <memory bytes>``."""
+    # Ctrl-C in a terminal reaches the whole process group, this worker included: the
+    # dispatcher decides when rendering stops (it closes the pipe, and the worker ends),
+    # so a worker neither dies mid-render nor prints a KeyboardInterrupt traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     limits = RenderLimits(
         seconds=float(argv[0]), output_bytes=int(argv[1]), memory_bytes=int(argv[2])
     )

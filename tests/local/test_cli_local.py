@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from jobrunner.cli import main
+from jobrunner.local.client import LocalJobClient
 from jobrunner.local.jobdir import JobDir
 from jobrunner.naming import job_name
 from tests.helpers import wait_until
 from tests.local.conftest import ROOT, Dispatchers, ManifestFactory
+from tests.local.test_local_executor import render
 
 JOB = (
     "import json, os, sys, time; m = json.loads(os.environ['JOBRUNNER_MESSAGE']);"
@@ -85,6 +90,35 @@ def test_status_jobs_and_logs_show_a_batch_from_start_to_end(
     assert "==> attempt 1, container main: exit 2 (Error) <==" in out
     assert "working on bad" in out
     assert "==> Job failed: BackoffLimitExceeded" in out
+
+
+def test_the_logs_hint_of_jobs_names_the_manifests_namespace(
+    manifest: ManifestFactory, state_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`logs` looks in -n (else default): the hint `jobs` prints must say the namespace of
+    the manifest's ScaledJob, or following it answers "no Job default/..."."""
+    path = manifest("print('hello')")
+    doc = yaml.safe_load(path.read_text())
+    doc["metadata"]["namespace"] = "media"
+    path.write_text(yaml.safe_dump(doc))
+    job, secret = render(path, b"{}")
+    client = LocalJobClient(state_dir, retry_seconds=0.1)
+    asyncio.run(client.create_job(job, secret))
+
+    def done() -> bool:
+        current = asyncio.run(client.get_job("media", job["metadata"]["name"])) or {}
+        return bool((current.get("status") or {}).get("succeeded"))
+
+    wait_until(done, timeout=20)
+    local = ["--local", "--state-dir", str(state_dir)]
+    code, out, _ = cli(capsys, "jobs", "-f", str(path), *local)
+    assert code == 0
+    (hint,) = [line for line in out.splitlines() if line.startswith("logs of a Job:")]
+    command = shlex.split(hint.removeprefix("logs of a Job:").removesuffix(" JOB"))
+    assert command[command.index("-n") : command.index("-n") + 2] == ["-n", "media"], hint
+    code, out, _ = cli(capsys, *command[1:], job["metadata"]["name"])
+    assert code == 0
+    assert "hello" in out
 
 
 def test_a_typo_in_a_manifest_names_file_line_field_and_fix(

@@ -72,6 +72,22 @@ async def test_a_crash_between_job_and_secret_is_completed_by_the_redelivery(
     assert logs(state_dir, job)["1-main.log"].strip() == '{"order": 1}'
 
 
+async def test_the_message_file_is_found_with_a_relative_state_directory(
+    state_dir: Path, manifest: ManifestFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The default state directory, ``.jobrunner``, is relative, and a Job's processes run
+    in its ``work/`` directory: the paths they are given (the message file, the Job's
+    directory) must not be relative, or the message file is "No such file"."""
+    monkeypatch.chdir(state_dir.parent)
+    path = manifest(PRINT_THE_FILE, delivery={"mode": "file"})
+    job, secret = render(path, b'{"order": 7}')
+    client = LocalJobClient(Path(state_dir.name), retry_seconds=0.1)
+    await client.create_job(job, secret)
+    done = await finished(client, job)
+    assert outcome_of(done).succeeded, logs(state_dir, job)  # type: ignore[union-attr]
+    assert logs(state_dir, job)["1-main.log"].strip() == '{"order": 7}'
+
+
 async def test_a_secret_that_holds_another_body_is_refused_and_its_job_removed(
     state_dir: Path, manifest: ManifestFactory
 ) -> None:

@@ -79,6 +79,10 @@ def docs(path: Path) -> dict[str, list[dict[str, Any]]]:
 
 def auth_of(found: dict[str, list[dict[str, Any]]], name: str) -> dict[str, str]:
     (auth,) = [a for a in found["TriggerAuthentication"] if a["metadata"]["name"] == name]
+    # The ScaledJob's group: `kubectl apply` of the files must work with the operator,
+    # which looks a jobrunner.dev ScaledJob's authenticationRef up in jobrunner.dev.
+    (scaledjob,) = found["ScaledJob"]
+    assert auth["apiVersion"] == scaledjob["apiVersion"] == "jobrunner.dev/v1alpha1"
     return {r["parameter"]: r["key"] for r in auth["spec"]["secretTargetRef"]}
 
 

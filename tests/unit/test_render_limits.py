@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import signal
 import time
 import tracemalloc
 from collections.abc import AsyncIterator, Iterator
@@ -336,6 +337,21 @@ async def test_workers_get_no_environment_a_memory_limit_and_a_lower_priority(
     assert proc["oom_score_adj"].strip() == "1000"
     nice = int(proc["stat"].rsplit(")", 1)[1].split()[16])
     assert nice >= 10, "a spinning render yields the CPU to the event loop"
+
+
+async def test_ctrl_c_reaches_no_worker(pool: RenderPool) -> None:
+    """Ctrl-C in a terminal signals the whole process group: a worker ignores it (no
+    KeyboardInterrupt traceback under the dispatcher's own "stopping" line, no render cut
+    short); the dispatcher ends the workers when it stops."""
+    fine = Renderer(parse_scaledjob(manifest("{{ message.json.task }}")), pool=pool)
+    await fine.render_bounded(delivery())
+    (worker,) = pool._idle
+    worker.process.send_signal(signal.SIGINT)
+    await asyncio.sleep(0.3)
+    assert worker.process.returncode is None, "the worker died of Ctrl-C"
+    rendered = await fine.render_bounded(delivery(b'{"task": "again"}'))
+    assert rendered.job["spec"]["template"]["spec"]["containers"][0]["args"] == ["again"]
+    assert pool._idle == [worker], "the same worker rendered again"
 
 
 def _proc(pid: int) -> dict[str, str]:
