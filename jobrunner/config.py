@@ -428,6 +428,21 @@ _NAME_RULES = {
 """The Kubernetes rule behind each name pattern, to say it in words."""
 
 
+_BOUND_REASONS = {
+    "maxReplicaCount": (
+        "every message in hand is held in the dispatcher's memory with its body until it "
+        "is settled, and this is how many may be; lower it (KEDA's default is 100)"
+    ),
+    "successfulJobsHistoryLimit": (
+        "every Job kept stays in the API server and in each dispatcher's Job watch; lower it"
+    ),
+    "failedJobsHistoryLimit": (
+        "every Job kept stays in the API server and in each dispatcher's Job watch; lower it"
+    ),
+}
+"""Why a count a ScaledJob gives has its upper bound, said with the refusal."""
+
+
 def _hint(item: Any) -> str:
     kind = item["type"]
     last = item["loc"][-1] if item["loc"] else ""
@@ -444,6 +459,9 @@ def _hint(item: Any) -> str:
         problem = rule(str(item["input"]), "it")
         return f"{problem}, as Kubernetes requires" if problem else str(item["msg"])
     text = str(item["msg"])
+    why = _BOUND_REASONS.get(str(last)) if kind == "less_than_equal" else None
+    if why is not None:
+        return f"{text} (got {item['input']!r}): {why}"
     if kind == "string_too_long":  # the count says it; a 254-character echo would not
         text += f" (got {len(str(item['input']))})"
     elif "input" in item and not isinstance(item["input"], dict | list):

@@ -345,9 +345,10 @@ class DispatchUnit:
                 # status, and must not carry a server's answer or a credential.
                 self.problem = describe_error(exc)
                 logger.warning(
-                    "%s: %s; retrying in %.0fs",
+                    "%s: %s%s retrying in %.0fs",
                     self.name,
                     self.problem,
+                    " —" if self.problem.endswith("?") else ";",
                     delay,
                     extra={"scaledjob": self.name, "source": self.source.name},
                 )

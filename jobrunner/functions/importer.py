@@ -47,6 +47,7 @@ import yaml
 from jobrunner.config import ManifestError
 from jobrunner.functions.policy import invoker_policy
 from jobrunner.naming import dns_label
+from jobrunner.privatefs import write_private
 
 APP_ROOT = "/home/site/wwwroot"
 """Where Functions images keep the app (AzureWebJobsScriptRoot in the official images)."""
@@ -591,7 +592,9 @@ def import_app(
                 doc["metadata"]["namespace"] = options.namespace
         scaledjob = docs[-1]
         path = options.out / f"{scaledjob['metadata']['name']}.yaml"
-        path.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+        # It may hold the app's Secret (local.settings.json's values): private, like
+        # that file should be.
+        write_private(path, yaml.safe_dump_all(docs, sort_keys=False).encode())
         trigger = scaledjob["spec"]["triggers"][0]
         outs = [f"{o['name']} -> {o['type']}" for o in scaledjob["spec"]["function"]["outputs"]]
         result.written.append(

@@ -363,16 +363,17 @@ class Operator:
         failed = sum(
             1 for s in self.registry.slots.values() if s.phase in (Phase.FAILED, Phase.INVALID)
         )
+        served = len(units) + failed
         detail = "; ".join(problems) or (
             f"ready: {len(self.leases.owned)} of {self.settings.operator.buckets} buckets, "
-            f"{len(units)} dispatchers"
+            f"{_count(served, 'ScaledJob')}: {len(units)} dispatching"
         )
         counts = [
-            f"{waiting} not consuming" if waiting else "",
+            f"{waiting} of them not consuming" if waiting else "",
             f"{failed} failed or invalid" if failed else "",
         ]
-        if any(counts):
-            detail += f" ({', '.join(c for c in counts if c)}; each says why in its status)"
+        if any(counts) and not problems:
+            detail += f", {', '.join(c for c in counts if c)} (each says why in its status)"
         return ready, detail
 
     def register_metrics(self, requests: Callable[[], dict[str, int]]) -> None:
@@ -463,6 +464,10 @@ async def serve_http(
         await stop_tasks([task], grace=0)
         if http is not None:
             http.stop()
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 def _ns(obj: dict[str, Any]) -> str:

@@ -96,7 +96,7 @@ class _Worker:
             await worker.kill()
             raise RenderPoolError(
                 f"a render worker did not start within {START_TIMEOUT:g} s (exit code "
-                f"{process.returncode}; with a very low dispatcher.render_memory_bytes "
+                f"{process.returncode}; with a very low JOBRUNNER_DISPATCHER__RENDER_MEMORY_BYTES "
                 "Python cannot start)"
             ) from None
         if not isinstance(ready, dict) or "ready" not in ready:

@@ -73,20 +73,20 @@ class RenderLimits:
     def too_slow(self) -> str:
         return (
             f"rendering took longer than {self.seconds:g} s, the time one message's Job may "
-            "take to render (setting dispatcher.render_timeout_seconds); the template "
+            "take to render (JOBRUNNER_DISPATCHER__RENDER_TIMEOUT_SECONDS, at most 60); the template "
             "loops too long for this message"
         )
 
     def too_much_output(self) -> str:
         return (
             f"the template made more than {self.output_bytes} bytes of output, the most one "
-            "message's Job may have (setting dispatcher.render_output_bytes)"
+            "message's Job may have (JOBRUNNER_DISPATCHER__RENDER_OUTPUT_BYTES)"
         )
 
     def too_much_memory(self) -> str:
         return (
             f"rendering needed more than {self.memory_bytes // (1024 * 1024)} MiB of memory, "
-            "the most a render may use (setting dispatcher.render_memory_bytes)"
+            "the most a render may use (JOBRUNNER_DISPATCHER__RENDER_MEMORY_BYTES)"
         )
 
 
@@ -200,7 +200,7 @@ class _Sandbox(jinja2.sandbox.SandboxedEnvironment):
                     "TemplateError",
                     f"'*' would make a {type(sequence).__name__} of {size} items (length "
                     f"{len(sequence)} x {count}), over the {self.output_limit} a render may "
-                    "output (setting dispatcher.render_output_bytes)",
+                    "output (JOBRUNNER_DISPATCHER__RENDER_OUTPUT_BYTES)",
                 )
 
 

@@ -529,6 +529,22 @@ HOSTILE = {
                              "securityContext": {"privileged": True}}]},
         {}, "privileged container(s) setup",
     ),
+    "hostport": (
+        {}, {"ports": [{"containerPort": 80, "hostPort": 80}]},
+        "container(s) work with a hostPort",
+    ),
+    "seccomp": (
+        {"securityContext": {"seccompProfile": {"type": "Unconfined"}}}, {},
+        "seccomp or AppArmor profile Unconfined for the pod",
+    ),
+    "apparmor": (
+        {}, {"securityContext": {"appArmorProfile": {"type": "Unconfined"}}},
+        "seccomp or AppArmor profile Unconfined for work",
+    ),
+    "procmount": (
+        {"hostUsers": False}, {"securityContext": {"procMount": "Unmasked"}},
+        "container(s) work with procMount: Unmasked",
+    ),
 }  # fmt: skip
 
 

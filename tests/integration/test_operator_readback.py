@@ -171,4 +171,4 @@ async def test_an_internal_services_answer_reaches_no_status_event_readyz_or_log
     # /readyz names no ScaledJob, namespace or broker: counts only.
     for private in (*names, namespace, service.address, "127.0.0.1"):
         assert private not in readyz[1], readyz[1]
-    assert "dispatchers" in readyz[1], readyz[1]
+    assert "dispatching" in readyz[1], readyz[1]

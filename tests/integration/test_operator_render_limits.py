@@ -173,6 +173,6 @@ async def test_a_template_that_loops_forever_stalls_no_other_scaledjob_nor_the_r
         headers = letter.headers
         assert headers["x-jobrunner-reason"] == "TemplateError"
         detail = str(headers["x-jobrunner-detail"])
-        assert "dispatcher.render_timeout_seconds" in detail
+        assert "JOBRUNNER_DISPATCHER__RENDER_TIMEOUT_SECONDS" in detail
         assert "longer than 2 s" in detail
     assert not await asyncio.to_thread(jobs_of, kube_api, namespace, "bad")

@@ -104,6 +104,8 @@ def test_queue_trigger_maps_to_azure_queue_with_the_connection_from_the_secret(
     (secret,) = found["Secret"]
     assert secret["metadata"]["name"] == "shop-settings"
     assert set(secret["data"]) >= {"AzureWebJobsStorage", "AzureWebJobsOther"}
+    # The file holds the app's settings (connection strings): private to its writer.
+    assert (tmp_path / "out" / "shop-orders.yaml").stat().st_mode & 0o777 == 0o600
 
 
 def test_rabbitmq_trigger_maps_to_rabbitmq_with_the_host_from_the_secret(tmp_path: Path) -> None:

@@ -77,8 +77,8 @@ async def test_readiness_tells_counts_never_a_scaledjob_or_its_broker(env: Env) 
     )
     ready, detail = r.operator.readiness()
     assert ready, "a tenant's broker is not the replica's readiness"
-    assert "1 dispatchers" in detail, detail
-    assert "1 not consuming" in detail, detail
+    assert "1 ScaledJob: 1 dispatching" in detail, detail
+    assert "1 of them not consuming" in detail, detail
     for private in ("tenant-a-billing", "secret-queue", NS, "memory broker"):
         assert private not in detail, detail
     # Its author still reads why, in its own status.

@@ -76,9 +76,9 @@ async def refused(renderer: Renderer, message: Delivery | None = None) -> tuple[
     return err.value, time.monotonic() - start
 
 
-TIME = ("dispatcher.render_timeout_seconds", "1 s")
-OUTPUT = ("dispatcher.render_output_bytes", "1048576 ")
-MEMORY = ("dispatcher.render_memory_bytes", "128 MiB")
+TIME = ("JOBRUNNER_DISPATCHER__RENDER_TIMEOUT_SECONDS", "1 s")
+OUTPUT = ("JOBRUNNER_DISPATCHER__RENDER_OUTPUT_BYTES", "1048576 ")
+MEMORY = ("JOBRUNNER_DISPATCHER__RENDER_MEMORY_BYTES", "128 MiB")
 
 ATTACKS = {
     "nested range loops": (
@@ -169,7 +169,7 @@ async def test_template_fine_on_a_small_message_is_stopped_on_a_large_one(
     assert small.job["spec"]["template"]["spec"]["containers"][0]["args"] == ["ok"]
     error, took = await refused(renderer, delivery(b"x" * 20000, "m-2"))
     assert error.reason == "TemplateError"
-    assert "dispatcher.render_timeout_seconds" in error.detail
+    assert "JOBRUNNER_DISPATCHER__RENDER_TIMEOUT_SECONDS" in error.detail
     assert "containers[0].args[0]" in error.detail, "the field is named"
     assert took < WALL
 
@@ -215,7 +215,7 @@ async def test_one_scaledjobs_hostile_renders_do_not_starve_anothers(pool: Rende
     took = time.monotonic() - start
     assert took < LIMITS.seconds, f"5 ordinary renders took {took:.2f}s behind the hostile ones"
     for error, _ in await asyncio.gather(*attacks):
-        assert "dispatcher.render_timeout_seconds" in error.detail
+        assert "JOBRUNNER_DISPATCHER__RENDER_TIMEOUT_SECONDS" in error.detail
 
 
 FOREVER = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
@@ -493,8 +493,9 @@ def test_render_settings_have_bounds_and_a_share_that_fits() -> None:
 def test_counts_a_tenant_writes_have_upper_bounds(field: str, value: int, most: int) -> None:
     with pytest.raises(
         ManifestError, match=rf"field spec\.{field}: .*less than or equal to {most}"
-    ):
+    ) as refused:
         parse_scaledjob(manifest("x", **{field: value}))
+    assert "; lower it" in str(refused.value), "the refusal says why and what to do"
     parse_scaledjob(manifest("x", **{field: most}))
 
 
