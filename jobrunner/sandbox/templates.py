@@ -73,8 +73,8 @@ class RenderLimits:
     def too_slow(self) -> str:
         return (
             f"rendering took longer than {self.seconds:g} s, the time one message's Job may "
-            "take to render (JOBRUNNER_DISPATCHER__RENDER_TIMEOUT_SECONDS, at most 60); the template "
-            "loops too long for this message"
+            "take to render (JOBRUNNER_DISPATCHER__RENDER_TIMEOUT_SECONDS, at most 60); "
+            "the template loops too long for this message"
         )
 
     def too_much_output(self) -> str:
