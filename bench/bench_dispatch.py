@@ -77,8 +77,8 @@ def scaledjob_doc(
         "spec": {
             "jobTargetRef": spec,
             "maxReplicaCount": 1000,
-            "successfulJobsHistoryLimit": 100000,
-            "failedJobsHistoryLimit": 100000,
+            "successfulJobsHistoryLimit": 10_000,  # the most allowed: keep every Job
+            "failedJobsHistoryLimit": 10_000,
             "triggers": [trigger],
         },
     }

@@ -140,8 +140,8 @@ def manifest(
             "maxReplicaCount": max_replicas,
             # Every Job stays until the end (except those deleted by hand): the record
             # the check reads.
-            "successfulJobsHistoryLimit": 1_000_000,
-            "failedJobsHistoryLimit": 1_000_000,
+            "successfulJobsHistoryLimit": 10_000,  # the most allowed: keep every Job
+            "failedJobsHistoryLimit": 10_000,
             "triggers": [trigger],
         },
     }

@@ -38,7 +38,7 @@ SUPPORTED_API_VERSIONS = (API_VERSION, KEDA_API_VERSION)
 
 MAX_REPLICA_COUNT_MAX = 1000
 """The largest ``maxReplicaCount`` (see ScaledJobSpec.maxReplicaCount for why)."""
-HISTORY_LIMIT_MAX = 1000
+HISTORY_LIMIT_MAX = 10_000
 """The largest ``successfulJobsHistoryLimit`` and ``failedJobsHistoryLimit``."""
 FUNCTION_OUTPUTS_MAX = 16
 """The most output bindings a function may have: each is a broker connection the
@@ -247,11 +247,12 @@ class ScaledJobSpec(_Model):
     receives 10 per call and holds about 120,000 in flight per queue)."""
     successfulJobsHistoryLimit: int = Field(default=100, ge=0, le=HISTORY_LIMIT_MAX)
     """Succeeded Jobs kept (the oldest are deleted first). KEDA's default, 100. At most
-    1000: every kept Job stays in the API server and in the dispatcher's Job watch;
-    for longer records use the logs or the dead-letter queue."""
+    10,000: every kept Job stays in the API server and in the dispatcher's Job watch
+    (a few KiB each: tens of MiB at the bound); for longer records use the logs or the
+    dead-letter queue."""
     failedJobsHistoryLimit: int = Field(default=100, ge=0, le=HISTORY_LIMIT_MAX)
     """Failed Jobs kept (the oldest are deleted first). KEDA's default, 100. At most
-    1000, as ``successfulJobsHistoryLimit``."""
+    10,000, as ``successfulJobsHistoryLimit``."""
     triggers: list[Trigger] = Field(min_length=1, json_schema_extra={"maxItems": 1})
     """One trigger: a ScaledJob's dispatcher consumes one source. KEDA takes several
     (and scales on their sum); here each source gets a ScaledJob of its own."""

@@ -486,8 +486,8 @@ def test_render_settings_have_bounds_and_a_share_that_fits() -> None:
     ("field", "value", "most"),
     [
         ("maxReplicaCount", 1001, 1000),
-        ("successfulJobsHistoryLimit", 1001, 1000),
-        ("failedJobsHistoryLimit", 10**9, 1000),
+        ("successfulJobsHistoryLimit", 10_001, 10_000),
+        ("failedJobsHistoryLimit", 10**9, 10_000),
     ],
 )
 def test_counts_a_tenant_writes_have_upper_bounds(field: str, value: int, most: int) -> None:
