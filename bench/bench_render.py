@@ -225,7 +225,7 @@ def row(name: str, times: list[float], base: float | None) -> str:
 
 
 async def main(count: int) -> None:
-    pool = RenderPool(LIMITS, workers=2, per_namespace=1)
+    pool = RenderPool(LIMITS, workers=3, per_namespace=2)
     dirs = [ROOT / "job_templates"]
     print(f"per-render cost, {count} renders each (python {sys.version.split()[0]})")
     for label, make in TEMPLATES.items():

@@ -686,19 +686,21 @@ class DispatcherSettings(BaseModel):
     """Characters the templates of one Job may output in all, counted while they stream;
     past it: ``TemplateError``. At most 1.5 MiB: no Job larger than that can be stored
     (etcd's request limit, see ``limits.OBJECT_MAX``)."""
-    render_memory_bytes: int = Field(default=128 * 1024 * 1024, ge=64 * 1024 * 1024)
+    render_memory_bytes: int = Field(default=96 * 1024 * 1024, ge=64 * 1024 * 1024)
     """Address space of each render worker (``RLIMIT_AS``), Python itself included (about
     25 MiB); a render that needs more is a ``TemplateError``. Keep
     ``render_workers`` x this, plus the dispatcher's own memory, within the pod's memory
-    limit (the chart's default: 512 MiB)."""
-    render_workers: int = Field(default=2, ge=1, le=64)
+    limit (the chart's default, 512 MiB, holds 3 x 96 MiB and the operator's ~125 MiB)."""
+    render_workers: int = Field(default=3, ge=1, le=64)
     """Render worker processes, shared by every ScaledJob of the process; started on
     first use."""
-    render_workers_per_namespace: int = Field(default=1, ge=1)
+    render_workers_per_namespace: int = Field(default=2, ge=1)
     """The most workers the ScaledJobs of one namespace hold at once (in operator mode a
     namespace is a tenant), so that a tenant whose renders run to the time limit, with
-    however many ScaledJobs, leaves the other namespaces workers to render with. Below
-    ``render_workers`` for that to hold."""
+    however many ScaledJobs, leaves the other namespaces workers to render with; a
+    ScaledJob holds one at most. Below ``render_workers`` for that to hold; 2 of 3 by
+    default, so that one hostile ScaledJob does not hold up the others of its own
+    namespace either."""
     render_cooldown_max_seconds: float = Field(default=60.0, ge=0, le=3600)
     """A ScaledJob whose render passed its time or memory limit waits before its next
     render asks for a worker: the time limit, doubled for each such render in a row, up

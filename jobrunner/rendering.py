@@ -599,6 +599,7 @@ class Renderer:
         try:
             values = await self._pool.render(
                 tenant=self.scaledjob.namespace,
+                scaledjob=self.scaledjob.name,
                 key=self._key,
                 templates=self._sources,
                 context=context,

@@ -7,13 +7,14 @@ every ScaledJob of the process, each render timed, each ScaledJob held to its sh
   memory limit, the OOM killer) is replaced and the render tried once more on a fresh
   worker, so a worker lost to something else never costs a message; a second death is
   the message's own doing and is a TemplateError.
-* Fairness: the ScaledJobs of one namespace (in operator mode, one tenant) hold at most
-  ``per_namespace`` workers at once, however many ScaledJobs it has, and renders wait
-  for a worker first come, first served; so a tenant whose renders all run to the time
-  limit slows only itself while other namespaces have workers left. (Per ScaledJob was
-  not enough: a tenant with as many hostile ScaledJobs as there are workers held them
-  all.) The Renderer adds the other half: a ScaledJob whose renders keep passing their
-  limits waits longer and longer before asking for a worker again.
+* Fairness: a ScaledJob renders one message at a time, the ScaledJobs of one namespace
+  (in operator mode, one tenant) hold at most ``per_namespace`` workers at once (fewer
+  than there are), and renders wait for a worker first come, first served. So a hostile
+  ScaledJob delays only its own renders, and a tenant with any number of hostile
+  ScaledJobs leaves other namespaces a worker. (Per ScaledJob alone was not enough: a
+  tenant with as many hostile ScaledJobs as there are workers held them all.) The
+  Renderer adds the other half: a ScaledJob whose renders keep passing their limits
+  waits longer and longer before asking for a worker again.
 * Nothing a worker sends is trusted beyond its shape: replies are JSON (never pickle),
   of bounded size, with the fields checked; anything else is the worker's failure.
 
@@ -30,7 +31,7 @@ import json
 import logging
 import signal
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -175,8 +176,8 @@ class RenderPool:
         self,
         limits: RenderLimits,
         *,
-        workers: int = 2,
-        per_namespace: int = 1,
+        workers: int = 3,
+        per_namespace: int = 2,
         cooldown_max: float = 60.0,
     ) -> None:
         """``cooldown_max``: the longest a ScaledJob whose renders keep passing their limits
@@ -195,6 +196,7 @@ class RenderPool:
         self,
         *,
         tenant: str,
+        scaledjob: str,
         key: str,
         templates: Sequence[tuple[str, bool]],
         context: Mapping[str, Any],
@@ -202,25 +204,37 @@ class RenderPool:
     ) -> list[str]:
         """The rendered strings of one Job template for one message (``context``: what
         ``worker.context_of`` takes; ``key`` names ``templates``, for the workers'
-        cache). StringFailure when the message cannot render; RenderPoolError when no
-        worker can be had."""
+        cache), for ScaledJob ``scaledjob`` of namespace ``tenant``. StringFailure when
+        the message cannot render; RenderPoolError when no worker can be had."""
         if self._closed:
             raise RenderPoolError("the render pool is closed (the dispatcher is stopping)")
         header = json.dumps(
             {"key": key, "templates": [list(t) for t in templates], **context},
             ensure_ascii=False,
         ).encode("utf-8", "surrogatepass")
-        share = self._shares.get(tenant)
+        # A ScaledJob's renders one at a time, then its namespace's share, then a worker:
+        # in that order, so what waits behind a hostile ScaledJob is its own renders only.
+        async with (
+            self._share(f"scaledjob:{tenant}/{scaledjob}", 1),
+            self._share(f"namespace:{tenant}", self.per_namespace),
+        ):
+            return await self._on_a_worker(header, body)
+
+    @contextlib.asynccontextmanager
+    async def _share(self, key: str, size: int) -> AsyncIterator[None]:
+        """Hold one of the ``size`` slots of ``key`` (made on first use, forgotten when
+        nobody holds or waits for it: the table never grows with ScaledJobs gone)."""
+        share = self._shares.get(key)
         if share is None:
-            share = self._shares[tenant] = _Share(asyncio.Semaphore(self.per_namespace))
+            share = self._shares[key] = _Share(asyncio.Semaphore(size))
         share.users += 1
         try:
             async with share.slots:
-                return await self._on_a_worker(header, body)
+                yield
         finally:
             share.users -= 1
             if share.users == 0:
-                del self._shares[tenant]
+                del self._shares[key]
 
     async def _on_a_worker(self, header: bytes, body: bytes) -> list[str]:
         async with self._slots:

@@ -67,7 +67,7 @@ class RenderLimits:
     """Wall time of one render (all the templated strings of one Job)."""
     output_bytes: int = 1024 * 1024
     """Characters the templates of one Job may output in all."""
-    memory_bytes: int = 128 * 1024 * 1024
+    memory_bytes: int = 96 * 1024 * 1024
     """Address space of a render worker (``RLIMIT_AS``)."""
 
     def too_slow(self) -> str:

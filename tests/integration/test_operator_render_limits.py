@@ -121,7 +121,15 @@ async def test_a_template_that_loops_forever_stalls_no_other_scaledjob_nor_the_r
 ) -> None:
     good_queue, bad_queue = await queues(2)
     port = free_port()
-    op = operators(env={"JOBRUNNER_TELEMETRY__HTTP_PORT": str(port)})
+    op = operators(
+        env={
+            "JOBRUNNER_TELEMETRY__HTTP_PORT": str(port),
+            # The hostile ScaledJob waits after each render that ran to the limit (up to
+            # 60 s by default, doubling): capped at 2 s here so its 8 messages are all
+            # dead-lettered within the test (the pause itself is a unit test's).
+            "JOBRUNNER_DISPATCHER__RENDER_COOLDOWN_MAX_SECONDS": "2",
+        }
+    )
     for name, queue, spec in (
         ("good", good_queue, job_spec()),
         ("bad", bad_queue, job_spec(args=FOREVER)),

@@ -64,7 +64,7 @@ def delivery(body: bytes = b'{"task": "t"}', message_id: str = "m-1") -> Deliver
 
 @pytest.fixture
 async def pool() -> AsyncIterator[RenderPool]:
-    renders = RenderPool(LIMITS, workers=2, per_namespace=1)
+    renders = RenderPool(LIMITS, workers=3, per_namespace=2)
     yield renders
     await renders.close()
 
@@ -199,11 +199,10 @@ async def test_event_loop_keeps_running_while_a_worker_loops(pool: RenderPool) -
 async def test_one_scaledjobs_hostile_renders_do_not_starve_anothers(pool: RenderPool) -> None:
     forever = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
     hostile = Renderer(parse_scaledjob(manifest(forever, name="bad")), pool=pool)
-    doc = manifest("{{ message.json.task }}", name="good")
-    doc["metadata"]["namespace"] = "other-team"
-    fine = Renderer(parse_scaledjob(doc), pool=pool)
-    await fine.render_bounded(delivery())  # both workers started: measure renders only
-    # Four renders of the hostile ScaledJob at once: its namespace holds one worker,
+    # The same namespace: one hostile ScaledJob holds one worker, not its tenant's share.
+    fine = Renderer(parse_scaledjob(manifest("{{ message.json.task }}", name="good")), pool=pool)
+    await fine.render_bounded(delivery())  # a worker started: measure renders only
+    # Four renders of the hostile ScaledJob at once: it renders one at a time,
     # the rest of its renders wait for it; the other worker stays free.
     attacks = [
         asyncio.create_task(refused(hostile, delivery(message_id=f"bad-{i}"))) for i in range(4)
@@ -517,9 +516,11 @@ def test_crd_states_the_bounds() -> None:
 
     schema = yaml.safe_load(crd)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     spec = schema["properties"]["spec"]["properties"]
-    for field in ("maxReplicaCount", "successfulJobsHistoryLimit", "failedJobsHistoryLimit"):
-        assert spec[field]["maximum"] == 1000
-        assert "At most 1000" in spec[field]["description"]
+    assert spec["maxReplicaCount"]["maximum"] == 1000
+    assert "At most 1000" in spec["maxReplicaCount"]["description"]
+    for field in ("successfulJobsHistoryLimit", "failedJobsHistoryLimit"):
+        assert spec[field]["maximum"] == 10_000
+        assert "At most 10,000" in spec[field]["description"]
     assert spec["deadLetter"]["properties"]["exchange"]["maxLength"] == 255
     assert spec["function"]["properties"]["outputs"]["maxItems"] == 16
 
