@@ -48,6 +48,23 @@ class Delivery:
     headers: Mapping[str, str] = field(default_factory=dict)
     content_type: str | None = None
     redelivered: bool = False
+    delivery_count: int = 1
+    """Which delivery of this message this is, 1 for the first, as the broker counts it
+    where it does (what an Azure Functions trigger reports as ``DequeueCount``):
+
+    * azure-queue: the message's ``dequeueCount`` (Queue service "Get Messages");
+    * sqs: ``ApproximateReceiveCount`` (ReceiveMessage's system attribute);
+    * rabbitmq: ``x-delivery-count`` + 1 on a quorum queue (the broker's count of returns,
+      RabbitMQ docs "Quorum Queues: poison message handling"), else 2 when the broker
+      sets ``redelivered`` (a classic queue counts no further), else 1;
+    * redis: the entry's delivery counter (XPENDING/XAUTOCLAIM; 1 on a first XREADGROUP);
+    * nats: ``num_delivered`` of the message's JetStream metadata;
+    * mqtt: 2 when the broker sets ``dup`` (MQTT counts no further), else 1;
+    * sqlite (the embedded queue): its ``deliveries`` column;
+    * kafka: none: always 1 (a record read again after a restart is the same Job).
+
+    The tries of one Job (its ``backoffLimit``) come on top: the in-Job invoker adds
+    the failed tries before it (jobrunner.functions.invoker.dequeue_count)."""
     metadata: Mapping[str, str] = field(default_factory=dict)
     """Where it came from (queue, exchange, routing key, topic/partition/offset)."""
     received_at: float = 0.0

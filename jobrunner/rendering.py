@@ -486,6 +486,8 @@ def _message_env(
             "value": literal(json.dumps(dict(delivery.metadata), sort_keys=True)),
         },
         {"name": "JOBRUNNER_MESSAGE_ENCODING", "value": placement.encoding},
+        # Which delivery of the message made this Job (models.Delivery.delivery_count).
+        {"name": "JOBRUNNER_DELIVERY_COUNT", "value": str(delivery.delivery_count)},
     ]
     env.extend({"name": k, "value": literal(v)} for k, v in extra.items() if v)
     if placement.in_env:

@@ -335,6 +335,7 @@ class AzureQueueSource:
             message_id=message.id,
             headers={},
             redelivered=(message.dequeue_count or 1) > 1,
+            delivery_count=max(1, message.dequeue_count or 1),
             metadata=trigger_metadata(message, self._queue_name),
             received_at=time.monotonic(),
             published_at=message.inserted_on.timestamp() if message.inserted_on else None,

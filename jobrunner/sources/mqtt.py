@@ -376,6 +376,7 @@ class MQTTSource:
             headers=headers,
             content_type=str(content_type) if content_type else None,
             redelivered=bool(message.dup),
+            delivery_count=2 if message.dup else 1,
             metadata={
                 "topic": topic,
                 "subscription": self._trigger.subscription,

@@ -291,6 +291,7 @@ class NatsJetStreamSource:
             message_id=headers.get("Nats-Msg-Id"),
             headers=headers,
             redelivered=meta.num_delivered > 1,
+            delivery_count=max(1, meta.num_delivered),
             metadata={
                 "stream": self.stream,
                 "consumer": self.consumer,

@@ -414,6 +414,7 @@ class RabbitMQSource:
             headers=headers,
             content_type=message.content_type,
             redelivered=bool(message.redelivered),
+            delivery_count=_delivery_count(message),
             returns_left=self._returns_left(message),
             metadata={
                 "queue": self._queue_name,
@@ -735,3 +736,15 @@ class RabbitMQSink:
 
 def open_sink(trigger: RabbitMQTrigger, *, settings: Settings) -> RabbitMQSink:
     return RabbitMQSink(trigger)
+
+
+def _delivery_count(message: aio_pika.abc.AbstractIncomingMessage) -> int:
+    """Which delivery this is: a quorum queue's ``x-delivery-count`` (the returns it
+    counted so far) + 1; the broker's ``redelivered`` flag makes it 2 at least (a classic
+    queue counts nothing more, and RabbitMQ 4 does not count a return by a lost channel);
+    else 1. Source: RabbitMQ docs, "Quorum Queues: poison message handling"."""
+    least = 2 if message.redelivered else 1
+    count = (message.headers or {}).get("x-delivery-count")
+    if isinstance(count, int) and not isinstance(count, bool) and count >= 0:
+        return max(least, count + 1)
+    return least

@@ -310,7 +310,7 @@ class RedisStreamsSource:
             self._connected, delay = True, 0.5
             for _stream, entries in answer or []:
                 for entry_id, fields in entries:
-                    self._accept(_text(entry_id), fields, redelivered=False)
+                    self._accept(_text(entry_id), fields, redelivered=False, deliveries=1)
 
     async def _claim(self, count: int) -> int:
         assert self._redis is not None
@@ -336,7 +336,12 @@ class RedisStreamsSource:
                     self.stream,
                     self._min_idle,
                 )
-                self._accept(_text(entry_id), fields, redelivered=True)
+                self._accept(
+                    _text(entry_id),
+                    fields,
+                    redelivered=True,
+                    deliveries=await self._times_delivered(_text(entry_id)),
+                )
             if len(answer) > 2 and answer[2]:
                 logger.warning(
                     "stream %s: pending entries %s were trimmed from the stream before they "
@@ -350,6 +355,20 @@ class RedisStreamsSource:
             await self._forget_idle_consumers()
         return claimed
 
+    async def _times_delivered(self, entry_id: str) -> int:
+        """The group's delivery counter of a pending entry (XPENDING's fourth field,
+        which XREADGROUP and XAUTOCLAIM raise and the heartbeat's ``JUSTID`` claims
+        leave alone); 2 when the server does not say (it was claimed, so delivered
+        twice at least)."""
+        assert self._redis is not None
+        rows = await self._redis.xpending_range(
+            self.stream, self.group, min=entry_id, max=entry_id, count=1
+        )
+        for row in rows or []:
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                return max(1, int(row["times_delivered"]))
+        return 2
+
     async def _forget_idle_consumers(self) -> None:
         assert self._redis is not None
         for info in await self._redis.xinfo_consumers(self.stream, self.group):
@@ -361,7 +380,9 @@ class RedisStreamsSource:
             ):
                 await self._redis.xgroup_delconsumer(self.stream, self.group, name)
 
-    def _accept(self, entry_id: str, raw: Mapping[Any, Any], *, redelivered: bool) -> None:
+    def _accept(
+        self, entry_id: str, raw: Mapping[Any, Any], *, redelivered: bool, deliveries: int
+    ) -> None:
         fields = {_text(k): _text(v) for k, v in raw.items()}
         if "body" in fields:
             body_raw = raw.get(b"body", raw.get("body"))
@@ -378,6 +399,7 @@ class RedisStreamsSource:
             message_id=entry_id,
             headers=headers,
             redelivered=redelivered,
+            delivery_count=deliveries,
             metadata={"stream": self.stream, "group": self.group, "entry_id": entry_id},
             received_at=time.monotonic(),
             published_at=int(millis) / 1000 if millis.isdigit() else None,

@@ -448,6 +448,7 @@ class SQLiteSource:
             headers=row.headers,
             content_type=row.content_type,
             redelivered=row.deliveries > 1,
+            delivery_count=max(1, row.deliveries),
             metadata={"queue": self._queue_name, "database": str(self.path)},
             received_at=time.monotonic(),
             published_at=row.published_at,

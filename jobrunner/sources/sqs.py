@@ -370,6 +370,7 @@ class SQSSource:
             message_id=message_id,
             headers={k: _attribute_text(v) for k, v in attributes.items()},
             redelivered=count > 1,
+            delivery_count=max(1, count),
             metadata={
                 "queue": self._trigger.queue_name,
                 "queue_url": self.queue_url,
