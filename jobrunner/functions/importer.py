@@ -340,10 +340,14 @@ def plan_function(app: App, function: Function, options: Options) -> list[dict[s
         trigger_doc["authenticationRef"] = {"name": auth_name}
     else:
         docs.pop()
-    job = _job(app, function, str(trigger.get("name", "msg")), [b for b, _ in outputs], options)
-    if kind == "queuetrigger":
-        queues = (app.host.get("extensions") or {}).get("queues") or {}
-        job["backoffLimit"] = max(0, int(queues.get("maxDequeueCount", 5)) - 1)
+    job = _job(
+        app,
+        function,
+        str(trigger.get("name", "msg")),
+        [b for b, _ in outputs],
+        options,
+        tries=_tries(app) if kind == "queuetrigger" else 1,
+    )
     docs.append(
         {
             "apiVersion": "jobrunner.dev/v1alpha1",
@@ -399,6 +403,43 @@ def _authentication(name: str, secret: str, parameters: Mapping[str, str]) -> di
     }
 
 
+MAX_TRIES = 1000
+"""The most tries ``maxDequeueCount`` may ask for (the Job controller's per-index limit is
+far higher; a function tried more often than this is better dead-lettered)."""
+
+
+def _tries(app: App) -> int:
+    """host.json ``extensions.queues.maxDequeueCount``: how many times a queue message is
+    tried before it is poisoned (default 5; Azure docs, "host.json settings: queues" and
+    "Azure Queue storage trigger: poison messages"). Unsupported when not a whole number
+    from 1 to MAX_TRIES."""
+    queues = (app.host.get("extensions") or {}).get("queues") or {}
+    raw: object = queues.get("maxDequeueCount", 5)
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= MAX_TRIES:
+        raise Unsupported(
+            f"{app.path / 'host.json'}: extensions.queues.maxDequeueCount is {raw!r}; give a "
+            f"whole number of tries from 1 to {MAX_TRIES}"
+        )
+    return int(raw)
+
+
+BACKOFF_CAP_SECONDS = 360
+"""The Job controller's back-off between failed pods: 10 s, doubling, at most 6 min
+(kubernetes.io "Jobs: Pod backoff failure policy")."""
+TRY_OVERHEAD_SECONDS = 300
+"""What a try may spend outside the function: pod start, image pull, the handler's
+start (the invoker waits 60 s for it) and the key (10 s)."""
+
+
+def _job_deadline(timeout: int, tries: int) -> int:
+    """``activeDeadlineSeconds`` for a function's Job: a bound over all its tries that
+    never cuts one short (``functionTimeout`` is a per-try limit, which the invoker
+    enforces): each try its timeout and TRY_OVERHEAD_SECONDS, plus the back-off before
+    each retry."""
+    backoff = sum(min(BACKOFF_CAP_SECONDS, 10 << i) for i in range(tries - 1))
+    return tries * (timeout + TRY_OVERHEAD_SECONDS) + backoff
+
+
 def _timeout(app: App) -> int | None:
     """host.json functionTimeout (``hh:mm:ss``; ``-1`` = none) in seconds."""
     raw = str(app.host.get("functionTimeout") or "")
@@ -420,8 +461,16 @@ def _invoker_command(options: Options) -> list[str]:
 
 
 def _job(
-    app: App, function: Function, binding: str, outputs: list[str], options: Options
+    app: App,
+    function: Function,
+    binding: str,
+    outputs: list[str],
+    options: Options,
+    *,
+    tries: int = 1,
 ) -> dict[str, Any]:
+    """The Job template: the function's pod, ``tries`` pods at most (see ``_retries``),
+    each invocation limited to host.json ``functionTimeout``."""
     root = str(app.path.resolve()) if options.local else APP_ROOT
     env = [
         {"name": "AzureWebJobsScriptRoot", "value": root},
@@ -436,6 +485,9 @@ def _job(
         # The invoker records the result on its own Job (see rbac.yaml and policy.yaml).
         pod["serviceAccountName"] = f"{app.name}-invoker"
     out_arg = ["--outputs", ",".join(outputs)] if outputs else []
+    timeout = _timeout(app)
+    if timeout is not None:
+        out_arg += ["--timeout", str(timeout)]
     if app.model == "custom":
         handler = app.host.get("customHandler") or app.host.get("httpWorker") or {}
         description = handler.get("description") or {}
@@ -538,11 +590,47 @@ def _job(
         if env_from:
             main["envFrom"] = env_from
         pod["containers"] = [main]
-    job: dict[str, Any] = {"backoffLimit": 0, "template": {"spec": pod}}
-    timeout = _timeout(app)
+    job: dict[str, Any] = {**_retries(tries, options), "template": {"spec": pod}}
+    if not options.local:
+        message_container = _message_container(app)
+        for container in pod["containers"]:
+            if container["name"] == message_container:
+                container.setdefault("env", []).append(_INDEX_FAILURES_ENV)
     if timeout is not None:
-        job["activeDeadlineSeconds"] = timeout
+        job["activeDeadlineSeconds"] = _job_deadline(timeout, tries)
     return job
+
+
+_INDEX_FAILURES_ENV = {
+    "name": "JOBRUNNER_JOB_INDEX_FAILURES",
+    "valueFrom": {
+        "fieldRef": {
+            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-index-failure-count']"
+        }
+    },
+}
+"""The failed pods before this one, which the invoker adds to ``DequeueCount``
+(jobrunner.functions.invoker.INDEX_FAILURES_ENV)."""
+
+
+def _retries(tries: int, options: Options) -> dict[str, Any]:
+    """How the Job tries its function ``tries`` times in all, each try one pod.
+
+    In a cluster: an Indexed Job of one completion with ``backoffLimitPerIndex`` (tries
+    - 1), because only then does the Job controller tell each pod how many failed before
+    it (the annotation ``batch.kubernetes.io/job-index-failure-count``, given to the
+    invoker by the Downward API), which ``DequeueCount`` needs; a Job that runs out of
+    tries fails with reason ``FailedIndexes``. Under the local executor (``--local``) a
+    plain ``backoffLimit`` (tries - 1): the invoker reads the failed tries from the
+    Job's status there, and the Job fails ``BackoffLimitExceeded``."""
+    if options.local:
+        return {"backoffLimit": tries - 1}
+    return {
+        "completionMode": "Indexed",
+        "completions": 1,
+        "parallelism": 1,
+        "backoffLimitPerIndex": tries - 1,
+    }
 
 
 def _rbac(app: App) -> list[dict[str, Any]]:

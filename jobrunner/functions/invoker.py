@@ -9,7 +9,7 @@ copies it (an init container does this from the jobrunner image into a shared
 
 Two modes:
 
-``custom-handler --function NAME [--port P] [--binding msg] [--outputs a,b]``
+``custom-handler --function NAME [--port P] [--binding msg] [--outputs a,b] [--timeout S]``
     The handler (any language) runs beside it as a native sidecar. The invoker waits
     until ``http://127.0.0.1:P/`` gives any HTTP answer (as the host's
     DefaultHttpWorkerService.IsWorkerReady does, polling every 25 ms), then POSTs
@@ -22,7 +22,7 @@ Two modes:
     Contract: learn.microsoft.com "Azure Functions custom handlers" (request and
     response payloads); host src/WebJobs.Script/Workers/Http/.
 
-``python --app DIR --function NAME [--outputs a,b]``
+``python --app DIR --function NAME [--outputs a,b] [--timeout S]``
     A Python function app, v1 (``NAME/function.json`` with ``scriptFile`` default
     ``__init__.py`` and ``entryPoint`` default ``main``) or v2 (``function_app.py``
     with one ``azure.functions.FunctionApp``), called in this process without the
@@ -34,11 +34,17 @@ Two modes:
     ``function_name`` and ``function_directory``. An exception fails the invocation
     with its type and message (the traceback goes to the log).
 
+Both modes: ``--timeout S`` is host.json ``functionTimeout``, a limit on each invocation
+(each try of the Job), not on the Job (see ``start_timeout``); ``DequeueCount`` (and a
+``QueueMessage``'s ``dequeue_count``) is the try this is, 1, 2, 3 ... (see
+``dequeue_count``).
+
 The message comes from the Job's environment as jobrunner puts it there:
 ``JOBRUNNER_MESSAGE`` (or the file ``JOBRUNNER_MESSAGE_FILE``),
 ``JOBRUNNER_MESSAGE_ENCODING`` (``utf-8`` or ``base64``), ``JOBRUNNER_MESSAGE_ID``,
 ``JOBRUNNER_MESSAGE_HEADERS`` and ``JOBRUNNER_MESSAGE_METADATA`` (JSON objects),
-``JOBRUNNER_SOURCE`` (the trigger type).
+``JOBRUNNER_SOURCE`` (the trigger type), ``JOBRUNNER_DELIVERY_COUNT`` (which delivery of
+the message made the Job).
 
 **The result record.** Whatever happened is written as the JSON annotation
 ``jobrunner.dev/function-result`` on the Job: ``{"status": "succeeded", "outputs":
@@ -76,9 +82,9 @@ import inspect
 import json
 import os
 import shutil
-import socket
 import ssl
 import sys
+import threading
 import time
 import traceback
 import urllib.error
@@ -130,6 +136,7 @@ class Message:
         self.headers: dict[str, str] = json.loads(env.get("JOBRUNNER_MESSAGE_HEADERS") or "{}")
         self.metadata: dict[str, str] = json.loads(env.get("JOBRUNNER_MESSAGE_METADATA") or "{}")
         self.job_name = env.get("JOBRUNNER_JOB_NAME", "")
+        self.dequeue_count = dequeue_count(env, self.metadata)
 
     @property
     def text(self) -> str | None:
@@ -137,6 +144,38 @@ class Message:
             return self.body.decode("utf-8")
         except UnicodeDecodeError:
             return None
+
+
+INDEX_FAILURES_ENV = "JOBRUNNER_JOB_INDEX_FAILURES"
+"""In a cluster, the pod's ``batch.kubernetes.io/job-index-failure-count`` annotation
+(through the Downward API): the failed pods of this Job before this one, which the Job
+controller writes on each pod of an Indexed Job with ``backoffLimitPerIndex``
+(kubernetes.io "Jobs: Backoff limit per index"); ``functions import`` makes such Jobs."""
+
+
+def prior_failures(env: dict[str, str]) -> int:
+    """How many tries of this Job failed before this one: under the local executor its
+    ``status.json`` (``failed``, which the supervisor raises before the next try starts);
+    in a cluster ``JOBRUNNER_JOB_INDEX_FAILURES``; else 0."""
+    local = env.get("JOBRUNNER_LOCAL_JOB_DIR")
+    if local:
+        try:
+            status = json.loads((Path(local) / "status.json").read_text())
+            return max(0, int(status.get("failed", 0)))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return 0
+    return max(0, _int(env.get(INDEX_FAILURES_ENV)) or 0)
+
+
+def dequeue_count(env: dict[str, str], metadata: dict[str, str]) -> int:
+    """``DequeueCount`` as the Functions host reports it, 1 on the first try: the
+    delivery of the message that made the Job (``JOBRUNNER_DELIVERY_COUNT``, the
+    broker's own count where it has one: see jobrunner.models.Delivery.delivery_count;
+    an Azure queue message's ``DequeueCount`` metadata for a Job made before that
+    variable existed) plus the Job's failed tries before this one (each try of the host
+    is one dequeue, and each try here is one pod of the Job)."""
+    base = _int(env.get("JOBRUNNER_DELIVERY_COUNT")) or _int(metadata.get("DequeueCount")) or 1
+    return max(1, base) + prior_failures(env)
 
 
 def _int(value: Any) -> int | None:
@@ -153,6 +192,8 @@ def trigger_metadata(message: Message) -> dict[str, Any]:
 
     * azure-queue (QueueTriggerBinding.cs): Id, DequeueCount (a number),
       InsertionTime, ExpirationTime, NextVisibleTime, PopReceipt;
+    * every source: DequeueCount, the try this is (``dequeue_count``; the host has it
+      for queue triggers only, jobrunner gives it for every source);
     * rabbitmq (the RabbitMQ extension): Exchange, RoutingKey, BasicProperties
       (MessageId, Headers, ContentType) as far as jobrunner knows them;
     * kafka (the Kafka extension): Topic, Partition, Offset, Key, Headers;
@@ -162,7 +203,7 @@ def trigger_metadata(message: Message) -> dict[str, Any]:
     if message.source == "azure-queue":
         return {
             "Id": meta.get("Id", message.id),
-            "DequeueCount": _int(meta.get("DequeueCount")) or 1,
+            "DequeueCount": message.dequeue_count,
             "InsertionTime": meta.get("InsertionTime", ""),
             "ExpirationTime": meta.get("ExpirationTime", ""),
             "NextVisibleTime": meta.get("NextVisibleTime", ""),
@@ -173,6 +214,7 @@ def trigger_metadata(message: Message) -> dict[str, Any]:
             "Exchange": meta.get("exchange", ""),
             "RoutingKey": meta.get("routing_key", ""),
             "BasicProperties": {"MessageId": message.id, "Headers": message.headers},
+            "DequeueCount": message.dequeue_count,
         }
     if message.source == "kafka":
         return {
@@ -181,8 +223,9 @@ def trigger_metadata(message: Message) -> dict[str, Any]:
             "Offset": _int(meta.get("offset")),
             "Key": meta.get("key", ""),
             "Headers": [{"Key": k, "Value": v} for k, v in message.headers.items()],
+            "DequeueCount": message.dequeue_count,
         }
-    return {"Id": message.id, "DequeueCount": _int(meta.get("DequeueCount")) or 1}
+    return {"Id": message.id, "DequeueCount": message.dequeue_count}
 
 
 def sys_metadata(function: str) -> dict[str, Any]:
@@ -371,9 +414,52 @@ def _reason_of(exc: urllib.error.HTTPError) -> str:
         return ""
 
 
+_FINISHING = threading.RLock()
+"""Held while the outcome is recorded: the timeout's watchdog never records a failure
+over a result being recorded (nor the function's thread a result over a timeout)."""
+
+
+def clock(seconds: float) -> str:
+    """Seconds as host.json writes a timespan: ``hh:mm:ss``."""
+    whole = int(seconds)
+    return f"{whole // 3600:02d}:{whole % 3600 // 60:02d}:{whole % 60:02d}"
+
+
+def start_timeout(seconds: float | None, function: str) -> threading.Timer | None:
+    """The per-invocation limit (host.json ``functionTimeout``; the host's text on
+    expiry, "Timeout value of 00:05:00 exceeded by function ..."): after ``seconds``
+    this try fails, its failure recorded, and the process exits 1 at once, whatever
+    the function is doing (a handler still answering, Python code blocked in C), as
+    the host abandons the invocation. The Job's next try, if it has one, then starts
+    with ``DequeueCount`` one higher. None or 0: no limit."""
+    if not seconds or seconds <= 0:
+        return None
+
+    def expire() -> None:
+        if not _FINISHING.acquire(blocking=False):
+            return  # the function finished just now; its result is being recorded
+        code = fail(
+            f"Timeout value of {clock(seconds)} exceeded by function {function} "
+            "(host.json functionTimeout, a limit on each try)"
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
 def succeed(outputs: dict[str, Any], declared: list[str]) -> int:
     """Record a success with its outputs (only the declared bindings; others are named
     in the log and dropped, as the host ignores an Outputs key with no binding)."""
+    with _FINISHING:
+        return _succeed(outputs, declared)
+
+
+def _succeed(outputs: dict[str, Any], declared: list[str]) -> int:
     kept: dict[str, list[str]] = {}
     for name, value in outputs.items():
         if name not in declared:
@@ -392,6 +478,11 @@ def succeed(outputs: dict[str, Any], declared: list[str]) -> int:
 def fail(error: str) -> int:
     """Record a failure with its reason (best effort: the exit code fails the Job
     anyway) and return the exit code."""
+    with _FINISHING:
+        return _fail(error)
+
+
+def _fail(error: str) -> int:
     print(f"jobrunner-invoker: failed: {error}", file=sys.stderr)
     try:
         record_result({"status": "failed", "error": error[:4000]})
@@ -433,11 +524,14 @@ def invoke_custom_handler(args: argparse.Namespace) -> int:
     message = Message()
     declared = [o for o in (args.outputs or "").split(",") if o]
     wait_until_listening(args.port, args.ready_timeout)
+    # The host times the invocation, not the worker's start (the ready wait has its own
+    # bound above).
+    start_timeout(args.timeout, args.function)
     metadata = trigger_metadata(message)
     metadata["sys"] = sys_metadata(args.function)
     payload = {"Data": {args.binding: data_value(message)}, "Metadata": metadata}
     invocation = str(uuid.uuid4())
-    connection = http.client.HTTPConnection("127.0.0.1", args.port, timeout=args.timeout)
+    connection = http.client.HTTPConnection("127.0.0.1", args.port)
     try:
         connection.request(
             "POST",
@@ -527,11 +621,11 @@ def trigger_value(message: Message, binding: dict[str, Any], annotation: Any) ->
     func = importlib.import_module("azure.functions")
     if kind == "queuetrigger":
         queue = importlib.import_module("azure.functions.queue")
-        meta = trigger_metadata(message) if message.source == "azure-queue" else {}
+        meta = trigger_metadata(message)
         return queue.QueueMessage(
             id=meta.get("Id") or message.id,
             body=message.body,
-            dequeue_count=meta.get("DequeueCount"),
+            dequeue_count=message.dequeue_count,
             expiration_time=_when(str(meta.get("ExpirationTime", ""))),
             insertion_time=_when(str(meta.get("InsertionTime", ""))),
             time_next_visible=_when(str(meta.get("NextVisibleTime", ""))),
@@ -634,6 +728,7 @@ def invoke_python(args: argparse.Namespace) -> int:
                 f"function {args.function}: parameter {parameter.name!r} has no binding "
                 "jobrunner can give (input bindings are not supported)"
             )
+    start_timeout(args.timeout, args.function)
     try:
         returned = function(**kwargs)
         if inspect.isawaitable(returned):
@@ -664,6 +759,11 @@ def install(destination: str) -> int:
     return 0
 
 
+_TIMEOUT_HELP = (
+    "seconds one invocation may take (host.json functionTimeout; default: none, as with -1)"
+)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="invoker.py", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="mode", required=True)
@@ -680,16 +780,12 @@ def parser() -> argparse.ArgumentParser:
         default=60.0,
         help="seconds to wait for the handler (the docs' 60 s)",
     )
-    handler.add_argument(
-        "--timeout",
-        type=float,
-        default=None,
-        help="seconds to wait for the answer (default: none, as with functionTimeout -1)",
-    )
+    handler.add_argument("--timeout", type=float, default=None, help=_TIMEOUT_HELP)
     python = sub.add_parser("python", help="call a Python function app's function")
     python.add_argument("--app", default=os.environ.get("AzureWebJobsScriptRoot", "."))  # noqa: SIM112
     python.add_argument("--function", required=True)
     python.add_argument("--outputs", default="")
+    python.add_argument("--timeout", type=float, default=None, help=_TIMEOUT_HELP)
     inst = sub.add_parser("install", help="copy this file into a directory")
     inst.add_argument("destination")
     return p
@@ -705,8 +801,6 @@ def main(argv: list[str] | None = None) -> int:
         return invoke_python(args)
     except InvocationFailed as exc:
         return fail(str(exc))
-    except socket.timeout:
-        return fail("the custom handler did not answer in time")
 
 
 if __name__ == "__main__":
