@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import hashlib
 import json
 import re
 import subprocess
@@ -55,6 +56,32 @@ INVOKER_MOUNT = "/jobrunner"
 DEFAULT_TIMEOUT_SECONDS = 1800
 """The host's functionTimeout outside the Consumption plan (30 min)."""
 _SETTING = re.compile(r"%([^%]+)%")
+APP_NAME_MAX = 24
+"""An app's name is at most this long: ``<app>-settings``, ``<app>-invoker`` and the
+admission policy's name are built from it."""
+SCALEDJOB_NAME_MAX = 40
+"""A function's ScaledJob name (``<app>-<function>``) is at most this long: Job names
+take it as their prefix (jobrunner.naming), and TriggerAuthentications add
+``-trigger`` / ``-out<i>``."""
+HASH_CHARS = 8
+"""Hex digits of SHA-256 that tell apart names that had to be cut or changed."""
+
+
+def kube_name(text: str, limit: int) -> str:
+    """``text`` as a DNS label (RFC 1123: ``[a-z0-9-]``, at most ``limit``) that names
+    nothing else: lower-cased only, when that is all it takes (function and app names
+    are case-insensitive to the Functions host), else cut to ``limit`` - 9 characters
+    and suffixed with ``-`` and HASH_CHARS hex digits of SHA-256 of the lower-cased
+    text, so two names that share a long prefix, or differ only in the characters a
+    label cannot hold (``Process_Order``, ``Process.Order``), stay two names, and the
+    same name is the same label on every import."""
+    lowered = text.lower()
+    label = dns_label(lowered, 1_000_000)
+    if label == lowered and len(label) <= limit:
+        return label
+    digest = hashlib.sha256(lowered.encode()).hexdigest()[:HASH_CHARS]
+    return f"{dns_label(lowered, limit - HASH_CHARS - 1)}-{digest}"
+
 
 _TRIGGERS = {"queuetrigger": "azure-queue", "rabbitmqtrigger": "rabbitmq", "kafkatrigger": "kafka"}
 _OUTPUTS = {"queue": "azure-queue", "rabbitmq": "rabbitmq", "kafka": "kafka"}
@@ -147,7 +174,7 @@ def read_app(directory: Path, *, python: str | None = None, name: str | None = N
         )
     return App(
         path=directory,
-        name=dns_label(name or directory.resolve().name, 24),
+        name=kube_name(name or directory.resolve().name, APP_NAME_MAX),
         host=host,
         settings=settings,
         functions=functions,
@@ -322,7 +349,7 @@ def plan_function(app: App, function: Function, options: Options) -> list[dict[s
     if options.embedded:
         source = _embedded(source)
         outputs = [(b, _embedded(d)) for b, d in outputs]
-    name = dns_label(f"{app.name}-{function.name}", 40)
+    name = kube_name(f"{app.name}-{function.name}", SCALEDJOB_NAME_MAX)
     settings_secret = f"{app.name}-settings"
     docs: list[dict[str, Any]] = [_secret(app, settings_secret)]
     auth_name = f"{name}-trigger"
@@ -664,11 +691,14 @@ def import_app(
     name: str | None = None,
     settings: Mapping[str, str] | None = None,
 ) -> Imported:
-    """Write one manifest per importable function into ``options.out``."""
+    """Write one manifest per importable function into ``options.out``. Nothing is
+    written when two functions would become the same file or the same object
+    (ManifestError naming both; see ``_Names``)."""
     app = read_app(directory, python=options.python, name=name)
     app.settings.update(settings or {})
     result = Imported()
-    options.out.mkdir(parents=True, exist_ok=True)
+    names = _Names()
+    planned: list[tuple[Path, list[dict[str, Any]], str, bool]] = []
     for function in app.functions:
         try:
             docs = plan_function(app, function, options)
@@ -680,39 +710,79 @@ def import_app(
                 doc["metadata"]["namespace"] = options.namespace
         scaledjob = docs[-1]
         path = options.out / f"{scaledjob['metadata']['name']}.yaml"
-        # It may hold the app's Secret (local.settings.json's values): private, like
-        # that file should be.
-        write_private(path, yaml.safe_dump_all(docs, sort_keys=False).encode())
+        what = f"function {function.name} ({function.origin})"
+        names.claim(path, docs, what)
         trigger = scaledjob["spec"]["triggers"][0]
         outs = [f"{o['name']} -> {o['type']}" for o in scaledjob["spec"]["function"]["outputs"]]
-        result.written.append(
-            (
-                path,
-                f"{function.name}: {trigger['type']} {_destination(trigger['metadata'])}"
-                + (f"; outputs {', '.join(outs)}" if outs else ""),
-            )
+        line = f"{function.name}: {trigger['type']} {_destination(trigger['metadata'])}" + (
+            f"; outputs {', '.join(outs)}" if outs else ""
         )
-    if result.written and not options.local:
-        path = options.out / f"{app.name}-rbac.yaml"
+        # It may hold the app's Secret (local.settings.json's values): private, like
+        # that file should be.
+        planned.append((path, docs, line, True))
+    if planned and not options.local:
         rbac = _rbac(app)
         if options.namespace:
             for doc in rbac:
                 doc["metadata"]["namespace"] = options.namespace
             rbac[-1]["subjects"][0]["namespace"] = options.namespace
-        path.write_text(yaml.safe_dump_all(rbac, sort_keys=False))
-        result.written.append((path, "the invoker's ServiceAccount, Role and RoleBinding"))
-        path = options.out / f"{app.name}-policy.yaml"
+        path = options.out / f"{app.name}-rbac.yaml"
+        names.claim(path, rbac, "the invoker's RBAC")
+        planned.append((path, rbac, "the invoker's ServiceAccount, Role and RoleBinding", False))
         policy = invoker_policy(app.name, options.namespace)
-        path.write_text(yaml.safe_dump_all(policy, sort_keys=False))
-        result.written.append(
+        path = options.out / f"{app.name}-policy.yaml"
+        names.claim(path, policy, "the invoker's admission policy")
+        planned.append(
             (
                 path,
+                policy,
                 "an admission policy letting the invoker change only its own Job's result "
                 "(cluster-scoped: for a cluster admin, unless the jobrunner chart's "
                 "invokerPolicy is on)",
+                False,
             )
         )
+    options.out.mkdir(parents=True, exist_ok=True)
+    for path, docs, line, private in planned:
+        text = yaml.safe_dump_all(docs, sort_keys=False)
+        if private:
+            write_private(path, text.encode())
+        else:
+            path.write_text(text)
+        result.written.append((path, line))
     return result
+
+
+class _Names:
+    """Every file and every object (kind, namespace, name) one import writes, with what
+    it stands for: a second claim on one of them by something else is a ManifestError
+    naming both (names are cut and changed to fit Kubernetes, ``kube_name``; what
+    still collides, such as two functions whose names differ only in case, is refused
+    rather than one of them silently lost). The same object written twice with the
+    same content (the app's settings Secret, in every function's file) is one object."""
+
+    def __init__(self) -> None:
+        self._files: dict[Path, str] = {}
+        self._objects: dict[tuple[str, str, str], tuple[str, str]] = {}
+
+    def claim(self, path: Path, docs: list[dict[str, Any]], what: str) -> None:
+        if path in self._files:
+            raise ManifestError(
+                f"{what} and {self._files[path]} would both be written to {path}; "
+                "rename one of them (function names are case-insensitive)"
+            )
+        self._files[path] = what
+        for doc in docs:
+            meta = doc.get("metadata") or {}
+            key = (str(doc.get("kind")), str(meta.get("namespace", "")), str(meta.get("name")))
+            content = json.dumps(doc, sort_keys=True)
+            earlier = self._objects.get(key)
+            if earlier is not None and earlier[1] != content:
+                raise ManifestError(
+                    f"{what} and {earlier[0]} would both be the {key[0]} {key[2]}; rename "
+                    "one of them (function names are case-insensitive)"
+                )
+            self._objects[key] = (earlier or (what, content))[0], content
 
 
 def _destination(metadata: Mapping[str, str]) -> str:
@@ -730,7 +800,7 @@ def run(args: argparse.Namespace) -> int:
         if not sep:
             raise ManifestError(f"--setting {pair!r}: expected NAME=VALUE")
         overrides[key] = value
-    app_name = dns_label(args.name or directory.resolve().name, 24)
+    app_name = kube_name(args.name or directory.resolve().name, APP_NAME_MAX)
     options = Options(
         out=Path(args.out or f"{app_name}-scaledjobs"),
         image=args.image or f"{app_name}:latest",

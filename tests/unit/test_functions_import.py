@@ -301,3 +301,97 @@ def test_the_examples_import_into_manifests_that_load_and_render(
 
 def test_the_invoker_writes_the_annotation_the_dispatcher_reads() -> None:
     assert invoker.RESULT_ANNOTATION == RESULT_ANNOTATION
+
+
+# ------------------------------------------------------------------ names
+QUEUE = trigger("queueTrigger", queueName="orders", connection="AzureWebJobsStorage")
+
+
+def scaledjob_names(out: Path) -> dict[str, str]:
+    """Function name -> ScaledJob name, for every ScaledJob file written."""
+    names = {}
+    for path in out.glob("*.yaml"):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc["kind"] == "ScaledJob":
+                assert path.name == f"{doc['metadata']['name']}.yaml"
+                names[doc["spec"]["function"]["name"]] = doc["metadata"]["name"]
+    return names
+
+
+def test_functions_sharing_a_long_prefix_are_two_scaledjobs_with_stable_names(
+    tmp_path: Path,
+) -> None:
+    long = "ProcessCustomerOrderConfirmationEmail"
+    functions = {f"{long}High": [QUEUE], f"{long}Low": [QUEUE], "Short": [QUEUE]}
+    root = app(tmp_path, functions)
+    assert run_import(root, tmp_path / "a") == 0
+    names = scaledjob_names(tmp_path / "a")
+    assert set(names) == set(functions)  # none lost
+    assert len(set(names.values())) == 3
+    assert names["Short"] == "shop-short"  # fits: only lower-cased
+    for name in names.values():
+        assert len(name) <= 40
+    for path in (tmp_path / "a").glob("shop-*.yaml"):
+        if "rbac" not in path.name and "policy" not in path.name:
+            load_manifest(path)
+    # The same names on every import (a hash of the name, not of the order or the set).
+    del functions["Short"]
+    (root / "Short" / "function.json").unlink()
+    (root / "Short").rmdir()
+    assert run_import(root, tmp_path / "b") == 0
+    again = scaledjob_names(tmp_path / "b")
+    assert again == {k: v for k, v in names.items() if k != "Short"}
+
+
+def test_names_that_differ_only_in_characters_a_label_cannot_hold_stay_apart(
+    tmp_path: Path,
+) -> None:
+    root = app(tmp_path, {"Process_Order": [QUEUE], "Process.Order": [QUEUE]})
+    assert run_import(root, tmp_path / "out") == 0
+    names = scaledjob_names(tmp_path / "out")
+    assert set(names) == {"Process_Order", "Process.Order"}
+    assert len(set(names.values())) == 2
+
+
+def test_names_that_still_collide_are_an_error_and_nothing_is_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Function names are case-insensitive to the host; on Linux two folders can differ
+    # in case only.
+    root = app(tmp_path, {"Work": [QUEUE], "work": [QUEUE]})
+    assert run_import(root, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "function work" in err
+    assert "function Work" in err
+    assert "rename one of them" in err
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_function_cannot_overwrite_the_apps_rbac_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    root = app(tmp_path, {"Rbac": [QUEUE], "Work": [QUEUE]})
+    assert run_import(root, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "shop-rbac.yaml" in err
+    assert "function Rbac" in err
+
+
+def test_apps_whose_names_share_a_long_prefix_get_their_own_secret_and_account(
+    tmp_path: Path,
+) -> None:
+    names = []
+    for suffix in ("eu", "us"):
+        root = tmp_path / f"src-{suffix}"
+        root.mkdir()
+        made = app(root, {"Work": [QUEUE]})
+        target = root / f"customer-notifications-service-{suffix}"
+        made.rename(target)
+        out = tmp_path / f"out-{suffix}"
+        assert run_import(target, out) == 0
+        found = docs(next(p for p in out.glob("*.yaml") if "ScaledJob" in p.read_text()))
+        (secret,) = found["Secret"]
+        names.append(secret["metadata"]["name"])
+        assert (out / f"{secret['metadata']['name'].removesuffix('-settings')}-rbac.yaml").exists()
+    assert names[0] != names[1]
+    assert all(len(n.removesuffix("-settings")) <= 24 for n in names)
