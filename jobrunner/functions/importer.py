@@ -496,7 +496,7 @@ def _job(
     *,
     tries: int = 1,
 ) -> dict[str, Any]:
-    """The Job template: the function's pod, ``tries`` pods at most (see ``_retries``),
+    """The Job template: the function's pod, ``tries`` pods at most (``backoffLimit``),
     each invocation limited to host.json ``functionTimeout``."""
     root = str(app.path.resolve()) if options.local else APP_ROOT
     env = [
@@ -617,47 +617,12 @@ def _job(
         if env_from:
             main["envFrom"] = env_from
         pod["containers"] = [main]
-    job: dict[str, Any] = {**_retries(tries, options), "template": {"spec": pod}}
-    if not options.local:
-        message_container = _message_container(app)
-        for container in pod["containers"]:
-            if container["name"] == message_container:
-                container.setdefault("env", []).append(_INDEX_FAILURES_ENV)
+    # Each try one pod, as each try of the host is one dequeue (the invoker counts the
+    # failed ones into DequeueCount).
+    job: dict[str, Any] = {"backoffLimit": tries - 1, "template": {"spec": pod}}
     if timeout is not None:
         job["activeDeadlineSeconds"] = _job_deadline(timeout, tries)
     return job
-
-
-_INDEX_FAILURES_ENV = {
-    "name": "JOBRUNNER_JOB_INDEX_FAILURES",
-    "valueFrom": {
-        "fieldRef": {
-            "fieldPath": "metadata.annotations['batch.kubernetes.io/job-index-failure-count']"
-        }
-    },
-}
-"""The failed pods before this one, which the invoker adds to ``DequeueCount``
-(jobrunner.functions.invoker.INDEX_FAILURES_ENV)."""
-
-
-def _retries(tries: int, options: Options) -> dict[str, Any]:
-    """How the Job tries its function ``tries`` times in all, each try one pod.
-
-    In a cluster: an Indexed Job of one completion with ``backoffLimitPerIndex`` (tries
-    - 1), because only then does the Job controller tell each pod how many failed before
-    it (the annotation ``batch.kubernetes.io/job-index-failure-count``, given to the
-    invoker by the Downward API), which ``DequeueCount`` needs; a Job that runs out of
-    tries fails with reason ``FailedIndexes``. Under the local executor (``--local``) a
-    plain ``backoffLimit`` (tries - 1): the invoker reads the failed tries from the
-    Job's status there, and the Job fails ``BackoffLimitExceeded``."""
-    if options.local:
-        return {"backoffLimit": tries - 1}
-    return {
-        "completionMode": "Indexed",
-        "completions": 1,
-        "parallelism": 1,
-        "backoffLimitPerIndex": tries - 1,
-    }
 
 
 def _rbac(app: App) -> list[dict[str, Any]]:

@@ -146,25 +146,32 @@ class Message:
             return None
 
 
-INDEX_FAILURES_ENV = "JOBRUNNER_JOB_INDEX_FAILURES"
-"""In a cluster, the pod's ``batch.kubernetes.io/job-index-failure-count`` annotation
-(through the Downward API): the failed pods of this Job before this one, which the Job
-controller writes on each pod of an Indexed Job with ``backoffLimitPerIndex``
-(kubernetes.io "Jobs: Backoff limit per index"); ``functions import`` makes such Jobs."""
-
-
 def prior_failures(env: dict[str, str]) -> int:
-    """How many tries of this Job failed before this one: under the local executor its
-    ``status.json`` (``failed``, which the supervisor raises before the next try starts);
-    in a cluster ``JOBRUNNER_JOB_INDEX_FAILURES``; else 0."""
+    """How many tries (pods) of this Job failed before this one, from the Job's
+    ``status.failed``, which the Job controller raises before it makes the next pod
+    (after a back-off of 10 s or more; kubernetes.io "Jobs: Pod backoff failure
+    policy"): under the local executor from the Job's ``status.json`` (its supervisor
+    does the same), in a cluster from the answer to a PATCH of this Job that changes
+    nothing (the invoker's Role has ``patch`` and no ``get``, and the admission policy
+    lets a pod's token reach its own Job only). 0, with a line in the log, when it
+    cannot be known: the function then runs with a lower ``DequeueCount`` rather than
+    not at all."""
     local = env.get("JOBRUNNER_LOCAL_JOB_DIR")
-    if local:
-        try:
+    try:
+        if local:
             status = json.loads((Path(local) / "status.json").read_text())
-            return max(0, int(status.get("failed", 0)))
-        except (OSError, ValueError, TypeError, AttributeError):
-            return 0
-    return max(0, _int(env.get(INDEX_FAILURES_ENV)) or 0)
+        else:
+            namespace, name, uid = job_identity(env)
+            job = _patch_own_job({}, env, namespace=namespace, name=name, uid=uid)
+            status = job.get("status") or {}
+        return max(0, int(status.get("failed") or 0))
+    except (InvocationFailed, OSError, ValueError, TypeError, AttributeError) as exc:
+        print(
+            f"jobrunner-invoker: cannot tell the Job's earlier tries ({exc}); DequeueCount "
+            "counts this delivery only",
+            file=sys.stderr,
+        )
+        return 0
 
 
 def dequeue_count(env: dict[str, str], metadata: dict[str, str]) -> int:
@@ -361,13 +368,15 @@ def record_result(result: dict[str, Any], env: dict[str, str] | None = None) -> 
 
 def _patch_own_job(
     annotations: dict[str, str], env: dict[str, str], *, namespace: str, name: str, uid: str
-) -> None:
+) -> dict[str, Any]:
+    """Merge ``annotations`` into this Job's (none: a patch that changes nothing) and
+    return the Job as the API server answers. InvocationFailed when it cannot."""
     sa = Path(env.get("JOBRUNNER_SERVICE_ACCOUNT_DIR", SERVICE_ACCOUNT))
     host = env.get("KUBERNETES_SERVICE_HOST")
     port = env.get("KUBERNETES_SERVICE_PORT", "443")
     if not host or not (sa / "token").exists():
         raise InvocationFailed(
-            "cannot record the result on the Job: no API server in reach (needs "
+            "cannot reach the Job: no API server in reach (needs "
             "KUBERNETES_SERVICE_HOST and a service account token; "
             "automountServiceAccountToken must not be false)"
         )
@@ -384,8 +393,9 @@ def _patch_own_job(
         request.add_header("Content-Type", "application/merge-patch+json")
         request.add_header("Authorization", f"Bearer {token}")
         try:
-            with urllib.request.urlopen(request, timeout=30, context=context):
-                return
+            with urllib.request.urlopen(request, timeout=30, context=context) as answer:
+                job = json.loads(answer.read())
+                return job if isinstance(job, dict) else {}
         except urllib.error.HTTPError as exc:
             if exc.code in (401, 403, 404, 409, 422):
                 hint = (
@@ -401,9 +411,10 @@ def _patch_own_job(
         except (urllib.error.URLError, OSError) as exc:
             problem = str(exc)
         if attempt == 5:
-            raise InvocationFailed(f"cannot record the result on Job {name}: {problem}")
+            break
         time.sleep(delay)
         delay *= 2
+    raise InvocationFailed(f"cannot reach Job {name} through the API server: {problem}")
 
 
 def _reason_of(exc: urllib.error.HTTPError) -> str:

@@ -79,7 +79,13 @@ class Pod:
     CA, its namespace and the key mounted from the Job's Secret."""
 
     def __init__(
-        self, kube_api: client.ApiClient, kubeconfig: Path, namespace: str, job: str, home: Path
+        self,
+        kube_api: client.ApiClient,
+        kubeconfig: Path,
+        namespace: str,
+        job: str,
+        home: Path,
+        pod_name: str | None = None,
     ) -> None:
         core = client.CoreV1Api(kube_api)
         self.namespace, self.job = namespace, job
@@ -88,7 +94,7 @@ class Pod:
             for p in core.list_namespaced_pod(
                 namespace, label_selector=f"batch.kubernetes.io/job-name={job}"
             ).items
-            if p.spec.node_name
+            if p.spec.node_name and pod_name in (None, p.metadata.name)
         )
         self.name = pod.metadata.name
         self.uid = pod.metadata.labels["batch.kubernetes.io/controller-uid"]
@@ -109,7 +115,7 @@ class Pod:
             },
         ).status.token
         cluster = yaml.safe_load(kubeconfig.read_text())["clusters"][0]["cluster"]
-        self.sa = home / f"{job}-serviceaccount"
+        self.sa = home / f"{self.name}-serviceaccount"
         self.sa.mkdir()
         (self.sa / "token").write_text(token)
         (self.sa / "namespace").write_text(namespace)
@@ -501,3 +507,68 @@ async def test_the_admission_policy_lets_a_pod_change_only_its_own_jobs_result(
     # Whoever else holds the rights (here the admin; the operator's own account is
     # exempt in the chart) is not affected.
     batch.patch_namespaced_job("fn-b", namespace, {"metadata": {"annotations": {"x": "y"}}})
+
+
+@pytest.mark.parametrize("policy_source", ["import"], indirect=True)
+async def test_each_try_of_a_functions_job_knows_the_failed_tries_before_it(
+    policy_source: Callable[[Path], None],
+    azure_storage: str,
+    function_queues: dict[str, str],
+    kube_api: client.ApiClient,
+    kubeconfig: Path,
+    namespace: str,
+    dispatchers: Callable[..., Dispatcher],
+    tmp_path: Path,
+) -> None:
+    """maxDequeueCount 3 is three pods of one Job; in each, the invoker learns from the
+    Job (a PATCH that changes nothing, which the admission policy lets its pod's token
+    make) how many tries failed before it, so DequeueCount is 1, 2, 3. KWOK fails each
+    pod after 15 s; the test plays the invoker in each while it runs."""
+    app = custom_handler_app(tmp_path, azure_storage, function_queues)
+    host = json.loads((app / "host.json").read_text())
+    host["extensions"]["queues"]["maxDequeueCount"] = 3
+    (app / "host.json").write_text(json.dumps(host))
+    out = tmp_path / "out"
+    manifest = import_app(app, out, namespace, "orders")
+    docs = list(yaml.safe_load_all(manifest.read_text()))
+    job_spec = docs[-1]["spec"]["jobTargetRef"]
+    assert job_spec["backoffLimit"] == 2
+    annotations = job_spec["template"]["metadata"]["annotations"]
+    annotations.update({RUN_FOR: "15s", "kwok.jobrunner.dev/outcome": "failed"})
+    manifest.write_text(yaml.safe_dump_all(docs, sort_keys=False))
+    apply(
+        kube_api, namespace, out / "orders-rbac.yaml", manifest,
+        kinds=("Secret", "ServiceAccount", "Role", "RoleBinding"),
+    )  # fmt: skip
+    policy_source(out)
+    await send(azure_storage, function_queues["orders"], b'{"id": "tried-thrice"}')
+    dispatcher = dispatchers(manifest, {"JOBRUNNER_AZURE_QUEUE__MAX_POLL_INTERVAL_SECONDS": "0.5"})
+    name = await job_with_pod(kube_api, namespace, "orders-processorder")
+    core = client.CoreV1Api(kube_api)
+    seen: list[str] = []
+    counts: list[int] = []
+
+    async def next_running_pod() -> str | None:
+        pods = await asyncio.to_thread(
+            core.list_namespaced_pod,
+            namespace,
+            label_selector=f"batch.kubernetes.io/job-name={name}",
+        )
+        for p in pods.items:
+            if p.metadata.name not in seen and p.spec.node_name and p.status.phase == "Running":
+                return str(p.metadata.name)
+        return None
+
+    for _ in range(3):
+        pod_name = await eventually(next_running_pod, within=120, interval=0.3)
+        seen.append(pod_name)
+        pod = Pod(kube_api, kubeconfig, namespace, name, tmp_path, pod_name=pod_name)
+        env = {**pod.env(), "JOBRUNNER_DELIVERY_COUNT": "1"}
+        counts.append(await asyncio.to_thread(invoker.dequeue_count, env, {}))
+    assert counts == [1, 2, 3], dispatcher.logs()
+    # Nothing was changed by those PATCHes, and the third failure was the last try.
+    await dispatcher.settled("dead-letter", 1, within=120)
+    (job,) = await asyncio.to_thread(jobs_of, kube_api, namespace, "orders-processorder")
+    assert finished(job) == "Failed"
+    assert RESULT not in (job.metadata.annotations or {})
+    assert job.status.failed == 3
