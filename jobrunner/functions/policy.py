@@ -166,9 +166,18 @@ def invoker_policy(app: str, namespace: str | None) -> list[dict[str, Any]]:
             "request.userInfo.username.startsWith('system:serviceaccount:')"
             f" && request.userInfo.username.endsWith(':{account}')"
         )
-    name = f"jobrunner-invoker-{app}" + (f"-{namespace}" if namespace else "")
     return policy(
-        name=name[:253],
+        name=invoker_policy_name(app, namespace),
         match_conditions=[{"name": "the-invoker-service-account", "expression": user}],
         namespaces=[namespace] if namespace else None,
     )
+
+
+def invoker_policy_name(app: str, namespace: str | None) -> str:
+    """The cluster-scoped name of ``app``'s policy: ``jobrunner-invoker.<namespace>.<app>``
+    (or ``jobrunner-invoker.<app>``). App and namespace are DNS labels, which hold no
+    ``.``, so no two (app, namespace) pairs share a name (joined with ``-``, app ``a-b``
+    in namespace ``c`` and app ``a`` in namespace ``b-c`` did: applying one replaced the
+    other's policy and left its invoker unconfined). At most 4 + 63 + 24 characters of
+    the 253 a DNS subdomain may have."""
+    return ".".join(["jobrunner-invoker", *([namespace] if namespace else []), app])

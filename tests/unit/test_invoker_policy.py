@@ -111,7 +111,7 @@ def test_functions_import_writes_a_patch_only_role_and_the_policy(
     assert vap["spec"]["validations"] == policy.VALIDATIONS
     (condition,) = vap["spec"]["matchConditions"]
     if namespace:
-        assert vap["metadata"]["name"] == "jobrunner-invoker-shop-media"
+        assert vap["metadata"]["name"] == "jobrunner-invoker.media.shop"
         assert condition["expression"] == (
             "request.userInfo.username == 'system:serviceaccount:media:shop-invoker'"
         )
@@ -119,6 +119,17 @@ def test_functions_import_writes_a_patch_only_role_and_the_policy(
             "values"
         ] == ["media"]
     else:
-        assert vap["metadata"]["name"] == "jobrunner-invoker-shop"
+        assert vap["metadata"]["name"] == "jobrunner-invoker.shop"
         assert condition["expression"].endswith(".endsWith(':shop-invoker')")
         assert "matchResources" not in binding["spec"]
+
+
+def test_two_apps_policies_never_share_a_name() -> None:
+    """The policy is cluster-scoped: a name two (app, namespace) pairs share would let one
+    import replace another's policy, leaving that app's invoker unconfined."""
+    pairs = [("a-b", "c"), ("a", "b-c"), ("a-b-c", None), ("a", "b"), ("a-b", None)]
+    names = [policy.invoker_policy(app, ns)[0]["metadata"]["name"] for app, ns in pairs]
+    assert len(set(names)) == len(pairs)
+    for (app, ns), name in zip(pairs, names, strict=True):
+        assert name == policy.invoker_policy_name(app, ns)
+        assert policy.invoker_policy(app, ns)[1]["spec"]["policyName"] == name
