@@ -10,21 +10,24 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import pytest
 import yaml
 from kubernetes import client
 
 from jobrunner.local.jobdir import JobDir
-from tests.helpers import wait_until
+from tests.helpers import eventually, wait_until
 from tests.integration.brokers import KITS, Kit, make_kit
 from tests.integration.harness import Dispatcher, busybox_job, jobs_of, publish, wait_for_jobs
 from tests.integration.test_azure_queue import b64json, send
 from tests.integration.test_azure_queue import manifest as azure_manifest
 from tests.integration.test_azure_queue import start as azure_start
+from tests.integration.test_quorum_queues import declare, quorum_manifest
 from tests.local.conftest import Dispatchers
 
 KILL_BEFORE_CREATE = {"JOBRUNNER_DISPATCHER__FAILPOINTS": json.dumps(["before-create"])}
@@ -106,6 +109,45 @@ async def test_rabbitmq_counts_a_redelivery(
     await publish(rabbitmq_url, queue, b'{"task": "once"}', message_id="once")
     jobs = await wait_for_jobs(kube_api, namespace, "work", 2, state="Complete")
     assert by_message(jobs) == {"again": 2, "once": 1}
+
+
+@pytest.fixture
+async def quorum(rabbitmq_url: str) -> AsyncIterator[str]:
+    """A quorum queue's name (declared by the test), deleted afterwards with its dead
+    letters."""
+    name = f"qq-{uuid.uuid4().hex[:10]}"
+    yield name
+    async with await aio_pika.connect(rabbitmq_url) as connection:
+        channel = await connection.channel()
+        for queue in (name, f"{name}.dead-letter"):
+            await channel.queue_delete(queue)
+
+
+@pytest.mark.kube
+@pytest.mark.rabbitmq
+async def test_a_rabbitmq_quorum_queue_counts_every_return(
+    kube_api: client.ApiClient,
+    namespace: str,
+    quorum: str,
+    rabbitmq_url: str,
+    tmp_path: Path,
+    dispatchers: Callable[..., Dispatcher],
+) -> None:
+    """Returned twice (nack with requeue) before jobrunner takes it: the quorum queue's
+    x-delivery-count is 2, so this is the third delivery."""
+    await declare(rabbitmq_url, quorum)
+    await publish(rabbitmq_url, quorum, b'{"task": "returned"}', message_id="returned")
+    async with await aio_pika.connect(rabbitmq_url) as connection:
+        channel = await connection.channel()
+        queue = await channel.get_queue(quorum)
+        for _ in range(2):
+            message = await eventually(lambda: queue.get(fail=False), within=10, interval=0.2)
+            assert message is not None
+            await message.nack(requeue=True)
+    dispatchers(quorum_manifest(tmp_path, namespace, quorum, rabbitmq_url))
+    await publish(rabbitmq_url, quorum, b'{"task": "once"}', message_id="once")
+    jobs = await wait_for_jobs(kube_api, namespace, "work", 2, state="Complete")
+    assert by_message(jobs) == {"returned": 3, "once": 1}
 
 
 @pytest.mark.azurite
