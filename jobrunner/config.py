@@ -88,11 +88,24 @@ class ObjectMeta(BaseModel):
     annotations: dict[str, str] = Field(default_factory=dict)
 
 
+def authentication_key(kind: str, name: str) -> str:
+    """How the TriggerAuthentications of a manifest are keyed: a TriggerAuthentication by
+    its name, a ClusterTriggerAuthentication as ``ClusterTriggerAuthentication/<name>``
+    (KEDA keeps the two kinds apart: one of each may have the same name; no object name
+    holds a '/')."""
+    return name if kind == "TriggerAuthentication" else f"{kind}/{name}"
+
+
 class AuthenticationRef(_Model):
     name: ObjectName
     """The TriggerAuthentication's name (a DNS-1123 subdomain), in the ScaledJob's
-    namespace."""
+    namespace (a ClusterTriggerAuthentication has none)."""
     kind: Literal["TriggerAuthentication", "ClusterTriggerAuthentication"] = "TriggerAuthentication"
+
+    @property
+    def key(self) -> str:
+        """The referenced object's key among a manifest's authentications."""
+        return authentication_key(self.kind, self.name)
 
 
 class Trigger(_Model):
@@ -372,6 +385,11 @@ class TriggerAuthentication(_Model):
     metadata: AuthenticationMeta
     spec: TriggerAuthenticationSpec
 
+    @property
+    def key(self) -> str:
+        """Its key among a manifest's authentications (``authentication_key``)."""
+        return authentication_key(self.kind, self.metadata.name)
+
 
 def _field_path(loc: tuple[int | str, ...]) -> str:
     out = ""
@@ -607,7 +625,7 @@ def load_manifest(path: Path) -> ManifestSet:
             scaledjobs.append(parse_scaledjob(doc, where=where, node=node, origin=str(path)))
         elif kind in ("TriggerAuthentication", "ClusterTriggerAuthentication"):
             auth = parse_trigger_authentication(doc, where=where, node=node)
-            auths[auth.metadata.name] = auth
+            auths[auth.key] = auth
         elif kind == "Secret":
             meta = doc.get("metadata") or {}
             secrets[(str(meta.get("namespace") or "default"), str(meta.get("name")))] = doc

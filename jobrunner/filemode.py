@@ -109,13 +109,13 @@ def wanted_of(
         for ref in refs:
             if ref is None:
                 continue
-            auth = manifests.authentications.get(ref.name)
+            auth = manifests.authentications.get(ref.key)
             if auth is None:
-                versions[ref.name] = "missing"
+                versions[ref.key] = "missing"
                 continue
             named = {item.name for item in auth.spec.secretTargetRef}
             secrets = {f"{ns}/{n}": s for (ns, n), s in manifests.secrets.items() if n in named}
-            versions[ref.name] = _digest([auth.model_dump(mode="json"), secrets])
+            versions[ref.key] = _digest([auth.model_dump(mode="json"), secrets])
         versions[" template file"] = _file_digest(template_file(scaledjob, base_dirs))
         digest = essence(scaledjob, versions)
         old = (before or {}).get(key)

@@ -240,7 +240,7 @@ def tenant_problems(
                 refusal = reach.refusal(name, namespace=namespace, parameter=key[: -len("FromEnv")])
                 problems.append(Problem(f"{path}.metadata.{key}", refusal))
         ref = trigger.authenticationRef
-        auth = authentications.get(ref.name) if ref is not None else None
+        auth = authentications.get(ref.key) if ref is not None else None
         if auth is None:
             continue
         for j, env_ref in enumerate(auth.spec.env):
