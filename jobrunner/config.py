@@ -514,7 +514,11 @@ def parse_scaledjob(
         raise _explain(exc, where, node) from None
     scaledjob._node = node
     scaledjob._origin = origin
-    from jobrunner.triggers import check_output, check_trigger  # they import this module
+    from jobrunner.triggers import (  # they import this module
+        check_output,
+        check_spec,
+        check_trigger,
+    )
 
     problems = []
     for i, trigger in enumerate(scaledjob.spec.triggers):
@@ -530,6 +534,11 @@ def parse_scaledjob(
             line = line_of(node, loc)
             at = f"line {line}, " if line is not None else ""
             problems.append(f"  {at}field {_field_path(loc)}: {problem.text}")
+    for problem in check_spec(scaledjob):
+        loc = tuple(problem.field.split("."))
+        line = line_of(node, loc)
+        at = f"line {line}, " if line is not None else ""
+        problems.append(f"  {at}field {problem.field}: {problem.text}")
     if problems:
         raise ManifestError("\n".join([f"{where}: invalid trigger", *problems]))
     return scaledjob
