@@ -99,7 +99,7 @@ def authentication_key(kind: str, name: str) -> str:
 class AuthenticationRef(_Model):
     name: ObjectName
     """The TriggerAuthentication's name (a DNS-1123 subdomain), in the ScaledJob's
-    namespace (a ClusterTriggerAuthentication has none)."""
+    namespace."""
     kind: Literal["TriggerAuthentication", "ClusterTriggerAuthentication"] = "TriggerAuthentication"
 
     @property
