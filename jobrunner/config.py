@@ -88,11 +88,24 @@ class ObjectMeta(BaseModel):
     annotations: dict[str, str] = Field(default_factory=dict)
 
 
+def authentication_key(kind: str, name: str) -> str:
+    """How the TriggerAuthentications of a manifest are keyed: a TriggerAuthentication by
+    its name, a ClusterTriggerAuthentication as ``ClusterTriggerAuthentication/<name>``
+    (KEDA keeps the two kinds apart: one of each may have the same name; no object name
+    holds a '/')."""
+    return name if kind == "TriggerAuthentication" else f"{kind}/{name}"
+
+
 class AuthenticationRef(_Model):
     name: ObjectName
     """The TriggerAuthentication's name (a DNS-1123 subdomain), in the ScaledJob's
     namespace."""
     kind: Literal["TriggerAuthentication", "ClusterTriggerAuthentication"] = "TriggerAuthentication"
+
+    @property
+    def key(self) -> str:
+        """The referenced object's key among a manifest's authentications."""
+        return authentication_key(self.kind, self.name)
 
 
 class Trigger(_Model):
@@ -372,6 +385,11 @@ class TriggerAuthentication(_Model):
     metadata: AuthenticationMeta
     spec: TriggerAuthenticationSpec
 
+    @property
+    def key(self) -> str:
+        """Its key among a manifest's authentications (``authentication_key``)."""
+        return authentication_key(self.kind, self.metadata.name)
+
 
 def _field_path(loc: tuple[int | str, ...]) -> str:
     out = ""
@@ -496,7 +514,11 @@ def parse_scaledjob(
         raise _explain(exc, where, node) from None
     scaledjob._node = node
     scaledjob._origin = origin
-    from jobrunner.triggers import check_output, check_trigger  # they import this module
+    from jobrunner.triggers import (  # they import this module
+        check_output,
+        check_spec,
+        check_trigger,
+    )
 
     problems = []
     for i, trigger in enumerate(scaledjob.spec.triggers):
@@ -512,6 +534,11 @@ def parse_scaledjob(
             line = line_of(node, loc)
             at = f"line {line}, " if line is not None else ""
             problems.append(f"  {at}field {_field_path(loc)}: {problem.text}")
+    for problem in check_spec(scaledjob):
+        loc = tuple(problem.field.split("."))
+        line = line_of(node, loc)
+        at = f"line {line}, " if line is not None else ""
+        problems.append(f"  {at}field {problem.field}: {problem.text}")
     if problems:
         raise ManifestError("\n".join([f"{where}: invalid trigger", *problems]))
     return scaledjob
@@ -607,7 +634,7 @@ def load_manifest(path: Path) -> ManifestSet:
             scaledjobs.append(parse_scaledjob(doc, where=where, node=node, origin=str(path)))
         elif kind in ("TriggerAuthentication", "ClusterTriggerAuthentication"):
             auth = parse_trigger_authentication(doc, where=where, node=node)
-            auths[auth.metadata.name] = auth
+            auths[auth.key] = auth
         elif kind == "Secret":
             meta = doc.get("metadata") or {}
             secrets[(str(meta.get("namespace") or "default"), str(meta.get("name")))] = doc

@@ -7,7 +7,11 @@ that does not exist yet, keeps only its own ScaledJob waiting (one clear line pe
 and ``/readyz`` says why) while the others work. Order at stop: stop consuming, give
 in-flight settlements a bounded grace, then cancel what is left; running Jobs are left
 running for the next dispatcher to adopt; close the broker connection last. Signals are
-the caller's business (the CLI sets ``stop``).
+the caller's business.
+
+Who runs units: the operator's registry (jobrunner.operator.registry), for custom
+resources (jobrunner.operator) and for the ScaledJobs of a manifest file alike
+(jobrunner.filemode).
 """
 
 from __future__ import annotations
@@ -31,15 +35,14 @@ from jobrunner.config import (
 )
 from jobrunner.dispatcher import Dispatcher
 from jobrunner.failpoints import Failpoints
-from jobrunner.httpserver import Heartbeat, HttpEndpoints
 from jobrunner.marks import JobMarks
 from jobrunner.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY
 from jobrunner.outputs import FunctionResults
 from jobrunner.protocols import JobClient, MessageSink, MessageSource, SourceError
 from jobrunner.redaction import describe_error, redact
-from jobrunner.rendering import Renderer, render_pool, template_dirs
+from jobrunner.rendering import Renderer, template_dirs
 from jobrunner.sandbox.pool import RenderPool
-from jobrunner.tasks import is_essential, start_guarded, stop_tasks
+from jobrunner.tasks import start_guarded, stop_tasks
 from jobrunner.telemetry import Telemetry
 from jobrunner.timestamps import age_seconds
 from jobrunner.tracker import JobTracker
@@ -59,7 +62,6 @@ __all__ = [
     "SourceOpener",
     "job_client",
     "load_source",
-    "run",
     "selector_for",
     "template_dirs",
 ]
@@ -430,84 +432,3 @@ class DispatchUnit:
                 )
             if self.results is not None:
                 await self.results.close()
-
-
-async def _beat(heartbeat: Heartbeat) -> None:
-    while True:
-        heartbeat.beat()
-        await asyncio.sleep(1.0)
-
-
-def readiness(units: list[DispatchUnit]) -> tuple[bool, str]:
-    """(ready, why) for ``/readyz`` of ``jobrunner run -f``: ready when every unit
-    consumes and watches its Jobs, else each unit's name and reason. The names and the
-    reasons (broker hosts without credentials, in jobrunner's words) are shown because a
-    manifest file has one author, who runs the process: it is theirs to read. The
-    operator, serving many authors, shows counts only (``Operator.readiness``)."""
-    problems = [p for p in (u.readiness() for u in units) if p is not None]
-    if not units:
-        problems.append("starting")
-    return (not problems, "; ".join(problems) or "ready")
-
-
-async def run(
-    manifests: ManifestSet,
-    settings: Settings,
-    *,
-    stop: asyncio.Event | None = None,
-    telemetry: Telemetry | None = None,
-    on_started: Callable[[list[DispatchUnit]], None] | None = None,
-    reach: Reach,
-) -> None:
-    """Serve every ScaledJob of ``manifests`` until ``stop`` is set (or an essential task
-    fails, which is raised). ``reach``: what the triggers may use of this process (the
-    command line passes ``Reach.own(os.environ)``: the manifest's author runs it)."""
-    stop = stop or asyncio.Event()
-    jobs = job_client(settings)
-    units: list[DispatchUnit] = []
-    telemetry = telemetry or Telemetry.create()
-    heartbeat = Heartbeat()
-    http: HttpEndpoints | None = None
-    renders = render_pool(settings.dispatcher)
-    background = [start_guarded(_beat(heartbeat), name="heartbeat")]
-    if settings.telemetry.http_port is not None:
-        http = HttpEndpoints(
-            registry=telemetry.metrics.registry,
-            heartbeat=heartbeat,
-            ready=lambda: readiness(units),
-        )
-        http.start(settings.telemetry.http_host, settings.telemetry.http_port)
-    try:
-        for scaledjob in manifests.scaledjobs:
-            units.append(
-                await DispatchUnit.build(
-                    scaledjob,
-                    manifests=manifests,
-                    jobs=jobs,
-                    settings=settings,
-                    telemetry=telemetry,
-                    reach=reach,
-                    renders=renders,
-                )
-            )
-        for unit in units:
-            unit.start(settings=settings, telemetry=telemetry)
-        if on_started is not None:
-            on_started(units)
-        essential = [t for unit in units for t in unit.tasks if is_essential(t)]
-        stopper = asyncio.ensure_future(stop.wait())
-        done, _ = await asyncio.wait([stopper, *essential], return_when=asyncio.FIRST_COMPLETED)
-        stopper.cancel()
-        for task in done:
-            if task is not stopper and not task.cancelled() and task.exception() is not None:
-                raise task.exception()  # type: ignore[misc]
-        logger.info("stopping: no new messages; settling what can be settled")
-    finally:
-        grace = settings.dispatcher.shutdown_grace_seconds
-        await asyncio.gather(*(unit.stop(grace=grace) for unit in units), return_exceptions=True)
-        await stop_tasks(background, grace=0)
-        await renders.close()
-        if http is not None:
-            http.stop()
-        await jobs.close()
-        logger.info("stopped")

@@ -34,7 +34,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from jobrunner import runner
+from jobrunner import filemode
 from jobrunner.config import Executor, ManifestSet, Settings, load_manifest
 from jobrunner.console import JobRow, in_flight_table, rows_of, seconds
 from jobrunner.naming import job_name
@@ -271,7 +271,7 @@ async def main(cluster: bool) -> int:
     stop = asyncio.Event()
     start = time.monotonic()
     dispatcher = asyncio.create_task(
-        runner.run(
+        filemode.run(
             setup.manifests,
             setup.settings,
             stop=stop,

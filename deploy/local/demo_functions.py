@@ -27,7 +27,7 @@ import yaml
 from rich.table import Table
 from rich.text import Text
 
-from jobrunner import runner
+from jobrunner import filemode
 from jobrunner.cli import main as cli
 from jobrunner.config import Executor, Settings, load_manifest
 from jobrunner.console import rows_of, seconds
@@ -153,7 +153,7 @@ async def main() -> int:
     stop = asyncio.Event()
     start = time.monotonic()
     dispatcher = asyncio.create_task(
-        runner.run(
+        filemode.run(
             manifests, settings, stop=stop, telemetry=telemetry, reach=Reach.own(os.environ)
         ),
         name="demo-dispatcher",

@@ -81,6 +81,11 @@ class Context:
     def manifests(self) -> ManifestSet:
         """The file's ScaledJobs, in the namespace of ``-n`` when given (a ScaledJob that
         names another namespace is an error, as with kubectl)."""
+        return self.read_manifests()
+
+    def read_manifests(self) -> ManifestSet:
+        """The file read now, as ``manifests`` reads it (``run`` reads it again on a
+        change)."""
         from jobrunner.config import load_manifest
 
         path = Path(self.args.file)

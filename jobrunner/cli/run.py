@@ -1,4 +1,5 @@
-"""``run`` (a dispatcher, until SIGTERM or Ctrl-C) and ``publish`` (to the embedded
+"""``run`` (a dispatcher, until SIGTERM or Ctrl-C; SIGHUP or an edit of the file reloads
+it: see jobrunner.filemode) and ``publish`` (to the embedded
 queue)."""
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from jobrunner.cli.inputs import parse_headers, read_lines, read_message
 
 
 def cmd_run(ctx: Context) -> int:
-    from jobrunner import runner
-    from jobrunner.config import Executor
+    from jobrunner import filemode
+    from jobrunner.config import Executor, ManifestError, ManifestSet
     from jobrunner.rendering import Renderer, template_dirs
     from jobrunner.telemetry import Telemetry, configure_logging, tracer_provider
     from jobrunner.triggers import Reach
@@ -31,16 +32,31 @@ def cmd_run(ctx: Context) -> int:
     endpoint = settings.telemetry.otlp_endpoint or settings.otel_traces_endpoint
     telemetry = Telemetry.create(tracer_provider(otlp_endpoint=endpoint))
 
+    def load() -> ManifestSet:
+        # The file read again as at start (-n applied); a mistake in it is the file's.
+        try:
+            return ctx.read_manifests()
+        except CliError as exc:
+            raise ManifestError(str(exc)) from exc
+
     async def serve() -> None:
-        # Signals belong to the program, not the runner: SIGTERM and SIGINT ask it to stop.
-        stop = asyncio.Event()
+        # Signals belong to the program, not the runner: SIGTERM and SIGINT ask it to
+        # stop, SIGHUP to read the manifest file again.
+        stop, reload = asyncio.Event(), asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(signal.SIGHUP, reload.set)
         # The dispatcher is the manifest author's own process: its environment and cloud
         # identity are theirs, so *FromEnv and TriggerAuthentication env read all of it.
-        await runner.run(
-            manifests, settings, stop=stop, telemetry=telemetry, reach=Reach.own(os.environ)
+        await filemode.run(
+            manifests,
+            settings,
+            stop=stop,
+            reload=reload,
+            load=load,
+            telemetry=telemetry,
+            reach=Reach.own(os.environ),
         )
 
     try:

@@ -71,6 +71,17 @@ def go_bool_paused(value: str | None) -> bool:
     return value is not None and value not in _GO_FALSE
 
 
+def paused_by(annotations: Mapping[str, str], *, keda: bool = False) -> str | None:
+    """The annotation that pauses an object with these annotations, None when none does
+    (the module's rule; ``keda``: a keda.sh object taken over, where KEDA's annotation
+    pauses KEDA only). Operator mode and file mode (jobrunner.filemode) both read it."""
+    if go_bool_paused(annotations.get(PAUSED)):
+        return PAUSED
+    if not keda and go_bool_paused(annotations.get(KEDA_PAUSED)):
+        return KEDA_PAUSED
+    return None
+
+
 @dataclass(frozen=True)
 class Wanted:
     """One ScaledJob as this replica sees it, whatever its state."""
@@ -144,11 +155,7 @@ def wanted_from(
     def make(**fields: Any) -> Wanted:
         return Wanted(key=key, generation=generation, uid=uid, keda=keda, **fields)
 
-    paused = None
-    if go_bool_paused(annotations.get(PAUSED)):
-        paused = PAUSED
-    elif not keda and go_bool_paused(annotations.get(KEDA_PAUSED)):
-        paused = KEDA_PAUSED
+    paused = paused_by(annotations, keda=keda)
     body = {k: v for k, v in obj.items() if k in ("apiVersion", "kind", "spec")}
     # Only what the user wrote: a status write (resourceVersion, managedFields) must not
     # make the object look changed.

@@ -16,6 +16,7 @@ import datetime
 import json
 import logging
 import os
+import re
 import ssl
 import tempfile
 import time
@@ -87,7 +88,69 @@ class QueueSettings:
     dead_letter_routing_key: str | None = None
     delivery_limit: int | None = None
     """Quorum queues: returns a message survives; past them the broker drops it (or
-    dead-letters it itself). None: unlimited."""
+    dead-letters it itself). None: unlimited (see ``delivery_limit``)."""
+    broker_version: str = ""
+    """The broker's ``rabbitmq_version`` (``GET /api/overview``); "" when unknown."""
+
+
+RABBITMQ_4_DELIVERY_LIMIT = 20
+"""The delivery limit RabbitMQ 4.0 and later give a quorum queue that sets none
+(``?DEFAULT_DELIVERY_LIMIT`` in rabbit_quorum_queue.erl; 3.x has no default). A negative
+limit (``-1``) turns it off there."""
+
+
+def _limit_value(value: Any) -> int | None:
+    """A delivery limit as the broker reads it: an integer (a digit string from a policy
+    set through the HTTP API too), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and value.lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+_VERSION = re.compile(r"\d{1,4}(\.\d{1,6}){0,3}")
+
+
+def _major(version: str) -> int | None:
+    head = version.split(".", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def delivery_limit(
+    *,
+    queue_type: str,
+    version: str,
+    argument: Any = None,
+    policy: Any = None,
+    reported: Any = None,
+) -> int | None:
+    """The delivery limit the broker applies to a queue, by RabbitMQ's own rules
+    (rabbit_quorum_queue.erl, ``gather_policy_config`` and ``resolve_delivery_limit``):
+    only quorum queues have one; the limit the queue reports in its statistics
+    (``delivery_limit``, 4.x: a number or ``unlimited``) when it does; else of the
+    ``x-delivery-limit`` argument and the policy's ``delivery-limit`` the smaller (the
+    larger when one is negative); a negative limit is none (4.x); neither set: none on
+    3.x, ``RABBITMQ_4_DELIVERY_LIMIT`` on 4.x — and on a broker of unknown version too,
+    since assuming a limit that is not there costs only an early hand-over, while
+    assuming none where there is one can lose messages. None: unlimited."""
+    if queue_type != "quorum":
+        return None
+    if reported == "unlimited":
+        return None
+    known = _limit_value(reported)
+    if known is not None:
+        return None if known < 0 else known
+    limits = [v for v in (_limit_value(argument), _limit_value(policy)) if v is not None]
+    if limits:
+        limit = max(limits) if any(v < 0 for v in limits) else min(limits)
+        return None if limit < 0 else limit
+    major = _major(version)
+    if major is not None and major < 4:
+        return None
+    return RABBITMQ_4_DELIVERY_LIMIT
 
 
 MANAGEMENT_ANSWER_MAX = 1024 * 1024
@@ -112,13 +175,57 @@ def management_queue_settings(
     credentials: tuple[str, str] | None = None,
 ) -> QueueSettings:
     """The queue's type, dead-letter exchange and delivery limit, read through the
-    management API (``GET /api/queues/<vhost>/<queue>``) at ``management_url``
+    management API (``GET /api/queues/<vhost>/<queue>``, and ``GET /api/overview`` for
+    the broker's version, which decides the default limit: ``delivery_limit``) at
+    ``management_url``
     (``scheme://host:port``; https verified with ``ssl_context``), with Basic auth when
     ``credentials`` (user, password) are given. Redirects are refused and at most
     ``MANAGEMENT_ANSWER_MAX`` bytes are read. Raises ``urllib.error.URLError`` (an
     ``HTTPError`` for a non-2xx answer), ``OSError`` or ``ValueError`` (not JSON)."""
-    parsed = urllib.parse.urlsplit(management_url)
     path = f"/api/queues/{urllib.parse.quote(vhost, safe='')}/{urllib.parse.quote(queue, safe='')}"
+    info = _management_get(management_url, path, ssl_context=ssl_context, credentials=credentials)
+    try:
+        # The broker's generation decides a quorum queue's default delivery limit.
+        overview = _management_get(
+            management_url, "/api/overview", ssl_context=ssl_context, credentials=credentials
+        )
+        version = str(overview.get("rabbitmq_version") or "")
+    except (OSError, ValueError):
+        version = ""
+    # Kept (and logged) only as jobrunner parses it: digits and dots, never the answer.
+    version = version if _VERSION.fullmatch(version) else ""
+    arguments = info.get("arguments") or {}
+    policy = info.get("effective_policy_definition") or {}
+    queue_type = str(info.get("type") or arguments.get("x-queue-type") or "classic")
+    queue_type = queue_type if queue_type in _QUEUE_TYPES else "classic"
+    return QueueSettings(
+        queue_type=queue_type,
+        dead_letter_exchange=arguments.get(
+            "x-dead-letter-exchange", policy.get("dead-letter-exchange")
+        ),
+        dead_letter_routing_key=arguments.get(
+            "x-dead-letter-routing-key", policy.get("dead-letter-routing-key")
+        ),
+        delivery_limit=delivery_limit(
+            queue_type=queue_type,
+            version=version,
+            argument=arguments.get("x-delivery-limit"),
+            policy=policy.get("delivery-limit"),
+            reported=info.get("delivery_limit"),
+        ),
+        broker_version=version,
+    )
+
+
+def _management_get(
+    management_url: str,
+    path: str,
+    *,
+    ssl_context: ssl.SSLContext | None,
+    credentials: tuple[str, str] | None,
+) -> dict[str, Any]:
+    """One management API answer, a JSON object (see ``management_queue_settings``)."""
+    parsed = urllib.parse.urlsplit(management_url)
     default_port = 15671 if parsed.scheme == "https" else 15672
     host = f"[{parsed.hostname}]" if ":" in (parsed.hostname or "") else parsed.hostname
     request = urllib.request.Request(
@@ -134,22 +241,7 @@ def management_queue_settings(
         info = json.loads(response.read(MANAGEMENT_ANSWER_MAX))
     if not isinstance(info, dict):
         raise ValueError("the management API's answer is not a JSON object")
-    arguments = info.get("arguments") or {}
-    policy = info.get("effective_policy_definition") or {}
-    limit = arguments.get("x-delivery-limit", policy.get("delivery-limit"))
-    queue_type = str(info.get("type") or arguments.get("x-queue-type") or "classic")
-    return QueueSettings(
-        queue_type=queue_type if queue_type in _QUEUE_TYPES else "classic",
-        dead_letter_exchange=arguments.get(
-            "x-dead-letter-exchange", policy.get("dead-letter-exchange")
-        ),
-        dead_letter_routing_key=arguments.get(
-            "x-dead-letter-routing-key", policy.get("dead-letter-routing-key")
-        ),
-        delivery_limit=int(limit)
-        if isinstance(limit, int | str) and str(limit).isdigit()
-        else None,
-    )
+    return info
 
 
 def _http_words(exc: BaseException) -> str:
@@ -336,13 +428,14 @@ class RabbitMQSource:
         logger.info("dead-letter target for queue %s: %s", self._queue_name, self.target.describe())
         if self.settings.delivery_limit is not None:
             logger.warning(
-                "queue %s is a %s queue with delivery limit %d: the broker drops (or "
-                "dead-letters) a message returned more often than that, which repeated "
-                "dispatcher crashes could cause; a message with one return left is handed "
-                "over to its Job as soon as the Job exists",
+                "queue %s is a %s queue with delivery limit %d (RabbitMQ %s): the broker "
+                "drops (or dead-letters) a message returned more often than that, which "
+                "repeated dispatcher crashes could cause; a message with one return left is "
+                "handed over to its Job as soon as the Job exists",
                 self._queue_name,
                 self.settings.queue_type,
                 self.settings.delivery_limit,
+                self.settings.broker_version or "of unknown version: 4.x's default assumed",
             )
         self._consumer_tag = await self._queue.consume(self._on_message, no_ack=False)
 

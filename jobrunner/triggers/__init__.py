@@ -25,6 +25,7 @@ from jobrunner.config import (
     ManifestError,
     OutputBinding,
     ScaledJob,
+    ScaledJobSpec,
     Trigger,
     TriggerAuthentication,
 )
@@ -39,6 +40,7 @@ __all__ = [
     "SecretReader",
     "TriggerType",
     "check_output",
+    "check_spec",
     "check_trigger",
     "resolve_trigger",
     "tenant_problems",
@@ -139,6 +141,11 @@ class TriggerType:
     operator_refusal: str = ""
     """Why ``jobrunner operator`` refuses this type for tenants' ScaledJobs (as a
     trigger and as an output destination); "" when it serves it."""
+    check_spec: Callable[[ScaledJobSpec, Trigger], list[Problem]] | None = None
+    """The type's bounds on the ScaledJob's own fields (``consumerTimeoutSeconds``,
+    ``deadLetter``...), without I/O: problems whose ``field`` is the path from the
+    document (``spec.consumerTimeoutSeconds``). ``validate`` runs it, so a bound the
+    broker sets is refused before anything starts."""
 
 
 # Trigger type -> the module under jobrunner.triggers that defines TRIGGER.
@@ -196,6 +203,19 @@ def check_trigger(trigger: Trigger) -> list[Problem]:
     return problems
 
 
+def check_spec(scaledjob: ScaledJob) -> list[Problem]:
+    """The bounds each trigger type sets on the ScaledJob's own fields (``TriggerType.
+    check_spec``); ``field`` is the path from the document. No I/O."""
+    problems: list[Problem] = []
+    for trigger in scaledjob.spec.triggers:
+        if trigger.type not in _MODULES:
+            continue  # check_trigger names the type
+        kind = trigger_type(trigger.type)
+        if kind.check_spec is not None:
+            problems += kind.check_spec(scaledjob.spec, trigger)
+    return problems
+
+
 def check_output(output: OutputBinding) -> list[Problem]:
     """Static problems of a function's output destination: a type that can be one, and
     that type's own checks on its metadata."""
@@ -240,7 +260,7 @@ def tenant_problems(
                 refusal = reach.refusal(name, namespace=namespace, parameter=key[: -len("FromEnv")])
                 problems.append(Problem(f"{path}.metadata.{key}", refusal))
         ref = trigger.authenticationRef
-        auth = authentications.get(ref.name) if ref is not None else None
+        auth = authentications.get(ref.key) if ref is not None else None
         if auth is None:
             continue
         for j, env_ref in enumerate(auth.spec.env):

@@ -27,6 +27,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from jobrunner.config import ScaledJobSpec, Trigger
 from jobrunner.redaction import connection_string_endpoint
 from jobrunner.triggers import (
     Problem,
@@ -86,6 +87,27 @@ def _check(metadata: Mapping[str, str], has_auth: bool) -> list[Problem]:
         )
     problems += one_of(metadata, "messageEncoding", ENCODINGS)
     return problems
+
+
+def _check_spec(spec: ScaledJobSpec, trigger: Trigger) -> list[Problem]:
+    """The poison queue (``deadLetter.queue``, default ``<queueName>-poison``) must be a
+    Storage queue name too: 63 characters at most leaves 56 for a queue without one."""
+    queue = trigger.metadata.get("queueName")
+    if spec.deadLetter.queue is not None:
+        why = queue_name_problem(spec.deadLetter.queue)
+        return [Problem("spec.deadLetter.queue", why)] if why else []
+    if not queue or queue_name_problem(queue):
+        return []  # a bad queueName is check's to name
+    why = queue_name_problem(f"{queue}{POISON_SUFFIX}")
+    if why is None:
+        return []
+    return [
+        Problem(
+            "spec.deadLetter.queue",
+            f"the default poison queue {why}; set spec.deadLetter.queue, or shorten "
+            f"metadata.queueName to {63 - len(POISON_SUFFIX)} characters",
+        )
+    ]
 
 
 _CREDENTIAL_KEYS = ("accountkey", "sharedaccesssignature")
@@ -190,6 +212,7 @@ TRIGGER = TriggerType(
         }
     ),
     check=_check,
+    check_spec=_check_spec,
     resolve=_resolve,
     source="jobrunner.sources.azure_queue:open_source",
     sink="jobrunner.sources.azure_queue:open_sink",

@@ -25,10 +25,12 @@ ignore the keys.
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from jobrunner.config import ScaledJobSpec, Trigger
 from jobrunner.triggers import (
     Problem,
     ResolveContext,
@@ -110,18 +112,7 @@ async def _resolve(context: ResolveContext) -> SQSTrigger:
             Problem("authenticationRef", "awsAccessKeyID without awsSecretAccessKey; add it")
         )
     problems += _identity_problems(context, meta, pod, keys=bool(key_id or secret))
-    spec = context.scaledjob.spec
-    if (
-        "consumerTimeoutSeconds" in spec.model_fields_set
-        and spec.consumerTimeoutSeconds > SQS_HOLD_CAP_SECONDS
-    ):
-        problems.append(
-            Problem(
-                "spec.consumerTimeoutSeconds",
-                f"at most {SQS_HOLD_CAP_SECONDS:.0f} for SQS (a message stays invisible "
-                "12 h from its receive at most); leave it unset to use that cap",
-            )
-        )
+    problems += _check_spec(context.scaledjob.spec, context.trigger)
     raise_problems(where, problems)
     assert queue is not None
     assert region is not None
@@ -135,6 +126,39 @@ async def _resolve(context: ResolveContext) -> SQSTrigger:
         session_token=meta.get("awsSessionToken") or None,
         visibility_timeout=int(timeout) if timeout else None,
     )
+
+
+QUEUE_NAME = re.compile(r"[A-Za-z0-9_-]{1,80}(\.fifo)?")
+"""SQS queue names: 1 to 80 letters, digits, '-' and '_', '.fifo' ending a FIFO queue's
+(AWS SQS Developer Guide, "Amazon SQS queue quotas")."""
+
+
+def _check_spec(spec: ScaledJobSpec, _trigger: Trigger) -> list[Problem]:
+    """SQS's bounds on the ScaledJob's fields: how long a message can be held, and the
+    dead-letter queue's name."""
+    problems = []
+    if (
+        "consumerTimeoutSeconds" in spec.model_fields_set
+        and spec.consumerTimeoutSeconds > SQS_HOLD_CAP_SECONDS
+    ):
+        problems.append(
+            Problem(
+                "spec.consumerTimeoutSeconds",
+                f"at most {SQS_HOLD_CAP_SECONDS:.0f} for SQS (a message stays invisible "
+                f"12 h from its receive at most); got {spec.consumerTimeoutSeconds:g}; leave "
+                "it unset to use that cap",
+            )
+        )
+    queue = spec.deadLetter.queue
+    if queue is not None and not QUEUE_NAME.fullmatch(queue.rsplit("/", 1)[-1]):
+        problems.append(
+            Problem(
+                "spec.deadLetter.queue",
+                "an SQS queue name (1 to 80 letters, digits, '-' and '_'; '.fifo' at the end "
+                f"of a FIFO queue's) or its URL; got {queue[:100]!r}",
+            )
+        )
+    return problems
 
 
 def _identity_problems(
@@ -225,6 +249,7 @@ TRIGGER = TriggerType(
         }
     ),
     check=_check,
+    check_spec=_check_spec,
     resolve=_resolve,
     source="jobrunner.sources.sqs:open_source",
     summary="an AWS SQS queue (standard or FIFO), long-polled",

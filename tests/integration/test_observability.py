@@ -17,7 +17,7 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobrunner import runner
+from jobrunner import filemode
 from jobrunner.config import Settings, load_manifest
 from jobrunner.telemetry import Telemetry, tracer_provider
 from jobrunner.triggers import Reach
@@ -46,7 +46,7 @@ async def test_message_span_joins_producer_trace_and_the_job_gets_traceparent(
     settings.kube.kubeconfig = str(kubeconfig)
     stop = asyncio.Event()
     task = asyncio.create_task(
-        runner.run(
+        filemode.run(
             load_manifest(manifest()),
             settings,
             stop=stop,
