@@ -11,7 +11,17 @@
 * Rebalances: on revocation the partitions' watermarks are committed and their records
   are no longer settled here (the new owner replays and adopts them); on assignment
   consumption resumes from the committed offset.
-* Dead letters go to a topic, with the reason in headers, before the offset moves on.
+* Dead letters go to a topic, with the reason in headers, in one Kafka transaction with
+  the offset commit that settles their record (KIP-98, aiokafka's
+  ``send_offsets_to_transaction``): a crash leaves either both or neither, so a replay
+  never dead-letters a record twice. The transactional id is the partition's
+  (``jobrunner.<group>.<topic>.<partition>``): a new owner of the partition opens its
+  producer before reading the committed offset, which fences the previous owner and ends
+  any transaction it left open (aborted, or committed if it was being committed), so the
+  offset read is final. Consumers of the dead-letter topic must read committed
+  (``isolation.level=read_committed``) to see each dead letter once.
+* Records settled above the committed offset (out of order) are named in the commit's
+  metadata and skipped by a resumed consumer (``kafka_offsets``).
 * Optional per-key ordering: a record is handed out only once the previous record with
   the same key has been settled.
 """
@@ -32,14 +42,14 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, ProducerFenced
 
 from jobrunner.config import ScaledJob, Settings
 from jobrunner.deadletters import DeadLetter, replay_headers
 from jobrunner.models import Action, Decision, Delivery
 from jobrunner.protocols import MessageHandle, SourceUnreachable
 from jobrunner.redaction import addresses, describe_error
-from jobrunner.sources.kafka_offsets import PartitionOffsets
+from jobrunner.sources.kafka_offsets import Mark, PartitionOffsets, decode_done
 from jobrunner.triggers.kafka import SASL_MECHANISMS, KafkaTrigger
 
 logger = logging.getLogger(__name__)
@@ -106,6 +116,9 @@ class KafkaSource:
         self._scaledjob = scaledjob
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
+        """Idempotent, not transactional: dead letters of records already acked."""
+        self._transactional: dict[TopicPartition, AIOKafkaProducer] = {}
+        """One transactional producer per assigned partition: its dead letters."""
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
         self._generation = 0
         self._busy_keys: set[tuple[TopicPartition, bytes]] = set()
@@ -158,6 +171,7 @@ class KafkaSource:
                     "final commit failed (%s); unfinished records will be replayed", _short(exc)
                 )
             await self._consumer.stop()
+        await self._close_transactional(set(self._transactional))
         if self._producer is not None:
             await self._producer.stop()
 
@@ -178,16 +192,42 @@ class KafkaSource:
         for key in [k for k in self._waiting if k[0] in revoked]:
             del self._waiting[key]
         self._busy_keys = {k for k in self._busy_keys if k[0] not in revoked}
+        await self._close_transactional(revoked)
         logger.info(
             "partitions revoked: %s", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked)
         )
 
     async def _assigned(self, assigned: set[TopicPartition]) -> None:
         assert self._consumer is not None
-        fresh = [tp for tp in assigned if await self._consumer.committed(tp) is None]
+        # Nothing is read from them until their offsets are set up below: a record
+        # handed out before would have no partition to be settled in.
+        self._consumer.pause(*assigned)
+        # Fence the previous owners first (their open transactions end), then read the
+        # committed offsets afresh: read before, they could miss a transaction's commit.
+        for tp in sorted(assigned):
+            try:
+                await self._transactional_producer(tp)
+            except KafkaError as exc:  # tried again at the partition's first dead letter
+                logger.warning(
+                    "transactional producer for %s/%d not ready (%s)",
+                    tp.topic,
+                    tp.partition,
+                    _short(exc),
+                )
+        # aiokafka's consumer has no public call that returns the commit's metadata.
+        committed = await self._consumer._coordinator.fetch_committed_offsets(list(assigned))
+        fresh = []
         for tp in assigned:
-            position = await self._consumer.position(tp)
-            self._offsets[tp] = PartitionOffsets(start=position)
+            meta = committed.get(tp)
+            if meta is None or meta.offset < 0:
+                fresh.append(tp)
+                self._offsets[tp] = PartitionOffsets(start=await self._consumer.position(tp))
+                continue
+            self._consumer.seek(tp, meta.offset)
+            self._offsets[tp] = PartitionOffsets(
+                start=meta.offset, done=decode_done(meta.offset, meta.metadata)
+            )
+        self._consumer.resume(*assigned)
         self._paused = False
         logger.info(
             "partitions assigned: %s",
@@ -273,7 +313,8 @@ class KafkaSource:
                 if offsets is None:
                     continue
                 for record in records:
-                    offsets.received(record.offset)
+                    if not offsets.received(record.offset):
+                        continue  # settled before the commit this consumer resumed from
                     handle = self._handle(tp, record)
                     if self._per_key and record.key is not None:
                         slot = (tp, record.key)
@@ -294,9 +335,10 @@ class KafkaSource:
         if decision.action is Action.REQUEUE:
             return False  # left uncommitted: read again after a restart or rebalance
         if decision.action is Action.DEAD_LETTER:
-            d = handle.delivery
-            await self._dead_letter(d.body, handle.key, dict(d.headers), dict(d.metadata), decision)
-        offsets.finished(handle.offset)
+            if not await self._dead_letter_and_commit(handle, offsets, decision):
+                return False
+        else:
+            offsets.finished(handle.offset)
         if self._per_key and handle.key is not None:
             slot = (handle.partition, handle.key)
             waiting = self._waiting.get(slot)
@@ -315,7 +357,7 @@ class KafkaSource:
         offsets = self._offsets.get(handle.partition)
         if offsets is None or handle.generation != self._generation:
             return False  # revoked: the new owner replays it and needs its Job
-        return handle.offset < offsets.committed
+        return offsets.is_settled(handle.offset)
 
     async def dead_letter_copy(self, original: Mapping[str, Any], decision: Decision) -> None:
         metadata = dict(original.get("metadata") or {})
@@ -328,6 +370,101 @@ class KafkaSource:
             decision,
         )
 
+    async def _dead_letter_and_commit(
+        self, handle: KafkaHandle, offsets: PartitionOffsets, decision: Decision
+    ) -> bool:
+        """Dead-letter a live record and commit its partition's offsets (the record
+        settled) in one transaction. False when the partition moved to another consumer
+        meanwhile (revoked, or this producer fenced): the transaction is aborted and the
+        new owner replays the record. Other Kafka errors abort it and are raised; the
+        record stays in hand, unsettled."""
+        tp = handle.partition
+        d = handle.delivery
+        async with self._commit_lock:
+            # Held for the whole transaction: no plain commit of this consumer lands
+            # between the transaction's offsets and its commit.
+            if self._offsets.get(tp) is not offsets or handle.generation != self._generation:
+                return False
+            mark = offsets.to_commit(besides=handle.offset)
+            producer = await self._transactional_producer(tp)
+            try:
+                await producer.begin_transaction()
+                try:
+                    await self._dead_letter(
+                        d.body,
+                        handle.key,
+                        dict(d.headers),
+                        dict(d.metadata),
+                        decision,
+                        producer=producer,
+                    )
+                    if mark is not None:
+                        await producer.send_offsets_to_transaction(
+                            {tp: (mark.offset, mark.metadata)}, self._group
+                        )
+                    await producer.commit_transaction()
+                except BaseException:
+                    await self._abort(tp, producer)
+                    raise
+            except ProducerFenced:
+                logger.info(
+                    "%s/%d moved to another consumer: its new owner dead-letters the record",
+                    tp.topic,
+                    tp.partition,
+                )
+                return False
+            offsets.finished(handle.offset)
+            if mark is not None:
+                offsets.committed_as(mark)
+        return True
+
+    async def _abort(self, tp: TopicPartition, producer: AIOKafkaProducer) -> None:
+        """End a failed transaction; the producer is dropped (after some errors aiokafka
+        keeps it unusable) and the partition's next dead letter opens a new one."""
+        try:
+            await asyncio.shield(producer.abort_transaction())
+        except Exception as exc:  # the broker aborts it on its timeout anyway
+            logger.debug("abort failed: %s", _short(exc))
+        if self._transactional.get(tp) is producer:
+            del self._transactional[tp]
+        await asyncio.shield(producer.stop())
+
+    def transactional_id(self, tp: TopicPartition) -> str:
+        """The partition's transactional id: the same for every dispatcher of the
+        consumer group, so that a new owner fences the previous one (KIP-98)."""
+        return f"jobrunner.{self._group}.{tp.topic}.{tp.partition}"
+
+    async def _transactional_producer(self, tp: TopicPartition) -> AIOKafkaProducer:
+        """The partition's transactional producer, started and with its producer id (so
+        the previous owner is fenced, its open transaction ended)."""
+        producer = self._transactional.get(tp)
+        if producer is not None:
+            return producer
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._servers,
+            transactional_id=self.transactional_id(tp),
+            acks="all",
+            enable_idempotence=True,
+            **self._options,
+        )
+        try:
+            await producer.start()
+            # An empty transaction waits for InitProducerId, which fences the id's
+            # previous producer and completes its open transaction; nothing is sent.
+            await producer.begin_transaction()
+            await producer.abort_transaction()
+        except BaseException:
+            await asyncio.shield(producer.stop())
+            raise
+        self._transactional[tp] = producer
+        return producer
+
+    async def _close_transactional(self, partitions: set[TopicPartition]) -> None:
+        for tp in partitions:
+            producer = self._transactional.pop(tp, None)
+            if producer is not None:
+                await producer.stop()
+
     async def _dead_letter(
         self,
         body: bytes,
@@ -335,8 +472,12 @@ class KafkaSource:
         headers: dict[str, str],
         metadata: dict[str, str],
         decision: Decision,
+        *,
+        producer: AIOKafkaProducer | None = None,
     ) -> None:
-        assert self._producer is not None
+        """Produce the dead letter (``producer``: in its open transaction)."""
+        producer = producer or self._producer
+        assert producer is not None
         headers.update(
             decision.reason_headers(
                 scaledjob=self._scaledjob,
@@ -346,7 +487,7 @@ class KafkaSource:
             )
         )
         # acks=all: returns once the dead-letter topic holds the copy.
-        await self._producer.send_and_wait(
+        await producer.send_and_wait(
             self.dead_letter_topic,
             value=body,
             key=key,
@@ -357,17 +498,17 @@ class KafkaSource:
         if self._consumer is None:
             return
         async with self._commit_lock:
-            offsets = {
+            marks: dict[TopicPartition, Mark] = {
                 tp: mark
                 for tp, part in self._offsets.items()
                 if (only is None or tp in only) and (mark := part.to_commit()) is not None
             }
-            if not offsets:
+            if not marks:
                 return
-            await self._consumer.commit(offsets)
-            for tp, mark in offsets.items():
+            await self._consumer.commit({tp: (m.offset, m.metadata) for tp, m in marks.items()})
+            for tp, mark in marks.items():
                 if tp in self._offsets:
-                    self._offsets[tp].committed = mark
+                    self._offsets[tp].committed_as(mark)
 
     # ------------------------------------------------------------------ observability
     async def depth(self) -> int | None:

@@ -105,6 +105,20 @@ async def committed(servers: str, group: str, topic: str) -> dict[int, int]:
     return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
 
 
+async def committed_metadata(servers: str, group: str, topic: str) -> dict[int, tuple[int, str]]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=servers)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {
+        tp.partition: (meta.offset, meta.metadata)
+        for tp, meta in offsets.items()
+        if tp.topic == topic
+    }
+
+
 async def read_all(servers: str, topic: str, count: int, within: float = 30) -> list[Any]:
     consumer = AIOKafkaConsumer(
         topic,
@@ -166,12 +180,18 @@ async def test_commit_never_passes_an_unfinished_record_and_a_crash_relaunches_n
     path = kafka_manifest()
     first = dispatchers(path)
     stored = await produce(
-        kafka_bootstrap, topic, [(0, None, {"seconds": 10}), (0, None, {"task": "quick"})]
+        kafka_bootstrap,
+        topic,
+        [(0, None, {"seconds": 10}), (0, None, {"task": "quick"}), (0, None, {"seconds": 10})],
     )
-    # The second record finishes first; the first still runs, so nothing is committed.
+    # The second record finishes first; the first still runs, so the offset stays at 0,
+    # and the commit's metadata names the settled record above it (distance 1).
     await first.settled("ack", 1, within=60)
-    assert await committed(kafka_bootstrap, kafka_manifest.group, topic) in ({}, {0: 0}, {0: -1})  # type: ignore[attr-defined]
-    # Killed now: the finished record is not committed; the Job is the evidence.
+    assert await committed_metadata(kafka_bootstrap, kafka_manifest.group, topic) == {  # type: ignore[attr-defined]
+        0: (0, "jr1:1")
+    }
+    # Killed now: the unfinished records are replayed and adopt their Jobs; the settled
+    # one is skipped, not replayed.
     first.kill()
     second = dispatchers(path)
     await second.settled("ack", 2, within=60)
@@ -179,9 +199,11 @@ async def test_commit_never_passes_an_unfinished_record_and_a_crash_relaunches_n
     assert {j.metadata.name for j in jobs} == names_for(topic, stored), "nothing launched twice"
     assert all(finished(j) == "Complete" for j in jobs)
     assert second.logs().count("adopted its existing Job") == 2
+    quick = job_name("work", f"{topic}/0/1")
+    assert quick not in second.logs(), "the settled record is not handed out again"
 
     async def all_committed() -> bool:
-        return await committed(kafka_bootstrap, kafka_manifest.group, topic) == {0: 2}  # type: ignore[attr-defined]
+        return await committed(kafka_bootstrap, kafka_manifest.group, topic) == {0: 3}  # type: ignore[attr-defined]
 
     await eventually(all_committed, within=20, interval=0.5)
 
