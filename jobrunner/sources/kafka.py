@@ -575,7 +575,9 @@ REPLAYED_SUFFIX = ".replayed"
 
 class KafkaDeadLetters:
     """A dead-letter topic, for ``jobrunner dead-letters``. Read from the beginning by a
-    consumer without a group (nothing is committed). A topic is a log that cannot lose
+    consumer without a group (nothing is committed), ``read_committed``: a dead letter
+    of a transaction that was aborted (its dispatcher died before the commit) is not
+    listed, since the record it came from is dead-lettered again. A topic is a log that cannot lose
     a record, so a replay is remembered in ``<dead-letter topic>.replayed`` (key
     ``partition:offset``, value the replay's ``x-jobrunner-replay``), written after the
     copy is on the source topic; listings leave replayed records out. Like the
@@ -615,6 +617,8 @@ class KafkaDeadLetters:
             group_id=None,
             enable_auto_commit=False,
             request_timeout_ms=15_000,
+            # Dead letters are produced in transactions: an aborted one is no dead letter.
+            isolation_level="read_committed",
             **self._options,
         )
         try:

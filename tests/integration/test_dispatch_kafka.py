@@ -514,3 +514,34 @@ async def test_tls_ca_comes_from_the_trigger_authentication_secret(
     [job] = await wait_for_jobs(kube_api, namespace, "work", 1, state="Complete", within=60)
     assert job.metadata.name in names_for(topic, stored)
     await dispatcher.settled("ack", 1)
+
+
+async def test_jobrunners_dead_letter_reader_skips_an_aborted_transactions_dead_letter(
+    topic: str, kafka_bootstrap: str
+) -> None:
+    """A dispatcher that dies inside a dead letter's transaction leaves an aborted copy
+    in the topic (the record is dead-lettered again by the next owner): read committed,
+    ``jobrunner dead-letters`` does not list it."""
+    from jobrunner.sources.kafka import KafkaDeadLetters
+
+    dead = f"{topic}.dead-letter"
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka_bootstrap, transactional_id=f"test.{topic}", acks="all"
+    )
+    await producer.start()
+    try:
+        await producer.begin_transaction()
+        await producer.send_and_wait(dead, b"aborted", key=b"k")
+        await producer.abort_transaction()
+        await producer.begin_transaction()
+        await producer.send_and_wait(dead, b"kept", key=b"k")
+        await producer.commit_transaction()
+    finally:
+        await producer.stop()
+    letters = KafkaDeadLetters(
+        bootstrap_servers=kafka_bootstrap, topic=topic, dead_letter_topic=dead
+    )
+    try:
+        assert [d.body for d in await letters.read(limit=10)] == [b"kept"]
+    finally:
+        await letters.close()
