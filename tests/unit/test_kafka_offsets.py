@@ -57,7 +57,8 @@ def test_records_settled_above_the_watermark_are_named_in_the_commit() -> None:
     assert mark == Mark(10, (11, 13), "jr1:1,3")
     assert not offsets.is_settled(11), "settled only once committed"
     offsets.committed_as(mark)
-    assert offsets.is_settled(11) and offsets.is_settled(13)
+    assert offsets.is_settled(11)
+    assert offsets.is_settled(13)
     assert not offsets.is_settled(10)
     assert offsets.to_commit() is None
     offsets.finished(10)
@@ -67,7 +68,8 @@ def test_records_settled_above_the_watermark_are_named_in_the_commit() -> None:
 def test_a_resumed_consumer_skips_what_the_commit_names_and_never_loses_it() -> None:
     mark = Mark(10, (11, 13), "jr1:1,3")
     resumed = PartitionOffsets(start=mark.offset, done=decode_done(mark.offset, mark.metadata))
-    assert resumed.is_settled(11) and resumed.is_settled(13)
+    assert resumed.is_settled(11)
+    assert resumed.is_settled(13)
     assert [o for o in (10, 11, 12, 13, 14) if resumed.received(o)] == [10, 12, 14]
     # Its own commits keep naming them until the offset passes them.
     assert resumed.to_commit() is None
@@ -93,7 +95,8 @@ def test_to_commit_besides_is_the_commit_of_a_transaction_that_settles_it() -> N
         offsets.received(o)
     assert offsets.to_commit(besides=0) == Mark(1)
     assert offsets.to_commit(besides=1) == Mark(0, (1,), "jr1:1")
-    assert offsets.in_hand == 3 and offsets.to_commit() is None
+    assert offsets.in_hand == 3
+    assert offsets.to_commit() is None
     offsets.finished(1)
     assert offsets.to_commit(besides=0) == Mark(2)
 
