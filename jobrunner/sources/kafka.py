@@ -214,8 +214,9 @@ class KafkaSource:
                     tp.partition,
                     _short(exc),
                 )
-        # aiokafka's consumer has no public call that returns the commit's metadata.
-        committed = await self._consumer._coordinator.fetch_committed_offsets(list(assigned))
+        committed = await self._committed_offsets(assigned)
+        if committed is None:
+            return  # paused: the partitions are assigned again after the rejoin
         fresh = []
         for tp in assigned:
             meta = committed.get(tp)
@@ -235,6 +236,28 @@ class KafkaSource:
         )
         if fresh:
             await self._note_fresh_start(fresh)
+
+    async def _committed_offsets(self, assigned: set[TopicPartition]) -> dict[Any, Any] | None:
+        """The group's committed offsets (with their metadata) of ``assigned``, tried for
+        about 30 s; None when they cannot be read, after asking the group to rebalance
+        (aiokafka swallows a failure of this listener: the partitions would stay paused,
+        never read)."""
+        assert self._consumer is not None
+        delay = 0.5
+        for _ in range(6):
+            try:
+                # aiokafka's consumer has no public call that returns the metadata.
+                committed: dict[
+                    Any, Any
+                ] = await self._consumer._coordinator.fetch_committed_offsets(list(assigned))
+                return committed
+            except KafkaError as exc:
+                logger.warning("reading the committed offsets failed (%s)", _short(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 8.0)
+        logger.error("could not read the committed offsets; rejoining the consumer group")
+        self._consumer._coordinator.request_rejoin()
+        return None
 
     async def _note_fresh_start(self, fresh: list[TopicPartition]) -> None:
         """A group with no committed offset starts where offsetResetPolicy says. At
