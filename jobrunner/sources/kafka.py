@@ -46,6 +46,7 @@ from aiokafka.errors import KafkaError, ProducerFenced
 
 from jobrunner.config import ScaledJob, Settings
 from jobrunner.deadletters import DeadLetter, replay_headers
+from jobrunner.failpoints import Failpoints
 from jobrunner.models import Action, Decision, Delivery
 from jobrunner.protocols import MessageHandle, SourceUnreachable
 from jobrunner.redaction import addresses, describe_error
@@ -103,9 +104,11 @@ class KafkaSource:
         client_options: Mapping[str, Any] | None = None,
         consumer_options: Mapping[str, Any] | None = None,
         scaledjob: str = "",
+        failpoints: Failpoints | None = None,
     ) -> None:
         self._servers = bootstrap_servers
         self.topic = topic
+        self._failpoints = failpoints or Failpoints()
         self._group = group_id
         self._reset = offset_reset
         self._max_in_hand = max_in_hand
@@ -421,6 +424,7 @@ class KafkaSource:
                         decision,
                         producer=producer,
                     )
+                    self._failpoints.hit("after-dead-letter-sent")
                     if mark is not None:
                         await producer.send_offsets_to_transaction(
                             {tp: (mark.offset, mark.metadata)}, self._group
@@ -590,6 +594,7 @@ def open_source(trigger: KafkaTrigger, *, scaledjob: ScaledJob, settings: Settin
         client_options=client_options(trigger),
         consumer_options=settings.kafka.model_dump(),
         scaledjob=scaledjob.name,
+        failpoints=Failpoints(settings.dispatcher.failpoints),
     )
 
 

@@ -545,3 +545,45 @@ async def test_jobrunners_dead_letter_reader_skips_an_aborted_transactions_dead_
         assert [d.body for d in await letters.read(limit=10)] == [b"kept"]
     finally:
         await letters.close()
+
+
+async def test_a_dispatcher_killed_between_a_dead_letter_and_its_commit_leaves_one_dead_letter(
+    kube_api: client.ApiClient,
+    namespace: str,
+    topic: str,
+    kafka_bootstrap: str,
+    kafka_manifest: Callable[..., Path],
+    dispatchers: Callable[..., Dispatcher],
+) -> None:
+    """The window of the issue: the dead letter is on the topic, the offset that
+    settles its record is not committed, and the dispatcher dies (SIGKILL at the
+    failpoint). The next dispatcher dead-letters the record again; the first copy's
+    transaction is aborted (fenced by the partition's transactional id), so a
+    read_committed consumer sees one dead letter, and the offset moves on once."""
+    path = kafka_manifest()
+    env = {
+        "JOBRUNNER_KAFKA__SESSION_TIMEOUT_MS": "6000",
+        "JOBRUNNER_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
+    }
+    first = dispatchers(
+        path, {**env, "JOBRUNNER_DISPATCHER__FAILPOINTS": '["after-dead-letter-sent"]'}
+    )
+    await produce(kafka_bootstrap, topic, [(0, b"k", {"fail": "failed"})])
+    await asyncio.to_thread(first.process.wait, 60)  # type: ignore[union-attr]
+    assert first.process.returncode == -9  # type: ignore[union-attr]
+    assert "failpoint after-dead-letter-sent reached" in first.logs()
+
+    second = dispatchers(path, env)
+    await second.settled("dead-letter", 1, within=90)
+    assert "adopted its existing Job" in second.logs()
+
+    async def moved_on() -> bool:
+        return await committed(kafka_bootstrap, kafka_manifest.group, topic) == {0: 1}  # type: ignore[attr-defined]
+
+    await eventually(moved_on, within=20, interval=0.5)
+    from tests.integration.test_kafka_chaos import read_committed
+
+    letters = await read_committed(kafka_bootstrap, f"{topic}.dead-letter")
+    assert [dict(r.headers)["x-jobrunner-reason"] for r in letters] == [b"BackoffLimitExceeded"]
+    # Both copies are in the log; the first one's transaction was aborted.
+    assert len(await read_all(kafka_bootstrap, f"{topic}.dead-letter", 2, within=10)) == 2
