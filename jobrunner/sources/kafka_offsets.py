@@ -36,17 +36,26 @@ metadata is the group's (anyone allowed to commit for it can write it), so readi
 bounded whatever it holds."""
 
 
-def encode_done(offset: int, done: list[int]) -> tuple[str, list[int]]:
-    """The commit metadata naming the settled records ``done`` (sorted, each above
-    ``offset``), and those of them it names: the lowest ones within METADATA_LIMIT."""
-    text, named = METADATA_PREFIX, list[int]()
-    for record in done:
-        piece = f"{',' if named else ''}{record - offset}"
-        if len(text) + len(piece) > METADATA_LIMIT:
+def encode_done(
+    offset: int, done: list[int], *, keep: frozenset[int] = frozenset()
+) -> tuple[str, list[int]]:
+    """The commit metadata naming the settled records ``done`` (each above ``offset``),
+    and those of them it names (sorted): every one of ``keep`` (named by the last
+    commit: a record once named settled must stay so, as its Job may be gone), then
+    the lowest others within METADATA_LIMIT. ``keep`` always fits: it fitted at the
+    last commit's offset, which was not higher."""
+    named = sorted(o for o in keep if o > offset)
+    size = len(METADATA_PREFIX) + sum(len(str(o - offset)) + 1 for o in named)
+    for record in sorted(set(done) - set(named)):
+        piece = len(str(record - offset)) + 1
+        if size + piece > METADATA_LIMIT + 1:  # + 1: the first piece has no comma
             break
-        text += piece
+        size += piece
         named.append(record)
-    return (text if named else ""), named
+    named.sort()
+    if not named:
+        return "", []
+    return METADATA_PREFIX + ",".join(str(o - offset) for o in named), named
 
 
 def decode_done(offset: int, metadata: str | None) -> frozenset[int]:
@@ -154,7 +163,9 @@ class PartitionOffsets:
         settled = set(self._settled_above)
         if besides is not None:
             settled.add(besides)
-        metadata, named = encode_done(offset, sorted(o for o in settled if o > offset))
+        metadata, named = encode_done(
+            offset, [o for o in settled if o > offset], keep=self.committed_done
+        )
         if offset <= self.committed and set(named) <= self.committed_done:
             return None
         return Mark(offset, tuple(named), metadata)

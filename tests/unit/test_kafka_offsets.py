@@ -122,3 +122,27 @@ def test_metadata_jobrunner_did_not_write_names_nothing() -> None:
         assert decode_done(7, metadata) == frozenset(), metadata
     assert decode_done(-1, "jr1:1") == frozenset()
     assert len(decode_done(0, "jr1:" + ",".join(str(i) for i in range(1, 5000)))) == 2000
+
+
+def test_a_record_once_named_settled_stays_named_when_the_list_is_full() -> None:
+    """Its Job may be released and deleted once a commit names it: a later commit that
+    dropped it (for lower records, say) would let a resumed consumer run it again."""
+    offsets = PartitionOffsets(start=0)
+    offsets.received(0)
+    high = list(range(5000, 5000 + 800))
+    for o in high:
+        offsets.received(o)
+        offsets.finished(o)
+    first = offsets.to_commit()
+    assert first is not None
+    assert 0 < len(first.done) < len(high)
+    offsets.committed_as(first)
+    low = list(range(1, 900))
+    for o in low:
+        offsets.received(o)
+        offsets.finished(o)
+    second = offsets.to_commit()
+    assert second is not None
+    assert set(first.done) <= set(second.done)
+    assert len(second.metadata) <= METADATA_LIMIT
+    assert decode_done(second.offset, second.metadata) == frozenset(second.done)
