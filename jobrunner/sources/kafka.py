@@ -20,6 +20,11 @@
   any transaction it left open (aborted, or committed if it was being committed), so the
   offset read is final. Consumers of the dead-letter topic must read committed
   (``isolation.level=read_committed``) to see each dead letter once.
+* A function's outputs to Kafka topics on the same cluster, with the same credentials
+  (``carries``), go in the same transaction as the offset commit of the record that
+  ran the function (jobrunner.outputs), so they too are published exactly once.
+* The consumer reads ``read_committed``: a record of an aborted transaction (a
+  function's output whose dispatcher died before the commit) is no message.
 * Records settled above the committed offset (out of order) are named in the commit's
   metadata and skipped by a resumed consumer (``kafka_offsets``).
 * Optional per-key ordering: a record is handed out only once the previous record with
@@ -48,12 +53,17 @@ from jobrunner.config import ScaledJob, Settings
 from jobrunner.deadletters import DeadLetter, replay_headers
 from jobrunner.failpoints import Failpoints
 from jobrunner.models import Action, Decision, Delivery
-from jobrunner.protocols import MessageHandle, SourceUnreachable
+from jobrunner.protocols import MessageHandle, MessageSink, SourceUnreachable
 from jobrunner.redaction import addresses, describe_error
 from jobrunner.sources.kafka_offsets import Mark, PartitionOffsets, decode_done
 from jobrunner.triggers.kafka import SASL_MECHANISMS, KafkaTrigger
 
 logger = logging.getLogger(__name__)
+
+
+TRANSACTION_TRIES = 5
+"""Tries of a settle transaction that meets a retriable Kafka error (about 8 s of
+backoff in all) before the error is raised and the record left in hand."""
 
 
 def _short(exc: BaseException) -> str:
@@ -105,10 +115,14 @@ class KafkaSource:
         consumer_options: Mapping[str, Any] | None = None,
         scaledjob: str = "",
         failpoints: Failpoints | None = None,
+        connection: tuple[str, ...] | None = None,
     ) -> None:
         self._servers = bootstrap_servers
         self.topic = topic
         self._failpoints = failpoints or Failpoints()
+        self._connection = connection
+        """The cluster and credentials (``connection_of``): outputs are carried only to
+        a sink with the same ones."""
         self._group = group_id
         self._reset = offset_reset
         self._max_in_hand = max_in_hand
@@ -148,6 +162,7 @@ class KafkaSource:
             bootstrap_servers=self._servers,
             group_id=self._group,
             enable_auto_commit=False,
+            isolation_level="read_committed",
             auto_offset_reset=self._reset,
             max_poll_records=max(1, min(500, self._max_in_hand)),
             **self._consumer_options,
@@ -360,8 +375,8 @@ class KafkaSource:
             return False
         if decision.action is Action.REQUEUE:
             return False  # left uncommitted: read again after a restart or rebalance
-        if decision.action is Action.DEAD_LETTER:
-            if not await self._dead_letter_and_commit(handle, offsets, decision):
+        if decision.action is Action.DEAD_LETTER or decision.outputs:
+            if not await self._settle_in_transaction(handle, offsets, decision):
                 return False
         else:
             offsets.finished(handle.offset)
@@ -396,54 +411,109 @@ class KafkaSource:
             decision,
         )
 
-    async def _dead_letter_and_commit(
+    def carries(self, sink: MessageSink) -> bool:
+        """A Kafka sink on the same cluster with the same credentials: its messages can
+        go in this source's transactions (one producer, one principal)."""
+        return (
+            isinstance(sink, KafkaSink)
+            and self._connection is not None
+            and sink.connection == self._connection
+        )
+
+    async def _settle_in_transaction(
         self, handle: KafkaHandle, offsets: PartitionOffsets, decision: Decision
     ) -> bool:
-        """Dead-letter a live record and commit its partition's offsets (the record
-        settled) in one transaction. False when the partition moved to another consumer
-        meanwhile (revoked, or this producer fenced): the transaction is aborted and the
-        new owner replays the record. Other Kafka errors abort it and are raised; the
-        record stays in hand, unsettled."""
+        """Publish a live record's outputs (``decision.outputs``), dead-letter it when
+        so decided, and commit its partition's offsets (the record settled), all in one
+        transaction. False when the partition moved to another consumer meanwhile
+        (revoked, or this producer fenced): the transaction is aborted and the new owner
+        replays the record. A retriable Kafka error (a broker restarting, a leader
+        moving) aborts it and it is tried again, TRANSACTION_TRIES times in all with
+        backoff; then, as any other Kafka error, it is raised, the record left in hand,
+        unsettled."""
         tp = handle.partition
-        d = handle.delivery
         async with self._commit_lock:
             # Held for the whole transaction: no plain commit of this consumer lands
             # between the transaction's offsets and its commit.
-            if self._offsets.get(tp) is not offsets or handle.generation != self._generation:
-                return False
-            mark = offsets.to_commit(besides=handle.offset)
-            producer = await self._transactional_producer(tp)
-            try:
-                await producer.begin_transaction()
+            delay = 0.5
+            for attempt in range(1, TRANSACTION_TRIES + 1):
+                if self._offsets.get(tp) is not offsets or handle.generation != self._generation:
+                    return False
+                mark = offsets.to_commit(besides=handle.offset)
                 try:
-                    await self._dead_letter(
-                        d.body,
-                        handle.key,
-                        dict(d.headers),
-                        dict(d.metadata),
-                        decision,
-                        producer=producer,
+                    producer = await self._transactional_producer(tp)
+                    await self._transaction(producer, handle, decision, mark)
+                    break
+                except ProducerFenced:
+                    logger.info(
+                        "%s/%d moved to another consumer: its new owner settles the record",
+                        tp.topic,
+                        tp.partition,
                     )
-                    self._failpoints.hit("after-dead-letter-sent")
-                    if mark is not None:
-                        await producer.send_offsets_to_transaction(
-                            {tp: (mark.offset, mark.metadata)}, self._group
-                        )
-                    await producer.commit_transaction()
-                except BaseException:
-                    await self._abort(tp, producer)
-                    raise
-            except ProducerFenced:
-                logger.info(
-                    "%s/%d moved to another consumer: its new owner dead-letters the record",
-                    tp.topic,
-                    tp.partition,
-                )
-                return False
+                    return False
+                except KafkaError as exc:
+                    if not getattr(exc, "retriable", False) or attempt == TRANSACTION_TRIES:
+                        raise
+                    logger.warning(
+                        "transaction on %s/%d failed (%s); trying again in %.1fs",
+                        tp.topic,
+                        tp.partition,
+                        _short(exc),
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 8.0)
             offsets.finished(handle.offset)
             if mark is not None:
                 offsets.committed_as(mark)
+        if decision.outputs:
+            logger.info(
+                "Job %s: published %d output message(s) in the transaction that commits its record",
+                decision.job_name,
+                len(decision.outputs),
+                extra={"job_name": decision.job_name},
+            )
         return True
+
+    async def _transaction(
+        self,
+        producer: AIOKafkaProducer,
+        handle: KafkaHandle,
+        decision: Decision,
+        mark: Mark | None,
+    ) -> None:
+        """One transaction: the outputs, the dead letter, the offsets, the commit;
+        aborted (and the producer dropped) on any failure."""
+        tp = handle.partition
+        d = handle.delivery
+        await producer.begin_transaction()
+        try:
+            for output in decision.outputs:
+                sink = output.sink
+                assert isinstance(sink, KafkaSink)  # carries() said so
+                await producer.send_and_wait(
+                    sink.topic, output.body, headers=[("message-id", output.message_id.encode())]
+                )
+            if decision.outputs:
+                self._failpoints.hit("after-output-sent")
+            if decision.action is Action.DEAD_LETTER:
+                await self._dead_letter(
+                    d.body,
+                    handle.key,
+                    dict(d.headers),
+                    dict(d.metadata),
+                    decision,
+                    producer=producer,
+                )
+                self._failpoints.hit("after-dead-letter-sent")
+            if mark is not None:
+                await producer.send_offsets_to_transaction(
+                    {tp: (mark.offset, mark.metadata)}, self._group
+                )
+            await producer.commit_transaction()
+        except BaseException:
+            await self._abort(tp, producer)
+            raise
 
     async def _abort(self, tp: TopicPartition, producer: AIOKafkaProducer) -> None:
         """End a failed transaction; the producer is dropped (after some errors aiokafka
@@ -595,6 +665,21 @@ def open_source(trigger: KafkaTrigger, *, scaledjob: ScaledJob, settings: Settin
         consumer_options=settings.kafka.model_dump(),
         scaledjob=scaledjob.name,
         failpoints=Failpoints(settings.dispatcher.failpoints),
+        connection=connection_of(trigger),
+    )
+
+
+def connection_of(trigger: KafkaTrigger) -> tuple[str, ...]:
+    """What makes two triggers one client: the brokers and the credentials."""
+    return (
+        trigger.bootstrap_servers,
+        trigger.sasl,
+        str(trigger.tls),
+        trigger.username,
+        trigger.password,
+        trigger.ca,
+        trigger.cert,
+        trigger.key,
     )
 
 
@@ -774,7 +859,10 @@ class KafkaSink:
     output id in the ``message-id`` header."""
 
     def __init__(self, trigger: KafkaTrigger) -> None:
-        self._topic = trigger.topic
+        self.topic = trigger.topic
+        self.connection = connection_of(trigger)
+        """Its cluster and credentials: a Kafka source with the same ones publishes its
+        messages in the source's settle transaction instead (KafkaSource.carries)."""
         self._options = client_options(trigger)
         self._bootstrap = trigger.bootstrap_servers
         self._producer: AIOKafkaProducer | None = None
@@ -790,7 +878,7 @@ class KafkaSink:
             await producer.start()
             self._producer = producer
         await self._producer.send_and_wait(
-            self._topic, body, headers=[("message-id", message_id.encode())]
+            self.topic, body, headers=[("message-id", message_id.encode())]
         )
 
     async def close(self) -> None:

@@ -587,3 +587,61 @@ async def test_a_dispatcher_killed_between_a_dead_letter_and_its_commit_leaves_o
     assert [dict(r.headers)["x-jobrunner-reason"] for r in letters] == [b"BackoffLimitExceeded"]
     # Both copies are in the log; the first one's transaction was aborted.
     assert len(await read_all(kafka_bootstrap, f"{topic}.dead-letter", 2, within=10)) == 2
+
+
+async def test_a_functions_kafka_outputs_are_published_in_the_transaction_that_settles_it(
+    topic: str, kafka_bootstrap: str
+) -> None:
+    """The source carries outputs to a topic of its own cluster (same credentials):
+    published with the record's offset commit, all or nothing. A failure between the
+    outputs and the commit (here raised at the failpoint) leaves an aborted copy only;
+    settled again, the output is there once for a read_committed consumer."""
+    from jobrunner.failpoints import Failpoints, InjectedFault
+    from jobrunner.models import Action, Decision, OutputMessage
+    from jobrunner.sources.kafka import KafkaSink, KafkaSource, connection_of
+    from jobrunner.triggers.kafka import KafkaTrigger
+    from tests.integration.test_kafka_chaos import read_committed
+
+    out = f"{topic}.out"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(out, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    trigger = KafkaTrigger(kafka_bootstrap, topic, group, "earliest")
+    await produce(kafka_bootstrap, topic, [(0, None, {"task": "x"})])
+    source = KafkaSource(
+        bootstrap_servers=kafka_bootstrap,
+        topic=topic,
+        group_id=group,
+        offset_reset="earliest",
+        max_in_hand=10,
+        dead_letter_topic=f"{topic}.dead-letter",
+        failpoints=Failpoints(["raise:after-output-sent"]),
+        connection=connection_of(trigger),
+    )
+    sink = KafkaSink(KafkaTrigger(kafka_bootstrap, out, group, "earliest"))
+    elsewhere = KafkaSink(KafkaTrigger(kafka_bootstrap, out, group, "earliest", "plaintext"))
+    await source.start()
+    try:
+        assert source.carries(sink)
+        assert not source.carries(elsewhere), "other credentials: published on their own"
+        handle = await asyncio.wait_for(anext(source.deliveries()), timeout=60)
+        decision = Decision(
+            Action.ACK, job_name="j", outputs=(OutputMessage(sink, b"receipt", "j/out/0"),)
+        )
+        with pytest.raises(InjectedFault):
+            await source.settle(handle, decision)
+        assert not source.is_durable(handle)
+        source._failpoints = Failpoints()
+        assert await source.settle(handle, decision)
+        assert source.is_durable(handle)
+    finally:
+        await source.close()
+        await sink.close()
+    letters = await read_committed(kafka_bootstrap, out)
+    assert [(r.value, dict(r.headers)["message-id"]) for r in letters] == [(b"receipt", b"j/out/0")]
+    assert len(await read_all(kafka_bootstrap, out, 2, within=10)) == 2, "one aborted copy"
+    assert await committed(kafka_bootstrap, group, topic) == {0: 1}
