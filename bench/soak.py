@@ -21,6 +21,8 @@ What is checked, per source:
   group's committed offsets at the end of the topic);
 * dead letters found twice for one message are counted (a crash between a dead-letter
   publish and its ack may duplicate one; consumers drop it by ``x-jobrunner-message-id``).
+  Kafka's dead letters are produced in one transaction with their offset commit and read
+  here ``read_committed``, so on Kafka a duplicate is a failure of the run.
 
 The time from each fault to full recovery (the fault over and both sources' backlogs
 drained again) is printed per fault kind.
@@ -362,6 +364,8 @@ class Kafka:
             bootstrap_servers=self.servers,
             auto_offset_reset="earliest",
             enable_auto_commit=False,
+            # Dead letters come in transactions; an aborted one is no dead letter.
+            isolation_level="read_committed",
         )
         await consumer.start()
         out = []
@@ -719,7 +723,13 @@ class Verdict:
         return bool(
             self.missing_jobs or self.duplicate_jobs or self.left or self.dead_wrong
             or self.dead_missing
+            or (self.source in EXACTLY_ONCE_DEAD_LETTERS and self.duplicate_dead)
         )  # fmt: skip
+
+
+EXACTLY_ONCE_DEAD_LETTERS = {"kafka"}
+"""Sources whose dead letters are settled exactly once (Kafka: one transaction with the
+offset commit); elsewhere a crash between a dead letter and its ack may duplicate one."""
 
 
 async def check(soak: Soak) -> dict[str, Verdict]:
@@ -827,7 +837,13 @@ def report(soak: Soak, verdicts: dict[str, Verdict], elapsed: float) -> None:
             print(f"  {v.source}: {problem}")
     losses = sum(v.missing_jobs + v.dead_missing for v in verdicts.values())
     duplicates = sum(v.duplicate_jobs for v in verdicts.values())
-    print(f"\nlosses {losses}, duplicate Jobs {duplicates}, faults injected {len(soak.faults)}")
+    dead_twice = sum(
+        v.duplicate_dead for v in verdicts.values() if v.source in EXACTLY_ONCE_DEAD_LETTERS
+    )
+    print(
+        f"\nlosses {losses}, duplicate Jobs {duplicates}, duplicate Kafka dead letters "
+        f"{dead_twice}, faults injected {len(soak.faults)}"
+    )
 
 
 async def main_async(args: argparse.Namespace) -> int:

@@ -607,7 +607,7 @@ class Dispatcher:
         then is it recorded: for cleanup, and on the Job for a dead letter."""
         self._failpoints.hit("before-settle")
         if final and decision.job_name and self._settle_hook is not None:
-            decision = await self._settle_hook.before_settle(decision)
+            decision = await self._settle_hook.before_settle(decision, live=bool(handles))
             if decision.action is Action.DEAD_LETTER and not handles and original is None:
                 # A Job that keeps its message succeeded, but its outputs cannot go out
                 # (or its result is not trusted): dead-letter the copy the Job keeps.

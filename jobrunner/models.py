@@ -113,6 +113,17 @@ class Action(enum.Enum):
 
 
 @dataclass(frozen=True)
+class OutputMessage:
+    """One output message of a function: ``sink`` is the MessageSink of its binding (the
+    source that carries it recognises its own kind), ``message_id`` the deterministic
+    ``<job>/<binding>/<index>``."""
+
+    sink: object
+    body: bytes
+    message_id: str
+
+
+@dataclass(frozen=True)
 class Decision:
     """What to do with a message; the dispatcher's settle step carries it out."""
 
@@ -123,6 +134,10 @@ class Decision:
     message_identity: str = ""
     """The message's identity (its id, or digest, or Kafka position), carried by a
     dead-lettered copy so a consumer of the dead-letter target can drop a duplicate."""
+    outputs: tuple[OutputMessage, ...] = ()
+    """A function's output messages for the source to publish in the same transaction
+    as this settlement (jobrunner.outputs hands them to a source that carries them:
+    Kafka to Kafka); empty when they were published before the settle step."""
 
     @classmethod
     def ack(cls, job_name: str | None = None) -> Decision:

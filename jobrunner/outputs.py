@@ -21,10 +21,15 @@ message acked. Where a crash can fall:
   settled from the Job by whichever dispatcher sees it finish: the same steps;
 * the one window left is between a destination confirming a message and the record
   of it (one API write): a crash exactly there publishes that one message again on
-  recovery. Every output carries the deterministic id ``<job>/<binding>/<index>``
-  (AMQP message_id, a Kafka header, the embedded queue's message id; a Storage queue
-  message has no settable id), so that one copy can be recognised, and the embedded
-  queue drops it itself (it publishes only an id it does not hold).
+  recovery — except where the source carries them (``CarriesOutputs``: a Kafka
+  source and Kafka outputs on the same cluster with the same credentials): then a live
+  message's outputs are handed to the source in the decision (``Decision.outputs``) and
+  published in the one transaction that commits the record's offset, so a crash
+  leaves all of them and the settlement, or none (jobrunner.sources.kafka). Every
+  output carries the deterministic id ``<job>/<binding>/<index>`` (AMQP message_id, a
+  Kafka header, the embedded queue's message id; a Storage queue message has no
+  settable id), so that one copy can be recognised, and the embedded queue drops it
+  itself (it publishes only an id it does not hold).
 
 A failed function's ``error`` replaces the Job's own failure text in the dead letter:
 reason ``FunctionFailed``, detail the invoker's text (a handler's status and body, an
@@ -55,13 +60,21 @@ import json
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from jobrunner import marks
 from jobrunner.failpoints import Failpoints
 from jobrunner.marks import JobMarks
-from jobrunner.models import Action, Decision
-from jobrunner.protocols import ApiRejected, JobClient, MessageSink, OutputRefused, TransientError
+from jobrunner.models import Action, Decision, OutputMessage
+from jobrunner.protocols import (
+    ApiRejected,
+    CarriesOutputs,
+    JobClient,
+    MessageSink,
+    OutputRefused,
+    TransientError,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -113,10 +126,14 @@ class FunctionResults:
         self.sinks = dict(sinks)
         self._failpoints = failpoints or Failpoints()
         self._retry_ceiling = retry_ceiling
+        self.carrier: CarriesOutputs | None = None
+        """The source, when it can publish outputs in its settle transaction."""
 
-    async def before_settle(self, decision: Decision) -> Decision:
+    async def before_settle(self, decision: Decision, *, live: bool = False) -> Decision:
         """The decision to carry out: ``decision`` itself once a success's outputs are
-        out, a dead letter explained by the function's error, or ``OutputBindingFailed``."""
+        out, or with them in ``outputs`` for the source to publish (``live`` and every
+        one carried by the source), a dead letter explained by the function's error, or
+        ``OutputBindingFailed``."""
         name = decision.job_name
         if not name or decision.action is Action.REQUEUE:
             return decision
@@ -135,9 +152,11 @@ class FunctionResults:
         if result is None or result.get("status") != "succeeded":
             return Decision.dead_letter(UNVERIFIED, self._unverified(name, mark, result), name)
         try:
-            await self._publish(job, name, result)
+            carried = await self._publish(job, name, result, live=live)
         except OutputRefused as exc:
             return Decision.dead_letter("OutputBindingFailed", str(exc), name)
+        if carried:
+            return replace(decision, outputs=carried)
         return decision
 
     @staticmethod
@@ -156,7 +175,12 @@ class FunctionResults:
             "function again"
         )
 
-    async def _publish(self, job: Mapping[str, Any], name: str, result: Mapping[str, Any]) -> None:
+    async def _publish(
+        self, job: Mapping[str, Any], name: str, result: Mapping[str, Any], *, live: bool
+    ) -> tuple[OutputMessage, ...]:
+        """Publish the outputs not yet recorded as published; or, for a live message
+        whose remaining outputs the source all carries, return them for the source to
+        publish in its settle transaction (nothing is published here then)."""
         outputs = result.get("outputs") or {}
         messages = [
             (binding, index, base64.b64decode(body))
@@ -183,7 +207,17 @@ class FunctionResults:
                     len(messages),
                     extra={"job_name": name},
                 )
-            return
+            return ()
+        carrier = self.carrier
+        if (
+            live
+            and carrier is not None
+            and all(carrier.carries(self.sinks[b]) for b, _, _ in messages[done:])
+        ):
+            return tuple(
+                OutputMessage(self.sinks[binding], body, output_id(name, binding, index))
+                for binding, index, body in messages[done:]
+            )
         for position, (binding, index, body) in enumerate(messages):
             if position < done:
                 continue
@@ -198,6 +232,7 @@ class FunctionResults:
             extra={"job_name": name},
         )
         self._failpoints.hit("after-outputs-published")
+        return ()
 
     async def _record(self, name: str, uid: str, count: int) -> None:
         signed = await self._retry(

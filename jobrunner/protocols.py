@@ -234,6 +234,20 @@ class MessageSink(Protocol):
 class SettleHook(Protocol):
     """A collaborator the dispatcher asks, in its settle step, before a message's final
     settlement that names a Job (jobrunner.outputs publishes a function's outputs
-    there). It returns the decision to carry out (the same, or a dead letter)."""
+    there). It returns the decision to carry out (the same, or a dead letter, or the
+    same with ``outputs`` for the source to publish). ``live``: the message is in hand
+    (settled through the source), not a copy kept by its Job."""
 
-    async def before_settle(self, decision: Decision) -> Decision: ...
+    async def before_settle(self, decision: Decision, *, live: bool = False) -> Decision: ...
+
+
+@runtime_checkable
+class CarriesOutputs(Protocol):
+    """A source that can publish a function's outputs in the transaction that settles
+    the live message they came from (Kafka: dead letter, outputs and offsets in one
+    transaction), so an output is published exactly once without the Job's record."""
+
+    def carries(self, sink: MessageSink) -> bool:
+        """Whether ``sink``'s messages can go in this source's settle transaction (same
+        cluster, same credentials)."""
+        ...

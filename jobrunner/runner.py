@@ -38,7 +38,13 @@ from jobrunner.failpoints import Failpoints
 from jobrunner.marks import JobMarks
 from jobrunner.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY
 from jobrunner.outputs import FunctionResults
-from jobrunner.protocols import JobClient, MessageSink, MessageSource, SourceError
+from jobrunner.protocols import (
+    CarriesOutputs,
+    JobClient,
+    MessageSink,
+    MessageSource,
+    SourceError,
+)
 from jobrunner.redaction import describe_error, redact
 from jobrunner.rendering import Renderer, template_dirs
 from jobrunner.sandbox.pool import RenderPool
@@ -263,6 +269,8 @@ class DispatchUnit:
                     extra={"scaledjob": scaledjob.name},
                 )
         results = await function_results(scaledjob, context, jobs, settings, marks)
+        if results is not None and isinstance(source, CarriesOutputs):
+            results.carrier = source  # its outputs go in the settle transaction
         tracker = JobTracker(
             client=jobs,
             namespace=scaledjob.namespace,

@@ -11,7 +11,22 @@
 * Rebalances: on revocation the partitions' watermarks are committed and their records
   are no longer settled here (the new owner replays and adopts them); on assignment
   consumption resumes from the committed offset.
-* Dead letters go to a topic, with the reason in headers, before the offset moves on.
+* Dead letters go to a topic, with the reason in headers, in one Kafka transaction with
+  the offset commit that settles their record (KIP-98, aiokafka's
+  ``send_offsets_to_transaction``): a crash leaves either both or neither, so a replay
+  never dead-letters a record twice. The transactional id is the partition's
+  (``jobrunner.<group>.<topic>.<partition>``): a new owner of the partition opens its
+  producer before reading the committed offset, which fences the previous owner and ends
+  any transaction it left open (aborted, or committed if it was being committed), so the
+  offset read is final. Consumers of the dead-letter topic must read committed
+  (``isolation.level=read_committed``) to see each dead letter once.
+* A function's outputs to Kafka topics on the same cluster, with the same credentials
+  (``carries``), go in the same transaction as the offset commit of the record that
+  ran the function (jobrunner.outputs), so they too are published exactly once.
+* The consumer reads ``read_committed``: a record of an aborted transaction (a
+  function's output whose dispatcher died before the commit) is no message.
+* Records settled above the committed offset (out of order) are named in the commit's
+  metadata and skipped by a resumed consumer (``kafka_offsets``).
 * Optional per-key ordering: a record is handed out only once the previous record with
   the same key has been settled.
 """
@@ -32,17 +47,23 @@ from typing import Any
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient
-from aiokafka.errors import KafkaError
+from aiokafka.errors import KafkaError, ProducerFenced
 
 from jobrunner.config import ScaledJob, Settings
 from jobrunner.deadletters import DeadLetter, replay_headers
+from jobrunner.failpoints import Failpoints
 from jobrunner.models import Action, Decision, Delivery
-from jobrunner.protocols import MessageHandle, SourceUnreachable
+from jobrunner.protocols import MessageHandle, MessageSink, SourceUnreachable
 from jobrunner.redaction import addresses, describe_error
-from jobrunner.sources.kafka_offsets import PartitionOffsets
+from jobrunner.sources.kafka_offsets import Mark, PartitionOffsets, decode_done
 from jobrunner.triggers.kafka import SASL_MECHANISMS, KafkaTrigger
 
 logger = logging.getLogger(__name__)
+
+
+TRANSACTION_TRIES = 5
+"""Tries of a settle transaction that meets a retriable Kafka error (about 8 s of
+backoff in all) before the error is raised and the record left in hand."""
 
 
 def _short(exc: BaseException) -> str:
@@ -93,9 +114,15 @@ class KafkaSource:
         client_options: Mapping[str, Any] | None = None,
         consumer_options: Mapping[str, Any] | None = None,
         scaledjob: str = "",
+        failpoints: Failpoints | None = None,
+        connection: tuple[str, ...] | None = None,
     ) -> None:
         self._servers = bootstrap_servers
         self.topic = topic
+        self._failpoints = failpoints or Failpoints()
+        self._connection = connection
+        """The cluster and credentials (``connection_of``): outputs are carried only to
+        a sink with the same ones."""
         self._group = group_id
         self._reset = offset_reset
         self._max_in_hand = max_in_hand
@@ -106,6 +133,9 @@ class KafkaSource:
         self._scaledjob = scaledjob
         self._consumer: AIOKafkaConsumer | None = None
         self._producer: AIOKafkaProducer | None = None
+        """Idempotent, not transactional: dead letters of records already acked."""
+        self._transactional: dict[TopicPartition, AIOKafkaProducer] = {}
+        """One transactional producer per assigned partition: its dead letters."""
         self._offsets: dict[TopicPartition, PartitionOffsets] = {}
         self._generation = 0
         self._busy_keys: set[tuple[TopicPartition, bytes]] = set()
@@ -132,6 +162,7 @@ class KafkaSource:
             bootstrap_servers=self._servers,
             group_id=self._group,
             enable_auto_commit=False,
+            isolation_level="read_committed",
             auto_offset_reset=self._reset,
             max_poll_records=max(1, min(500, self._max_in_hand)),
             **self._consumer_options,
@@ -158,6 +189,7 @@ class KafkaSource:
                     "final commit failed (%s); unfinished records will be replayed", _short(exc)
                 )
             await self._consumer.stop()
+        await self._close_transactional(set(self._transactional))
         if self._producer is not None:
             await self._producer.stop()
 
@@ -178,16 +210,43 @@ class KafkaSource:
         for key in [k for k in self._waiting if k[0] in revoked]:
             del self._waiting[key]
         self._busy_keys = {k for k in self._busy_keys if k[0] not in revoked}
+        await self._close_transactional(revoked)
         logger.info(
             "partitions revoked: %s", sorted(f"{tp.topic}/{tp.partition}" for tp in revoked)
         )
 
     async def _assigned(self, assigned: set[TopicPartition]) -> None:
         assert self._consumer is not None
-        fresh = [tp for tp in assigned if await self._consumer.committed(tp) is None]
+        # Nothing is read from them until their offsets are set up below: a record
+        # handed out before would have no partition to be settled in.
+        self._consumer.pause(*assigned)
+        # Fence the previous owners first (their open transactions end), then read the
+        # committed offsets afresh: read before, they could miss a transaction's commit.
+        for tp in sorted(assigned):
+            try:
+                await self._transactional_producer(tp)
+            except KafkaError as exc:  # tried again at the partition's first dead letter
+                logger.warning(
+                    "transactional producer for %s/%d not ready (%s)",
+                    tp.topic,
+                    tp.partition,
+                    _short(exc),
+                )
+        committed = await self._committed_offsets(assigned)
+        if committed is None:
+            return  # paused: the partitions are assigned again after the rejoin
+        fresh = []
         for tp in assigned:
-            position = await self._consumer.position(tp)
-            self._offsets[tp] = PartitionOffsets(start=position)
+            meta = committed.get(tp)
+            if meta is None or meta.offset < 0:
+                fresh.append(tp)
+                self._offsets[tp] = PartitionOffsets(start=await self._consumer.position(tp))
+                continue
+            self._consumer.seek(tp, meta.offset)
+            self._offsets[tp] = PartitionOffsets(
+                start=meta.offset, done=decode_done(meta.offset, meta.metadata)
+            )
+        self._consumer.resume(*assigned)
         self._paused = False
         logger.info(
             "partitions assigned: %s",
@@ -195,6 +254,28 @@ class KafkaSource:
         )
         if fresh:
             await self._note_fresh_start(fresh)
+
+    async def _committed_offsets(self, assigned: set[TopicPartition]) -> dict[Any, Any] | None:
+        """The group's committed offsets (with their metadata) of ``assigned``, tried for
+        about 30 s; None when they cannot be read, after asking the group to rebalance
+        (aiokafka swallows a failure of this listener: the partitions would stay paused,
+        never read)."""
+        assert self._consumer is not None
+        delay = 0.5
+        for _ in range(6):
+            try:
+                # aiokafka's consumer has no public call that returns the metadata.
+                committed: dict[
+                    Any, Any
+                ] = await self._consumer._coordinator.fetch_committed_offsets(list(assigned))
+                return committed
+            except KafkaError as exc:
+                logger.warning("reading the committed offsets failed (%s)", _short(exc))
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 8.0)
+        logger.error("could not read the committed offsets; rejoining the consumer group")
+        self._consumer._coordinator.request_rejoin()
+        return None
 
     async def _note_fresh_start(self, fresh: list[TopicPartition]) -> None:
         """A group with no committed offset starts where offsetResetPolicy says. At
@@ -273,7 +354,8 @@ class KafkaSource:
                 if offsets is None:
                     continue
                 for record in records:
-                    offsets.received(record.offset)
+                    if not offsets.received(record.offset):
+                        continue  # settled before the commit this consumer resumed from
                     handle = self._handle(tp, record)
                     if self._per_key and record.key is not None:
                         slot = (tp, record.key)
@@ -293,10 +375,11 @@ class KafkaSource:
             return False
         if decision.action is Action.REQUEUE:
             return False  # left uncommitted: read again after a restart or rebalance
-        if decision.action is Action.DEAD_LETTER:
-            d = handle.delivery
-            await self._dead_letter(d.body, handle.key, dict(d.headers), dict(d.metadata), decision)
-        offsets.finished(handle.offset)
+        if decision.action is Action.DEAD_LETTER or decision.outputs:
+            if not await self._settle_in_transaction(handle, offsets, decision):
+                return False
+        else:
+            offsets.finished(handle.offset)
         if self._per_key and handle.key is not None:
             slot = (handle.partition, handle.key)
             waiting = self._waiting.get(slot)
@@ -315,7 +398,7 @@ class KafkaSource:
         offsets = self._offsets.get(handle.partition)
         if offsets is None or handle.generation != self._generation:
             return False  # revoked: the new owner replays it and needs its Job
-        return handle.offset < offsets.committed
+        return offsets.is_settled(handle.offset)
 
     async def dead_letter_copy(self, original: Mapping[str, Any], decision: Decision) -> None:
         metadata = dict(original.get("metadata") or {})
@@ -328,6 +411,157 @@ class KafkaSource:
             decision,
         )
 
+    def carries(self, sink: MessageSink) -> bool:
+        """A Kafka sink on the same cluster with the same credentials: its messages can
+        go in this source's transactions (one producer, one principal)."""
+        return (
+            isinstance(sink, KafkaSink)
+            and self._connection is not None
+            and sink.connection == self._connection
+        )
+
+    async def _settle_in_transaction(
+        self, handle: KafkaHandle, offsets: PartitionOffsets, decision: Decision
+    ) -> bool:
+        """Publish a live record's outputs (``decision.outputs``), dead-letter it when
+        so decided, and commit its partition's offsets (the record settled), all in one
+        transaction. False when the partition moved to another consumer meanwhile
+        (revoked, or this producer fenced): the transaction is aborted and the new owner
+        replays the record. A retriable Kafka error (a broker restarting, a leader
+        moving) aborts it and it is tried again, TRANSACTION_TRIES times in all with
+        backoff; then, as any other Kafka error, it is raised, the record left in hand,
+        unsettled."""
+        tp = handle.partition
+        async with self._commit_lock:
+            # Held for the whole transaction: no plain commit of this consumer lands
+            # between the transaction's offsets and its commit.
+            delay = 0.5
+            for attempt in range(1, TRANSACTION_TRIES + 1):
+                if self._offsets.get(tp) is not offsets or handle.generation != self._generation:
+                    return False
+                mark = offsets.to_commit(besides=handle.offset)
+                try:
+                    producer = await self._transactional_producer(tp)
+                    await self._transaction(producer, handle, decision, mark)
+                    break
+                except ProducerFenced:
+                    logger.info(
+                        "%s/%d moved to another consumer: its new owner settles the record",
+                        tp.topic,
+                        tp.partition,
+                    )
+                    return False
+                except KafkaError as exc:
+                    if not getattr(exc, "retriable", False) or attempt == TRANSACTION_TRIES:
+                        raise
+                    logger.warning(
+                        "transaction on %s/%d failed (%s); trying again in %.1fs",
+                        tp.topic,
+                        tp.partition,
+                        _short(exc),
+                        delay,
+                    )
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, 8.0)
+            offsets.finished(handle.offset)
+            if mark is not None:
+                offsets.committed_as(mark)
+        if decision.outputs:
+            logger.info(
+                "Job %s: published %d output message(s) in the transaction that commits its record",
+                decision.job_name,
+                len(decision.outputs),
+                extra={"job_name": decision.job_name},
+            )
+        return True
+
+    async def _transaction(
+        self,
+        producer: AIOKafkaProducer,
+        handle: KafkaHandle,
+        decision: Decision,
+        mark: Mark | None,
+    ) -> None:
+        """One transaction: the outputs, the dead letter, the offsets, the commit;
+        aborted (and the producer dropped) on any failure."""
+        tp = handle.partition
+        d = handle.delivery
+        await producer.begin_transaction()
+        try:
+            for output in decision.outputs:
+                sink = output.sink
+                assert isinstance(sink, KafkaSink)  # carries() said so
+                await producer.send_and_wait(
+                    sink.topic, output.body, headers=[("message-id", output.message_id.encode())]
+                )
+            if decision.outputs:
+                self._failpoints.hit("after-output-sent")
+            if decision.action is Action.DEAD_LETTER:
+                await self._dead_letter(
+                    d.body,
+                    handle.key,
+                    dict(d.headers),
+                    dict(d.metadata),
+                    decision,
+                    producer=producer,
+                )
+                self._failpoints.hit("after-dead-letter-sent")
+            if mark is not None:
+                await producer.send_offsets_to_transaction(
+                    {tp: (mark.offset, mark.metadata)}, self._group
+                )
+            await producer.commit_transaction()
+        except BaseException:
+            await self._abort(tp, producer)
+            raise
+
+    async def _abort(self, tp: TopicPartition, producer: AIOKafkaProducer) -> None:
+        """End a failed transaction; the producer is dropped (after some errors aiokafka
+        keeps it unusable) and the partition's next dead letter opens a new one."""
+        try:
+            await asyncio.shield(producer.abort_transaction())
+        except Exception as exc:  # the broker aborts it on its timeout anyway
+            logger.debug("abort failed: %s", _short(exc))
+        if self._transactional.get(tp) is producer:
+            del self._transactional[tp]
+        await asyncio.shield(producer.stop())
+
+    def transactional_id(self, tp: TopicPartition) -> str:
+        """The partition's transactional id: the same for every dispatcher of the
+        consumer group, so that a new owner fences the previous one (KIP-98)."""
+        return f"jobrunner.{self._group}.{tp.topic}.{tp.partition}"
+
+    async def _transactional_producer(self, tp: TopicPartition) -> AIOKafkaProducer:
+        """The partition's transactional producer, started and with its producer id (so
+        the previous owner is fenced, its open transaction ended)."""
+        producer = self._transactional.get(tp)
+        if producer is not None:
+            return producer
+        producer = AIOKafkaProducer(
+            bootstrap_servers=self._servers,
+            transactional_id=self.transactional_id(tp),
+            acks="all",
+            enable_idempotence=True,
+            **self._options,
+        )
+        try:
+            await producer.start()
+            # An empty transaction waits for InitProducerId, which fences the id's
+            # previous producer and completes its open transaction; nothing is sent.
+            await producer.begin_transaction()
+            await producer.abort_transaction()
+        except BaseException:
+            await asyncio.shield(producer.stop())
+            raise
+        self._transactional[tp] = producer
+        return producer
+
+    async def _close_transactional(self, partitions: set[TopicPartition]) -> None:
+        for tp in partitions:
+            producer = self._transactional.pop(tp, None)
+            if producer is not None:
+                await producer.stop()
+
     async def _dead_letter(
         self,
         body: bytes,
@@ -335,8 +569,12 @@ class KafkaSource:
         headers: dict[str, str],
         metadata: dict[str, str],
         decision: Decision,
+        *,
+        producer: AIOKafkaProducer | None = None,
     ) -> None:
-        assert self._producer is not None
+        """Produce the dead letter (``producer``: in its open transaction)."""
+        producer = producer or self._producer
+        assert producer is not None
         headers.update(
             decision.reason_headers(
                 scaledjob=self._scaledjob,
@@ -346,7 +584,7 @@ class KafkaSource:
             )
         )
         # acks=all: returns once the dead-letter topic holds the copy.
-        await self._producer.send_and_wait(
+        await producer.send_and_wait(
             self.dead_letter_topic,
             value=body,
             key=key,
@@ -357,17 +595,17 @@ class KafkaSource:
         if self._consumer is None:
             return
         async with self._commit_lock:
-            offsets = {
+            marks: dict[TopicPartition, Mark] = {
                 tp: mark
                 for tp, part in self._offsets.items()
                 if (only is None or tp in only) and (mark := part.to_commit()) is not None
             }
-            if not offsets:
+            if not marks:
                 return
-            await self._consumer.commit(offsets)
-            for tp, mark in offsets.items():
+            await self._consumer.commit({tp: (m.offset, m.metadata) for tp, m in marks.items()})
+            for tp, mark in marks.items():
                 if tp in self._offsets:
-                    self._offsets[tp].committed = mark
+                    self._offsets[tp].committed_as(mark)
 
     # ------------------------------------------------------------------ observability
     async def depth(self) -> int | None:
@@ -426,6 +664,22 @@ def open_source(trigger: KafkaTrigger, *, scaledjob: ScaledJob, settings: Settin
         client_options=client_options(trigger),
         consumer_options=settings.kafka.model_dump(),
         scaledjob=scaledjob.name,
+        failpoints=Failpoints(settings.dispatcher.failpoints),
+        connection=connection_of(trigger),
+    )
+
+
+def connection_of(trigger: KafkaTrigger) -> tuple[str, ...]:
+    """What makes two triggers one client: the brokers and the credentials."""
+    return (
+        trigger.bootstrap_servers,
+        trigger.sasl,
+        str(trigger.tls),
+        trigger.username,
+        trigger.password,
+        trigger.ca,
+        trigger.cert,
+        trigger.key,
     )
 
 
@@ -434,7 +688,9 @@ REPLAYED_SUFFIX = ".replayed"
 
 class KafkaDeadLetters:
     """A dead-letter topic, for ``jobrunner dead-letters``. Read from the beginning by a
-    consumer without a group (nothing is committed). A topic is a log that cannot lose
+    consumer without a group (nothing is committed), ``read_committed``: a dead letter
+    of a transaction that was aborted (its dispatcher died before the commit) is not
+    listed, since the record it came from is dead-lettered again. A topic is a log that cannot lose
     a record, so a replay is remembered in ``<dead-letter topic>.replayed`` (key
     ``partition:offset``, value the replay's ``x-jobrunner-replay``), written after the
     copy is on the source topic; listings leave replayed records out. Like the
@@ -474,6 +730,8 @@ class KafkaDeadLetters:
             group_id=None,
             enable_auto_commit=False,
             request_timeout_ms=15_000,
+            # Dead letters are produced in transactions: an aborted one is no dead letter.
+            isolation_level="read_committed",
             **self._options,
         )
         try:
@@ -601,7 +859,10 @@ class KafkaSink:
     output id in the ``message-id`` header."""
 
     def __init__(self, trigger: KafkaTrigger) -> None:
-        self._topic = trigger.topic
+        self.topic = trigger.topic
+        self.connection = connection_of(trigger)
+        """Its cluster and credentials: a Kafka source with the same ones publishes its
+        messages in the source's settle transaction instead (KafkaSource.carries)."""
         self._options = client_options(trigger)
         self._bootstrap = trigger.bootstrap_servers
         self._producer: AIOKafkaProducer | None = None
@@ -617,7 +878,7 @@ class KafkaSink:
             await producer.start()
             self._producer = producer
         await self._producer.send_and_wait(
-            self._topic, body, headers=[("message-id", message_id.encode())]
+            self.topic, body, headers=[("message-id", message_id.encode())]
         )
 
     async def close(self) -> None:

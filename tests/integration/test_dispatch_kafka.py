@@ -105,6 +105,20 @@ async def committed(servers: str, group: str, topic: str) -> dict[int, int]:
     return {tp.partition: meta.offset for tp, meta in offsets.items() if tp.topic == topic}
 
 
+async def committed_metadata(servers: str, group: str, topic: str) -> dict[int, tuple[int, str]]:
+    admin = AIOKafkaAdminClient(bootstrap_servers=servers)
+    await admin.start()
+    try:
+        offsets = await admin.list_consumer_group_offsets(group)
+    finally:
+        await admin.close()
+    return {
+        tp.partition: (meta.offset, meta.metadata)
+        for tp, meta in offsets.items()
+        if tp.topic == topic
+    }
+
+
 async def read_all(servers: str, topic: str, count: int, within: float = 30) -> list[Any]:
     consumer = AIOKafkaConsumer(
         topic,
@@ -166,12 +180,18 @@ async def test_commit_never_passes_an_unfinished_record_and_a_crash_relaunches_n
     path = kafka_manifest()
     first = dispatchers(path)
     stored = await produce(
-        kafka_bootstrap, topic, [(0, None, {"seconds": 10}), (0, None, {"task": "quick"})]
+        kafka_bootstrap,
+        topic,
+        [(0, None, {"seconds": 10}), (0, None, {"task": "quick"}), (0, None, {"seconds": 10})],
     )
-    # The second record finishes first; the first still runs, so nothing is committed.
+    # The second record finishes first; the first still runs, so the offset stays at 0,
+    # and the commit's metadata names the settled record above it (distance 1).
     await first.settled("ack", 1, within=60)
-    assert await committed(kafka_bootstrap, kafka_manifest.group, topic) in ({}, {0: 0}, {0: -1})  # type: ignore[attr-defined]
-    # Killed now: the finished record is not committed; the Job is the evidence.
+    assert await committed_metadata(kafka_bootstrap, kafka_manifest.group, topic) == {  # type: ignore[attr-defined]
+        0: (0, "jr1:1")
+    }
+    # Killed now: the unfinished records are replayed and adopt their Jobs; the settled
+    # one is skipped, not replayed.
     first.kill()
     second = dispatchers(path)
     await second.settled("ack", 2, within=60)
@@ -179,9 +199,11 @@ async def test_commit_never_passes_an_unfinished_record_and_a_crash_relaunches_n
     assert {j.metadata.name for j in jobs} == names_for(topic, stored), "nothing launched twice"
     assert all(finished(j) == "Complete" for j in jobs)
     assert second.logs().count("adopted its existing Job") == 2
+    quick = job_name("work", f"{topic}/0/1")
+    assert quick not in second.logs(), "the settled record is not handed out again"
 
     async def all_committed() -> bool:
-        return await committed(kafka_bootstrap, kafka_manifest.group, topic) == {0: 2}  # type: ignore[attr-defined]
+        return await committed(kafka_bootstrap, kafka_manifest.group, topic) == {0: 3}  # type: ignore[attr-defined]
 
     await eventually(all_committed, within=20, interval=0.5)
 
@@ -492,3 +514,134 @@ async def test_tls_ca_comes_from_the_trigger_authentication_secret(
     [job] = await wait_for_jobs(kube_api, namespace, "work", 1, state="Complete", within=60)
     assert job.metadata.name in names_for(topic, stored)
     await dispatcher.settled("ack", 1)
+
+
+async def test_jobrunners_dead_letter_reader_skips_an_aborted_transactions_dead_letter(
+    topic: str, kafka_bootstrap: str
+) -> None:
+    """A dispatcher that dies inside a dead letter's transaction leaves an aborted copy
+    in the topic (the record is dead-lettered again by the next owner): read committed,
+    ``jobrunner dead-letters`` does not list it."""
+    from jobrunner.sources.kafka import KafkaDeadLetters
+
+    dead = f"{topic}.dead-letter"
+    producer = AIOKafkaProducer(
+        bootstrap_servers=kafka_bootstrap, transactional_id=f"test.{topic}", acks="all"
+    )
+    await producer.start()
+    try:
+        await producer.begin_transaction()
+        await producer.send_and_wait(dead, b"aborted", key=b"k")
+        await producer.abort_transaction()
+        await producer.begin_transaction()
+        await producer.send_and_wait(dead, b"kept", key=b"k")
+        await producer.commit_transaction()
+    finally:
+        await producer.stop()
+    letters = KafkaDeadLetters(
+        bootstrap_servers=kafka_bootstrap, topic=topic, dead_letter_topic=dead
+    )
+    try:
+        assert [d.body for d in await letters.read(limit=10)] == [b"kept"]
+    finally:
+        await letters.close()
+
+
+async def test_a_dispatcher_killed_between_a_dead_letter_and_its_commit_leaves_one_dead_letter(
+    kube_api: client.ApiClient,
+    namespace: str,
+    topic: str,
+    kafka_bootstrap: str,
+    kafka_manifest: Callable[..., Path],
+    dispatchers: Callable[..., Dispatcher],
+) -> None:
+    """The window of the issue: the dead letter is on the topic, the offset that
+    settles its record is not committed, and the dispatcher dies (SIGKILL at the
+    failpoint). The next dispatcher dead-letters the record again; the first copy's
+    transaction is aborted (fenced by the partition's transactional id), so a
+    read_committed consumer sees one dead letter, and the offset moves on once."""
+    path = kafka_manifest()
+    env = {
+        "JOBRUNNER_KAFKA__SESSION_TIMEOUT_MS": "6000",
+        "JOBRUNNER_KAFKA__HEARTBEAT_INTERVAL_MS": "1000",
+    }
+    first = dispatchers(
+        path, {**env, "JOBRUNNER_DISPATCHER__FAILPOINTS": '["after-dead-letter-sent"]'}
+    )
+    await produce(kafka_bootstrap, topic, [(0, b"k", {"fail": "failed"})])
+    await asyncio.to_thread(first.process.wait, 60)  # type: ignore[union-attr]
+    assert first.process.returncode == -9  # type: ignore[union-attr]
+    assert "failpoint after-dead-letter-sent reached" in first.logs()
+
+    second = dispatchers(path, env)
+    await second.settled("dead-letter", 1, within=90)
+    assert "adopted its existing Job" in second.logs()
+
+    async def moved_on() -> bool:
+        return await committed(kafka_bootstrap, kafka_manifest.group, topic) == {0: 1}  # type: ignore[attr-defined]
+
+    await eventually(moved_on, within=20, interval=0.5)
+    from tests.integration.test_kafka_chaos import read_committed
+
+    letters = await read_committed(kafka_bootstrap, f"{topic}.dead-letter")
+    assert [dict(r.headers)["x-jobrunner-reason"] for r in letters] == [b"BackoffLimitExceeded"]
+    # Both copies are in the log; the first one's transaction was aborted.
+    assert len(await read_all(kafka_bootstrap, f"{topic}.dead-letter", 2, within=10)) == 2
+
+
+async def test_a_functions_kafka_outputs_are_published_in_the_transaction_that_settles_it(
+    topic: str, kafka_bootstrap: str
+) -> None:
+    """The source carries outputs to a topic of its own cluster (same credentials):
+    published with the record's offset commit, all or nothing. A failure between the
+    outputs and the commit (here raised at the failpoint) leaves an aborted copy only;
+    settled again, the output is there once for a read_committed consumer."""
+    from jobrunner.failpoints import Failpoints, InjectedFault
+    from jobrunner.models import Action, Decision, OutputMessage
+    from jobrunner.sources.kafka import KafkaSink, KafkaSource, connection_of
+    from jobrunner.triggers.kafka import KafkaTrigger
+    from tests.integration.test_kafka_chaos import read_committed
+
+    out = f"{topic}.out"
+    admin = AIOKafkaAdminClient(bootstrap_servers=kafka_bootstrap)
+    await admin.start()
+    try:
+        await admin.create_topics([NewTopic(out, num_partitions=1, replication_factor=1)])
+    finally:
+        await admin.close()
+    group = f"g-{uuid.uuid4().hex[:8]}"
+    trigger = KafkaTrigger(kafka_bootstrap, topic, group, "earliest")
+    await produce(kafka_bootstrap, topic, [(0, None, {"task": "x"})])
+    source = KafkaSource(
+        bootstrap_servers=kafka_bootstrap,
+        topic=topic,
+        group_id=group,
+        offset_reset="earliest",
+        max_in_hand=10,
+        dead_letter_topic=f"{topic}.dead-letter",
+        failpoints=Failpoints(["raise:after-output-sent"]),
+        connection=connection_of(trigger),
+    )
+    sink = KafkaSink(KafkaTrigger(kafka_bootstrap, out, group, "earliest"))
+    elsewhere = KafkaSink(KafkaTrigger(kafka_bootstrap, out, group, "earliest", "plaintext"))
+    await source.start()
+    try:
+        assert source.carries(sink)
+        assert not source.carries(elsewhere), "other credentials: published on their own"
+        handle = await asyncio.wait_for(anext(source.deliveries()), timeout=60)
+        decision = Decision(
+            Action.ACK, job_name="j", outputs=(OutputMessage(sink, b"receipt", "j/out/0"),)
+        )
+        with pytest.raises(InjectedFault):
+            await source.settle(handle, decision)
+        assert not source.is_durable(handle)
+        source._failpoints = Failpoints()
+        assert await source.settle(handle, decision)
+        assert source.is_durable(handle)
+    finally:
+        await source.close()
+        await sink.close()
+    letters = await read_committed(kafka_bootstrap, out)
+    assert [(r.value, dict(r.headers)["message-id"]) for r in letters] == [(b"receipt", b"j/out/0")]
+    assert len(await read_all(kafka_bootstrap, out, 2, within=10)) == 2, "one aborted copy"
+    assert await committed(kafka_bootstrap, group, topic) == {0: 1}

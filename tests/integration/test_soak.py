@@ -49,6 +49,6 @@ def test_a_short_seeded_chaos_run_loses_nothing_and_runs_nothing_twice(
     )
     out = result.stdout + result.stderr
     assert result.returncode == 0, out[-8000:]
-    assert "losses 0, duplicate Jobs 0" in out
+    assert "losses 0, duplicate Jobs 0, duplicate Kafka dead letters 0" in out
     faults = int(out.rsplit("faults injected ", 1)[1].split()[0])
     assert faults >= 3, out[-4000:]
