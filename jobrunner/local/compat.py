@@ -21,6 +21,7 @@ here before a Job can carry it. The Job controller's rules come from kubernetes/
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
@@ -188,6 +189,18 @@ def pod_problems(pod: Mapping[str, Any], *, job_name: str | None = None) -> list
         problems.append(SchemaProblem(path, f"{EXECUTOR} {text}"))
 
     message_secret = message_secret_name(job_name) if job_name else None
+    volume_names = {v.get("name") for v in pod.get("volumes") or [] if isinstance(v, Mapping)}
+    for key in ("initContainers", "containers"):
+        for i, container in enumerate(pod.get(key) or []):
+            mounts = container.get("volumeMounts") if isinstance(container, Mapping) else None
+            for j, mount in enumerate(mounts if isinstance(mounts, list) else []):
+                name = mount.get("name") if isinstance(mount, Mapping) else None
+                if _set(name) and name not in volume_names and job_name is not None:
+                    refuse(
+                        (key, i, "volumeMounts", j, "name"),
+                        f"has no volume {name!r} to mount: add it to "
+                        "spec.template.spec.volumes, as Kubernetes requires",
+                    )
     for i, volume in enumerate(pod.get("volumes") or []):
         if not isinstance(volume, Mapping):
             continue
@@ -226,6 +239,32 @@ def _container_problems(
     def refuse(path: tuple[str | int, ...], text: str) -> SchemaProblem:
         return SchemaProblem(path, f"{EXECUTOR} {text}")
 
+    working = container.get("workingDir")
+    if _set(working) and not (os.path.isabs(str(working)) and os.path.isdir(str(working))):
+        # A container runtime makes a missing workingDir; the local executor runs the
+        # process in it on this machine, and will not run it somewhere else instead.
+        yield refuse(
+            ("workingDir",),
+            f"runs the container in its workingDir on this machine, and {working!r} "
+            + (
+                "is not an absolute path"
+                if not os.path.isabs(str(working))
+                else "does not exist here"
+            )
+            + "; give a directory of this machine, or leave workingDir out",
+        )
+    ports = {p.get("name") for p in container.get("ports") or [] if isinstance(p, Mapping)}
+    for kind in ("startupProbe", "readinessProbe"):
+        probe = container.get(kind)
+        for how in ("tcpSocket", "httpGet"):
+            port = (probe.get(how) or {}).get("port") if isinstance(probe, Mapping) else None
+            named = isinstance(port, str) and not port.isdigit() and not is_templated(port)
+            if named and port not in ports:
+                yield refuse(
+                    (kind, how, "port"),
+                    f"finds no port named {port!r} in this container's ports; name it there "
+                    "or give the number",
+                )
     if not container.get("command"):
         yield refuse(
             ("command",),

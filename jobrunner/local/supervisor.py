@@ -207,7 +207,9 @@ def plan(jobdir: JobDir, job: dict[str, Any], attempt: int, containers_key: str)
         args = list(container.get("args") or [])
         argv = [_map_path(expand(part, defined), mounts) for part in command + args]
         working = container.get("workingDir")
-        cwd = Path(working) if working and Path(working).is_dir() else work
+        if working and not Path(working).is_dir():  # gone since create (compat refuses it)
+            raise Unrunnable(f"container {name}: workingDir {working} does not exist here")
+        cwd = Path(working) if working else work
         log = jobdir.logs / f"{attempt}-{name}.log"
         out.append(
             Process(

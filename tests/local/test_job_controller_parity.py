@@ -408,6 +408,36 @@ REFUSED: list[tuple[str, Any, str]] = [
         "containers[0].envFrom[0]",
     ),
     (
+        "working-dir-not-here",
+        lambda j: _container(j).update(workingDir="/app-in-an-image"),
+        "containers[0].workingDir",
+    ),
+    (
+        "working-dir-relative",
+        lambda j: _container(j).update(workingDir="app"),
+        "containers[0].workingDir",
+    ),
+    (
+        "mount-of-no-volume",
+        lambda j: _container(j).update(volumeMounts=[{"name": "data", "mountPath": "/data"}]),
+        "containers[0].volumeMounts[0].name",
+    ),
+    (
+        "probe-port-not-named",
+        lambda j: j["spec"]["template"]["spec"].update(
+            initContainers=[
+                {
+                    "name": "side",
+                    "image": "x",
+                    "restartPolicy": "Always",
+                    "command": ["sleep", "9"],
+                    "startupProbe": {"tcpSocket": {"port": "http"}},
+                }
+            ]
+        ),
+        "initContainers[0].startupProbe.tcpSocket.port",
+    ),
+    (
         "lifecycle",
         lambda j: _container(j).update(lifecycle={"preStop": {"exec": {"command": ["true"]}}}),
         "containers[0].lifecycle",
