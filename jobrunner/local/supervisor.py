@@ -434,15 +434,16 @@ class Supervisor:
         self.save()
 
     def finish(self, kind: str, reason: str, message: str) -> None:
-        """End the Job with the condition ``kind`` (Complete or Failed). A Job failed by
-        its pod failure policy gets ``FailureTarget`` first, with the same reason and
-        message, as the Job controller sets them (job_controller.go)."""
+        """End the Job with the condition ``kind`` (Complete or Failed), after the interim
+        condition the Job controller sets first with the same reason and message
+        (job_controller.go, seen on the stack's v1.37 API server): ``SuccessCriteriaMet``
+        before ``Complete``, ``FailureTarget`` before ``Failed``."""
         now = now_rfc3339(millis=True)
         self.status["active"] = 0
         if kind == "Complete":
             self.status["completionTime"] = now
             self.status["succeeded"] = 1
-        kinds = ["FailureTarget", kind] if reason == "PodFailurePolicy" else [kind]
+        kinds = ["SuccessCriteriaMet" if kind == "Complete" else "FailureTarget", kind]
         self.status["conditions"] = [
             {
                 "type": each,

@@ -257,6 +257,31 @@ async def test_an_indexed_job_gets_its_completion_index_as_the_job_controller_gi
     assert shown[1] == "index 0"
 
 
+@pytest.mark.parametrize(
+    ("script", "conditions"),
+    [
+        (
+            "pass",
+            [("SuccessCriteriaMet", "CompletionsReached"), ("Complete", "CompletionsReached")],
+        ),
+        (
+            "raise SystemExit(1)",
+            [("FailureTarget", "BackoffLimitExceeded"), ("Failed", "BackoffLimitExceeded")],
+        ),
+    ],
+)
+async def test_a_finished_job_has_the_interim_condition_before_the_terminal_one(
+    state_dir: Path, manifest: ManifestFactory, script: str, conditions: list[tuple[str, str]]
+) -> None:
+    # As the stack's API server (v1.37) shows them: SuccessCriteriaMet before Complete,
+    # FailureTarget before Failed, with the same reason.
+    client = LocalJobClient(state_dir, retry_seconds=0.1)
+    job, secret = render(manifest(script), b"{}")
+    await client.create_job(job, secret)
+    done = await finished(client, job)
+    assert [(c["type"], c["reason"]) for c in done["status"]["conditions"]] == conditions
+
+
 async def test_a_non_indexed_job_has_no_completion_index(
     state_dir: Path, manifest: ManifestFactory
 ) -> None:
