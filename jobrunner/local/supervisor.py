@@ -139,11 +139,19 @@ def _map_path(value: str, mounts: list[tuple[str, Path]]) -> str:
 
 
 def hostname(job: dict[str, Any], attempt: int) -> str:
-    """The hostname of the Job's pod for ``attempt``: ``<job>-<attempt>``; an Indexed
+    """The hostname of the Job's pod for ``attempt``: ``<job>-<pod number>``; an Indexed
     Job's pod is named by the Job controller for its index (indexed_job_utils.go:
     hostname ``<job>-<index>``), and its one index is 0."""
     name = str((job.get("metadata") or {}).get("name", "job"))
-    return f"{name}-{0 if compat.indexed(job) else attempt}"
+    return f"{name}-{0 if compat.indexed(job) else pod_number(job, attempt)}"
+
+
+def pod_number(job: dict[str, Any], attempt: int) -> int:
+    """Which pod of the Job runs ``attempt``: a new one for each attempt, except with
+    ``restartPolicy: OnFailure``, where the kubelet restarts the failed container in the
+    same pod (the first)."""
+    pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+    return 1 if pod.get("restartPolicy") == "OnFailure" else attempt
 
 
 def pod_name(job: dict[str, Any], attempt: int) -> str:
@@ -151,7 +159,7 @@ def pod_name(job: dict[str, Any], attempt: int) -> str:
     hostname, with the attempt after the index for an Indexed Job (whose pods the Job
     controller names ``<job>-<index>-<random>``)."""
     name = hostname(job, attempt)
-    return f"{name}-{attempt}" if compat.indexed(job) else name
+    return f"{name}-{pod_number(job, attempt)}" if compat.indexed(job) else name
 
 
 def plan(jobdir: JobDir, job: dict[str, Any], attempt: int, containers_key: str) -> list[Process]:

@@ -321,6 +321,14 @@ async def test_an_empty_dir_is_empty_for_each_new_pod(
     await client.create_job(job, secret)
     done = await finished(client, job)
     second = logs(state_dir, job)["2-main.log"].strip()
+    # The first attempt's pod left its hostname in the emptyDir: OnFailure reruns it.
+    if kept:
+        assert second == f"['{job['metadata']['name']}-1']"
+        # ... and the same pod keeps its hostname.
+        scratch = JobDir(state_dir / "jobs" / "default" / job["metadata"]["name"]).volumes
+        assert sorted(p.name for p in (scratch / "scratch").iterdir()) == [
+            f"{job['metadata']['name']}-1"
+        ]
     # Never: the retry is a new pod, whose emptyDir is empty; OnFailure: the same pod.
     assert (second != "[]") is kept, second
     assert outcome_of(done).succeeded is kept  # type: ignore[union-attr]
