@@ -5,6 +5,7 @@ create and dead-lettered in the local executor's words, never as the API server'
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
@@ -12,9 +13,11 @@ from pathlib import Path
 
 import yaml
 
+from jobrunner.sources.sqlite import SQLiteQueue
 from tests.helpers import wait_until
 from tests.local.conftest import Dispatchers, ManifestFactory
 from tests.local.test_embedded_dispatch import dead_letters, publish, queue_state, settled
+from tests.local.test_functions_embedded import holding_app
 
 
 def jobrunner(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -100,3 +103,56 @@ def test_a_refusal_that_depends_on_the_message_is_dead_lettered_in_the_local_exe
     logs = dispatchers.logs()
     assert "the local executor rejected Job" in logs
     assert "API server rejected" not in logs
+
+
+def test_an_imported_function_app_runs_with_the_readmes_commands_and_default_state_dir(
+    tmp_path: Path,
+) -> None:
+    # functions import --local sets workingDir to the app; with the default, relative
+    # state directory (.jobrunner) the invoker's files were looked for relative to it.
+    app = holding_app(tmp_path)
+    (app / "go").touch()  # the handler answers at once
+    manifest = "local/shop-order.yaml"
+    imported = jobrunner_in(
+        tmp_path, "functions", "import", "./shop", "-o", "local/", "--local", "--embedded"
+    )
+    assert imported.returncode == 0, imported.stderr
+    assert jobrunner_in(tmp_path, "publish", "-f", manifest, '{"id": "o-1"}').returncode == 0
+    state = tmp_path / ".jobrunner"
+    with (tmp_path / "run.log").open("wb") as log:
+        run = subprocess.Popen(
+            [sys.executable, "-m", "jobrunner.cli", "run", "--local", "-f", manifest],
+            cwd=tmp_path,
+            env={**os.environ, "JOBRUNNER_LOCAL__RETRY_SECONDS": "0.2"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_until(lambda: settled(state, "orders"), timeout=90)
+        shown = (tmp_path / "run.log").read_text()
+        assert dead_letters(state, "orders") == [], shown
+        assert [b for b, _ in queue_messages(state, "receipts")] == [b"receipt o-1"], shown
+    finally:
+        run.kill()
+        run.wait(timeout=10)
+
+
+def jobrunner_in(cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "jobrunner.cli", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def queue_messages(state: Path, queue: str) -> list[tuple[bytes, dict[str, str]]]:
+    async def read() -> list[tuple[bytes, dict[str, str]]]:
+        db = await SQLiteQueue.open(state / "queue.db")
+        try:
+            return [(m.body, m.headers) for m in await db.messages(queue)]
+        finally:
+            await db.close()
+
+    return asyncio.run(read())
