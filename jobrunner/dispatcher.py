@@ -422,7 +422,7 @@ class Dispatcher:
                     job = await self._retry(lambda: marks.screen(adopted))
         except ApiRejected as exc:
             self.limiter.release(name)
-            log.warning("API server rejected Job %s: %s", name, exc)
+            log.warning("%s rejected Job %s: %s", exc.by, name, exc)
             record.deciding = False
             await self._settle(
                 handles=record.handles,

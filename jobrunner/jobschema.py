@@ -222,7 +222,84 @@ class _Walker:
             self.labels(value.get("labels"), (*path, "labels"))
         if type_name == JOB_SPEC:
             self.job_pod_rules(value, path)
+            self.job_field_rules(value, path)
         return value
+
+    def known(self, value: Any) -> bool:
+        """Whether a value is set and known now (not a Jinja2 expression to render)."""
+        return value is not None and not (self.templates and is_templated(value))
+
+    def job_field_rules(self, spec: dict[str, Any], path: Path) -> None:
+        """The rules between a JobSpec's fields that the API server checks beyond its
+        schema (k8s.io/api batch/v1 JobSpec validation rules, pkg/apis/batch/validation):
+        Indexed needs completions; backoffLimitPerIndex, maxFailedIndexes and
+        successPolicy need Indexed; with a podFailurePolicy the pods restart Never and
+        are replaced only once Failed, a FailIndex rule needs backoffLimitPerIndex, and
+        an onExitCodes containerName names a container of the pod."""
+        mode = spec.get("completionMode")
+        indexed = mode == "Indexed"
+        if indexed and spec.get("completions") is None:
+            self.problem(
+                (*path, "completions"),
+                "required when completionMode is Indexed (the API server refuses an Indexed "
+                "Job without it)",
+            )
+        if self.known(mode) and not indexed:
+            for field in ("backoffLimitPerIndex", "maxFailedIndexes", "successPolicy"):
+                if spec.get(field) is not None:
+                    self.problem(
+                        (*path, field),
+                        "requires completionMode: Indexed, as the API server does",
+                    )
+        policy = spec.get("podFailurePolicy")
+        if not isinstance(policy, dict):
+            return
+        template = spec.get("template")
+        pod = template.get("spec") if isinstance(template, dict) else None
+        pod = pod if isinstance(pod, dict) else {}
+        restart = pod.get("restartPolicy")
+        if self.known(restart) and restart != "Never":
+            where = (*path, "template", "spec", "restartPolicy")
+            if all(p.path != where for p in self.problems):
+                self.problem(
+                    where,
+                    f"only Never is supported when podFailurePolicy is specified, got "
+                    f"{restart!r} (as the API server says)",
+                )
+        replacement = spec.get("podReplacementPolicy")
+        if self.known(replacement) and replacement != "Failed":
+            self.problem(
+                (*path, "podReplacementPolicy"),
+                f"must be Failed when podFailurePolicy is used, got {replacement!r} (as the "
+                "API server says); leave it out",
+            )
+        names = {
+            c.get("name")
+            for key in ("containers", "initContainers")
+            for c in (pod.get(key) or [] if isinstance(pod.get(key), list) else [])
+            if isinstance(c, dict)
+        }
+        rules = policy.get("rules")
+        for i, rule in enumerate(rules if isinstance(rules, list) else []):
+            if not isinstance(rule, dict):
+                continue
+            at = (*path, "podFailurePolicy", "rules", i)
+            if rule.get("action") == "FailIndex" and spec.get("backoffLimitPerIndex") is None:
+                self.problem((*at, "action"), "FailIndex requires backoffLimitPerIndex to be set")
+            if rule.get("onExitCodes") is not None and rule.get("onPodConditions") is not None:
+                self.problem(at, "give onExitCodes or onPodConditions, not both")
+            codes = rule.get("onExitCodes")
+            wanted = codes.get("containerName") if isinstance(codes, dict) else None
+            if (
+                self.known(wanted)
+                and not any(is_templated(n) for n in names)
+                and wanted not in names
+            ):
+                self.problem(
+                    (*at, "onExitCodes", "containerName"),
+                    f"{wanted!r} is not a container of the pod template (it has "
+                    f"{', '.join(sorted(str(n) for n in names))})",
+                )
 
     def job_pod_rules(self, spec: dict[str, Any], path: Path) -> None:
         """What the API server's Job validation adds to the PodSpec schema

@@ -14,11 +14,15 @@ class ApiRejected(Exception):
     """The API server refused a request for good (4xx other than conflict): retrying the
     same request cannot help, so the message is dead-lettered with this text."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(
+        self, status: int, reason: str, message: str, *, by: str = "the API server"
+    ) -> None:
         super().__init__(f"{status} {reason}: {message}")
         self.status = status
         self.reason = reason
         self.message = message
+        self.by = by
+        """Who refused: the API server, or the local executor in its stead."""
 
 
 class TransientError(Exception):

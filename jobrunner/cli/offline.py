@@ -88,6 +88,14 @@ def cmd_validate(ctx: Context) -> int:
     return 1 if problems else 0
 
 
+def _local_mode(ctx: Context) -> bool:
+    """Whether the Jobs would run on the local executor: ``--local``, or
+    ``JOBRUNNER_EXECUTOR=local`` as ``run`` reads it."""
+    from jobrunner.config import Executor
+
+    return ctx.local or ctx.settings.executor is Executor.LOCAL
+
+
 def _validate_one(ctx: Context, scaledjob: ScaledJob, client: Any) -> int:
     args = ctx.args
     renderer = Renderer(scaledjob, base_dirs=template_dirs(ctx.manifests.path))
@@ -100,6 +108,11 @@ def _validate_one(ctx: Context, scaledjob: ScaledJob, client: Any) -> int:
         message_id="validate-sample",
         metadata=_metadata(scaledjob),
     )
+    local = _local_mode(ctx)
+    if local:
+        from jobrunner.local.compat import check_template
+
+        check_template(renderer.template)  # refused as run --local refuses it at start
     try:
         rendered = renderer.render(delivery)
     except RenderError as exc:
@@ -115,10 +128,18 @@ def _validate_one(ctx: Context, scaledjob: ScaledJob, client: Any) -> int:
             return 1
     else:
         sample = "the sample message" if body is not None else "a sample message {}"
+        if local and rendered is not None:
+            from jobrunner.local.compat import unrunnable
+
+            refused = unrunnable(rendered.job)
+            if refused is not None:
+                print(f"{where}: {sample} renders a Job refused: {refused}", file=sys.stderr)
+                return 1
         print(
             f"{where}: valid (apiVersion {scaledjob.apiVersion}, ack policy "
             f"{scaledjob.spec.ackPolicy.value}, maxReplicaCount "
-            f"{scaledjob.spec.maxReplicaCount}; {sample} renders a valid Job)"
+            f"{scaledjob.spec.maxReplicaCount}; {sample} renders a valid Job"
+            + (" the local executor runs)" if local else ")")
         )
     if client is None:
         return 0

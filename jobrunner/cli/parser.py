@@ -434,6 +434,12 @@ def _validate(p: argparse.ArgumentParser) -> None:
         help="also send the rendered Job to the cluster's API server with dryRun=All and "
         "strict field validation",
     )
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="also check what the local executor (run --local) refuses; "
+        "JOBRUNNER_EXECUTOR=local does the same",
+    )
 
 
 def _operator(p: argparse.ArgumentParser) -> None:
@@ -576,7 +582,7 @@ COMMANDS = [
         description="Check what `run` or the API server would refuse: the manifest's fields "
         "and\ntriggers, the Job template against the batch/v1 schema, and a sample message\n"
         "rendered through it. Errors name the file, the line and the field.",
-        usage="jobrunner validate -f FILE [--sample-message BODY] [--server-dry-run]",
+        usage="jobrunner validate -f FILE [--sample-message BODY] [--server-dry-run | --local]",
         examples=[
             ("Check a manifest offline", f"jobrunner validate -f {M}"),
             (

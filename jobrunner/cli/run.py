@@ -26,7 +26,11 @@ def cmd_run(ctx: Context) -> int:
     configure_logging(settings.log_level, json_lines=settings.log_json)
     ctx.notes()
     for scaledjob in manifests.scaledjobs:  # fail at start, not at the first message
-        Renderer(scaledjob, base_dirs=template_dirs(manifests.path))
+        renderer = Renderer(scaledjob, base_dirs=template_dirs(manifests.path))
+        if settings.executor is Executor.LOCAL:
+            from jobrunner.local.compat import check_template
+
+            check_template(renderer.template)
     if settings.executor is Executor.KUBERNETES:
         ctx.check_kubeconfig()  # a kubeconfig that is not there said now, in words
     endpoint = settings.telemetry.otlp_endpoint or settings.otel_traces_endpoint

@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobrunner import apipath, jobschema, limits, messagesecret, privatefs
+from jobrunner import apipath, jobschema, messagesecret, privatefs
 from jobrunner.failpoints import Failpoints
+from jobrunner.local import compat
 from jobrunner.local.jobdir import JobDir
 from jobrunner.local.supervisor import RETRY_ENV
 from jobrunner.marks import POD_WRITABLE
@@ -47,6 +48,7 @@ from jobrunner.tracker import JobState, outcome_of
 
 logger = logging.getLogger(__name__)
 _SECRET_SUFFIX = "-message"
+_BY = f"{compat.EXECUTOR} (as the API server would)"
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
@@ -62,55 +64,6 @@ def parse_selector(selector: str) -> dict[str, str]:
 def _matches(job: Mapping[str, Any], wanted: Mapping[str, str]) -> bool:
     labels = (job.get("metadata") or {}).get("labels") or {}
     return all(labels.get(k) == v for k, v in wanted.items())
-
-
-def unrunnable(job: Mapping[str, Any]) -> str | None:
-    """Why the local executor cannot run this Job, checked at create time so the message
-    is dead-lettered with the reason instead of a Job failing obscurely later."""
-    pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
-    problem = _file_names_problem(pod)
-    if problem is not None:
-        return problem
-    for key in ("initContainers", "containers"):
-        for i, container in enumerate(pod.get(key) or []):
-            if not container.get("command"):
-                return (
-                    f"spec.template.spec.{key}[{i}].command: the local executor runs a "
-                    "container's command and args, not its image's entrypoint; add "
-                    "`command:` to the Job template"
-                )
-    for i, container in enumerate(pod.get("initContainers") or []):
-        for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
-            probe = container.get(kind) or {}
-            if probe and not any(k in probe for k in ("tcpSocket", "httpGet", "exec")):
-                return (
-                    f"spec.template.spec.initContainers[{i}].{kind}: the local executor runs "
-                    "tcpSocket, httpGet and exec probes only"
-                )
-    for i, volume in enumerate(pod.get("volumes") or []):
-        if "secret" not in volume and "emptyDir" not in volume:
-            return (
-                f"spec.template.spec.volumes[{i}]: only Secret and emptyDir volumes exist "
-                "locally; run this template on a cluster"
-            )
-    return None
-
-
-def _file_names_problem(pod: Mapping[str, Any]) -> str | None:
-    """Container and volume names become file names in the Job's directory (``logs/
-    <attempt>-<container>.log``, ``volumes/<volume>/``). The API server refuses any that
-    is not a DNS-1123 label (``ValidateContainers``, ``ValidateVolumes``); so does the
-    local executor, so that a name rendered from a message can never reach a file
-    outside the Job's directory."""
-    for key in ("initContainers", "containers", "volumes"):
-        for i, item in enumerate(pod.get(key) or []):
-            name = item.get("name") if isinstance(item, Mapping) else None
-            if name is None:
-                continue  # jobschema says it is required
-            problem = limits.dns1123_label_problem(str(name), "it")
-            if problem:
-                return f"spec.template.spec.{key}[{i}].name: {problem}, as Kubernetes requires"
-    return None
 
 
 @dataclass
@@ -208,7 +161,10 @@ class LocalJobClient:
             # As the API server would; here it also keeps paths inside the state directory.
             if not _DNS_LABEL.fullmatch(str(meta.get(field, ""))):
                 raise ApiRejected(
-                    422, "Invalid", f"metadata.{field}: {meta.get(field)!r} is not a DNS label"
+                    422,
+                    "Invalid",
+                    f"metadata.{field}: {meta.get(field)!r} is not a DNS label",
+                    by=_BY,
                 )
         # What the API server would refuse, refused the same way (a 422 naming the
         # field), so a bad Job never reaches a supervisor.
@@ -216,11 +172,11 @@ class LocalJobClient:
         if problems:
             detail = "; ".join(f"{p.field()}: {p.text}" for p in problems[:5])
             raise ApiRejected(
-                422, "Invalid", f'Job.batch "{meta.get("name")}" is invalid: {detail}'
+                422, "Invalid", f'Job.batch "{meta.get("name")}" is invalid: {detail}', by=_BY
             )
-        problem = unrunnable(job)
+        problem = compat.unrunnable(job)
         if problem is not None:
-            raise ApiRejected(422, "Invalid", problem)
+            raise ApiRejected(422, "Invalid", problem, by=compat.EXECUTOR)
         result, created = await asyncio.to_thread(self._create, job, secret)
         self._changed.set()
         return result, created
@@ -372,7 +328,7 @@ class LocalJobClient:
 
         result = await asyncio.to_thread(self._modify, self.jobdir(namespace, name), change)
         if result is None:
-            raise ApiRejected(404, "NotFound", f'jobs.batch "{name}" not found')
+            raise ApiRejected(404, "NotFound", f'jobs.batch "{name}" not found', by=_BY)
         self._changed.set()
         return result
 

@@ -29,6 +29,7 @@ import fcntl
 import http.client
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobrunner.local import compat
 from jobrunner.local.jobdir import LOCK_FILE, JobDir
 from jobrunner.naming import message_secret_name
 from jobrunner.privatefs import append_private, open_private, private_dir, write_private
@@ -48,6 +50,7 @@ from jobrunner.tracker import outcome_of
 RETRY_ENV = "JOBRUNNER_LOCAL_RETRY_SECONDS"
 _PASS_THROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "VIRTUAL_ENV")
 _VAR = re.compile(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)")
+COMPLETION_INDEX_ENV = "JOB_COMPLETION_INDEX"
 
 
 class Unrunnable(Exception):
@@ -116,6 +119,18 @@ def materialize_volumes(jobdir: JobDir, pod: dict[str, Any]) -> dict[str, Path]:
     return out
 
 
+def fresh_empty_dirs(jobdir: JobDir, pod: dict[str, Any]) -> None:
+    """Empty the Job's emptyDir volumes for a new pod. With ``restartPolicy: Never`` each
+    attempt is a new pod, and a new pod's emptyDir is empty (what a failed attempt wrote
+    is gone); with ``OnFailure`` the kubelet restarts the container in the same pod, whose
+    emptyDir keeps its files, so they stay."""
+    if pod.get("restartPolicy") == "OnFailure":
+        return
+    for volume in pod.get("volumes") or []:
+        if "emptyDir" in volume:
+            shutil.rmtree(jobdir.volumes / volume.get("name", ""), ignore_errors=True)
+
+
 def _map_path(value: str, mounts: list[tuple[str, Path]]) -> str:
     for mount_path, local in mounts:
         if value == mount_path or value.startswith(mount_path.rstrip("/") + "/"):
@@ -123,11 +138,34 @@ def _map_path(value: str, mounts: list[tuple[str, Path]]) -> str:
     return value
 
 
+def hostname(job: dict[str, Any], attempt: int) -> str:
+    """The hostname of the Job's pod for ``attempt``: ``<job>-<pod number>``; an Indexed
+    Job's pod is named by the Job controller for its index (indexed_job_utils.go:
+    hostname ``<job>-<index>``), and its one index is 0."""
+    name = str((job.get("metadata") or {}).get("name", "job"))
+    return f"{name}-{0 if compat.indexed(job) else pod_number(job, attempt)}"
+
+
+def pod_number(job: dict[str, Any], attempt: int) -> int:
+    """Which pod of the Job runs ``attempt``: a new one for each attempt, except with
+    ``restartPolicy: OnFailure``, where the kubelet restarts the failed container in the
+    same pod (the first)."""
+    pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+    return 1 if pod.get("restartPolicy") == "OnFailure" else attempt
+
+
+def pod_name(job: dict[str, Any], attempt: int) -> str:
+    """The name of the Job's pod for ``attempt`` (in messages and ``metadata.name``): its
+    hostname, with the attempt after the index for an Indexed Job (whose pods the Job
+    controller names ``<job>-<index>-<random>``)."""
+    name = hostname(job, attempt)
+    return f"{name}-{pod_number(job, attempt)}" if compat.indexed(job) else name
+
+
 def plan(jobdir: JobDir, job: dict[str, Any], attempt: int, containers_key: str) -> list[Process]:
     pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
     volumes = materialize_volumes(jobdir, pod)
     secret = jobdir.secret()
-    meta = job.get("metadata") or {}
     work = jobdir.path / "work"
     private_dir(work)
     out = []
@@ -150,7 +188,7 @@ def plan(jobdir: JobDir, job: dict[str, Any], attempt: int, containers_key: str)
         env["JOBRUNNER_LOCAL"] = "1"
         # Logs are read while a Job runs and must survive its being killed at a deadline.
         env["PYTHONUNBUFFERED"] = "1"
-        env["HOSTNAME"] = f"{meta.get('name', 'job')}-{attempt}"
+        env["HOSTNAME"] = hostname(job, attempt)
         # Where a process may record annotations on its Job (the local stand-in for a
         # pod patching its Job through the API server; see jobdir.JOB_ANNOTATIONS_FILE).
         env["JOBRUNNER_LOCAL_JOB_DIR"] = str(jobdir.path)
@@ -167,16 +205,19 @@ def plan(jobdir: JobDir, job: dict[str, Any], attempt: int, containers_key: str)
                     env[key] = defined[key] = data.decode(errors="replace")
             elif "fieldRef" in source:
                 field = source["fieldRef"].get("fieldPath", "")
-                value = {
-                    "metadata.name": env["HOSTNAME"],
-                    "metadata.namespace": meta.get("namespace", "default"),
-                }.get(field)
+                value = compat.field_ref(field, pod_name=pod_name(job, attempt), job=job)
                 if value is not None:
                     env[key] = defined[key] = value
+        if compat.indexed(job) and COMPLETION_INDEX_ENV not in defined:
+            # As the Job controller adds it to every container of an Indexed Job's pod,
+            # after the container's own env (addCompletionIndexEnvVariable).
+            env[COMPLETION_INDEX_ENV] = defined[COMPLETION_INDEX_ENV] = "0"
         args = list(container.get("args") or [])
         argv = [_map_path(expand(part, defined), mounts) for part in command + args]
         working = container.get("workingDir")
-        cwd = Path(working) if working and Path(working).is_dir() else work
+        if working and not Path(working).is_dir():  # gone since create (compat refuses it)
+            raise Unrunnable(f"container {name}: workingDir {working} does not exist here")
+        cwd = Path(working) if working else work
         log = jobdir.logs / f"{attempt}-{name}.log"
         out.append(
             Process(
@@ -191,6 +232,106 @@ def plan(jobdir: JobDir, job: dict[str, Any], attempt: int, containers_key: str)
             )
         )
     return out
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a Job's ``podFailurePolicy`` says of one failed pod: the action of the rule
+    that matched (None: no rule, counted as usual), the rule's index, and for FailJob the
+    Job controller's message."""
+
+    action: str | None = None
+    rule: int = -1
+    message: str = ""
+
+
+class PodFailurePolicy:
+    """A Job's ``spec.podFailurePolicy``, applied to a failed local pod as the Job
+    controller applies it (kubernetes pkg/controller/job/pod_failure_policy.go): rules in
+    order, the first that matches decides. An ``onExitCodes`` rule matches a container
+    (app containers first, then init containers; those that exited 0 never) whose exit
+    code is ``In`` or ``NotIn`` its values, limited to ``containerName`` when given; an
+    ``onPodConditions`` rule matches a condition of the pod of that type and status
+    (``compat.POD_CONDITIONS`` says which a local pod has). ``FailJob`` fails the Job
+    (reason ``PodFailurePolicy``), ``Ignore`` does not count the failure towards
+    ``backoffLimit``, ``Count`` counts it; an action it does not know skips the rule."""
+
+    def __init__(self, job: dict[str, Any]) -> None:
+        spec = job.get("spec") or {}
+        self.rules: list[dict[str, Any]] = list(
+            (spec.get("podFailurePolicy") or {}).get("rules") or []
+        )
+        self.namespace = str((job.get("metadata") or {}).get("namespace", "default"))
+
+    def match(
+        self,
+        codes: dict[str, int],
+        *,
+        init_names: set[str],
+        initialized: bool,
+        lost: bool,
+        pod: str = "",
+    ) -> Verdict:
+        """The verdict on a failed pod: ``codes`` the exit codes by container (init ones
+        named in ``init_names``), ``initialized`` whether its init containers succeeded,
+        ``lost`` whether it was lost with its supervisor."""
+        ordered = [(n, c) for n, c in codes.items() if n not in init_names] + [
+            (n, c) for n, c in codes.items() if n in init_names
+        ]
+        conditions = {
+            "PodScheduled": "True",
+            "Initialized": "True" if initialized else "False",
+            "ContainersReady": "False",
+            "Ready": "False",
+        }
+        if lost:
+            conditions["DisruptionTarget"] = "True"
+        for index, rule in enumerate(self.rules):
+            action = rule.get("action")
+            if action not in ("FailJob", "Ignore", "Count"):
+                continue
+            if rule.get("onExitCodes") is not None:
+                found = _exit_code_match(rule["onExitCodes"], ordered)
+                if found is None:
+                    continue
+                container, code = found
+                text = (
+                    f"Container {container} for pod {self.namespace}/{pod} failed with exit "
+                    f"code {code} matching {action} rule at index {index}"
+                )
+            elif rule.get("onPodConditions") is not None:
+                kind = next(
+                    (
+                        p.get("type")
+                        for p in rule["onPodConditions"]
+                        if conditions.get(p.get("type")) == p.get("status", "True")
+                    ),
+                    None,
+                )
+                if kind is None:
+                    continue
+                text = (
+                    f"Pod {self.namespace}/{pod} has condition {kind} matching {action} rule "
+                    f"at index {index}"
+                )
+            else:
+                continue
+            return Verdict(action, index, text)
+        return Verdict()
+
+
+def _exit_code_match(
+    requirement: dict[str, Any], ordered: list[tuple[str, int]]
+) -> tuple[str, int] | None:
+    wanted = requirement.get("containerName")
+    values = set(requirement.get("values") or [])
+    operator = requirement.get("operator")
+    for name, code in ordered:
+        if code == 0 or code < 0 or (wanted is not None and wanted != name):
+            continue
+        if (operator == "In" and code in values) or (operator == "NotIn" and code not in values):
+            return name, code
+    return None
 
 
 class ProbeFailed(Exception):
@@ -301,20 +442,26 @@ class Supervisor:
         self.save()
 
     def finish(self, kind: str, reason: str, message: str) -> None:
+        """End the Job with the condition ``kind`` (Complete or Failed), after the interim
+        condition the Job controller sets first with the same reason and message
+        (job_controller.go, seen on the stack's v1.37 API server): ``SuccessCriteriaMet``
+        before ``Complete``, ``FailureTarget`` before ``Failed``."""
         now = now_rfc3339(millis=True)
         self.status["active"] = 0
         if kind == "Complete":
             self.status["completionTime"] = now
             self.status["succeeded"] = 1
+        kinds = ["SuccessCriteriaMet" if kind == "Complete" else "FailureTarget", kind]
         self.status["conditions"] = [
             {
-                "type": kind,
+                "type": each,
                 "status": "True",
                 "reason": reason,
                 "message": message,
                 "lastTransitionTime": now,
                 "lastProbeTime": now,
             }
+            for each in kinds
         ]
         self.save()
 
@@ -327,15 +474,18 @@ class Supervisor:
         pod = (spec.get("template") or {}).get("spec") or {}
         self.grace = float(pod.get("terminationGracePeriodSeconds", 30))
         deadline_seconds = spec.get("activeDeadlineSeconds")
+        policy = PodFailurePolicy(job)
         self.status.setdefault("startTime", now_rfc3339(millis=True))
         self.status.setdefault("failed", 0)
         self.status.setdefault("attempts", [])
         if self.status.get("active"):
             # The previous supervisor died during an attempt: that attempt failed (as a
-            # pod lost with its node does), and its processes must not linger.
+            # pod lost with its node does, with a DisruptionTarget condition), and its
+            # processes must not linger.
             self.kill_running()
-            self.status["failed"] += 1
-            self._close_attempt({"lost": -1}, "the attempt's supervisor was lost")
+            verdict = policy.match({}, init_names=set(), initialized=False, lost=True)
+            if self._failed_attempt(verdict, {"lost": -1}, "the attempt's supervisor was lost"):
+                return
         deadline = None
         if deadline_seconds is not None:
             deadline = (epoch(self.status["startTime"]) or time.time()) + float(deadline_seconds)
@@ -357,6 +507,8 @@ class Supervisor:
                 return
             attempt = len(self.status["attempts"]) + 1
             try:
+                if attempt > 1:
+                    fresh_empty_dirs(self.jobdir, pod)
                 init = plan(self.jobdir, job, attempt, "initContainers")
                 main = plan(self.jobdir, job, attempt, "containers")
             except Unrunnable as exc:
@@ -402,9 +554,18 @@ class Supervisor:
                     "Complete", "CompletionsReached", "Reached expected number of succeeded pods"
                 )
                 return
-            self.status["failed"] += 1
             failed = problem or ", ".join(f"{c} exited {code}" for c, code in codes.items() if code)
-            self._close_attempt(codes, failed)
+            init_names = {p.container for p in init}
+            verdict = policy.match(
+                # A sidecar whose probe failed did not exit with a code of its own.
+                {} if problem else codes,
+                init_names=init_names,
+                initialized=not any(codes.get(n) for n in init_names),
+                lost=False,
+                pod=pod_name(job, attempt),
+            )
+            if self._failed_attempt(verdict, codes, failed):
+                return
             if self.status["failed"] > backoff_limit:
                 if problem:
                     self.finish(
@@ -414,7 +575,8 @@ class Supervisor:
                     )
                     return
                 continue
-            pause = min(60.0, self.retry_seconds * 2 ** (self.status["failed"] - 1))
+            tries = self.status["failed"] + self.status.get("ignored", 0)
+            pause = min(60.0, self.retry_seconds * 2 ** max(0, tries - 1))
             if deadline is not None and time.time() + pause >= deadline:
                 pause = max(0.0, deadline - time.time())
             time.sleep(pause)
@@ -425,6 +587,21 @@ class Supervisor:
                     "Job was active longer than specified deadline" + self._last_attempt(),
                 )
                 return
+
+    def _failed_attempt(self, verdict: Verdict, codes: dict[str, int], problem: str) -> bool:
+        """Count a failed attempt as its pod failure policy says (a failure an ``Ignore``
+        rule matched is not counted towards backoffLimit) and close it; True when a
+        ``FailJob`` rule ended the Job."""
+        if verdict.action == "Ignore":
+            self.status["ignored"] = self.status.get("ignored", 0) + 1
+            problem += f" (not counted: podFailurePolicy rule {verdict.rule} is Ignore)"
+        else:
+            self.status["failed"] += 1
+        self._close_attempt(codes, problem)
+        if verdict.action != "FailJob":
+            return False
+        self.finish("Failed", "PodFailurePolicy", verdict.message + self._last_attempt())
+        return True
 
     def wait_for_message_secret(self, job: dict[str, Any], deadline: float | None) -> bool:
         """Wait until the Job's message Secret is written, when the pod needs it (a Secret

@@ -323,7 +323,7 @@ async def test_a_supervisor_that_meets_the_unexpected_fails_the_job_once_not_for
     jobdir.write_job(job)
     await client.list_jobs("default", "app.kubernetes.io/managed-by=jobrunner")
     done = await finished(client, job)
-    condition = done["status"]["conditions"][0]
+    condition = done["status"]["conditions"][-1]
     assert (condition["type"], condition["reason"]) == ("Failed", "LocalExecutorError")
     assert "ValueError" in condition["message"]
     assert "Traceback" in (jobdir.path / "supervisor.log").read_text()
