@@ -37,6 +37,9 @@ from jobrunner.telemetry import Telemetry, configure_logging
 from jobrunner.triggers import Reach
 from jobrunner.views import list_all, make_console, publish, read_client
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_interrupt import EXIT_INTERRUPTED, Interrupt, exit_interrupted, stop_local_jobs
+
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 120.0
 
@@ -127,6 +130,8 @@ async def queue_contents(state: Path, queue: str) -> dict[str, tuple[bytes, dict
 async def main() -> int:
     console = make_console()
     configure_logging("ERROR")
+    interrupt = Interrupt()
+    interrupt.install()
     if shutil.which("node") is None:
         console.print("the custom-handler example needs Node (node on PATH)")
         return 1
@@ -163,11 +168,18 @@ async def main() -> int:
             pending = 0
             for queue in INPUT_QUEUE.values():
                 pending += len(await queue_contents(state, queue))
-            if pending == 0:
+            if pending == 0 or interrupt.is_set:
                 break
-            await asyncio.sleep(0.25)
+            await interrupt.sleep(0.25)
         stop.set()
         await dispatcher
+        if interrupt.is_set:
+            stopped = stop_local_jobs(state)
+            console.print(
+                f"demo-functions: interrupted; stopped the dispatcher, stopped its {stopped} "
+                "running Job(s) and removed its state directory"
+            )
+            return EXIT_INTERRUPTED
         reader = read_client(settings)
         rows = {}
         for scaledjob in manifests.scaledjobs:
@@ -220,4 +232,7 @@ async def main() -> int:
 
 if __name__ == "__main__":
     faulthandler.dump_traceback_later(TIMEOUT + 30, exit=True)
-    sys.exit(asyncio.run(main()))
+    code = asyncio.run(main())
+    if code == EXIT_INTERRUPTED:
+        exit_interrupted()
+    sys.exit(code)

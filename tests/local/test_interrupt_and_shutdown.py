@@ -1,0 +1,227 @@
+"""Ctrl-C and shutdown, with real processes and real signals: the demos stop in one line
+and take their Jobs with them; `jobrunner run` says what it left running and what it
+released; the local executor's lines about supervisors say what really happened."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import pytest
+
+from jobrunner.local.client import LocalJobClient
+from jobrunner.local.jobdir import JobDir
+from tests.helpers import eventually
+from tests.local.conftest import Dispatchers, ManifestFactory
+from tests.local.test_local_executor import render
+
+ROOT = Path(__file__).resolve().parents[2]
+WITHIN = 60.0
+"""A generous bound for what takes a second or two on an idle machine."""
+
+
+def processes_naming(text: str) -> list[str]:
+    """Command lines of this machine's processes that mention ``text``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in argv:
+            found.append(argv)
+    return found
+
+
+def read_until(stream: IO[bytes], pattern: str, seen: list[str], within: float) -> re.Match[str]:
+    """Lines of ``stream`` (kept in ``seen``) until one matches ``pattern``."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        line = stream.readline().decode(errors="replace")
+        if not line:
+            break
+        seen.append(line)
+        match = re.search(pattern, line)
+        if match:
+            return match
+    raise AssertionError(f"no line matching {pattern!r}; got:\n{''.join(seen)}")
+
+
+def wait_until(check: Any, within: float = WITHIN) -> None:
+    deadline = time.monotonic() + within
+    while not check():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def demo_process() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("script", "where"),
+    [
+        ("demo.py", r"the queue is (/\S+)/queue\.db"),
+        ("demo_functions.py", r"-> (/\S+)/functions\.yaml"),
+    ],
+)
+def test_ctrl_c_during_a_demo_is_one_line_and_stops_its_jobs(
+    script: str, where: str, demo_process: list[subprocess.Popen[bytes]]
+) -> None:
+    if script == "demo_functions.py" and shutil.which("node") is None:
+        pytest.skip("the functions demo needs node")
+    # As a terminal's Ctrl-C: SIGINT to the whole foreground process group.
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "deploy/local" / script)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+    demo_process.append(proc)
+    assert proc.stdout is not None
+    seen: list[str] = []
+    root = Path(read_until(proc.stdout, where, seen, WITHIN).group(1))
+    state = root / "state" if script == "demo_functions.py" else root
+    read_until(proc.stdout, r"published \d+ messages", seen, WITHIN)
+
+    def a_job_runs() -> bool:
+        jobs = [JobDir(p) for p in state.glob("jobs/*/*")]
+        return any(j.supervised() for j in jobs)
+
+    wait_until(a_job_runs)
+    os.killpg(proc.pid, signal.SIGINT)
+    rest, _ = proc.communicate(timeout=WITHIN)
+    output = "".join(seen) + rest.decode(errors="replace")
+    assert proc.returncode == -signal.SIGINT  # ended as Ctrl-C ends a program: make stops
+    assert "Traceback" not in output
+    said = [line for line in output.splitlines() if "interrupted" in line]
+    assert len(said) == 1, output
+    assert "stopped the dispatcher" in said[0]
+    assert not state.exists()
+    # Supervisors run in sessions of their own (Ctrl-C never reaches them): none is left.
+    wait_until(lambda: not processes_naming(str(state)), within=10)
+
+
+def publish(state: Path, manifest: Path, body: str, *, message_id: str) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobrunner.cli",
+            "publish",
+            "--state-dir",
+            str(state),
+            "-f",
+            str(manifest),
+            "--message-id",
+            message_id,
+            body,
+        ],
+        check=True,
+        capture_output=True,
+    )
+
+
+async def test_ctrl_c_stops_run_which_says_what_it_left_running_and_released(
+    state_dir: Path, manifest: ManifestFactory, dispatchers: Dispatchers
+) -> None:
+    path = manifest("import time; time.sleep(60)", max_replicas=1)
+    # The depth gauge is sampled once an hour here: the progress line must not count
+    # waiting messages from that sample.
+    proc = dispatchers.start_with(
+        path, {"JOBRUNNER_TELEMETRY__QUEUE_DEPTH_INTERVAL_SECONDS": "3600"}
+    )
+
+    async def logged(pattern: str) -> bool:
+        return bool(re.search(pattern, dispatchers.logs()))
+
+    await eventually(lambda: logged("dispatching work from"), within=WITHIN)
+    publish(state_dir, path, "{}", message_id="first")
+    await eventually(lambda: logged(r"1 Job\(s\) running"), within=WITHIN)
+    publish(state_dir, path, "{}", message_id="second")
+    # Only now does a message wait (for the one slot): the progress line (every 0.5 s
+    # here) counts it.
+    await eventually(lambda: logged(r"1 message\(s\) waiting \(\d in hand"), within=WITHIN)
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=WITHIN) == 0
+    logs = dispatchers.logs()
+    assert "Traceback" not in logs
+    last = logs.strip().splitlines()[-1]
+    assert "stopped: 1 Job(s) left running (processes of their own, they run on" in last
+    assert "1 message(s) released unsettled to the source" in last
+
+
+def test_the_progress_line_counts_messages_in_hand_waiting_for_a_slot() -> None:
+    from jobrunner.runner import waiting_text
+
+    assert waiting_text(1, 0).startswith("1 message(s) waiting (1 in hand")
+    assert waiting_text(2, 3).startswith("5 message(s) waiting")
+    assert waiting_text(0, None).startswith("? message(s) waiting")
+
+
+async def test_a_job_being_created_is_not_taken_for_one_that_lost_its_supervisor(
+    state_dir: Path, manifest: ManifestFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    class ScanMidCreate(LocalJobClient):
+        """A watch's scan that lands between the Job's record and its supervisor, as
+        it may on the worker threads of a busy dispatcher."""
+
+        def _write_new(self, jobdir: JobDir, job: Any, secret: Any) -> None:
+            super()._write_new(jobdir, job, secret)
+            self._scan("default", {}, {})
+
+    client = ScanMidCreate(state_dir, retry_seconds=0.1)
+    job, secret = render(manifest("print('hi')"), b"{}")
+    with caplog.at_level(logging.INFO, logger="jobrunner.local.client"):
+        await client.create_job(job, secret)
+    assert not [r for r in caplog.records if "supervisor" in r.getMessage()]
+
+
+async def test_a_lost_supervisor_is_said_to_be_lost_when_another_starts(
+    state_dir: Path, manifest: ManifestFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    client = LocalJobClient(state_dir, retry_seconds=0.1)
+    job, secret = render(manifest("import time; time.sleep(2)"), b"{}")
+    await client.create_job(job, secret)
+    jobdir = JobDir(state_dir / "jobs" / "default" / job["metadata"]["name"])
+
+    async def supervised() -> bool:
+        return jobdir.supervised()
+
+    await eventually(supervised, within=WITHIN)
+    pid = jobdir.supervisor_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+
+    async def orphaned() -> bool:
+        return not jobdir.supervised()
+
+    await eventually(orphaned, within=WITHIN)
+    fresh = LocalJobClient(state_dir, retry_seconds=0.1)
+    with caplog.at_level(logging.INFO, logger="jobrunner.local.client"):
+        await fresh.list_jobs("default", "")
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Job ")]
+    assert lines == [
+        f"Job {jobdir.name} lost its supervisor (the process ended before the Job did: "
+        "killed, or this machine restarted); starting another, as the Job controller "
+        "replaces a lost pod"
+    ]
