@@ -158,8 +158,12 @@ def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
 
 
 def _file(
-    parser: argparse.ArgumentParser, *, scaledjob: str = "only this ScaledJob of the file"
+    parser: argparse.ArgumentParser,
+    *,
+    scaledjob: str = "only this ScaledJob of the file (default: every one)",
 ) -> None:
+    """``-f`` and ``--scaledjob``; ``scaledjob`` is the whole help of the latter, its
+    default included (each command's default differs)."""
     parser.add_argument(
         "-f",
         "--file",
@@ -168,7 +172,7 @@ def _file(
         help="the ScaledJob manifest (YAML; may also hold TriggerAuthentications and Secrets)",
     )
     parser.add_argument(
-        "--scaledjob", metavar="NAME", type=scaledjob_name, help=f"{scaledjob} (default: all)"
+        "--scaledjob", metavar="NAME", type=scaledjob_name, help=scaledjob
     )
 
 
@@ -202,12 +206,12 @@ def _output(parser: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------- commands
 def _run(p: argparse.ArgumentParser) -> None:
-    _file(p, scaledjob="unused: run serves every ScaledJob of the file")
+    _file(p, scaledjob="serve only this ScaledJob of the file (default: every one)")
     _local(p)
 
 
 def _publish(p: argparse.ArgumentParser) -> None:
-    _file(p, scaledjob="the ScaledJob whose queue to publish to")
+    _file(p, scaledjob="the ScaledJob whose queue to publish to (default: the first)")
     p.add_argument(
         "messages",
         nargs="*",
@@ -422,7 +426,7 @@ def _render(p: argparse.ArgumentParser) -> None:
 
 
 def _validate(p: argparse.ArgumentParser) -> None:
-    _file(p, scaledjob="only this ScaledJob of the file")
+    _file(p)
     p.add_argument(
         "--sample-message",
         metavar="BODY",

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import pytest
+import yaml
 
 from jobrunner.local.client import LocalJobClient
 from jobrunner.local.jobdir import JobDir
@@ -225,3 +226,35 @@ async def test_a_lost_supervisor_is_said_to_be_lost_when_another_starts(
         "killed, or this machine restarted); starting another, as the Job controller "
         "replaces a lost pod"
     ]
+
+
+async def test_run_serves_only_the_scaledjob_given(
+    state_dir: Path, tmp_path: Path, dispatchers: Dispatchers
+) -> None:
+    docs = [
+        {
+            "apiVersion": "keda.sh/v1alpha1",
+            "kind": "ScaledJob",
+            "metadata": {"name": name},
+            "spec": {
+                "triggers": [{"type": "sqlite", "metadata": {"queueName": name}}],
+                "jobTargetRef": {
+                    "template": {
+                        "spec": {"containers": [{"name": "m", "image": "x", "command": ["true"]}]}
+                    }
+                },
+            },
+        }
+        for name in ("one", "two")
+    ]
+    path = tmp_path / "two.yaml"
+    path.write_text(yaml.safe_dump_all(docs))
+    proc = dispatchers.start_extra(path, ["--scaledjob", "two"])
+
+    async def serving() -> bool:
+        return "dispatching two from" in dispatchers.logs()
+
+    await eventually(serving, within=WITHIN)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=WITHIN) == 0
+    assert "dispatching one" not in dispatchers.logs()
