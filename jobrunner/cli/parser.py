@@ -288,7 +288,8 @@ def _dead_letters(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="REASON",
-        help="only dead letters with this reason, e.g. BackoffLimitExceeded (repeat for more)",
+        help="only dead letters with this reason, in any case, e.g. BackoffLimitExceeded "
+        "(repeat for more; one that matches none lists the reasons there are)",
     )
     p.add_argument(
         "--replay",

@@ -258,3 +258,51 @@ async def test_run_serves_only_the_scaledjob_given(
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=WITHIN) == 0
     assert "dispatching one" not in dispatchers.logs()
+
+
+def jobrunner(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "jobrunner.cli", *arguments],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        timeout=WITHIN,
+    )
+
+
+async def test_listings_show_a_file_body_and_find_reasons_in_any_case(
+    state_dir: Path, manifest: ManifestFactory, dispatchers: Dispatchers
+) -> None:
+    path = manifest("import sys; sys.exit(3)", delivery={"mode": "file"})
+    published = jobrunner(
+        "publish", "--state-dir", str(state_dir), "-f", str(path), '{"image": "cat.png"}'
+    )
+    assert published.returncode == 0, published.stderr
+    proc = dispatchers.start(path)
+
+    async def dead_lettered() -> bool:
+        return "dead-lettered the message" in dispatchers.logs()
+
+    await eventually(dead_lettered, within=WITHIN)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=WITHIN)
+    where = ["--local", "--state-dir", str(state_dir), "-f", str(path)]
+    jobs = jobrunner("jobs", *where)
+    assert jobs.returncode == 0, jobs.stderr
+    row = next(line for line in jobs.stdout.splitlines() if "BackoffLimitExceeded" in line)
+    assert '{"image": "cat.png"}' in row  # the body's start, not sha256:…
+    assert "sha256:" not in row
+    assert "REASON is the Job's own" in jobs.stdout
+
+    found = jobrunner("dead-letters", *where, "--reason", "backofflimitexceeded")
+    assert found.returncode == 0, found.stderr
+    assert "1 dead letter(s) with reason backofflimitexceeded" in found.stdout
+    assert "BackoffLimitExceeded: the Job failed: every attempt" in found.stdout
+
+    typo = jobrunner("dead-letters", *where, "--reason", "BackofLimitExceded")
+    assert "no dead letters with reason" in typo.stdout
+    assert (
+        "no dead letter has reason 'BackofLimitExceded'; the reasons there: "
+        "BackoffLimitExceeded (1); did you mean 'BackoffLimitExceeded' for "
+        "'BackofLimitExceded'?"
+    ) in typo.stderr
