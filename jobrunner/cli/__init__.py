@@ -35,8 +35,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 0
     from jobrunner.cli.context import Context
+    from jobrunner.cli.envcheck import warn_misspelt
     from jobrunner.cli.errors import run_guarded
 
+    warn_misspelt()  # every command: a setting misspelt is a setting silently not set
     ctx = Context(args)
 
     def command() -> int:
