@@ -19,7 +19,6 @@ import faulthandler
 import json
 import os
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -43,7 +42,13 @@ from jobrunner.triggers import Reach
 from jobrunner.views import list_all, make_console, publish, read_client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_interrupt import EXIT_INTERRUPTED, Interrupt, exit_interrupted, stop_local_jobs
+from demo_common import (
+    EXIT_INTERRUPTED,
+    Interrupt,
+    demo_dir,
+    exit_interrupted,
+    stop_local_jobs,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 90.0
@@ -108,7 +113,7 @@ class Setup:
 async def local_setup() -> Setup:
     from jobrunner.sources.sqlite import SQLiteQueue
 
-    state = Path(tempfile.mkdtemp(prefix="jobrunner-demo-"))
+    state = demo_dir()
     manifests = load_manifest(ROOT / "deploy/examples/scaledjob-local.yaml")
     settings = Settings(executor=Executor.LOCAL, local={"state_dir": state, "retry_seconds": 0.5})
     scaledjob = manifests.scaledjobs[0]
@@ -159,7 +164,7 @@ async def cluster_setup() -> Setup:
     api = config.new_client_from_config(config_file=kubeconfig)
     core = client.CoreV1Api(api)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
-    work = Path(tempfile.mkdtemp(prefix="jobrunner-demo-"))
+    work = demo_dir()
     template = yaml.safe_load((ROOT / "job_templates/echo-job.yaml").read_text())
     # The demo's Jobs may fail on request (KWOK honours the annotation).
     template["spec"]["template"]["metadata"]["annotations"]["kwok.jobrunner.dev/outcome"] = (

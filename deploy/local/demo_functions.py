@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,7 +37,13 @@ from jobrunner.triggers import Reach
 from jobrunner.views import list_all, make_console, publish, read_client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from demo_interrupt import EXIT_INTERRUPTED, Interrupt, exit_interrupted, stop_local_jobs
+from demo_common import (
+    EXIT_INTERRUPTED,
+    Interrupt,
+    demo_dir,
+    exit_interrupted,
+    stop_local_jobs,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 120.0
@@ -135,7 +140,7 @@ async def main() -> int:
     if shutil.which("node") is None:
         console.print("the custom-handler example needs Node (node on PATH)")
         return 1
-    work = Path(tempfile.mkdtemp(prefix="jobrunner-demo-functions-"))
+    work = demo_dir("functions-")
     manifest = import_examples(work)
     manifests = load_manifest(manifest)
     state = work / "state"

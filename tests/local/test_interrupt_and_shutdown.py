@@ -306,3 +306,32 @@ async def test_listings_show_a_file_body_and_find_reasons_in_any_case(
         "BackoffLimitExceeded (1); did you mean 'BackoffLimitExceeded' for "
         "'BackofLimitExceded'?"
     ) in typo.stderr
+
+
+def test_make_clean_removes_only_this_clones_demo_state(tmp_path: Path) -> None:
+    sys.path.insert(0, str(ROOT / "deploy/local"))
+    try:
+        from demo_common import clone_id
+    finally:
+        sys.path.remove(str(ROOT / "deploy/local"))
+    clone, other, temp = tmp_path / "clone", tmp_path / "other", tmp_path / "tmp"
+    for directory in (clone, other, temp):
+        directory.mkdir()
+    shutil.copy(ROOT / "Makefile", clone / "Makefile")
+    ours = temp / f"jobrunner-demo-{clone_id(clone.resolve())}-abc"
+    theirs = temp / f"jobrunner-demo-{clone_id(other.resolve())}-xyz"
+    for directory in (ours, theirs):
+        (directory / "jobs").mkdir(parents=True)
+    (clone / ".jobrunner").mkdir()
+    done = subprocess.run(
+        ["make", "clean"],
+        cwd=clone,
+        env={**os.environ, "TMPDIR": str(temp)},
+        capture_output=True,
+        text=True,
+        timeout=WITHIN,
+    )
+    assert done.returncode == 0, done.stderr
+    assert not ours.exists()
+    assert not (clone / ".jobrunner").exists()
+    assert theirs.exists()  # another clone's demo state is its own

@@ -1,4 +1,13 @@
-"""Ctrl-C for the demos (`make demo`, `make demo-functions`): one line and a clean stop.
+"""What the demos (`make demo`, `make demo-cluster`, `make demo-functions`) share: their
+temporary directories, which `make clean` of this clone (and only of this clone) removes,
+and Ctrl-C, which is one line and a clean stop.
+
+Temporary directories are ``$TMPDIR/jobrunner-demo-<clone>-*``, ``<clone>`` being the
+first 8 hex digits of the SHA-256 of this clone's absolute path: the Makefile's clean
+target computes the same (tests/local/test_interrupt_and_shutdown.py runs it), so two
+clones on one machine never remove each other's demo state.
+
+Ctrl-C:
 
 Ctrl-C (SIGINT to the terminal's process group) or SIGTERM only sets a flag here: the
 demo's waits end early, its dispatcher is stopped the ordinary way (the runner's own
@@ -14,14 +23,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import shutil
 import signal
+import tempfile
 import time
 from pathlib import Path
 
 from jobrunner.local.jobdir import JobDir
 from jobrunner.tracker import outcome_of
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def clone_id(root: Path = ROOT) -> str:
+    """This clone's part of its demos' directory names (the Makefile's clean says the
+    same in shell)."""
+    return hashlib.sha256(str(root).encode()).hexdigest()[:8]
+
+
+def demo_dir(kind: str = "") -> Path:
+    """A fresh private temporary directory of this clone's demos."""
+    return Path(tempfile.mkdtemp(prefix=f"jobrunner-demo-{clone_id()}-{kind}"))
+
 
 EXIT_INTERRUPTED = 130
 """128 + SIGINT, as a shell reports a command ended by Ctrl-C."""
