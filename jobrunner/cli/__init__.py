@@ -20,6 +20,7 @@ the command that uses them.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -30,6 +31,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jobrunner.cli.parser import build_parser
 
     parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # a TAB: the shell asks what fits (see completion)
+        from jobrunner.cli.completion import autocomplete
+
+        autocomplete(parser)
     args = parser.parse_args(argv)  # --version and --help end here
     if args.command is None:
         parser.print_help()

@@ -123,6 +123,20 @@ def scaledjob_name(text: str) -> str:
     return text
 
 
+# ---------------------------------------------------------------------- completion
+def _completer(name: str) -> Callable[..., list[str]]:
+    """A completer of jobrunner.cli.completion (argcomplete calls it at TAB time), imported
+    only then: building the parser stays standard library only."""
+
+    def complete(**kwargs: object) -> list[str]:
+        from jobrunner.cli import completion
+
+        found: list[str] = getattr(completion, name)(**kwargs)
+        return found
+
+    return complete
+
+
 # ---------------------------------------------------------------------- option sets
 def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     """Options every command takes, before or after its name. A subcommand's copy has no
@@ -173,7 +187,7 @@ def _file(
     )
     parser.add_argument(
         "--scaledjob", metavar="NAME", type=scaledjob_name, help=scaledjob
-    )
+    ).completer = _completer("scaledjob_names")  # type: ignore[attr-defined]
 
 
 def _local(parser: argparse.ArgumentParser, *, executor: bool = True) -> None:
@@ -265,7 +279,7 @@ def _jobs(p: argparse.ArgumentParser) -> None:
 def _logs(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "job", metavar="JOB", type=job_name, help="the Job's name (see `jobrunner jobs`)"
-    )
+    ).completer = _completer("job_names")  # type: ignore[attr-defined]
     p.add_argument(
         "-c",
         "--container",
@@ -385,7 +399,7 @@ def _finalizers(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--scaledjob", metavar="NAME", type=scaledjob_name, help="only the Jobs of this ScaledJob"
-    )
+    ).completer = _completer("scaledjob_names")  # type: ignore[attr-defined]
     p.add_argument(
         "-A",
         "--all-namespaces",
@@ -439,6 +453,10 @@ def _validate(p: argparse.ArgumentParser) -> None:
         help="also send the rendered Job to the cluster's API server with dryRun=All and "
         "strict field validation",
     )
+
+
+def _completion(p: argparse.ArgumentParser) -> None:
+    p.add_argument("shell", choices=["bash", "zsh", "fish"], help="the shell: bash, zsh or fish")
 
 
 def _operator(p: argparse.ArgumentParser) -> None:
@@ -702,6 +720,28 @@ COMMANDS = [
         local=True,
     ),
 ]
+COMMANDS.append(
+    Command(
+        name="completion",
+        group="Shell",
+        target="jobrunner.cli.completion:cmd_completion",
+        summary="Print the shell completion script (bash, zsh or fish)",
+        description="Print the script that makes TAB complete jobrunner's commands, options,\n"
+        "files, the -f manifest's ScaledJob names (--scaledjob) and Job names (logs JOB:\n"
+        "the state directory's with --local, else the cluster's). Load it in the shell's\n"
+        "start-up file, as the examples show.",
+        usage="jobrunner completion (bash | zsh | fish)",
+        examples=[
+            (
+                'bash: put eval "$(jobrunner completion bash)" in ~/.bashrc',
+                "jobrunner completion bash",
+            ),
+            ('zsh: put eval "$(jobrunner completion zsh)" in ~/.zshrc', "jobrunner completion zsh"),
+            ("fish: put this in ~/.config/fish/config.fish", "jobrunner completion fish | source"),
+        ],
+        configure=_completion,
+    )
+)
 BY_NAME = {c.name: c for c in COMMANDS}
 
 
