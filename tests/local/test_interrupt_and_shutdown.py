@@ -4,6 +4,7 @@ released; the local executor's lines about supervisors say what really happened.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import re
@@ -335,3 +336,36 @@ def test_make_clean_removes_only_this_clones_demo_state(tmp_path: Path) -> None:
     assert not ours.exists()
     assert not (clone / ".jobrunner").exists()
     assert theirs.exists()  # another clone's demo state is its own
+
+
+@pytest.mark.parametrize("command", ["status", "logs"])
+def test_ctrl_c_stops_a_watching_command_without_a_traceback(
+    command: str, state_dir: Path, manifest: ManifestFactory
+) -> None:
+    path = manifest("import time; print('working', flush=True); time.sleep(60)")
+    client = LocalJobClient(state_dir, retry_seconds=0.1)
+    job, secret = render(path, b"{}")
+    asyncio.run(client.create_job(job, secret))
+    where = ["--local", "--state-dir", str(state_dir)]
+    argv = {
+        "status": ["status", *where, "-f", str(path), "--watch", "--interval", "0.2"],
+        "logs": ["logs", *where, "--follow", job["metadata"]["name"]],
+    }[command]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jobrunner.cli", *argv],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        read_until(proc.stdout, r"working|running", [], WITHIN)  # it is watching now
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=WITHIN)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert "Traceback" not in err.decode()
+    assert len(err.decode().strip().splitlines()) <= 1
