@@ -326,7 +326,7 @@ async def main(cluster: bool) -> int:
             if cluster:
                 gone = "its namespace and queues are deleted with their Jobs"
             else:
-                stopped = stop_local_jobs(setup.settings.local.state_dir)
+                stopped = await stop_local_jobs(setup.settings.local.state_dir)
                 gone = f"stopped its {stopped} running Job(s) and removed its state directory"
             console.print(f"demo: interrupted; stopped the dispatcher, {gone}")
             return EXIT_INTERRUPTED

@@ -87,31 +87,38 @@ class Interrupt:
             await asyncio.wait_for(self.event.wait(), timeout=seconds)
 
 
-def stop_local_jobs(state_dir: Path) -> int:
-    """Stop every unfinished Job of a local state directory, then remove the directory.
-    Each Job's supervisor gets SIGTERM (it stops its Job's processes and exits); one
-    started a moment ago, which has not taken its Job's lock yet, gets it once it has.
-    After ``_STOP_SECONDS`` what is left of the Jobs' process groups is killed. Returns
-    how many Jobs were unfinished."""
-    unfinished = [
+def _unfinished(state_dir: Path) -> list[JobDir]:
+    return [
         jobdir
         for jobdir in (JobDir(p) for p in sorted(state_dir.glob("jobs/*/*")) if p.is_dir())
         if jobdir.job() is not None and outcome_of({"status": jobdir.status()}) is None
     ]
+
+
+async def stop_local_jobs(state_dir: Path) -> int:
+    """Stop every unfinished Job of a local state directory, then remove the directory;
+    call it once the dispatcher has stopped. Work the dispatcher had handed to threads (a
+    create under way) is waited for first, so no Job appears after the scan. Each Job's
+    supervisor gets SIGTERM (it stops its Job's processes and exits); one started a
+    moment ago, which has not taken its Job's lock yet, gets it once it has. After
+    ``_STOP_SECONDS`` what is left of the Jobs' process groups is killed. Returns how
+    many Jobs were stopped."""
+    await asyncio.get_running_loop().shutdown_default_executor()
     signalled: set[Path] = set()
     deadline = time.monotonic() + _STOP_SECONDS
-    while time.monotonic() < deadline:
+    while True:
+        unfinished = _unfinished(state_dir)
         for jobdir in unfinished:
             pid = jobdir.supervisor_pid()
             if jobdir.path not in signalled and pid is not None and jobdir.supervised():
                 signalled.add(jobdir.path)
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGTERM)
-        if len(signalled) == len(unfinished) and not any(j.supervised() for j in unfinished):
+        done = all(j.path in signalled and not j.supervised() for j in unfinished)
+        if done or time.monotonic() >= deadline:
             break
-        time.sleep(0.05)
-    running = unfinished
-    for jobdir in running:
+        await asyncio.sleep(0.05)
+    for jobdir in _unfinished(state_dir):
         for pgid in jobdir.status().get("pgids") or []:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, signal.SIGKILL)
@@ -120,4 +127,4 @@ def stop_local_jobs(state_dir: Path) -> int:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
     shutil.rmtree(state_dir, ignore_errors=True)
-    return len(running)
+    return len(signalled)

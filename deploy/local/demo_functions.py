@@ -179,7 +179,7 @@ async def main() -> int:
         stop.set()
         await dispatcher
         if interrupt.is_set:
-            stopped = stop_local_jobs(state)
+            stopped = await stop_local_jobs(state)
             console.print(
                 f"demo-functions: interrupted; stopped the dispatcher, stopped its {stopped} "
                 "running Job(s) and removed its state directory"
