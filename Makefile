@@ -40,8 +40,8 @@ help:
 	@echo "make stack-down        stop it (keeps its data; purge: bash $(STACK)/stack-down.sh --purge)"
 	@echo "make stack-status      what runs, where, and its memory"
 	@echo "make venv              the virtualenv $(VENV) with jobrunner installed (editable)"
-	@echo "make clean             remove the virtualenv, caches, ./.jobrunner and the demos' state"
-	@echo "                       directories (\$${TMPDIR:-/tmp}/jobrunner-demo-*)"
+	@echo "make clean             remove the virtualenv, caches, ./.jobrunner and this clone's demos'"
+	@echo "                       state (\$${TMPDIR:-/tmp}/jobrunner-demo-<this clone>-*)"
 	@echo "PYTHON=/path/to/python3.11 picks the interpreter for the virtualenv."
 
 $(BIN)/.installed: pyproject.toml
@@ -117,6 +117,10 @@ bench-keda: venv stack-up
 	bash $(STACK)/build-keda.sh >/dev/null
 	$(BIN)/python bench/bench_keda.py
 
+# Only this clone's demo state: its demos name their directories after this clone's path
+# (deploy/local/demo_common.py, clone_id), so another clone's are left alone.
 clean:
+	@clone=$$($(PYTHON) -c 'import hashlib, sys; print(hashlib.sha256(sys.argv[1].encode()).hexdigest()[:8])' "$(CURDIR)") && \
+	echo "rm -rf \"$${TMPDIR:-/tmp}\"/jobrunner-demo-$$clone-*" && \
+	rm -rf "$${TMPDIR:-/tmp}"/jobrunner-demo-$$clone-*
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .jobrunner
-	rm -rf "$${TMPDIR:-/tmp}"/jobrunner-demo-*

@@ -80,6 +80,40 @@ def replay_value(now: datetime.datetime | None = None) -> str:
     return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+REASONS: Mapping[str, str] = {
+    # The Job controller's (kubernetes pkg/controller/job; batch/v1 JobConditionType
+    # Failed reasons), as the Job's Failed condition and `kubectl describe job` say:
+    "BackoffLimitExceeded": "the Job failed: every attempt its backoffLimit allows failed",
+    "DeadlineExceeded": "the Job failed: it ran past its activeDeadlineSeconds",
+    "PodFailurePolicy": "the Job failed: a podFailurePolicy rule failed it",
+    "FailedIndexes": "the Job failed: an index used up its backoffLimitPerIndex",
+    "MaxFailedIndexesExceeded": "the Job failed: more indexes failed than maxFailedIndexes",
+    # jobrunner's own (dispatcher, rendering, jobrunner.outputs):
+    "JobDeleted": "the Job was deleted before it finished",
+    "FunctionFailed": "the function reported an error (the Job's own reason is in `jobs`)",
+    "OutputBindingFailed": "the function succeeded but an output could not be published",
+    "InvalidMessage": "the message cannot become a Job (not what the template reads)",
+    "TemplateError": "the Job template failed on this message",
+    "MessageTooLarge": "the message is larger than the ScaledJob allows",
+    "ApiRejected": "the API server (or the local executor) refused the rendered Job",
+    "MessageIdReused": "a Job of that message id exists for another body",
+    "DuplicateMessage": "the same message was already settled",
+    "MaxDeliverExceeded": "the broker delivered it more often than it allows",
+    "MaxDeliverReached": "the broker delivered it more often than it allows",
+    "InternalError": "an error nobody foresaw, after the tries allowed (a bug: report it)",
+}
+"""What each dead-letter reason means, for the listings' notes. A Job's own reason (its
+Failed condition, shown by ``jobs``) and the reason its message was dead-lettered (the
+``x-jobrunner-reason`` header, shown by ``dead-letters``) are the same word except where
+jobrunner knows more than the Job: a function's error is ``FunctionFailed`` though its
+Job ended ``BackoffLimitExceeded``."""
+
+
+def same_reason(a: str, b: str) -> bool:
+    """Reasons compared as a person types them: case does not matter."""
+    return a.casefold() == b.casefold()
+
+
 def select(
     letters: Sequence[DeadLetter],
     *,
@@ -88,14 +122,40 @@ def select(
     include_replayed: bool = False,
 ) -> list[DeadLetter]:
     """Those with one of ``ids`` (all when empty) and one of ``reasons`` (all when
-    empty); already-replayed Kafka records only with ``include_replayed``."""
+    empty; in any case); already-replayed Kafka records only with ``include_replayed``."""
     return [
         d
         for d in letters
         if (not ids or d.id in ids)
-        and (not reasons or d.reason in reasons)
+        and (not reasons or any(same_reason(d.reason, r) for r in reasons))
         and (include_replayed or d.replayed is None)
     ]
+
+
+def unknown_reasons(wanted: Collection[str], letters: Sequence[DeadLetter]) -> str | None:
+    """For ``--reason`` values that match no dead letter: a sentence naming the reasons
+    there are (with counts), with a did-you-mean for each close one; None when every
+    value matches one."""
+    import difflib
+
+    counts: dict[str, int] = {}
+    for letter in letters:
+        counts[letter.reason or "-"] = counts.get(letter.reason or "-", 0) + 1
+    missing = [w for w in wanted if not any(same_reason(w, r) for r in counts)]
+    if not missing:
+        return None
+    known = list(counts) + [r for r in REASONS if r not in counts]
+    folded = {r.casefold(): r for r in known}
+    hints = []
+    for value in missing:
+        close = difflib.get_close_matches(value.casefold(), list(folded), n=1, cutoff=0.5)
+        if close:
+            hints.append(f"did you mean {folded[close[0]]!r} for {value!r}?")
+    there = ", ".join(f"{r} ({n})" for r, n in sorted(counts.items())) or "none"
+    return (
+        f"no dead letter has reason {' or '.join(map(repr, missing))}; the reasons there: "
+        f"{there}" + (f"; {' '.join(hints)}" if hints else "")
+    )
 
 
 class DeadLetterStore(Protocol):

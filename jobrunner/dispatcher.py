@@ -932,9 +932,10 @@ class Dispatcher:
             self._log.info("could not record %s event on Job %s: %s", reason, name, exc)
 
     # ------------------------------------------------------------------ shutdown
-    async def drain(self, *, grace: float) -> None:
+    async def drain(self, *, grace: float) -> int:
         """Stop taking messages, give in-flight work ``grace`` seconds to settle, then
-        cancel it: unsettled messages return to the broker, Jobs keep running."""
+        cancel it: unsettled messages return to the broker, Jobs keep running. Returns
+        how many messages were released unsettled (for the shutdown's summary line)."""
         await self._source.stop_consuming()
         undecided = [r.task for r in self.inflight.values() if r.deciding and r.task is not None]
         for task in undecided:
@@ -942,3 +943,4 @@ class Dispatcher:
             # back to the broker now; the next dispatcher adopts the Job.
             task.cancel()
         await stop_tasks(list(self._side_tasks), grace=grace)
+        return len(undecided)

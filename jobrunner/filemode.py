@@ -42,7 +42,7 @@ from jobrunner.httpserver import Heartbeat, HttpEndpoints
 from jobrunner.operator.registry import Phase, Registry
 from jobrunner.operator.resources import Key, Wanted, essence, paused_by
 from jobrunner.rendering import Renderer, render_pool, template_dirs
-from jobrunner.runner import DispatchUnit, job_client
+from jobrunner.runner import DispatchUnit, job_client, shutdown_summary
 from jobrunner.tasks import is_essential, start_guarded, stop_tasks
 from jobrunner.telemetry import Telemetry
 from jobrunner.triggers import FileSecrets, Reach, ResolveContext, resolve_trigger
@@ -469,10 +469,13 @@ async def run(
                 await mode.reload("the file changed")
         logger.info("stopping: no new messages; settling what can be settled")
     finally:
+        # Taken before the close, which empties the slots; each unit's ``left`` is filled
+        # by its stop, for the last line.
+        stopping = mode.units
         await mode.registry.close(grace=settings.dispatcher.shutdown_grace_seconds)
         await stop_tasks(background, grace=0)
         await renders.close()
         if http is not None:
             http.stop()
         await jobs.close()
-        logger.info("stopped")
+        logger.info("stopped: %s", shutdown_summary(stopping, settings.executor))

@@ -27,6 +27,12 @@ class ActiveJobs:
     def __contains__(self, name: object) -> bool:
         return name in self._active
 
+    @property
+    def waiting(self) -> int:
+        """Messages in hand that wait for a free slot (received, not yet a Job): the
+        broker no longer counts them as ready, so a queue's depth leaves them out."""
+        return sum(1 for waiter in self._waiters if not waiter.done())
+
     def seed(self, names: Iterable[str]) -> None:
         """Jobs found running at start-up hold slots (possibly above the limit)."""
         self._active.update(names)

@@ -251,7 +251,10 @@ def template_dirs(manifest_path: Path) -> list[Path]:
     """Where a relative ``jobTemplate`` is looked for: beside the manifest, in its
     ``job_templates/``, then in ``job_templates/`` of the working directory."""
     base = manifest_path.resolve().parent
-    return [base, base / "job_templates", Path.cwd() / "job_templates"]
+    # Each once: for a manifest in the working directory the last two are one directory,
+    # which an error's list of paths tried would otherwise name twice.
+    dirs = [base, base / "job_templates", Path.cwd().resolve() / "job_templates"]
+    return list(dict.fromkeys(dirs))
 
 
 def _yaml_lines(node: yaml.Node | None) -> Callable[[tuple[str | int, ...]], int | None]:
@@ -298,11 +301,15 @@ def load_job_template(scaledjob: ScaledJob, *, base_dirs: list[Path]) -> JobTemp
             template = _read_template_file(candidate)
             _check_template(template)
             return template
-    tried = ", ".join(str(c) for c in candidates)
+    tried = ", ".join(dict.fromkeys(str(c) for c in candidates))
+    where = (
+        "beside the manifest, in its job_templates/ and in ./job_templates/"
+        if scaledjob.origin
+        else "in the operator's template directories"
+    )
     raise ManifestError(
         f"{scaledjob.origin}{at}field spec.jobTemplate: file not found: {spec.jobTemplate} "
-        f"(tried {tried}); a relative path is looked for beside the manifest and in its "
-        "job_templates/"
+        f"(tried {tried}); a relative path is looked for {where}"
     )
 
 

@@ -155,6 +155,14 @@ async def function_results(
     )
 
 
+@dataclass(frozen=True)
+class Left:
+    """What a unit's stop left behind: Jobs still running, messages released unsettled."""
+
+    running: int = 0
+    released: int = 0
+
+
 @dataclass
 class DispatchUnit:
     """Everything that serves one ScaledJob; ``start`` spawns its tasks, ``stop`` ends
@@ -177,6 +185,8 @@ class DispatchUnit:
     live resize can grant."""
     results: FunctionResults | None = None
     """A function's outputs and errors, settled with its messages (spec.function)."""
+    left: Left = field(default_factory=Left)
+    """What ``stop`` left behind, for the shutdown's summary line."""
 
     @property
     def name(self) -> str:
@@ -395,20 +405,26 @@ class DispatchUnit:
                     metrics.consumer_lag.remove(*series, partition)
 
     async def _report_progress(self, interval: float) -> None:
-        """A line every ``interval`` seconds while Jobs run (nothing while idle)."""
+        """A line every ``interval`` seconds while Jobs run (nothing while idle). The
+        queue's depth is read afresh for it: the gauge's sample may be up to
+        ``queue_depth_interval_seconds`` old, or not taken yet."""
         while True:
             await asyncio.sleep(interval)
             running = [s for s in self.tracker.jobs.values() if s.outcome is None]
             if not running:
                 continue
+            if self.problem is None:
+                # On a failure the last sample will do; the connection's task says why.
+                with contextlib.suppress(SourceError, ConnectionError, OSError):
+                    self.depth = await self.source.depth()
             oldest = max(running, key=lambda s: age_seconds(s.created))
             logger.info(
-                "%s: %d Job(s) running (the longest, %s, for %.0fs); %s message(s) waiting",
+                "%s: %d Job(s) running (the longest, %s, for %.0fs); %s",
                 self.name,
                 len(running),
                 oldest.name,
                 age_seconds(oldest.created),
-                "?" if self.depth is None else self.depth,
+                waiting_text(self.dispatcher.limiter.waiting, self.depth),
                 extra={"scaledjob": self.name, "source": self.source.name},
             )
 
@@ -426,9 +442,11 @@ class DispatchUnit:
 
     async def stop(self, *, grace: float) -> None:
         """Stop consuming, settle what is decided within ``grace`` seconds, then end the
-        unit's tasks and close its source. Running Jobs are left running."""
+        unit's tasks and close its source. Running Jobs are left running; how many, and
+        how many messages went back to the source unsettled, is kept in ``left``."""
         try:
-            await self.dispatcher.drain(grace=grace)
+            released = await self.dispatcher.drain(grace=grace)
+            self.left = Left(running=len(self.tracker.unfinished()), released=released)
         finally:
             await stop_tasks(self.tasks, grace=0)
             self.dispatcher.close()
@@ -440,3 +458,32 @@ class DispatchUnit:
                 )
             if self.results is not None:
                 await self.results.close()
+
+
+def waiting_text(in_hand: int, depth: int | None) -> str:
+    """The progress line's count of messages waiting: those in hand for a free slot
+    (``maxReplicaCount`` reached) and those still in the queue (``depth``, as last
+    sampled; None when the source cannot tell). The queue's depth alone left out the
+    ones in hand, which the broker counts as delivered: "0 waiting" while one waited."""
+    queued = "an unknown number" if depth is None else str(depth)
+    total = "?" if depth is None else str(in_hand + depth)
+    return f"{total} message(s) waiting ({in_hand} in hand for a free slot, {queued} in the queue)"
+
+
+def shutdown_summary(units: list[DispatchUnit], executor: Executor) -> str:
+    """The last line of a dispatcher: how many Jobs were left running (by design: Jobs
+    outlive their dispatcher, on a cluster and as local processes alike) and how many
+    messages went back to the source unsettled, and what becomes of them."""
+    running = sum(u.left.running for u in units)
+    released = sum(u.left.released for u in units)
+    if executor is Executor.LOCAL:
+        where = "processes of their own, they run on"
+    else:
+        where = "they run on in the cluster"
+    jobs = f"{running} Job(s) left running ({where}; the next dispatcher adopts them)"
+    if not running:
+        jobs = "no Job left running"
+    messages = f"{released} message(s) released unsettled to the source, to be delivered again"
+    if released and running:
+        messages += " and join their Jobs"
+    return f"{jobs}; {messages}"

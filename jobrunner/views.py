@@ -6,10 +6,11 @@ first (``-o json|yaml``) and a rich renderable second (the table)."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -23,13 +24,18 @@ from jobrunner.console import (
     DispatcherLine,
     JobRow,
     QueueLine,
+    body_preview,
+    finished_rows,
     history_table,
+    message_label,
+    preview,
     rows_of,
     status_view,
 )
 from jobrunner.local.client import LocalJobClient
 from jobrunner.local.jobdir import JobDir
-from jobrunner.protocols import JobClient
+from jobrunner.naming import message_secret_name
+from jobrunner.protocols import ApiRejected, JobClient, TransientError
 from jobrunner.runner import ClosableJobClient, job_client, selector_for
 from jobrunner.sources.sqlite import (
     SQLiteQueue,
@@ -111,10 +117,41 @@ async def list_all(client: JobClient, scaledjob: ScaledJob) -> list[Mapping[str,
             return items
 
 
-async def job_rows(client: JobClient, scaledjob: ScaledJob) -> list[JobRow]:
-    return rows_of(
-        await list_all(client, scaledjob), body_env=scaledjob.spec.messageDelivery.envVarName
-    )
+async def job_rows(
+    client: JobClient, scaledjob: ScaledJob, *, finished_limit: int = 50
+) -> list[JobRow]:
+    """A row per Job. A message without an id is named by its body's start: taken from
+    the Job's env when the body went by env, else (``messageDelivery: file``, or a body
+    too large for env) from the Job's message Secret, read for the rows a listing shows
+    (those in flight and the ``finished_limit`` newest finished) and only when the
+    caller may read it; else the digest stays."""
+    jobs = await list_all(client, scaledjob)
+    env = scaledjob.spec.messageDelivery.envVarName
+    rows = rows_of(jobs, body_env=env)
+    shown = {r.name for r in finished_rows(rows, finished_limit)}
+    shown |= {r.name for r in rows if r.finished is None}
+    out = []
+    for job, row in zip(jobs, rows, strict=True):
+        by_digest = row.identity.startswith("sha256:") and body_preview(job, env) is None
+        if row.name in shown and by_digest:
+            row = await _labelled_from_secret(client, scaledjob.namespace, row)
+        out.append(row)
+    return out
+
+
+async def _labelled_from_secret(client: JobClient, namespace: str, row: JobRow) -> JobRow:
+    try:
+        data = await client.read_secret(namespace, message_secret_name(row.name))
+    except (ApiRejected, TransientError):
+        return row  # no right to read it (or the API is away): the digest will do
+    encoded = (data or {}).get("body")
+    if not encoded:
+        return row
+    try:
+        body = base64.b64decode(encoded)
+    except ValueError:
+        return row
+    return replace(row, message=message_label(row.identity, preview(body, 60)))
 
 
 async def queue_line(scaledjob: ScaledJob, settings: Settings) -> QueueLine | None:

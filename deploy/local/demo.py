@@ -19,7 +19,6 @@ import faulthandler
 import json
 import os
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -41,6 +40,15 @@ from jobrunner.naming import job_name
 from jobrunner.telemetry import Telemetry, configure_logging
 from jobrunner.triggers import Reach
 from jobrunner.views import list_all, make_console, publish, read_client
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_common import (
+    EXIT_INTERRUPTED,
+    Interrupt,
+    demo_dir,
+    exit_interrupted,
+    stop_local_jobs,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 90.0
@@ -105,7 +113,7 @@ class Setup:
 async def local_setup() -> Setup:
     from jobrunner.sources.sqlite import SQLiteQueue
 
-    state = Path(tempfile.mkdtemp(prefix="jobrunner-demo-"))
+    state = demo_dir()
     manifests = load_manifest(ROOT / "deploy/examples/scaledjob-local.yaml")
     settings = Settings(executor=Executor.LOCAL, local={"state_dir": state, "retry_seconds": 0.5})
     scaledjob = manifests.scaledjobs[0]
@@ -156,7 +164,7 @@ async def cluster_setup() -> Setup:
     api = config.new_client_from_config(config_file=kubeconfig)
     core = client.CoreV1Api(api)
     core.create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
-    work = Path(tempfile.mkdtemp(prefix="jobrunner-demo-"))
+    work = demo_dir()
     template = yaml.safe_load((ROOT / "job_templates/echo-job.yaml").read_text())
     # The demo's Jobs may fail on request (KWOK honours the annotation).
     template["spec"]["template"]["metadata"]["annotations"]["kwok.jobrunner.dev/outcome"] = (
@@ -258,6 +266,8 @@ def summary(
 async def main(cluster: bool) -> int:
     console = make_console()
     configure_logging("ERROR")  # the live view and the table tell the story
+    interrupt = Interrupt()
+    interrupt.install()
     setup = await (cluster_setup() if cluster else local_setup())
     scaledjob = setup.manifests.scaledjobs[0]
     total = len(setup.messages)
@@ -297,7 +307,7 @@ async def main(cluster: bool) -> int:
         bar = progress.add_task("settled", total=total)
         rows: list[JobRow] = []
         with Live(progress, console=console, refresh_per_second=4) as live:
-            while time.monotonic() - start < TIMEOUT:
+            while time.monotonic() - start < TIMEOUT and not interrupt.is_set:
                 if dispatcher.done():
                     break
                 done = settled_count(telemetry, scaledjob.namespace, scaledjob.name)
@@ -306,12 +316,20 @@ async def main(cluster: bool) -> int:
                 live.update(Group(progress, in_flight_table(rows, title="in flight")))
                 if done >= total:
                     break
-                await asyncio.sleep(0.25)
+                await interrupt.sleep(0.25)
             live.update(progress)
         if not console.is_terminal:
             console.print()  # a live view that was not live leaves its last line open
         stop.set()
         await dispatcher
+        if interrupt.is_set:
+            if cluster:
+                gone = "its namespace and queues are deleted with their Jobs"
+            else:
+                stopped = await stop_local_jobs(setup.settings.local.state_dir)
+                gone = f"stopped its {stopped} running Job(s) and removed its state directory"
+            console.print(f"demo: interrupted; stopped the dispatcher, {gone}")
+            return EXIT_INTERRUPTED
         rows = rows_of(await list_all(reader, scaledjob))
         table, ok = summary(
             setup.messages, scaledjob.name, {r.name: r for r in rows}, await setup.dead_letters()
@@ -341,4 +359,7 @@ if __name__ == "__main__":
     # The demo gives up waiting after TIMEOUT; should it hang past that anyway, every
     # thread's stack goes to stderr and the process exits, so a hang says where it is.
     faulthandler.dump_traceback_later(TIMEOUT + 30, exit=True)
-    sys.exit(asyncio.run(main(parser.parse_args().cluster)))
+    code = asyncio.run(main(parser.parse_args().cluster))
+    if code == EXIT_INTERRUPTED:
+        exit_interrupted()
+    sys.exit(code)

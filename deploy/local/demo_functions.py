@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,15 @@ from jobrunner.sources.sqlite import SQLiteQueue
 from jobrunner.telemetry import Telemetry, configure_logging
 from jobrunner.triggers import Reach
 from jobrunner.views import list_all, make_console, publish, read_client
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_common import (
+    EXIT_INTERRUPTED,
+    Interrupt,
+    demo_dir,
+    exit_interrupted,
+    stop_local_jobs,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 TIMEOUT = 120.0
@@ -127,10 +135,12 @@ async def queue_contents(state: Path, queue: str) -> dict[str, tuple[bytes, dict
 async def main() -> int:
     console = make_console()
     configure_logging("ERROR")
+    interrupt = Interrupt()
+    interrupt.install()
     if shutil.which("node") is None:
         console.print("the custom-handler example needs Node (node on PATH)")
         return 1
-    work = Path(tempfile.mkdtemp(prefix="jobrunner-demo-functions-"))
+    work = demo_dir("functions-")
     manifest = import_examples(work)
     manifests = load_manifest(manifest)
     state = work / "state"
@@ -163,11 +173,18 @@ async def main() -> int:
             pending = 0
             for queue in INPUT_QUEUE.values():
                 pending += len(await queue_contents(state, queue))
-            if pending == 0:
+            if pending == 0 or interrupt.is_set:
                 break
-            await asyncio.sleep(0.25)
+            await interrupt.sleep(0.25)
         stop.set()
         await dispatcher
+        if interrupt.is_set:
+            stopped = await stop_local_jobs(state)
+            console.print(
+                f"demo-functions: interrupted; stopped the dispatcher, stopped its {stopped} "
+                "running Job(s) and removed its state directory"
+            )
+            return EXIT_INTERRUPTED
         reader = read_client(settings)
         rows = {}
         for scaledjob in manifests.scaledjobs:
@@ -220,4 +237,7 @@ async def main() -> int:
 
 if __name__ == "__main__":
     faulthandler.dump_traceback_later(TIMEOUT + 30, exit=True)
-    sys.exit(asyncio.run(main()))
+    code = asyncio.run(main())
+    if code == EXIT_INTERRUPTED:
+        exit_interrupted()
+    sys.exit(code)

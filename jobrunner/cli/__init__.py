@@ -20,6 +20,7 @@ the command that uses them.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 
@@ -30,13 +31,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from jobrunner.cli.parser import build_parser
 
     parser = build_parser()
+    if "_ARGCOMPLETE" in os.environ:  # a TAB: the shell asks what fits (see completion)
+        from jobrunner.cli.completion import autocomplete
+
+        autocomplete(parser)
     args = parser.parse_args(argv)  # --version and --help end here
     if args.command is None:
         parser.print_help()
         return 0
     from jobrunner.cli.context import Context
+    from jobrunner.cli.envcheck import warn_misspelt
     from jobrunner.cli.errors import run_guarded
 
+    warn_misspelt()  # every command: a setting misspelt is a setting silently not set
     ctx = Context(args)
 
     def command() -> int:

@@ -18,7 +18,14 @@ from jobrunner.cli.context import Context
 from jobrunner.cli.errors import CliError
 from jobrunner.config import Executor, ScaledJob
 from jobrunner.console import Cell, Column, FitTable, age, preview, rfc3339
-from jobrunner.deadletters import DeadLetter, DeadLetterStore, replay_value, select
+from jobrunner.deadletters import (
+    REASONS,
+    DeadLetter,
+    DeadLetterStore,
+    replay_value,
+    select,
+    unknown_reasons,
+)
 from jobrunner.views import make_console
 
 
@@ -147,6 +154,10 @@ async def _dead_letters(ctx: Context, scaledjobs: list[ScaledJob]) -> int:
                 raise
             shown = select(letters, reasons=args.reason, include_replayed=args.all)
             found.append((scaledjob, store, shown))
+            listed = select(letters, include_replayed=args.all)
+            hint = unknown_reasons(args.reason, listed) if args.reason else None
+            if hint is not None:
+                print(f"{scaledjob.namespace}/{scaledjob.name}: {hint}", file=sys.stderr)
         if args.replay is not None:
             return await _replay(ctx, found)
         _show(ctx, found)
@@ -175,6 +186,9 @@ def _show(ctx: Context, found: list[tuple[ScaledJob, DeadLetterStore, list[DeadL
             continue
         title = f"{name}: {len(letters)} dead letter(s){filters} in {store.where}"
         console.print(table(letters, title=title, wide=args.output == "wide"))
+    shown = sorted({d.reason for _, _, letters in found for d in letters} & set(REASONS))
+    for reason in shown:
+        console.print(f"  {reason}: {REASONS[reason]}", style="dim", soft_wrap=True)
     if any(letters for _, _, letters in found):
         replay = ctx.again("dead-letters", *ctx.file_args(), local=local)
         console.print(

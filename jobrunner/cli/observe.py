@@ -89,7 +89,7 @@ def cmd_jobs(ctx: Context) -> int:
 
     async def collect() -> list[tuple[ScaledJob, Any]]:
         try:
-            return [(s, await job_rows(client, s)) for s in scaledjobs]
+            return [(s, await job_rows(client, s, finished_limit=args.limit)) for s in scaledjobs]
         finally:
             await client.close()
 
@@ -126,8 +126,12 @@ def cmd_jobs(ctx: Context) -> int:
             soft_wrap=True,
         )
     if any(r.dead_lettered for _, rows in found for r in rows):
+        # Two vocabularies meet here: REASON is the Job's, the dead letter's may say more.
         console.print(
-            f"dead-lettered messages: {ctx.again('dead-letters', *ctx.file_args(), local=local)}",
+            "REASON is the Job's own (its Failed condition, as kubectl shows it); why each "
+            "message was dead-lettered (the same word, or more: FunctionFailed for a "
+            "function's error) is in: "
+            f"{ctx.again('dead-letters', *ctx.file_args(), local=local)}",
             style="dim",
             soft_wrap=True,
         )

@@ -123,6 +123,20 @@ def scaledjob_name(text: str) -> str:
     return text
 
 
+# ---------------------------------------------------------------------- completion
+def _completer(name: str) -> Callable[..., list[str]]:
+    """A completer of jobrunner.cli.completion (argcomplete calls it at TAB time), imported
+    only then: building the parser stays standard library only."""
+
+    def complete(**kwargs: object) -> list[str]:
+        from jobrunner.cli import completion
+
+        found: list[str] = getattr(completion, name)(**kwargs)
+        return found
+
+    return complete
+
+
 # ---------------------------------------------------------------------- option sets
 def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
     """Options every command takes, before or after its name. A subcommand's copy has no
@@ -158,8 +172,12 @@ def _global_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
 
 
 def _file(
-    parser: argparse.ArgumentParser, *, scaledjob: str = "only this ScaledJob of the file"
+    parser: argparse.ArgumentParser,
+    *,
+    scaledjob: str = "only this ScaledJob of the file (default: every one)",
 ) -> None:
+    """``-f`` and ``--scaledjob``; ``scaledjob`` is the whole help of the latter, its
+    default included (each command's default differs)."""
     parser.add_argument(
         "-f",
         "--file",
@@ -168,8 +186,8 @@ def _file(
         help="the ScaledJob manifest (YAML; may also hold TriggerAuthentications and Secrets)",
     )
     parser.add_argument(
-        "--scaledjob", metavar="NAME", type=scaledjob_name, help=f"{scaledjob} (default: all)"
-    )
+        "--scaledjob", metavar="NAME", type=scaledjob_name, help=scaledjob
+    ).completer = _completer("scaledjob_names")  # type: ignore[attr-defined]
 
 
 def _local(parser: argparse.ArgumentParser, *, executor: bool = True) -> None:
@@ -202,12 +220,12 @@ def _output(parser: argparse.ArgumentParser) -> None:
 
 # ---------------------------------------------------------------------- commands
 def _run(p: argparse.ArgumentParser) -> None:
-    _file(p, scaledjob="unused: run serves every ScaledJob of the file")
+    _file(p, scaledjob="serve only this ScaledJob of the file (default: every one)")
     _local(p)
 
 
 def _publish(p: argparse.ArgumentParser) -> None:
-    _file(p, scaledjob="the ScaledJob whose queue to publish to")
+    _file(p, scaledjob="the ScaledJob whose queue to publish to (default: the first)")
     p.add_argument(
         "messages",
         nargs="*",
@@ -261,7 +279,7 @@ def _jobs(p: argparse.ArgumentParser) -> None:
 def _logs(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "job", metavar="JOB", type=job_name, help="the Job's name (see `jobrunner jobs`)"
-    )
+    ).completer = _completer("job_names")  # type: ignore[attr-defined]
     p.add_argument(
         "-c",
         "--container",
@@ -284,7 +302,8 @@ def _dead_letters(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="REASON",
-        help="only dead letters with this reason, e.g. BackoffLimitExceeded (repeat for more)",
+        help="only dead letters with this reason, in any case, e.g. BackoffLimitExceeded "
+        "(repeat for more; one that matches none lists the reasons there are)",
     )
     p.add_argument(
         "--replay",
@@ -380,7 +399,7 @@ def _finalizers(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--scaledjob", metavar="NAME", type=scaledjob_name, help="only the Jobs of this ScaledJob"
-    )
+    ).completer = _completer("scaledjob_names")  # type: ignore[attr-defined]
     p.add_argument(
         "-A",
         "--all-namespaces",
@@ -422,7 +441,7 @@ def _render(p: argparse.ArgumentParser) -> None:
 
 
 def _validate(p: argparse.ArgumentParser) -> None:
-    _file(p, scaledjob="only this ScaledJob of the file")
+    _file(p)
     p.add_argument(
         "--sample-message",
         metavar="BODY",
@@ -440,6 +459,10 @@ def _validate(p: argparse.ArgumentParser) -> None:
         help="also check what the local executor (run --local) refuses; "
         "JOBRUNNER_EXECUTOR=local does the same",
     )
+
+
+def _completion(p: argparse.ArgumentParser) -> None:
+    p.add_argument("shell", choices=["bash", "zsh", "fish"], help="the shell: bash, zsh or fish")
 
 
 def _operator(p: argparse.ArgumentParser) -> None:
@@ -703,6 +726,28 @@ COMMANDS = [
         local=True,
     ),
 ]
+COMMANDS.append(
+    Command(
+        name="completion",
+        group="Shell",
+        target="jobrunner.cli.completion:cmd_completion",
+        summary="Print the shell completion script (bash, zsh or fish)",
+        description="Print the script that makes TAB complete jobrunner's commands, options,\n"
+        "files, the -f manifest's ScaledJob names (--scaledjob) and Job names (logs JOB:\n"
+        "the state directory's with --local, else the cluster's). Load it in the shell's\n"
+        "start-up file, as the examples show.",
+        usage="jobrunner completion (bash | zsh | fish)",
+        examples=[
+            (
+                'bash: put eval "$(jobrunner completion bash)" in ~/.bashrc',
+                "jobrunner completion bash",
+            ),
+            ('zsh: put eval "$(jobrunner completion zsh)" in ~/.zshrc', "jobrunner completion zsh"),
+            ("fish: put this in ~/.config/fish/config.fish", "jobrunner completion fish | source"),
+        ],
+        configure=_completion,
+    )
+)
 BY_NAME = {c.name: c for c in COMMANDS}
 
 

@@ -22,7 +22,8 @@ def cmd_run(ctx: Context) -> int:
     from jobrunner.triggers import Reach
 
     settings = ctx.settings
-    manifests = ctx.manifests
+    # --scaledjob serves one ScaledJob of the file; without it, every one.
+    manifests = ctx.manifests.model_copy(update={"scaledjobs": ctx.scaledjobs()})
     configure_logging(settings.log_level, json_lines=settings.log_json)
     ctx.notes()
     for scaledjob in manifests.scaledjobs:  # fail at start, not at the first message

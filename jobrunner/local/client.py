@@ -52,6 +52,24 @@ _BY = f"{compat.EXECUTOR} (as the API server would)"
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
+def orphan_note(jobdir: JobDir) -> str:
+    """Why an unfinished Job has no supervisor, for the line logged as one is started:
+    a supervisor writes its pid into the Job's lock file first thing, so a Job without
+    that file never had one (a dispatcher stopped between writing the Job and starting
+    its supervisor), and one with it lost its supervisor (killed, or the machine
+    restarted), as a cluster's Job controller replaces a pod that is gone."""
+    if jobdir.supervisor_pid() is None:
+        return (
+            f"Job {jobdir.name} was created but its supervisor never started (a dispatcher "
+            "stopped in between); starting it"
+        )
+    return (
+        f"Job {jobdir.name} lost its supervisor (the process ended before the Job did: "
+        "killed, or this machine restarted); starting another, as the Job controller "
+        "replaces a lost pod"
+    )
+
+
 def parse_selector(selector: str) -> dict[str, str]:
     """Equality selectors (``a=b,c=d``), the only kind jobrunner uses."""
     out = {}
@@ -98,8 +116,12 @@ class LocalJobClient:
         self._images_noted: set[str] = set()
         self._confinement_noted = False
         self._restarts: dict[Path, tuple[int, float]] = {}
+        self._creating: set[Path] = set()
+        """Jobs being created here: their supervisor is about to start, and a scan that
+        sees one meanwhile must not take it for a Job whose supervisor died."""
         self._lock = threading.Lock()
-        """Guards ``_children``: scans and creates run on worker threads."""
+        """Guards ``_children`` and ``_creating``: scans and creates run on worker
+        threads."""
         if controller:
             self.secure()
 
@@ -190,19 +212,25 @@ class LocalJobClient:
         jobdir = self.jobdir(meta["namespace"], meta["name"])
         privatefs.private_dir(jobdir.path)
         refused: messagesecret.Check | None = None
-        with jobdir.record_lock():
-            existing = self._object(jobdir)
-            if existing is not None:
-                refused = self._complete(jobdir, existing, job, secret)
-            else:
-                self._write_new(jobdir, job, secret)
-        if refused is not None:
-            # The Job may have run with a body that is not its message's: it goes.
-            logger.warning("removing Job %s: %s", jobdir.name, refused.why)
-            self._delete(jobdir)
-            raise messagesecret.conflict(refused)
-        if existing is None or (outcome_of(existing) is None and not jobdir.supervised()):
-            self._supervise(jobdir)  # adopted: one may be missing after a crash
+        with self._lock:
+            self._creating.add(jobdir.path)
+        try:
+            with jobdir.record_lock():
+                existing = self._object(jobdir)
+                if existing is not None:
+                    refused = self._complete(jobdir, existing, job, secret)
+                else:
+                    self._write_new(jobdir, job, secret)
+            if refused is not None:
+                # The Job may have run with a body that is not its message's: it goes.
+                logger.warning("removing Job %s: %s", jobdir.name, refused.why)
+                self._delete(jobdir)
+                raise messagesecret.conflict(refused)
+            if existing is None or (outcome_of(existing) is None and not jobdir.supervised()):
+                self._supervise(jobdir)  # adopted: one may be missing after a crash
+        finally:
+            with self._lock:
+                self._creating.discard(jobdir.path)
         result = self._object(jobdir)
         assert result is not None
         return result, existing is None
@@ -451,9 +479,11 @@ class LocalJobClient:
             if not jobdir.supervised():
                 with self._lock:
                     child = self._children.get(jobdir.path)
-                    orphaned = child is None or child.poll() is not None
+                    orphaned = jobdir.path not in self._creating and (
+                        child is None or child.poll() is not None
+                    )
                 if orphaned and self._may_restart(jobdir):
-                    logger.info("Job %s has no supervisor; starting one", jobdir.name)
+                    logger.info("%s", orphan_note(jobdir))
                     self._supervise(jobdir)
             return
         ttl = (obj.get("spec") or {}).get("ttlSecondsAfterFinished")

@@ -119,7 +119,13 @@ class Dispatchers:
     def start(self, manifest: Path) -> subprocess.Popen[bytes]:
         return self.start_with(manifest, {})
 
-    def start_with(self, manifest: Path, extra_env: dict[str, str]) -> subprocess.Popen[bytes]:
+    def start_extra(self, manifest: Path, arguments: list[str]) -> subprocess.Popen[bytes]:
+        """A dispatcher with more command-line arguments."""
+        return self.start_with(manifest, {}, arguments)
+
+    def start_with(
+        self, manifest: Path, extra_env: dict[str, str], arguments: list[str] | None = None
+    ) -> subprocess.Popen[bytes]:
         env = {
             **os.environ,
             "JOBRUNNER_LOCAL__RETRY_SECONDS": "0.2",
@@ -139,6 +145,7 @@ class Dispatchers:
                 str(self.state),
                 "-f",
                 str(manifest),
+                *(arguments or []),
             ],
             env=env,
             stdout=log,

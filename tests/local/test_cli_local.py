@@ -462,7 +462,7 @@ def test_make_demo_functions_runs_both_example_apps_and_prints_the_summary(
     assert out.count("dead-lettered (FunctionFailed)") == 2, out
     assert '{"order":"order-1","total":19}' in out, out
     assert "demo-functions: every message ended as expected" in out, out
-    (work,) = tmp_path.glob("jobrunner-demo-functions-*")
+    (work,) = tmp_path.glob("jobrunner-demo-*-functions-*")
     jobs = [JobDir(p) for p in (work / "state" / "jobs" / "default").iterdir()]
     assert len(jobs) == 10
     assert not any(job.supervised() for job in jobs)
