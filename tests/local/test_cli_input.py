@@ -62,7 +62,7 @@ STATE_COMMANDS = [
 ]
 
 
-@pytest.mark.parametrize("state, says", UNWRITABLE)
+@pytest.mark.parametrize(("state", "says"), UNWRITABLE)
 def test_an_unwritable_state_dir_is_one_line_naming_it_for_every_command(
     tmp_path: Path, state: str, says: str
 ) -> None:
