@@ -228,6 +228,12 @@ def _publish(p: argparse.ArgumentParser) -> None:
         help="a message header (repeat for more)",
     )
     p.add_argument("--content-type", metavar="TYPE", help="the body's MIME type")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="publish what the checks refuse: a MESSAGE that names a file, a --jsonl line "
+        "that is not JSON, a message the ScaledJob's template would dead-letter",
+    )
     _local(p, executor=False)
 
 

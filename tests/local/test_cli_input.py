@@ -85,3 +85,69 @@ def test_a_writable_state_dir_leaves_no_probe_behind(tmp_path: Path) -> None:
     assert published.returncode == 0, published.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == [".jobrunner"]
     assert not list((tmp_path / ".jobrunner").glob(".jobrunner-probe-*"))
+
+
+# ---------------------------------------------------------------- publish
+def queued(state: Path) -> list[bytes]:
+    """The bodies on the example's embedded queue, oldest first."""
+    import sqlite3
+
+    db = state / "queue.db"
+    if not db.exists():
+        return []
+    with sqlite3.connect(db) as conn:
+        return [bytes(row[0]) for row in conn.execute("SELECT body FROM messages ORDER BY id")]
+
+
+def test_publish_refuses_what_it_can_tell_would_fail_and_publishes_nothing(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "order.json").write_text('{"image": "cat.png"}\n')
+    (tmp_path / "array.json").write_text('[\n  {"image": "a.png"},\n  {"image": "b.png"}\n]\n')
+    (tmp_path / "bad.jsonl").write_text('{"image": "a.png"}\nhello\n')
+    big = '{"image": "' + "a" * 3_000_000 + '"}'
+    (tmp_path / "big.json").write_text(big)
+    (tmp_path / "good.jsonl").write_text('{"image": "a.png"}\n{"image": "b.png"}\n')
+    refused = [
+        (["order.json"], ["MESSAGE 'order.json'", "name of a file", "@order.json", "--force"]),
+        (["--jsonl", "array.json"], ["--jsonl array.json", "one JSON document", "jq -c"]),
+        (["--jsonl", "bad.jsonl"], ["--jsonl bad.jsonl line 2", "not JSON", "--force"]),
+        (["@big.json"], ["MESSAGE '@big.json'", "MessageTooLarge", "maxMessageBytes", "--force"]),
+        (["hello"], ["MESSAGE 'hello'", "InvalidMessage", "message.json", "--force"]),
+        (['{"seconds": 1}'], ["TemplateError", "has no attribute 'image'", "--force"]),
+        (
+            ['{"image": "a.png"}', "hello"],
+            ["MESSAGE 2 ('hello')", "InvalidMessage"],  # all or nothing: the first not sent
+        ),
+        (['{"image": "a.png"}', "--jsonl", "good.jsonl"], ["MESSAGE... or --jsonl", "not both"]),
+    ]
+    for args, says in refused:
+        result = jobrunner("publish", "-f", EXAMPLE, *args, cwd=tmp_path)
+        one_error(result, *says)
+    assert queued(tmp_path / ".jobrunner") == []
+
+
+def test_publish_force_publishes_what_the_checks_refuse(tmp_path: Path) -> None:
+    (tmp_path / "order.json").write_text('{"image": "cat.png"}\n')
+    (tmp_path / "bad.jsonl").write_text('{"image": "a.png"}\nhello\n')
+    for args in (["order.json"], ["hello"], ["--jsonl", "bad.jsonl"]):
+        result = jobrunner("publish", "-f", EXAMPLE, "--force", *args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+    assert queued(tmp_path / ".jobrunner") == [
+        b"order.json",
+        b"hello",
+        b'{"image": "a.png"}',
+        b"hello",
+    ]
+
+
+def test_publish_takes_what_the_template_can_render(tmp_path: Path) -> None:
+    (tmp_path / "order.json").write_text('{"image": "cat.png"}')
+    (tmp_path / "good.jsonl").write_text('{"image": "a.png"}\n\n{"image": "b.png"}\n')
+    assert jobrunner("publish", "-f", EXAMPLE, "@order.json", cwd=tmp_path).returncode == 0
+    assert (
+        jobrunner("publish", "-f", EXAMPLE, "--jsonl", "good.jsonl", cwd=tmp_path).returncode == 0
+    )
+    piped = jobrunner("publish", "-f", EXAMPLE, "-", cwd=tmp_path, stdin='{"image": "d.png"}')
+    assert piped.returncode == 0, piped.stderr
+    assert len(queued(tmp_path / ".jobrunner")) == 4
