@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -547,13 +548,91 @@ def read_text(path: Path) -> str:
         ) from None
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the
+    last one silently). YAML 1.2 (section 3.2.1.1) requires a mapping's keys to be
+    unique, and kubectl's strict decoding refuses a duplicate ("mapping key already
+    defined"): a manifest jobrunner ran would then not apply, or ran with a value its
+    author did not see. A key that only repeats one brought in by a merge (``<<``)
+    overrides it, as YAML's merge key allows."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    earlier = first.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: PyYAML's own error follows
+                    continue
+                if earlier is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        f"the first {key!r}",
+                        earlier.start_mark,
+                        f"duplicate key {key!r}: a key may appear once in a mapping (YAML "
+                        "1.2; kubectl refuses it too, and PyYAML would keep the last one "
+                        "silently); keep one",
+                        key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+def construct_unique(node: yaml.Node) -> Any:
+    """A composed YAML node's value, refusing duplicate keys (see UniqueKeyLoader);
+    yaml.YAMLError, for ``yaml_error``."""
+    return UniqueKeyLoader("").construct_document(node)
+
+
+def load_json(text: str, path: Path) -> Any:
+    """A JSON file's value, refusing a key given twice in one object with both lines
+    (RFC 8259 section 4 says names SHOULD be unique, and Python's json keeps the last
+    one silently); ManifestError naming the file and line otherwise."""
+    duplicate: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in items:
+            if key in seen and not duplicate:
+                duplicate.append(key)
+            seen[key] = value
+        return seen
+
+    try:
+        value = json.loads(text, object_pairs_hook=pairs)
+    except ValueError as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+    if duplicate:
+        # JSON's parser knows no lines for a key; YAML's reads JSON and knows them.
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            if node is not None:
+                construct_unique(node)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            first = getattr(exc, "context_mark", None)
+            if mark is not None and first is not None and "duplicate key" in str(exc):
+                raise ManifestError(
+                    f"{path}: line {mark.line + 1}: duplicate key {duplicate[0]!r} (the first "
+                    f"at line {first.line + 1}): a name may appear once in an object (RFC "
+                    "8259; Python's json would keep the last one silently); keep one"
+                ) from None
+        raise ManifestError(
+            f"{path}: duplicate key {duplicate[0]!r} in one object: a name may appear once "
+            "(RFC 8259); keep one"
+        )
+    return value
+
+
 def _documents(path: Path) -> list[tuple[dict[str, Any], yaml.Node]]:
-    """Each document of the file with its YAML node (which knows the lines), parsed once."""
+    """Each document of the file with its YAML node (which knows the lines), parsed once;
+    a key given twice in a mapping is refused with both lines."""
     text = read_text(path)
     out: list[tuple[dict[str, Any], yaml.Node]] = []
     try:
         for node in yaml.compose_all(text, Loader=yaml.SafeLoader):
-            doc = yaml.SafeLoader("").construct_document(node) if node is not None else None
+            doc = construct_unique(node) if node is not None else None
             if doc is None:
                 continue
             if not isinstance(doc, dict):

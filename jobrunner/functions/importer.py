@@ -44,7 +44,7 @@ from typing import Any
 
 import yaml
 
-from jobrunner.config import ManifestError
+from jobrunner.config import ManifestError, load_json
 from jobrunner.functions.policy import invoker_policy
 from jobrunner.naming import dns_label
 from jobrunner.privatefs import write_private
@@ -116,10 +116,13 @@ class Unsupported(Exception):
 
 
 def _read_json(path: Path) -> Any:
+    """host.json, local.settings.json, function.json: a duplicate key refused with both
+    lines (see config.load_json)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
+        text = path.read_text(encoding="utf-8-sig")
     except ValueError as exc:
-        raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+        raise ManifestError(f"{path}: not UTF-8 ({exc}); save the file as UTF-8") from None
+    return load_json(text, path)
 
 
 def read_app(directory: Path, *, python: str | None = None, name: str | None = None) -> App:
