@@ -251,7 +251,7 @@ def test_dead_letters_are_listed_and_a_replay_runs_as_a_new_job(
     local = ["--local", "--state-dir", str(state_dir)]
     publish = ["publish", "-f", path, "--state-dir", str(state_dir)]
     assert cli(capsys, *publish, "--message-id", "fail-1", '{"id": "fail-1", "exit": 3}')[0] == 0
-    assert cli(capsys, *publish, "--message-id", "garbage-1", "not json")[0] == 0
+    assert cli(capsys, *publish, "--force", "--message-id", "garbage-1", "not json")[0] == 0
     dispatchers.start(Path(path))
 
     def two_dead() -> list[dict[str, object]] | None:
