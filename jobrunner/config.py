@@ -679,7 +679,8 @@ def load_manifest(path: Path) -> ManifestSet:
     auths: dict[str, TriggerAuthentication] = {}
     secrets: dict[tuple[str, str], dict[str, Any]] = {}
     skipped: list[str] = []
-    for index, (doc, node) in enumerate(_documents(path)):
+    documents = _documents(path)
+    for index, (doc, node) in enumerate(documents):
         kind = doc.get("kind")
         where = f"{path} (document {index + 1}, {kind or 'no kind'})"
         if kind == "ScaledJob":
@@ -701,7 +702,7 @@ def load_manifest(path: Path) -> ManifestSet:
                 f"{kind} {name} (document {index + 1}): not jobrunner's; left to kubectl"
             )
     if not scaledjobs:
-        raise ManifestError(f"{path}: no ScaledJob in this file")
+        raise ManifestError(_no_scaledjob(path, documents))
     seen: dict[tuple[str, str], ScaledJob] = {}
     for scaledjob in scaledjobs:
         key = (scaledjob.metadata.namespace, scaledjob.name)
@@ -721,6 +722,42 @@ def load_manifest(path: Path) -> ManifestSet:
         secrets=secrets,
         skipped=skipped,
     )
+
+
+def _no_scaledjob(path: Path, documents: list[tuple[dict[str, Any], yaml.Node]]) -> str:
+    """Why a file without a ScaledJob cannot be run, naming what it holds: a user who
+    gives a Deployment, or KEDA's ScaledObject (which scales a Deployment; jobrunner, as
+    KEDA's ScaledJob, runs one Job per message), learns what to write instead."""
+    if not documents:
+        return f"{path}: no ScaledJob in this file: it holds no YAML document; write a ScaledJob"
+    found = []
+    for doc, node in documents:
+        name = (doc.get("metadata") or {}).get("name", "?")
+        found.append(f"{doc.get('kind')} {name} (line {node.start_mark.line + 1})")
+    text = f"{path}: no ScaledJob in this file; it holds {', '.join(found)}"
+    kinds = {str(doc.get("kind")) for doc, _ in documents}
+    close = difflib.get_close_matches("ScaledJob", kinds, n=1, cutoff=0.8) or [
+        k for k in kinds if k.lower() == "scaledjob"
+    ]
+    if close:
+        text += f"; kind: {close[0]} is not kind: ScaledJob (kinds are case-sensitive): fix it"
+    elif "ScaledObject" in kinds:
+        text += (
+            ". A ScaledObject is KEDA's scaler for a Deployment; jobrunner runs ScaledJobs "
+            "(kind: ScaledJob, apiVersion keda.sh/v1alpha1): one Job per message, with the "
+            "same triggers and a jobTargetRef in place of scaleTargetRef"
+        )
+    elif "List" in kinds:
+        text += (
+            ". jobrunner reads each document of the file, not a List's items: write each "
+            "ScaledJob as its own document (separated by ---)"
+        )
+    else:
+        text += (
+            "; jobrunner runs ScaledJobs (kind: ScaledJob, apiVersion keda.sh/v1alpha1 or "
+            f"{API_GROUP}/v1alpha1): add one, or give the file that has it"
+        )
+    return text
 
 
 class KubeSettings(BaseModel):

@@ -144,3 +144,43 @@ def test_a_duplicate_key_in_a_function_apps_json_is_refused_with_both_lines(
     message = str(caught.value)
     assert f"{name}: line {line}: duplicate key" in message, message
     assert f"(the first at line {first})" in message
+
+
+DEPLOYMENT = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n"
+SCALEDOBJECT = (
+    "apiVersion: keda.sh/v1alpha1\nkind: ScaledObject\nmetadata: {name: web-scaler}\n"
+    "spec: {scaleTargetRef: {name: web}}\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (DEPLOYMENT, ["holds Deployment web (line 1)", "jobrunner runs ScaledJobs", "add one"]),
+        (
+            DEPLOYMENT + "---\n" + SCALEDOBJECT,
+            [
+                "holds Deployment web (line 1), ScaledObject web-scaler (line 5)",
+                "KEDA's scaler for a Deployment",
+                "jobrunner runs ScaledJobs",
+                "jobTargetRef in place of scaleTargetRef",
+            ],
+        ),
+        (
+            SCALEDJOB.format(extra="").replace("kind: ScaledJob", "kind: Scaledjob"),
+            ["holds Scaledjob t (line 1)", "kind: Scaledjob is not kind: ScaledJob"],
+        ),
+        ("apiVersion: v1\nkind: List\nitems: []\n", ["holds List ?", "its own document"]),
+        ("# only a comment\n", ["holds no YAML document"]),
+    ],
+)
+def test_a_file_without_a_scaledjob_names_what_it_holds(
+    tmp_path: Path, text: str, says: list[str]
+) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(ManifestError) as caught:
+        load_manifest(path)
+    message = str(caught.value)
+    assert message.startswith(f"{path}: no ScaledJob in this file")
+    for part in says:
+        assert part in message, message
