@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from jobrunner.cli.context import Context
-from jobrunner.cli.errors import FAILED, CliError
+from jobrunner.cli.errors import USAGE, CliError
 from jobrunner.config import Executor, ScaledJob
 from jobrunner.console import finished_rows
 from jobrunner.views import (
@@ -151,7 +151,7 @@ def _local_logs(ctx: Context, namespace: str) -> int:
         raise CliError(
             f"no local Job {namespace}/{args.job} in {ctx.settings.local.state_dir}; "
             f"`{ctx.again('jobs', '-f', 'MANIFEST')}` lists them",
-            FAILED,
+            USAGE,
         )
     _check_container(args.container, [name for name, _ in logs.containers()])
     print_local_logs(logs, sys.stdout, container=args.container, follow=args.follow)
@@ -216,7 +216,7 @@ async def _cluster_logs(ctx: Context, namespace: str, name: str) -> int:
             raise CliError(
                 f"no Job {namespace}/{name} on the cluster{hint}; "
                 f"`{ctx.again('jobs', '-f', 'MANIFEST')}` lists them",
-                FAILED,
+                USAGE,
             )
         pod_spec = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
         _check_container(

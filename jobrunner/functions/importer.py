@@ -661,4 +661,4 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {path}: {what}")
     for function, why in result.skipped:
         print(f"not imported: {function}: {why}", file=sys.stderr)
-    return 0 if result.written else 1
+    return 0 if result.written else 2  # nothing in the app can run: exit 2, as a bad input

@@ -54,7 +54,7 @@ def test_render_prints_the_job_offline(tmp_path: Path, capsys: pytest.CaptureFix
 def test_render_explains_a_message_the_template_cannot_use(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert main(["render", "-f", str(EXAMPLE), "--message", "plain text"]) == 1
+    assert main(["render", "-f", str(EXAMPLE), "--message", "plain text"]) == 2
     assert "InvalidMessage" in capsys.readouterr().err
 
 
