@@ -137,10 +137,26 @@ def cmd_jobs(ctx: Context) -> int:
 def cmd_logs(ctx: Context) -> int:
     args = ctx.args
     settings = ctx.settings
-    namespace = ctx.flag("namespace") or "default"
+    namespace = ctx.flag("namespace") or _manifest_namespace(ctx) or "default"
     if settings.executor is Executor.LOCAL:
         return _local_logs(ctx, namespace)
     return asyncio.run(_cluster_logs(ctx, namespace, args.job))
+
+
+def _manifest_namespace(ctx: Context) -> str | None:
+    """``logs --file FILE``: the namespace of the file's ScaledJobs (of ``--scaledjob``),
+    where their Jobs are; an error when they are in more than one."""
+    if not ctx.flag("file"):
+        if ctx.flag("scaledjob"):
+            raise CliError("--scaledjob needs --file FILE: the manifest that has it")
+        return None
+    namespaces = sorted({s.namespace for s in ctx.scaledjobs()})
+    if len(namespaces) > 1:
+        raise CliError(
+            f"--file {ctx.flag('file')}: its ScaledJobs are in namespaces "
+            f"{', '.join(namespaces)}; pick one with --scaledjob NAME or -n NAMESPACE"
+        )
+    return namespaces[0]
 
 
 def _local_logs(ctx: Context, namespace: str) -> int:
