@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import enum
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -574,13 +575,91 @@ def read_text(path: Path) -> str:
         ) from None
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the
+    last one silently). YAML 1.2 (section 3.2.1.1) requires a mapping's keys to be
+    unique, and kubectl's strict decoding refuses a duplicate ("mapping key already
+    defined"): a manifest jobrunner ran would then not apply, or ran with a value its
+    author did not see. A key that only repeats one brought in by a merge (``<<``)
+    overrides it, as YAML's merge key allows."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    earlier = first.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: PyYAML's own error follows
+                    continue
+                if earlier is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        f"the first {key!r}",
+                        earlier.start_mark,
+                        f"duplicate key {key!r}: a key may appear once in a mapping (YAML "
+                        "1.2; kubectl refuses it too, and PyYAML would keep the last one "
+                        "silently); keep one",
+                        key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+def construct_unique(node: yaml.Node) -> Any:
+    """A composed YAML node's value, refusing duplicate keys (see UniqueKeyLoader);
+    yaml.YAMLError, for ``yaml_error``."""
+    return UniqueKeyLoader("").construct_document(node)
+
+
+def load_json(text: str, path: Path) -> Any:
+    """A JSON file's value, refusing a key given twice in one object with both lines
+    (RFC 8259 section 4 says names SHOULD be unique, and Python's json keeps the last
+    one silently); ManifestError naming the file and line otherwise."""
+    duplicate: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: dict[str, Any] = {}
+        for key, value in items:
+            if key in seen and not duplicate:
+                duplicate.append(key)
+            seen[key] = value
+        return seen
+
+    try:
+        value = json.loads(text, object_pairs_hook=pairs)
+    except ValueError as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+    if duplicate:
+        # JSON's parser knows no lines for a key; YAML's reads JSON and knows them.
+        try:
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            if node is not None:
+                construct_unique(node)
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            first = getattr(exc, "context_mark", None)
+            if mark is not None and first is not None and "duplicate key" in str(exc):
+                raise ManifestError(
+                    f"{path}: line {mark.line + 1}: duplicate key {duplicate[0]!r} (the first "
+                    f"at line {first.line + 1}): a name may appear once in an object (RFC "
+                    "8259; Python's json would keep the last one silently); keep one"
+                ) from None
+        raise ManifestError(
+            f"{path}: duplicate key {duplicate[0]!r} in one object: a name may appear once "
+            "(RFC 8259); keep one"
+        )
+    return value
+
+
 def _documents(path: Path) -> list[tuple[dict[str, Any], yaml.Node]]:
-    """Each document of the file with its YAML node (which knows the lines), parsed once."""
+    """Each document of the file with its YAML node (which knows the lines), parsed once;
+    a key given twice in a mapping is refused with both lines."""
     text = read_text(path)
     out: list[tuple[dict[str, Any], yaml.Node]] = []
     try:
         for node in yaml.compose_all(text, Loader=yaml.SafeLoader):
-            doc = yaml.SafeLoader("").construct_document(node) if node is not None else None
+            doc = construct_unique(node) if node is not None else None
             if doc is None:
                 continue
             if not isinstance(doc, dict):
@@ -627,7 +706,8 @@ def load_manifest(path: Path) -> ManifestSet:
     auths: dict[str, TriggerAuthentication] = {}
     secrets: dict[tuple[str, str], dict[str, Any]] = {}
     skipped: list[str] = []
-    for index, (doc, node) in enumerate(_documents(path)):
+    documents = _documents(path)
+    for index, (doc, node) in enumerate(documents):
         kind = doc.get("kind")
         where = f"{path} (document {index + 1}, {kind or 'no kind'})"
         if kind == "ScaledJob":
@@ -649,7 +729,7 @@ def load_manifest(path: Path) -> ManifestSet:
                 f"{kind} {name} (document {index + 1}): not jobrunner's; left to kubectl"
             )
     if not scaledjobs:
-        raise ManifestError(f"{path}: no ScaledJob in this file")
+        raise ManifestError(_no_scaledjob(path, documents))
     seen: dict[tuple[str, str], ScaledJob] = {}
     for scaledjob in scaledjobs:
         key = (scaledjob.metadata.namespace, scaledjob.name)
@@ -669,6 +749,42 @@ def load_manifest(path: Path) -> ManifestSet:
         secrets=secrets,
         skipped=skipped,
     )
+
+
+def _no_scaledjob(path: Path, documents: list[tuple[dict[str, Any], yaml.Node]]) -> str:
+    """Why a file without a ScaledJob cannot be run, naming what it holds: a user who
+    gives a Deployment, or KEDA's ScaledObject (which scales a Deployment; jobrunner, as
+    KEDA's ScaledJob, runs one Job per message), learns what to write instead."""
+    if not documents:
+        return f"{path}: no ScaledJob in this file: it holds no YAML document; write a ScaledJob"
+    found = []
+    for doc, node in documents:
+        name = (doc.get("metadata") or {}).get("name", "?")
+        found.append(f"{doc.get('kind')} {name} (line {node.start_mark.line + 1})")
+    text = f"{path}: no ScaledJob in this file; it holds {', '.join(found)}"
+    kinds = {str(doc.get("kind")) for doc, _ in documents}
+    close = difflib.get_close_matches("ScaledJob", kinds, n=1, cutoff=0.8) or [
+        k for k in kinds if k.lower() == "scaledjob"
+    ]
+    if close:
+        text += f"; kind: {close[0]} is not kind: ScaledJob (kinds are case-sensitive): fix it"
+    elif "ScaledObject" in kinds:
+        text += (
+            ". A ScaledObject is KEDA's scaler for a Deployment; jobrunner runs ScaledJobs "
+            "(kind: ScaledJob, apiVersion keda.sh/v1alpha1): one Job per message, with the "
+            "same triggers and a jobTargetRef in place of scaleTargetRef"
+        )
+    elif "List" in kinds:
+        text += (
+            ". jobrunner reads each document of the file, not a List's items: write each "
+            "ScaledJob as its own document (separated by ---)"
+        )
+    else:
+        text += (
+            "; jobrunner runs ScaledJobs (kind: ScaledJob, apiVersion keda.sh/v1alpha1 or "
+            f"{API_GROUP}/v1alpha1): add one, or give the file that has it"
+        )
+    return text
 
 
 class KubeSettings(BaseModel):

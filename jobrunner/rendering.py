@@ -328,12 +328,12 @@ def _confined(name: str, base_dirs: list[Path]) -> list[Path] | None:
 
 
 def _read_template_file(path: Path) -> JobTemplate:
-    from jobrunner.config import read_text
+    from jobrunner.config import construct_unique, read_text
 
     text = read_text(path)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
-        doc = yaml.SafeLoader("").construct_document(node) if node is not None else None
+        doc = construct_unique(node) if node is not None else None
     except yaml.YAMLError as exc:
         from jobrunner.config import yaml_error
 

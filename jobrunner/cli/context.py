@@ -15,6 +15,7 @@ import logging
 import os
 import shlex
 import sys
+import tempfile
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,7 +69,12 @@ class Context:
             settings.executor = Executor.LOCAL
         if self.flag("state_dir"):
             settings.local.state_dir = Path(self.flag("state_dir")).expanduser()
-        _check_state_dir(settings.local.state_dir, given=bool(self.flag("state_dir")))
+        _check_state_dir(
+            settings.local.state_dir,
+            where=self.state_dir_source(settings.local.state_dir),
+            used=self._uses_state_dir(),
+            create=self.command.name in _WRITES_STATE,
+        )
         if logging.getLevelName(settings.log_level.upper()) not in range(0, 51):
             raise CliError(
                 f"{_ENV_PREFIX}LOG_LEVEL={settings.log_level!r} is not a log level; use "
@@ -205,6 +211,26 @@ class Context:
             out += ["--scaledjob", self.flag("scaledjob")]
         return out
 
+    def state_dir_source(self, state: Path) -> str:
+        """How the user named the state directory (the flag, the setting or the default),
+        so that an error about it points at what to change."""
+        if self.flag("state_dir"):
+            return f"--state-dir {self.flag('state_dir')}"
+        if os.environ.get(f"{_ENV_PREFIX}LOCAL__STATE_DIR"):
+            return f"{_ENV_PREFIX}LOCAL__STATE_DIR={state}"
+        return f"the state directory {state} (the default; --state-dir DIR for another)"
+
+    def _uses_state_dir(self) -> bool:
+        """Whether this command reads or writes the state directory for certain: the local
+        executor, ``publish`` (the embedded queue), or a directory the user named. (A
+        cluster command may also read an embedded queue's counts; it only warns.)"""
+        return (
+            self.local
+            or self.command.name == "publish"
+            or bool(self.flag("state_dir"))
+            or bool(os.environ.get(f"{_ENV_PREFIX}LOCAL__STATE_DIR"))
+        )
+
     def warn_if_no_state(self) -> bool:
         """Warn when the state directory looked at does not exist (nothing ran here, or
         it is elsewhere); True when it exists."""
@@ -223,8 +249,19 @@ class Context:
         return False
 
 
-def _check_state_dir(state: Path, *, given: bool) -> None:
-    where = f"--state-dir {state}" if given else f"{_ENV_PREFIX}LOCAL__STATE_DIR={state}"
+_WRITES_STATE = frozenset({"run", "publish"})
+"""Commands that fill the state directory (Jobs, the embedded queue): it is created
+before they start. The others (which may write in it too: a replay, a released
+finalizer, SQLite's journal) find it writable or say so."""
+
+
+def _check_state_dir(state: Path, *, where: str, used: bool, create: bool) -> None:
+    """Refuse, in one line naming ``where``, a state directory this command cannot use:
+    a file, a path under a file, and (when the command uses it) one that cannot be
+    created or written, such as one on a read-only filesystem or under /sys. Found by
+    trying (creating a probe file), not by ``os.access``: root passes ``access(2)`` on a
+    filesystem that then refuses the write (sysfs, a read-only bind mount). Without this
+    ``run`` retried forever and ``publish`` met the failure deep inside SQLite."""
     if state.exists() and not state.is_dir():
         raise CliError(
             f"{where}: is a file, not a directory; give a directory (it is created when missing)"
@@ -232,6 +269,29 @@ def _check_state_dir(state: Path, *, given: bool) -> None:
     parent = next((p for p in state.absolute().parents if p.exists()), None)
     if parent is not None and not parent.is_dir():
         raise CliError(f"{where}: {parent} is a file, not a directory")
+    if not used:
+        return
+    fix = "give a directory you can write, e.g. --state-dir ~/.jobrunner"
+    if create and not state.is_dir():
+        try:
+            state.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise CliError(
+                f"{where}: cannot be created in {parent} ({exc.strerror or exc}; a read-only "
+                f"filesystem?); {fix}"
+            ) from None
+    target = state if state.is_dir() else parent
+    if target is None:
+        return
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".jobrunner-probe-", dir=target)
+    except OSError as exc:
+        what = "cannot write in it" if target == state else f"cannot be created in {target}"
+        raise CliError(
+            f"{where}: {what} ({exc.strerror or exc}; a read-only filesystem?); {fix}"
+        ) from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def _env_name(loc: tuple[int | str, ...]) -> str:

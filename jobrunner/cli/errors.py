@@ -51,12 +51,15 @@ def explain(exc: BaseException, ctx: Context | None) -> tuple[str, int] | None:
     if _is(exc, "jobrunner.config", "ManifestError"):
         return str(exc), USAGE
     if _is(exc, "jobrunner.rendering", "RenderError"):
-        return f"the message cannot become a Job: {exc}", FAILED
+        # Only the offline commands render here (`run` renders in its dispatcher): the
+        # message or the template they were given cannot make a Job.
+        return f"the message cannot become a Job: {exc}", USAGE
     if _is(exc, "jobrunner.sources.sqlite", "QueueBusy"):
         return str(exc), FAILED
     if _is(exc, "kubernetes.config.config_exception", "ConfigException"):
+        # No kubeconfig, or one without the context asked for: what was given (or not).
         hint = ctx.no_cluster_hint() if ctx is not None else "pass --kubeconfig"
-        return f"no Kubernetes configuration ({exc}); {hint}", FAILED
+        return f"no Kubernetes configuration ({exc}); {hint}", USAGE
     if _is(exc, "jobrunner.protocols", "TransientError"):
         return f"{exc}; is the cluster up? (`make stack-up` starts the local one)", FAILED
     if _is(exc, "jobrunner.apipath", "InvalidName"):  # refused before any request

@@ -1,11 +1,30 @@
-"""Message bodies and headers as given on the command line."""
+"""Message bodies and headers as given on the command line, and the checks ``publish``
+makes before a message reaches the queue."""
 
 from __future__ import annotations
 
+import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jobrunner.cli.errors import CliError
+
+if TYPE_CHECKING:
+    from jobrunner.config import ScaledJob
+    from jobrunner.models import Delivery
+
+FORCE_HINT = "pass --force to publish it anyway"
+
+
+@dataclass(frozen=True)
+class Body:
+    """A message body with where it came from, for an error that points at it."""
+
+    data: bytes
+    where: str
+    """``MESSAGE 2 ('...')``, ``MESSAGE @order.json``, ``--jsonl m.jsonl line 3``."""
 
 
 def read_message(value: str, *, flag: str = "MESSAGE") -> bytes:
@@ -25,8 +44,42 @@ def read_message(value: str, *, flag: str = "MESSAGE") -> bytes:
     return value.encode()
 
 
-def read_lines(value: str) -> list[bytes]:
-    """``--jsonl FILE``: one body per non-blank line."""
+def read_bodies(values: list[str], *, force: bool) -> list[Body]:
+    """``publish``'s MESSAGE arguments. A word that is the name of a file here, given
+    without ``@``, is refused unless ``force``: the user almost surely meant the file's
+    content, and the queue would otherwise get its name as the body."""
+    bodies = []
+    for number, value in enumerate(values, start=1):
+        shown = _shown(value)
+        if not force and not value.startswith("@") and value != "-" and _is_file(value):
+            raise CliError(
+                f"MESSAGE {shown}: is the name of a file here, and would be published as "
+                f"that text; write @{value} to publish the file's content, or {FORCE_HINT}"
+            )
+        where = f"MESSAGE {shown}" if len(values) == 1 else f"MESSAGE {number} ({shown})"
+        bodies.append(Body(read_message(value), where))
+    return bodies
+
+
+def _shown(value: str, limit: int = 40) -> str:
+    return repr(value if len(value) <= limit else value[: limit - 1] + "…")
+
+
+def _is_file(value: str) -> bool:
+    if "\n" in value or len(value) > 4096:  # a body, not a path
+        return False
+    try:
+        return Path(value).expanduser().is_file()
+    except (OSError, ValueError):  # a name too long for the filesystem, a NUL
+        return False
+
+
+def read_lines(value: str, *, force: bool = False) -> list[Body]:
+    """``--jsonl FILE``: one body per non-blank line, each a JSON value as JSON Lines
+    (https://jsonlines.org) has it. A line that is not JSON is refused with its number
+    unless ``force``; a file that is one JSON document over several lines (a
+    pretty-printed array) says so, as publishing its lines would publish ``[`` and
+    ``]``."""
     path = Path(value).expanduser()
     try:
         raw = path.read_bytes()
@@ -36,7 +89,70 @@ def read_lines(value: str) -> list[bytes]:
         raise CliError(f"--jsonl {value}: is a directory; give a file") from None
     except OSError as exc:
         raise CliError(f"--jsonl {value}: cannot read: {exc.strerror}") from None
-    return [line for line in raw.splitlines() if line.strip()]
+    bodies = [
+        Body(line, f"--jsonl {value} line {number}")
+        for number, line in enumerate(raw.splitlines(), start=1)
+        if line.strip()
+    ]
+    if force:
+        return bodies
+    for body in bodies:
+        try:
+            json.loads(body.data)
+        except ValueError as exc:
+            if _one_document(raw):
+                raise CliError(
+                    f"--jsonl {value}: the file is one JSON document over several lines, not "
+                    "one message per line, and its lines ('[', ']' …) would be the messages; "
+                    f"write one message per line (e.g. jq -c '.[]' {value}), or publish it "
+                    f"as one message with @{value}"
+                ) from None
+            raise CliError(
+                f"{body.where}: not JSON ({exc}); --jsonl takes one JSON value per line; "
+                "fix the line, or pass --force to publish each line as it is"
+            ) from None
+    return bodies
+
+
+def _one_document(raw: bytes) -> bool:
+    try:
+        json.loads(raw)
+    except ValueError:
+        return False
+    return True
+
+
+def delivery_for(
+    scaledjob: ScaledJob,
+    body: bytes,
+    *,
+    message_id: str | None,
+    headers: dict[str, str],
+    content_type: str | None = None,
+) -> Delivery:
+    """The Delivery the dispatcher would receive for ``body`` from the ScaledJob's first
+    trigger, for rendering with nothing running (``render``, and ``publish``'s check)."""
+    import time
+
+    from jobrunner.models import Delivery
+    from jobrunner.naming import message_identity
+
+    meta = scaledjob.spec.triggers[0].metadata
+    metadata = (
+        {"topic": meta["topic"], "partition": "0", "offset": "0"}
+        if "topic" in meta
+        else {"queue": meta.get("queueName", "")}
+    )
+    return Delivery(
+        source=scaledjob.spec.triggers[0].type,
+        identity=message_identity(message_id, body, headers),
+        body=body,
+        message_id=message_id,
+        headers=headers,
+        content_type=content_type,
+        metadata=metadata,
+        received_at=time.monotonic(),
+    )
 
 
 def parse_headers(pairs: list[str]) -> dict[str, str]:

@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from jobrunner.cli.context import Context
-from jobrunner.cli.errors import FAILED, CliError
+from jobrunner.cli.errors import USAGE, CliError
 from jobrunner.config import Executor, ScaledJob
 from jobrunner.console import finished_rows
 from jobrunner.views import (
@@ -141,10 +141,26 @@ def cmd_jobs(ctx: Context) -> int:
 def cmd_logs(ctx: Context) -> int:
     args = ctx.args
     settings = ctx.settings
-    namespace = ctx.flag("namespace") or "default"
+    namespace = ctx.flag("namespace") or _manifest_namespace(ctx) or "default"
     if settings.executor is Executor.LOCAL:
         return _local_logs(ctx, namespace)
     return asyncio.run(_cluster_logs(ctx, namespace, args.job))
+
+
+def _manifest_namespace(ctx: Context) -> str | None:
+    """``logs --file FILE``: the namespace of the file's ScaledJobs (of ``--scaledjob``),
+    where their Jobs are; an error when they are in more than one."""
+    if not ctx.flag("file"):
+        if ctx.flag("scaledjob"):
+            raise CliError("--scaledjob needs --file FILE: the manifest that has it")
+        return None
+    namespaces = sorted({s.namespace for s in ctx.scaledjobs()})
+    if len(namespaces) > 1:
+        raise CliError(
+            f"--file {ctx.flag('file')}: its ScaledJobs are in namespaces "
+            f"{', '.join(namespaces)}; pick one with --scaledjob NAME or -n NAMESPACE"
+        )
+    return namespaces[0]
 
 
 def _local_logs(ctx: Context, namespace: str) -> int:
@@ -155,7 +171,7 @@ def _local_logs(ctx: Context, namespace: str) -> int:
         raise CliError(
             f"no local Job {namespace}/{args.job} in {ctx.settings.local.state_dir}; "
             f"`{ctx.again('jobs', '-f', 'MANIFEST')}` lists them",
-            FAILED,
+            USAGE,
         )
     _check_container(args.container, [name for name, _ in logs.containers()])
     print_local_logs(logs, sys.stdout, container=args.container, follow=args.follow)
@@ -220,7 +236,7 @@ async def _cluster_logs(ctx: Context, namespace: str, name: str) -> int:
             raise CliError(
                 f"no Job {namespace}/{name} on the cluster{hint}; "
                 f"`{ctx.again('jobs', '-f', 'MANIFEST')}` lists them",
-                FAILED,
+                USAGE,
             )
         pod_spec = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
         _check_container(

@@ -12,6 +12,7 @@ from typing import Any
 import yaml
 
 from jobrunner.cli.context import Context
+from jobrunner.cli.errors import USAGE
 from jobrunner.cli.inputs import parse_headers, read_message
 from jobrunner.config import ScaledJob
 from jobrunner.models import Delivery
@@ -85,7 +86,7 @@ def cmd_validate(ctx: Context) -> int:
     finally:
         if client is not None:
             asyncio.run(client.close())
-    return 1 if problems else 0
+    return USAGE if problems else 0
 
 
 def _local_mode(ctx: Context) -> bool:
@@ -125,7 +126,7 @@ def _validate_one(ctx: Context, scaledjob: ScaledJob, client: Any) -> int:
             rendered = None
         else:
             print(f"{where}: the sample message cannot become a Job: {exc}", file=sys.stderr)
-            return 1
+            return USAGE
     else:
         sample = "the sample message" if body is not None else "a sample message {}"
         if local and rendered is not None:
@@ -145,10 +146,10 @@ def _validate_one(ctx: Context, scaledjob: ScaledJob, client: Any) -> int:
         return 0
     if rendered is None:
         print("  server-side dry run needs a Job: pass --sample-message", file=sys.stderr)
-        return 1
+        return USAGE
     problem = asyncio.run(client.dry_run_create(rendered.job))
     if problem:
         print(f"  server-side dry run rejected the Job: {problem}", file=sys.stderr)
-        return 1
+        return USAGE
     print("  server-side dry run (strict field validation): the API server accepts the Job")
     return 0

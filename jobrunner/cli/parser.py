@@ -1,7 +1,8 @@
 """The command line's grammar and help, in the manner of kubectl and helm: a one-line
 summary per command, a description and examples in each command's help, every option
-documented, global options (``--kubeconfig``, ``--context``, ``-n``) accepted before or
-after the command, and a usage error that says where to look.
+documented, global options (``--kubeconfig``, ``--context``, ``-n``) and every option of a
+command accepted before or after the command's name, and a usage error that says where to
+look (an option the command does not take names the commands that do).
 
 Standard library only: ``jobrunner --help`` and ``--version`` import nothing else.
 """
@@ -10,11 +11,12 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import itertools
 import math
 import re
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import NoReturn
 
@@ -246,6 +248,12 @@ def _publish(p: argparse.ArgumentParser) -> None:
         help="a message header (repeat for more)",
     )
     p.add_argument("--content-type", metavar="TYPE", help="the body's MIME type")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="publish what the checks refuse: a MESSAGE that names a file, a --jsonl line "
+        "that is not JSON, a message the ScaledJob's template would dead-letter",
+    )
     _local(p, executor=False)
 
 
@@ -290,7 +298,17 @@ def _logs(p: argparse.ArgumentParser) -> None:
         "-f",
         "--follow",
         action="store_true",
-        help="keep printing output as it is written, until the Job ends",
+        help="keep printing output as it is written, until the Job ends (as kubectl logs -f; "
+        "the manifest is --file here)",
+    )
+    p.add_argument(
+        "--file",
+        metavar="FILE",
+        help="a ScaledJob manifest: look in its ScaledJobs' namespace (default: -n, else "
+        "default)",
+    )
+    p.add_argument(
+        "--scaledjob", metavar="NAME", type=scaledjob_name, help="with --file: this ScaledJob's"
     )
     _local(p)
 
@@ -652,7 +670,7 @@ COMMANDS = [
         summary="Print a Job's logs, every attempt, with exit codes",
         description="Print a Job's output: every attempt (a pod, on a cluster), init "
         "containers\nfirst in their order, each headed by its exit code and reason.",
-        usage="jobrunner logs JOB [-c CONTAINER] [-f] [--local] [options]",
+        usage="jobrunner logs JOB [-c CONTAINER] [-f] [--file FILE] [--local] [options]",
         examples=[
             ("A local Job's logs", "jobrunner logs --local thumbnails-4d23ba658750ecd6"),
             (
@@ -784,11 +802,150 @@ def root_help() -> str:
 
 
 class _RootParser(Parser):
+    """The root: a command's options work before its name as after it (see ``_hoist``),
+    and an option the command does not take names the commands that do."""
+
     def format_help(self) -> str:
         return root_help()
 
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        argv = list(sys.argv[1:] if args is None else args)
+        parsed, extras = super().parse_known_args(self._hoist(argv), namespace)
+        if extras and getattr(parsed, "command", None):
+            self._not_an_option(str(parsed.command), extras)
+        return parsed, extras
+
+    def _commands(self) -> dict[str, argparse.ArgumentParser]:
+        for action in self._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                return dict(action.choices)
+        return {}
+
+    def _hoist(self, argv: list[str]) -> list[str]:
+        """``argv`` with the options of its command that come before the command's name
+        moved to just after it, so ``jobrunner --state-dir D publish …`` and ``jobrunner
+        --local status …`` mean what they mean after the name. The command is the first
+        word that is a command's name and not the value of an option before it (so
+        ``--state-dir run publish`` is ``publish`` with the directory ``run``)."""
+        commands = self._commands()
+        for index, word in enumerate(argv):
+            if word == "--":
+                break
+            if word in commands:
+                _refuse_logs_file(word, argv[:index])
+                split = self._split(argv[:index], word, commands[word])
+                if split is not None:
+                    root, own = split
+                    rest = argv[index + 1 :]
+                    _refuse_logs_file(word, rest)
+                    return [*root, word, *own, *rest]
+        return argv
+
+    def _split(
+        self, before: list[str], command: str, sub: argparse.ArgumentParser
+    ) -> tuple[list[str], list[str]] | None:
+        """``before`` as (the root's options, the command's options), or None when it
+        cannot all be options (then ``command`` is an option's value, not the command)."""
+        root: list[str] = []
+        own: list[str] = []
+        i = 0
+        while i < len(before):
+            word = before[i]
+            if not word.startswith("-") or word == "-":
+                return None
+            name, attached = _option_name(word)
+            action = self._option_string_actions.get(name)
+            target = root
+            if action is None:
+                action = sub._option_string_actions.get(name)
+                target = own
+            if action is None:
+                if self._takers(name):  # some other command's option
+                    self._not_an_option(command, [word])
+                return None
+            taken = [] if attached else _values(action, before[i + 1 :])
+            if taken is None:
+                return None
+            target += [word, *taken]
+            i += 1 + len(taken)
+        return root, own
+
+    def _takers(self, option: str) -> list[str]:
+        return [
+            name
+            for name, sub in self._commands().items()
+            if option in sub._option_string_actions
+        ]
+
+    def _not_an_option(self, command: str, extras: list[str]) -> None:
+        """Refuse ``extras``: for an option another command takes, name those commands."""
+        for word in extras:
+            name, _ = _option_name(word)
+            takers = self._takers(name) if word.startswith("-") else []
+            if takers:
+                sys.stderr.write(
+                    f"error: {command} takes no {name} (it is an option of "
+                    f"{', '.join(takers)})\nSee '{PROG} {command} --help' for its options.\n"
+                )
+                sys.exit(2)
+        self.error(f"unrecognized arguments: {' '.join(extras)}")
+
     def format_usage(self) -> str:
         return "usage: jobrunner [global options] COMMAND [options]\n"
+
+
+def _option_name(word: str) -> tuple[str, bool]:
+    """(the option, whether its value is attached): ``--x=v`` and ``-nv`` carry theirs."""
+    if word.startswith("--"):
+        name, eq, _ = word.partition("=")
+        return name, bool(eq)
+    if len(word) > 2:
+        return word[:2], True
+    return word, False
+
+
+def _values(action: argparse.Action, following: list[str]) -> list[str] | None:
+    """The words after an option that are its values (argparse's rule for its nargs),
+    or None when it needs more than there are."""
+    nargs = action.nargs
+    if nargs == 0:
+        return []
+    if nargs is None or isinstance(nargs, int):
+        count = 1 if nargs is None else nargs
+        return following[:count] if len(following) >= count else None
+    values = []
+    for word in following:
+        if word.startswith("-") and word != "-":
+            break
+        values.append(word)
+        if nargs == "?":
+            break
+    if nargs == "+" and not values:
+        return None
+    return values
+
+
+def _refuse_logs_file(command: str, rest: list[str]) -> None:
+    """``logs -f`` is --follow, as kubectl's: ``logs -f m.yaml JOB`` would take the
+    manifest as the Job, so a file after it is refused, naming ``--file``."""
+    if command != "logs":
+        return
+    for word, following in itertools.pairwise(rest):
+        if word == "-f" and _looks_like_a_file(following):
+            sys.stderr.write(
+                f"error: logs -f means --follow (as kubectl logs -f), not the manifest; "
+                f"give the manifest as --file {following}\n"
+                f"See '{PROG} logs --help' for usage and examples.\n"
+            )
+            sys.exit(2)
+
+
+def _looks_like_a_file(word: str) -> bool:
+    import os.path
+
+    return word.endswith((".yaml", ".yml", ".json")) or "/" in word or os.path.isfile(word)
 
 
 def _epilog(command: Command) -> str:

@@ -8,10 +8,21 @@ import asyncio
 import os
 import signal
 import sys
+from typing import TYPE_CHECKING
 
 from jobrunner.cli.context import Context
 from jobrunner.cli.errors import CliError
-from jobrunner.cli.inputs import parse_headers, read_lines, read_message
+from jobrunner.cli.inputs import (
+    FORCE_HINT,
+    Body,
+    delivery_for,
+    parse_headers,
+    read_bodies,
+    read_lines,
+)
+
+if TYPE_CHECKING:
+    from jobrunner.config import ScaledJob
 
 
 def cmd_run(ctx: Context) -> int:
@@ -74,27 +85,39 @@ def cmd_run(ctx: Context) -> int:
 
 
 def cmd_publish(ctx: Context) -> int:
+    """Publish to the embedded queue what the dispatcher can run: every message is first
+    rendered through the ScaledJob's template as ``run`` would render it, so a message
+    that would be dead-lettered (not JSON where the template reads ``message.json``, over
+    ``maxMessageBytes``, missing a field the template needs) is refused here, with what
+    would happen and ``--force`` to publish it anyway."""
     from jobrunner.sources.sqlite import consumer_lock
     from jobrunner.views import embedded_queue, publish
 
     args = ctx.args
     scaledjob = ctx.scaledjobs()[0]
-    bodies = [read_message(m) for m in args.messages]
+    if args.messages and args.jsonl:
+        raise CliError(
+            "give MESSAGE... or --jsonl FILE, not both; publish them in two commands"
+        )
+    bodies = read_bodies(args.messages, force=args.force)
     if args.jsonl:
-        bodies.extend(read_lines(args.jsonl))
+        bodies.extend(read_lines(args.jsonl, force=args.force))
     if not bodies:
         raise CliError(
             "nothing to publish; give messages, @FILE, - (standard input) or --jsonl FILE"
         )
     if args.message_id and len(bodies) > 1:
         raise CliError("--message-id names one message; publish the others separately")
+    headers = parse_headers(args.header)
+    if not args.force:
+        _check_renders(ctx, scaledjob, bodies, headers=headers)
     queue, path = asyncio.run(
         publish(
             scaledjob,
             ctx.settings,
-            bodies,
+            [b.data for b in bodies],
             message_id=args.message_id,
-            headers=parse_headers(args.header),
+            headers=headers,
             content_type=args.content_type,
         )
     )
@@ -108,3 +131,40 @@ def cmd_publish(ctx: Context) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _check_renders(
+    ctx: Context, scaledjob: ScaledJob, bodies: list[Body], *, headers: dict[str, str]
+) -> None:
+    """Refuse (exit 2) the first message the ScaledJob's template would refuse, before
+    any is published: a publish is all or nothing."""
+    from jobrunner.rendering import Renderer, RenderError, template_dirs
+
+    if embedded_trigger(scaledjob) is None:
+        return  # publish says, in its own words, that this trigger is not the embedded queue
+    renderer = Renderer(
+        scaledjob,
+        base_dirs=template_dirs(ctx.manifests.path),
+        copy_in_job_only=not ctx.settings.dispatcher.read_message_secrets,
+    )
+    for body in bodies:
+        delivery = delivery_for(
+            scaledjob,
+            body.data,
+            message_id=ctx.args.message_id,
+            headers=headers,
+            content_type=ctx.args.content_type,
+        )
+        try:
+            renderer.render(delivery)
+        except RenderError as exc:
+            raise CliError(
+                f"{body.where}: the template of ScaledJob {scaledjob.name} would refuse it, and "
+                f"`run` would dead-letter it with reason {exc.reason} ({exc.detail}); fix the "
+                f"message, or {FORCE_HINT}"
+            ) from None
+
+
+def embedded_trigger(scaledjob: ScaledJob) -> str | None:
+    trigger = scaledjob.spec.triggers[0]
+    return trigger.type if trigger.type == "sqlite" else None

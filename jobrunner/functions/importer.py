@@ -45,7 +45,7 @@ from typing import Any
 
 import yaml
 
-from jobrunner.config import ManifestError
+from jobrunner.config import ManifestError, load_json
 from jobrunner.functions.policy import invoker_policy
 from jobrunner.naming import dns_label
 from jobrunner.privatefs import write_private
@@ -143,10 +143,13 @@ class Unsupported(Exception):
 
 
 def _read_json(path: Path) -> Any:
+    """host.json, local.settings.json, function.json: a duplicate key refused with both
+    lines (see config.load_json)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
+        text = path.read_text(encoding="utf-8-sig")
     except ValueError as exc:
-        raise ManifestError(f"{path}: not valid JSON ({exc})") from None
+        raise ManifestError(f"{path}: not UTF-8 ({exc}); save the file as UTF-8") from None
+    return load_json(text, path)
 
 
 def read_app(directory: Path, *, python: str | None = None, name: str | None = None) -> App:
@@ -781,4 +784,4 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {path}: {what}")
     for function, why in result.skipped:
         print(f"not imported: {function}: {why}", file=sys.stderr)
-    return 0 if result.written else 1
+    return 0 if result.written else 2  # nothing in the app can run: exit 2, as a bad input

@@ -57,7 +57,7 @@ def test_server_dry_run_reports_the_servers_rejection(
         job_spec=job_spec,
     )
     code = main(["--kubeconfig", str(kubeconfig), "validate", "-f", str(path), "--server-dry-run"])
-    assert code == 1
+    assert code == 2  # the manifest's mistake, found by the API server
     err = capsys.readouterr().err
     assert "422" in err
     assert "Bad_Name" in err
@@ -115,6 +115,16 @@ async def test_status_jobs_and_logs_show_the_cluster_as_the_dispatcher_works(
     out = capsys.readouterr().out
     assert re.search(r"==> attempt 1 \(pod .+\), container work: exit 1 \(Error\) <==", out), out
     assert "==> Job failed: BackoffLimitExceeded" in out
+
+
+def test_logs_of_a_job_the_cluster_does_not_have_exits_2_and_says_how_to_list_them(
+    kubeconfig: Path, namespace: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--kubeconfig", str(kubeconfig), "logs", "no-such-job", "-n", namespace])
+    err = capsys.readouterr().err
+    assert code == 2, err  # a name that is not there: a mistake in what was given
+    assert f"error: no Job {namespace}/no-such-job on the cluster" in err
+    assert "lists them" in err
 
 
 def test_make_demo_cluster_runs_on_the_stack(kubeconfig: Path, rabbitmq_url: str) -> None:

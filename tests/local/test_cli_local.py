@@ -173,7 +173,7 @@ def test_run_without_a_cluster_suggests_local(
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     example = str(ROOT / "deploy/examples/scaledjob-local.yaml")
     code, _, err = cli(capsys, "status", "-f", example)
-    assert code == 1
+    assert code == 2
     assert "no Kubernetes configuration" in err
     assert "add --local" in err
 
@@ -182,7 +182,7 @@ def test_logs_of_an_unknown_job_says_how_to_list_them(
     state_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     code, _, err = cli(capsys, "logs", "nope", "--local", "--state-dir", str(state_dir))
-    assert code == 1
+    assert code == 2
     assert "jobrunner jobs --local" in err
 
 
@@ -251,7 +251,7 @@ def test_dead_letters_are_listed_and_a_replay_runs_as_a_new_job(
     local = ["--local", "--state-dir", str(state_dir)]
     publish = ["publish", "-f", path, "--state-dir", str(state_dir)]
     assert cli(capsys, *publish, "--message-id", "fail-1", '{"id": "fail-1", "exit": 3}')[0] == 0
-    assert cli(capsys, *publish, "--message-id", "garbage-1", "not json")[0] == 0
+    assert cli(capsys, *publish, "--force", "--message-id", "garbage-1", "not json")[0] == 0
     dispatchers.start(Path(path))
 
     def two_dead() -> list[dict[str, object]] | None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import argparse
 import json
 import shlex
 import subprocess
@@ -54,7 +55,7 @@ def test_render_prints_the_job_offline(tmp_path: Path, capsys: pytest.CaptureFix
 def test_render_explains_a_message_the_template_cannot_use(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    assert main(["render", "-f", str(EXAMPLE), "--message", "plain text"]) == 1
+    assert main(["render", "-f", str(EXAMPLE), "--message", "plain text"]) == 2
     assert "InvalidMessage" in capsys.readouterr().err
 
 
@@ -174,3 +175,122 @@ def test_help_and_version_import_no_heavy_library() -> None:
         [sys.executable, "-c", program], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+# ------------------------------------------------------- options before or after the command
+def _sample(action: argparse.Action) -> list[str]:
+    """A value the option takes, as words."""
+    from jobrunner.cli import parser as grammar
+
+    if action.nargs == 0:
+        return []
+    if action.choices:
+        return [str(next(iter(action.choices)))]
+    if action.type in (grammar.positive_int, grammar.interval_seconds):
+        return ["2"]
+    return ["value-1"]
+
+
+REQUIRED = {
+    "run": ["-f", "m.yaml"],
+    "publish": ["-f", "m.yaml"],
+    "render": ["-f", "m.yaml", "--message", "{}"],
+    "validate": ["-f", "m.yaml"],
+    "status": ["-f", "m.yaml"],
+    "jobs": ["-f", "m.yaml"],
+    "logs": ["job-1"],
+    "dead-letters": ["-f", "m.yaml"],
+    "functions": ["import", "app"],
+    "finalizers": ["list"],
+    "operator": [],
+}
+
+
+def test_every_option_of_every_command_means_the_same_before_the_command() -> None:
+    from jobrunner.cli.parser import COMMANDS, build_parser
+
+    parser = build_parser()
+    commands = {c.name: c for c in COMMANDS}
+    assert set(REQUIRED) == set(commands), "a new command needs its required arguments here"
+    subs = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    checked = 0
+    for name, sub in subs.choices.items():
+        for action in sub._actions:
+            if not action.option_strings or isinstance(action, argparse._HelpAction):
+                continue
+            required = REQUIRED[name]
+            for flag in action.option_strings:
+                if flag in required:  # a required option: it moves, with its value
+                    at = required.index(flag)
+                    required = required[:at] + required[at + 2 :]
+            for option in action.option_strings:
+                words = [option, *_sample(action)]
+                after = parser.parse_args([name, *required, *words])
+                before = parser.parse_args([*words, name, *required])
+                assert vars(before) == vars(after), f"{name} {option}"
+                checked += 1
+    assert checked > 80
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--local", "render", "-f", "m.yaml", "--message", "{}"], "render takes no --local"),
+        (["render", "-f", "m.yaml", "--message", "{}", "--local"], "render takes no --local"),
+        (["--watch-namespace", "a", "status", "-f", "m.yaml"], "status takes no --watch-namespace"),
+    ],
+)
+def test_an_option_the_command_does_not_take_names_the_commands_that_do(
+    argv: list[str], says: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from jobrunner.cli.parser import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert says in err
+    assert "it is an option of" in err
+
+
+def test_an_options_value_that_is_a_command_name_is_the_value() -> None:
+    from jobrunner.cli.parser import build_parser
+
+    args = build_parser().parse_args(["--state-dir", "run", "publish", "-f", "m.yaml", "{}"])
+    assert (args.command, args.state_dir, args.messages) == ("publish", "run", ["{}"])
+    args = build_parser().parse_args(["--replay", "dead-letters", "-f", "m.yaml"])
+    assert (args.command, args.replay) == ("dead-letters", [])
+
+
+# ------------------------------------------------------- logs -f is --follow
+def test_logs_f_follows_and_a_file_after_it_names_the_manifest_flag(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from jobrunner.cli.parser import build_parser
+
+    args = build_parser().parse_args(["logs", "--local", "-f", "job-1"])
+    assert (args.follow, args.job, args.file) == (True, "job-1", None)
+    args = build_parser().parse_args(["logs", "--file", "m.yaml", "job-1"])
+    assert (args.follow, args.file) == (False, "m.yaml")
+    for argv in (["logs", "--local", "-f", "m.yaml", "job-1"], ["-f", "m.yaml", "logs", "j"]):
+        with pytest.raises(SystemExit) as exited:
+            build_parser().parse_args(argv)
+        assert exited.value.code == 2
+        err = capsys.readouterr().err
+        assert "logs -f means --follow" in err, err
+        assert "--file m.yaml" in err
+
+
+def test_logs_file_looks_in_the_manifests_namespace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    local_example = ROOT / "deploy/examples/scaledjob-local.yaml"
+    text = local_example.read_text().replace(
+        "  name: thumbnails\n", "  name: thumbnails\n  namespace: media\n"
+    )
+    assert "namespace: media" in text
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text(text)
+    state = ["--local", "--state-dir", str(tmp_path / "state")]
+    assert main(["logs", *state, "--file", str(manifest), "job-1"]) == 2
+    assert "no local Job media/job-1" in capsys.readouterr().err

@@ -199,7 +199,7 @@ def test_a_missing_setting_is_reported_with_what_to_do(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = app(tmp_path, {"Orders": [trigger("queueTrigger", queueName="%Nope%")]})
-    assert run_import(root, tmp_path / "out") == 1
+    assert run_import(root, tmp_path / "out") == 2
     err = capsys.readouterr().err
     assert "not imported: Orders:" in err
     assert "names app setting Nope, which local.settings.json does not have" in err

@@ -123,7 +123,7 @@ def test_validate_renders_the_sample_message_it_is_given(
     code, _, err = validate(
         tmp_path, capsys, scaledjob(RABBIT), extra=["--sample-message", '{"other": 1}']
     )
-    assert code == 1
+    assert code == 2
     assert "TemplateError" in err
     assert "spec.jobTargetRef.template.spec.containers[0].args[0]" in err
 
