@@ -203,6 +203,7 @@ REQUIRED = {
     "functions": ["import", "app"],
     "finalizers": ["list"],
     "operator": [],
+    "completion": ["bash"],
 }
 
 
