@@ -46,6 +46,8 @@ class FileSecrets:
     ) -> None:
         self._cluster = cluster
         self._secrets = secrets
+        self.looked_in = "the cluster or the manifest file" if cluster else "the manifest file"
+        """Where a Secret is looked for, for the error when it is in neither."""
 
     async def __call__(self, namespace: str, name: str) -> Mapping[str, str] | None:
         if self._cluster is not None:
@@ -100,9 +102,12 @@ async def auth_parameters(
                 "operator's owner to add it there, or name an allowed Secret"
             ) from exc
         if data is None:
+            # Operator mode reads the cluster's Secrets only: no manifest file to name.
+            looked_in = getattr(read_secret, "looked_in", "the cluster")
             raise ManifestError(
-                f"{where}: Secret {scaledjob.namespace}/{item.name} not found in the cluster "
-                "or the manifest file; create it (kubectl create secret generic ...)"
+                f"{where}: Secret {scaledjob.namespace}/{item.name} not found in {looked_in}; "
+                f"create it (kubectl create secret generic {item.name} -n "
+                f"{scaledjob.namespace} --from-literal={item.key}=...)"
             )
         if item.key not in data:
             raise ManifestError(

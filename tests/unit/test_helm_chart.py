@@ -597,7 +597,7 @@ def test_every_switch_on_passes_helm_lint_strict() -> None:
     assert "[WARNING]" not in result.stdout
 
 
-def notes(tmp_path: Path, *sets: str) -> str:
+def notes(tmp_path: Path, *sets: str, extra: tuple[str, ...] = ()) -> str:
     """NOTES.txt as `helm install` would print it. `helm template` drops NOTES.txt, so a
     copy of the chart renders it into a document of its own."""
     chart = tmp_path / "chart"
@@ -612,7 +612,7 @@ def notes(tmp_path: Path, *sets: str) -> str:
     args = ["template", "rel", str(chart), "-n", "jr-system"]
     for item in sets:
         args += ["--set", item]
-    args += ["--show-only", "templates/notes-for-test.yaml"]
+    args += ["--show-only", "templates/notes-for-test.yaml", *extra]
     return str(yaml.safe_load(helm(*args).stdout)["notes"])
 
 
@@ -642,4 +642,28 @@ def test_notes_do_not_warn_once_secrets_are_narrowed(
 ) -> None:
     text = notes(tmp_path, *sets)
     assert grants in text
-    assert "WARNING" not in text
+    assert "WARNING: the operator may read" not in text
+
+
+def test_notes_say_whether_the_crds_are_there_and_how_to_apply_them_from_anywhere(
+    tmp_path: Path,
+) -> None:
+    # `helm template` has no cluster: no CRDs (as after --skip-crds on a cluster without).
+    absent = notes(tmp_path / "a")
+    assert "WARNING: the jobrunner.dev CRDs are not in the cluster" in absent
+    assert "were installed" not in absent
+    present = notes(tmp_path / "b", extra=("--api-versions", "jobrunner.dev/v1alpha1/ScaledJob"))
+    assert "The jobrunner.dev CRDs are in the cluster" in present
+    assert "WARNING: the jobrunner.dev CRDs" not in present
+    for text in (absent, present):
+        # No path relative to a directory the reader may not be in (`kubectl apply -f crds/`).
+        assert "-f crds/" not in text
+        assert "helm show crds CHART --version 0.1.0 | kubectl apply -f -" in text
+
+
+def test_helm_show_crds_gives_the_generated_crds() -> None:
+    shown = [d for d in yaml.safe_load_all(helm("show", "crds", str(CHART)).stdout) if d]
+    assert sorted(d["metadata"]["name"] for d in shown) == [
+        "scaledjobs.jobrunner.dev",
+        "triggerauthentications.jobrunner.dev",
+    ]
