@@ -742,3 +742,31 @@ async def test_operator_dead_letters_a_message_whose_job_the_admission_policy_re
         return any(j.metadata.name == job_name("work", "plain") and finished(j) for j in jobs)
 
     await eventually(plain_done, within=60, interval=0.3)
+
+
+def test_helm_install_refuses_what_lint_and_template_refuse(kubeconfig: Path) -> None:
+    from tests.unit.test_helm_chart import INSTALLS_AND_CANNOT_WORK
+
+    # --dry-run=server: the install's own render, with the cluster's capabilities and
+    # lookups, and nothing created.
+    for sets, message in INSTALLS_AND_CANNOT_WORK:
+        args = [arg for item in sets for arg in ("--set", item)]
+        result = helm(
+            "install", "refused", str(CHART), "--kubeconfig", str(kubeconfig), "-n", "default",
+            "--skip-crds", "--dry-run=server", *args, check=False,
+        )  # fmt: skip
+        assert result.returncode != 0, sets
+        assert message in result.stderr, (sets, result.stderr)
+
+
+def test_a_service_monitor_without_its_crd_is_refused_at_install_only(kubeconfig: Path) -> None:
+    # The stack has no Prometheus Operator: `helm template` renders the ServiceMonitor (a
+    # GitOps render cannot see CRDs), `helm install` says the CRD is missing.
+    result = helm(
+        "install", "monitored", str(CHART), "--kubeconfig", str(kubeconfig), "-n", "default",
+        "--skip-crds", "--dry-run=server", "--set", "serviceMonitor.enabled=true", check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert 'no matches for kind "ServiceMonitor" in version "monitoring.coreos.com/v1"' in (
+        result.stderr
+    )
