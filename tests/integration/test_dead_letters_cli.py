@@ -198,3 +198,76 @@ async def test_kafka_dead_letters_are_read_from_the_topic_and_a_replay_is_rememb
     code, out, _ = await asyncio.to_thread(cli, capsys, *base, "--all", "-o", "json")
     shown = {d["id"]: d["replayed"] for d in json.loads(out)}
     assert shown == {"0:0": headers[REPLAY_HEADER], "1:0": None}
+
+
+@pytest.mark.kube
+@pytest.mark.rabbitmq
+@pytest.mark.usefixtures("jobrunner_crds")
+async def test_dead_letters_of_a_file_use_the_clusters_trigger_authentication(
+    kube_api: Any,
+    kubeconfig: Path,
+    rabbitmq_url: str,
+    queue: str,
+    namespace: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # As kubectl users keep them: the ScaledJob in a file, its TriggerAuthentication and
+    # Secret applied to the cluster once. The broker's address is only in the Secret.
+    import base64
+
+    from kubernetes import client
+
+    client.CoreV1Api(kube_api).create_namespaced_secret(
+        namespace,
+        client.V1Secret(
+            metadata=client.V1ObjectMeta(name="broker"),
+            data={"host": base64.b64encode(rabbitmq_url.encode()).decode()},
+        ),
+    )
+    custom = client.CustomObjectsApi(kube_api)
+    custom.create_namespaced_custom_object(
+        "jobrunner.dev", "v1alpha1", namespace, "triggerauthentications",
+        {
+            "apiVersion": "jobrunner.dev/v1alpha1",
+            "kind": "TriggerAuthentication",
+            "metadata": {"name": "broker", "namespace": namespace},
+            "spec": {"secretTargetRef": [{"parameter": "host", "name": "broker", "key": "host"}]},
+        },
+    )  # fmt: skip
+
+    def manifest(auth: str) -> str:
+        path = tmp_path / f"{auth}.yaml"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "jobrunner.dev/v1alpha1",
+                    "kind": "ScaledJob",
+                    "metadata": {"name": "work", "namespace": namespace},
+                    "spec": {
+                        "jobTargetRef": busybox_job(),
+                        "triggers": [
+                            {
+                                "type": "rabbitmq",
+                                "metadata": {"queueName": queue},
+                                "authenticationRef": {"name": auth},
+                            }
+                        ],
+                    },
+                }
+            )
+        )
+        return str(path)
+
+    base = ["--kubeconfig", str(kubeconfig), "dead-letters", "-f"]
+    code, out, err = await asyncio.to_thread(cli, capsys, *base, manifest("broker"))
+    assert code == 0, err
+    # The broker was reached at the Secret's address (the file has none).
+    assert f"no dead letters in queue {queue}.dead-letter on RabbitMQ" in " ".join(out.split())
+    code, out, err = await asyncio.to_thread(cli, capsys, *base, manifest("nowhere"))
+    assert code == 2, err
+    assert (
+        "field spec.triggers[0].authenticationRef.name: TriggerAuthentication 'nowhere' is "
+        f"neither in {tmp_path / 'nowhere.yaml'} nor in namespace {namespace} of the cluster "
+        "(triggerauthentications.jobrunner.dev)"
+    ) in err
