@@ -757,3 +757,14 @@ def test_helm_show_crds_gives_the_generated_crds() -> None:
         "scaledjobs.jobrunner.dev",
         "triggerauthentications.jobrunner.dev",
     ]
+
+
+def test_notes_warn_that_a_bare_scaledjob_is_jobrunners_where_kedas_crds_are_too(
+    tmp_path: Path,
+) -> None:
+    keda = notes(tmp_path / "a", extra=("--api-versions", "keda.sh/v1alpha1/ScaledJob"))
+    assert "kubectl resolves a bare\n`scaledjob` or `triggerauthentication` to jobrunner.dev's" in (
+        keda
+    )
+    assert "KEDA's:      kubectl get sj / ta, scaledjobs.keda.sh" in keda
+    assert "KEDA's CRDs" not in notes(tmp_path / "b")
