@@ -768,3 +768,19 @@ def test_notes_warn_that_a_bare_scaledjob_is_jobrunners_where_kedas_crds_are_too
     )
     assert "KEDA's:      kubectl get sj / ta, scaledjobs.keda.sh" in keda
     assert "KEDA's CRDs" not in notes(tmp_path / "b")
+
+
+def test_without_helm_the_chart_tests_say_how_to_get_it_not_to_start_the_stack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests import helm as found
+
+    monkeypatch.setenv("JOBRUNNER_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no helm, no go
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        found.helm_binary()
+    said = str(skipped.value)
+    assert f"no {tmp_path}/helm-{found.HELM_VERSION}/bin/helm and no helm on PATH" in said
+    assert "put helm on PATH, or install Go and run `make helm`" in said
+    assert "stack-up" not in said
