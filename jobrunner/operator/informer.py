@@ -79,9 +79,11 @@ class Informer:
             group = self.path.split("/")[2]
             if group == "keda.sh":
                 return "; KEDA's CRDs are not installed: --keda-takeover needs them"
+            # Said so that it works from any directory (a relative crds/ did not).
             return (
-                f"; the {group} CRDs are not installed: `kubectl apply -f deploy/crds/` "
-                "(helm install does it)"
+                f"; the {group} CRDs are not installed: `helm show crds CHART | kubectl apply "
+                "-f -` (CHART: the jobrunner chart installed from; helm install does it), or "
+                "`kubectl apply -f deploy/crds/` in jobrunner's source tree"
             )
         if exc.status == 403:
             return self._forbidden or (
