@@ -16,7 +16,7 @@ import yaml
 
 from jobrunner.cli.context import Context
 from jobrunner.cli.errors import CliError
-from jobrunner.config import Executor, ManifestError, ScaledJob, TriggerAuthentication
+from jobrunner.config import Executor, ScaledJob
 from jobrunner.console import Cell, Column, FitTable, age, preview, rfc3339
 from jobrunner.deadletters import DeadLetter, DeadLetterStore, replay_value, select
 from jobrunner.views import make_console
@@ -25,6 +25,7 @@ from jobrunner.views import make_console
 async def open_store(ctx: Context, scaledjob: ScaledJob) -> DeadLetterStore:
     """The dead letters of ``scaledjob``'s trigger, from the module of its source (its
     ``open_dead_letters``), the trigger resolved as ``run`` resolves it."""
+    from jobrunner.cli.clusterauth import cluster_authentication
     from jobrunner.triggers import FileSecrets, Reach, ResolveContext, resolve_trigger
 
     settings = ctx.settings
@@ -57,7 +58,7 @@ async def open_store(ctx: Context, scaledjob: ScaledJob) -> DeadLetterStore:
             if not clients:
                 clients.append(ctx.job_client())
             authentications[ref.name] = await cluster_authentication(
-                clients[0], scaledjob, ref.name, file=str(ctx.manifests.path)
+                clients[0], scaledjob, ref.name, file=str(ctx.manifests.path), index=0
             )
         kind, resolved = await resolve_trigger(
             ResolveContext(
@@ -78,54 +79,6 @@ async def open_store(ctx: Context, scaledjob: ScaledJob) -> DeadLetterStore:
         raise CliError(f"dead-letters does not know {kind.name} triggers yet")
     store: DeadLetterStore = factory(resolved, scaledjob=scaledjob, settings=settings)
     return store
-
-
-async def cluster_authentication(
-    jobs: Any, scaledjob: ScaledJob, name: str, *, file: str
-) -> TriggerAuthentication:
-    """The TriggerAuthentication ``name`` of the ScaledJob's namespace from the cluster,
-    for a ScaledJob whose file does not declare it (as `kubectl apply` users keep them:
-    the ScaledJob in a file, its TriggerAuthentication applied once). Its group is the
-    ScaledJob's (KEDA resolves authenticationRef in its own group: keda.sh for a keda.sh
-    ScaledJob, jobrunner.dev for ours). ManifestError naming the field when the cluster
-    has none or may not be asked (403)."""
-    from jobrunner.kube.objects import KubeObjects
-    from jobrunner.operator import api
-    from jobrunner.operator.resources import parse_authentication
-    from jobrunner.protocols import ApiRejected
-
-    keda = scaledjob.apiVersion.startswith(f"{api.KEDA_GROUP}/")
-    group = api.KEDA_GROUP if keda else api.GROUP
-    namespace = scaledjob.namespace
-    where = (
-        f"ScaledJob {scaledjob.name}: field spec.triggers[0].authenticationRef.name: "
-        f"TriggerAuthentication {name!r}"
-    )
-    path = api.item(
-        api.trigger_authentications(namespace, keda=keda), name, what="TriggerAuthentication name"
-    )
-    try:
-        found = await KubeObjects(jobs).get(path)
-    except ApiRejected as exc:
-        if exc.status == 404:  # no such resource: the group's CRDs are not installed
-            found = None
-        elif exc.status == 403:
-            raise ManifestError(
-                f"{where} is not in {file}, and this identity may not get "
-                f"triggerauthentications.{group} in namespace {namespace} (403 Forbidden): "
-                "add it to the file, or use a kubeconfig allowed to read it"
-            ) from exc
-        else:
-            raise
-    if found is None:
-        raise ManifestError(
-            f"{where} is neither in {file} nor in namespace {namespace} of the cluster "
-            f"(triggerauthentications.{group}): add it to the file, or kubectl apply it"
-        )
-    auth = parse_authentication(found)
-    if isinstance(auth, str):
-        raise ManifestError(f"{where} in namespace {namespace} of the cluster: {auth}")
-    return auth
 
 
 def _body(letter: DeadLetter) -> dict[str, str]:

@@ -11,6 +11,7 @@ import sys
 from jobrunner.cli.context import Context
 from jobrunner.cli.errors import CliError
 from jobrunner.cli.inputs import parse_headers, read_lines, read_message
+from jobrunner.config import ManifestSet
 
 
 def cmd_run(ctx: Context) -> int:
@@ -40,7 +41,11 @@ def cmd_run(ctx: Context) -> int:
         # The dispatcher is the manifest author's own process: its environment and cloud
         # identity are theirs, so *FromEnv and TriggerAuthentication env read all of it.
         await runner.run(
-            manifests, settings, stop=stop, telemetry=telemetry, reach=Reach.own(os.environ)
+            await _cluster_authentications(ctx, manifests),
+            settings,
+            stop=stop,
+            telemetry=telemetry,
+            reach=Reach.own(os.environ),
         )
 
     try:
@@ -50,6 +55,30 @@ def cmd_run(ctx: Context) -> int:
         if provider is not None:
             provider.shutdown()
     return 0
+
+
+async def _cluster_authentications(ctx: Context, manifests: ManifestSet) -> ManifestSet:
+    """With a cluster, the TriggerAuthentications the file names and does not declare,
+    from the ScaledJobs' namespaces (see jobrunner.cli.clusterauth)."""
+    from jobrunner.config import Executor
+
+    wanted = {
+        t.authenticationRef.name
+        for s in manifests.scaledjobs
+        for t in s.spec.triggers
+        if t.authenticationRef is not None
+    }
+    if ctx.settings.executor is Executor.LOCAL or wanted <= set(manifests.authentications):
+        return manifests
+    from jobrunner.cli.clusterauth import with_cluster_authentications
+    from jobrunner.kube.client import KubeJobClient, load_api_client
+
+    kube = ctx.settings.kube
+    jobs = KubeJobClient(load_api_client(kube.kubeconfig, kube.context))
+    try:
+        return await with_cluster_authentications(manifests, jobs)
+    finally:
+        await jobs.close()
 
 
 def cmd_publish(ctx: Context) -> int:
