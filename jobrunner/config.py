@@ -53,6 +53,27 @@ class ManifestError(Exception):
     """A manifest that cannot be used; the message names the file and the field."""
 
 
+class InvalidTriggers(ManifestError):
+    """A ScaledJob whose fields are well formed but whose triggers (or outputs) are not:
+    ``scaledjob`` is whole enough for the checks that do not need them (its templates),
+    so that `validate` reports those mistakes in the same run."""
+
+    def __init__(self, message: str, *, scaledjob: ScaledJob) -> None:
+        super().__init__(message)
+        self.scaledjob = scaledjob
+
+
+class ManifestErrors(ManifestError):
+    """Every independent mistake of a manifest file at once: one entry per document that
+    cannot be used (each naming its lines and fields), in file order. ``checkable``: the
+    ScaledJobs that parsed (some with InvalidTriggers), for the checks after loading."""
+
+    def __init__(self, problems: list[str], *, checkable: list[ScaledJob]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = problems
+        self.checkable = checkable
+
+
 class _Model(BaseModel):
     # Attribute docstrings become schema descriptions: the CRDs (jobrunner.operator.crd)
     # are generated from these models, and `kubectl explain` shows them.
@@ -541,7 +562,9 @@ def parse_scaledjob(
         at = f"line {line}, " if line is not None else ""
         problems.append(f"  {at}field {problem.field}: {problem.text}")
     if problems:
-        raise ManifestError("\n".join([f"{where}: invalid trigger", *problems]))
+        raise InvalidTriggers(
+            "\n".join([f"{where}: invalid trigger", *problems]), scaledjob=scaledjob
+        )
     return scaledjob
 
 
@@ -707,13 +730,26 @@ def load_manifest(path: Path) -> ManifestSet:
     secrets: dict[tuple[str, str], dict[str, Any]] = {}
     skipped: list[str] = []
     documents = _documents(path)
+    # Each document's mistakes are independent of the others': all are reported at once.
+    problems: list[str] = []
+    checkable: list[ScaledJob] = []
     for index, (doc, node) in enumerate(documents):
         kind = doc.get("kind")
         where = f"{path} (document {index + 1}, {kind or 'no kind'})"
         if kind == "ScaledJob":
-            scaledjobs.append(parse_scaledjob(doc, where=where, node=node, origin=str(path)))
+            try:
+                scaledjobs.append(parse_scaledjob(doc, where=where, node=node, origin=str(path)))
+            except InvalidTriggers as exc:
+                problems.append(str(exc))
+                checkable.append(exc.scaledjob)
+            except ManifestError as exc:
+                problems.append(str(exc))
         elif kind in ("TriggerAuthentication", "ClusterTriggerAuthentication"):
-            auth = parse_trigger_authentication(doc, where=where, node=node)
+            try:
+                auth = parse_trigger_authentication(doc, where=where, node=node)
+            except ManifestError as exc:
+                problems.append(str(exc))
+                continue
             auths[auth.key] = auth
         elif kind == "Secret":
             meta = doc.get("metadata") or {}
@@ -728,6 +764,8 @@ def load_manifest(path: Path) -> ManifestSet:
             skipped.append(
                 f"{kind} {name} (document {index + 1}): not jobrunner's; left to kubectl"
             )
+    if problems:
+        raise ManifestErrors(problems, checkable=[*scaledjobs, *checkable])
     if not scaledjobs:
         raise ManifestError(_no_scaledjob(path, documents))
     seen: dict[tuple[str, str], ScaledJob] = {}

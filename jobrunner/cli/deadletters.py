@@ -32,6 +32,7 @@ from jobrunner.views import make_console
 async def open_store(ctx: Context, scaledjob: ScaledJob) -> DeadLetterStore:
     """The dead letters of ``scaledjob``'s trigger, from the module of its source (its
     ``open_dead_letters``), the trigger resolved as ``run`` resolves it."""
+    from jobrunner.cli.clusterauth import cluster_authentication
     from jobrunner.triggers import FileSecrets, Reach, ResolveContext, resolve_trigger
 
     settings = ctx.settings
@@ -52,11 +53,25 @@ async def open_store(ctx: Context, scaledjob: ScaledJob) -> DeadLetterStore:
         return found
 
     try:
+        trigger = scaledjob.spec.triggers[0]
+        authentications = dict(ctx.manifests.authentications)
+        ref = trigger.authenticationRef
+        if (
+            ref is not None
+            and ref.kind == "TriggerAuthentication"
+            and ref.name not in authentications
+            and settings.executor is not Executor.LOCAL
+        ):
+            if not clients:
+                clients.append(ctx.job_client())
+            authentications[ref.name] = await cluster_authentication(
+                clients[0], scaledjob, ref.name, file=str(ctx.manifests.path), index=0
+            )
         kind, resolved = await resolve_trigger(
             ResolveContext(
                 scaledjob=scaledjob,
-                trigger=scaledjob.spec.triggers[0],
-                authentications=ctx.manifests.authentications,
+                trigger=trigger,
+                authentications=authentications,
                 read_secret=FileSecrets(cluster_secret, ctx.manifests.secrets),
                 state_dir=settings.local.state_dir,
                 reach=Reach.own(os.environ),  # a file's ScaledJob, read by its own user

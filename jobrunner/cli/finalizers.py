@@ -4,11 +4,18 @@ removal by hand after an uninstall (see ``jobrunner.finalizers``)."""
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+import yaml
 
 from jobrunner.cli.context import Context
 from jobrunner.cli.errors import CliError
+
+if TYPE_CHECKING:
+    from jobrunner.finalizers import GuardedJob
 
 
 def cmd_finalizers(ctx: Context) -> int:
@@ -39,8 +46,7 @@ def cmd_finalizers(ctx: Context) -> int:
                 ]
             else:
                 found = await finalizers.guarded_jobs(jobs, namespaces(ctx), scaledjob)
-            for job in found:
-                print(f"{job.namespace}/{job.name}  {job.scaledjob}  {job.state}  {job.message_id}")
+            show(found, output=args.output)
             if args.action == "list":
                 print(f"{len(found)} Job(s) carry the finalizer {FINALIZER}", file=sys.stderr)
                 return 0
@@ -57,6 +63,47 @@ def cmd_finalizers(ctx: Context) -> int:
             await jobs.close()
 
     return asyncio.run(go())
+
+
+def as_dict(job: GuardedJob) -> dict[str, str]:
+    return {
+        "namespace": job.namespace,
+        "name": job.name,
+        "scaledjob": job.scaledjob,
+        "state": job.state,
+        "messageId": job.message_id,
+        "uid": job.uid,
+    }
+
+
+def show(found: list[GuardedJob], *, output: str) -> None:
+    """The guarded Jobs on stdout: a table under a header like every other listing
+    (``table``, ``wide``: nothing cut), or ``json``/``yaml`` (a list, empty for none)."""
+    if output in ("json", "yaml"):
+        items = [as_dict(job) for job in found]
+        if output == "json":
+            print(json.dumps(items, indent=2))
+        else:
+            print(yaml.safe_dump(items, sort_keys=False), end="")
+        return
+    if not found:
+        return  # the count on stderr says so; a header alone would be noise
+    from jobrunner.console import Column, FitTable
+    from jobrunner.views import make_console
+
+    table = FitTable(
+        columns=[
+            Column("NAMESPACE"),
+            Column("NAME", shrink="middle", min_width=14),
+            Column("SCALEDJOB"),
+            Column("STATE", shrink="end", min_width=8),
+            Column("MESSAGE", shrink="end", min_width=10, drop=1),
+        ],
+        wide=output == "wide",
+    )
+    for job in found:
+        table.add_row(job.namespace, job.name, job.scaledjob, job.state, job.message_id or "-")
+    make_console().print(table)
 
 
 def namespaces(ctx: Context) -> list[str]:

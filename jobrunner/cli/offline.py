@@ -7,6 +7,7 @@ import asyncio
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -14,7 +15,7 @@ import yaml
 from jobrunner.cli.context import Context
 from jobrunner.cli.errors import USAGE
 from jobrunner.cli.inputs import parse_headers, read_message
-from jobrunner.config import ScaledJob
+from jobrunner.config import ManifestError, ManifestErrors, ScaledJob
 from jobrunner.models import Delivery
 from jobrunner.naming import message_identity
 from jobrunner.rendering import Renderer, RenderError, template_dirs
@@ -77,11 +78,23 @@ def cmd_validate(ctx: Context) -> int:
     """Everything ``run`` or the API server would refuse: the manifest and its triggers,
     the Job template against the batch/v1 schema, a sample message rendered through it,
     and (``--server-dry-run``) the API server's own strict check."""
+    try:
+        scaledjobs = ctx.scaledjobs()
+    except ManifestErrors as exc:
+        # Every mistake at once: the file's, and those of the templates of the ScaledJobs
+        # that parsed (a template error is not hidden behind a trigger error).
+        every = list(exc.problems)
+        for scaledjob in exc.checkable:
+            every += _template_problems(ctx, scaledjob)
+        raise ManifestErrors(every, checkable=[]) from None
     ctx.notes()
+    template_problems = [p for s in scaledjobs for p in _template_problems(ctx, s)]
+    if template_problems:
+        raise ManifestErrors(template_problems, checkable=[])
     problems = 0
     client = ctx.kube_client() if ctx.args.server_dry_run else None
     try:
-        for scaledjob in ctx.scaledjobs():
+        for scaledjob in scaledjobs:
             problems += _validate_one(ctx, scaledjob, client)
     finally:
         if client is not None:
@@ -95,6 +108,16 @@ def _local_mode(ctx: Context) -> bool:
     from jobrunner.config import Executor
 
     return ctx.local or ctx.settings.executor is Executor.LOCAL
+
+
+def _template_problems(ctx: Context, scaledjob: ScaledJob) -> list[str]:
+    """The mistakes of a ScaledJob's Job template that need no message (syntax, the
+    batch/v1 schema, files that cannot be read), as the Renderer finds them at start."""
+    try:
+        Renderer(scaledjob, base_dirs=template_dirs(Path(ctx.args.file)))
+    except ManifestError as exc:
+        return [str(exc)]
+    return []
 
 
 def _validate_one(ctx: Context, scaledjob: ScaledJob, client: Any) -> int:

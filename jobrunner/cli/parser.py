@@ -429,6 +429,7 @@ def _finalizers(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="release without asking (a Job whose message is unsettled loses its guard)",
     )
+    _output(p)
     _local(p)
 
 

@@ -22,12 +22,12 @@ from jobrunner.cli.inputs import (
 )
 
 if TYPE_CHECKING:
-    from jobrunner.config import ScaledJob
+    from jobrunner.config import ManifestSet, ScaledJob
 
 
 def cmd_run(ctx: Context) -> int:
     from jobrunner import filemode
-    from jobrunner.config import Executor, ManifestError, ManifestSet
+    from jobrunner.config import Executor, ManifestError
     from jobrunner.rendering import Renderer, template_dirs
     from jobrunner.telemetry import Telemetry, configure_logging, tracer_provider
     from jobrunner.triggers import Reach
@@ -66,7 +66,7 @@ def cmd_run(ctx: Context) -> int:
         # The dispatcher is the manifest author's own process: its environment and cloud
         # identity are theirs, so *FromEnv and TriggerAuthentication env read all of it.
         await filemode.run(
-            manifests,
+            await _cluster_authentications(ctx, manifests),
             settings,
             stop=stop,
             reload=reload,
@@ -82,6 +82,30 @@ def cmd_run(ctx: Context) -> int:
         if provider is not None:
             provider.shutdown()
     return 0
+
+
+async def _cluster_authentications(ctx: Context, manifests: ManifestSet) -> ManifestSet:
+    """With a cluster, the TriggerAuthentications the file names and does not declare,
+    from the ScaledJobs' namespaces (see jobrunner.cli.clusterauth)."""
+    from jobrunner.config import Executor
+
+    wanted = {
+        t.authenticationRef.name
+        for s in manifests.scaledjobs
+        for t in s.spec.triggers
+        if t.authenticationRef is not None
+    }
+    if ctx.settings.executor is Executor.LOCAL or wanted <= set(manifests.authentications):
+        return manifests
+    from jobrunner.cli.clusterauth import with_cluster_authentications
+    from jobrunner.kube.client import KubeJobClient, load_api_client
+
+    kube = ctx.settings.kube
+    jobs = KubeJobClient(load_api_client(kube.kubeconfig, kube.context))
+    try:
+        return await with_cluster_authentications(manifests, jobs)
+    finally:
+        await jobs.close()
 
 
 def cmd_publish(ctx: Context) -> int:

@@ -91,6 +91,20 @@ def _unreachable(host: str, exc: BaseException) -> TransientError:
     return TransientError(f"API server {host} unreachable ({text})")
 
 
+def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any], item: Any) -> bool:
+    """Hand ``item`` from a stream's thread to its reader on ``loop``; False once that loop
+    is closed (the process is shutting down and the reader is gone), and the thread then
+    ends quietly: ``call_soon_threadsafe`` on a closed loop raises RuntimeError, which
+    would end the thread with a traceback on stderr ("Event loop is closed")."""
+    if loop.is_closed():
+        return False
+    try:
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+    except RuntimeError:  # closed between the check and the call
+        return False
+    return True
+
+
 def _interrupt(response: Any) -> None:
     """Wake a thread blocked reading a watch response. Closing the response from here
     would wait on the reader's buffer lock; shutting the socket down makes its read
@@ -543,8 +557,8 @@ class KubeJobClient:
         stop = threading.Event()
         holder: dict[str, Any] = {}
 
-        def put(item: WatchEvent | BaseException | None) -> None:
-            loop.call_soon_threadsafe(queue.put_nowait, item)
+        def put(item: WatchEvent | BaseException | None) -> bool:
+            return _deliver(loop, queue, item)
 
         def pump() -> None:
             try:
@@ -569,7 +583,8 @@ class KubeJobClient:
                         else:
                             put(TransientError(f"watch error: {obj.get('message', obj)}"))
                         return
-                    put(WatchEvent(type=event["type"], object=obj))
+                    if not put(WatchEvent(type=event["type"], object=obj)):
+                        return  # nobody reads any more
                 put(None)
             except ApiRejected as exc:
                 put(WatchExpired(str(exc)) if exc.status == 410 else exc)
@@ -652,12 +667,11 @@ class KubeJobClient:
                 for chunk in response.stream(4096, decode_content=True):
                     if stop.is_set():
                         break
-                    loop.call_soon_threadsafe(
-                        queue.put_nowait, chunk.decode("utf-8", errors="replace")
-                    )
-                loop.call_soon_threadsafe(queue.put_nowait, None)
+                    if not _deliver(loop, queue, chunk.decode("utf-8", errors="replace")):
+                        return
+                _deliver(loop, queue, None)
             except BaseException as exc:
-                loop.call_soon_threadsafe(queue.put_nowait, None if stop.is_set() else exc)
+                _deliver(loop, queue, None if stop.is_set() else exc)
 
         threading.Thread(target=pump, name=f"kube-log-{pod}", daemon=True).start()
         try:

@@ -306,5 +306,8 @@ def render() -> dict[str, str]:
     out = {}
     for crd in (scaledjob_crd(), trigger_authentication_crd()):
         text = yaml.safe_dump(crd, sort_keys=False, width=100)
-        out[f"{crd['metadata']['name']}.yaml"] = HEADER + text
+        # Each file opens its document with `---`: `helm show crds` concatenates the
+        # chart's crds/ files as they are, and without it `kubectl apply -f -` would read
+        # one document with every key twice (the last CRD winning).
+        out[f"{crd['metadata']['name']}.yaml"] = HEADER + "---\n" + text
     return out

@@ -38,9 +38,13 @@ class Informer:
         selector: str = "",
         on_change: Callable[[], None] = lambda: None,
         what: str = "",
+        forbidden: str = "",
         backoff_ceiling: float = 30.0,
     ) -> None:
+        """``forbidden``: what to say on a 403 (which Role or binding is missing), instead
+        of the generic advice to check the chart's RBAC."""
         self._api = api
+        self._forbidden = forbidden
         self.path = path
         self.selector = selector
         self._on_change = on_change
@@ -75,12 +79,16 @@ class Informer:
             group = self.path.split("/")[2]
             if group == "keda.sh":
                 return "; KEDA's CRDs are not installed: --keda-takeover needs them"
+            # Said so that it works from any directory (a relative crds/ did not).
             return (
-                f"; the {group} CRDs are not installed: `kubectl apply -f deploy/crds/` "
-                "(helm install does it)"
+                f"; the {group} CRDs are not installed: `helm show crds CHART | kubectl apply "
+                "-f -` (CHART: the jobrunner chart installed from; helm install does it), or "
+                "`kubectl apply -f deploy/crds/` in jobrunner's source tree"
             )
         if exc.status == 403:
-            return "; this identity may not list and watch them: check the chart's RBAC"
+            return self._forbidden or (
+                "; this identity may not list and watch them: check the chart's RBAC"
+            )
         if exc.status == 400 and self.selector:
             return f"; is the label selector {self.selector!r} right?"
         return ""

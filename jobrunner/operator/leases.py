@@ -62,6 +62,20 @@ def _version(obj: dict[str, Any] | None) -> int:
         return 0
 
 
+def forbidden_hint(namespace: str, group: str) -> str:
+    """What a 403 on the Leases means and what to do: the Role the identity lacks. The
+    chart grants Leases by a Role ``<fullname>-leases`` in the release namespace only,
+    and its replicas use the lease group ``<fullname>`` (truncated to 40 characters), so
+    a replica run out of cluster as the chart's ServiceAccount needs both."""
+    return (
+        f"; this identity has no Role in namespace {namespace} granting get, list, watch, "
+        "create, patch and delete on leases (coordination.k8s.io). The chart's Role for "
+        "them is <release full name>-leases, in the release's namespace only: run with "
+        "--lease-namespace <release namespace> and JOBRUNNER_OPERATOR__LEASE_GROUP=<release "
+        f"full name> (this replica's group is {group}), or bind such a Role in {namespace}"
+    )
+
+
 class LeaseKeeper:
     def __init__(
         self,
@@ -102,6 +116,7 @@ class LeaseKeeper:
             selector=f"{LABEL_GROUP}={group}",
             on_change=self._observed_change,
             what=f"Leases in {namespace}",
+            forbidden=forbidden_hint(namespace, group),
         )
         self._seen: dict[str, tuple[int, float]] = {}
         """Lease name -> (resourceVersion, when this replica saw it change)."""
@@ -246,6 +261,11 @@ class LeaseKeeper:
         finally:
             await stop_tasks(tasks, grace=0)
 
+    def _hint(self, exc: Exception) -> str:
+        if isinstance(exc, ApiRejected) and exc.status == 403:
+            return forbidden_hint(self.namespace, self.group)
+        return ""
+
     @property
     def _tick(self) -> float:
         return min(0.5, self.renew_every / 2)
@@ -260,7 +280,9 @@ class LeaseKeeper:
                 self._wake.set()
                 pause = self.renew_every * random.uniform(0.85, 1.0)
             except (TransientError, ApiRejected, TimeoutError) as exc:
-                logger.warning("renewing the member Lease failed (%s); trying again", exc)
+                logger.warning(
+                    "renewing the member Lease failed (%s%s); trying again", exc, self._hint(exc)
+                )
                 pause = min(1.0, self.renew_every / 2)
             await asyncio.sleep(pause)
 
@@ -275,7 +297,9 @@ class LeaseKeeper:
             try:
                 await self._balance()
             except (TransientError, ApiRejected) as exc:
-                logger.warning("taking or giving up buckets failed (%s); trying again", exc)
+                logger.warning(
+                    "taking or giving up buckets failed (%s%s); trying again", exc, self._hint(exc)
+                )
             self._refresh_owned()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._tick):

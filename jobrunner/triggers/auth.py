@@ -80,6 +80,8 @@ class FileSecrets:
     ) -> None:
         self._cluster = cluster
         self._secrets = secrets
+        self.looked_in = "the cluster or the manifest file" if cluster else "the manifest file"
+        """Where a Secret is looked for, for the error when it is in neither."""
 
     async def __call__(self, namespace: str, name: str) -> Mapping[str, str] | None:
         if self._cluster is not None:
@@ -154,6 +156,8 @@ async def auth_parameters(
                 "operator's owner to add it there, or name an allowed Secret"
             ) from exc
         if data is None:
+            # Operator mode reads the cluster's Secrets only: no manifest file to name.
+            looked_in = getattr(read_secret, "looked_in", "the cluster")
             whose = (
                 f" (a ClusterTriggerAuthentication's Secrets are in KEDA's cluster object "
                 f"namespace: ${CLUSTER_OBJECT_NAMESPACE_ENV}, default "
@@ -162,9 +166,9 @@ async def auth_parameters(
                 else ""
             )
             raise ManifestError(
-                f"{where}: Secret {secrets_namespace}/{item.name} not found in the cluster "
-                f"or the manifest file{whose}; create it (kubectl create secret generic "
-                f"{item.name} -n {secrets_namespace} ...)"
+                f"{where}: Secret {secrets_namespace}/{item.name} not found in "
+                f"{looked_in}{whose}; create it (kubectl create secret generic "
+                f"{item.name} -n {secrets_namespace} --from-literal={item.key}=...)"
             )
         if item.key not in data:
             raise ManifestError(

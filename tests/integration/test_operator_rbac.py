@@ -165,7 +165,13 @@ async def test_operator_as_the_charts_service_account_serves_a_scaledjob_end_to_
             "spec": {"secretTargetRef": [{"parameter": "host", "name": "broker", "key": "host"}]},
         },
     )  # fmt: skip
-    op = operators("chart-sa", config=config, lease_namespace=release.namespace)
+    # The README's out-of-cluster command: the release's namespace and lease group.
+    op = operators(
+        "chart-sa",
+        config=config,
+        lease_namespace=release.namespace,
+        env={"JOBRUNNER_OPERATOR__LEASE_GROUP": release.service_account},
+    )
     body = scaledjob("work", namespace=namespace, queue=queue, url="", job_spec=job_spec())
     body["spec"]["triggers"][0] = {
         "type": "rabbitmq",
@@ -192,9 +198,37 @@ async def test_operator_as_the_charts_service_account_serves_a_scaledjob_end_to_
     assert "Started" in await asyncio.to_thread(events_of, kube_api, namespace, "work")
     assert (await crs.status("work"))["owner"] == "chart-sa"
     leases = client.CoordinationV1Api(kube_api).list_namespaced_lease(release.namespace)
-    assert any(lease.spec.holder_identity == "chart-sa" for lease in leases.items)
+    assert any(
+        lease.spec.holder_identity == "chart-sa"
+        and lease.metadata.labels["jobrunner.dev/lease-group"] == release.service_account
+        for lease in leases.items
+    )
     assert "Forbidden" not in op.logs(), op.logs()[-3000:]
     assert len(jobs) == 2
+
+
+async def test_leases_out_of_the_release_namespace_are_refused_naming_the_role_it_lacks(
+    kube_api: client.ApiClient,
+    kubeconfig: Path,
+    tmp_path: Path,
+    namespace: str,
+    release: Release,
+    operators: Callable[..., OperatorProcess],
+) -> None:
+    # The command the README gave before: Leases in the watched namespace, where the
+    # chart's ServiceAccount has no Lease rights (403 on every list, retried for good).
+    config = service_account_kubeconfig(kube_api, kubeconfig, release, tmp_path / "sa.kubeconfig")
+    op = operators("chart-sa", config=config, lease_namespace=namespace)
+
+    async def said() -> bool:
+        return "<release full name>-leases" in op.logs()
+
+    await eventually(said, within=60, interval=0.3)
+    line = next(line for line in op.logs().splitlines() if "-leases" in line)
+    assert f"no Role in namespace {namespace} granting get, list, watch" in line
+    assert "--lease-namespace <release namespace>" in line
+    assert "JOBRUNNER_OPERATOR__LEASE_GROUP=<release full name>" in line
+    assert op.alive
 
 
 def _refused(call: Callable[[], Any]) -> int:
@@ -708,3 +742,31 @@ async def test_operator_dead_letters_a_message_whose_job_the_admission_policy_re
         return any(j.metadata.name == job_name("work", "plain") and finished(j) for j in jobs)
 
     await eventually(plain_done, within=60, interval=0.3)
+
+
+def test_helm_install_refuses_what_lint_and_template_refuse(kubeconfig: Path) -> None:
+    from tests.unit.test_helm_chart import INSTALLS_AND_CANNOT_WORK
+
+    # --dry-run=server: the install's own render, with the cluster's capabilities and
+    # lookups, and nothing created.
+    for sets, message in INSTALLS_AND_CANNOT_WORK:
+        args = [arg for item in sets for arg in ("--set", item)]
+        result = helm(
+            "install", "refused", str(CHART), "--kubeconfig", str(kubeconfig), "-n", "default",
+            "--skip-crds", "--dry-run=server", *args, check=False,
+        )  # fmt: skip
+        assert result.returncode != 0, sets
+        assert message in result.stderr, (sets, result.stderr)
+
+
+def test_a_service_monitor_without_its_crd_is_refused_at_install_only(kubeconfig: Path) -> None:
+    # The stack has no Prometheus Operator: `helm template` renders the ServiceMonitor (a
+    # GitOps render cannot see CRDs), `helm install` says the CRD is missing.
+    result = helm(
+        "install", "monitored", str(CHART), "--kubeconfig", str(kubeconfig), "-n", "default",
+        "--skip-crds", "--dry-run=server", "--set", "serviceMonitor.enabled=true", check=False,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert 'no matches for kind "ServiceMonitor" in version "monitoring.coreos.com/v1"' in (
+        result.stderr
+    )

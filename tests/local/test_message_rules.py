@@ -10,6 +10,7 @@ import signal
 from pathlib import Path
 
 import pytest
+import yaml
 
 from jobrunner.cli import main
 from tests.helpers import wait_until
@@ -192,11 +193,20 @@ def test_finalizers_can_be_listed_and_released_by_hand(
     base = ["finalizers", "--local", "--state-dir", str(state_dir), "-f", str(path)]
     assert main([*base[:1], "list", *base[1:]]) == 0
     out = capsys.readouterr()
-    assert "default/work-" in out.out
+    header, row = out.out.splitlines()[-2:]  # after publish's line
+    assert header.split() == ["NAMESPACE", "NAME", "SCALEDJOB", "STATE", "MESSAGE"]
+    assert row.split()[:4] == ["default", row.split()[1], "work", "Running"]
+    assert row.split()[1].startswith("work-")
     assert "1 Job(s) carry the finalizer jobrunner.dev/settlement" in out.err
+    assert main([*base[:1], "list", *base[1:], "-o", "json"]) == 0
+    (listed,) = json.loads(capsys.readouterr().out)
+    assert (listed["namespace"], listed["name"]) == ("default", row.split()[1])
+    assert (listed["scaledjob"], listed["state"]) == ("work", "Running")
     assert main([*base[:1], "release", *base[1:]]) == 2  # asks first
     assert "--yes" in capsys.readouterr().err
     assert main([*base[:1], "release", *base[1:], "--yes"]) == 0
     assert "released 1 Job(s)" in capsys.readouterr().err
     assert main([*base[:1], "list", *base[1:]]) == 0
     assert "0 Job(s) carry" in capsys.readouterr().err
+    assert main([*base[:1], "list", *base[1:], "-o", "yaml"]) == 0
+    assert yaml.safe_load(capsys.readouterr().out) == []

@@ -48,6 +48,14 @@ def refused(*sets: str) -> str:
     assert lint.returncode != 0, (sets, lint.stdout)
     template = helm("template", "rel", str(CHART), *args, check=False)
     assert template.returncode != 0, sets
+    # The same words from both: a template's refusal (lint prints it in its log and its
+    # [ERROR] line), or the schema's "- at '/field': ..." line.
+    lines = template.stderr.splitlines()
+    if lines[0].startswith("Error: execution error"):
+        said = lines[0].split("): ", 1)[1]
+    else:
+        said = next(line for line in lines if line.startswith("- at "))
+    assert said in lint.stdout + lint.stderr, (said, lint.stdout + lint.stderr)
     return template.stderr
 
 
@@ -64,6 +72,9 @@ def refused(*sets: str) -> str:
         ("fullnameOverride=Job_Runner", "'Job_Runner' does not match pattern"),
         ("nameOverride=job.runner", "'job.runner' does not match pattern"),
         ("serviceMonitor.scrapeTimeout=10 seconds", "'10 seconds' does not match pattern"),
+        ("resources.requests.cpu=-1", "at '/resources/requests/cpu': minimum: got -1, want 0"),
+        ("resources.request.cpu=1", "additional properties 'request' not allowed"),
+        ("resources.requests=lots", "at '/resources/requests': got string, want object"),
     ],
 )
 def test_schema_refuses_what_kubernetes_or_the_operator_would(bad: str, message: str) -> None:
@@ -89,7 +100,9 @@ def test_names_and_durations_the_schema_checks_still_render() -> None:
 def test_pdb_takes_an_integer_or_a_percentage() -> None:
     (pdb,) = of_kind(render("podDisruptionBudget.maxUnavailable=50%"), "PodDisruptionBudget")
     assert pdb["spec"]["maxUnavailable"] == "50%"
-    (pdb,) = of_kind(render("podDisruptionBudget.maxUnavailable=2"), "PodDisruptionBudget")
+    (pdb,) = of_kind(
+        render("podDisruptionBudget.maxUnavailable=2", "replicaCount=3"), "PodDisruptionBudget"
+    )
     assert pdb["spec"]["maxUnavailable"] == 2
 
 
@@ -106,43 +119,123 @@ def test_decimal_seconds_pass_through_set_as_the_operator_takes_them() -> None:
     assert env["JOBRUNNER_DISPATCHER__SHUTDOWN_GRACE_SECONDS"] == "2.5"
 
 
-@pytest.mark.parametrize(
-    ("bad", "message"),
-    [
-        (
-            ("leases.renewSeconds=20",),
-            "0 < renewSeconds (20) < renewDeadlineSeconds (10) < durationSeconds (15) must hold",
-        ),
-        (
-            ("leases.renewDeadlineSeconds=15",),
-            "0 < renewSeconds (3) < renewDeadlineSeconds (15) < durationSeconds (15) must hold",
-        ),
-        (
-            ("leases.durationSeconds=9.5",),
-            "renewDeadlineSeconds (10) < durationSeconds (9.5) must hold",
-        ),
-        (
-            ("terminationGracePeriodSeconds=5",),
-            "terminationGracePeriodSeconds (5) must exceed shutdownGraceSeconds (20)",
-        ),
-        (
-            ("shutdownGraceSeconds=40.5",),
-            "terminationGracePeriodSeconds (40) must exceed shutdownGraceSeconds (40.5)",
-        ),
-        (
-            ("podDisruptionBudget.maxUnavailable=0",),
-            "podDisruptionBudget.maxUnavailable (0) must allow at least one eviction",
-        ),
-        (
-            ("podDisruptionBudget.maxUnavailable=0%",),
-            "podDisruptionBudget.maxUnavailable (0%) must allow at least one eviction",
-        ),
-    ],
-)
+# Values that pass the schema's types and would install, and then not work: each refused
+# by the templates, so that `helm lint`, `helm template` and `helm install` (the same
+# render; tests/integration/test_operator_rbac.py runs it on the cluster) all refuse it
+# with the same one line.
+INSTALLS_AND_CANNOT_WORK: list[tuple[tuple[str, ...], str]] = [
+    (
+        ("leases.renewSeconds=20",),
+        "0 < renewSeconds (20) < renewDeadlineSeconds (10) < durationSeconds (15) must hold",
+    ),
+    (
+        ("leases.renewDeadlineSeconds=15",),
+        "0 < renewSeconds (3) < renewDeadlineSeconds (15) < durationSeconds (15) must hold",
+    ),
+    (
+        ("leases.durationSeconds=9.5",),
+        "renewDeadlineSeconds (10) < durationSeconds (9.5) must hold",
+    ),
+    (
+        ("terminationGracePeriodSeconds=5",),
+        "terminationGracePeriodSeconds (5) must exceed shutdownGraceSeconds (20)",
+    ),
+    (
+        ("shutdownGraceSeconds=40.5",),
+        "terminationGracePeriodSeconds (40) must exceed shutdownGraceSeconds (40.5)",
+    ),
+    (
+        ("podDisruptionBudget.maxUnavailable=0",),
+        "podDisruptionBudget.maxUnavailable (0) must allow at least one eviction",
+    ),
+    (
+        ("podDisruptionBudget.maxUnavailable=0%",),
+        "podDisruptionBudget.maxUnavailable (0%) must allow at least one eviction",
+    ),
+    (
+        ("podDisruptionBudget.maxUnavailable=3",),
+        "podDisruptionBudget.maxUnavailable (3) lets a drain evict 3 pod(s) at once, every one "
+        "of the 2 replica(s), leaving none to take their ScaledJobs over; use at most 1",
+    ),
+    (
+        ("podDisruptionBudget.maxUnavailable=2",),
+        "podDisruptionBudget.maxUnavailable (2) lets a drain evict 2 pod(s) at once",
+    ),
+    (
+        ("podDisruptionBudget.maxUnavailable=100%", "replicaCount=4"),
+        "podDisruptionBudget.maxUnavailable (100%) lets a drain evict 4 pod(s) at once",
+    ),
+    (
+        ("podDisruptionBudget.maxUnavailable=2", "replicaCount=1"),
+        "evict 2 pod(s) at once, every one of the 1 replica(s), leaving none to take their "
+        "ScaledJobs over; use at most 1",
+    ),
+    (
+        ("leases.buckets=2", "replicaCount=3"),
+        "leases.buckets (2) must be at least replicaCount (3): a replica serves the ScaledJobs "
+        "of the buckets it holds, one holder each, so 1 replica(s) would hold none",
+    ),
+    (
+        ("labelSelector=team in (a",),
+        'labelSelector "team in (a" is not a Kubernetes label selector',
+    ),
+    (("labelSelector=team in ()",), "is not a Kubernetes label selector"),
+    (("labelSelector=team=a b",), "is not a Kubernetes label selector"),
+    (("labelSelector==media",), "is not a Kubernetes label selector"),
+    (("labelSelector=Team_/x=a",), "is not a Kubernetes label selector"),
+    (("labelSelector=team=a\\,",), "is not a Kubernetes label selector"),
+    (
+        ("resources.requests.memory=lots",),
+        "resources.requests.memory (lots) is not a Kubernetes quantity: write e.g. 128Mi",
+    ),
+    (("resources.limits.memory=512MB",), "resources.limits.memory (512MB) is not a"),
+    (("resources.requests.cpu=-1m",), "resources.requests.cpu (-1m) is not a Kubernetes"),
+    (("resources.requests.cpu=1 core",), "resources.requests.cpu (1 core) is not a"),
+    (
+        ("resources.requests.memory=1Gi",),
+        "resources.requests.memory (1Gi) exceeds resources.limits.memory (512Mi): Kubernetes "
+        "refuses such a pod",
+    ),
+    (
+        ("resources.requests.cpu=1500m", "resources.limits.cpu=1"),
+        "resources.requests.cpu (1500m) exceeds resources.limits.cpu (1)",
+    ),
+    (
+        ("resources.requests.memory=0.6G",),
+        "resources.requests.memory (0.6G) exceeds resources.limits.memory (512Mi)",
+    ),
+]
+
+
+@pytest.mark.parametrize(("bad", "message"), INSTALLS_AND_CANNOT_WORK)
 def test_values_that_would_install_and_not_work_are_refused(
     bad: tuple[str, ...], message: str
 ) -> None:
     assert message in refused(*bad)
+
+
+@pytest.mark.parametrize(
+    "good",
+    [
+        ("labelSelector=team=media",),
+        ("labelSelector=team==media",),
+        ("labelSelector=team in (a\\,b)\\,!legacy",),
+        ("labelSelector=app.kubernetes.io/part-of notin (x)",),
+        ("labelSelector=team",),
+        ("labelSelector=team=",),
+        ("resources.requests.memory=512Mi",),
+        ("resources.requests.memory=536870912",),
+        ("resources.requests.cpu=0.5", "resources.limits.cpu=500m"),
+        ("resources.requests.memory=1e3",),
+        ("leases.buckets=3", "replicaCount=3"),
+        ("podDisruptionBudget.maxUnavailable=2", "replicaCount=3"),
+        ("podDisruptionBudget.maxUnavailable=50%",),
+        ("podDisruptionBudget.maxUnavailable=100%", "replicaCount=1"),
+        ("replicaCount=0",),
+    ],
+)
+def test_values_next_to_the_refused_ones_render(good: tuple[str, ...]) -> None:
+    assert of_kind(render(*good), "Deployment")
 
 
 def test_the_cross_field_rules_let_good_values_through() -> None:
@@ -274,19 +367,16 @@ def test_deployment_has_probes_security_context_spread_and_a_pdb() -> None:
             assert key in labels, (doc["kind"], key)
 
 
-def test_service_monitor_renders_only_where_its_crd_exists() -> None:
+def test_service_monitor_renders_without_a_cluster_when_asked_for() -> None:
+    # `helm template` (GitOps renders, CI diffs) sees no cluster CRDs: a check there would
+    # refuse what installs fine; on a cluster without the CRD, `helm install` refuses it
+    # (tests/integration/test_operator_rbac.py).
     assert of_kind(render(), "ServiceMonitor") == []
-    result = helm(
-        "template", "rel", str(CHART), "--set", "serviceMonitor.enabled=true", check=False
-    )
-    assert result.returncode != 0
-    assert "ServiceMonitor CRD" in result.stderr
-    docs = render(
-        "serviceMonitor.enabled=true",
-        extra=("--api-versions", "monitoring.coreos.com/v1/ServiceMonitor"),
-    )
-    (monitor,) = of_kind(docs, "ServiceMonitor")
+    lint = helm("lint", "--strict", str(CHART), "--set", "serviceMonitor.enabled=true")
+    assert "0 chart(s) failed" in lint.stdout
+    (monitor,) = of_kind(render("serviceMonitor.enabled=true"), "ServiceMonitor")
     assert monitor["spec"]["endpoints"][0]["path"] == "/metrics"
+    assert monitor["spec"]["selector"]["matchLabels"]["app.kubernetes.io/instance"] == "rel"
 
 
 @pytest.mark.parametrize(
@@ -597,7 +687,7 @@ def test_every_switch_on_passes_helm_lint_strict() -> None:
     assert "[WARNING]" not in result.stdout
 
 
-def notes(tmp_path: Path, *sets: str) -> str:
+def notes(tmp_path: Path, *sets: str, extra: tuple[str, ...] = ()) -> str:
     """NOTES.txt as `helm install` would print it. `helm template` drops NOTES.txt, so a
     copy of the chart renders it into a document of its own."""
     chart = tmp_path / "chart"
@@ -612,7 +702,7 @@ def notes(tmp_path: Path, *sets: str) -> str:
     args = ["template", "rel", str(chart), "-n", "jr-system"]
     for item in sets:
         args += ["--set", item]
-    args += ["--show-only", "templates/notes-for-test.yaml"]
+    args += ["--show-only", "templates/notes-for-test.yaml", *extra]
     return str(yaml.safe_load(helm(*args).stdout)["notes"])
 
 
@@ -642,4 +732,55 @@ def test_notes_do_not_warn_once_secrets_are_narrowed(
 ) -> None:
     text = notes(tmp_path, *sets)
     assert grants in text
-    assert "WARNING" not in text
+    assert "WARNING: the operator may read" not in text
+
+
+def test_notes_say_whether_the_crds_are_there_and_how_to_apply_them_from_anywhere(
+    tmp_path: Path,
+) -> None:
+    # `helm template` has no cluster: no CRDs (as after --skip-crds on a cluster without).
+    absent = notes(tmp_path / "a")
+    assert "WARNING: the jobrunner.dev CRDs are not in the cluster" in absent
+    assert "were installed" not in absent
+    present = notes(tmp_path / "b", extra=("--api-versions", "jobrunner.dev/v1alpha1/ScaledJob"))
+    assert "The jobrunner.dev CRDs are in the cluster" in present
+    assert "WARNING: the jobrunner.dev CRDs" not in present
+    for text in (absent, present):
+        # No path relative to a directory the reader may not be in (`kubectl apply -f crds/`).
+        assert "-f crds/" not in text
+        assert "helm show crds CHART --version 0.1.0 | kubectl apply -f -" in text
+
+
+def test_helm_show_crds_gives_the_generated_crds() -> None:
+    shown = [d for d in yaml.safe_load_all(helm("show", "crds", str(CHART)).stdout) if d]
+    assert sorted(d["metadata"]["name"] for d in shown) == [
+        "scaledjobs.jobrunner.dev",
+        "triggerauthentications.jobrunner.dev",
+    ]
+
+
+def test_notes_warn_that_a_bare_scaledjob_is_jobrunners_where_kedas_crds_are_too(
+    tmp_path: Path,
+) -> None:
+    keda = notes(tmp_path / "a", extra=("--api-versions", "keda.sh/v1alpha1/ScaledJob"))
+    assert "kubectl resolves a bare\n`scaledjob` or `triggerauthentication` to jobrunner.dev's" in (
+        keda
+    )
+    assert "KEDA's:      kubectl get sj / ta, scaledjobs.keda.sh" in keda
+    assert "KEDA's CRDs" not in notes(tmp_path / "b")
+
+
+def test_without_helm_the_chart_tests_say_how_to_get_it_not_to_start_the_stack(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests import helm as found
+
+    monkeypatch.setenv("JOBRUNNER_CACHE", str(tmp_path))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no helm, no go
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception) as skipped:
+        found.helm_binary()
+    said = str(skipped.value)
+    assert f"no {tmp_path}/helm-{found.HELM_VERSION}/bin/helm and no helm on PATH" in said
+    assert "put helm on PATH, or install Go and run `make helm`" in said
+    assert "stack-up" not in said

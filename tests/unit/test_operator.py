@@ -291,9 +291,9 @@ def test_a_refused_watch_says_what_to_do() -> None:
         return Informer(MemoryObjects().client(), path, selector=selector)._hint(exc)
 
     missing = ApiRejected(404, "NotFound", "the server could not find the requested resource")
-    assert "the jobrunner.dev CRDs are not installed: `kubectl apply -f deploy/crds/`" in hint(
-        api.scaledjobs(None), missing
-    )
+    assert (
+        "the jobrunner.dev CRDs are not installed: `helm show crds CHART | kubectl apply -f -`"
+    ) in hint(api.scaledjobs(None), missing)
     assert "KEDA's CRDs are not installed" in hint(api.scaledjobs("media", keda=True), missing)
     forbidden = ApiRejected(403, "Forbidden", "cannot list")
     assert "check the chart's RBAC" in hint(api.scaledjobs("media"), forbidden)

@@ -10,7 +10,13 @@ from typing import Any
 import pytest
 
 from jobrunner.config import ManifestError, parse_scaledjob
-from jobrunner.triggers import Reach, ResolveContext, check_trigger, resolve_trigger
+from jobrunner.triggers import (
+    FileSecrets,
+    Reach,
+    ResolveContext,
+    check_trigger,
+    resolve_trigger,
+)
 from jobrunner.triggers.mqtt import topic_matches
 
 
@@ -195,3 +201,45 @@ def test_a_management_url_is_http_or_https() -> None:
     metadata = {"queueName": "q", "host": "amqp://r/", "managementURL": "ftp://r/"}
     problems = check_trigger(Trigger(type="rabbitmq", metadata=metadata))
     assert [p.field for p in problems] == ["metadata.managementURL"]
+
+
+def _authentication() -> Any:
+    from jobrunner.config import TriggerAuthentication
+
+    return TriggerAuthentication.model_validate(
+        {
+            "apiVersion": "keda.sh/v1alpha1",
+            "kind": "TriggerAuthentication",
+            "metadata": {"name": "broker", "namespace": "ns"},
+            "spec": {"secretTargetRef": [{"parameter": "host", "name": "creds", "key": "url"}]},
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("reader", "said"),
+    [
+        # Operator mode reads the cluster's Secrets alone: no manifest file to speak of.
+        (no_secret, "not found in the cluster; create it (kubectl create secret generic "
+                    "creds -n ns --from-literal=url=...)"),
+        (FileSecrets(no_secret, {}), "not found in the cluster or the manifest file;"),
+        (FileSecrets(None, {}), "not found in the manifest file;"),
+    ],
+)  # fmt: skip
+async def test_a_missing_secret_is_looked_for_where_this_mode_looks(
+    reader: Any, said: str
+) -> None:
+    trigger = {"type": "rabbitmq", "metadata": {"queueName": "q"}}
+    sj = scaledjob({**trigger, "authenticationRef": {"name": "broker"}})
+    context = ResolveContext(
+        scaledjob=sj,
+        trigger=sj.spec.triggers[0],
+        authentications={"broker": _authentication()},
+        read_secret=reader,
+        state_dir=Path("."),
+        reach=Reach.own({}),
+    )
+    with pytest.raises(ManifestError) as caught:
+        await context.parameters()
+    assert said in str(caught.value)
+    assert "Secret ns/creds" in str(caught.value)

@@ -15,7 +15,9 @@ app = func.FunctionApp()
 @app.queue_output(arg_name="done", queue_name="thumbnails-done", connection="AzureWebJobsStorage")
 def render_thumbnail(msg: func.QueueMessage, done: func.Out[str]) -> None:
     request = msg.get_json()
-    logging.warning("rendering %s (message %s, dequeue %s)", request["image"], msg.id, msg.dequeue_count)
+    logging.warning(
+        "rendering %s (message %s, dequeue %s)", request["image"], msg.id, msg.dequeue_count
+    )
     print(f"rendering {request['image']} (message {msg.id})", flush=True)
     if request.get("corrupt"):
         raise ValueError(f"{request['image']} is not a valid image")
