@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
@@ -39,6 +40,7 @@ from jobrunner.operator.resources import (
     takeover_requested,
     wanted_from,
 )
+from jobrunner.operator.secrets import SecretVersions, refresh_loop
 from jobrunner.operator.status import EventRecorder, StatusWriter, desired_status
 from jobrunner.protocols import ApiRejected, JobClient, TransientError
 from jobrunner.rendering import render_pool
@@ -148,6 +150,12 @@ class Operator:
         )
         self.status = StatusWriter(objects, volatile_interval=op.status_interval_seconds)
         self.events = EventRecorder(objects, instance=identity)
+        self.secrets = SecretVersions(
+            jobs.read_secret,
+            on_change=self.poke,
+            refresh_seconds=op.secret_refresh_seconds,
+            failing_seconds=min(5.0, op.secret_refresh_seconds),
+        )
         self._side: set[asyncio.Task[Any]] = set()
         self._all: dict[Key, Wanted] = {}
         self._objects_by_key: dict[Key, dict[str, Any]] = {}
@@ -171,7 +179,7 @@ class Operator:
             settings=self.settings,
             telemetry=self._telemetry,
             authentications=wanted.authentications,
-            read_secret=self._jobs.read_secret,
+            read_secret=self.secrets.reader(wanted.key),
             base_dirs=self._template_dirs,
             reach=self.reach,
             renders=self.renders,
@@ -286,7 +294,9 @@ class Operator:
         self._all = self._collect()
         owned = self.leases.owned
         buckets = self.settings.operator.buckets
-        wanted = {k: w for k, w in self._all.items() if bucket_of(k, buckets) in owned}
+        wanted = {
+            k: self._with_secrets(w) for k, w in self._all.items() if bucket_of(k, buckets) in owned
+        }
         normal = self.settings.dispatcher.shutdown_grace_seconds
         op = self.settings.operator
         # A bucket lost because our renewals lapsed must be let go quickly: the others
@@ -297,6 +307,22 @@ class Operator:
             return normal if key not in self._all else urgent
 
         self.registry.reconcile(wanted, grace=grace)
+
+    def _with_secrets(self, want: Wanted) -> Wanted:
+        """``want`` with the epoch of its Secrets in its essence: a Secret that changed
+        replaces the dispatcher (jobrunner.operator.secrets)."""
+        epoch = self.secrets.epoch(want.key)
+        if not epoch or want.scaledjob is None:
+            return want
+        return dataclasses.replace(want, essence=f"{want.essence}/secrets-{epoch}")
+
+    def _serving(self) -> dict[Key, bool]:
+        """Key -> True while its dispatcher consumes, for every unit of this replica."""
+        return {
+            key: slot.unit.readiness() is None
+            for key, slot in self.registry.slots.items()
+            if slot.unit is not None
+        }
 
     async def _stop_buckets(self, buckets: frozenset[int]) -> None:
         """Before a bucket is given up: its units stop first (stop before start, across
@@ -340,6 +366,7 @@ class Operator:
                 logger.info("could not write the status of %s/%s: %s", *key, exc)
         # Deleted ScaledJobs and buckets given up: nothing of theirs stays in memory.
         self.status.retain(self.registry.slots)
+        self.secrets.retain(self.registry.slots)
 
     # ------------------------------------------------------------------ health
     def readiness(self) -> tuple[bool, str]:
@@ -400,6 +427,9 @@ class Operator:
             start_guarded(self.leases.run(), name="leases"),
             start_guarded(self._reconcile_loop(), name="reconcile"),
             start_guarded(self._status_loop(), name="status", essential=False),
+            start_guarded(
+                refresh_loop(self.secrets, self._serving), name="secrets", essential=False
+            ),
         ]
         selector = self.settings.operator.label_selector
         logger.info(
@@ -424,7 +454,9 @@ class Operator:
             # Stop before release: the units end (messages undecided go back to the
             # broker, running Jobs run on) while the Leases still say they are ours;
             # only then are the Leases given up, and the next owner starts.
-            await stop_tasks([t for t in tasks if t.get_name() in ("reconcile", "status")], grace=0)
+            await stop_tasks(
+                [t for t in tasks if t.get_name() in ("reconcile", "status", "secrets")], grace=0
+            )
             await self.registry.close(grace=self.settings.dispatcher.shutdown_grace_seconds)
             await self.renders.close()
             await self.shared_jobs.close()

@@ -1,0 +1,100 @@
+"""What a ScaledJob's status and Events say in operator mode, and what the operator does
+on its own when the world changes under a running dispatcher: issue #21 §7 (a Secret
+corrected, repeated refusals of the API server, status that must not lie, Warning
+Events, Leases left behind). On the real stack, one behaviour per test."""
+
+from __future__ import annotations
+
+import base64
+import json
+import time
+import urllib.parse
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from kubernetes import client
+
+from tests.helpers import eventually
+from tests.integration.harness import jobs_of, publish
+from tests.integration.operator_harness import OperatorProcess, ScaledJobs, scaledjob
+from tests.integration.test_operator import crs, job_spec, operators, queues
+
+pytestmark = [pytest.mark.kube, pytest.mark.rabbitmq, pytest.mark.usefixtures("jobrunner_crds")]
+__all__ = ["crs", "operators", "queues"]  # fixtures shared with test_operator
+
+
+def with_password(url: str, password: str) -> str:
+    parts = urllib.parse.urlsplit(url)
+    netloc = f"{parts.username}:{password}@{parts.hostname}:{parts.port or 5672}"
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def put_secret(
+    kube_api: client.ApiClient, namespace: str, name: str, values: dict[str, str]
+) -> None:
+    core = client.CoreV1Api(kube_api)
+    body = client.V1Secret(
+        metadata=client.V1ObjectMeta(name=name),
+        data={k: base64.b64encode(v.encode()).decode() for k, v in values.items()},
+    )
+    try:
+        core.create_namespaced_secret(namespace, body)
+    except client.ApiException as exc:
+        if exc.status != 409:
+            raise
+        core.replace_namespaced_secret(name, namespace, body)
+
+
+def create_authentication(kube_api: client.ApiClient, namespace: str, secret: str) -> None:
+    client.CustomObjectsApi(kube_api).create_namespaced_custom_object(
+        "jobrunner.dev",
+        "v1alpha1",
+        namespace,
+        "triggerauthentications",
+        {
+            "apiVersion": "jobrunner.dev/v1alpha1",
+            "kind": "TriggerAuthentication",
+            "metadata": {"name": "rabbit", "namespace": namespace},
+            "spec": {"secretTargetRef": [{"parameter": "host", "name": secret, "key": "host"}]},
+        },
+    )
+
+
+async def test_a_corrected_secret_is_picked_up_without_touching_the_trigger_authentication(
+    kube_api: client.ApiClient,
+    namespace: str,
+    rabbitmq_url: str,
+    queues: Callable[..., Any],
+    crs: ScaledJobs,
+    operators: Callable[..., OperatorProcess],
+) -> None:
+    """A wrong password in the Secret, then fixed: consuming again within the bound the
+    README states (a dispatcher that cannot connect re-reads its Secrets every 5 s; its
+    reconnect backoff is then reset by the rebuild), with no change to the
+    TriggerAuthentication or the ScaledJob."""
+    (queue,) = await queues()
+    put_secret(kube_api, namespace, "rabbit", {"host": with_password(rabbitmq_url, "wrong-pw")})
+    create_authentication(kube_api, namespace, "rabbit")
+    operators()
+    body = scaledjob("work", namespace=namespace, queue=queue, url="", job_spec=job_spec())
+    body["spec"]["triggers"][0]["metadata"].pop("host")
+    body["spec"]["triggers"][0]["authenticationRef"] = {"name": "rabbit"}
+    await crs.apply(body)
+    refused = await crs.wait_condition("work", "Ready", "False", reason="SourceUnavailable")
+    assert "refused the credentials" in refused["message"]
+    assert "wrong-pw" not in json.dumps(await crs.status("work"))
+
+    put_secret(kube_api, namespace, "rabbit", {"host": rabbitmq_url})
+    fixed = time.monotonic()
+    await crs.wait_condition("work", "Ready", "True", reason="DispatcherReady", within=60)
+    took = time.monotonic() - fixed
+    # 5 s between reads of a failing dispatcher's Secrets, the rebuild, the connection
+    # and a status write (1 s loop): 20 s is a generous bound on a busy machine.
+    assert took < 20, f"the corrected Secret took {took:.1f}s to be used"
+    await publish(rabbitmq_url, queue, json.dumps({"task": "a"}).encode(), message_id="a")
+
+    async def one_job() -> bool:
+        return len(jobs_of(kube_api, namespace, "work")) == 1
+
+    await eventually(one_job, within=60)
