@@ -14,11 +14,17 @@ class ApiRejected(Exception):
     """The API server refused a request for good (4xx other than conflict): retrying the
     same request cannot help, so the message is dead-lettered with this text."""
 
-    def __init__(self, status: int, reason: str, message: str) -> None:
+    def __init__(
+        self, status: int, reason: str, message: str, *, causes: tuple[tuple[str, str], ...] = ()
+    ) -> None:
         super().__init__(f"{status} {reason}: {message}")
         self.status = status
         self.reason = reason
         self.message = message
+        self.causes = causes
+        """(field, reason) pairs from the answer's ``details.causes`` (metav1.Status, as a
+        422 Invalid has them: ``spec.template.spec.containers[0].name``,
+        ``FieldValueInvalid``): what is wrong, named without the server's text."""
 
 
 class TransientError(Exception):

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from jobrunner.operator.api import ObjectClient
 from jobrunner.operator.informer import Informer
 from jobrunner.operator.jobwatch import SharedJobs
 from jobrunner.operator.leases import LeaseKeeper
-from jobrunner.operator.registry import Phase, Registry
+from jobrunner.operator.registry import Phase, Registry, Slot
 from jobrunner.operator.resources import (
     Key,
     Wanted,
@@ -41,7 +42,13 @@ from jobrunner.operator.resources import (
     wanted_from,
 )
 from jobrunner.operator.secrets import SecretVersions, refresh_loop
-from jobrunner.operator.status import EventRecorder, StatusWriter, desired_status
+from jobrunner.operator.status import (
+    EventRecorder,
+    StatusWriter,
+    desired_status,
+    rejected_problem,
+    rejection_summary,
+)
 from jobrunner.protocols import ApiRejected, JobClient, TransientError
 from jobrunner.rendering import render_pool
 from jobrunner.runner import DispatchUnit
@@ -52,6 +59,9 @@ from jobrunner.triggers import Reach
 logger = logging.getLogger(__name__)
 
 UnitBuilder = Callable[[Wanted], Awaitable[DispatchUnit]]
+REJECTION_EVENT_SECONDS = 300.0
+"""While the API server keeps refusing a ScaledJob's Jobs for the same reason, at most
+one JobsRejected Event per this many seconds (with the count)."""
 
 
 class Operator:
@@ -162,6 +172,8 @@ class Operator:
         self._conflicts: set[Key] = set()
         self._parse_cache: dict[Key, tuple[tuple[Any, ...], Wanted]] = {}
         self._registered: list[Collector] = []
+        self._rejections_told: dict[Key, tuple[str, int, float]] = {}
+        """Key -> (the refusal last told in a JobsRejected Event, the count then, when)."""
 
     # ------------------------------------------------------------------ wiring
     def poke(self) -> None:
@@ -360,6 +372,7 @@ class Operator:
                 continue
             current = obj.get("status") or {}
             status = desired_status(want, slot, current=current, owner=self.identity)
+            self._tell_rejections(key, want, slot)
             try:
                 await self.status.sync(want, status, current)
             except (TransientError, ApiRejected) as exc:
@@ -367,6 +380,36 @@ class Operator:
         # Deleted ScaledJobs and buckets given up: nothing of theirs stays in memory.
         self.status.retain(self.registry.slots)
         self.secrets.retain(self.registry.slots)
+        for key in [k for k in self._rejections_told if k not in self.registry.slots]:
+            del self._rejections_told[key]
+
+    def _tell_rejections(self, key: Key, want: Wanted, slot: Slot) -> None:
+        """A Warning ``JobsRejected`` Event on the ScaledJob (not on Jobs that do not
+        exist) while the API server refuses its Jobs: one when it starts or the reason
+        changes, then at most one every REJECTION_EVENT_SECONDS with the count since,
+        as Kubernetes' own event aggregation would."""
+        unit = slot.unit
+        if unit is None or rejected_problem(unit) is None:
+            self._rejections_told.pop(key, None)
+            return
+        rejection = unit.dispatcher.last_rejection
+        assert rejection is not None
+        summary = rejection_summary(rejection)
+        count = unit.dispatcher.rejected_in_row
+        told = self._rejections_told.get(key)
+        now = time.monotonic()
+        if told is not None and told[0] == summary:
+            recent = now - told[2] < REJECTION_EVENT_SECONDS
+            if count == told[1] or recent:
+                return
+        self._rejections_told[key] = (summary, count, now)
+        self._event(
+            want,
+            "Warning",
+            "JobsRejected",
+            f"the API server refused {count} Jobs in a row ({summary}); their messages "
+            "were dead-lettered: fix the Job template",
+        )
 
     # ------------------------------------------------------------------ health
     def readiness(self) -> tuple[bool, str]:

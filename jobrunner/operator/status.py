@@ -40,6 +40,11 @@ from jobrunner.timestamps import now_rfc3339
 logger = logging.getLogger(__name__)
 
 VOLATILE = ("activeJobs", "lastMessageTime")
+REJECTED_NOT_READY = 3
+"""Job creates refused in a row (with none accepted in between) after which a consuming
+ScaledJob is ``Ready=False JobsRejected``: one refusal may be a message's own (its
+rendered name, a value from its body); three in a row is the template or the namespace
+(an admission policy, a quota, RBAC)."""
 RECORDED_MAX = 256
 """Events kept in memory by ``EventRecorder.recorded`` (the newest; for tests and
 debugging): a replica serving thousands of ScaledJobs for months must not grow with
@@ -72,6 +77,31 @@ def _condition(
     }
 
 
+def rejection_summary(rejection: ApiRejected) -> str:
+    """An API server's refusal of a Job in jobrunner's words: its status, reason and the
+    fields it names (``details.causes``), never its free text (SECURITY.md: a server's
+    answer is not copied into status or Events)."""
+    fields = ", ".join(f"{field} ({why})" for field, why in rejection.causes)
+    return f"{rejection.status} {rejection.reason}" + (f": {fields}" if fields else "")
+
+
+def rejected_problem(unit: Any) -> str | None:
+    """Why a consuming unit is not Ready although it consumes: the API server refused
+    its last ``REJECTED_NOT_READY`` or more Job creates; None otherwise."""
+    dispatcher = unit.dispatcher
+    count = int(getattr(dispatcher, "rejected_in_row", 0) or 0)
+    rejection = getattr(dispatcher, "last_rejection", None)
+    if count < REJECTED_NOT_READY or not isinstance(rejection, ApiRejected):
+        return None
+    # No count here: the condition (and lastError) must not change with every refusal;
+    # the JobsRejected Events count them.
+    return (
+        f"the API server refuses this ScaledJob's Jobs ({rejection_summary(rejection)}; "
+        f"{REJECTED_NOT_READY} or more in a row) and their messages are dead-lettered: fix "
+        "the Job template"
+    )
+
+
 def desired_status(
     wanted: Wanted, slot: Slot | None, *, current: Mapping[str, Any], owner: str
 ) -> dict[str, Any]:
@@ -92,7 +122,11 @@ def desired_status(
         ready = ("True", "ScaledJobPaused", "valid; paused, so no messages are consumed")
     elif unit is not None and phase is Phase.RUNNING:
         why = unit.readiness()
-        if why is None:
+        rejected = rejected_problem(unit) if why is None else None
+        if rejected is not None:
+            ready = ("False", "JobsRejected", rejected)
+            problem = rejected
+        elif why is None:
             ready = (
                 "True",
                 "DispatcherReady",

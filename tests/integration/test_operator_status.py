@@ -98,3 +98,48 @@ async def test_a_corrected_secret_is_picked_up_without_touching_the_trigger_auth
         return len(jobs_of(kube_api, namespace, "work")) == 1
 
     await eventually(one_job, within=60)
+
+
+async def test_jobs_only_the_api_server_refuses_make_the_scaledjob_not_ready_with_its_reason(
+    kube_api: client.ApiClient,
+    namespace: str,
+    rabbitmq_url: str,
+    queues: Callable[..., Any],
+    crs: ScaledJobs,
+    operators: Callable[..., OperatorProcess],
+) -> None:
+    """A container named ``Report_1`` passes the batch/v1 schema and is refused by the
+    API server (422): every message is dead-lettered. The ScaledJob must say so —
+    Ready=False JobsRejected naming the field and the reason in jobrunner's words, not
+    the server's text, kept in lastError — and the Warning Events go on the ScaledJob,
+    a few for many refusals."""
+    (queue,) = await queues()
+    operators()
+    spec = job_spec()
+    spec["template"]["spec"]["containers"][0]["name"] = "Report_1"
+    await crs.apply(
+        scaledjob("work", namespace=namespace, queue=queue, url=rabbitmq_url, job_spec=spec)
+    )
+    await crs.wait_condition("work", "Ready", "True", reason="DispatcherReady")
+    for i in range(8):
+        body = json.dumps({"task": f"t{i}"}).encode()
+        await publish(rabbitmq_url, queue, body, message_id=f"m{i}")
+    ready = await crs.wait_condition("work", "Ready", "False", reason="JobsRejected", within=60)
+    assert "422 Invalid" in ready["message"], ready
+    assert "spec.template.spec.containers[0].name (FieldValueInvalid)" in ready["message"]
+    status = await crs.status("work")
+    assert status["lastError"]["message"] == ready["message"]
+    # Nothing of the API server's own text (it quotes the value and the rule).
+    assert "RFC 1123" not in json.dumps(status)
+    assert "Report_1" not in json.dumps(status)
+
+    async def told() -> list[str] | None:
+        items = client.CoreV1Api(kube_api).list_namespaced_event(
+            namespace, field_selector="involvedObject.kind=ScaledJob,involvedObject.name=work"
+        ).items
+        found = [e.message for e in items if e.reason == "JobsRejected"]
+        return found or None
+
+    messages = await eventually(told, within=30)
+    assert len(messages) <= 2, messages  # aggregated: not one per refusal
+    assert all("RFC 1123" not in m for m in messages)
