@@ -65,6 +65,10 @@ __all__ = [
 ]
 
 
+STARTING = "starting"
+"""A DispatchUnit's ``problem`` before its source was first tried."""
+
+
 def selector_for(scaledjob: ScaledJob) -> str:
     return f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_SCALEDJOB}={scaledjob.name}"
 
@@ -162,8 +166,9 @@ class DispatchUnit:
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     depth: int | None = None
     """Messages waiting, as last sampled."""
-    problem: str | None = "starting"
-    """Why the unit is not consuming now (None when it is), for /readyz and logs."""
+    problem: str | None = STARTING
+    """Why the unit is not consuming now (None when it is), for /readyz and logs;
+    ``STARTING`` until its first connection is tried (not a problem, only a state)."""
     capacity: int = 0
     """The ``maxReplicaCount`` the source was opened with (its prefetch): the most a
     live resize can grant."""

@@ -371,7 +371,10 @@ class Operator:
             if want is None or want.keda or obj is None:
                 continue
             current = obj.get("status") or {}
-            status = desired_status(want, slot, current=current, owner=self.identity)
+            jobs = None if slot.unit is not None else self.shared_jobs.active(*key)
+            status = desired_status(
+                want, slot, current=current, owner=self.identity, active_jobs=jobs
+            )
             self._tell_rejections(key, want, slot)
             try:
                 await self.status.sync(want, status, current)

@@ -35,6 +35,7 @@ from jobrunner.operator.registry import Phase, Slot
 from jobrunner.operator.resources import Key, Wanted
 from jobrunner.protocols import ApiRejected, TransientError
 from jobrunner.redaction import redact
+from jobrunner.runner import STARTING
 from jobrunner.timestamps import now_rfc3339
 
 logger = logging.getLogger(__name__)
@@ -103,11 +104,18 @@ def rejected_problem(unit: Any) -> str | None:
 
 
 def desired_status(
-    wanted: Wanted, slot: Slot | None, *, current: Mapping[str, Any], owner: str
+    wanted: Wanted,
+    slot: Slot | None,
+    *,
+    current: Mapping[str, Any],
+    owner: str,
+    active_jobs: int | None = None,
 ) -> dict[str, Any]:
     """The status ``wanted`` should show, given its slot here and the status it shows
     now (``current``: transition times are kept when a condition's status is unchanged,
-    ``lastError`` and ``lastMessageTime`` are carried over)."""
+    ``lastError`` and ``lastMessageTime`` are carried over). ``active_jobs``: its Jobs
+    not finished, counted from the Job watch, for when no dispatcher runs (paused,
+    failing): running Jobs go on then, and the status says so."""
     previous = {c.get("type", ""): c for c in current.get("conditions") or []}
     generation = slot.observed if slot is not None and slot.observed else wanted.generation
     unit = slot.unit if slot is not None else None
@@ -133,6 +141,11 @@ def desired_status(
                 f"consuming from {unit.kind.destination} {unit.destination}",
             )
             problem = None
+        elif unit.problem == STARTING:
+            # A state, not a problem: lastError keeps the last real one (a restart of the
+            # operator must not overwrite it with "starting").
+            where = f"{unit.kind.destination} {unit.destination}"
+            ready = ("False", "Starting", f"connecting to {where}")
         elif not unit.tracker.synced.is_set() and unit.problem is None:
             ready = ("False", "JobWatchNotSynced", why)
         else:
@@ -141,7 +154,7 @@ def desired_status(
     else:
         ready = ("False", "Starting", "starting the dispatcher")
 
-    active = len(unit.dispatcher.limiter) if unit is not None else None
+    active = len(unit.dispatcher.limiter) if unit is not None else active_jobs
     spec_max = wanted.scaledjob.spec.maxReplicaCount if wanted.scaledjob else 0
     if active:
         active_c = ("True", "JobsActive", f"{active} Job(s) active of at most {spec_max}")

@@ -17,8 +17,8 @@ from kubernetes import client
 
 from tests.helpers import eventually
 from tests.integration.harness import jobs_of, publish
-from tests.integration.operator_harness import OperatorProcess, ScaledJobs, scaledjob
-from tests.integration.test_operator import crs, job_spec, operators, queues
+from tests.integration.operator_harness import OperatorProcess, ScaledJobs, active, scaledjob
+from tests.integration.test_operator import crs, job_spec, operators, queues, send
 
 pytestmark = [pytest.mark.kube, pytest.mark.rabbitmq, pytest.mark.usefixtures("jobrunner_crds")]
 __all__ = ["crs", "operators", "queues"]  # fixtures shared with test_operator
@@ -143,3 +143,66 @@ async def test_jobs_only_the_api_server_refuses_make_the_scaledjob_not_ready_wit
     messages = await eventually(told, within=30)
     assert len(messages) <= 2, messages  # aggregated: not one per refusal
     assert all("RFC 1123" not in m for m in messages)
+
+
+def running(kube_api: client.ApiClient, namespace: str, name: str) -> int:
+    return sum(1 for j in jobs_of(kube_api, namespace, name) if active(j))
+
+
+async def test_paused_with_jobs_running_shows_them_active(
+    kube_api: client.ApiClient,
+    namespace: str,
+    rabbitmq_url: str,
+    queues: Callable[..., Any],
+    crs: ScaledJobs,
+    operators: Callable[..., OperatorProcess],
+) -> None:
+    """Pausing stops consuming, not the running Jobs: ACTIVE and ``Active`` go on
+    counting them (from the Job watch, as no dispatcher runs)."""
+    (queue,) = await queues()
+    operators()
+    body = scaledjob(
+        "work",
+        namespace=namespace,
+        queue=queue,
+        url=rabbitmq_url,
+        job_spec=job_spec(),
+        maxReplicaCount=5,
+    )
+    await crs.apply(body)
+    await crs.wait_condition("work", "Ready", "True", reason="DispatcherReady")
+    await send(rabbitmq_url, queue, *[f"long-{i}" for i in range(5)], seconds=300)
+
+    async def five() -> bool:
+        return running(kube_api, namespace, "work") == 5
+
+    await eventually(five, within=60)
+    body["metadata"]["annotations"] = {"jobrunner.dev/paused": "true"}
+    await crs.apply(body)
+    await crs.wait_condition("work", "Paused", "True", reason="ScaledJobPaused")
+    await crs.wait_condition("work", "Active", "True", reason="JobsActive", within=30)
+    await crs.wait_status("work", "activeJobs", 5, within=30)
+    assert running(kube_api, namespace, "work") == 5
+
+
+async def test_a_routine_start_or_restart_is_no_last_error(
+    kube_api: client.ApiClient,
+    namespace: str,
+    rabbitmq_url: str,
+    queues: Callable[..., Any],
+    crs: ScaledJobs,
+    operators: Callable[..., OperatorProcess],
+) -> None:
+    """lastError is the latest problem, kept after recovery: a ScaledJob that never
+    erred has none after a start and after the operator's restart, and a real one
+    survives the restart."""
+    (queue,) = await queues()
+    first = operators("op-a")
+    await crs.apply(scaledjob("work", namespace=namespace, queue=queue, url=rabbitmq_url))
+    await crs.wait_condition("work", "Ready", "True", reason="DispatcherReady")
+    assert "lastError" not in await crs.status("work")
+    first.terminate()
+    operators("op-b")
+    await crs.wait_status("work", "owner", "op-b", within=60)
+    await crs.wait_condition("work", "Ready", "True", reason="DispatcherReady")
+    assert "lastError" not in await crs.status("work")
