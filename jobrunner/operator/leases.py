@@ -188,6 +188,21 @@ class LeaseKeeper:
         obj = self.informer.store.get((self.namespace, self.bucket_name(bucket)))
         return str(((obj or {}).get("spec") or {}).get("holderIdentity") or "")
 
+    def silent_holder(self, bucket: int) -> str | None:
+        """The holder of ``bucket`` when it is another replica whose member Lease this one
+        has not seen renewed for ``renew_deadline`` seconds (or that has none): by its
+        own rule it serves nothing any more (or is gone), though the bucket is not free
+        before ``duration``. None otherwise, and while this replica's own view is not
+        valid (one cut off from the API server must not judge the others)."""
+        holder = self.holder(bucket)
+        now = self._clock()
+        if not holder or holder == self.identity or not self._valid(now):
+            return None
+        seen = self._seen.get(self._member_of(holder)) or self._seen.get(self.bucket_name(bucket))
+        if seen is None or now - seen[1] < self.renew_deadline:
+            return None
+        return holder
+
     def _free(self, bucket: int, now: float) -> bool:
         holder = self.holder(bucket)
         if not holder:

@@ -29,6 +29,7 @@ from jobrunner.config import Settings
 from jobrunner.httpserver import Heartbeat, HttpEndpoints
 from jobrunner.operator import api
 from jobrunner.operator.api import ObjectClient
+from jobrunner.operator.crd import NO_OPERATOR
 from jobrunner.operator.informer import Informer
 from jobrunner.operator.jobwatch import SharedJobs
 from jobrunner.operator.leases import LeaseKeeper
@@ -48,6 +49,7 @@ from jobrunner.operator.status import (
     desired_status,
     rejected_problem,
     rejection_summary,
+    unserved_status,
 )
 from jobrunner.protocols import ApiRejected, JobClient, TransientError
 from jobrunner.rendering import render_pool
@@ -380,11 +382,81 @@ class Operator:
                 await self.status.sync(want, status, current)
             except (TransientError, ApiRejected) as exc:
                 logger.info("could not write the status of %s/%s: %s", *key, exc)
+        reported = await self._report_silent_owners()
         # Deleted ScaledJobs and buckets given up: nothing of theirs stays in memory.
-        self.status.retain(self.registry.slots)
+        self.status.retain([*self.registry.slots, *reported])
         self.secrets.retain(self.registry.slots)
         for key in [k for k in self._rejections_told if k not in self.registry.slots]:
             del self._rejections_told[key]
+
+    async def _report_silent_owners(self) -> list[Key]:
+        """The ScaledJobs of buckets whose holder stopped renewing its member Lease (a
+        SIGKILL, a node lost): by its own rule it stopped serving them at its renew
+        deadline, so their status must not go on saying Ready with it as the owner
+        until a replica takes the bucket over at the lease duration. Every live replica
+        that sees them may write this (the same status: the writer skips it when the
+        object already shows it). Returns the keys reported."""
+        buckets = self.settings.operator.buckets
+        op = self.settings.operator
+        reported: list[Key] = []
+        for key, want in self._all.items():
+            if key in self.registry.slots or want.keda:
+                continue
+            holder = self.leases.silent_holder(bucket_of(key, buckets))
+            obj = self._objects_by_key.get(key)
+            if holder is None or obj is None:
+                continue
+            current = obj.get("status") or {}
+            if current.get("owner") != holder:
+                continue  # not written by the silent one (or already reported)
+            status = unserved_status(
+                current,
+                reason="OwnerGone",
+                message=(
+                    f"the replica {holder} serving it has not renewed its Lease for "
+                    f"{op.renew_deadline_seconds:.0f}s, so it serves nothing now; another "
+                    f"replica takes it over {op.lease_duration_seconds:.0f}s after its "
+                    "last renewal"
+                ),
+            )
+            status["owner"] = holder  # who it was: the takeover replaces it
+            reported.append(key)
+            try:
+                await self.status.sync(want, status, current)
+            except (TransientError, ApiRejected) as exc:
+                logger.info("could not write the status of %s/%s: %s", *key, exc)
+        return reported
+
+    async def _report_stopped(self, served: list[Wanted]) -> None:
+        """On a clean stop, after the units stopped and before the Leases are given up
+        (so no successor has written yet): each ScaledJob served here shows Ready and
+        Active Unknown, ``NoOperator``, and no owner — true until a replica takes it
+        over, and for good after ``helm uninstall``. Bounded: 5 s for all."""
+
+        async def one(want: Wanted) -> None:
+            obj = self._objects_by_key.get(want.key) or {}
+            current = obj.get("status") or {}
+            status = unserved_status(
+                current,
+                reason=NO_OPERATOR,
+                message=f"the replica {self.identity} that served it stopped; another "
+                "replica takes it over if one runs",
+            )
+            try:
+                await self.status.sync(want, status, current)
+            except (TransientError, ApiRejected) as exc:
+                logger.info("could not write the status of %s/%s: %s", *want.key, exc)
+
+        if not served:
+            return
+        try:
+            async with asyncio.timeout(5.0):
+                await asyncio.gather(*(one(w) for w in served))
+        except TimeoutError:
+            logger.warning(
+                "could not mark every ScaledJob served here as without an operator in 5s; "
+                "the next owner writes their status"
+            )
 
     def _tell_rejections(self, key: Key, want: Wanted, slot: Slot) -> None:
         """A Warning ``JobsRejected`` Event on the ScaledJob (not on Jobs that do not
@@ -503,7 +575,10 @@ class Operator:
             await stop_tasks(
                 [t for t in tasks if t.get_name() in ("reconcile", "status", "secrets")], grace=0
             )
+            slots = self.registry.slots.values()
+            served = [s.seen for s in slots if s.seen is not None and not s.seen.keda]
             await self.registry.close(grace=self.settings.dispatcher.shutdown_grace_seconds)
+            await self._report_stopped(served)
             await self.renders.close()
             await self.shared_jobs.close()
             await stop_tasks([t for t in tasks if t.get_name() == "leases"], grace=0)

@@ -184,6 +184,41 @@ def desired_status(
     return status
 
 
+def unserved_status(current: Mapping[str, Any], *, reason: str, message: str) -> dict[str, Any]:
+    """The status of a ScaledJob that no replica serves now, from what it shows
+    (``current``): ``Ready`` and ``Active`` Unknown with ``reason`` (nobody consumes
+    or counts its Jobs now), ``Paused`` and ``lastError`` kept, no ``owner`` and no
+    ``activeJobs`` — rather than the last owner's ``Ready=True``, which would outlive it.
+    Written by a replica that stops cleanly (``NoOperator``) and by the survivors that
+    see an owner stop renewing its Lease (``OwnerGone``)."""
+    previous = {c.get("type", ""): c for c in current.get("conditions") or []}
+    generation = int(current.get("observedGeneration") or 0)
+    kept = [
+        c for c in current.get("conditions") or [] if c.get("type") not in ("Ready", "Active")
+    ]
+    conditions = [
+        _condition("Ready", "Unknown", reason, message, generation=generation, previous=previous),
+        _condition(
+            "Active",
+            "Unknown",
+            reason,
+            "no replica counts its Jobs now; running Jobs go on",
+            generation=generation,
+            previous=previous,
+        ),
+        *kept,
+    ]
+    return {
+        "observedGeneration": current.get("observedGeneration"),
+        "conditions": conditions,
+        "triggersTypes": current.get("triggersTypes"),
+        "owner": None,
+        "activeJobs": None,
+        "lastMessageTime": current.get("lastMessageTime"),
+        "lastError": current.get("lastError"),
+    }
+
+
 def _comparable(status: Mapping[str, Any], *, volatile: bool) -> dict[str, Any]:
     out = {k: v for k, v in status.items() if v is not None}
     out["conditions"] = [

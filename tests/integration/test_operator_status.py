@@ -5,6 +5,7 @@ Events, Leases left behind). On the real stack, one behaviour per test."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import time
@@ -206,3 +207,82 @@ async def test_a_routine_start_or_restart_is_no_last_error(
     await crs.wait_status("work", "owner", "op-b", within=60)
     await crs.wait_condition("work", "Ready", "True", reason="DispatcherReady")
     assert "lastError" not in await crs.status("work")
+
+
+async def test_a_clean_stop_leaves_no_ready_and_no_owner_behind(
+    namespace: str,
+    rabbitmq_url: str,
+    queues: Callable[..., Any],
+    crs: ScaledJobs,
+    operators: Callable[..., OperatorProcess],
+) -> None:
+    """After the last replica stops (``helm uninstall``), nothing serves the ScaledJob:
+    it must not go on saying Ready=True DispatcherReady with the old owner."""
+    (queue,) = await queues()
+    op = operators("op-a")
+    await crs.apply(scaledjob("work", namespace=namespace, queue=queue, url=rabbitmq_url))
+    await crs.wait_condition("work", "Ready", "True", reason="DispatcherReady")
+    assert op.terminate() == 0
+    status = await crs.status("work")
+    ready = await crs.condition("work", "Ready")
+    assert (ready["status"], ready["reason"]) == ("Unknown", "NoOperator"), status
+    assert "op-a" in ready["message"]
+    assert "owner" not in status
+
+
+async def test_a_scaledjob_no_replica_watches_says_so(
+    kube_api: client.ApiClient, namespace: str, crs: ScaledJobs
+) -> None:
+    """No replica watches this namespace (or none runs): the API server's default
+    condition says so, in the READY column and in the reason."""
+    await crs.apply(scaledjob("lonely", namespace=namespace, queue="q", url="amqp://x/"))
+    ready = await crs.condition("lonely", "Ready")
+    assert (ready["status"], ready["reason"]) == ("Unknown", "NoOperator")
+    assert "watches its namespace" in ready["message"]
+
+
+SLOW_LEASES = {
+    "JOBRUNNER_OPERATOR__LEASE_DURATION_SECONDS": "20",
+    "JOBRUNNER_OPERATOR__RENEW_SECONDS": "1",
+    "JOBRUNNER_OPERATOR__RENEW_DEADLINE_SECONDS": "6",
+}
+"""A window between the renew deadline (6 s) and the takeover (20 s) wide enough to see
+on a busy machine."""
+
+
+async def test_a_killed_owner_is_not_shown_ready_until_the_takeover(
+    namespace: str,
+    rabbitmq_url: str,
+    queues: Callable[..., Any],
+    crs: ScaledJobs,
+    operators: Callable[..., OperatorProcess],
+) -> None:
+    """SIGKILL the replica serving a ScaledJob: once it has missed its renew deadline
+    (when it would have stopped serving anyway), the survivor shows Ready=Unknown
+    OwnerGone naming it; at the takeover, Ready=True with the survivor as owner."""
+    (queue,) = await queues()
+    replicas = {name: operators(name, env=SLOW_LEASES) for name in ("op-a", "op-b")}
+    for replica in replicas.values():
+        await replica.started_serving()
+    await crs.apply(scaledjob("work", namespace=namespace, queue=queue, url=rabbitmq_url))
+    await crs.wait_condition("work", "Ready", "True", reason="DispatcherReady")
+
+    async def settled_owner() -> str | None:
+        # Both replicas joined and took their share: the owner no longer moves.
+        first = (await crs.status("work")).get("owner")
+        await asyncio.sleep(3)
+        again = await crs.status("work")
+        ready = await crs.condition("work", "Ready")
+        if first and first == again.get("owner") and ready.get("status") == "True":
+            return str(first)
+        return None
+
+    owner = await eventually(settled_owner, within=60)
+    survivor = next(n for n in replicas if n != owner)
+    replicas[owner].kill()
+    killed = time.monotonic()
+    gone = await crs.wait_condition("work", "Ready", "Unknown", reason="OwnerGone", within=20)
+    assert owner in gone["message"]
+    assert time.monotonic() - killed < 20, "shown before the takeover"
+    await crs.wait_status("work", "owner", survivor, within=60)
+    await crs.wait_condition("work", "Ready", "True", reason="DispatcherReady")

@@ -6,7 +6,12 @@ import json
 from types import SimpleNamespace
 
 from jobrunner.kube.client import _rejection
-from jobrunner.operator.status import REJECTED_NOT_READY, rejected_problem, rejection_summary
+from jobrunner.operator.status import (
+    REJECTED_NOT_READY,
+    rejected_problem,
+    rejection_summary,
+    unserved_status,
+)
 from jobrunner.protocols import ApiRejected
 
 INVALID = {
@@ -54,3 +59,26 @@ def test_only_refusals_in_a_row_make_a_consuming_scaledjob_not_ready() -> None:
     assert rejected_problem(unit) == first  # the condition does not change with the count
     unit.dispatcher.rejected_in_row = 0  # a Job accepted since
     assert rejected_problem(unit) is None
+
+
+def test_a_scaledjob_nobody_serves_keeps_its_history_but_claims_nothing() -> None:
+    current = {
+        "observedGeneration": 3,
+        "owner": "op-a",
+        "activeJobs": 2,
+        "lastError": {"message": "old", "time": "2026-01-01T00:00:00Z"},
+        "conditions": [
+            {"type": "Ready", "status": "True", "reason": "DispatcherReady", "message": "m"},
+            {"type": "Active", "status": "True", "reason": "JobsActive", "message": "m"},
+            {"type": "Paused", "status": "False", "reason": "ScaledJobUnpaused", "message": "m"},
+        ],
+    }
+    status = unserved_status(current, reason="NoOperator", message="op-a stopped")
+    by_type = {c["type"]: c for c in status["conditions"]}
+    assert (by_type["Ready"]["status"], by_type["Ready"]["reason"]) == ("Unknown", "NoOperator")
+    assert by_type["Active"]["status"] == "Unknown"
+    assert by_type["Paused"] == current["conditions"][2]
+    assert status["owner"] is None
+    assert status["activeJobs"] is None
+    assert status["lastError"] == current["lastError"]
+    assert status["observedGeneration"] == 3
