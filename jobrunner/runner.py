@@ -365,22 +365,25 @@ class DispatchUnit:
     async def _sample_depth(self, telemetry: Telemetry, interval: float) -> None:
         """Samples the queue's depth (and Kafka's lag per partition) into the gauges
         until cancelled; then removes this unit's series, so a ScaledJob deleted or
-        moved to another replica leaves no stale figure behind."""
+        moved to another replica leaves no stale figure behind. While the depth is not
+        known (not connected yet, the queue missing or deleted) the series is absent,
+        never 0: an empty queue and one that does not exist must not look alike."""
         metrics = telemetry.metrics
         # /metrics is unauthenticated: a queue URL's credentials never reach a label.
         series = (self.scaledjob.namespace, self.name, redact(self.destination))
-        gauge = metrics.queue_depth.labels(*series)
         partitions: set[str] = set()
         try:
             while True:
-                if self.problem is None:
-                    self.depth = await self.source.depth()
-                    if self.depth is not None:
-                        gauge.set(self.depth)
-                    if isinstance(self.source, ReportsLag):
-                        for partition, lag in (await self.source.partition_lag()).items():
-                            metrics.consumer_lag.labels(*series, partition).set(lag)
-                            partitions.add(partition)
+                self.depth = await self.source.depth() if self.problem is None else None
+                if self.depth is not None:
+                    metrics.queue_depth.labels(*series).set(self.depth)
+                else:
+                    with contextlib.suppress(KeyError):
+                        metrics.queue_depth.remove(*series)
+                if self.problem is None and isinstance(self.source, ReportsLag):
+                    for partition, lag in (await self.source.partition_lag()).items():
+                        metrics.consumer_lag.labels(*series, partition).set(lag)
+                        partitions.add(partition)
                 await asyncio.sleep(interval)
         finally:
             with contextlib.suppress(KeyError):

@@ -52,8 +52,9 @@ from jobrunner.operator.status import (
     unserved_status,
 )
 from jobrunner.protocols import ApiRejected, JobClient, TransientError
+from jobrunner.redaction import redact
 from jobrunner.rendering import render_pool
-from jobrunner.runner import DispatchUnit
+from jobrunner.runner import STARTING, DispatchUnit
 from jobrunner.tasks import is_essential, start_guarded, stop_tasks
 from jobrunner.telemetry import Telemetry
 from jobrunner.triggers import Reach
@@ -61,9 +62,9 @@ from jobrunner.triggers import Reach
 logger = logging.getLogger(__name__)
 
 UnitBuilder = Callable[[Wanted], Awaitable[DispatchUnit]]
-REJECTION_EVENT_SECONDS = 300.0
-"""While the API server keeps refusing a ScaledJob's Jobs for the same reason, at most
-one JobsRejected Event per this many seconds (with the count)."""
+TROUBLE_EVENT_SECONDS = 300.0
+"""While a ScaledJob's dispatcher stays in the same trouble (SourceFailed, JobsRejected),
+at most one Warning Event about it per this many seconds."""
 
 
 class Operator:
@@ -174,8 +175,8 @@ class Operator:
         self._conflicts: set[Key] = set()
         self._parse_cache: dict[Key, tuple[tuple[Any, ...], Wanted]] = {}
         self._registered: list[Collector] = []
-        self._rejections_told: dict[Key, tuple[str, int, float]] = {}
-        """Key -> (the refusal last told in a JobsRejected Event, the count then, when)."""
+        self._told: dict[tuple[Key, str], tuple[str, str, float]] = {}
+        """(key, Event reason) -> (the trouble last told, its message, when)."""
 
     # ------------------------------------------------------------------ wiring
     def poke(self) -> None:
@@ -377,7 +378,7 @@ class Operator:
             status = desired_status(
                 want, slot, current=current, owner=self.identity, active_jobs=jobs
             )
-            self._tell_rejections(key, want, slot)
+            self._tell_trouble(key, want, slot)
             try:
                 await self.status.sync(want, status, current)
             except (TransientError, ApiRejected) as exc:
@@ -386,8 +387,8 @@ class Operator:
         # Deleted ScaledJobs and buckets given up: nothing of theirs stays in memory.
         self.status.retain([*self.registry.slots, *reported])
         self.secrets.retain(self.registry.slots)
-        for key in [k for k in self._rejections_told if k not in self.registry.slots]:
-            del self._rejections_told[key]
+        for told in [t for t in self._told if t[0] not in self.registry.slots]:
+            del self._told[told]
 
     async def _report_silent_owners(self) -> list[Key]:
         """The ScaledJobs of buckets whose holder stopped renewing its member Lease (a
@@ -458,35 +459,53 @@ class Operator:
                 "the next owner writes their status"
             )
 
-    def _tell_rejections(self, key: Key, want: Wanted, slot: Slot) -> None:
-        """A Warning ``JobsRejected`` Event on the ScaledJob (not on Jobs that do not
-        exist) while the API server refuses its Jobs: one when it starts or the reason
-        changes, then at most one every REJECTION_EVENT_SECONDS with the count since,
-        as Kubernetes' own event aggregation would."""
+    def _tell_trouble(self, key: Key, want: Wanted, slot: Slot) -> None:
+        """Warning Events on the ScaledJob (``kubectl describe jsj``) while its
+        dispatcher runs but is in trouble, as KEDA's ``KEDAScalerFailed``: ``SourceFailed``
+        when it cannot consume (the broker unreachable, credentials refused, the queue
+        missing: the source's words, which are jobrunner's), ``JobsRejected`` while the
+        API server refuses its Jobs (not on Jobs that do not exist). Each is told once
+        when it starts or its words change, then at most once every
+        TROUBLE_EVENT_SECONDS (with the count of refusals), as Kubernetes' own event
+        aggregation would; a trouble that comes and goes within that time is not told
+        again either."""
         unit = slot.unit
-        if unit is None or rejected_problem(unit) is None:
-            self._rejections_told.pop(key, None)
-            return
-        rejection = unit.dispatcher.last_rejection
-        assert rejection is not None
-        summary = rejection_summary(rejection)
-        count = unit.dispatcher.rejected_in_row
-        told = self._rejections_told.get(key)
+        troubles: dict[str, tuple[str, str]] = {}
+        """Reason -> (what identifies it, the Event's message)."""
+        if unit is not None:
+            # Only what the source says is wrong: not a start, nor the Job watch's sync.
+            problem = unit.problem or getattr(unit.source, "problem", None)
+            if problem and problem != STARTING:
+                why = redact(str(problem))
+                troubles["SourceFailed"] = (why, f"{why}; messages wait in the source")
+            rejection = unit.dispatcher.last_rejection
+            if rejected_problem(unit) is not None and rejection is not None:
+                summary = rejection_summary(rejection)
+                count = unit.dispatcher.rejected_in_row
+                troubles["JobsRejected"] = (
+                    summary,
+                    f"the API server refused {count} Jobs in a row ({summary}); their "
+                    "messages were dead-lettered: fix the Job template",
+                )
         now = time.monotonic()
-        if told is not None and told[0] == summary:
-            recent = now - told[2] < REJECTION_EVENT_SECONDS
-            if count == told[1] or recent:
-                return
-        self._rejections_told[key] = (summary, count, now)
-        self._event(
-            want,
-            "Warning",
-            "JobsRejected",
-            f"the API server refused {count} Jobs in a row ({summary}); their messages "
-            "were dead-lettered: fix the Job template",
-        )
+        for reason in ("SourceFailed", "JobsRejected"):
+            told = self._told.get((key, reason))
+            if reason not in troubles:
+                # Kept: a trouble that comes and goes is not told at every return.
+                continue
+            what, message = troubles[reason]
+            if told is not None and told[0] == what:
+                # Still in it later: told again (refusals only if there were more).
+                recent = now - told[2] < TROUBLE_EVENT_SECONDS
+                nothing_new = reason == "JobsRejected" and told[1] == message
+                quiet = recent or nothing_new
+            else:
+                quiet = False
+            if quiet:
+                continue
+            self._told[(key, reason)] = (what, message, now)
+            self._event(want, "Warning", reason, message)
 
-    # ------------------------------------------------------------------ health
     def readiness(self) -> tuple[bool, str]:
         """(ready, why) for ``/readyz``, which anyone who reaches the port may read: ready
         while the ScaledJob and TriggerAuthentication watches are in sync and the member

@@ -10,15 +10,18 @@ import base64
 import json
 import time
 import urllib.parse
+import uuid
 from collections.abc import Callable
 from typing import Any
 
+import aio_pika
 import pytest
 from kubernetes import client
 
 from tests.helpers import eventually
 from tests.integration.harness import jobs_of, publish
 from tests.integration.operator_harness import OperatorProcess, ScaledJobs, active, scaledjob
+from tests.integration.test_observability import free_port, get
 from tests.integration.test_operator import crs, job_spec, operators, queues, send
 
 pytestmark = [pytest.mark.kube, pytest.mark.rabbitmq, pytest.mark.usefixtures("jobrunner_crds")]
@@ -286,3 +289,71 @@ async def test_a_killed_owner_is_not_shown_ready_until_the_takeover(
     assert time.monotonic() - killed < 20, "shown before the takeover"
     await crs.wait_status("work", "owner", survivor, within=60)
     await crs.wait_condition("work", "Ready", "True", reason="DispatcherReady")
+
+
+async def test_a_missing_queue_gives_one_warning_event_and_no_depth(
+    kube_api: client.ApiClient,
+    namespace: str,
+    rabbitmq_url: str,
+    crs: ScaledJobs,
+    operators: Callable[..., OperatorProcess],
+) -> None:
+    """The broker side failing (here: the queue does not exist) is a Warning Event on
+    the ScaledJob in jobrunner's words (as KEDA's KEDAScalerFailed), once for a while of
+    retries, and the depth gauge has no value for it — not 0, which reads as an empty
+    queue. Once the queue exists: consuming, and its depth is 0."""
+    queue = f"q-missing-{uuid.uuid4().hex[:8]}"
+    port = free_port()
+    operators(
+        env={
+            "JOBRUNNER_TELEMETRY__HTTP_PORT": str(port),
+            "JOBRUNNER_TELEMETRY__QUEUE_DEPTH_INTERVAL_SECONDS": "1",
+        }
+    )
+    await crs.apply(scaledjob("work", namespace=namespace, queue=queue, url=rabbitmq_url))
+    await crs.wait_condition("work", "Ready", "False", reason="SourceUnavailable")
+
+    def warnings() -> list[Any]:
+        items = client.CoreV1Api(kube_api).list_namespaced_event(
+            namespace, field_selector="involvedObject.kind=ScaledJob,involvedObject.name=work"
+        ).items
+        return [e for e in items if e.reason == "SourceFailed"]
+
+    async def told() -> list[Any] | None:
+        return warnings() or None
+
+    (event,) = await eventually(told, within=30)
+    assert event.type == "Warning"
+    assert queue in event.message
+    assert "does not exist" in event.message
+    await asyncio.sleep(8)  # several reconnects (0.5 s doubling) and status passes
+    assert len(warnings()) == 1, "bounded: not one per retry"
+    text = (await asyncio.to_thread(get, f"http://127.0.0.1:{port}/metrics"))[1]
+    depth = [
+        line
+        for line in text.splitlines()
+        if line.startswith("jobrunner_queue_depth_messages{") and queue in line
+    ]
+    assert depth == [], depth
+
+    async with await aio_pika.connect(rabbitmq_url) as connection:
+        channel = await connection.channel()
+        await channel.declare_queue(queue, durable=True)
+    try:
+        await crs.wait_condition("work", "Ready", "True", reason="DispatcherReady", within=90)
+
+        async def sampled() -> list[str] | None:
+            text = (await asyncio.to_thread(get, f"http://127.0.0.1:{port}/metrics"))[1]
+            found = [
+                line
+                for line in text.splitlines()
+                if line.startswith("jobrunner_queue_depth_messages{") and queue in line
+            ]
+            return found or None
+
+        (line,) = await eventually(sampled, within=30)
+        assert line.endswith(" 0.0"), line
+    finally:
+        async with await aio_pika.connect(rabbitmq_url) as connection:
+            channel = await connection.channel()
+            await channel.queue_delete(queue)
