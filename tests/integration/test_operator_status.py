@@ -12,6 +12,7 @@ import time
 import urllib.parse
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aio_pika
@@ -23,9 +24,10 @@ from tests.integration.harness import jobs_of, publish
 from tests.integration.operator_harness import OperatorProcess, ScaledJobs, active, scaledjob
 from tests.integration.test_observability import free_port, get
 from tests.integration.test_operator import crs, job_spec, operators, queues, send
+from tests.integration.test_operator_rbac import Release, release, service_account_kubeconfig
 
 pytestmark = [pytest.mark.kube, pytest.mark.rabbitmq, pytest.mark.usefixtures("jobrunner_crds")]
-__all__ = ["crs", "operators", "queues"]  # fixtures shared with test_operator
+__all__ = ["crs", "operators", "queues", "release"]  # fixtures shared with other tests
 
 
 def with_password(url: str, password: str) -> str:
@@ -357,3 +359,84 @@ async def test_a_missing_queue_gives_one_warning_event_and_no_depth(
         async with await aio_pika.connect(rabbitmq_url) as connection:
             channel = await connection.channel()
             await channel.queue_delete(queue)
+
+
+def leases_in(kube_api: client.ApiClient, namespace: str) -> list[Any]:
+    return list(client.CoordinationV1Api(kube_api).list_namespaced_lease(namespace).items)
+
+
+async def test_a_clean_stop_leaves_no_lease_behind(
+    kube_api: client.ApiClient,
+    namespace: str,
+    rabbitmq_url: str,
+    queues: Callable[..., Any],
+    crs: ScaledJobs,
+    operators: Callable[..., OperatorProcess],
+) -> None:
+    """SIGTERM of the last replica: its member Lease and the 16 bucket Leases it held
+    are deleted, and its log says so."""
+    (queue,) = await queues()
+    op = operators("op-a")
+    await crs.apply(scaledjob("work", namespace=namespace, queue=queue, url=rabbitmq_url))
+    await crs.wait_condition("work", "Ready", "True", reason="DispatcherReady")
+    assert len(leases_in(kube_api, namespace)) == 17
+    assert op.terminate() == 0
+    assert [lease.metadata.name for lease in leases_in(kube_api, namespace)] == []
+    assert "member Lease and 16 bucket Lease(s) removed" in op.logs()
+
+
+async def test_survivors_remove_the_member_lease_of_a_killed_replica(
+    kube_api: client.ApiClient, namespace: str, operators: Callable[..., OperatorProcess]
+) -> None:
+    """Identities carry a random suffix, so each crash would leave a member Lease for
+    good: a survivor deletes one not renewed for 4 lease durations (24 s here)."""
+    survivor, doomed = operators("op-a"), operators("op-b")
+    for replica in (survivor, doomed):
+        await replica.started_serving()
+
+    def members() -> list[str]:
+        return sorted(
+            lease.spec.holder_identity
+            for lease in leases_in(kube_api, namespace)
+            if (lease.metadata.labels or {}).get("jobrunner.dev/lease-role") == "member"
+        )
+
+    async def both() -> bool:
+        return members() == ["op-a", "op-b"]
+
+    await eventually(both, within=30)
+    doomed.kill()
+    killed = time.monotonic()
+
+    async def cleaned() -> bool:
+        return members() == ["op-a"]
+
+    await eventually(cleaned, within=90)
+    took = time.monotonic() - killed
+    assert took >= 24 - 1, f"removed after {took:.0f}s: before it was stale"
+    assert "removed the member Lease of op-b" in survivor.logs()
+
+
+async def test_a_403_on_its_own_leases_is_said_as_that_and_not_as_a_clean_exit(
+    kube_api: client.ApiClient,
+    kubeconfig: Path,
+    tmp_path: Path,
+    namespace: str,
+    release: Release,
+    operators: Callable[..., OperatorProcess],
+) -> None:
+    """The chart's ServiceAccount has Lease rights in the release namespace only: run
+    with another lease namespace, every renewal is refused 403, and the exit cannot
+    remove its Leases either. The log says what it is, and never 'left lease group'."""
+    config = service_account_kubeconfig(kube_api, kubeconfig, release, tmp_path / "sa.kubeconfig")
+    op = operators("chart-sa", config=config, lease_namespace=namespace)
+
+    async def denied() -> bool:
+        return "403 Forbidden" in op.logs()
+
+    await eventually(denied, within=60)
+    op.terminate()
+    logs = op.logs()
+    assert f"forbids this replica its Leases in namespace {namespace} (403)" in logs
+    assert "could not all be removed" in logs, logs[-3000:]
+    assert "left lease group" not in logs
