@@ -380,7 +380,7 @@ class Operator:
             )
             self._tell_trouble(key, want, slot)
             try:
-                await self.status.sync(want, status, current)
+                await self.status.sync(want, status, current, version=_version(obj))
             except (TransientError, ApiRejected) as exc:
                 logger.info("could not write the status of %s/%s: %s", *key, exc)
         reported = await self._report_silent_owners()
@@ -423,7 +423,7 @@ class Operator:
             status["owner"] = holder  # who it was: the takeover replaces it
             reported.append(key)
             try:
-                await self.status.sync(want, status, current)
+                await self.status.sync(want, status, current, version=_version(obj))
             except (TransientError, ApiRejected) as exc:
                 logger.info("could not write the status of %s/%s: %s", *key, exc)
         return reported
@@ -444,7 +444,7 @@ class Operator:
                 "replica takes it over if one runs",
             )
             try:
-                await self.status.sync(want, status, current)
+                await self.status.sync(want, status, current, version=_version(obj))
             except (TransientError, ApiRejected) as exc:
                 logger.info("could not write the status of %s/%s: %s", *want.key, exc)
 
@@ -640,6 +640,14 @@ async def serve_http(
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _version(obj: dict[str, Any]) -> int:
+    """An object's resourceVersion as a number (0 when it has none or not a number)."""
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
 
 
 def _ns(obj: dict[str, Any]) -> str:

@@ -5,10 +5,15 @@ Conditions have metav1.Condition's shape (``type``, ``status``, ``observedGenera
 
 * ``Ready``: True when the dispatcher consumes and its Job watch is in sync (reason
   ``DispatcherReady``), or when the ScaledJob is valid and paused (``ScaledJobPaused``);
-  False with ``InvalidSpec`` (the message names the field), ``Starting``,
-  ``SourceUnavailable`` (the broker's words), ``JobWatchNotSynced`` or
-  ``DispatcherFailed``.
-* ``Active``: True while Jobs of it run (``JobsActive``), else ``NoJobsActive``.
+  False with ``InvalidSpec`` (the message names the field), ``Starting`` (a state, not
+  a problem: no ``lastError``), ``SourceUnavailable`` (the source's words, which are
+  jobrunner's), ``JobWatchNotSynced``, ``DispatcherFailed`` or ``JobsRejected`` (the API
+  server refused ``REJECTED_NOT_READY`` Jobs in a row: its status, reason and fields);
+  Unknown when no replica serves it (``unserved_status``): ``NoOperator`` (the CRD's
+  default, and what a replica that stops cleanly writes) or ``OwnerGone`` (its replica
+  stopped renewing its Lease; written by the survivors until one takes it over).
+* ``Active``: True while Jobs of it run (``JobsActive``; counted from the Job watch
+  when no dispatcher runs, e.g. paused), else ``NoJobsActive``; Unknown with ``Ready``.
 * ``Paused``: ``ScaledJobPaused`` / ``ScaledJobUnpaused`` (KEDA's reasons), naming the
   annotation.
 
@@ -246,11 +251,14 @@ class StatusWriter:
         self._clock = clock
         self._written_at: dict[Key, float] = {}
         self._last: dict[Key, dict[str, Any]] = {}
+        self._version: dict[Key, int] = {}
+        """The object's resourceVersion our last write made."""
         self.writes = 0
 
     def forget(self, key: Key) -> None:
         self._written_at.pop(key, None)
         self._last.pop(key, None)
+        self._version.pop(key, None)
 
     def retain(self, keys: Iterable[Key]) -> None:
         """Forget every ScaledJob but ``keys`` (those still served or reported here), so
@@ -260,14 +268,25 @@ class StatusWriter:
             self.forget(key)
         for key in [k for k in self._written_at if k not in keep]:
             self._written_at.pop(key, None)
+        for key in [k for k in self._version if k not in keep]:
+            self._version.pop(key, None)
 
     async def sync(
-        self, wanted: Wanted, status: dict[str, Any], current: Mapping[str, Any]
+        self,
+        wanted: Wanted,
+        status: dict[str, Any],
+        current: Mapping[str, Any],
+        *,
+        version: int = 0,
     ) -> bool:
-        """Write ``status`` when it differs from ``current`` (the object's, or what we
-        wrote last, whichever is newer to us). True when written."""
+        """Write ``status`` when it differs from ``current`` (the object's, at
+        resourceVersion ``version``), or from what we wrote last when the object seen is
+        not newer than our write (a watch lagging behind it). A newer object counts: a
+        status another replica wrote meanwhile (``OwnerGone``, ``NoOperator``) is
+        written over when it is not what this replica has to say. True when written."""
         key = wanted.key
-        seen = self._last.get(key) or current
+        last = self._last.get(key)
+        seen = last if last is not None and version <= self._version.get(key, 0) else current
         if _comparable(status, volatile=False) == _comparable(seen, volatile=False):
             if _comparable(status, volatile=True) == _comparable(seen, volatile=True):
                 return False
@@ -290,13 +309,17 @@ class StatusWriter:
         if wanted.uid:  # a precondition: never write on a namesake created meanwhile
             patch["metadata"] = {"uid": wanted.uid}
         try:
-            await self._api.patch(path, patch)
+            written = await self._api.patch(path, patch)
         except ApiRejected as exc:
             if exc.status in (404, 409, 422):
                 self.forget(key)
                 return False  # deleted (or recreated) meanwhile
             raise
         self.writes += 1
+        try:
+            self._version[key] = int((written.get("metadata") or {}).get("resourceVersion") or 0)
+        except (ValueError, AttributeError):
+            self._version[key] = 0
         self._written_at[key] = self._clock()
         self._last[key] = {k: v for k, v in status.items() if v is not None}
         return True

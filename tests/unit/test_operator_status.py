@@ -6,13 +6,19 @@ import json
 from types import SimpleNamespace
 
 from jobrunner.kube.client import _rejection
+from jobrunner.operator import api
+from jobrunner.operator.resources import wanted_from
 from jobrunner.operator.status import (
     REJECTED_NOT_READY,
+    StatusWriter,
     rejected_problem,
     rejection_summary,
     unserved_status,
 )
 from jobrunner.protocols import ApiRejected
+from jobrunner.testing import MemoryObjects
+from tests.unit.test_operator import NS
+from tests.unit.test_operator_registry import scaledjob_object
 
 INVALID = {
     "kind": "Status",
@@ -82,3 +88,27 @@ def test_a_scaledjob_nobody_serves_keeps_its_history_but_claims_nothing() -> Non
     assert status["activeJobs"] is None
     assert status["lastError"] == current["lastError"]
     assert status["observedGeneration"] == 3
+
+
+async def test_a_status_another_replica_wrote_meanwhile_is_written_over() -> None:
+    """A survivor may write OwnerGone on a ScaledJob whose owner was only slow: when
+    the owner sees an object newer than its own write with another status, it writes
+    again; an object not newer than its write (a lagging watch) is not written over."""
+    store = MemoryObjects()
+    owner, survivor = store.client("owner"), store.client("survivor")
+    body = scaledjob_object("work", queue="q")
+    created = await owner.create(api.scaledjobs(NS), body)
+    want = wanted_from(created)
+    writer = StatusWriter(owner)
+    ready = {"owner": "op-a", "conditions": [{"type": "Ready", "status": "True"}]}
+    assert await writer.sync(want, ready, {}, version=int(created["metadata"]["resourceVersion"]))
+    path = api.item(api.scaledjobs(NS), "work", "status", what="ScaledJob name")
+    gone = {"owner": "op-a", "conditions": [{"type": "Ready", "status": "Unknown"}]}
+    stale = int(created["metadata"]["resourceVersion"])
+    assert not await writer.sync(want, ready, {}, version=stale), "a lagging watch: no write"
+    newer = await survivor.patch(path, {"status": gone})
+    version = int(newer["metadata"]["resourceVersion"])
+    assert await writer.sync(want, ready, gone, version=version)
+    assert (store.find(api.item(api.scaledjobs(NS), "work", what="n")) or {})["status"][
+        "conditions"
+    ] == ready["conditions"]
