@@ -95,6 +95,7 @@ async def test_a_corrected_secret_is_picked_up_without_touching_the_trigger_auth
     fixed = time.monotonic()
     await crs.wait_condition("work", "Ready", "True", reason="DispatcherReady", within=60)
     took = time.monotonic() - fixed
+    print(f"corrected Secret in use after {took:.1f}s")
     # 5 s between reads of a failing dispatcher's Secrets, the rebuild, the connection
     # and a status write (1 s loop): 20 s is a generous bound on a busy machine.
     assert took < 20, f"the corrected Secret took {took:.1f}s to be used"
@@ -288,7 +289,9 @@ async def test_a_killed_owner_is_not_shown_ready_until_the_takeover(
     killed = time.monotonic()
     gone = await crs.wait_condition("work", "Ready", "Unknown", reason="OwnerGone", within=20)
     assert owner in gone["message"]
-    assert time.monotonic() - killed < 20, "shown before the takeover"
+    shown = time.monotonic() - killed
+    assert shown < 20, "shown before the takeover"
+    print(f"OwnerGone shown {shown:.1f}s after the SIGKILL (renew deadline 6 s, lease 20 s)")
     await crs.wait_status("work", "owner", survivor, within=60)
     await crs.wait_condition("work", "Ready", "True", reason="DispatcherReady")
 
