@@ -987,6 +987,12 @@ class OperatorSettings(BaseModel):
     status_interval_seconds: float = Field(default=10.0, gt=0)
     """At most one status write per ScaledJob per this many seconds for the counters
     (``activeJobs``, ``lastMessageTime``); a condition that changes is written at once."""
+    secret_refresh_seconds: float = Field(default=30.0, gt=0, le=3600)
+    """How often the Secrets a consuming dispatcher was built from (those its
+    TriggerAuthentications name) are read again; a change rebuilds the dispatcher with
+    the new value. A dispatcher that cannot connect re-reads them every
+    ``min(5, this)`` seconds. Polled by name (``get``): the operator has no right to
+    list or watch Secrets (jobrunner.operator.secrets)."""
     tenant_env_allow_list: str = ""
     """Comma-separated names of the operator's own environment variables that ScaledJobs
     may read (KEDA's ``*FromEnv`` keys, TriggerAuthentication ``env``); empty, the

@@ -172,6 +172,10 @@ class Dispatcher:
         """Jobs with a settle-from-copy or release task running (one at a time each)."""
         self.last_message_at: float | None = None
         """When the last message arrived (epoch seconds), for the operator's status."""
+        self.rejected_in_row = 0
+        """Job creates the API server refused since the last one it accepted (for the
+        operator's status: a template only the server refuses must not look Ready)."""
+        self.last_rejection: ApiRejected | None = None
 
     def resize(self, scaledjob: ScaledJob) -> None:
         """Take a new spec whose only changes are limits (``maxReplicaCount``, history):
@@ -422,6 +426,7 @@ class Dispatcher:
                     job = await self._retry(lambda: marks.screen(adopted))
         except ApiRejected as exc:
             self.limiter.release(name)
+            self.rejected_in_row, self.last_rejection = self.rejected_in_row + 1, exc
             log.warning("%s rejected Job %s: %s", exc.by, name, exc)
             record.deciding = False
             await self._settle(
@@ -432,6 +437,7 @@ class Dispatcher:
             )
             return
         self._failpoints.hit("after-create")
+        self.rejected_in_row = 0
         delivery = record.handle.delivery
         finished = outcome_of(job)
         if created:

@@ -15,7 +15,13 @@ class ApiRejected(Exception):
     same request cannot help, so the message is dead-lettered with this text."""
 
     def __init__(
-        self, status: int, reason: str, message: str, *, by: str = "the API server"
+        self,
+        status: int,
+        reason: str,
+        message: str,
+        *,
+        by: str = "the API server",
+        causes: tuple[tuple[str, str], ...] = (),
     ) -> None:
         super().__init__(f"{status} {reason}: {message}")
         self.status = status
@@ -23,6 +29,10 @@ class ApiRejected(Exception):
         self.message = message
         self.by = by
         """Who refused: the API server, or the local executor in its stead."""
+        self.causes = causes
+        """(field, reason) pairs from the answer's ``details.causes`` (metav1.Status, as a
+        422 Invalid has them: ``spec.template.spec.containers[0].name``,
+        ``FieldValueInvalid``): what is wrong, named without the server's text."""
 
 
 class TransientError(Exception):

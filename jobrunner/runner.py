@@ -73,6 +73,10 @@ __all__ = [
 ]
 
 
+STARTING = "starting"
+"""A DispatchUnit's ``problem`` before its source was first tried."""
+
+
 def selector_for(scaledjob: ScaledJob) -> str:
     return f"{LABEL_MANAGED_BY}={MANAGED_BY},{LABEL_SCALEDJOB}={scaledjob.name}"
 
@@ -178,8 +182,9 @@ class DispatchUnit:
     tasks: list[asyncio.Task[Any]] = field(default_factory=list)
     depth: int | None = None
     """Messages waiting, as last sampled."""
-    problem: str | None = "starting"
-    """Why the unit is not consuming now (None when it is), for /readyz and logs."""
+    problem: str | None = STARTING
+    """Why the unit is not consuming now (None when it is), for /readyz and logs;
+    ``STARTING`` until its first connection is tried (not a problem, only a state)."""
     capacity: int = 0
     """The ``maxReplicaCount`` the source was opened with (its prefetch): the most a
     live resize can grant."""
@@ -380,22 +385,25 @@ class DispatchUnit:
     async def _sample_depth(self, telemetry: Telemetry, interval: float) -> None:
         """Samples the queue's depth (and Kafka's lag per partition) into the gauges
         until cancelled; then removes this unit's series, so a ScaledJob deleted or
-        moved to another replica leaves no stale figure behind."""
+        moved to another replica leaves no stale figure behind. While the depth is not
+        known (not connected yet, the queue missing or deleted) the series is absent,
+        never 0: an empty queue and one that does not exist must not look alike."""
         metrics = telemetry.metrics
         # /metrics is unauthenticated: a queue URL's credentials never reach a label.
         series = (self.scaledjob.namespace, self.name, redact(self.destination))
-        gauge = metrics.queue_depth.labels(*series)
         partitions: set[str] = set()
         try:
             while True:
-                if self.problem is None:
-                    self.depth = await self.source.depth()
-                    if self.depth is not None:
-                        gauge.set(self.depth)
-                    if isinstance(self.source, ReportsLag):
-                        for partition, lag in (await self.source.partition_lag()).items():
-                            metrics.consumer_lag.labels(*series, partition).set(lag)
-                            partitions.add(partition)
+                self.depth = await self.source.depth() if self.problem is None else None
+                if self.depth is not None:
+                    metrics.queue_depth.labels(*series).set(self.depth)
+                else:
+                    with contextlib.suppress(KeyError):
+                        metrics.queue_depth.remove(*series)
+                if self.problem is None and isinstance(self.source, ReportsLag):
+                    for partition, lag in (await self.source.partition_lag()).items():
+                        metrics.consumer_lag.labels(*series, partition).set(lag)
+                        partitions.add(partition)
                 await asyncio.sleep(interval)
         finally:
             with contextlib.suppress(KeyError):

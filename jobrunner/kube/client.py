@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import socket
 import threading
 import urllib.parse
@@ -64,17 +65,41 @@ def load_api_client(kubeconfig: str | None = None, context: str | None = None) -
     return client.ApiClient(configuration)
 
 
+_CAUSE_FIELD = re.compile(r"[A-Za-z0-9_.\[\]/-]{1,200}")
+_CAUSE_REASON = re.compile(r"[A-Za-z]{1,64}")
+
+
+def _causes(body: Any) -> tuple[tuple[str, str], ...]:
+    """(field, reason) of metav1.Status ``details.causes`` (at most 5), each kept only
+    when it has the shape of a field path and a CauseType: the words that name what is
+    wrong without the server's free text (which may quote what was sent)."""
+    details = body.get("details") if isinstance(body, dict) else None
+    causes = details.get("causes") if isinstance(details, dict) else None
+    found: list[tuple[str, str]] = []
+    for cause in causes if isinstance(causes, list) else []:
+        if not isinstance(cause, dict):
+            continue
+        field, why = str(cause.get("field") or ""), str(cause.get("reason") or "")
+        if _CAUSE_FIELD.fullmatch(field) and _CAUSE_REASON.fullmatch(why):
+            found.append((field, why))
+        if len(found) == 5:
+            break
+    return tuple(found)
+
+
 def _rejection(status: int, reason: str, data: bytes | None) -> Exception:
     message = reason
+    causes: tuple[tuple[str, str], ...] = ()
     try:
         body = json.loads(data or b"{}")
         message = body.get("message") or message
         reason = body.get("reason") or reason
+        causes = _causes(body)
     except (ValueError, TypeError, AttributeError):
         pass
     if status == 429 or status >= 500 or status == 0:
         return TransientError(f"API server answered {status}: {message}")
-    return ApiRejected(status, reason, message)
+    return ApiRejected(status, reason, message, causes=causes)
 
 
 def _unreachable(host: str, exc: BaseException) -> TransientError:

@@ -37,8 +37,10 @@ class Condition(BaseModel):
     status: Literal["True", "False", "Unknown"]
     observedGeneration: int | None = Field(default=None, ge=0)
     """The .metadata.generation the condition was set from."""
-    lastTransitionTime: str = Field(json_schema_extra={"format": "date-time"})
-    """When the status last changed."""
+    lastTransitionTime: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
+    """When the status last changed (always written by the operator; absent only in
+    the ``NoOperator`` condition the API server fills in for a ScaledJob no replica
+    has written)."""
     reason: str = Field(
         max_length=1024, min_length=1, pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$"
     )
@@ -71,6 +73,17 @@ class ScaledJobStatus(BaseModel):
     """The trigger types, comma-separated (as KEDA's, for the printer column)."""
     owner: str | None = None
     """The operator replica serving this ScaledJob."""
+
+
+NO_OPERATOR = "NoOperator"
+UNCLAIMED = {
+    "type": "Ready",
+    "status": "Unknown",
+    "reason": NO_OPERATOR,
+    "message": "no jobrunner operator serves this ScaledJob: none watches its namespace or "
+    "matches its labels, or none is running (see the operator's --watch-namespace and -l)",
+}
+"""The Ready condition the API server shows until a replica writes one."""
 
 
 def structural(schema: dict[str, Any]) -> dict[str, Any]:
@@ -249,6 +262,13 @@ def scaledjob_crd() -> dict[str, Any]:
         }
     ]
     status = structural(ScaledJobStatus.model_json_schema())
+    # A ScaledJob no replica serves (none watches its namespace, none matches its labels,
+    # none runs) would show every column blank: the API server fills in Ready=Unknown
+    # NoOperator instead, on every read of an object whose status has no conditions
+    # (structural defaulting, applied when reading from etcd). The operator replaces the
+    # list when it writes; removing it (a clean stop) brings the default back.
+    status["default"] = {}
+    status["properties"]["conditions"]["default"] = [UNCLAIMED]
     columns = [
         {"name": "Max", "type": "integer", "jsonPath": ".spec.maxReplicaCount"},
         {"name": "Active", "type": "integer", "jsonPath": ".status.activeJobs"},

@@ -27,7 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from jobrunner.models import LABEL_MANAGED_BY, MANAGED_BY
+from jobrunner.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY
 from jobrunner.protocols import (
     ApiRejected,
     JobClient,
@@ -37,6 +37,7 @@ from jobrunner.protocols import (
     WatchExpired,
 )
 from jobrunner.tasks import start_guarded, stop_tasks
+from jobrunner.tracker import outcome_of
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +185,20 @@ class SharedJobs:
     @property
     def namespaces(self) -> list[str]:
         return sorted(self._feeds)
+
+    def active(self, namespace: str, scaledjob: str) -> int | None:
+        """How many Jobs of ``scaledjob`` have not finished (tracker.outcome_of), from the
+        namespace's copy (its feed is opened if it was not): what ``activeJobs`` shows
+        while no dispatcher runs for it (paused, failing). None until in sync."""
+        feed = self._feed(namespace)
+        if not feed.synced.is_set():
+            return None
+        return sum(
+            1
+            for job in feed.jobs.values()
+            if (job["metadata"].get("labels") or {}).get(LABEL_SCALEDJOB) == scaledjob
+            and outcome_of(job) is None
+        )
 
     async def list_jobs(
         self, namespace: str, selector: str, *, limit: int = 500, continue_token: str | None = None

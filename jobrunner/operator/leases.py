@@ -20,8 +20,17 @@ them.
   its dispatchers before any other replica may decide it is gone. Overlap beyond that is
   made harmless by deterministic Job names (409 -> adopt) and the settled annotation, as
   in kopf's peering there are no per-object locks.
-* **Exit** (SIGTERM): dispatchers stop, then the member Lease is deleted and the buckets
-  cleared, so the others take over within one watch event, not one lease duration.
+* **Exit** (SIGTERM): dispatchers stop, then the member Lease and the bucket Leases this
+  replica holds are deleted (each only in the version it holds), so the others take over
+  within one watch event, not one lease duration, and a group whose last replica stops
+  cleanly (``helm uninstall``) leaves no Lease behind.
+* **Clean-up**: a member Lease not renewed for ``STALE_MEMBER_FACTOR`` lease durations
+  (60 s by default) is deleted by the survivors: identities carry a random suffix, so
+  every crashed replica would otherwise leave one for good. A bucket Lease needs no
+  clean-up: its holder is replaced when a survivor takes it over.
+* **403** on this replica's own Leases (its Role gone, e.g. after ``helm uninstall``, or
+  a lease namespace or group that is not the release's) is said as that, not as a
+  failed renewal or a clean exit.
 """
 
 from __future__ import annotations
@@ -48,6 +57,22 @@ logger = logging.getLogger(__name__)
 
 LABEL_GROUP = "jobrunner.dev/lease-group"
 LABEL_ROLE = "jobrunner.dev/lease-role"
+STALE_MEMBER_FACTOR = 4
+"""A member Lease not renewed for this many lease durations, as a survivor observed it,
+is deleted by that survivor (its replica is long gone: it stopped serving at its renew
+deadline and lost its buckets at one duration)."""
+
+
+def forbidden(exc: BaseException, namespace: str) -> str | None:
+    """What a 403 on the operator's own Leases means, in one line; None for another
+    error."""
+    if not isinstance(exc, ApiRejected) or exc.status != 403:
+        return None
+    return (
+        f"the API server forbids this replica its Leases in namespace {namespace} (403): its "
+        "RBAC is gone (helm uninstall?) or the lease namespace and group are not the "
+        "release's (--lease-namespace, JOBRUNNER_OPERATOR__LEASE_GROUP)"
+    )
 
 
 def micro_time() -> str:
@@ -203,6 +228,21 @@ class LeaseKeeper:
         obj = self.informer.store.get((self.namespace, self.bucket_name(bucket)))
         return str(((obj or {}).get("spec") or {}).get("holderIdentity") or "")
 
+    def silent_holder(self, bucket: int) -> str | None:
+        """The holder of ``bucket`` when it is another replica whose member Lease this one
+        has not seen renewed for ``renew_deadline`` seconds (or that has none): by its
+        own rule it serves nothing any more (or is gone), though the bucket is not free
+        before ``duration``. None otherwise, and while this replica's own view is not
+        valid (one cut off from the API server must not judge the others)."""
+        holder = self.holder(bucket)
+        now = self._clock()
+        if not holder or holder == self.identity or not self._valid(now):
+            return None
+        seen = self._seen.get(self._member_of(holder)) or self._seen.get(self.bucket_name(bucket))
+        if seen is None or now - seen[1] < self.renew_deadline:
+            return None
+        return holder
+
     def _free(self, bucket: int, now: float) -> bool:
         holder = self.holder(bucket)
         if not holder:
@@ -280,9 +320,11 @@ class LeaseKeeper:
                 self._wake.set()
                 pause = self.renew_every * random.uniform(0.85, 1.0)
             except (TransientError, ApiRejected, TimeoutError) as exc:
-                logger.warning(
-                    "renewing the member Lease failed (%s%s); trying again", exc, self._hint(exc)
-                )
+                denied = forbidden(exc, self.namespace)
+                if denied is not None:
+                    logger.error("%s%s; serving nothing, trying again", denied, self._hint(exc))
+                else:
+                    logger.warning("renewing the member Lease failed (%s); trying again", exc)
                 pause = min(1.0, self.renew_every / 2)
             await asyncio.sleep(pause)
 
@@ -309,6 +351,7 @@ class LeaseKeeper:
         now = self._clock()
         if not self._valid(now) or self._registered_at is None:
             return
+        await self._remove_stale_members(now)
         if now - self._registered_at < min(2.0, self.renew_every):
             return  # let the others' member Leases be seen before taking a share
         share = self.fair_share()
@@ -321,6 +364,31 @@ class LeaseKeeper:
             random.shuffle(free)
             for bucket in free[: share - len(held)]:
                 await self._take(bucket)
+
+    async def _remove_stale_members(self, now: float) -> None:
+        """Delete the member Leases of replicas gone for STALE_MEMBER_FACTOR durations
+        (each only in the version seen: one renewed meanwhile stays)."""
+        bound = STALE_MEMBER_FACTOR * self.duration
+        for (_, name), obj in list(self.informer.store.items()):
+            labels = (obj.get("metadata") or {}).get("labels") or {}
+            if labels.get(LABEL_ROLE) != "member" or name == self.member_name:
+                continue
+            seen = self._seen.get(name)
+            if seen is None or now - seen[1] < bound:
+                continue
+            try:
+                await self._api.delete(
+                    api.item(self._path, name, what="Lease name"),
+                    resource_version=str(_version(obj)),
+                )
+            except ApiRejected as exc:
+                if exc.status != 409:
+                    raise
+                continue  # renewed after all
+            holder = (obj.get("spec") or {}).get("holderIdentity") or name
+            logger.info(
+                "removed the member Lease of %s (not renewed for %.0fs)", holder, now - seen[1]
+            )
 
     async def _renew_member(self) -> None:
         sent = self._clock()
@@ -440,16 +508,63 @@ class LeaseKeeper:
             if exc.status not in (404, 409):
                 raise
 
+    async def _delete_bucket(self, bucket: int) -> None:
+        """Delete a bucket Lease we hold, in the version we hold it (409: someone took it
+        meanwhile, and it is theirs)."""
+        written = self._held.pop(bucket, None)
+        if written is None:
+            return
+        self.transitions += 1
+        current = self.informer.store.get((self.namespace, self.bucket_name(bucket)))
+        version = str(written)
+        if current is not None and _version(current) >= written:
+            if self.holder(bucket) != self.identity:
+                return  # already someone else's
+            version = current["metadata"]["resourceVersion"]
+        try:
+            await self._api.delete(
+                api.item(self._path, self.bucket_name(bucket), what="Lease name"),
+                resource_version=version,
+            )
+        except ApiRejected as exc:
+            if exc.status != 409:
+                raise
+
     async def release(self) -> None:
-        """On exit, after the dispatchers stopped: leave the group and clear our
-        buckets, so the others take them over at once. Best effort."""
+        """On exit, after the dispatchers stopped: delete our member Lease and the bucket
+        Leases we hold, so the others take them over at once and a clean stop leaves
+        nothing behind. Best effort; what could not be removed is said, with why."""
         self._owned = frozenset()
-        with contextlib.suppress(TransientError, ApiRejected):
+        problems: list[str] = []
+        held = sorted(self._held)
+        try:
             await self._api.delete(api.item(self._path, self.member_name, what="Lease name"))
-        for bucket in sorted(self._held):
-            with contextlib.suppress(TransientError, ApiRejected):
-                await self._clear(bucket)
-        logger.info("left lease group %s", self.group)
+        except (TransientError, ApiRejected) as exc:
+            problems.append(forbidden(exc, self.namespace) or f"member Lease: {exc}")
+        for bucket in held:
+            try:
+                await self._delete_bucket(bucket)
+            except (TransientError, ApiRejected) as exc:
+                if not problems or forbidden(exc, self.namespace) is None:
+                    problems.append(forbidden(exc, self.namespace) or f"bucket {bucket}: {exc}")
+        if problems:
+            logger.error(
+                "leaving lease group %s, its Leases in %s could not all be removed (%s); a "
+                "replica of the group removes a stale member Lease, or: kubectl delete lease "
+                "-n %s -l %s=%s",
+                self.group,
+                self.namespace,
+                "; ".join(dict.fromkeys(problems)),
+                self.namespace,
+                LABEL_GROUP,
+                self.group,
+            )
+            return
+        logger.info(
+            "left lease group %s: member Lease and %d bucket Lease(s) removed",
+            self.group,
+            len(held),
+        )
 
 
 def default_identity(pod_name: str | None, hostname: str) -> str:

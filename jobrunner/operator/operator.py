@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -27,10 +29,11 @@ from jobrunner.config import Settings
 from jobrunner.httpserver import Heartbeat, HttpEndpoints
 from jobrunner.operator import api
 from jobrunner.operator.api import ObjectClient
+from jobrunner.operator.crd import NO_OPERATOR
 from jobrunner.operator.informer import Informer
 from jobrunner.operator.jobwatch import SharedJobs
 from jobrunner.operator.leases import LeaseKeeper
-from jobrunner.operator.registry import Phase, Registry
+from jobrunner.operator.registry import Phase, Registry, Slot
 from jobrunner.operator.resources import (
     Key,
     Wanted,
@@ -39,10 +42,19 @@ from jobrunner.operator.resources import (
     takeover_requested,
     wanted_from,
 )
-from jobrunner.operator.status import EventRecorder, StatusWriter, desired_status
+from jobrunner.operator.secrets import SecretVersions, refresh_loop
+from jobrunner.operator.status import (
+    EventRecorder,
+    StatusWriter,
+    desired_status,
+    rejected_problem,
+    rejection_summary,
+    unserved_status,
+)
 from jobrunner.protocols import ApiRejected, JobClient, TransientError
+from jobrunner.redaction import redact
 from jobrunner.rendering import render_pool
-from jobrunner.runner import DispatchUnit
+from jobrunner.runner import STARTING, DispatchUnit
 from jobrunner.tasks import is_essential, start_guarded, stop_tasks
 from jobrunner.telemetry import Telemetry
 from jobrunner.triggers import Reach
@@ -50,6 +62,9 @@ from jobrunner.triggers import Reach
 logger = logging.getLogger(__name__)
 
 UnitBuilder = Callable[[Wanted], Awaitable[DispatchUnit]]
+TROUBLE_EVENT_SECONDS = 300.0
+"""While a ScaledJob's dispatcher stays in the same trouble (SourceFailed, JobsRejected),
+at most one Warning Event about it per this many seconds."""
 
 
 class Operator:
@@ -148,12 +163,20 @@ class Operator:
         )
         self.status = StatusWriter(objects, volatile_interval=op.status_interval_seconds)
         self.events = EventRecorder(objects, instance=identity)
+        self.secrets = SecretVersions(
+            jobs.read_secret,
+            on_change=self.poke,
+            refresh_seconds=op.secret_refresh_seconds,
+            failing_seconds=min(5.0, op.secret_refresh_seconds),
+        )
         self._side: set[asyncio.Task[Any]] = set()
         self._all: dict[Key, Wanted] = {}
         self._objects_by_key: dict[Key, dict[str, Any]] = {}
         self._conflicts: set[Key] = set()
         self._parse_cache: dict[Key, tuple[tuple[Any, ...], Wanted]] = {}
         self._registered: list[Collector] = []
+        self._told: dict[tuple[Key, str], tuple[str, str, float]] = {}
+        """(key, Event reason) -> (the trouble last told, its message, when)."""
 
     # ------------------------------------------------------------------ wiring
     def poke(self) -> None:
@@ -171,7 +194,7 @@ class Operator:
             settings=self.settings,
             telemetry=self._telemetry,
             authentications=wanted.authentications,
-            read_secret=self._jobs.read_secret,
+            read_secret=self.secrets.reader(wanted.key),
             base_dirs=self._template_dirs,
             reach=self.reach,
             renders=self.renders,
@@ -286,7 +309,9 @@ class Operator:
         self._all = self._collect()
         owned = self.leases.owned
         buckets = self.settings.operator.buckets
-        wanted = {k: w for k, w in self._all.items() if bucket_of(k, buckets) in owned}
+        wanted = {
+            k: self._with_secrets(w) for k, w in self._all.items() if bucket_of(k, buckets) in owned
+        }
         normal = self.settings.dispatcher.shutdown_grace_seconds
         op = self.settings.operator
         # A bucket lost because our renewals lapsed must be let go quickly: the others
@@ -297,6 +322,22 @@ class Operator:
             return normal if key not in self._all else urgent
 
         self.registry.reconcile(wanted, grace=grace)
+
+    def _with_secrets(self, want: Wanted) -> Wanted:
+        """``want`` with the epoch of its Secrets in its essence: a Secret that changed
+        replaces the dispatcher (jobrunner.operator.secrets)."""
+        epoch = self.secrets.epoch(want.key)
+        if not epoch or want.scaledjob is None:
+            return want
+        return dataclasses.replace(want, essence=f"{want.essence}/secrets-{epoch}")
+
+    def _serving(self) -> dict[Key, bool]:
+        """Key -> True while its dispatcher consumes, for every unit of this replica."""
+        return {
+            key: slot.unit.readiness() is None
+            for key, slot in self.registry.slots.items()
+            if slot.unit is not None
+        }
 
     async def _stop_buckets(self, buckets: frozenset[int]) -> None:
         """Before a bucket is given up: its units stop first (stop before start, across
@@ -333,15 +374,138 @@ class Operator:
             if want is None or want.keda or obj is None:
                 continue
             current = obj.get("status") or {}
-            status = desired_status(want, slot, current=current, owner=self.identity)
+            jobs = None if slot.unit is not None else self.shared_jobs.active(*key)
+            status = desired_status(
+                want, slot, current=current, owner=self.identity, active_jobs=jobs
+            )
+            self._tell_trouble(key, want, slot)
             try:
-                await self.status.sync(want, status, current)
+                await self.status.sync(want, status, current, version=_version(obj))
             except (TransientError, ApiRejected) as exc:
                 logger.info("could not write the status of %s/%s: %s", *key, exc)
+        reported = await self._report_silent_owners()
         # Deleted ScaledJobs and buckets given up: nothing of theirs stays in memory.
-        self.status.retain(self.registry.slots)
+        self.status.retain([*self.registry.slots, *reported])
+        self.secrets.retain(self.registry.slots)
+        for told in [t for t in self._told if t[0] not in self.registry.slots]:
+            del self._told[told]
 
-    # ------------------------------------------------------------------ health
+    async def _report_silent_owners(self) -> list[Key]:
+        """The ScaledJobs of buckets whose holder stopped renewing its member Lease (a
+        SIGKILL, a node lost): by its own rule it stopped serving them at its renew
+        deadline, so their status must not go on saying Ready with it as the owner
+        until a replica takes the bucket over at the lease duration. Every live replica
+        that sees them may write this (the same status: the writer skips it when the
+        object already shows it). Returns the keys reported."""
+        buckets = self.settings.operator.buckets
+        op = self.settings.operator
+        reported: list[Key] = []
+        for key, want in self._all.items():
+            if key in self.registry.slots or want.keda:
+                continue
+            holder = self.leases.silent_holder(bucket_of(key, buckets))
+            obj = self._objects_by_key.get(key)
+            if holder is None or obj is None:
+                continue
+            current = obj.get("status") or {}
+            if current.get("owner") != holder:
+                continue  # not written by the silent one (or already reported)
+            status = unserved_status(
+                current,
+                reason="OwnerGone",
+                message=(
+                    f"the replica {holder} serving it has not renewed its Lease for "
+                    f"{op.renew_deadline_seconds:.0f}s, so it serves nothing now; another "
+                    f"replica takes it over {op.lease_duration_seconds:.0f}s after its "
+                    "last renewal"
+                ),
+            )
+            status["owner"] = holder  # who it was: the takeover replaces it
+            reported.append(key)
+            try:
+                await self.status.sync(want, status, current, version=_version(obj))
+            except (TransientError, ApiRejected) as exc:
+                logger.info("could not write the status of %s/%s: %s", *key, exc)
+        return reported
+
+    async def _report_stopped(self, served: list[Wanted]) -> None:
+        """On a clean stop, after the units stopped and before the Leases are given up
+        (so no successor has written yet): each ScaledJob served here shows Ready and
+        Active Unknown, ``NoOperator``, and no owner — true until a replica takes it
+        over, and for good after ``helm uninstall``. Bounded: 5 s for all."""
+
+        async def one(want: Wanted) -> None:
+            obj = self._objects_by_key.get(want.key) or {}
+            current = obj.get("status") or {}
+            status = unserved_status(
+                current,
+                reason=NO_OPERATOR,
+                message=f"the replica {self.identity} that served it stopped; another "
+                "replica takes it over if one runs",
+            )
+            try:
+                await self.status.sync(want, status, current, version=_version(obj))
+            except (TransientError, ApiRejected) as exc:
+                logger.info("could not write the status of %s/%s: %s", *want.key, exc)
+
+        if not served:
+            return
+        try:
+            async with asyncio.timeout(5.0):
+                await asyncio.gather(*(one(w) for w in served))
+        except TimeoutError:
+            logger.warning(
+                "could not mark every ScaledJob served here as without an operator in 5s; "
+                "the next owner writes their status"
+            )
+
+    def _tell_trouble(self, key: Key, want: Wanted, slot: Slot) -> None:
+        """Warning Events on the ScaledJob (``kubectl describe jsj``) while its
+        dispatcher runs but is in trouble, as KEDA's ``KEDAScalerFailed``: ``SourceFailed``
+        when it cannot consume (the broker unreachable, credentials refused, the queue
+        missing: the source's words, which are jobrunner's), ``JobsRejected`` while the
+        API server refuses its Jobs (not on Jobs that do not exist). Each is told once
+        when it starts or its words change, then at most once every
+        TROUBLE_EVENT_SECONDS (with the count of refusals), as Kubernetes' own event
+        aggregation would; a trouble that comes and goes within that time is not told
+        again either."""
+        unit = slot.unit
+        troubles: dict[str, tuple[str, str]] = {}
+        """Reason -> (what identifies it, the Event's message)."""
+        if unit is not None:
+            # Only what the source says is wrong: not a start, nor the Job watch's sync.
+            problem = unit.problem or getattr(unit.source, "problem", None)
+            if problem and problem != STARTING:
+                why = redact(str(problem))
+                troubles["SourceFailed"] = (why, f"{why}; messages wait in the source")
+            rejection = unit.dispatcher.last_rejection
+            if rejected_problem(unit) is not None and rejection is not None:
+                summary = rejection_summary(rejection)
+                count = unit.dispatcher.rejected_in_row
+                troubles["JobsRejected"] = (
+                    summary,
+                    f"the API server refused {count} Jobs in a row ({summary}); their "
+                    "messages were dead-lettered: fix the Job template",
+                )
+        now = time.monotonic()
+        for reason in ("SourceFailed", "JobsRejected"):
+            told = self._told.get((key, reason))
+            if reason not in troubles:
+                # Kept: a trouble that comes and goes is not told at every return.
+                continue
+            what, message = troubles[reason]
+            if told is not None and told[0] == what:
+                # Still in it later: told again (refusals only if there were more).
+                recent = now - told[2] < TROUBLE_EVENT_SECONDS
+                nothing_new = reason == "JobsRejected" and told[1] == message
+                quiet = recent or nothing_new
+            else:
+                quiet = False
+            if quiet:
+                continue
+            self._told[(key, reason)] = (what, message, now)
+            self._event(want, "Warning", reason, message)
+
     def readiness(self) -> tuple[bool, str]:
         """(ready, why) for ``/readyz``, which anyone who reaches the port may read: ready
         while the ScaledJob and TriggerAuthentication watches are in sync and the member
@@ -400,6 +564,9 @@ class Operator:
             start_guarded(self.leases.run(), name="leases"),
             start_guarded(self._reconcile_loop(), name="reconcile"),
             start_guarded(self._status_loop(), name="status", essential=False),
+            start_guarded(
+                refresh_loop(self.secrets, self._serving), name="secrets", essential=False
+            ),
         ]
         selector = self.settings.operator.label_selector
         logger.info(
@@ -424,8 +591,13 @@ class Operator:
             # Stop before release: the units end (messages undecided go back to the
             # broker, running Jobs run on) while the Leases still say they are ours;
             # only then are the Leases given up, and the next owner starts.
-            await stop_tasks([t for t in tasks if t.get_name() in ("reconcile", "status")], grace=0)
+            await stop_tasks(
+                [t for t in tasks if t.get_name() in ("reconcile", "status", "secrets")], grace=0
+            )
+            slots = self.registry.slots.values()
+            served = [s.seen for s in slots if s.seen is not None and not s.seen.keda]
             await self.registry.close(grace=self.settings.dispatcher.shutdown_grace_seconds)
+            await self._report_stopped(served)
             await self.renders.close()
             await self.shared_jobs.close()
             await stop_tasks([t for t in tasks if t.get_name() == "leases"], grace=0)
@@ -468,6 +640,14 @@ async def serve_http(
 
 def _count(n: int, noun: str) -> str:
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def _version(obj: dict[str, Any]) -> int:
+    """An object's resourceVersion as a number (0 when it has none or not a number)."""
+    try:
+        return int((obj.get("metadata") or {}).get("resourceVersion") or 0)
+    except ValueError:
+        return 0
 
 
 def _ns(obj: dict[str, Any]) -> str:

@@ -193,8 +193,8 @@ class Registry:
                     desired,
                     "Normal",
                     "Replacing",
-                    f"generation {desired.generation}: trigger or template changed; dispatcher "
-                    "replaced, running Jobs untouched",
+                    f"generation {desired.generation}: the trigger, the template or a Secret "
+                    "they read changed; dispatcher replaced, running Jobs untouched",
                 )
                 return None
             if desired.generation != current.generation:

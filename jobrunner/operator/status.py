@@ -5,10 +5,15 @@ Conditions have metav1.Condition's shape (``type``, ``status``, ``observedGenera
 
 * ``Ready``: True when the dispatcher consumes and its Job watch is in sync (reason
   ``DispatcherReady``), or when the ScaledJob is valid and paused (``ScaledJobPaused``);
-  False with ``InvalidSpec`` (the message names the field), ``Starting``,
-  ``SourceUnavailable`` (the broker's words), ``JobWatchNotSynced`` or
-  ``DispatcherFailed``.
-* ``Active``: True while Jobs of it run (``JobsActive``), else ``NoJobsActive``.
+  False with ``InvalidSpec`` (the message names the field), ``Starting`` (a state, not
+  a problem: no ``lastError``), ``SourceUnavailable`` (the source's words, which are
+  jobrunner's), ``JobWatchNotSynced``, ``DispatcherFailed`` or ``JobsRejected`` (the API
+  server refused ``REJECTED_NOT_READY`` Jobs in a row: its status, reason and fields);
+  Unknown when no replica serves it (``unserved_status``): ``NoOperator`` (the CRD's
+  default, and what a replica that stops cleanly writes) or ``OwnerGone`` (its replica
+  stopped renewing its Lease; written by the survivors until one takes it over).
+* ``Active``: True while Jobs of it run (``JobsActive``; counted from the Job watch
+  when no dispatcher runs, e.g. paused), else ``NoJobsActive``; Unknown with ``Ready``.
 * ``Paused``: ``ScaledJobPaused`` / ``ScaledJobUnpaused`` (KEDA's reasons), naming the
   annotation.
 
@@ -35,11 +40,17 @@ from jobrunner.operator.registry import Phase, Slot
 from jobrunner.operator.resources import Key, Wanted
 from jobrunner.protocols import ApiRejected, TransientError
 from jobrunner.redaction import redact
+from jobrunner.runner import STARTING
 from jobrunner.timestamps import now_rfc3339
 
 logger = logging.getLogger(__name__)
 
 VOLATILE = ("activeJobs", "lastMessageTime")
+REJECTED_NOT_READY = 3
+"""Job creates refused in a row (with none accepted in between) after which a consuming
+ScaledJob is ``Ready=False JobsRejected``: one refusal may be a message's own (its
+rendered name, a value from its body); three in a row is the template or the namespace
+(an admission policy, a quota, RBAC)."""
 RECORDED_MAX = 256
 """Events kept in memory by ``EventRecorder.recorded`` (the newest; for tests and
 debugging): a replica serving thousands of ScaledJobs for months must not grow with
@@ -72,12 +83,44 @@ def _condition(
     }
 
 
+def rejection_summary(rejection: ApiRejected) -> str:
+    """An API server's refusal of a Job in jobrunner's words: its status, reason and the
+    fields it names (``details.causes``), never its free text (SECURITY.md: a server's
+    answer is not copied into status or Events)."""
+    fields = ", ".join(f"{field} ({why})" for field, why in rejection.causes)
+    return f"{rejection.status} {rejection.reason}" + (f": {fields}" if fields else "")
+
+
+def rejected_problem(unit: Any) -> str | None:
+    """Why a consuming unit is not Ready although it consumes: the API server refused
+    its last ``REJECTED_NOT_READY`` or more Job creates; None otherwise."""
+    dispatcher = unit.dispatcher
+    count = int(getattr(dispatcher, "rejected_in_row", 0) or 0)
+    rejection = getattr(dispatcher, "last_rejection", None)
+    if count < REJECTED_NOT_READY or not isinstance(rejection, ApiRejected):
+        return None
+    # No count here: the condition (and lastError) must not change with every refusal;
+    # the JobsRejected Events count them.
+    return (
+        f"the API server refuses this ScaledJob's Jobs ({rejection_summary(rejection)}; "
+        f"{REJECTED_NOT_READY} or more in a row) and their messages are dead-lettered: fix "
+        "the Job template"
+    )
+
+
 def desired_status(
-    wanted: Wanted, slot: Slot | None, *, current: Mapping[str, Any], owner: str
+    wanted: Wanted,
+    slot: Slot | None,
+    *,
+    current: Mapping[str, Any],
+    owner: str,
+    active_jobs: int | None = None,
 ) -> dict[str, Any]:
     """The status ``wanted`` should show, given its slot here and the status it shows
     now (``current``: transition times are kept when a condition's status is unchanged,
-    ``lastError`` and ``lastMessageTime`` are carried over)."""
+    ``lastError`` and ``lastMessageTime`` are carried over). ``active_jobs``: its Jobs
+    not finished, counted from the Job watch, for when no dispatcher runs (paused,
+    failing): running Jobs go on then, and the status says so."""
     previous = {c.get("type", ""): c for c in current.get("conditions") or []}
     generation = slot.observed if slot is not None and slot.observed else wanted.generation
     unit = slot.unit if slot is not None else None
@@ -92,13 +135,22 @@ def desired_status(
         ready = ("True", "ScaledJobPaused", "valid; paused, so no messages are consumed")
     elif unit is not None and phase is Phase.RUNNING:
         why = unit.readiness()
-        if why is None:
+        rejected = rejected_problem(unit) if why is None else None
+        if rejected is not None:
+            ready = ("False", "JobsRejected", rejected)
+            problem = rejected
+        elif why is None:
             ready = (
                 "True",
                 "DispatcherReady",
                 f"consuming from {unit.kind.destination} {unit.destination}",
             )
             problem = None
+        elif unit.problem == STARTING:
+            # A state, not a problem: lastError keeps the last real one (a restart of the
+            # operator must not overwrite it with "starting").
+            where = f"{unit.kind.destination} {unit.destination}"
+            ready = ("False", "Starting", f"connecting to {where}")
         elif not unit.tracker.synced.is_set() and unit.problem is None:
             ready = ("False", "JobWatchNotSynced", why)
         else:
@@ -107,7 +159,7 @@ def desired_status(
     else:
         ready = ("False", "Starting", "starting the dispatcher")
 
-    active = len(unit.dispatcher.limiter) if unit is not None else None
+    active = len(unit.dispatcher.limiter) if unit is not None else active_jobs
     spec_max = wanted.scaledjob.spec.maxReplicaCount if wanted.scaledjob else 0
     if active:
         active_c = ("True", "JobsActive", f"{active} Job(s) active of at most {spec_max}")
@@ -137,6 +189,41 @@ def desired_status(
     return status
 
 
+def unserved_status(current: Mapping[str, Any], *, reason: str, message: str) -> dict[str, Any]:
+    """The status of a ScaledJob that no replica serves now, from what it shows
+    (``current``): ``Ready`` and ``Active`` Unknown with ``reason`` (nobody consumes
+    or counts its Jobs now), ``Paused`` and ``lastError`` kept, no ``owner`` and no
+    ``activeJobs`` — rather than the last owner's ``Ready=True``, which would outlive it.
+    Written by a replica that stops cleanly (``NoOperator``) and by the survivors that
+    see an owner stop renewing its Lease (``OwnerGone``)."""
+    previous = {c.get("type", ""): c for c in current.get("conditions") or []}
+    generation = int(current.get("observedGeneration") or 0)
+    kept = [
+        c for c in current.get("conditions") or [] if c.get("type") not in ("Ready", "Active")
+    ]
+    conditions = [
+        _condition("Ready", "Unknown", reason, message, generation=generation, previous=previous),
+        _condition(
+            "Active",
+            "Unknown",
+            reason,
+            "no replica counts its Jobs now; running Jobs go on",
+            generation=generation,
+            previous=previous,
+        ),
+        *kept,
+    ]
+    return {
+        "observedGeneration": current.get("observedGeneration"),
+        "conditions": conditions,
+        "triggersTypes": current.get("triggersTypes"),
+        "owner": None,
+        "activeJobs": None,
+        "lastMessageTime": current.get("lastMessageTime"),
+        "lastError": current.get("lastError"),
+    }
+
+
 def _comparable(status: Mapping[str, Any], *, volatile: bool) -> dict[str, Any]:
     out = {k: v for k, v in status.items() if v is not None}
     out["conditions"] = [
@@ -164,11 +251,14 @@ class StatusWriter:
         self._clock = clock
         self._written_at: dict[Key, float] = {}
         self._last: dict[Key, dict[str, Any]] = {}
+        self._version: dict[Key, int] = {}
+        """The object's resourceVersion our last write made."""
         self.writes = 0
 
     def forget(self, key: Key) -> None:
         self._written_at.pop(key, None)
         self._last.pop(key, None)
+        self._version.pop(key, None)
 
     def retain(self, keys: Iterable[Key]) -> None:
         """Forget every ScaledJob but ``keys`` (those still served or reported here), so
@@ -178,14 +268,25 @@ class StatusWriter:
             self.forget(key)
         for key in [k for k in self._written_at if k not in keep]:
             self._written_at.pop(key, None)
+        for key in [k for k in self._version if k not in keep]:
+            self._version.pop(key, None)
 
     async def sync(
-        self, wanted: Wanted, status: dict[str, Any], current: Mapping[str, Any]
+        self,
+        wanted: Wanted,
+        status: dict[str, Any],
+        current: Mapping[str, Any],
+        *,
+        version: int = 0,
     ) -> bool:
-        """Write ``status`` when it differs from ``current`` (the object's, or what we
-        wrote last, whichever is newer to us). True when written."""
+        """Write ``status`` when it differs from ``current`` (the object's, at
+        resourceVersion ``version``), or from what we wrote last when the object seen is
+        not newer than our write (a watch lagging behind it). A newer object counts: a
+        status another replica wrote meanwhile (``OwnerGone``, ``NoOperator``) is
+        written over when it is not what this replica has to say. True when written."""
         key = wanted.key
-        seen = self._last.get(key) or current
+        last = self._last.get(key)
+        seen = last if last is not None and version <= self._version.get(key, 0) else current
         if _comparable(status, volatile=False) == _comparable(seen, volatile=False):
             if _comparable(status, volatile=True) == _comparable(seen, volatile=True):
                 return False
@@ -208,13 +309,17 @@ class StatusWriter:
         if wanted.uid:  # a precondition: never write on a namesake created meanwhile
             patch["metadata"] = {"uid": wanted.uid}
         try:
-            await self._api.patch(path, patch)
+            written = await self._api.patch(path, patch)
         except ApiRejected as exc:
             if exc.status in (404, 409, 422):
                 self.forget(key)
                 return False  # deleted (or recreated) meanwhile
             raise
         self.writes += 1
+        try:
+            self._version[key] = int((written.get("metadata") or {}).get("resourceVersion") or 0)
+        except (ValueError, AttributeError):
+            self._version[key] = 0
         self._written_at[key] = self._clock()
         self._last[key] = {k: v for k, v in status.items() if v is not None}
         return True
