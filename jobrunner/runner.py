@@ -404,7 +404,9 @@ class DispatchUnit:
                     for partition, lag in (await self.source.partition_lag()).items():
                         metrics.consumer_lag.labels(*series, partition).set(lag)
                         partitions.add(partition)
-                await asyncio.sleep(interval)
+                # Not connected yet (or not now): look again soon, without asking the
+                # broker, so the first figure follows the connection, not the interval.
+                await asyncio.sleep(interval if self.problem is None else min(interval, 0.5))
         finally:
             with contextlib.suppress(KeyError):
                 metrics.queue_depth.remove(*series)

@@ -55,6 +55,8 @@ from jobrunner.triggers.nats_jetstream import NatsJetStreamTrigger
 logger = logging.getLogger(__name__)
 
 _DOWN = (nats.errors.Error, OSError, asyncio.TimeoutError)
+FIRST_CONNECT_SECONDS = 15.0
+"""How long the first connect may take (seconds) before the runner tries again."""
 DEFAULT_ACK_WAIT = 30.0
 """AckWait of a consumer jobrunner creates (JetStream's default)."""
 
@@ -125,19 +127,26 @@ class NatsJetStreamSource:
         if t.creds:
             options["user_credentials"] = RawCredentials(t.creds)
         try:
-            self._nc = await nats.connect(
-                servers=[t.server],
-                user=t.username,
-                password=t.password,
-                token=t.token,
-                connect_timeout=5,
-                allow_reconnect=True,
-                max_reconnect_attempts=-1,
-                reconnect_time_wait=1,
-                # The first connect is retried by the runner, with its line on /readyz.
-                error_cb=self._on_error,
-                **options,
-            )
+            # nats-py retries the first connect without end when reconnects are unlimited
+            # (a server that answers but is not NATS keeps it there): bounded here, so the
+            # runner's retry, with its line on /readyz and in status, takes over.
+            # The client is made first so that a connect cut short is closed, not left
+            # reconnecting in the background.
+            self._nc = NATSClient()
+            async with asyncio.timeout(FIRST_CONNECT_SECONDS):
+                await self._nc.connect(
+                    servers=[t.server],
+                    user=t.username,
+                    password=t.password,
+                    token=t.token,
+                    connect_timeout=5,
+                    allow_reconnect=True,
+                    max_reconnect_attempts=-1,
+                    reconnect_time_wait=1,
+                    # The first connect is retried by the runner, with its line on /readyz.
+                    error_cb=self._on_error,
+                    **options,
+                )
         except (nats.errors.AuthorizationError, nats.errors.InvalidUserCredentialsError) as exc:
             raise SourceError(
                 f"{self.where}: credentials refused ({_short(exc)}); check the "
