@@ -211,6 +211,7 @@ def exit_cases(tmp: Path) -> list[tuple[list[str], int, str]]:
         (["finalizers", "list"], 2, "no Kubernetes configuration"),
         (["operator"], 2, "no Kubernetes configuration"),
         (["functions", "import", str(tmp / "app")], 2, "no host.json"),
+        (["completion", "tcsh"], 2, "invalid choice"),
         (["stauts"], 2, "unknown command"),
         # 1: a service met while running failed.
         ([*cluster, "status", "-f", EXAMPLE, *local[1:]], 1, "unreachable"),

@@ -80,7 +80,7 @@ def test_validate_local_renders_the_sample_and_says_what_the_local_executor_refu
 ) -> None:
     path = manifest("print('x')", job_spec={"completions": "{{ message.json.parts }}"})
     refused = jobrunner("validate", "--local", "-f", str(path), "--sample-message", '{"parts": 3}')
-    assert refused.returncode == 1
+    assert refused.returncode == 2  # a problem validate finds: a mistake in what was given
     assert "spec.completions: the local executor runs one pod per Job" in refused.stderr
     accepted = jobrunner("validate", "--local", "-f", str(path), "--sample-message", '{"parts": 1}')
     assert accepted.returncode == 0, accepted.stderr
