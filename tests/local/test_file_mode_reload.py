@@ -109,7 +109,8 @@ def test_an_edited_template_serves_new_messages_and_leaves_running_jobs_alone(
     wait_until(lambda: "v1 m1 start" in _runs(tmp_path), timeout=60)
     _edit(path, _set_version("v2"))
     _reload(proc, how)
-    wait_until(lambda: "dispatcher replaced, running Jobs untouched" in dispatchers.logs(), timeout=60)
+    replaced = "dispatcher replaced, running Jobs untouched"
+    wait_until(lambda: replaced in dispatchers.logs(), timeout=60)
     reason = "SIGHUP" if how == "sighup" else "the file changed"
     assert f"({reason}): reloaded; changed: work" in dispatchers.logs()
     publish(path, state_dir, {"id": "m2"})
