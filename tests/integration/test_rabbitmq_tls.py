@@ -44,13 +44,18 @@ class ManagementStandIn:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 stand_in.requests.append((self.path, self.headers.get("Authorization")))
-                body = json.dumps(
-                    {
-                        "type": "classic",
+                # A 3.x broker, and a quorum queue whose policy sets its delivery limit
+                # (classic queues have none: RabbitMQ ignores the key there).
+                answer: dict[str, object] = (
+                    {"rabbitmq_version": "3.13.7"}
+                    if self.path == "/api/overview"
+                    else {
+                        "type": "quorum",
                         "arguments": {},
                         "effective_policy_definition": {"delivery-limit": 9},
                     }
-                ).encode()
+                )
+                body = json.dumps(answer).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(body)))
@@ -274,7 +279,12 @@ async def test_an_amqps_broker_is_asked_its_queue_settings_over_https_never_http
     await publish(rabbitmq_url, queue, b"{}", message_id="settings-over-tls")
     await dispatcher.settled("ack", 1)
     token = base64.b64encode(f"{parsed.username}:{parsed.password}".encode()).decode()
-    assert management_over_https.requests == [(f"/api/queues/%2F/{queue}", f"Basic {token}")]
+    # The queue's settings, and the broker's version (4.x sets a delivery limit of its own),
+    # each asked once, over https only.
+    assert sorted(management_over_https.requests) == [
+        ("/api/overview", f"Basic {token}"),
+        (f"/api/queues/%2F/{queue}", f"Basic {token}"),
+    ]
     logs = dispatcher.logs()
-    assert f"queue {queue} is a classic queue with delivery limit 9" in logs
+    assert f"queue {queue} is a quorum queue with delivery limit 9" in logs
     assert str(parsed.password) not in logs
