@@ -49,7 +49,7 @@ from benchlib import (
 )
 from kubernetes import client, config
 
-from jobrunner.naming import job_name
+from jobrunner.core.naming import job_name
 
 STEADY, BURST, RATE, TRACKED = 1000, 1000, 20.0, 10_000
 TARGETS = {"p50_ms": 50, "p99_ms": 250, "ratio": 0.8, "rss_mib": 200}
@@ -231,9 +231,7 @@ class SQSBroker:
                     delay = start + i / rate - time.monotonic()
                     if delay > 0:
                         await asyncio.sleep(delay)
-                    answer = await sqs.send_message(
-                        QueueUrl=url, MessageBody=json.dumps({"n": i})
-                    )
+                    answer = await sqs.send_message(QueueUrl=url, MessageBody=json.dumps({"n": i}))
                     out[job_name("bench", answer["MessageId"])] = time.time()
             return out
 

@@ -67,8 +67,8 @@ from benchlib import (
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from jobrunner.models import FINALIZER
-from jobrunner.naming import job_name
+from jobrunner.core.models import FINALIZER
+from jobrunner.core.naming import job_name
 
 # The workload. The same for every system.
 MAX_REPLICAS = 100  # KEDA's default maxReplicaCount

@@ -7,7 +7,7 @@ Options, each measured in this run:
 * in-process: ``Renderer.render`` on the event loop, as the dispatcher rendered before
   (with the sandbox's output and operator checks, no time or memory limit): the
   baseline;
-* (a) worker process: ``Renderer.render_bounded`` through ``jobrunner.sandbox``'s pool
+* (a) worker process: ``Renderer.render_bounded`` through ``jobrunner.rendering.sandbox``'s pool
   (what the dispatcher uses): killable on timeout, memory capped by RLIMIT_AS;
 * (b) worker thread: ``asyncio.to_thread(Renderer.render)``: cannot be stopped, and a
   CPU-bound render holds the GIL against the event loop;
@@ -43,12 +43,12 @@ import jinja2.nodes as nodes
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from jobrunner.config import parse_scaledjob  # noqa: E402
-from jobrunner.models import Delivery  # noqa: E402
-from jobrunner.rendering import Renderer, RenderError  # noqa: E402
-from jobrunner.sandbox import templates  # noqa: E402
-from jobrunner.sandbox.pool import RenderPool  # noqa: E402
-from jobrunner.sandbox.templates import RenderLimits  # noqa: E402
+from jobrunner.core.models import Delivery  # noqa: E402
+from jobrunner.manifest.loader import parse_scaledjob  # noqa: E402
+from jobrunner.rendering.renderer import Renderer, RenderError  # noqa: E402
+from jobrunner.rendering.sandbox import templates  # noqa: E402
+from jobrunner.rendering.sandbox.pool import RenderPool  # noqa: E402
+from jobrunner.rendering.sandbox.templates import RenderLimits  # noqa: E402
 
 LIMITS = RenderLimits(seconds=1.0)
 HOSTILE = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"

@@ -22,9 +22,9 @@ from typing import Any
 import aio_pika
 from kubernetes import client, watch
 
-from jobrunner.config import parse_scaledjob
-from jobrunner.models import FINALIZER, Delivery
-from jobrunner.rendering import Renderer
+from jobrunner.core.models import FINALIZER, Delivery
+from jobrunner.manifest.loader import parse_scaledjob
+from jobrunner.rendering.renderer import Renderer
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -46,13 +46,25 @@ RABBITMQ = ENV.get("JOBRUNNER_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:
 
 
 class Replica:
-    def __init__(self, name: str, namespace: str, port: int, log_dir: Path, env: dict[str, str]) -> None:
+    def __init__(
+        self, name: str, namespace: str, port: int, log_dir: Path, env: dict[str, str]
+    ) -> None:
         self.name, self.port = name, port
         self.log = log_dir / f"{name}.log"
         self.process = subprocess.Popen(
             [
-                sys.executable, "-m", "jobrunner.cli", "--kubeconfig", KUBECONFIG, "operator",
-                "--watch-namespace", namespace, "--lease-namespace", namespace, "--identity", name,
+                sys.executable,
+                "-m",
+                "jobrunner.cli",
+                "--kubeconfig",
+                KUBECONFIG,
+                "operator",
+                "--watch-namespace",
+                namespace,
+                "--lease-namespace",
+                namespace,
+                "--identity",
+                name,
             ],
             stdout=self.log.open("ab"),
             stderr=subprocess.STDOUT,
@@ -66,7 +78,11 @@ class Replica:
         )
 
     def metrics(self) -> dict[str, float]:
-        text = urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10).read().decode()
+        text = (
+            urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10)
+            .read()
+            .decode()
+        )
         out = {}
         for line in text.splitlines():
             match = re.match(r'^(jobrunner_kube_requests_total)\{verb="(\w+)"\} ([0-9.e+]+)$', line)
@@ -103,8 +119,16 @@ def scaledjob(name: str, namespace: str, queue: str, **spec: Any) -> dict[str, A
             "jobTargetRef": {
                 "backoffLimit": 0,
                 "template": {
-                    "metadata": {"annotations": {"kwok.jobrunner.dev/run-duration": "{{ message.json.get('seconds', 0) }}s"}},
-                    "spec": {"containers": [{"name": "w", "image": "busybox", "args": ["{{ message.json.task }}"]}]},
+                    "metadata": {
+                        "annotations": {
+                            "kwok.jobrunner.dev/run-duration": "{{ message.json.get('seconds', 0) }}s"
+                        }
+                    },
+                    "spec": {
+                        "containers": [
+                            {"name": "w", "image": "busybox", "args": ["{{ message.json.task }}"]}
+                        ]
+                    },
                 },
             },
             "triggers": [{"type": "rabbitmq", "metadata": {"queueName": queue, "host": RABBITMQ}}],
@@ -129,13 +153,17 @@ async def publish(queue: str, count: int, seconds: int) -> None:
         channel = await connection.channel()
         for i in range(count):
             await channel.default_exchange.publish(
-                aio_pika.Message(json.dumps({"task": f"m{i}", "seconds": seconds}).encode(), message_id=f"m{i}"),
+                aio_pika.Message(
+                    json.dumps({"task": f"m{i}", "seconds": seconds}).encode(), message_id=f"m{i}"
+                ),
                 routing_key=queue,
             )
 
 
 def ready_count(custom: client.CustomObjectsApi, namespace: str) -> int:
-    items = custom.list_namespaced_custom_object("jobrunner.dev", "v1alpha1", namespace, "scaledjobs")["items"]
+    items = custom.list_namespaced_custom_object(
+        "jobrunner.dev", "v1alpha1", namespace, "scaledjobs"
+    )["items"]
     return sum(
         1
         for item in items
@@ -155,7 +183,9 @@ def wait(check: Any, within: float, what: str) -> None:
 def setup(api: client.ApiClient) -> str:
     apply_crds(api, sorted(CRDS.glob("*.yaml")))  # this tree's CRDs, as `helm install` would
     namespace = f"bench-op-{uuid.uuid4().hex[:6]}"
-    client.CoreV1Api(api).create_namespace(client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace)))
+    client.CoreV1Api(api).create_namespace(
+        client.V1Namespace(metadata=client.V1ObjectMeta(name=namespace))
+    )
     return namespace
 
 
@@ -163,7 +193,9 @@ def teardown(api: client.ApiClient, namespace: str) -> None:
     batch = client.BatchV1Api(api)
     for job in batch.list_namespaced_job(namespace).items:
         if job.metadata.finalizers:
-            batch.patch_namespaced_job(job.metadata.name, namespace, {"metadata": {"finalizers": None}})
+            batch.patch_namespaced_job(
+                job.metadata.name, namespace, {"metadata": {"finalizers": None}}
+            )
     client.CoreV1Api(api).delete_namespace(namespace, propagation_policy="Background")
 
 
@@ -177,16 +209,25 @@ def takeover_round(api: client.ApiClient, sig: signal.Signals, tmp: Path) -> flo
     replicas = [Replica(n, namespace, 18200 + i, tmp, {}) for i, n in enumerate(("a", "b"))]
     try:
         custom.create_namespaced_custom_object(
-            "jobrunner.dev", "v1alpha1", namespace, "scaledjobs",
+            "jobrunner.dev",
+            "v1alpha1",
+            namespace,
+            "scaledjobs",
             scaledjob("busy", namespace, queue, maxReplicaCount=3),
         )
 
         def owner() -> str:
-            obj = custom.get_namespaced_custom_object("jobrunner.dev", "v1alpha1", namespace, "scaledjobs", "busy")
+            obj = custom.get_namespaced_custom_object(
+                "jobrunner.dev", "v1alpha1", namespace, "scaledjobs", "busy"
+            )
             return str((obj.get("status") or {}).get("owner") or "")
 
         # Both replicas in and the split settled before the clock starts.
-        wait(lambda: all("took bucket" in r.logs() for r in replicas) and bool(owner()), 120, "the split")
+        wait(
+            lambda: all("took bucket" in r.logs() for r in replicas) and bool(owner()),
+            120,
+            "the split",
+        )
         time.sleep(5)
         victim = next(r for r in replicas if r.name == owner())
         other = next(r for r in replicas if r is not victim)
@@ -217,7 +258,8 @@ def takeover(args: argparse.Namespace) -> None:
                 print(f"round {round_ + 1}: {sig.name} -> taken over in {took:.2f}s", flush=True)
     for sig_name, values in results.items():
         print(
-            f"takeover after {sig_name}: " + ", ".join(f"{v:.2f}s" for v in values)
+            f"takeover after {sig_name}: "
+            + ", ".join(f"{v:.2f}s" for v in values)
             + f" (mean {sum(values) / len(values):.2f}s)"
         )
 
@@ -235,26 +277,47 @@ def idle(args: argparse.Namespace) -> None:
         try:
             for i, queue in enumerate(queues):
                 custom.create_namespaced_custom_object(
-                    "jobrunner.dev", "v1alpha1", namespace, "scaledjobs", scaledjob(f"sj{i:03d}", namespace, queue)
+                    "jobrunner.dev",
+                    "v1alpha1",
+                    namespace,
+                    "scaledjobs",
+                    scaledjob(f"sj{i:03d}", namespace, queue),
                 )
             if not args.skip_single:
                 one = Replica("solo", namespace, 18300, Path(tmp), {})
                 replicas.append(one)
                 started = time.monotonic()
-                wait(lambda: ready_count(custom, namespace) == args.scaledjobs, 600, "every ScaledJob Ready")
-                print(f"one replica: {args.scaledjobs} ScaledJobs Ready {time.monotonic() - started:.0f}s after start", flush=True)
+                wait(
+                    lambda: ready_count(custom, namespace) == args.scaledjobs,
+                    600,
+                    "every ScaledJob Ready",
+                )
+                print(
+                    f"one replica: {args.scaledjobs} ScaledJobs Ready {time.monotonic() - started:.0f}s after start",
+                    flush=True,
+                )
                 time.sleep(30)
-                print(f"one replica serving {args.scaledjobs} idle ScaledJobs: RSS {one.rss_mib():.0f} MiB, {one.threads()} threads", flush=True)
+                print(
+                    f"one replica serving {args.scaledjobs} idle ScaledJobs: RSS {one.rss_mib():.0f} MiB, {one.threads()} threads",
+                    flush=True,
+                )
             for r in replicas:
                 r.stop()
             replicas.clear()
-            replicas.extend(Replica(f"r{i}", namespace, 18310 + i, Path(tmp), {}) for i in range(args.replicas))
+            replicas.extend(
+                Replica(f"r{i}", namespace, 18310 + i, Path(tmp), {}) for i in range(args.replicas)
+            )
             time.sleep(10)
 
             def settled() -> bool:
-                objs = custom.list_namespaced_custom_object("jobrunner.dev", "v1alpha1", namespace, "scaledjobs")["items"]
+                objs = custom.list_namespaced_custom_object(
+                    "jobrunner.dev", "v1alpha1", namespace, "scaledjobs"
+                )["items"]
                 owners = {(o.get("status") or {}).get("owner") for o in objs}
-                return owners <= {r.name for r in replicas} and ready_count(custom, namespace) == args.scaledjobs
+                return (
+                    owners <= {r.name for r in replicas}
+                    and ready_count(custom, namespace) == args.scaledjobs
+                )
 
             wait(settled, 600, "the replicas to share every ScaledJob")
             time.sleep(60)  # past start-up: lists, first status writes, bucket moves
@@ -284,7 +347,9 @@ def idle(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="what", required=True)
     t = sub.add_parser("takeover")
     t.add_argument("--rounds", type=int, default=3)
@@ -293,7 +358,9 @@ def main() -> None:
     i.add_argument("--replicas", type=int, default=3)
     i.add_argument("--window", type=float, default=300)
     i.add_argument("--skip-single", action="store_true", help="only the replicas' API cost")
-    i.add_argument("--log-dir", help="keep the replicas' logs here (BENCH_LOG_LEVEL=DEBUG for more)")
+    i.add_argument(
+        "--log-dir", help="keep the replicas' logs here (BENCH_LOG_LEVEL=DEBUG for more)"
+    )
     args = parser.parse_args()
     {"takeover": takeover, "idle": idle}[args.what](args)
 

@@ -37,15 +37,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobrunner.config import ManifestError, ManifestSet, ScaledJob, Settings
-from jobrunner.httpserver import Heartbeat, HttpEndpoints
+from jobrunner.core.settings import Settings
+from jobrunner.core.tasks import is_essential, start_guarded, stop_tasks
+from jobrunner.manifest.loader import ManifestSet
+from jobrunner.manifest.scaledjob import ManifestError, ScaledJob
+from jobrunner.manifest.triggers import FileSecrets, Reach, ResolveContext, resolve_trigger
+from jobrunner.observability.httpserver import Heartbeat, HttpEndpoints
+from jobrunner.observability.telemetry import Telemetry
 from jobrunner.operator.registry import Phase, Registry
 from jobrunner.operator.resources import Key, Wanted, essence, paused_by
-from jobrunner.rendering import Renderer, render_pool, template_dirs
+from jobrunner.rendering.renderer import Renderer, render_pool, template_dirs
 from jobrunner.runner import DispatchUnit, job_client, shutdown_summary
-from jobrunner.tasks import is_essential, start_guarded, stop_tasks
-from jobrunner.telemetry import Telemetry
-from jobrunner.triggers import FileSecrets, Reach, ResolveContext, resolve_trigger
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +68,7 @@ def _digest(value: Any) -> str:
 
 def template_file(scaledjob: ScaledJob, base_dirs: list[Path]) -> Path | None:
     """The template file a ScaledJob of a file names (``spec.jobTemplate``), found as
-    jobrunner.rendering finds it; None for ``jobTargetRef`` or a file not found (then
+    jobrunner.rendering.renderer finds it; None for ``jobTargetRef`` or a file not found (then
     building the dispatcher says so)."""
     name = scaledjob.spec.jobTemplate
     if name is None:
@@ -409,7 +411,7 @@ async def run(
     ``watch_seconds``: how often the file is looked at for a change (None: only on
     ``reload``). ``reach``: what the triggers may use of this process (the command line
     passes ``Reach.own(os.environ)``: the manifest's author runs it)."""
-    from jobrunner.config import load_manifest
+    from jobrunner.manifest.loader import load_manifest
 
     stop = stop or asyncio.Event()
     reload = reload or asyncio.Event()

@@ -26,33 +26,25 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from jobrunner.config import (
-    Executor,
-    ManifestSet,
-    ScaledJob,
-    Settings,
-    TriggerAuthentication,
-)
-from jobrunner.dispatcher import Dispatcher
-from jobrunner.failpoints import Failpoints
-from jobrunner.marks import JobMarks
-from jobrunner.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY
-from jobrunner.outputs import FunctionResults
-from jobrunner.protocols import (
+from jobrunner.core.failpoints import Failpoints
+from jobrunner.core.marks import JobMarks
+from jobrunner.core.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY
+from jobrunner.core.protocols import (
     CarriesOutputs,
     JobClient,
     MessageSink,
     MessageSource,
     SourceError,
 )
-from jobrunner.redaction import describe_error, redact
-from jobrunner.rendering import Renderer, template_dirs
-from jobrunner.sandbox.pool import RenderPool
-from jobrunner.tasks import start_guarded, stop_tasks
-from jobrunner.telemetry import Telemetry
-from jobrunner.timestamps import age_seconds
-from jobrunner.tracker import JobTracker
-from jobrunner.triggers import (
+from jobrunner.core.redaction import describe_error, redact
+from jobrunner.core.settings import Executor, Settings
+from jobrunner.core.tasks import start_guarded, stop_tasks
+from jobrunner.core.timestamps import age_seconds
+from jobrunner.dispatch.dispatcher import Dispatcher
+from jobrunner.dispatch.outputs import FunctionResults
+from jobrunner.manifest.loader import ManifestSet
+from jobrunner.manifest.scaledjob import ScaledJob, TriggerAuthentication
+from jobrunner.manifest.triggers import (
     FileSecrets,
     Reach,
     ResolveContext,
@@ -60,6 +52,10 @@ from jobrunner.triggers import (
     TriggerType,
     resolve_trigger,
 )
+from jobrunner.observability.telemetry import Telemetry
+from jobrunner.rendering.renderer import Renderer, template_dirs
+from jobrunner.rendering.sandbox.pool import RenderPool
+from jobrunner.tracking.tracker import JobTracker
 
 logger = logging.getLogger(__name__)
 
@@ -440,7 +436,7 @@ class DispatchUnit:
 
     def readiness(self) -> str | None:
         """None when ready, else why not: ``<scaledjob>: <why>`` in jobrunner's words
-        (sources build their problems with jobrunner.redaction; ``redact`` is the net)."""
+        (sources build their problems with jobrunner.core.redaction; ``redact`` is the net)."""
         problem = self.problem or getattr(self.source, "problem", None)
         if problem is not None:
             return f"{self.name}: {redact(problem)}"

@@ -31,10 +31,10 @@ from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobrunner import apipath, messagesecret
-from jobrunner.models import FINALIZER, Action, Decision, Delivery
-from jobrunner.naming import message_identity
-from jobrunner.protocols import (
+from jobrunner.core import apipath
+from jobrunner.core.models import FINALIZER, Action, Decision, Delivery
+from jobrunner.core.naming import message_identity
+from jobrunner.core.protocols import (
     ApiRejected,
     JobPage,
     SourceError,
@@ -42,7 +42,8 @@ from jobrunner.protocols import (
     WatchEvent,
     WatchExpired,
 )
-from jobrunner.timestamps import now_rfc3339
+from jobrunner.core.timestamps import now_rfc3339
+from jobrunner.rendering import messagesecret
 
 __all__ = [
     "MemoryBroker",
@@ -111,7 +112,7 @@ class MemoryJobClient:
         self, job: Mapping[str, Any], secret: Mapping[str, Any] | None
     ) -> tuple[Mapping[str, Any], bool]:
         """The Job, then its Secret owned by it, by the rules the real clients follow
-        (``jobrunner.messagesecret``); a Secret that is there already and holds another
+        (``jobrunner.rendering.messagesecret``); a Secret that is there already and holds another
         body is refused (409), the Job made for it removed."""
         self._count("create_job")
         meta = job["metadata"]

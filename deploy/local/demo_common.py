@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from jobrunner.local.jobdir import JobDir
-from jobrunner.tracker import outcome_of
+from jobrunner.tracking.tracker import outcome_of
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -28,13 +28,14 @@ from rich.text import Text
 
 from jobrunner import filemode
 from jobrunner.cli import main as cli
-from jobrunner.config import Executor, Settings, load_manifest
-from jobrunner.console import rows_of, seconds
-from jobrunner.naming import job_name
+from jobrunner.core.naming import job_name
+from jobrunner.core.settings import Executor, Settings
+from jobrunner.manifest.loader import load_manifest
+from jobrunner.manifest.triggers import Reach
+from jobrunner.observability.telemetry import Telemetry, configure_logging
 from jobrunner.sources.sqlite import SQLiteQueue
-from jobrunner.telemetry import Telemetry, configure_logging
-from jobrunner.triggers import Reach
-from jobrunner.views import list_all, make_console, publish, read_client
+from jobrunner.views.console import rows_of, seconds
+from jobrunner.views.queries import list_all, make_console, publish, read_client
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from demo_common import (

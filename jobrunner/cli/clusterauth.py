@@ -5,12 +5,13 @@ namespace those the file names but does not declare, as `kubectl apply` users ke
 
 from __future__ import annotations
 
-from jobrunner.config import ManifestError, ManifestSet, ScaledJob, TriggerAuthentication
+from jobrunner.core.protocols import ApiRejected
 from jobrunner.kube.client import KubeJobClient
 from jobrunner.kube.objects import KubeObjects
+from jobrunner.manifest.loader import ManifestSet
+from jobrunner.manifest.scaledjob import ManifestError, ScaledJob, TriggerAuthentication
 from jobrunner.operator import api
 from jobrunner.operator.resources import parse_authentication
-from jobrunner.protocols import ApiRejected
 
 
 async def cluster_authentication(
@@ -57,9 +58,7 @@ async def cluster_authentication(
     return auth
 
 
-async def with_cluster_authentications(
-    manifests: ManifestSet, jobs: KubeJobClient
-) -> ManifestSet:
+async def with_cluster_authentications(manifests: ManifestSet, jobs: KubeJobClient) -> ManifestSet:
     """``manifests`` with the TriggerAuthentications its triggers name and it does not
     declare, read from the cluster. The set holds them by name, so one name needed from
     two namespaces is a ManifestError (each ScaledJob must get its own namespace's)."""

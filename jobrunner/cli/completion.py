@@ -63,7 +63,7 @@ def _quiet(find: Callable[..., list[str]]) -> Callable[..., list[str]]:
 
 
 def _scaledjobs(parsed_args: argparse.Namespace) -> list[str]:
-    from jobrunner.config import load_manifest
+    from jobrunner.manifest.loader import load_manifest
 
     path = getattr(parsed_args, "file", None)
     if not path:
@@ -73,7 +73,7 @@ def _scaledjobs(parsed_args: argparse.Namespace) -> list[str]:
 
 def _jobs(parsed_args: argparse.Namespace) -> list[str]:
     from jobrunner.cli.context import Context
-    from jobrunner.models import LABEL_MANAGED_BY, MANAGED_BY
+    from jobrunner.core.models import LABEL_MANAGED_BY, MANAGED_BY
 
     ctx = Context(parsed_args)
     namespace = ctx.flag("namespace") or "default"

@@ -24,7 +24,9 @@ from jobrunner.cli.errors import USAGE, CliError, warn
 from jobrunner.cli.parser import BY_NAME, Command
 
 if TYPE_CHECKING:
-    from jobrunner.config import ManifestSet, ScaledJob, Settings
+    from jobrunner.core.settings import Settings
+    from jobrunner.manifest.loader import ManifestSet
+    from jobrunner.manifest.scaledjob import ScaledJob
     from jobrunner.runner import ClosableJobClient
 
 _ENV_PREFIX = "JOBRUNNER_"
@@ -49,7 +51,7 @@ class Context:
         from pydantic import ValidationError
         from pydantic_settings import SettingsError
 
-        from jobrunner.config import Executor, Settings
+        from jobrunner.core.settings import Executor, Settings
 
         try:
             settings = Settings()
@@ -92,7 +94,7 @@ class Context:
     def read_manifests(self) -> ManifestSet:
         """The file read now, as ``manifests`` reads it (``run`` reads it again on a
         change)."""
-        from jobrunner.config import load_manifest
+        from jobrunner.manifest.loader import load_manifest
 
         path = Path(self.args.file)
         manifests = load_manifest(path)
@@ -138,7 +140,7 @@ class Context:
     def job_client(self, *, read_only: bool = True) -> ClosableJobClient:
         """Where Jobs are: the local executor (``--local``; read-only unless asked) or the
         cluster (its kubeconfig checked first)."""
-        from jobrunner.config import Executor
+        from jobrunner.core.settings import Executor
 
         settings = self.settings
         if settings.executor is Executor.LOCAL:

@@ -1,5 +1,5 @@
 """``dead-letters``: list what a ScaledJob dead-lettered (embedded queue, RabbitMQ, Kafka)
-and replay it to its source as new work (see ``jobrunner.deadletters``)."""
+and replay it to its source as new work (see ``jobrunner.core.deadletters``)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,7 @@ import yaml
 
 from jobrunner.cli.context import Context
 from jobrunner.cli.errors import CliError
-from jobrunner.config import Executor, ScaledJob
-from jobrunner.console import Cell, Column, FitTable, age, preview, rfc3339
-from jobrunner.deadletters import (
+from jobrunner.core.deadletters import (
     REASONS,
     DeadLetter,
     DeadLetterStore,
@@ -26,14 +24,17 @@ from jobrunner.deadletters import (
     select,
     unknown_reasons,
 )
-from jobrunner.views import make_console
+from jobrunner.core.settings import Executor
+from jobrunner.manifest.scaledjob import ScaledJob
+from jobrunner.views.console import Cell, Column, FitTable, age, preview, rfc3339
+from jobrunner.views.queries import make_console
 
 
 async def open_store(ctx: Context, scaledjob: ScaledJob) -> DeadLetterStore:
     """The dead letters of ``scaledjob``'s trigger, from the module of its source (its
     ``open_dead_letters``), the trigger resolved as ``run`` resolves it."""
     from jobrunner.cli.clusterauth import cluster_authentication
-    from jobrunner.triggers import FileSecrets, Reach, ResolveContext, resolve_trigger
+    from jobrunner.manifest.triggers import FileSecrets, Reach, ResolveContext, resolve_trigger
 
     settings = ctx.settings
     override = ctx.flag("dead_letter_queue")
@@ -253,7 +254,7 @@ async def _replay(
 def _note_no_dispatcher(ctx: Context, scaledjobs: list[ScaledJob]) -> None:
     """After a replay to an embedded queue that no dispatcher consumes, how to start one."""
     from jobrunner.sources.sqlite import consumer_lock
-    from jobrunner.views import embedded_queue
+    from jobrunner.views.queries import embedded_queue
 
     for scaledjob in scaledjobs:
         embedded = embedded_queue(scaledjob, ctx.settings)

@@ -4,7 +4,7 @@ state directory in place. Every command warns, once, of each ``JOBRUNNER_*`` var
 that is neither a setting nor one of the variables jobrunner's own scripts and Jobs use,
 with the setting it most resembles.
 
-The settings are read from the pydantic models themselves (``jobrunner.config.Settings``,
+The settings are read from the pydantic models themselves (``jobrunner.core.settings.Settings``,
 prefix ``JOBRUNNER_``, groups nested with ``__``, as its ``model_config`` says), so a new
 setting needs nothing here.
 """
@@ -22,7 +22,7 @@ NESTING = "__"
 
 NOT_SETTINGS = frozenset(
     {
-        # What every Job gets (jobrunner.rendering) and the in-Job invoker reads
+        # What every Job gets (jobrunner.rendering.renderer) and the in-Job invoker reads
         # (jobrunner.functions.invoker): a `jobrunner` run inside a Job sees them.
         "JOBRUNNER_MESSAGE",
         "JOBRUNNER_MESSAGE_FILE",
@@ -90,7 +90,7 @@ def misspelt(environ: Mapping[str, str], settings: type[BaseSettings]) -> list[s
         hint = (
             f"; did you mean {names[close[0]]}?"
             if close
-            else " (the settings are the fields of jobrunner/config.py's Settings)"
+            else " (the settings are the fields of jobrunner/core/settings.py's Settings)"
         )
         out.append(f"{variable} is not a jobrunner setting and is ignored{hint}")
     return out
@@ -101,7 +101,7 @@ def warn_misspelt() -> None:
     import os
 
     from jobrunner.cli.errors import warn
-    from jobrunner.config import Settings
+    from jobrunner.core.settings import Settings
 
     for problem in misspelt(os.environ, Settings):
         warn(problem)

@@ -48,9 +48,9 @@ def explain(exc: BaseException, ctx: Context | None) -> tuple[str, int] | None:
     nobody foresaw."""
     if isinstance(exc, CliError):
         return str(exc), exc.code
-    if _is(exc, "jobrunner.config", "ManifestError"):
+    if _is(exc, "jobrunner.manifest.scaledjob", "ManifestError"):
         return str(exc), USAGE
-    if _is(exc, "jobrunner.rendering", "RenderError"):
+    if _is(exc, "jobrunner.rendering.renderer", "RenderError"):
         # Only the offline commands render here (`run` renders in its dispatcher): the
         # message or the template they were given cannot make a Job.
         return f"the message cannot become a Job: {exc}", USAGE
@@ -60,13 +60,13 @@ def explain(exc: BaseException, ctx: Context | None) -> tuple[str, int] | None:
         # No kubeconfig, or one without the context asked for: what was given (or not).
         hint = ctx.no_cluster_hint() if ctx is not None else "pass --kubeconfig"
         return f"no Kubernetes configuration ({exc}); {hint}", USAGE
-    if _is(exc, "jobrunner.protocols", "TransientError"):
+    if _is(exc, "jobrunner.core.protocols", "TransientError"):
         return f"{exc}; is the cluster up? (`make stack-up` starts the local one)", FAILED
-    if _is(exc, "jobrunner.apipath", "InvalidName"):  # refused before any request
+    if _is(exc, "jobrunner.core.apipath", "InvalidName"):  # refused before any request
         return str(getattr(exc, "message", exc)), USAGE
-    if _is(exc, "jobrunner.protocols", "ApiRejected"):
+    if _is(exc, "jobrunner.core.protocols", "ApiRejected"):
         return f"the Kubernetes API server refused: {exc}", FAILED
-    if _is(exc, "jobrunner.protocols", "SourceError"):
+    if _is(exc, "jobrunner.core.protocols", "SourceError"):
         return str(exc), FAILED
     for module, name, what in (
         ("aiokafka.errors", "KafkaError", "Kafka"),

@@ -1,5 +1,5 @@
 """``finalizers list | release``: the Jobs still guarded by jobrunner's finalizer, and its
-removal by hand after an uninstall (see ``jobrunner.finalizers``)."""
+removal by hand after an uninstall (see ``jobrunner.views.finalizers``)."""
 
 from __future__ import annotations
 
@@ -15,12 +15,12 @@ from jobrunner.cli.context import Context
 from jobrunner.cli.errors import CliError
 
 if TYPE_CHECKING:
-    from jobrunner.finalizers import GuardedJob
+    from jobrunner.views.finalizers import GuardedJob
 
 
 def cmd_finalizers(ctx: Context) -> int:
-    from jobrunner import finalizers
-    from jobrunner.models import FINALIZER
+    from jobrunner.core.models import FINALIZER
+    from jobrunner.views import finalizers
 
     args = ctx.args
     given = [
@@ -88,8 +88,8 @@ def show(found: list[GuardedJob], *, output: str) -> None:
         return
     if not found:
         return  # the count on stderr says so; a header alone would be noise
-    from jobrunner.console import Column, FitTable
-    from jobrunner.views import make_console
+    from jobrunner.views.console import Column, FitTable
+    from jobrunner.views.queries import make_console
 
     table = FitTable(
         columns=[
@@ -111,7 +111,7 @@ def namespaces(ctx: Context) -> list[str]:
     if ctx.flag("namespace"):
         return [str(ctx.flag("namespace"))]
     if ctx.flag("all_namespaces"):
-        from jobrunner.limits import dns1123_label_problem
+        from jobrunner.core.limits import dns1123_label_problem
 
         base: Path = ctx.settings.local.state_dir / "jobs"
         found = base.iterdir() if base.is_dir() else []

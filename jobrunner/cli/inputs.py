@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING
 from jobrunner.cli.errors import CliError
 
 if TYPE_CHECKING:
-    from jobrunner.config import ScaledJob
-    from jobrunner.models import Delivery
+    from jobrunner.core.models import Delivery
+    from jobrunner.manifest.scaledjob import ScaledJob
 
 FORCE_HINT = "pass --force to publish it anyway"
 
@@ -134,8 +134,8 @@ def delivery_for(
     trigger, for rendering with nothing running (``render``, and ``publish``'s check)."""
     import time
 
-    from jobrunner.models import Delivery
-    from jobrunner.naming import message_identity
+    from jobrunner.core.models import Delivery
+    from jobrunner.core.naming import message_identity
 
     meta = scaledjob.spec.triggers[0].metadata
     metadata = (

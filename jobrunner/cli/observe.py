@@ -12,9 +12,10 @@ import yaml
 
 from jobrunner.cli.context import Context
 from jobrunner.cli.errors import USAGE, CliError
-from jobrunner.config import Executor, ScaledJob
-from jobrunner.console import finished_rows
-from jobrunner.views import (
+from jobrunner.core.settings import Executor
+from jobrunner.manifest.scaledjob import ScaledJob
+from jobrunner.views.console import finished_rows
+from jobrunner.views.queries import (
     LocalLogs,
     history_renderable,
     job_rows,
@@ -224,7 +225,7 @@ async def _cluster_logs(ctx: Context, namespace: str, name: str) -> int:
     header with its exit code and reason; ``-f`` streams running containers and waits
     for new attempts until the Job ends."""
     from jobrunner.kube.client import KubeJobClient
-    from jobrunner.tracker import outcome_of
+    from jobrunner.tracking.tracker import outcome_of
 
     client = ctx.job_client()
     assert isinstance(client, KubeJobClient)
@@ -288,7 +289,7 @@ async def _show_pod(
     container: str | None,
     follow: bool,
 ) -> None:
-    from jobrunner.protocols import ApiRejected, TransientError
+    from jobrunner.core.protocols import ApiRejected, TransientError
 
     out = sys.stdout
     pod_name = (pod.get("metadata") or {}).get("name", "")

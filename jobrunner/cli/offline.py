@@ -15,10 +15,10 @@ import yaml
 from jobrunner.cli.context import Context
 from jobrunner.cli.errors import USAGE
 from jobrunner.cli.inputs import parse_headers, read_message
-from jobrunner.config import ManifestError, ManifestErrors, ScaledJob
-from jobrunner.models import Delivery
-from jobrunner.naming import message_identity
-from jobrunner.rendering import Renderer, RenderError, template_dirs
+from jobrunner.core.models import Delivery
+from jobrunner.core.naming import message_identity
+from jobrunner.manifest.scaledjob import ManifestError, ManifestErrors, ScaledJob
+from jobrunner.rendering.renderer import Renderer, RenderError, template_dirs
 
 
 def _metadata(scaledjob: ScaledJob) -> dict[str, str]:
@@ -46,7 +46,7 @@ def cmd_render(ctx: Context) -> int:
     secret = rendered.secret
     owner: dict[str, Any] | None = None
     if secret is not None:
-        from jobrunner.messagesecret import owner_reference
+        from jobrunner.rendering.messagesecret import owner_reference
 
         owner = owner_reference(job)
         owner["uid"] = "<the Job's uid, known once it exists>"
@@ -105,7 +105,7 @@ def cmd_validate(ctx: Context) -> int:
 def _local_mode(ctx: Context) -> bool:
     """Whether the Jobs would run on the local executor: ``--local``, or
     ``JOBRUNNER_EXECUTOR=local`` as ``run`` reads it."""
-    from jobrunner.config import Executor
+    from jobrunner.core.settings import Executor
 
     return ctx.local or ctx.settings.executor is Executor.LOCAL
 

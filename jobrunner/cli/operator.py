@@ -25,11 +25,11 @@ def _own_namespace() -> str:
 
 
 def cmd_operator(ctx: Context) -> int:
-    from jobrunner.config import Executor
-    from jobrunner.limits import dns1123_label_problem
+    from jobrunner.core.limits import dns1123_label_problem
+    from jobrunner.core.settings import Executor
+    from jobrunner.manifest.triggers import Reach
+    from jobrunner.observability.telemetry import Telemetry, configure_logging, tracer_provider
     from jobrunner.operator.leases import default_identity
-    from jobrunner.telemetry import Telemetry, configure_logging, tracer_provider
-    from jobrunner.triggers import Reach
 
     args = ctx.args
     settings = ctx.settings
@@ -82,7 +82,7 @@ def cmd_operator(ctx: Context) -> int:
     )
 
     async def serve() -> None:
-        from jobrunner.failpoints import Failpoints
+        from jobrunner.core.failpoints import Failpoints
         from jobrunner.kube.client import KubeJobClient, load_api_client
         from jobrunner.kube.objects import KubeObjects
         from jobrunner.operator.operator import Operator, serve_http

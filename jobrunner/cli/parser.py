@@ -96,7 +96,7 @@ def interval_seconds(text: str) -> float:
 
 def namespace_name(text: str) -> str:
     """A Kubernetes namespace name (a DNS-1123 label), refused before any request."""
-    from jobrunner.limits import dns1123_label_problem
+    from jobrunner.core.limits import dns1123_label_problem
 
     problem = dns1123_label_problem(text, "a namespace")
     if problem:
@@ -106,7 +106,7 @@ def namespace_name(text: str) -> str:
 
 def job_name(text: str) -> str:
     """A Job's name (a DNS-1123 subdomain), refused before any request or file access."""
-    from jobrunner.limits import dns1123_subdomain_problem
+    from jobrunner.core.limits import dns1123_subdomain_problem
 
     problem = dns1123_subdomain_problem(text, "a Job name")
     if problem:
@@ -117,7 +117,7 @@ def job_name(text: str) -> str:
 def scaledjob_name(text: str) -> str:
     """A ScaledJob's name (a DNS-1123 label: it becomes a label value), refused before
     it reaches a label selector."""
-    from jobrunner.limits import dns1123_label_problem
+    from jobrunner.core.limits import dns1123_label_problem
 
     problem = dns1123_label_problem(text, "a ScaledJob name")
     if problem:
@@ -304,8 +304,7 @@ def _logs(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--file",
         metavar="FILE",
-        help="a ScaledJob manifest: look in its ScaledJobs' namespace (default: -n, else "
-        "default)",
+        help="a ScaledJob manifest: look in its ScaledJobs' namespace (default: -n, else default)",
     )
     p.add_argument(
         "--scaledjob", metavar="NAME", type=scaledjob_name, help="with --file: this ScaledJob's"
@@ -875,9 +874,7 @@ class _RootParser(Parser):
 
     def _takers(self, option: str) -> list[str]:
         return [
-            name
-            for name, sub in self._commands().items()
-            if option in sub._option_string_actions
+            name for name, sub in self._commands().items() if option in sub._option_string_actions
         ]
 
     def _not_an_option(self, command: str, extras: list[str]) -> None:

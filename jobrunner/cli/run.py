@@ -22,15 +22,17 @@ from jobrunner.cli.inputs import (
 )
 
 if TYPE_CHECKING:
-    from jobrunner.config import ManifestSet, ScaledJob
+    from jobrunner.manifest.loader import ManifestSet
+    from jobrunner.manifest.scaledjob import ScaledJob
 
 
 def cmd_run(ctx: Context) -> int:
     from jobrunner import filemode
-    from jobrunner.config import Executor, ManifestError
-    from jobrunner.rendering import Renderer, template_dirs
-    from jobrunner.telemetry import Telemetry, configure_logging, tracer_provider
-    from jobrunner.triggers import Reach
+    from jobrunner.core.settings import Executor
+    from jobrunner.manifest.scaledjob import ManifestError
+    from jobrunner.manifest.triggers import Reach
+    from jobrunner.observability.telemetry import Telemetry, configure_logging, tracer_provider
+    from jobrunner.rendering.renderer import Renderer, template_dirs
 
     settings = ctx.settings
     # --scaledjob serves one ScaledJob of the file; without it, every one.
@@ -87,7 +89,7 @@ def cmd_run(ctx: Context) -> int:
 async def _cluster_authentications(ctx: Context, manifests: ManifestSet) -> ManifestSet:
     """With a cluster, the TriggerAuthentications the file names and does not declare,
     from the ScaledJobs' namespaces (see jobrunner.cli.clusterauth)."""
-    from jobrunner.config import Executor
+    from jobrunner.core.settings import Executor
 
     wanted = {
         t.authenticationRef.name
@@ -115,14 +117,12 @@ def cmd_publish(ctx: Context) -> int:
     ``maxMessageBytes``, missing a field the template needs) is refused here, with what
     would happen and ``--force`` to publish it anyway."""
     from jobrunner.sources.sqlite import consumer_lock
-    from jobrunner.views import embedded_queue, publish
+    from jobrunner.views.queries import embedded_queue, publish
 
     args = ctx.args
     scaledjob = ctx.scaledjobs()[0]
     if args.messages and args.jsonl:
-        raise CliError(
-            "give MESSAGE... or --jsonl FILE, not both; publish them in two commands"
-        )
+        raise CliError("give MESSAGE... or --jsonl FILE, not both; publish them in two commands")
     bodies = read_bodies(args.messages, force=args.force)
     if args.jsonl:
         bodies.extend(read_lines(args.jsonl, force=args.force))
@@ -162,7 +162,7 @@ def _check_renders(
 ) -> None:
     """Refuse (exit 2) the first message the ScaledJob's template would refuse, before
     any is published: a publish is all or nothing."""
-    from jobrunner.rendering import Renderer, RenderError, template_dirs
+    from jobrunner.rendering.renderer import Renderer, RenderError, template_dirs
 
     if embedded_trigger(scaledjob) is None:
         return  # publish says, in its own words, that this trigger is not the embedded queue

@@ -45,10 +45,11 @@ from typing import Any
 
 import yaml
 
-from jobrunner.config import ManifestError, load_json
+from jobrunner.core.naming import dns_label
+from jobrunner.core.privatefs import write_private
 from jobrunner.functions.policy import invoker_policy
-from jobrunner.naming import dns_label
-from jobrunner.privatefs import write_private
+from jobrunner.manifest.loader import load_json
+from jobrunner.manifest.scaledjob import ManifestError
 
 APP_ROOT = "/home/site/wwwroot"
 """Where Functions images keep the app (AzureWebJobsScriptRoot in the official images)."""
@@ -61,7 +62,7 @@ APP_NAME_MAX = 24
 admission policy's name are built from it."""
 SCALEDJOB_NAME_MAX = 40
 """A function's ScaledJob name (``<app>-<function>``) is at most this long: Job names
-take it as their prefix (jobrunner.naming), and TriggerAuthentications add
+take it as their prefix (jobrunner.core.naming), and TriggerAuthentications add
 ``-trigger`` / ``-out<i>``."""
 HASH_CHARS = 8
 """Hex digits of SHA-256 that tell apart names that had to be cut or changed."""

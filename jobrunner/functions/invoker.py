@@ -50,14 +50,14 @@ the message made the Job).
 ``jobrunner.dev/function-result`` on the Job: ``{"status": "succeeded", "outputs":
 {binding: [base64 message, ...]}}`` or ``{"status": "failed", "error": "..."}``; the
 dispatcher publishes the outputs when it settles the message (exactly once, see
-jobrunner.outputs) and puts the error in the dead letter's reason. In a cluster the
+jobrunner.dispatch.outputs) and puts the error in the dead letter's reason. In a cluster the
 invoker patches its own Job through the API server with the pod's service account
 (needs ``patch`` on ``jobs``; the patch names the Job's uid, so it lands on that Job or
 nowhere); under jobrunner's local executor it writes ``job-annotations.json`` in the
 Job's directory (``JOBRUNNER_LOCAL_JOB_DIR``). A success whose outputs cannot be
 recorded is a failure: the Job must not complete without them.
 
-**The record is authenticated** (see jobrunner.marks): beside it goes
+**The record is authenticated** (see jobrunner.core.marks): beside it goes
 ``jobrunner.dev/function-result-mac``, an HMAC-SHA256 of the record and the Job's
 namespace, name and uid under the Job's own key, which jobrunner keeps in the Job's
 message Secret and mounts into this container only (``JOBRUNNER_FUNCTION_KEY_FILE``; the
@@ -94,19 +94,19 @@ from pathlib import Path
 from typing import Any
 
 RESULT_ANNOTATION = "jobrunner.dev/function-result"
-"""Must equal jobrunner.outputs.RESULT_ANNOTATION (a test checks it)."""
+"""Must equal jobrunner.dispatch.outputs.RESULT_ANNOTATION (a test checks it)."""
 RESULT_MAX_BYTES = 200 * 1024
 """The result record must fit in the Job's annotations (256 KiB in all)."""
 HOST_VERSION = "4.1037.0"
 """The Functions host version the headers claim (the notes' snapshot)."""
 SERVICE_ACCOUNT = "/var/run/secrets/kubernetes.io/serviceaccount"
 KEY_FILE = "/var/run/jobrunner/function-key/function-key"
-"""Where jobrunner mounts the Job's key (jobrunner.marks.KEY_MOUNT/KEY_DATA)."""
+"""Where jobrunner mounts the Job's key (jobrunner.core.marks.KEY_MOUNT/KEY_DATA)."""
 KEY_WAIT_SECONDS = 10.0
 """How long to wait for the key file to appear (the kubelet mounts the Secret before the
 container starts; a local executor might write it a moment late)."""
 MARK_DOMAIN = "jobrunner.dev/mark/v1"
-"""Must equal jobrunner.marks.DOMAIN (a test checks that both compute the same MAC)."""
+"""Must equal jobrunner.core.marks.DOMAIN (a test checks that both compute the same MAC)."""
 
 
 class InvocationFailed(Exception):
@@ -177,7 +177,7 @@ def prior_failures(env: dict[str, str]) -> int:
 def dequeue_count(env: dict[str, str], metadata: dict[str, str]) -> int:
     """``DequeueCount`` as the Functions host reports it, 1 on the first try: the
     delivery of the message that made the Job (``JOBRUNNER_DELIVERY_COUNT``, the
-    broker's own count where it has one: see jobrunner.models.Delivery.delivery_count;
+    broker's own count where it has one: see jobrunner.core.models.Delivery.delivery_count;
     an Azure queue message's ``DequeueCount`` metadata for a Job made before that
     variable existed) plus the Job's failed tries before this one (each try of the host
     is one dequeue, and each try here is one pod of the Job)."""
@@ -276,7 +276,7 @@ def _one(value: Any) -> bytes:
 def mark_mac(
     *, key: bytes, namespace: str, name: str, uid: str, annotation: str, value: str
 ) -> str:
-    """The MAC of one mark on a Job: jobrunner.marks.mark_mac, restated here because the
+    """The MAC of one mark on a Job: jobrunner.core.marks.mark_mac, restated here because the
     invoker imports nothing of jobrunner."""
     message = "\n".join((MARK_DOMAIN, namespace, name, uid, annotation, value)).encode()
     return "v1:" + hmac.new(key, message, hashlib.sha256).hexdigest()

@@ -15,7 +15,7 @@ only if
   cannot be checked; whoever can create pods named like another Job's can also mount that
   Job's Secret, so the namespace stays the boundary for pod creators;
 * only the function's result changes: the annotations ``jobrunner.dev/function-result``
-  and ``-mac`` (jobrunner.marks.POD_WRITABLE); every other annotation, the labels, the
+  and ``-mac`` (jobrunner.core.marks.POD_WRITABLE); every other annotation, the labels, the
   finalizers, the owners and the spec stay as they were (``object`` against
   ``oldObject``).
 
@@ -34,7 +34,7 @@ from typing import Any
 
 POD_NAME_EXTRA = "authentication.kubernetes.io/pod-name"
 RESULT_KEYS = ("jobrunner.dev/function-result", "jobrunner.dev/function-result-mac")
-"""jobrunner.marks.POD_WRITABLE (a test checks it)."""
+"""jobrunner.core.marks.POD_WRITABLE (a test checks it)."""
 MANAGED_BY = {"app.kubernetes.io/managed-by": "jobrunner"}
 
 

@@ -29,11 +29,12 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.watch.watch import iter_resp_lines
 
-from jobrunner import apipath, messagesecret
-from jobrunner.failpoints import Failpoints
-from jobrunner.models import FINALIZER
-from jobrunner.protocols import ApiRejected, JobPage, TransientError, WatchEvent, WatchExpired
-from jobrunner.timestamps import now_rfc3339
+from jobrunner.core import apipath
+from jobrunner.core.failpoints import Failpoints
+from jobrunner.core.models import FINALIZER
+from jobrunner.core.protocols import ApiRejected, JobPage, TransientError, WatchEvent, WatchExpired
+from jobrunner.core.timestamps import now_rfc3339
+from jobrunner.rendering import messagesecret
 
 logger = logging.getLogger(__name__)
 _POOL_SIZE = 32

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from jobrunner.core.protocols import ApiRejected, JobPage, WatchEvent
 from jobrunner.kube.client import KubeJobClient
-from jobrunner.protocols import ApiRejected, JobPage, WatchEvent
 
 _MERGE_PATCH = "application/merge-patch+json"
 _JSON_PATCH = "application/json-patch+json"

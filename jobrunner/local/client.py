@@ -8,7 +8,7 @@ supervisor process (see ``supervisor``), so Jobs outlive the dispatcher as they 
 cluster. Listing scans the directories; watching polls them for changes, which for the
 few hundred Jobs a laptop keeps costs a few stat calls per tenth of a second.
 
-A Job's message Secret follows the cluster's rules (see ``jobrunner.messagesecret``): it
+A Job's message Secret follows the cluster's rules (see ``jobrunner.rendering.messagesecret``): it
 is written after the Job, owned by it, and one found in place is used only when it holds
 this very body. The state directory is private to the user running jobrunner (0700, its
 files 0600: they hold bodies and Secrets); one left more open by an older version is
@@ -35,16 +35,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from jobrunner import apipath, jobschema, messagesecret, privatefs
-from jobrunner.failpoints import Failpoints
+from jobrunner.core import apipath, privatefs
+from jobrunner.core.failpoints import Failpoints
+from jobrunner.core.marks import POD_WRITABLE
+from jobrunner.core.models import FINALIZER
+from jobrunner.core.protocols import ApiRejected, JobPage, WatchEvent, WatchExpired
+from jobrunner.core.timestamps import age_seconds, now_rfc3339
 from jobrunner.local import compat
 from jobrunner.local.jobdir import JobDir
 from jobrunner.local.supervisor import RETRY_ENV
-from jobrunner.marks import POD_WRITABLE
-from jobrunner.models import FINALIZER
-from jobrunner.protocols import ApiRejected, JobPage, WatchEvent, WatchExpired
-from jobrunner.timestamps import age_seconds, now_rfc3339
-from jobrunner.tracker import JobState, outcome_of
+from jobrunner.manifest import jobschema
+from jobrunner.rendering import messagesecret
+from jobrunner.tracking.tracker import JobState, outcome_of
 
 logger = logging.getLogger(__name__)
 _SECRET_SUFFIX = "-message"
@@ -160,7 +162,7 @@ class LocalJobClient:
         status = jobdir.status()
         job["status"] = {k: v for k, v in status.items() if k != "pgids"}
         # A Job's processes may record its function's result, nothing else: as the
-        # admission policy allows a pod in a cluster (jobrunner.marks.POD_WRITABLE).
+        # admission policy allows a pod in a cluster (jobrunner.core.marks.POD_WRITABLE).
         added = {k: v for k, v in jobdir.job_annotations().items() if k in POD_WRITABLE}
         if added:
             annotations = job["metadata"].setdefault("annotations", {})

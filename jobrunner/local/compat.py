@@ -26,12 +26,12 @@ import re
 from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
-from jobrunner import limits
-from jobrunner.jobschema import SchemaProblem, is_templated
-from jobrunner.naming import message_secret_name
+from jobrunner.core import limits
+from jobrunner.core.naming import message_secret_name
+from jobrunner.manifest.jobschema import SchemaProblem, is_templated
 
 if TYPE_CHECKING:
-    from jobrunner.rendering import JobTemplate
+    from jobrunner.rendering.renderer import JobTemplate
 
 EXECUTOR = "the local executor"
 
@@ -428,7 +428,7 @@ def check_template(template: JobTemplate) -> None:
     ``validate --local``, before any message."""
     # Without a Job name no Secret written in the template is the message's: that one
     # is named from the Job (``<job>-message``), and jobrunner adds its volume itself.
-    from jobrunner.config import ManifestError  # not in a supervisor: it runs Jobs only
+    from jobrunner.manifest.scaledjob import ManifestError  # not in a supervisor: it runs Jobs only
 
     problems = spec_problems(template.spec, job_name=None)
     if problems:

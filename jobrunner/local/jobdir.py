@@ -12,7 +12,7 @@ is needed to read. The supervisor holds ``supervisor.lock`` while it lives: whet
 someone running it is one non-blocking ``flock`` away, with no pid guessing.
 
 Everything here that jobrunner writes is private to the user who runs it (0600 files in
-0700 directories, see ``jobrunner.privatefs``): it holds message bodies and Secrets.
+0700 directories, see ``jobrunner.core.privatefs``): it holds message bodies and Secrets.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from jobrunner.privatefs import open_private, replace_private
+from jobrunner.core.privatefs import open_private, replace_private
 
 JOB_FILE = "job.json"
 STATUS_FILE = "status.json"

@@ -40,12 +40,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobrunner.core.naming import message_secret_name
+from jobrunner.core.privatefs import append_private, open_private, private_dir, write_private
+from jobrunner.core.timestamps import epoch, now_rfc3339
 from jobrunner.local import compat
 from jobrunner.local.jobdir import LOCK_FILE, JobDir
-from jobrunner.naming import message_secret_name
-from jobrunner.privatefs import append_private, open_private, private_dir, write_private
-from jobrunner.timestamps import epoch, now_rfc3339
-from jobrunner.tracker import outcome_of
+from jobrunner.tracking.tracker import outcome_of
 
 RETRY_ENV = "JOBRUNNER_LOCAL_RETRY_SECONDS"
 _PASS_THROUGH_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "USER", "VIRTUAL_ENV")

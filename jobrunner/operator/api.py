@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, Protocol
 
-from jobrunner import apipath
-from jobrunner.protocols import JobPage, WatchEvent
+from jobrunner.core import apipath
+from jobrunner.core.protocols import JobPage, WatchEvent
 
 GROUP = "jobrunner.dev"
 VERSION = "v1alpha1"

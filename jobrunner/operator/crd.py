@@ -21,7 +21,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from jobrunner.config import ScaledJobSpec, TriggerAuthenticationSpec
+from jobrunner.manifest.scaledjob import ScaledJobSpec, TriggerAuthenticationSpec
 from jobrunner.operator.api import GROUP, VERSION
 
 PRESERVED = {"jobTargetRef", "rollout", "scalingStrategy"}

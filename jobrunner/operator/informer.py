@@ -15,8 +15,8 @@ import random
 from collections.abc import Callable
 from typing import Any
 
+from jobrunner.core.protocols import ApiRejected, TransientError, WatchExpired
 from jobrunner.operator.api import ObjectClient
-from jobrunner.protocols import ApiRejected, TransientError, WatchExpired
 
 logger = logging.getLogger(__name__)
 

@@ -27,8 +27,8 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from jobrunner.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY
-from jobrunner.protocols import (
+from jobrunner.core.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY
+from jobrunner.core.protocols import (
     ApiRejected,
     JobClient,
     JobPage,
@@ -36,8 +36,8 @@ from jobrunner.protocols import (
     WatchEvent,
     WatchExpired,
 )
-from jobrunner.tasks import start_guarded, stop_tasks
-from jobrunner.tracker import outcome_of
+from jobrunner.core.tasks import start_guarded, stop_tasks
+from jobrunner.tracking.tracker import outcome_of
 
 logger = logging.getLogger(__name__)
 

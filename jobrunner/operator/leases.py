@@ -47,11 +47,11 @@ from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from typing import Any
 
+from jobrunner.core.protocols import ApiRejected, TransientError
+from jobrunner.core.tasks import start_guarded, stop_tasks
 from jobrunner.operator import api
 from jobrunner.operator.api import ObjectClient
 from jobrunner.operator.informer import Informer
-from jobrunner.protocols import ApiRejected, TransientError
-from jobrunner.tasks import start_guarded, stop_tasks
 
 logger = logging.getLogger(__name__)
 

@@ -25,8 +25,13 @@ from typing import Any
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from jobrunner.config import Settings
-from jobrunner.httpserver import Heartbeat, HttpEndpoints
+from jobrunner.core.protocols import ApiRejected, JobClient, TransientError
+from jobrunner.core.redaction import redact
+from jobrunner.core.settings import Settings
+from jobrunner.core.tasks import is_essential, start_guarded, stop_tasks
+from jobrunner.manifest.triggers import Reach
+from jobrunner.observability.httpserver import Heartbeat, HttpEndpoints
+from jobrunner.observability.telemetry import Telemetry
 from jobrunner.operator import api
 from jobrunner.operator.api import ObjectClient
 from jobrunner.operator.crd import NO_OPERATOR
@@ -51,13 +56,8 @@ from jobrunner.operator.status import (
     rejection_summary,
     unserved_status,
 )
-from jobrunner.protocols import ApiRejected, JobClient, TransientError
-from jobrunner.redaction import redact
-from jobrunner.rendering import render_pool
+from jobrunner.rendering.renderer import render_pool
 from jobrunner.runner import STARTING, DispatchUnit
-from jobrunner.tasks import is_essential, start_guarded, stop_tasks
-from jobrunner.telemetry import Telemetry
-from jobrunner.triggers import Reach
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ class Operator:
         self._telemetry = telemetry
         self._template_dirs = template_dirs or [Path.cwd() / "job_templates"]
         self.renders = render_pool(settings.dispatcher)
-        """Render workers shared by every unit of this replica (jobrunner.sandbox)."""
+        """Render workers shared by every unit of this replica (jobrunner.rendering.sandbox)."""
         self._dirty = asyncio.Event()
         self._units_moved = asyncio.Event()
         namespaces: list[str | None] = list(op.namespaces()) or [None]

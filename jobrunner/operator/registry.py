@@ -31,11 +31,11 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobrunner.config import ManifestError
+from jobrunner.core.redaction import describe_error
+from jobrunner.core.tasks import is_essential, start_guarded
+from jobrunner.manifest.scaledjob import ManifestError
 from jobrunner.operator.resources import Key, Wanted
-from jobrunner.redaction import describe_error
 from jobrunner.runner import DispatchUnit
-from jobrunner.tasks import is_essential, start_guarded
 
 logger = logging.getLogger(__name__)
 

@@ -27,15 +27,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobrunner.config import (
+from jobrunner.manifest.loader import parse_scaledjob, parse_trigger_authentication
+from jobrunner.manifest.scaledjob import (
     KEDA_API_VERSION,
     ManifestError,
     ScaledJob,
     TriggerAuthentication,
-    parse_scaledjob,
-    parse_trigger_authentication,
 )
-from jobrunner.triggers import Reach, tenant_problems
+from jobrunner.manifest.triggers import Reach, tenant_problems
 
 Key = tuple[str, str]
 """(namespace, name) of a ScaledJob."""

@@ -30,9 +30,9 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
+from jobrunner.core.protocols import ApiRejected, TransientError
+from jobrunner.manifest.triggers.auth import SecretReader
 from jobrunner.operator.resources import Key
-from jobrunner.protocols import ApiRejected, TransientError
-from jobrunner.triggers.auth import SecretReader
 
 logger = logging.getLogger(__name__)
 
@@ -158,4 +158,3 @@ async def refresh_loop(
     while True:
         await asyncio.sleep(tick)
         await versions.refresh(serving())
-

@@ -34,14 +34,14 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from jobrunner.core.protocols import ApiRejected, TransientError
+from jobrunner.core.redaction import redact
+from jobrunner.core.timestamps import now_rfc3339
 from jobrunner.operator import api
 from jobrunner.operator.api import ObjectClient
 from jobrunner.operator.registry import Phase, Slot
 from jobrunner.operator.resources import Key, Wanted
-from jobrunner.protocols import ApiRejected, TransientError
-from jobrunner.redaction import redact
 from jobrunner.runner import STARTING
-from jobrunner.timestamps import now_rfc3339
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def _condition(
         "observedGeneration": generation,
         "lastTransitionTime": since or now_rfc3339(),
         "reason": reason,
-        # The net under jobrunner.redaction's rule: no credential in what a tenant reads.
+        # The net under jobrunner.core.redaction's rule: no credential in what a tenant reads.
         "message": redact(message)[:32768],
     }
 
@@ -198,9 +198,7 @@ def unserved_status(current: Mapping[str, Any], *, reason: str, message: str) ->
     see an owner stop renewing its Lease (``OwnerGone``)."""
     previous = {c.get("type", ""): c for c in current.get("conditions") or []}
     generation = int(current.get("observedGeneration") or 0)
-    kept = [
-        c for c in current.get("conditions") or [] if c.get("type") not in ("Ready", "Active")
-    ]
+    kept = [c for c in current.get("conditions") or [] if c.get("type") not in ("Ready", "Active")]
     conditions = [
         _condition("Ready", "Unknown", reason, message, generation=generation, previous=previous),
         _condition(
@@ -328,7 +326,7 @@ class StatusWriter:
 class EventRecorder:
     """Kubernetes Events on ScaledJobs (core/v1, as ``kubectl describe`` shows them).
     Best effort: an Event that cannot be written is logged, never in the way. Messages
-    are redacted (jobrunner.redaction) and cut to 1024 characters; ``recorded`` keeps the
+    are redacted (jobrunner.core.redaction) and cut to 1024 characters; ``recorded`` keeps the
     newest ``RECORDED_MAX`` (key, type, reason, message), for tests and debugging."""
 
     def __init__(
@@ -336,9 +334,7 @@ class EventRecorder:
     ) -> None:
         self._api = api_client
         self._instance = instance
-        self.recorded: collections.deque[tuple[Key, str, str, str]] = collections.deque(
-            maxlen=keep
-        )
+        self.recorded: collections.deque[tuple[Key, str, str, str]] = collections.deque(maxlen=keep)
 
     async def record(self, wanted: Wanted, kind: str, reason: str, message: str) -> None:
         namespace, name = wanted.key

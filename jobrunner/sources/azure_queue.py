@@ -58,13 +58,14 @@ from azure.core.exceptions import (
 from azure.storage.queue import QueueMessage
 from azure.storage.queue.aio import QueueClient
 
-from jobrunner.config import ScaledJob, Settings
-from jobrunner.deadletters import DeadLetter
-from jobrunner.models import Action, Decision, Delivery
-from jobrunner.protocols import MessageHandle, OutputRefused, SourceError, SourceUnreachable
-from jobrunner.redaction import describe_error, known_code
-from jobrunner.tasks import start_guarded
-from jobrunner.triggers.azure_queue import AzureQueueTrigger
+from jobrunner.core.deadletters import DeadLetter
+from jobrunner.core.models import Action, Decision, Delivery
+from jobrunner.core.protocols import MessageHandle, OutputRefused, SourceError, SourceUnreachable
+from jobrunner.core.redaction import describe_error, known_code
+from jobrunner.core.settings import Settings
+from jobrunner.core.tasks import start_guarded
+from jobrunner.manifest.scaledjob import ScaledJob
+from jobrunner.manifest.triggers.azure_queue import AzureQueueTrigger
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +191,7 @@ is not repeated (it could be any text of the server's choosing)."""
 
 def _short(exc: BaseException) -> str:
     """A Storage failure in jobrunner's words: ``HTTP <status>`` and the service's error
-    code when it is one of Storage's own, else the class and errno (jobrunner.redaction).
+    code when it is one of Storage's own, else the class and errno (jobrunner.core.redaction).
     Never the answer's text: the endpoint is the ScaledJob author's to choose."""
     if isinstance(exc, HttpResponseError) and exc.status_code is not None:
         raw = getattr(exc, "error_code", None)
@@ -375,9 +376,7 @@ class AzureQueueSource:
                         )
                         return
                     # Transient: try again sooner, well within the lease.
-                    logger.info(
-                        "message %s: renewal failed (%s)", handle.message_id, _short(exc)
-                    )
+                    logger.info("message %s: renewal failed (%s)", handle.message_id, _short(exc))
                     interval = max(1.0, self._visibility / 6)
                     continue
                 if updated.pop_receipt:
@@ -607,7 +606,8 @@ class AzureQueueSink:
 def open_source(
     trigger: AzureQueueTrigger, *, scaledjob: ScaledJob, settings: Settings
 ) -> AzureQueueSource:
-    """The source for a resolved ``azure-queue`` trigger (see jobrunner.triggers.azure_queue)."""
+    """The source for a resolved ``azure-queue`` trigger (see
+    jobrunner.manifest.triggers.azure_queue)."""
     return AzureQueueSource(
         trigger=trigger,
         prefetch=scaledjob.spec.maxReplicaCount,

@@ -22,7 +22,7 @@
   (``isolation.level=read_committed``) to see each dead letter once.
 * A function's outputs to Kafka topics on the same cluster, with the same credentials
   (``carries``), go in the same transaction as the offset commit of the record that
-  ran the function (jobrunner.outputs), so they too are published exactly once.
+  ran the function (jobrunner.dispatch.outputs), so they too are published exactly once.
 * The consumer reads ``read_committed``: a record of an aborted transaction (a
   function's output whose dispatcher died before the commit) is no message.
 * Records settled above the committed offset (out of order) are named in the commit's
@@ -49,14 +49,15 @@ from aiokafka.abc import ConsumerRebalanceListener
 from aiokafka.admin import AIOKafkaAdminClient
 from aiokafka.errors import KafkaError, ProducerFenced
 
-from jobrunner.config import ScaledJob, Settings
-from jobrunner.deadletters import DeadLetter, replay_headers
-from jobrunner.failpoints import Failpoints
-from jobrunner.models import Action, Decision, Delivery
-from jobrunner.protocols import MessageHandle, MessageSink, SourceUnreachable
-from jobrunner.redaction import addresses, describe_error
+from jobrunner.core.deadletters import DeadLetter, replay_headers
+from jobrunner.core.failpoints import Failpoints
+from jobrunner.core.models import Action, Decision, Delivery
+from jobrunner.core.protocols import MessageHandle, MessageSink, SourceUnreachable
+from jobrunner.core.redaction import addresses, describe_error
+from jobrunner.core.settings import Settings
+from jobrunner.manifest.scaledjob import ScaledJob
+from jobrunner.manifest.triggers.kafka import SASL_MECHANISMS, KafkaTrigger
 from jobrunner.sources.kafka_offsets import Mark, PartitionOffsets, decode_done
-from jobrunner.triggers.kafka import SASL_MECHANISMS, KafkaTrigger
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ backoff in all) before the error is raised and the record left in hand."""
 def _short(exc: BaseException) -> str:
     """A Kafka failure in jobrunner's words: aiokafka's error class, which is the Kafka
     error's name (``TopicAuthorizationFailedError``), with the errno when the chain
-    has one (jobrunner.redaction) — never the text, which may quote a broker's answer."""
+    has one (jobrunner.core.redaction) — never the text, which may quote a broker's answer."""
     return describe_error(exc)
 
 
@@ -651,7 +652,7 @@ def client_options(trigger: KafkaTrigger) -> dict[str, Any]:
 
 
 def open_source(trigger: KafkaTrigger, *, scaledjob: ScaledJob, settings: Settings) -> KafkaSource:
-    """The source for a resolved ``kafka`` trigger (see jobrunner.triggers.kafka)."""
+    """The source for a resolved ``kafka`` trigger (see jobrunner.manifest.triggers.kafka)."""
     spec = scaledjob.spec
     return KafkaSource(
         bootstrap_servers=trigger.bootstrap_servers,

@@ -60,13 +60,14 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 
-from jobrunner.config import ScaledJob, Settings
-from jobrunner.models import Action, Decision, Delivery
-from jobrunner.naming import message_identity
-from jobrunner.protocols import MessageHandle, SourceError, SourceUnreachable
-from jobrunner.redaction import describe_error
-from jobrunner.tasks import start_guarded, stop_tasks
-from jobrunner.triggers.mqtt import MQTTTrigger
+from jobrunner.core.models import Action, Decision, Delivery
+from jobrunner.core.naming import message_identity
+from jobrunner.core.protocols import MessageHandle, SourceError, SourceUnreachable
+from jobrunner.core.redaction import describe_error
+from jobrunner.core.settings import Settings
+from jobrunner.core.tasks import start_guarded, stop_tasks
+from jobrunner.manifest.scaledjob import ScaledJob
+from jobrunner.manifest.triggers.mqtt import MQTTTrigger
 
 logger = logging.getLogger(__name__)
 
@@ -287,9 +288,7 @@ class MQTTSource:
         future = self._loop.create_future()
         result, mid = client.subscribe(subscription, options=SubscribeOptions(qos=1))
         if result != paho.MQTT_ERR_SUCCESS or mid is None:
-            raise SourceUnreachable(
-                f"{self.where}: subscribe failed ({paho.error_string(result)})"
-            )
+            raise SourceUnreachable(f"{self.where}: subscribe failed ({paho.error_string(result)})")
         self._subacks[mid] = future
         [granted] = await asyncio.wait_for(future, timeout=15)
         if granted.is_failure:
@@ -478,7 +477,7 @@ class MQTTSource:
 
 
 def open_source(trigger: MQTTTrigger, *, scaledjob: ScaledJob, settings: Settings) -> MQTTSource:
-    """The source for a resolved ``mqtt`` trigger (see jobrunner.triggers.mqtt)."""
+    """The source for a resolved ``mqtt`` trigger (see jobrunner.manifest.triggers.mqtt)."""
     return MQTTSource(
         trigger=trigger,
         max_in_hand=scaledjob.spec.maxReplicaCount,

@@ -45,12 +45,13 @@ from nats.aio.client import RawCredentials
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 
-from jobrunner.config import ScaledJob, Settings
-from jobrunner.models import Action, Decision, Delivery
-from jobrunner.protocols import MessageHandle, SourceError, SourceUnreachable
-from jobrunner.redaction import address, describe_error
-from jobrunner.tasks import start_guarded, stop_tasks
-from jobrunner.triggers.nats_jetstream import NatsJetStreamTrigger
+from jobrunner.core.models import Action, Decision, Delivery
+from jobrunner.core.protocols import MessageHandle, SourceError, SourceUnreachable
+from jobrunner.core.redaction import address, describe_error
+from jobrunner.core.settings import Settings
+from jobrunner.core.tasks import start_guarded, stop_tasks
+from jobrunner.manifest.scaledjob import ScaledJob
+from jobrunner.manifest.triggers.nats_jetstream import NatsJetStreamTrigger
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ DEFAULT_ACK_WAIT = 30.0
 
 def _short(exc: BaseException) -> str:
     """A NATS failure in jobrunner's words: a JetStream API error by its class and
-    numeric codes, anything else by class and errno (jobrunner.redaction) — never the
+    numeric codes, anything else by class and errno (jobrunner.core.redaction) — never the
     server's description or an error line's text."""
     if isinstance(exc, nats.js.errors.APIError):
         codes = [

@@ -32,13 +32,14 @@ import aio_pika.abc
 import aio_pika.exceptions
 import aiormq.exceptions
 
-from jobrunner.config import ScaledJob, Settings
-from jobrunner.deadletters import DeadLetter, replay_headers
-from jobrunner.models import Action, Decision, Delivery
-from jobrunner.naming import message_identity
-from jobrunner.protocols import MessageHandle, SourceError, SourceUnreachable
-from jobrunner.redaction import address, describe_error
-from jobrunner.triggers.rabbitmq import RabbitMQTrigger
+from jobrunner.core.deadletters import DeadLetter, replay_headers
+from jobrunner.core.models import Action, Decision, Delivery
+from jobrunner.core.naming import message_identity
+from jobrunner.core.protocols import MessageHandle, SourceError, SourceUnreachable
+from jobrunner.core.redaction import address, describe_error
+from jobrunner.core.settings import Settings
+from jobrunner.manifest.scaledjob import ScaledJob
+from jobrunner.manifest.triggers.rabbitmq import RabbitMQTrigger
 
 logger = logging.getLogger(__name__)
 
@@ -298,7 +299,7 @@ broker's close, rather than its reply text."""
 def _short(exc: BaseException) -> str:
     """An AMQP failure in jobrunner's words: the reply code and its name from the
     specification when the broker closed with one, else the class and errno
-    (jobrunner.redaction) — never the broker's reply text."""
+    (jobrunner.core.redaction) — never the broker's reply text."""
     if isinstance(exc, aiormq.exceptions.AMQPError):
         code = next((a for a in exc.args if isinstance(a, int)), None)
         if code is None:
@@ -671,7 +672,7 @@ def ssl_context(trigger: RabbitMQTrigger) -> ssl.SSLContext | None:
 def open_source(
     trigger: RabbitMQTrigger, *, scaledjob: ScaledJob, settings: Settings
 ) -> RabbitMQSource:
-    """The source for a resolved ``rabbitmq`` trigger (see jobrunner.triggers.rabbitmq)."""
+    """The source for a resolved ``rabbitmq`` trigger (see jobrunner.manifest.triggers.rabbitmq)."""
     spec = scaledjob.spec
     link_tls = ssl_context(trigger)
     management_tls = link_tls

@@ -49,12 +49,13 @@ from redis.exceptions import AuthenticationError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeout
 
-from jobrunner.config import ScaledJob, Settings
-from jobrunner.models import Action, Decision, Delivery
-from jobrunner.protocols import MessageHandle, SourceError, SourceUnreachable
-from jobrunner.redaction import address, describe_error, known_code
-from jobrunner.tasks import start_guarded, stop_tasks
-from jobrunner.triggers.redis_streams import RedisStreamsTrigger
+from jobrunner.core.models import Action, Decision, Delivery
+from jobrunner.core.protocols import MessageHandle, SourceError, SourceUnreachable
+from jobrunner.core.redaction import address, describe_error, known_code
+from jobrunner.core.settings import Settings
+from jobrunner.core.tasks import start_guarded, stop_tasks
+from jobrunner.manifest.scaledjob import ScaledJob
+from jobrunner.manifest.triggers.redis_streams import RedisStreamsTrigger
 
 logger = logging.getLogger(__name__)
 
@@ -93,13 +94,14 @@ REDIS_ERROR_CODES = frozenset(
 
 def _short(exc: BaseException) -> str:
     """A Redis failure in jobrunner's words: an error reply by its code (``NOGROUP``),
-    anything else by class and errno (jobrunner.redaction) — never the reply's text, nor
+    anything else by class and errno (jobrunner.core.redaction) — never the reply's text, nor
     what a server that is not Redis answered (redis-py quotes it in a protocol error)."""
     if isinstance(exc, ResponseError):
         words = str(exc).split(maxsplit=1)
         code = known_code(words[0] if words else "", REDIS_ERROR_CODES)
         return f"{type(exc).__name__} {code}" if code else type(exc).__name__
     return describe_error(exc)
+
 
 # KEYS[1] stream; ARGV: group, consumer, ids... Resets the idle time of each id this
 # consumer still owns; returns the ids it no longer owns.
@@ -219,8 +221,7 @@ class RedisStreamsSource:
             # A server that does not speak Redis (an HTTP service, say): redis-py's
             # protocol error quotes what it answered, so only the class is said.
             raise SourceError(
-                f"{self.where} did not answer as Redis does ({_short(exc)}); is it a Redis "
-                "server?"
+                f"{self.where} did not answer as Redis does ({_short(exc)}); is it a Redis server?"
             ) from None
         if not any(_text(g.get("name")) == self.group for g in groups):
             raise SourceError(

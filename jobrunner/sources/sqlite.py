@@ -42,13 +42,14 @@ from typing import Any
 
 import aiosqlite
 
-from jobrunner.config import ScaledJob, Settings
-from jobrunner.deadletters import DeadLetter, replay_headers
-from jobrunner.models import Action, Decision, Delivery
-from jobrunner.naming import message_identity
-from jobrunner.privatefs import FILE_MODE, open_private, private_dir
-from jobrunner.protocols import MessageHandle, Refusal
-from jobrunner.triggers.sqlite import SQLiteTrigger
+from jobrunner.core.deadletters import DeadLetter, replay_headers
+from jobrunner.core.models import Action, Decision, Delivery
+from jobrunner.core.naming import message_identity
+from jobrunner.core.privatefs import FILE_MODE, open_private, private_dir
+from jobrunner.core.protocols import MessageHandle, Refusal
+from jobrunner.core.settings import Settings
+from jobrunner.manifest.scaledjob import ScaledJob
+from jobrunner.manifest.triggers.sqlite import SQLiteTrigger
 
 logger = logging.getLogger(__name__)
 
@@ -535,7 +536,7 @@ class SQLiteSource:
 def open_source(
     trigger: SQLiteTrigger, *, scaledjob: ScaledJob, settings: Settings
 ) -> SQLiteSource:
-    """The source for a resolved ``sqlite`` trigger (see jobrunner.triggers.sqlite)."""
+    """The source for a resolved ``sqlite`` trigger (see jobrunner.manifest.triggers.sqlite)."""
     return SQLiteSource(
         path=trigger.path,
         queue=trigger.queue,

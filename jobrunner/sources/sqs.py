@@ -42,12 +42,13 @@ from aiobotocore.config import AioConfig
 from aiobotocore.session import get_session
 from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-from jobrunner.config import ScaledJob, Settings
-from jobrunner.models import Action, Decision, Delivery
-from jobrunner.protocols import MessageHandle, SourceError, SourceUnreachable
-from jobrunner.redaction import address, describe_error, known_code
-from jobrunner.tasks import start_guarded, stop_tasks
-from jobrunner.triggers.sqs import SQS_HOLD_CAP_SECONDS, SQSTrigger
+from jobrunner.core.models import Action, Decision, Delivery
+from jobrunner.core.protocols import MessageHandle, SourceError, SourceUnreachable
+from jobrunner.core.redaction import address, describe_error, known_code
+from jobrunner.core.settings import Settings
+from jobrunner.core.tasks import start_guarded, stop_tasks
+from jobrunner.manifest.scaledjob import ScaledJob
+from jobrunner.manifest.triggers.sqs import SQS_HOLD_CAP_SECONDS, SQSTrigger
 
 if TYPE_CHECKING:
     from types_aiobotocore_sqs import SQSClient
@@ -69,29 +70,34 @@ _GONE = {
     "AWS.SimpleQueueService.MessageNotInflight",
     "InvalidParameterValue",
 }
-_CODES = _MISSING_QUEUE | _REFUSED | _GONE | {
-    # The SQS API Reference's error codes (common and per action) worth telling apart.
-    "AWS.SimpleQueueService.NonExistentQueue",
-    "ExpiredToken",
-    "IncompleteSignature",
-    "InternalFailure",
-    "InvalidAction",
-    "InvalidAddress",
-    "InvalidClientTokenId",
-    "InvalidParameterCombination",
-    "MissingParameter",
-    "OptInRequired",
-    "OverLimit",
-    "QueueDeletedRecently",
-    "RequestExpired",
-    "RequestThrottled",
-    "ServiceUnavailable",
-    "ThrottlingException",
-    "KmsAccessDenied",
-    "KmsDisabled",
-    "KmsNotFound",
-    "KmsThrottled",
-}
+_CODES = (
+    _MISSING_QUEUE
+    | _REFUSED
+    | _GONE
+    | {
+        # The SQS API Reference's error codes (common and per action) worth telling apart.
+        "AWS.SimpleQueueService.NonExistentQueue",
+        "ExpiredToken",
+        "IncompleteSignature",
+        "InternalFailure",
+        "InvalidAction",
+        "InvalidAddress",
+        "InvalidClientTokenId",
+        "InvalidParameterCombination",
+        "MissingParameter",
+        "OptInRequired",
+        "OverLimit",
+        "QueueDeletedRecently",
+        "RequestExpired",
+        "RequestThrottled",
+        "ServiceUnavailable",
+        "ThrottlingException",
+        "KmsAccessDenied",
+        "KmsDisabled",
+        "KmsNotFound",
+        "KmsThrottled",
+    }
+)
 """Error codes reported as they are; any other code, and every message, is the server's
 text and is not repeated."""
 MAX_ATTRIBUTES = 10
@@ -128,7 +134,7 @@ def _error_code(exc: ClientError) -> str:
 
 def _short(exc: BaseException) -> str:
     """An SQS failure in jobrunner's words: the HTTP status and SQS's error code when it
-    is one of SQS's own, else the class and errno (jobrunner.redaction) — never the
+    is one of SQS's own, else the class and errno (jobrunner.core.redaction) — never the
     answer's message (the endpoint is the ScaledJob author's to choose)."""
     if isinstance(exc, ClientError):
         status = (exc.response.get("ResponseMetadata") or {}).get("HTTPStatusCode")
@@ -606,7 +612,7 @@ class SQSSource:
 
 
 def open_source(trigger: SQSTrigger, *, scaledjob: ScaledJob, settings: Settings) -> SQSSource:
-    """The source for a resolved ``aws-sqs-queue`` trigger (see jobrunner.triggers.sqs)."""
+    """The source for a resolved ``aws-sqs-queue`` trigger (see jobrunner.manifest.triggers.sqs)."""
     return SQSSource(
         trigger=trigger,
         max_in_hand=scaledjob.spec.maxReplicaCount,

@@ -16,10 +16,12 @@ import aio_pika
 import yaml
 from kubernetes import client
 
-from jobrunner.models import LABEL_SCALEDJOB
+from jobrunner.core.models import LABEL_SCALEDJOB
 from tests.helpers import eventually
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
 def write_manifest(
     path: Path,
     *,

@@ -16,9 +16,10 @@ import pytest
 import yaml
 from kubernetes import client
 
-from jobrunner.config import ManifestError, load_manifest
 from jobrunner.kube.client import KubeJobClient, load_api_client
-from jobrunner.triggers import FileSecrets, Reach, ResolveContext, resolve_trigger
+from jobrunner.manifest.loader import load_manifest
+from jobrunner.manifest.scaledjob import ManifestError
+from jobrunner.manifest.triggers import FileSecrets, Reach, ResolveContext, resolve_trigger
 
 GOOD = "amqp://cluster-object:secret@rabbit.example:5672/"
 DECOY = "amqp://decoy:wrong@decoy.example:5672/"

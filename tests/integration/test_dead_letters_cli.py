@@ -18,7 +18,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 
 from jobrunner.cli import main
-from jobrunner.naming import REPLAY_HEADER, job_name
+from jobrunner.core.naming import REPLAY_HEADER, job_name
 from tests.helpers import eventually
 from tests.integration.harness import busybox_job, publish, queue_depth
 

@@ -17,7 +17,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
 from kubernetes import client
 
-from jobrunner.naming import job_name
+from jobrunner.core.naming import job_name
 from tests.helpers import eventually
 from tests.integration.harness import Dispatcher, busybox_job, finished, jobs_of, wait_for_jobs
 
@@ -596,10 +596,10 @@ async def test_a_functions_kafka_outputs_are_published_in_the_transaction_that_s
     published with the record's offset commit, all or nothing. A failure between the
     outputs and the commit (here raised at the failpoint) leaves an aborted copy only;
     settled again, the output is there once for a read_committed consumer."""
-    from jobrunner.failpoints import Failpoints, InjectedFault
-    from jobrunner.models import Action, Decision, OutputMessage
+    from jobrunner.core.failpoints import Failpoints, InjectedFault
+    from jobrunner.core.models import Action, Decision, OutputMessage
+    from jobrunner.manifest.triggers.kafka import KafkaTrigger
     from jobrunner.sources.kafka import KafkaSink, KafkaSource, connection_of
-    from jobrunner.triggers.kafka import KafkaTrigger
     from tests.integration.test_kafka_chaos import read_committed
 
     out = f"{topic}.out"

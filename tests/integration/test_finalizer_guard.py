@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from kubernetes import client
 
-from jobrunner.models import FINALIZER
+from jobrunner.core.models import FINALIZER
 from tests.helpers import eventually
 from tests.integration.harness import (
     Dispatcher,

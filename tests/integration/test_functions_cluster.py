@@ -44,7 +44,7 @@ RUN_FOR = "kwok.jobrunner.dev/run-duration"
 
 
 def mac(key: bytes, namespace: str, name: str, uid: str, annotation: str, value: str) -> str:
-    """A mark's MAC, as anyone holding ``key`` computes it (jobrunner.marks' format)."""
+    """A mark's MAC, as anyone holding ``key`` computes it (jobrunner.core.marks' format)."""
     message = "\n".join(("jobrunner.dev/mark/v1", namespace, name, uid, annotation, value))
     return "v1:" + hmac.new(key, message.encode(), hashlib.sha256).hexdigest()
 

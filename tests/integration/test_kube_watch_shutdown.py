@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from kubernetes import client
 
+from jobrunner.core.protocols import WatchEvent
 from jobrunner.kube.client import KubeJobClient, load_api_client
 from jobrunner.kube.objects import KubeObjects
-from jobrunner.protocols import WatchEvent
 
 pytestmark = [pytest.mark.kube]
 

@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from jobrunner.config import parse_scaledjob
+from jobrunner.core.models import Delivery
+from jobrunner.core.protocols import ApiRejected
 from jobrunner.kube.client import KubeJobClient, load_api_client
-from jobrunner.messagesecret import CONFLICT_REASON
-from jobrunner.models import Delivery
-from jobrunner.protocols import ApiRejected
-from jobrunner.rendering import RenderedJob, Renderer
+from jobrunner.manifest.loader import parse_scaledjob
+from jobrunner.rendering.messagesecret import CONFLICT_REASON
+from jobrunner.rendering.renderer import RenderedJob, Renderer
 from tests.helpers import eventually
 from tests.integration.harness import (
     Dispatcher,

@@ -18,9 +18,10 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobrunner import filemode
-from jobrunner.config import Settings, load_manifest
-from jobrunner.telemetry import Telemetry, tracer_provider
-from jobrunner.triggers import Reach
+from jobrunner.core.settings import Settings
+from jobrunner.manifest.loader import load_manifest
+from jobrunner.manifest.triggers import Reach
+from jobrunner.observability.telemetry import Telemetry, tracer_provider
 from tests.helpers import eventually
 from tests.integration.harness import Dispatcher, drain_queue, publish, wait_for_jobs
 

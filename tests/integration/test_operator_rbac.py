@@ -21,7 +21,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from jobrunner.naming import job_name
+from jobrunner.core.naming import job_name
 from tests.helm import CHART, helm
 from tests.helpers import eventually
 from tests.integration.harness import (

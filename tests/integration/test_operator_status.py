@@ -141,9 +141,13 @@ async def test_jobs_only_the_api_server_refuses_make_the_scaledjob_not_ready_wit
     assert "Report_1" not in json.dumps(status)
 
     async def told() -> list[str] | None:
-        items = client.CoreV1Api(kube_api).list_namespaced_event(
-            namespace, field_selector="involvedObject.kind=ScaledJob,involvedObject.name=work"
-        ).items
+        items = (
+            client.CoreV1Api(kube_api)
+            .list_namespaced_event(
+                namespace, field_selector="involvedObject.kind=ScaledJob,involvedObject.name=work"
+            )
+            .items
+        )
         found = [e.message for e in items if e.reason == "JobsRejected"]
         return found or None
 
@@ -319,9 +323,13 @@ async def test_a_missing_queue_gives_one_warning_event_and_no_depth(
     await crs.wait_condition("work", "Ready", "False", reason="SourceUnavailable")
 
     def warnings() -> list[Any]:
-        items = client.CoreV1Api(kube_api).list_namespaced_event(
-            namespace, field_selector="involvedObject.kind=ScaledJob,involvedObject.name=work"
-        ).items
+        items = (
+            client.CoreV1Api(kube_api)
+            .list_namespaced_event(
+                namespace, field_selector="involvedObject.kind=ScaledJob,involvedObject.name=work"
+            )
+            .items
+        )
         return [e for e in items if e.reason == "SourceFailed"]
 
     async def told() -> list[Any] | None:

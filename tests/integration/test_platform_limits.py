@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from jobrunner.config import parse_scaledjob
+from jobrunner.core.models import Delivery
 from jobrunner.kube.client import KubeJobClient, load_api_client
-from jobrunner.models import Delivery
-from jobrunner.rendering import Renderer, RenderError
+from jobrunner.manifest.loader import parse_scaledjob
+from jobrunner.rendering.renderer import Renderer, RenderError
 
 pytestmark = [pytest.mark.kube]
 ROOT = Path(__file__).resolve().parents[2]

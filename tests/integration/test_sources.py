@@ -403,7 +403,7 @@ async def test_sqs_fifo_runs_a_message_groups_jobs_in_order_named_by_deduplicati
     another group's run beside them. Each Job is named by the deduplication id."""
     import re
 
-    from jobrunner.naming import job_name
+    from jobrunner.core.naming import job_name
     from tests.integration.brokers import SQSKit
 
     kit = make_kit("sqs", request)

@@ -268,7 +268,7 @@ def test_an_unforeseen_error_says_it_is_a_bug_and_debug_shows_the_traceback(
 ) -> None:
     # A bug planted where `jobrunner jobs` calls it.
     program = (
-        "import sys, jobrunner.views as views\n"
+        "import sys, jobrunner.views.queries as views\n"
         "def broken(settings): raise ZeroDivisionError('planted')\n"
         "views.where = broken\n"
         "import jobrunner.cli.observe as observe\n"

@@ -15,9 +15,9 @@ import pytest
 import yaml
 
 from jobrunner.cli import main
+from jobrunner.core.naming import job_name
 from jobrunner.local.client import LocalJobClient
 from jobrunner.local.jobdir import JobDir
-from jobrunner.naming import job_name
 from tests.helpers import wait_until
 from tests.local.conftest import ROOT, Dispatchers, ManifestFactory
 from tests.local.test_local_executor import render

@@ -15,12 +15,12 @@ from typing import Any
 import pytest
 import yaml
 
-from jobrunner import jobschema
+from jobrunner.core.protocols import ApiRejected
 from jobrunner.local import compat
 from jobrunner.local.client import LocalJobClient
 from jobrunner.local.jobdir import JobDir
-from jobrunner.protocols import ApiRejected
-from jobrunner.tracker import outcome_of
+from jobrunner.manifest import jobschema
+from jobrunner.tracking.tracker import outcome_of
 from tests.helpers import eventually
 from tests.local.conftest import ManifestFactory
 from tests.local.test_local_executor import finished, logs, render

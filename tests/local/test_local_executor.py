@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from jobrunner.config import load_manifest
+from jobrunner.core.models import Delivery
+from jobrunner.core.protocols import ApiRejected
 from jobrunner.local.client import LocalJobClient
 from jobrunner.local.jobdir import JobDir
-from jobrunner.models import Delivery
-from jobrunner.protocols import ApiRejected
-from jobrunner.rendering import Renderer
-from jobrunner.tracker import outcome_of
+from jobrunner.manifest.loader import load_manifest
+from jobrunner.rendering.renderer import Renderer
+from jobrunner.tracking.tracker import outcome_of
 from tests.helpers import eventually
 from tests.local.conftest import ManifestFactory
 

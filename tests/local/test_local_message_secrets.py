@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner.failpoints import Failpoints, InjectedFault
+from jobrunner.core.failpoints import Failpoints, InjectedFault
+from jobrunner.core.protocols import ApiRejected
 from jobrunner.local.client import LocalJobClient
 from jobrunner.local.jobdir import JobDir
-from jobrunner.messagesecret import CONFLICT_REASON
-from jobrunner.protocols import ApiRejected
-from jobrunner.tracker import outcome_of
+from jobrunner.rendering.messagesecret import CONFLICT_REASON
+from jobrunner.tracking.tracker import outcome_of
 from tests.helpers import eventually
 from tests.local.conftest import ManifestFactory
 from tests.local.test_local_executor import finished, logs, render

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from jobrunner.local.client import LocalJobClient
-from jobrunner.tracker import outcome_of
+from jobrunner.tracking.tracker import outcome_of
 from tests.local.conftest import ManifestFactory
 from tests.local.test_local_executor import finished, logs, render
 

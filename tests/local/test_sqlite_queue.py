@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner.models import Action, Decision
+from jobrunner.core.models import Action, Decision
 from jobrunner.sources.sqlite import QueueBusy, SQLiteHandle, SQLiteQueue, SQLiteSource
 
 

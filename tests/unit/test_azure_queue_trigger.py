@@ -7,10 +7,10 @@ import base64
 
 import pytest
 
-from jobrunner.config import Trigger
-from jobrunner.protocols import OutputRefused
+from jobrunner.core.protocols import OutputRefused
+from jobrunner.manifest.scaledjob import Trigger
+from jobrunner.manifest.triggers import check_trigger
 from jobrunner.sources.azure_queue import MESSAGE_TEXT_MAX, decode_text, encode_text
-from jobrunner.triggers import check_trigger
 
 
 def problems(metadata: dict[str, str], auth: bool = False) -> dict[str, str]:

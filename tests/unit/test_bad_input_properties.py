@@ -15,11 +15,12 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jobrunner.config import ManifestError, load_manifest, parse_scaledjob
+from jobrunner.core.models import Delivery
+from jobrunner.core.naming import message_identity
 from jobrunner.local.supervisor import expand
-from jobrunner.models import Delivery
-from jobrunner.naming import message_identity
-from jobrunner.rendering import Renderer, RenderError
+from jobrunner.manifest.loader import load_manifest, parse_scaledjob
+from jobrunner.manifest.scaledjob import ManifestError
+from jobrunner.rendering.renderer import Renderer, RenderError
 
 TEMPLATE = {
     "backoffLimit": 0,

@@ -12,8 +12,9 @@ import pytest
 import yaml
 
 from jobrunner.cli.parser import COMMANDS, build_parser
-from jobrunner.config import ManifestError, load_manifest
-from jobrunner.rendering import load_job_template, template_dirs
+from jobrunner.manifest.loader import load_manifest
+from jobrunner.manifest.scaledjob import ManifestError
+from jobrunner.rendering.renderer import load_job_template, template_dirs
 
 
 def subparsers() -> dict[str, argparse.ArgumentParser]:

@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from jobrunner.config import ManifestError, load_manifest
-from jobrunner.triggers import Reach
-from jobrunner.triggers.auth import auth_parameters, cluster_object_namespace
+from jobrunner.manifest.loader import load_manifest
+from jobrunner.manifest.scaledjob import ManifestError
+from jobrunner.manifest.triggers import Reach
+from jobrunner.manifest.triggers.auth import auth_parameters, cluster_object_namespace
 
 
 @pytest.mark.parametrize(

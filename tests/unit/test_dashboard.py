@@ -8,7 +8,7 @@ from pathlib import Path
 
 from prometheus_client import generate_latest
 
-from jobrunner.telemetry import Telemetry
+from jobrunner.observability.telemetry import Telemetry
 
 DASHBOARD = Path(__file__).resolve().parents[2] / "deploy/grafana/jobrunner-dashboard.json"
 

@@ -9,7 +9,9 @@ import time
 
 from rich.console import Console
 
-from jobrunner.console import (
+from jobrunner.core.deadletters import DeadLetter, replay_headers, replay_value, select
+from jobrunner.core.naming import REPLAY_HEADER, job_name, message_identity
+from jobrunner.views.console import (
     Cell,
     Column,
     FitTable,
@@ -18,8 +20,6 @@ from jobrunner.console import (
     message_label,
     middle,
 )
-from jobrunner.deadletters import DeadLetter, replay_headers, replay_value, select
-from jobrunner.naming import REPLAY_HEADER, job_name, message_identity
 
 
 def test_a_replay_header_makes_a_new_identity_and_so_a_new_job() -> None:

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from jobrunner import limits
 from jobrunner.cli import main
+from jobrunner.core import limits
 
 KIB = 1024
 ENV_MOST = limits.env_value_max("JOBRUNNER_MESSAGE")

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from jobrunner.cli.envcheck import misspelt, setting_names
-from jobrunner.config import Settings
+from jobrunner.core.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,7 +31,7 @@ def test_a_misspelt_setting_is_said_with_the_one_meant() -> None:
         "JOBRUNNER_LOG_LEVL is not a jobrunner setting and is ignored; did you mean "
         "JOBRUNNER_LOG_LEVEL?",
         "JOBRUNNER_NOTHING_LIKE_IT is not a jobrunner setting and is ignored (the settings "
-        "are the fields of jobrunner/config.py's Settings)",
+        "are the fields of jobrunner/core/settings.py's Settings)",
         "jobrunner_dispatcher__shutdown_grace is not a jobrunner setting and is ignored; did "
         "you mean JOBRUNNER_DISPATCHER__SHUTDOWN_GRACE_SECONDS?",
     ]

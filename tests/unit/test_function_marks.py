@@ -19,16 +19,17 @@ from typing import Any, TypeVar
 
 import pytest
 
-from jobrunner.config import Settings, parse_scaledjob
+from jobrunner.core.models import Action, Decision, Delivery
+from jobrunner.core.naming import message_secret_name
+from jobrunner.core.settings import Settings
+from jobrunner.dispatch.outputs import FunctionResults
 from jobrunner.functions import invoker
-from jobrunner.models import Action, Decision, Delivery
-from jobrunner.naming import message_secret_name
-from jobrunner.outputs import FunctionResults
-from jobrunner.rendering import ANNOTATION_ORIGINAL_MESSAGE, Renderer, original_message
+from jobrunner.manifest.loader import parse_scaledjob
+from jobrunner.manifest.triggers import Reach
+from jobrunner.observability.telemetry import Telemetry
+from jobrunner.rendering.renderer import ANNOTATION_ORIGINAL_MESSAGE, Renderer, original_message
 from jobrunner.runner import DispatchUnit
-from jobrunner.telemetry import Telemetry
 from jobrunner.testing import MemoryBroker, MemoryJobClient, MemorySource
-from jobrunner.triggers import Reach
 from tests.helpers import eventually
 
 T = TypeVar("T")
@@ -233,7 +234,7 @@ async def test_a_forged_outputs_count_does_not_suppress_outputs() -> None:
 
 
 def test_the_invoker_computes_the_same_mac_as_the_dispatcher() -> None:
-    from jobrunner import marks
+    from jobrunner.core import marks
     from jobrunner.functions import policy
 
     args = {"key": b"k" * 32, "namespace": NS, "name": "j", "uid": "u", "annotation": RESULT}
@@ -412,7 +413,7 @@ async def test_its_own_settlement_is_signed_and_trusted_by_the_next_dispatcher(
 
 def test_a_forged_mark_in_the_jobs_copy_is_left_alone() -> None:
     """screen() never changes the object it is given (the watch's copy is shared)."""
-    from jobrunner.marks import JobMarks
+    from jobrunner.core.marks import JobMarks
 
     jobs = MemoryJobClient()
     job = {"metadata": {"name": "j", "uid": "u", "annotations": {SETTLED: "ack"}}}
@@ -470,7 +471,7 @@ async def test_a_dispatcher_that_may_not_read_secrets_leaves_the_guard_to_the_po
     """Under permissions.operator.restrict.secret the keys cannot be read: marks are
     taken as they are (the chart then insists on its invokerPolicy), and no Secret read
     is tried (it would be refused)."""
-    from jobrunner.marks import JobMarks
+    from jobrunner.core.marks import JobMarks
 
     jobs, sink = MemoryJobClient(), Sink()
     await function_job(jobs, "fn-b", b"k" * 32)

@@ -12,11 +12,11 @@ import pytest
 import yaml
 
 from jobrunner.cli import main as cli
-from jobrunner.config import load_manifest
+from jobrunner.core.models import Delivery
+from jobrunner.dispatch.outputs import RESULT_ANNOTATION
 from jobrunner.functions import invoker
-from jobrunner.models import Delivery
-from jobrunner.outputs import RESULT_ANNOTATION
-from jobrunner.rendering import Renderer
+from jobrunner.manifest.loader import load_manifest
+from jobrunner.rendering.renderer import Renderer
 
 ROOT = Path(__file__).resolve().parents[2]
 STORAGE = (

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from jobrunner import jobschema
+from jobrunner.manifest import jobschema
 
 POD = {"template": {"spec": {"containers": [{"name": "work", "image": "x", "command": ["r"]}]}}}
 

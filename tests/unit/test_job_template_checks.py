@@ -11,9 +11,10 @@ from typing import Any
 import pytest
 import yaml
 
-from jobrunner.config import ManifestError, load_manifest, parse_scaledjob
-from jobrunner.models import Delivery
-from jobrunner.rendering import Renderer, RenderError, template_dirs
+from jobrunner.core.models import Delivery
+from jobrunner.manifest.loader import load_manifest, parse_scaledjob
+from jobrunner.manifest.scaledjob import ManifestError
+from jobrunner.rendering.renderer import Renderer, RenderError, template_dirs
 
 CONTAINER = {"name": "work", "image": "busybox", "command": ["run"]}
 

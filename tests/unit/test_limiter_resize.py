@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from jobrunner.limiter import ActiveJobs
+from jobrunner.dispatch.limiter import ActiveJobs
 
 
 async def test_larger_limit_wakes_as_many_waiters_as_it_frees_slots() -> None:

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner.config import ManifestError, load_manifest
 from jobrunner.functions.importer import read_app
-from jobrunner.rendering import Renderer
+from jobrunner.manifest.loader import load_manifest
+from jobrunner.manifest.scaledjob import ManifestError
+from jobrunner.rendering.renderer import Renderer
 
 SCALEDJOB = """\
 apiVersion: keda.sh/v1alpha1

@@ -1,4 +1,4 @@
-"""The message Secret's rules (jobrunner.messagesecret), and the in-memory twin
+"""The message Secret's rules (jobrunner.rendering.messagesecret), and the in-memory twin
 following them."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from jobrunner.messagesecret import CONFLICT_REASON, Verdict, check_existing
-from jobrunner.protocols import ApiRejected
+from jobrunner.core.protocols import ApiRejected
+from jobrunner.rendering.messagesecret import CONFLICT_REASON, Verdict, check_existing
 from jobrunner.testing import MemoryJobClient
 from tests.unit.test_rendering import delivery, manifest
 
@@ -74,8 +74,8 @@ def test_a_refusal_says_what_is_there_and_what_to_do() -> None:
 
 
 async def test_the_twin_refuses_a_secret_with_another_body_and_owns_what_it_makes() -> None:
-    from jobrunner.config import parse_scaledjob
-    from jobrunner.rendering import Renderer
+    from jobrunner.manifest.loader import parse_scaledjob
+    from jobrunner.rendering.renderer import Renderer
 
     renderer = Renderer(parse_scaledjob(manifest(messageDelivery={"mode": "file"})))
     jobs = MemoryJobClient()

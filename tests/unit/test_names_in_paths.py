@@ -17,17 +17,18 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from jobrunner import apipath, limits
-from jobrunner.apipath import InvalidName
 from jobrunner.cli import main
-from jobrunner.config import ManifestError, parse_scaledjob, parse_trigger_authentication
+from jobrunner.core import apipath, limits
+from jobrunner.core.apipath import InvalidName
+from jobrunner.core.protocols import ApiRejected
 from jobrunner.kube.client import KubeJobClient
 from jobrunner.kube.objects import KubeObjects
 from jobrunner.local.client import LocalJobClient
+from jobrunner.manifest.loader import parse_scaledjob, parse_trigger_authentication
+from jobrunner.manifest.scaledjob import ManifestError
 from jobrunner.operator import api
 from jobrunner.operator.crd import scaledjob_crd, trigger_authentication_crd
 from jobrunner.operator.resources import wanted_from
-from jobrunner.protocols import ApiRejected
 from jobrunner.testing import MemoryObjects
 from tests.unit.test_operator import NS, Env, until
 from tests.unit.test_operator_registry import scaledjob_object
@@ -333,7 +334,7 @@ async def test_the_kube_client_refuses_a_bad_namespace_without_a_request(
 async def test_a_valid_name_is_sent(kube: KubeJobClient) -> None:
     """The other side of the two tests above: with a valid name the request goes out
     (and fails to connect), so InvalidName there is the check, not the port."""
-    from jobrunner.protocols import TransientError
+    from jobrunner.core.protocols import TransientError
 
     with pytest.raises(TransientError, match="unreachable"):
         await kube.read_secret("media", "broker")
@@ -388,7 +389,7 @@ def test_the_command_line_refuses_names_that_are_not_ones_before_any_request(
 # ---------------------------------------------------------------------- a whole replica
 @pytest.fixture
 async def env() -> AsyncIterator[Env]:
-    from jobrunner.tasks import stop_tasks
+    from jobrunner.core.tasks import stop_tasks
 
     e = Env()
     yield e

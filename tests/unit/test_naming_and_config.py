@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from jobrunner.config import AckPolicy, ManifestError, load_manifest
-from jobrunner.naming import job_name, message_identity
+from jobrunner.core.naming import job_name, message_identity
+from jobrunner.manifest.loader import load_manifest
+from jobrunner.manifest.scaledjob import AckPolicy, ManifestError
 
 KEDA_SCALEDJOB = """
 apiVersion: keda.sh/v1alpha1

@@ -11,16 +11,17 @@ from typing import Any
 
 import pytest
 
-from jobrunner.config import ScaledJob, Settings
+from jobrunner.core.settings import Settings
+from jobrunner.core.tasks import start_guarded, stop_tasks
+from jobrunner.manifest.scaledjob import ScaledJob
+from jobrunner.manifest.triggers import Reach
+from jobrunner.observability.telemetry import Telemetry
 from jobrunner.operator import api
 from jobrunner.operator.crd import ScaledJobStatus
 from jobrunner.operator.operator import Operator
 from jobrunner.operator.resources import Wanted
 from jobrunner.runner import DispatchUnit
-from jobrunner.tasks import start_guarded, stop_tasks
-from jobrunner.telemetry import Telemetry
 from jobrunner.testing import MemoryBroker, MemoryJobClient, MemoryObjects, MemorySource
-from jobrunner.triggers import Reach
 from tests.helpers import eventually
 from tests.unit.test_operator_registry import scaledjob_object
 
@@ -284,8 +285,8 @@ async def test_unreachable_queue_is_ready_false_with_the_brokers_words_and_recov
 
 
 def test_a_refused_watch_says_what_to_do() -> None:
+    from jobrunner.core.protocols import ApiRejected, TransientError
     from jobrunner.operator.informer import Informer
-    from jobrunner.protocols import ApiRejected, TransientError
 
     def hint(path: str, exc: Exception, selector: str = "") -> str:
         return Informer(MemoryObjects().client(), path, selector=selector)._hint(exc)

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from jobrunner.config import ScaledJobSpec
+from jobrunner.manifest.scaledjob import ScaledJobSpec
 from jobrunner.operator.crd import render, scaledjob_crd, trigger_authentication_crd
 
 ROOT = Path(__file__).resolve().parents[2]

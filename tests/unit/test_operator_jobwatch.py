@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from jobrunner.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB
+from jobrunner.core.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB
+from jobrunner.core.tasks import start_guarded, stop_tasks
 from jobrunner.operator.jobwatch import SharedJobs, compact
-from jobrunner.tasks import start_guarded, stop_tasks
 from jobrunner.testing import MemoryJobClient
-from jobrunner.tracker import JobTracker
+from jobrunner.tracking.tracker import JobTracker
 from tests.helpers import eventually
 
 
@@ -108,8 +108,8 @@ def test_compact_copy_keeps_what_a_tracker_reads_and_not_the_bulky_message() -> 
 
 
 async def test_watch_that_falls_behind_the_log_is_told_to_list_again() -> None:
+    from jobrunner.core.protocols import WatchExpired
     from jobrunner.operator import jobwatch
-    from jobrunner.protocols import WatchExpired
 
     inner = MemoryJobClient()
     jobs = SharedJobs(inner)

@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
+from jobrunner.core.tasks import start_guarded, stop_tasks
 from jobrunner.operator.leases import LeaseKeeper
-from jobrunner.tasks import start_guarded, stop_tasks
 from jobrunner.testing import MemoryObjects
 from tests.helpers import eventually
 

@@ -13,13 +13,14 @@ from typing import Any
 
 import pytest
 
-from jobrunner.config import ScaledJob, Settings
+from jobrunner.core.settings import Settings
+from jobrunner.manifest.scaledjob import ScaledJob
+from jobrunner.manifest.triggers import Reach
+from jobrunner.observability.telemetry import Telemetry
 from jobrunner.operator.registry import Phase, Registry
 from jobrunner.operator.resources import Key, Wanted, wanted_from
 from jobrunner.runner import DispatchUnit
-from jobrunner.telemetry import Telemetry
 from jobrunner.testing import MemoryBroker, MemoryJobClient, MemorySource
-from jobrunner.triggers import Reach
 from tests.helpers import eventually
 
 NS = "jobs"

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from jobrunner.core.protocols import TransientError
 from jobrunner.operator.secrets import SecretVersions
-from jobrunner.protocols import TransientError
 
 
 class Clock:
@@ -65,9 +65,7 @@ async def test_a_dispatcher_that_cannot_connect_reads_its_secrets_more_often() -
     assert await versions.refresh({KEY: False}) == [KEY]
 
 
-async def test_a_rebuild_starts_from_what_it_read_and_a_deleted_secret_counts_as_a_change() -> (
-    None
-):
+async def test_a_rebuild_starts_from_what_it_read_and_a_deleted_secret_counts_as_a_change() -> None:
     cluster, clock = Cluster(), Clock()
     versions = await built(cluster, clock)
     cluster.secrets[("ns", "s")] = {"password": "b"}

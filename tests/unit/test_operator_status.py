@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from types import SimpleNamespace
 
+from jobrunner.core.protocols import ApiRejected
 from jobrunner.kube.client import _rejection
 from jobrunner.operator import api
 from jobrunner.operator.resources import wanted_from
@@ -15,7 +16,6 @@ from jobrunner.operator.status import (
     rejection_summary,
     unserved_status,
 )
-from jobrunner.protocols import ApiRejected
 from jobrunner.testing import MemoryObjects
 from tests.unit.test_operator import NS
 from tests.unit.test_operator_registry import scaledjob_object
@@ -36,7 +36,7 @@ INVALID = {
                 "field": "spec.template.spec.containers[0].name",
             },
             {"reason": "not a cause type!", "field": "spec.x"},
-            {"reason": "FieldValueRequired", "field": "has spaces and \"quotes\""},
+            {"reason": "FieldValueRequired", "field": 'has spaces and "quotes"'},
         ],
     },
     "code": 422,

@@ -12,10 +12,10 @@ from typing import Any
 
 from prometheus_client import generate_latest
 
+from jobrunner.observability.telemetry import REASONS_PER_SCALEDJOB, Metrics
 from jobrunner.operator import api
 from jobrunner.operator.resources import wanted_from
 from jobrunner.operator.status import RECORDED_MAX, EventRecorder, StatusWriter
-from jobrunner.telemetry import REASONS_PER_SCALEDJOB, Metrics
 from jobrunner.testing import MemoryObjects
 from tests.unit.test_operator import NS, Env, env, until
 from tests.unit.test_operator_registry import (

@@ -1,12 +1,12 @@
 """A function's outputs handed to a source that publishes them in its settle transaction
-(jobrunner.outputs, ``CarriesOutputs``): only for a live message, only when the source
+(jobrunner.dispatch.outputs, ``CarriesOutputs``): only for a live message, only when the source
 carries every output still to publish, and then nothing is published beforehand."""
 
 from __future__ import annotations
 
-from jobrunner.models import Action, Decision, OutputMessage
-from jobrunner.outputs import FunctionResults
-from jobrunner.protocols import CarriesOutputs, MessageSink
+from jobrunner.core.models import Action, Decision, OutputMessage
+from jobrunner.core.protocols import CarriesOutputs, MessageSink
+from jobrunner.dispatch.outputs import FunctionResults
 from jobrunner.testing import MemoryJobClient
 from tests.unit.test_function_marks import NS, RESULT, SUCCESS, Sink, function_job, signed
 

@@ -1,4 +1,4 @@
-"""jobrunner.redaction: addresses without their secrets, failures in jobrunner's words."""
+"""jobrunner.core.redaction: addresses without their secrets, failures in jobrunner's words."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import ssl
 
 import pytest
 
-from jobrunner.protocols import SourceError, SourceUnreachable
-from jobrunner.redaction import (
+from jobrunner.core.protocols import SourceError, SourceUnreachable
+from jobrunner.core.redaction import (
     UNPARSEABLE,
     address,
     addresses,
@@ -19,7 +19,7 @@ from jobrunner.redaction import (
     known_code,
     redact,
 )
-from jobrunner.telemetry import configure_logging
+from jobrunner.observability.telemetry import configure_logging
 
 KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 BANNER = "banner: internal admin panel"
@@ -195,5 +195,6 @@ def test_a_traceback_keeps_its_frames_and_says_each_exception_safely() -> None:
     assert "ConnectionRefusedError: ECONNREFUSED (connection refused)" in text
     assert "direct cause" in text
     assert text.endswith(
-        "jobrunner.protocols.SourceUnreachable: Redis at nats://***@10.0.0.9:6379 is not reachable"
+        "jobrunner.core.protocols.SourceUnreachable: "
+        "Redis at nats://***@10.0.0.9:6379 is not reachable"
     )

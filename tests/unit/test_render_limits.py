@@ -17,15 +17,17 @@ from typing import Any
 
 import pytest
 
-from jobrunner.config import DispatcherSettings, ManifestError, Settings, parse_scaledjob
-from jobrunner.models import Delivery
-from jobrunner.rendering import TEMPLATE_SOURCE_MAX, Renderer, RenderError, render_pool
+from jobrunner.core.models import Delivery
+from jobrunner.core.settings import DispatcherSettings, Settings
+from jobrunner.manifest.loader import parse_scaledjob
+from jobrunner.manifest.scaledjob import ManifestError
+from jobrunner.manifest.triggers import Reach
+from jobrunner.observability.telemetry import Telemetry
+from jobrunner.rendering.renderer import TEMPLATE_SOURCE_MAX, Renderer, RenderError, render_pool
+from jobrunner.rendering.sandbox.pool import RenderPool
+from jobrunner.rendering.sandbox.templates import RenderLimits, StringFailure, Strings
 from jobrunner.runner import DispatchUnit
-from jobrunner.sandbox.pool import RenderPool
-from jobrunner.sandbox.templates import RenderLimits, StringFailure, Strings
-from jobrunner.telemetry import Telemetry
 from jobrunner.testing import MemoryBroker, MemoryJobClient, MemorySource
-from jobrunner.triggers import Reach
 from tests.helpers import eventually
 
 LIMITS = RenderLimits(seconds=1.0, output_bytes=1024 * 1024, memory_bytes=128 * 1024 * 1024)

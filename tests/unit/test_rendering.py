@@ -8,10 +8,11 @@ from typing import Any
 import pytest
 import yaml
 
-from jobrunner.config import ManifestError, parse_scaledjob
-from jobrunner.models import Delivery
-from jobrunner.naming import job_name, message_identity
-from jobrunner.rendering import (
+from jobrunner.core.models import Delivery
+from jobrunner.core.naming import job_name, message_identity
+from jobrunner.manifest.loader import parse_scaledjob
+from jobrunner.manifest.scaledjob import ManifestError
+from jobrunner.rendering.renderer import (
     ANNOTATION_ORIGINAL_MESSAGE,
     Renderer,
     RenderError,
@@ -225,9 +226,9 @@ def test_args_mode_appends_the_message_variable() -> None:
 
 
 def test_message_text_in_env_is_escaped_against_kubelet_expansion() -> None:
-    from jobrunner.config import parse_scaledjob
-    from jobrunner.models import Delivery
-    from jobrunner.rendering import Renderer
+    from jobrunner.core.models import Delivery
+    from jobrunner.manifest.loader import parse_scaledjob
+    from jobrunner.rendering.renderer import Renderer
 
     scaledjob = parse_scaledjob(
         {

@@ -12,19 +12,21 @@ from typing import Any
 import pytest
 import yaml
 
-from jobrunner.config import ManifestError, Settings, TriggerAuthentication, parse_scaledjob
-from jobrunner.models import Delivery
-from jobrunner.naming import message_identity
-from jobrunner.protocols import ApiRejected
-from jobrunner.rendering import (
+from jobrunner.core.models import Delivery
+from jobrunner.core.naming import message_identity
+from jobrunner.core.protocols import ApiRejected
+from jobrunner.core.settings import Settings
+from jobrunner.manifest.loader import parse_scaledjob
+from jobrunner.manifest.scaledjob import ManifestError, TriggerAuthentication
+from jobrunner.manifest.triggers.auth import auth_parameters
+from jobrunner.manifest.triggers.reach import Reach
+from jobrunner.rendering.renderer import (
     ANNOTATION_ORIGINAL_MESSAGE,
     ORIGINAL_IN_ANNOTATION_MAX,
     Renderer,
     RenderError,
     original_message,
 )
-from jobrunner.triggers.auth import auth_parameters
-from jobrunner.triggers.reach import Reach
 
 
 def scaledjob(**delivery: Any) -> Any:

@@ -9,15 +9,16 @@ from typing import Any
 
 import pytest
 
-from jobrunner.config import ManifestError, parse_scaledjob
-from jobrunner.triggers import (
+from jobrunner.manifest.loader import parse_scaledjob
+from jobrunner.manifest.scaledjob import ManifestError
+from jobrunner.manifest.triggers import (
     FileSecrets,
     Reach,
     ResolveContext,
     check_trigger,
     resolve_trigger,
 )
-from jobrunner.triggers.mqtt import topic_matches
+from jobrunner.manifest.triggers.mqtt import topic_matches
 
 
 def scaledjob(trigger: dict[str, Any], **spec: Any) -> Any:
@@ -143,7 +144,7 @@ def test_topic_filters_match_as_mqtt_says() -> None:
     ],
 )
 def test_static_checks_name_the_field(trigger: dict[str, Any], field: str) -> None:
-    from jobrunner.config import Trigger
+    from jobrunner.manifest.scaledjob import Trigger
 
     problems = check_trigger(Trigger.model_validate(trigger))
     assert any(p.field == f"metadata.{field}" for p in problems), problems
@@ -154,7 +155,7 @@ def rabbitmq(host: str, **metadata: str) -> dict[str, Any]:
 
 
 async def test_the_management_api_of_an_amqps_broker_is_reached_over_https() -> None:
-    from jobrunner.config import Settings
+    from jobrunner.core.settings import Settings
     from jobrunner.sources.rabbitmq import open_source
 
     for host, derived in (
@@ -196,7 +197,7 @@ async def test_a_management_url_never_sends_credentials_in_clear_that_amqp_keeps
 
 
 def test_a_management_url_is_http_or_https() -> None:
-    from jobrunner.config import Trigger
+    from jobrunner.manifest.scaledjob import Trigger
 
     metadata = {"queueName": "q", "host": "amqp://r/", "managementURL": "ftp://r/"}
     problems = check_trigger(Trigger(type="rabbitmq", metadata=metadata))
@@ -204,7 +205,7 @@ def test_a_management_url_is_http_or_https() -> None:
 
 
 def _authentication() -> Any:
-    from jobrunner.config import TriggerAuthentication
+    from jobrunner.manifest.scaledjob import TriggerAuthentication
 
     return TriggerAuthentication.model_validate(
         {
@@ -226,9 +227,7 @@ def _authentication() -> Any:
         (FileSecrets(None, {}), "not found in the manifest file;"),
     ],
 )  # fmt: skip
-async def test_a_missing_secret_is_looked_for_where_this_mode_looks(
-    reader: Any, said: str
-) -> None:
+async def test_a_missing_secret_is_looked_for_where_this_mode_looks(reader: Any, said: str) -> None:
     trigger = {"type": "rabbitmq", "metadata": {"queueName": "q"}}
     sj = scaledjob({**trigger, "authenticationRef": {"name": "broker"}})
     context = ResolveContext(

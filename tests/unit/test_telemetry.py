@@ -9,8 +9,13 @@ import urllib.request
 import pytest
 from opentelemetry import trace
 
-from jobrunner.httpserver import Heartbeat, HttpEndpoints
-from jobrunner.telemetry import Telemetry, configure_logging, extract_context, traceparent_of
+from jobrunner.observability.httpserver import Heartbeat, HttpEndpoints
+from jobrunner.observability.telemetry import (
+    Telemetry,
+    configure_logging,
+    extract_context,
+    traceparent_of,
+)
 
 
 def test_health_and_readiness_report_their_state() -> None:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from jobrunner.config import Settings
+from jobrunner.core.settings import Settings
 from tests.helm import CHART, helm
 
 

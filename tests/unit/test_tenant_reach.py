@@ -14,15 +14,10 @@ from typing import Any
 
 import pytest
 
-from jobrunner.config import (
-    ManifestError,
-    OperatorSettings,
-    Settings,
-    TriggerAuthentication,
-    parse_scaledjob,
-)
-from jobrunner.operator.resources import wanted_from
-from jobrunner.triggers import (
+from jobrunner.core.settings import OperatorSettings, Settings
+from jobrunner.manifest.loader import parse_scaledjob
+from jobrunner.manifest.scaledjob import ManifestError, TriggerAuthentication
+from jobrunner.manifest.triggers import (
     Reach,
     ResolveContext,
     resolve_trigger,
@@ -30,6 +25,7 @@ from jobrunner.triggers import (
     trigger_type,
     trigger_types,
 )
+from jobrunner.operator.resources import wanted_from
 
 MARKER = "s3cret-marker-7f1d"
 """A value of the operator's environment that no tenant may ever see."""

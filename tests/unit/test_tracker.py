@@ -6,9 +6,9 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from jobrunner.models import Outcome
-from jobrunner.protocols import JobPage, TransientError, WatchEvent, WatchExpired
-from jobrunner.tracker import JobTracker
+from jobrunner.core.models import Outcome
+from jobrunner.core.protocols import JobPage, TransientError, WatchEvent, WatchExpired
+from jobrunner.tracking.tracker import JobTracker
 
 
 def job(name: str, condition: str | None = None, reason: str = "") -> dict[str, Any]:
@@ -124,7 +124,7 @@ async def test_job_gone_between_lists_counts_as_deleted() -> None:
 
 
 async def test_limiter_waits_for_a_free_slot() -> None:
-    from jobrunner.limiter import ActiveJobs
+    from jobrunner.dispatch.limiter import ActiveJobs
 
     limiter = ActiveJobs(1)
     await limiter.acquire("a")

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from jobrunner.cli import main
-from jobrunner.config import load_manifest
-from jobrunner.triggers import FileSecrets, Reach, ResolveContext, resolve_trigger
+from jobrunner.manifest.loader import load_manifest
+from jobrunner.manifest.triggers import FileSecrets, Reach, ResolveContext, resolve_trigger
 
 JOB = {
     "template": {

@@ -1,0 +1,161 @@
+"""Small immutable values passed between the sources, the dispatcher and the tracker.
+
+They carry no behaviour and import no broker or Kubernetes library, so every layer can
+share them.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+MANAGED_BY = "jobrunner"
+
+# Labels select; annotations carry what labels cannot (any string, any length).
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+LABEL_SCALEDJOB = "jobrunner.dev/scaledjob"
+LABEL_SOURCE = "jobrunner.dev/source"
+LABEL_MESSAGE_KEY = "jobrunner.dev/message-key"
+ANNOTATION_MESSAGE_ID = "jobrunner.dev/message-id"
+ANNOTATION_SOURCE_DETAIL = "jobrunner.dev/source-detail"
+ANNOTATION_ACK_POLICY = "jobrunner.dev/ack-policy"
+ANNOTATION_HANDED_OVER = "jobrunner.dev/handed-over"
+ANNOTATION_SETTLED = "jobrunner.dev/settled"
+FINALIZER = "jobrunner.dev/settlement"
+"""On every Job jobrunner creates, removed only once the Job's message has a durable fate
+(acked, dead-lettered and confirmed, or its offset committed): deleting the Job before
+then (a person, the TTL controller, history cleanup, a namespace deletion) leaves it in
+place, with the copy of the message it keeps, until a dispatcher has settled that
+message. ``jobrunner finalizers release`` removes it by hand (after an uninstall)."""
+ANNOTATION_BODY_DIGEST = "jobrunner.dev/body-sha256"
+"""SHA-256 of the body the Job was made for: a later message that reuses the identity
+with another body is told apart from a redelivery."""
+# KEDA's label on Jobs it creates; set too so KEDA-minded tooling finds our Jobs.
+LABEL_KEDA_SCALEDJOB = "scaledjob.keda.sh/name"
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One message as received from a source, before any decision about it."""
+
+    source: str
+    """Source type, e.g. ``rabbitmq`` or ``kafka``."""
+    identity: str
+    """Stable identity across redeliveries: the message id, or a digest (see naming)."""
+    body: bytes
+    message_id: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+    content_type: str | None = None
+    redelivered: bool = False
+    delivery_count: int = 1
+    """Which delivery of this message this is, 1 for the first, as the broker counts it
+    where it does (what an Azure Functions trigger reports as ``DequeueCount``):
+
+    * azure-queue: the message's ``dequeueCount`` (Queue service "Get Messages");
+    * sqs: ``ApproximateReceiveCount`` (ReceiveMessage's system attribute);
+    * rabbitmq: ``x-delivery-count`` + 1 on a quorum queue (the broker's count of returns,
+      RabbitMQ docs "Quorum Queues: poison message handling"), else 2 when the broker
+      sets ``redelivered`` (a classic queue counts no further), else 1;
+    * redis: the entry's delivery counter (XPENDING/XAUTOCLAIM; 1 on a first XREADGROUP);
+    * nats: ``num_delivered`` of the message's JetStream metadata;
+    * mqtt: 2 when the broker sets ``dup`` (MQTT counts no further), else 1;
+    * sqlite (the embedded queue): its ``deliveries`` column;
+    * kafka: none: always 1 (a record read again after a restart is the same Job).
+
+    The tries of one Job (its ``backoffLimit``) come on top: the in-Job invoker adds
+    the failed tries before it (jobrunner.functions.invoker.dequeue_count)."""
+    metadata: Mapping[str, str] = field(default_factory=dict)
+    """Where it came from (queue, exchange, routing key, topic/partition/offset)."""
+    received_at: float = 0.0
+    """``time.monotonic()`` when it arrived, for latency figures."""
+    published_at: float | None = None
+    """The producer's timestamp (epoch seconds), when the message carries one."""
+    returns_left: int | None = None
+    """How many more times the source tolerates this message coming back before it drops
+    or dead-letters it on its own (a quorum queue's delivery limit less the returns so
+    far); None: no limit. With one or none left the dispatcher hands the message over to
+    its Job as soon as the Job exists, so a crash cannot make the broker drop it."""
+    positional: bool = False
+    """The identity names one publish (a Kafka record's topic/partition/offset), so a
+    Job found for it is always this same publish replayed: it is adopted whatever
+    ``redelivered`` says. Otherwise (a message id, or a digest of the body) only a
+    delivery the source marks ``redelivered`` adopts a finished Job; see the
+    dispatcher's identity rule."""
+    unreadable: str | None = None
+    """Why the source could not decode this message (an Azure queue message that is not
+    the base64 it should be, say): it cannot become a Job and is dead-lettered
+    ``InvalidMessage`` with this text. ``body`` is then the message as received."""
+
+
+class Outcome(enum.Enum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    """How a Job ended, as read from its conditions (or from its disappearance)."""
+
+    outcome: Outcome
+    reason: str
+    message: str = ""
+
+    @property
+    def succeeded(self) -> bool:
+        return self.outcome is Outcome.SUCCEEDED
+
+
+class Action(enum.Enum):
+    ACK = "ack"
+    REQUEUE = "requeue"
+    DEAD_LETTER = "dead-letter"
+
+
+@dataclass(frozen=True)
+class OutputMessage:
+    """One output message of a function: ``sink`` is the MessageSink of its binding (the
+    source that carries it recognises its own kind), ``message_id`` the deterministic
+    ``<job>/<binding>/<index>``."""
+
+    sink: object
+    body: bytes
+    message_id: str
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to do with a message; the dispatcher's settle step carries it out."""
+
+    action: Action
+    reason: str = ""
+    detail: str = ""
+    job_name: str | None = None
+    message_identity: str = ""
+    """The message's identity (its id, or digest, or Kafka position), carried by a
+    dead-lettered copy so a consumer of the dead-letter target can drop a duplicate."""
+    outputs: tuple[OutputMessage, ...] = ()
+    """A function's output messages for the source to publish in the same transaction
+    as this settlement (jobrunner.dispatch.outputs hands them to a source that carries them:
+    Kafka to Kafka); empty when they were published before the settle step."""
+
+    @classmethod
+    def ack(cls, job_name: str | None = None) -> Decision:
+        return cls(Action.ACK, job_name=job_name)
+
+    @classmethod
+    def dead_letter(cls, reason: str, detail: str = "", job_name: str | None = None) -> Decision:
+        return cls(Action.DEAD_LETTER, reason=reason, detail=detail, job_name=job_name)
+
+    def reason_headers(self, **where: str) -> dict[str, str]:
+        """The ``x-jobrunner-*`` headers every source puts on a dead-lettered copy: the
+        reason, its detail, the Job, the message's identity, and ``where`` it came from
+        (``source_queue="q"``
+        becomes ``x-jobrunner-source-queue``)."""
+        headers = {"x-jobrunner-reason": self.reason, "x-jobrunner-detail": self.detail[:4000]}
+        if self.job_name:
+            headers["x-jobrunner-job"] = self.job_name
+        if self.message_identity:
+            headers["x-jobrunner-message-id"] = self.message_identity
+        headers.update({f"x-jobrunner-{k.replace('_', '-')}": v for k, v in where.items()})
+        return headers
