@@ -15,6 +15,9 @@ One module per command group, sharing one way to build settings, manifests and c
 
 A command module is imported only when its command runs, and heavy libraries only by
 the command that uses them.
+
+It is the top of the house: it may import every package. Must not import: nothing, but
+nothing imports it (import-linter's layers contract).
 """
 
 from __future__ import annotations

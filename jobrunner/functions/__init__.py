@@ -2,7 +2,11 @@
 
 This package owns the function-app import (``importer``: a function app directory ->
 ScaledJob manifests), the in-Job invoker (``invoker``: standard library only, it runs
-inside users' images) and the custom-handler contract the invoker speaks. It may import
-the core (config, triggers, models) but never the sources, the Kubernetes layer or the
-local executor, and the core never imports it (an import-linter contract says so).
+inside users' images) and the custom-handler contract the invoker speaks (``policy``:
+the admission policy that confines an invoker's writes to its own Job).
+
+It may import dispatch and below (core, manifest, rendering). Must not import: the
+sources, the Kubernetes layer, the local executor, the operator; the invoker imports no
+jobrunner module at all; and nothing below the runner imports this package
+(import-linter contracts say so).
 """

@@ -6,10 +6,12 @@ One registry keyed by trigger type, so a new source is a new module here (and on
 type is checked twice: ``check`` without any I/O (``jobrunner validate`` runs it, so
 validate refuses what ``run`` would), and ``resolve`` at start, when Secrets and
 environment variables are read. Triggers never read ``os.environ``: the variables they
-may read come in their ``ResolveContext.reach`` (see jobrunner.manifest.triggers.reach), which the
-command line makes — everything in file mode, the allow-listed few in operator mode.
+may read come in their ``ResolveContext.reach`` (see jobrunner.manifest.triggers.reach),
+which the command line makes — everything in file mode, the allow-listed few in
+operator mode.
 
-This package is core: it imports no broker or Kubernetes library.
+Must not import: any broker or Kubernetes library, the sources, the loader
+(``jobrunner.manifest.loader`` imports this package), anything above the manifest.
 """
 
 from __future__ import annotations

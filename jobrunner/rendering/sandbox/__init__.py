@@ -21,8 +21,9 @@ Modules:
   library only, so it starts fast and holds none of the dispatcher's settings);
 * ``pool``: the dispatcher's side: starts, feeds, times and kills the workers.
 
-What it may import: the standard library and jinja2; nothing of jobrunner outside this
-package (the worker must not load the dispatcher's settings or clients).
+What it may import: the standard library and jinja2. Must not import: anything of
+jobrunner outside this package (the worker must not load the dispatcher's settings or
+clients).
 """
 
 from jobrunner.rendering.sandbox.templates import (
