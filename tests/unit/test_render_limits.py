@@ -579,7 +579,6 @@ async def test_dispatcher_dead_letters_a_hostile_message_while_another_scaledjob
         for i in range(2):
             await broker.publish("bad", json.dumps({"task": i}), message_id=f"bad-{i}")
         await asyncio.sleep(0.2)
-        start = time.monotonic()
         for i in range(5):
             await broker.publish("good", json.dumps({"task": i}), message_id=f"good-{i}")
 
@@ -587,8 +586,11 @@ async def test_dispatcher_dead_letters_a_hostile_message_while_another_scaledjob
             return len(jobs.names("other-team", "jobrunner.dev/scaledjob=good")) == 5
 
         await eventually(good_jobs, within=WALL)
-        took = time.monotonic() - start
-        assert took < LIMITS.seconds, f"the good ScaledJob's 5 Jobs took {took:.2f}s"
+        # An order, not a stopwatch (a timed bound failed on a loaded machine): the bad
+        # ScaledJob's two renders run one after the other, each killed at its limit and
+        # the second after a wait, so the good Jobs did not wait behind them if they all
+        # exist before the second dead letter.
+        assert len(broker.dead_letters("bad")) < 2, "the good Jobs waited for the bad renders"
 
         async def dead() -> bool:
             return len(broker.dead_letters("bad")) == 2
