@@ -317,6 +317,49 @@ def plan_function(app: App, function: Function, options: Options) -> list[dict[s
     """The documents for one function: Secret, TriggerAuthentication(s), ScaledJob.
     Unsupported when jobrunner cannot run it."""
     where = f"{function.origin}: function {function.name}"
+    trigger = _trigger_binding(function, where)
+    outputs = _output_destinations(app, function, trigger, where)
+    source = map_binding(trigger, app, f"{where}: binding {trigger.get('name')}")
+    if options.embedded:
+        source = _embedded(source)
+        outputs = [(b, _embedded(d)) for b, d in outputs]
+    name = kube_name(f"{app.name}-{function.name}", SCALEDJOB_NAME_MAX)
+    settings_secret = f"{app.name}-settings"
+    docs: list[dict[str, Any]] = [_secret(app, settings_secret)]
+    auth_name = f"{name}-trigger"
+    docs.append(_authentication(auth_name, settings_secret, source.secrets))
+    output_specs, output_auths = _output_specs(outputs, name=name, settings_secret=settings_secret)
+    docs.extend(output_auths)
+    trigger_doc: dict[str, Any] = {"type": source.type, "metadata": source.metadata}
+    if source.secrets:
+        trigger_doc["authenticationRef"] = {"name": auth_name}
+    else:
+        docs.pop()
+    kind = str(trigger.get("type", "")).lower()
+    job = _job(
+        app,
+        function,
+        str(trigger.get("name", "msg")),
+        [b for b, _ in outputs],
+        options,
+        tries=_tries(app) if kind == "queuetrigger" else 1,
+    )
+    docs.append(
+        _scaledjob(
+            app,
+            function=function,
+            name=name,
+            job=job,
+            trigger=trigger_doc,
+            outputs=output_specs,
+        )
+    )
+    return docs
+
+
+def _trigger_binding(function: Function, where: str) -> Mapping[str, Any]:
+    """The function's one trigger binding; Unsupported when it has none or several, or
+    when jobrunner has no source for its type."""
     triggers = [
         b
         for b in function.bindings
@@ -333,6 +376,14 @@ def plan_function(app: App, function: Function, options: Options) -> list[dict[s
             "rabbitMQTrigger and kafkaTrigger)",
         )
         raise Unsupported(f"{trigger.get('type')}: {why}")
+    return trigger
+
+
+def _output_destinations(
+    app: App, function: Function, trigger: Mapping[str, Any], where: str
+) -> list[tuple[str, Destination]]:
+    """Every binding but the trigger, as (binding name, destination); Unsupported for an
+    input binding or an output jobrunner cannot publish to."""
     outputs: list[tuple[str, Destination]] = []
     for binding in function.bindings:
         if binding is trigger:
@@ -349,16 +400,16 @@ def plan_function(app: App, function: Function, options: Options) -> list[dict[s
                 "kafka outputs only"
             )
         outputs.append((bname, map_binding(binding, app, f"{where}: binding {bname}", output=True)))
-    source = map_binding(trigger, app, f"{where}: binding {trigger.get('name')}")
-    if options.embedded:
-        source = _embedded(source)
-        outputs = [(b, _embedded(d)) for b, d in outputs]
-    name = kube_name(f"{app.name}-{function.name}", SCALEDJOB_NAME_MAX)
-    settings_secret = f"{app.name}-settings"
-    docs: list[dict[str, Any]] = [_secret(app, settings_secret)]
-    auth_name = f"{name}-trigger"
-    docs.append(_authentication(auth_name, settings_secret, source.secrets))
+    return outputs
+
+
+def _output_specs(
+    outputs: list[tuple[str, Destination]], *, name: str, settings_secret: str
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The ScaledJob's ``function.outputs``, and a TriggerAuthentication for each output
+    that takes secrets from the settings Secret."""
     output_specs = []
+    docs: list[dict[str, Any]] = []
     for i, (bname, dest) in enumerate(outputs):
         spec: dict[str, Any] = {"name": bname, "type": dest.type, "metadata": dest.metadata}
         if dest.secrets:
@@ -366,37 +417,34 @@ def plan_function(app: App, function: Function, options: Options) -> list[dict[s
             docs.append(_authentication(out_auth, settings_secret, dest.secrets))
             spec["authenticationRef"] = {"name": out_auth}
         output_specs.append(spec)
-    trigger_doc: dict[str, Any] = {"type": source.type, "metadata": source.metadata}
-    if source.secrets:
-        trigger_doc["authenticationRef"] = {"name": auth_name}
-    else:
-        docs.pop()
-    job = _job(
-        app,
-        function,
-        str(trigger.get("name", "msg")),
-        [b for b, _ in outputs],
-        options,
-        tries=_tries(app) if kind == "queuetrigger" else 1,
-    )
-    docs.append(
-        {
-            "apiVersion": "jobrunner.dev/v1alpha1",
-            "kind": "ScaledJob",
-            "metadata": {
-                "name": name,
-                "labels": {"jobrunner.dev/function-app": app.name},
-                "annotations": {"jobrunner.dev/imported-from": function.origin},
-            },
-            "spec": {
-                "jobTargetRef": job,
-                "triggers": [trigger_doc],
-                "function": {"name": function.name, "outputs": output_specs},
-                "messageDelivery": {"containers": [_message_container(app)]},
-            },
-        }
-    )
-    return docs
+    return output_specs, docs
+
+
+def _scaledjob(
+    app: App,
+    *,
+    function: Function,
+    name: str,
+    job: dict[str, Any],
+    trigger: dict[str, Any],
+    outputs: list[dict[str, Any]],
+) -> dict[str, Any]:
+    """The function's ScaledJob: its Job template, its one trigger and its outputs."""
+    return {
+        "apiVersion": "jobrunner.dev/v1alpha1",
+        "kind": "ScaledJob",
+        "metadata": {
+            "name": name,
+            "labels": {"jobrunner.dev/function-app": app.name},
+            "annotations": {"jobrunner.dev/imported-from": function.origin},
+        },
+        "spec": {
+            "jobTargetRef": job,
+            "triggers": [trigger],
+            "function": {"name": function.name, "outputs": outputs},
+            "messageDelivery": {"containers": [_message_container(app)]},
+        },
+    }
 
 
 def _embedded(destination: Destination) -> Destination:
@@ -503,14 +551,6 @@ def _job(
     """The Job template: the function's pod, ``tries`` pods at most (``backoffLimit``),
     each invocation limited to host.json ``functionTimeout``."""
     root = str(app.path.resolve()) if options.local else APP_ROOT
-    env = [
-        {"name": "AzureWebJobsScriptRoot", "value": root},
-        {
-            "name": "FUNCTIONS_WORKER_RUNTIME",
-            "value": "custom" if app.model == "custom" else "python",
-        },
-    ]
-    env_from = [] if options.local else [{"secretRef": {"name": f"{app.name}-settings"}}]
     pod: dict[str, Any] = {"restartPolicy": "Never"}
     if not options.local:
         # The invoker records the result on its own Job (see rbac.yaml and policy.yaml).
@@ -520,113 +560,154 @@ def _job(
     if timeout is not None:
         out_arg += ["--timeout", str(timeout)]
     if app.model == "custom":
-        handler = app.host.get("customHandler") or app.host.get("httpWorker") or {}
-        description = handler.get("description") or {}
-        executable = str(description.get("defaultExecutablePath") or "")
-        if not executable:
-            raise Unsupported("host.json customHandler.description.defaultExecutablePath is empty")
-        if options.local and (app.path / executable).exists():
-            executable = str((app.path / executable).resolve())
-        args = [
-            resolve_settings(a, app.settings, "customHandler.arguments")
-            for a in description.get("arguments") or []
-        ]
-        workdir = description.get("workingDirectory") or ""
-        cwd = (
-            str(Path(root) / workdir)
-            if workdir and not Path(workdir).is_absolute()
-            else (workdir or root)
+        pod.update(
+            _custom_handler_pod(
+                app, function=function, binding=binding, out_arg=out_arg, options=options, root=root
+            )
         )
-        if options.local:
-            # Jobs share this machine's network: each gets its own port, from its name.
-            port: Any = "{{ 10000 + (job.name[-4:] | int(base=16)) % 22000 }}"
-        else:
-            port = options.port
-        pod["initContainers"] = [
-            {
-                "name": "handler",
-                "image": options.image,
-                "restartPolicy": "Always",
-                "command": [executable, *[str(a) for a in args]],
-                "workingDir": cwd,
-                "env": [
-                    *env,
-                    {"name": "FUNCTIONS_CUSTOMHANDLER_PORT", "value": str(port)},
-                    {"name": "FUNCTIONS_APP_ROOT_PATH", "value": root},
-                ],
-                "envFrom": env_from,
-                "ports": (
-                    [{"name": "handler", "containerPort": options.port}]
-                    if not options.local
-                    else []
-                ),
-                "startupProbe": {
-                    "tcpSocket": {"port": port if options.local else "handler"},
-                    "periodSeconds": 1,
-                    "failureThreshold": 60,
-                },
-            }
-        ]
-        pod["containers"] = [
-            {
-                "name": "invoker",
-                "image": options.jobrunner_image,
-                "command": [
-                    *_invoker_command(options),
-                    "custom-handler",
-                    "--function",
-                    function.name,
-                    "--port",
-                    str(port),
-                    "--binding",
-                    binding,
-                    *out_arg,
-                ],
-            }
-        ]
-        for container in [*pod["initContainers"], *pod["containers"]]:
-            if not container.get("envFrom"):
-                container.pop("envFrom", None)
-            if not container.get("ports"):
-                container.pop("ports", None)
     else:
-        interpreter = (options.python or sys.executable) if options.local else "python"
-        pod["volumes"] = [{"name": "jobrunner-invoker", "emptyDir": {}}]
-        mount = [{"name": "jobrunner-invoker", "mountPath": INVOKER_MOUNT}]
-        pod["initContainers"] = [
-            {
-                "name": "install-invoker",
-                "image": options.jobrunner_image,
-                "command": [*_invoker_command(options), "install", INVOKER_MOUNT],
-                "volumeMounts": mount,
-            }
-        ]
-        main: dict[str, Any] = {
-            "name": "function",
-            "image": options.image,
-            "workingDir": root,
-            "command": [
-                interpreter,
-                f"{INVOKER_MOUNT}/invoker.py",
-                "python",
-                "--app",
-                root,
-                "--function",
-                function.name,
-                *out_arg,
-            ],
-            "env": env,
-            "volumeMounts": mount,
-        }
-        if env_from:
-            main["envFrom"] = env_from
-        pod["containers"] = [main]
+        pod.update(_python_pod(app, function=function, out_arg=out_arg, options=options, root=root))
     # Each try one pod, as each try of the host is one dequeue (the invoker counts the
     # failed ones into DequeueCount).
     job: dict[str, Any] = {"backoffLimit": tries - 1, "template": {"spec": pod}}
     if timeout is not None:
         job["activeDeadlineSeconds"] = _job_deadline(timeout, tries)
     return job
+
+
+def _function_env(app: App, root: str) -> list[dict[str, Any]]:
+    """What the host tells a function's process: where the app is, which worker runs it."""
+    return [
+        {"name": "AzureWebJobsScriptRoot", "value": root},
+        {
+            "name": "FUNCTIONS_WORKER_RUNTIME",
+            "value": "custom" if app.model == "custom" else "python",
+        },
+    ]
+
+
+def _settings_env_from(app: App, options: Options) -> list[dict[str, Any]]:
+    """The app's settings Secret as environment; none locally (they come from the app)."""
+    return [] if options.local else [{"secretRef": {"name": f"{app.name}-settings"}}]
+
+
+def _custom_handler_pod(
+    app: App, *, function: Function, binding: str, out_arg: list[str], options: Options, root: str
+) -> dict[str, Any]:
+    """The containers of a custom-handler app's pod: the user's handler as a sidecar (an
+    init container that keeps running) and the invoker, which hands it the message."""
+    executable, args, cwd = _handler_command(app, options=options, root=root)
+    if options.local:
+        # Jobs share this machine's network: each gets its own port, from its name.
+        port: Any = "{{ 10000 + (job.name[-4:] | int(base=16)) % 22000 }}"
+    else:
+        port = options.port
+    handler = {
+        "name": "handler",
+        "image": options.image,
+        "restartPolicy": "Always",
+        "command": [executable, *[str(a) for a in args]],
+        "workingDir": cwd,
+        "env": [
+            *_function_env(app, root),
+            {"name": "FUNCTIONS_CUSTOMHANDLER_PORT", "value": str(port)},
+            {"name": "FUNCTIONS_APP_ROOT_PATH", "value": root},
+        ],
+        "envFrom": _settings_env_from(app, options),
+        "ports": (
+            [{"name": "handler", "containerPort": options.port}] if not options.local else []
+        ),
+        "startupProbe": {
+            "tcpSocket": {"port": port if options.local else "handler"},
+            "periodSeconds": 1,
+            "failureThreshold": 60,
+        },
+    }
+    invoker = {
+        "name": "invoker",
+        "image": options.jobrunner_image,
+        "command": [
+            *_invoker_command(options),
+            "custom-handler",
+            "--function",
+            function.name,
+            "--port",
+            str(port),
+            "--binding",
+            binding,
+            *out_arg,
+        ],
+    }
+    for container in (handler, invoker):
+        if not container.get("envFrom"):
+            container.pop("envFrom", None)
+        if not container.get("ports"):
+            container.pop("ports", None)
+    return {"initContainers": [handler], "containers": [invoker]}
+
+
+def _handler_command(app: App, *, options: Options, root: str) -> tuple[str, list[Any], str]:
+    """host.json ``customHandler.description``: the handler's executable, its arguments
+    (app settings resolved) and its working directory."""
+    handler = app.host.get("customHandler") or app.host.get("httpWorker") or {}
+    description = handler.get("description") or {}
+    executable = str(description.get("defaultExecutablePath") or "")
+    if not executable:
+        raise Unsupported("host.json customHandler.description.defaultExecutablePath is empty")
+    if options.local and (app.path / executable).exists():
+        executable = str((app.path / executable).resolve())
+    args = [
+        resolve_settings(a, app.settings, "customHandler.arguments")
+        for a in description.get("arguments") or []
+    ]
+    workdir = description.get("workingDirectory") or ""
+    cwd = (
+        str(Path(root) / workdir)
+        if workdir and not Path(workdir).is_absolute()
+        else (workdir or root)
+    )
+    return executable, args, cwd
+
+
+def _python_pod(
+    app: App, *, function: Function, out_arg: list[str], options: Options, root: str
+) -> dict[str, Any]:
+    """The volumes and containers of a Python app's pod: an init container copies the
+    invoker into a shared volume, and the function's image runs it with the app."""
+    interpreter = (options.python or sys.executable) if options.local else "python"
+    mount = [{"name": "jobrunner-invoker", "mountPath": INVOKER_MOUNT}]
+    main: dict[str, Any] = {
+        "name": "function",
+        "image": options.image,
+        "workingDir": root,
+        "command": [
+            interpreter,
+            f"{INVOKER_MOUNT}/invoker.py",
+            "python",
+            "--app",
+            root,
+            "--function",
+            function.name,
+            *out_arg,
+        ],
+        "env": _function_env(app, root),
+        "volumeMounts": mount,
+    }
+    env_from = _settings_env_from(app, options)
+    if env_from:
+        main["envFrom"] = env_from
+    return {
+        "volumes": [{"name": "jobrunner-invoker", "emptyDir": {}}],
+        "initContainers": [
+            {
+                "name": "install-invoker",
+                "image": options.jobrunner_image,
+                "command": [*_invoker_command(options), "install", INVOKER_MOUNT],
+                "volumeMounts": mount,
+            }
+        ],
+        "containers": [main],
+    }
 
 
 def _rbac(app: App) -> list[dict[str, Any]]:
@@ -653,6 +734,10 @@ def _rbac(app: App) -> list[dict[str, Any]]:
     ]
 
 
+_Planned = tuple[Path, list[dict[str, Any]], str, bool]
+"""A file an import writes: path, documents, the line that reports it, whether private."""
+
+
 def import_app(
     directory: Path,
     options: Options,
@@ -667,50 +752,16 @@ def import_app(
     app.settings.update(settings or {})
     result = Imported()
     names = _Names()
-    planned: list[tuple[Path, list[dict[str, Any]], str, bool]] = []
+    planned: list[_Planned] = []
     for function in app.functions:
         try:
             docs = plan_function(app, function, options)
         except Unsupported as exc:
             result.skipped.append((function.name, str(exc)))
             continue
-        if options.namespace:
-            for doc in docs:
-                doc["metadata"]["namespace"] = options.namespace
-        scaledjob = docs[-1]
-        path = options.out / f"{scaledjob['metadata']['name']}.yaml"
-        what = f"function {function.name} ({function.origin})"
-        names.claim(path, docs, what)
-        trigger = scaledjob["spec"]["triggers"][0]
-        outs = [f"{o['name']} -> {o['type']}" for o in scaledjob["spec"]["function"]["outputs"]]
-        line = f"{function.name}: {trigger['type']} {_destination(trigger['metadata'])}" + (
-            f"; outputs {', '.join(outs)}" if outs else ""
-        )
-        # It may hold the app's Secret (local.settings.json's values): private, like
-        # that file should be.
-        planned.append((path, docs, line, True))
+        planned.append(_function_file(function, docs, options=options, names=names))
     if planned and not options.local:
-        rbac = _rbac(app)
-        if options.namespace:
-            for doc in rbac:
-                doc["metadata"]["namespace"] = options.namespace
-            rbac[-1]["subjects"][0]["namespace"] = options.namespace
-        path = options.out / f"{app.name}-rbac.yaml"
-        names.claim(path, rbac, "the invoker's RBAC")
-        planned.append((path, rbac, "the invoker's ServiceAccount, Role and RoleBinding", False))
-        policy = invoker_policy(app.name, options.namespace)
-        path = options.out / f"{app.name}-policy.yaml"
-        names.claim(path, policy, "the invoker's admission policy")
-        planned.append(
-            (
-                path,
-                policy,
-                "an admission policy letting the invoker change only its own Job's result "
-                "(cluster-scoped: for a cluster admin, unless the jobrunner chart's "
-                "invokerPolicy is on)",
-                False,
-            )
-        )
+        planned.extend(_invoker_files(app, options=options, names=names))
     options.out.mkdir(parents=True, exist_ok=True)
     for path, docs, line, private in planned:
         text = yaml.safe_dump_all(docs, sort_keys=False)
@@ -720,6 +771,54 @@ def import_app(
             path.write_text(text)
         result.written.append((path, line))
     return result
+
+
+def _function_file(
+    function: Function, docs: list[dict[str, Any]], *, options: Options, names: _Names
+) -> _Planned:
+    """One function's file (named for its ScaledJob), claimed in ``names``, and the
+    line that says what it runs."""
+    if options.namespace:
+        for doc in docs:
+            doc["metadata"]["namespace"] = options.namespace
+    scaledjob = docs[-1]
+    path = options.out / f"{scaledjob['metadata']['name']}.yaml"
+    what = f"function {function.name} ({function.origin})"
+    names.claim(path, docs, what)
+    trigger = scaledjob["spec"]["triggers"][0]
+    outs = [f"{o['name']} -> {o['type']}" for o in scaledjob["spec"]["function"]["outputs"]]
+    line = f"{function.name}: {trigger['type']} {_destination(trigger['metadata'])}" + (
+        f"; outputs {', '.join(outs)}" if outs else ""
+    )
+    # It may hold the app's Secret (local.settings.json's values): private, like
+    # that file should be.
+    return path, docs, line, True
+
+
+def _invoker_files(app: App, *, options: Options, names: _Names) -> list[_Planned]:
+    """What the invoker needs in a cluster, claimed in ``names``: its RBAC, and the
+    admission policy that narrows it."""
+    rbac = _rbac(app)
+    if options.namespace:
+        for doc in rbac:
+            doc["metadata"]["namespace"] = options.namespace
+        rbac[-1]["subjects"][0]["namespace"] = options.namespace
+    rbac_path = options.out / f"{app.name}-rbac.yaml"
+    names.claim(rbac_path, rbac, "the invoker's RBAC")
+    policy = invoker_policy(app.name, options.namespace)
+    policy_path = options.out / f"{app.name}-policy.yaml"
+    names.claim(policy_path, policy, "the invoker's admission policy")
+    return [
+        (rbac_path, rbac, "the invoker's ServiceAccount, Role and RoleBinding", False),
+        (
+            policy_path,
+            policy,
+            "an admission policy letting the invoker change only its own Job's result "
+            "(cluster-scoped: for a cluster admin, unless the jobrunner chart's "
+            "invokerPolicy is on)",
+            False,
+        ),
+    ]
 
 
 class _Names:

@@ -21,7 +21,7 @@ import re
 import socket
 import threading
 import urllib.parse
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -128,6 +128,31 @@ def _deliver(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any], item: A
         loop.call_soon_threadsafe(queue.put_nowait, item)
     except RuntimeError:  # closed between the check and the call
         return False
+    return True
+
+
+def _relay_events(
+    response: Any,
+    *,
+    stop: threading.Event,
+    put: Callable[[WatchEvent | BaseException | None], bool],
+) -> bool:
+    """``put`` each event of a watch response until it ends or ``stop`` is set: True
+    then; False when the stream ended otherwise (an ERROR event, put as WatchExpired on
+    410 Gone, else TransientError) or nobody reads any more."""
+    for line in iter_resp_lines(response):
+        if stop.is_set():
+            break
+        event = json.loads(line)
+        obj = event.get("object") or {}
+        if event.get("type") == "ERROR":
+            if obj.get("code") == 410:
+                put(WatchExpired(obj.get("message", "410 Gone")))
+            else:
+                put(TransientError(f"watch error: {obj.get('message', obj)}"))
+            return False
+        if not put(WatchEvent(type=event["type"], object=obj)):
+            return False  # nobody reads any more
     return True
 
 
@@ -587,35 +612,14 @@ class KubeJobClient:
             return _deliver(loop, queue, item)
 
         def pump() -> None:
-            try:
-                query: list[tuple[str, Any]] = [
-                    ("watch", "true"),
-                    ("resourceVersion", resource_version),
-                    ("allowWatchBookmarks", "true"),
-                    ("timeoutSeconds", _WATCH_SECONDS),
-                ]
-                if selector:
-                    query.insert(0, ("labelSelector", selector))
-                response = self._send("GET", path, query=query, timeout=(10, _WATCH_SECONDS + 30))
-                holder["response"] = response
-                for line in iter_resp_lines(response):
-                    if stop.is_set():
-                        break
-                    event = json.loads(line)
-                    obj = event.get("object") or {}
-                    if event.get("type") == "ERROR":
-                        if obj.get("code") == 410:
-                            put(WatchExpired(obj.get("message", "410 Gone")))
-                        else:
-                            put(TransientError(f"watch error: {obj.get('message', obj)}"))
-                        return
-                    if not put(WatchEvent(type=event["type"], object=obj)):
-                        return  # nobody reads any more
-                put(None)
-            except ApiRejected as exc:
-                put(WatchExpired(str(exc)) if exc.status == 410 else exc)
-            except BaseException as exc:
-                put(exc if stop.is_set() is False else None)
+            self._pump_watch(
+                path,
+                selector=selector,
+                resource_version=resource_version,
+                put=put,
+                stop=stop,
+                holder=holder,
+            )
 
         name = path.rsplit("/", 3)
         thread = threading.Thread(
@@ -635,6 +639,37 @@ class KubeJobClient:
         finally:
             stop.set()
             _interrupt(holder.get("response"))
+
+    def _pump_watch(
+        self,
+        path: str,
+        *,
+        selector: str,
+        resource_version: str,
+        put: Callable[[WatchEvent | BaseException | None], bool],
+        stop: threading.Event,
+        holder: dict[str, Any],
+    ) -> None:
+        """The watch's thread: open the stream (its response kept in ``holder``, so that
+        the reader can interrupt it) and ``put`` each event, then None at its end, or
+        what ended it."""
+        try:
+            query: list[tuple[str, Any]] = [
+                ("watch", "true"),
+                ("resourceVersion", resource_version),
+                ("allowWatchBookmarks", "true"),
+                ("timeoutSeconds", _WATCH_SECONDS),
+            ]
+            if selector:
+                query.insert(0, ("labelSelector", selector))
+            response = self._send("GET", path, query=query, timeout=(10, _WATCH_SECONDS + 30))
+            holder["response"] = response
+            if _relay_events(response, stop=stop, put=put):
+                put(None)
+        except ApiRejected as exc:
+            put(WatchExpired(str(exc)) if exc.status == 410 else exc)
+        except BaseException as exc:
+            put(exc if stop.is_set() is False else None)
 
     async def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -100,50 +100,66 @@ def spec_problems(spec: Mapping[str, Any], *, job_name: str | None = None) -> li
     return problems
 
 
-def _job_fields(spec: Mapping[str, Any]) -> Iterator[SchemaProblem]:
-    def refuse(field: str, text: str) -> SchemaProblem:
-        return SchemaProblem((field,), f"{EXECUTOR} {text}")
+def _refuse(path: tuple[str | int, ...], text: str) -> SchemaProblem:
+    return SchemaProblem(path, f"{EXECUTOR} {text}")
 
+
+def _job_fields(spec: Mapping[str, Any]) -> Iterator[SchemaProblem]:
+    """What the local executor refuses among the JobSpec's own fields (its pod is
+    ``pod_problems``): fields it does not know, more than one pod, a Job it would not
+    start, and pod failure policy rules it cannot honour."""
     for field in spec:
         if field not in JOB_SPEC_FIELDS:
-            yield refuse(field, "does not know this Job field; run this Job on a cluster")
+            yield _refuse((field,), "does not know this Job field; run this Job on a cluster")
+    yield from _pod_count_problems(spec)
+    yield from _controller_problems(spec)
+    yield from _pod_failure_policy_problems(spec.get("podFailurePolicy"))
+
+
+def _pod_count_problems(spec: Mapping[str, Any]) -> Iterator[SchemaProblem]:
+    """``completions`` and ``parallelism``: the local executor runs one pod per Job."""
     completions, parallelism = spec.get("completions"), spec.get("parallelism")
     if _set(completions) and completions != 1:
-        yield refuse(
-            "completions",
+        yield _refuse(
+            ("completions",),
             f"runs one pod per Job, so {completions} completions cannot be honoured; "
             "leave completions out (or 1), publish one message per piece of work, or run "
             "this Job on a cluster",
         )
     if _set(parallelism) and parallelism == 0:
-        yield refuse(
-            "parallelism",
+        yield _refuse(
+            ("parallelism",),
             "cannot honour parallelism 0: the Job controller would start no pod until it "
             "is raised, and nothing raises it locally; leave it out",
         )
     elif _set(parallelism) and parallelism != 1 and completions is None:
-        yield refuse(
-            "parallelism",
+        yield _refuse(
+            ("parallelism",),
             f"runs one pod per Job: parallelism {parallelism} without completions is a "
             "work queue of that many pods; leave parallelism out, or run this Job on a "
             "cluster",
         )
+
+
+def _controller_problems(spec: Mapping[str, Any]) -> Iterator[SchemaProblem]:
+    """What asks the Job controller for something the local executor does not do: wait
+    (suspend), leave the Job to another controller, select pods, count indexes."""
     if spec.get("suspend") is True:
-        yield refuse(
-            "suspend",
+        yield _refuse(
+            ("suspend",),
             "cannot run a suspended Job: the Job controller starts no pod until "
             "spec.suspend is false, and nothing resumes a local Job; leave suspend out",
         )
     managed_by = spec.get("managedBy")
     if _set(managed_by) and managed_by != JOB_CONTROLLER:
-        yield refuse(
-            "managedBy",
+        yield _refuse(
+            ("managedBy",),
             f"cannot run a Job managed by {managed_by!r}: the Job controller leaves it to "
             "that controller, which does not run here; leave managedBy out",
         )
     if spec.get("manualSelector") is True:
-        yield refuse(
-            "manualSelector",
+        yield _refuse(
+            ("manualSelector",),
             "makes the Job's one pod itself; a manual selector has nothing to select: "
             "leave manualSelector and selector out",
         )
@@ -155,26 +171,29 @@ def _job_fields(spec: Mapping[str, Any]) -> Iterator[SchemaProblem]:
         ("scheduling", "schedules no pod group; leave scheduling out, or use a cluster"),
     ):
         if spec.get(field) is not None:
-            yield refuse(field, f"does not honour {field}: it {why}")
-    policy = spec.get("podFailurePolicy")
+            yield _refuse((field,), f"does not honour {field}: it {why}")
+
+
+def _pod_failure_policy_problems(policy: Any) -> Iterator[SchemaProblem]:
+    """Rules the local executor cannot honour: FailIndex, and conditions its pods never
+    have (``POD_CONDITIONS``)."""
     rules = policy.get("rules") if isinstance(policy, Mapping) else None
     for i, rule in enumerate(rules if isinstance(rules, list) else []):
         if not isinstance(rule, Mapping):
             continue
         at = ("podFailurePolicy", "rules", i)
         if rule.get("action") == "FailIndex":
-            yield SchemaProblem(
+            yield _refuse(
                 (*at, "action"),
-                f"{EXECUTOR} does not honour FailIndex (it needs backoffLimitPerIndex); use "
-                "FailJob",
+                "does not honour FailIndex (it needs backoffLimitPerIndex); use FailJob",
             )
         for j, pattern in enumerate(rule.get("onPodConditions") or []):
             kind = pattern.get("type") if isinstance(pattern, Mapping) else None
             if _set(kind) and kind not in POD_CONDITIONS:
-                yield SchemaProblem(
+                yield _refuse(
                     (*at, "onPodConditions", j, "type"),
-                    f"{EXECUTOR} gives its pods no {kind!r} condition, so this rule could "
-                    f"never match; it knows {', '.join(POD_CONDITIONS)}",
+                    f"gives its pods no {kind!r} condition, so this rule could never "
+                    f"match; it knows {', '.join(POD_CONDITIONS)}",
                 )
 
 
@@ -236,14 +255,31 @@ def pod_problems(pod: Mapping[str, Any], *, job_name: str | None = None) -> list
 def _container_problems(
     container: Mapping[str, Any], *, init: bool, message_secret: str | None
 ) -> Iterator[SchemaProblem]:
-    def refuse(path: tuple[str | int, ...], text: str) -> SchemaProblem:
-        return SchemaProblem(path, f"{EXECUTOR} {text}")
+    """What the local executor refuses in one container: where and what it runs, its
+    probes and hooks, and where its environment comes from."""
+    yield from _working_dir_problems(container)
+    yield from _probe_port_problems(container)
+    if not container.get("command"):
+        yield _refuse(
+            ("command",),
+            "runs a container's command and args, not its image's entrypoint; add "
+            "`command:` to the Job template",
+        )
+    yield from _probe_problems(container, init=init)
+    if container.get("lifecycle"):
+        yield _refuse(
+            ("lifecycle",),
+            "runs no postStart or preStop hooks; leave lifecycle out of the Job template",
+        )
+    yield from _env_problems(container, message_secret=message_secret)
 
+
+def _working_dir_problems(container: Mapping[str, Any]) -> Iterator[SchemaProblem]:
     working = container.get("workingDir")
     if _set(working) and not (os.path.isabs(str(working)) and os.path.isdir(str(working))):
         # A container runtime makes a missing workingDir; the local executor runs the
         # process in it on this machine, and will not run it somewhere else instead.
-        yield refuse(
+        yield _refuse(
             ("workingDir",),
             f"runs the container in its workingDir on this machine, and {working!r} "
             + (
@@ -253,6 +289,10 @@ def _container_problems(
             )
             + "; give a directory of this machine, or leave workingDir out",
         )
+
+
+def _probe_port_problems(container: Mapping[str, Any]) -> Iterator[SchemaProblem]:
+    """A startup or readiness probe's port named but not among the container's ports."""
     ports = {p.get("name") for p in container.get("ports") or [] if isinstance(p, Mapping)}
     for kind in ("startupProbe", "readinessProbe"):
         probe = container.get(kind)
@@ -260,17 +300,18 @@ def _container_problems(
             port = (probe.get(how) or {}).get("port") if isinstance(probe, Mapping) else None
             named = isinstance(port, str) and not port.isdigit() and not is_templated(port)
             if named and port not in ports:
-                yield refuse(
+                yield _refuse(
                     (kind, how, "port"),
                     f"finds no port named {port!r} in this container's ports; name it there "
                     "or give the number",
                 )
-    if not container.get("command"):
-        yield refuse(
-            ("command",),
-            "runs a container's command and args, not its image's entrypoint; add "
-            "`command:` to the Job template",
-        )
+
+
+def _probe_problems(container: Mapping[str, Any], *, init: bool) -> Iterator[SchemaProblem]:
+    """Probes the local executor does not run: a native sidecar's startup and readiness
+    probes gate the next container (tcpSocket, httpGet and exec); a container's
+    readiness probe never matters to a Job; every other probe would restart the
+    container on a cluster."""
     sidecar = init and container.get("restartPolicy") == "Always"
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         probe = container.get(kind)
@@ -278,59 +319,66 @@ def _container_problems(
             continue
         if sidecar and kind != "livenessProbe":
             if not any(k in probe for k in ("tcpSocket", "httpGet", "exec")):
-                yield refuse((kind,), "runs tcpSocket, httpGet and exec probes only")
+                yield _refuse((kind,), "runs tcpSocket, httpGet and exec probes only")
             continue
         if kind == "readinessProbe" and not init:
             continue  # readiness steers a Service's endpoints, never a Job's outcome
-        yield refuse(
+        yield _refuse(
             (kind,),
             f"does not run a {'sidecar' if sidecar else 'container'}'s {kind}, which on a "
             "cluster restarts the container when it fails; leave it out of the Job template",
         )
-    lifecycle = container.get("lifecycle")
-    if lifecycle:
-        yield refuse(
-            ("lifecycle",),
-            "runs no postStart or preStop hooks; leave lifecycle out of the Job template",
-        )
+
+
+def _env_problems(
+    container: Mapping[str, Any], *, message_secret: str | None
+) -> Iterator[SchemaProblem]:
+    """Environment from what the local executor does not have: ConfigMaps, Secrets other
+    than the Job's message, fields it cannot give."""
     for j, source in enumerate(container.get("envFrom") or []):
         if isinstance(source, Mapping) and not _optional(source):
-            yield refuse(
+            yield _refuse(
                 ("envFrom", j),
                 "has no ConfigMaps or Secrets to take env from (only the Job's message); "
                 "give the variables in env, or run this template on a cluster",
             )
     for j, item in enumerate(container.get("env") or []):
         source = item.get("valueFrom") if isinstance(item, Mapping) else None
-        if not isinstance(source, Mapping):
-            continue
-        at = ("env", j, "valueFrom")
-        ref = source.get("secretKeyRef")
-        if isinstance(ref, Mapping):
-            name = ref.get("name")
-            if _set(name) and name != message_secret and not ref.get("optional"):
-                yield refuse(
-                    (*at, "secretKeyRef", "name"),
-                    f"has no Secret {name!r}: the only Secret it has is the Job's own "
-                    "message; give the value in env, or run this template on a cluster",
-                )
-        elif "configMapKeyRef" in source:
-            if not (source.get("configMapKeyRef") or {}).get("optional"):
-                yield refuse(
-                    (*at, "configMapKeyRef"),
-                    "has no ConfigMaps; give the value in env, or run this template on a cluster",
-                )
-        elif "fieldRef" in source:
-            path = (source.get("fieldRef") or {}).get("fieldPath")
-            if _set(path) and not _known_field(str(path)):
-                yield refuse(
-                    (*at, "fieldRef", "fieldPath"),
-                    f"cannot give {path!r}; it gives {', '.join(_FIELD_REFS)} and "
-                    "metadata.labels['...'] and metadata.annotations['...']",
-                )
-        elif source:
-            kinds = ", ".join(sorted(source))
-            yield refuse(at, f"cannot give env from {kinds}; give the value in env")
+        if isinstance(source, Mapping):
+            yield from _value_from_problems(
+                source, at=("env", j, "valueFrom"), message_secret=message_secret
+            )
+
+
+def _value_from_problems(
+    source: Mapping[str, Any], *, at: tuple[str | int, ...], message_secret: str | None
+) -> Iterator[SchemaProblem]:
+    ref = source.get("secretKeyRef")
+    if isinstance(ref, Mapping):
+        name = ref.get("name")
+        if _set(name) and name != message_secret and not ref.get("optional"):
+            yield _refuse(
+                (*at, "secretKeyRef", "name"),
+                f"has no Secret {name!r}: the only Secret it has is the Job's own "
+                "message; give the value in env, or run this template on a cluster",
+            )
+    elif "configMapKeyRef" in source:
+        if not (source.get("configMapKeyRef") or {}).get("optional"):
+            yield _refuse(
+                (*at, "configMapKeyRef"),
+                "has no ConfigMaps; give the value in env, or run this template on a cluster",
+            )
+    elif "fieldRef" in source:
+        path = (source.get("fieldRef") or {}).get("fieldPath")
+        if _set(path) and not _known_field(str(path)):
+            yield _refuse(
+                (*at, "fieldRef", "fieldPath"),
+                f"cannot give {path!r}; it gives {', '.join(_FIELD_REFS)} and "
+                "metadata.labels['...'] and metadata.annotations['...']",
+            )
+    elif source:
+        kinds = ", ".join(sorted(source))
+        yield _refuse(at, f"cannot give env from {kinds}; give the value in env")
 
 
 def _optional(source: Mapping[str, Any]) -> bool:

@@ -163,75 +163,117 @@ def pod_name(job: dict[str, Any], attempt: int) -> str:
 
 
 def plan(jobdir: JobDir, job: dict[str, Any], attempt: int, containers_key: str) -> list[Process]:
+    """The processes of one attempt's ``containers_key`` (``initContainers`` or
+    ``containers``), with the pod's volumes made in the Job's directory."""
     pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
     volumes = materialize_volumes(jobdir, pod)
     secret = jobdir.secret()
     work = jobdir.path / "work"
     private_dir(work)
-    out = []
-    for container in pod.get(containers_key) or []:
-        name = container.get("name", "main")
-        command = list(container.get("command") or [])
-        if not command:
-            raise Unrunnable(
-                f"container {name} has no command: the local executor runs command/args, "
-                "not an image's entrypoint; add `command:` to the template"
-            )
-        mounts = [
-            (m.get("mountPath", ""), volumes[m["name"]])
-            for m in container.get("volumeMounts") or []
-            if m.get("name") in volumes
-        ]
-        env = {k: os.environ[k] for k in _PASS_THROUGH_ENV if k in os.environ}
-        # As the kubelet does, $(VAR) sees only the variables the container defines.
-        defined: dict[str, str] = {}
-        env["JOBRUNNER_LOCAL"] = "1"
-        # Logs are read while a Job runs and must survive its being killed at a deadline.
-        env["PYTHONUNBUFFERED"] = "1"
-        env["HOSTNAME"] = hostname(job, attempt)
-        # Where a process may record annotations on its Job (the local stand-in for a
-        # pod patching its Job through the API server; see jobdir.JOB_ANNOTATIONS_FILE).
-        env["JOBRUNNER_LOCAL_JOB_DIR"] = str(jobdir.path)
-        for item in container.get("env") or []:
-            key = item.get("name", "")
-            if "value" in item:
-                env[key] = defined[key] = _map_path(expand(str(item["value"]), defined), mounts)
-                continue
-            source = item.get("valueFrom") or {}
-            if "secretKeyRef" in source:
-                ref = source["secretKeyRef"]
-                data = _secret_files(secret, ref.get("name", "")).get(ref.get("key", ""))
-                if data is not None:
-                    env[key] = defined[key] = data.decode(errors="replace")
-            elif "fieldRef" in source:
-                field = source["fieldRef"].get("fieldPath", "")
-                value = compat.field_ref(field, pod_name=pod_name(job, attempt), job=job)
-                if value is not None:
-                    env[key] = defined[key] = value
-        if compat.indexed(job) and COMPLETION_INDEX_ENV not in defined:
-            # As the Job controller adds it to every container of an Indexed Job's pod,
-            # after the container's own env (addCompletionIndexEnvVariable).
-            env[COMPLETION_INDEX_ENV] = defined[COMPLETION_INDEX_ENV] = "0"
-        args = list(container.get("args") or [])
-        argv = [_map_path(expand(part, defined), mounts) for part in command + args]
-        working = container.get("workingDir")
-        if working and not Path(working).is_dir():  # gone since create (compat refuses it)
-            raise Unrunnable(f"container {name}: workingDir {working} does not exist here")
-        cwd = Path(working) if working else work
-        log = jobdir.logs / f"{attempt}-{name}.log"
-        out.append(
-            Process(
-                container=name,
-                argv=argv,
-                env=env,
-                cwd=cwd,
-                log=log,
-                sidecar=containers_key == "initContainers"
-                and container.get("restartPolicy") == "Always",
-                spec=container,
-            )
+    return [
+        _process(
+            container,
+            jobdir=jobdir,
+            job=job,
+            attempt=attempt,
+            volumes=volumes,
+            secret=secret,
+            work=work,
+            init=containers_key == "initContainers",
         )
-    return out
+        for container in pod.get(containers_key) or []
+    ]
+
+
+def _process(
+    container: dict[str, Any],
+    *,
+    jobdir: JobDir,
+    job: dict[str, Any],
+    attempt: int,
+    volumes: dict[str, Path],
+    secret: dict[str, Any] | None,
+    work: Path,
+    init: bool,
+) -> Process:
+    """One container as a process: its command and args with ``$(VAR)`` expanded and
+    mount paths mapped into the Job's directory, its environment, its working directory
+    and its log."""
+    name = container.get("name", "main")
+    command = list(container.get("command") or [])
+    if not command:
+        raise Unrunnable(
+            f"container {name} has no command: the local executor runs command/args, "
+            "not an image's entrypoint; add `command:` to the template"
+        )
+    mounts = [
+        (m.get("mountPath", ""), volumes[m["name"]])
+        for m in container.get("volumeMounts") or []
+        if m.get("name") in volumes
+    ]
+    env, defined = _container_env(
+        container, jobdir=jobdir, job=job, attempt=attempt, secret=secret, mounts=mounts
+    )
+    args = list(container.get("args") or [])
+    argv = [_map_path(expand(part, defined), mounts) for part in command + args]
+    working = container.get("workingDir")
+    if working and not Path(working).is_dir():  # gone since create (compat refuses it)
+        raise Unrunnable(f"container {name}: workingDir {working} does not exist here")
+    cwd = Path(working) if working else work
+    log = jobdir.logs / f"{attempt}-{name}.log"
+    return Process(
+        container=name,
+        argv=argv,
+        env=env,
+        cwd=cwd,
+        log=log,
+        sidecar=init and container.get("restartPolicy") == "Always",
+        spec=container,
+    )
+
+
+def _container_env(
+    container: dict[str, Any],
+    *,
+    jobdir: JobDir,
+    job: dict[str, Any],
+    attempt: int,
+    secret: dict[str, Any] | None,
+    mounts: list[tuple[str, Path]],
+) -> tuple[dict[str, str], dict[str, str]]:
+    """A container's environment (a few of this machine's variables, the local
+    executor's, then the container's own ``env``), and the part the container defines,
+    which alone ``$(VAR)`` sees (as the kubelet does)."""
+    env = {k: os.environ[k] for k in _PASS_THROUGH_ENV if k in os.environ}
+    defined: dict[str, str] = {}
+    env["JOBRUNNER_LOCAL"] = "1"
+    # Logs are read while a Job runs and must survive its being killed at a deadline.
+    env["PYTHONUNBUFFERED"] = "1"
+    env["HOSTNAME"] = hostname(job, attempt)
+    # Where a process may record annotations on its Job (the local stand-in for a
+    # pod patching its Job through the API server; see jobdir.JOB_ANNOTATIONS_FILE).
+    env["JOBRUNNER_LOCAL_JOB_DIR"] = str(jobdir.path)
+    for item in container.get("env") or []:
+        key = item.get("name", "")
+        if "value" in item:
+            env[key] = defined[key] = _map_path(expand(str(item["value"]), defined), mounts)
+            continue
+        source = item.get("valueFrom") or {}
+        if "secretKeyRef" in source:
+            ref = source["secretKeyRef"]
+            data = _secret_files(secret, ref.get("name", "")).get(ref.get("key", ""))
+            if data is not None:
+                env[key] = defined[key] = data.decode(errors="replace")
+        elif "fieldRef" in source:
+            field = source["fieldRef"].get("fieldPath", "")
+            value = compat.field_ref(field, pod_name=pod_name(job, attempt), job=job)
+            if value is not None:
+                env[key] = defined[key] = value
+    if compat.indexed(job) and COMPLETION_INDEX_ENV not in defined:
+        # As the Job controller adds it to every container of an Indexed Job's pod,
+        # after the container's own env (addCompletionIndexEnvVariable).
+        env[COMPLETION_INDEX_ENV] = defined[COMPLETION_INDEX_ENV] = "0"
+    return env, defined
 
 
 @dataclass(frozen=True)
@@ -466,6 +508,9 @@ class Supervisor:
         self.save()
 
     def run(self) -> None:
+        """Run the Job to its end, as the Job controller would: attempts one after the
+        other, each its init containers then its main containers, until one succeeds,
+        the pod failure policy or ``backoffLimit`` fails the Job, or its deadline does."""
         job = self.jobdir.job()
         if job is None or outcome_of({"status": self.status}) is not None:
             return
@@ -473,22 +518,10 @@ class Supervisor:
         backoff_limit = int(spec.get("backoffLimit", 6))
         pod = (spec.get("template") or {}).get("spec") or {}
         self.grace = float(pod.get("terminationGracePeriodSeconds", 30))
-        deadline_seconds = spec.get("activeDeadlineSeconds")
         policy = PodFailurePolicy(job)
-        self.status.setdefault("startTime", now_rfc3339(millis=True))
-        self.status.setdefault("failed", 0)
-        self.status.setdefault("attempts", [])
-        if self.status.get("active"):
-            # The previous supervisor died during an attempt: that attempt failed (as a
-            # pod lost with its node does, with a DisruptionTarget condition), and its
-            # processes must not linger.
-            self.kill_running()
-            verdict = policy.match({}, init_names=set(), initialized=False, lost=True)
-            if self._failed_attempt(verdict, {"lost": -1}, "the attempt's supervisor was lost"):
-                return
-        deadline = None
-        if deadline_seconds is not None:
-            deadline = (epoch(self.status["startTime"]) or time.time()) + float(deadline_seconds)
+        if self._begin(policy):
+            return
+        deadline = self._deadline(spec)
         private_dir(self.jobdir.logs)
         if not self.wait_for_message_secret(job, deadline):
             self.finish(
@@ -499,54 +532,17 @@ class Supervisor:
             return
         while True:
             if self.status["failed"] > backoff_limit:
-                self.finish(
-                    "Failed",
-                    "BackoffLimitExceeded",
-                    "Job has reached the specified backoff limit" + self._last_attempt(),
-                )
+                self._backoff_limit_reached(self._last_attempt())
                 return
             attempt = len(self.status["attempts"]) + 1
-            try:
-                if attempt > 1:
-                    fresh_empty_dirs(self.jobdir, pod)
-                init = plan(self.jobdir, job, attempt, "initContainers")
-                main = plan(self.jobdir, job, attempt, "containers")
-            except Unrunnable as exc:
-                self.finish("Failed", "LocalExecutorUnsupported", str(exc))
+            planned = self._plan_attempt(job, pod=pod, attempt=attempt)
+            if planned is None:
                 return
-            self.status["active"] = 1
-            self.status["attempts"].append(
-                {"attempt": attempt, "started": now_rfc3339(millis=True)}
-            )
-            self.save()
-            codes: dict[str, int] = {}
-            problem = ""
-            for step in [[p] for p in init] + [main]:
-                result: dict[str, int] | None
-                if step[0].sidecar:
-                    try:
-                        started = self._start_sidecar(step[0], deadline)
-                    except ProbeFailed as exc:
-                        problem = str(exc)
-                        codes[step[0].container] = 1
-                        self.kill_running(grace=self.grace)
-                        break
-                    result = None if not started else {}
-                else:
-                    result = self._run_together(step, deadline)
-                if result is None:
-                    self.kill_running(grace=self.grace)
-                    self.status["failed"] += 1  # as the pod the Job controller terminates
-                    self._close_attempt(codes, "deadline exceeded")
-                    self.finish(
-                        "Failed",
-                        "DeadlineExceeded",
-                        "Job was active longer than specified deadline" + self._last_attempt(),
-                    )
-                    return
-                codes.update(result)
-                if any(result.values()):
-                    break
+            init, main = planned
+            ran = self._run_attempt(attempt, init=init, main=main, deadline=deadline)
+            if ran is None:
+                return
+            codes, problem = ran
             self.stop_sidecars()
             if not any(codes.values()):
                 self._close_attempt(codes, "")
@@ -554,39 +550,142 @@ class Supervisor:
                     "Complete", "CompletionsReached", "Reached expected number of succeeded pods"
                 )
                 return
-            failed = problem or ", ".join(f"{c} exited {code}" for c, code in codes.items() if code)
-            init_names = {p.container for p in init}
-            verdict = policy.match(
-                # A sidecar whose probe failed did not exit with a code of its own.
-                {} if problem else codes,
-                init_names=init_names,
-                initialized=not any(codes.get(n) for n in init_names),
-                lost=False,
-                pod=pod_name(job, attempt),
-            )
-            if self._failed_attempt(verdict, codes, failed):
+            if self._judge_failure(
+                policy, pod=pod_name(job, attempt), init=init, codes=codes, problem=problem
+            ):
                 return
             if self.status["failed"] > backoff_limit:
                 if problem:
-                    self.finish(
-                        "Failed",
-                        "BackoffLimitExceeded",
-                        f"Job has reached the specified backoff limit (last attempt: {problem})",
-                    )
+                    self._backoff_limit_reached(f" (last attempt: {problem})")
                     return
                 continue
-            tries = self.status["failed"] + self.status.get("ignored", 0)
-            pause = min(60.0, self.retry_seconds * 2 ** max(0, tries - 1))
-            if deadline is not None and time.time() + pause >= deadline:
-                pause = max(0.0, deadline - time.time())
-            time.sleep(pause)
-            if deadline is not None and time.time() >= deadline:
-                self.finish(
-                    "Failed",
-                    "DeadlineExceeded",
-                    "Job was active longer than specified deadline" + self._last_attempt(),
-                )
+            if not self._back_off(deadline):
                 return
+
+    def _begin(self, policy: PodFailurePolicy) -> bool:
+        """Note the Job's start, once; an attempt the previous supervisor left active
+        fails as lost. True when that ended the Job (a ``FailJob`` rule)."""
+        self.status.setdefault("startTime", now_rfc3339(millis=True))
+        self.status.setdefault("failed", 0)
+        self.status.setdefault("attempts", [])
+        if not self.status.get("active"):
+            return False
+        # The previous supervisor died during an attempt: that attempt failed (as a
+        # pod lost with its node does, with a DisruptionTarget condition), and its
+        # processes must not linger.
+        self.kill_running()
+        verdict = policy.match({}, init_names=set(), initialized=False, lost=True)
+        return self._failed_attempt(verdict, {"lost": -1}, "the attempt's supervisor was lost")
+
+    def _deadline(self, spec: dict[str, Any]) -> float | None:
+        """When ``activeDeadlineSeconds`` ends the Job (epoch seconds), counted from its
+        start; None without one."""
+        seconds = spec.get("activeDeadlineSeconds")
+        if seconds is None:
+            return None
+        return (epoch(self.status["startTime"]) or time.time()) + float(seconds)
+
+    def _plan_attempt(
+        self, job: dict[str, Any], *, pod: dict[str, Any], attempt: int
+    ) -> tuple[list[Process], list[Process]] | None:
+        """The attempt's init and main containers as processes (emptyDir volumes made
+        fresh for a retry); None when the local executor cannot run them, which failed
+        the Job."""
+        try:
+            if attempt > 1:
+                fresh_empty_dirs(self.jobdir, pod)
+            init = plan(self.jobdir, job, attempt, "initContainers")
+            main = plan(self.jobdir, job, attempt, "containers")
+        except Unrunnable as exc:
+            self.finish("Failed", "LocalExecutorUnsupported", str(exc))
+            return None
+        return init, main
+
+    def _run_attempt(
+        self, attempt: int, *, init: list[Process], main: list[Process], deadline: float | None
+    ) -> tuple[dict[str, int], str] | None:
+        """One attempt: each init container in turn (a sidecar started and kept, the
+        others run to their end), then the main containers together, stopping at the
+        first that fails. Exit codes by container and the problem that is not an exit
+        code (a sidecar's probe); None when the deadline came first, which failed the
+        Job."""
+        self.status["active"] = 1
+        self.status["attempts"].append({"attempt": attempt, "started": now_rfc3339(millis=True)})
+        self.save()
+        codes: dict[str, int] = {}
+        problem = ""
+        for step in [[p] for p in init] + [main]:
+            result: dict[str, int] | None
+            if step[0].sidecar:
+                try:
+                    started = self._start_sidecar(step[0], deadline)
+                except ProbeFailed as exc:
+                    problem = str(exc)
+                    codes[step[0].container] = 1
+                    self.kill_running(grace=self.grace)
+                    break
+                result = None if not started else {}
+            else:
+                result = self._run_together(step, deadline)
+            if result is None:
+                self.kill_running(grace=self.grace)
+                self.status["failed"] += 1  # as the pod the Job controller terminates
+                self._close_attempt(codes, "deadline exceeded")
+                self._deadline_exceeded()
+                return None
+            codes.update(result)
+            if any(result.values()):
+                break
+        return codes, problem
+
+    def _judge_failure(
+        self,
+        policy: PodFailurePolicy,
+        *,
+        pod: str,
+        init: list[Process],
+        codes: dict[str, int],
+        problem: str,
+    ) -> bool:
+        """Close a failed attempt as the pod failure policy says of it; True when that
+        ended the Job."""
+        failed = problem or ", ".join(f"{c} exited {code}" for c, code in codes.items() if code)
+        init_names = {p.container for p in init}
+        verdict = policy.match(
+            # A sidecar whose probe failed did not exit with a code of its own.
+            {} if problem else codes,
+            init_names=init_names,
+            initialized=not any(codes.get(n) for n in init_names),
+            lost=False,
+            pod=pod,
+        )
+        return self._failed_attempt(verdict, codes, failed)
+
+    def _back_off(self, deadline: float | None) -> bool:
+        """Wait before the next attempt: ``retry_seconds``, doubling with each failed
+        try, at most 60 s and never past the deadline. False when the deadline came,
+        which failed the Job."""
+        tries = self.status["failed"] + self.status.get("ignored", 0)
+        pause = min(60.0, self.retry_seconds * 2 ** max(0, tries - 1))
+        if deadline is not None and time.time() + pause >= deadline:
+            pause = max(0.0, deadline - time.time())
+        time.sleep(pause)
+        if deadline is not None and time.time() >= deadline:
+            self._deadline_exceeded()
+            return False
+        return True
+
+    def _backoff_limit_reached(self, detail: str) -> None:
+        self.finish(
+            "Failed", "BackoffLimitExceeded", "Job has reached the specified backoff limit" + detail
+        )
+
+    def _deadline_exceeded(self) -> None:
+        self.finish(
+            "Failed",
+            "DeadlineExceeded",
+            "Job was active longer than specified deadline" + self._last_attempt(),
+        )
 
     def _failed_attempt(self, verdict: Verdict, codes: dict[str, int], problem: str) -> bool:
         """Count a failed attempt as its pod failure policy says (a failure an ``Ignore``

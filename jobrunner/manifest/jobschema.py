@@ -236,6 +236,13 @@ class _Walker:
         successPolicy need Indexed; with a podFailurePolicy the pods restart Never and
         are replaced only once Failed, a FailIndex rule needs backoffLimitPerIndex, and
         an onExitCodes containerName names a container of the pod."""
+        self._completion_mode_rules(spec, path)
+        policy = spec.get("podFailurePolicy")
+        if isinstance(policy, dict):
+            self._pod_failure_policy_rules(spec, policy, path)
+
+    def _completion_mode_rules(self, spec: dict[str, Any], path: Path) -> None:
+        """Indexed needs completions; the per-index fields need Indexed."""
         mode = spec.get("completionMode")
         indexed = mode == "Indexed"
         if indexed and spec.get("completions") is None:
@@ -251,9 +258,12 @@ class _Walker:
                         (*path, field),
                         "requires completionMode: Indexed, as the API server does",
                     )
-        policy = spec.get("podFailurePolicy")
-        if not isinstance(policy, dict):
-            return
+
+    def _pod_failure_policy_rules(
+        self, spec: dict[str, Any], policy: dict[str, Any], path: Path
+    ) -> None:
+        """With a podFailurePolicy: pods restart Never, are replaced once Failed, and
+        each rule holds (``_failure_rule_rules``)."""
         template = spec.get("template")
         pod = template.get("spec") if isinstance(template, dict) else None
         pod = pod if isinstance(pod, dict) else {}
@@ -281,25 +291,28 @@ class _Walker:
         }
         rules = policy.get("rules")
         for i, rule in enumerate(rules if isinstance(rules, list) else []):
-            if not isinstance(rule, dict):
-                continue
-            at = (*path, "podFailurePolicy", "rules", i)
-            if rule.get("action") == "FailIndex" and spec.get("backoffLimitPerIndex") is None:
-                self.problem((*at, "action"), "FailIndex requires backoffLimitPerIndex to be set")
-            if rule.get("onExitCodes") is not None and rule.get("onPodConditions") is not None:
-                self.problem(at, "give onExitCodes or onPodConditions, not both")
-            codes = rule.get("onExitCodes")
-            wanted = codes.get("containerName") if isinstance(codes, dict) else None
-            if (
-                self.known(wanted)
-                and not any(is_templated(n) for n in names)
-                and wanted not in names
-            ):
-                self.problem(
-                    (*at, "onExitCodes", "containerName"),
-                    f"{wanted!r} is not a container of the pod template (it has "
-                    f"{', '.join(sorted(str(n) for n in names))})",
+            if isinstance(rule, dict):
+                self._failure_rule_rules(
+                    rule, spec=spec, names=names, at=(*path, "podFailurePolicy", "rules", i)
                 )
+
+    def _failure_rule_rules(
+        self, rule: dict[str, Any], *, spec: dict[str, Any], names: set[Any], at: Path
+    ) -> None:
+        """One podFailurePolicy rule: FailIndex needs backoffLimitPerIndex; onExitCodes
+        or onPodConditions; a containerName of the pod's (``names``)."""
+        if rule.get("action") == "FailIndex" and spec.get("backoffLimitPerIndex") is None:
+            self.problem((*at, "action"), "FailIndex requires backoffLimitPerIndex to be set")
+        if rule.get("onExitCodes") is not None and rule.get("onPodConditions") is not None:
+            self.problem(at, "give onExitCodes or onPodConditions, not both")
+        codes = rule.get("onExitCodes")
+        wanted = codes.get("containerName") if isinstance(codes, dict) else None
+        if self.known(wanted) and not any(is_templated(n) for n in names) and wanted not in names:
+            self.problem(
+                (*at, "onExitCodes", "containerName"),
+                f"{wanted!r} is not a container of the pod template (it has "
+                f"{', '.join(sorted(str(n) for n in names))})",
+            )
 
     def job_pod_rules(self, spec: dict[str, Any], path: Path) -> None:
         """What the API server's Job validation adds to the PodSpec schema

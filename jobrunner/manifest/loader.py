@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -327,35 +328,63 @@ def load_manifest(path: Path) -> ManifestSet:
     """Load ScaledJobs, TriggerAuthentications and Secrets from a YAML file, as a KEDA
     user keeps them for ``kubectl apply -f``; documents of other kinds are skipped with
     a note. Errors name the file, the line and the field."""
-    scaledjobs: list[ScaledJob] = []
-    auths: dict[str, TriggerAuthentication] = {}
-    secrets: dict[tuple[str, str], dict[str, Any]] = {}
-    skipped: list[str] = []
     documents = _documents(path)
-    # Each document's mistakes are independent of the others': all are reported at once.
-    problems: list[str] = []
-    checkable: list[ScaledJob] = []
+    read = _read_documents(path, documents)
+    if read.problems:
+        raise ManifestErrors(read.problems, checkable=[*read.scaledjobs, *read.checkable])
+    if not read.scaledjobs:
+        raise ManifestError(_no_scaledjob(path, documents))
+    _refuse_duplicate_names(path, read.scaledjobs)
+    return ManifestSet(
+        path=path,
+        scaledjobs=read.scaledjobs,
+        authentications=read.auths,
+        secrets=read.secrets,
+        skipped=read.skipped,
+    )
+
+
+@dataclass
+class _Read:
+    """What a manifest's documents hold, and what is wrong with them."""
+
+    scaledjobs: list[ScaledJob] = field(default_factory=list)
+    auths: dict[str, TriggerAuthentication] = field(default_factory=dict)
+    secrets: dict[tuple[str, str], dict[str, Any]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    checkable: list[ScaledJob] = field(default_factory=list)
+    """ScaledJobs whose triggers only are wrong: the rest of them can still be checked."""
+
+
+def _read_documents(path: Path, documents: list[tuple[dict[str, Any], yaml.Node]]) -> _Read:
+    """Each document by its kind. Each document's mistakes are independent of the
+    others': all are collected, to be reported at once; a document without a kind is a
+    ManifestError at once."""
+    read = _Read()
     for index, (doc, node) in enumerate(documents):
         kind = doc.get("kind")
         where = f"{path} (document {index + 1}, {kind or 'no kind'})"
         if kind == "ScaledJob":
             try:
-                scaledjobs.append(parse_scaledjob(doc, where=where, node=node, origin=str(path)))
+                read.scaledjobs.append(
+                    parse_scaledjob(doc, where=where, node=node, origin=str(path))
+                )
             except InvalidTriggers as exc:
-                problems.append(str(exc))
-                checkable.append(exc.scaledjob)
+                read.problems.append(str(exc))
+                read.checkable.append(exc.scaledjob)
             except ManifestError as exc:
-                problems.append(str(exc))
+                read.problems.append(str(exc))
         elif kind in ("TriggerAuthentication", "ClusterTriggerAuthentication"):
             try:
                 auth = parse_trigger_authentication(doc, where=where, node=node)
             except ManifestError as exc:
-                problems.append(str(exc))
+                read.problems.append(str(exc))
                 continue
-            auths[auth.key] = auth
+            read.auths[auth.key] = auth
         elif kind == "Secret":
             meta = doc.get("metadata") or {}
-            secrets[(str(meta.get("namespace") or "default"), str(meta.get("name")))] = doc
+            read.secrets[(str(meta.get("namespace") or "default"), str(meta.get("name")))] = doc
         elif not kind:
             raise ManifestError(
                 f"{where}: line {node.start_mark.line + 1}, field kind: required; "
@@ -363,13 +392,14 @@ def load_manifest(path: Path) -> ManifestSet:
             )
         else:
             name = (doc.get("metadata") or {}).get("name", "?")
-            skipped.append(
+            read.skipped.append(
                 f"{kind} {name} (document {index + 1}): not jobrunner's; left to kubectl"
             )
-    if problems:
-        raise ManifestErrors(problems, checkable=[*scaledjobs, *checkable])
-    if not scaledjobs:
-        raise ManifestError(_no_scaledjob(path, documents))
+    return read
+
+
+def _refuse_duplicate_names(path: Path, scaledjobs: list[ScaledJob]) -> None:
+    """A ManifestError for a second ScaledJob of one name in one namespace."""
     seen: dict[tuple[str, str], ScaledJob] = {}
     for scaledjob in scaledjobs:
         key = (scaledjob.metadata.namespace, scaledjob.name)
@@ -382,13 +412,6 @@ def load_manifest(path: Path) -> ManifestSet:
                 f"namespace {key[0]!r} (the first is at line {earlier}); names are unique "
                 "per namespace: rename one"
             )
-    return ManifestSet(
-        path=path,
-        scaledjobs=scaledjobs,
-        authentications=auths,
-        secrets=secrets,
-        skipped=skipped,
-    )
 
 
 def _no_scaledjob(path: Path, documents: list[tuple[dict[str, Any], yaml.Node]]) -> str:

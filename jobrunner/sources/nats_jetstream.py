@@ -121,6 +121,36 @@ class NatsJetStreamSource:
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
+        """Connect, bind the durable consumer, and start fetching."""
+        nc = await self._connect()
+        self._js = nc.jetstream()
+        try:
+            await self._bind()
+        except nats.js.errors.NotFoundError:
+            raise SourceError(
+                f"{self.where}: stream {self.stream!r} does not exist; create it (nats stream "
+                f"add {self.stream} --subjects ...)"
+            ) from None
+        except nats.js.errors.APIError as exc:
+            raise SourceError(f"{self.where}: stream {self.stream!r}: {_short(exc)}") from None
+        self._stopping = False
+        self._tasks = [
+            start_guarded(self._fetch_loop(), name=f"nats-fetch-{self.stream}", long_lived=False),
+            start_guarded(self._progress_loop(), name=f"nats-progress-{self.stream}"),
+        ]
+        logger.info(
+            "JetStream stream %s, consumer %s (AckWait %.0fs, MaxDeliver %s); dead letters "
+            "to subject %s",
+            self.stream,
+            self.consumer,
+            self.ack_wait,
+            self.max_deliver,
+            self.dead_letter_subject,
+        )
+
+    async def _connect(self) -> NATSClient:
+        """The client, connected within FIRST_CONNECT_SECONDS: SourceError when the
+        credentials are refused, SourceUnreachable when no server answers as NATS."""
         t = self._trigger
         options: dict[str, Any] = {}
         if t.ca or t.server.startswith("tls://"):
@@ -157,30 +187,7 @@ class NatsJetStreamSource:
             # NoServersError, a refused connection, a server that is not NATS: the
             # runner tries again with its line on /readyz.
             raise SourceUnreachable(f"{self.where} is not reachable ({_short(exc)})") from None
-        self._js = self._nc.jetstream()
-        try:
-            await self._bind()
-        except nats.js.errors.NotFoundError:
-            raise SourceError(
-                f"{self.where}: stream {self.stream!r} does not exist; create it (nats stream "
-                f"add {self.stream} --subjects ...)"
-            ) from None
-        except nats.js.errors.APIError as exc:
-            raise SourceError(f"{self.where}: stream {self.stream!r}: {_short(exc)}") from None
-        self._stopping = False
-        self._tasks = [
-            start_guarded(self._fetch_loop(), name=f"nats-fetch-{self.stream}", long_lived=False),
-            start_guarded(self._progress_loop(), name=f"nats-progress-{self.stream}"),
-        ]
-        logger.info(
-            "JetStream stream %s, consumer %s (AckWait %.0fs, MaxDeliver %s); dead letters "
-            "to subject %s",
-            self.stream,
-            self.consumer,
-            self.ack_wait,
-            self.max_deliver,
-            self.dead_letter_subject,
-        )
+        return self._nc
 
     async def _on_error(self, exc: Exception) -> None:
         logger.warning("%s: %s", self.where, _short(exc))

@@ -24,8 +24,10 @@ from typing import Any
 
 from jobrunner.core.protocols import ApiRejected
 from jobrunner.manifest.scaledjob import (
+    AuthenticationRef,
     ManifestError,
     ScaledJob,
+    SecretKeyRef,
     Trigger,
     TriggerAuthentication,
     authentication_key,
@@ -112,22 +114,7 @@ async def auth_parameters(
     ref = trigger.authenticationRef
     if ref is None:
         return {}
-    auth = authentications.get(ref.key)
-    if auth is None:
-        other = (
-            "ClusterTriggerAuthentication"
-            if ref.kind == "TriggerAuthentication"
-            else "TriggerAuthentication"
-        )
-        hint = (
-            f" (the file has a {other} of that name: set authenticationRef.kind: {other})"
-            if authentication_key(other, ref.name) in authentications
-            else ""
-        )
-        raise ManifestError(
-            f"ScaledJob {scaledjob.name}: field spec.triggers[].authenticationRef.name: "
-            f"{ref.kind} {ref.name!r} is not in the manifest file; add it there{hint}"
-        )
+    auth = _referenced(scaledjob, ref, authentications)
     if ref.kind == "ClusterTriggerAuthentication":
         if reach.tenant:
             raise ManifestError(
@@ -140,42 +127,13 @@ async def auth_parameters(
         secrets_namespace = scaledjob.namespace
     params: dict[str, str] = {}
     for item in auth.spec.secretTargetRef:
-        where = f"{auth.kind} {auth.metadata.name}: secretTargetRef {item.parameter}"
-        try:
-            data = await read_secret(secrets_namespace, item.name)
-        except ApiRejected as exc:
-            if exc.status != 403:
-                raise
-            # RBAC's refusal, in our words (the server's text stays out of status). Also
-            # the answer for a Secret that does not exist: 403 comes before 404.
-            raise ManifestError(
-                f"{where}: Secret {secrets_namespace}/{item.name}: the dispatcher is not "
-                "allowed to read it (403 Forbidden); with the chart's "
-                "permissions.operator.restrict.secret, only Secrets named in "
-                "permissions.operator.restrict.namesAllowList can be used: ask the "
-                "operator's owner to add it there, or name an allowed Secret"
-            ) from exc
-        if data is None:
-            # Operator mode reads the cluster's Secrets only: no manifest file to name.
-            looked_in = getattr(read_secret, "looked_in", "the cluster")
-            whose = (
-                f" (a ClusterTriggerAuthentication's Secrets are in KEDA's cluster object "
-                f"namespace: ${CLUSTER_OBJECT_NAMESPACE_ENV}, default "
-                f"{CLUSTER_OBJECT_NAMESPACE_DEFAULT})"
-                if ref.kind == "ClusterTriggerAuthentication"
-                else ""
-            )
-            raise ManifestError(
-                f"{where}: Secret {secrets_namespace}/{item.name} not found in "
-                f"{looked_in}{whose}; create it (kubectl create secret generic "
-                f"{item.name} -n {secrets_namespace} --from-literal={item.key}=...)"
-            )
-        if item.key not in data:
-            raise ManifestError(
-                f"{where}: Secret {secrets_namespace}/{item.name} has no key {item.key!r} "
-                f"(it has: {', '.join(sorted(data)) or 'none'})"
-            )
-        params[item.parameter] = base64.b64decode(data[item.key]).decode()
+        params[item.parameter] = await _secret_value(
+            auth,
+            item,
+            namespace=secrets_namespace,
+            cluster=ref.kind == "ClusterTriggerAuthentication",
+            read_secret=read_secret,
+        )
     for i, env_ref in enumerate(auth.spec.env):
         value = reach.read(
             env_ref.name,
@@ -187,6 +145,82 @@ async def auth_parameters(
         if value is not None:
             params[env_ref.parameter] = value
     return params
+
+
+def _referenced(
+    scaledjob: ScaledJob,
+    ref: AuthenticationRef,
+    authentications: Mapping[str, TriggerAuthentication],
+) -> TriggerAuthentication:
+    """The (Cluster)TriggerAuthentication ``ref`` names; ManifestError when the file has
+    none, hinting at the other kind when it has one of that name."""
+    auth = authentications.get(ref.key)
+    if auth is not None:
+        return auth
+    other = (
+        "ClusterTriggerAuthentication"
+        if ref.kind == "TriggerAuthentication"
+        else "TriggerAuthentication"
+    )
+    hint = (
+        f" (the file has a {other} of that name: set authenticationRef.kind: {other})"
+        if authentication_key(other, ref.name) in authentications
+        else ""
+    )
+    raise ManifestError(
+        f"ScaledJob {scaledjob.name}: field spec.triggers[].authenticationRef.name: "
+        f"{ref.kind} {ref.name!r} is not in the manifest file; add it there{hint}"
+    )
+
+
+async def _secret_value(
+    auth: TriggerAuthentication,
+    item: SecretKeyRef,
+    *,
+    namespace: str,
+    cluster: bool,
+    read_secret: SecretReader,
+) -> str:
+    """One ``secretTargetRef``'s value, from its Secret in ``namespace``. ManifestError,
+    saying what to do, when the Secret may not be read, is not there (``cluster``: the
+    reference is to a ClusterTriggerAuthentication, whose Secrets KEDA keeps in its
+    cluster object namespace) or lacks the key."""
+    where = f"{auth.kind} {auth.metadata.name}: secretTargetRef {item.parameter}"
+    try:
+        data = await read_secret(namespace, item.name)
+    except ApiRejected as exc:
+        if exc.status != 403:
+            raise
+        # RBAC's refusal, in our words (the server's text stays out of status). Also
+        # the answer for a Secret that does not exist: 403 comes before 404.
+        raise ManifestError(
+            f"{where}: Secret {namespace}/{item.name}: the dispatcher is not "
+            "allowed to read it (403 Forbidden); with the chart's "
+            "permissions.operator.restrict.secret, only Secrets named in "
+            "permissions.operator.restrict.namesAllowList can be used: ask the "
+            "operator's owner to add it there, or name an allowed Secret"
+        ) from exc
+    if data is None:
+        # Operator mode reads the cluster's Secrets only: no manifest file to name.
+        looked_in = getattr(read_secret, "looked_in", "the cluster")
+        whose = (
+            f" (a ClusterTriggerAuthentication's Secrets are in KEDA's cluster object "
+            f"namespace: ${CLUSTER_OBJECT_NAMESPACE_ENV}, default "
+            f"{CLUSTER_OBJECT_NAMESPACE_DEFAULT})"
+            if cluster
+            else ""
+        )
+        raise ManifestError(
+            f"{where}: Secret {namespace}/{item.name} not found in "
+            f"{looked_in}{whose}; create it (kubectl create secret generic "
+            f"{item.name} -n {namespace} --from-literal={item.key}=...)"
+        )
+    if item.key not in data:
+        raise ManifestError(
+            f"{where}: Secret {namespace}/{item.name} has no key {item.key!r} "
+            f"(it has: {', '.join(sorted(data)) or 'none'})"
+        )
+    return base64.b64decode(data[item.key]).decode()
 
 
 def pod_identity(

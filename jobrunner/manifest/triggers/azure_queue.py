@@ -130,6 +130,26 @@ def has_credentials(connection: str) -> bool:
 async def _resolve(context: ResolveContext) -> AzureQueueTrigger:
     meta = await context.parameters()
     where = context.where()
+    connection = _connection(context, meta, where)
+    queue = meta["queueName"]
+    poison = context.scaledjob.spec.deadLetter.queue or f"{queue}{POISON_SUFFIX}"
+    if why := queue_name_problem(poison):
+        raise_problems(
+            where,
+            [Problem("metadata.queueName", f"its poison queue {why}; set spec.deadLetter.queue")],
+        )
+    return AzureQueueTrigger(
+        connection=connection,
+        queue=queue,
+        poison_queue=poison,
+        encoding=meta.get("messageEncoding") or "base64",
+    )
+
+
+def _connection(context: ResolveContext, meta: Mapping[str, str], where: str) -> str:
+    """The connection string, which must carry its own credentials (an AccountKey or a
+    SharedAccessSignature): no pod identity, no ambient identity. ManifestError
+    otherwise."""
     if context.pod_identity():
         provider = context.pod_identity().get("provider", "")
         raise_problems(
@@ -179,19 +199,7 @@ async def _resolve(context: ResolveContext) -> AzureQueueTrigger:
                 )
             ],
         )
-    queue = meta["queueName"]
-    poison = context.scaledjob.spec.deadLetter.queue or f"{queue}{POISON_SUFFIX}"
-    if why := queue_name_problem(poison):
-        raise_problems(
-            where,
-            [Problem("metadata.queueName", f"its poison queue {why}; set spec.deadLetter.queue")],
-        )
-    return AzureQueueTrigger(
-        connection=connection,
-        queue=queue,
-        poison_queue=poison,
-        encoding=meta.get("messageEncoding") or "base64",
-    )
+    return connection
 
 
 TRIGGER = TriggerType(

@@ -167,22 +167,9 @@ def _identity_problems(
     """Whose identity a trigger uses, as KEDA's ``identityOwner`` and ``podIdentity``
     say (see the module docstring): [] when it can be honoured here."""
     provider = pod.get("provider", "")
-    if provider and provider != "aws":
-        return [
-            Problem(
-                "authenticationRef",
-                f"podIdentity {provider!r} gives no AWS credentials; use provider aws, or "
-                "access keys",
-            )
-        ]
     pod_owner = pod.get("identityOwner") or "keda"
-    if provider and pod_owner not in ("keda", "workload"):
-        return [
-            Problem(
-                "authenticationRef",
-                f"podIdentity.identityOwner: one of keda, workload; got {pod_owner!r}",
-            )
-        ]
+    if problems := _pod_identity_problems(provider, pod_owner):
+        return problems
     wants_operator = meta.get("identityOwner") == "operator" or (
         provider == "aws" and pod_owner == "keda"
     )
@@ -197,6 +184,34 @@ def _identity_problems(
                 )
             ]
         return []
+    return _keyless_problems(context, wants_operator=wants_operator, field=field)
+
+
+def _pod_identity_problems(provider: str, pod_owner: str) -> list[Problem]:
+    """A ``podIdentity`` that gives no AWS credentials, or names an owner KEDA has not."""
+    if provider and provider != "aws":
+        return [
+            Problem(
+                "authenticationRef",
+                f"podIdentity {provider!r} gives no AWS credentials; use provider aws, or "
+                "access keys",
+            )
+        ]
+    if provider and pod_owner not in ("keda", "workload"):
+        return [
+            Problem(
+                "authenticationRef",
+                f"podIdentity.identityOwner: one of keda, workload; got {pod_owner!r}",
+            )
+        ]
+    return []
+
+
+def _keyless_problems(
+    context: ResolveContext, *, wants_operator: bool, field: str
+) -> list[Problem]:
+    """A trigger without access keys: fine for ``jobrunner run`` (the user's own
+    identity); in operator mode only with the operator's identity, asked for and lent."""
     reach = context.reach
     if not reach.tenant:
         return []  # jobrunner run: the default chain is the user's own identity
