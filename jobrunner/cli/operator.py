@@ -98,7 +98,7 @@ def cmd_operator(ctx: Context) -> int:
             read_message_secrets=settings.dispatcher.read_message_secrets,
         )
         try:
-            operator = Operator(
+            operator = Operator.assemble(
                 settings=settings,
                 objects=KubeObjects(jobs),
                 jobs=jobs,
