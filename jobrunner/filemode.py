@@ -419,7 +419,6 @@ async def run(
     jobs = job_client(settings)
     telemetry = telemetry or Telemetry.create()
     heartbeat = Heartbeat()
-    http: HttpEndpoints | None = None
     renders = render_pool(settings.dispatcher)
     mode = FileMode(
         manifests,
@@ -431,44 +430,14 @@ async def run(
         renders=renders,
     )
     background = [start_guarded(_beat(heartbeat), name="heartbeat")]
-    if settings.telemetry.http_port is not None:
-        http = HttpEndpoints(
-            registry=telemetry.metrics.registry, heartbeat=heartbeat, ready=mode.readiness
-        )
-        http.start(settings.telemetry.http_host, settings.telemetry.http_port)
+    http = _http_endpoints(settings, telemetry, heartbeat=heartbeat, mode=mode)
     try:
         await mode.start()
         if on_started is not None:
             on_started(mode)
-        logger.info(
-            "%s: watched for changes%s; SIGHUP (kill -HUP %d) reads it again",
-            path,
-            f" every {watch_seconds:g}s" if watch_seconds else " on SIGHUP only",
-            os.getpid(),
+        await _serve_until_stopped(
+            mode, path=path, stop=stop, reload=reload, watch_seconds=watch_seconds
         )
-        while not stop.is_set():
-            stopper: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
-            hup: asyncio.Future[Any] = asyncio.ensure_future(reload.wait())
-            fatal: asyncio.Future[Any] = mode.fatal
-            try:
-                await asyncio.wait(
-                    [stopper, hup, fatal],
-                    timeout=watch_seconds,
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-            finally:
-                stopper.cancel()
-                hup.cancel()
-            if mode.fatal.done():
-                mode.fatal.result()  # raises the task's exception
-                break
-            if stop.is_set():
-                break
-            if reload.is_set():
-                reload.clear()
-                await mode.reload("SIGHUP")
-            elif watch_seconds and mode.file_changed():
-                await mode.reload("the file changed")
         logger.info("stopping: no new messages; settling what can be settled")
     finally:
         # Taken before the close, which empties the slots; each unit's ``left`` is filled
@@ -481,3 +450,58 @@ async def run(
             http.stop()
         await jobs.close()
         logger.info("stopped: %s", shutdown_summary(stopping, settings.executor))
+
+
+def _http_endpoints(
+    settings: Settings, telemetry: Telemetry, *, heartbeat: Heartbeat, mode: FileMode
+) -> HttpEndpoints | None:
+    """The health, readiness and metrics endpoints, started when a port is set."""
+    if settings.telemetry.http_port is None:
+        return None
+    http = HttpEndpoints(
+        registry=telemetry.metrics.registry, heartbeat=heartbeat, ready=mode.readiness
+    )
+    http.start(settings.telemetry.http_host, settings.telemetry.http_port)
+    return http
+
+
+async def _serve_until_stopped(
+    mode: FileMode,
+    *,
+    path: Path,
+    stop: asyncio.Event,
+    reload: asyncio.Event,
+    watch_seconds: float | None,
+) -> None:
+    """Read the file again on ``reload`` or (every ``watch_seconds``) when it changed,
+    until ``stop`` is set or an essential task of ``mode`` fails (raised). ``path``: the
+    file's, for the log."""
+    logger.info(
+        "%s: watched for changes%s; SIGHUP (kill -HUP %d) reads it again",
+        path,
+        f" every {watch_seconds:g}s" if watch_seconds else " on SIGHUP only",
+        os.getpid(),
+    )
+    while not stop.is_set():
+        stopper: asyncio.Future[Any] = asyncio.ensure_future(stop.wait())
+        hup: asyncio.Future[Any] = asyncio.ensure_future(reload.wait())
+        fatal: asyncio.Future[Any] = mode.fatal
+        try:
+            await asyncio.wait(
+                [stopper, hup, fatal],
+                timeout=watch_seconds,
+                return_when=asyncio.FIRST_COMPLETED,
+            )
+        finally:
+            stopper.cancel()
+            hup.cancel()
+        if mode.fatal.done():
+            mode.fatal.result()  # raises the task's exception
+            break
+        if stop.is_set():
+            break
+        if reload.is_set():
+            reload.clear()
+            await mode.reload("SIGHUP")
+        elif watch_seconds and mode.file_changed():
+            await mode.reload("the file changed")

@@ -236,25 +236,14 @@ class DispatchUnit:
         open_source: SourceOpener | None = None,
         renders: RenderPool | None = None,
     ) -> DispatchUnit:
-        """Render templates and resolve the trigger (reading Secrets through
-        ``read_secret``, environment variables and the process's cloud identity only as
-        far as ``reach`` allows: a tenant's ScaledJob under the operator gets
-        ``Reach.for_tenants``); ManifestError on any mistake in the ScaledJob. ``open_source``
-        makes the source for the resolved trigger (default: the factory its type names;
-        tests pass ``jobrunner.testing``'s memory source). ``renders``: the process's
-        render workers (None: templates render in this process, without time or memory
-        limits; for tests)."""
-        # Parsing a large template takes a while (see rendering.TEMPLATE_SOURCE_MAX):
-        # not on the event loop that every ScaledJob shares.
-        renderer = await asyncio.to_thread(
-            functools.partial(
-                Renderer,
-                scaledjob,
-                base_dirs=base_dirs,
-                pool=renders,
-                copy_in_job_only=not settings.dispatcher.read_message_secrets,
-            )
-        )
+        """Render templates and resolve the trigger (reading Secrets through ``read_secret``,
+        environment variables and the process's cloud identity only as far as ``reach``
+        allows: a tenant's ScaledJob under the operator gets ``Reach.for_tenants``);
+        ManifestError on any mistake in the ScaledJob. ``open_source`` makes the source for
+        the resolved trigger (default: the factory its type names; tests pass
+        ``jobrunner.testing``'s memory source). ``renders``: the process's render workers
+        (None: in this process, without time or memory limits; for tests)."""
+        renderer = await _renderer(scaledjob, settings, base_dirs=base_dirs, renders=renders)
         context = ResolveContext(
             scaledjob=scaledjob,
             trigger=scaledjob.spec.triggers[0],
@@ -265,30 +254,11 @@ class DispatchUnit:
         )
         kind, resolved = await resolve_trigger(context)
         source = (open_source or load_source)(kind, resolved, scaledjob, settings)
-        # A function's pods may annotate Jobs: their marks are authenticated (marks).
-        marks = None
-        if scaledjob.spec.function is not None:
-            reads = settings.dispatcher.read_message_secrets
-            marks = JobMarks(jobs=jobs, namespace=scaledjob.namespace, reads_secrets=reads)
-            if not reads:
-                logger.warning(
-                    "%s: this dispatcher may not read message Secrets, so the function "
-                    "results on its Jobs are not checked against their keys; only an "
-                    "admission policy (the chart's invokerPolicy, or functions import's "
-                    "<app>-policy.yaml) keeps other pods from writing them",
-                    scaledjob.name,
-                    extra={"scaledjob": scaledjob.name},
-                )
+        marks = _job_marks(scaledjob, jobs, settings)
         results = await function_results(scaledjob, context, jobs, settings, marks)
         if results is not None and isinstance(source, CarriesOutputs):
             results.carrier = source  # its outputs go in the settle transaction
-        tracker = JobTracker(
-            client=jobs,
-            namespace=scaledjob.namespace,
-            selector=selector_for(scaledjob),
-            backoff_ceiling=settings.kube.api_retry_max_seconds,
-            marks=marks,
-        )
+        tracker = _tracker(scaledjob, jobs, settings, marks)
         dispatcher = Dispatcher(
             scaledjob=scaledjob,
             renderer=renderer,
@@ -464,6 +434,59 @@ class DispatchUnit:
                 )
             if self.results is not None:
                 await self.results.close()
+
+
+async def _renderer(
+    scaledjob: ScaledJob,
+    settings: Settings,
+    *,
+    base_dirs: list[Path],
+    renders: RenderPool | None,
+) -> Renderer:
+    """The unit's renderer, its templates parsed off the event loop that every ScaledJob
+    shares: parsing a large template takes a while (see rendering.TEMPLATE_SOURCE_MAX)."""
+    return await asyncio.to_thread(
+        functools.partial(
+            Renderer,
+            scaledjob,
+            base_dirs=base_dirs,
+            pool=renders,
+            copy_in_job_only=not settings.dispatcher.read_message_secrets,
+        )
+    )
+
+
+def _job_marks(scaledjob: ScaledJob, jobs: JobClient, settings: Settings) -> JobMarks | None:
+    """For a function's ScaledJob, the marks its pods may put on Jobs, authenticated
+    (jobrunner.core.marks) when this dispatcher may read message Secrets; None for
+    any other ScaledJob."""
+    if scaledjob.spec.function is None:
+        return None
+    reads = settings.dispatcher.read_message_secrets
+    marks = JobMarks(jobs=jobs, namespace=scaledjob.namespace, reads_secrets=reads)
+    if not reads:
+        logger.warning(
+            "%s: this dispatcher may not read message Secrets, so the function "
+            "results on its Jobs are not checked against their keys; only an "
+            "admission policy (the chart's invokerPolicy, or functions import's "
+            "<app>-policy.yaml) keeps other pods from writing them",
+            scaledjob.name,
+            extra={"scaledjob": scaledjob.name},
+        )
+    return marks
+
+
+def _tracker(
+    scaledjob: ScaledJob, jobs: JobClient, settings: Settings, marks: JobMarks | None
+) -> JobTracker:
+    """The tracker of the ScaledJob's Jobs (those its selector labels)."""
+    return JobTracker(
+        client=jobs,
+        namespace=scaledjob.namespace,
+        selector=selector_for(scaledjob),
+        backoff_ceiling=settings.kube.api_retry_max_seconds,
+        marks=marks,
+    )
 
 
 def waiting_text(in_hand: int, depth: int | None) -> str:

@@ -54,7 +54,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         code: int = getattr(importlib.import_module(module), function)(ctx)
         return code
 
-    return run_guarded(command, ctx, debug=bool(getattr(args, "debug", False)))
+    return run_guarded(
+        command, debug=bool(getattr(args, "debug", False)), no_cluster_hint=ctx.no_cluster_hint
+    )
 
 
 if __name__ == "__main__":

@@ -41,8 +41,24 @@ def autocomplete(parser: argparse.ArgumentParser) -> None:
     and exit; returns at once when the process was not started for one."""
     import argcomplete
 
+    _attach_completers(parser)
+
     # Options are offered once a "-" is typed, as kubectl and git do.
     argcomplete.autocomplete(parser, always_complete_options=False)
+
+
+def _attach_completers(parser: argparse.ArgumentParser) -> None:
+    """Give each argument the parser marked (``parser.COMPLETES``) the completer of this
+    module it names, in the subcommands' parsers too; argcomplete calls ``completer``."""
+    from jobrunner.cli.parser import COMPLETES
+
+    for action in parser._actions:
+        name = getattr(action, COMPLETES, None)
+        if name is not None:
+            action.completer = _COMPLETERS[name]  # type: ignore[attr-defined]
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in {id(p): p for p in action.choices.values()}.values():
+                _attach_completers(sub)
 
 
 def cmd_completion(ctx: Context) -> int:
@@ -96,3 +112,5 @@ scaledjob_names = _quiet(_scaledjobs)
 """Completer of ``--scaledjob``: the ScaledJobs of the ``-f`` manifest."""
 job_names = _quiet(_jobs)
 """Completer of ``logs JOB``: the Jobs jobrunner made, locally or on the cluster."""
+_COMPLETERS = {"scaledjob_names": scaledjob_names, "job_names": job_names}
+"""The completers by the names the parser marks its arguments with."""

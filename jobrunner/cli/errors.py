@@ -6,7 +6,9 @@ to see its traceback (``--debug``).
 
 Exception types of libraries that are imported only by some commands are recognised
 only when their module is already loaded (if it is not, the exception cannot be one of
-them), so this module imports nothing heavy.
+them), so this module imports nothing heavy. It imports no other module of the command
+line either (every one of them may import it): what it needs of the command being run,
+the hint for a missing kubeconfig, is passed in.
 """
 
 from __future__ import annotations
@@ -14,10 +16,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from jobrunner.cli.context import Context
+from typing import Any
 
 USAGE = 2
 """A problem in what was given: a flag, a file, a setting."""
@@ -43,9 +42,16 @@ def _is(exc: BaseException, module: str, name: str) -> bool:
     return kind is not None and isinstance(exc, kind)
 
 
-def explain(exc: BaseException, ctx: Context | None) -> tuple[str, int] | None:
+_NO_CLUSTER_HINT = "pass --kubeconfig"
+"""What to do without a usable kubeconfig when the command gives no hint of its own."""
+
+
+def explain(
+    exc: BaseException, no_cluster_hint: Callable[[], str] | None = None
+) -> tuple[str, int] | None:
     """The line (without ``error: ``) and exit code for a known failure; None for one
-    nobody foresaw."""
+    nobody foresaw. ``no_cluster_hint``: what to do without a usable kubeconfig, in the
+    flags of the command being run (asked only when that is the failure)."""
     if isinstance(exc, CliError):
         return str(exc), exc.code
     if _is(exc, "jobrunner.manifest.scaledjob", "ManifestError"):
@@ -58,7 +64,7 @@ def explain(exc: BaseException, ctx: Context | None) -> tuple[str, int] | None:
         return str(exc), FAILED
     if _is(exc, "kubernetes.config.config_exception", "ConfigException"):
         # No kubeconfig, or one without the context asked for: what was given (or not).
-        hint = ctx.no_cluster_hint() if ctx is not None else "pass --kubeconfig"
+        hint = no_cluster_hint() if no_cluster_hint is not None else _NO_CLUSTER_HINT
         return f"no Kubernetes configuration ({exc}); {hint}", USAGE
     if _is(exc, "jobrunner.core.protocols", "TransientError"):
         return f"{exc}; is the cluster up? (`make stack-up` starts the local one)", FAILED
@@ -83,8 +89,14 @@ def explain(exc: BaseException, ctx: Context | None) -> tuple[str, int] | None:
     return None
 
 
-def run_guarded(action: Callable[[], int], ctx: Context | None, *, debug: bool) -> int:
-    """Run ``action``; any exception becomes one line on stderr and an exit code."""
+def run_guarded(
+    action: Callable[[], int],
+    *,
+    debug: bool,
+    no_cluster_hint: Callable[[], str] | None = None,
+) -> int:
+    """Run ``action``; any exception becomes one line on stderr and an exit code
+    (``no_cluster_hint`` as for ``explain``)."""
     try:
         return action()
     except KeyboardInterrupt:
@@ -96,7 +108,7 @@ def run_guarded(action: Callable[[], int], ctx: Context | None, *, debug: bool) 
     except SystemExit:
         raise
     except BaseException as exc:
-        known = explain(exc, ctx)
+        known = explain(exc, no_cluster_hint)
         if known is None:
             if debug:
                 import traceback

@@ -9,9 +9,15 @@ import os
 import signal
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from jobrunner.cli.context import Context
 from jobrunner.cli.errors import CliError
+
+if TYPE_CHECKING:
+    from jobrunner.core.settings import OperatorSettings, Settings
+    from jobrunner.manifest.triggers import Reach
+    from jobrunner.observability.telemetry import Telemetry
 
 _SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -25,19 +31,46 @@ def _own_namespace() -> str:
 
 
 def cmd_operator(ctx: Context) -> int:
-    from jobrunner.core.limits import dns1123_label_problem
     from jobrunner.core.settings import Executor
-    from jobrunner.manifest.triggers import Reach
     from jobrunner.observability.telemetry import Telemetry, configure_logging, tracer_provider
     from jobrunner.operator.leases import default_identity
 
-    args = ctx.args
     settings = ctx.settings
     op = settings.operator
     if settings.executor is Executor.LOCAL:
         raise CliError(
             "the operator serves ScaledJobs of a cluster; JOBRUNNER_EXECUTOR=local does not apply"
         )
+    _apply_flags(ctx, op)
+    _check_operator_settings(op)
+    configure_logging(settings.log_level, json_lines=settings.log_json)
+    ctx.check_kubeconfig()
+    identity = op.identity or default_identity(os.environ.get("POD_NAME"), socket.gethostname())
+    lease_namespace = op.lease_namespace or _own_namespace()
+    endpoint = settings.telemetry.otlp_endpoint or settings.otel_traces_endpoint
+    telemetry = Telemetry.create(tracer_provider(otlp_endpoint=endpoint))
+    reach = _tenant_reach(op)
+    try:
+        asyncio.run(
+            _serve(
+                settings,
+                telemetry=telemetry,
+                identity=identity,
+                lease_namespace=lease_namespace,
+                reach=reach,
+            )
+        )
+    finally:
+        if telemetry.provider is not None:
+            telemetry.provider.shutdown()
+    return 0
+
+
+def _apply_flags(ctx: Context, op: OperatorSettings) -> None:
+    """The command's flags over the operator settings: the namespaces watched
+    (``--watch-namespace``, ``-n``, ``-A``), the selector, the Leases, the identity, the
+    buckets and the KEDA takeover."""
+    args = ctx.args
     namespaces = [n for value in args.watch_namespace for n in value.split(",") if n.strip()]
     if ctx.flag("namespace"):
         namespaces.append(ctx.flag("namespace"))
@@ -57,6 +90,13 @@ def cmd_operator(ctx: Context) -> int:
             setattr(op, name, getattr(args, flag))
     if args.keda_takeover:
         op.keda_takeover = True
+
+
+def _check_operator_settings(op: OperatorSettings) -> None:
+    """Refuse namespaces that are no namespace names, and Lease timings that cannot work
+    (a renewal must come before its deadline, the deadline before the Lease ends)."""
+    from jobrunner.core.limits import dns1123_label_problem
+
     for name in [*op.namespaces(), *([op.lease_namespace] if op.lease_namespace else [])]:
         problem = dns1123_label_problem(name, "a namespace")
         if problem:
@@ -67,55 +107,57 @@ def cmd_operator(ctx: Context) -> int:
             f"JOBRUNNER_OPERATOR__LEASE_DURATION_SECONDS must hold (now {op.renew_seconds}, "
             f"{op.renew_deadline_seconds}, {op.lease_duration_seconds})"
         )
-    configure_logging(settings.log_level, json_lines=settings.log_json)
-    ctx.check_kubeconfig()
-    identity = op.identity or default_identity(os.environ.get("POD_NAME"), socket.gethostname())
-    lease_namespace = op.lease_namespace or _own_namespace()
-    endpoint = settings.telemetry.otlp_endpoint or settings.otel_traces_endpoint
-    telemetry = Telemetry.create(tracer_provider(otlp_endpoint=endpoint))
-    # The operator's environment is its owner's, not the tenants': ScaledJobs may read
-    # only the variables the owner lists, and its cloud identity only where allowed.
-    reach = Reach.for_tenants(
+
+
+def _tenant_reach(op: OperatorSettings) -> Reach:
+    """The operator's environment is its owner's, not the tenants': ScaledJobs may read
+    only the variables the owner lists, and its cloud identity only where allowed."""
+    from jobrunner.manifest.triggers import Reach
+
+    return Reach.for_tenants(
         os.environ,
         allow_env=op.tenant_env_names(),
         operator_identity=op.allow_operator_identity,
     )
 
-    async def serve() -> None:
-        from jobrunner.core.failpoints import Failpoints
-        from jobrunner.kube.client import KubeJobClient, load_api_client
-        from jobrunner.kube.objects import KubeObjects
-        from jobrunner.operator.operator import Operator, serve_http
 
-        # Signals belong to the program: SIGTERM and SIGINT ask the operator to stop.
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        jobs = KubeJobClient(
-            load_api_client(settings.kube.kubeconfig, settings.kube.context),
-            failpoints=Failpoints(settings.dispatcher.failpoints),
-            read_message_secrets=settings.dispatcher.read_message_secrets,
-        )
-        try:
-            operator = Operator(
-                settings=settings,
-                objects=KubeObjects(jobs),
-                jobs=jobs,
-                telemetry=telemetry,
-                identity=identity,
-                lease_namespace=lease_namespace,
-                reach=reach,
-            )
-            operator.register_metrics(lambda: jobs.requests)
-            async with serve_http(operator, settings, telemetry):
-                await operator.run(stop)
-        finally:
-            await jobs.close()
+async def _serve(
+    settings: Settings,
+    *,
+    telemetry: Telemetry,
+    identity: str,
+    lease_namespace: str,
+    reach: Reach,
+) -> None:
+    """Run the operator against the cluster until SIGTERM or SIGINT, with its HTTP
+    endpoints (health, readiness, metrics) beside it."""
+    from jobrunner.core.failpoints import Failpoints
+    from jobrunner.kube.client import KubeJobClient, load_api_client
+    from jobrunner.kube.objects import KubeObjects
+    from jobrunner.operator.operator import Operator, serve_http
 
+    # Signals belong to the program: SIGTERM and SIGINT ask the operator to stop.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    jobs = KubeJobClient(
+        load_api_client(settings.kube.kubeconfig, settings.kube.context),
+        failpoints=Failpoints(settings.dispatcher.failpoints),
+        read_message_secrets=settings.dispatcher.read_message_secrets,
+    )
     try:
-        asyncio.run(serve())
+        operator = Operator.assemble(
+            settings=settings,
+            objects=KubeObjects(jobs),
+            jobs=jobs,
+            telemetry=telemetry,
+            identity=identity,
+            lease_namespace=lease_namespace,
+            reach=reach,
+        )
+        operator.register_metrics(lambda: jobs.requests)
+        async with serve_http(operator, settings, telemetry):
+            await operator.run(stop)
     finally:
-        if telemetry.provider is not None:
-            telemetry.provider.shutdown()
-    return 0
+        await jobs.close()

@@ -126,17 +126,14 @@ def scaledjob_name(text: str) -> str:
 
 
 # ---------------------------------------------------------------------- completion
-def _completer(name: str) -> Callable[..., list[str]]:
-    """A completer of jobrunner.cli.completion (argcomplete calls it at TAB time), imported
-    only then: building the parser stays standard library only."""
+COMPLETES = "jobrunner_completes"
+"""The attribute naming an argument's completer (a completer of jobrunner.cli.completion,
+which attaches it at TAB time): the grammar says what an argument completes with and
+imports no completion code, so building the parser stays standard library only."""
 
-    def complete(**kwargs: object) -> list[str]:
-        from jobrunner.cli import completion
 
-        found: list[str] = getattr(completion, name)(**kwargs)
-        return found
-
-    return complete
+def _completes(action: argparse.Action, completer: str) -> None:
+    setattr(action, COMPLETES, completer)
 
 
 # ---------------------------------------------------------------------- option sets
@@ -187,9 +184,10 @@ def _file(
         metavar="FILE",
         help="the ScaledJob manifest (YAML; may also hold TriggerAuthentications and Secrets)",
     )
-    parser.add_argument(
-        "--scaledjob", metavar="NAME", type=scaledjob_name, help=scaledjob
-    ).completer = _completer("scaledjob_names")  # type: ignore[attr-defined]
+    _completes(
+        parser.add_argument("--scaledjob", metavar="NAME", type=scaledjob_name, help=scaledjob),
+        "scaledjob_names",
+    )
 
 
 def _local(parser: argparse.ArgumentParser, *, executor: bool = True) -> None:
@@ -285,9 +283,12 @@ def _jobs(p: argparse.ArgumentParser) -> None:
 
 
 def _logs(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "job", metavar="JOB", type=job_name, help="the Job's name (see `jobrunner jobs`)"
-    ).completer = _completer("job_names")  # type: ignore[attr-defined]
+    _completes(
+        p.add_argument(
+            "job", metavar="JOB", type=job_name, help="the Job's name (see `jobrunner jobs`)"
+        ),
+        "job_names",
+    )
     p.add_argument(
         "-c",
         "--container",
@@ -414,9 +415,15 @@ def _finalizers(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="a ScaledJob manifest: look in its ScaledJobs' namespaces",
     )
-    p.add_argument(
-        "--scaledjob", metavar="NAME", type=scaledjob_name, help="only the Jobs of this ScaledJob"
-    ).completer = _completer("scaledjob_names")  # type: ignore[attr-defined]
+    _completes(
+        p.add_argument(
+            "--scaledjob",
+            metavar="NAME",
+            type=scaledjob_name,
+            help="only the Jobs of this ScaledJob",
+        ),
+        "scaledjob_names",
+    )
     p.add_argument(
         "-A",
         "--all-namespaces",

@@ -234,6 +234,11 @@ class Metrics:
 
     @classmethod
     def create(cls) -> Metrics:
+        """Every series the dispatcher reports, on a registry of its own.
+
+        Long because it is a table, not steps: one entry per series, each with its name,
+        help and labels, read (and diffed) in one place as /metrics lists them; split, it
+        would only spread one list over several functions."""
         r = CollectorRegistry()
         sj = ["namespace", "scaledjob"]
         return cls(

@@ -90,69 +90,85 @@ def structural(schema: dict[str, Any]) -> dict[str, Any]:
     """A pydantic JSON schema as a Kubernetes structural schema: references inlined,
     Optional as ``nullable``, bounds in OpenAPI 3.0 form, titles and defaults dropped
     (pydantic applies the defaults; the stored object stays as the user wrote it)."""
-    defs = schema.get("$defs", {})
+    return _convert(schema, schema.get("$defs", {}), "")
 
-    def convert(node: dict[str, Any], name: str = "") -> dict[str, Any]:
-        if "$ref" in node:
-            target = convert(defs[node["$ref"].rsplit("/", 1)[-1]], name)
-            return {**target, **_keep(node, ("description",))}
-        any_of = node.get("anyOf")
-        if any_of is not None:
-            kinds = [n for n in any_of if n.get("type") != "null"]
-            if len(kinds) != 1:
-                raise ValueError(f"{name}: a union jobrunner cannot express structurally")
-            inner = convert(kinds[0], name)
-            inner.update(_keep(node, ("description",)))
-            inner["nullable"] = True
-            return inner
-        out: dict[str, Any] = _keep(
-            node,
-            (
-                "description",
-                "type",
-                "enum",
-                "pattern",
-                "minLength",
-                "maxLength",
-                "minItems",
-                "maxItems",
-                "minimum",
-                "maximum",
-                "format",
-            ),
-        )
-        if "const" in node:
-            out["enum"] = [node["const"]]
-            out.setdefault("type", "string")
-        if "exclusiveMinimum" in node:
-            out["minimum"], out["exclusiveMinimum"] = node["exclusiveMinimum"], True
-        if "exclusiveMaximum" in node:
-            out["maximum"], out["exclusiveMaximum"] = node["exclusiveMaximum"], True
-        if node.get("type") == "array":
-            out["items"] = convert(node.get("items") or {}, f"{name}[]")
-        if node.get("type") == "object" or "properties" in node:
-            out["type"] = "object"
-            props = node.get("properties")
-            if props:
-                out["properties"] = {
-                    key: (
-                        _preserved(value) if key in PRESERVED else convert(value, f"{name}.{key}")
-                    )
-                    for key, value in props.items()
-                }
-                if node.get("required"):
-                    out["required"] = list(node["required"])
-                if node.get("additionalProperties") not in (None, False):
-                    out["x-kubernetes-preserve-unknown-fields"] = True
-            elif isinstance(node.get("additionalProperties"), dict):
-                out["additionalProperties"] = convert(node["additionalProperties"], name)
-            else:
-                out["x-kubernetes-preserve-unknown-fields"] = True
-        if "type" not in out and "enum" not in out:
-            raise ValueError(f"{name}: no type")
-        return out
 
-    return convert(schema)
+_KEPT = (
+    "description",
+    "type",
+    "enum",
+    "pattern",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "minimum",
+    "maximum",
+    "format",
+)
+"""The keywords a structural schema takes as pydantic writes them."""
+
+
+def _convert(node: dict[str, Any], defs: dict[str, Any], name: str) -> dict[str, Any]:
+    """One node of the schema (``name``: where it is, for errors), its references
+    looked up in ``defs``."""
+    if "$ref" in node:
+        target = _convert(defs[node["$ref"].rsplit("/", 1)[-1]], defs, name)
+        return {**target, **_keep(node, ("description",))}
+    if node.get("anyOf") is not None:
+        return _nullable(node, defs, name)
+    out: dict[str, Any] = _keep(node, _KEPT)
+    _bounds(node, out)
+    if node.get("type") == "array":
+        out["items"] = _convert(node.get("items") or {}, defs, f"{name}[]")
+    if node.get("type") == "object" or "properties" in node:
+        _object(node, out, defs, name)
+    if "type" not in out and "enum" not in out:
+        raise ValueError(f"{name}: no type")
+    return out
+
+
+def _nullable(node: dict[str, Any], defs: dict[str, Any], name: str) -> dict[str, Any]:
+    """An ``anyOf`` of one type and null (pydantic's Optional) as that type, nullable."""
+    kinds = [n for n in node["anyOf"] if n.get("type") != "null"]
+    if len(kinds) != 1:
+        raise ValueError(f"{name}: a union jobrunner cannot express structurally")
+    inner = _convert(kinds[0], defs, name)
+    inner.update(_keep(node, ("description",)))
+    inner["nullable"] = True
+    return inner
+
+
+def _bounds(node: dict[str, Any], out: dict[str, Any]) -> None:
+    """``const`` as a one-value enum, exclusive bounds in OpenAPI 3.0 form (a number and
+    a flag), into ``out``."""
+    if "const" in node:
+        out["enum"] = [node["const"]]
+        out.setdefault("type", "string")
+    if "exclusiveMinimum" in node:
+        out["minimum"], out["exclusiveMinimum"] = node["exclusiveMinimum"], True
+    if "exclusiveMaximum" in node:
+        out["maximum"], out["exclusiveMaximum"] = node["exclusiveMaximum"], True
+
+
+def _object(node: dict[str, Any], out: dict[str, Any], defs: dict[str, Any], name: str) -> None:
+    """An object into ``out``: its properties (those in ``PRESERVED`` kept as they are),
+    a map's values, or unknown fields preserved."""
+    out["type"] = "object"
+    props = node.get("properties")
+    if props:
+        out["properties"] = {
+            key: (_preserved(value) if key in PRESERVED else _convert(value, defs, f"{name}.{key}"))
+            for key, value in props.items()
+        }
+        if node.get("required"):
+            out["required"] = list(node["required"])
+        if node.get("additionalProperties") not in (None, False):
+            out["x-kubernetes-preserve-unknown-fields"] = True
+    elif isinstance(node.get("additionalProperties"), dict):
+        out["additionalProperties"] = _convert(node["additionalProperties"], defs, name)
+    else:
+        out["x-kubernetes-preserve-unknown-fields"] = True
 
 
 def _keep(node: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:

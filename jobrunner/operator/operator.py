@@ -27,7 +27,7 @@ from prometheus_client.registry import Collector
 
 from jobrunner.core.protocols import ApiRejected, JobClient, TransientError
 from jobrunner.core.redaction import redact
-from jobrunner.core.settings import Settings
+from jobrunner.core.settings import OperatorSettings, Settings
 from jobrunner.core.tasks import is_essential, start_guarded, stop_tasks
 from jobrunner.manifest.triggers import Reach
 from jobrunner.observability.httpserver import Heartbeat, HttpEndpoints
@@ -57,6 +57,7 @@ from jobrunner.operator.status import (
     unserved_status,
 )
 from jobrunner.rendering.renderer import render_pool
+from jobrunner.rendering.sandbox.pool import RenderPool
 from jobrunner.runner import STARTING, DispatchUnit
 
 logger = logging.getLogger(__name__)
@@ -67,9 +68,241 @@ TROUBLE_EVENT_SECONDS = 300.0
 at most one Warning Event about it per this many seconds."""
 
 
+class Wakeups:
+    """What sets the reconcile loop going: ``poke`` when anything changed (an object, a
+    Lease, a Secret), ``unit_changed`` when a unit started or stopped (which
+    ``stop_buckets`` waits for). Shared by the collaborators that see the changes."""
+
+    def __init__(self) -> None:
+        self.dirty = asyncio.Event()
+        self.units_moved = asyncio.Event()
+
+    def poke(self) -> None:
+        self.dirty.set()
+
+    def unit_changed(self, _key: Key) -> None:
+        self.units_moved.set()
+        self.poke()
+
+
+class EventTeller:
+    """Events on ScaledJobs said without waiting: logged at once, then written by a short
+    task of their own (``close`` lets the pending ones finish, briefly)."""
+
+    def __init__(self, recorder: EventRecorder) -> None:
+        self.recorder = recorder
+        self._pending: set[asyncio.Task[Any]] = set()
+
+    def __call__(self, wanted: Wanted, kind: str, reason: str, message: str) -> None:
+        logger.info(
+            "%s/%s: %s: %s",
+            *wanted.key,
+            reason,
+            message,
+            extra={"scaledjob": wanted.key[1]},
+        )
+        task = start_guarded(
+            self.recorder.record(wanted, kind, reason, message),
+            name=f"event-{reason}-{wanted.key[1]}",
+            long_lived=False,
+        )
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
+
+    async def close(self) -> None:
+        await stop_tasks(list(self._pending), grace=2.0)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UnitFactory:
+    """Makes and starts the dispatch unit of one ScaledJob. Every unit of a replica shares
+    one Job list+watch per namespace (``shared_jobs``), not one per ScaledJob, and one pool
+    of render workers (``renders``, jobrunner.rendering.sandbox)."""
+
+    settings: Settings
+    telemetry: Telemetry
+    shared_jobs: SharedJobs
+    secrets: SecretVersions
+    template_dirs: list[Path]
+    reach: Reach
+    renders: RenderPool
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        settings: Settings,
+        telemetry: Telemetry,
+        jobs: JobClient,
+        secrets: SecretVersions,
+        template_dirs: list[Path],
+        reach: Reach,
+    ) -> UnitFactory:
+        """A factory whose units share a new Job watch over ``jobs`` and a new render pool."""
+        return cls(
+            settings=settings,
+            telemetry=telemetry,
+            shared_jobs=SharedJobs(jobs, backoff_ceiling=settings.kube.api_retry_max_seconds),
+            secrets=secrets,
+            template_dirs=template_dirs,
+            reach=reach,
+            renders=render_pool(settings.dispatcher),
+        )
+
+    async def build(self, wanted: Wanted) -> DispatchUnit:
+        assert wanted.scaledjob is not None
+        return await DispatchUnit.create(
+            wanted.scaledjob,
+            jobs=self.shared_jobs,
+            settings=self.settings,
+            telemetry=self.telemetry,
+            authentications=wanted.authentications,
+            read_secret=self.secrets.reader(wanted.key),
+            base_dirs=self.template_dirs,
+            reach=self.reach,
+            renders=self.renders,
+        )
+
+    def start(self, unit: DispatchUnit) -> None:
+        unit.start(settings=self.settings, telemetry=self.telemetry)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Watches:
+    """The informers of one replica: jobrunner.dev ScaledJobs and TriggerAuthentications
+    in each namespace served, and (with ``keda_takeover``) their keda.sh twins."""
+
+    scaledjobs: list[Informer]
+    authentications: list[Informer]
+    keda_scaledjobs: list[Informer]
+    keda_authentications: list[Informer]
+
+
+def _watches(
+    objects: ObjectClient, op: OperatorSettings, *, on_change: Callable[[], None]
+) -> Watches:
+    namespaces: list[str | None] = list(op.namespaces()) or [None]
+
+    def informers(keda: bool) -> tuple[list[Informer], list[Informer]]:
+        group = "keda.sh " if keda else ""
+        scaledjobs = [
+            Informer(
+                objects,
+                api.scaledjobs(ns, keda=keda),
+                selector=op.label_selector,
+                on_change=on_change,
+                what=f"{group}ScaledJobs {_where(ns)}",
+            )
+            for ns in namespaces
+        ]
+        authentications = [
+            Informer(
+                objects,
+                api.trigger_authentications(ns, keda=keda),
+                on_change=on_change,
+                what=f"{group}TriggerAuthentications {_where(ns)}",
+            )
+            for ns in namespaces
+        ]
+        return scaledjobs, authentications
+
+    scaledjobs, authentications = informers(keda=False)
+    keda_scaledjobs, keda_authentications = informers(keda=True) if op.keda_takeover else ([], [])
+    return Watches(
+        scaledjobs=scaledjobs,
+        authentications=authentications,
+        keda_scaledjobs=keda_scaledjobs,
+        keda_authentications=keda_authentications,
+    )
+
+
+def _lease_keeper(
+    objects: ObjectClient,
+    op: OperatorSettings,
+    *,
+    identity: str,
+    namespace: str,
+    on_change: Callable[[], None],
+    before_release: Callable[[frozenset[int]], Awaitable[None]],
+) -> LeaseKeeper:
+    """This replica's share of the bucket Leases, as the operator settings say."""
+    return LeaseKeeper(
+        api_client=objects,
+        namespace=namespace,
+        group=op.lease_group,
+        identity=identity,
+        buckets=op.buckets,
+        duration=op.lease_duration_seconds,
+        renew_every=op.renew_seconds,
+        renew_deadline=op.renew_deadline_seconds,
+        on_change=on_change,
+        before_release=before_release,
+    )
+
+
+def _secret_versions(
+    jobs: JobClient, op: OperatorSettings, *, on_change: Callable[[], None]
+) -> SecretVersions:
+    """The versions of the Secrets the units read, refreshed as the settings say."""
+    return SecretVersions(
+        jobs.read_secret,
+        on_change=on_change,
+        refresh_seconds=op.secret_refresh_seconds,
+        failing_seconds=min(5.0, op.secret_refresh_seconds),
+    )
+
+
+def _where(ns: str | None) -> str:
+    return f"in {ns}" if ns else "in all namespaces"
+
+
 class Operator:
+    """One replica, made of its collaborators (``assemble`` makes them from the settings
+    and the two clients; tests may pass their own ``build``)."""
+
     def __init__(
         self,
+        *,
+        settings: Settings,
+        identity: str,
+        telemetry: Telemetry,
+        wake: Wakeups,
+        watches: Watches,
+        leases: LeaseKeeper,
+        registry: Registry,
+        status: StatusWriter,
+        tell: EventTeller,
+        units: UnitFactory,
+    ) -> None:
+        self.settings = settings
+        self.identity = identity
+        self.reach = units.reach
+        self._telemetry = telemetry
+        self._wake = wake
+        self.scaledjobs = watches.scaledjobs
+        self.authentications = watches.authentications
+        self.keda_scaledjobs = watches.keda_scaledjobs
+        self.keda_authentications = watches.keda_authentications
+        self.leases = leases
+        self.registry = registry
+        self.status = status
+        self._event = tell
+        self.events = tell.recorder
+        self.secrets = units.secrets
+        self.shared_jobs = units.shared_jobs
+        self.renders = units.renders
+        """Render workers shared by every unit of this replica (jobrunner.rendering.sandbox)."""
+        self._all: dict[Key, Wanted] = {}
+        self._objects_by_key: dict[Key, dict[str, Any]] = {}
+        self._conflicts: set[Key] = set()
+        self._parse_cache: dict[Key, tuple[tuple[Any, ...], Wanted]] = {}
+        self._registered: list[Collector] = []
+        self._told: dict[tuple[Key, str], tuple[str, str, float]] = {}
+        """(key, Event reason) -> (the trouble last told, its message, when)."""
+
+    @classmethod
+    def assemble(
+        cls,
         *,
         settings: Settings,
         objects: ObjectClient,
@@ -80,144 +313,55 @@ class Operator:
         build: UnitBuilder | None = None,
         template_dirs: list[Path] | None = None,
         reach: Reach | None = None,
-    ) -> None:
-        """``reach``: what tenants' ScaledJobs may use of this process (the command line
-        passes ``Reach.for_tenants`` with the owner's allow-list); default: nothing."""
-        self.settings = settings
-        self.reach = reach if reach is not None else Reach()
+    ) -> Operator:
+        """A replica and its collaborators, made from the settings and the two clients.
+        ``reach``: what tenants' ScaledJobs may use of this process (the command line
+        passes ``Reach.for_tenants``); default: nothing. ``build``: how a unit is made
+        (default: a ``UnitFactory``'s)."""
         op = settings.operator
-        self.identity = identity
-        self._objects = objects
-        self._jobs = jobs
-        # One Job list+watch per namespace for all units, not one per ScaledJob.
-        self.shared_jobs = SharedJobs(jobs, backoff_ceiling=settings.kube.api_retry_max_seconds)
-        self._telemetry = telemetry
-        self._template_dirs = template_dirs or [Path.cwd() / "job_templates"]
-        self.renders = render_pool(settings.dispatcher)
-        """Render workers shared by every unit of this replica (jobrunner.rendering.sandbox)."""
-        self._dirty = asyncio.Event()
-        self._units_moved = asyncio.Event()
-        namespaces: list[str | None] = list(op.namespaces()) or [None]
+        wake = Wakeups()
+        units = UnitFactory.create(
+            settings=settings,
+            telemetry=telemetry,
+            jobs=jobs,
+            secrets=_secret_versions(jobs, op, on_change=wake.poke),
+            template_dirs=template_dirs or [Path.cwd() / "job_templates"],
+            reach=reach if reach is not None else Reach(),
+        )
+        tell = EventTeller(EventRecorder(objects, instance=identity))
 
-        def where(ns: str | None) -> str:
-            return f"in {ns}" if ns else "in all namespaces"
+        async def before_release(buckets: frozenset[int]) -> None:
+            await operator.stop_buckets(buckets)  # the operator made below
 
-        self.scaledjobs = [
-            Informer(
-                objects,
-                api.scaledjobs(ns),
-                selector=op.label_selector,
-                on_change=self.poke,
-                what=f"ScaledJobs {where(ns)}",
-            )
-            for ns in namespaces
-        ]
-        self.authentications = [
-            Informer(
-                objects,
-                api.trigger_authentications(ns),
-                on_change=self.poke,
-                what=f"TriggerAuthentications {where(ns)}",
-            )
-            for ns in namespaces
-        ]
-        self.keda_scaledjobs: list[Informer] = []
-        self.keda_authentications: list[Informer] = []
-        if op.keda_takeover:
-            self.keda_scaledjobs = [
-                Informer(
-                    objects,
-                    api.scaledjobs(ns, keda=True),
-                    selector=op.label_selector,
-                    on_change=self.poke,
-                    what=f"keda.sh ScaledJobs {where(ns)}",
-                )
-                for ns in namespaces
-            ]
-            self.keda_authentications = [
-                Informer(
-                    objects,
-                    api.trigger_authentications(ns, keda=True),
-                    on_change=self.poke,
-                    what=f"keda.sh TriggerAuthentications {where(ns)}",
-                )
-                for ns in namespaces
-            ]
-        self.leases = LeaseKeeper(
-            api_client=objects,
-            namespace=lease_namespace,
-            group=op.lease_group,
+        operator = cls(
+            settings=settings,
             identity=identity,
-            buckets=op.buckets,
-            duration=op.lease_duration_seconds,
-            renew_every=op.renew_seconds,
-            renew_deadline=op.renew_deadline_seconds,
-            on_change=self.poke,
-            before_release=self._stop_buckets,
+            telemetry=telemetry,
+            wake=wake,
+            watches=_watches(objects, op, on_change=wake.poke),
+            leases=_lease_keeper(
+                objects,
+                op,
+                identity=identity,
+                namespace=lease_namespace,
+                on_change=wake.poke,
+                before_release=before_release,
+            ),
+            registry=Registry(
+                build=build or units.build,
+                start=units.start,
+                on_event=tell,
+                on_change=wake.unit_changed,
+            ),
+            status=StatusWriter(objects, volatile_interval=op.status_interval_seconds),
+            tell=tell,
+            units=units,
         )
-        self.registry = Registry(
-            build=build or self._build,
-            start=self._start_unit,
-            on_event=self._event,
-            on_change=self._unit_changed,
-        )
-        self.status = StatusWriter(objects, volatile_interval=op.status_interval_seconds)
-        self.events = EventRecorder(objects, instance=identity)
-        self.secrets = SecretVersions(
-            jobs.read_secret,
-            on_change=self.poke,
-            refresh_seconds=op.secret_refresh_seconds,
-            failing_seconds=min(5.0, op.secret_refresh_seconds),
-        )
-        self._side: set[asyncio.Task[Any]] = set()
-        self._all: dict[Key, Wanted] = {}
-        self._objects_by_key: dict[Key, dict[str, Any]] = {}
-        self._conflicts: set[Key] = set()
-        self._parse_cache: dict[Key, tuple[tuple[Any, ...], Wanted]] = {}
-        self._registered: list[Collector] = []
-        self._told: dict[tuple[Key, str], tuple[str, str, float]] = {}
-        """(key, Event reason) -> (the trouble last told, its message, when)."""
+        return operator
 
     # ------------------------------------------------------------------ wiring
     def poke(self) -> None:
-        self._dirty.set()
-
-    def _unit_changed(self, _key: Key) -> None:
-        self._units_moved.set()
-        self.poke()
-
-    async def _build(self, wanted: Wanted) -> DispatchUnit:
-        assert wanted.scaledjob is not None
-        return await DispatchUnit.create(
-            wanted.scaledjob,
-            jobs=self.shared_jobs,
-            settings=self.settings,
-            telemetry=self._telemetry,
-            authentications=wanted.authentications,
-            read_secret=self.secrets.reader(wanted.key),
-            base_dirs=self._template_dirs,
-            reach=self.reach,
-            renders=self.renders,
-        )
-
-    def _start_unit(self, unit: DispatchUnit) -> None:
-        unit.start(settings=self.settings, telemetry=self._telemetry)
-
-    def _event(self, wanted: Wanted, kind: str, reason: str, message: str) -> None:
-        logger.info(
-            "%s/%s: %s: %s",
-            *wanted.key,
-            reason,
-            message,
-            extra={"scaledjob": wanted.key[1]},
-        )
-        task = start_guarded(
-            self.events.record(wanted, kind, reason, message),
-            name=f"event-{reason}-{wanted.key[1]}",
-            long_lived=False,
-        )
-        self._side.add(task)
-        task.add_done_callback(self._side.discard)
+        self._wake.poke()
 
     def synced(self) -> bool:
         return all(i.synced.is_set() for i in (*self.scaledjobs, *self.authentications))
@@ -339,12 +483,12 @@ class Operator:
             if slot.unit is not None
         }
 
-    async def _stop_buckets(self, buckets: frozenset[int]) -> None:
+    async def stop_buckets(self, buckets: frozenset[int]) -> None:
         """Before a bucket is given up: its units stop first (stop before start, across
         replicas)."""
         n = self.settings.operator.buckets
         while True:
-            self._units_moved.clear()
+            self._wake.units_moved.clear()
             self._reconcile()
             if not any(
                 slot.unit is not None and bucket_of(key, n) in buckets
@@ -353,13 +497,13 @@ class Operator:
                 return
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(1.0):
-                    await self._units_moved.wait()
+                    await self._wake.units_moved.wait()
 
     async def _reconcile_loop(self) -> None:
         while True:
-            await self._dirty.wait()
+            await self._wake.dirty.wait()
             await asyncio.sleep(0.05)  # a listing's burst of changes in one pass
-            self._dirty.clear()
+            self._wake.dirty.clear()
             self._reconcile()
 
     async def _status_loop(self) -> None:
@@ -603,7 +747,7 @@ class Operator:
             await stop_tasks([t for t in tasks if t.get_name() == "leases"], grace=0)
             await self.leases.release()
             await stop_tasks(tasks, grace=0)
-            await stop_tasks(list(self._side), grace=2.0)
+            await self._event.close()
             for collector in self._registered:
                 with contextlib.suppress(KeyError):
                     self._telemetry.metrics.registry.unregister(collector)

@@ -172,58 +172,72 @@ class Registry:
     async def _step(self, slot: Slot) -> float | None:
         """One step toward the desired state. None: look again at once; 0: converged;
         a positive number: nothing to do before that many seconds (a retry)."""
-        desired, unit = slot.desired, slot.unit
-        if unit is not None:
-            current = slot.current
-            assert current is not None
-            if slot.unit_failed is not None:
-                await self._stop(slot, grace=0.0)
-                self._failed(slot, f"the dispatcher failed: {slot.unit_failed}")
-                return None
-            if desired is None or not desired.runnable:
-                await self._stop(slot, grace=slot.grace)
-                if desired is None:
-                    self._event(
-                        current, "Normal", "Stopped", "dispatcher stopped; running Jobs continue"
-                    )
-                return None
-            if desired.essence != current.essence or desired.uid != current.uid:
-                await self._stop(slot, grace=slot.grace)
+        if slot.unit is not None:
+            return await self._step_with_unit(slot, slot.unit)
+        return await self._step_without_unit(slot)
+
+    async def _step_with_unit(self, slot: Slot, unit: DispatchUnit) -> float | None:
+        """A unit runs: stop it (it failed, or is no longer wanted), replace it (what it
+        was made from changed), apply a new generation, or leave it be."""
+        desired, current = slot.desired, slot.current
+        assert current is not None
+        if slot.unit_failed is not None:
+            await self._stop(slot, grace=0.0)
+            self._failed(slot, f"the dispatcher failed: {slot.unit_failed}")
+            return None
+        if desired is None or not desired.runnable:
+            await self._stop(slot, grace=slot.grace)
+            if desired is None:
                 self._event(
-                    desired,
-                    "Normal",
-                    "Replacing",
-                    f"generation {desired.generation}: the trigger, the template or a Secret "
-                    "they read changed; dispatcher replaced, running Jobs untouched",
+                    current, "Normal", "Stopped", "dispatcher stopped; running Jobs continue"
                 )
-                return None
-            if desired.generation != current.generation:
-                assert desired.scaledjob is not None
-                if unit.resize(desired.scaledjob):
-                    slot.current = desired
-                    slot.observed = desired.generation
-                    spec = desired.scaledjob.spec
-                    self._event(
-                        desired,
-                        "Normal",
-                        "Updated",
-                        f"generation {desired.generation} applied live: maxReplicaCount "
-                        f"{spec.maxReplicaCount}, history {spec.successfulJobsHistoryLimit}/"
-                        f"{spec.failedJobsHistoryLimit}",
-                    )
-                    self._changed(slot.key)
-                    return None
-                await self._stop(slot, grace=slot.grace)
-                self._event(
-                    desired,
-                    "Normal",
-                    "Replacing",
-                    f"generation {desired.generation}: maxReplicaCount above what the source was "
-                    "opened with; dispatcher replaced, running Jobs untouched",
-                )
-                return None
-            return 0
-        # No unit.
+            return None
+        if desired.essence != current.essence or desired.uid != current.uid:
+            await self._stop(slot, grace=slot.grace)
+            self._event(
+                desired,
+                "Normal",
+                "Replacing",
+                f"generation {desired.generation}: the trigger, the template or a Secret "
+                "they read changed; dispatcher replaced, running Jobs untouched",
+            )
+            return None
+        if desired.generation != current.generation:
+            await self._new_generation(slot, unit, desired)
+            return None
+        return 0
+
+    async def _new_generation(self, slot: Slot, unit: DispatchUnit, desired: Wanted) -> None:
+        """A generation that changed only the limits: applied live when the unit can
+        (``resize``), else the unit is replaced."""
+        assert desired.scaledjob is not None
+        if unit.resize(desired.scaledjob):
+            slot.current = desired
+            slot.observed = desired.generation
+            spec = desired.scaledjob.spec
+            self._event(
+                desired,
+                "Normal",
+                "Updated",
+                f"generation {desired.generation} applied live: maxReplicaCount "
+                f"{spec.maxReplicaCount}, history {spec.successfulJobsHistoryLimit}/"
+                f"{spec.failedJobsHistoryLimit}",
+            )
+            self._changed(slot.key)
+            return
+        await self._stop(slot, grace=slot.grace)
+        self._event(
+            desired,
+            "Normal",
+            "Replacing",
+            f"generation {desired.generation}: maxReplicaCount above what the source was "
+            "opened with; dispatcher replaced, running Jobs untouched",
+        )
+
+    async def _step_without_unit(self, slot: Slot) -> float | None:
+        """No unit runs: say why none should (stopped, invalid, paused), wait out a
+        failure's retry delay, or build and start one."""
+        desired = slot.desired
         if desired is None:
             slot.phase = Phase.STOPPED
             return 0

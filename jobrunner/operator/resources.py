@@ -155,17 +155,45 @@ def wanted_from(
         return Wanted(key=key, generation=generation, uid=uid, keda=keda, **fields)
 
     paused = paused_by(annotations, keda=keda)
+    where = f"ScaledJob {key[0]}/{key[1]}"
+    try:
+        scaledjob = parse_scaledjob(_user_body(obj, keda=keda), where=where)
+    except ManifestError as exc:
+        return make(invalid=_one_line(str(exc), where), paused=paused)
+    try:
+        refs = _authentication_refs(scaledjob)
+        found, versions = _referenced_authentications(
+            refs, authentications or {}, namespace=key[0], keda=keda
+        )
+        _refuse_for_tenants(scaledjob, found, reach if reach is not None else Reach())
+    except _Invalid as exc:
+        return make(invalid=str(exc), paused=paused)
+    return make(
+        scaledjob=scaledjob,
+        paused=paused,
+        essence=essence(scaledjob, versions),
+        authentications=found,
+    )
+
+
+class _Invalid(Exception):
+    """A ScaledJob the operator cannot serve; the text is its condition's message."""
+
+
+def _user_body(obj: Mapping[str, Any], *, keda: bool) -> dict[str, Any]:
+    """Only what the user wrote: a status write (resourceVersion, managedFields) must not
+    make the object look changed."""
+    meta = obj.get("metadata") or {}
     body = {k: v for k, v in obj.items() if k in ("apiVersion", "kind", "spec")}
-    # Only what the user wrote: a status write (resourceVersion, managedFields) must not
-    # make the object look changed.
     body["metadata"] = {k: v for k, v in meta.items() if k in _USER_METADATA}
     if keda:
         body["apiVersion"] = KEDA_API_VERSION
-    where = f"ScaledJob {key[0]}/{key[1]}"
-    try:
-        scaledjob = parse_scaledjob(body, where=where)
-    except ManifestError as exc:
-        return make(invalid=_one_line(str(exc), where), paused=paused)
+    return body
+
+
+def _authentication_refs(scaledjob: ScaledJob) -> set[str]:
+    """The TriggerAuthentications the triggers and the function's output destinations
+    (resolved like triggers) name; _Invalid for a ClusterTriggerAuthentication."""
     function = scaledjob.spec.function
     destinations = [
         *(
@@ -179,44 +207,50 @@ def wanted_from(
     ]
     for path, ref in destinations:
         if ref is not None and ref.kind == "ClusterTriggerAuthentication":
-            return make(
-                invalid=(
-                    f"field {path}.authenticationRef.kind: "
-                    "ClusterTriggerAuthentication is not supported by the operator; use a "
-                    "TriggerAuthentication in the ScaledJob's namespace"
-                ),
-                paused=paused,
+            raise _Invalid(
+                f"field {path}.authenticationRef.kind: "
+                "ClusterTriggerAuthentication is not supported by the operator; use a "
+                "TriggerAuthentication in the ScaledJob's namespace"
             )
-    # Output destinations' TriggerAuthentications too: they are resolved like triggers.
-    refs = {ref.name for _, ref in destinations if ref is not None}
+    return {ref.name for _, ref in destinations if ref is not None}
+
+
+def _referenced_authentications(
+    refs: set[str],
+    authentications: Mapping[str, Mapping[str, Any]],
+    *,
+    namespace: str,
+    keda: bool,
+) -> tuple[dict[str, TriggerAuthentication], dict[str, str]]:
+    """The TriggerAuthentications named, parsed, and their resourceVersions (a change
+    replaces the unit); _Invalid for one missing or unusable."""
     found: dict[str, TriggerAuthentication] = {}
     versions: dict[str, str] = {}
     for name in sorted(refs):
-        raw = (authentications or {}).get(name)
+        raw = authentications.get(name)
         auth = parse_authentication(raw) if raw is not None else None
         if not isinstance(auth, TriggerAuthentication):
             kind = "keda.sh" if keda else "jobrunner.dev"
             what = f"TriggerAuthentication {name!r} ({kind})"
             problem = (
-                f"{what} not found in namespace {key[0]}; create it"
+                f"{what} not found in namespace {namespace}; create it"
                 if auth is None
-                else f"{what} in namespace {key[0]} cannot be used: {auth}"
+                else f"{what} in namespace {namespace} cannot be used: {auth}"
             )
-            return make(
-                invalid=f"field spec.triggers[].authenticationRef.name: {problem}",
-                paused=paused,
-            )
+            raise _Invalid(f"field spec.triggers[].authenticationRef.name: {problem}")
         found[name] = auth
         versions[name] = str((raw or {}).get("metadata", {}).get("resourceVersion", ""))
-    refused = tenant_problems(scaledjob, found, reach if reach is not None else Reach())
+    return found, versions
+
+
+def _refuse_for_tenants(
+    scaledjob: ScaledJob, found: Mapping[str, TriggerAuthentication], reach: Reach
+) -> None:
+    """_Invalid when the ScaledJob asks for more of the operator's process than ``reach``
+    lets tenants use."""
+    refused = tenant_problems(scaledjob, found, reach)
     if refused:
-        return make(invalid="; ".join(f"field {p.field}: {p.text}" for p in refused), paused=paused)
-    return make(
-        scaledjob=scaledjob,
-        paused=paused,
-        essence=essence(scaledjob, versions),
-        authentications=found,
-    )
+        raise _Invalid("; ".join(f"field {p.field}: {p.text}" for p in refused))
 
 
 def _one_line(text: str, where: str) -> str:

@@ -41,7 +41,7 @@ from jobrunner.operator import api
 from jobrunner.operator.api import ObjectClient
 from jobrunner.operator.registry import Phase, Slot
 from jobrunner.operator.resources import Key, Wanted
-from jobrunner.runner import STARTING
+from jobrunner.runner import STARTING, DispatchUnit
 
 logger = logging.getLogger(__name__)
 
@@ -124,52 +124,11 @@ def desired_status(
     previous = {c.get("type", ""): c for c in current.get("conditions") or []}
     generation = slot.observed if slot is not None and slot.observed else wanted.generation
     unit = slot.unit if slot is not None else None
-    phase = slot.phase if slot is not None else Phase.STARTING
-    problem = slot.problem if slot is not None else None
-
-    if phase is Phase.INVALID:
-        ready = ("False", "InvalidSpec", problem or "")
-    elif phase is Phase.FAILED:
-        ready = ("False", (slot.reason if slot else "") or "DispatcherFailed", problem or "")
-    elif phase is Phase.PAUSED:
-        ready = ("True", "ScaledJobPaused", "valid; paused, so no messages are consumed")
-    elif unit is not None and phase is Phase.RUNNING:
-        why = unit.readiness()
-        rejected = rejected_problem(unit) if why is None else None
-        if rejected is not None:
-            ready = ("False", "JobsRejected", rejected)
-            problem = rejected
-        elif why is None:
-            ready = (
-                "True",
-                "DispatcherReady",
-                f"consuming from {unit.kind.destination} {unit.destination}",
-            )
-            problem = None
-        elif unit.problem == STARTING:
-            # A state, not a problem: lastError keeps the last real one (a restart of the
-            # operator must not overwrite it with "starting").
-            where = f"{unit.kind.destination} {unit.destination}"
-            ready = ("False", "Starting", f"connecting to {where}")
-        elif not unit.tracker.synced.is_set() and unit.problem is None:
-            ready = ("False", "JobWatchNotSynced", why)
-        else:
-            ready = ("False", "SourceUnavailable", why)
-            problem = why
-    else:
-        ready = ("False", "Starting", "starting the dispatcher")
-
+    ready, problem = _ready(slot)
     active = len(unit.dispatcher.limiter) if unit is not None else active_jobs
     spec_max = wanted.scaledjob.spec.maxReplicaCount if wanted.scaledjob else 0
-    if active:
-        active_c = ("True", "JobsActive", f"{active} Job(s) active of at most {spec_max}")
-    else:
-        active_c = ("False", "NoJobsActive", "no Job of this ScaledJob is active")
-    if wanted.paused:
-        paused_c = ("True", "ScaledJobPaused", f"paused by the annotation {wanted.paused}")
-    else:
-        paused_c = ("False", "ScaledJobUnpaused", "not paused")
-
+    active_c = _active(active, spec_max)
+    paused_c = _paused(wanted)
     status: dict[str, Any] = {
         "observedGeneration": generation,
         "conditions": [
@@ -187,6 +146,63 @@ def desired_status(
     if problem and (current.get("lastError") or {}).get("message") != problem:
         status["lastError"] = {"message": redact(problem)[:4096], "time": now_rfc3339()}
     return status
+
+
+Condition = tuple[str, str, str]
+"""A condition's (status, reason, message)."""
+
+
+def _ready(slot: Slot | None) -> tuple[Condition, str | None]:
+    """The Ready condition for what the slot holds, and the problem to keep as
+    ``lastError`` (None: nothing to report; a state such as starting is no problem)."""
+    unit = slot.unit if slot is not None else None
+    phase = slot.phase if slot is not None else Phase.STARTING
+    problem = slot.problem if slot is not None else None
+    if phase is Phase.INVALID:
+        return ("False", "InvalidSpec", problem or ""), problem
+    if phase is Phase.FAILED:
+        return (
+            "False",
+            (slot.reason if slot else "") or "DispatcherFailed",
+            problem or "",
+        ), problem
+    if phase is Phase.PAUSED:
+        return ("True", "ScaledJobPaused", "valid; paused, so no messages are consumed"), problem
+    if unit is not None and phase is Phase.RUNNING:
+        return _running_ready(unit, problem)
+    return ("False", "Starting", "starting the dispatcher"), problem
+
+
+def _running_ready(unit: DispatchUnit, problem: str | None) -> tuple[Condition, str | None]:
+    """Ready of a running unit: consuming, its Jobs refused, starting, its Job watch not
+    synced yet, or its source unavailable."""
+    why = unit.readiness()
+    rejected = rejected_problem(unit) if why is None else None
+    if rejected is not None:
+        return ("False", "JobsRejected", rejected), rejected
+    if why is None:
+        where = f"{unit.kind.destination} {unit.destination}"
+        return ("True", "DispatcherReady", f"consuming from {where}"), None
+    if unit.problem == STARTING:
+        # A state, not a problem: lastError keeps the last real one (a restart of the
+        # operator must not overwrite it with "starting").
+        where = f"{unit.kind.destination} {unit.destination}"
+        return ("False", "Starting", f"connecting to {where}"), problem
+    if not unit.tracker.synced.is_set() and unit.problem is None:
+        return ("False", "JobWatchNotSynced", why), problem
+    return ("False", "SourceUnavailable", why), why
+
+
+def _active(active: int | None, spec_max: int) -> Condition:
+    if active:
+        return ("True", "JobsActive", f"{active} Job(s) active of at most {spec_max}")
+    return ("False", "NoJobsActive", "no Job of this ScaledJob is active")
+
+
+def _paused(wanted: Wanted) -> Condition:
+    if wanted.paused:
+        return ("True", "ScaledJobPaused", f"paused by the annotation {wanted.paused}")
+    return ("False", "ScaledJobUnpaused", "not paused")
 
 
 def unserved_status(current: Mapping[str, Any], *, reason: str, message: str) -> dict[str, Any]:

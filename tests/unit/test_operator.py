@@ -58,7 +58,7 @@ class Replica:
                 open_source=open_source,
             )
 
-        self.operator = Operator(
+        self.operator = Operator.assemble(
             settings=settings,
             objects=self.client,
             jobs=env.jobs,
