@@ -326,15 +326,13 @@ def plan_function(app: App, function: Function, options: Options) -> list[dict[s
     name = kube_name(f"{app.name}-{function.name}", SCALEDJOB_NAME_MAX)
     settings_secret = f"{app.name}-settings"
     docs: list[dict[str, Any]] = [_secret(app, settings_secret)]
-    auth_name = f"{name}-trigger"
-    docs.append(_authentication(auth_name, settings_secret, source.secrets))
+    trigger_doc: dict[str, Any] = {"type": source.type, "metadata": source.metadata}
+    if source.secrets:  # a trigger that needs none gets no TriggerAuthentication
+        auth_name = f"{name}-trigger"
+        docs.append(_authentication(auth_name, settings_secret, source.secrets))
+        trigger_doc["authenticationRef"] = {"name": auth_name}
     output_specs, output_auths = _output_specs(outputs, name=name, settings_secret=settings_secret)
     docs.extend(output_auths)
-    trigger_doc: dict[str, Any] = {"type": source.type, "metadata": source.metadata}
-    if source.secrets:
-        trigger_doc["authenticationRef"] = {"name": auth_name}
-    else:
-        docs.pop()
     kind = str(trigger.get("type", "")).lower()
     job = _job(
         app,

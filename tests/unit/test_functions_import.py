@@ -188,6 +188,46 @@ def test_queue_rabbitmq_kafka_and_return_outputs_are_mapped(tmp_path: Path) -> N
     assert invoker_args[invoker_args.index("--outputs") + 1] == "toQueue,toRabbit,toKafka,$return"
 
 
+@pytest.mark.parametrize(
+    "trigger_binding",
+    [
+        trigger("kafkaTrigger", topic="events", brokerList="%Brokers%", consumerGroup="shop"),
+        trigger("queueTrigger", queueName="in"),
+    ],
+    ids=["trigger-without-secrets", "trigger-with-secrets"],
+)
+def test_every_authentication_ref_names_a_written_authentication_and_none_is_unused(
+    tmp_path: Path, trigger_binding: dict[str, Any]
+) -> None:
+    """The kind of a dropped TriggerAuthentication: a trigger that needs no secrets beside
+    outputs that do. Each authenticationRef of the ScaledJob (trigger and outputs) names a
+    TriggerAuthentication of the file, and each one written is named by one."""
+    root = app(
+        tmp_path,
+        {
+            "Fan": [
+                trigger_binding,
+                output("rabbitMQ", "toRabbit", queueName="out-r", connectionStringSetting="Rabbit"),
+                output("kafka", "toKafka", topic="out-k", brokerList="%Brokers%"),
+                output("queue", "toQueue", queueName="out-q"),
+            ]
+        },
+    )
+    assert run_import(root, tmp_path / "out") == 0
+    found = docs(tmp_path / "out" / "shop-fan.yaml")
+    (scaledjob,) = found["ScaledJob"]
+    spec = scaledjob["spec"]
+    refs = [
+        item["authenticationRef"]["name"]
+        for item in [*spec["triggers"], *spec["function"]["outputs"]]
+        if "authenticationRef" in item
+    ]
+    written = [a["metadata"]["name"] for a in found.get("TriggerAuthentication", [])]
+    assert sorted(refs) == sorted(written)
+    outputs = {o["name"]: o for o in spec["function"]["outputs"]}
+    assert auth_of(found, outputs["toRabbit"]["authenticationRef"]["name"]) == {"host": "Rabbit"}
+
+
 def test_a_percent_setting_is_resolved_from_local_settings(tmp_path: Path) -> None:
     root = app(tmp_path, {"Orders": [trigger("queueTrigger", queueName="%OrdersQueue%")]})
     assert run_import(root, tmp_path / "out") == 0
