@@ -126,5 +126,39 @@ async def stop_local_jobs(state_dir: Path) -> int:
         if pid is not None and jobdir.supervised():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
+    # A process started in the last moment (a Job's init container, before its supervisor
+    # recorded its process group) would write into the directory after it is removed
+    # (a Ctrl-C test found an invoker.py copied there): kill what still runs in or names
+    # the directory, and remove it once none is left.
+    deadline = time.monotonic() + _STOP_SECONDS
+    while (left := _processes_under(state_dir)) and time.monotonic() < deadline:
+        for pid in left:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        await asyncio.sleep(0.05)
     shutil.rmtree(state_dir, ignore_errors=True)
     return len(signalled)
+
+
+def _processes_under(root: Path) -> list[int]:
+    """Pids of this machine's live processes (Linux ``/proc``; none elsewhere) whose
+    command line names ``root`` or whose working directory is under it."""
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return []
+    text = str(root)
+    found = []
+    for entry in proc.iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        try:
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            cwd = ""
+        if text in argv or cwd == text or cwd.startswith(text + os.sep):
+            found.append(int(entry.name))
+    return found
