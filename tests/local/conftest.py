@@ -167,3 +167,8 @@ def dispatchers(state_dir: Path, tmp_path: Path) -> Iterator[Dispatchers]:
         if proc.poll() is None:
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
+    # Shown by pytest only when the test failed ("Captured stdout teardown"): the
+    # dispatchers' own words are what explains a failure seen once, under load.
+    for log in sorted(tmp_path.glob("dispatcher-*.log")):
+        lines = log.read_text(errors="replace").splitlines()
+        print(f"==> {log.name} (last 80 of {len(lines)} lines) <==", *lines[-80:], sep="\n")
