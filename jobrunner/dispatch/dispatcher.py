@@ -65,7 +65,7 @@ class Dispatcher:
         marks: JobMarks | None = None,
     ) -> None:
         log = logging.LoggerAdapter(logger, {"scaledjob": scaledjob.name, "source": source.name})
-        self.scope = scope = Scope(
+        self.scope = Scope(
             scaledjob=scaledjob,
             source=source,
             jobs=jobs,
@@ -77,11 +77,33 @@ class Dispatcher:
             retry_ceiling=retry_ceiling,
         )
         self.limiter = ActiveJobs(scaledjob.spec.maxReplicaCount)
+        self._wire(renderer=renderer, telemetry=telemetry, settle_hook=settle_hook)
+        intake, settlement = self.intake, self.settlement
+        self.cleaner = HistoryCleaner(
+            jobs=jobs,
+            tracker=tracker,
+            namespace=scaledjob.namespace,
+            successful_limit=scaledjob.spec.successfulJobsHistoryLimit,
+            failed_limit=scaledjob.spec.failedJobsHistoryLimit,
+            busy=lambda name: intake.in_hand(name) or name in settlement.awaiting_durable,
+            before_pass=settlement.promote_durable,
+            settled=settlement.settled_here,
+        )
+        tracker.on_finished(self._job_finished)
+        tracker.on_deletion(self.kept.job_deleting)
+        self.last_message_at: float | None = None
+        """When the last message arrived (epoch seconds), for the operator's status."""
+
+    def _wire(
+        self, *, renderer: Renderer, telemetry: Telemetry, settle_hook: SettleHook | None
+    ) -> None:
+        """Build the phases, each given only the phases below it."""
+        scope, sj = self.scope, self.scope.scaledjob
         self.metrics = DispatchMetrics(
             metrics=telemetry.metrics,
-            namespace=scaledjob.namespace,
-            scaledjob=scaledjob.name,
-            source=source.name,
+            namespace=sj.namespace,
+            scaledjob=sj.name,
+            source=scope.source.name,
             active=lambda: len(self.limiter),
         )
         events = JobEvents(scope)
@@ -108,20 +130,6 @@ class Dispatcher:
             metrics=self.metrics,
         )
         self.kept = KeptCopies(scope=scope, settlement=settlement, in_hand=intake.in_hand)
-        self.cleaner = HistoryCleaner(
-            jobs=jobs,
-            tracker=tracker,
-            namespace=scaledjob.namespace,
-            successful_limit=scaledjob.spec.successfulJobsHistoryLimit,
-            failed_limit=scaledjob.spec.failedJobsHistoryLimit,
-            busy=lambda name: intake.in_hand(name) or name in settlement.awaiting_durable,
-            before_pass=settlement.promote_durable,
-            settled=settlement.settled_here,
-        )
-        tracker.on_finished(self._job_finished)
-        tracker.on_deletion(self.kept.job_deleting)
-        self.last_message_at: float | None = None
-        """When the last message arrived (epoch seconds), for the operator's status."""
 
     @property
     def scaledjob(self) -> ScaledJob:

@@ -91,12 +91,14 @@ class Lifecycle:
         self._scope.failpoints.hit("after-create")
         self.rejected_in_row = 0
         finished = outcome_of(job)
-        if not await self._created_or_adopted(name, job, created, finished, record, log):
+        if not await self._created_or_adopted(
+            name=name, job=job, created=created, finished=finished, record=record, log=log
+        ):
             return
         if finished is not None:
             self._limiter.release(name)
         record.deciding = False
-        if await self._kept_by_job(name, job, record, log):
+        if await self._kept_by_job(name=name, job=job, record=record, log=log):
             return
         record.deciding = finished is None
         with self._scope.tracer.start_as_current_span("wait") as wait_span:
@@ -144,6 +146,7 @@ class Lifecycle:
 
     async def _created_or_adopted(
         self,
+        *,
         name: str,
         job: Mapping[str, Any],
         created: bool,
@@ -185,7 +188,7 @@ class Lifecycle:
         )
 
     async def _kept_by_job(
-        self, name: str, job: Mapping[str, Any], record: InFlight, log: Log
+        self, *, name: str, job: Mapping[str, Any], record: InFlight, log: Log
     ) -> bool:
         """True once the message was acked because its outcome is already durable (a
         settlement whose ack was lost) or the Job keeps the message."""
