@@ -18,12 +18,13 @@ import pytest
 
 from jobrunner.core.models import (
     ANNOTATION_BODY_DIGEST,
+    ANNOTATION_HANDED_OVER,
     Action,
     Decision,
     JobOutcome,
     Outcome,
 )
-from jobrunner.core.protocols import ApiRejected, MessageHandle
+from jobrunner.core.protocols import ApiRejected, MessageHandle, SettleHook
 from jobrunner.core.settings import DispatcherSettings
 from jobrunner.dispatch.events import JobEvents
 from jobrunner.dispatch.intake import InFlight, Intake, refuse_reuse
@@ -98,7 +99,7 @@ class Phases:
         return self.renderer.render(handle.delivery)
 
 
-async def build(**spec: Any) -> Phases:
+async def build(hook: SettleHook | None = None, **spec: Any) -> Phases:
     scaledjob = parse_scaledjob(manifest(**spec))
     broker, jobs = MemoryBroker(), MemoryJobClient()
     source = MemorySource(broker, Q, prefetch=10)
@@ -123,7 +124,7 @@ async def build(**spec: Any) -> Phases:
         active=lambda: len(limiter),
     )
     events = JobEvents(scope)
-    settlement = Settlement(scope=scope, events=events, metrics=metrics)
+    settlement = Settlement(scope=scope, events=events, metrics=metrics, settle_hook=hook)
     renderer = Renderer(scaledjob)
     intake = Intake(
         scope=scope, renderer=renderer, settlement=settlement, events=events, metrics=metrics
@@ -299,6 +300,37 @@ async def test_settlement_dead_letters_a_failed_job_with_its_reason(phases: Phas
     assert [e["reason"] for e in phases.jobs.events] == ["DeadLettered"]
 
 
+class Outputs:
+    """A settle hook standing for a function's outputs: it records what the broker had
+    settled when it was asked, and turns the ack into a dead letter (outputs that could
+    not go out)."""
+
+    def __init__(self) -> None:
+        self.broker = MemoryBroker()
+        self.asked: list[tuple[Decision, bool, int]] = []
+
+    async def before_settle(self, decision: Decision, *, live: bool = False) -> Decision:
+        self.asked.append((decision, live, len(self.broker.settled)))
+        return Decision.dead_letter("OutputFailed", "the sink refused", decision.job_name)
+
+
+async def test_settlement_asks_the_settle_hook_first_and_carries_out_its_decision() -> None:
+    hook = Outputs()
+    built = await build(hook)
+    hook.broker = built.broker
+    handle = await built.delivery("resize a")
+    name = await created(built, handle)
+
+    assert await built.settlement.settle(handles=[handle], decision=Decision.ack(name))
+    assert hook.asked == [(Decision.ack(name), True, 0)]  # before anything was settled
+    [dead] = built.broker.dead_letters(Q)
+    assert (dead.reason, dead.job) == ("OutputFailed", name)
+    # Not final (an ack that hands the message to its Job): the hook is not asked.
+    again = await built.delivery("resize b", message_id="m-2")
+    await built.settlement.settle(handles=[again], decision=Decision.ack(name), final=False)
+    assert len(hook.asked) == 1
+
+
 async def test_settlement_acks_every_joined_delivery_once(phases: Phases) -> None:
     first = await phases.delivery("resize a")
     again = await phases.delivery("resize a")
@@ -387,6 +419,22 @@ async def test_lifecycle_creates_one_job_for_two_deliveries_of_one_id(phases: Ph
     await asyncio.wait_for(asyncio.gather(*tasks), WITHIN)
     assert [(s.action, s.job) for s in phases.broker.settled] == [("ack", rendered.name)] * 2
     assert phases.jobs.names(NS) == [rendered.name]
+
+
+async def test_lifecycle_hands_the_message_over_when_the_consumer_timeout_is_near() -> None:
+    """consumerTimeoutSeconds no longer than the handover margin: the message is acked at
+    once and its running Job, annotated, keeps it from then on."""
+    built = await build(consumerTimeoutSeconds=30)
+    async with watching(built):
+        handle = await built.delivery("resize a")
+        rendered = built.rendered(handle)
+        record = InFlight(handles=[handle], span=built.scope.tracer.start_span("message"))
+        await asyncio.wait_for(built.lifecycle.process(rendered, record), WITHIN)
+    assert [(s.action, s.job) for s in built.broker.settled] == [("ack", rendered.name)]
+    job = built.jobs.job(NS, rendered.name)
+    assert job["metadata"]["annotations"][ANNOTATION_HANDED_OVER] == "true"
+    assert job["status"] == {}  # still running: its outcome is the Job's to report
+    assert record.deciding is False
 
 
 async def test_lifecycle_dead_letters_what_the_api_server_rejects(phases: Phases) -> None:
