@@ -184,7 +184,9 @@ async def until(check: Callable[[], bool]) -> None:
 
 
 def adopted_count(phases: Phases) -> float:
-    return phases.metrics.metrics.jobs_adopted.labels(NS, "resize")._value.get()
+    registry = phases.metrics.metrics.registry
+    labels = {"namespace": NS, "scaledjob": "resize"}
+    return registry.get_sample_value("jobrunner_jobs_adopted_total", labels) or 0.0
 
 
 FAILED = JobOutcome(Outcome.FAILED, "BackoffLimitExceeded", "exit code 3")
