@@ -622,10 +622,10 @@ class Operator:
             if problem and problem != STARTING:
                 why = redact(str(problem))
                 troubles["SourceFailed"] = (why, f"{why}; messages wait in the source")
-            rejection = unit.dispatcher.last_rejection
+            rejection = unit.dispatcher.lifecycle.last_rejection
             if rejected_problem(unit) is not None and rejection is not None:
                 summary = rejection_summary(rejection)
-                count = unit.dispatcher.rejected_in_row
+                count = unit.dispatcher.lifecycle.rejected_in_row
                 troubles["JobsRejected"] = (
                     summary,
                     f"the API server refused {count} Jobs in a row ({summary}); their "

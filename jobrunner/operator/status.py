@@ -94,9 +94,9 @@ def rejection_summary(rejection: ApiRejected) -> str:
 def rejected_problem(unit: Any) -> str | None:
     """Why a consuming unit is not Ready although it consumes: the API server refused
     its last ``REJECTED_NOT_READY`` or more Job creates; None otherwise."""
-    dispatcher = unit.dispatcher
-    count = int(getattr(dispatcher, "rejected_in_row", 0) or 0)
-    rejection = getattr(dispatcher, "last_rejection", None)
+    lifecycle = unit.dispatcher.lifecycle
+    count = int(getattr(lifecycle, "rejected_in_row", 0) or 0)
+    rejection = getattr(lifecycle, "last_rejection", None)
     if count < REJECTED_NOT_READY or not isinstance(rejection, ApiRejected):
         return None
     # No count here: the condition (and lastError) must not change with every refusal;

@@ -203,7 +203,7 @@ async def test_template_change_replaces_the_unit_without_touching_running_jobs(
     # The five messages went back to the broker and came to the new unit, which adopted
     # their Jobs: no sixth Job, and the Jobs are exactly as they were.
     new_unit = world.unit()
-    await eventually(lambda: _true(len(new_unit.dispatcher.inflight) == 5), within=10)
+    await eventually(lambda: _true(len(new_unit.dispatcher.intake.inflight) == 5), within=10)
     assert sorted(world.job_names()) == sorted(running)
     for name in running:
         job = world.jobs.job(NS, name)

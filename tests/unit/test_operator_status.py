@@ -55,15 +55,16 @@ def test_a_refusal_is_told_by_its_status_reason_and_fields_without_the_servers_t
 
 def test_only_refusals_in_a_row_make_a_consuming_scaledjob_not_ready() -> None:
     exc = ApiRejected(422, "Invalid", "text", causes=(("spec.a", "FieldValueInvalid"),))
-    unit = SimpleNamespace(dispatcher=SimpleNamespace(rejected_in_row=1, last_rejection=exc))
+    lifecycle = SimpleNamespace(rejected_in_row=1, last_rejection=exc)
+    unit = SimpleNamespace(dispatcher=SimpleNamespace(lifecycle=lifecycle))
     assert rejected_problem(unit) is None
-    unit.dispatcher.rejected_in_row = REJECTED_NOT_READY
+    unit.dispatcher.lifecycle.rejected_in_row = REJECTED_NOT_READY
     first = rejected_problem(unit)
     assert first is not None
     assert "422 Invalid: spec.a (FieldValueInvalid)" in first
-    unit.dispatcher.rejected_in_row += 5
+    unit.dispatcher.lifecycle.rejected_in_row += 5
     assert rejected_problem(unit) == first  # the condition does not change with the count
-    unit.dispatcher.rejected_in_row = 0  # a Job accepted since
+    unit.dispatcher.lifecycle.rejected_in_row = 0  # a Job accepted since
     assert rejected_problem(unit) is None
 
 

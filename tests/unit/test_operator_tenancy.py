@@ -160,7 +160,7 @@ async def test_a_message_that_failed_once_then_succeeded_leaves_nothing_behind(
     [name] = await jobs_count(world, 1)
     await world.jobs.finish(NS, name)
     await until(lambda: world.broker.acked("q"))
-    assert world.unit().dispatcher._unforeseen == {}
+    assert world.unit().dispatcher.settlement.unforeseen == {}
 
 
 async def test_no_metric_label_carries_a_credential(world: World) -> None:
@@ -196,7 +196,7 @@ async def test_no_metric_label_carries_a_credential(world: World) -> None:
     assert want.invalid is None, want.invalid
     world.registry.reconcile({want.key: want}, grace=1.0)
     await world.converged()
-    registry = world.unit().dispatcher._metrics.registry
+    registry = world.unit().dispatcher.metrics.metrics.registry
 
     def depth_sampled() -> bool:
         return "jobrunner_queue_depth_messages{" in generate_latest(registry).decode()
