@@ -102,9 +102,20 @@ def dead_letter_queue_name(queue: str, configured: str | None = None) -> str:
 def _make_private(path: Path) -> None:
     """Create the queue file private (0600) before SQLite does (SQLite would make it
     0644 less the umask, and its -wal and -shm files after it), and tighten those an
-    older version made."""
+    older version made.
+
+    A file that exists is only chmod-ed, never opened: this process may hold SQLite
+    connections to it (a source and a function's outputs share the file), and closing
+    any descriptor of a file drops every POSIX lock the process holds on it (fcntl(2);
+    sqlite.org/howtocorrupt.html section 2.2). Another process would then take itself for
+    the last connection, remove the WAL, and this process's later commits would be lost.
+    Creating is safe: no connection of this process can hold a file that did not exist."""
     private_dir(path.parent)
-    os.close(open_private(path, os.O_RDWR))
+    try:
+        os.close(open_private(path, os.O_RDWR | os.O_EXCL))
+    except FileExistsError:
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            os.chmod(path, FILE_MODE)
     for suffix in ("-wal", "-shm", "-journal"):
         with contextlib.suppress(FileNotFoundError, PermissionError):
             os.chmod(path.with_name(path.name + suffix), FILE_MODE)

@@ -239,3 +239,48 @@ async def test_many_settlements_at_once_are_each_carried_out_whole(tmp_path: Pat
         await source.close()
     assert settled == [True] * total
     assert await counts(path, "work") == (0, 0, total // 2)
+
+
+def _count_in_another_process(path: Path, queue: str) -> int:
+    """Open the file, count, close: as ``jobrunner status`` (or a test's poll) does from
+    its own process. The last connection to close checkpoints and removes the WAL."""
+    script = (
+        "import sqlite3, sys\n"
+        "db = sqlite3.connect(sys.argv[1])\n"
+        "n = db.execute('SELECT count(*) FROM messages WHERE queue = ?', (sys.argv[2],))\n"
+        "print(n.fetchone()[0])\n"
+        "db.close()\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script, str(path), queue], check=True, capture_output=True
+    )
+    return int(out.stdout)
+
+
+async def test_a_second_queue_opened_in_one_process_keeps_the_firsts_writes_visible(
+    tmp_path: Path,
+) -> None:
+    """A dispatcher holds the queue file open (its source) and opens it again (a
+    function's outputs to the same file). Opening must not close a descriptor of the
+    file outside SQLite: POSIX drops every lock the process holds on a file when any of
+    its descriptors is closed (fcntl(2); sqlite.org/howtocorrupt.html section 2.2), and
+    then another process, closing as if it were the last, removes the WAL under the
+    first connection, whose next commits go to a file nobody reads (found as an acked
+    message that stayed on the queue, under load)."""
+    path = tmp_path / "q.db"
+    await publish(path, "work", b"one", b"two")
+    first = await SQLiteQueue.open(path)
+    try:
+        [one, _two] = await first.claim("work", 2)
+        second = await SQLiteQueue.open(path)  # the outputs' queue, same process
+        try:
+            assert _count_in_another_process(path, "work") == 2
+            assert await first.ack(one.id)
+            assert _count_in_another_process(path, "work") == 1
+            await second.publish("receipts", [b"r"])
+            assert _count_in_another_process(path, "receipts") == 1
+        finally:
+            await second.close()
+    finally:
+        await first.close()
+    assert _count_in_another_process(path, "work") == 1
