@@ -18,9 +18,10 @@ What it owns:
 * ``operator``   wires them: watches -> wanted -> registry, status, leases, probes.
 
 What it may import: the runner's ``DispatchUnit`` and the packages below it (core,
-manifest, rendering, dispatch, tracking, observability) and nothing of the adapters but through protocols: the Kubernetes
-objects it reads and writes go through ``api.ObjectClient`` (``jobrunner.kube.objects``
-in production, ``jobrunner.testing.MemoryObjects`` in unit tests). Only the command line
+manifest, rendering, dispatch, tracking, observability) and nothing of the adapters
+but through protocols: the Kubernetes objects it reads and writes go through
+``api.ObjectClient`` (``jobrunner.kube.objects`` in production,
+``jobrunner.testing.MemoryObjects`` in unit tests). Only the command line
 (``jobrunner.cli.operator``) builds the real clients.
 
 Must not import: the adapters (kube, local, sources, functions: import-linter), file
