@@ -23,6 +23,11 @@ USAGE = 2
 """A problem in what was given: a flag, a file, a setting."""
 FAILED = 1
 """A problem met while running: a service down, a refusal, a failed render."""
+INTERRUPTED = 130
+"""Stopped by Ctrl-C (128 + SIGINT), whatever the command: also ``run`` and ``operator``,
+which stop gracefully on it (see jobrunner.cli.stopping)."""
+BROKEN_PIPE = 141
+"""The reader of the output went away (128 + SIGPIPE): ``jobrunner jobs | head``."""
 
 
 class CliError(Exception):
@@ -88,11 +93,11 @@ def run_guarded(action: Callable[[], int], ctx: Context | None, *, debug: bool) 
     try:
         return action()
     except KeyboardInterrupt:
-        return 130
+        return INTERRUPTED
     except BrokenPipeError:
         # The reader went away (`jobrunner jobs | head`): nothing more to say.
         _silence_stdout()
-        return 141
+        return BROKEN_PIPE
     except SystemExit:
         raise
     except BaseException as exc:

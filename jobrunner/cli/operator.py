@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 from pathlib import Path
 
 from jobrunner.cli.context import Context
 from jobrunner.cli.errors import CliError
+from jobrunner.cli.stopping import StopSignals
 
 _SA_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 
@@ -81,17 +81,17 @@ def cmd_operator(ctx: Context) -> int:
         operator_identity=op.allow_operator_identity,
     )
 
+    signals = StopSignals()
+
     async def serve() -> None:
         from jobrunner.core.failpoints import Failpoints
         from jobrunner.kube.client import KubeJobClient, load_api_client
         from jobrunner.kube.objects import KubeObjects
         from jobrunner.operator.operator import Operator, serve_http
 
-        # Signals belong to the program: SIGTERM and SIGINT ask the operator to stop.
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        # Signals belong to the program: SIGTERM and SIGINT ask the operator to stop
+        # (the exit code says which).
+        signals.install(asyncio.get_running_loop())
         jobs = KubeJobClient(
             load_api_client(settings.kube.kubeconfig, settings.kube.context),
             failpoints=Failpoints(settings.dispatcher.failpoints),
@@ -109,7 +109,7 @@ def cmd_operator(ctx: Context) -> int:
             )
             operator.register_metrics(lambda: jobs.requests)
             async with serve_http(operator, settings, telemetry):
-                await operator.run(stop)
+                await operator.run(signals.stop)
         finally:
             await jobs.close()
 
@@ -118,4 +118,4 @@ def cmd_operator(ctx: Context) -> int:
     finally:
         if telemetry.provider is not None:
             telemetry.provider.shutdown()
-    return 0
+    return signals.exit_code

@@ -20,6 +20,7 @@ from jobrunner.cli.inputs import (
     read_bodies,
     read_lines,
 )
+from jobrunner.cli.stopping import StopSignals
 
 if TYPE_CHECKING:
     from jobrunner.manifest.loader import ManifestSet
@@ -57,20 +58,21 @@ def cmd_run(ctx: Context) -> int:
         except CliError as exc:
             raise ManifestError(str(exc)) from exc
 
+    signals = StopSignals()
+
     async def serve() -> None:
         # Signals belong to the program, not the runner: SIGTERM and SIGINT ask it to
-        # stop, SIGHUP to read the manifest file again.
-        stop, reload = asyncio.Event(), asyncio.Event()
+        # stop (the exit code says which), SIGHUP to read the manifest file again.
+        reload = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        signals.install(loop)
         loop.add_signal_handler(signal.SIGHUP, reload.set)
         # The dispatcher is the manifest author's own process: its environment and cloud
         # identity are theirs, so *FromEnv and TriggerAuthentication env read all of it.
         await filemode.run(
             await _cluster_authentications(ctx, manifests),
             settings,
-            stop=stop,
+            stop=signals.stop,
             reload=reload,
             load=load,
             telemetry=telemetry,
@@ -83,7 +85,7 @@ def cmd_run(ctx: Context) -> int:
         provider = telemetry.provider
         if provider is not None:
             provider.shutdown()
-    return 0
+    return signals.exit_code
 
 
 async def _cluster_authentications(ctx: Context, manifests: ManifestSet) -> ManifestSet:
