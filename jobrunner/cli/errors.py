@@ -91,7 +91,11 @@ def explain(exc: BaseException, ctx: Context | None) -> tuple[str, int] | None:
 def run_guarded(action: Callable[[], int], ctx: Context | None, *, debug: bool) -> int:
     """Run ``action``; any exception becomes one line on stderr and an exit code."""
     try:
-        return action()
+        code = action()
+        # What is still buffered is written now, where a reader gone away is answered
+        # (141); at exit it would be Python's "Exception ignored" and exit 120.
+        sys.stdout.flush()
+        return code
     except KeyboardInterrupt:
         return INTERRUPTED
     except BrokenPipeError:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -47,13 +48,23 @@ from jobrunner.views.console import (
 )
 
 
+class _Console(Console):
+    """rich's Console, but a reader that went away (``jobrunner jobs | head``) is a
+    ``BrokenPipeError`` for the command line to answer (exit 141, as for every other
+    output), not rich's own ``SystemExit(1)``."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True  # nothing more from this console (a ``finally`` may print)
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
 def make_console() -> Console:
     """The terminal's width on a terminal; piped, ``COLUMNS`` when set, else no limit
     (tables are never cut when their output goes to a file or a program)."""
-    console = Console()
+    console = _Console()
     if not console.is_terminal:
         columns = os.environ.get("COLUMNS", "")
-        console = Console(width=int(columns) if columns.isdigit() else UNLIMITED)
+        console = _Console(width=int(columns) if columns.isdigit() else UNLIMITED)
     return console
 
 
