@@ -78,8 +78,8 @@ def read_lines(value: str, *, force: bool = False) -> list[Body]:
     """``--jsonl FILE``: one body per non-blank line, each a JSON value as JSON Lines
     (https://jsonlines.org) has it. A line that is not JSON is refused with its number
     unless ``force``; a file that is one JSON document over several lines (a
-    pretty-printed array) says so, as publishing its lines would publish ``[`` and
-    ``]``."""
+    pretty-printed array or object) says so, as publishing its lines would publish
+    ``[`` and ``]``, or the halves of an object."""
     path = Path(value).expanduser()
     try:
         raw = path.read_bytes()
@@ -100,13 +100,9 @@ def read_lines(value: str, *, force: bool = False) -> list[Body]:
         try:
             json.loads(body.data)
         except ValueError as exc:
-            if _one_document(raw):
-                raise CliError(
-                    f"--jsonl {value}: the file is one JSON document over several lines, not "
-                    "one message per line, and its lines ('[', ']' …) would be the messages; "
-                    f"write one message per line (e.g. jq -c '.[]' {value}), or publish it "
-                    f"as one message with @{value}"
-                ) from None
+            document = _one_document(raw)
+            if document is not _NOT_ONE:
+                raise CliError(_one_document_problem(value, document, bodies)) from None
             raise CliError(
                 f"{body.where}: not JSON ({exc}); --jsonl takes one JSON value per line; "
                 "fix the line, or pass --force to publish each line as it is"
@@ -114,12 +110,41 @@ def read_lines(value: str, *, force: bool = False) -> list[Body]:
     return bodies
 
 
-def _one_document(raw: bytes) -> bool:
+_NOT_ONE = object()
+"""What ``_one_document`` returns for a file that is not one JSON document."""
+
+
+def _one_document(raw: bytes) -> object:
     try:
-        json.loads(raw)
+        return json.loads(raw)
     except ValueError:
-        return False
-    return True
+        return _NOT_ONE
+
+
+def _one_document_problem(value: str, document: object, lines: list[Body]) -> str:
+    """What to say of a ``--jsonl`` file that is one JSON document over several lines,
+    built from what the file is: its own first and last lines (those that would be
+    messages), and the way to one message per line that fits its top-level type (an
+    array's items are the messages; an object is one message)."""
+    quoted = ", ".join(
+        _shown(b.data.decode(errors="replace").strip()) for b in (lines[0], lines[-1])
+    )
+    if isinstance(document, list):
+        what = f"one JSON array ({len(document)} item(s))"
+        fix = (
+            f"write one item per line (e.g. jq -c '.[]' {value}), or publish the array as "
+            f"one message with @{value}"
+        )
+    else:
+        what = "one JSON object" if isinstance(document, dict) else "one JSON value"
+        fix = (
+            f"publish it as one message with @{value}, or write it on one line "
+            f"(e.g. jq -c . {value})"
+        )
+    return (
+        f"--jsonl {value}: the file is {what} over {len(lines)} lines, not one message per "
+        f"line, and its lines ({quoted} …) would be the messages; {fix}"
+    )
 
 
 def delivery_for(

@@ -114,7 +114,7 @@ def test_publish_refuses_what_it_can_tell_would_fail_and_publishes_nothing(
     (tmp_path / "good.jsonl").write_text('{"image": "a.png"}\n{"image": "b.png"}\n')
     refused = [
         (["order.json"], ["MESSAGE 'order.json'", "name of a file", "@order.json", "--force"]),
-        (["--jsonl", "array.json"], ["--jsonl array.json", "one JSON document", "jq -c"]),
+        (["--jsonl", "array.json"], ["--jsonl array.json", "one JSON array", "jq -c"]),
         (["--jsonl", "bad.jsonl"], ["--jsonl bad.jsonl line 2", "not JSON", "--force"]),
         (["@big.json"], ["MESSAGE '@big.json'", "MessageTooLarge", "maxMessageBytes", "--force"]),
         (["hello"], ["MESSAGE 'hello'", "InvalidMessage", "message.json", "--force"]),

@@ -295,3 +295,39 @@ def test_logs_file_looks_in_the_manifests_namespace(
     state = ["--local", "--state-dir", str(tmp_path / "state")]
     assert main(["logs", *state, "--file", str(manifest), "job-1"]) == 2
     assert "no local Job media/job-1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "says", "never"),
+    [
+        (
+            '[\n  {"image": "a.png"},\n  {"image": "b.png"}\n]\n',
+            ["one JSON array (2 item(s)) over 4 lines", "('[', ']' …)", "jq -c '.[]' f.json"],
+            ["jq -c . "],
+        ),
+        (
+            '{"image": "a.png",\n "seconds": 1}\n',
+            [
+                "one JSON object over 2 lines",
+                """('{"image": "a.png",', '"seconds": 1}' …)""",
+                "one message with @f.json",
+                "jq -c . f.json",
+            ],
+            ["'['", "jq -c '.[]'"],
+        ),
+    ],
+    ids=["array", "object"],
+)
+def test_jsonl_of_one_pretty_printed_document_is_explained_from_what_the_file_is(
+    text: str, says: list[str], never: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jobrunner.cli.errors import CliError
+    from jobrunner.cli.inputs import read_lines
+
+    monkeypatch.chdir(tmp_path)
+    Path("f.json").write_text(text)
+    with pytest.raises(CliError) as refused:
+        read_lines("f.json")
+    message = str(refused.value)
+    assert [s for s in says if s not in message] == [], message
+    assert [n for n in never if n in message] == [], message
