@@ -44,20 +44,36 @@ def read_message(value: str, *, flag: str = "MESSAGE") -> bytes:
     return value.encode()
 
 
+def refuse_a_file_name(value: str, *, flag: str, verb: str, force: bool) -> None:
+    """Refuse (exit 2) a body given on the command line that is the name of a file here,
+    without ``@``, unless ``force``: the user almost surely meant the file's content
+    (``@order.json``), and would otherwise get its name as the body, published to a
+    queue or rendered into a Job. Every option that takes a body (``publish`` MESSAGE,
+    ``render --message``, ``validate --sample-message``) asks this, ``verb`` saying
+    what it does with one ("publish", "render")."""
+    if force or value.startswith("@") or value == "-" or not _is_file(value):
+        return
+    force_hint = FORCE_HINT if verb == "publish" else f"pass --force to {verb} it as that text"
+    raise CliError(
+        f"{flag} {_shown(value)}: is the name of a file here, and would be {verb}ed as "
+        f"that text; write @{value} to {verb} the file's content, or {force_hint}"
+    )
+
+
+def read_body(value: str, *, flag: str, verb: str, force: bool) -> bytes:
+    """A body from the command line (``-``, ``@FILE`` or the text, see ``read_message``),
+    a bare file name refused unless ``force`` (see ``refuse_a_file_name``)."""
+    refuse_a_file_name(value, flag=flag, verb=verb, force=force)
+    return read_message(value, flag=flag)
+
+
 def read_bodies(values: list[str], *, force: bool) -> list[Body]:
-    """``publish``'s MESSAGE arguments. A word that is the name of a file here, given
-    without ``@``, is refused unless ``force``: the user almost surely meant the file's
-    content, and the queue would otherwise get its name as the body."""
+    """``publish``'s MESSAGE arguments (a bare file name refused unless ``force``)."""
     bodies = []
     for number, value in enumerate(values, start=1):
         shown = _shown(value)
-        if not force and not value.startswith("@") and value != "-" and _is_file(value):
-            raise CliError(
-                f"MESSAGE {shown}: is the name of a file here, and would be published as "
-                f"that text; write @{value} to publish the file's content, or {FORCE_HINT}"
-            )
         where = f"MESSAGE {shown}" if len(values) == 1 else f"MESSAGE {number} ({shown})"
-        bodies.append(Body(read_message(value), where))
+        bodies.append(Body(read_body(value, flag="MESSAGE", verb="publish", force=force), where))
     return bodies
 
 

@@ -440,6 +440,12 @@ def _render(p: argparse.ArgumentParser) -> None:
         metavar="BODY",
         help="the message body; @FILE for a file's content, - for standard input",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="render a --message that is the name of a file here as that text (without "
+        "it, that is refused: @FILE is the file's content)",
+    )
     p.add_argument("--message-id", metavar="ID", help="the message's id")
     p.add_argument(
         "--header",
@@ -463,7 +469,14 @@ def _validate(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sample-message",
         metavar="BODY",
-        help="a message body to render through the template (default: {})",
+        help="a message body to render through the template (default: {}); @FILE for a "
+        "file's content, - for standard input",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="render a --sample-message that is the name of a file here as that text "
+        "(without it, that is refused: @FILE is the file's content)",
     )
     p.add_argument(
         "--server-dry-run",

@@ -131,6 +131,51 @@ def test_publish_refuses_what_it_can_tell_would_fail_and_publishes_nothing(
     assert queued(tmp_path / ".jobrunner") == []
 
 
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        (["publish", "-f", EXAMPLE], "MESSAGE"),
+        (["render", "-f", EXAMPLE, "--message"], "--message"),
+        (["validate", "-f", EXAMPLE, "--sample-message"], "--sample-message"),
+        (["validate", "--local", "-f", EXAMPLE, "--sample-message"], "--sample-message"),
+    ],
+    ids=["publish", "render", "validate", "validate --local"],
+)
+def test_every_body_option_refuses_a_file_name_without_its_at(
+    command: list[str], flag: str, tmp_path: Path
+) -> None:
+    """The ``@`` forgotten: ``order.json`` is a file here, so the user meant its content,
+    whichever command takes the body (i21, F5: only ``publish`` said so)."""
+    (tmp_path / "order.json").write_text('{"image": "cat.png"}\n')
+    verb = "publish" if command[0] == "publish" else "render"
+    one_error(
+        jobrunner(*command, "order.json", cwd=tmp_path),
+        f"{flag} 'order.json': is the name of a file here",
+        f"write @order.json to {verb} the file's content",
+        "--force",
+    )
+    done = jobrunner(*command, "@order.json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "cat.png" in done.stdout or command[0] != "render"
+
+
+def test_render_and_validate_force_take_a_file_name_as_the_text(tmp_path: Path) -> None:
+    (tmp_path / "order.json").write_text('{"image": "cat.png"}\n')
+    # A template that does not read message.json: the text itself is a body it takes.
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(
+        Path(EXAMPLE).read_text().replace("{{ message.json.image }}", "{{ message.body }}")
+    )
+    done = jobrunner("render", "-f", str(plain), "--message", "order.json", "--force", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "order.json" in done.stdout
+    assert "cat.png" not in done.stdout
+    done = jobrunner(
+        "validate", "-f", str(plain), "--sample-message", "order.json", "--force", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+
+
 def test_publish_force_publishes_what_the_checks_refuse(tmp_path: Path) -> None:
     (tmp_path / "order.json").write_text('{"image": "cat.png"}\n')
     (tmp_path / "bad.jsonl").write_text('{"image": "a.png"}\nhello\n')
