@@ -351,6 +351,20 @@ def _exit_state(code: int | None, problem: str) -> str:
     return f"exit {code} ({'Completed' if code == 0 else 'Error'})"
 
 
+def _sidecar_state(end: dict[str, Any]) -> str:
+    """A native sidecar's own end, as its supervisor recorded it: stopped when and why,
+    and how it went (``stopped after the main containers ended: SIGTERM, exit 143``), as
+    the kubelet stops a sidecar once the main containers end; never the attempt's
+    result, which the other containers decided."""
+    when = str(end.get("when") or "")
+    code = end.get("exitCode")
+    if code is None:  # it never started: ``when`` says why
+        return when or "not run"
+    sig = end.get("signal")
+    how = f"{sig}, exit {code}" if sig else f"exit {code} ({'Completed' if code == 0 else 'Error'})"
+    return f"stopped {when}: {how}" if when else how
+
+
 class LocalLogs:
     """A local Job's logs: per attempt, its init containers in order, then its
     containers, each with its exit code and reason."""
@@ -398,13 +412,16 @@ class LocalLogs:
         for index, attempt in enumerate(attempts, start=1):
             number = int(attempt.get("attempt") or index)
             codes: dict[str, int] = attempt.get("exitCodes") or {}
+            sidecars: dict[str, dict[str, Any]] = attempt.get("sidecars") or {}
             problem = str(attempt.get("problem") or "")
             running = "finished" not in attempt
             for name, init in order:
                 if container is not None and name != container:
                     continue
                 path = self.jobdir.logs / f"{number}-{name}.log"
-                if name in codes:
+                if init and name in sidecars:
+                    state = _sidecar_state(sidecars[name])
+                elif name in codes:
                     state = _exit_state(codes[name], "")
                 elif running and path.exists():
                     state = "running"
