@@ -254,13 +254,20 @@ async def _replay(
 def _note_no_dispatcher(ctx: Context, scaledjobs: list[ScaledJob]) -> None:
     """After a replay to an embedded queue that no dispatcher consumes, how to start one."""
     from jobrunner.sources.sqlite import consumer_lock
-    from jobrunner.views.queries import embedded_queue
+    from jobrunner.views.queries import embedded_queue, paused_text
 
     for scaledjob in scaledjobs:
         embedded = embedded_queue(scaledjob, ctx.settings)
         if embedded is None:
             continue
         lock = consumer_lock(*embedded)
+        if lock is not None and lock.live and lock.paused_by is not None:
+            print(
+                f"the dispatcher that serves queue {embedded[1]} is "
+                + paused_text(lock.pid, lock.paused_by),
+                file=sys.stderr,
+            )
+            return
         if lock is None or not lock.live:
             start = ctx.again("run", *ctx.file_args(), local=True)
             print(

@@ -119,7 +119,7 @@ def cmd_publish(ctx: Context) -> int:
     ``maxMessageBytes``, missing a field the template needs) is refused here, with what
     would happen and ``--force`` to publish it anyway."""
     from jobrunner.sources.sqlite import consumer_lock
-    from jobrunner.views.queries import embedded_queue, publish
+    from jobrunner.views.queries import embedded_queue, paused_text, publish
 
     args = ctx.args
     scaledjob = ctx.scaledjobs()[0]
@@ -150,7 +150,12 @@ def cmd_publish(ctx: Context) -> int:
     print(f"published {len(bodies)} message(s) to queue {queue} ({path})")
     embedded = embedded_queue(scaledjob, ctx.settings)
     lock = consumer_lock(path, queue) if embedded is not None else None
-    if lock is None or not lock.live:
+    if lock is not None and lock.live and lock.paused_by is not None:
+        print(
+            "the dispatcher that serves it is " + paused_text(lock.pid, lock.paused_by),
+            file=sys.stderr,
+        )
+    elif lock is None or not lock.live:
         print(
             "no dispatcher consumes it yet; start one with: "
             + ctx.again("run", *ctx.file_args(), local=True),

@@ -191,6 +191,8 @@ def dispatcher_line(
     if embedded is None:
         return None
     lock = consumer_lock(*embedded)
+    if lock is not None and lock.live and lock.paused_by is not None:
+        return DispatcherLine(True, paused_text(lock.pid, lock.paused_by), lock.pid)
     if lock is not None and lock.live:
         return DispatcherLine(True, f"running (pid {lock.pid or '?'})", lock.pid)
     waiting = queue.ready + queue.in_hand if queue is not None else 0
@@ -204,6 +206,15 @@ def dispatcher_line(
     )
     return DispatcherLine(
         False, f"not running (the last one, pid {lock.pid or '?'}, is gone{held}); {then}", lock.pid
+    )
+
+
+def paused_text(pid: int | None, annotation: str) -> str:
+    """A dispatcher that serves the queue, paused: what ``status`` says of it (and, after
+    "the dispatcher that serves it is", ``publish`` and a replay)."""
+    return (
+        f"paused (pid {pid or '?'}, annotation {annotation}): it consumes nothing until the "
+        "annotation is removed from the file; running Jobs go on"
     )
 
 

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -321,6 +322,67 @@ def test_status_tells_a_live_dispatcher_from_a_stale_lock(
     proc.wait(timeout=10)
     _, out, _ = cli(capsys, "status", "-f", path, *local)
     assert f"dispatcher: not running (the last one, pid {proc.pid}, is gone" in out
+
+
+def test_a_paused_dispatcher_is_shown_paused_and_the_queue_stays_its_own(
+    manifest: ManifestFactory,
+    state_dir: Path,
+    dispatchers: Dispatchers,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A running dispatcher whose ScaledJob is paused consumes nothing, but it serves the
+    queue: status, publish and a replay say it is paused (its pid, the annotation), not
+    that it is gone naming the last pid that consumed the queue, and a second dispatcher
+    is refused as while it consumes (i21, F7)."""
+    path = manifest(JOB)
+    local = ["--local", "--state-dir", str(state_dir)]
+    # An earlier dispatcher consumed the queue and stopped: its pid stays in the lock.
+    earlier = dispatchers.start(path)
+    wait_until(lambda: "dispatching work from" in dispatchers.logs(), timeout=30)
+    earlier.kill()
+    earlier.wait(timeout=10)
+    doc = yaml.safe_load(path.read_text())
+    doc["metadata"]["annotations"] = {"jobrunner.dev/paused": "true"}
+    path.write_text(yaml.safe_dump(doc))
+    paused = dispatchers.start(path)
+    wait_until(lambda: "Paused" in dispatchers.logs(), timeout=30)
+
+    _, out, _ = cli(capsys, "status", "-f", str(path), *local)
+    assert f"dispatcher: paused (pid {paused.pid}, annotation jobrunner.dev/paused)" in out
+    assert "is gone" not in out
+    code, _, err = cli(capsys, "publish", "-f", str(path), "--state-dir", str(state_dir), "{}")
+    assert code == 0
+    assert f"the dispatcher that serves it is paused (pid {paused.pid}" in err
+    assert "no dispatcher consumes it" not in err
+    # Following publish's old advice: a second dispatcher of the queue (not paused).
+    second = subprocess.run(
+        [sys.executable, "-m", "jobrunner.cli", "run", *local, "-f", str(unpaused(path))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 1, second.stderr
+    assert f"served by another dispatcher (pid {paused.pid}), paused by the annotation" in (
+        second.stderr
+    )
+    # Resumed, it consumes again (its own mark is no obstacle): status says so.
+    path.write_text(unpaused(path).read_text())
+    paused.send_signal(signal.SIGHUP)
+
+    def running() -> str | None:
+        _, text, _ = cli(capsys, "status", "-f", str(path), *local)
+        return text if f"dispatcher: running (pid {paused.pid})" in text else None
+
+    wait_until(running, timeout=30)
+
+
+def unpaused(path: Path) -> Path:
+    """The same ScaledJob without its pause annotation, beside ``path``."""
+    doc = yaml.safe_load(path.read_text())
+    doc["metadata"].pop("annotations", None)
+    out = path.with_name(f"unpaused-{path.name}")
+    out.write_text(yaml.safe_dump(doc))
+    return out
 
 
 def test_a_second_dispatcher_on_one_embedded_queue_is_one_line_naming_the_first(
