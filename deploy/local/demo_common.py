@@ -95,9 +95,11 @@ def _unfinished(state_dir: Path) -> list[JobDir]:
     ]
 
 
-async def stop_local_jobs(state_dir: Path) -> int:
-    """Stop every unfinished Job of a local state directory, then remove the directory;
-    call it once the dispatcher has stopped. Work the dispatcher had handed to threads (a
+async def stop_local_jobs(state_dir: Path, *, remove: Path) -> int:
+    """Stop every unfinished Job of a local state directory, then remove ``remove``: the
+    demo's own directory, which holds the state directory and whatever else the demo
+    made for the run (its manifests), so that nothing of it is left behind; call it
+    once the dispatcher has stopped. Work the dispatcher had handed to threads (a
     create under way) is waited for first, so no Job appears after the scan. Each Job's
     supervisor gets SIGTERM (it stops its Job's processes and exits); one started a
     moment ago, which has not taken its Job's lock yet, gets it once it has. After
@@ -126,5 +128,5 @@ async def stop_local_jobs(state_dir: Path) -> int:
         if pid is not None and jobdir.supervised():
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
-    shutil.rmtree(state_dir, ignore_errors=True)
+    shutil.rmtree(remove, ignore_errors=True)
     return len(signalled)

@@ -118,7 +118,9 @@ def test_ctrl_c_during_a_demo_is_one_line_and_stops_its_jobs(
     said = [line for line in output.splitlines() if "interrupted" in line]
     assert len(said) == 1, output
     assert "stopped the dispatcher" in said[0]
-    assert not state.exists()
+    # The demo's own directory goes, not only its state: nothing it made is left (i21, F9).
+    assert not root.exists(), sorted(str(p) for p in root.rglob("*"))
+    assert f"removed its directory {root}" in said[0]
     # Supervisors run in sessions of their own (Ctrl-C never reaches them): none is left.
     wait_until(lambda: not processes_naming(str(state)), within=10)
 
