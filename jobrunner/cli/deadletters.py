@@ -16,6 +16,7 @@ import yaml
 
 from jobrunner.cli.context import Context
 from jobrunner.cli.errors import CliError
+from jobrunner.cli.parser import DEAD_LETTER_LIMIT
 from jobrunner.core.deadletters import (
     REASONS,
     DeadLetter,
@@ -206,7 +207,14 @@ def _show(ctx: Context, found: list[tuple[ScaledJob, DeadLetterStore, list[DeadL
     for reason in shown:
         console.print(f"  {reason}: {REASONS[reason]}", style="dim", soft_wrap=True)
     if any(letters for _, _, letters in found):
-        replay = ctx.again("dead-letters", *ctx.file_args(), local=local)
+        # The same selection as this listing (a replay without IDs takes every letter it
+        # selects: without --reason, copying the line replayed the ones not listed too).
+        selection = [w for r in args.reason for w in ("--reason", r)]
+        if args.all:
+            selection.append("--all")
+        if args.limit != DEAD_LETTER_LIMIT:
+            selection += ["--limit", str(args.limit)]
+        replay = ctx.again("dead-letters", *ctx.file_args(), *selection, local=local)
         console.print(
             f"replay them as new work: {replay} --replay [ID ...]", style="dim", soft_wrap=True
         )

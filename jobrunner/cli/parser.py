@@ -24,6 +24,9 @@ from jobrunner import __version__
 
 PROG = "jobrunner"
 
+DEAD_LETTER_LIMIT = 1000
+"""How many dead letters ``dead-letters`` looks at by default (the oldest)."""
+
 
 @dataclass(frozen=True)
 class Command:
@@ -332,7 +335,7 @@ def _dead_letters(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--limit",
         type=positive_int,
-        default=1000,
+        default=DEAD_LETTER_LIMIT,
         metavar="N",
         help="look at the N oldest dead letters (default 1000)",
     )

@@ -16,9 +16,11 @@ import pytest
 import yaml
 
 from jobrunner.cli import main
+from jobrunner.core.deadletters import REASON
 from jobrunner.core.naming import job_name
 from jobrunner.local.client import LocalJobClient
 from jobrunner.local.jobdir import JobDir
+from jobrunner.sources.sqlite import SQLiteQueue
 from tests.helpers import wait_until
 from tests.local.conftest import ROOT, Dispatchers, ManifestFactory
 from tests.local.test_local_executor import render
@@ -528,3 +530,53 @@ def test_make_demo_functions_runs_both_example_apps_and_prints_the_summary(
     jobs = [JobDir(p) for p in (work / "state" / "jobs" / "default").iterdir()]
     assert len(jobs) == 10
     assert not any(job.supervised() for job in jobs)
+
+
+def test_the_replay_line_under_a_filtered_listing_replays_only_what_it_listed(
+    filled: tuple[Path, str], state_dir: Path
+) -> None:
+    """``dead-letters --reason R`` ends with the line to replay them: copied as it is,
+    it replays those listed, not every dead letter (i21, N10: the line had no
+    ``--reason``, so it replayed the others too)."""
+    path, _ = filled
+
+    async def another() -> None:
+        queue = await SQLiteQueue.open(state_dir / "queue.db")
+        try:
+            await queue.publish(
+                "work.dead-letter", [b'{"image": "slow.png"}'], headers={REASON: "DeadlineExceeded"}
+            )
+        finally:
+            await queue.close()
+
+    asyncio.run(another())
+    local = ["--local", "--state-dir", str(state_dir), "-f", str(path)]
+    listed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobrunner.cli",
+            "dead-letters",
+            *local,
+            "--reason",
+            "deadlineexceeded",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "400"},
+        check=False,
+    )
+    assert listed.returncode == 0, listed.stderr
+    (line,) = [row for row in listed.stdout.splitlines() if row.startswith("replay them")]
+    words = shlex.split(line.partition(": ")[2].replace(" [ID ...]", ""))
+    assert words[0] == "jobrunner"
+    replayed = subprocess.run(
+        [sys.executable, "-m", "jobrunner.cli", *words[1:]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert replayed.returncode == 0, replayed.stderr
+    assert "replayed 1 dead letter(s)" in replayed.stdout, replayed.stdout

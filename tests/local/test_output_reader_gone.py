@@ -7,43 +7,12 @@ pipe whose reader is already closed, so the first write meets it, whatever the t
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-
-from jobrunner.core.deadletters import DETAIL, REASON
-from jobrunner.local.client import LocalJobClient
-from jobrunner.sources.sqlite import SQLiteQueue
-from tests.local.conftest import ManifestFactory
-from tests.local.test_local_executor import finished, render
-
-
-@pytest.fixture
-def filled(state_dir: Path, manifest: ManifestFactory) -> tuple[Path, str]:
-    """A state directory with one finished Job and one dead letter; (manifest, Job)."""
-    path = manifest("print('done')")
-    job, secret = render(path, b"{}")
-    client = LocalJobClient(state_dir, retry_seconds=0.1)
-
-    async def fill() -> None:
-        await client.create_job(job, secret)
-        await finished(client, job, within=60)
-        queue = await SQLiteQueue.open(state_dir / "queue.db")
-        try:
-            await queue.publish(
-                "work.dead-letter",
-                [b'{"image": "corrupt.png"}'],
-                headers={REASON: "BackoffLimitExceeded", DETAIL: "exit 1"},
-            )
-        finally:
-            await queue.close()
-
-    asyncio.run(fill())
-    return path, str(job["metadata"]["name"])
 
 
 def to_a_gone_reader(*args: str) -> subprocess.CompletedProcess[bytes]:
