@@ -91,14 +91,14 @@ def _is_file(value: str) -> bool:
 
 
 def read_lines(value: str, *, force: bool = False) -> list[Body]:
-    """``--jsonl FILE``: one body per non-blank line, each a JSON value as JSON Lines
-    (https://jsonlines.org) has it. A line that is not JSON is refused with its number
-    unless ``force``; a file that is one JSON document over several lines (a
-    pretty-printed array or object) says so, as publishing its lines would publish
-    ``[`` and ``]``, or the halves of an object."""
+    """``--jsonl FILE`` (``-``: standard input): one body per non-blank line, each a JSON
+    value as JSON Lines (https://jsonlines.org) has it. A line that is not JSON is
+    refused with its number unless ``force``; a file that is one JSON document over
+    several lines (a pretty-printed array or object) says so, as publishing its lines
+    would publish ``[`` and ``]``, or the halves of an object."""
     path = Path(value).expanduser()
     try:
-        raw = path.read_bytes()
+        raw = sys.stdin.buffer.read() if value == "-" else path.read_bytes()
     except FileNotFoundError:
         raise CliError(f"--jsonl {value}: the file does not exist") from None
     except IsADirectoryError:

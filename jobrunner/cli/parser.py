@@ -237,7 +237,11 @@ def _publish(p: argparse.ArgumentParser) -> None:
         metavar="MESSAGE",
         help="a message body; @FILE for a file's content, - for standard input",
     )
-    p.add_argument("--jsonl", metavar="FILE", help="a file with one message per line")
+    p.add_argument(
+        "--jsonl",
+        metavar="FILE",
+        help="a file with one message per line (JSON Lines); - for standard input",
+    )
     p.add_argument(
         "--message-id",
         metavar="ID",

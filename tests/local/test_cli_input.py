@@ -199,7 +199,11 @@ def test_publish_takes_what_the_template_can_render(tmp_path: Path) -> None:
     )
     piped = jobrunner("publish", "-f", EXAMPLE, "-", cwd=tmp_path, stdin='{"image": "d.png"}')
     assert piped.returncode == 0, piped.stderr
-    assert len(queued(tmp_path / ".jobrunner")) == 4
+    # JSON Lines from standard input too (i21, N11: `-` was taken for a missing file).
+    lines = '{"image": "e.png"}\n{"image": "f.png"}\n'
+    piped = jobrunner("publish", "-f", EXAMPLE, "--jsonl", "-", cwd=tmp_path, stdin=lines)
+    assert piped.returncode == 0, piped.stderr
+    assert len(queued(tmp_path / ".jobrunner")) == 6
 
 
 # ---------------------------------------------------------------- exit codes
