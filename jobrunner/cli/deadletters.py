@@ -193,7 +193,7 @@ def _show(ctx: Context, found: list[tuple[ScaledJob, DeadLetterStore, list[DeadL
         else:
             print(yaml.safe_dump(items, sort_keys=False), end="")
         return
-    console = make_console()
+    console = make_console(wide=args.output == "wide")
     local = ctx.settings.executor is Executor.LOCAL
     for scaledjob, store, letters in found:
         name = f"{scaledjob.namespace}/{scaledjob.name}"

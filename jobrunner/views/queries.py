@@ -58,10 +58,14 @@ class _Console(Console):
         raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
 
-def make_console() -> Console:
-    """The terminal's width on a terminal; piped, ``COLUMNS`` when set, else no limit
-    (tables are never cut when their output goes to a file or a program)."""
+def make_console(*, wide: bool = False) -> Console:
+    """The terminal's width on a terminal; piped, ``COLUMNS`` when set (a script or
+    ``watch`` that sets it asks for that width), else no limit (tables are never cut
+    when their output goes to a file or a program). ``wide`` (``-o wide``): no limit
+    anywhere, so nothing of the wide table is cut, as kubectl's ``-o wide`` is not."""
     console = _Console()
+    if wide:
+        return _Console(width=UNLIMITED)
     if not console.is_terminal:
         columns = os.environ.get("COLUMNS", "")
         console = _Console(width=int(columns) if columns.isdigit() else UNLIMITED)
