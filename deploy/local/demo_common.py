@@ -52,6 +52,10 @@ EXIT_INTERRUPTED = 130
 """128 + SIGINT, as a shell reports a command ended by Ctrl-C."""
 _STOP_SECONDS = 5.0
 """How long a Job's supervisor gets to stop its processes before they are killed."""
+_APPEAR_SECONDS = 60.0
+"""How long a Job's supervisor, started just before the Ctrl-C, may take to take its
+Job's lock (a Python process starting on a busy machine): one left alone would go on
+making its Job's directories after they were removed."""
 
 
 def exit_interrupted() -> None:
@@ -102,22 +106,27 @@ async def stop_local_jobs(state_dir: Path, *, remove: Path) -> int:
     once the dispatcher has stopped. Work the dispatcher had handed to threads (a
     create under way) is waited for first, so no Job appears after the scan. Each Job's
     supervisor gets SIGTERM (it stops its Job's processes and exits); one started a
-    moment ago, which has not taken its Job's lock yet, gets it once it has. After
-    ``_STOP_SECONDS`` what is left of the Jobs' process groups is killed. Returns how
-    many Jobs were stopped."""
+    moment ago, which has not taken its Job's lock yet, gets it once it has (waited for
+    up to ``_APPEAR_SECONDS``: left alone, it would make its Job's directories again
+    after they were removed). ``_STOP_SECONDS`` after the last one was signalled, what
+    is left of the Jobs' process groups is killed. Returns how many Jobs were stopped."""
     await asyncio.get_running_loop().shutdown_default_executor()
     signalled: set[Path] = set()
-    deadline = time.monotonic() + _STOP_SECONDS
+    start = time.monotonic()
+    deadline = start + _STOP_SECONDS
     while True:
         unfinished = _unfinished(state_dir)
         for jobdir in unfinished:
             pid = jobdir.supervisor_pid()
             if jobdir.path not in signalled and pid is not None and jobdir.supervised():
                 signalled.add(jobdir.path)
+                deadline = time.monotonic() + _STOP_SECONDS
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGTERM)
-        done = all(j.path in signalled and not j.supervised() for j in unfinished)
-        if done or time.monotonic() >= deadline:
+        waiting = [j for j in unfinished if j.path not in signalled]
+        done = not waiting and all(not j.supervised() for j in unfinished)
+        now = time.monotonic()
+        if done or (now >= deadline and not waiting) or now >= start + _APPEAR_SECONDS:
             break
         await asyncio.sleep(0.05)
     for jobdir in _unfinished(state_dir):
