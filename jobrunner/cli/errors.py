@@ -62,7 +62,10 @@ def explain(exc: BaseException, ctx: Context | None) -> tuple[str, int] | None:
     if _is(exc, "jobrunner.sources.sqlite", "QueueBusy"):
         return str(exc), FAILED
     if _is(exc, "kubernetes.config.config_exception", "ConfigException"):
-        # No kubeconfig, or one without the context asked for: what was given (or not).
+        missing = _missing_context(str(exc))
+        if missing is not None:  # the kubeconfig is there: the context is not in it
+            return missing, USAGE
+        # No kubeconfig: what was given (or not).
         hint = ctx.no_cluster_hint() if ctx is not None else "pass --kubeconfig"
         return f"no Kubernetes configuration ({exc}); {hint}", USAGE
     if _is(exc, "jobrunner.core.protocols", "TransientError"):
@@ -86,6 +89,31 @@ def explain(exc: BaseException, ctx: Context | None) -> tuple[str, int] | None:
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"{exc.filename}: {exc.strerror or exc}", USAGE
     return None
+
+
+def _missing_context(text: str) -> str | None:
+    """For the Kubernetes client's "Expected object with name NAME in PATH/contexts list":
+    that the kubeconfig PATH has no context NAME, naming those it has; None for another
+    configuration problem."""
+    import re
+
+    found = re.search(r"Expected object with name (\S+) in (.+)/contexts list", text)
+    if found is None:
+        return None
+    name, path = found.groups()
+    try:
+        import yaml
+
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f) or {}
+        names = [str(c.get("name")) for c in config.get("contexts") or [] if isinstance(c, dict)]
+    except (OSError, ValueError, AttributeError, ImportError):
+        names = []
+    has = f"its contexts: {', '.join(names)}" if names else "it names none"
+    return (
+        f"--context {name}: the kubeconfig {path} has no context of that name ({has}); "
+        "pass --context with one of them, or leave --context out for its current-context"
+    )
 
 
 def run_guarded(action: Callable[[], int], ctx: Context | None, *, debug: bool) -> int:

@@ -255,6 +255,13 @@ def exit_cases(tmp: Path) -> list[tuple[list[str], int, str]]:
         (["status", "-f", EXAMPLE], 2, "no Kubernetes configuration"),
         (["jobs", "-f", EXAMPLE], 2, "no Kubernetes configuration"),
         (["logs", "some-job"], 2, "no Kubernetes configuration"),
+        # The kubeconfig is there, the context is not (i21, N20: the advice named --kubeconfig).
+        (
+            ["jobs", "-f", EXAMPLE, *cluster, "--context", "nope"],
+            2,
+            f"--context nope: the kubeconfig {closed} has no context of that name (its "
+            "contexts: x)",
+        ),
         (["logs", *local, "some-job"], 2, "no local Job default/some-job"),
         (["dead-letters", *local, "-f", EXAMPLE, "--replay", "9"], 2, "no dead letter"),
         (["finalizers", "list"], 2, "no Kubernetes configuration"),
