@@ -908,7 +908,12 @@ class _RootParser(Parser):
                     f"{', '.join(takers)})\nSee '{PROG} {command} --help' for its options.\n"
                 )
                 sys.exit(2)
-        self.error(f"unrecognized arguments: {' '.join(extras)}")
+        # The command's own help is where its options are (not the top-level one).
+        sys.stderr.write(
+            f"error: unrecognized arguments: {' '.join(extras)}\n"
+            f"See '{PROG} {command} --help' for usage and examples.\n"
+        )
+        sys.exit(2)
 
     def format_usage(self) -> str:
         return "usage: jobrunner [global options] COMMAND [options]\n"

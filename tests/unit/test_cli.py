@@ -254,6 +254,22 @@ def test_an_option_the_command_does_not_take_names_the_commands_that_do(
     assert "it is an option of" in err
 
 
+def test_an_unknown_option_of_a_command_points_at_that_commands_help(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """i21, N6: it pointed at the top-level help, where the command's options are not."""
+    from jobrunner.cli.parser import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["jobs", "-f", "m.yaml", "--bogus"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "error: unrecognized arguments: --bogus",
+        "See 'jobrunner jobs --help' for usage and examples.",
+    ]
+
+
 def test_an_options_value_that_is_a_command_name_is_the_value() -> None:
     from jobrunner.cli.parser import build_parser
 
