@@ -860,6 +860,7 @@ class _RootParser(Parser):
                     root, own = split
                     rest = argv[index + 1 :]
                     _refuse_logs_file(word, rest)
+                    _refuse_a_bare_manifest(word, commands[word], [*own, *rest])
                     return [*root, word, *own, *rest]
         return argv
 
@@ -963,6 +964,22 @@ def _refuse_logs_file(command: str, rest: list[str]) -> None:
                 f"See '{PROG} logs --help' for usage and examples.\n"
             )
             sys.exit(2)
+
+
+def _refuse_a_bare_manifest(command: str, sub: argparse.ArgumentParser, words: list[str]) -> None:
+    """A manifest given without ``-f`` (``jobrunner run m.yaml``, as many tools take it):
+    say to give it as ``-f``, not only that ``-f/--file`` is required."""
+    if command == "logs" or "--file" not in sub._option_string_actions:
+        return
+    if any(w in ("-f", "--file") or w.startswith(("--file=", "-f")) for w in words):
+        return
+    manifest = next((w for w in words if w.endswith((".yaml", ".yml"))), None)
+    if manifest is not None:
+        sys.stderr.write(
+            f"error: {command} takes the manifest as -f FILE; give it as -f {manifest}\n"
+            f"See '{PROG} {command} --help' for usage and examples.\n"
+        )
+        sys.exit(2)
 
 
 def _looks_like_a_file(word: str) -> bool:

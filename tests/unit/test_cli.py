@@ -270,6 +270,29 @@ def test_an_unknown_option_of_a_command_points_at_that_commands_help(
     ]
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "m.yaml", "--local"],
+        ["--local", "status", "m.yaml"],
+        ["publish", "m.yaml", "{}"],
+    ],
+)
+def test_a_manifest_given_without_f_is_said_to_be_given_as_f(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """i21, N21: it said only that -f/--file is required."""
+    from jobrunner.cli.parser import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    command = next(w for w in argv if not w.startswith("-"))
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"error: {command} takes the manifest as -f FILE; give it as -f m.yaml"
+    )
+
+
 def test_an_options_value_that_is_a_command_name_is_the_value() -> None:
     from jobrunner.cli.parser import build_parser
 
