@@ -197,6 +197,8 @@ class FileMode:
         """Readings applied after the first (tests wait on it)."""
         self.refusals = 0
         """Edits refused (tests wait on it)."""
+        self._serving = False
+        """True once the first reading is served (``start`` returned)."""
         self._paused_marks: dict[Key, Any] = {}
         """The PausedMark held for each paused ScaledJob of an embedded queue."""
         self.registry = Registry(
@@ -204,6 +206,9 @@ class FileMode:
             start=self._start,
             on_event=self._event,
             on_change=lambda _key: self._changed.set(),
+            # A running dispatcher's failure ends `run` (exit 1; see ``_start``), and so
+            # does one that cannot be built at start (see ``start``).
+            gives_up=lambda what: what == "unit" or not self._serving,
         )
 
     # ------------------------------------------------------------------ registry hooks
@@ -291,6 +296,7 @@ class FileMode:
                 if error is not None and slot.phase is Phase.FAILED:
                     raise error
             if all(s.phase in (Phase.RUNNING, Phase.PAUSED) for s in self.registry.slots.values()):
+                self._serving = True
                 return
             self._changed.clear()
             await self._changed.wait()

@@ -408,6 +408,8 @@ def test_a_second_dispatcher_on_one_embedded_queue_is_one_line_naming_the_first(
     assert second.returncode == 1
     assert f"is consumed by another dispatcher (pid {first.pid}); stop it first" in second.stderr
     assert "Traceback" not in second.stderr + second.stdout
+    # It stops (exit 1): no log line promises a retry it will not make (i21, N2).
+    assert "trying again" not in second.stderr + second.stdout
     # Two ScaledJobs of one file on one queue: the second is told it is its own sibling.
     doc = path.read_text()
     twins = tmp_path / "twins.yaml"
