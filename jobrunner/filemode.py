@@ -197,11 +197,18 @@ class FileMode:
         """Readings applied after the first (tests wait on it)."""
         self.refusals = 0
         """Edits refused (tests wait on it)."""
+        self._serving = False
+        """True once the first reading is served (``start`` returned)."""
+        self._paused_marks: dict[Key, Any] = {}
+        """The PausedMark held for each paused ScaledJob of an embedded queue."""
         self.registry = Registry(
             build=self._build,
             start=self._start,
             on_event=self._event,
             on_change=lambda _key: self._changed.set(),
+            # A running dispatcher's failure ends `run` (exit 1; see ``_start``), and so
+            # does one that cannot be built at start (see ``start``).
+            gives_up=lambda what: what == "unit" or not self._serving,
         )
 
     # ------------------------------------------------------------------ registry hooks
@@ -282,12 +289,14 @@ class FileMode:
         (ManifestError for a mistake in the file), as ``jobrunner run`` did before."""
         self.wanted = wanted_of(self.manifests, base_dirs=self._base_dirs)
         self.registry.reconcile(self.wanted, grace=self._grace)
+        self.mark_paused()
         while True:
             for key, slot in self.registry.slots.items():
                 error = self._build_errors.get(key)
                 if error is not None and slot.phase is Phase.FAILED:
                     raise error
             if all(s.phase in (Phase.RUNNING, Phase.PAUSED) for s in self.registry.slots.values()):
+                self._serving = True
                 return
             self._changed.clear()
             await self._changed.wait()
@@ -335,7 +344,38 @@ class FileMode:
             logger.info("%s (%s): reloaded; no ScaledJob changed", path, why)
         self.wanted = wanted
         self.registry.reconcile(wanted, grace=self._grace)
+        self.mark_paused()
         return True
+
+    def mark_paused(self) -> None:
+        """Hold the paused mark of each paused ScaledJob's embedded queue, and release
+        those no longer paused (or gone): a paused dispatcher consumes nothing, so holds
+        no consumer lock, and ``status`` and ``publish`` would take the queue for one no
+        dispatcher serves (naming the last pid that consumed it) and tell the user to
+        start a second dispatcher. ``release_all`` at stop."""
+        from jobrunner.manifest.triggers.sqlite import sqlite_location
+        from jobrunner.sources.sqlite import PausedMark
+
+        for key, want in self.wanted.items():
+            trigger = want.scaledjob.spec.triggers[0] if want.scaledjob is not None else None
+            held = self._paused_marks.get(key)
+            if want.paused is None or trigger is None or trigger.type != "sqlite":
+                if held is not None:
+                    held.release()
+                    del self._paused_marks[key]
+                continue
+            if held is None:
+                where = sqlite_location(trigger.metadata, self._settings.local.state_dir)
+                mark = PausedMark.hold(where.path, where.queue, annotation=want.paused)
+                if mark is not None:
+                    self._paused_marks[key] = mark
+        for key in self._paused_marks.keys() - self.wanted.keys():
+            self._paused_marks.pop(key).release()
+
+    def release_all(self) -> None:
+        for mark in self._paused_marks.values():
+            mark.release()
+        self._paused_marks.clear()
 
     async def _check(self, manifests: ManifestSet, wanted: Mapping[Key, Wanted]) -> None:
         """What building a dispatcher would refuse in the new reading, found before the
@@ -443,6 +483,7 @@ async def run(
         # Taken before the close, which empties the slots; each unit's ``left`` is filled
         # by its stop, for the last line.
         stopping = mode.units
+        mode.release_all()
         await mode.registry.close(grace=settings.dispatcher.shutdown_grace_seconds)
         await stop_tasks(background, grace=0)
         await renders.close()

@@ -18,6 +18,7 @@ import asyncio
 import faulthandler
 import json
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -109,6 +110,8 @@ class Setup:
     """message id -> the x-jobrunner-reason it was dead-lettered with."""
     cleanup: Callable[[], Awaitable[None]]
     where: str
+    root: Path
+    """The demo's own directory (demo_dir), made for the run: Ctrl-C removes it."""
 
 
 async def local_setup() -> Setup:
@@ -142,6 +145,7 @@ async def local_setup() -> Setup:
         dead_letters=dead_letters,
         cleanup=nothing,
         where=f"this machine: Jobs are processes, the queue is {state / 'queue.db'}",
+        root=state,
     )
 
 
@@ -218,6 +222,7 @@ async def cluster_setup() -> Setup:
         dead_letters=dead_letters,
         cleanup=cleanup,
         where=f"the local stack: namespace {namespace}, RabbitMQ queue {queue}",
+        root=work,
     )
 
 
@@ -325,10 +330,17 @@ async def main(cluster: bool) -> int:
         await dispatcher
         if interrupt.is_set:
             if cluster:
-                gone = "its namespace and queues are deleted with their Jobs"
+                shutil.rmtree(setup.root, ignore_errors=True)
+                gone = (
+                    f"its namespace and queues are deleted with their Jobs, and its directory "
+                    f"{setup.root} is removed"
+                )
             else:
-                stopped = await stop_local_jobs(setup.settings.local.state_dir)
-                gone = f"stopped its {stopped} running Job(s) and removed its state directory"
+                stopped = await stop_local_jobs(setup.settings.local.state_dir, remove=setup.root)
+                gone = (
+                    f"stopped its {stopped} running Job(s) and removed its directory "
+                    f"{setup.root} (its state)"
+                )
             console.print(f"demo: interrupted; stopped the dispatcher, {gone}")
             return EXIT_INTERRUPTED
         rows = rows_of(await list_all(reader, scaledjob))

@@ -52,6 +52,10 @@ EXIT_INTERRUPTED = 130
 """128 + SIGINT, as a shell reports a command ended by Ctrl-C."""
 _STOP_SECONDS = 5.0
 """How long a Job's supervisor gets to stop its processes before they are killed."""
+_APPEAR_SECONDS = 60.0
+"""How long a Job's supervisor, started just before the Ctrl-C, may take to take its
+Job's lock (a Python process starting on a busy machine): one left alone would go on
+making its Job's directories after they were removed."""
 
 
 def exit_interrupted() -> None:
@@ -95,27 +99,34 @@ def _unfinished(state_dir: Path) -> list[JobDir]:
     ]
 
 
-async def stop_local_jobs(state_dir: Path) -> int:
-    """Stop every unfinished Job of a local state directory, then remove the directory;
-    call it once the dispatcher has stopped. Work the dispatcher had handed to threads (a
+async def stop_local_jobs(state_dir: Path, *, remove: Path) -> int:
+    """Stop every unfinished Job of a local state directory, then remove ``remove``: the
+    demo's own directory, which holds the state directory and whatever else the demo
+    made for the run (its manifests), so that nothing of it is left behind; call it
+    once the dispatcher has stopped. Work the dispatcher had handed to threads (a
     create under way) is waited for first, so no Job appears after the scan. Each Job's
     supervisor gets SIGTERM (it stops its Job's processes and exits); one started a
-    moment ago, which has not taken its Job's lock yet, gets it once it has. After
-    ``_STOP_SECONDS`` what is left of the Jobs' process groups is killed. Returns how
-    many Jobs were stopped."""
+    moment ago, which has not taken its Job's lock yet, gets it once it has (waited for
+    up to ``_APPEAR_SECONDS``: left alone, it would make its Job's directories again
+    after they were removed). ``_STOP_SECONDS`` after the last one was signalled, what
+    is left of the Jobs' process groups is killed. Returns how many Jobs were stopped."""
     await asyncio.get_running_loop().shutdown_default_executor()
     signalled: set[Path] = set()
-    deadline = time.monotonic() + _STOP_SECONDS
+    start = time.monotonic()
+    deadline = start + _STOP_SECONDS
     while True:
         unfinished = _unfinished(state_dir)
         for jobdir in unfinished:
             pid = jobdir.supervisor_pid()
             if jobdir.path not in signalled and pid is not None and jobdir.supervised():
                 signalled.add(jobdir.path)
+                deadline = time.monotonic() + _STOP_SECONDS
                 with contextlib.suppress(ProcessLookupError, PermissionError):
                     os.kill(pid, signal.SIGTERM)
-        done = all(j.path in signalled and not j.supervised() for j in unfinished)
-        if done or time.monotonic() >= deadline:
+        waiting = [j for j in unfinished if j.path not in signalled]
+        done = not waiting and all(not j.supervised() for j in unfinished)
+        now = time.monotonic()
+        if done or (now >= deadline and not waiting) or now >= start + _APPEAR_SECONDS:
             break
         await asyncio.sleep(0.05)
     for jobdir in _unfinished(state_dir):
@@ -131,12 +142,12 @@ async def stop_local_jobs(state_dir: Path) -> int:
     # (a Ctrl-C test found an invoker.py copied there): kill what still runs in or names
     # the directory, and remove it once none is left.
     deadline = time.monotonic() + _STOP_SECONDS
-    while (left := _processes_under(state_dir)) and time.monotonic() < deadline:
+    while (left := _processes_under(remove)) and time.monotonic() < deadline:
         for pid in left:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, signal.SIGKILL)
         await asyncio.sleep(0.05)
-    shutil.rmtree(state_dir, ignore_errors=True)
+    shutil.rmtree(remove, ignore_errors=True)
     return len(signalled)
 
 

@@ -180,10 +180,10 @@ async def main() -> int:
         stop.set()
         await dispatcher
         if interrupt.is_set:
-            stopped = await stop_local_jobs(state)
+            stopped = await stop_local_jobs(state, remove=work)
             console.print(
                 f"demo-functions: interrupted; stopped the dispatcher, stopped its {stopped} "
-                "running Job(s) and removed its state directory"
+                f"running Job(s) and removed its directory {work} (its state and manifests)"
             )
             return EXIT_INTERRUPTED
         reader = read_client(settings)

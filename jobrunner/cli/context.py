@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from jobrunner.cli.errors import USAGE, CliError, warn
 from jobrunner.cli.parser import BY_NAME, Command
+from jobrunner.core.privatefs import private_dir
 
 if TYPE_CHECKING:
     from jobrunner.core.settings import Settings
@@ -276,7 +277,9 @@ def _check_state_dir(state: Path, *, where: str, used: bool, create: bool) -> No
     fix = "give a directory you can write, e.g. --state-dir ~/.jobrunner"
     if create and not state.is_dir():
         try:
-            state.mkdir(parents=True, exist_ok=True)
+            # Private from the start (0700, and its missing parents too): it will hold
+            # message bodies and Secrets; a plain mkdir gave 0755 under the usual umask.
+            private_dir(state)
         except OSError as exc:
             raise CliError(
                 f"{where}: cannot be created in {parent} ({exc.strerror or exc}; a read-only "

@@ -16,6 +16,7 @@ import yaml
 
 from jobrunner.cli.context import Context
 from jobrunner.cli.errors import CliError
+from jobrunner.cli.parser import DEAD_LETTER_LIMIT
 from jobrunner.core.deadletters import (
     REASONS,
     DeadLetter,
@@ -192,7 +193,7 @@ def _show(ctx: Context, found: list[tuple[ScaledJob, DeadLetterStore, list[DeadL
         else:
             print(yaml.safe_dump(items, sort_keys=False), end="")
         return
-    console = make_console()
+    console = make_console(wide=args.output == "wide")
     local = ctx.settings.executor is Executor.LOCAL
     for scaledjob, store, letters in found:
         name = f"{scaledjob.namespace}/{scaledjob.name}"
@@ -206,7 +207,14 @@ def _show(ctx: Context, found: list[tuple[ScaledJob, DeadLetterStore, list[DeadL
     for reason in shown:
         console.print(f"  {reason}: {REASONS[reason]}", style="dim", soft_wrap=True)
     if any(letters for _, _, letters in found):
-        replay = ctx.again("dead-letters", *ctx.file_args(), local=local)
+        # The same selection as this listing (a replay without IDs takes every letter it
+        # selects: without --reason, copying the line replayed the ones not listed too).
+        selection = [w for r in args.reason for w in ("--reason", r)]
+        if args.all:
+            selection.append("--all")
+        if args.limit != DEAD_LETTER_LIMIT:
+            selection += ["--limit", str(args.limit)]
+        replay = ctx.again("dead-letters", *ctx.file_args(), *selection, local=local)
         console.print(
             f"replay them as new work: {replay} --replay [ID ...]", style="dim", soft_wrap=True
         )
@@ -254,13 +262,20 @@ async def _replay(
 def _note_no_dispatcher(ctx: Context, scaledjobs: list[ScaledJob]) -> None:
     """After a replay to an embedded queue that no dispatcher consumes, how to start one."""
     from jobrunner.sources.sqlite import consumer_lock
-    from jobrunner.views.queries import embedded_queue
+    from jobrunner.views.queries import embedded_queue, paused_text
 
     for scaledjob in scaledjobs:
         embedded = embedded_queue(scaledjob, ctx.settings)
         if embedded is None:
             continue
         lock = consumer_lock(*embedded)
+        if lock is not None and lock.live and lock.paused_by is not None:
+            print(
+                f"the dispatcher that serves queue {embedded[1]} is "
+                + paused_text(lock.pid, lock.paused_by),
+                file=sys.stderr,
+            )
+            return
         if lock is None or not lock.live:
             start = ctx.again("run", *ctx.file_args(), local=True)
             print(

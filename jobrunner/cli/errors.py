@@ -22,6 +22,11 @@ USAGE = 2
 """A problem in what was given: a flag, a file, a setting."""
 FAILED = 1
 """A problem met while running: a service down, a refusal, a failed render."""
+INTERRUPTED = 130
+"""Stopped by Ctrl-C (128 + SIGINT), whatever the command: also ``run`` and ``operator``,
+which stop gracefully on it (see jobrunner.cli.stopping)."""
+BROKEN_PIPE = 141
+"""The reader of the output went away (128 + SIGPIPE): ``jobrunner jobs | head``."""
 
 
 class CliError(Exception):
@@ -63,7 +68,10 @@ def explain(
     if _is(exc, "jobrunner.sources.sqlite", "QueueBusy"):
         return str(exc), FAILED
     if _is(exc, "kubernetes.config.config_exception", "ConfigException"):
-        # No kubeconfig, or one without the context asked for: what was given (or not).
+        missing = _missing_context(str(exc))
+        if missing is not None:  # the kubeconfig is there: the context is not in it
+            return missing, USAGE
+        # No kubeconfig: what was given (or not).
         hint = no_cluster_hint() if no_cluster_hint is not None else _NO_CLUSTER_HINT
         return f"no Kubernetes configuration ({exc}); {hint}", USAGE
     if _is(exc, "jobrunner.core.protocols", "TransientError"):
@@ -89,6 +97,31 @@ def explain(
     return None
 
 
+def _missing_context(text: str) -> str | None:
+    """For the Kubernetes client's "Expected object with name NAME in PATH/contexts list":
+    that the kubeconfig PATH has no context NAME, naming those it has; None for another
+    configuration problem."""
+    import re
+
+    found = re.search(r"Expected object with name (\S+) in (.+)/contexts list", text)
+    if found is None:
+        return None
+    name, path = found.groups()
+    try:
+        import yaml
+
+        with open(path, encoding="utf-8") as f:
+            config = yaml.safe_load(f) or {}
+        names = [str(c.get("name")) for c in config.get("contexts") or [] if isinstance(c, dict)]
+    except (OSError, ValueError, AttributeError, ImportError):
+        names = []
+    has = f"its contexts: {', '.join(names)}" if names else "it names none"
+    return (
+        f"--context {name}: the kubeconfig {path} has no context of that name ({has}); "
+        "pass --context with one of them, or leave --context out for its current-context"
+    )
+
+
 def run_guarded(
     action: Callable[[], int],
     *,
@@ -98,13 +131,17 @@ def run_guarded(
     """Run ``action``; any exception becomes one line on stderr and an exit code
     (``no_cluster_hint`` as for ``explain``)."""
     try:
-        return action()
+        code = action()
+        # What is still buffered is written now, where a reader gone away is answered
+        # (141); at exit it would be Python's "Exception ignored" and exit 120.
+        sys.stdout.flush()
+        return code
     except KeyboardInterrupt:
-        return 130
+        return INTERRUPTED
     except BrokenPipeError:
         # The reader went away (`jobrunner jobs | head`): nothing more to say.
         _silence_stdout()
-        return 141
+        return BROKEN_PIPE
     except SystemExit:
         raise
     except BaseException as exc:

@@ -103,7 +103,7 @@ def show(found: list[GuardedJob], *, output: str) -> None:
     )
     for job in found:
         table.add_row(job.namespace, job.name, job.scaledjob, job.state, job.message_id or "-")
-    make_console().print(table)
+    make_console(wide=output == "wide").print(table)
 
 
 def namespaces(ctx: Context) -> list[str]:

@@ -44,20 +44,36 @@ def read_message(value: str, *, flag: str = "MESSAGE") -> bytes:
     return value.encode()
 
 
+def refuse_a_file_name(value: str, *, flag: str, verb: str, force: bool) -> None:
+    """Refuse (exit 2) a body given on the command line that is the name of a file here,
+    without ``@``, unless ``force``: the user almost surely meant the file's content
+    (``@order.json``), and would otherwise get its name as the body, published to a
+    queue or rendered into a Job. Every option that takes a body (``publish`` MESSAGE,
+    ``render --message``, ``validate --sample-message``) asks this, ``verb`` saying
+    what it does with one ("publish", "render")."""
+    if force or value.startswith("@") or value == "-" or not _is_file(value):
+        return
+    force_hint = FORCE_HINT if verb == "publish" else f"pass --force to {verb} it as that text"
+    raise CliError(
+        f"{flag} {_shown(value)}: is the name of a file here, and would be {verb}ed as "
+        f"that text; write @{value} to {verb} the file's content, or {force_hint}"
+    )
+
+
+def read_body(value: str, *, flag: str, verb: str, force: bool) -> bytes:
+    """A body from the command line (``-``, ``@FILE`` or the text, see ``read_message``),
+    a bare file name refused unless ``force`` (see ``refuse_a_file_name``)."""
+    refuse_a_file_name(value, flag=flag, verb=verb, force=force)
+    return read_message(value, flag=flag)
+
+
 def read_bodies(values: list[str], *, force: bool) -> list[Body]:
-    """``publish``'s MESSAGE arguments. A word that is the name of a file here, given
-    without ``@``, is refused unless ``force``: the user almost surely meant the file's
-    content, and the queue would otherwise get its name as the body."""
+    """``publish``'s MESSAGE arguments (a bare file name refused unless ``force``)."""
     bodies = []
     for number, value in enumerate(values, start=1):
         shown = _shown(value)
-        if not force and not value.startswith("@") and value != "-" and _is_file(value):
-            raise CliError(
-                f"MESSAGE {shown}: is the name of a file here, and would be published as "
-                f"that text; write @{value} to publish the file's content, or {FORCE_HINT}"
-            )
         where = f"MESSAGE {shown}" if len(values) == 1 else f"MESSAGE {number} ({shown})"
-        bodies.append(Body(read_message(value), where))
+        bodies.append(Body(read_body(value, flag="MESSAGE", verb="publish", force=force), where))
     return bodies
 
 
@@ -75,14 +91,14 @@ def _is_file(value: str) -> bool:
 
 
 def read_lines(value: str, *, force: bool = False) -> list[Body]:
-    """``--jsonl FILE``: one body per non-blank line, each a JSON value as JSON Lines
-    (https://jsonlines.org) has it. A line that is not JSON is refused with its number
-    unless ``force``; a file that is one JSON document over several lines (a
-    pretty-printed array) says so, as publishing its lines would publish ``[`` and
-    ``]``."""
+    """``--jsonl FILE`` (``-``: standard input): one body per non-blank line, each a JSON
+    value as JSON Lines (https://jsonlines.org) has it. A line that is not JSON is
+    refused with its number unless ``force``; a file that is one JSON document over
+    several lines (a pretty-printed array or object) says so, as publishing its lines
+    would publish ``[`` and ``]``, or the halves of an object."""
     path = Path(value).expanduser()
     try:
-        raw = path.read_bytes()
+        raw = sys.stdin.buffer.read() if value == "-" else path.read_bytes()
     except FileNotFoundError:
         raise CliError(f"--jsonl {value}: the file does not exist") from None
     except IsADirectoryError:
@@ -100,13 +116,9 @@ def read_lines(value: str, *, force: bool = False) -> list[Body]:
         try:
             json.loads(body.data)
         except ValueError as exc:
-            if _one_document(raw):
-                raise CliError(
-                    f"--jsonl {value}: the file is one JSON document over several lines, not "
-                    "one message per line, and its lines ('[', ']' …) would be the messages; "
-                    f"write one message per line (e.g. jq -c '.[]' {value}), or publish it "
-                    f"as one message with @{value}"
-                ) from None
+            document = _one_document(raw)
+            if document is not _NOT_ONE:
+                raise CliError(_one_document_problem(value, document, bodies)) from None
             raise CliError(
                 f"{body.where}: not JSON ({exc}); --jsonl takes one JSON value per line; "
                 "fix the line, or pass --force to publish each line as it is"
@@ -114,12 +126,41 @@ def read_lines(value: str, *, force: bool = False) -> list[Body]:
     return bodies
 
 
-def _one_document(raw: bytes) -> bool:
+_NOT_ONE = object()
+"""What ``_one_document`` returns for a file that is not one JSON document."""
+
+
+def _one_document(raw: bytes) -> object:
     try:
-        json.loads(raw)
+        return json.loads(raw)
     except ValueError:
-        return False
-    return True
+        return _NOT_ONE
+
+
+def _one_document_problem(value: str, document: object, lines: list[Body]) -> str:
+    """What to say of a ``--jsonl`` file that is one JSON document over several lines,
+    built from what the file is: its own first and last lines (those that would be
+    messages), and the way to one message per line that fits its top-level type (an
+    array's items are the messages; an object is one message)."""
+    quoted = ", ".join(
+        _shown(b.data.decode(errors="replace").strip()) for b in (lines[0], lines[-1])
+    )
+    if isinstance(document, list):
+        what = f"one JSON array ({len(document)} item(s))"
+        fix = (
+            f"write one item per line (e.g. jq -c '.[]' {value}), or publish the array as "
+            f"one message with @{value}"
+        )
+    else:
+        what = "one JSON object" if isinstance(document, dict) else "one JSON value"
+        fix = (
+            f"publish it as one message with @{value}, or write it on one line "
+            f"(e.g. jq -c . {value})"
+        )
+    return (
+        f"--jsonl {value}: the file is {what} over {len(lines)} lines, not one message per "
+        f"line, and its lines ({quoted} …) would be the messages; {fix}"
+    )
 
 
 def delivery_for(

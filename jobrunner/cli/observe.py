@@ -73,7 +73,8 @@ def cmd_status(ctx: Context) -> int:
                 found = await status_of(client, scaledjobs, settings, start_hint=start)
                 return Group(*(s.renderable(wide=args.output == "wide") for s in found))
 
-            await refresh(make_console(), view, interval=args.interval, watching=args.watch)
+            console = make_console(wide=args.output == "wide")
+            await refresh(console, view, interval=args.interval, watching=args.watch)
         finally:
             await client.close()
 
@@ -103,7 +104,7 @@ def cmd_jobs(ctx: Context) -> int:
         ]
         _emit(items, args.output)
         return 0
-    console = make_console()
+    console = make_console(wide=args.output == "wide")
     for scaledjob, rows in found:
         console.print(
             history_renderable(

@@ -14,7 +14,7 @@ import yaml
 
 from jobrunner.cli.context import Context
 from jobrunner.cli.errors import USAGE
-from jobrunner.cli.inputs import parse_headers, read_message
+from jobrunner.cli.inputs import parse_headers, read_body
 from jobrunner.core.models import Delivery
 from jobrunner.core.naming import message_identity
 from jobrunner.manifest.scaledjob import ManifestError, ManifestErrors, ScaledJob
@@ -30,7 +30,7 @@ def _metadata(scaledjob: ScaledJob) -> dict[str, str]:
 
 def cmd_render(ctx: Context) -> int:
     scaledjob = ctx.scaledjobs()[0]
-    body = read_message(ctx.args.message, flag="--message")
+    body = read_body(ctx.args.message, flag="--message", verb="render", force=ctx.args.force)
     headers = parse_headers(ctx.args.header)
     delivery = Delivery(
         source=scaledjob.spec.triggers[0].type,
@@ -91,11 +91,17 @@ def cmd_validate(ctx: Context) -> int:
     template_problems = [p for s in scaledjobs for p in _template_problems(ctx, s)]
     if template_problems:
         raise ManifestErrors(template_problems, checkable=[])
+    args = ctx.args
+    body = (  # read once: standard input (-) is one body for every ScaledJob
+        read_body(args.sample_message, flag="--sample-message", verb="render", force=args.force)
+        if args.sample_message is not None
+        else None
+    )
     problems = 0
-    client = ctx.kube_client() if ctx.args.server_dry_run else None
+    client = ctx.kube_client() if args.server_dry_run else None
     try:
         for scaledjob in scaledjobs:
-            problems += _validate_one(ctx, scaledjob, client)
+            problems += _validate_one(ctx, scaledjob, client, body)
     finally:
         if client is not None:
             asyncio.run(client.close())
@@ -120,11 +126,10 @@ def _template_problems(ctx: Context, scaledjob: ScaledJob) -> list[str]:
     return []
 
 
-def _validate_one(ctx: Context, scaledjob: ScaledJob, client: Any) -> int:
+def _validate_one(ctx: Context, scaledjob: ScaledJob, client: Any, body: bytes | None) -> int:
     args = ctx.args
     renderer = Renderer(scaledjob, base_dirs=template_dirs(ctx.manifests.path))
     where = f"{args.file}: ScaledJob {scaledjob.namespace}/{scaledjob.name}"
-    body = args.sample_message.encode() if args.sample_message else None
     delivery = Delivery(
         source=scaledjob.spec.triggers[0].type,
         identity="validate-sample",

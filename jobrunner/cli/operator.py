@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from jobrunner.cli.context import Context
 from jobrunner.cli.errors import CliError
+from jobrunner.cli.stopping import StopSignals
 
 if TYPE_CHECKING:
     from jobrunner.core.settings import OperatorSettings, Settings
@@ -50,6 +50,7 @@ def cmd_operator(ctx: Context) -> int:
     endpoint = settings.telemetry.otlp_endpoint or settings.otel_traces_endpoint
     telemetry = Telemetry.create(tracer_provider(otlp_endpoint=endpoint))
     reach = _tenant_reach(op)
+    signals = StopSignals()
     try:
         asyncio.run(
             _serve(
@@ -58,12 +59,13 @@ def cmd_operator(ctx: Context) -> int:
                 identity=identity,
                 lease_namespace=lease_namespace,
                 reach=reach,
+                signals=signals,
             )
         )
     finally:
         if telemetry.provider is not None:
             telemetry.provider.shutdown()
-    return 0
+    return signals.exit_code
 
 
 def _apply_flags(ctx: Context, op: OperatorSettings) -> None:
@@ -128,19 +130,18 @@ async def _serve(
     identity: str,
     lease_namespace: str,
     reach: Reach,
+    signals: StopSignals,
 ) -> None:
-    """Run the operator against the cluster until SIGTERM or SIGINT, with its HTTP
-    endpoints (health, readiness, metrics) beside it."""
+    """Run the operator against the cluster until SIGTERM or SIGINT (``signals`` says
+    which, for the exit code), with its HTTP endpoints (health, readiness, metrics)
+    beside it."""
     from jobrunner.core.failpoints import Failpoints
     from jobrunner.kube.client import KubeJobClient, load_api_client
     from jobrunner.kube.objects import KubeObjects
     from jobrunner.operator.operator import Operator, serve_http
 
     # Signals belong to the program: SIGTERM and SIGINT ask the operator to stop.
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+    signals.install(asyncio.get_running_loop())
     jobs = KubeJobClient(
         load_api_client(settings.kube.kubeconfig, settings.kube.context),
         failpoints=Failpoints(settings.dispatcher.failpoints),
@@ -158,6 +159,6 @@ async def _serve(
         )
         operator.register_metrics(lambda: jobs.requests)
         async with serve_http(operator, settings, telemetry):
-            await operator.run(stop)
+            await operator.run(signals.stop)
     finally:
         await jobs.close()

@@ -24,6 +24,9 @@ from jobrunner import __version__
 
 PROG = "jobrunner"
 
+DEAD_LETTER_LIMIT = 1000
+"""How many dead letters ``dead-letters`` looks at by default (the oldest)."""
+
 
 @dataclass(frozen=True)
 class Command:
@@ -232,7 +235,11 @@ def _publish(p: argparse.ArgumentParser) -> None:
         metavar="MESSAGE",
         help="a message body; @FILE for a file's content, - for standard input",
     )
-    p.add_argument("--jsonl", metavar="FILE", help="a file with one message per line")
+    p.add_argument(
+        "--jsonl",
+        metavar="FILE",
+        help="a file with one message per line (JSON Lines); - for standard input",
+    )
     p.add_argument(
         "--message-id",
         metavar="ID",
@@ -333,7 +340,7 @@ def _dead_letters(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--limit",
         type=positive_int,
-        default=1000,
+        default=DEAD_LETTER_LIMIT,
         metavar="N",
         help="look at the N oldest dead letters (default 1000)",
     )
@@ -447,6 +454,12 @@ def _render(p: argparse.ArgumentParser) -> None:
         metavar="BODY",
         help="the message body; @FILE for a file's content, - for standard input",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="render a --message that is the name of a file here as that text (without "
+        "it, that is refused: @FILE is the file's content)",
+    )
     p.add_argument("--message-id", metavar="ID", help="the message's id")
     p.add_argument(
         "--header",
@@ -470,7 +483,14 @@ def _validate(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--sample-message",
         metavar="BODY",
-        help="a message body to render through the template (default: {})",
+        help="a message body to render through the template (default: {}); @FILE for a "
+        "file's content, - for standard input",
+    )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="render a --sample-message that is the name of a file here as that text "
+        "(without it, that is refused: @FILE is the file's content)",
     )
     p.add_argument(
         "--server-dry-run",
@@ -847,6 +867,7 @@ class _RootParser(Parser):
                     root, own = split
                     rest = argv[index + 1 :]
                     _refuse_logs_file(word, rest)
+                    _refuse_a_bare_manifest(word, commands[word], [*own, *rest])
                     return [*root, word, *own, *rest]
         return argv
 
@@ -895,7 +916,12 @@ class _RootParser(Parser):
                     f"{', '.join(takers)})\nSee '{PROG} {command} --help' for its options.\n"
                 )
                 sys.exit(2)
-        self.error(f"unrecognized arguments: {' '.join(extras)}")
+        # The command's own help is where its options are (not the top-level one).
+        sys.stderr.write(
+            f"error: unrecognized arguments: {' '.join(extras)}\n"
+            f"See '{PROG} {command} --help' for usage and examples.\n"
+        )
+        sys.exit(2)
 
     def format_usage(self) -> str:
         return "usage: jobrunner [global options] COMMAND [options]\n"
@@ -945,6 +971,22 @@ def _refuse_logs_file(command: str, rest: list[str]) -> None:
                 f"See '{PROG} logs --help' for usage and examples.\n"
             )
             sys.exit(2)
+
+
+def _refuse_a_bare_manifest(command: str, sub: argparse.ArgumentParser, words: list[str]) -> None:
+    """A manifest given without ``-f`` (``jobrunner run m.yaml``, as many tools take it):
+    say to give it as ``-f``, not only that ``-f/--file`` is required."""
+    if command == "logs" or "--file" not in sub._option_string_actions:
+        return
+    if any(w in ("-f", "--file") or w.startswith(("--file=", "-f")) for w in words):
+        return
+    manifest = next((w for w in words if w.endswith((".yaml", ".yml"))), None)
+    if manifest is not None:
+        sys.stderr.write(
+            f"error: {command} takes the manifest as -f FILE; give it as -f {manifest}\n"
+            f"See '{PROG} {command} --help' for usage and examples.\n"
+        )
+        sys.exit(2)
 
 
 def _looks_like_a_file(word: str) -> bool:

@@ -20,6 +20,7 @@ from jobrunner.cli.inputs import (
     read_bodies,
     read_lines,
 )
+from jobrunner.cli.stopping import StopSignals
 
 if TYPE_CHECKING:
     from jobrunner.manifest.loader import ManifestSet
@@ -57,20 +58,21 @@ def cmd_run(ctx: Context) -> int:
         except CliError as exc:
             raise ManifestError(str(exc)) from exc
 
+    signals = StopSignals()
+
     async def serve() -> None:
         # Signals belong to the program, not the runner: SIGTERM and SIGINT ask it to
-        # stop, SIGHUP to read the manifest file again.
-        stop, reload = asyncio.Event(), asyncio.Event()
+        # stop (the exit code says which), SIGHUP to read the manifest file again.
+        reload = asyncio.Event()
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        signals.install(loop)
         loop.add_signal_handler(signal.SIGHUP, reload.set)
         # The dispatcher is the manifest author's own process: its environment and cloud
         # identity are theirs, so *FromEnv and TriggerAuthentication env read all of it.
         await filemode.run(
             await _cluster_authentications(ctx, manifests),
             settings,
-            stop=stop,
+            stop=signals.stop,
             reload=reload,
             load=load,
             telemetry=telemetry,
@@ -83,7 +85,7 @@ def cmd_run(ctx: Context) -> int:
         provider = telemetry.provider
         if provider is not None:
             provider.shutdown()
-    return 0
+    return signals.exit_code
 
 
 async def _cluster_authentications(ctx: Context, manifests: ManifestSet) -> ManifestSet:
@@ -117,7 +119,7 @@ def cmd_publish(ctx: Context) -> int:
     ``maxMessageBytes``, missing a field the template needs) is refused here, with what
     would happen and ``--force`` to publish it anyway."""
     from jobrunner.sources.sqlite import consumer_lock
-    from jobrunner.views.queries import embedded_queue, publish
+    from jobrunner.views.queries import embedded_queue, paused_text, publish
 
     args = ctx.args
     scaledjob = ctx.scaledjobs()[0]
@@ -148,7 +150,12 @@ def cmd_publish(ctx: Context) -> int:
     print(f"published {len(bodies)} message(s) to queue {queue} ({path})")
     embedded = embedded_queue(scaledjob, ctx.settings)
     lock = consumer_lock(path, queue) if embedded is not None else None
-    if lock is None or not lock.live:
+    if lock is not None and lock.live and lock.paused_by is not None:
+        print(
+            "the dispatcher that serves it is " + paused_text(lock.pid, lock.paused_by),
+            file=sys.stderr,
+        )
+    elif lock is None or not lock.live:
         print(
             "no dispatcher consumes it yet; start one with: "
             + ctx.again("run", *ctx.file_args(), local=True),

@@ -156,6 +156,11 @@ def _read_json(path: Path) -> Any:
 def read_app(directory: Path, *, python: str | None = None, name: str | None = None) -> App:
     """The function app in ``directory``; ManifestError when it is not one."""
     host_file = directory / "host.json"
+    if directory.is_file():  # the app's host.json itself, or another file of it
+        raise ManifestError(
+            f"{directory}: is a file; give the function app's directory "
+            f"(the one holding host.json, e.g. {directory.parent})"
+        )
     if not host_file.is_file():
         raise ManifestError(f"{directory}: no host.json; give a function app's directory")
     host = _read_json(host_file)

@@ -442,6 +442,12 @@ class Supervisor:
         self.running: list[subprocess.Popen[bytes]] = []
         self.sidecars: list[tuple[Process, subprocess.Popen[bytes]]] = []
         """Native sidecars of the current attempt, in start order."""
+        self.sidecar_ends: dict[str, dict[str, Any]] = {}
+        """How each sidecar of the current attempt ended, by container (its own state,
+        as the kubelet reports a sidecar's: it is stopped, it does not decide the pod):
+        ``when`` it was stopped and why, its ``exitCode`` (128 + the signal for one that
+        a signal ended, as a container runtime reports it; None: never started) and
+        that ``signal``. Kept in the attempt's record as ``sidecars``."""
         self.grace = 30.0
         self.status: dict[str, Any] = jobdir.status()
 
@@ -449,10 +455,12 @@ class Supervisor:
         self.status["pgids"] = [p.pid for p in self.running] + [p.pid for _, p in self.sidecars]
         self.jobdir.write_status(self.status)
 
-    def kill_running(self, grace: float = 0.0) -> None:
+    def kill_running(self, grace: float = 0.0, *, when: str = "") -> None:
         """SIGTERM the attempt's process groups, SIGKILL what is left after ``grace``
-        seconds (the pod's terminationGracePeriodSeconds, as the kubelet does)."""
-        self.running += [p for _, p in self.sidecars]
+        seconds (the pod's terminationGracePeriodSeconds, as the kubelet does). ``when``
+        says why, for the sidecars' own record (see ``sidecar_ends``)."""
+        sidecars = self.sidecars
+        self.running += [p for _, p in sidecars]
         self.sidecars = []
         groups = {p.pid for p in self.running} | set(self.status.get("pgids") or [])
         for sig in (signal.SIGTERM, signal.SIGKILL) if grace > 0 else (signal.SIGKILL,):
@@ -466,11 +474,14 @@ class Supervisor:
             with contextlib.suppress(Exception):
                 proc.wait(timeout=5)
         self.running = []
+        for sidecar, child in sidecars:
+            self._sidecar_ended(sidecar, child, when=when or "with the attempt")
 
-    def stop_sidecars(self) -> None:
-        """After the main containers: SIGTERM each sidecar in reverse start order and
-        SIGKILL what is left after the grace period (the kubelet's order)."""
-        for _, child in reversed(self.sidecars):
+    def stop_sidecars(self, *, when: str = "after the main containers ended") -> None:
+        """After the main containers (or an init container that failed): SIGTERM each
+        sidecar in reverse start order and SIGKILL what is left after the grace period
+        (the kubelet's order); each one's own end is recorded (``sidecar_ends``)."""
+        for proc, child in reversed(self.sidecars):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(child.pid, signal.SIGTERM)
             end = time.time() + self.grace
@@ -480,8 +491,20 @@ class Supervisor:
                 os.killpg(child.pid, signal.SIGKILL)
             with contextlib.suppress(Exception):
                 child.wait(timeout=5)
+            self._sidecar_ended(proc, child, when=when)
         self.sidecars = []
         self.save()
+
+    def _sidecar_ended(self, proc: Process, child: subprocess.Popen[bytes], *, when: str) -> None:
+        code = child.returncode
+        if code is None or proc.container in self.sidecar_ends:
+            return
+        self.sidecar_ends[proc.container] = {
+            "when": when,
+            # As a container runtime reports a process a signal ended: 128 + the signal.
+            "exitCode": 128 - code if code < 0 else code,
+            "signal": signal.Signals(-code).name if code < 0 else None,
+        }
 
     def finish(self, kind: str, reason: str, message: str) -> None:
         """End the Job with the condition ``kind`` (Complete or Failed), after the interim
@@ -542,8 +565,8 @@ class Supervisor:
             ran = self._run_attempt(attempt, init=init, main=main, deadline=deadline)
             if ran is None:
                 return
-            codes, problem = ran
-            self.stop_sidecars()
+            codes, problem, sidecars_stop = ran
+            self.stop_sidecars(when=sidecars_stop)
             if not any(codes.values()):
                 self._close_attempt(codes, "")
                 self.finish(
@@ -603,17 +626,19 @@ class Supervisor:
 
     def _run_attempt(
         self, attempt: int, *, init: list[Process], main: list[Process], deadline: float | None
-    ) -> tuple[dict[str, int], str] | None:
+    ) -> tuple[dict[str, int], str, str] | None:
         """One attempt: each init container in turn (a sidecar started and kept, the
         others run to their end), then the main containers together, stopping at the
-        first that fails. Exit codes by container and the problem that is not an exit
-        code (a sidecar's probe); None when the deadline came first, which failed the
-        Job."""
+        first that fails. Exit codes by container, the problem that is not an exit
+        code (a sidecar's probe) and when the sidecars are to be stopped (for their own
+        record); None when the deadline came first, which failed the Job."""
         self.status["active"] = 1
         self.status["attempts"].append({"attempt": attempt, "started": now_rfc3339(millis=True)})
         self.save()
         codes: dict[str, int] = {}
         problem = ""
+        self.sidecar_ends = {}
+        sidecars_stop = "after the main containers ended"
         for step in [[p] for p in init] + [main]:
             result: dict[str, int] | None
             if step[0].sidecar:
@@ -621,22 +646,36 @@ class Supervisor:
                     started = self._start_sidecar(step[0], deadline)
                 except ProbeFailed as exc:
                     problem = str(exc)
-                    codes[step[0].container] = 1
-                    self.kill_running(grace=self.grace)
+                    self._sidecar_failed(step[0].container, problem, codes)
                     break
                 result = None if not started else {}
             else:
                 result = self._run_together(step, deadline)
             if result is None:
-                self.kill_running(grace=self.grace)
+                self.kill_running(grace=self.grace, when="at the deadline (DeadlineExceeded)")
                 self.status["failed"] += 1  # as the pod the Job controller terminates
                 self._close_attempt(codes, "deadline exceeded")
                 self._deadline_exceeded()
                 return None
             codes.update(result)
             if any(result.values()):
+                if step is not main:
+                    sidecars_stop = f"after init container {step[0].container} failed"
                 break
-        return codes, problem
+        return codes, problem, sidecars_stop
+
+    def _sidecar_failed(self, name: str, problem: str, codes: dict[str, int]) -> None:
+        """A sidecar's probe failed: the attempt fails on it, what runs is stopped, and
+        the sidecar's own end says so (stopped since its probe failed, or never
+        started)."""
+        codes[name] = 1
+        why = problem.removeprefix(f"sidecar {name}: ")
+        self.kill_running(grace=self.grace, when=f"after sidecar {name} failed ({why})")
+        own = self.sidecar_ends.get(name)
+        if own is not None:
+            own["when"] = f"after its {why}"
+        else:
+            self.sidecar_ends[name] = {"when": why, "exitCode": None}
 
     def _judge_failure(
         self,
@@ -754,6 +793,8 @@ class Supervisor:
             current["exitCodes"] = codes
             if problem:
                 current["problem"] = problem
+            if self.sidecar_ends:
+                current["sidecars"] = self.sidecar_ends
         self.save()
 
     def _run_together(self, procs: list[Process], deadline: float | None) -> dict[str, int] | None:
@@ -773,7 +814,7 @@ class Supervisor:
                     )
                 except OSError as exc:
                     log.write(f"jobrunner: cannot start {proc.argv[0]!r}: {exc}\n".encode())
-                    self.kill_running()
+                    self.kill_running(when=f"after container {proc.container} could not start")
                     return {proc.container: 127}
             self.running.append(child)
         self.save()

@@ -142,7 +142,7 @@ def parse_scaledjob(
     try:
         scaledjob = ScaledJob.model_validate(obj)
     except ValidationError as exc:
-        raise _explain(exc, where, node) from None
+        raise _with_the_rest(exc, obj, where=where, node=node, origin=origin) from None
     scaledjob._node = node
     scaledjob._origin = origin
     problems = []
@@ -169,6 +169,48 @@ def parse_scaledjob(
             "\n".join([f"{where}: invalid trigger", *problems]), scaledjob=scaledjob
         )
     return scaledjob
+
+
+def _with_the_rest(
+    exc: ValidationError, obj: dict[str, Any], *, where: str, node: yaml.Node | None, origin: str
+) -> ManifestError:
+    """A ScaledJob's field errors, and the mistakes they would otherwise hide: the
+    document read again without the fields in error (an unknown field dropped, a bad
+    value left to its default) is checked on, so that its triggers' mistakes come in the
+    same error, and (InvalidTriggers) its templates can be checked too. A document that
+    cannot be read so (a required field missing, a mistake inside a list item) gets its
+    field errors only, as before."""
+    error = _explain(exc, where, node)
+    rest = _without(obj, [tuple(item["loc"]) for item in exc.errors()])
+    if rest is None:
+        return error
+    try:
+        partial = parse_scaledjob(rest, where=where, node=node, origin=origin)
+    except InvalidTriggers as more:
+        problems = str(more).splitlines()[1:]  # under this error's header
+        return InvalidTriggers("\n".join([str(error), *problems]), scaledjob=more.scaledjob)
+    except ManifestError:
+        return error
+    return InvalidTriggers(str(error), scaledjob=partial)
+
+
+def _without(obj: dict[str, Any], locs: list[tuple[Any, ...]]) -> dict[str, Any] | None:
+    """A copy of ``obj`` without the mapping keys at ``locs``; None when one is not a key
+    of a mapping there (a list item, or a field that is missing)."""
+    import copy
+
+    out = copy.deepcopy(obj)
+    for loc in locs:
+        parent: Any = out
+        for part in loc[:-1]:
+            try:
+                parent = parent[part]
+            except (KeyError, IndexError, TypeError):
+                return None
+        if not isinstance(parent, dict) or loc[-1] not in parent:
+            return None
+        del parent[loc[-1]]
+    return out
 
 
 def parse_trigger_authentication(

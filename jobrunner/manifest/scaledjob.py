@@ -46,9 +46,10 @@ class ManifestError(Exception):
 
 
 class InvalidTriggers(ManifestError):
-    """A ScaledJob whose fields are well formed but whose triggers (or outputs) are not:
-    ``scaledjob`` is whole enough for the checks that do not need them (its templates),
-    so that `validate` reports those mistakes in the same run."""
+    """A ScaledJob whose triggers (or outputs) are not well formed, or whose fields are
+    not but read without those fields it is: ``scaledjob`` is whole enough for the
+    checks that do not need them (its templates), so that `validate` reports those
+    mistakes in the same run."""
 
     def __init__(self, message: str, *, scaledjob: ScaledJob) -> None:
         super().__init__(message)

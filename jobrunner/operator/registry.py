@@ -94,7 +94,12 @@ class Registry:
         retry_initial: float = 1.0,
         retry_ceiling: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
+        gives_up: Callable[[str], bool] = lambda _what: False,
     ) -> None:
+        """``gives_up``: whether the owner stops on a failure of this kind (``"unit"``: a
+        running dispatcher failed; ``"build"``: one could not be built), as file mode
+        does (exit 1 for the one, exit 2 at start for the other): such a failure is
+        logged without the retry it would not see."""
         self._build = build
         self._start = start
         self._event = on_event
@@ -102,6 +107,7 @@ class Registry:
         self._retry_initial = retry_initial
         self._retry_ceiling = retry_ceiling
         self._clock = clock
+        self._gives_up = gives_up
         self.slots: dict[Key, Slot] = {}
 
     # ------------------------------------------------------------------ desired state
@@ -183,7 +189,11 @@ class Registry:
         assert current is not None
         if slot.unit_failed is not None:
             await self._stop(slot, grace=0.0)
-            self._failed(slot, f"the dispatcher failed: {slot.unit_failed}")
+            self._failed(
+                slot,
+                f"the dispatcher failed: {slot.unit_failed}",
+                retry=not self._gives_up("unit"),
+            )
             return None
         if desired is None or not desired.runnable:
             await self._stop(slot, grace=slot.grace)
@@ -268,12 +278,17 @@ class Registry:
             unit = await self._build(desired)
         except ManifestError as exc:
             slot.observed = desired.generation
-            self._failed(slot, str(exc).replace("\n", "; "), reason="InvalidSpec")
+            self._failed(
+                slot,
+                str(exc).replace("\n", "; "),
+                reason="InvalidSpec",
+                retry=not self._gives_up("build"),
+            )
             return None
         except Exception as exc:  # never let one ScaledJob stop the others
             logger.exception("building the dispatcher of %s/%s failed", *slot.key)
             slot.observed = desired.generation
-            self._failed(slot, describe_error(exc))
+            self._failed(slot, describe_error(exc), retry=not self._gives_up("build"))
             return None
         slot.unit, slot.current, slot.unit_failed = unit, desired, None
         try:
@@ -323,12 +338,17 @@ class Registry:
             logger.exception("stopping the dispatcher of %s/%s failed", *slot.key)
         self._changed(slot.key)
 
-    def _failed(self, slot: Slot, problem: str, *, reason: str = "DispatcherFailed") -> None:
+    def _failed(
+        self, slot: Slot, problem: str, *, reason: str = "DispatcherFailed", retry: bool = True
+    ) -> None:
         slot.failures += 1
         delay = min(self._retry_ceiling, self._retry_initial * 2 ** (slot.failures - 1))
         slot.retry_at = self._clock() + delay
         slot.phase, slot.problem, slot.reason = Phase.FAILED, problem, reason
-        logger.warning("%s/%s: %s; trying again in %.0fs", *slot.key, problem, delay)
+        if retry:
+            logger.warning("%s/%s: %s; trying again in %.0fs", *slot.key, problem, delay)
+        else:
+            logger.warning("%s/%s: %s", *slot.key, problem)
         if slot.reported != problem and slot.desired is not None:
             slot.reported = problem
             self._event(slot.desired, "Warning", reason, problem)

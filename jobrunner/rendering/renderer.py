@@ -156,6 +156,9 @@ class _Compiler:
     """The field each came from, for errors."""
     size: int = 0
     """Characters of template text so far (bounded by TEMPLATE_SOURCE_MAX)."""
+    problems: list[str] = field(default_factory=list)
+    """Each string's syntax error or unknown name, its field named: every one is found
+    (they are independent), then raised together (``raise_problems``)."""
     _envs: dict[bool, jinja2.Environment] = field(
         default_factory=lambda: {e: environment(kubelet_expanded=e) for e in (False, True)}
     )
@@ -195,22 +198,35 @@ class _Compiler:
         try:
             parsed = self._envs[escape].parse(source)
         except jinja2.TemplateSyntaxError as exc:
-            raise ManifestError(f"{where}: template syntax error: {exc.message}") from None
+            self.problems.append(f"{where}: template syntax error: {exc.message}")
+            return -1
         except RecursionError:
-            raise ManifestError(
+            self.problems.append(
                 f"{where}: the template nests too deep for Jinja2's parser; flatten it"
-            ) from None
+            )
+            return -1
         unknown = sorted(jinja2.meta.find_undeclared_variables(parsed) - set(TEMPLATE_NAMES))
         if unknown:
             close = difflib.get_close_matches(unknown[0], TEMPLATE_NAMES, n=1)
             hint = f"did you mean {close[0]!r}? " if close else ""
-            raise ManifestError(
+            self.problems.append(
                 f"{where}: unknown name {unknown[0]!r} in the template; {hint}templates see "
                 f"{', '.join(TEMPLATE_NAMES)}"
             )
+            return -1
         self.sources.append((source, escape))
         self.wheres.append(where)
         return len(self.sources) - 1
+
+    def raise_problems(self) -> None:
+        """ManifestError with every problem found (one: as it is; more: one a line)."""
+        if len(self.problems) == 1:
+            raise ManifestError(self.problems[0])
+        if self.problems:
+            raise ManifestError(
+                "invalid templated strings in the Job template\n"
+                + "\n".join(f"  {p}" for p in self.problems)
+            )
 
 
 @dataclass(frozen=True)
@@ -418,7 +434,20 @@ def _check_template(template: JobTemplate) -> None:
                 lines.append(f"  {template.where(problem.path[1:], in_spec=False)}: {problem.text}")
             else:
                 lines.append(f"  {template.where(problem.path)}: {problem.text}")
+        # The templated strings' mistakes are independent of the schema's: both at once.
+        strings = _Compiler()
+        _compile_template(strings, template)
+        lines += [f"  {p}" for p in strings.problems]
         raise ManifestError("invalid Job template (batch/v1 JobSpec)\n" + "\n".join(lines))
+
+
+def _compile_template(compiler: _Compiler, template: JobTemplate) -> tuple[Filler, Filler]:
+    """Every templated string of ``template`` into ``compiler``: (spec, metadata) fillers."""
+    spec = compiler.compile(template.spec, (), spec=True, where=template.where)
+    metadata = compiler.compile(
+        template.metadata, (), spec=False, where=lambda p: template.where(p, in_spec=False)
+    )
+    return spec, metadata
 
 
 @dataclass(frozen=True)
@@ -549,13 +578,8 @@ class Renderer:
         self._pool = pool
         self.limits = pool.limits if pool is not None else RenderLimits()
         compiler = _Compiler()
-        self._spec = compiler.compile(self.template.spec, (), spec=True, where=self.template.where)
-        self._metadata = compiler.compile(
-            self.template.metadata,
-            (),
-            spec=False,
-            where=lambda p: self.template.where(p, in_spec=False),
-        )
+        self._spec, self._metadata = _compile_template(compiler, self.template)
+        compiler.raise_problems()
         self._sources = compiler.sources
         self._wheres = compiler.wheres
         self._key = hashlib.sha256(json.dumps(self._sources).encode()).hexdigest()

@@ -367,6 +367,62 @@ def _lock_path(db_path: Path, queue: str) -> Path:
     return db_path.with_name(f"{db_path.name}.{safe}.consumer.lock")
 
 
+def _paused_path(db_path: Path, queue: str) -> Path:
+    return _lock_path(db_path, queue).with_suffix(".paused")
+
+
+class PausedMark:
+    """Held by a dispatcher that serves a queue whose ScaledJob is paused: it consumes
+    nothing (so it holds no consumer lock), but the queue is its own. ``status`` and
+    ``publish`` say so (paused, by which annotation, which pid), and another dispatcher
+    of the queue is refused as while it consumes. A lock file beside the consumer lock,
+    ``<pid> <annotation>`` in it, flock'ed while held: it goes with its process."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd: int | None = fd
+
+    @classmethod
+    def hold(cls, db_path: Path, queue: str, *, annotation: str) -> PausedMark | None:
+        """The mark, held now; None when another process holds it."""
+        private_dir(db_path.parent)
+        fd = open_private(_paused_path(db_path, queue), os.O_RDWR)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()} {annotation}".encode())
+        return cls(fd)
+
+    def release(self) -> None:
+        if self._fd is None:
+            return
+        with contextlib.suppress(OSError):
+            os.ftruncate(self._fd, 0)
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+        os.close(self._fd)
+        self._fd = None
+
+
+def _paused_holder(db_path: Path, queue: str) -> tuple[int | None, str] | None:
+    """(pid, annotation) of the live holder of the queue's paused mark; None for none."""
+    try:
+        fd = os.open(_paused_path(db_path, queue), os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid, _, annotation = os.read(fd, 256).decode(errors="replace").strip().partition(" ")
+            return (int(pid) if pid.isdigit() else None, annotation)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class SQLiteHandle:
     delivery: Delivery
@@ -403,6 +459,14 @@ class SQLiteSource:
 
     async def start(self) -> None:
         private_dir(self.path.parent)
+        paused = _paused_holder(self.path, self._queue_name)
+        if paused is not None and paused[0] != os.getpid():  # our own: being released
+            raise QueueBusy(
+                f"queue {self._queue_name!r} in {self.path} is served by another dispatcher "
+                f"(pid {paused[0] or '?'}), paused by the annotation {paused[1]}: it consumes "
+                "again once the annotation is removed; stop it first, or give this one "
+                "another queueName"
+            )
         lock = _lock_path(self.path, self._queue_name)
         fd = open_private(lock, os.O_RDWR)
         try:
@@ -565,13 +629,30 @@ class ConsumerLock:
     pid: int | None
     """The last consumer's pid, as it wrote it."""
     live: bool
-    """True while a process holds the lock (a dispatcher consumes the queue now)."""
+    """True while a process holds the lock (a dispatcher consumes the queue now, or
+    serves it paused)."""
+    paused_by: str | None = None
+    """The annotation that pauses the live dispatcher that serves the queue (it consumes
+    nothing meanwhile: see PausedMark); None when it consumes, or none lives."""
 
 
 def consumer_lock(db_path: Path, queue: str) -> ConsumerLock | None:
     """The consumer lock of ``queue`` in ``db_path``; None when no dispatcher ever
     consumed it. Read without taking it: a shared non-blocking lock fails exactly while
-    a dispatcher holds its exclusive one."""
+    a dispatcher holds its exclusive one. When none consumes it, a dispatcher that
+    serves the queue paused (PausedMark) is its live consumer, ``paused_by`` saying so."""
+    found = _consumer_lock(db_path, queue)
+    if found is not None and found.live:
+        return found
+    paused = _paused_holder(db_path, queue)
+    if paused is not None:
+        return ConsumerLock(
+            path=_paused_path(db_path, queue), pid=paused[0], live=True, paused_by=paused[1]
+        )
+    return found
+
+
+def _consumer_lock(db_path: Path, queue: str) -> ConsumerLock | None:
     path = _lock_path(db_path, queue)
     try:
         fd = os.open(path, os.O_RDONLY)

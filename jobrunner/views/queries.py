@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -47,13 +48,27 @@ from jobrunner.views.console import (
 )
 
 
-def make_console() -> Console:
-    """The terminal's width on a terminal; piped, ``COLUMNS`` when set, else no limit
-    (tables are never cut when their output goes to a file or a program)."""
-    console = Console()
+class _Console(Console):
+    """rich's Console, but a reader that went away (``jobrunner jobs | head``) is a
+    ``BrokenPipeError`` for the command line to answer (exit 141, as for every other
+    output), not rich's own ``SystemExit(1)``."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True  # nothing more from this console (a ``finally`` may print)
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
+def make_console(*, wide: bool = False) -> Console:
+    """The terminal's width on a terminal; piped, ``COLUMNS`` when set (a script or
+    ``watch`` that sets it asks for that width), else no limit (tables are never cut
+    when their output goes to a file or a program). ``wide`` (``-o wide``): no limit
+    anywhere, so nothing of the wide table is cut, as kubectl's ``-o wide`` is not."""
+    console = _Console()
+    if wide:
+        return _Console(width=UNLIMITED)
     if not console.is_terminal:
         columns = os.environ.get("COLUMNS", "")
-        console = Console(width=int(columns) if columns.isdigit() else UNLIMITED)
+        console = _Console(width=int(columns) if columns.isdigit() else UNLIMITED)
     return console
 
 
@@ -180,6 +195,8 @@ def dispatcher_line(
     if embedded is None:
         return None
     lock = consumer_lock(*embedded)
+    if lock is not None and lock.live and lock.paused_by is not None:
+        return DispatcherLine(True, paused_text(lock.pid, lock.paused_by), lock.pid)
     if lock is not None and lock.live:
         return DispatcherLine(True, f"running (pid {lock.pid or '?'})", lock.pid)
     waiting = queue.ready + queue.in_hand if queue is not None else 0
@@ -193,6 +210,15 @@ def dispatcher_line(
     )
     return DispatcherLine(
         False, f"not running (the last one, pid {lock.pid or '?'}, is gone{held}); {then}", lock.pid
+    )
+
+
+def paused_text(pid: int | None, annotation: str) -> str:
+    """A dispatcher that serves the queue, paused: what ``status`` says of it (and, after
+    "the dispatcher that serves it is", ``publish`` and a replay)."""
+    return (
+        f"paused (pid {pid or '?'}, annotation {annotation}): it consumes nothing until the "
+        "annotation is removed from the file; running Jobs go on"
     )
 
 
@@ -340,6 +366,20 @@ def _exit_state(code: int | None, problem: str) -> str:
     return f"exit {code} ({'Completed' if code == 0 else 'Error'})"
 
 
+def _sidecar_state(end: dict[str, Any]) -> str:
+    """A native sidecar's own end, as its supervisor recorded it: stopped when and why,
+    and how it went (``stopped after the main containers ended: SIGTERM, exit 143``), as
+    the kubelet stops a sidecar once the main containers end; never the attempt's
+    result, which the other containers decided."""
+    when = str(end.get("when") or "")
+    code = end.get("exitCode")
+    if code is None:  # it never started: ``when`` says why
+        return when or "not run"
+    sig = end.get("signal")
+    how = f"{sig}, exit {code}" if sig else f"exit {code} ({'Completed' if code == 0 else 'Error'})"
+    return f"stopped {when}: {how}" if when else how
+
+
 class LocalLogs:
     """A local Job's logs: per attempt, its init containers in order, then its
     containers, each with its exit code and reason."""
@@ -387,13 +427,16 @@ class LocalLogs:
         for index, attempt in enumerate(attempts, start=1):
             number = int(attempt.get("attempt") or index)
             codes: dict[str, int] = attempt.get("exitCodes") or {}
+            sidecars: dict[str, dict[str, Any]] = attempt.get("sidecars") or {}
             problem = str(attempt.get("problem") or "")
             running = "finished" not in attempt
             for name, init in order:
                 if container is not None and name != container:
                     continue
                 path = self.jobdir.logs / f"{number}-{name}.log"
-                if name in codes:
+                if init and name in sidecars:
+                    state = _sidecar_state(sidecars[name])
+                elif name in codes:
                     state = _exit_state(codes[name], "")
                 elif running and path.exists():
                     state = "running"

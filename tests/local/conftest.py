@@ -172,3 +172,32 @@ def dispatchers(state_dir: Path, tmp_path: Path) -> Iterator[Dispatchers]:
     for log in sorted(tmp_path.glob("dispatcher-*.log")):
         lines = log.read_text(errors="replace").splitlines()
         print(f"==> {log.name} (last 80 of {len(lines)} lines) <==", *lines[-80:], sep="\n")
+
+
+@pytest.fixture
+def filled(state_dir: Path, manifest: ManifestFactory) -> tuple[Path, str]:
+    """A state directory with one finished Job and one dead letter (reason
+    BackoffLimitExceeded) of the ScaledJob ``work``: (manifest, Job name)."""
+    from jobrunner.core.deadletters import DETAIL, REASON
+    from jobrunner.sources.sqlite import SQLiteQueue
+    from tests.local.test_local_executor import finished, render
+
+    path = manifest("print('done')")
+    job, secret = render(path, b"{}")
+    client = LocalJobClient(state_dir, retry_seconds=0.1)
+
+    async def fill() -> None:
+        await client.create_job(job, secret)
+        await finished(client, job, within=60)
+        queue = await SQLiteQueue.open(state_dir / "queue.db")
+        try:
+            await queue.publish(
+                "work.dead-letter",
+                [b'{"image": "corrupt.png"}'],
+                headers={REASON: "BackoffLimitExceeded", DETAIL: "exit 1"},
+            )
+        finally:
+            await queue.close()
+
+    asyncio.run(fill())
+    return path, str(job["metadata"]["name"])

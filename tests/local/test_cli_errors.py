@@ -74,6 +74,18 @@ def cases(tmp: Path) -> list[Case]:
             ["operator", "--watch-namespace", "Media"],
             ["a namespace must be lowercase", "'Media'", "--watch-namespace"],
         ),
+        Case(
+            "functions import --embedded without --local",  # i21, N7: accepted silently
+            [
+                "functions",
+                "import",
+                str(ROOT / "examples/functions/python-app"),
+                "--embedded",
+                "-o",
+                str(tmp / "out"),
+            ],
+            ["--embedded needs --local", "add --local"],
+        ),
         Case("manifest a directory", ["validate", "-f", str(tmp)], ["is a directory"]),
         Case(
             "Jinja syntax error in a template file",

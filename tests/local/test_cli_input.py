@@ -114,7 +114,7 @@ def test_publish_refuses_what_it_can_tell_would_fail_and_publishes_nothing(
     (tmp_path / "good.jsonl").write_text('{"image": "a.png"}\n{"image": "b.png"}\n')
     refused = [
         (["order.json"], ["MESSAGE 'order.json'", "name of a file", "@order.json", "--force"]),
-        (["--jsonl", "array.json"], ["--jsonl array.json", "one JSON document", "jq -c"]),
+        (["--jsonl", "array.json"], ["--jsonl array.json", "one JSON array", "jq -c"]),
         (["--jsonl", "bad.jsonl"], ["--jsonl bad.jsonl line 2", "not JSON", "--force"]),
         (["@big.json"], ["MESSAGE '@big.json'", "MessageTooLarge", "maxMessageBytes", "--force"]),
         (["hello"], ["MESSAGE 'hello'", "InvalidMessage", "message.json", "--force"]),
@@ -129,6 +129,51 @@ def test_publish_refuses_what_it_can_tell_would_fail_and_publishes_nothing(
         result = jobrunner("publish", "-f", EXAMPLE, *args, cwd=tmp_path)
         one_error(result, *says)
     assert queued(tmp_path / ".jobrunner") == []
+
+
+@pytest.mark.parametrize(
+    ("command", "flag"),
+    [
+        (["publish", "-f", EXAMPLE], "MESSAGE"),
+        (["render", "-f", EXAMPLE, "--message"], "--message"),
+        (["validate", "-f", EXAMPLE, "--sample-message"], "--sample-message"),
+        (["validate", "--local", "-f", EXAMPLE, "--sample-message"], "--sample-message"),
+    ],
+    ids=["publish", "render", "validate", "validate --local"],
+)
+def test_every_body_option_refuses_a_file_name_without_its_at(
+    command: list[str], flag: str, tmp_path: Path
+) -> None:
+    """The ``@`` forgotten: ``order.json`` is a file here, so the user meant its content,
+    whichever command takes the body (i21, F5: only ``publish`` said so)."""
+    (tmp_path / "order.json").write_text('{"image": "cat.png"}\n')
+    verb = "publish" if command[0] == "publish" else "render"
+    one_error(
+        jobrunner(*command, "order.json", cwd=tmp_path),
+        f"{flag} 'order.json': is the name of a file here",
+        f"write @order.json to {verb} the file's content",
+        "--force",
+    )
+    done = jobrunner(*command, "@order.json", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "cat.png" in done.stdout or command[0] != "render"
+
+
+def test_render_and_validate_force_take_a_file_name_as_the_text(tmp_path: Path) -> None:
+    (tmp_path / "order.json").write_text('{"image": "cat.png"}\n')
+    # A template that does not read message.json: the text itself is a body it takes.
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(
+        Path(EXAMPLE).read_text().replace("{{ message.json.image }}", "{{ message.body }}")
+    )
+    done = jobrunner("render", "-f", str(plain), "--message", "order.json", "--force", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "order.json" in done.stdout
+    assert "cat.png" not in done.stdout
+    done = jobrunner(
+        "validate", "-f", str(plain), "--sample-message", "order.json", "--force", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
 
 
 def test_publish_force_publishes_what_the_checks_refuse(tmp_path: Path) -> None:
@@ -154,7 +199,11 @@ def test_publish_takes_what_the_template_can_render(tmp_path: Path) -> None:
     )
     piped = jobrunner("publish", "-f", EXAMPLE, "-", cwd=tmp_path, stdin='{"image": "d.png"}')
     assert piped.returncode == 0, piped.stderr
-    assert len(queued(tmp_path / ".jobrunner")) == 4
+    # JSON Lines from standard input too (i21, N11: `-` was taken for a missing file).
+    lines = '{"image": "e.png"}\n{"image": "f.png"}\n'
+    piped = jobrunner("publish", "-f", EXAMPLE, "--jsonl", "-", cwd=tmp_path, stdin=lines)
+    assert piped.returncode == 0, piped.stderr
+    assert len(queued(tmp_path / ".jobrunner")) == 6
 
 
 # ---------------------------------------------------------------- exit codes
@@ -206,6 +255,13 @@ def exit_cases(tmp: Path) -> list[tuple[list[str], int, str]]:
         (["status", "-f", EXAMPLE], 2, "no Kubernetes configuration"),
         (["jobs", "-f", EXAMPLE], 2, "no Kubernetes configuration"),
         (["logs", "some-job"], 2, "no Kubernetes configuration"),
+        # The kubeconfig is there, the context is not (i21, N20: the advice named --kubeconfig).
+        (
+            ["jobs", "-f", EXAMPLE, *cluster, "--context", "nope"],
+            2,
+            f"--context nope: the kubeconfig {closed} has no context of that name (its "
+            "contexts: x)",
+        ),
         (["logs", *local, "some-job"], 2, "no local Job default/some-job"),
         (["dead-letters", *local, "-f", EXAMPLE, "--replay", "9"], 2, "no dead letter"),
         (["finalizers", "list"], 2, "no Kubernetes configuration"),

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,11 @@ import pytest
 import yaml
 
 from jobrunner.cli import main
+from jobrunner.core.deadletters import REASON
 from jobrunner.core.naming import job_name
 from jobrunner.local.client import LocalJobClient
 from jobrunner.local.jobdir import JobDir
+from jobrunner.sources.sqlite import SQLiteQueue
 from tests.helpers import wait_until
 from tests.local.conftest import ROOT, Dispatchers, ManifestFactory
 from tests.local.test_local_executor import render
@@ -323,6 +326,67 @@ def test_status_tells_a_live_dispatcher_from_a_stale_lock(
     assert f"dispatcher: not running (the last one, pid {proc.pid}, is gone" in out
 
 
+def test_a_paused_dispatcher_is_shown_paused_and_the_queue_stays_its_own(
+    manifest: ManifestFactory,
+    state_dir: Path,
+    dispatchers: Dispatchers,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A running dispatcher whose ScaledJob is paused consumes nothing, but it serves the
+    queue: status, publish and a replay say it is paused (its pid, the annotation), not
+    that it is gone naming the last pid that consumed the queue, and a second dispatcher
+    is refused as while it consumes (i21, F7)."""
+    path = manifest(JOB)
+    local = ["--local", "--state-dir", str(state_dir)]
+    # An earlier dispatcher consumed the queue and stopped: its pid stays in the lock.
+    earlier = dispatchers.start(path)
+    wait_until(lambda: "dispatching work from" in dispatchers.logs(), timeout=30)
+    earlier.kill()
+    earlier.wait(timeout=10)
+    doc = yaml.safe_load(path.read_text())
+    doc["metadata"]["annotations"] = {"jobrunner.dev/paused": "true"}
+    path.write_text(yaml.safe_dump(doc))
+    paused = dispatchers.start(path)
+    wait_until(lambda: "Paused" in dispatchers.logs(), timeout=30)
+
+    _, out, _ = cli(capsys, "status", "-f", str(path), *local)
+    assert f"dispatcher: paused (pid {paused.pid}, annotation jobrunner.dev/paused)" in out
+    assert "is gone" not in out
+    code, _, err = cli(capsys, "publish", "-f", str(path), "--state-dir", str(state_dir), "{}")
+    assert code == 0
+    assert f"the dispatcher that serves it is paused (pid {paused.pid}" in err
+    assert "no dispatcher consumes it" not in err
+    # Following publish's old advice: a second dispatcher of the queue (not paused).
+    second = subprocess.run(
+        [sys.executable, "-m", "jobrunner.cli", "run", *local, "-f", str(unpaused(path))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert second.returncode == 1, second.stderr
+    assert f"served by another dispatcher (pid {paused.pid}), paused by the annotation" in (
+        second.stderr
+    )
+    # Resumed, it consumes again (its own mark is no obstacle): status says so.
+    path.write_text(unpaused(path).read_text())
+    paused.send_signal(signal.SIGHUP)
+
+    def running() -> str | None:
+        _, text, _ = cli(capsys, "status", "-f", str(path), *local)
+        return text if f"dispatcher: running (pid {paused.pid})" in text else None
+
+    wait_until(running, timeout=30)
+
+
+def unpaused(path: Path) -> Path:
+    """The same ScaledJob without its pause annotation, beside ``path``."""
+    doc = yaml.safe_load(path.read_text())
+    doc["metadata"].pop("annotations", None)
+    out = path.with_name(f"unpaused-{path.name}")
+    out.write_text(yaml.safe_dump(doc))
+    return out
+
+
 def test_a_second_dispatcher_on_one_embedded_queue_is_one_line_naming_the_first(
     manifest: ManifestFactory,
     state_dir: Path,
@@ -344,6 +408,8 @@ def test_a_second_dispatcher_on_one_embedded_queue_is_one_line_naming_the_first(
     assert second.returncode == 1
     assert f"is consumed by another dispatcher (pid {first.pid}); stop it first" in second.stderr
     assert "Traceback" not in second.stderr + second.stdout
+    # It stops (exit 1): no log line promises a retry it will not make (i21, N2).
+    assert "trying again" not in second.stderr + second.stdout
     # Two ScaledJobs of one file on one queue: the second is told it is its own sibling.
     doc = path.read_text()
     twins = tmp_path / "twins.yaml"
@@ -466,3 +532,53 @@ def test_make_demo_functions_runs_both_example_apps_and_prints_the_summary(
     jobs = [JobDir(p) for p in (work / "state" / "jobs" / "default").iterdir()]
     assert len(jobs) == 10
     assert not any(job.supervised() for job in jobs)
+
+
+def test_the_replay_line_under_a_filtered_listing_replays_only_what_it_listed(
+    filled: tuple[Path, str], state_dir: Path
+) -> None:
+    """``dead-letters --reason R`` ends with the line to replay them: copied as it is,
+    it replays those listed, not every dead letter (i21, N10: the line had no
+    ``--reason``, so it replayed the others too)."""
+    path, _ = filled
+
+    async def another() -> None:
+        queue = await SQLiteQueue.open(state_dir / "queue.db")
+        try:
+            await queue.publish(
+                "work.dead-letter", [b'{"image": "slow.png"}'], headers={REASON: "DeadlineExceeded"}
+            )
+        finally:
+            await queue.close()
+
+    asyncio.run(another())
+    local = ["--local", "--state-dir", str(state_dir), "-f", str(path)]
+    listed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobrunner.cli",
+            "dead-letters",
+            *local,
+            "--reason",
+            "deadlineexceeded",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "400"},
+        check=False,
+    )
+    assert listed.returncode == 0, listed.stderr
+    (line,) = [row for row in listed.stdout.splitlines() if row.startswith("replay them")]
+    words = shlex.split(line.partition(": ")[2].replace(" [ID ...]", ""))
+    assert words[0] == "jobrunner"
+    replayed = subprocess.run(
+        [sys.executable, "-m", "jobrunner.cli", *words[1:]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert replayed.returncode == 0, replayed.stderr
+    assert "replayed 1 dead letter(s)" in replayed.stdout, replayed.stdout

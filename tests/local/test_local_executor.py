@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 
 from jobrunner.core.models import Delivery
 from jobrunner.core.protocols import ApiRejected
@@ -20,7 +21,7 @@ from jobrunner.manifest.loader import load_manifest
 from jobrunner.rendering.renderer import Renderer
 from jobrunner.tracking.tracker import outcome_of
 from tests.helpers import eventually
-from tests.local.conftest import ManifestFactory
+from tests.local.conftest import ROOT, ManifestFactory
 
 NOTE_PID_AND_SLEEP = (
     "import os, time; open(os.environ['RUNS_FILE'], 'w').write(str(os.getpid()));"
@@ -344,3 +345,45 @@ async def test_security_context_and_resources_are_said_to_be_not_applied(
         await LocalJobClient(state_dir).create_job(job, secret)
     [line] = [r.getMessage() for r in caplog.records if "not applied" in r.getMessage()]
     assert line.startswith("local executor: resources and securityContext not applied")
+
+
+EXAMPLE_TEMPLATES = {
+    # The README's embedded-mode example, as it is.
+    "scaledjob-local.yaml": ROOT / "deploy/examples/scaledjob-local.yaml",
+    # The Job template the broker examples name, under an embedded trigger.
+    "echo-job.yaml": ROOT / "job_templates/echo-job.yaml",
+}
+
+
+@pytest.mark.parametrize("example", sorted(EXAMPLE_TEMPLATES))
+async def test_the_example_jobs_take_a_body_that_comes_as_a_file(
+    example: str, state_dir: Path, tmp_path: Path
+) -> None:
+    """A body over ``maxEnvBytes`` (32 KiB) comes as ``$JOBRUNNER_MESSAGE_FILE``, not in
+    ``$JOBRUNNER_MESSAGE``: the examples a newcomer copies read whichever they got (i21,
+    F10: the embedded example's worker crashed on ``KeyError: 'JOBRUNNER_MESSAGE'``)."""
+    path = EXAMPLE_TEMPLATES[example]
+    if example == "echo-job.yaml":
+        path = tmp_path / "echo.yaml"
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "apiVersion": "keda.sh/v1alpha1",
+                    "kind": "ScaledJob",
+                    "metadata": {"name": "echo"},
+                    "spec": {
+                        "jobTemplate": str(EXAMPLE_TEMPLATES[example]),
+                        "triggers": [{"type": "sqlite", "metadata": {"queueName": "echo"}}],
+                    },
+                }
+            )
+        )
+    body = json.dumps({"image": "big.png", "task": "t", "seconds": 0, "pad": "x" * 40_000})
+    job, secret = render(path, body.encode())
+    assert secret is not None  # it goes by file
+    client = LocalJobClient(state_dir, retry_seconds=0.1)
+    await client.create_job(job, secret)
+    done = await finished(client, job, within=60)
+    output = "".join(logs(state_dir, job).values())
+    assert outcome_of(done).succeeded, output  # type: ignore[union-attr]
+    assert "big.png" in output or '"pad"' in output, output

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from jobrunner.local.client import LocalJobClient
 from jobrunner.tracking.tracker import outcome_of
@@ -197,3 +201,79 @@ async def test_a_sidecar_that_exits_is_restarted_while_the_main_container_runs(
     done = await finished(client, job, within=60)
     assert outcome_of(done).reason == "CompletionsReached"  # type: ignore[union-attr]
     assert len(counter.read_text()) >= 2
+
+
+def log_headers(state_dir: Path, job: dict[str, Any]) -> list[str]:
+    """The headers ``jobrunner logs`` prints for the Job, as a user reads them."""
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "jobrunner.cli",
+            "logs",
+            "--local",
+            "--state-dir",
+            str(state_dir),
+            job["metadata"]["name"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return [line for line in done.stdout.splitlines() if line.startswith("==> attempt")]
+
+
+@pytest.mark.parametrize("main_exit", [0, 1], ids=["main succeeds", "main fails"])
+async def test_logs_head_a_sidecar_with_its_own_end_not_the_attempts(
+    main_exit: int, state_dir: Path, manifest: ManifestFactory, tmp_path: Path
+) -> None:
+    """The sidecar ran, and was stopped once the main container ended, whatever that
+    container's exit (i21, F6: it said ``not run``, or ``main exited 1``)."""
+    port = free_port()
+    probe = {"tcpSocket": {"port": port}, "periodSeconds": 1, "failureThreshold": 30}
+    path = manifest(f"{CLIENT}\nimport sys; sys.exit({main_exit})")
+    job, secret = render(path, b"{}")
+    pod = job["spec"]["template"]["spec"]
+    pod["initContainers"] = [sidecar(tmp_path, port, startupProbe=probe)]
+    pod["containers"][0]["env"].append({"name": "PORT", "value": str(port)})
+    client = LocalJobClient(state_dir, retry_seconds=0.1)
+    await client.create_job(job, secret)
+    await finished(client, job, within=60)
+    assert log_headers(state_dir, job) == [
+        # A Python process that SIGTERM ends, as a container runtime reports it.
+        "==> attempt 1, init container side: stopped after the main containers ended: "
+        "SIGTERM, exit 143 <==",
+        f"==> attempt 1, container main: exit {main_exit} "
+        f"({'Completed' if main_exit == 0 else 'Error'}) <==",
+    ]
+
+
+async def test_logs_head_a_sidecar_whose_probe_failed_with_that_probe(
+    state_dir: Path, manifest: ManifestFactory, tmp_path: Path
+) -> None:
+    port = free_port()
+    probe = {"tcpSocket": {"port": port}, "periodSeconds": 1, "failureThreshold": 2}
+    init = [sidecar(tmp_path, port, startupProbe=probe, env=[{"name": "DELAY", "value": "600"}])]
+    job, _ = await run_job(state_dir, manifest, tmp_path, init)
+    assert log_headers(state_dir, job) == [
+        "==> attempt 1, init container side: stopped after its startupProbe failed 2 times "
+        f"(1s apart): tcp 127.0.0.1:{port}: Connection refused: SIGTERM, exit 143 <=="
+    ]
+
+
+async def test_logs_head_a_sidecar_stopped_after_a_later_init_container_failed(
+    state_dir: Path, manifest: ManifestFactory, tmp_path: Path
+) -> None:
+    port = free_port()
+    probe = {"tcpSocket": {"port": port}, "periodSeconds": 1, "failureThreshold": 30}
+    failing = {"name": "setup", "image": "busybox", "command": ["python3", "-c", "exit(3)"]}
+    job, _ = await run_job(
+        state_dir, manifest, tmp_path, [sidecar(tmp_path, port, startupProbe=probe), failing]
+    )
+    assert log_headers(state_dir, job) == [
+        "==> attempt 1, init container side: stopped after init container setup failed: "
+        "SIGTERM, exit 143 <==",
+        "==> attempt 1, init container setup: exit 3 (Error) <==",
+    ]

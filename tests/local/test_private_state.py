@@ -5,7 +5,10 @@ an older version left readable is made private when a dispatcher starts."""
 from __future__ import annotations
 
 import os
+import signal
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -115,3 +118,64 @@ async def test_the_embedded_queue_files_are_private(tmp_path: Path) -> None:
         await source.close()
     assert {"q.db", "q.db-wal", "q.db-shm", "q.db.work.consumer.lock"} <= set(found)
     assert loose(found, db.parent) == {}
+
+
+def cli_under_umask_022(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """``jobrunner ARGS`` run in ``cwd`` as a user whose umask is the usual 022."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JOBRUNNER_")}
+    return subprocess.run(
+        [sys.executable, "-m", "jobrunner.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=env,
+        timeout=60,
+        check=False,
+        preexec_fn=lambda: os.umask(0o022),
+    )
+
+
+def test_publish_makes_the_state_directory_private_from_the_start(
+    tmp_path: Path, manifest: ManifestFactory
+) -> None:
+    path = manifest(JOB)
+    # The default .jobrunner of a fresh directory, and one a --state-dir names deeper down.
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    done = cli_under_umask_022("publish", "-f", str(path), '{"a": 1}', cwd=fresh)
+    assert done.returncode == 0, done.stderr
+    assert loose(modes(fresh / ".jobrunner"), fresh / ".jobrunner") == {}
+    deeper = tmp_path / "deeper" / "x" / "state"
+    done = cli_under_umask_022(
+        "publish", "--state-dir", str(deeper), "-f", str(path), '{"a": 2}', cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr
+    assert loose(modes(deeper), deeper) == {}
+    # The first dispatcher then finds nothing to make private (no warning about it).
+    assert oct(stat.S_IMODE((tmp_path / "deeper" / "x").stat().st_mode)) == "0o700"
+    assert LocalJobClient(fresh / ".jobrunner").secure() == 0
+
+
+def test_run_makes_the_state_directory_private_from_the_start(
+    tmp_path: Path, manifest: ManifestFactory
+) -> None:
+    path = manifest(JOB)
+    state = tmp_path / "new-state"
+    old = os.umask(0o022)
+    try:
+        dispatchers = Dispatchers(state, tmp_path)
+        proc = dispatchers.start(path)
+    finally:
+        os.umask(old)
+    try:
+        wait_until(
+            lambda: "dispatching work from" in dispatchers.logs() or proc.poll() is not None,
+            timeout=60,
+        )
+        assert proc.poll() is None, dispatchers.logs()
+        # Made private by `run` itself, so its executor found nothing to tighten.
+        assert "private (0600 files" not in dispatchers.logs()
+        assert loose(modes(state), state) == {}
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)

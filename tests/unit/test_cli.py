@@ -254,6 +254,45 @@ def test_an_option_the_command_does_not_take_names_the_commands_that_do(
     assert "it is an option of" in err
 
 
+def test_an_unknown_option_of_a_command_points_at_that_commands_help(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """i21, N6: it pointed at the top-level help, where the command's options are not."""
+    from jobrunner.cli.parser import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["jobs", "-f", "m.yaml", "--bogus"])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == [
+        "error: unrecognized arguments: --bogus",
+        "See 'jobrunner jobs --help' for usage and examples.",
+    ]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["run", "m.yaml", "--local"],
+        ["--local", "status", "m.yaml"],
+        ["publish", "m.yaml", "{}"],
+    ],
+)
+def test_a_manifest_given_without_f_is_said_to_be_given_as_f(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    """i21, N21: it said only that -f/--file is required."""
+    from jobrunner.cli.parser import build_parser
+
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    command = next(w for w in argv if not w.startswith("-"))
+    assert capsys.readouterr().err.splitlines()[0] == (
+        f"error: {command} takes the manifest as -f FILE; give it as -f m.yaml"
+    )
+
+
 def test_an_options_value_that_is_a_command_name_is_the_value() -> None:
     from jobrunner.cli.parser import build_parser
 
@@ -295,3 +334,39 @@ def test_logs_file_looks_in_the_manifests_namespace(
     state = ["--local", "--state-dir", str(tmp_path / "state")]
     assert main(["logs", *state, "--file", str(manifest), "job-1"]) == 2
     assert "no local Job media/job-1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "says", "never"),
+    [
+        (
+            '[\n  {"image": "a.png"},\n  {"image": "b.png"}\n]\n',
+            ["one JSON array (2 item(s)) over 4 lines", "('[', ']' …)", "jq -c '.[]' f.json"],
+            ["jq -c . "],
+        ),
+        (
+            '{"image": "a.png",\n "seconds": 1}\n',
+            [
+                "one JSON object over 2 lines",
+                """('{"image": "a.png",', '"seconds": 1}' …)""",
+                "one message with @f.json",
+                "jq -c . f.json",
+            ],
+            ["'['", "jq -c '.[]'"],
+        ),
+    ],
+    ids=["array", "object"],
+)
+def test_jsonl_of_one_pretty_printed_document_is_explained_from_what_the_file_is(
+    text: str, says: list[str], never: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from jobrunner.cli.errors import CliError
+    from jobrunner.cli.inputs import read_lines
+
+    monkeypatch.chdir(tmp_path)
+    Path("f.json").write_text(text)
+    with pytest.raises(CliError) as refused:
+        read_lines("f.json")
+    message = str(refused.value)
+    assert [s for s in says if s not in message] == [], message
+    assert [n for n in never if n in message] == [], message

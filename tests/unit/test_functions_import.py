@@ -435,3 +435,15 @@ def test_apps_whose_names_share_a_long_prefix_get_their_own_secret_and_account(
         assert (out / f"{secret['metadata']['name'].removesuffix('-settings')}-rbac.yaml").exists()
     assert names[0] != names[1]
     assert all(len(n.removesuffix("-settings")) <= 24 for n in names)
+
+
+def test_importing_the_apps_host_json_says_to_give_its_directory(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """i21, N8: it said '…/host.json: no host.json'."""
+    (tmp_path / "host.json").write_text('{"version": "2.0"}')
+    code = cli(["functions", "import", str(tmp_path / "host.json")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"{tmp_path / 'host.json'}: is a file; give the function app's directory" in err
+    assert f"e.g. {tmp_path}" in err

@@ -130,3 +130,70 @@ def test_a_file_whose_only_mistakes_are_templates_gets_them_all(
     assert code == 2, err
     assert "containers[0].command[1]: template syntax error" in err
     assert "containers[0].command[0]: template syntax error" in err
+
+
+FOUR = """\
+apiVersion: keda.sh/v1alpha1
+kind: ScaledJob
+metadata:
+  name: work
+spec:
+  maxReplicaCont: 4
+  triggers:
+    - type: sqlite
+      metadata:
+        queueName: work
+        queueNme: work
+  jobTargetRef:
+    template:
+      spec:
+        containers:
+          - nme: work
+            image: busybox
+            env:
+              - name: IMAGE
+                value: "{{ mesage.json.image }}"
+            command: ["echo", "{{ massage.id }}"]
+"""
+
+
+def test_a_field_error_hides_neither_the_triggers_nor_the_templates_mistakes(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A ScaledJob field, a trigger key, a container field and two template names, all
+    wrong: one error naming the five (i21, F8: the field error alone was reported)."""
+    path = tmp_path / "m.yaml"
+    path.write_text(FOUR)
+    code = main(["validate", "-f", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+
+    def at(text: str) -> int:
+        return next(i for i, row in enumerate(FOUR.splitlines(), 1) if text in row)
+
+    containers = "spec.jobTargetRef.template.spec.containers[0]"
+    expected = [
+        f"line {at('maxReplicaCont')}, field spec.maxReplicaCont: unknown field; did you mean "
+        "'maxReplicaCount'?",
+        f"line {at('queueNme')}, field spec.triggers[0].metadata.queueNme: unknown sqlite "
+        "trigger metadata key; did you mean 'queueName'?",
+        f"line {at('nme: work')}, field {containers}.nme: unknown field; did you mean 'name'?",
+        f"line {at('mesage')}, field {containers}.env[0].value: unknown name 'mesage'",
+        f"line {at('massage')}, field {containers}.command[1]: unknown name 'massage'",
+    ]
+    assert [text for text in expected if text not in err] == [], err
+    assert len([row for row in err.splitlines() if row.startswith("error:")]) == 1, err
+
+
+def test_every_unknown_name_of_a_job_template_is_reported_at_once(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "m.yaml"
+    path.write_text(FOUR.replace("maxReplicaCont", "maxReplicaCount").replace("nme:", "name:"))
+    path.write_text(path.read_text().replace("        queueNme: work\n", ""))
+    code = main(["validate", "-f", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "invalid templated strings in the Job template" in err
+    assert "unknown name 'mesage'" in err
+    assert "unknown name 'massage'" in err
