@@ -147,37 +147,41 @@ def _validate_one(ctx: Context, scaledjob: ScaledJob, client: Any, body: bytes |
     except RenderError as exc:
         if body is None and exc.reason in ("TemplateError", "InvalidMessage"):
             # No sample given: `{}` may simply lack what the template reads.
+            if client is not None:
+                print(
+                    f"{where}: server-side dry run needs a Job, and the default sample {{}} "
+                    f"does not render one ({exc.detail}): pass --sample-message",
+                    file=sys.stderr,
+                )
+                return USAGE
             print(
                 f"{where}: valid; a sample message was not rendered ({exc.detail}); "
                 "pass --sample-message to check one"
             )
-            rendered = None
-        else:
-            print(f"{where}: the sample message cannot become a Job: {exc}", file=sys.stderr)
-            return USAGE
-    else:
-        sample = "the sample message" if body is not None else "a sample message {}"
-        if local and rendered is not None:
-            from jobrunner.local.compat import unrunnable
+            return 0
+        print(f"{where}: the sample message cannot become a Job: {exc}", file=sys.stderr)
+        return USAGE
+    sample = "the sample message" if body is not None else "a sample message {}"
+    if local:
+        from jobrunner.local.compat import unrunnable
 
-            refused = unrunnable(rendered.job)
-            if refused is not None:
-                print(f"{where}: {sample} renders a Job refused: {refused}", file=sys.stderr)
-                return 1
-        print(
-            f"{where}: valid (apiVersion {scaledjob.apiVersion}, ack policy "
-            f"{scaledjob.spec.ackPolicy.value}, maxReplicaCount "
-            f"{scaledjob.spec.maxReplicaCount}; {sample} renders a valid Job"
-            + (" the local executor runs)" if local else ")")
-        )
-    if client is None:
-        return 0
-    if rendered is None:
-        print("  server-side dry run needs a Job: pass --sample-message", file=sys.stderr)
-        return USAGE
-    problem = asyncio.run(client.dry_run_create(rendered.job))
-    if problem:
-        print(f"  server-side dry run rejected the Job: {problem}", file=sys.stderr)
-        return USAGE
-    print("  server-side dry run (strict field validation): the API server accepts the Job")
+        refused = unrunnable(rendered.job)
+        if refused is not None:
+            print(f"{where}: {sample} renders a Job refused: {refused}", file=sys.stderr)
+            return 1
+    # "valid" is said only once every check asked for has passed: a script that reads
+    # stdout must not see it for a Job the API server refuses.
+    if client is not None:
+        problem = asyncio.run(client.dry_run_create(rendered.job))
+        if problem:
+            print(f"{where}: server-side dry run rejected the Job: {problem}", file=sys.stderr)
+            return USAGE
+    print(
+        f"{where}: valid (apiVersion {scaledjob.apiVersion}, ack policy "
+        f"{scaledjob.spec.ackPolicy.value}, maxReplicaCount "
+        f"{scaledjob.spec.maxReplicaCount}; {sample} renders a valid Job"
+        + (" the local executor runs)" if local else ")")
+    )
+    if client is not None:
+        print("  server-side dry run (strict field validation): the API server accepts the Job")
     return 0

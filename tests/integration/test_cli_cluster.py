@@ -58,9 +58,29 @@ def test_server_dry_run_reports_the_servers_rejection(
     )
     code = main(["--kubeconfig", str(kubeconfig), "validate", "-f", str(path), "--server-dry-run"])
     assert code == 2  # the manifest's mistake, found by the API server
-    err = capsys.readouterr().err
+    out, err = capsys.readouterr()
     assert "422" in err
     assert "Bad_Name" in err
+    assert "valid" not in out  # a script reading stdout must not read "valid"
+
+
+def test_server_dry_run_without_a_sample_that_renders_is_refused_and_not_called_valid(
+    kubeconfig: Path, namespace: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    reads_task = [{"name": "work", "image": "busybox", "args": ["{{ message.json.task }}"]}]
+    path = write_manifest(
+        tmp_path / "m.yaml",
+        name="work",
+        namespace=namespace,
+        queue="q",
+        url="amqp://127.0.0.1/",
+        job_spec={"template": {"spec": {"containers": reads_task}}},
+    )
+    code = main(["--kubeconfig", str(kubeconfig), "validate", "-f", str(path), "--server-dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    assert "pass --sample-message" in err
+    assert "valid" not in out
 
 
 @pytest.mark.rabbitmq
