@@ -310,7 +310,9 @@ def load_job_template(scaledjob: ScaledJob, *, base_dirs: list[Path]) -> JobTemp
         candidates = confined
     for candidate in candidates:
         if candidate.is_file():
-            template = _read_template_file(candidate)
+            # The file itself, not the way there: errors then name
+            # /repo/job_templates/echo-job.yaml, not /repo/deploy/examples/../../job_templates/….
+            template = _read_template_file(candidate.resolve())
             _check_template(template)
             return template
     tried = ", ".join(dict.fromkeys(str(c) for c in candidates))

@@ -439,3 +439,30 @@ def test_a_custom_resource_names_a_template_inside_the_directories_and_a_file_an
     )
     scaledjob = load_manifest(manifest).scaledjobs[0]
     assert Renderer(scaledjob, base_dirs=template_dirs(manifest)).template
+
+
+def test_a_template_file_reached_through_dotdot_is_named_by_its_own_path(
+    tmp_path: Path,
+) -> None:
+    """The walk found ``deploy/examples/../../job_templates/echo-job.yaml: line 25`` in an
+    error: a template file is named as the file it is."""
+    (tmp_path / "job_templates").mkdir()
+    bad = {"spec": {"backoffLimit": "two", **pod()}}
+    (tmp_path / "job_templates" / "t.yaml").write_text(yaml.safe_dump(bad))
+    manifests = tmp_path / "deploy" / "examples"
+    manifests.mkdir(parents=True)
+    doc = {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledJob",
+        "metadata": {"name": "resize"},
+        "spec": {
+            "jobTemplate": "../../job_templates/t.yaml",
+            "triggers": [{"type": "sqlite", "metadata": {"queueName": "q"}}],
+        },
+    }
+    path = manifests / "scaledjob.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ManifestError) as err:
+        Renderer(load_manifest(path).scaledjobs[0], base_dirs=template_dirs(path))
+    assert str(tmp_path.resolve() / "job_templates" / "t.yaml") in str(err.value)
+    assert ".." not in str(err.value)
