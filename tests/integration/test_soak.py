@@ -48,7 +48,10 @@ def test_a_short_seeded_chaos_run_loses_nothing_and_runs_nothing_twice(
         cwd=ROOT,
     )
     out = result.stdout + result.stderr
-    assert result.returncode == 0, out[-8000:]
-    assert "losses 0, duplicate Jobs 0, duplicate Kafka dead letters 0" in out
+    # The verdict is the report on stdout; stderr is the soak's own Kafka client noise
+    # while brokers restart, which hid the report when the two were cut together.
+    said = f"{result.stdout[-6000:]}\n--- stderr (last lines) ---\n{result.stderr[-1500:]}"
+    assert result.returncode == 0, said
+    assert "losses 0, duplicate Jobs 0, duplicate Kafka dead letters 0" in out, said
     faults = int(out.rsplit("faults injected ", 1)[1].split()[0])
-    assert faults >= 3, out[-4000:]
+    assert faults >= 3, said
