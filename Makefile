@@ -27,7 +27,7 @@ help:
 	@echo "make demo-functions    two Azure Functions-style apps, one Job per message: no cluster,"
 	@echo "                       no Azure (~5 s after the virtualenv; the handler example needs Node)"
 	@echo "make test              ruff, mypy, import contracts and every test; starts the local stack"
-	@echo "make test-unit         the unit tests and the embedded-mode tests: no services; 1134 tests,"
+	@echo "make test-unit         the unit tests and the embedded-mode tests: no services; 1157 tests,"
 	@echo "                       2 min of CPU (6 min on 2 cores shared with other work); builds"
 	@echo "                       Helm first for the chart tests when Go is on PATH"
 	@echo "make test-integration  the tests against the local stack alone; starts it"
