@@ -80,6 +80,19 @@ def tcp_reachable(host: str, port: int, timeout: float = 3.0) -> bool:
         return False
 
 
+def program(name: str, *, setting: str, how: str) -> str:
+    """The path of a program a test runs: the environment variable ``setting`` (the stack
+    writes it), else ``name`` on PATH. Without either the test is skipped saying ``how``
+    to get it, and with CI=true it fails, as for a missing service."""
+    found = os.environ.get(setting) or shutil.which(name)
+    if found:
+        return found
+    message = f"{name} is not available (no ${setting}, none on PATH): {how}"
+    if in_ci():
+        pytest.fail(f"CI=true and {message}", pytrace=False)
+    pytest.skip(message)
+
+
 def missing(service: str, why: str) -> None:
     message = f"{service} is not available: {why}. Start the local stack with `make stack-up`."
     if in_ci():

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs the machine packages the local stack needs and a fresh Debian machine may
 # lack: RabbitMQ (with Erlang), Redis, Mosquitto, a JDK for Kafka and ElasticMQ, Node and
-# npm for Azurite, openssl and curl. Idempotent; needs root (or sudo) only when something
-# is missing.
+# npm for Azurite, openssl and curl, zsh and fish (their shell completion is tested).
+# Idempotent; needs root (or sudo) only when something is missing.
 source "$(dirname "$0")/common.sh"
 
 need=()
@@ -16,6 +16,8 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v curl >/dev/null || need+=(curl)
 command -v go >/dev/null || need+=(golang-go)
 command -v npm >/dev/null || need+=(nodejs npm)   # Azurite
+command -v zsh >/dev/null || need+=(zsh)           # the shell-completion tests
+command -v fish >/dev/null || need+=(fish)
 if (( ${#need[@]} == 0 )); then log "system packages present"; exit 0; fi
 
 sudo=""; (( EUID == 0 )) || sudo="sudo"

@@ -8,13 +8,14 @@ unambiguous forms: `scaledjobs.jobrunner.dev` / `jsj` (and the category `jobrunn
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import pytest
 from kubernetes import client
+
+from tests.services import program
 
 pytestmark = [pytest.mark.kube, pytest.mark.usefixtures("jobrunner_crds", "keda_crds")]
 
@@ -62,7 +63,6 @@ def test_a_bare_scaledjob_is_jobrunners_as_the_readme_says(kube_api: client.ApiC
     assert groups.index("jobrunner.dev") < groups.index("keda.sh"), groups
 
 
-@pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl on PATH")
 @pytest.mark.parametrize(
     ("typed", "resolved"),
     [
@@ -81,9 +81,14 @@ def test_a_bare_scaledjob_is_jobrunners_as_the_readme_says(kube_api: client.ApiC
 def test_kubectl_resolves_each_name_as_documented(
     kubeconfig: Path, namespace: str, typed: str, resolved: str
 ) -> None:
+    kubectl = program(
+        "kubectl",
+        setting="JOBRUNNER_TEST_KUBECTL",
+        how="`make stack-up` builds it with the control plane",
+    )
     # kubectl's log at -v=6 names each URL it asked for: the group it resolved to.
     listing = subprocess.run(
-        ["kubectl", "--kubeconfig", str(kubeconfig), "get", typed, "-n", namespace, "-v=6"],
+        [kubectl, "--kubeconfig", str(kubeconfig), "get", typed, "-n", namespace, "-v=6"],
         capture_output=True,
         text=True,
         timeout=60,

@@ -25,6 +25,7 @@ from jobrunner.local.jobdir import JobDir
 from tests.helpers import eventually
 from tests.local.conftest import Dispatchers, ManifestFactory
 from tests.local.test_local_executor import render
+from tests.services import program
 
 ROOT = Path(__file__).resolve().parents[2]
 WITHIN = 60.0
@@ -87,8 +88,8 @@ def demo_process() -> Iterator[list[subprocess.Popen[bytes]]]:
 def test_ctrl_c_during_a_demo_is_one_line_and_stops_its_jobs(
     script: str, where: str, demo_process: list[subprocess.Popen[bytes]]
 ) -> None:
-    if script == "demo_functions.py" and shutil.which("node") is None:
-        pytest.skip("the functions demo needs node")
+    if script == "demo_functions.py":  # its custom-handler example is a Node program
+        program("node", setting="JOBRUNNER_TEST_NODE", how="install Debian's nodejs package")
     # As a terminal's Ctrl-C: SIGINT to the whole foreground process group.
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "deploy/local" / script)],

@@ -7,7 +7,6 @@ directory's Job names."""
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ import pytest
 from jobrunner.local.client import LocalJobClient
 from tests.local.conftest import ManifestFactory
 from tests.local.test_local_executor import render
+from tests.services import program
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = "deploy/examples/scaledjob-local.yaml"
@@ -53,8 +53,11 @@ complete -C "$argv[1]"
 def offered(shell: str, line: str) -> list[str]:
     """What ``shell`` offers on TAB at the end of ``line``, one entry per candidate
     (zsh's and fish's descriptions cut off)."""
-    if shutil.which(shell) is None:
-        pytest.skip(f"{shell} is not installed")
+    program(
+        shell,
+        setting=f"JOBRUNNER_TEST_{shell.upper()}",
+        how=f"install Debian's {shell} package (deploy/local/install-system.sh does)",
+    )
     argv = {
         "bash": ["bash", "-c", BASH, "bash", line],
         "zsh": ["zsh", "-f", "-c", ZSH, "zsh", line],
