@@ -80,14 +80,16 @@ def tcp_reachable(host: str, port: int, timeout: float = 3.0) -> bool:
         return False
 
 
-def program(name: str, *, setting: str, how: str) -> str:
-    """The path of a program a test runs: the environment variable ``setting`` (the stack
-    writes it), else ``name`` on PATH. Without either the test is skipped saying ``how``
-    to get it, and with CI=true it fails, as for a missing service."""
-    found = os.environ.get(setting) or shutil.which(name)
+def program(name: str, *, how: str, setting: str | None = None) -> str:
+    """The path of a program a test runs: the environment variable ``setting`` when it is
+    set (the stack writes it), else ``name`` on PATH. Without it the test is skipped
+    saying ``how`` to get it, and with CI=true it fails, as for a missing service."""
+    given = os.environ.get(setting) if setting else None
+    found = shutil.which(given or name)
     if found:
         return found
-    message = f"{name} is not available (no ${setting}, none on PATH): {how}"
+    where = f"${setting}={given} is not an executable" if given else f"no {name} on PATH"
+    message = f"{name} is not available ({where}): {how}"
     if in_ci():
         pytest.fail(f"CI=true and {message}", pytrace=False)
     pytest.skip(message)

@@ -89,7 +89,7 @@ def test_ctrl_c_during_a_demo_is_one_line_and_stops_its_jobs(
     script: str, where: str, demo_process: list[subprocess.Popen[bytes]]
 ) -> None:
     if script == "demo_functions.py":  # its custom-handler example is a Node program
-        program("node", setting="JOBRUNNER_TEST_NODE", how="install Debian's nodejs package")
+        program("node", how="install Debian's nodejs package")
     # As a terminal's Ctrl-C: SIGINT to the whole foreground process group.
     proc = subprocess.Popen(
         [sys.executable, str(ROOT / "deploy/local" / script)],

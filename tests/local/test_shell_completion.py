@@ -53,11 +53,7 @@ complete -C "$argv[1]"
 def offered(shell: str, line: str) -> list[str]:
     """What ``shell`` offers on TAB at the end of ``line``, one entry per candidate
     (zsh's and fish's descriptions cut off)."""
-    program(
-        shell,
-        setting=f"JOBRUNNER_TEST_{shell.upper()}",
-        how=f"install Debian's {shell} package (deploy/local/install-system.sh does)",
-    )
+    program(shell, how=f"install Debian's {shell} package (deploy/local/install-system.sh does)")
     argv = {
         "bash": ["bash", "-c", BASH, "bash", line],
         "zsh": ["zsh", "-f", "-c", ZSH, "zsh", line],
