@@ -444,6 +444,7 @@ write_env() {
   cat > "$fresh" <<ENV
 # Written by deploy/local/stack-up.sh; read by the test fixtures and the demo.
 JOBRUNNER_TEST_KUBECONFIG=$KUBECONFIG_PATH
+JOBRUNNER_TEST_KUBECTL=$K8S_BIN/kubectl
 JOBRUNNER_TEST_RABBITMQ_URL=amqp://guest:guest@127.0.0.1:$RABBITMQ_PORT/
 JOBRUNNER_TEST_RABBITMQ_MANAGEMENT_URL=http://guest:guest@127.0.0.1:$RABBITMQ_MGMT_PORT/
 JOBRUNNER_TEST_RABBITMQCTL=$HERE/rabbitmqctl.sh
