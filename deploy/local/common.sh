@@ -40,6 +40,13 @@ KEDA_HOME="$JOBRUNNER_CACHE/keda-$KEDA_VERSION"
 KEDA_BIN="$KEDA_HOME/bin"
 
 APISERVER_PORT="${APISERVER_PORT:-6443}"
+# The real node (node.sh): its name and taint, and its pod network's bridge. NODE_IP, the
+# host's end of the bridge, is the node's InternalIP and the API server's advertised address.
+REAL_NODE_NAME="${REAL_NODE_NAME:-jobrunner-node-0}"
+REAL_NODE_TAINT="jobrunner.dev/real-node"
+NODE_BRIDGE="${NODE_BRIDGE:-jr0}"
+POD_CIDR="${POD_CIDR:-10.88.0.0/16}"
+NODE_IP="${NODE_IP:-10.88.0.1}"
 ETCD_PORT="${ETCD_PORT:-2379}"
 KAFKA_PORT="${KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"

@@ -18,7 +18,7 @@ operator="$(bash "$HERE/build-keda.sh")" || die "build-keda.sh (building the KED
 PKI="$JOBRUNNER_STATE/pki"
 APISERVER_URL="https://127.0.0.1:$APISERVER_PORT"
 [[ -f "$KUBECONFIG_PATH" && -f "$PKI/admin.token" ]] || die "no local stack (no $KUBECONFIG_PATH): run make stack-up"
-kapi() { curl -sS --fail-with-body --cacert "$PKI/apiserver.crt" -H "Authorization: Bearer $(cat "$PKI/admin.token")" "$@"; }
+kapi() { curl -sS --fail-with-body --cacert "$PKI/ca.crt" -H "Authorization: Bearer $(cat "$PKI/admin.token")" "$@"; }
 
 established() {
   kapi "$APISERVER_URL/apis/apiextensions.k8s.io/v1/customresourcedefinitions/$1" | python3 -c '

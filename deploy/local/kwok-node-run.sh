@@ -29,7 +29,7 @@ print(json.dumps({
     "status": {"allocatable": {"cpu": "1000", "memory": "4Ti", "pods": "100000"},
                "capacity": {"cpu": "1000", "memory": "4Ti", "pods": "100000"}},
 }))' "$node")"
-code="$(curl -s -o /dev/null -w '%{http_code}' --cacert "$PKI/apiserver.crt" -H "Authorization: Bearer $(cat "$PKI/admin.token")" \
+code="$(curl -s -o /dev/null -w '%{http_code}' --cacert "$PKI/ca.crt" -H "Authorization: Bearer $(cat "$PKI/admin.token")" \
   -H 'Content-Type: application/json' -X POST --data "$body" "https://127.0.0.1:$APISERVER_PORT/api/v1/nodes")"
 [[ "$code" == 201 || "$code" == 409 ]] || die "POST /api/v1/nodes ($node) answered HTTP $code"
 

@@ -13,7 +13,7 @@ check() {
     printf '  %-24s DOWN  %s (log: %s)\n' "$name" "$detail" "$LOG_DIR/$name.log"; failed=1
   fi
 }
-kget() { curl -sf --cacert "$PKI/apiserver.crt" -H "Authorization: Bearer $(cat "$PKI/admin.token" 2>/dev/null)" "https://127.0.0.1:$APISERVER_PORT$1"; }
+kget() { curl -sf --cacert "$PKI/ca.crt" -H "Authorization: Bearer $(cat "$PKI/admin.token" 2>/dev/null)" "https://127.0.0.1:$APISERVER_PORT$1"; }
 node_ready() { kget /api/v1/nodes/kwok-node-0 | grep -q '"type": "Ready"'; }
 rss() {
   local total=0 pid

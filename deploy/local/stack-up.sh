@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Brings up the real services jobrunner's tests run against, all on 127.0.0.1:
 #   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, KWOK with one fake node,
+#   a real node (containerd, runc, kubelet, kube-proxy; see node.sh) whose pods reach the
+#   API server and the brokers through its bridge,
 #   RabbitMQ (with the management plugin), Apache Kafka (KRaft, one node), Azurite
 #   (the Azure Storage emulator, queue service only), ElasticMQ (SQS), Redis, NATS with
 #   JetStream and Mosquitto (MQTT 5).
 # Idempotent: a part that is already healthy is left alone. Binaries are built once and
 # cached by version (see build-*.sh). Writes $ENV_FILE for the tests and the demo.
 #
-# Usage: stack-up.sh [all|k8s|rabbitmq|kafka|azurite|sqs|redis|nats|mqtt]...
+# Usage: stack-up.sh [all|k8s|node|rabbitmq|kafka|azurite|sqs|redis|nats|mqtt]...
 source "$(dirname "$0")/common.sh"
 HERE="$(cd "$(dirname "$0")" && pwd)"
+source "$HERE/node.sh"
 
 PKI="$JOBRUNNER_STATE/pki"
 TOKEN_FILE="$PKI/admin.token"
@@ -17,7 +20,7 @@ APISERVER_URL="https://127.0.0.1:$APISERVER_PORT"
 mkdir -p "$LOG_DIR" "$PID_DIR" "$PKI"
 
 admin_token() { cat "$TOKEN_FILE"; }
-kcurl() { curl -sS --fail --cacert "$PKI/apiserver.crt" -H "Authorization: Bearer $(admin_token)" "$@"; }
+kcurl() { curl -sS --fail --cacert "$PKI/ca.crt" -H "Authorization: Bearer $(admin_token)" "$@"; }
 
 # ---------------------------------------------------------------- Kubernetes
 start_etcd() {
@@ -44,10 +47,24 @@ make_pki() {
     # token,user,uid,"group1,group2": system:masters makes this an administrator.
     printf '%s,jobrunner-admin,jobrunner-admin,"system:masters"\n' "$(admin_token)" > "$PKI/tokens.csv"
   }
+  # The stack's CA signs every certificate: the API server's (trusted by the kubeconfig
+  # and, through kube-root-ca.crt, by every pod), the real node's client and serving
+  # certificates, and the API server's client for the kubelet.
+  [[ -f "$PKI/ca.key" ]] || {
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout "$PKI/ca.key" -out "$PKI/ca.crt" -days 3650 \
+      -subj /CN=jobrunner-local-ca >>"$LOG_DIR/pki.log" 2>&1 || die "openssl req -x509 (the stack's CA)" "$LOG_DIR/pki.log"
+    chmod 600 "$PKI/ca.key"
+  }
+  issue_cert apiserver "/CN=kube-apiserver" \
+    "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,IP:10.96.0.1,IP:$NODE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+  # The chain, so that whoever takes this file as its CA (older scripts did) still verifies.
+  (( $(grep -c 'BEGIN CERTIFICATE' "$PKI/apiserver.crt") > 1 )) || cat "$PKI/ca.crt" >> "$PKI/apiserver.crt"
+  issue_cert apiserver-kubelet-client "/CN=kube-apiserver-kubelet-client" \
+    'basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth'
 }
 
 write_kubeconfig() {
-  local ca; ca="$(base64 -w0 < "$PKI/apiserver.crt")"
+  local ca; ca="$(base64 -w0 < "$PKI/ca.crt")"
   cat > "$KUBECONFIG_PATH" <<KC
 apiVersion: v1
 kind: Config
@@ -70,25 +87,49 @@ KC
 
 apiserver_ready() { kcurl "$APISERVER_URL/readyz" >/dev/null 2>&1; }
 
+# running_with NAME ARGS...: the daemon NAME runs, started with exactly these arguments
+# (a stack-up that changed them restarts it).
+running_with() {
+  local name="$1"; shift
+  pid_alive "$name" && [[ -f "$PID_DIR/$name.args" && "$(cat "$PID_DIR/$name.args")" == "$*" ]]
+}
+remember_args() { local name="$1"; shift; echo "$*" > "$PID_DIR/$name.args"; }
+
 start_apiserver() {
   make_pki
-  if [[ -f "$PKI/apiserver.crt" ]] && apiserver_ready; then log "kube-apiserver already ready"; write_kubeconfig; return; fi
-  log "starting kube-apiserver $K8S_VERSION"
-  start_bg kube-apiserver "$LOG_DIR/kube-apiserver.log" "$K8S_BIN/kube-apiserver" \
-    --etcd-servers "http://127.0.0.1:$ETCD_PORT" \
-    --bind-address 127.0.0.1 --advertise-address 127.0.0.1 --secure-port "$APISERVER_PORT" \
-    --cert-dir "$PKI" --token-auth-file "$PKI/tokens.csv" \
-    --authorization-mode RBAC \
-    --service-account-issuer https://kubernetes.default.svc.cluster.local \
-    --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key" \
-    --service-cluster-ip-range 10.96.0.0/16 --endpoint-reconciler-type none \
+  # Every address, so the real node's pods reach it through the bridge (node_network's
+  # JOBRUNNER-LOCAL chain keeps it to this machine); the advertised address is the
+  # bridge's, which the `kubernetes` Service's endpoint then names (a loopback address may
+  # not be an endpoint). Node,RBAC and NodeRestriction: the real node's kubelet may touch
+  # only its own Node and its pods.
+  local args=(
+    --etcd-servers "http://127.0.0.1:$ETCD_PORT"
+    --bind-address 0.0.0.0 --advertise-address "$NODE_IP" --secure-port "$APISERVER_PORT"
+    --tls-cert-file "$PKI/apiserver.crt" --tls-private-key-file "$PKI/apiserver.key"
+    --client-ca-file "$PKI/ca.crt" --token-auth-file "$PKI/tokens.csv"
+    --authorization-mode Node,RBAC --enable-admission-plugins NodeRestriction
+    --kubelet-client-certificate "$PKI/apiserver-kubelet-client.crt"
+    --kubelet-client-key "$PKI/apiserver-kubelet-client.key"
+    --kubelet-certificate-authority "$PKI/ca.crt" --kubelet-preferred-address-types InternalIP
+    --service-account-issuer https://kubernetes.default.svc.cluster.local
+    --service-account-key-file "$PKI/sa.pub" --service-account-signing-key-file "$PKI/sa.key"
+    --service-cluster-ip-range 10.96.0.0/16
     --allow-privileged=true --profiling=false --v 1
-  # The serving certificate is generated at start; the kubeconfig trusts it as its CA.
-  wait_for "apiserver cert" 60 test -s "$PKI/apiserver.crt" \
-    || die "kube-apiserver (no serving certificate in $PKI within 60s)" "$LOG_DIR/kube-apiserver.log"
+  )
+  if running_with kube-apiserver "${args[@]}" && apiserver_ready; then
+    log "kube-apiserver already ready"; write_kubeconfig; return
+  fi
+  if pid_alive kube-apiserver || [[ -f "$PID_DIR/kube-apiserver.pid" ]]; then
+    # Its flags or certificates changed: what talks to it restarts with it.
+    log "restarting the control plane with new settings"
+    stop_pid kwok; stop_pid kube-scheduler; stop_pid kube-controller-manager; stop_pid kube-apiserver
+  fi
+  log "starting kube-apiserver $K8S_VERSION"
+  start_bg kube-apiserver "$LOG_DIR/kube-apiserver.log" "$K8S_BIN/kube-apiserver" "${args[@]}"
+  remember_args kube-apiserver "${args[@]}"
+  write_kubeconfig
   wait_for kube-apiserver 120 apiserver_ready \
     || die "kube-apiserver (no /readyz within 120s)" "$LOG_DIR/kube-apiserver.log"
-  write_kubeconfig
 }
 
 start_controller_manager() {
@@ -101,7 +142,7 @@ start_controller_manager() {
   # the service-account controller that creates each namespace's `default` account.
   start_bg kube-controller-manager "$LOG_DIR/kube-controller-manager.log" "$K8S_BIN/kube-controller-manager" \
     --kubeconfig "$KUBECONFIG_PATH" --leader-elect=false --bind-address 127.0.0.1 \
-    --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/apiserver.crt" \
+    --service-account-private-key-file "$PKI/sa.key" --root-ca-file "$PKI/ca.crt" \
     --use-service-account-credentials=false --concurrent-job-syncs 20 --concurrent-gc-syncs 20 \
     --kube-api-qps 200 --kube-api-burst 400 --v 1
   wait_for kube-controller-manager 60 curl -skf https://127.0.0.1:10257/healthz \
@@ -145,7 +186,7 @@ start_kwok() {
       --config "$HERE/kwok/job-pod-stages.yaml"
   fi
   local code
-  code="$(curl -s -o /dev/null -w '%{http_code}' --cacert "$PKI/apiserver.crt" -H "Authorization: Bearer $(admin_token)" \
+  code="$(curl -s -o /dev/null -w '%{http_code}' --cacert "$PKI/ca.crt" -H "Authorization: Bearer $(admin_token)" \
     -H 'Content-Type: application/json' -X POST --data @"$HERE/kwok/node.json" "$APISERVER_URL/api/v1/nodes")"
   [[ "$code" == 201 || "$code" == 409 ]] || die "POST /api/v1/nodes (kwok-node-0) answered HTTP $code"
   wait_for "kwok node" 60 node_ready || die "kwok (node kwok-node-0 not Ready within 60s)" "$LOG_DIR/kwok.log"
@@ -160,7 +201,9 @@ up_k8s() {
   bash "$HERE/build-etcd.sh" & pids+=($!)
   bash "$HERE/build-kwok.sh" & pids+=($!)
   for p in "${pids[@]}"; do wait "$p" || die "building the control plane (see the messages above)"; done
+  node_packages; node_network
   start_etcd; start_apiserver; start_controller_manager; start_scheduler; start_kwok
+  up_node
 }
 
 # ---------------------------------------------------------------- RabbitMQ
@@ -467,7 +510,14 @@ JOBRUNNER_TEST_NATS_MONITORING=127.0.0.1:$NATS_MONITOR_PORT
 JOBRUNNER_TEST_MQTT_URL=mqtt://127.0.0.1:$MQTT_PORT
 JOBRUNNER_TEST_STACK_RESTART=$HERE/stack-restart.sh
 JOBRUNNER_TEST_STACK_STATE=$JOBRUNNER_STATE
+JOBRUNNER_TEST_REAL_NODE=$REAL_NODE_NAME
+JOBRUNNER_TEST_REAL_NODE_TAINT=$REAL_NODE_TAINT
+JOBRUNNER_TEST_NODE_IP=$NODE_IP
+JOBRUNNER_TEST_CONTAINERD_SOCK=$CONTAINERD_SOCK
+JOBRUNNER_TEST_POD_LOGS=$NODE_DIR/pod-logs
 ENV
+  # The real node's images (build-node-images.sh names them by the hash of their inputs).
+  [[ -f "$NODE_IMAGE_CACHE/images.env" ]] && sed 's/^/JOBRUNNER_TEST_/' "$NODE_IMAGE_CACHE/images.env" >> "$fresh"
   azurite_env >> "$fresh"
   # Keep what other parts (started by another checkout's stack-up) wrote: several
   # branches share one stack.
@@ -489,6 +539,7 @@ for part in "${parts[@]}"; do
       bash "$HERE/build-all.sh"
       up_k8s; up_rabbitmq; up_kafka; up_azurite; up_sqs; up_redis; up_nats; up_mqtt ;;
     k8s) up_k8s ;;
+    node) up_node ;;
     rabbitmq) up_rabbitmq ;;
     kafka) up_kafka ;;
     azurite) up_azurite ;;
@@ -496,7 +547,7 @@ for part in "${parts[@]}"; do
     redis) up_redis ;;
     nats) up_nats ;;
     mqtt) up_mqtt ;;
-    *) die "unknown part '$part' (use all, k8s, rabbitmq, kafka, azurite, sqs, redis, nats or mqtt)" ;;
+    *) die "unknown part '$part' (use all, k8s, node, rabbitmq, kafka, azurite, sqs, redis, nats or mqtt)" ;;
   esac
 done
 # stack-restart.sh restarts one part without rewriting the env file others read.
