@@ -14,10 +14,10 @@ check() {
   fi
 }
 kget() { curl -sf --cacert "$PKI/ca.crt" -H "Authorization: Bearer $(cat "$PKI/admin.token" 2>/dev/null)" "https://127.0.0.1:$APISERVER_PORT$1"; }
-node_ready() { kget /api/v1/nodes/kwok-node-0 | grep -q '"type": "Ready"'; }
+node_ready() { kget "/api/v1/nodes/$1" | python3 -c 'import json,sys; n=json.load(sys.stdin); sys.exit(0 if any(c["type"]=="Ready" and c["status"]=="True" for c in n["status"]["conditions"]) else 1)'; }
 rss() {
   local total=0 pid
-  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kwok kafka azurite elasticmq redis nats mosquitto; do
+  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kwok containerd kubelet kube-proxy kafka azurite elasticmq redis nats mosquitto; do
     [[ -f "$PID_DIR/$name.pid" ]] || continue
     pid="$(cat "$PID_DIR/$name.pid")"
     total=$((total + $(awk '/VmRSS/{print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)))
@@ -34,7 +34,10 @@ check etcd "http://127.0.0.1:$ETCD_PORT" curl -sf "http://127.0.0.1:$ETCD_PORT/h
 check kube-apiserver "https://127.0.0.1:$APISERVER_PORT" kget /readyz
 check kube-controller-manager "https://127.0.0.1:10257" curl -skf https://127.0.0.1:10257/healthz
 check kube-scheduler "https://127.0.0.1:10259" curl -skf https://127.0.0.1:10259/healthz
-check kwok "node kwok-node-0 Ready" node_ready
+check kwok "node kwok-node-0 Ready" node_ready kwok-node-0
+check containerd "$JOBRUNNER_STATE/node/containerd/containerd.sock" ctr --address "$JOBRUNNER_STATE/node/containerd/containerd.sock" version
+check kubelet "node $REAL_NODE_NAME Ready (real containers)" node_ready "$REAL_NODE_NAME"
+check kube-proxy "http://127.0.0.1:10256" curl -sf http://127.0.0.1:10256/healthz
 check rabbitmq "amqp://127.0.0.1:$RABBITMQ_PORT, http://127.0.0.1:$RABBITMQ_MGMT_PORT" \
   curl -sf -u guest:guest "http://127.0.0.1:$RABBITMQ_MGMT_PORT/api/overview"
 check kafka "127.0.0.1:$KAFKA_PORT" bash -c "exec 3<>/dev/tcp/127.0.0.1/$KAFKA_PORT"
