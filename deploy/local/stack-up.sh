@@ -241,16 +241,23 @@ rabbitmq_tls_up() { (exec 3<>"/dev/tcp/127.0.0.1/$RABBITMQ_TLS_PORT") 2>/dev/nul
 up_rabbitmq() {
   [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] || bash "$HERE/install-system.sh"
   mkdir -p "$RMQ_DIR" "$LOG_DIR/rabbitmq" "$KAFKA_DIR"
+  node_packages; node_network   # the bridge address it listens on for the real node's pods
   make_rabbitmq_tls
   if rmqctl status >/dev/null 2>&1; then
-    if rabbitmq_tls_up; then log "rabbitmq already running"; rabbitmq_user; return; fi
-    # Started by an older stack-up without the TLS listener: restart it with this config.
-    log "restarting rabbitmq to add its TLS listener"
+    if rabbitmq_tls_up && grep -q "^listeners.tcp.2 = $NODE_IP:" "$RMQ_DIR/rabbitmq.conf"; then
+      log "rabbitmq already running"; rabbitmq_user; return
+    fi
+    # Started by an older stack-up without the TLS listener or the one the real node's
+    # pods reach: restart it with this config.
+    log "restarting rabbitmq to add its listeners"
     rmqctl stop >/dev/null 2>&1 || true
     stop_pid rabbitmq
   fi
   cat > "$RMQ_DIR/rabbitmq.conf" <<CONF
 listeners.tcp.1 = 127.0.0.1:$RABBITMQ_PORT
+# The real node's pods (the operator installed by Helm) reach the broker at the host's end
+# of the pod bridge; the address exists only on this machine.
+listeners.tcp.2 = $NODE_IP:$RABBITMQ_PORT
 listeners.ssl.1 = 127.0.0.1:$RABBITMQ_TLS_PORT
 ssl_options.cacertfile = $KAFKA_DIR/tls/ca.crt
 ssl_options.certfile = $RMQ_DIR/tls/server.crt
@@ -489,6 +496,7 @@ write_env() {
 JOBRUNNER_TEST_KUBECONFIG=$KUBECONFIG_PATH
 JOBRUNNER_TEST_KUBECTL=$K8S_BIN/kubectl
 JOBRUNNER_TEST_RABBITMQ_URL=amqp://guest:guest@127.0.0.1:$RABBITMQ_PORT/
+JOBRUNNER_TEST_RABBITMQ_POD_URL=amqp://$RABBITMQ_USER:$RABBITMQ_PASSWORD@$NODE_IP:$RABBITMQ_PORT/
 JOBRUNNER_TEST_RABBITMQ_MANAGEMENT_URL=http://guest:guest@127.0.0.1:$RABBITMQ_MGMT_PORT/
 JOBRUNNER_TEST_RABBITMQCTL=$HERE/rabbitmqctl.sh
 JOBRUNNER_TEST_RABBITMQ_TLS_URL=amqps://$RABBITMQ_USER:$RABBITMQ_PASSWORD@127.0.0.1:$RABBITMQ_TLS_PORT/
