@@ -148,3 +148,11 @@ def keda_crds(kube_api: client.ApiClient) -> list[str]:
     if fetched.returncode != 0:
         services.missing("KEDA's CRDs", f"keda-crds.sh failed: {fetched.stderr[-800:]}")
     return apply_crds(kube_api, sorted(Path(fetched.stdout.strip()).glob("keda.sh_*.yaml")))
+
+
+@pytest.fixture(scope="session")
+def real_node(kube_api: client.ApiClient) -> Any:
+    """The stack's kubelet node (tests/integration/realnode.py), Ready, with its images."""
+    from tests.integration.realnode import real_node as find
+
+    return find(kube_api)
