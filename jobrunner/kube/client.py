@@ -757,7 +757,16 @@ class KubeJobClient:
             return ""
         if not pods:
             return ""
-        pod = pods[-1]
+        # The API lists pods by name, and a Job's pod names end in a random suffix: the
+        # last attempt is the newest (a retry waits its backoff, 10 s and more, so two
+        # attempts never share a second of creationTimestamp; RFC 3339 sorts as text).
+        pod = max(
+            pods,
+            key=lambda p: (
+                str((p.get("metadata") or {}).get("creationTimestamp") or ""),
+                str((p.get("metadata") or {}).get("name") or ""),
+            ),
+        )
         pod_name = (pod.get("metadata") or {}).get("name", "")
         status = pod.get("status") or {}
         failed = []
