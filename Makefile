@@ -120,6 +120,7 @@ bench: venv stack-up
 	$(BIN)/python bench/bench_dispatch.py rabbitmq
 	$(BIN)/python bench/bench_dispatch.py kafka
 	for s in sqs redis nats mqtt; do $(BIN)/python bench/bench_dispatch.py $$s || exit 1; done
+	$(BIN)/python bench/bench_real_node.py
 
 # KEDA is built (once, cached in ~/.cache/jobrunner/keda-<version>/) and started only here.
 bench-keda: venv stack-up
