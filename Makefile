@@ -126,6 +126,7 @@ bench: venv stack-up
 bench-keda: venv stack-up
 	bash $(STACK)/build-keda.sh >/dev/null
 	$(BIN)/python bench/bench_keda.py
+	$(BIN)/python bench/bench_keda_real_node.py
 
 # Only this clone's demo state: its demos name their directories after this clone's path
 # (deploy/local/demo_common.py, clone_id), so another clone's are left alone.
