@@ -114,15 +114,13 @@ containerd_ready() { ctr --address "$CONTAINERD_SOCK" version >/dev/null 2>&1; }
 
 start_containerd() {
   local dir="$NODE_DIR/containerd"
-  if pid_alive containerd && containerd_ready && grep -qF "\"$PAUSE_IMAGE\"" "$dir/config.toml"; then
-    log "containerd already running"; return
-  fi
-  stop_pid containerd
   mkdir -p "$dir" "$NODE_DIR/cni/net.d" "$NODE_DIR/cni/ipam"
   # restrict_oom_score_adj: this machine lacks CAP_SYS_RESOURCE, and without it the pause
   # container's oom_score_adj of -998 fails every sandbox ("can't get final child's PID
-  # from pipe: EOF"). The sandbox image is local: no registry is reachable.
-  cat > "$dir/config.toml" <<TOML
+  # from pipe: EOF"). The sandbox image is local: no registry is reachable. The pods'
+  # network namespaces are mounted under the state directory (not /var/run/netns), so
+  # stack-down finds and removes them with the rest, even after a kill.
+  cat > "$dir/config.toml.new" <<TOML
 version = 2
 root = "$dir/root"
 state = "$dir/state"
@@ -137,6 +135,7 @@ state = "$dir/state"
 [plugins."io.containerd.grpc.v1.cri"]
   sandbox_image = "$PAUSE_IMAGE"
   restrict_oom_score_adj = true
+  netns_mounts_under_state_dir = true
   enable_cdi = false
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
@@ -161,6 +160,12 @@ TOML
   ]
 }
 CNI
+  if pid_alive containerd && containerd_ready && cmp -s "$dir/config.toml.new" "$dir/config.toml"; then
+    rm -f "$dir/config.toml.new"; log "containerd already running"; return
+  fi
+  # A changed configuration restarts it; the containers it runs go on (their shims stay).
+  stop_pid containerd
+  mv "$dir/config.toml.new" "$dir/config.toml"
   log "starting containerd $(containerd --version | awk '{print $3}')"
   start_bg containerd "$LOG_DIR/containerd.log" containerd --config "$dir/config.toml"
   wait_for containerd 60 containerd_ready || die "containerd --config $dir/config.toml (no answer on $CONTAINERD_SOCK within 60s)" "$LOG_DIR/containerd.log"
