@@ -152,7 +152,12 @@ def recording_pods(kube_api: client.ApiClient, namespace: str) -> Iterator[PodRe
                         s.name: client.ApiClient().sanitize_for_serialization(s.state)
                         for s in (pod.status.container_statuses or [])
                     }
-                    meta = {"_deleting": pod.metadata.deletion_timestamp is not None}
+                    deletion = pod.metadata.deletion_timestamp
+                    meta = {
+                        "_deleting": deletion is not None,
+                        # When the grace ends: the deletion's request time plus the grace.
+                        "_deletion_timestamp": deletion.timestamp() if deletion else None,
+                    }
                     recorder.states.setdefault(pod.metadata.name, []).append({**statuses, **meta})
                     recorder.seen_at.setdefault(pod.metadata.name, []).append(time.monotonic())
                     if stop.is_set():
