@@ -231,7 +231,7 @@ async def broker_queue(rabbitmq_url: str) -> AsyncIterator[str]:
 @pytest.fixture
 def release(
     kube_api: client.ApiClient, kubeconfig: Path, namespace: str, real_node: RealNode,
-    tmp_path: Path,
+    tmp_path: Path, request: pytest.FixtureRequest,
 ) -> Any:  # fmt: skip
     """The chart installed as a user would, serving the test's namespace, its two
     replicas on the real node; uninstalled (and the node uncordoned) afterwards."""
@@ -257,6 +257,13 @@ def release(
         )  # fmt: skip
         yield Release(name, home)
     finally:
+        report = getattr(request.node, "rep_call", None)
+        if report is not None and report.failed:  # what each replica said, current and previous
+            for pod in operator_pods(kube_api, Release(name, home)):
+                for previous in ("--previous=false", "--previous=true"):
+                    logs = kubectl(kubeconfig, "logs", "-n", home, pod.metadata.name, previous,
+                                   check=False).stdout  # fmt: skip
+                    print(f"----- {pod.metadata.name} {previous} -----\n{logs[-20000:]}")
         # Other tests need the node: never leave it cordoned, whatever happened.
         kubectl(kubeconfig, "uncordon", real_node.name, check=False)
         helm("uninstall", name, "--kubeconfig", str(kubeconfig), "-n", home, "--wait",
