@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Installs the machine packages the local stack needs and a fresh Debian machine may
 # lack: RabbitMQ (with Erlang), Redis, Mosquitto, a JDK for Kafka and ElasticMQ, Node and
-# npm for Azurite, openssl and curl, zsh and fish (their shell completion is tested).
+# npm for Azurite, openssl and curl, zsh and fish (their shell completion is tested), and
+# for the real node containerd, runc, CNI plugins, iptables, conntrack, busybox-static,
+# buildah and debootstrap.
 # Idempotent; needs root (or sudo) only when something is missing.
 source "$(dirname "$0")/common.sh"
 
@@ -18,6 +20,15 @@ command -v go >/dev/null || need+=(golang-go)
 command -v npm >/dev/null || need+=(nodejs npm)   # Azurite
 command -v zsh >/dev/null || need+=(zsh)           # the shell-completion tests
 command -v fish >/dev/null || need+=(fish)
+# The real node (node.sh) and its images (build-node-images.sh).
+command -v containerd >/dev/null || need+=(containerd)
+command -v runc >/dev/null || need+=(runc)
+[[ -x /usr/lib/cni/bridge ]] || need+=(containernetworking-plugins)
+command -v iptables >/dev/null || need+=(iptables)
+command -v conntrack >/dev/null || need+=(conntrack)
+[[ -x /bin/busybox ]] && /bin/busybox --list | grep -qx sha256sum || need+=(busybox-static)
+command -v buildah >/dev/null || need+=(buildah)
+command -v debootstrap >/dev/null || need+=(debootstrap)
 if (( ${#need[@]} == 0 )); then log "system packages present"; exit 0; fi
 
 sudo=""; (( EUID == 0 )) || sudo="sudo"

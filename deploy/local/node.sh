@@ -182,6 +182,9 @@ import_node_images() {
       || die "ctr images import $archive" "$LOG_DIR/containerd-import.log"
     log "imported $name into containerd"
   done
+  # Earlier builds of the jobrunner image go (a running container keeps its snapshot).
+  grep '^localhost/jobrunner:node-' <<<"$have" | grep -vxF "$JOBRUNNER_IMAGE" \
+    | xargs -r ctr --address "$CONTAINERD_SOCK" -n k8s.io images rm >/dev/null 2>&1 || true
 }
 
 real_node_ready() {

@@ -543,8 +543,11 @@ for part in "${parts[@]}"; do
   case "$part" in
     all)
       bash "$HERE/install-system.sh"
-      # Every cached binary at once: the downloads of one overlap the compiling of another.
-      bash "$HERE/build-all.sh"
+      # Every cached binary at once: the downloads of one overlap the compiling of another;
+      # the real node's images (debootstrap, pip: mostly downloads) beside them.
+      bash "$HERE/build-node-images.sh" & images=$!
+      bash "$HERE/build-all.sh" || { wait "$images" || true; die "building the stack's binaries (see the messages above)"; }
+      wait "$images" || die "building the real node's images (see the messages above)"
       up_k8s; up_rabbitmq; up_kafka; up_azurite; up_sqs; up_redis; up_nats; up_mqtt ;;
     k8s) up_k8s ;;
     node) up_node ;;
