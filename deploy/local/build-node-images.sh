@@ -75,19 +75,19 @@ base_recipe="$(sed -n '/^if ! "\${B\[@\]}" inspect "\$BASE"/,/^fi/p' "$HERE/buil
 PYTHON_IMAGE="localhost/jobrunner-python:$(printf '%s\nbookworm' "$base_recipe" | hash_of)"
 jobrunner_inputs="$(cd "$ROOT" && { cat Dockerfile pyproject.toml README.md; \
   find jobrunner job_templates -type f ! -name '*.pyc' ! -path '*/__pycache__/*' | LC_ALL=C sort | xargs sha256sum; } | hash_of)"
-JOBRUNNER_IMAGE="localhost/jobrunner:node-$jobrunner_inputs"
-if [[ ! -s "$(archive_of "$PYTHON_IMAGE")" || ! -s "$(archive_of "$JOBRUNNER_IMAGE")" ]]; then
-  log "building $JOBRUNNER_IMAGE (build-image.sh; a few minutes the first time)"
-  IMAGE="$JOBRUNNER_IMAGE" BASE_IMAGE=localhost/debian-python:bookworm bash "$HERE/build-image.sh" \
+PROJECT_IMAGE="localhost/jobrunner:node-$jobrunner_inputs"
+if [[ ! -s "$(archive_of "$PYTHON_IMAGE")" || ! -s "$(archive_of "$PROJECT_IMAGE")" ]]; then
+  log "building $PROJECT_IMAGE (build-image.sh; a few minutes the first time)"
+  IMAGE="$PROJECT_IMAGE" BASE_IMAGE=localhost/debian-python:bookworm bash "$HERE/build-image.sh" \
     || die "build-image.sh (the jobrunner image for the real node)"
   "${B[@]}" tag localhost/debian-python:bookworm "$PYTHON_IMAGE"
-  save "$PYTHON_IMAGE"; save "$JOBRUNNER_IMAGE"
-  log "saved $PYTHON_IMAGE and $JOBRUNNER_IMAGE"
+  save "$PYTHON_IMAGE"; save "$PROJECT_IMAGE"
+  log "saved $PYTHON_IMAGE and $PROJECT_IMAGE"
   # Earlier builds of the jobrunner image are dropped (vfs storage copies every layer).
   for old in "$OUT"/localhost_jobrunner_node-*.tar; do
-    [[ "$old" == "$(archive_of "$JOBRUNNER_IMAGE")" ]] || rm -f "$old"
+    [[ "$old" == "$(archive_of "$PROJECT_IMAGE")" ]] || rm -f "$old"
   done
-  "${B[@]}" images --format '{{.Name}}:{{.Tag}}' | grep '^localhost/jobrunner:node-' | grep -vxF "$JOBRUNNER_IMAGE" \
+  "${B[@]}" images --format '{{.Name}}:{{.Tag}}' | grep '^localhost/jobrunner:node-' | grep -vxF "$PROJECT_IMAGE" \
     | xargs -r "${B[@]}" rmi >/dev/null 2>&1 || true
 fi
 
@@ -95,6 +95,6 @@ cat > "$OUT/images.env.new" <<ENV
 PAUSE_IMAGE=$PAUSE_IMAGE
 BUSYBOX_IMAGE=$BUSYBOX_IMAGE
 PYTHON_IMAGE=$PYTHON_IMAGE
-JOBRUNNER_IMAGE=$JOBRUNNER_IMAGE
+PROJECT_IMAGE=$PROJECT_IMAGE
 ENV
 mv "$OUT/images.env.new" "$OUT/images.env"

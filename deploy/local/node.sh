@@ -175,7 +175,7 @@ CNI
 import_node_images() {
   local have name archive
   have="$(ctr --address "$CONTAINERD_SOCK" -n k8s.io images ls -q 2>/dev/null)"
-  for name in "$PAUSE_IMAGE" "$BUSYBOX_IMAGE" "$PYTHON_IMAGE" "$JOBRUNNER_IMAGE"; do
+  for name in "$PAUSE_IMAGE" "$BUSYBOX_IMAGE" "$PYTHON_IMAGE" "$PROJECT_IMAGE"; do
     grep -qxF "$name" <<<"$have" && continue
     archive="$NODE_IMAGE_CACHE/$(echo "$name" | tr '/:' '__').tar"
     ctr --address "$CONTAINERD_SOCK" -n k8s.io images import "$archive" >>"$LOG_DIR/containerd-import.log" 2>&1 \
@@ -183,7 +183,7 @@ import_node_images() {
     log "imported $name into containerd"
   done
   # Earlier builds of the jobrunner image go (a running container keeps its snapshot).
-  grep '^localhost/jobrunner:node-' <<<"$have" | grep -vxF "$JOBRUNNER_IMAGE" \
+  grep '^localhost/jobrunner:node-' <<<"$have" | grep -vxF "$PROJECT_IMAGE" \
     | xargs -r ctr --address "$CONTAINERD_SOCK" -n k8s.io images rm >/dev/null 2>&1 || true
 }
 

@@ -525,7 +525,9 @@ JOBRUNNER_TEST_CONTAINERD_SOCK=$CONTAINERD_SOCK
 JOBRUNNER_TEST_POD_LOGS=$NODE_DIR/pod-logs
 ENV
   # The real node's images (build-node-images.sh names them by the hash of their inputs).
-  [[ -f "$NODE_IMAGE_CACHE/images.env" ]] && sed 's/^/JOBRUNNER_TEST_/' "$NODE_IMAGE_CACHE/images.env" >> "$fresh"
+  if [[ -f "$NODE_IMAGE_CACHE/images.env" ]]; then
+    sed -e 's/^PROJECT_IMAGE=/JOBRUNNER_TEST_JOBRUNNER_IMAGE=/; t' -e 's/^/JOBRUNNER_TEST_/' "$NODE_IMAGE_CACHE/images.env" >> "$fresh"
+  fi
   azurite_env >> "$fresh"
   # Keep what other parts (started by another checkout's stack-up) wrote: several
   # branches share one stack.
