@@ -78,6 +78,11 @@ KUBELET_DIFFERENCES: dict[str, str] = {
         "handler for does not end (SIGTERM at a deadline, then SIGKILL after the grace: "
         "137); locally that SIGTERM ends it (143). Trap SIGTERM to end the same way on both"
     ),
+    "probe address": (
+        "said: a tcpSocket or httpGet probe without host connects to 127.0.0.1 here, where "
+        "the kubelet connects to the pod's IP; a server on 127.0.0.1 alone passes locally "
+        "and is never started on a cluster. Listen on every address"
+    ),
     "stdout and stderr": (
         "not imitated: the kubelet keeps the two streams apart and merges them by when each "
         "line was read; locally they are one file, in the order written"

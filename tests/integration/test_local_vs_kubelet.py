@@ -33,7 +33,14 @@ from jobrunner.local import compat
 from jobrunner.local.client import LocalJobClient
 from jobrunner.local.jobdir import JobDir
 from jobrunner.tracking.tracker import outcome_of
-from tests.integration.realnode import RealNode, on_real_node, pod_log, pods_of_job
+from tests.integration.realnode import (
+    PodRecorder,
+    RealNode,
+    on_real_node,
+    pod_log,
+    pods_of_job,
+    recording_pods,
+)
 
 pytestmark = [pytest.mark.kube, pytest.mark.real_node]
 
@@ -46,7 +53,8 @@ attempts, and the node is shared with the rest of the suite."""
 IGNORES_TERM = "trap '' TERM; echo started; while :; do sleep 1; done"
 """A container that ignores SIGTERM (its children inherit the ignored signal, so the
 local process group does too): only the SIGKILL after the grace period ends it."""
-KILLED_CHILD = "sh -c 'kill -9 $$$$'; code=$?; echo child ended $code; exit $code"
+KILLED_CHILD = "exec 2>&1; sh -c 'kill -9 $$$$'; code=$?; echo child ended $code; exit $code"
+"""The shell says ``Killed`` on stderr: one stream, so its order is the same on both."""
 SIDECAR = (
     "trap 'echo sidecar stopped; exit 0' TERM; sleep 1; echo up > $SHARED/up; "
     "echo sidecar up; while :; do sleep 1 & wait $!; done"
@@ -348,6 +356,16 @@ def _terminated(statuses: Any) -> dict[str, int]:
 async def run_on_node(
     kube_api: client.ApiClient, job: dict[str, Any], secret: dict[str, Any] | None
 ) -> Run:
+    with recording_pods(kube_api, job["metadata"]["namespace"]) as recorder:
+        return await _run_on_node(kube_api, job, secret, recorder)
+
+
+async def _run_on_node(
+    kube_api: client.ApiClient,
+    job: dict[str, Any],
+    secret: dict[str, Any] | None,
+    recorder: PodRecorder,
+) -> Run:
     meta = job["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     batch = client.BatchV1Api(kube_api)
@@ -406,6 +424,17 @@ async def run_on_node(
         await asyncio.sleep(1.0)
     else:
         raise AssertionError(f"Job {name} did not finish within {REAL_WITHIN:g} s: {status}")
+    # A pod stopped at the deadline may be deleted between two polls: its containers'
+    # ends are in the watch's record (main containers; a failed init container's pod
+    # is not deleted).
+    for pod_name in recorder.states:
+        first = min(recorder.seen_at[pod_name])
+        stamp, codes, output = seen.get(pod_name, (f"~{first:020.6f}", {}, {}))
+        for c in job["spec"]["template"]["spec"]["containers"]:
+            ended = recorder.terminated(pod_name, c["name"])
+            if c["name"] not in codes and ended is not None:
+                codes[c["name"]] = int(ended["exitCode"])
+        seen[pod_name] = (stamp, codes, output)
     attempts = sorted(seen.values())
     return Run(
         conditions=_true_conditions(status),
