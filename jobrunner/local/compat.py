@@ -62,7 +62,8 @@ KUBELET_DIFFERENCES: dict[str, str] = {
     "workingDir": (
         "refused unless an absolute directory of this machine: a runtime makes a missing "
         "one in the image's filesystem; the local executor runs the process on this machine "
-        "and will not run it elsewhere instead"
+        "and will not run it elsewhere instead. A relative one fails on a kubelet too (runc: "
+        "StartError, exit 128, 'Cwd must be an absolute path')"
     ),
     "volumeMounts.mountPath in a script": (
         "warned: a mount path is mapped to the volume's directory where a command or args "

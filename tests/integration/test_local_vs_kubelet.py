@@ -74,6 +74,9 @@ class Case:
     """The key of ``compat.KUBELET_DIFFERENCES`` this case shows: the local executor
     refuses the Job, or ``validate --local`` warns about it (``warned``)."""
     warned: bool = False
+    on_kubelet: dict[str, Any] | None = None
+    """For a difference: what the real node does with the Job (``Run.view`` of
+    ``compare``), asserted as well."""
 
 
 def sh(name: str, script: str, **container: Any) -> dict[str, Any]:
@@ -214,6 +217,15 @@ CORPUS: list[Case] = [
         "working-dir-relative",
         [sh("main", "pwd", workingDir="tmp")],
         difference="workingDir",
+        # runc refuses it too: StartError, "Cwd must be an absolute path", exit 128.
+        compare=frozenset({"conditions", "codes"}),
+        on_kubelet={
+            "conditions": [
+                ("FailureTarget", "BackoffLimitExceeded"),
+                ("Failed", "BackoffLimitExceeded"),
+            ],
+            "codes": [{"main": 128}],
+        },
     ),
     Case(
         "mount-path-in-a-script",
@@ -470,6 +482,9 @@ async def test_the_local_executor_does_what_the_kubelet_does(
         assert compat.EXECUTOR in str(refused.value), refused.value
         problems = compat.spec_problems(job["spec"], job_name=None)
         assert any(case.difference in p.field("spec") for p in problems), (entry, problems)
+        if case.on_kubelet is not None:
+            real = await run_on_node(kube_api, copy.deepcopy(job), secret)
+            assert real.view(case.compare) == case.on_kubelet, case.name
         return
     local, real = await asyncio.gather(
         run_locally(copy.deepcopy(job), secret, tmp_path / "state"),
