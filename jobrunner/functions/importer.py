@@ -539,7 +539,9 @@ def _timeout(app: App) -> int | None:
 def _invoker_command(options: Options) -> list[str]:
     if options.local:
         return [sys.executable, "-m", "jobrunner.functions.invoker"]
-    return ["python", "-m", "jobrunner.functions.invoker"]
+    # python3, not python: Debian's and distroless images have no `python`, and every
+    # image that has `python` (python:3.x, Azure Functions' own) has python3 as well.
+    return ["python3", "-m", "jobrunner.functions.invoker"]
 
 
 def _job(
@@ -677,7 +679,7 @@ def _python_pod(
 ) -> dict[str, Any]:
     """The volumes and containers of a Python app's pod: an init container copies the
     invoker into a shared volume, and the function's image runs it with the app."""
-    interpreter = (options.python or sys.executable) if options.local else "python"
+    interpreter = (options.python or sys.executable) if options.local else "python3"
     mount = [{"name": "jobrunner-invoker", "mountPath": INVOKER_MOUNT}]
     main: dict[str, Any] = {
         "name": "function",

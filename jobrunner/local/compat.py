@@ -21,6 +21,7 @@ here before a Job can carry it. The Job controller's rules come from kubernetes/
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -33,6 +34,7 @@ from jobrunner.manifest.jobschema import SchemaProblem, is_templated
 if TYPE_CHECKING:
     from jobrunner.rendering.renderer import JobTemplate
 
+logger = logging.getLogger(__name__)
 EXECUTOR = "the local executor"
 
 JOB_SPEC_FIELDS: dict[str, str] = {
@@ -55,6 +57,43 @@ JOB_SPEC_FIELDS: dict[str, str] = {
     "ttlSecondsAfterFinished": "honoured: the Job is deleted once the finalizer allows",
 }
 """Each batch/v1 JobSpec field and what the local executor does with it."""
+
+KUBELET_DIFFERENCES: dict[str, str] = {
+    "workingDir": (
+        "refused unless an absolute directory of this machine: a runtime makes a missing "
+        "one in the image's filesystem; the local executor runs the process on this machine "
+        "and will not run it elsewhere instead. A relative one fails on a kubelet too (runc: "
+        "StartError, exit 128, 'Cwd must be an absolute path')"
+    ),
+    "volumeMounts.mountPath in a script": (
+        "warned: a mount path is mapped to the volume's directory where a command or args "
+        "item, or an env value, starts with it; a path inside a script (`sh -c 'cat "
+        "/data/x'`) is this machine's. Pass the path in env (`DATA=/data`, then `$DATA/x`)"
+    ),
+    "image": (
+        "warned at create: the image is not used, its command runs this machine's programs "
+        "(`sh` is this machine's shell: an error's words and exit code may differ)"
+    ),
+    "process 1": (
+        "not imitated: a container's first process is PID 1, which a signal it has no "
+        "handler for does not end (SIGTERM at a deadline, then SIGKILL after the grace: "
+        "137); locally that SIGTERM ends it (143). Trap SIGTERM to end the same way on both"
+    ),
+    "probe address": (
+        "said: a tcpSocket or httpGet probe without host connects to 127.0.0.1 here, where "
+        "the kubelet connects to the pod's IP; a server on 127.0.0.1 alone passes locally "
+        "and is never started on a cluster. Listen on every address"
+    ),
+    "stdout and stderr": (
+        "not imitated: the kubelet keeps the two streams apart and merges them by when each "
+        "line was read; locally they are one file, in the order written"
+    ),
+}
+"""What the local executor does not do as the kubelet does, found by running one corpus
+of Jobs on both (tests/integration/test_local_vs_kubelet.py), and what ``validate
+--local`` and ``run --local`` do about each (README: "Where the local executor and the
+kubelet differ"). Everything else the corpus runs is the same on both: conditions,
+reasons, attempts, exit codes and output."""
 
 JOB_CONTROLLER = "kubernetes.io/job-controller"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
@@ -390,6 +429,42 @@ def _known_field(path: str) -> bool:
     return path in _FIELD_REFS or _POD_META.fullmatch(path) is not None
 
 
+def spec_warnings(spec: Mapping[str, Any]) -> list[SchemaProblem]:
+    """What the local executor runs, but not as a kubelet would (``KUBELET_DIFFERENCES``),
+    that a Job template shows: a volume's mount path written inside a script, where it is
+    this machine's path and not the volume. Paths relative to the JobSpec."""
+    template = spec.get("template")
+    pod = template.get("spec") if isinstance(template, Mapping) else None
+    if not isinstance(pod, Mapping):
+        return []
+    warnings = []
+    for key in ("initContainers", "containers"):
+        for i, container in enumerate(pod.get(key) or []):
+            if not isinstance(container, Mapping):
+                continue
+            mounts = [
+                str(m["mountPath"])
+                for m in container.get("volumeMounts") or []
+                if isinstance(m, Mapping) and _set(m.get("mountPath"))
+            ]
+            for field in ("command", "args"):
+                items = container.get(field)
+                for j, item in enumerate(items if isinstance(items, list) else []):
+                    text = str(item)
+                    inside = [m for m in mounts if m in text and not text.startswith(m)]
+                    for mount in inside:
+                        warnings.append(
+                            SchemaProblem(
+                                ("template", "spec", key, i, field, j),
+                                f"{EXECUTOR} maps mount path {mount} only where an item "
+                                "starts with it: inside this script it is this machine's "
+                                f"{mount}, not the volume; pass it in env (`DATA={mount}`, then "
+                                "`$DATA/file`), as a command item, or run on a cluster",
+                            )
+                        )
+    return warnings
+
+
 def pod_metadata(job: Mapping[str, Any]) -> dict[str, dict[str, str]]:
     """The labels and annotations of the Job's local pod: its template's, and those the
     Job controller adds (job_controller.go: the Job's name and uid as
@@ -478,6 +553,8 @@ def check_template(template: JobTemplate) -> None:
     # is named from the Job (``<job>-message``), and jobrunner adds its volume itself.
     from jobrunner.manifest.scaledjob import ManifestError  # not in a supervisor: it runs Jobs only
 
+    for warning in spec_warnings(template.spec):
+        logger.warning("%s: %s", template.where(warning.path), warning.text)
     problems = spec_problems(template.spec, job_name=None)
     if problems:
         lines = [f"  {template.where(p.path)}: {p.text}" for p in problems]

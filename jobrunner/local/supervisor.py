@@ -81,6 +81,16 @@ class Process:
     """An init container with ``restartPolicy: Always`` (a native sidecar)."""
     spec: dict[str, Any] | None = None
     """The container as written (its probes and ports)."""
+    mounts: tuple[tuple[str, Path], ...] = ()
+    """Its volume mounts: mount path -> the Job's directory for the volume."""
+    defined: dict[str, str] | None = None
+    """The env the container defines, which alone ``$(VAR)`` sees."""
+
+    def probe_argv(self, command: list[str]) -> list[str]:
+        """An exec probe's command as the kubelet runs it in the container: ``$(VAR)``
+        expanded from the container's env, and (here) mount paths mapped into the Job's
+        directory, as its own command's are."""
+        return [_map_path(expand(part, self.defined or {}), list(self.mounts)) for part in command]
 
 
 def _secret_files(secret: dict[str, Any] | None, wanted: str) -> dict[str, bytes]:
@@ -229,6 +239,8 @@ def _process(
         log=log,
         sidecar=init and container.get("restartPolicy") == "Always",
         spec=container,
+        mounts=tuple(mounts),
+        defined=defined,
     )
 
 
@@ -424,7 +436,7 @@ def probe_once(probe: dict[str, Any], proc: Process) -> str | None:
             connection.close()
         return None if 200 <= status < 400 else f"GET http://127.0.0.1:{port}{path}: {status}"
     if "exec" in probe:
-        command = list(probe["exec"].get("command") or [])
+        command = proc.probe_argv(list(probe["exec"].get("command") or []))
         try:
             done = subprocess.run(
                 command, env=proc.env, cwd=proc.cwd, capture_output=True, timeout=timeout
@@ -465,8 +477,7 @@ class Supervisor:
         groups = {p.pid for p in self.running} | set(self.status.get("pgids") or [])
         for sig in (signal.SIGTERM, signal.SIGKILL) if grace > 0 else (signal.SIGKILL,):
             for pgid in groups:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(pgid, sig)
+                _signal_container(pgid, sig)
             end = time.time() + grace
             while time.time() < end and any(p.poll() is None for p in self.running):
                 time.sleep(0.02)
@@ -482,8 +493,7 @@ class Supervisor:
         sidecar in reverse start order and SIGKILL what is left after the grace period
         (the kubelet's order); each one's own end is recorded (``sidecar_ends``)."""
         for proc, child in reversed(self.sidecars):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(child.pid, signal.SIGTERM)
+            _signal_container(child.pid, signal.SIGTERM)
             end = time.time() + self.grace
             while time.time() < end and child.poll() is None:
                 time.sleep(0.02)
@@ -502,7 +512,7 @@ class Supervisor:
         self.sidecar_ends[proc.container] = {
             "when": when,
             # As a container runtime reports a process a signal ended: 128 + the signal.
-            "exitCode": 128 - code if code < 0 else code,
+            "exitCode": _exit_code(code),
             "signal": signal.Signals(-code).name if code < 0 else None,
         }
 
@@ -652,7 +662,11 @@ class Supervisor:
             else:
                 result = self._run_together(step, deadline)
             if result is None:
+                running = list(zip(step, self.running, strict=False))
                 self.kill_running(grace=self.grace, when="at the deadline (DeadlineExceeded)")
+                # As the kubelet reports a container the deadline stopped: its exit code,
+                # 137 when the SIGKILL after the grace period ended it.
+                codes.update({p.container: _exit_code(c.returncode) for p, c in running})
                 self.status["failed"] += 1  # as the pod the Job controller terminates
                 self._close_attempt(codes, "deadline exceeded")
                 self._deadline_exceeded()
@@ -823,7 +837,8 @@ class Supervisor:
             codes = [p.poll() for p in self.running]
             if all(code is not None for code in codes):
                 result = {
-                    proc.container: int(code or 0) for proc, code in zip(procs, codes, strict=True)
+                    proc.container: _exit_code(code)
+                    for proc, code in zip(procs, codes, strict=True)
                 }
                 self.running = []
                 return result
@@ -906,6 +921,28 @@ class Supervisor:
                     wait_until = time.time() + period
                 time.sleep(0.02)
         return True
+
+
+def _signal_container(pgid: int, sig: signal.Signals) -> None:
+    """Signal a container's processes as a container runtime does: SIGTERM to its first
+    process only (the runtime signals the container's init, and a shell's children do
+    not see it: a shell that traps it ends them its own way), SIGKILL to all of them (the
+    runtime kills the container's whole PID namespace). Each container is a process group
+    whose leader is its first process."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if sig == signal.SIGTERM:
+            os.kill(pgid, sig)
+        else:
+            os.killpg(pgid, sig)
+
+
+def _exit_code(returncode: int | None) -> int:
+    """A process's exit code as a container runtime reports it: 128 + the signal for one
+    a signal ended (``kill -9`` is 137, as ``podFailurePolicy`` rules on a cluster see it),
+    where Python's ``returncode`` is minus the signal."""
+    if returncode is None:
+        return 137  # not reaped after its SIGKILL: what it will report
+    return 128 - returncode if returncode < 0 else returncode
 
 
 def _needs_secret(job: dict[str, Any], name: str) -> bool:

@@ -311,7 +311,7 @@ def hi(req: func.HttpRequest) -> func.HttpResponse: ...
     assert render["spec"]["function"]["outputs"][0]["metadata"]["queueName"] == "done"
     pod = render["spec"]["jobTargetRef"]["template"]["spec"]
     assert pod["initContainers"][0]["command"][-2:] == ["install", "/jobrunner"]
-    assert pod["containers"][0]["command"][:3] == ["python", "/jobrunner/invoker.py", "python"]
+    assert pod["containers"][0]["command"][:3] == ["python3", "/jobrunner/invoker.py", "python"]
     rabbit = docs(tmp_path / "out" / "pyapp-rabbit.yaml")["ScaledJob"][0]
     assert rabbit["spec"]["triggers"][0]["type"] == "rabbitmq"
     assert not (tmp_path / "out" / "pyapp-hi.yaml").exists()
