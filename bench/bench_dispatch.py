@@ -1,5 +1,8 @@
 """Benchmark of the dispatch path on the local stack (``make bench``; ``bench_dispatch.py
-rabbitmq``, ``kafka``, ``sqs``, ``redis``, ``nats`` or ``mqtt``); prints figures.
+rabbitmq``, ``kafka``, ``sqs``, ``redis``, ``nats`` or ``mqtt``; ``--steady-only`` stops
+after the steady phase and its baseline, ``--tree DIR`` runs the dispatcher of another
+source tree, ``--without-finalizer`` the dispatcher without its settlement finalizer,
+a baseline only: ``nofinalizer.py``); prints figures.
 
 Every figure is measured in this run, beside a baseline measured in the same run:
 
@@ -9,7 +12,10 @@ Every figure is measured in this run, beside a baseline measured in the same run
   dispatcher (first to last Job seen), and its ratio to the bare-client rate;
 * latency: 1,000 messages at a steady 20 msg/s, publish -> the API server's answer to
   the create (p50/p95/p99, from the dispatcher's log), and publish -> Job seen by a
-  separate watch (which adds the watch's own delivery delay). Published means: RabbitMQ,
+  separate watch (which adds the watch's own delivery delay); beside it, in the same
+  50 s, bare create calls (2/s, one at a time, from a process of their own) under the
+  very load the dispatcher's Jobs make (created, completing, released): the dispatcher's
+  own share is the ratio of the two p50s. Published means: RabbitMQ,
   the publish call returned; Kafka, the broker appended the record (the topic uses
   LogAppendTime), since the client's send() only queues it; SQS, SendMessage answered;
   Redis, the entry's id (the server's clock at XADD); NATS, the stream's PubAck came
@@ -20,6 +26,7 @@ Every figure is measured in this run, beside a baseline measured in the same run
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -36,6 +43,7 @@ from typing import Any
 
 import yaml
 from benchlib import (
+    ROOT,
     ListWatch,
     declare_queue,
     delete_queue,
@@ -49,9 +57,11 @@ from benchlib import (
 )
 from kubernetes import client, config
 
+from jobrunner.core.models import FINALIZER
 from jobrunner.core.naming import job_name
 
 STEADY, BURST, RATE, TRACKED = 1000, 1000, 20.0, 10_000
+PROBES = 100  # bare create calls beside the steady phase (2/s: a tenth of its creates)
 TARGETS = {"p50_ms": 50, "p99_ms": 250, "ratio": 0.8, "rss_mib": 200}
 
 
@@ -486,6 +496,63 @@ def bare_create(kubeconfig: str, namespace: str, jobs: list[dict[str, Any]]) -> 
         return len(jobs) / (time.perf_counter() - start)
 
 
+def probe_creates(
+    kubeconfig: str, namespace: str, jobs: list[dict[str, Any]], rate: float, start_at: float
+) -> list[float]:
+    """Bare create calls beside the dispatcher's steady phase, under the very load it
+    makes (its Jobs being created, completing and released): from ``start_at`` (epoch
+    seconds), one call at a time at ``rate`` per second, each call's answer time (ms).
+    In a process of its own, as the dispatcher is. Jobs of another ScaledJob's labels,
+    without jobrunner's finalizer: the dispatcher never sees them."""
+    configuration = client.Configuration()
+    config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)
+    batch = client.BatchV1Api(client.ApiClient(configuration))
+    batch.list_namespaced_job(namespace, limit=1, _preload_content=False)  # warm
+    time.sleep(max(0.0, start_at - time.time()))
+    out = []
+    began = time.monotonic()
+    for i, job in enumerate(jobs):
+        delay = began + i / rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        called = time.perf_counter()
+        batch.create_namespaced_job(namespace, job, _preload_content=False)
+        out.append((time.perf_counter() - called) * 1000)
+    return out
+
+
+def guarded(api: client.ApiClient, namespace: str) -> list[dict[str, Any]]:
+    """The Jobs of the namespace that still carry jobrunner's finalizer."""
+    raw = client.BatchV1Api(api).list_namespaced_job(namespace, _preload_content=False).data
+    return [
+        j for j in json.loads(raw)["items"] if FINALIZER in (j["metadata"].get("finalizers") or [])
+    ]
+
+
+def wait_released(api: client.ApiClient, namespace: str, timeout: float = 60) -> None:
+    """Until the dispatcher released every finished Job (before it is stopped)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and guarded(api, namespace):
+        wait_quiet(api, namespace)
+        time.sleep(1)
+
+
+def release_left(api: client.ApiClient, namespace: str) -> None:
+    """Once the dispatcher has stopped: drop the finalizer of a Job it had not released
+    yet (only in this benchmark's namespace), so the namespace can go; say how many."""
+    left = guarded(api, namespace)
+    for job in left:
+        finalizers = [f for f in job["metadata"]["finalizers"] if f != FINALIZER]
+        client.BatchV1Api(api).patch_namespaced_job(
+            job["metadata"]["name"],
+            namespace,
+            {"metadata": {"finalizers": finalizers}},
+            _content_type="application/merge-patch+json",
+        )
+    if left:
+        print(f"  {len(left)} Job(s) still carried {FINALIZER} after the dispatcher stopped")
+
+
 def wait_quiet(api: client.ApiClient, namespace: str, timeout: float = 600) -> float:
     """Wait until every Job in the namespace has finished, so each measured phase starts
     from the same idle cluster; returns the seconds waited."""
@@ -531,6 +598,20 @@ def wait_created(log: Path, names: list[str], timeout: float) -> None:
     )
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def apiserver_cpu(stack: dict[str, str]) -> float:
+    state = Path(stack.get("JOBRUNNER_TEST_STACK_STATE", "/tmp/jobrunner-stack"))
+    try:
+        return cpu_seconds(int((state / "pids" / "kube-apiserver.pid").read_text()))
+    except (OSError, ValueError):
+        return float("nan")
+
+
 def rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -539,7 +620,24 @@ def rss_mib(pid: int) -> float:
 
 
 def main() -> int:
-    source = sys.argv[1] if len(sys.argv) > 1 else "rabbitmq"
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("source", nargs="?", default="rabbitmq", choices=sorted(BROKERS))
+    parser.add_argument(
+        "--steady-only", action="store_true", help="stop after the steady phase and its baseline"
+    )
+    parser.add_argument(
+        "--tree",
+        type=Path,
+        default=ROOT,
+        help="the jobrunner source tree the dispatcher runs (default: this one)",
+    )
+    parser.add_argument(
+        "--without-finalizer",
+        action="store_true",
+        help="a baseline: the dispatcher without its settlement finalizer (nofinalizer.py)",
+    )
+    args = parser.parse_args()
+    source, steady_only = args.source, args.steady_only
     stack = env_file()
     kubeconfig = stack["JOBRUNNER_TEST_KUBECONFIG"]
     api = config.new_client_from_config(config_file=kubeconfig)
@@ -564,11 +662,17 @@ def main() -> int:
     watcher = JobWatcher(api, namespace)
     try:
         doc = scaledjob_doc("bench", namespace, broker.trigger())
-        print(f"bench ({broker.source}): namespace {namespace}, logs in {work}", flush=True)
+        print(
+            f"bench ({broker.source}): namespace {namespace}, logs in {work}, dispatcher "
+            f"from {args.tree}{' WITHOUT its finalizer' if args.without_finalizer else ''}",
+            flush=True,
+        )
 
         manifest = work / "bench.yaml"
         manifest.write_text(yaml.safe_dump(doc))
-        dispatcher = start_dispatcher(manifest, kubeconfig, log)
+        dispatcher = start_dispatcher(
+            manifest, kubeconfig, log, tree=args.tree, guarded=not args.without_finalizer
+        )
         # Measure from a ready dispatcher (broker connected, watch in sync, partitions
         # assigned) on a quiet cluster, not from its start-up.
         wait_log(log, "dispatching bench", timeout=60)
@@ -578,6 +682,14 @@ def main() -> int:
         time.sleep(2)
         results["idle_rss"] = rss_mib(dispatcher.pid)
 
+        probes = rendered_jobs(scaledjob_doc("probe", namespace, broker.trigger()), "probe", PROBES)
+        pool = ProcessPoolExecutor(1)
+        start_at = time.time() + 3
+        probing = pool.submit(
+            probe_creates, kubeconfig, namespace, probes, PROBES * RATE / STEADY, start_at
+        )
+        time.sleep(max(0.0, start_at - time.time()))
+        cpu = {"dispatcher": cpu_seconds(dispatcher.pid), "kube-apiserver": apiserver_cpu(stack)}
         sent = broker.publish("steady", STEADY, RATE)
         wait_created(log, list(sent), timeout=120)
         watcher.wait_for(list(sent), timeout=120)
@@ -593,6 +705,30 @@ def main() -> int:
             f"watch p50 {results['seen_p50_ms']:.1f} ms, p99 {results['seen_p99_ms']:.1f} ms",
             flush=True,
         )
+        bare = probing.result()
+        pool.shutdown()
+        used = {
+            "dispatcher": cpu_seconds(dispatcher.pid) - cpu["dispatcher"],
+            "kube-apiserver": apiserver_cpu(stack) - cpu["kube-apiserver"],
+        }
+        print(
+            f"  CPU during the steady phase: dispatcher {used['dispatcher']:.1f} s "
+            f"({used['dispatcher'] * 1000 / STEADY:.1f} ms a message), kube-apiserver "
+            f"{used['kube-apiserver']:.1f} s",
+            flush=True,
+        )
+        results["bare_p50_ms"], results["bare_p95_ms"] = pct(bare, 50), pct(bare, 95)
+        results["share"] = results["p50_ms"] / results["bare_p50_ms"]
+        print(
+            f"  bare create calls beside it, under the same load ({PROBES} at "
+            f"{PROBES * RATE / STEADY:.0f}/s from a process of their own): p50 "
+            f"{results['bare_p50_ms']:.1f} ms, p95 {results['bare_p95_ms']:.1f} ms; "
+            f"publish->Job created / bare create, p50: {results['share']:.2f}x",
+            flush=True,
+        )
+        if steady_only:
+            wait_released(api, namespace)
+            return 0
 
         bare_rates = []
         for round_ in range(2):
@@ -635,7 +771,9 @@ def main() -> int:
         mem_manifest = work / "mem.yaml"
         mem_manifest.write_text(yaml.safe_dump(mem_doc))
         log_mem = work / "dispatcher-mem.log"
-        dispatcher = start_dispatcher(mem_manifest, kubeconfig, log_mem, level="DEBUG")
+        dispatcher = start_dispatcher(
+            mem_manifest, kubeconfig, log_mem, level="DEBUG", tree=args.tree
+        )
         wait_log(log_mem, f"listed {TRACKED} jobs", timeout=300)
         time.sleep(2)
         results["tracked_rss"] = rss_mib(dispatcher.pid)
@@ -649,6 +787,7 @@ def main() -> int:
         if dispatcher is not None and dispatcher.poll() is None:
             dispatcher.terminate()
             dispatcher.wait(60)
+        release_left(api, namespace)
         core.delete_namespace(namespace, propagation_policy="Background")
         broker.teardown()
 
@@ -666,6 +805,13 @@ def main() -> int:
             f"<= {TARGETS['p99_ms']} ms",
             results["p99_ms"] <= TARGETS["p99_ms"],
         ),
+        (
+            "bare create call beside it, same load: p50 / p95",
+            f"{results['bare_p50_ms']:.1f} / {results['bare_p95_ms']:.1f} ms",
+            "",
+            True,
+        ),
+        ("publish->Job created p50 / bare create p50", f"{results['share']:.2f}x", "", True),
         ("publish->Job seen by a watch p50", f"{results['seen_p50_ms']:.1f} ms", "", True),
         ("publish->Job seen by a watch p99", f"{results['seen_p99_ms']:.1f} ms", "", True),
         ("bare client (baseline)", f"{results['bare_rate']:.1f} Jobs/s", "", True),

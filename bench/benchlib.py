@@ -128,14 +128,26 @@ def wait_for_earlier_runs(
 
 
 def start_dispatcher(
-    manifest: Path, kubeconfig: str, log: Path, level: str = "INFO"
+    manifest: Path,
+    kubeconfig: str,
+    log: Path,
+    level: str = "INFO",
+    tree: Path = ROOT,
+    guarded: bool = True,
 ) -> subprocess.Popen[bytes]:
-    """A real ``jobrunner run`` process, its output appended to ``log``."""
+    """A real ``jobrunner run`` process, its output appended to ``log``; ``tree`` is the
+    jobrunner source tree it runs (``python -m`` puts its working directory first on
+    ``sys.path``): another one measures a change against where it began, in one run.
+    ``guarded`` False: through ``nofinalizer.py``, jobrunner without its settlement
+    finalizer (a baseline for benchmarks only)."""
+    env = {**os.environ, "JOBRUNNER_LOG_LEVEL": level, "TZ": "UTC"}
+    if not guarded:
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "bench"), env.get("PYTHONPATH", "")])
     return subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "jobrunner.cli",
+            "jobrunner.cli" if guarded else "nofinalizer",
             "--kubeconfig",
             kubeconfig,
             "run",
@@ -144,8 +156,8 @@ def start_dispatcher(
         ],
         stdout=log.open("ab"),
         stderr=subprocess.STDOUT,
-        cwd=ROOT,
-        env={**os.environ, "JOBRUNNER_LOG_LEVEL": level, "TZ": "UTC"},
+        cwd=tree,
+        env=env,
     )
 
 
