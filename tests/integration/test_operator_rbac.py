@@ -676,14 +676,21 @@ async def test_every_shared_cluster_switch_installs_and_the_api_server_takes_it(
              "-o", "json").stdout
     )  # fmt: skip
     assert status["info"]["status"] == "deployed"
-    # No apiServer.cidrs given: looked up on the cluster (the `kubernetes` Service; this
-    # stack's API server runs with --endpoint-reconciler-type=none, so no EndpointSlice).
+    # No apiServer.cidrs given: looked up on the cluster (the `kubernetes` Service's
+    # ClusterIP, then its EndpointSlices' addresses: this stack's API server advertises
+    # the real node's bridge address, deploy/local/node.sh).
     service = client.CoreV1Api(kube_api).read_namespaced_service("kubernetes", "default")
+    slices = client.DiscoveryV1Api(kube_api).list_namespaced_endpoint_slice(
+        "default", label_selector="kubernetes.io/service-name=kubernetes"
+    )
+    endpoints = [f"{a}/32" for s in slices.items for e in s.endpoints or [] for a in e.addresses]
+    assert endpoints, "the API server advertises an address (stack-up's --advertise-address)"
     policy = client.NetworkingV1Api(kube_api).read_namespaced_network_policy(
         f"{release.service_account}-egress", release.namespace
     )
     api_rule = policy.spec.egress[1]
-    assert [peer.ip_block.cidr for peer in api_rule.to] == [f"{service.spec.cluster_ip}/32"]
+    cidrs = [peer.ip_block.cidr for peer in api_rule.to]
+    assert sorted(cidrs) == sorted({f"{service.spec.cluster_ip}/32", *endpoints})
     assert len(policy.spec.egress) == 2 + len(destinations)
     assert policy.spec.egress[3].to[0].pod_selector.match_labels is None, "{}: every pod"
     admission = client.AdmissionregistrationV1Api(kube_api)
