@@ -30,11 +30,13 @@ from jobrunner.core.failpoints import Failpoints
 from jobrunner.core.marks import JobMarks
 from jobrunner.core.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY
 from jobrunner.core.protocols import (
+    AnswersSenders,
     CarriesOutputs,
     JobClient,
     MessageSink,
     MessageSource,
     SourceError,
+    TokenReviewer,
 )
 from jobrunner.core.redaction import describe_error, redact
 from jobrunner.core.settings import Executor, Settings
@@ -55,6 +57,7 @@ from jobrunner.manifest.triggers import (
 from jobrunner.observability.telemetry import Telemetry
 from jobrunner.rendering.renderer import Renderer, template_dirs
 from jobrunner.rendering.sandbox.pool import RenderPool
+from jobrunner.tracking.status import job_status
 from jobrunner.tracking.tracker import JobTracker
 
 logger = logging.getLogger(__name__)
@@ -259,6 +262,7 @@ class DispatchUnit:
         if results is not None and isinstance(source, CarriesOutputs):
             results.carrier = source  # its outputs go in the settle transaction
         tracker = _tracker(scaledjob, jobs, settings, marks)
+        _bind_answers(source, jobs=jobs, tracker=tracker, namespace=scaledjob.namespace)
         dispatcher = Dispatcher(
             scaledjob=scaledjob,
             renderer=renderer,
@@ -474,6 +478,19 @@ def _job_marks(scaledjob: ScaledJob, jobs: JobClient, settings: Settings) -> Job
             extra={"scaledjob": scaledjob.name},
         )
     return marks
+
+
+def _bind_answers(source: Any, *, jobs: JobClient, tracker: JobTracker, namespace: str) -> None:
+    """A source that answers its senders (the HTTP trigger) reads their Jobs' status
+    through the tracker, and checks ServiceAccount tokens through the API server when
+    the executor can (the local executor cannot: ``auth: tokenReview`` is then refused
+    by the first request with 503)."""
+    if isinstance(source, AnswersSenders):
+        source.bind_job_status(
+            functools.partial(job_status, jobs=jobs, tracker=tracker, namespace=namespace)
+        )
+        if isinstance(jobs, TokenReviewer):
+            source.bind_token_reviewer(jobs)
 
 
 def _tracker(

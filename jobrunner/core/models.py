@@ -159,3 +159,28 @@ class Decision:
             headers["x-jobrunner-message-id"] = self.message_identity
         headers.update({f"x-jobrunner-{k.replace('_', '-')}": v for k, v in where.items()})
         return headers
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """Where a message's Job is, as its sender may read it (the HTTP trigger's GET):
+    ``phase`` is ``running`` (created, not finished: waiting for a node or running),
+    ``succeeded`` or ``failed``; ``reason`` and ``message`` are the Job's condition's
+    (failed), ``result`` what the Job reported of itself, when it did."""
+
+    phase: str
+    reason: str = ""
+    message: str = ""
+    result: Mapping[str, object] | None = None
+
+
+@dataclass(frozen=True)
+class TokenReview:
+    """What the API server said of a bearer token (authentication.k8s.io/v1 TokenReview
+    ``status``): whether it is valid and, if so, whose (``system:serviceaccount:<ns>:<name>``
+    for a ServiceAccount)."""
+
+    authenticated: bool
+    username: str = ""
+    groups: tuple[str, ...] = ()
+

@@ -3,11 +3,11 @@ where Jobs go. Broker and Kubernetes libraries stay behind them."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from jobrunner.core.models import Decision, Delivery
+from jobrunner.core.models import Decision, Delivery, JobStatus, TokenReview
 
 
 class ApiRejected(Exception):
@@ -265,3 +265,26 @@ class CarriesOutputs(Protocol):
         """Whether ``sink``'s messages can go in this source's settle transaction (same
         cluster, same credentials)."""
         ...
+
+
+@runtime_checkable
+class TokenReviewer(Protocol):
+    """Checks a Kubernetes bearer token with the API server (a TokenReview), for a source
+    that authenticates its callers by ServiceAccount (the HTTP trigger)."""
+
+    async def review_token(self, token: str, *, audiences: tuple[str, ...] = ()) -> TokenReview:
+        """The API server's verdict; TransientError when it cannot be asked now. The
+        token is never logged nor kept."""
+        ...
+
+
+@runtime_checkable
+class AnswersSenders(Protocol):
+    """A source whose senders wait for an answer and may ask after their message's Job
+    (the HTTP trigger): the runner gives it a reader of Job status by Job name, and a
+    TokenReviewer when the executor has one."""
+
+    def bind_job_status(self, reader: Callable[[str], Awaitable[JobStatus | None]]) -> None: ...
+
+    def bind_token_reviewer(self, reviewer: TokenReviewer) -> None: ...
+

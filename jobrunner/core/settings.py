@@ -144,6 +144,14 @@ class TelemetrySettings(BaseModel):
     """How often the queue depth gauge is refreshed."""
 
 
+class HttpSettings(BaseModel):
+    listen_address: str = "0.0.0.0:8080"
+    """Where HTTP triggers are served in a cluster (and, for every tenant's ScaledJob,
+    by the operator: the chart's Service points here), ``host:port``."""
+    local_listen_address: str = "127.0.0.1:8080"
+    """Where HTTP triggers are served with ``--local`` (this machine only)."""
+
+
 class OperatorSettings(BaseModel):
     """``jobrunner operator``: ScaledJobs from the cluster (see jobrunner.operator)."""
 
@@ -235,6 +243,7 @@ class Settings(BaseSettings):
     not quietly run Jobs inside its own pod."""
     local: LocalSettings = Field(default_factory=LocalSettings)
     operator: OperatorSettings = Field(default_factory=OperatorSettings)
+    http: HttpSettings = Field(default_factory=HttpSettings)
     otel_traces_endpoint: str | None = Field(
         default=None,
         validation_alias=AliasChoices(

@@ -31,7 +31,7 @@ from kubernetes.watch.watch import iter_resp_lines
 
 from jobrunner.core import apipath
 from jobrunner.core.failpoints import Failpoints
-from jobrunner.core.models import FINALIZER
+from jobrunner.core.models import FINALIZER, TokenReview
 from jobrunner.core.protocols import ApiRejected, JobPage, TransientError, WatchEvent, WatchExpired
 from jobrunner.core.timestamps import now_rfc3339
 from jobrunner.rendering import messagesecret
@@ -793,6 +793,28 @@ class KubeJobClient:
             tail = " | ".join(lines)
             text += f"; last lines of {container}: {tail[-600:]}"
         return text
+
+    async def review_token(self, token: str, *, audiences: tuple[str, ...] = ()) -> TokenReview:
+        """A TokenReview of ``token`` (authentication.k8s.io/v1; needs ``create`` on
+        ``tokenreviews``, as the chart's ClusterRole grants). Only the verdict and the
+        user name are kept; the token is neither logged nor returned."""
+        spec: dict[str, Any] = {"token": token}
+        if audiences:
+            spec["audiences"] = list(audiences)
+        answer = await self._call(
+            "POST",
+            "/apis/authentication.k8s.io/v1/tokenreviews",
+            body={"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview", "spec": spec},
+        )
+        status = answer.get("status") or {}
+        user = status.get("user") or {}
+        if not status.get("authenticated"):
+            return TokenReview(authenticated=False)
+        return TokenReview(
+            authenticated=True,
+            username=str(user.get("username", "")),
+            groups=tuple(str(g) for g in user.get("groups") or ()),
+        )
 
     async def dry_run_create(self, job: Mapping[str, Any]) -> str | None:
         """Create with ``dryRun=All`` and strict field validation (unknown or duplicate

@@ -188,6 +188,10 @@ class AckPolicy(enum.StrEnum):
     dead-lettered, by republishing the original message kept with the Job."""
 
 
+_TRIGGER_ACK_POLICY = {"http": AckPolicy.ON_JOB_CREATION}
+"""Trigger types whose ack policy is implied (see ScaledJobSpec._implied_ack_policy)."""
+
+
 class DeadLetter(_Model):
     exchange: str | None = Field(default=None, max_length=AMQP_SHORTSTR_MAX)
     """Exchange for dead-lettered copies. Unset: the queue's own dead-letter exchange
@@ -207,6 +211,10 @@ class DeadLetter(_Model):
     subject: str | None = None
     """NATS JetStream: the subject dead-lettered copies are published to (a stream must
     store it). Default: ``jobrunner.dead-letter.<stream>``."""
+    url: str | None = Field(default=None, max_length=2048)
+    """HTTP trigger: where a failed event is POSTed, as a structured CloudEvent carrying
+    the reason (jobrunner.sources.http). Unset: the failure is answered on the event's
+    Location only. At most 2048 characters."""
 
 
 class OutputBinding(_Model):
@@ -317,6 +325,20 @@ class ScaledJobSpec(_Model):
                 "adds several up): give each trigger a ScaledJob of its own"
             )
         return value
+
+    @model_validator(mode="before")
+    @classmethod
+    def _implied_ack_policy(cls, data: Any) -> Any:
+        # A trigger whose sender waits for the answer (http) is accepted once the Job
+        # exists: its ack policy is onJobCreation unless the manifest says otherwise
+        # (which the trigger's check_spec then refuses, naming the field).
+        if not isinstance(data, dict) or "ackPolicy" in data:
+            return data
+        triggers = data.get("triggers")
+        first = triggers[0] if isinstance(triggers, list) and triggers else None
+        kind = first.get("type") if isinstance(first, dict) else getattr(first, "type", None)
+        implied = _TRIGGER_ACK_POLICY.get(kind) if isinstance(kind, str) else None
+        return data if implied is None else {**data, "ackPolicy": implied}
 
     @model_validator(mode="after")
     def _one_template(self) -> ScaledJobSpec:

@@ -166,6 +166,7 @@ _MODULES = {
     "mqtt": "mqtt",
     "sqlite": "sqlite",
     "azure-queue": "azure_queue",
+    "http": "http",
 }
 
 
