@@ -206,6 +206,7 @@ def dead_letter_event(
         event["jobrunnereventtype"] = headers["ce-type"]
     if original.get("content_type"):
         event["datacontenttype"] = original["content_type"]
-    if original.get("body") is not None:
-        event["data_base64"] = original["body"]
+    body = original.get("body")
+    if body is not None:  # bytes, as the Job keeps it (rendering.original_message)
+        event["data_base64"] = base64.b64encode(body).decode()
     return event

@@ -52,7 +52,8 @@ class Listener:
             access_log=None,
             keepalive_timeout=KEEPALIVE_SECONDS,
         )
-        runner = web.ServerRunner(server)
+        # In-flight handlers are answered before a listener stops (HttpSource.close).
+        runner = web.ServerRunner(server, shutdown_timeout=5.0)
         await runner.setup()
         site = web.TCPSite(runner, host.strip("[]") or "0.0.0.0", int(port), reuse_address=True)
         try:

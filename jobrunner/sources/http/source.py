@@ -112,8 +112,9 @@ class HttpSource:
         self._consuming = True
         self._listener = await self._listeners.add(self.address, self.trigger.path, self)
         logger.info(
-            "serving HTTP events on %s%s (auth %s)",
-            self.address,
+            "serving HTTP events on %s:%s%s (auth %s)",
+            self.address.rpartition(":")[0],
+            self._listener.port,
             self.trigger.path,
             self.trigger.auth,
             extra={"scaledjob": self.scaledjob, "source": self.name},
@@ -128,7 +129,8 @@ class HttpSource:
         return self._listener is not None
 
     async def depth(self) -> int | None:
-        return len(self._pending)
+        # Received but not yet taken by the dispatcher (those it took are in hand).
+        return self._queue.qsize()
 
     async def stop_consuming(self) -> None:
         self._consuming = False
@@ -159,12 +161,15 @@ class HttpSource:
 
     async def close(self) -> None:
         self._consuming = False
-        if self._listener is not None:
-            await self._listeners.remove(self.address, self.trigger.path, self)
-            self._listener = None
+        # Answer the requests still waiting first (503: nothing durable was made for
+        # them here; a retry finds the Job if one was made after all), so the server's
+        # shutdown does not wait on them.
         for handle in list(self._pending):
             if not handle.answer.done():
                 handle.answer.set_result(Decision(Action.REQUEUE, reason="Stopping"))
+        if self._listener is not None:
+            await self._listeners.remove(self.address, self.trigger.path, self)
+            self._listener = None
         if self._sink is not None:
             await self._sink.close()
 
