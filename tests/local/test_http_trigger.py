@@ -190,23 +190,25 @@ async def test_a_post_is_one_job_and_its_location_answers_the_outcome(
                 assert r.status == 404
             async with s.put(f"{base}/events", data=b"x") as r:
                 assert r.status == 405
-        status_out = await asyncio.to_thread(
-            subprocess.run,
-            [
-                sys.executable,
-                "-m",
-                "jobrunner.cli",
-                "status",
-                "--local",
-                "--state-dir",
-                str(state_dir),
-                "-f",
-                str(path),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=WAIT,
-            check=True,
+        status_out = (
+            await asyncio.to_thread(
+                subprocess.run,
+                [
+                    sys.executable,
+                    "-m",
+                    "jobrunner.cli",
+                    "status",
+                    "--local",
+                    "--state-dir",
+                    str(state_dir),
+                    "-f",
+                    str(path),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=WAIT,
+                check=True,
+            )
         ).stdout
         assert "finished 2 (1 succeeded, 1 failed)" in status_out, status_out
     finally:
