@@ -261,8 +261,7 @@ class DispatchUnit:
         results = await function_results(scaledjob, context, jobs, settings, marks)
         if results is not None and isinstance(source, CarriesOutputs):
             results.carrier = source  # its outputs go in the settle transaction
-        tracker = _tracker(scaledjob, jobs, settings, marks)
-        _bind_answers(source, jobs=jobs, tracker=tracker, namespace=scaledjob.namespace)
+        tracker = _tracker(scaledjob, jobs, settings, marks, answering=source)
         dispatcher = Dispatcher(
             scaledjob=scaledjob,
             renderer=renderer,
@@ -494,16 +493,24 @@ def _bind_answers(source: Any, *, jobs: JobClient, tracker: JobTracker, namespac
 
 
 def _tracker(
-    scaledjob: ScaledJob, jobs: JobClient, settings: Settings, marks: JobMarks | None
+    scaledjob: ScaledJob,
+    jobs: JobClient,
+    settings: Settings,
+    marks: JobMarks | None,
+    *,
+    answering: Any = None,
 ) -> JobTracker:
-    """The tracker of the ScaledJob's Jobs (those its selector labels)."""
-    return JobTracker(
+    """The tracker of the ScaledJob's Jobs (those its selector labels); a source that
+    answers its senders (``answering``) reads their Jobs' status through it."""
+    tracker = JobTracker(
         client=jobs,
         namespace=scaledjob.namespace,
         selector=selector_for(scaledjob),
         backoff_ceiling=settings.kube.api_retry_max_seconds,
         marks=marks,
     )
+    _bind_answers(answering, jobs=jobs, tracker=tracker, namespace=scaledjob.namespace)
+    return tracker
 
 
 def waiting_text(in_hand: int, depth: int | None) -> str:

@@ -183,4 +183,3 @@ class TokenReview:
     authenticated: bool
     username: str = ""
     groups: tuple[str, ...] = ()
-

@@ -188,6 +188,38 @@ def _check_spec(spec: ScaledJobSpec, trigger: Trigger) -> list[Problem]:
     return problems
 
 
+def _tenant_problems(context: ResolveContext, path: str, auth: str) -> list[Problem]:
+    """What the operator refuses of a tenant's HTTP trigger: a path outside the
+    namespace's prefix, its own listen address, no authentication."""
+    namespace = context.scaledjob.namespace
+    problems: list[Problem] = []
+    if not path.startswith(f"/{namespace}/"):
+        problems.append(
+            Problem(
+                "metadata.path",
+                f"under the operator a path starts with /{namespace}/ (each namespace "
+                "owns its prefix); change the path",
+            )
+        )
+    if "listenAddress" in context.trigger.metadata:
+        problems.append(
+            Problem(
+                "metadata.listenAddress",
+                "under the operator events are served on the operator's address "
+                "(its Service); remove listenAddress",
+            )
+        )
+    if auth == "none":
+        problems.append(
+            Problem(
+                "metadata.auth",
+                "the operator serves no unauthenticated path: give a TriggerAuthentication "
+                "with a token parameter, or auth: tokenReview",
+            )
+        )
+    return problems
+
+
 async def _resolve(context: ResolveContext) -> HttpTrigger:
     meta = await context.parameters()
     where = context.where()
@@ -196,32 +228,7 @@ async def _resolve(context: ResolveContext) -> HttpTrigger:
     path = meta["path"].rstrip("/") or "/"
     token = meta.get("token", "")
     auth = meta.get("auth") or ("bearer" if token else "none")
-    problems: list[Problem] = []
-    if tenant:
-        if not path.startswith(f"/{namespace}/"):
-            problems.append(
-                Problem(
-                    "metadata.path",
-                    f"under the operator a path starts with /{namespace}/ (each namespace "
-                    "owns its prefix); change the path",
-                )
-            )
-        if "listenAddress" in context.trigger.metadata:
-            problems.append(
-                Problem(
-                    "metadata.listenAddress",
-                    "under the operator events are served on the operator's address "
-                    "(its Service); remove listenAddress",
-                )
-            )
-        if auth == "none":
-            problems.append(
-                Problem(
-                    "metadata.auth",
-                    "the operator serves no unauthenticated path: give a TriggerAuthentication "
-                    "with a token parameter, or auth: tokenReview",
-                )
-            )
+    problems = _tenant_problems(context, path, auth) if tenant else []
     if auth == "bearer" and len(token) < TOKEN_MIN:
         problems.append(
             Problem(

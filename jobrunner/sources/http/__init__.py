@@ -36,6 +36,10 @@ also closes a connection that never completes a request (a slow client).
 Why not the ``cloudevents`` SDK for parsing: the binding is a few header and JSON rules
 that jobrunner must bound itself (sizes, which headers reach the Job); the tests check
 this parser against the SDK's own ``to_binary``/``to_structured``.
+
+Must not import: another source, the Kubernetes layer, the local executor, functions,
+the operator, the runner, the command line (the Job status reader and the
+TokenReviewer come in through ``protocols.AnswersSenders``).
 """
 
 from __future__ import annotations
