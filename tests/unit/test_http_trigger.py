@@ -415,3 +415,33 @@ async def test_a_service_account_must_be_allowed(
     with pytest.raises(EventRejected) as caught:
         await auth.check("Bearer good")
     assert caught.value.status == status
+
+
+# ---------------------------------------------------------------------- one path, one owner
+class Owner:
+    def __init__(self, namespace: str, scaledjob: str) -> None:
+        self.namespace, self.scaledjob = namespace, scaledjob
+
+    async def post(self, request: Any) -> Any:
+        raise AssertionError("not called")
+
+    async def get(self, request: Any, identity: str) -> Any:
+        raise AssertionError("not called")
+
+
+async def test_a_path_is_one_scaledjobs_and_its_next_dispatcher_takes_it_over() -> None:
+    from jobrunner.core.protocols import SourceError
+    from jobrunner.sources.http.listener import Listeners
+
+    listeners = Listeners()
+    old, new, other = Owner("ns", "hooks"), Owner("ns", "hooks"), Owner("other", "hooks")
+    listener = await listeners.add("127.0.0.1:0", "/ns/e", old)
+    try:
+        with pytest.raises(SourceError, match="already served by ScaledJob ns/hooks"):
+            await listeners.add("127.0.0.1:0", "/ns/e", other)
+        assert await listeners.add("127.0.0.1:0", "/ns/e", new) is listener
+        await listeners.remove("127.0.0.1:0", "/ns/e", old)  # the old one leaves it alone
+        assert listener.routes["/ns/e"] is new
+    finally:
+        await listeners.remove("127.0.0.1:0", "/ns/e", new)
+    assert listener.routes == {}

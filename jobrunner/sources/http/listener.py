@@ -27,6 +27,7 @@ class Route(Protocol):
     """What a listener needs of the trigger that owns a path."""
 
     scaledjob: str
+    namespace: str
 
     async def post(self, request: web.BaseRequest) -> web.StreamResponse: ...
 
@@ -105,10 +106,18 @@ class Listeners:
                 await listener.start()
                 self._by_address[address] = listener
             holder = listener.routes.get(path)
-            if holder is not None and holder is not source:
+            # A new dispatcher of the same ScaledJob (a spec change, a reload) takes
+            # the path over at once, so no POST finds it unserved between the two; the
+            # old one's ``remove`` then leaves it alone. Another ScaledJob may not.
+            same = holder is not None and (holder.namespace, holder.scaledjob) == (
+                source.namespace,
+                source.scaledjob,
+            )
+            if holder is not None and not same:
                 raise SourceError(
                     f"path {path} on {address} is already served by ScaledJob "
-                    f"{holder.scaledjob}: give this ScaledJob another metadata.path"
+                    f"{holder.namespace}/{holder.scaledjob}: give this ScaledJob another "
+                    "metadata.path"
                 )
             listener.routes[path] = source
             return listener
