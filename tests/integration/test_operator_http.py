@@ -488,3 +488,38 @@ async def test_internal_dead_letter_hosts_are_refused(url: str) -> None:
 
     with pytest.raises(SourceError):
         await refuse_internal(url)
+
+
+async def test_a_rotated_token_takes_over_and_the_old_one_is_refused(
+    kube_api: client.ApiClient, namespace: str, operator: Served, http: aiohttp.ClientSession
+) -> None:
+    """The Secret changes: the ScaledJob's dispatcher is replaced (the old one gives up
+    the path, the new one takes it: never two holders, never a crash), the new token gets
+    in and the old one no longer does."""
+    await asyncio.to_thread(bearer_secret, kube_api, namespace, "hook", TOKEN_A)
+    crs = ScaledJobs(kube_api, namespace)
+    await crs.apply(
+        http_scaledjob(
+            "hook", namespace=namespace, metadata={"path": f"/{namespace}/rot"}, auth="hook"
+        )
+    )
+    await crs.wait_condition("hook", "Ready", "True", within=90)
+    url = f"{operator.base}/{namespace}/rot"
+    assert (await post(http, url, event_headers("r1", TOKEN_A)))[0] == 202
+    rotated = f"rotated-{uuid.uuid4().hex}"
+    await asyncio.to_thread(
+        client.CoreV1Api(kube_api).patch_namespaced_secret,
+        "hook",
+        namespace,
+        {"stringData": {"token": rotated}},
+    )
+
+    async def new_one_in() -> bool:
+        return (await post(http, url, event_headers("r2", rotated)))[0] == 202
+
+    await eventually(new_one_in, within=60, interval=0.5)
+    assert (await post(http, url, event_headers("r3", TOKEN_A)))[0] == 401
+    await crs.wait_condition("hook", "Ready", "True", within=30)
+    assert len(await asyncio.to_thread(jobs_of, kube_api, namespace, "hook")) == 2
+    assert rotated not in operator.process.logs()
+    assert operator.process.alive
