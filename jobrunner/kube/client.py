@@ -810,6 +810,12 @@ class KubeJobClient:
         user = status.get("user") or {}
         if not status.get("authenticated"):
             return TokenReview(authenticated=False)
+        granted = status.get("audiences") or ()
+        if audiences and not set(audiences) & set(granted):
+            # The API's contract: a reviewer that asks for audiences must find one of them
+            # in status.audiences, else the authenticator was not audience-aware (a
+            # webhook) and vouched for the token only for the API server itself.
+            return TokenReview(authenticated=False)
         return TokenReview(
             authenticated=True,
             username=str(user.get("username", "")),

@@ -289,6 +289,10 @@ async def test_charts_service_account_is_refused_what_the_operator_must_not_have
             "keda.sh", "v1alpha1", namespace, "scaledjobs"
         ),
         "nodes": lambda: core.list_node(),
+        # Only with httpTrigger.enabled (a right to test any token it is shown).
+        "create a TokenReview (httpTrigger off)": lambda: client.AuthenticationV1Api(
+            api
+        ).create_token_review({"spec": {"token": "not-a-token"}}),
     }
     statuses = {what: await asyncio.to_thread(_refused, call) for what, call in refused.items()}
     assert statuses == dict.fromkeys(refused, 403)
@@ -777,3 +781,63 @@ def test_a_service_monitor_without_its_crd_is_refused_at_install_only(kubeconfig
     assert 'no matches for kind "ServiceMonitor" in version "monitoring.coreos.com/v1"' in (
         result.stderr
     )
+
+
+async def test_http_trigger_release_reviews_service_account_tokens_as_its_service_account(
+    kube_api: client.ApiClient,
+    kubeconfig: Path,
+    tmp_path: Path,
+    namespace: str,
+    install: Callable[..., Release],
+    crs: ScaledJobs,
+    operators: Callable[..., OperatorProcess],
+) -> None:
+    """With httpTrigger.enabled the chart's ServiceAccount may create TokenReviews (a
+    ClusterRoleBinding of its own, although the release watches one namespace), and the
+    operator acting as it lets a ServiceAccount of the ScaledJob's namespace in (202) and
+    one of another namespace not (403)."""
+    import socket
+
+    import aiohttp
+
+    from tests.integration.test_operator_http import event_headers, http_scaledjob, sa_token
+
+    release = install("--set", "httpTrigger.enabled=true")
+    config = service_account_kubeconfig(kube_api, kubeconfig, release, tmp_path / "sa.kubeconfig")
+    review = await asyncio.to_thread(
+        client.AuthenticationV1Api(sa_client(config)).create_token_review,
+        {"spec": {"token": "not-a-token"}},
+    )
+    assert review.status.authenticated is not True
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    op = operators(
+        "chart-sa",
+        config=config,
+        lease_namespace=release.namespace,
+        env={
+            "JOBRUNNER_OPERATOR__LEASE_GROUP": release.service_account,
+            "JOBRUNNER_HTTP__LISTEN_ADDRESS": f"127.0.0.1:{port}",
+        },
+    )
+    await crs.apply(
+        http_scaledjob(
+            "hook",
+            namespace=namespace,
+            metadata={"path": f"/{namespace}/hook", "auth": "tokenReview"},
+            auth=None,
+            jobTargetRef=job_spec(),
+        )
+    )
+    await crs.wait_condition("hook", "Ready", "True", reason="DispatcherReady")
+    own = await asyncio.to_thread(sa_token, kube_api, namespace, "poster")
+    foreign = await asyncio.to_thread(sa_token, kube_api, release.namespace, "poster")
+    url = f"http://127.0.0.1:{port}/{namespace}/hook"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(url, data=b'{"task": "t"}', headers=event_headers("r1", own)) as r:
+            assert r.status == 202, await r.text()
+        async with http.post(url, data=b'{"task": "t"}', headers=event_headers("r2", foreign)) as r:
+            assert r.status == 403
+    assert len(await asyncio.to_thread(jobs_of, kube_api, namespace, "hook")) == 1
+    assert "Forbidden" not in op.logs(), op.logs()[-3000:]

@@ -335,6 +335,58 @@ def test_opt_ins_add_exactly_their_rights() -> None:
     assert {("", "pods"), ("", "pods/log")} <= resources
 
 
+def test_http_trigger_is_off_by_default_no_port_and_no_token_reviews() -> None:
+    docs = render()
+    assert all("tokenreview" not in d["metadata"]["name"] for d in docs)
+    (service,) = of_kind(docs, "Service")
+    assert [p["name"] for p in service["spec"]["ports"]] == ["http"]
+    env = operator_env(docs)
+    assert "JOBRUNNER_HTTP__LISTEN_ADDRESS" not in env
+
+
+def test_http_trigger_gets_its_port_and_a_cluster_wide_token_review_right_only() -> None:
+    docs = render("httpTrigger.enabled=true", "replicaCount=1", "watchNamespaces={media}")
+    (deployment,) = of_kind(docs, "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"http": 8080, "http-events": 8081}
+    assert operator_env(docs)["JOBRUNNER_HTTP__LISTEN_ADDRESS"] == "0.0.0.0:8081"
+    (service,) = of_kind(docs, "Service")
+    assert {p["name"]: (p["port"], p["targetPort"]) for p in service["spec"]["ports"]} == {
+        "http": (8080, "http"),
+        "http-events": (8081, "http-events"),
+    }
+    roles = {r["metadata"]["name"]: r for r in of_kind(docs, "ClusterRole")}
+    review = roles["rel-jobrunner-tokenreview"]
+    assert review["rules"] == [
+        {
+            "apiGroups": ["authentication.k8s.io"],
+            "resources": ["tokenreviews"],
+            "verbs": ["create"],
+        }
+    ]
+    assert ("authentication.k8s.io", "tokenreviews") not in grants_of(roles["rel-jobrunner"])
+    # A TokenReview is cluster-scoped: a RoleBinding in the watched namespace cannot grant
+    # it, so it is bound cluster-wide even when namespaces are watched.
+    (binding,) = of_kind(docs, "ClusterRoleBinding")
+    assert binding["roleRef"]["name"] == "rel-jobrunner-tokenreview"
+    assert binding["subjects"][0]["name"] == "rel-jobrunner"
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (("httpTrigger.enabled=true", "replicaCount=1", "httpTrigger.port=8080"),
+         "httpTrigger.port is service.port"),
+        (("httpTrigger.enabled=true",), "httpTrigger.enabled needs replicaCount: 1"),
+    ],
+)  # fmt: skip
+def test_http_trigger_values_that_cannot_work_are_refused(
+    bad: tuple[str, ...], message: str
+) -> None:
+    assert message in refused(*bad)
+
+
 def test_deployment_has_probes_security_context_spread_and_a_pdb() -> None:
     docs = render()
     deployment = of_kind(docs, "Deployment")[0]
@@ -681,6 +733,8 @@ def test_every_switch_on_passes_helm_lint_strict() -> None:
         "--set", "networkPolicy.enabled=true",
         "--set", "networkPolicy.apiServer.cidrs={10.0.0.1/32}",
         "--set-json", f"networkPolicy.destinations={DESTINATIONS}",
+        "--set", "httpTrigger.enabled=true",
+        "--set", "replicaCount=1",
     ]  # fmt: skip
     result = helm("lint", "--strict", str(CHART), *args)
     assert "0 chart(s) failed" in result.stdout

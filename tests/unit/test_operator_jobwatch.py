@@ -128,3 +128,25 @@ async def test_watch_that_falls_behind_the_log_is_told_to_list_again() -> None:
         jobwatch.LOG_SIZE = old
         await jobs.close()
     await asyncio.sleep(0)
+
+
+async def test_shared_jobs_is_a_token_reviewer_when_its_client_is() -> None:
+    """Under the operator the runner sees SharedJobs, not the real client: without the
+    pass-through every ``auth: tokenReview`` request was answered 503."""
+    from jobrunner.core.models import TokenReview
+    from jobrunner.core.protocols import TokenReviewer, TransientError
+
+    asked: list[tuple[str, tuple[str, ...]]] = []
+
+    class Reviewing(MemoryJobClient):
+        async def review_token(self, token: str, *, audiences: tuple[str, ...] = ()) -> TokenReview:
+            asked.append((token, audiences))
+            return TokenReview(authenticated=True, username="system:serviceaccount:a:b")
+
+    shared = SharedJobs(Reviewing())
+    assert isinstance(shared, TokenReviewer)
+    review = await shared.review_token("t", audiences=("hooks",))
+    assert review.username == "system:serviceaccount:a:b"
+    assert asked == [("t", ("hooks",))]
+    with pytest.raises(TransientError):
+        await SharedJobs(MemoryJobClient()).review_token("t")
