@@ -145,9 +145,11 @@ class TelemetrySettings(BaseModel):
 
 
 class HttpSettings(BaseModel):
-    listen_address: str = "0.0.0.0:8080"
+    listen_address: str = "0.0.0.0:8081"
     """Where HTTP triggers are served in a cluster (and, for every tenant's ScaledJob,
-    by the operator: the chart's Service points here), ``host:port``."""
+    by the operator: the chart's ``httpTrigger.port`` Service port points here),
+    ``host:port``. 8081, not 8080: the image serves ``/metrics`` and the probes on 8080
+    (``JOBRUNNER_TELEMETRY__HTTP_PORT``), and two servers cannot bind one port."""
     local_listen_address: str = "127.0.0.1:8080"
     """Where HTTP triggers are served with ``--local`` (this machine only)."""
 

@@ -187,6 +187,9 @@ async def test_no_authentication_is_refused_outside_local() -> None:
     trigger = await resolve({"path": "/e"}, token=None)
     assert trigger.auth == "none"
     sj = scaledjob({"path": "/e"})
+    cluster = Settings(executor=Executor.KUBERNETES)
+    assert cluster.http.listen_address == "0.0.0.0:8081"  # not /metrics' 8080
+    assert cluster.telemetry.http_port in (None, 8080)
     with pytest.raises(ManifestError, match="needs authentication outside --local"):
         open_source(trigger, scaledjob=sj, settings=Settings(executor=Executor.KUBERNETES))
     local = open_source(trigger, scaledjob=sj, settings=Settings(executor=Executor.LOCAL))

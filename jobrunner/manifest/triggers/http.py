@@ -8,9 +8,10 @@ Metadata (jobrunner's own: KEDA has no push trigger):
   200 characters of ``[A-Za-z0-9._~/-]``, starting with ``/``, no ``..`` or ``//``.
   Under the operator it must start with ``/<namespace>/`` (each namespace owns its
   prefix, so a tenant can never take another's path);
-* ``listenAddress``: ``host:port``. Default ``0.0.0.0:8080`` in a cluster and
-  ``127.0.0.1:8080`` with ``--local`` (``settings.http.listen_address``). Under the
-  operator it is the operator's (the chart's Service) and a ScaledJob may not set it;
+* ``listenAddress``: ``host:port``. Default ``0.0.0.0:8081`` in a cluster (8080 is the
+  image's ``/metrics``) and ``127.0.0.1:8080`` with ``--local``
+  (``settings.http.listen_address``, ``local_listen_address``). Under the operator it
+  is the operator's (the chart's Service) and a ScaledJob may not set it;
 * ``auth``: ``bearer`` (the default when the TriggerAuthentication gives a ``token``),
   ``tokenReview`` (a Kubernetes ServiceAccount token, checked with a TokenReview; by
   default only ServiceAccounts of the ScaledJob's namespace get in, see

@@ -63,7 +63,8 @@ class Listener:
             await runner.cleanup()
             raise SourceError(
                 f"cannot listen on {self.address} for the HTTP trigger ({exc.strerror}): "
-                "free the port or set metadata.listenAddress"
+                "free the port, or choose another: metadata.listenAddress in file mode, "
+                "JOBRUNNER_HTTP__LISTEN_ADDRESS for the operator"
             ) from None
         self._runner = runner
         bound = runner.addresses
