@@ -38,6 +38,7 @@ def is_label_value(text: str) -> bool:
     and '.', beginning and ending with a letter or digit."""
     return len(text) <= LABEL_VALUE_MAX and _LABEL_VALUE.fullmatch(text) is not None
 
+
 SECRET_RESERVE = 64 * 1024
 """What a message Secret keeps beside the body (headers, metadata, the kept copy's
 fields), reserved when bounding ``maxMessageBytes``."""

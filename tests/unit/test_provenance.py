@@ -44,9 +44,7 @@ from jobrunner.rendering.renderer import Renderer, RenderError
 TRACEPARENT = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
 
 
-def scaledjob(
-    trigger: dict[str, Any] | None = None, **job: Any
-) -> dict[str, Any]:
+def scaledjob(trigger: dict[str, Any] | None = None, **job: Any) -> dict[str, Any]:
     return {
         "apiVersion": "jobrunner.dev/v1alpha1",
         "kind": "ScaledJob",
@@ -159,9 +157,7 @@ SOURCES = [
 ]
 
 
-@pytest.mark.parametrize(
-    ("source", "metadata", "expected"), SOURCES, ids=[s[0] for s in SOURCES]
-)
+@pytest.mark.parametrize(("source", "metadata", "expected"), SOURCES, ids=[s[0] for s in SOURCES])
 def test_each_source_names_where_its_message_came_from_uniformly(
     source: str, metadata: dict[str, str], expected: Destination
 ) -> None:
@@ -215,7 +211,9 @@ def test_a_job_is_told_its_trigger_attempt_redelivery_deadline_and_trace() -> No
         activeDeadlineSeconds=900,
     )
     again = delivery(
-        "kafka", {"topic": "clicks", "partition": "0", "offset": "7"}, redelivered=True,
+        "kafka",
+        {"topic": "clicks", "partition": "0", "offset": "7"},
+        redelivered=True,
         delivery_count=3,
     )
     rendered = Renderer(parse_scaledjob(doc)).render(again, extra_env={"TRACEPARENT": TRACEPARENT})
@@ -248,9 +246,11 @@ def test_without_a_deadline_name_or_trace_nothing_is_made_up() -> None:
 
 def test_the_deadline_is_the_one_the_template_rendered_for_this_message() -> None:
     doc = scaledjob(activeDeadlineSeconds="{{ message.json.seconds }}")
-    job = Renderer(parse_scaledjob(doc)).render(
-        delivery("sqlite", {"queue": "work"}, body=b'{"seconds": 45}')
-    ).job
+    job = (
+        Renderer(parse_scaledjob(doc))
+        .render(delivery("sqlite", {"queue": "work"}, body=b'{"seconds": 45}'))
+        .job
+    )
     assert job["spec"]["activeDeadlineSeconds"] == 45
     assert seen(job)["JOBRUNNER_ACTIVE_DEADLINE_SECONDS"] == "45"
 
