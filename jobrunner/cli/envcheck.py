@@ -36,6 +36,13 @@ NOT_SETTINGS = frozenset(
         "JOBRUNNER_SCALEDJOB",
         "JOBRUNNER_NAMESPACE",
         "JOBRUNNER_SOURCE",
+        # What made the Job (jobrunner.core.provenance).
+        "JOBRUNNER_TRIGGER_TYPE",
+        "JOBRUNNER_TRIGGER_NAME",
+        "JOBRUNNER_TRIGGER_SOURCE",
+        "JOBRUNNER_TRIGGER_SOURCE_KIND",
+        "JOBRUNNER_REDELIVERED",
+        "JOBRUNNER_ACTIVE_DEADLINE_SECONDS",
         "JOBRUNNER_FUNCTION_KEY_FILE",
         "JOBRUNNER_SERVICE_ACCOUNT_DIR",
         # The local executor's, to a Job's processes and its supervisor

@@ -29,6 +29,16 @@ object is stored in one request, so a Job (and the Pod made from it) must stay b
 LABEL_VALUE_MAX = 63
 """Kubernetes: a label value is at most 63 characters (IsValidLabelValue)."""
 
+_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
+
+
+def is_label_value(text: str) -> bool:
+    """Whether ``text`` is a valid label value (``IsValidLabelValue`` in apimachinery's
+    util/validation): empty, or at most LABEL_VALUE_MAX ASCII letters, digits, '-', '_'
+    and '.', beginning and ending with a letter or digit."""
+    return len(text) <= LABEL_VALUE_MAX and _LABEL_VALUE.fullmatch(text) is not None
+
+
 SECRET_RESERVE = 64 * 1024
 """What a message Secret keeps beside the body (headers, metadata, the kept copy's
 fields), reserved when bounding ``maxMessageBytes``."""

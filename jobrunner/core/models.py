@@ -33,6 +33,14 @@ ANNOTATION_BODY_DIGEST = "jobrunner.dev/body-sha256"
 with another body is told apart from a redelivery."""
 # KEDA's label on Jobs it creates; set too so KEDA-minded tooling finds our Jobs.
 LABEL_KEDA_SCALEDJOB = "scaledjob.keda.sh/name"
+# Provenance (jobrunner.core.provenance): what made the Job, for selectors and dashboards.
+# A label only where the value is a valid label value; the annotation holds any text.
+LABEL_TRIGGER_TYPE = "jobrunner.dev/trigger-type"
+LABEL_TRIGGER_SOURCE = "jobrunner.dev/trigger-source"
+ANNOTATION_TRIGGER_SOURCE = "jobrunner.dev/trigger-source"
+LABEL_DELIVERY_COUNT = "jobrunner.dev/delivery-count"
+LABEL_REDELIVERED = "jobrunner.dev/redelivered"
+ANNOTATION_TRACEPARENT = "jobrunner.dev/traceparent"
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from jobrunner.core.models import ANNOTATION_BODY_DIGEST, Decision, Delivery, JobOutcome
 from jobrunner.core.protocols import MessageHandle
+from jobrunner.core.provenance import destination
 from jobrunner.dispatch.events import JobEvents
 from jobrunner.dispatch.metrics import DispatchMetrics
 from jobrunner.dispatch.scope import Scope
@@ -139,13 +140,15 @@ class Intake:
         return rendered, record
 
     def _start_span(self, delivery: Delivery) -> trace.Span:
+        where = destination(delivery)
         return self._scope.tracer.start_span(
             "jobrunner.message",
             context=extract_context(delivery.headers),
             kind=SpanKind.CONSUMER,
             attributes={
                 "messaging.system": delivery.source,
-                "messaging.destination.name": delivery.metadata.get("queue", ""),
+                # The queue, topic, stream, subject or path, whatever the source.
+                "messaging.destination.name": where.name if where is not None else "",
                 "messaging.message.id": delivery.message_id or "",
                 "jobrunner.scaledjob": self._scope.scaledjob.name,
                 "jobrunner.message_identity": delivery.identity,

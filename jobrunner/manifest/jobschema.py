@@ -36,7 +36,7 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from jobrunner.core.limits import LABEL_VALUE_MAX
+from jobrunner.core.limits import LABEL_VALUE_MAX, is_label_value
 
 JOB = "io.k8s.api.batch.v1.Job"
 JOB_SPEC = "io.k8s.api.batch.v1.JobSpec"
@@ -50,7 +50,6 @@ _NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 # resource.Quantity's grammar (k8s.io/apimachinery/pkg/api/resource): a signed decimal
 # number, then a binary-SI, decimal-SI or decimal-exponent suffix.
 _QUANTITY = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)(Ki|Mi|Gi|Ti|Pi|Ei|n|u|m|k|M|G|T|P|E|[eE][-+]?\d+)?")
-_LABEL_VALUE = re.compile(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?")
 
 Path = tuple[str | int, ...]
 
@@ -337,7 +336,7 @@ class _Walker:
         for key, text in labels.items():
             if not isinstance(text, str) or (self.templates and is_templated(text)):
                 continue
-            if len(text) > LABEL_VALUE_MAX or not _LABEL_VALUE.fullmatch(text):
+            if not is_label_value(text):
                 self.problem(
                     (*path, key),
                     f"{_describe(text)} is not a valid label value: at most "

@@ -56,6 +56,7 @@ from jobrunner.core.models import (
     Delivery,
 )
 from jobrunner.core.naming import job_name, message_key, message_secret_name
+from jobrunner.core.provenance import Provenance, provenance
 from jobrunner.core.settings import DispatcherSettings
 from jobrunner.manifest import jobschema
 from jobrunner.manifest.scaledjob import DeliveryMode, ManifestError, MessageDelivery, ScaledJob
@@ -499,10 +500,13 @@ def _message_env(
     scaledjob: str,
     placement: _Placement,
     config: MessageDelivery,
+    told: Mapping[str, str],
     extra: Mapping[str, str],
 ) -> list[dict[str, Any]]:
-    """The env every message container gets. Message text is escaped against the
-    kubelet's ``$(VAR)`` expansion."""
+    """The env every message container gets: the message, what made its Job
+    (``told``, see jobrunner.core.provenance) and ``extra`` (the trace context).
+    Every value is escaped against the kubelet's ``$(VAR)`` expansion: the trigger's
+    source, say, may be a topic the publisher chose."""
     env: list[dict[str, Any]] = [
         {"name": "JOBRUNNER_SOURCE", "value": delivery.source},
         {"name": "JOBRUNNER_SCALEDJOB", "value": scaledjob},
@@ -523,6 +527,7 @@ def _message_env(
         # Which delivery of the message made this Job (models.Delivery.delivery_count).
         {"name": "JOBRUNNER_DELIVERY_COUNT", "value": str(delivery.delivery_count)},
     ]
+    env.extend({"name": k, "value": literal(v)} for k, v in told.items())
     env.extend({"name": k, "value": literal(v)} for k, v in extra.items() if v)
     if placement.in_env:
         assert placement.env_value is not None
@@ -711,12 +716,14 @@ class Renderer:
         job_meta = self._metadata(values)
         self._check_rendered(spec, job_meta)
         placement = _place_body(body, config)
+        told = self._provenance(delivery, spec, extra_env)
         env = _message_env(
             delivery,
             name=name,
             scaledjob=sj.name,
             placement=placement,
             config=config,
+            told=told.env,
             extra=extra_env or {},
         )
         secret_name = message_secret_name(name)
@@ -724,20 +731,7 @@ class Renderer:
         job = {
             "apiVersion": "batch/v1",
             "kind": "Job",
-            "metadata": {
-                "name": name,
-                "namespace": sj.namespace,
-                "labels": {**(job_meta.get("labels") or {}), **self._labels(delivery)},
-                # Kept until the message's fate is durable (see models.FINALIZER).
-                "finalizers": [FINALIZER],
-                "annotations": {
-                    **(job_meta.get("annotations") or {}),
-                    ANNOTATION_MESSAGE_ID: delivery.identity,
-                    ANNOTATION_SOURCE_DETAIL: json.dumps(dict(delivery.metadata), sort_keys=True),
-                    ANNOTATION_ACK_POLICY: sj.spec.ackPolicy.value,
-                    ANNOTATION_BODY_DIGEST: hashlib.sha256(body).hexdigest(),
-                },
-            },
+            "metadata": self._job_metadata(delivery, name, job_meta, told),
             "spec": spec,
         }
         self._check_schema(job)
@@ -756,6 +750,50 @@ class Renderer:
                 marks.equip(spec, secret, containers=config.containers, key=key[marks.KEY_DATA])
         self._check_limits(job)
         return RenderedJob(name=name, job=job, secret=secret)
+
+    def _job_metadata(
+        self, delivery: Delivery, name: str, job_meta: Mapping[str, Any], told: Provenance
+    ) -> dict[str, Any]:
+        """The Job's metadata: the template's labels and annotations, then jobrunner's
+        own (which a template may not write), the provenance's among them."""
+        sj = self.scaledjob
+        return {
+            "name": name,
+            "namespace": sj.namespace,
+            "labels": {
+                **(job_meta.get("labels") or {}),
+                **self._labels(delivery),
+                **told.labels,
+            },
+            # Kept until the message's fate is durable (see models.FINALIZER).
+            "finalizers": [FINALIZER],
+            "annotations": {
+                **(job_meta.get("annotations") or {}),
+                ANNOTATION_MESSAGE_ID: delivery.identity,
+                ANNOTATION_SOURCE_DETAIL: json.dumps(dict(delivery.metadata), sort_keys=True),
+                ANNOTATION_ACK_POLICY: sj.spec.ackPolicy.value,
+                ANNOTATION_BODY_DIGEST: hashlib.sha256(delivery.body).hexdigest(),
+                **told.annotations,
+            },
+        }
+
+    def _provenance(
+        self, delivery: Delivery, spec: Mapping[str, Any], extra_env: Mapping[str, str]
+    ) -> Provenance:
+        """What the Job is told about what made it (jobrunner.core.provenance): the
+        trigger, where the message came from, which delivery it is, the Job's
+        ``activeDeadlineSeconds`` as rendered, and the trace it joins."""
+        trigger = self.scaledjob.spec.triggers[0]
+        deadline = spec.get("activeDeadlineSeconds")
+        return provenance(
+            delivery,
+            trigger_type=trigger.type,
+            trigger_name=trigger.name,
+            active_deadline_seconds=(
+                deadline if isinstance(deadline, int) and not isinstance(deadline, bool) else None
+            ),
+            traceparent=extra_env.get("TRACEPARENT"),
+        )
 
     def _labels(self, delivery: Delivery) -> dict[str, str]:
         sj = self.scaledjob.name

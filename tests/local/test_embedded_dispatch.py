@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 from pathlib import Path
 
@@ -23,6 +24,11 @@ def note(what):
     with open(os.environ["RUNS_FILE"], "a") as runs:
         runs.write(f"{what} {message['id']} {time.time()}\\n")
 note("start")
+# What the Job was told (README "Provenance: what the Job is told"), one JSON line each.
+told = {k: v for k, v in os.environ.items() if k.startswith("JOBRUNNER_") or k == "TRACEPARENT"}
+told.pop("JOBRUNNER_MESSAGE", None)
+with open(os.environ["RUNS_FILE"] + ".told", "a") as out:
+    out.write(json.dumps({"id": message["id"], **told}) + "\\n")
 time.sleep(message.get("seconds", 0.5))
 gate = message.get("until")  # a file the test creates when the Job may end (bounded)
 deadline = time.time() + 120
@@ -74,6 +80,13 @@ def runs(tmp_path: Path) -> list[tuple[str, str, float]]:
     return out
 
 
+def told(tmp_path: Path) -> dict[str, dict[str, str]]:
+    """What each Job's process saw in its environment, by message id."""
+    path = tmp_path / "runs.txt.told"
+    lines = path.read_text().splitlines() if path.exists() else []
+    return {entry.pop("id"): entry for entry in map(json.loads, lines)}
+
+
 def job_outcomes(state: Path) -> list[str]:
     out = []
     for path in sorted((state / "jobs" / "default").iterdir()):
@@ -90,7 +103,7 @@ def settled(state: Path, queue: str) -> bool:
 def test_each_message_runs_once_within_the_concurrency_cap(
     manifest: ManifestFactory, state_dir: Path, dispatchers: Dispatchers, tmp_path: Path
 ) -> None:
-    path = manifest(RECORDING_JOB, max_replicas=3)
+    path = manifest(RECORDING_JOB, max_replicas=3, deadline=300)
     publish(path, state_dir, *({"id": f"m{i}", "seconds": 0.6} for i in range(10)))
     dispatchers.start(path)
     wait_until(lambda: settled(state_dir, "work"), timeout=60)
@@ -104,6 +117,23 @@ def test_each_message_runs_once_within_the_concurrency_cap(
     assert peak == 3, dispatchers.logs()
     assert job_outcomes(state_dir) == ["CompletionsReached"] * 10
     assert queue_state(state_dir, "work")["dead"] == 0
+    # Each process was told what made its Job, as the process sees it (the local
+    # executor expands env as the kubelet does).
+    seen = told(tmp_path)
+    assert sorted(seen) == sorted(f"m{i}" for i in range(10))
+    ids = set()
+    for env in seen.values():
+        assert env["JOBRUNNER_SOURCE"] == "sqlite"
+        assert env["JOBRUNNER_TRIGGER_TYPE"] == "sqlite"
+        assert env["JOBRUNNER_TRIGGER_SOURCE"] == "work"
+        assert env["JOBRUNNER_TRIGGER_SOURCE_KIND"] == "queue"
+        assert env["JOBRUNNER_DELIVERY_COUNT"] == "1"
+        assert env["JOBRUNNER_REDELIVERED"] == "false"
+        assert env["JOBRUNNER_ACTIVE_DEADLINE_SECONDS"] == "300"
+        assert re.fullmatch(r"00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}", env["TRACEPARENT"]), env
+        assert "JOBRUNNER_TRIGGER_NAME" not in env  # the trigger has no name
+        ids.add(env["JOBRUNNER_MESSAGE_ID"])
+    assert len(ids) == 10
 
 
 def test_a_restart_in_the_middle_of_a_batch_loses_and_repeats_nothing(
