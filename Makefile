@@ -32,7 +32,7 @@ help:
 	@echo "                       Helm first for the chart tests when Go is on PATH"
 	@echo "make test-integration  the tests against the local stack alone; starts it"
 	@echo "make lint              ruff, mypy --strict and the import contracts"
-	@echo "make bench             dispatch benchmarks: RabbitMQ, Kafka, SQS, Redis, NATS, MQTT (~35 min)"
+	@echo "make bench             dispatch benchmarks: RabbitMQ, Kafka, SQS, Redis, NATS, MQTT, HTTP (~36 min)"
 	@echo "make bench-keda        jobrunner beside the real KEDA operator (built from source the first"
 	@echo "                       time, ~10 min), one table (~15 min); starts the stack"
 	@echo "make soak              10 min chaos run: dispatchers killed, brokers and API server"
@@ -121,6 +121,7 @@ bench: venv stack-up
 	$(BIN)/python bench/bench_dispatch.py kafka
 	for s in sqs redis nats mqtt; do $(BIN)/python bench/bench_dispatch.py $$s || exit 1; done
 	$(BIN)/python bench/bench_real_node.py
+	$(BIN)/python bench/bench_http.py
 
 # KEDA is built (once, cached in ~/.cache/jobrunner/keda-<version>/) and started only here.
 bench-keda: venv stack-up
