@@ -179,7 +179,14 @@ def scaledjob(
                 "jobTargetRef": {
                     "backoffLimit": 0,
                     "template": {
-                        "metadata": {"annotations": {"kwok.jobrunner.dev/run-duration": "3s"}},
+                        "metadata": {
+                            "annotations": {
+                                # On KWOK a Job runs as long as its event says.
+                                "kwok.jobrunner.dev/run-duration": (
+                                    "{{ message.json.get('seconds', 1) }}s"
+                                )
+                            }
+                        },
                         "spec": {
                             "containers": [
                                 {
@@ -244,7 +251,7 @@ def mode(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def make_sink(mode: str, request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., Sink]:
     """``make_sink(command=...)``: a Sink whose Jobs run ``command`` (local executor) or
-    run 3 s on KWOK."""
+    run on KWOK for the ``seconds`` their event says (default 1)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}/events"
 
@@ -324,13 +331,13 @@ async def test_a_retry_after_429_is_accepted_and_makes_one_job(
 ) -> None:
     release = tmp_path / "release"
     # One slot (maxReplicaCount 1), one pending request: the blocker's Job takes the
-    # slot (locally until the test releases it, on KWOK for 3 s), the second event waits
+    # slot (locally until the test releases it, on KWOK for 20 s), the second event waits
     # for it, the third is answered 429 until the slot frees.
     sink = make_sink(command=f"while [ ! -e {release} ]; do sleep 0.1; done", max_pending=1)
     sink.start()
     await sink.serving()
     run = uuid.uuid4().hex[:8]
-    blocker = await sink.sender().send(*binary(event(f"blocker-{run}")))
+    blocker = await sink.sender().send(*binary(event(f"blocker-{run}", {"seconds": 20})))
     assert blocker.status == 202
     waiting_ce = event(f"waiting-{run}")
     waiting = asyncio.create_task(sink.sender().send(*binary(waiting_ce)))
