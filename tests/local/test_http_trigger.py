@@ -377,3 +377,40 @@ async def test_a_restart_answers_202_only_for_what_is_durable(
     assert len(job_dirs(state_dir)) == 3
     runs = (tmp_path / "runs.txt").read_text().split()
     assert sorted(runs) == ["first", "second", "third"]  # each ran once
+
+
+VERIFY = """
+import hashlib, hmac, json, os, sys
+body = os.environ["JOBRUNNER_MESSAGE"].encode()
+sent = json.loads(os.environ["JOBRUNNER_MESSAGE_HEADERS"])["x-hub-signature-256"]
+mine = "sha256=" + hmac.new(b"webhook-secret", body, hashlib.sha256).hexdigest()
+sys.exit(0 if hmac.compare_digest(sent, mine) else 9)
+"""
+
+
+async def test_a_webhook_signature_verifies_in_the_job(
+    manifest: ManifestFactory, dispatchers: Dispatchers
+) -> None:
+    """GitHub-style: the Job gets the body byte for byte and the forwarded signature
+    header, so it can check the HMAC itself; a forged signature fails the Job."""
+    import hashlib
+    import hmac
+
+    port = free_port()
+    path = http_manifest(
+        manifest, VERIFY, port=port, metadata={"forwardHeaders": "X-Hub-Signature-256"}
+    )
+    proc = dispatchers.start(path)
+    base = f"http://127.0.0.1:{port}"
+    await serving(base, proc)
+    body = b'{"action":  "opened",\n "number": 7}'  # odd spacing: bytes, not a value
+    good = "sha256=" + hmac.new(b"webhook-secret", body, hashlib.sha256).hexdigest()
+    async with aiohttp.ClientSession() as s:
+        outcomes = []
+        for key, signature in (("d-1", good), ("d-2", "sha256=" + "0" * 64)):
+            headers = {"Idempotency-Key": key, "X-Hub-Signature-256": signature}
+            async with s.post(f"{base}/events", data=body, headers=headers) as r:
+                assert r.status == 202
+                where = r.headers["Location"]
+            outcomes.append((await outcome(s, base + where))[0])
+    assert outcomes == [200, 400]

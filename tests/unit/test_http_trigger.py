@@ -448,3 +448,26 @@ async def test_a_path_is_one_scaledjobs_and_its_next_dispatcher_takes_it_over() 
     finally:
         await listeners.remove("127.0.0.1:0", "/ns/e", new)
     assert listener.routes == {}
+
+
+def test_forwarded_headers_reach_the_job_and_credentials_never_do() -> None:
+    headers = headers_of(
+        {"X-Hub-Signature-256": "sha256=ab", "X-Other": "no", "Authorization": "Bearer t"}
+    )
+    delivery = parse_event(
+        path="/e", headers=headers, body=b"{}", forward=("x-hub-signature-256", "authorization")
+    )
+    assert delivery.headers == {"x-hub-signature-256": "sha256=ab", "authorization": "Bearer t"}
+    # ...which is why the manifest refuses to name a credential:
+    for name in ("Authorization", "cookie", "Proxy-Authorization", "ce-id", "bad name"):
+        trigger = scaledjob({"path": "/e"}).spec.triggers[0]
+        problems = check_trigger(
+            trigger.model_copy(update={"metadata": {"path": "/e", "forwardHeaders": name}})
+        )
+        assert [p.field for p in problems] == ["metadata.forwardHeaders"], name
+    many = ",".join(f"x-h{i}" for i in range(17))
+    trigger = scaledjob({"path": "/e"}).spec.triggers[0]
+    problems = check_trigger(
+        trigger.model_copy(update={"metadata": {"path": "/e", "forwardHeaders": many}})
+    )
+    assert [p.field for p in problems] == ["metadata.forwardHeaders"]

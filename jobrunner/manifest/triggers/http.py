@@ -27,6 +27,11 @@ Metadata (jobrunner's own: KEDA has no push trigger):
   exist yet (each waits for a free slot under ``maxReplicaCount``); past it a POST is
   answered ``429 Too Many Requests`` with ``Retry-After``;
 * ``retryAfterSeconds`` (default 5, 1-3600): what ``Retry-After`` says;
+* ``forwardHeaders``: comma-separated request headers passed to the Job beside the
+  ``ce-*`` attributes (in ``JOBRUNNER_MESSAGE_HEADERS``, lower case), e.g.
+  ``X-Hub-Signature-256,X-GitHub-Event`` so a Job can verify a webhook's signature over
+  the body it got byte for byte. At most 16; credentials (``Authorization``, cookies,
+  ``Proxy-Authorization``) are refused;
 * ``bodyTimeoutSeconds`` (default 10, 1-300): the most a client may take to send its
   body (a slow client cannot hold the server); ``408`` after it.
 
@@ -59,6 +64,11 @@ AUTH_MODES = ("bearer", "tokenReview", "none")
 _SERVICE_ACCOUNT = re.compile(
     r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?:(\*|[a-z0-9]([-.a-z0-9]*[a-z0-9])?)$"
 )
+FORWARD_MAX = 16
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,100}$")
+_NEVER_FORWARDED = frozenset(
+    {"authorization", "proxy-authorization", "cookie", "set-cookie", "host", "content-length"}
+)
 TOKEN_MIN = 16
 """The shortest bearer token taken: a guessable token is no authentication."""
 
@@ -79,6 +89,8 @@ class HttpTrigger:
     max_pending: int = 32
     retry_after_seconds: int = 5
     body_timeout_seconds: float = 10.0
+    forward_headers: tuple[str, ...] = ()
+    """Request headers (lower case) passed to the Job."""
     dead_letter_url: str | None = None
     tenant: bool = False
     """Served for a tenant by the operator: the dead-letter URL is checked against the
@@ -134,12 +146,32 @@ def _check(metadata: Mapping[str, str], has_auth: bool) -> list[Problem]:
                     f"<namespace>:<name> or <namespace>:*, comma-separated; got {item[:80]!r}",
                 )
             )
+    problems += _forward_problems(metadata.get("forwardHeaders", ""))
     if metadata.get("serviceAccounts") and metadata.get("auth") != "tokenReview":
         problems.append(
             Problem(
                 "metadata.serviceAccounts", "only with auth: tokenReview; remove it or set auth"
             )
         )
+    return problems
+
+
+def _forward_problems(text: str) -> list[Problem]:
+    names = _split(text)
+    problems = []
+    if len(names) > FORWARD_MAX:
+        problems.append(Problem("metadata.forwardHeaders", f"at most {FORWARD_MAX} headers"))
+    for name in names:
+        if not _HEADER_NAME.match(name):
+            problems.append(Problem("metadata.forwardHeaders", f"not a header name: {name[:80]!r}"))
+        elif name.lower() in _NEVER_FORWARDED or name.lower().startswith("ce-"):
+            problems.append(
+                Problem(
+                    "metadata.forwardHeaders",
+                    f"{name} is never passed to a Job (credentials, hop-by-hop, or a ce- "
+                    "attribute, which is passed anyway); remove it",
+                )
+            )
     return problems
 
 
@@ -260,6 +292,7 @@ async def _resolve(context: ResolveContext) -> HttpTrigger:
         max_pending=int(meta.get("maxPendingRequests", "32")),
         retry_after_seconds=int(meta.get("retryAfterSeconds", "5")),
         body_timeout_seconds=float(meta.get("bodyTimeoutSeconds", "10")),
+        forward_headers=tuple(h.lower() for h in _split(meta.get("forwardHeaders", ""))),
         dead_letter_url=context.scaledjob.spec.deadLetter.url,
         tenant=tenant,
     )
@@ -278,6 +311,7 @@ TRIGGER = TriggerType(
             "maxPendingRequests",
             "retryAfterSeconds",
             "bodyTimeoutSeconds",
+            "forwardHeaders",
         }
     ),
     check=_check,

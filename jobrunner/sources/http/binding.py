@@ -47,19 +47,21 @@ def parse_event(
     path: str,
     headers: Mapping[str, str],
     body: bytes,
+    forward: tuple[str, ...] = (),
 ) -> Delivery:
     """The Delivery of one POST: a CloudEvent in binary mode (``ce-*`` headers), in
     structured mode (``application/cloudevents+json``), or a plain body (its id from
     ``Idempotency-Key``, else the body's digest). EventRejected (400/415) for a request
     that breaks the binding. Only ``ce-*`` attributes, the content type and the trace
-    context (``traceparent``, ``tracestate``) reach the Job, never ``Authorization``."""
+    context (``traceparent``, ``tracestate``) and the headers named in ``forward`` (lower
+    case: a webhook's signature, say) reach the Job, never ``Authorization``."""
     content_type = headers.get("Content-Type", "")
     media = content_type.split(";", 1)[0].strip().lower()
     if media == BATCH:
         raise EventRejected(
             415, "BatchNotSupported", "batched CloudEvents are not taken: send each event alone"
         )
-    trace = {k: headers[k] for k in ("traceparent", "tracestate") if k in headers}
+    trace = {k: headers[k] for k in ("traceparent", "tracestate", *forward) if k in headers}
     if media == STRUCTURED:
         return _structured(path, body, trace)
     attributes = {k.lower()[3:]: v for k, v in headers.items() if k.lower().startswith("ce-")}

@@ -188,7 +188,12 @@ class HttpSource:
                     f"{len(self._pending)} events already wait for a free Job slot; retry",
                     retry_after=retry,
                 )
-            delivery = parse_event(path=self.trigger.path, headers=request.headers, body=body)
+            delivery = parse_event(
+                path=self.trigger.path,
+                headers=request.headers,
+                body=body,
+                forward=self.trigger.forward_headers,
+            )
         except EventRejected as exc:
             extra = {"retry_after": retry} if exc.status == 503 else {}
             return answer(exc.status, exc.reason, exc.text, **extra)
