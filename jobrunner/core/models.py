@@ -184,3 +184,36 @@ class TokenReview:
     username: str = ""
     groups: tuple[str, ...] = ()
 
+
+TERMINATION_MESSAGE_LIMIT = 4096
+"""Bytes of a container's termination message the kubelet keeps (``terminationMessagePath``,
+kubernetes pkg/kubelet/kuberuntime: the file is read up to 4096 bytes into the pod's
+``state.terminated.message``); the local executor keeps the same."""
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a finished Job came to, as its producer may be told it (a reply to the
+    message's reply address, the HTTP trigger's GET): read by a ``ReadsResults``
+    JobClient from the Job and its last pod.
+
+    ``outcome``/``reason``/``message`` are the Job's finished condition's; ``exit_code``
+    the last attempt's main container's (the first that exited non-zero, else the first
+    container's; None when no container ended, a deadline before start, say);
+    ``duration_seconds`` from the Job's ``startTime`` to its finish (None when either is
+    unknown); ``payload`` the termination message of that container (the file at its
+    ``terminationMessagePath``, at most ``TERMINATION_MESSAGE_LIMIT`` bytes, "" when it
+    wrote none)."""
+
+    job_name: str
+    outcome: Outcome
+    reason: str = ""
+    message: str = ""
+    exit_code: int | None = None
+    duration_seconds: float | None = None
+    payload: str = ""
+    container: str = ""
+
+    @property
+    def succeeded(self) -> bool:
+        return self.outcome is Outcome.SUCCEEDED

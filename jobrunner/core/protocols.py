@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from jobrunner.core.models import Decision, Delivery, JobStatus, TokenReview
+from jobrunner.core.models import Decision, Delivery, JobResult, JobStatus, TokenReview
 
 
 class ApiRejected(Exception):
@@ -162,6 +162,21 @@ class DescribesFailures(Protocol):
         ...
 
 
+@runtime_checkable
+class ReadsResults(Protocol):
+    """A JobClient that can say what a finished Job came to (``JobResult``: outcome,
+    reason, exit code, duration and the termination-message payload), for a reply to
+    its message's producer (jobrunner.dispatch.replies) and the HTTP trigger's GET.
+    Both the Kubernetes client and the local executor implement it."""
+
+    async def job_result(self, namespace: str, name: str) -> JobResult | None:
+        """The Job's result; None while it has not finished or when it is gone. Best
+        effort on the pod: a pod that cannot be read leaves ``exit_code`` None and
+        ``payload`` empty, the Job's own outcome is still given. Raises TransientError
+        when the Job itself cannot be read now."""
+        ...
+
+
 class MessageHandle(Protocol):
     """A received message that still awaits its settlement."""
 
@@ -287,4 +302,3 @@ class AnswersSenders(Protocol):
     def bind_job_status(self, reader: Callable[[str], Awaitable[JobStatus | None]]) -> None: ...
 
     def bind_token_reviewer(self, reviewer: TokenReviewer) -> None: ...
-
