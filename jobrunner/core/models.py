@@ -217,3 +217,36 @@ class JobResult:
     @property
     def succeeded(self) -> bool:
         return self.outcome is Outcome.SUCCEEDED
+
+
+ANNOTATION_REPLIED = "jobrunner.dev/replied"
+"""The id of the reply published for the Job's outcome (jobrunner.dispatch.replies), once
+the broker confirmed it: a settlement that runs again after a crash finds it and does not
+publish again."""
+
+
+@dataclass(frozen=True)
+class ReplyAddress:
+    """Where a message's producer waits for its result, as the message's source read it
+    from the message (AMQP ``reply_to`` + ``correlation_id``, a Kafka reply-topic header)
+    and allowed it. ``destination``: the queue (AMQP, through the default exchange) or
+    topic (Kafka), on the source's own connection; ``correlation_id``: echoed back."""
+
+    destination: str
+    correlation_id: str = ""
+    kind: str = ""
+    """``queue`` or ``topic``, for messages."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One reply to publish: ``body`` (JSON), ``reply_id`` (deterministic: the Job and its
+    outcome, so a republish after a crash can be dropped by the consumer), ``attributes``
+    the CloudEvents context attributes (``specversion``, ``id``, ``source``, ``type``,
+    ``subject``, ``time``) that each source maps onto its binding's headers."""
+
+    body: bytes
+    reply_id: str
+    correlation_id: str = ""
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"

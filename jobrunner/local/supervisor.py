@@ -166,9 +166,7 @@ def termination_file(jobdir: JobDir, attempt: int, container: str) -> Path:
     fresh, private, empty file, as the kubelet makes one per container start."""
     path = jobdir.path / "termination" / f"{attempt}-{container}"
     private_dir(path.parent)
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-    path.touch(mode=0o600)
+    write_private(path, b"")
     return path
 
 
