@@ -35,6 +35,7 @@ from jobrunner.core.protocols import (
     JobClient,
     MessageSink,
     MessageSource,
+    SendsReplies,
     SourceError,
     TokenReviewer,
 )
@@ -43,7 +44,9 @@ from jobrunner.core.settings import Executor, Settings
 from jobrunner.core.tasks import start_guarded, stop_tasks
 from jobrunner.core.timestamps import age_seconds
 from jobrunner.dispatch.dispatcher import Dispatcher
+from jobrunner.dispatch.hooks import chain
 from jobrunner.dispatch.outputs import FunctionResults
+from jobrunner.dispatch.replies import Replies
 from jobrunner.manifest.loader import ManifestSet
 from jobrunner.manifest.scaledjob import ScaledJob, TriggerAuthentication
 from jobrunner.manifest.triggers import (
@@ -271,7 +274,7 @@ class DispatchUnit:
             settings=settings.dispatcher,
             telemetry=telemetry,
             retry_ceiling=settings.kube.api_retry_max_seconds,
-            settle_hook=results,
+            settle_hook=chain(results, _replies(scaledjob, source, jobs, settings, marks)),
             marks=marks,
         )
         destination = getattr(resolved, kind.destination, None) or getattr(resolved, "queue", "")
@@ -477,6 +480,28 @@ def _job_marks(scaledjob: ScaledJob, jobs: JobClient, settings: Settings) -> Job
             extra={"scaledjob": scaledjob.name},
         )
     return marks
+
+
+def _replies(
+    scaledjob: ScaledJob,
+    source: object,
+    jobs: JobClient,
+    settings: Settings,
+    marks: JobMarks | None,
+) -> Replies | None:
+    """Results back to the producer (jobrunner.dispatch.replies), for a source that can
+    answer on its own connection (RabbitMQ, Kafka); asked after a function's outputs."""
+    if not isinstance(source, SendsReplies):
+        return None
+    return Replies(
+        jobs=jobs,
+        namespace=scaledjob.namespace,
+        scaledjob=scaledjob.name,
+        source=source,
+        secret_first=marks is not None and marks.reads_secrets,
+        retry_ceiling=settings.kube.api_retry_max_seconds,
+        failpoints=Failpoints(settings.dispatcher.failpoints),
+    )
 
 
 def _bind_answers(source: Any, *, jobs: JobClient, tracker: JobTracker, namespace: str) -> None:

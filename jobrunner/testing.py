@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jobrunner.core import apipath
-from jobrunner.core.models import FINALIZER, Action, Decision, Delivery
+from jobrunner.core.models import FINALIZER, Action, Decision, Delivery, JobResult
 from jobrunner.core.naming import message_identity
 from jobrunner.core.protocols import (
     ApiRejected,
@@ -44,6 +44,7 @@ from jobrunner.core.protocols import (
 )
 from jobrunner.core.timestamps import now_rfc3339
 from jobrunner.rendering import messagesecret
+from jobrunner.tracking.results import Ended, result_of
 
 __all__ = [
     "MemoryBroker",
@@ -82,6 +83,8 @@ class MemoryJobClient:
         self.jobs: dict[tuple[str, str], dict[str, Any]] = {}
         self.secrets: dict[tuple[str, str], dict[str, Any]] = {}
         self.events: list[dict[str, Any]] = []
+        self.terminated: dict[tuple[str, str], Ended] = {}
+        """How each finished Job's container ended, when ``finish`` was told."""
         self.calls: dict[str, int] = {}
         self._version = itertools.count(1)
         self._rv = 0
@@ -154,6 +157,16 @@ class MemoryJobClient:
         apipath.name(name, field="Job name")  # as the real client: refused unsent
         job = self.jobs.get((namespace, name))
         return copy.deepcopy(job) if job is not None else None
+
+    async def job_result(self, namespace: str, name: str) -> JobResult | None:
+        """``ReadsResults``, from the Job alone (no pods here): ``terminated`` set by
+        ``finish`` stands for the pod's container."""
+        self._count("job_result")
+        job = self.jobs.get((namespace, name))
+        if job is None:
+            return None
+        ended = self.terminated.get((namespace, name))
+        return result_of(job, [ended] if ended is not None else [])
 
     def _existing(self, namespace: str, name: str) -> dict[str, Any]:
         job = self.jobs.get((namespace, name))
@@ -269,10 +282,21 @@ class MemoryJobClient:
 
     # ------------------------------------------------------------------ for tests
     async def finish(
-        self, namespace: str, name: str, *, succeeded: bool = True, reason: str = ""
+        self,
+        namespace: str,
+        name: str,
+        *,
+        succeeded: bool = True,
+        reason: str = "",
+        exit_code: int | None = None,
+        termination_message: str = "",
     ) -> None:
-        """End a Job as the Job controller would: a ``Complete`` or ``Failed`` condition."""
+        """End a Job as the Job controller would: a ``Complete`` or ``Failed`` condition;
+        ``exit_code`` and ``termination_message``: what its pod's container ended with
+        (for ``job_result``)."""
         job = self._existing(namespace, name)
+        if exit_code is not None or termination_message:
+            self.terminated[(namespace, name)] = Ended("main", exit_code, termination_message)
         kind = "Complete" if succeeded else "Failed"
         now = now_rfc3339()
         job["status"] = {

@@ -25,6 +25,9 @@ POINTS = frozenset(
         # after every output is published and recorded, before the message is settled.
         "after-output-sent",
         "after-outputs-published",
+        # jobrunner.dispatch.replies: a reply confirmed by the broker, not yet recorded on
+        # its Job.
+        "after-reply-sent",
         # jobrunner.sources.kafka: a dead letter produced in its transaction, which is not
         # committed yet (nor are the offsets that settle its record).
         "after-dead-letter-sent",

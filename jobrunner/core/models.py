@@ -191,3 +191,70 @@ class TokenReview:
     authenticated: bool
     username: str = ""
     groups: tuple[str, ...] = ()
+
+
+TERMINATION_MESSAGE_LIMIT = 4096
+"""Bytes of a container's termination message the kubelet keeps (``terminationMessagePath``,
+kubernetes pkg/kubelet/kuberuntime: the file is read up to 4096 bytes into the pod's
+``state.terminated.message``); the local executor keeps the same."""
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a finished Job came to, as its producer may be told it (a reply to the
+    message's reply address, the HTTP trigger's GET): read by a ``ReadsResults``
+    JobClient from the Job and its last pod.
+
+    ``outcome``/``reason``/``message`` are the Job's finished condition's; ``exit_code``
+    the last attempt's main container's (the first that exited non-zero, else the first
+    container's; None when no container ended, a deadline before start, say);
+    ``duration_seconds`` from the Job's ``startTime`` to its finish (None when either is
+    unknown); ``payload`` the termination message of that container (the file at its
+    ``terminationMessagePath``, at most ``TERMINATION_MESSAGE_LIMIT`` bytes, "" when it
+    wrote none)."""
+
+    job_name: str
+    outcome: Outcome
+    reason: str = ""
+    message: str = ""
+    exit_code: int | None = None
+    duration_seconds: float | None = None
+    payload: str = ""
+    container: str = ""
+
+    @property
+    def succeeded(self) -> bool:
+        return self.outcome is Outcome.SUCCEEDED
+
+
+ANNOTATION_REPLIED = "jobrunner.dev/replied"
+"""The id of the reply published for the Job's outcome (jobrunner.dispatch.replies), once
+the broker confirmed it: a settlement that runs again after a crash finds it and does not
+publish again."""
+
+
+@dataclass(frozen=True)
+class ReplyAddress:
+    """Where a message's producer waits for its result, as the message's source read it
+    from the message (AMQP ``reply_to`` + ``correlation_id``, a Kafka reply-topic header)
+    and allowed it. ``destination``: the queue (AMQP, through the default exchange) or
+    topic (Kafka), on the source's own connection; ``correlation_id``: echoed back."""
+
+    destination: str
+    correlation_id: str = ""
+    kind: str = ""
+    """``queue`` or ``topic``, for messages."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One reply to publish: ``body`` (JSON), ``reply_id`` (deterministic: the Job and its
+    outcome, so a republish after a crash can be dropped by the consumer), ``attributes``
+    the CloudEvents context attributes (``specversion``, ``id``, ``source``, ``type``,
+    ``subject``, ``time``) that each source maps onto its binding's headers."""
+
+    body: bytes
+    reply_id: str
+    correlation_id: str = ""
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"

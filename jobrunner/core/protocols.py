@@ -7,7 +7,15 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from jobrunner.core.models import Decision, Delivery, JobStatus, TokenReview
+from jobrunner.core.models import (
+    Decision,
+    Delivery,
+    JobResult,
+    JobStatus,
+    Reply,
+    ReplyAddress,
+    TokenReview,
+)
 
 
 class ApiRejected(Exception):
@@ -162,6 +170,21 @@ class DescribesFailures(Protocol):
         ...
 
 
+@runtime_checkable
+class ReadsResults(Protocol):
+    """A JobClient that can say what a finished Job came to (``JobResult``: outcome,
+    reason, exit code, duration and the termination-message payload), for a reply to
+    its message's producer (jobrunner.dispatch.replies) and the HTTP trigger's GET.
+    Both the Kubernetes client and the local executor implement it."""
+
+    async def job_result(self, namespace: str, name: str) -> JobResult | None:
+        """The Job's result; None while it has not finished or when it is gone. Best
+        effort on the pod: a pod that cannot be read leaves ``exit_code`` None and
+        ``payload`` empty, the Job's own outcome is still given. Raises TransientError
+        when the Job itself cannot be read now."""
+        ...
+
+
 class MessageHandle(Protocol):
     """A received message that still awaits its settlement."""
 
@@ -245,6 +268,31 @@ class MessageSink(Protocol):
     async def close(self) -> None: ...
 
 
+class ReplyRefused(Exception):
+    """A reply that this source will never deliver: its address is one the source does
+    not allow (another exchange, a topic outside ``replyTopics``, the trigger's own queue)
+    or no longer exists (a deleted reply queue). The message is dead-lettered
+    ``ReplyFailed`` with the text, which names no credential and quotes no server."""
+
+
+@runtime_checkable
+class SendsReplies(Protocol):
+    """A source that can answer a message's producer on the message's own connection
+    (jobrunner.dispatch.replies): RabbitMQ's RPC pattern, a Kafka reply topic."""
+
+    def reply_address(self, message: Mapping[str, Any]) -> ReplyAddress | None:
+        """The reply address a message carries, read from its kept form (``headers``,
+        ``metadata``: jobrunner.rendering.renderer.original_fields); None when it carries
+        none. Raises ReplyRefused for one this source does not allow."""
+        ...
+
+    async def send_reply(self, address: ReplyAddress, reply: Reply) -> None:
+        """Publish ``reply`` to ``address`` and return once the broker has it (publisher
+        confirm, acks=all). ReplyRefused when it can never be delivered; anything else is
+        retried, within a bound."""
+        ...
+
+
 class SettleHook(Protocol):
     """A collaborator the dispatcher asks, in its settle step, before a message's final
     settlement that names a Job (jobrunner.dispatch.outputs publishes a function's outputs
@@ -252,7 +300,14 @@ class SettleHook(Protocol):
     same with ``outputs`` for the source to publish). ``live``: the message is in hand
     (settled through the source), not a copy kept by its Job."""
 
-    async def before_settle(self, decision: Decision, *, live: bool = False) -> Decision: ...
+    async def before_settle(
+        self, decision: Decision, *, live: bool = False, message: Mapping[str, Any] | None = None
+    ) -> Decision:
+        """``message``: the message in its kept form (jobrunner.rendering.renderer
+        .original_fields: ids, headers, metadata, maybe the body), when the settlement has
+        it at hand (a live delivery, or the copy a failed Job keeps); None otherwise (the
+        hook reads the Job's copy itself if it needs it)."""
+        ...
 
 
 @runtime_checkable

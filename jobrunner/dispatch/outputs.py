@@ -129,7 +129,9 @@ class FunctionResults:
         self.carrier: CarriesOutputs | None = None
         """The source, when it can publish outputs in its settle transaction."""
 
-    async def before_settle(self, decision: Decision, *, live: bool = False) -> Decision:
+    async def before_settle(
+        self, decision: Decision, *, live: bool = False, message: Mapping[str, Any] | None = None
+    ) -> Decision:
         """The decision to carry out: ``decision`` itself once a success's outputs are
         out, or with them in ``outputs`` for the source to publish (``live`` and every
         one carried by the source), a dead letter explained by the function's error, or

@@ -26,7 +26,11 @@ from jobrunner.core.redaction import describe_error
 from jobrunner.dispatch.events import JobEvents
 from jobrunner.dispatch.metrics import DispatchMetrics
 from jobrunner.dispatch.scope import Scope
-from jobrunner.rendering.renderer import ANNOTATION_ORIGINAL_MESSAGE, original_message
+from jobrunner.rendering.renderer import (
+    ANNOTATION_ORIGINAL_MESSAGE,
+    original_fields,
+    original_message,
+)
 
 
 def decision_for(outcome: JobOutcome, job_name: str) -> Decision:
@@ -83,7 +87,10 @@ class Settlement:
         nothing could be settled (the broker redelivers, or there is no copy)."""
         self._scope.failpoints.hit("before-settle")
         if final and decision.job_name and self._settle_hook is not None:
-            decision = await self._settle_hook.before_settle(decision, live=bool(handles))
+            message = original_fields(handles[-1].delivery) if handles else original
+            decision = await self._settle_hook.before_settle(
+                decision, live=bool(handles), message=message
+            )
             if decision.action is Action.DEAD_LETTER and not handles and original is None:
                 # A Job that keeps its message succeeded, but its outputs cannot go out
                 # (or its result is not trusted): dead-letter the copy the Job keeps.

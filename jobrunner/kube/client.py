@@ -31,10 +31,11 @@ from kubernetes.watch.watch import iter_resp_lines
 
 from jobrunner.core import apipath
 from jobrunner.core.failpoints import Failpoints
-from jobrunner.core.models import FINALIZER, TokenReview
+from jobrunner.core.models import FINALIZER, JobResult, TokenReview
 from jobrunner.core.protocols import ApiRejected, JobPage, TransientError, WatchEvent, WatchExpired
 from jobrunner.core.timestamps import now_rfc3339
 from jobrunner.rendering import messagesecret
+from jobrunner.tracking.results import ended_in_pod, result_of
 
 logger = logging.getLogger(__name__)
 _POOL_SIZE = 32
@@ -793,6 +794,30 @@ class KubeJobClient:
             tail = " | ".join(lines)
             text += f"; last lines of {container}: {tail[-600:]}"
         return text
+
+    async def job_result(self, namespace: str, name: str) -> JobResult | None:
+        """The finished Job's result (``ReadsResults``): its condition, and the exit code
+        and termination message (``state.terminated.message``: what the container wrote
+        to its ``terminationMessagePath``, at most 4096 bytes as the kubelet keeps it) of
+        its last pod, the newest by creationTimestamp as in ``failure_detail``. A pod that
+        is gone or cannot be read leaves exit code and payload empty."""
+        job = await self.get_job(namespace, name)
+        if job is None or result_of(job) is None:
+            return None
+        try:
+            pods = await self.list_pods(namespace, f"job-name={name}")
+        except (ApiRejected, TransientError):
+            pods = []
+        if not pods:
+            return result_of(job)
+        pod = max(
+            pods,
+            key=lambda p: (
+                str((p.get("metadata") or {}).get("creationTimestamp") or ""),
+                str((p.get("metadata") or {}).get("name") or ""),
+            ),
+        )
+        return result_of(job, ended_in_pod(pod))
 
     async def review_token(self, token: str, *, audiences: tuple[str, ...] = ()) -> TokenReview:
         """A TokenReview of ``token`` (authentication.k8s.io/v1; needs ``create`` on

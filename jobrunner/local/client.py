@@ -38,7 +38,7 @@ from typing import Any
 from jobrunner.core import apipath, privatefs
 from jobrunner.core.failpoints import Failpoints
 from jobrunner.core.marks import POD_WRITABLE
-from jobrunner.core.models import FINALIZER
+from jobrunner.core.models import FINALIZER, JobResult
 from jobrunner.core.protocols import ApiRejected, JobPage, WatchEvent, WatchExpired
 from jobrunner.core.timestamps import age_seconds, now_rfc3339
 from jobrunner.local import compat
@@ -46,6 +46,7 @@ from jobrunner.local.jobdir import JobDir
 from jobrunner.local.supervisor import RETRY_ENV
 from jobrunner.manifest import jobschema
 from jobrunner.rendering import messagesecret
+from jobrunner.tracking.results import Ended, result_of
 from jobrunner.tracking.tracker import JobState, outcome_of
 
 logger = logging.getLogger(__name__)
@@ -334,6 +335,24 @@ class LocalJobClient:
     async def get_job(self, namespace: str, name: str) -> Mapping[str, Any] | None:
         return await asyncio.to_thread(self._object, self.jobdir(namespace, name))
 
+    async def job_result(self, namespace: str, name: str) -> JobResult | None:
+        """The finished Job's result (``ReadsResults``), as the Kubernetes client reads
+        it: the last attempt's exit codes and termination messages, which the supervisor
+        records as the kubelet does (the file at ``terminationMessagePath``, at most
+        4096 bytes)."""
+        job = await self.get_job(namespace, name)
+        if job is None:
+            return None
+        attempts = (job.get("status") or {}).get("attempts") or []
+        last = attempts[-1] if attempts else {}
+        messages = last.get("terminationMessages") or {}
+        ended = [
+            Ended(container=c, exit_code=code if code >= 0 else None, message=messages.get(c, ""))
+            for c, code in (last.get("exitCodes") or {}).items()
+            if c in _app_containers(job)
+        ]
+        return result_of(job, ended)
+
     def _modify(
         self, jobdir: JobDir, change: Callable[[dict[str, Any]], None]
     ) -> dict[str, Any] | None:
@@ -554,3 +573,8 @@ class LocalJobClient:
     async def close(self) -> None:
         """Forget the supervisors without stopping them: Jobs keep running."""
         self._children.clear()
+
+
+def _app_containers(job: Mapping[str, Any]) -> list[str]:
+    pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+    return [str(c.get("name", "")) for c in pod.get("containers") or []]

@@ -84,6 +84,13 @@ KUBELET_DIFFERENCES: dict[str, str] = {
         "the kubelet connects to the pod's IP; a server on 127.0.0.1 alone passes locally "
         "and is never started on a cluster. Listen on every address"
     ),
+    "terminationMessagePath": (
+        "honoured as the kubelet does (the file's first 4096 bytes become the container's "
+        "termination message, FallbackToLogsOnError takes the log's last 80 lines / 2048 "
+        "bytes of a failed container), the path mapped like a mount path: where a command "
+        "or args item, or an env value, starts with it (`RESULT=/dev/termination-log`, "
+        "then `> $RESULT`); a path inside a script is this machine's"
+    ),
     "stdout and stderr": (
         "not imitated: the kubelet keeps the two streams apart and merges them by when each "
         "line was read; locally they are one file, in the order written"

@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from jobrunner.core.models import TERMINATION_MESSAGE_LIMIT
 from jobrunner.core.naming import message_secret_name
 from jobrunner.core.privatefs import append_private, open_private, private_dir, write_private
 from jobrunner.core.timestamps import epoch, now_rfc3339
@@ -148,6 +149,50 @@ def _map_path(value: str, mounts: list[tuple[str, Path]]) -> str:
     return value
 
 
+DEFAULT_TERMINATION_PATH = "/dev/termination-log"
+FALLBACK_LOG_LINES = 80
+FALLBACK_LOG_BYTES = 2048
+"""``terminationMessagePolicy: FallbackToLogsOnError``: the kubelet's tail of a failed
+container's log when its termination file is empty (kuberuntime_container.go:
+``kubecontainer.MaxContainerTerminationMessageLogLines`` and ``...LogLength``)."""
+
+
+def termination_path(container: dict[str, Any]) -> str:
+    return str(container.get("terminationMessagePath") or DEFAULT_TERMINATION_PATH)
+
+
+def termination_file(jobdir: JobDir, attempt: int, container: str) -> Path:
+    """Where the local container's termination message is written for ``attempt``: a
+    fresh, private, empty file, as the kubelet makes one per container start."""
+    path = jobdir.path / "termination" / f"{attempt}-{container}"
+    private_dir(path.parent)
+    write_private(path, b"")
+    return path
+
+
+def termination_message(
+    jobdir: JobDir, *, attempt: int, container: dict[str, Any], exit_code: int
+) -> str:
+    """The termination message the kubelet would put in ``state.terminated.message``:
+    the file's first ``TERMINATION_MESSAGE_LIMIT`` bytes; with ``FallbackToLogsOnError``
+    and a failed container that wrote none, the last lines of its log."""
+    name = str(container.get("name", "main"))
+    path = jobdir.path / "termination" / f"{attempt}-{name}"
+    try:
+        with path.open("rb") as f:
+            data = f.read(TERMINATION_MESSAGE_LIMIT)
+    except OSError:
+        data = b""
+    fallback = container.get("terminationMessagePolicy") == "FallbackToLogsOnError"
+    if not data and fallback and exit_code != 0:
+        try:
+            log = (jobdir.logs / f"{attempt}-{name}.log").read_bytes()
+        except OSError:
+            log = b""
+        data = b"".join(log.splitlines(keepends=True)[-FALLBACK_LOG_LINES:])[-FALLBACK_LOG_BYTES:]
+    return data.decode("utf-8", errors="replace")
+
+
 def hostname(job: dict[str, Any], attempt: int) -> str:
     """The hostname of the Job's pod for ``attempt``: ``<job>-<pod number>``; an Indexed
     Job's pod is named by the Job controller for its index (indexed_job_utils.go:
@@ -221,6 +266,11 @@ def _process(
         for m in container.get("volumeMounts") or []
         if m.get("name") in volumes
     ]
+    if not init:
+        # The kubelet gives each container a file at terminationMessagePath and reads it,
+        # at most 4096 bytes, into the pod's state.terminated.message when it ends; here
+        # the path is mapped to a file of the attempt, like a mount path.
+        mounts.append((termination_path(container), termination_file(jobdir, attempt, name)))
     env, defined = _container_env(
         container, jobdir=jobdir, job=job, attempt=attempt, secret=secret, mounts=mounts
     )
@@ -799,12 +849,31 @@ class Supervisor:
                 text += f"; last lines of {log_of}: {tail}"
         return text
 
+    def _termination_messages(self, attempt: int, codes: dict[str, int]) -> dict[str, str]:
+        """The app containers' termination messages of ``attempt``, by container."""
+        job = self.jobdir.job() or {}
+        pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+        found = {}
+        for container in pod.get("containers") or []:
+            name = str(container.get("name", "main"))
+            if name not in codes:
+                continue
+            text = termination_message(
+                self.jobdir, attempt=attempt, container=container, exit_code=codes[name]
+            )
+            if text:
+                found[name] = text
+        return found
+
     def _close_attempt(self, codes: dict[str, int], problem: str) -> None:
         self.status["active"] = 0
         if self.status["attempts"]:
             current = self.status["attempts"][-1]
             current["finished"] = now_rfc3339(millis=True)
             current["exitCodes"] = codes
+            messages = self._termination_messages(int(current.get("attempt", 0)), codes)
+            if messages:
+                current["terminationMessages"] = messages
             if problem:
                 current["problem"] = problem
             if self.sidecar_ends:

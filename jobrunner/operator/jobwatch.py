@@ -27,11 +27,18 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-from jobrunner.core.models import LABEL_MANAGED_BY, LABEL_SCALEDJOB, MANAGED_BY, TokenReview
+from jobrunner.core.models import (
+    LABEL_MANAGED_BY,
+    LABEL_SCALEDJOB,
+    MANAGED_BY,
+    JobResult,
+    TokenReview,
+)
 from jobrunner.core.protocols import (
     ApiRejected,
     JobClient,
     JobPage,
+    ReadsResults,
     TransientError,
     WatchEvent,
     WatchExpired,
@@ -294,6 +301,12 @@ class SharedJobs:
             return ""
         detail: str = await describe(namespace, name)
         return detail
+
+    async def job_result(self, namespace: str, name: str) -> JobResult | None:
+        """The real client's, when it has one (see protocols.ReadsResults)."""
+        if not isinstance(self._inner, ReadsResults):
+            return None
+        return await self._inner.job_result(namespace, name)
 
     async def close(self) -> None:
         """Stop the feeds (the real client is the caller's to close)."""

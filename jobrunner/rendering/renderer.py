@@ -537,15 +537,22 @@ def _message_env(
     return env
 
 
-def _original(delivery: Delivery, *, with_body: bool) -> str:
-    """The message as received, kept with its Job for a later dead letter."""
-    kept: dict[str, Any] = {
+def original_fields(delivery: Delivery) -> dict[str, Any]:
+    """The message as its Job keeps it, without the body: ids, headers, content type and
+    metadata (where a source puts a reply address: RabbitMQ's ``reply_to`` and
+    ``correlation_id``), so a settlement from the copy sees what a live one sees."""
+    return {
         "message_id": delivery.message_id,
         "identity": delivery.identity,
         "headers": dict(delivery.headers),
         "content_type": delivery.content_type,
         "metadata": dict(delivery.metadata),
     }
+
+
+def _original(delivery: Delivery, *, with_body: bool) -> str:
+    """The message as received, kept with its Job for a later dead letter."""
+    kept = original_fields(delivery)
     if with_body:
         kept["body"] = _b64(delivery.body)
     return json.dumps(kept, sort_keys=True)

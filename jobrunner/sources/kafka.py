@@ -51,12 +51,12 @@ from aiokafka.errors import KafkaError, ProducerFenced
 
 from jobrunner.core.deadletters import DeadLetter, replay_headers
 from jobrunner.core.failpoints import Failpoints
-from jobrunner.core.models import Action, Decision, Delivery
-from jobrunner.core.protocols import MessageHandle, MessageSink, SourceUnreachable
+from jobrunner.core.models import Action, Decision, Delivery, Reply, ReplyAddress
+from jobrunner.core.protocols import MessageHandle, MessageSink, ReplyRefused, SourceUnreachable
 from jobrunner.core.redaction import addresses, describe_error
 from jobrunner.core.settings import Settings
 from jobrunner.manifest.scaledjob import ScaledJob
-from jobrunner.manifest.triggers.kafka import SASL_MECHANISMS, KafkaTrigger
+from jobrunner.manifest.triggers.kafka import SASL_MECHANISMS, KafkaTrigger, topic_allowed
 from jobrunner.sources.kafka_offsets import Mark, PartitionOffsets, decode_done
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,10 @@ logger = logging.getLogger(__name__)
 TRANSACTION_TRIES = 5
 """Tries of a settle transaction that meets a retriable Kafka error (about 8 s of
 backoff in all) before the error is raised and the record left in hand."""
+
+
+REPLY_TOPIC_HEADERS = ("reply-topic", "kafka_replyTopic")
+CORRELATION_HEADERS = ("correlation-id", "kafka_correlationId")
 
 
 def _short(exc: BaseException) -> str:
@@ -117,8 +121,11 @@ class KafkaSource:
         scaledjob: str = "",
         failpoints: Failpoints | None = None,
         connection: tuple[str, ...] | None = None,
+        reply_topics: tuple[str, ...] = (),
     ) -> None:
         self._servers = bootstrap_servers
+        self.reply_topics = reply_topics
+        """The trigger's ``replyTopics``: the only topics a reply may go to."""
         self.topic = topic
         self._failpoints = failpoints or Failpoints()
         self._connection = connection
@@ -412,6 +419,53 @@ class KafkaSource:
             decision,
         )
 
+    # ------------------------------------------------------------------ replies
+    def reply_address(self, message: Mapping[str, Any]) -> ReplyAddress | None:
+        """The record's reply-topic header (``reply-topic``, or Spring Kafka's
+        ``kafka_replyTopic``) and correlation header (``correlation-id``,
+        ``kafka_correlationId``), as a topic of this cluster that the trigger's
+        ``replyTopics`` allows; never the trigger's own topic or its dead-letter topic (a
+        reply there would be a new message: a loop). ReplyRefused otherwise."""
+        headers = message.get("headers") or {}
+        topic = str(next((headers[h] for h in REPLY_TOPIC_HEADERS if headers.get(h)), ""))
+        if not topic:
+            return None
+        correlation = str(next((headers[h] for h in CORRELATION_HEADERS if headers.get(h)), ""))
+        shown = topic[:100]
+        if not self.reply_topics:
+            raise ReplyRefused(
+                f"the message names reply topic {shown!r}, and this trigger allows none "
+                "(metadata.replyTopics)"
+            )
+        if topic in (self.topic, self.dead_letter_topic):
+            raise ReplyRefused(
+                f"reply topic {shown!r} is the trigger's own topic or its dead-letter topic"
+            )
+        if not topic_allowed(topic, self.reply_topics):
+            raise ReplyRefused(
+                f"reply topic {shown!r} is not one metadata.replyTopics allows "
+                f"({', '.join(self.reply_topics)})"
+            )
+        return ReplyAddress(destination=topic, correlation_id=correlation, kind="topic")
+
+    async def send_reply(self, address: ReplyAddress, reply: Reply) -> None:
+        """Produce the reply with the source's idempotent producer (acks=all): the
+        CloudEvents attributes as ``ce_*`` headers (the Kafka binding's binary mode), the
+        correlation id under both header names and as the record key."""
+        if self._producer is None:
+            raise ConnectionError("not connected")
+        headers = [(f"ce_{k}", v.encode()) for k, v in reply.attributes.items()]
+        headers += [("content-type", reply.content_type.encode())]
+        headers += [("message-id", reply.reply_id.encode())]
+        if reply.correlation_id:
+            headers += [(h, reply.correlation_id.encode()) for h in CORRELATION_HEADERS]
+        await self._producer.send_and_wait(
+            address.destination,
+            reply.body,
+            key=reply.correlation_id.encode() or None,
+            headers=headers,
+        )
+
     def carries(self, sink: MessageSink) -> bool:
         """A Kafka sink on the same cluster with the same credentials: its messages can
         go in this source's transactions (one producer, one principal)."""
@@ -667,6 +721,7 @@ def open_source(trigger: KafkaTrigger, *, scaledjob: ScaledJob, settings: Settin
         scaledjob=scaledjob.name,
         failpoints=Failpoints(settings.dispatcher.failpoints),
         connection=connection_of(trigger),
+        reply_topics=trigger.reply_topics,
     )
 
 

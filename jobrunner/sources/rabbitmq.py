@@ -33,9 +33,14 @@ import aio_pika.exceptions
 import aiormq.exceptions
 
 from jobrunner.core.deadletters import DeadLetter, replay_headers
-from jobrunner.core.models import Action, Decision, Delivery
+from jobrunner.core.models import Action, Decision, Delivery, Reply, ReplyAddress
 from jobrunner.core.naming import message_identity
-from jobrunner.core.protocols import MessageHandle, SourceError, SourceUnreachable
+from jobrunner.core.protocols import (
+    MessageHandle,
+    ReplyRefused,
+    SourceError,
+    SourceUnreachable,
+)
 from jobrunner.core.redaction import address, describe_error
 from jobrunner.core.settings import Settings
 from jobrunner.manifest.scaledjob import ScaledJob
@@ -351,6 +356,8 @@ class RabbitMQSource:
         self._connection: aio_pika.abc.AbstractRobustConnection | None = None
         self._consume_channel: aio_pika.abc.AbstractChannel | None = None
         self._publish_channel: aio_pika.abc.AbstractChannel | None = None
+        self._reply_channel: aio_pika.abc.AbstractChannel | None = None
+        """Confirms and returns (``mandatory``): replies alone use it."""
         self._incoming: asyncio.Queue[RabbitMQHandle] = asyncio.Queue()
         self._consumer_tag: str | None = None
         self._queue: aio_pika.abc.AbstractQueue | None = None
@@ -515,6 +522,9 @@ class RabbitMQSource:
                 "exchange": message.exchange or "",
                 "routing_key": message.routing_key or "",
                 "vhost": self.vhost,
+                # RabbitMQ's RPC pattern: where the producer waits for the result.
+                **({"reply_to": message.reply_to} if message.reply_to else {}),
+                **({"correlation_id": message.correlation_id} if message.correlation_id else {}),
             },
             received_at=time.monotonic(),
             published_at=_published_at(message),
@@ -642,11 +652,96 @@ class RabbitMQSource:
         # With publisher confirms this returns once the broker has taken the copy.
         await exchange.publish(copy, routing_key=key)
 
+    # ------------------------------------------------------------------ replies
+    def reply_address(self, message: Mapping[str, Any]) -> ReplyAddress | None:
+        """The message's ``reply_to`` as a queue of this connection's vhost, reached
+        through the default exchange (``check_reply_queue`` says what is refused)."""
+        metadata = message.get("metadata") or {}
+        reply_to = str(metadata.get("reply_to") or "")
+        if not reply_to:
+            return None
+        check_reply_queue(reply_to, own=(self._queue_name, self._dlq))
+        return ReplyAddress(
+            destination=reply_to,
+            correlation_id=str(metadata.get("correlation_id") or ""),
+            kind="queue",
+        )
+
+    async def send_reply(self, address: ReplyAddress, reply: Reply) -> None:
+        """Publish to the default exchange, routing key the reply queue, ``mandatory``
+        with publisher confirms on this source's own connection: a queue that does not
+        exist (deleted, or its exclusive owner gone) makes the broker return the reply,
+        which is ReplyRefused. Not persistent: a reply queue is its client's, and
+        usually exclusive."""
+        if self._connection is None:
+            raise ConnectionError("not connected")
+        if self._reply_channel is None or self._reply_channel.is_closed:
+            self._reply_channel = await self._connection.channel(
+                publisher_confirms=True, on_return_raises=True
+            )
+        headers: dict[str, Any] = {f"cloudEvents:{k}": v for k, v in reply.attributes.items()}
+        message = aio_pika.Message(
+            reply.body,
+            message_id=reply.reply_id,
+            correlation_id=reply.correlation_id or None,
+            content_type=reply.content_type,
+            headers=headers,
+            type=reply.attributes.get("type"),
+            app_id="jobrunner",
+            timestamp=datetime.datetime.now(datetime.UTC),
+        )
+        try:
+            await self._reply_channel.default_exchange.publish(
+                message, routing_key=address.destination, mandatory=True
+            )
+        except aio_pika.exceptions.PublishError:
+            raise ReplyRefused(
+                f"no queue {address.destination!r} in vhost {self.vhost!r} (the broker "
+                "returned the reply as unroutable: deleted, or its client gone)"
+            ) from None
+
     async def close(self) -> None:
         connection, self._connection = self._connection, None
+        self._reply_channel = None
         self._queue = self._consumer_tag = None
         if connection is not None:
             await connection.close()
+
+
+REPLY_QUEUE_MAX = 255
+"""Bytes of a queue name (an AMQP short string)."""
+DIRECT_REPLY_TO = "amq.rabbitmq.reply-to"
+"""RabbitMQ's direct reply-to pseudo-queue: a client consuming from it gets a
+``reply_to`` starting with this (``amq.rabbitmq.reply-to.<token>``)."""
+_SERVER_NAMED = ("amq.gen-", DIRECT_REPLY_TO)
+"""``amq.*`` names a reply may use: a server-named queue (declared with an empty name, as
+an RPC client's exclusive reply queue is) and direct reply-to; no client can declare any
+other ``amq.*`` queue."""
+
+
+def check_reply_queue(reply_to: str, *, own: Sequence[str]) -> None:
+    """Refuse (ReplyRefused) a ``reply_to`` that is not a plain queue name for the
+    default exchange of the trigger's own vhost: a hostile publisher must not make
+    jobrunner publish anywhere else. Refused: an exchange named in it (``exchange/key``,
+    as Spring AMQP's Address syntax writes one, or an ``amqp://`` address: another
+    broker), a name RabbitMQ reserves (``amq.*``, but a server-named queue and direct
+    reply-to), the trigger's own queue or dead-letter queue (a reply there would be a new
+    message: a loop), a name over 255 bytes or with control characters. The vhost is the
+    tenancy boundary: any queue of the trigger's vhost the connection's user may write is
+    a reply queue."""
+    if "/" in reply_to or ":" in reply_to:
+        raise ReplyRefused(
+            "reply_to may only name a queue of the trigger's vhost (no exchange, no other "
+            "broker: 'exchange/key' and URLs are refused)"
+        )
+    if len(reply_to.encode()) > REPLY_QUEUE_MAX or any(ord(c) < 32 for c in reply_to):
+        raise ReplyRefused("reply_to is not a queue name (over 255 bytes, or control characters)")
+    if reply_to.startswith("amq.") and not reply_to.startswith(_SERVER_NAMED):
+        raise ReplyRefused(f"reply_to {reply_to!r} is a name RabbitMQ reserves (amq.*)")
+    if reply_to in own:
+        raise ReplyRefused(
+            f"reply_to {reply_to!r} is the trigger's own queue or its dead-letter queue"
+        )
 
 
 def ssl_context(trigger: RabbitMQTrigger) -> ssl.SSLContext | None:

@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import hashlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -311,7 +311,9 @@ class Outputs:
         self.broker = MemoryBroker()
         self.asked: list[tuple[Decision, bool, int]] = []
 
-    async def before_settle(self, decision: Decision, *, live: bool = False) -> Decision:
+    async def before_settle(
+        self, decision: Decision, *, live: bool = False, message: Mapping[str, Any] | None = None
+    ) -> Decision:
         self.asked.append((decision, live, len(self.broker.settled)))
         return Decision.dead_letter("OutputFailed", "the sink refused", decision.job_name)
 

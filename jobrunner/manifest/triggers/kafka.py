@@ -2,10 +2,14 @@
 ``bootstrapServersFromEnv``), ``consumerGroup``, ``topic``, ``offsetResetPolicy``
 (``latest``, KEDA's default, or ``earliest``); authentication as KEDA's: ``sasl``
 (plaintext, scram_sha256, scram_sha512), ``username``, ``password``, ``tls: enable``,
-``ca``, ``cert``, ``key``."""
+``ca``, ``cert``, ``key``. jobrunner's own: ``replyTopics``, the topics a message's
+reply-topic header may name (comma-separated; ``prefix*`` for a prefix; none: no reply
+is sent, and a message asking for one is dead-lettered ``ReplyFailed``; see
+jobrunner.dispatch.replies)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,6 +42,8 @@ class KafkaTrigger:
     ca: str = ""
     cert: str = ""
     key: str = ""
+    reply_topics: tuple[str, ...] = ()
+    """``replyTopics``: topics (or ``prefix*``) a reply may go to."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -49,7 +55,33 @@ def _check(metadata: Mapping[str, str], has_auth: bool) -> list[Problem]:
     problems += one_of(metadata, "offsetResetPolicy", ("earliest", "latest"))
     problems += one_of(metadata, "sasl", ("none", *SASL_MECHANISMS))
     problems += one_of(metadata, "tls", ("enable", "disable"))
+    for pattern in reply_topics(metadata.get("replyTopics", "")):
+        if not _TOPIC.fullmatch(pattern.removesuffix("*")):
+            problems.append(
+                Problem(
+                    "metadata.replyTopics",
+                    f"{pattern!r} is not a topic name (letters, digits, '.', '_', '-'; up to "
+                    "249), nor one followed by '*' for a prefix ('*' alone would let any "
+                    "producer reply into any topic)",
+                )
+            )
     return problems
+
+
+_TOPIC = re.compile(r"[A-Za-z0-9._-]{1,249}")
+
+
+def reply_topics(value: str) -> tuple[str, ...]:
+    """``replyTopics`` as its patterns."""
+    return tuple(t.strip() for t in value.split(",") if t.strip())
+
+
+def topic_allowed(topic: str, patterns: tuple[str, ...]) -> bool:
+    """Whether ``topic`` (a valid topic name) is one of ``patterns`` or starts with the
+    prefix of one that ends with ``*``."""
+    if not _TOPIC.fullmatch(topic):
+        return False
+    return any(topic.startswith(p[:-1]) if p.endswith("*") else topic == p for p in patterns)
 
 
 async def _resolve(context: ResolveContext) -> KafkaTrigger:
@@ -78,6 +110,7 @@ async def _resolve(context: ResolveContext) -> KafkaTrigger:
         ca=meta.get("ca", ""),
         cert=meta.get("cert", ""),
         key=meta.get("key", ""),
+        reply_topics=reply_topics(meta.get("replyTopics", "")),
     )
 
 
@@ -106,6 +139,7 @@ TRIGGER = TriggerType(
             "limitToPartitionsWithLag",
             "ensureEvenDistributionOfPartitions",
             "unsafeSsl",
+            "replyTopics",
         }
     ),
     check=_check,
