@@ -4,8 +4,10 @@ a moment ago may not have reached the watch yet)."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from jobrunner.core.models import JobOutcome, JobStatus
-from jobrunner.core.protocols import JobClient
+from jobrunner.core.protocols import JobClient, ReadsResults
 from jobrunner.tracking.tracker import JobTracker, outcome_of
 
 
@@ -20,12 +22,28 @@ def status_of(outcome: JobOutcome | None) -> JobStatus:
 async def job_status(
     name: str, *, jobs: JobClient, tracker: JobTracker, namespace: str
 ) -> JobStatus | None:
-    """Job ``name``'s status; None when there is no such Job. TransientError when the API
-    server cannot be asked now."""
+    """Job ``name``'s status; None when there is no such Job. A finished Job's status
+    carries its result (exit code, duration, the termination message as ``payload``, at
+    most 4096 bytes) when the executor can read it. TransientError when the API server
+    cannot be asked now."""
     state = tracker.jobs.get(name)
     if state is not None:
-        return status_of(state.outcome)
-    job = await jobs.get_job(namespace, name)
-    if job is None:
-        return None
-    return status_of(outcome_of(job))
+        status = status_of(state.outcome)
+    else:
+        job = await jobs.get_job(namespace, name)
+        if job is None:
+            return None
+        status = status_of(outcome_of(job))
+    if status.phase == "running" or not isinstance(jobs, ReadsResults):
+        return status
+    result = await jobs.job_result(namespace, name)
+    if result is None:
+        return status
+    return replace(
+        status,
+        result={
+            "exitCode": result.exit_code,
+            "durationSeconds": result.duration_seconds,
+            "payload": result.payload,
+        },
+    )

@@ -43,6 +43,7 @@ def http_manifest(
     spec: dict[str, Any] | None = None,
     max_replicas: int = 4,
     auth: bool = False,
+    container: dict[str, Any] | None = None,
 ) -> Path:
     trigger: dict[str, Any] = {
         "type": "http",
@@ -55,6 +56,7 @@ def http_manifest(
         name="hooks",
         max_replicas=max_replicas,
         spec={"triggers": [trigger], **(spec or {})},
+        container=container,
     )
     if auth:
         docs = [yaml.safe_load(path.read_text())]
@@ -414,3 +416,39 @@ async def test_a_webhook_signature_verifies_in_the_job(
                 where = r.headers["Location"]
             outcomes.append((await outcome(s, base + where))[0])
     assert outcomes == [200, 400]
+
+
+RESULT = """
+import json, os
+order = json.loads(os.environ["JOBRUNNER_MESSAGE"])
+with open(os.environ["RESULT"], "w") as f:
+    f.write(json.dumps({"thumbnail": order["image"] + ".small"}))
+"""
+
+
+async def test_the_location_answers_the_jobs_result(
+    manifest: ManifestFactory, dispatchers: Dispatchers
+) -> None:
+    """What the Job wrote to its termination message (terminationMessagePath, as the
+    kubelet keeps it) is the GET's result, with its exit code and duration."""
+    port = free_port()
+    path = http_manifest(
+        manifest,
+        RESULT,
+        port=port,
+        container={"env": [{"name": "RESULT", "value": "/dev/termination-log"}]},
+    )
+    proc = dispatchers.start(path)
+    base = f"http://127.0.0.1:{port}"
+    await serving(base, proc)
+    async with aiohttp.ClientSession() as s:
+        body = b'{"image": "cat.png"}'
+        async with s.post(f"{base}/events", data=body, headers=ce_headers("r-1")) as r:
+            assert r.status == 202
+            where = r.headers["Location"]
+        status, answer = await outcome(s, base + where)
+    assert status == 200
+    result = answer["result"]
+    assert json.loads(result["payload"]) == {"thumbnail": "cat.png.small"}
+    assert result["exitCode"] == 0
+    assert result["durationSeconds"] >= 0
