@@ -153,7 +153,7 @@ def test_an_unknown_trigger_type_lists_the_supported_ones(
     assert code == 2
     assert "field spec.triggers[0].type: 'redis' is not supported" in err
     assert (
-        "use one of apache-kafka, aws-sqs-queue, azure-queue, kafka, mqtt, nats-jetstream, "
+        "use one of apache-kafka, aws-sqs-queue, azure-queue, http, kafka, mqtt, nats-jetstream, "
         "rabbitmq, redis-streams, sqlite" in err
     )
 
