@@ -85,6 +85,12 @@ async def open_store(ctx: Context, scaledjob: ScaledJob) -> DeadLetterStore:
     module = importlib.import_module(kind.source.partition(":")[0])
     factory = getattr(module, "open_dead_letters", None)
     if factory is None:
+        if kind.name == "http":
+            raise CliError(
+                "an http trigger keeps no dead-letter queue: a failed event is answered "
+                "at its Location (GET <path>/<id>) and POSTed to spec.deadLetter.url when "
+                "set; `jobrunner jobs` lists the failed Jobs"
+            )
         raise CliError(f"dead-letters does not know {kind.name} triggers yet")
     store: DeadLetterStore = factory(resolved, scaledjob=scaledjob, settings=settings)
     return store

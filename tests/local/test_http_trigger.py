@@ -181,7 +181,8 @@ async def test_a_post_is_one_job_and_its_location_answers_the_outcome(
             assert status == 400
             assert body["status"] == "failed"
             assert body["reason"] == "BackoffLimitExceeded"
-            assert "exited 3" in body["message"]
+            assert body["result"]["exitCode"] == 3
+            assert "message" not in body  # the log's last lines stay in the dead letter
             await eventually(lambda: _truthy(sink_got), within=WAIT)
             dead = sink_got[0]
             assert dead["jobrunnerreason"] == "BackoffLimitExceeded"
@@ -452,3 +453,42 @@ async def test_the_location_answers_the_jobs_result(
     assert json.loads(result["payload"]) == {"thumbnail": "cat.png.small"}
     assert result["exitCode"] == 0
     assert result["durationSeconds"] >= 0
+
+
+async def test_bodies_being_received_count_against_the_pending_bound(
+    manifest: ManifestFactory, dispatchers: Dispatchers, state_dir: Path
+) -> None:
+    """Connections that trickle their bodies hold memory as surely as events waiting
+    for a slot: past maxPendingRequests of either, a POST is refused 429 before its
+    body is read, so the memory held stays bounded by maxPendingRequests bodies."""
+    port = free_port()
+    path = http_manifest(manifest, WORKER, port=port, metadata={"maxPendingRequests": "2"})
+    proc = dispatchers.start(path)
+    base = f"http://127.0.0.1:{port}"
+    await serving(base, proc)
+    request = (
+        b"POST /events HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Idempotency-Key: slow\r\nContent-Length: 100\r\n\r\n{"
+    )
+    slow = []
+    for _ in range(2):
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        await writer.drain()
+        slow.append((reader, writer))
+    async with aiohttp.ClientSession() as s:
+
+        async def refused() -> bool:
+            async with s.post(f"{base}/events", data=b"{}", headers=ce_headers("fast")) as r:
+                return r.status == 429
+
+        await eventually(refused, within=WAIT)
+        for _, writer in slow:
+            writer.close()
+        assert job_dirs(state_dir) == []
+
+        async def accepted() -> bool:
+            async with s.post(f"{base}/events", data=b"{}", headers=ce_headers("fast")) as r:
+                return r.status == 202
+
+        await eventually(accepted, within=WAIT)  # the bound frees with the connections

@@ -471,3 +471,51 @@ def test_forwarded_headers_reach_the_job_and_credentials_never_do() -> None:
         trigger.model_copy(update={"metadata": {"path": "/e", "forwardHeaders": many}})
     )
     assert [p.field for p in problems] == ["metadata.forwardHeaders"]
+
+
+def test_distinct_sources_and_ids_never_share_an_identity() -> None:
+    def identity(source: str, event_id: str) -> str:
+        headers = {"ce-specversion": "1.0", "ce-type": "t", "ce-source": source, "ce-id": event_id}
+        return parse_event(path="/e", headers=headers_of(headers), body=b"").identity
+
+    assert identity("a#b", "c") != identity("a", "b#c")
+    assert identity("a%23b", "c") != identity("a#b", "c")
+    assert identity("/s", "1") == "/s#1"  # the common case reads as it is
+
+
+@pytest.mark.parametrize("value", ["a\nb", "a\rb", "\x1b[31mred", "nul\x00", "c1\x85"])
+def test_control_characters_in_attributes_are_refused(value: str) -> None:
+    body = json.dumps({"specversion": "1.0", "type": "t", "source": "/s", "id": value})
+    with pytest.raises(EventRejected) as caught:
+        parse_event(
+            path="/e",
+            headers=headers_of({"Content-Type": "application/cloudevents+json"}),
+            body=body.encode(),
+        )
+    assert caught.value.status == 400
+    assert "control character" in caught.value.text
+
+
+def test_bearer_without_an_authentication_is_refused_by_validate() -> None:
+    trigger = scaledjob({"path": "/e"}).spec.triggers[0]
+    problems = check_trigger(
+        trigger.model_copy(update={"metadata": {"path": "/e", "auth": "bearer"}})
+    )
+    assert [p.field for p in problems] == ["metadata.auth"]
+
+
+async def test_paths_inside_one_another_are_refused() -> None:
+    from jobrunner.core.protocols import SourceError
+    from jobrunner.sources.http.listener import Listeners
+
+    listeners = Listeners()
+    a, b = Owner("ns", "a"), Owner("ns", "b")
+    await listeners.add("127.0.0.1:0", "/ns/a", a)
+    try:
+        for path in ("/ns/a/b", "/ns"):
+            with pytest.raises(SourceError, match="nests with /ns/a"):
+                await listeners.add("127.0.0.1:0", path, b)
+        await listeners.add("127.0.0.1:0", "/ns/ab", b)  # a sibling, not inside
+        await listeners.remove("127.0.0.1:0", "/ns/ab", b)
+    finally:
+        await listeners.remove("127.0.0.1:0", "/ns/a", a)

@@ -147,6 +147,14 @@ def _check(metadata: Mapping[str, str], has_auth: bool) -> list[Problem]:
                 )
             )
     problems += _forward_problems(metadata.get("forwardHeaders", ""))
+    if metadata.get("auth") == "bearer" and not has_auth:
+        problems.append(
+            Problem(
+                "metadata.auth",
+                "auth bearer needs an authenticationRef whose TriggerAuthentication gives "
+                "the token parameter (from a Secret); add it",
+            )
+        )
     if metadata.get("serviceAccounts") and metadata.get("auth") != "tokenReview":
         problems.append(
             Problem(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import time
 import urllib.parse
 from collections.abc import Mapping
@@ -30,6 +31,7 @@ none; each goes into the Job's annotations and the Location)."""
 CE_HEADERS_MAX = 64
 """The most ``ce-*`` attributes (headers) of one event passed to its Job."""
 _REQUIRED = ("id", "source", "specversion", "type")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class EventRejected(Exception):
@@ -68,8 +70,10 @@ def parse_event(
     if attributes:
         return _binary(path, attributes, body, content_type or None, trace)
     key = headers.get("Idempotency-Key") or None
-    if key is not None and len(key) > ID_MAX:
-        raise EventRejected(400, "InvalidMessage", f"Idempotency-Key longer than {ID_MAX}")
+    if key is not None and (len(key) > ID_MAX or _CONTROL.search(key)):
+        raise EventRejected(
+            400, "InvalidMessage", f"Idempotency-Key: at most {ID_MAX} printable characters"
+        )
     identity = message_identity(key, body, {})
     return Delivery(
         source="http",
@@ -145,19 +149,29 @@ def _event(
     missing = [a for a in _REQUIRED if not attributes.get(a)]
     if missing:
         raise EventRejected(
-            400, "InvalidMessage", f"a CloudEvent needs {', '.join(missing)}; add the ce- header(s)"
+            400,
+            "InvalidMessage",
+            f"a CloudEvent needs {', '.join(missing)}: add the attribute(s) (binary mode: "
+            "ce- headers; structured mode: members of the JSON object)",
         )
     if attributes["specversion"] not in ("1.0", "0.3"):
         raise EventRejected(400, "InvalidMessage", "specversion 1.0 (or 0.3) is supported")
     event_id, source = attributes["id"], attributes["source"]
     if len(event_id) > ID_MAX or len(source) > ID_MAX:
         raise EventRejected(400, "InvalidMessage", f"id and source are at most {ID_MAX} each")
+    for name, value in attributes.items():
+        if _CONTROL.search(value):
+            # CloudEvents v1.0.2, "Type System": a String excludes the control
+            # characters U+0000-U+001F and U+007F-U+009F.
+            raise EventRejected(
+                400, "InvalidMessage", f"attribute {name[:40]!r} holds a control character"
+            )
     headers = {f"ce-{k}": v for k, v in attributes.items() if k != "datacontenttype"}
     headers.update(trace)
     return Delivery(
         source="http",
         # The CloudEvents identity: source + id is unique per distinct event (spec, "id").
-        identity=f"{source}#{event_id}",
+        identity=event_identity(source, event_id),
         body=body,
         message_id=event_id,
         headers=headers,
@@ -167,6 +181,13 @@ def _event(
         published_at=_epoch(attributes.get("time")),
         positional=True,
     )
+
+
+def event_identity(source: str, event_id: str) -> str:
+    """``<source>#<id>``, with ``%`` and ``#`` of the source escaped (``%25``, ``%23``),
+    so the first ``#`` separates them and two distinct (source, id) pairs never share an
+    identity (``a#b`` + ``c`` is not ``a`` + ``b#c``)."""
+    return f"{source.replace('%', '%25').replace('#', '%23')}#{event_id}"
 
 
 def _epoch(text: str | None) -> float | None:

@@ -92,6 +92,12 @@ class Listener:
         return answer(404, "NotFound", "no HTTP trigger serves this path")
 
 
+def _nested(one: str, other: str) -> bool:
+    """Whether ``one`` and ``other`` differ and one lies inside the other by segments."""
+    a, b = one.rstrip("/") + "/", other.rstrip("/") + "/"
+    return a != b and (a.startswith(b) or b.startswith(a))
+
+
 class Listeners:
     """The process's listeners, by address; each stops when its last path goes."""
 
@@ -119,6 +125,15 @@ class Listeners:
                     f"path {path} on {address} is already served by ScaledJob "
                     f"{holder.namespace}/{holder.scaledjob}: give this ScaledJob another "
                     "metadata.path"
+                )
+            nested = next((p for p in listener.routes if _nested(p, path)), None)
+            if nested is not None and not same:
+                # GET <path>/<id> must name one trigger: /a's event b and /a/b collide.
+                raise SourceError(
+                    f"path {path} on {address} nests with {nested}, served by ScaledJob "
+                    f"{listener.routes[nested].namespace}/{listener.routes[nested].scaledjob}: "
+                    "an event's status is read at <path>/<id>, so give paths that are not "
+                    "inside one another"
                 )
             listener.routes[path] = source
             return listener

@@ -73,6 +73,8 @@ class HttpSource:
         self._listener: Listener | None = None
         self._queue: asyncio.Queue[HttpHandle] = asyncio.Queue()
         self._pending: set[HttpHandle] = set()
+        self._reading = 0
+        """Requests whose body is being read (they count against maxPendingRequests)."""
         self._consuming = True
         self._reader: JobStatusReader | None = None
         self._auth = Authenticator(
@@ -180,14 +182,21 @@ class HttpSource:
             await self._auth.check(request.headers.get("Authorization"))
             if not self._consuming:
                 raise EventRejected(503, "Stopping", "the dispatcher is stopping; retry")
-            body = await self._read_body(request)
-            if len(self._pending) >= self.trigger.max_pending:
+            if self._reading + len(self._pending) >= self.trigger.max_pending:
+                # Bodies still arriving count too: at most maxPendingRequests bodies of
+                # maxMessageBytes are ever held, however many connections are open.
                 return answer(
                     429,
                     "TooManyRequests",
-                    f"{len(self._pending)} events already wait for a free Job slot; retry",
+                    f"{self._reading + len(self._pending)} events are already being "
+                    "received or wait for a free Job slot; retry",
                     retry_after=retry,
                 )
+            self._reading += 1
+            try:
+                body = await self._read_body(request)
+            finally:
+                self._reading -= 1
             delivery = parse_event(
                 path=self.trigger.path,
                 headers=request.headers,
@@ -264,8 +273,9 @@ class HttpSource:
         body: dict[str, Any] = {"status": status.phase, "job": name}
         if status.reason:
             body["reason"] = status.reason
-        if status.message:
-            body["message"] = status.message[:1000]
+        # Not the condition's message: the local executor's holds the last log lines,
+        # which may hold what the Job printed of its Secrets. The reason, the exit code
+        # and what the Job chose to report (its termination message) are the sender's.
         if status.result is not None:
             body["result"] = status.result
         code = {"succeeded": 200, "failed": 400}.get(status.phase, 202)
