@@ -399,7 +399,7 @@ async def test_scaledjobs_asking_too_much_are_not_ready_and_say_why(
         "second", "Ready", "False", reason="SourceUnavailable", within=60
     )
     assert f"path /{ns}/shared" in conflict["message"]
-    assert "already served by ScaledJob first" in conflict["message"]
+    assert f"already served by ScaledJob {ns}/first" in conflict["message"]
 
     async def told() -> bool:
         return "SourceFailed" in await asyncio.to_thread(events_of, kube_api, ns, "second")
