@@ -30,6 +30,15 @@ from jobrunner.manifest.scaledjob import ScaledJob
 from jobrunner.views.console import Cell, Column, FitTable, age, preview, rfc3339
 from jobrunner.views.queries import make_console
 
+_NO_STORE = {
+    "http": (
+        "an http trigger keeps no dead-letter queue: a failed event is answered at its "
+        "Location (GET <path>/<id>) and POSTed to spec.deadLetter.url when set; "
+        "`jobrunner jobs` lists the failed Jobs"
+    )
+}
+"""Where the failures of a trigger type without a dead-letter store are instead."""
+
 
 async def open_store(ctx: Context, scaledjob: ScaledJob) -> DeadLetterStore:
     """The dead letters of ``scaledjob``'s trigger, from the module of its source (its
@@ -85,13 +94,9 @@ async def open_store(ctx: Context, scaledjob: ScaledJob) -> DeadLetterStore:
     module = importlib.import_module(kind.source.partition(":")[0])
     factory = getattr(module, "open_dead_letters", None)
     if factory is None:
-        if kind.name == "http":
-            raise CliError(
-                "an http trigger keeps no dead-letter queue: a failed event is answered "
-                "at its Location (GET <path>/<id>) and POSTed to spec.deadLetter.url when "
-                "set; `jobrunner jobs` lists the failed Jobs"
-            )
-        raise CliError(f"dead-letters does not know {kind.name} triggers yet")
+        raise CliError(
+            _NO_STORE.get(kind.name, f"dead-letters does not know {kind.name} triggers yet")
+        )
     store: DeadLetterStore = factory(resolved, scaledjob=scaledjob, settings=settings)
     return store
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from jobrunner.core.models import Delivery
-from jobrunner.sources.http.binding import parse_event
+from jobrunner.sources.http.binding import event_identity, parse_event
 
 TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), min_size=1, max_size=40)
 NAMES = st.from_regex(r"[a-z][a-z0-9]{0,19}", fullmatch=True).filter(
@@ -51,7 +51,7 @@ def both(ce: CloudEvent, **binary: Any) -> tuple[Delivery, Delivery]:
 
 
 def agree(b: Delivery, s: Delivery, ce: CloudEvent) -> None:
-    assert b.identity == s.identity == f"{ce['source']}#{ce['id']}"
+    assert b.identity == s.identity == event_identity(ce["source"], ce["id"])
     assert b.message_id == s.message_id == ce["id"]
     assert b.headers == s.headers
     assert b.content_type == s.content_type
