@@ -73,8 +73,8 @@ from jobrunner.core.protocols import (
     JobClient,
     MessageSink,
     OutputRefused,
-    TransientError,
 )
+from jobrunner.core.retrying import retry_transient
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -263,19 +263,12 @@ class FunctionResults:
                 delay = min(self._retry_ceiling, delay * 2)
 
     async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
-        delay = 0.1
-        while True:
-            try:
-                return await call()
-            except TransientError as exc:
-                pause = delay * (0.5 + random.random() / 2)
-                logger.warning("Kubernetes API unavailable (%s); retrying in %.1fs", exc, pause)
-                await asyncio.sleep(pause)
-                delay = min(self._retry_ceiling, delay * 2)
-            except ApiRejected as exc:
-                if exc.status == 404:
-                    raise OutputRefused(f"the Job is gone: {exc}") from None
-                raise
+        try:
+            return await retry_transient(call, ceiling=self._retry_ceiling, log=logger)
+        except ApiRejected as exc:
+            if exc.status == 404:
+                raise OutputRefused(f"the Job is gone: {exc}") from None
+            raise
 
     async def close(self) -> None:
         for sink in self.sinks.values():

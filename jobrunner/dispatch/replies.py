@@ -62,8 +62,8 @@ from jobrunner.core.protocols import (
     ReadsResults,
     ReplyRefused,
     SendsReplies,
-    TransientError,
 )
+from jobrunner.core.retrying import retry_transient
 from jobrunner.rendering.renderer import ANNOTATION_ORIGINAL_MESSAGE, original_message
 
 logger = logging.getLogger(__name__)
@@ -315,12 +315,4 @@ class Replies:
             logger.warning("Job %s: its reply could not be recorded (%s)", name, exc)
 
     async def _retry(self, call: Callable[[], Awaitable[T]]) -> T:
-        delay = 0.1
-        while True:
-            try:
-                return await call()
-            except TransientError as exc:
-                pause = delay * (0.5 + random.random() / 2)
-                logger.warning("Kubernetes API unavailable (%s); retrying in %.1fs", exc, pause)
-                await asyncio.sleep(pause)
-                delay = min(self._retry_ceiling, delay * 2)
+        return await retry_transient(call, ceiling=self._retry_ceiling, log=logger)

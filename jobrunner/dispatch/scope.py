@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -20,7 +19,8 @@ from opentelemetry import trace
 from jobrunner.core.failpoints import Failpoints
 from jobrunner.core.marks import JobMarks
 from jobrunner.core.models import Delivery
-from jobrunner.core.protocols import JobClient, MessageSource, TransientError
+from jobrunner.core.protocols import JobClient, MessageSource
+from jobrunner.core.retrying import retry_transient
 from jobrunner.core.settings import DispatcherSettings
 from jobrunner.core.tasks import start_guarded
 from jobrunner.manifest.scaledjob import ScaledJob
@@ -68,15 +68,7 @@ class Scope:
     async def retry(self, call: Callable[[], Awaitable[T]]) -> T:
         """``call`` until it does not raise ``TransientError``: exponential backoff with
         jitter, bounded by ``retry_ceiling`` seconds between tries."""
-        delay = 0.1
-        while True:
-            try:
-                return await call()
-            except TransientError as exc:
-                pause = delay * (0.5 + random.random() / 2)
-                self.log.warning("Kubernetes API unavailable (%s); retrying in %.1fs", exc, pause)
-                await asyncio.sleep(pause)
-                delay = min(self.retry_ceiling, delay * 2)
+        return await retry_transient(call, ceiling=self.retry_ceiling, log=self.log)
 
     def message_log(
         self, delivery: Delivery, job_name: str | None = None
