@@ -3,6 +3,7 @@
 # With --purge also deletes its state ($JOBRUNNER_STATE); cached binaries are kept.
 source "$(dirname "$0")/common.sh"
 HERE="$(cd "$(dirname "$0")" && pwd)"
+source "$HERE/worker-cluster.sh"
 
 if [[ -f "$JOBRUNNER_STATE/rabbitmq/rabbitmq.conf" ]] && "$HERE/rabbitmqctl.sh" status >/dev/null 2>&1; then
   log "stopping rabbitmq"; "$HERE/rabbitmqctl.sh" stop >/dev/null 2>&1 || true
@@ -26,6 +27,7 @@ if [[ -d "$NODE_DIR" ]]; then
   awk -v d="$NODE_DIR/" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | sort -r \
     | while read -r m; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
 fi
+down_worker
 for part in mosquitto nats redis elasticmq azurite kafka rabbitmq kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
   if pid_alive "$part"; then log "stopping $part"; fi
   stop_pid "$part"

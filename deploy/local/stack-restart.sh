@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Restarts one broker of the local stack (stop, then stack-up.sh for that part), for the
 # outage tests: sqs, redis, nats or mqtt. Their data is on disk, so what they held
-# survives, as it would on a real broker's restart.
+# survives, as it would on a real broker's restart. worker-apiserver restarts only the
+# worker cluster's API server (worker-cluster.sh); its etcd keeps what it held.
 source "$(dirname "$0")/common.sh"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 part="${1:-}"
@@ -9,7 +10,8 @@ case "$part" in
   sqs) name=elasticmq ;;
   redis|nats) name="$part" ;;
   mqtt) name=mosquitto ;;
-  *) die "usage: stack-restart.sh sqs|redis|nats|mqtt" ;;
+  worker-apiserver) name=worker-kube-apiserver; part=worker ;;
+  *) die "usage: stack-restart.sh sqs|redis|nats|mqtt|worker-apiserver" ;;
 esac
 log "restarting $name"
 stop_pid "$name"

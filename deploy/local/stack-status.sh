@@ -2,6 +2,7 @@
 # Health of each part of the local stack, one line each; exits non-zero if any is down.
 source "$(dirname "$0")/common.sh"
 HERE="$(cd "$(dirname "$0")" && pwd)"
+source "$HERE/worker-cluster.sh"
 set +e
 PKI="$JOBRUNNER_STATE/pki"
 failed=0
@@ -17,7 +18,7 @@ kget() { curl -sf --cacert "$PKI/ca.crt" -H "Authorization: Bearer $(cat "$PKI/a
 node_ready() { kget "/api/v1/nodes/$1" | python3 -c 'import json,sys; n=json.load(sys.stdin); sys.exit(0 if any(c["type"]=="Ready" and c["status"]=="True" for c in n["status"]["conditions"]) else 1)'; }
 rss() {
   local total=0 pid
-  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kwok containerd kubelet kube-proxy kafka azurite elasticmq redis nats mosquitto; do
+  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kwok containerd kubelet kube-proxy kafka azurite elasticmq redis nats mosquitto "${WORKER_DAEMONS[@]}"; do
     [[ -f "$PID_DIR/$name.pid" ]] || continue
     pid="$(cat "$PID_DIR/$name.pid")"
     total=$((total + $(awk '/VmRSS/{print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)))
@@ -47,6 +48,7 @@ check elasticmq "http://127.0.0.1:$ELASTICMQ_PORT (SQS)" curl -sf "http://127.0.
 check redis "127.0.0.1:$REDIS_PORT" bash -c "redis-cli -p $REDIS_PORT ping | grep -q PONG"
 check nats "nats://127.0.0.1:$NATS_PORT, http://127.0.0.1:$NATS_MONITOR_PORT" curl -sf "http://127.0.0.1:$NATS_MONITOR_PORT/healthz?js-enabled-only=true"
 check mosquitto "mqtt://127.0.0.1:$MQTT_PORT" mosquitto_sub -h 127.0.0.1 -p "$MQTT_PORT" -t '$SYS/broker/uptime' -C 1 -W 3
+worker_status
 echo "  kubeconfig: $KUBECONFIG_PATH"
 echo "  resident memory of the stack: $(rss) MiB"
 exit $failed

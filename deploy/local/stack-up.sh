@@ -9,10 +9,12 @@
 # Idempotent: a part that is already healthy is left alone. Binaries are built once and
 # cached by version (see build-*.sh). Writes $ENV_FILE for the tests and the demo.
 #
-# Usage: stack-up.sh [all|k8s|node|rabbitmq|kafka|azurite|sqs|redis|nats|mqtt]...
+#   and a second cluster, the `worker` part (see worker-cluster.sh).
+# Usage: stack-up.sh [all|k8s|node|worker|rabbitmq|kafka|azurite|sqs|redis|nats|mqtt]...
 source "$(dirname "$0")/common.sh"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 source "$HERE/node.sh"
+source "$HERE/worker-cluster.sh"
 
 PKI="$JOBRUNNER_STATE/pki"
 TOKEN_FILE="$PKI/admin.token"
@@ -529,6 +531,7 @@ ENV
     sed -e 's/^PROJECT_IMAGE=/JOBRUNNER_TEST_JOBRUNNER_IMAGE=/; t' -e 's/^/JOBRUNNER_TEST_/' "$NODE_IMAGE_CACHE/images.env" >> "$fresh"
   fi
   azurite_env >> "$fresh"
+  worker_env >> "$fresh"
   # Keep what other parts (started by another checkout's stack-up) wrote: several
   # branches share one stack.
   if [[ -f "$ENV_FILE" ]]; then
@@ -550,9 +553,10 @@ for part in "${parts[@]}"; do
       bash "$HERE/build-node-images.sh" & images=$!
       bash "$HERE/build-all.sh" || { wait "$images" || true; die "building the stack's binaries (see the messages above)"; }
       wait "$images" || die "building the real node's images (see the messages above)"
-      up_k8s; up_rabbitmq; up_kafka; up_azurite; up_sqs; up_redis; up_nats; up_mqtt ;;
+      up_k8s; up_worker; up_rabbitmq; up_kafka; up_azurite; up_sqs; up_redis; up_nats; up_mqtt ;;
     k8s) up_k8s ;;
     node) up_node ;;
+    worker) up_worker ;;
     rabbitmq) up_rabbitmq ;;
     kafka) up_kafka ;;
     azurite) up_azurite ;;
@@ -560,7 +564,7 @@ for part in "${parts[@]}"; do
     redis) up_redis ;;
     nats) up_nats ;;
     mqtt) up_mqtt ;;
-    *) die "unknown part '$part' (use all, k8s, node, rabbitmq, kafka, azurite, sqs, redis, nats or mqtt)" ;;
+    *) die "unknown part '$part' (use all, k8s, node, worker, rabbitmq, kafka, azurite, sqs, redis, nats or mqtt)" ;;
   esac
 done
 # stack-restart.sh restarts one part without rewriting the env file others read.
