@@ -9,9 +9,9 @@ failed=0
 check() {
   local name="$1" detail="$2"; shift 2
   if "$@" >/dev/null 2>&1; then
-    printf '  %-24s up    %s\n' "$name" "$detail"
+    printf '  %-30s up    %s\n' "$name" "$detail"
   else
-    printf '  %-24s DOWN  %s (log: %s)\n' "$name" "$detail" "$LOG_DIR/$name.log"; failed=1
+    printf '  %-30s DOWN  %s (log: %s)\n' "$name" "$detail" "$LOG_DIR/$name.log"; failed=1
   fi
 }
 kget() { curl -sf --cacert "$PKI/ca.crt" -H "Authorization: Bearer $(cat "$PKI/admin.token" 2>/dev/null)" "https://127.0.0.1:$APISERVER_PORT$1"; }
