@@ -15,7 +15,7 @@ export GOTOOLCHAIN=local
 manager="$KUEUE_BIN/kueue"
 manifests="$KUEUE_HOME/manifests"
 if [[ -x "$manager" && -n "$(ls "$manifests"/crd/*.yaml 2>/dev/null)" \
-      && -f "$manifests/webhook/manifests.yaml" ]]; then
+      && -f "$manifests/webhook/manifests.yaml" && -f "$manifests/crd-patches/kustomization.yaml" ]]; then
   log "kueue $KUEUE_VERSION cached in $KUEUE_BIN"; echo "$manager"; exit 0
 fi
 
@@ -30,13 +30,15 @@ src="$(python3 -c 'import json,sys; print(json.load(sys.stdin)["Dir"])' <<<"$inf
 
 # The version Kueue's own release build stamps (it shows in its startup log and metrics).
 ldflags="-s -w -X=sigs.k8s.io/kueue/pkg/version.GitVersion=$KUEUE_VERSION"
-GOBIN="$KUEUE_BIN/.tmp" go install -trimpath -ldflags "$ldflags" \
+[[ -x "$manager" ]] || GOBIN="$KUEUE_BIN/.tmp" go install -trimpath -ldflags "$ldflags" \
   "sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION" >>"$buildlog" 2>&1 \
   || die "go install sigs.k8s.io/kueue/cmd/kueue@$KUEUE_VERSION" "$buildlog"
 cp "$src"/config/components/crd/bases/*.yaml "$manifests/crd/"
 cp "$src"/config/components/crd/patches/webhook_in_*.yaml "$manifests/crd-patches/"
+# Which of those patches Kueue's own kustomization applies (some are commented out).
+cp "$src/config/components/crd/kustomization.yaml" "$manifests/crd-patches/"
 cp "$src/config/components/webhook/manifests.yaml" "$manifests/webhook/"
 chmod -R u+w "$manifests"
-mv "$KUEUE_BIN/.tmp/kueue" "$manager" && rmdir "$KUEUE_BIN/.tmp"
+if [[ ! -x "$manager" ]]; then mv "$KUEUE_BIN/.tmp/kueue" "$manager" && rmdir "$KUEUE_BIN/.tmp"; fi
 log "kueue $KUEUE_VERSION built in $((SECONDS - start))s into $KUEUE_BIN"
 echo "$manager"

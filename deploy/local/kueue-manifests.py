@@ -72,10 +72,14 @@ def webhook_configs(source: Path, url: str, ca_bundle: str) -> dict[str, dict[st
 
 
 def crds(source: Path, url: str, ca_bundle: str) -> dict[str, dict[str, Any]]:
-    """Every CRD, with the conversion webhook of Kueue's patches where it has one (the
-    kinds served as both v1beta1 and v1beta2 whose schemas differ)."""
+    """Every CRD, with a conversion webhook where Kueue's own kustomization patches one in
+    (the kinds whose v1beta1 and v1beta2 differ; ResourceFlavor's patch is commented out
+    there, and its webhook refuses to convert)."""
+    patches = source / "crd-patches"
+    kustomization = yaml.safe_load((patches / "kustomization.yaml").read_text())
     converted = set()
-    for patch in (source / "crd-patches").glob("webhook_in_*.yaml"):
+    for entry in kustomization.get("patches") or []:
+        patch = patches / Path(entry["path"]).name
         converted.add(yaml.safe_load(patch.read_text())["metadata"]["name"])
     out: dict[str, dict[str, Any]] = {}
     for path in sorted((source / "crd").glob("*.yaml")):

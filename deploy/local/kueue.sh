@@ -18,6 +18,15 @@ KUEUE_METRICS_CERTS=/etc/kueue/metrics/certs
 
 kueue_ready() { curl -sf "http://127.0.0.1:$KUEUE_HEALTH_PORT/readyz" >/dev/null 2>&1; }
 
+# Until /readyz answers, for 120 s at most; at once if the process is gone.
+kueue_wait_ready() {
+  local deadline=$((SECONDS + 120))
+  until kueue_ready; do
+    pid_alive kueue && (( SECONDS < deadline )) || return 1
+    sleep 0.5
+  done
+}
+
 # A local CA and a serving certificate for 127.0.0.1 (the webhook and metrics servers).
 kueue_certs() {
   local ca="$KUEUE_DIR/ca" certs="$KUEUE_DIR/certs" certlog="$LOG_DIR/kueue-certs.log"
@@ -129,11 +138,13 @@ kueue_prepare() {
   local manager="$1"
   kueue_certs
   kueue_config > "$KUEUE_DIR/config.yaml"
+  # A copy of the stack's kubeconfig (the admin token), readable by root only.
+  install -m 600 "$KUBECONFIG_PATH" "$KUEUE_DIR/kubeconfig"
   rm -rf "$KUEUE_DIR/manifests"
   python3 "$HERE/kueue-manifests.py" "$KUEUE_HOME/manifests" "$KUEUE_DIR/manifests" \
     "https://127.0.0.1:$KUEUE_WEBHOOK_PORT" "$KUEUE_DIR/ca/ca.crt" \
     || die "kueue-manifests.py (Kueue's manifests for an out-of-cluster manager)"
-  cat "$manager" "$KUEUE_DIR/config.yaml" "$KUEUE_DIR/certs/tls.crt" "$KUEUE_DIR/manifests"/*.json \
+  cat "$manager" "$KUEUE_DIR/config.yaml" "$KUEUE_DIR/kubeconfig" "$KUEUE_DIR/certs/tls.crt" "$KUEUE_DIR/manifests"/*.json \
     "$KUEUE_DIR/manifests/crds"/*.json | sha256sum | cut -c1-16
 }
 
@@ -143,7 +154,8 @@ up_kueue() {
   mkdir -p "$KUEUE_DIR"
   apiserver_ready || die "Kueue needs the API server: start the k8s part first"
   fingerprint="$(kueue_prepare "$manager")"
-  local args=("$manager" --config "$KUEUE_DIR/config.yaml" "(manifests $fingerprint)")
+  local args=("$manager" --config "$KUEUE_DIR/config.yaml" --kubeconfig "$KUEUE_DIR/kubeconfig"
+    "(manifests $fingerprint)")
   if running_with kueue "${args[@]}" && kueue_ready && kueue_webhook_ready; then
     log "kueue already healthy"; return
   fi
@@ -155,9 +167,9 @@ up_kueue() {
   mkdir -p "$KUEUE_METRICS_CERTS"
   start_bg kueue "$LOG_DIR/kueue.log" unshare --mount --propagation private -- bash -c \
     'mount --bind "$1" "$2" && shift 2 && exec "$@"' _ "$KUEUE_DIR/certs" "$KUEUE_METRICS_CERTS" \
-    "$manager" --config "$KUEUE_DIR/config.yaml"
+    "$manager" --config "$KUEUE_DIR/config.yaml" --kubeconfig "$KUEUE_DIR/kubeconfig"
   remember_args kueue "${args[@]}"
-  wait_for kueue 120 kueue_ready || die "kueue (no /readyz on :$KUEUE_HEALTH_PORT within 120s)" "$LOG_DIR/kueue.log"
+  kueue_wait_ready || die "kueue (no /readyz on :$KUEUE_HEALTH_PORT within 120s)" "$LOG_DIR/kueue.log"
   kueue_apply "$KUEUE_DIR/manifests/mutating.json" \
     /apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/kueue-mutating-webhook-configuration
   kueue_apply "$KUEUE_DIR/manifests/validating.json" \
