@@ -84,7 +84,7 @@ YAML
 # for client-side apply's last-applied annotation).
 kueue_apply() {
   kcurl -X PATCH -H 'Content-Type: application/apply-patch+yaml' --data-binary @"$1" \
-    "$APISERVER_URL$2?fieldManager=jobrunner-stack-kueue&force=true" >>"$LOG_DIR/kueue-apply.log" 2>&1 \
+    "$APISERVER_URL$2?fieldManager=jobrunner-stack-kueue&force=true" >"$LOG_DIR/kueue-apply.log" 2>&1 \
     || die "server-side apply of $2 ($1)" "$LOG_DIR/kueue-apply.log"
 }
 
