@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Restarts one broker of the local stack (stop, then stack-up.sh for that part), for the
-# outage tests: sqs, redis, nats or mqtt. Their data is on disk, so what they held
+# outage tests: sqs, redis, nats or mqtt; and kueue (its process only). Their data is on disk, so what they held
 # survives, as it would on a real broker's restart. worker-apiserver restarts only the
 # worker cluster's API server (worker-cluster.sh); its etcd keeps what it held.
 source "$(dirname "$0")/common.sh"
@@ -10,8 +10,9 @@ case "$part" in
   sqs) name=elasticmq ;;
   redis|nats) name="$part" ;;
   mqtt) name=mosquitto ;;
+  kueue) name=kueue ;;
   worker-apiserver) name=worker-kube-apiserver; part=worker ;;
-  *) die "usage: stack-restart.sh sqs|redis|nats|mqtt|worker-apiserver" ;;
+  *) die "usage: stack-restart.sh sqs|redis|nats|mqtt|kueue|worker-apiserver" ;;
 esac
 log "restarting $name"
 stop_pid "$name"
