@@ -3,9 +3,16 @@
 # binaries the first cluster uses (no build of its own). It is meant to be a MultiKueue
 # worker of the first cluster, which then is the manager.
 #
+# When the stack runs Kueue (kueue.sh), the worker gets a Kueue of its own (worker_kueue),
+# and the first cluster, the MultiKueue manager, gets the objects that make the worker its
+# MultiKueue worker (worker_multikueue): the worker's kubeconfig in a Secret, a
+# MultiKueueCluster, a MultiKueueConfig and an AdmissionCheck, all named $WORKER_MULTIKUEUE.
+# Tests make the ClusterQueues and LocalQueues on both sides (tests/integration/multikueue.py).
+#
 # Sourced by stack-up.sh (up_worker, worker_env), stack-status.sh (worker_status) and
 # stack-down.sh (down_worker), after common.sh. Everything binds to 127.0.0.1; every
-# daemon's pid file is named worker-*, so the first cluster's are never touched.
+# daemon's pid file is named worker-* (the worker's Kueue's is $WORKER_DIR/pids/kueue.pid),
+# so the first cluster's are never touched.
 #
 # Its own CA, service-account key and admin token (in $WORKER_DIR/pki), not the first
 # cluster's: the two clusters are two trust domains as they are in a real MultiKueue setup,
@@ -29,8 +36,16 @@ WORKER_NODE="${WORKER_NODE:-worker-kwok-node-0}"
 # otherwise leave resident for a cluster that holds a few test Jobs.
 WORKER_GOGC="${WORKER_GOGC:-50}"
 WORKER_APISERVER_URL="https://127.0.0.1:$WORKER_APISERVER_PORT"
+# The worker's Kueue: kueue.sh's up_kueue run with these instead of the first cluster's.
+WORKER_KUEUE_WEBHOOK_PORT="${WORKER_KUEUE_WEBHOOK_PORT:-9453}"
+WORKER_KUEUE_HEALTH_PORT="${WORKER_KUEUE_HEALTH_PORT:-9454}"
+WORKER_KUEUE_METRICS_PORT="${WORKER_KUEUE_METRICS_PORT:-9455}"
+# The name of the MultiKueueCluster, MultiKueueConfig and AdmissionCheck on the manager,
+# and of the Secret (in Kueue's namespace) holding the worker's kubeconfig.
+WORKER_MULTIKUEUE="${WORKER_MULTIKUEUE:-worker}"
 # The daemons, in start order (stack-down stops them in reverse).
-WORKER_DAEMONS=(worker-etcd worker-kube-apiserver worker-kube-controller-manager worker-kube-scheduler worker-kwok)
+# worker-kueue's pid file is a link to the one kueue.sh keeps in $WORKER_DIR/pids.
+WORKER_DAEMONS=(worker-etcd worker-kube-apiserver worker-kube-controller-manager worker-kube-scheduler worker-kwok worker-kueue)
 
 worker_kcurl() {
   curl -sS --fail --cacert "$WORKER_PKI/ca.crt" -H "Authorization: Bearer $(cat "$WORKER_PKI/admin.token")" "$@"
@@ -214,6 +229,7 @@ up_worker() {
   mkdir -p "$WORKER_DIR" "$LOG_DIR" "$PID_DIR"
   worker_pki; write_worker_kubeconfig
   start_worker_etcd; start_worker_apiserver; start_worker_controller_manager; start_worker_scheduler; start_worker_kwok
+  up_worker_kueue
 }
 
 down_worker() {
@@ -229,20 +245,24 @@ worker_env() {
   [[ -f "$WORKER_KUBECONFIG" ]] || return 0
   echo "JOBRUNNER_TEST_WORKER_KUBECONFIG=$WORKER_KUBECONFIG"
   echo "JOBRUNNER_TEST_WORKER_NODE=$WORKER_NODE"
+  [[ -e "$PID_DIR/worker-kueue.pid" ]] || return 0
+  echo "JOBRUNNER_TEST_WORKER_KUEUE_HEALTH_URL=http://127.0.0.1:$WORKER_KUEUE_HEALTH_PORT/readyz"
+  # The manager's AdmissionCheck (and MultiKueueConfig, MultiKueueCluster) for the worker.
+  echo "JOBRUNNER_TEST_MULTIKUEUE_ADMISSION_CHECK=$WORKER_MULTIKUEUE"
 }
 
-# worker_usage NAME...: what the daemons NAME hold together: resident MiB, of which
+# worker_usage PIDFILE...: what the daemons of these pid files hold together: resident MiB, of which
 # anonymous (their own; the rest is their binaries' pages, which the first cluster's
 # daemons of the same binaries share), and the share of one core used since each started.
 worker_usage() {
-  python3 - "$PID_DIR" "$@" <<'PY'
+  python3 - "$@" <<'PY'
 import os, sys
-pid_dir, names = sys.argv[1], sys.argv[2:]
+pid_files = sys.argv[1:]
 tick, kib, cpu, age = os.sysconf("SC_CLK_TCK"), {"VmRSS": 0, "RssAnon": 0}, 0.0, 0.0
 uptime = float(open("/proc/uptime").read().split()[0])
-for name in names:
+for pid_file in pid_files:
     try:
-        pid = open(f"{pid_dir}/{name}.pid").read().strip()
+        pid = open(pid_file).read().strip()
         stat = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
         status = open(f"/proc/{pid}/status").read()
     except OSError:
@@ -266,6 +286,87 @@ worker_status() {
   check worker-kube-controller-manager "https://127.0.0.1:$WORKER_KCM_PORT" worker_kcm_ready
   check worker-kube-scheduler "https://127.0.0.1:$WORKER_SCHEDULER_PORT" worker_scheduler_ready
   check worker-kwok "node $WORKER_NODE Ready" worker_node_ready
+  if [[ -e "$PID_DIR/worker-kueue.pid" ]]; then
+    check worker-kueue "webhook https://127.0.0.1:$WORKER_KUEUE_WEBHOOK_PORT, readyz http://127.0.0.1:$WORKER_KUEUE_HEALTH_PORT" worker_kueue_ready
+  fi
+  local pids=("${WORKER_DAEMONS[@]/#/$PID_DIR/}")
+  pids=("${pids[@]/%/.pid}")
   echo "  worker kubeconfig: $WORKER_KUBECONFIG"
-  echo "  worker cluster: $(worker_usage "${WORKER_DAEMONS[@]}")"
+  echo "  worker cluster: $(worker_usage "${pids[@]}")"
+}
+
+# ---------------------------------------------------------------- Kueue and MultiKueue
+worker_kueue_ready() { curl -sf "http://127.0.0.1:$WORKER_KUEUE_HEALTH_PORT/readyz" >/dev/null 2>&1; }
+
+# The worker's Kueue: kueue.sh's own up_kueue (the same build, CRDs, url webhooks with a CA
+# of their own, configuration), in a subshell whose variables name the worker: its API
+# server and admin token, its own ports, state in $WORKER_DIR/kueue, pid and args in
+# $WORKER_DIR/pids, log in $LOG_DIR/worker/kueue.log. One code path for both Kueues, so
+# the worker's is configured as the manager's is.
+worker_kueue() {
+  (
+    KUEUE_DIR="$WORKER_DIR/kueue" PID_DIR="$WORKER_DIR/pids" LOG_DIR="$LOG_DIR/worker"
+    KUEUE_WEBHOOK_PORT="$WORKER_KUEUE_WEBHOOK_PORT" KUEUE_HEALTH_PORT="$WORKER_KUEUE_HEALTH_PORT"
+    KUEUE_METRICS_PORT="$WORKER_KUEUE_METRICS_PORT"
+    APISERVER_URL="$WORKER_APISERVER_URL" PKI="$WORKER_PKI" TOKEN_FILE="$WORKER_PKI/admin.token"
+    KUBECONFIG_PATH="$WORKER_KUBECONFIG"
+    mkdir -p "$PID_DIR" "$LOG_DIR"
+    log "worker: kueue (webhook https://127.0.0.1:$KUEUE_WEBHOOK_PORT)"
+    up_kueue
+  )
+  ln -sf worker/kueue.log "$LOG_DIR/worker-kueue.log"
+  ln -sf "$WORKER_DIR/pids/kueue.pid" "$PID_DIR/worker-kueue.pid"
+}
+
+# mk_apply LOGFILE URL-PATH: server-side apply of the JSON on stdin to the manager.
+mk_apply() {
+  kcurl -X PATCH -H 'Content-Type: application/apply-patch+yaml' --data-binary @- \
+    "$APISERVER_URL$2?fieldManager=jobrunner-stack-worker&force=true" >"$1" 2>&1 \
+    || die "server-side apply of $2 on the manager" "$1"
+}
+
+mk_active() {
+  kcurl "$APISERVER_URL/apis/kueue.x-k8s.io/v1beta2/$1/$WORKER_MULTIKUEUE" | python3 -c '
+import json, sys
+conditions = json.load(sys.stdin).get("status", {}).get("conditions", [])
+sys.exit(0 if any(c["type"] == "Active" and c["status"] == "True" for c in conditions) else 1)'
+}
+
+# The manager's side: the worker's kubeconfig (self-contained: embedded CA, a token) in a
+# Secret in Kueue's namespace, read by the manager's Kueue alone, and the MultiKueue objects
+# that name it. The Secret's answer goes to /dev/null: it echoes the kubeconfig.
+worker_multikueue() {
+  local name="$WORKER_MULTIKUEUE" mklog="$LOG_DIR/worker-multikueue.log" group=/apis/kueue.x-k8s.io/v1beta2
+  python3 - "$name" "$KUEUE_NAMESPACE" "$WORKER_KUBECONFIG" <<'PY' | mk_apply /dev/null "/api/v1/namespaces/$KUEUE_NAMESPACE/secrets/$name"
+import base64, json, sys
+name, namespace, path = sys.argv[1:]
+data = base64.b64encode(open(path, "rb").read()).decode()
+print(json.dumps({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                  "metadata": {"name": name, "namespace": namespace}, "data": {"kubeconfig": data}}))
+PY
+  mk_apply "$mklog" "$group/multikueueclusters/$name" <<JSON
+{"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "MultiKueueCluster", "metadata": {"name": "$name"},
+ "spec": {"clusterSource": {"kubeConfig": {"locationType": "Secret", "location": "$name"}}}}
+JSON
+  mk_apply "$mklog" "$group/multikueueconfigs/$name" <<JSON
+{"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "MultiKueueConfig", "metadata": {"name": "$name"},
+ "spec": {"clusters": ["$name"]}}
+JSON
+  mk_apply "$mklog" "$group/admissionchecks/$name" <<JSON
+{"apiVersion": "kueue.x-k8s.io/v1beta2", "kind": "AdmissionCheck", "metadata": {"name": "$name"},
+ "spec": {"controllerName": "kueue.x-k8s.io/multikueue",
+          "parameters": {"apiGroup": "kueue.x-k8s.io", "kind": "MultiKueueConfig", "name": "$name"}}}
+JSON
+  wait_for "MultiKueueCluster $name" 60 mk_active multikueueclusters \
+    || die "MultiKueueCluster $name not Active within 60s (the manager's Kueue cannot reach the worker)" "$LOG_DIR/kueue.log"
+  wait_for "AdmissionCheck $name" 60 mk_active admissionchecks \
+    || die "AdmissionCheck $name not Active within 60s" "$LOG_DIR/kueue.log"
+  log "MultiKueue: AdmissionCheck $name on the manager dispatches to the worker"
+}
+
+# Kueue on both sides, when the stack has Kueue (kueue.sh sourced, the manager's Kueue up).
+up_worker_kueue() {
+  if ! declare -F up_kueue >/dev/null; then log "worker: no kueue.sh in this checkout, no Kueue on the worker"; return; fi
+  if ! kueue_ready; then log "worker: the manager's Kueue is not running (stack-up.sh kueue), no MultiKueue"; return; fi
+  worker_kueue; worker_multikueue
 }
