@@ -111,13 +111,14 @@ start_bg() {
   echo $! > "$PID_DIR/$name.pid"
 }
 
+# stop_pid NAME [SECONDS]: SIGTERM, then SIGKILL after SECONDS (default 10).
 stop_pid() {
-  local name="$1" pidfile="$PID_DIR/$1.pid"
+  local name="$1" pidfile="$PID_DIR/$1.pid" grace="${2:-10}"
   [[ -f "$pidfile" ]] || return 0
   local pid; pid="$(cat "$pidfile")"
   if kill -0 "$pid" 2>/dev/null; then
     kill "$pid" 2>/dev/null || true
-    for _ in $(seq 1 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
+    for _ in $(seq 1 $((grace * 4))); do kill -0 "$pid" 2>/dev/null || break; sleep 0.25; done
     kill -9 "$pid" 2>/dev/null || true
   fi
   rm -f "$pidfile"

@@ -11,9 +11,11 @@ case "$part" in
   redis|nats) name="$part" ;;
   mqtt) name=mosquitto ;;
   kueue) name=kueue ;;
-  worker-apiserver) name=worker-kube-apiserver; part=worker ;;
+  # kube-apiserver drains at once but then lingers until SIGKILL (10 s on this machine):
+  # 2 s, so the outage is a few seconds, as a crash-and-restart would be.
+  worker-apiserver) name=worker-kube-apiserver; part=worker; grace=2 ;;
   *) die "usage: stack-restart.sh sqs|redis|nats|mqtt|kueue|worker-apiserver" ;;
 esac
 log "restarting $name"
-stop_pid "$name"
+stop_pid "$name" "${grace:-10}"
 JOBRUNNER_STACK_WRITE_ENV=0 bash "$HERE/stack-up.sh" "$part" >/dev/null

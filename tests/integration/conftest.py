@@ -19,6 +19,7 @@ from kubernetes import client
 from jobrunner.local.client import LocalJobClient
 from tests import services
 from tests.integration.harness import Dispatcher, write_manifest
+from tests.integration.multikueue import multikueue  # noqa: F401 - a fixture
 from tests.integration.operator_harness import CRDS, ROOT, apply_crds
 from tests.integration.worker import worker_api, worker_namespace  # noqa: F401 - fixtures
 from tests.local.conftest import Dispatchers

@@ -43,10 +43,12 @@ class Kueue:
         cpu: str,
         memory: str,
         cohort: str | None = None,
+        admission_checks: list[str] | None = None,
     ) -> dict[str, Any]:
         """A ClusterQueue with a nominal quota of ``cpu`` and ``memory`` on the stack's
         flavor, for Workloads from any namespace; a pending Workload may preempt lower
-        priority ones in the same queue."""
+        priority ones in the same queue. ``admission_checks`` (AdmissionCheck names) must
+        all pass before a Workload is admitted (MultiKueue's is one)."""
         spec: dict[str, Any] = {
             "namespaceSelector": {},
             "queueingStrategy": "BestEffortFIFO",
@@ -68,6 +70,10 @@ class Kueue:
         }
         if cohort is not None:
             spec["cohortName"] = cohort
+        if admission_checks:
+            spec["admissionChecksStrategy"] = {
+                "admissionChecks": [{"name": check} for check in admission_checks]
+            }
         return self._create("clusterqueues", None, name, "ClusterQueue", spec)
 
     def local_queue(self, namespace: str, name: str, *, cluster_queue: str) -> dict[str, Any]:

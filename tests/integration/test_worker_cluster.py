@@ -9,7 +9,7 @@ from kubernetes import client
 
 from tests.helpers import wait_until
 from tests.integration.worker import (
-    RESTART_TIMEOUT,
+    WORKER_TIMEOUT,
     answers,
     restart_worker_apiserver,
     stack_pid,
@@ -18,7 +18,7 @@ from tests.integration.worker import (
 
 pytestmark = [pytest.mark.kube, pytest.mark.worker]
 
-RUN_DURATION = "20s"
+RUN_DURATION = "30s"
 """How long the restart test's pod runs (KWOK's stage): long enough to restart the worker's
 API server (about 13 s) before the Job ends."""
 
@@ -52,7 +52,8 @@ def test_job_on_worker_runs_on_its_kwok_node_and_completes(
     batch.create_namespaced_job(worker_namespace, make_job("completes"))
 
     reached = wait_until(
-        lambda: true_conditions(batch, worker_namespace, "completes").get("Complete"), timeout=60
+        lambda: true_conditions(batch, worker_namespace, "completes").get("Complete"),
+        timeout=WORKER_TIMEOUT,
     )
 
     assert reached == "CompletionsReached"
@@ -75,7 +76,7 @@ def test_worker_apiserver_restart_keeps_the_running_job_and_spares_the_first_clu
             ).items
             if p.status.phase == "Running"
         ],
-        timeout=30,
+        timeout=WORKER_TIMEOUT,
     )
     worker_before, first_before = stack_pid("worker-kube-apiserver"), stack_pid("kube-apiserver")
 
@@ -89,6 +90,6 @@ def test_worker_apiserver_restart_keeps_the_running_job_and_spares_the_first_clu
     assert "Complete" not in true_conditions(batch, worker_namespace, "outlives")
     reached = wait_until(
         lambda: true_conditions(batch, worker_namespace, "outlives").get("Complete"),
-        timeout=RESTART_TIMEOUT,
+        timeout=WORKER_TIMEOUT,
     )
     assert reached == "CompletionsReached"

@@ -18,7 +18,13 @@ from tests.helpers import wait_until
 
 RESTART_TIMEOUT = 120
 """Seconds the stack's script may take to stop the worker's API server and bring it back
-(about 13 s here: its graceful stop is cut at 10 s)."""
+(about 13 s here, MultiKueue's reconnection to it included)."""
+WORKER_TIMEOUT = 150
+"""Seconds any wait on the worker allows. After its API server was restarted, the worker's
+controllers (Job controller, scheduler, KWOK, Kueue) take up to about a minute to watch
+again: client-go's reflectors back off from 0.8 s to 30 s with up to 100 % jitter, and
+reset only after 2 min without a failure, so a second restart soon after the first waits
+longest (56 s measured). Tests run in any order, so every wait allows for it."""
 
 
 def worker_kubeconfig() -> Path:
@@ -90,7 +96,7 @@ def wait_for_default_service_account(core: client.CoreV1Api, namespace: str) -> 
             raise
         return True
 
-    wait_until(exists, timeout=30)
+    wait_until(exists, timeout=WORKER_TIMEOUT)
 
 
 @pytest.fixture
