@@ -137,3 +137,25 @@ def test_job_without_queue_name_is_not_touched_by_kueue(
     assert done.spec.suspend is False
     assert kueue.workload_of(job) is None
     assert not done.spec.template.spec.node_selector
+
+
+def test_kueue_webhooks_call_localhost_and_see_only_labelled_jobs(
+    kube_api: client.ApiClient, kueue: Kueue
+) -> None:
+    # What keeps the rest of the suite clear of Kueue, even while Kueue is down.
+    admission = client.AdmissionregistrationV1Api(kube_api)
+    configs = [
+        admission.read_mutating_webhook_configuration("kueue-mutating-webhook-configuration"),
+        admission.read_validating_webhook_configuration("kueue-validating-webhook-configuration"),
+    ]
+    webhooks = [w for config in configs for w in config.webhooks]
+    job_webhooks = [w for w in webhooks if any("jobs" in r.resources for r in w.rules)]
+    assert {w.name for w in job_webhooks} == {"mjob.kb.io", "vjob.kb.io"}
+    for webhook in job_webhooks:
+        (requirement,) = webhook.object_selector.match_expressions
+        assert (requirement.key, requirement.operator) == (QUEUE_NAME_LABEL, "Exists")
+    for webhook in webhooks:
+        assert webhook.client_config.url.startswith("https://127.0.0.1:")
+        assert webhook.client_config.service is None
+    groups = {g for w in webhooks for r in w.rules for g in r.api_groups}
+    assert groups == {"batch", "kueue.x-k8s.io"}
