@@ -40,5 +40,5 @@ cp "$src/config/components/crd/kustomization.yaml" "$manifests/crd-patches/"
 cp "$src/config/components/webhook/manifests.yaml" "$manifests/webhook/"
 chmod -R u+w "$manifests"
 if [[ ! -x "$manager" ]]; then mv "$KUEUE_BIN/.tmp/kueue" "$manager" && rmdir "$KUEUE_BIN/.tmp"; fi
-log "kueue $KUEUE_VERSION built in $((SECONDS - start))s into $KUEUE_BIN"
+log "kueue $KUEUE_VERSION built (or its manifests copied) in $((SECONDS - start))s into $KUEUE_HOME"
 echo "$manager"
