@@ -18,6 +18,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
+from jobrunner.core.admission import is_queued
 from jobrunner.core.models import (
     ANNOTATION_ACK_POLICY,
     ANNOTATION_HANDED_OVER,
@@ -82,7 +83,7 @@ class Lifecycle:
     async def _create_wait_settle(self, rendered: RenderedJob, record: InFlight, log: Log) -> None:
         name = rendered.name
         with self._scope.tracer.start_as_current_span("wait-for-slot"):
-            await self._limiter.acquire(name)
+            await self._limiter.acquire(name, queued=is_queued(rendered.job))
         self._scope.failpoints.hit("before-create")
         made = await self._create(rendered, record, log)
         if made is None:
