@@ -36,6 +36,16 @@ before deleting it: JSON ``{"reason": ..., "detail": ...}``. The Job (held by jo
 finalizer) then reads as failed for that reason, durably, whichever dispatcher settles
 its message (see ``tracking.tracker.outcome_of``)."""
 
+ANNOTATION_EVICTIONS = "jobrunner.dev/evictions"
+"""How many times Kueue evicted the Job (a count jobrunner keeps on it, so status and a
+later dispatcher see it)."""
+
+
+def evictions_of(job: Mapping[str, Any]) -> int:
+    raw = ((job.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION_EVICTIONS, "")
+    return int(raw) if isinstance(raw, str) and raw.isdigit() and len(raw) < 7 else 0
+
+
 REASON_INADMISSIBLE = "Inadmissible"
 """Kueue's reason when the LocalQueue or ClusterQueue is missing, stopped or inactive
 (``WorkloadInadmissible``, apis/kueue/v1beta2/workload_types.go)."""

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from opentelemetry.trace import Span
 
-from jobrunner.core.admission import ANNOTATION_NOT_ADMITTED
+from jobrunner.core.admission import ANNOTATION_EVICTIONS, ANNOTATION_NOT_ADMITTED
 from jobrunner.core.protocols import ApiRejected, ReadsWorkloads, TransientError
 from jobrunner.core.timestamps import now_rfc3339, seconds_between
 from jobrunner.dispatch.events import JobEvents
@@ -50,7 +50,7 @@ class AdmissionCounts:
     running: int
     """Admitted and started."""
     evicted: int
-    """Evictions seen since this dispatcher started."""
+    """Evictions recorded on the ScaledJob's Jobs (those not yet removed by history)."""
 
 
 PASS_SECONDS_MAX = 30.0
@@ -73,8 +73,6 @@ class Admission:
         self._metrics = metrics
         self._span_of = span_of
         """The trace span of the message in hand for Job ``name``, if any."""
-        self.evictions = 0
-        """Evictions of this ScaledJob's Jobs seen since the dispatcher started."""
         self._waiting_since: dict[str, float] = {}
         """Monotonic time each waiting Job was first seen waiting (this dispatcher)."""
         self._ending: set[str] = set()
@@ -111,7 +109,6 @@ class Admission:
             span.add_event("started")
 
     def _evicted(self, state: JobState, span: Span | None) -> None:
-        self.evictions += 1
         self._metrics.evicted()
         self._scope.job_log(state.name).info(
             "Job %s evicted by Kueue; it keeps its message and waits to be admitted again",
@@ -122,10 +119,15 @@ class Admission:
         self._scope.spawn(self._tell_eviction(state), name=f"eviction-{state.name}")
 
     async def _tell_eviction(self, state: JobState) -> None:
-        """An Event on the Job with Kueue's reason (best effort: the eviction is counted
-        whether or not the Workload can be read)."""
+        """The count on the Job, and an Event with Kueue's reason (best effort: the
+        eviction is counted in the metrics whether or not these can be written)."""
         reason = ""
         jobs = self._scope.jobs
+        count = {ANNOTATION_EVICTIONS: str(state.evictions + 1)}
+        try:
+            await jobs.annotate_job(self._scope.namespace, state.name, count)
+        except (ApiRejected, TransientError) as exc:
+            self._scope.job_log(state.name).info("could not count the eviction: %s", exc)
         if isinstance(jobs, ReadsWorkloads) and state.uid:
             try:
                 workload = await jobs.workload_of(self._scope.namespace, state.uid)
@@ -143,8 +145,10 @@ class Admission:
 
     def counts(self) -> AdmissionCounts | None:
         """This ScaledJob's queued Jobs by stage, None when it has had none here."""
-        queued = [s for s in self._scope.tracker.jobs.values() if s.queued and s.outcome is None]
-        if not queued and not self.evictions:
+        jobs = self._scope.tracker.jobs.values()
+        queued = [s for s in jobs if s.queued and s.outcome is None]
+        evicted = sum(s.evictions for s in jobs)
+        if not queued and not evicted:
             return None
         pending = sum(1 for s in queued if s.suspended)
         running = sum(1 for s in queued if not s.suspended and s.started)
@@ -152,7 +156,7 @@ class Admission:
             pending=pending,
             admitted=len(queued) - pending - running,
             running=running,
-            evicted=self.evictions,
+            evicted=evicted,
         )
 
     def forget(self, name: str) -> None:

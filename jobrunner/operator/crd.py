@@ -66,7 +66,7 @@ class AdmissionStatus(BaseModel):
     running: int
     """Admitted and started."""
     evicted: int
-    """Evictions seen by the serving replica since it began serving the ScaledJob."""
+    """Kueue evictions of its Jobs (those still kept by the history limits)."""
 
 
 class ScaledJobStatus(BaseModel):

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from jobrunner.core.admission import is_queued, is_suspended, not_admitted_outcome
+from jobrunner.core.admission import evictions_of, is_queued, is_suspended, not_admitted_outcome
 from jobrunner.core.marks import JobMarks
 from jobrunner.core.models import (
     ANNOTATION_ACK_POLICY,
@@ -92,6 +92,8 @@ class JobState:
     """``spec.suspend``: for a queued Job, waiting for admission (or evicted, requeued)."""
     started: bool = False
     """It has had a pod (``status.startTime`` set by the Job controller once running)."""
+    evictions: int = 0
+    """Kueue evictions recorded on it (``core.admission.ANNOTATION_EVICTIONS``)."""
 
     @classmethod
     def from_object(cls, job: Mapping[str, Any]) -> JobState:
@@ -122,6 +124,7 @@ class JobState:
             queued=is_queued(job),
             suspended=is_suspended(job),
             started=bool(status.get("startTime")),
+            evictions=evictions_of(job),
         )
 
     @property
