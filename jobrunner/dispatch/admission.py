@@ -104,7 +104,7 @@ class Admission:
                 f" after {waited:.1f}s" if waited is not None else "",
             )
             if span is not None:
-                span.add_event("admitted")
+                span.add_event("admitted", {"jobrunner.admission_wait_seconds": waited or 0.0})
         if state.started and (old is None or not old.started) and span is not None:
             span.add_event("started")
 

@@ -23,19 +23,36 @@ from tests.integration.operator_harness import CRDS, ROOT, apply_crds
 from tests.local.conftest import Dispatchers
 
 
-@pytest.fixture
-async def queue(rabbitmq_url: str) -> AsyncIterator[str]:
-    """A durable queue with no dead-letter exchange of its own."""
+@contextlib.asynccontextmanager
+async def fresh_queue(rabbitmq_url: str) -> AsyncIterator[str]:
+    """A durable queue with no dead-letter exchange of its own, deleted on exit (with
+    its dead-letter queue)."""
     name = f"q-{uuid.uuid4().hex[:10]}"
     async with await aio_pika.connect(rabbitmq_url) as connection:
         channel = await connection.channel()
         await channel.declare_queue(name, durable=True)
-    yield name
-    # A fresh connection: a test may have restarted the broker under the first one.
-    async with await aio_pika.connect(rabbitmq_url) as connection:
-        channel = await connection.channel()
-        await channel.queue_delete(name)
-        await channel.queue_delete(f"{name}.dead-letter")
+    try:
+        yield name
+    finally:
+        # A fresh connection: a test may have restarted the broker under the first one.
+        async with await aio_pika.connect(rabbitmq_url) as connection:
+            channel = await connection.channel()
+            await channel.queue_delete(name)
+            await channel.queue_delete(f"{name}.dead-letter")
+
+
+@pytest.fixture
+async def queue(rabbitmq_url: str) -> AsyncIterator[str]:
+    """A durable queue with no dead-letter exchange of its own."""
+    async with fresh_queue(rabbitmq_url) as name:
+        yield name
+
+
+@pytest.fixture
+async def second_queue(rabbitmq_url: str) -> AsyncIterator[str]:
+    """Another queue, for a test of two ScaledJobs."""
+    async with fresh_queue(rabbitmq_url) as name:
+        yield name
 
 
 @pytest.fixture
