@@ -13,6 +13,8 @@ NATS_VERSION="${NATS_VERSION:-v2.15.2}"
 AZURITE_VERSION="${AZURITE_VERSION:-3.35.0}"
 # KEDA is built only for `make bench-keda` (deploy/local/keda-run.sh), never for the tests.
 KEDA_VERSION="${KEDA_VERSION:-v2.21.0}"
+# Kueue (job queueing and quota) runs out of cluster in the stack (deploy/local/kueue.sh).
+KUEUE_VERSION="${KUEUE_VERSION:-v0.17.0}"
 
 # Built binaries and the Go/Maven caches live outside the work tree so that a fresh
 # clone on the same machine reuses them; each build is keyed by its version.
@@ -38,6 +40,8 @@ NATS_BIN="$JOBRUNNER_CACHE/nats-server-$NATS_VERSION/bin"
 AZURITE_HOME="$JOBRUNNER_CACHE/azurite-$AZURITE_VERSION"
 KEDA_HOME="$JOBRUNNER_CACHE/keda-$KEDA_VERSION"
 KEDA_BIN="$KEDA_HOME/bin"
+KUEUE_HOME="$JOBRUNNER_CACHE/kueue-$KUEUE_VERSION"
+KUEUE_BIN="$KUEUE_HOME/bin"
 
 APISERVER_PORT="${APISERVER_PORT:-6443}"
 # The real node (node.sh): its name and taint, and its pod network's bridge. NODE_IP, the
@@ -67,6 +71,10 @@ RABBITMQ_TLS_PORT="${RABBITMQ_TLS_PORT:-5671}"
 RABBITMQ_USER="${RABBITMQ_USER:-jobrunner}"
 RABBITMQ_PASSWORD="${RABBITMQ_PASSWORD:-local-rabbit-secret}"
 AZURITE_QUEUE_PORT="${AZURITE_QUEUE_PORT:-10001}"
+# Kueue's webhook server (the API server calls it by url), health probes and metrics.
+KUEUE_WEBHOOK_PORT="${KUEUE_WEBHOOK_PORT:-9443}"
+KUEUE_HEALTH_PORT="${KUEUE_HEALTH_PORT:-9444}"
+KUEUE_METRICS_PORT="${KUEUE_METRICS_PORT:-9445}"
 # Azurite's well-known development account (public, the same in every Azurite).
 AZURITE_ACCOUNT=devstoreaccount1
 AZURITE_KEY="Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="

@@ -26,7 +26,7 @@ if [[ -d "$NODE_DIR" ]]; then
   awk -v d="$NODE_DIR/" 'index($5, d) == 1 {print $5}' /proc/self/mountinfo | sort -r \
     | while read -r m; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
 fi
-for part in mosquitto nats redis elasticmq azurite kafka rabbitmq kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
+for part in mosquitto nats redis elasticmq azurite kafka rabbitmq kueue kwok kube-scheduler kube-controller-manager kube-apiserver etcd; do
   if pid_alive "$part"; then log "stopping $part"; fi
   stop_pid "$part"
 done

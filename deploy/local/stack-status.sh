@@ -17,7 +17,7 @@ kget() { curl -sf --cacert "$PKI/ca.crt" -H "Authorization: Bearer $(cat "$PKI/a
 node_ready() { kget "/api/v1/nodes/$1" | python3 -c 'import json,sys; n=json.load(sys.stdin); sys.exit(0 if any(c["type"]=="Ready" and c["status"]=="True" for c in n["status"]["conditions"]) else 1)'; }
 rss() {
   local total=0 pid
-  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kwok containerd kubelet kube-proxy kafka azurite elasticmq redis nats mosquitto; do
+  for name in etcd kube-apiserver kube-controller-manager kube-scheduler kwok kueue containerd kubelet kube-proxy kafka azurite elasticmq redis nats mosquitto; do
     [[ -f "$PID_DIR/$name.pid" ]] || continue
     pid="$(cat "$PID_DIR/$name.pid")"
     total=$((total + $(awk '/VmRSS/{print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)))
@@ -35,6 +35,8 @@ check kube-apiserver "https://127.0.0.1:$APISERVER_PORT" kget /readyz
 check kube-controller-manager "https://127.0.0.1:10257" curl -skf https://127.0.0.1:10257/healthz
 check kube-scheduler "https://127.0.0.1:10259" curl -skf https://127.0.0.1:10259/healthz
 check kwok "node kwok-node-0 Ready" node_ready kwok-node-0
+check kueue "webhook https://127.0.0.1:$KUEUE_WEBHOOK_PORT, readyz http://127.0.0.1:$KUEUE_HEALTH_PORT" \
+  curl -sf "http://127.0.0.1:$KUEUE_HEALTH_PORT/readyz"
 check containerd "$JOBRUNNER_STATE/node/containerd/containerd.sock" ctr --address "$JOBRUNNER_STATE/node/containerd/containerd.sock" version
 check kubelet "node $REAL_NODE_NAME Ready (real containers)" node_ready "$REAL_NODE_NAME"
 check kube-proxy "http://127.0.0.1:10256" curl -sf http://127.0.0.1:10256/healthz

@@ -5,14 +5,15 @@
 #   API server and the brokers through its bridge,
 #   RabbitMQ (with the management plugin), Apache Kafka (KRaft, one node), Azurite
 #   (the Azure Storage emulator, queue service only), ElasticMQ (SQS), Redis, NATS with
-#   JetStream and Mosquitto (MQTT 5).
+#   JetStream and Mosquitto (MQTT 5); Kueue, out of cluster (kueue.sh).
 # Idempotent: a part that is already healthy is left alone. Binaries are built once and
 # cached by version (see build-*.sh). Writes $ENV_FILE for the tests and the demo.
 #
-# Usage: stack-up.sh [all|k8s|node|rabbitmq|kafka|azurite|sqs|redis|nats|mqtt]...
+# Usage: stack-up.sh [all|k8s|kueue|node|rabbitmq|kafka|azurite|sqs|redis|nats|mqtt]...
 source "$(dirname "$0")/common.sh"
 HERE="$(cd "$(dirname "$0")" && pwd)"
 source "$HERE/node.sh"
+source "$HERE/kueue.sh"
 
 PKI="$JOBRUNNER_STATE/pki"
 TOKEN_FILE="$PKI/admin.token"
@@ -529,6 +530,7 @@ ENV
     sed -e 's/^PROJECT_IMAGE=/JOBRUNNER_TEST_JOBRUNNER_IMAGE=/; t' -e 's/^/JOBRUNNER_TEST_/' "$NODE_IMAGE_CACHE/images.env" >> "$fresh"
   fi
   azurite_env >> "$fresh"
+  kueue_env >> "$fresh"
   # Keep what other parts (started by another checkout's stack-up) wrote: several
   # branches share one stack.
   if [[ -f "$ENV_FILE" ]]; then
@@ -550,8 +552,9 @@ for part in "${parts[@]}"; do
       bash "$HERE/build-node-images.sh" & images=$!
       bash "$HERE/build-all.sh" || { wait "$images" || true; die "building the stack's binaries (see the messages above)"; }
       wait "$images" || die "building the real node's images (see the messages above)"
-      up_k8s; up_rabbitmq; up_kafka; up_azurite; up_sqs; up_redis; up_nats; up_mqtt ;;
+      up_k8s; up_kueue; up_rabbitmq; up_kafka; up_azurite; up_sqs; up_redis; up_nats; up_mqtt ;;
     k8s) up_k8s ;;
+    kueue) up_kueue ;;
     node) up_node ;;
     rabbitmq) up_rabbitmq ;;
     kafka) up_kafka ;;
@@ -560,7 +563,7 @@ for part in "${parts[@]}"; do
     redis) up_redis ;;
     nats) up_nats ;;
     mqtt) up_mqtt ;;
-    *) die "unknown part '$part' (use all, k8s, node, rabbitmq, kafka, azurite, sqs, redis, nats or mqtt)" ;;
+    *) die "unknown part '$part' (use all, k8s, kueue, node, rabbitmq, kafka, azurite, sqs, redis, nats or mqtt)" ;;
   esac
 done
 # stack-restart.sh restarts one part without rewriting the env file others read.
