@@ -19,8 +19,24 @@ from kubernetes import client
 from jobrunner.local.client import LocalJobClient
 from tests import services
 from tests.integration.harness import Dispatcher, write_manifest
+from tests.integration.kueue import Kueue
 from tests.integration.operator_harness import CRDS, ROOT, apply_crds
 from tests.local.conftest import Dispatchers
+
+
+@pytest.fixture
+def kueue(kube_api: client.ApiClient) -> Iterator[Kueue]:
+    """Kueue objects made for one test (ClusterQueues, LocalQueues, priority classes),
+    deleted after it; the stack's Kueue must be up."""
+    services.stack_service("Kueue", "JOBRUNNER_TEST_KUEUE_HEALTH_URL")
+    flavor = services.setting("JOBRUNNER_TEST_KUEUE_FLAVOR")
+    if not flavor:
+        services.missing("Kueue", "JOBRUNNER_TEST_KUEUE_FLAVOR is unset")
+    helper = Kueue(api=kube_api, flavor=str(flavor))
+    try:
+        yield helper
+    finally:
+        helper.cleanup()
 
 
 @contextlib.asynccontextmanager

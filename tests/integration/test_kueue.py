@@ -24,7 +24,6 @@ from kubernetes import client, watch
 
 from jobrunner.core.admission import ANNOTATION_EVICTIONS
 from jobrunner.core.models import LABEL_MANAGED_BY
-from tests import services
 from tests.helpers import eventually
 from tests.integration.harness import (
     Dispatcher,
@@ -40,19 +39,6 @@ from tests.integration.kueue import PRIORITY_CLASS_LABEL, QUEUE_NAME_LABEL, Kueu
 pytestmark = [pytest.mark.kube, pytest.mark.rabbitmq]
 
 RUN_DURATION = "kwok.jobrunner.dev/run-duration"
-
-
-@pytest.fixture
-def kueue(kube_api: client.ApiClient) -> Iterator[Kueue]:
-    services.stack_service("Kueue", "JOBRUNNER_TEST_KUEUE_HEALTH_URL")
-    flavor = services.setting("JOBRUNNER_TEST_KUEUE_FLAVOR")
-    if not flavor:
-        services.missing("Kueue", "JOBRUNNER_TEST_KUEUE_FLAVOR is unset")
-    helper = Kueue(api=kube_api, flavor=str(flavor))
-    try:
-        yield helper
-    finally:
-        helper.cleanup()
 
 
 def queued_job(
