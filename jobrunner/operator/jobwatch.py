@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from jobrunner.core.admission import WorkloadView
 from jobrunner.core.models import (
     LABEL_MANAGED_BY,
     LABEL_SCALEDJOB,
@@ -39,6 +40,7 @@ from jobrunner.core.protocols import (
     JobClient,
     JobPage,
     ReadsResults,
+    ReadsWorkloads,
     TransientError,
     WatchEvent,
     WatchExpired,
@@ -307,6 +309,13 @@ class SharedJobs:
         if not isinstance(self._inner, ReadsResults):
             return None
         return await self._inner.job_result(namespace, name)
+
+    async def workload_of(self, namespace: str, job_uid: str) -> WorkloadView | None:
+        """The real client's, when it has one (see protocols.ReadsWorkloads): without it
+        the operator could not tell why Kueue does not admit a Job."""
+        if not isinstance(self._inner, ReadsWorkloads):
+            return None
+        return await self._inner.workload_of(namespace, job_uid)
 
     async def close(self) -> None:
         """Stop the feeds (the real client is the caller's to close)."""

@@ -150,3 +150,30 @@ async def test_shared_jobs_is_a_token_reviewer_when_its_client_is() -> None:
     assert asked == [("t", ("hooks",))]
     with pytest.raises(TransientError):
         await SharedJobs(MemoryJobClient()).review_token("t")
+
+
+def test_shared_jobs_offers_every_capability_the_real_client_has() -> None:
+    """The kind of fault behind the token review above (and Kueue's Workloads after it):
+    the runner finds optional capabilities by protocol (``isinstance``), and under the
+    operator it sees SharedJobs, so a capability the real client has and the wrapper
+    lacks silently disappears. Every runtime-checkable protocol the Kubernetes client
+    implements, SharedJobs implements too."""
+    import inspect
+    import typing
+
+    from jobrunner.core import protocols
+    from jobrunner.kube.client import KubeJobClient
+
+    checked = []
+    for name, proto in inspect.getmembers(protocols, inspect.isclass):
+        if (
+            not getattr(proto, "_is_runtime_protocol", False)
+            or proto.__module__ != protocols.__name__
+        ):
+            continue
+        members = typing._get_protocol_attrs(proto)  # type: ignore[attr-defined]
+        if all(hasattr(KubeJobClient, m) for m in members):
+            checked.append(name)
+            missing = [m for m in members if not hasattr(SharedJobs, m)]
+            assert not missing, f"SharedJobs lacks {name}: {missing}"
+    assert {"ReadsWorkloads", "ReadsResults", "TokenReviewer", "DescribesFailures"} <= set(checked)
