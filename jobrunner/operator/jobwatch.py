@@ -67,6 +67,11 @@ def matches(labels: Mapping[str, str], selector: str) -> bool:
 
 
 def compact(job: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a Job the shared feed keeps: whatever ``tracking.tracker.JobState``
+    and the status views read (metadata, status, ``spec.suspend``), without the bulky
+    copy of the message. A field the tracker reads and this drops reads as its default
+    under the operator only (``spec.suspend`` once did: every queued Job looked
+    admitted); tests/unit/test_operator_jobwatch.py checks the two agree."""
     meta = job.get("metadata") or {}
     annotations = {
         k: v for k, v in (meta.get("annotations") or {}).items() if k not in _BULKY_ANNOTATIONS
@@ -86,7 +91,12 @@ def compact(job: Mapping[str, Any]) -> dict[str, Any]:
         if k in meta
     }
     kept["annotations"] = annotations
-    return {"metadata": kept, "status": copy.deepcopy(job.get("status") or {})}
+    out: dict[str, Any] = {"metadata": kept, "status": copy.deepcopy(job.get("status") or {})}
+    spec = job.get("spec") or {}
+    if "suspend" in spec:
+        # Kueue's admission state (jobrunner.core.admission): the tracker reads it.
+        out["spec"] = {"suspend": spec["suspend"]}
+    return out
 
 
 class _Feed:

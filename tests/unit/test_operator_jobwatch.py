@@ -177,3 +177,41 @@ def test_shared_jobs_offers_every_capability_the_real_client_has() -> None:
             missing = [m for m in members if not hasattr(SharedJobs, m)]
             assert not missing, f"SharedJobs lacks {name}: {missing}"
     assert {"ReadsWorkloads", "ReadsResults", "TokenReviewer", "DescribesFailures"} <= set(checked)
+
+
+def test_the_shared_copy_of_a_job_reads_as_the_job_itself() -> None:
+    """Every field the tracker reads survives ``compact`` (once ``spec.suspend`` did not:
+    under the operator every Job Kueue held back read as admitted)."""
+    from dataclasses import asdict
+
+    from jobrunner.tracking.tracker import JobState
+
+    job = {
+        "metadata": {
+            "name": "j",
+            "namespace": "ns",
+            "uid": "u-1",
+            "resourceVersion": "7",
+            "creationTimestamp": "2026-12-08T01:00:00Z",
+            "deletionTimestamp": "2026-12-08T01:09:00Z",
+            "finalizers": ["jobrunner.dev/settlement"],
+            "labels": {"kueue.x-k8s.io/queue-name": "lq", "jobrunner.dev/scaledjob": "s"},
+            "annotations": {
+                "jobrunner.dev/message-id": "m",
+                "jobrunner.dev/ack-policy": "onJobCompletion",
+                "jobrunner.dev/handed-over": "true",
+                "jobrunner.dev/settled": "ack",
+                "jobrunner.dev/evictions": "2",
+                "jobrunner.dev/not-admitted": '{"reason": "Inadmissible", "detail": "d"}',
+            },
+        },
+        "spec": {"suspend": True, "template": {"spec": {"containers": []}}},
+        "status": {"startTime": "2026-12-08T01:01:00Z", "active": 1},
+    }
+    assert asdict(JobState.from_object(compact(job))) == asdict(JobState.from_object(job))
+    finished = {
+        **job,
+        "spec": {},
+        "status": {"conditions": [{"type": "Complete", "status": "True"}]},
+    }
+    assert asdict(JobState.from_object(compact(finished))) == asdict(JobState.from_object(finished))
