@@ -275,3 +275,19 @@ def test_the_admission_fields_are_bounded() -> None:
     for bad in ({"maxPendingAdmission": 0}, {"inadmissibleTimeoutSeconds": 0}):
         with pytest.raises(ManifestError, match=next(iter(bad))):
             parse_scaledjob(scaledjob({}, **bad))
+
+
+def test_the_readmes_kueue_example_loads_and_renders_its_labels() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### A ScaledJob that submits to a LocalQueue", 1)[1]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    renderer = Renderer(parse_scaledjob(yaml.safe_load(block)))
+    labels = renderer.render(delivery({"priority": "9"})).job["metadata"]["labels"]
+    assert labels[LABEL_QUEUE_NAME] == "media-queue"
+    assert labels[LABEL_PRIORITY_CLASS] == "urgent"
+    spec = renderer.scaledjob.spec
+    assert (spec.maxPendingAdmission, spec.inadmissibleTimeoutSeconds) == (5, 300)
