@@ -30,6 +30,13 @@ pod-template label to the Jobs of a ScaledJob (KEDA writes them there)."""
 LABEL_WORKLOAD_JOB_UID = "kueue.x-k8s.io/job-uid"
 """The label Kueue puts on a Job's Workload: the Job's uid."""
 
+MANAGED_BY_MULTIKUEUE = "kueue.x-k8s.io/multikueue"
+"""``spec.managedBy`` of a Job Kueue dispatches to a worker cluster: its webhook sets it
+when the LocalQueue's ClusterQueue has a MultiKueue AdmissionCheck
+(jobframework.ApplyDefaultForManagedBy). MultiKueue copies the Job (metadata labels and
+annotations, spec) to the worker that admits it, and its status back; nothing else of
+the namespace (no Secret) goes with it."""
+
 ANNOTATION_NOT_ADMITTED = "jobrunner.dev/not-admitted"
 """Written on a queued Job that jobrunner ends because Kueue can never admit it, just
 before deleting it: JSON ``{"reason": ..., "detail": ...}``. The Job (held by jobrunner's
@@ -49,10 +56,13 @@ def evictions_of(job: Mapping[str, Any]) -> int:
 REASON_INADMISSIBLE = "Inadmissible"
 """Kueue's reason when the LocalQueue or ClusterQueue is missing, stopped or inactive
 (``WorkloadInadmissible``, apis/kueue/v1beta2/workload_types.go)."""
+REASON_SECRET_NOT_SENT = "MultiKueueSecret"
+"""jobrunner's reason when a Job MultiKueue dispatches needs its message Secret in its
+pod: the worker cluster will never have it, so the pod could never start there."""
 REASON_NEVER_FITS = "NeverFits"
 """jobrunner's reason when Kueue says no flavor of the ClusterQueue can ever hold the
 Job's requests (its message has no "insufficient unused quota", only limits)."""
-NOT_ADMITTED_REASONS = frozenset({REASON_INADMISSIBLE, REASON_NEVER_FITS})
+NOT_ADMITTED_REASONS = frozenset({REASON_INADMISSIBLE, REASON_NEVER_FITS, REASON_SECRET_NOT_SENT})
 """The only reasons the annotation may give: anything else reads as ``JobDeleted``."""
 
 # Kueue's scheduler words a flavor that could fit once quota frees up as "insufficient
@@ -71,6 +81,30 @@ def is_queued(job: Mapping[str, Any]) -> bool:
 
 def is_suspended(job: Mapping[str, Any]) -> bool:
     return bool((job.get("spec") or {}).get("suspend"))
+
+
+def dispatched_by_multikueue(job: Mapping[str, Any]) -> bool:
+    return (job.get("spec") or {}).get("managedBy") == MANAGED_BY_MULTIKUEUE
+
+
+def pod_uses_secret(job: Mapping[str, Any], secret: str) -> bool:
+    """True when the Job's pod template names Secret ``secret`` anywhere (a volume's
+    ``secretName``, a projected source, ``secretKeyRef`` or ``secretRef``)."""
+    pod = ((job.get("spec") or {}).get("template") or {}).get("spec") or {}
+    stack: list[Any] = [pod]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("secretName") == secret:
+                return True
+            for key in ("secretKeyRef", "secretRef", "secret"):
+                ref = node.get(key)
+                if isinstance(ref, dict) and ref.get("name") == secret:
+                    return True
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return False
 
 
 def not_admitted_outcome(job: Mapping[str, Any]) -> tuple[str, str] | None:

@@ -24,12 +24,19 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from opentelemetry.trace import Span
 
-from jobrunner.core.admission import ANNOTATION_EVICTIONS, ANNOTATION_NOT_ADMITTED
+from jobrunner.core.admission import (
+    ANNOTATION_EVICTIONS,
+    ANNOTATION_NOT_ADMITTED,
+    REASON_SECRET_NOT_SENT,
+    dispatched_by_multikueue,
+    pod_uses_secret,
+)
 from jobrunner.core.protocols import ApiRejected, ReadsWorkloads, TransientError
 from jobrunner.core.timestamps import now_rfc3339, seconds_between
 from jobrunner.dispatch.events import JobEvents
@@ -198,17 +205,38 @@ class Admission:
             return  # Kueue has said so for less than the timeout (it changed its mind)
         self._ending.add(name)
         try:
-            await self._end(state, reason, message)
+            await self._end(state, reason, f"Kueue cannot admit it: {message}")
         finally:
             self._ending.discard(name)
 
-    async def _end(self, state: JobState, reason: str, message: str) -> None:
+    async def check_created(self, job: Mapping[str, Any], *, secret: str | None) -> None:
+        """A Job just created or adopted, whose message Secret is ``secret`` (None: it has
+        none). One that MultiKueue dispatches to a worker cluster and whose pod needs that
+        Secret could never start there (MultiKueue copies the Job, not the Secret): it is
+        ended at once, its message dead-lettered ``MultiKueueSecret``."""
+        if secret is None or not dispatched_by_multikueue(job) or not pod_uses_secret(job, secret):
+            return
+        state = JobState.from_object(job)
+        if state.outcome is not None or state.name in self._ending:
+            return
+        self._ending.add(state.name)
+        try:
+            await self._end(
+                state,
+                REASON_SECRET_NOT_SENT,
+                "MultiKueue runs this Job on a worker cluster, which does not get its message "
+                f"Secret {secret}; deliver the message in env (messageDelivery: env, a body "
+                "under the env bound, no function) for a ScaledJob whose LocalQueue "
+                "dispatches by MultiKueue",
+            )
+        finally:
+            self._ending.discard(state.name)
+
+    async def _end(self, state: JobState, reason: str, detail: str) -> None:
         """Annotate the reason, then delete: the Job then reads as failed for it."""
         scope, name = self._scope, state.name
-        detail = f"Kueue: {message}"[:4000]
-        scope.job_log(name).warning(
-            "ending Job %s: Kueue cannot admit it (%s: %s)", name, reason, message[:512]
-        )
+        detail = detail[:4000]
+        scope.job_log(name).warning("ending Job %s (%s): %s", name, reason, detail[:512])
         told = json.dumps({"reason": reason, "detail": detail})
         try:
             await scope.retry(

@@ -127,15 +127,6 @@ class Dispatcher:
             events=events,
             metrics=self.metrics,
         )
-        self.lifecycle = Lifecycle(
-            scope=scope,
-            intake=intake,
-            settlement=settlement,
-            limiter=self.limiter,
-            events=events,
-            metrics=self.metrics,
-        )
-        self.kept = KeptCopies(scope=scope, settlement=settlement, in_hand=intake.in_hand)
         self.admission = Admission(
             scope=scope,
             limiter=self.limiter,
@@ -143,6 +134,16 @@ class Dispatcher:
             metrics=self.metrics,
             span_of=lambda name: r.span if (r := intake.inflight.get(name)) else None,
         )
+        self.lifecycle = Lifecycle(
+            scope=scope,
+            intake=intake,
+            settlement=settlement,
+            limiter=self.limiter,
+            events=events,
+            metrics=self.metrics,
+            admission=self.admission,
+        )
+        self.kept = KeptCopies(scope=scope, settlement=settlement, in_hand=intake.in_hand)
 
     @property
     def scaledjob(self) -> ScaledJob:

@@ -28,6 +28,7 @@ from jobrunner.core.models import (
     JobOutcome,
 )
 from jobrunner.core.protocols import ApiRejected, KeepsMessagesAlive
+from jobrunner.dispatch.admission import Admission
 from jobrunner.dispatch.events import JobEvents
 from jobrunner.dispatch.intake import InFlight, Intake, refuse_reuse
 from jobrunner.dispatch.limiter import ActiveJobs
@@ -51,8 +52,10 @@ class Lifecycle:
         limiter: ActiveJobs,
         events: JobEvents,
         metrics: DispatchMetrics,
+        admission: Admission,
     ) -> None:
         self._scope = scope
+        self._admission = admission
         self._intake = intake
         self._settlement = settlement
         self._limiter = limiter
@@ -98,6 +101,9 @@ class Lifecycle:
             return
         if finished is not None:
             self._limiter.release(name)
+        else:
+            secret = rendered.secret["metadata"]["name"] if rendered.secret else None
+            await self._admission.check_created(job, secret=secret)
         record.deciding = False
         if await self._kept_by_job(name=name, job=job, record=record, log=log):
             return

@@ -288,7 +288,7 @@ async def test_a_job_kueue_can_never_admit_is_dead_lettered_with_kueues_reason(
     assert dead.message_id == "too-big"
     assert dead.headers["x-jobrunner-reason"] == why
     detail = str(dead.headers["x-jobrunner-detail"])
-    assert detail.startswith("Kueue: ")
+    assert detail.startswith("Kueue cannot admit it: ")
     assert ("maximum capacity" in detail) if why == "NeverFits" else ("doesn't exist" in detail)
 
     async def gone() -> bool:

@@ -22,7 +22,7 @@ from jobrunner.core.admission import (
     not_admitted_outcome,
 )
 from jobrunner.core.models import Delivery, Outcome
-from jobrunner.core.naming import message_identity
+from jobrunner.core.naming import message_identity, message_secret_name
 from jobrunner.dispatch.limiter import ActiveJobs
 from jobrunner.manifest.loader import parse_scaledjob
 from jobrunner.manifest.scaledjob import ManifestError
@@ -291,3 +291,41 @@ def test_the_readmes_kueue_example_loads_and_renders_its_labels() -> None:
     assert labels[LABEL_PRIORITY_CLASS] == "urgent"
     spec = renderer.scaledjob.spec
     assert (spec.maxPendingAdmission, spec.inadmissibleTimeoutSeconds) == (5, 300)
+
+
+def test_a_multikueue_job_that_needs_its_message_secret_is_told_apart() -> None:
+    from jobrunner.core.admission import dispatched_by_multikueue, pod_uses_secret
+
+    big = b"x" * 200_000  # past the env bound: the body goes by the Job's message Secret
+    rendered = Renderer(parse_scaledjob(scaledjob({LABEL_QUEUE_NAME: "lq"}))).render(
+        Delivery(
+            source="sqlite",
+            identity=message_identity("big", big, {}),
+            body=big,
+            message_id="big",
+        )
+    )
+    assert rendered.secret is not None
+    secret = rendered.secret["metadata"]["name"]
+    job = {
+        **rendered.job,
+        "spec": {**rendered.job["spec"], "managedBy": "kueue.x-k8s.io/multikueue"},
+    }
+    assert dispatched_by_multikueue(job)
+    assert pod_uses_secret(job, secret)
+    small = Renderer(parse_scaledjob(scaledjob({LABEL_QUEUE_NAME: "lq"}))).render(delivery({}))
+    assert not pod_uses_secret(small.job, message_secret_name(small.name))
+    assert not dispatched_by_multikueue(small.job)
+    env_ref = {
+        "spec": {
+            "template": {
+                "spec": {
+                    "containers": [
+                        {"env": [{"valueFrom": {"secretKeyRef": {"name": "s", "key": "k"}}}]}
+                    ]
+                }
+            }
+        }
+    }
+    assert pod_uses_secret(env_ref, "s")
+    assert not pod_uses_secret(env_ref, "other")
