@@ -96,9 +96,10 @@ class Admission:
             return
         self._limiter.admission(name, pending=False)
         since = self._waiting_since.pop(name, None)
-        if old is None or old.suspended:
-            # Since it was first seen waiting here, else since its creation (first seen
-            # admitted: a restart, or an admission quicker than the watch).
+        if old is not None and old.suspended:
+            # Waiting since it was first seen waiting here (or since its creation, when
+            # this dispatcher started while it waited). A Job first seen admitted was
+            # admitted before this dispatcher looked (a restart): not counted again.
             waited = (
                 time.monotonic() - since
                 if since is not None
