@@ -142,7 +142,7 @@ class Queues:
         """Kueue admits nothing through a ClusterQueue it has not yet marked Active."""
         deadline = time.time() + timeout
         while time.time() < deadline:
-            cq = self._custom.get_cluster_custom_object(
+            cq: dict[str, Any] = self._custom.get_cluster_custom_object(
                 GROUP, VERSION, "clusterqueues", self.cluster_queue
             )
             conditions = (cq.get("status") or {}).get("conditions") or []
