@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import multiprocessing
 import os
@@ -292,6 +293,21 @@ def measure(
     return results
 
 
+def burst_shape(samples: list[Sample], level: int) -> str:
+    """For batches of ``level``: medians over the batches of the last Job created, the
+    first and the last admitted (ms after the batch's publishes or calls), and of the
+    gap between two admissions one after the other."""
+    blocks = [samples[i : i + level] for i in range(0, len(samples), level)]
+    last_created = [max(s[0] for s in b) for b in blocks]
+    admitted = [sorted(s[1] for s in b) for b in blocks]
+    gaps = [y - x for a in admitted for x, y in itertools.pairwise(a)]
+    return (
+        f"last created {pct(last_created, 50):.0f}, first admitted "
+        f"{pct([a[0] for a in admitted], 50):.0f}, last admitted "
+        f"{pct([a[-1] for a in admitted], 50):.0f}, between admissions {pct(gaps, 50):.0f} ms"
+    )
+
+
 def report(
     results: dict[int, dict[str, list[Sample]]], args: argparse.Namespace, load: str
 ) -> None:
@@ -317,6 +333,9 @@ def report(
             f"    Job seen -> admitted (Kueue's own): jobrunner {fig(kueue['jobrunner'])}, "
             f"bare {fig(kueue['bare'])}"
         )
+        if level > 1:
+            for who in got:
+                print(f"    a batch of {level}, {who} (p50): {burst_shape(got[who], level)}")
         for who in got:
             for k, stage in enumerate(STAGES):
                 summary[f"c{level}_{who}_{stage}_p50_ms"] = pct(cols[who][k], 50)
