@@ -122,6 +122,7 @@ bench: venv stack-up
 	for s in sqs redis nats mqtt; do $(BIN)/python bench/bench_dispatch.py $$s || exit 1; done
 	$(BIN)/python bench/bench_real_node.py
 	$(BIN)/python bench/bench_http.py
+	$(BIN)/python bench/bench_kueue.py
 
 # KEDA is built (once, cached in ~/.cache/jobrunner/keda-<version>/) and started only here.
 bench-keda: venv stack-up

@@ -304,6 +304,9 @@ class DispatchUnit:
         self.tasks += [
             start_guarded(self.tracker.run(), name=f"tracker-{name}"),
             start_guarded(self.dispatcher.cleaner.run(), name=f"cleanup-{name}"),
+            start_guarded(
+                self.dispatcher.admission.run(), name=f"admission-{name}", essential=False
+            ),
             start_guarded(self._connect_and_dispatch(), name=f"dispatch-{name}"),
             start_guarded(
                 self._sample_depth(telemetry, settings.telemetry.queue_depth_interval_seconds),

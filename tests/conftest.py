@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -76,9 +77,9 @@ def kube_api(kubeconfig: Path) -> object:
     return api_client
 
 
-@pytest.fixture
-def namespace(kube_api: object) -> Iterator[str]:
-    """A fresh namespace, deleted (with everything in it) after the test."""
+@contextlib.contextmanager
+def fresh_namespace(kube_api: object) -> Iterator[str]:
+    """A fresh namespace, deleted (with everything in it) on exit."""
     from kubernetes import client
 
     core = client.CoreV1Api(kube_api)
@@ -96,6 +97,20 @@ def namespace(kube_api: object) -> Iterator[str]:
                     job.metadata.name, name, {"metadata": {"finalizers": None}}
                 )
         core.delete_namespace(name, propagation_policy="Background")
+
+
+@pytest.fixture
+def namespace(kube_api: object) -> Iterator[str]:
+    """A fresh namespace, deleted (with everything in it) after the test."""
+    with fresh_namespace(kube_api) as name:
+        yield name
+
+
+@pytest.fixture
+def second_namespace(kube_api: object) -> Iterator[str]:
+    """Another fresh namespace, for a test of two tenants."""
+    with fresh_namespace(kube_api) as name:
+        yield name
 
 
 @pytest.fixture

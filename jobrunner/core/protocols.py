@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
+from jobrunner.core.admission import WorkloadView
 from jobrunner.core.models import (
     Decision,
     Delivery,
@@ -182,6 +183,19 @@ class ReadsResults(Protocol):
         effort on the pod: a pod that cannot be read leaves ``exit_code`` None and
         ``payload`` empty, the Job's own outcome is still given. Raises TransientError
         when the Job itself cannot be read now."""
+        ...
+
+
+@runtime_checkable
+class ReadsWorkloads(Protocol):
+    """A JobClient that can read the Kueue Workload of a queued Job (jobrunner.core.
+    admission): Kueue's reasons for not admitting or for evicting it. The local executor
+    has no Kueue and does not implement it."""
+
+    async def workload_of(self, namespace: str, job_uid: str) -> WorkloadView | None:
+        """The Workload Kueue made for the Job of uid ``job_uid`` (label
+        ``kueue.x-k8s.io/job-uid``); None when there is none (not yet made, or Kueue not
+        installed). Raises TransientError when it cannot be read now."""
         ...
 
 

@@ -5,7 +5,8 @@ as a short loop that wires the phases:
 * ``lifecycle``: a slot, the Job created (or adopted), its outcome awaited or the
   message handed over to it;
 * ``settlement``: the one place a message is settled, and the finalizer released;
-* ``keptcopies``: Jobs whose message was acked earlier, settled from the copy they keep.
+* ``keptcopies``: Jobs whose message was acked earlier, settled from the copy they keep;
+* ``admission``: Kueue's admission of queued Jobs (waiting, admitted, evicted, never).
 
 Guarantees, and how:
 
@@ -32,6 +33,7 @@ from jobrunner.core.models import JobOutcome
 from jobrunner.core.protocols import JobClient, MessageHandle, MessageSource, SettleHook
 from jobrunner.core.settings import DispatcherSettings
 from jobrunner.core.tasks import stop_tasks
+from jobrunner.dispatch.admission import Admission
 from jobrunner.dispatch.events import JobEvents
 from jobrunner.dispatch.intake import Intake
 from jobrunner.dispatch.keptcopies import KeptCopies
@@ -76,7 +78,9 @@ class Dispatcher:
             marks=marks,
             retry_ceiling=retry_ceiling,
         )
-        self.limiter = ActiveJobs(scaledjob.spec.maxReplicaCount)
+        self.limiter = ActiveJobs(
+            scaledjob.spec.maxReplicaCount, pending_limit=scaledjob.spec.maxPendingAdmission
+        )
         self._wire(renderer=renderer, telemetry=telemetry, settle_hook=settle_hook)
         intake, settlement = self.intake, self.settlement
         self.cleaner = HistoryCleaner(
@@ -91,6 +95,7 @@ class Dispatcher:
         )
         tracker.on_finished(self._job_finished)
         tracker.on_deletion(self.kept.job_deleting)
+        tracker.on_admission(self.admission.job_changed)
         self.last_message_at: float | None = None
         """When the last message arrived (epoch seconds), for the operator's status."""
 
@@ -105,6 +110,7 @@ class Dispatcher:
             scaledjob=sj.name,
             source=scope.source.name,
             active=lambda: len(self.limiter),
+            pending_admission=lambda: self.limiter.pending,
         )
         events = JobEvents(scope)
         self.settlement = settlement = Settlement(
@@ -121,6 +127,13 @@ class Dispatcher:
             events=events,
             metrics=self.metrics,
         )
+        self.admission = Admission(
+            scope=scope,
+            limiter=self.limiter,
+            events=events,
+            metrics=self.metrics,
+            span_of=lambda name: r.span if (r := intake.inflight.get(name)) else None,
+        )
         self.lifecycle = Lifecycle(
             scope=scope,
             intake=intake,
@@ -128,6 +141,7 @@ class Dispatcher:
             limiter=self.limiter,
             events=events,
             metrics=self.metrics,
+            admission=self.admission,
         )
         self.kept = KeptCopies(scope=scope, settlement=settlement, in_hand=intake.in_hand)
 
@@ -140,7 +154,7 @@ class Dispatcher:
         applied live, nothing restarted. The caller checks that nothing else changed."""
         spec = scaledjob.spec
         self.scope.scaledjob = scaledjob
-        self.limiter.resize(spec.maxReplicaCount)
+        self.limiter.resize(spec.maxReplicaCount, spec.maxPendingAdmission)
         self.cleaner.set_limits(
             successful=spec.successfulJobsHistoryLimit, failed=spec.failedJobsHistoryLimit
         )
@@ -150,13 +164,17 @@ class Dispatcher:
         of this ScaledJob (a replaced unit must leave no second settler or stale series)."""
         self.scope.tracker.remove_listener(self._job_finished)
         self.scope.tracker.remove_deletion_listener(self.kept.job_deleting)
+        self.scope.tracker.remove_admission_listener(self.admission.job_changed)
         self.metrics.close()
 
     async def run(self) -> None:
         """Consume until cancelled; Jobs and unsettled messages are left for the next run."""
         tracker = self.scope.tracker
         await tracker.synced.wait()
-        self.limiter.seed(tracker.unfinished())
+        self.limiter.seed(tracker.unfinished(), pending=tracker.pending_admission())
+        for state in list(tracker.jobs.values()):
+            if state.pending_admission:
+                self.admission.job_changed(state, None)
         # Jobs that finished while no dispatcher was watching and whose message was
         # already acked are settled from the copy they keep; Jobs deleted meanwhile
         # wait on their finalizer for this dispatcher.
@@ -185,6 +203,7 @@ class Dispatcher:
         """The tracker saw a Job finish: its slot and metrics, a cleanup pass, and a
         message the Job keeps."""
         self.limiter.release(state.name)
+        self.admission.forget(state.name)
         self.metrics.finished(state, outcome)
         self.cleaner.trigger()
         self.kept.job_finished(state, outcome)

@@ -18,6 +18,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
+from jobrunner.core.admission import is_queued
 from jobrunner.core.models import (
     ANNOTATION_ACK_POLICY,
     ANNOTATION_HANDED_OVER,
@@ -27,6 +28,7 @@ from jobrunner.core.models import (
     JobOutcome,
 )
 from jobrunner.core.protocols import ApiRejected, KeepsMessagesAlive
+from jobrunner.dispatch.admission import Admission
 from jobrunner.dispatch.events import JobEvents
 from jobrunner.dispatch.intake import InFlight, Intake, refuse_reuse
 from jobrunner.dispatch.limiter import ActiveJobs
@@ -50,8 +52,10 @@ class Lifecycle:
         limiter: ActiveJobs,
         events: JobEvents,
         metrics: DispatchMetrics,
+        admission: Admission,
     ) -> None:
         self._scope = scope
+        self._admission = admission
         self._intake = intake
         self._settlement = settlement
         self._limiter = limiter
@@ -82,7 +86,7 @@ class Lifecycle:
     async def _create_wait_settle(self, rendered: RenderedJob, record: InFlight, log: Log) -> None:
         name = rendered.name
         with self._scope.tracer.start_as_current_span("wait-for-slot"):
-            await self._limiter.acquire(name)
+            await self._limiter.acquire(name, queued=is_queued(rendered.job))
         self._scope.failpoints.hit("before-create")
         made = await self._create(rendered, record, log)
         if made is None:
@@ -97,6 +101,9 @@ class Lifecycle:
             return
         if finished is not None:
             self._limiter.release(name)
+        else:
+            secret = rendered.secret["metadata"]["name"] if rendered.secret else None
+            await self._admission.check_created(job, secret=secret)
         record.deciding = False
         if await self._kept_by_job(name=name, job=job, record=record, log=log):
             return

@@ -27,6 +27,7 @@ class DispatchMetrics:
         scaledjob: str,
         source: str,
         active: Callable[[], int],
+        pending_admission: Callable[[], int] = lambda: 0,
     ) -> None:
         self.metrics = metrics
         self._sj = (namespace, scaledjob)
@@ -38,6 +39,9 @@ class DispatchMetrics:
         self._receive_to_create = metrics.receive_to_create.labels(*self._sj)
         self._publish_to_create = metrics.publish_to_create.labels(*self._sj)
         metrics.jobs_active.labels(*self._sj).set_function(active)
+        metrics.jobs_pending_admission.labels(*self._sj).set_function(pending_admission)
+        self._evictions = metrics.evictions.labels(*self._sj)
+        self._admission_wait = metrics.admission_wait.labels(*self._sj)
 
     def _series(self, metric: str, reason: str) -> tuple[str, str, str]:
         """(namespace, scaledjob, reason) labels of a by-reason metric, the reason bounded."""
@@ -67,6 +71,14 @@ class DispatchMetrics:
         if duration is not None:
             self.metrics.job_duration.labels(*self._sj, outcome.outcome.value).observe(duration)
 
+    def admitted(self, waited: float | None) -> None:
+        """Kueue admitted a Job after ``waited`` seconds (None: unknown)."""
+        if waited is not None:
+            self._admission_wait.observe(max(0.0, waited))
+
+    def evicted(self) -> None:
+        self._evictions.inc()
+
     def dead_lettered(self, reason: str) -> None:
         self.metrics.dead_lettered.labels(*self._series("dead_lettered", reason)).inc()
 
@@ -78,6 +90,9 @@ class DispatchMetrics:
         m = self.metrics
         for metric in (
             m.jobs_active,
+            m.jobs_pending_admission,
+            m.evictions,
+            m.admission_wait,
             m.jobs_created,
             m.jobs_adopted,
             m.jobs_succeeded,

@@ -30,6 +30,7 @@ from kubernetes import client, config
 from kubernetes.watch.watch import iter_resp_lines
 
 from jobrunner.core import apipath
+from jobrunner.core.admission import LABEL_WORKLOAD_JOB_UID, WorkloadView
 from jobrunner.core.failpoints import Failpoints
 from jobrunner.core.models import FINALIZER, JobResult, TokenReview
 from jobrunner.core.protocols import ApiRejected, JobPage, TransientError, WatchEvent, WatchExpired
@@ -847,6 +848,28 @@ class KubeJobClient:
             groups=tuple(str(g) for g in user.get("groups") or ()),
         )
 
+    async def workload_of(self, namespace: str, job_uid: str) -> WorkloadView | None:
+        """The Kueue Workload of the Job of uid ``job_uid``: a list by Kueue's label
+        ``kueue.x-k8s.io/job-uid`` in ``namespace`` (needs ``list`` on
+        ``workloads.kueue.x-k8s.io``; the chart grants it). kueue.x-k8s.io/v1beta2 (Kueue
+        0.15 and later), else v1beta1 for older Kueue; None when neither is served or the
+        Workload is not made yet. ValueError for a uid that is not one."""
+        if not _UID.fullmatch(job_uid):
+            raise ValueError(f"not a Kubernetes uid: {job_uid[:64]!r}")
+        query = [("labelSelector", f"{LABEL_WORKLOAD_JOB_UID}={job_uid}"), ("limit", "2")]
+        ns = apipath.namespace(namespace)
+        for version in ("v1beta2", "v1beta1"):
+            path = f"/apis/kueue.x-k8s.io/{version}/namespaces/{ns}/workloads"
+            try:
+                answer = await self._call("GET", path, query=query)
+            except ApiRejected as exc:
+                if exc.status == 404:
+                    continue  # this version (or Kueue) is not served
+                raise
+            items = answer.get("items") or []
+            return WorkloadView.from_object(items[0]) if items else None
+        return None
+
     async def dry_run_create(self, job: Mapping[str, Any]) -> str | None:
         """Create with ``dryRun=All`` and strict field validation (unknown or duplicate
         fields are errors, not warnings): None when the API server would accept the Job,
@@ -868,6 +891,10 @@ class KubeJobClient:
 def _pointer(key: str) -> str:
     """``key`` as a JSON Pointer segment (RFC 6901)."""
     return key.replace("~", "~0").replace("/", "~1")
+
+
+_UID = re.compile(r"[0-9a-fA-F-]{1,64}")
+"""A Kubernetes uid (a UUID): only these characters reach a label selector."""
 
 
 def _jobs(namespace: str) -> str:

@@ -281,6 +281,21 @@ class ScaledJobSpec(_Model):
     ``max_ack_pending``; the protocols' own ceilings are higher
     (RabbitMQ's prefetch-count and MQTT's Receive Maximum are 16-bit, 65,535; SQS
     receives 10 per call and holds about 120,000 in flight per queue)."""
+    maxPendingAdmission: int = Field(default=5, ge=1, le=MAX_REPLICA_COUNT_MAX)
+    """jobrunner, for Jobs queued by Kueue (their template names a LocalQueue with the
+    label ``kueue.x-k8s.io/queue-name``): of the ``maxReplicaCount`` Jobs, at most this
+    many may wait for admission (suspended, their Workload not admitted) at once; past
+    it the next messages wait in the broker, so a quota-starved queue does not become
+    thousands of suspended Jobs. Waiting Jobs still count under ``maxReplicaCount``
+    (each will be admitted), so at most that many are ever admitted at once. Default 5:
+    enough for Kueue to see a backlog and preempt or borrow for it."""
+    inadmissibleTimeoutSeconds: float = Field(default=300, gt=0, le=7 * 24 * 3600)
+    """jobrunner, for Jobs queued by Kueue: a Job that Kueue says can never be admitted
+    (its LocalQueue or ClusterQueue missing or stopped: ``Inadmissible``; its requests
+    beyond what any flavor of the ClusterQueue can hold: ``NeverFits``) for this long is
+    ended and its message dead-lettered with Kueue's reason and message. Waiting for
+    quota in use is never ended (that is what a queue is for). Default 5 minutes: time
+    for an administrator to create a missing queue. At most a week."""
     successfulJobsHistoryLimit: int = Field(default=100, ge=0, le=HISTORY_LIMIT_MAX)
     """Succeeded Jobs kept (the oldest are deleted first). KEDA's default, 100. At most
     10,000: every kept Job stays in the API server and in the dispatcher's Job watch

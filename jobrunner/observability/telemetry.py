@@ -174,6 +174,9 @@ def tracer_provider(
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _DURATION_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600)
+# Waiting for quota: Kueue admits a Job with free quota in tens of milliseconds (one
+# scheduling cycle); a starved queue makes it hours.
+_ADMISSION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 5, 15, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 
 
 REASONS_PER_SCALEDJOB = 32
@@ -214,6 +217,9 @@ class Metrics:
     jobs_failed: Counter
     dead_lettered: Counter
     jobs_active: Gauge
+    jobs_pending_admission: Gauge
+    evictions: Counter
+    admission_wait: Histogram
     queue_depth: Gauge
     consumer_lag: Gauge
     receive_to_create: Histogram
@@ -273,6 +279,25 @@ class Metrics:
             ),
             jobs_active=Gauge(
                 "jobrunner_jobs_active", "Jobs holding a maxReplicaCount slot.", sj, registry=r
+            ),
+            jobs_pending_admission=Gauge(
+                "jobrunner_jobs_pending_admission",
+                "Of the Jobs holding a slot, those Kueue has not admitted (suspended).",
+                sj,
+                registry=r,
+            ),
+            evictions=Counter(
+                "jobrunner_job_evictions",
+                "Evictions of queued Jobs by Kueue (preemption...); the Job is requeued.",
+                sj,
+                registry=r,
+            ),
+            admission_wait=Histogram(
+                "jobrunner_admission_wait_seconds",
+                "From a queued Job's creation (or eviction) to Kueue's admission of it.",
+                sj,
+                buckets=_ADMISSION_BUCKETS,
+                registry=r,
             ),
             queue_depth=Gauge(
                 "jobrunner_queue_depth_messages",

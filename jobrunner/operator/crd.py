@@ -55,6 +55,20 @@ class LastError(BaseModel):
     time: str = Field(json_schema_extra={"format": "date-time"})
 
 
+class AdmissionStatus(BaseModel):
+    """Of ``activeJobs``, those Kueue manages (``kueue.x-k8s.io/queue-name``)."""
+
+    model_config = ConfigDict(use_attribute_docstrings=True, extra="forbid")
+    pending: int
+    """Waiting for admission (suspended): not admitted yet, or evicted and requeued."""
+    admitted: int
+    """Admitted by Kueue, no pod started yet."""
+    running: int
+    """Admitted and started."""
+    evicted: int
+    """Kueue evictions of its Jobs (those still kept by the history limits)."""
+
+
 class ScaledJobStatus(BaseModel):
     """What the operator reports. Written by the replica serving the ScaledJob."""
 
@@ -65,6 +79,8 @@ class ScaledJobStatus(BaseModel):
     """Ready, Active and Paused (KEDA's condition types), as metav1.Conditions."""
     activeJobs: int | None = None
     """Jobs holding a maxReplicaCount slot now."""
+    admission: AdmissionStatus | None = None
+    """Jobs queued by Kueue, by stage (only once the ScaledJob has had one)."""
     lastMessageTime: str | None = Field(default=None, json_schema_extra={"format": "date-time"})
     """When the last message arrived."""
     lastError: LastError | None = None

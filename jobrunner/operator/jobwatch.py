@@ -27,6 +27,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
+from jobrunner.core.admission import WorkloadView
 from jobrunner.core.models import (
     LABEL_MANAGED_BY,
     LABEL_SCALEDJOB,
@@ -39,6 +40,7 @@ from jobrunner.core.protocols import (
     JobClient,
     JobPage,
     ReadsResults,
+    ReadsWorkloads,
     TransientError,
     WatchEvent,
     WatchExpired,
@@ -65,6 +67,11 @@ def matches(labels: Mapping[str, str], selector: str) -> bool:
 
 
 def compact(job: Mapping[str, Any]) -> dict[str, Any]:
+    """The part of a Job the shared feed keeps: whatever ``tracking.tracker.JobState``
+    and the status views read (metadata, status, ``spec.suspend``), without the bulky
+    copy of the message. A field the tracker reads and this drops reads as its default
+    under the operator only (``spec.suspend`` once did: every queued Job looked
+    admitted); tests/unit/test_operator_jobwatch.py checks the two agree."""
     meta = job.get("metadata") or {}
     annotations = {
         k: v for k, v in (meta.get("annotations") or {}).items() if k not in _BULKY_ANNOTATIONS
@@ -84,7 +91,12 @@ def compact(job: Mapping[str, Any]) -> dict[str, Any]:
         if k in meta
     }
     kept["annotations"] = annotations
-    return {"metadata": kept, "status": copy.deepcopy(job.get("status") or {})}
+    out: dict[str, Any] = {"metadata": kept, "status": copy.deepcopy(job.get("status") or {})}
+    spec = job.get("spec") or {}
+    if "suspend" in spec:
+        # Kueue's admission state (jobrunner.core.admission): the tracker reads it.
+        out["spec"] = {"suspend": spec["suspend"]}
+    return out
 
 
 class _Feed:
@@ -307,6 +319,13 @@ class SharedJobs:
         if not isinstance(self._inner, ReadsResults):
             return None
         return await self._inner.job_result(namespace, name)
+
+    async def workload_of(self, namespace: str, job_uid: str) -> WorkloadView | None:
+        """The real client's, when it has one (see protocols.ReadsWorkloads): without it
+        the operator could not tell why Kueue does not admit a Job."""
+        if not isinstance(self._inner, ReadsWorkloads):
+            return None
+        return await self._inner.workload_of(namespace, job_uid)
 
     async def close(self) -> None:
         """Stop the feeds (the real client is the caller's to close)."""

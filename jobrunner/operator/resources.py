@@ -47,6 +47,8 @@ TAKEOVER = "jobrunner.dev/takeover"
 LIVE_FIELDS = frozenset(
     {
         "maxReplicaCount",
+        "maxPendingAdmission",
+        "inadmissibleTimeoutSeconds",
         "successfulJobsHistoryLimit",
         "failedJobsHistoryLimit",
         # KEDA's, meaningless to a push dispatcher: a change needs nothing.

@@ -28,6 +28,7 @@ busy ScaledJob costs one write per interval and an idle one none.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -141,6 +142,9 @@ def desired_status(
         "lastMessageTime": current.get("lastMessageTime"),
         "lastError": current.get("lastError"),
     }
+    counts = unit.dispatcher.admission.counts() if unit is not None else None
+    if counts is not None:
+        status["admission"] = dataclasses.asdict(counts)
     if unit is not None and unit.dispatcher.last_message_at is not None:
         status["lastMessageTime"] = _rfc3339(unit.dispatcher.last_message_at)
     if problem and (current.get("lastError") or {}).get("message") != problem:

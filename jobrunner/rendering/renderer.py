@@ -41,6 +41,7 @@ import jinja2.meta
 import yaml
 
 from jobrunner.core import limits, marks
+from jobrunner.core.admission import KUEUE_JOB_LABELS
 from jobrunner.core.models import (
     ANNOTATION_ACK_POLICY,
     ANNOTATION_BODY_DIGEST,
@@ -463,6 +464,19 @@ class _Placement:
     encoding: str
 
 
+def _with_kueue_labels(job_meta: Mapping[str, Any], spec: Mapping[str, Any]) -> dict[str, Any]:
+    """``job_meta`` with the Kueue labels (queue name, priority class) of the pod template
+    added: KEDA copies a ScaledJob's pod-template labels to its Jobs, so that is where
+    KEDA users write ``kueue.x-k8s.io/queue-name``, and Kueue reads it on the Job. The
+    Job template's own labels win."""
+    pod = (spec.get("template") or {}).get("metadata") or {}
+    labels = pod.get("labels") or {}
+    found = {k: labels[k] for k in KUEUE_JOB_LABELS if k in labels}
+    if not found:
+        return dict(job_meta)
+    return {**job_meta, "labels": {**found, **(job_meta.get("labels") or {})}}
+
+
 def _place_body(body: bytes, config: MessageDelivery) -> _Placement:
     """Decide how the body reaches the Job: env when the mode says so and it fits both
     ``maxEnvBytes`` and what Linux passes in one variable, else a file."""
@@ -738,7 +752,9 @@ class Renderer:
         job = {
             "apiVersion": "batch/v1",
             "kind": "Job",
-            "metadata": self._job_metadata(delivery, name, job_meta, told),
+            "metadata": self._job_metadata(
+                delivery, name, _with_kueue_labels(job_meta, spec), told
+            ),
             "spec": spec,
         }
         self._check_schema(job)

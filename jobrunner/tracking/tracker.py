@@ -20,6 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from jobrunner.core.admission import evictions_of, is_queued, is_suspended, not_admitted_outcome
 from jobrunner.core.marks import JobMarks
 from jobrunner.core.models import (
     ANNOTATION_ACK_POLICY,
@@ -40,9 +41,14 @@ DELETED = JobOutcome(Outcome.FAILED, "JobDeleted", "the Job was deleted before i
 def outcome_of(job: Mapping[str, Any]) -> JobOutcome | None:
     """Finished means a ``Complete`` or ``Failed`` condition that is True (as KEDA reads it);
     an unfinished Job whose deletion has begun (``deletionTimestamp``: our finalizer keeps
-    it) has ended too, as ``JobDeleted``."""
+    it) has ended too, as ``JobDeleted`` (or, ended because Kueue can never admit it, as
+    the reason ``core.admission.ANNOTATION_NOT_ADMITTED`` gives)."""
     outcome = _condition_outcome(job)
     if outcome is None and (job.get("metadata") or {}).get("deletionTimestamp"):
+        # Ended by jobrunner because Kueue can never admit it: that reason, not a deletion.
+        told = not_admitted_outcome(job)
+        if told is not None:
+            return JobOutcome(Outcome.FAILED, *told)
         return DELETED
     return outcome
 
@@ -80,6 +86,14 @@ class JobState:
     """Its deletion has begun (``deletionTimestamp``)."""
     guarded: bool = False
     """It carries jobrunner's finalizer: its message's fate is not yet durable."""
+    queued: bool = False
+    """Kueue manages it (``kueue.x-k8s.io/queue-name``): ``suspended`` is its admission."""
+    suspended: bool = False
+    """``spec.suspend``: for a queued Job, waiting for admission (or evicted, requeued)."""
+    started: bool = False
+    """It has had a pod (``status.startTime`` set by the Job controller once running)."""
+    evictions: int = 0
+    """Kueue evictions recorded on it (``core.admission.ANNOTATION_EVICTIONS``)."""
 
     @classmethod
     def from_object(cls, job: Mapping[str, Any]) -> JobState:
@@ -107,7 +121,16 @@ class JobState:
             message_id=annotations.get(ANNOTATION_MESSAGE_ID, ""),
             deleting=bool(meta.get("deletionTimestamp")),
             guarded=FINALIZER in (meta.get("finalizers") or []),
+            queued=is_queued(job),
+            suspended=is_suspended(job),
+            started=bool(status.get("startTime")),
+            evictions=evictions_of(job),
         )
+
+    @property
+    def pending_admission(self) -> bool:
+        """Waiting for Kueue to admit it: queued, suspended and not finished."""
+        return self.queued and self.suspended and self.outcome is None
 
 
 def _condition_time(status: Mapping[str, Any]) -> str:
@@ -118,6 +141,13 @@ def _condition_time(status: Mapping[str, Any]) -> str:
 
 
 FinishedListener = Callable[[JobState, JobOutcome], None]
+AdmissionListener = Callable[[JobState, "JobState | None"], None]
+"""Called with the new and the previous state (None: first seen) of an unfinished queued
+Job whose admission (``suspended``) or start changed."""
+
+
+def _admission_changed(old: JobState | None, new: JobState) -> bool:
+    return old is None or old.suspended != new.suspended or old.started != new.started
 
 
 @dataclass
@@ -152,6 +182,7 @@ class JobTracker:
         self._waiters: dict[str, list[asyncio.Future[JobOutcome]]] = {}
         self._listeners: list[FinishedListener] = []
         self._deletion_listeners: list[Callable[[JobState], None]] = []
+        self._admission_listeners: list[AdmissionListener] = []
         self.synced = asyncio.Event()
         self._backoff = _Backoff(ceiling=backoff_ceiling)
 
@@ -172,6 +203,18 @@ class JobTracker:
     def remove_deletion_listener(self, listener: Callable[[JobState], None]) -> None:
         if listener in self._deletion_listeners:
             self._deletion_listeners.remove(listener)
+
+    def on_admission(self, listener: AdmissionListener) -> None:
+        """Called for an unfinished queued Job first seen, admitted, evicted or started."""
+        self._admission_listeners.append(listener)
+
+    def remove_admission_listener(self, listener: AdmissionListener) -> None:
+        if listener in self._admission_listeners:
+            self._admission_listeners.remove(listener)
+
+    def pending_admission(self) -> list[str]:
+        """Unfinished queued Jobs that Kueue has not admitted (or has evicted)."""
+        return [name for name, state in self.jobs.items() if state.pending_admission]
 
     def deleting(self) -> list[JobState]:
         """Jobs whose deletion waits on jobrunner's finalizer."""
@@ -218,6 +261,12 @@ class JobTracker:
         self.jobs[new.name] = new
         if new.outcome is not None and (old is None or old.outcome is None):
             self._resolve(new, new.outcome)
+        elif new.queued and new.outcome is None and _admission_changed(old, new):
+            for admission_listener in self._admission_listeners:
+                try:
+                    admission_listener(new, old)
+                except Exception:
+                    logger.exception("admission-listener failed for job %s", new.name)
         if new.deleting and new.guarded and not (old is not None and old.deleting):
             for deletion_listener in self._deletion_listeners:
                 try:

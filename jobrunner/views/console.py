@@ -25,7 +25,14 @@ from jobrunner.core.models import ANNOTATION_MESSAGE_ID, Action
 from jobrunner.core.timestamps import epoch
 from jobrunner.tracking.tracker import JobState
 
-_STYLE = {"succeeded": "green", "failed": "red", "running": "yellow", "pending": "dim"}
+_STYLE = {
+    "succeeded": "green",
+    "failed": "red",
+    "running": "yellow",
+    "pending": "dim",
+    "queued": "magenta",
+    "admitted": "dim",
+}
 _GAP = 2
 ELLIPSIS = "…"
 
@@ -218,7 +225,8 @@ class JobRow:
     message: str
     """What the MESSAGE column shows (see ``message_label``)."""
     state: str
-    """pending, running, succeeded or failed."""
+    """pending, running, succeeded or failed; for a Job Kueue manages, queued (waiting
+    for admission, or evicted and requeued) and admitted (no pod active yet) too."""
     reason: str
     created: float | None
     started: float | None
@@ -227,6 +235,8 @@ class JobRow:
     dead_lettered: bool
     identity: str = ""
     detail: str = ""
+    evictions: int = 0
+    """Kueue evictions of the Job."""
 
     @classmethod
     def of(cls, job: Mapping[str, Any], *, body_env: str = "JOBRUNNER_MESSAGE") -> JobRow:
@@ -236,8 +246,12 @@ class JobRow:
         outcome = state.outcome
         if outcome is not None:
             label = outcome.outcome.value
+        elif status.get("active"):
+            label = "running"
+        elif state.queued:
+            label = "queued" if state.suspended else "admitted"
         else:
-            label = "running" if status.get("active") else "pending"
+            label = "pending"
         attempts = sum(int(status.get(k) or 0) for k in ("failed", "succeeded", "active"))
         identity = annotations.get(ANNOTATION_MESSAGE_ID, "")
         return cls(
@@ -252,6 +266,7 @@ class JobRow:
             dead_lettered=state.settled == Action.DEAD_LETTER.value,
             identity=identity,
             detail=outcome.message if outcome else "",
+            evictions=state.evictions,
         )
 
     @property
@@ -440,6 +455,15 @@ def status_view(
     counts.append(f"in flight {len(active)}/{max_replicas}", style="yellow")
     counts.append(f"  finished {len(done)} ({succeeded} succeeded, {len(done) - succeeded} failed)")
     parts.append(counts)
+    admission = admission_counts(rows)
+    if admission is not None:
+        parts.append(
+            Text(
+                "Kueue: {queued} waiting for admission, {admitted} admitted, {running} running,"
+                " {evicted} eviction(s)".format(**admission),
+                style="magenta",
+            )
+        )
     if dispatcher is not None:
         style = {True: "green", False: "red", None: "dim"}[dispatcher.alive]
         parts.append(Text(f"dispatcher: {inert(dispatcher.text)}", style=style))
@@ -455,6 +479,19 @@ def status_view(
     else:
         parts.append(Text("no Job in flight", style="dim"))
     return Group(*parts)
+
+
+def admission_counts(rows: Sequence[JobRow]) -> dict[str, int] | None:
+    """Jobs in flight by admission stage and the evictions recorded, None when no Job is
+    Kueue's (queued or admitted now, or evicted once)."""
+    active = [r for r in rows if r.finished is None]
+    queued = sum(1 for r in active if r.state == "queued")
+    admitted = sum(1 for r in active if r.state == "admitted")
+    evicted = sum(r.evictions for r in rows)
+    if not (queued or admitted or evicted):
+        return None
+    running = sum(1 for r in active if r.state == "running")
+    return {"queued": queued, "admitted": admitted, "running": running, "evicted": evicted}
 
 
 def preview(body: bytes, width: int = 60) -> str:

@@ -38,6 +38,7 @@ from jobrunner.views.console import (
     DispatcherLine,
     JobRow,
     QueueLine,
+    admission_counts,
     body_preview,
     finished_rows,
     history_table,
@@ -261,6 +262,7 @@ class ScaledJobStatus:
                 "succeeded": sum(1 for r in done if r.state == "succeeded"),
                 "failed": sum(1 for r in done if r.state == "failed"),
             },
+            "admission": admission_counts(self.rows),
             "queue": None
             if self.queue is None
             else {

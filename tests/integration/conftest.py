@@ -19,6 +19,7 @@ from kubernetes import client
 from jobrunner.local.client import LocalJobClient
 from tests import services
 from tests.integration.harness import Dispatcher, write_manifest
+from tests.integration.kueue import Kueue
 from tests.integration.multikueue import multikueue  # noqa: F401 - a fixture
 from tests.integration.operator_harness import CRDS, ROOT, apply_crds
 from tests.integration.worker import worker_api, worker_namespace  # noqa: F401 - fixtures
@@ -26,18 +27,50 @@ from tests.local.conftest import Dispatchers
 
 
 @pytest.fixture
-async def queue(rabbitmq_url: str) -> AsyncIterator[str]:
-    """A durable queue with no dead-letter exchange of its own."""
+def kueue(kube_api: client.ApiClient) -> Iterator[Kueue]:
+    """Kueue objects made for one test (ClusterQueues, LocalQueues, priority classes),
+    deleted after it; the stack's Kueue must be up."""
+    services.stack_service("Kueue", "JOBRUNNER_TEST_KUEUE_HEALTH_URL")
+    flavor = services.setting("JOBRUNNER_TEST_KUEUE_FLAVOR")
+    if not flavor:
+        services.missing("Kueue", "JOBRUNNER_TEST_KUEUE_FLAVOR is unset")
+    helper = Kueue(api=kube_api, flavor=str(flavor))
+    try:
+        yield helper
+    finally:
+        helper.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def fresh_queue(rabbitmq_url: str) -> AsyncIterator[str]:
+    """A durable queue with no dead-letter exchange of its own, deleted on exit (with
+    its dead-letter queue)."""
     name = f"q-{uuid.uuid4().hex[:10]}"
     async with await aio_pika.connect(rabbitmq_url) as connection:
         channel = await connection.channel()
         await channel.declare_queue(name, durable=True)
-    yield name
-    # A fresh connection: a test may have restarted the broker under the first one.
-    async with await aio_pika.connect(rabbitmq_url) as connection:
-        channel = await connection.channel()
-        await channel.queue_delete(name)
-        await channel.queue_delete(f"{name}.dead-letter")
+    try:
+        yield name
+    finally:
+        # A fresh connection: a test may have restarted the broker under the first one.
+        async with await aio_pika.connect(rabbitmq_url) as connection:
+            channel = await connection.channel()
+            await channel.queue_delete(name)
+            await channel.queue_delete(f"{name}.dead-letter")
+
+
+@pytest.fixture
+async def queue(rabbitmq_url: str) -> AsyncIterator[str]:
+    """A durable queue with no dead-letter exchange of its own."""
+    async with fresh_queue(rabbitmq_url) as name:
+        yield name
+
+
+@pytest.fixture
+async def second_queue(rabbitmq_url: str) -> AsyncIterator[str]:
+    """Another queue, for a test of two ScaledJobs."""
+    async with fresh_queue(rabbitmq_url) as name:
+        yield name
 
 
 @pytest.fixture

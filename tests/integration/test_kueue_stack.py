@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import datetime
 import uuid
-from collections.abc import Iterator
 
-import pytest
 from kubernetes import client
 
-from tests import services
 from tests.helpers import wait_until
 from tests.integration.kueue import PRIORITY_CLASS_LABEL, QUEUE_NAME_LABEL, Kueue, conditions
 from tests.integration.test_stack_smoke import wait_for_default_service_account
@@ -22,19 +19,6 @@ RUN_DURATION = "kwok.jobrunner.dev/run-duration"
 
 ADMISSION_TIMEOUT = 60
 FINISH_TIMEOUT = 120
-
-
-@pytest.fixture
-def kueue(kube_api: client.ApiClient) -> Iterator[Kueue]:
-    services.stack_service("Kueue", "JOBRUNNER_TEST_KUEUE_HEALTH_URL")
-    flavor = services.setting("JOBRUNNER_TEST_KUEUE_FLAVOR")
-    if not flavor:
-        services.missing("Kueue", "JOBRUNNER_TEST_KUEUE_FLAVOR is unset")
-    helper = Kueue(api=kube_api, flavor=str(flavor))
-    try:
-        yield helper
-    finally:
-        helper.cleanup()
 
 
 def make_job(

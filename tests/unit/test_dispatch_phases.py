@@ -26,6 +26,7 @@ from jobrunner.core.models import (
 )
 from jobrunner.core.protocols import ApiRejected, MessageHandle, SettleHook
 from jobrunner.core.settings import DispatcherSettings
+from jobrunner.dispatch.admission import Admission
 from jobrunner.dispatch.events import JobEvents
 from jobrunner.dispatch.intake import InFlight, Intake, refuse_reuse
 from jobrunner.dispatch.keptcopies import KeptCopies
@@ -136,6 +137,7 @@ async def build(hook: SettleHook | None = None, **spec: Any) -> Phases:
         limiter=limiter,
         events=events,
         metrics=metrics,
+        admission=Admission(scope=scope, limiter=limiter, events=events, metrics=metrics),
     )
     return Phases(
         broker=broker,

@@ -312,6 +312,8 @@ def test_rbac_is_least_privilege() -> None:
     assert grants[("jobrunner.dev", "scaledjobs/status")] == {"patch"}
     assert ("keda.sh", "scaledjobs") not in grants
     assert not any(group == "coordination.k8s.io" for group, _ in grants), "Leases: release ns only"
+    assert grants[("kueue.x-k8s.io", "workloads")] == {"list"}, "Kueue's reasons, nothing more"
+    assert not any(g == "kueue.x-k8s.io" and r != "workloads" for g, r in grants)
     (role,) = of_kind(docs, "Role")
     assert role["metadata"]["namespace"] == "jr-system"
     assert role["rules"] == [
@@ -838,3 +840,8 @@ def test_without_helm_the_chart_tests_say_how_to_get_it_not_to_start_the_stack(
     assert f"no {tmp_path}/helm-{found.HELM_VERSION}/bin/helm and no helm on PATH" in said
     assert "put helm on PATH, or install Go and run `make helm`" in said
     assert "stack-up" not in said
+
+
+def test_reading_kueue_workloads_can_be_turned_off() -> None:
+    (cluster_role,) = of_kind(render("rbac.readKueueWorkloads=false"), "ClusterRole")
+    assert not any(g == "kueue.x-k8s.io" for g, _ in grants_of(cluster_role))

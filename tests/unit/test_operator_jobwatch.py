@@ -150,3 +150,68 @@ async def test_shared_jobs_is_a_token_reviewer_when_its_client_is() -> None:
     assert asked == [("t", ("hooks",))]
     with pytest.raises(TransientError):
         await SharedJobs(MemoryJobClient()).review_token("t")
+
+
+def test_shared_jobs_offers_every_capability_the_real_client_has() -> None:
+    """The kind of fault behind the token review above (and Kueue's Workloads after it):
+    the runner finds optional capabilities by protocol (``isinstance``), and under the
+    operator it sees SharedJobs, so a capability the real client has and the wrapper
+    lacks silently disappears. Every runtime-checkable protocol the Kubernetes client
+    implements, SharedJobs implements too."""
+    import inspect
+    import typing
+
+    from jobrunner.core import protocols
+    from jobrunner.kube.client import KubeJobClient
+
+    checked = []
+    for name, proto in inspect.getmembers(protocols, inspect.isclass):
+        if (
+            not getattr(proto, "_is_runtime_protocol", False)
+            or proto.__module__ != protocols.__name__
+        ):
+            continue
+        members = typing._get_protocol_attrs(proto)  # type: ignore[attr-defined]
+        if all(hasattr(KubeJobClient, m) for m in members):
+            checked.append(name)
+            missing = [m for m in members if not hasattr(SharedJobs, m)]
+            assert not missing, f"SharedJobs lacks {name}: {missing}"
+    assert {"ReadsWorkloads", "ReadsResults", "TokenReviewer", "DescribesFailures"} <= set(checked)
+
+
+def test_the_shared_copy_of_a_job_reads_as_the_job_itself() -> None:
+    """Every field the tracker reads survives ``compact`` (once ``spec.suspend`` did not:
+    under the operator every Job Kueue held back read as admitted)."""
+    from dataclasses import asdict
+
+    from jobrunner.tracking.tracker import JobState
+
+    job = {
+        "metadata": {
+            "name": "j",
+            "namespace": "ns",
+            "uid": "u-1",
+            "resourceVersion": "7",
+            "creationTimestamp": "2026-12-08T01:00:00Z",
+            "deletionTimestamp": "2026-12-08T01:09:00Z",
+            "finalizers": ["jobrunner.dev/settlement"],
+            "labels": {"kueue.x-k8s.io/queue-name": "lq", "jobrunner.dev/scaledjob": "s"},
+            "annotations": {
+                "jobrunner.dev/message-id": "m",
+                "jobrunner.dev/ack-policy": "onJobCompletion",
+                "jobrunner.dev/handed-over": "true",
+                "jobrunner.dev/settled": "ack",
+                "jobrunner.dev/evictions": "2",
+                "jobrunner.dev/not-admitted": '{"reason": "Inadmissible", "detail": "d"}',
+            },
+        },
+        "spec": {"suspend": True, "template": {"spec": {"containers": []}}},
+        "status": {"startTime": "2026-12-08T01:01:00Z", "active": 1},
+    }
+    assert asdict(JobState.from_object(compact(job))) == asdict(JobState.from_object(job))
+    finished = {
+        **job,
+        "spec": {},
+        "status": {"conditions": [{"type": "Complete", "status": "True"}]},
+    }
+    assert asdict(JobState.from_object(compact(finished))) == asdict(JobState.from_object(finished))
