@@ -38,6 +38,7 @@ from jobrunner.core.admission import (
     pod_uses_secret,
 )
 from jobrunner.core.protocols import ApiRejected, ReadsWorkloads, TransientError
+from jobrunner.core.redaction import redact
 from jobrunner.core.timestamps import now_rfc3339, seconds_between
 from jobrunner.dispatch.events import JobEvents
 from jobrunner.dispatch.limiter import ActiveJobs
@@ -143,7 +144,7 @@ class Admission:
                 workload = None
             told = workload.eviction() if workload is not None else None
             if told is not None:
-                reason = f": {told[0]} ({told[1][:512]})" if told[1] else f": {told[0]}"
+                reason = f": {kueue_words(*told)}"
         self._events.on_name(
             state.name,
             "Normal",
@@ -206,7 +207,7 @@ class Admission:
             return  # Kueue has said so for less than the timeout (it changed its mind)
         self._ending.add(name)
         try:
-            await self._end(state, reason, f"Kueue cannot admit it: {message}")
+            await self._end(state, reason, f"Kueue cannot admit it: {kueue_text(message)}")
         finally:
             self._ending.discard(name)
 
@@ -250,3 +251,23 @@ class Admission:
             scope.job_log(name).warning("could not end Job %s: %s", name, exc)
             return
         self._waiting_since.pop(name, None)
+
+
+KUEUE_TEXT_MAX = 1024
+"""The most of a Kueue condition message that reaches an Event or a dead letter."""
+
+
+def kueue_words(reason: str, message: str) -> str:
+    """Kueue's reason and message on a Workload, as jobrunner repeats them: redacted and
+    bounded. An exception to "never a server's text" (README, Security), and why it is
+    safe: Kueue writes it about the tenant's own Workload, from queue, flavor and quota
+    names, and the tenant reads the same on that Workload (Kueue's user roles grant
+    it); no address a tenant chooses produces it."""
+    reason = reason if reason.isidentifier() else "Unknown"
+    text = kueue_text(message)
+    return f"{reason} ({text})" if text else reason
+
+
+def kueue_text(message: str) -> str:
+    """A Kueue condition message, redacted and bounded (see ``kueue_words``)."""
+    return redact(message)[:KUEUE_TEXT_MAX]
