@@ -16,6 +16,7 @@ Pure values and rules; imports nothing but the standard library.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -60,17 +61,64 @@ REASON_SECRET_NOT_SENT = "MultiKueueSecret"
 """jobrunner's reason when a Job MultiKueue dispatches needs its message Secret in its
 pod: the worker cluster will never have it, so the pod could never start there."""
 REASON_NEVER_FITS = "NeverFits"
+REASON_DEACTIVATED = "Deactivated"
+"""Kueue's reason when a Workload was deactivated (``spec.active: false``, set by a person
+or by Kueue once ``waitForPodsReady``'s requeuing limit is exceeded): it is not admitted
+again until someone activates it."""
 """jobrunner's reason when Kueue says no flavor of the ClusterQueue can ever hold the
 Job's requests (its message has no "insufficient unused quota", only limits)."""
-NOT_ADMITTED_REASONS = frozenset({REASON_INADMISSIBLE, REASON_NEVER_FITS, REASON_SECRET_NOT_SENT})
+NOT_ADMITTED_REASONS = frozenset(
+    {REASON_INADMISSIBLE, REASON_NEVER_FITS, REASON_DEACTIVATED, REASON_SECRET_NOT_SENT}
+)
 """The only reasons the annotation may give: anything else reads as ``JobDeleted``."""
 
-# Kueue's scheduler words a flavor that could fit once quota frees up as "insufficient
-# unused quota for <resource> in flavor <f>, <n> more needed"; every other reason it gives
-# for a flavor (request > maximum capacity, flavor not found, untolerated taint, node
-# affinity, a resource the ClusterQueue does not cover) holds until an administrator
-# changes the queue (pkg/scheduler/flavorassigner/flavorassigner.go, v0.17).
-_CAN_FIT_LATER = "insufficient unused quota"
+# What Kueue v0.17 says of a Workload that only a change to the queues can admit: a
+# LocalQueue or ClusterQueue that does not exist (pkg/controller/core/workload_controller.go;
+# "stopped" and "inactive" are an administrator's pause or a queue being set up, and
+# wait), and, for a flavor (pkg/scheduler/flavorassigner/flavorassigner.go), requests above
+# what the ClusterQueue and its cohort could ever lend, a resource it does not cover, a
+# flavor that does not exist, a taint it does not tolerate, a node affinity it cannot meet.
+_QUEUE_MISSING = ("doesn't exist",)
+_FLAVOR_NEVER = (
+    "> maximum capacity",
+    "unavailable in ClusterQueue",
+    "not found",
+    "untolerated taint",
+    "doesn't match node affinity",
+)
+# ...and anything that says the Workload could fit once something frees up (quota in use,
+# a topology domain in use, a workload ahead of it). A message with one of these waits,
+# whatever else it says; a message with neither kind waits too (a Kueue that words things
+# differently must never make waiting Jobs look hopeless).
+_FITS_LATER = (
+    "insufficient unused quota",
+    "topology",
+    "allows to fit",
+    "no longer fits",
+    "Waiting",
+)
+_UID_TEXT = re.compile(
+    r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}"
+)
+
+
+def never_admitted_text(reason: str, message: str) -> str | None:
+    """jobrunner's reason for a ``QuotaReserved=False`` Workload that only a change to
+    the queues can admit (``Inadmissible``, ``NeverFits``), None while it may be admitted
+    as it is. See the phrase tables above for the source of each rule."""
+    if reason == REASON_INADMISSIBLE:
+        return REASON_INADMISSIBLE if any(p in message for p in _QUEUE_MISSING) else None
+    if reason != "Pending" or not message.startswith("couldn't assign flavors"):
+        return None
+    if any(p in message for p in _FITS_LATER):
+        return None
+    return REASON_NEVER_FITS if any(p in message for p in _FLAVOR_NEVER) else None
+
+
+def without_uids(text: str) -> str:
+    """``text`` with every UUID replaced (Kueue's preemption messages name the preemptor's
+    Workload and Job by uid, which may be another tenant's)."""
+    return _UID_TEXT.sub("<uid>", text)
 
 
 def is_queued(job: Mapping[str, Any]) -> bool:
@@ -140,6 +188,10 @@ class WorkloadView:
 
     name: str
     conditions: Mapping[str, Condition]
+    active: bool = True
+    """``spec.active``: False once deactivated (by a person, or Kueue's requeuing limit)."""
+    owner_uid: str = ""
+    """The uid of its controller owner (the Job it stands for)."""
 
     @classmethod
     def from_object(cls, obj: Mapping[str, Any]) -> WorkloadView:
@@ -153,31 +205,40 @@ class WorkloadView:
                     message=str(c.get("message") or ""),
                     since=str(c.get("lastTransitionTime") or ""),
                 )
-        return cls(name=str((obj.get("metadata") or {}).get("name", "")), conditions=conditions)
+        meta = obj.get("metadata") or {}
+        owners = [o for o in meta.get("ownerReferences") or [] if isinstance(o, dict)]
+        controller = next((o for o in owners if o.get("controller")), {})
+        return cls(
+            name=str(meta.get("name", "")),
+            conditions=conditions,
+            active=(obj.get("spec") or {}).get("active") is not False,
+            owner_uid=str(controller.get("uid", "")),
+        )
 
     @property
     def admitted(self) -> bool:
         c = self.conditions.get("Admitted")
         return c is not None and c.status == "True"
 
-    def never_admitted(self) -> tuple[str, str, str] | None:
-        """(reason, Kueue's message, since when) when Kueue says this Workload cannot be
-        admitted until the queues change; None while it can (waiting for quota is
-        waiting, however long)."""
+    def never_admitted(self) -> tuple[str, str] | None:
+        """(jobrunner's reason, Kueue's message) when Kueue says this Workload cannot be
+        admitted until the queues change (``never_admitted_text``) or it was deactivated
+        (``spec.active: false``, Kueue's requeuing limit: ``Deactivated``); None while it
+        can be (waiting for quota is waiting, however long)."""
+        if not self.active:
+            evicted = self.conditions.get("Evicted")
+            return REASON_DEACTIVATED, evicted.message if evicted else "spec.active is false"
         reserved = self.conditions.get("QuotaReserved")
         if reserved is None or reserved.status != "False":
             return None
-        if reserved.reason == REASON_INADMISSIBLE:
-            return REASON_INADMISSIBLE, reserved.message, reserved.since
-        flavors = reserved.message.startswith("couldn't assign flavors")
-        if reserved.reason == "Pending" and flavors and _CAN_FIT_LATER not in reserved.message:
-            return REASON_NEVER_FITS, reserved.message, reserved.since
-        return None
+        reason = never_admitted_text(reserved.reason, reserved.message)
+        return (reason, reserved.message) if reason else None
 
-    def eviction(self) -> tuple[str, str] | None:
-        """(reason, message) of the last eviction (``Evicted`` condition), if any:
-        ``Preempted``, ``PodsReadyTimeout``, ``AdmissionCheck``, ``Deactivated``..."""
+    def eviction(self) -> str | None:
+        """Kueue's reason for the last eviction (``Evicted`` condition: ``Preempted``,
+        ``PodsReadyTimeout``, ``AdmissionCheck``, ``Deactivated``...), if any; its message
+        is not kept (it names the preemptor, possibly another tenant's)."""
         c = self.conditions.get("Evicted")
-        if c is None:
+        if c is None or not c.reason.isidentifier():
             return None
-        return c.reason, c.message
+        return c.reason

@@ -6,17 +6,20 @@
   ``maxPendingAdmission`` bounds the Jobs that wait for quota.
 * An eviction (preemption, a lost admission check) is not a failure: the Job keeps its
   message and its name, Kueue requeues it, and it is settled when it finally ends. It is
-  counted, logged, put in an Event on the Job with Kueue's reason, and on the message's
-  trace.
-* A Job that Kueue says can never be admitted (``WorkloadView.never_admitted``) for
-  ``inadmissibleTimeoutSeconds`` is ended: annotated with the reason
-  (``ANNOTATION_NOT_ADMITTED``), then deleted (the finalizer keeps it until its message
-  is dead-lettered with that reason, whichever dispatcher does it).
+  counted on the Job and in the metrics, logged, told in an Event with Kueue's reason
+  code, and on the message's trace. The Event and the count are written at most once per
+  ``EVICTION_QUIET_SECONDS`` per Job and ``EVICTION_TELLERS`` at once: a tenant who flips
+  ``spec.suspend`` of their own Jobs cannot make the operator write without bound.
+* A Job that Kueue says can never be admitted (``WorkloadView.never_admitted``), read so
+  by this dispatcher on every read for ``inadmissibleTimeoutSeconds``, is ended: annotated
+  with the reason (``ANNOTATION_NOT_ADMITTED``), checked still waiting in the patch's
+  answer, then deleted (the finalizer keeps it until its message is dead-lettered with
+  that reason, whichever dispatcher does it). A read that says anything else starts the
+  count again.
 
-The timeout is checked by ``run``, a loop that reads the Workloads of the Jobs that have
-waited at least that long: at most ``maxPendingAdmission`` reads a pass (those are the
-only Jobs that wait). Imports, of the dispatch modules, ``scope``, ``events``,
-``limiter`` and ``metrics``.
+``run`` reads, each pass, the Workloads of the Jobs that have waited half the timeout or
+more (at most ``READS_PER_PASS``, oldest first). Imports, of the dispatch modules,
+``scope``, ``events``, ``limiter`` and ``metrics``.
 """
 
 from __future__ import annotations
@@ -34,8 +37,11 @@ from jobrunner.core.admission import (
     ANNOTATION_EVICTIONS,
     ANNOTATION_NOT_ADMITTED,
     REASON_SECRET_NOT_SENT,
+    WorkloadView,
     dispatched_by_multikueue,
+    is_suspended,
     pod_uses_secret,
+    without_uids,
 )
 from jobrunner.core.protocols import ApiRejected, ReadsWorkloads, TransientError
 from jobrunner.core.redaction import redact
@@ -63,6 +69,13 @@ class AdmissionCounts:
 
 PASS_SECONDS_MAX = 30.0
 """The longest pause between two passes over the waiting Jobs."""
+READS_PER_PASS = 50
+"""The most Workloads read in one pass (the longest-waiting Jobs first)."""
+EVICTION_QUIET_SECONDS = 10.0
+"""An evicted Job's count and Event are written at most once in this many seconds."""
+EVICTION_TELLERS = 8
+"""The most eviction writes in flight at once; past it an eviction is only counted in
+the metrics and the log."""
 
 
 class Admission:
@@ -82,8 +95,13 @@ class Admission:
         self._span_of = span_of
         """The trace span of the message in hand for Job ``name``, if any."""
         self._waiting_since: dict[str, float] = {}
-        """Monotonic time each waiting Job was first seen waiting (this dispatcher)."""
+        """Monotonic time each waiting Job began waiting (its creation or eviction)."""
+        self._never_since: dict[str, tuple[str, float]] = {}
+        """Per waiting Job: the "never" reason this dispatcher read, and since when."""
         self._ending: set[str] = set()
+        self._told_at: dict[str, float] = {}
+        self._telling = 0
+        self._forbidden_said = False
 
     def job_changed(self, state: JobState, old: JobState | None) -> None:
         """Listener of the tracker's ``on_admission``."""
@@ -91,21 +109,21 @@ class Admission:
         span = self._span_of(name)
         if state.suspended:
             self._limiter.admission(name, pending=True)
-            self._waiting_since.setdefault(name, time.monotonic())
+            if name not in self._waiting_since:
+                # First seen (its age: a restart finds it waiting since its creation) or
+                # evicted just now.
+                age = seconds_between(state.created, now_rfc3339()) if old is None else 0.0
+                self._waiting_since[name] = time.monotonic() - max(0.0, age or 0.0)
             if old is not None and not old.suspended:
                 self._evicted(state, span)
             return
         self._limiter.admission(name, pending=False)
         since = self._waiting_since.pop(name, None)
+        self._never_since.pop(name, None)
         if old is not None and old.suspended:
-            # Waiting since it was first seen waiting here (or since its creation, when
-            # this dispatcher started while it waited). A Job first seen admitted was
-            # admitted before this dispatcher looked (a restart): not counted again.
-            waited = (
-                time.monotonic() - since
-                if since is not None
-                else seconds_between(state.created, now_rfc3339())
-            )
+            # A Job first seen admitted was admitted before this dispatcher looked (a
+            # restart): not counted again.
+            waited = time.monotonic() - since if since is not None else None
             self._metrics.admitted(waited)
             self._scope.job_log(name).info(
                 "Job %s admitted by Kueue%s",
@@ -125,32 +143,64 @@ class Admission:
         )
         if span is not None:
             span.add_event("evicted")
-        self._scope.spawn(self._tell_eviction(state), name=f"eviction-{state.name}")
+        now = time.monotonic()
+        quiet = now - self._told_at.get(state.name, -EVICTION_QUIET_SECONDS)
+        if quiet < EVICTION_QUIET_SECONDS or self._telling >= EVICTION_TELLERS:
+            return
+        self._told_at[state.name] = now
+        self._telling += 1
+        self._scope.spawn(self._tell_eviction(state.name), name=f"eviction-{state.name}")
 
-    async def _tell_eviction(self, state: JobState) -> None:
-        """The count on the Job, and an Event with Kueue's reason (best effort: the
+    async def _tell_eviction(self, name: str) -> None:
+        """The count on the Job, and an Event with Kueue's reason code (best effort: the
         eviction is counted in the metrics whether or not these can be written)."""
-        reason = ""
-        jobs = self._scope.jobs
-        count = {ANNOTATION_EVICTIONS: str(state.evictions + 1)}
         try:
-            await jobs.annotate_job(self._scope.namespace, state.name, count)
-        except (ApiRejected, TransientError) as exc:
-            self._scope.job_log(state.name).info("could not count the eviction: %s", exc)
-        if isinstance(jobs, ReadsWorkloads) and state.uid:
+            scope, jobs = self._scope, self._scope.jobs
+            state = scope.tracker.jobs.get(name)
+            if state is None:
+                return
+            count = {ANNOTATION_EVICTIONS: str(state.evictions + 1)}
             try:
-                workload = await jobs.workload_of(self._scope.namespace, state.uid)
-            except (ApiRejected, TransientError, ValueError):
-                workload = None
+                await jobs.annotate_job(scope.namespace, name, count)
+            except (ApiRejected, TransientError) as exc:
+                scope.job_log(name).info("could not count the eviction: %s", exc)
+            reason = ""
+            workload = await self._workload(state)
             told = workload.eviction() if workload is not None else None
             if told is not None:
-                reason = f": {kueue_words(*told)}"
-        self._events.on_name(
-            state.name,
-            "Normal",
-            "Evicted",
-            f"evicted by Kueue{reason}; requeued, the message stays with this Job",
-        )
+                reason = f": {told}"
+            self._events.on_name(
+                name,
+                "Normal",
+                "Evicted",
+                f"evicted by Kueue{reason}; requeued, the message stays with this Job",
+            )
+        finally:
+            self._telling -= 1
+
+    async def _workload(self, state: JobState) -> WorkloadView | None:
+        """The Job's Workload, or None when it cannot be read (said once at WARNING
+        when it is forbidden: then no Job is ever ended for Kueue's reasons)."""
+        jobs = self._scope.jobs
+        if not isinstance(jobs, ReadsWorkloads) or not state.uid:
+            return None
+        try:
+            return await jobs.workload_of(self._scope.namespace, state.uid)
+        except ApiRejected as exc:
+            if exc.status == 403 and not self._forbidden_said:
+                self._forbidden_said = True
+                self._scope.log.warning(
+                    "cannot list Kueue Workloads in %s (403): Jobs Kueue can never admit "
+                    "wait until someone deletes them. Grant list on workloads.kueue.x-k8s.io "
+                    "(the chart's rbac.readKueueWorkloads)",
+                    self._scope.namespace,
+                )
+            else:
+                self._scope.job_log(state.name).info("could not read its Workload: %s", exc)
+            return None
+        except (TransientError, ValueError) as exc:
+            self._scope.job_log(state.name).info("could not read its Workload: %s", exc)
+            return None
 
     def counts(self) -> AdmissionCounts | None:
         """This ScaledJob's queued Jobs by stage, None when it has had none here."""
@@ -171,45 +221,26 @@ class Admission:
     def forget(self, name: str) -> None:
         """Job ``name`` finished or is gone."""
         self._waiting_since.pop(name, None)
+        self._never_since.pop(name, None)
+        self._told_at.pop(name, None)
 
     async def run(self) -> None:
         """Until cancelled: end the Jobs Kueue can never admit (see the module docstring).
-        Nothing to do, and returns at once, when the Job client cannot read Workloads."""
-        jobs = self._scope.jobs
-        if not isinstance(jobs, ReadsWorkloads):
-            await asyncio.Event().wait()  # nothing will ever be checked; wait to be cancelled
+        Nothing to do when the Job client cannot read Workloads (it waits to be
+        cancelled)."""
+        if not isinstance(self._scope.jobs, ReadsWorkloads):
+            await asyncio.Event().wait()
         while True:
-            timeout = self._scope.scaledjob.spec.inadmissibleTimeoutSeconds
-            await asyncio.sleep(min(PASS_SECONDS_MAX, max(1.0, timeout / 5)))
+            bound = self._scope.scaledjob.spec.inadmissibleTimeoutSeconds
+            await asyncio.sleep(min(PASS_SECONDS_MAX, max(1.0, bound / 5)))
             now = time.monotonic()
-            for name, since in list(self._waiting_since.items()):
-                if now - since >= timeout and name not in self._ending:
-                    await self._check(name, bound=timeout)
-
-    async def _check(self, name: str, *, bound: float) -> None:
-        scope = self._scope
-        state = scope.tracker.jobs.get(name)
-        jobs = scope.jobs
-        if state is None or not state.pending_admission or not isinstance(jobs, ReadsWorkloads):
-            self._waiting_since.pop(name, None)
-            return
-        try:
-            workload = await jobs.workload_of(scope.namespace, state.uid)
-        except (ApiRejected, TransientError, ValueError) as exc:
-            scope.job_log(name).info("could not read the Workload of Job %s: %s", name, exc)
-            return
-        never = workload.never_admitted() if workload is not None else None
-        if never is None:
-            return
-        reason, message, since = never
-        held = seconds_between(since, now_rfc3339()) if since else None
-        if held is not None and held < bound:
-            return  # Kueue has said so for less than the timeout (it changed its mind)
-        self._ending.add(name)
-        try:
-            await self._end(state, reason, f"Kueue cannot admit it: {kueue_text(message)}")
-        finally:
-            self._ending.discard(name)
+            due = sorted(
+                (since, name)
+                for name, since in self._waiting_since.items()
+                if now - since >= bound / 2 and name not in self._ending
+            )
+            for _, name in due[:READS_PER_PASS]:
+                await self._check(name, bound=bound)
 
     async def check_created(self, job: Mapping[str, Any], *, secret: str | None) -> None:
         """A Job just created or adopted, whose message Secret is ``secret`` (None: it has
@@ -221,53 +252,80 @@ class Admission:
         state = JobState.from_object(job)
         if state.outcome is not None or state.name in self._ending:
             return
-        self._ending.add(state.name)
-        try:
-            await self._end(
-                state,
-                REASON_SECRET_NOT_SENT,
-                "MultiKueue runs this Job on a worker cluster, which does not get its message "
-                f"Secret {secret}; deliver the message in env (messageDelivery: env, a body "
-                "under the env bound, no function) for a ScaledJob whose LocalQueue "
-                "dispatches by MultiKueue",
-            )
-        finally:
-            self._ending.discard(state.name)
+        await self._end(
+            state,
+            REASON_SECRET_NOT_SENT,
+            "MultiKueue runs this Job on a worker cluster, which does not get its message "
+            f"Secret {secret}; deliver the message in env (messageDelivery: env, a body "
+            "under the env bound, no function) for a ScaledJob whose LocalQueue "
+            "dispatches by MultiKueue",
+        )
+
+    async def _check(self, name: str, *, bound: float) -> None:
+        """Read the Workload of waiting Job ``name``; end the Job once every read for
+        ``bound`` seconds said it can never be admitted (the same reason each time)."""
+        state = self._scope.tracker.jobs.get(name)
+        if state is None or not state.pending_admission:
+            self._waiting_since.pop(name, None)
+            self._never_since.pop(name, None)
+            return
+        workload = await self._workload(state)
+        if workload is None:
+            return
+        never = workload.never_admitted()
+        if never is None:
+            self._never_since.pop(name, None)
+            return
+        reason, message = never
+        now = time.monotonic()
+        first = self._never_since.get(name)
+        if first is None or first[0] != reason:
+            self._never_since[name] = (reason, now)
+            return
+        current = self._scope.tracker.jobs.get(name)
+        if now - first[1] < bound or current is None or not current.pending_admission:
+            return
+        await self._end(current, reason, f"Kueue cannot admit it: {kueue_text(message)}")
 
     async def _end(self, state: JobState, reason: str, detail: str) -> None:
-        """Annotate the reason, then delete: the Job then reads as failed for it."""
+        """Annotate the reason; then, if the patched Job still waits (Kueue may have
+        admitted it meanwhile) or is a MultiKueue one, delete it: it then reads as failed
+        for that reason. An admitted Job gets the annotation cleared and runs on."""
         scope, name = self._scope, state.name
-        detail = detail[:4000]
-        scope.job_log(name).warning("ending Job %s (%s): %s", name, reason, detail[:512])
-        told = json.dumps({"reason": reason, "detail": detail})
+        self._ending.add(name)
         try:
-            await scope.retry(
+            told = json.dumps({"reason": reason, "detail": detail[:4000]})
+            job = await scope.retry(
                 lambda: scope.jobs.annotate_job(
                     scope.namespace, name, {ANNOTATION_NOT_ADMITTED: told}
                 )
             )
+            if reason != REASON_SECRET_NOT_SENT and not is_suspended(job):
+                await scope.retry(
+                    lambda: scope.jobs.annotate_job(
+                        scope.namespace, name, {ANNOTATION_NOT_ADMITTED: ""}
+                    )
+                )
+                return
+            scope.job_log(name).warning("ending Job %s (%s): %s", name, reason, detail[:512])
             await scope.retry(lambda: scope.jobs.delete_job(scope.namespace, name))
+            self._waiting_since.pop(name, None)
+            self._never_since.pop(name, None)
         except ApiRejected as exc:
             scope.job_log(name).warning("could not end Job %s: %s", name, exc)
-            return
-        self._waiting_since.pop(name, None)
+        finally:
+            self._ending.discard(name)
 
 
 KUEUE_TEXT_MAX = 1024
 """The most of a Kueue condition message that reaches an Event or a dead letter."""
 
 
-def kueue_words(reason: str, message: str) -> str:
-    """Kueue's reason and message on a Workload, as jobrunner repeats them: redacted and
-    bounded. An exception to "never a server's text" (README, Security), and why it is
-    safe: Kueue writes it about the tenant's own Workload, from queue, flavor and quota
-    names, and the tenant reads the same on that Workload (Kueue's user roles grant
-    it); no address a tenant chooses produces it."""
-    reason = reason if reason.isidentifier() else "Unknown"
-    text = kueue_text(message)
-    return f"{reason} ({text})" if text else reason
-
-
 def kueue_text(message: str) -> str:
-    """A Kueue condition message, redacted and bounded (see ``kueue_words``)."""
-    return redact(message)[:KUEUE_TEXT_MAX]
+    """Kueue's message on why a Workload cannot be admitted, as jobrunner repeats it in
+    the dead letter: redacted, without uids, bounded. An exception to "never a server's
+    text" (README, Security), and why it is safe: Kueue writes it about the tenant's own
+    Workload from queue, flavor and quota names, the tenant reads the same on that
+    Workload (Kueue's user roles grant it), and no address a tenant chooses produces
+    it. Eviction messages are never repeated (they name the preemptor)."""
+    return redact(without_uids(message))[:KUEUE_TEXT_MAX]

@@ -18,7 +18,7 @@ from typing import Any
 from opentelemetry import trace
 from opentelemetry.trace import Status, StatusCode
 
-from jobrunner.core.admission import is_queued
+from jobrunner.core.admission import is_queued, is_suspended
 from jobrunner.core.models import (
     ANNOTATION_ACK_POLICY,
     ANNOTATION_HANDED_OVER,
@@ -56,6 +56,8 @@ class Lifecycle:
     ) -> None:
         self._scope = scope
         self._admission = admission
+        self._queued_seen = False
+        """A Job of this ScaledJob came back from the API server queued by Kueue."""
         self._intake = intake
         self._settlement = settlement
         self._limiter = limiter
@@ -86,13 +88,20 @@ class Lifecycle:
     async def _create_wait_settle(self, rendered: RenderedJob, record: InFlight, log: Log) -> None:
         name = rendered.name
         with self._scope.tracer.start_as_current_span("wait-for-slot"):
-            await self._limiter.acquire(name, queued=is_queued(rendered.job))
+            queued = is_queued(rendered.job) or self._queued_seen
+            await self._limiter.acquire(name, queued=queued)
         self._scope.failpoints.hit("before-create")
         made = await self._create(rendered, record, log)
         if made is None:
             return
         job, created = made
         self._scope.failpoints.hit("after-create")
+        if is_queued(job):
+            # The API server's answer says whether Kueue holds the Job (its webhook may add
+            # the queue label itself: LocalQueue defaulting), and an adopted Job may long be
+            # admitted: the slot follows the answer, and so does every later acquisition.
+            self._queued_seen = True
+            self._limiter.admission(name, pending=is_suspended(job))
         self.rejected_in_row = 0
         finished = outcome_of(job)
         if not await self._created_or_adopted(

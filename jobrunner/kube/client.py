@@ -866,8 +866,11 @@ class KubeJobClient:
                 if exc.status == 404:
                     continue  # this version (or Kueue) is not served
                 raise
-            items = answer.get("items") or []
-            return WorkloadView.from_object(items[0]) if items else None
+            # Only a Workload the Job controls (its owner reference, as Kueue makes it):
+            # another object labelled with the Job's uid decides nothing; two: none.
+            views = [WorkloadView.from_object(w) for w in answer.get("items") or []]
+            owned = [v for v in views if v.owner_uid == job_uid]
+            return owned[0] if len(owned) == 1 else None
         return None
 
     async def dry_run_create(self, job: Mapping[str, Any]) -> str | None:

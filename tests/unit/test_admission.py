@@ -63,7 +63,45 @@ def reserved(reason: str, message: str) -> dict[str, str]:
     ("conditions", "never"),
     [
         ([reserved("Inadmissible", "LocalQueue lq doesn't exist")], REASON_INADMISSIBLE),
-        ([reserved("Inadmissible", "ClusterQueue cq is stopped")], REASON_INADMISSIBLE),
+        ([reserved("Inadmissible", "ClusterQueue cq doesn't exist")], REASON_INADMISSIBLE),
+        # An administrator's pause, or a queue being set up: waiting, not never.
+        ([reserved("Inadmissible", "ClusterQueue cq is stopped")], None),
+        ([reserved("Inadmissible", "LocalQueue lq is inactive")], None),
+        ([reserved("Inadmissible", "LocalQueue lq is terminating or missing")], None),
+        (
+            [reserved("Pending", "couldn't assign flavors to pod set main: flavor gpu not found")],
+            REASON_NEVER_FITS,
+        ),
+        (
+            [
+                reserved(
+                    "Pending",
+                    "couldn't assign flavors to pod set main: resource nvidia.com/gpu unavailable in ClusterQueue",
+                )
+            ],
+            REASON_NEVER_FITS,
+        ),
+        # Topology-aware scheduling: domains in use now (the reviewer's messages).
+        (
+            [
+                reserved(
+                    "Pending",
+                    "couldn't assign flavors to pod set main: topology \"block\" doesn't allow to fit any of 16 pod(s)",
+                )
+            ],
+            None,
+        ),
+        (
+            [
+                reserved(
+                    "Pending",
+                    'couldn\'t assign flavors to pod set main: topology "rack" allows to fit only 8 out of 16 pod(s)',
+                )
+            ],
+            None,
+        ),
+        # Words this version of jobrunner does not know: waiting, never hopeless.
+        ([reserved("Pending", "couldn't assign flavors to pod set main: something new")], None),
         ([reserved("Pending", NO_CAPACITY)], REASON_NEVER_FITS),
         ([reserved("Pending", BUSY)], None),  # quota in use: waiting is what a queue is for
         ([reserved("Pending", MIXED)], None),  # one pod set could fit later
@@ -79,7 +117,6 @@ def test_only_what_holds_until_the_queues_change_is_never(
     assert (told[0] if told else None) == never
     if told:
         assert told[1] == conditions[0]["message"]
-        assert told[2] == "2026-12-08T01:00:00Z"
 
 
 def test_an_eviction_is_read_with_kueues_reason() -> None:
@@ -88,7 +125,7 @@ def test_an_eviction_is_read_with_kueues_reason() -> None:
         {"type": "Evicted", "status": "True", "reason": "Preempted", "message": "by higher"},
     )
     assert not view.admitted
-    assert view.eviction() == ("Preempted", "by higher")
+    assert view.eviction() == "Preempted", "the reason code only: the message names the preemptor"
 
 
 def deleting_job(annotation: str | None) -> dict[str, Any]:
@@ -329,3 +366,22 @@ def test_a_multikueue_job_that_needs_its_message_secret_is_told_apart() -> None:
     }
     assert pod_uses_secret(env_ref, "s")
     assert not pod_uses_secret(env_ref, "other")
+
+
+def test_a_deactivated_workload_is_never_admitted() -> None:
+    view = WorkloadView.from_object(
+        {
+            "spec": {"active": False},
+            "status": {"conditions": [reserved("Pending", BUSY)]},
+        }
+    )
+    told = view.never_admitted()
+    assert told is not None
+    assert told[0] == "Deactivated"
+
+
+def test_uids_are_taken_out_of_kueues_words() -> None:
+    from jobrunner.core.admission import without_uids
+
+    text = "Preempted to accommodate a workload (UID: 0b7c6d1e-1111-4222-8333-944455556666)"
+    assert without_uids(text) == "Preempted to accommodate a workload (UID: <uid>)"
