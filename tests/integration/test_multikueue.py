@@ -8,6 +8,7 @@ needs its message Secret (which MultiKueue does not copy) is dead-lettered at on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -25,25 +26,37 @@ pytestmark = [pytest.mark.kube, pytest.mark.rabbitmq, pytest.mark.worker]
 __all__ = ["job_watch"]  # a fixture shared with test_kueue
 
 
-async def all_complete(
-    kube_api: client.ApiClient, namespace: str, count: int, multikueue: MultiKueue
-) -> tuple[list[client.V1Job], dict[str, client.V1Job]]:
-    """The manager's Jobs once ``count`` are Complete, and each mirror Job seen on the
-    worker meanwhile (MultiKueue removes a mirror once its Job has finished)."""
-    mirrors: dict[str, client.V1Job] = {}
+async def record_mirrors(
+    kube_api: client.ApiClient,
+    namespace: str,
+    multikueue: MultiKueue,
+    seen: dict[str, client.V1Job],
+) -> None:
+    """Until cancelled: every mirror Job seen on the worker, by name (MultiKueue removes a
+    mirror once its Job has finished, so it is looked for all along; a read that fails
+    while the worker's API server is down is tried again)."""
+    while True:
+        try:
+            jobs = await asyncio.to_thread(jobs_of, kube_api, namespace, "work")
+            for job in jobs:
+                if job.metadata.name not in seen:
+                    found = await asyncio.to_thread(multikueue.mirror, namespace, job.metadata.name)
+                    if found is not None:
+                        seen[job.metadata.name] = found
+        except Exception:  # the worker restarting: look again
+            pass
+        await asyncio.sleep(0.3)
 
+
+async def all_complete(
+    kube_api: client.ApiClient, namespace: str, count: int
+) -> list[client.V1Job]:
     async def done() -> list[client.V1Job] | None:
         jobs = await asyncio.to_thread(jobs_of, kube_api, namespace, "work")
-        for job in jobs:
-            if job.metadata.name not in mirrors:
-                found = await asyncio.to_thread(multikueue.mirror, namespace, job.metadata.name)
-                if found is not None:
-                    mirrors[job.metadata.name] = found
         complete = [j for j in jobs if finished(j) == "Complete"]
         return complete if len(complete) >= count else None
 
-    jobs = await eventually(done, within=2 * WORKER_TIMEOUT, interval=0.5)
-    return jobs, mirrors
+    return await eventually(done, within=2 * WORKER_TIMEOUT, interval=0.5)
 
 
 async def test_messages_run_on_the_worker_and_settle_once_across_a_worker_outage(
@@ -64,20 +77,25 @@ async def test_messages_run_on_the_worker_and_settle_once_across_a_worker_outage
             tmp_path, namespace, queue, rabbitmq_url, queued_job(lq), maxPendingAdmission=4
         )
     )
+    mirrors: dict[str, client.V1Job] = {}
+    recorder = asyncio.create_task(record_mirrors(kube_api, namespace, multikueue, mirrors))
     for i in range(3):
         await publish(rabbitmq_url, queue, json.dumps({"seconds": 12}).encode(), message_id=f"w{i}")
 
     async def mirrored() -> bool:
-        jobs = await asyncio.to_thread(jobs_of, kube_api, namespace, "work")
-        mirrors = [multikueue.mirror(namespace, j.metadata.name) for j in jobs]
-        return len(jobs) == 3 and sum(m is not None for m in mirrors) >= 1
+        return len(mirrors) >= 1
 
     await eventually(mirrored, within=WORKER_TIMEOUT, interval=0.5)
     await asyncio.to_thread(restart_worker_apiserver)  # mid-run: the worker's API goes away
     for i in range(3, 5):
         await publish(rabbitmq_url, queue, json.dumps({"seconds": 2}).encode(), message_id=f"w{i}")
 
-    jobs, mirrors = await all_complete(kube_api, namespace, 5, multikueue)
+    try:
+        jobs = await all_complete(kube_api, namespace, 5)
+    finally:
+        recorder.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await recorder
     await dispatcher.settled("ack", 5, within=60)
     assert dispatcher.settlements("dead-letter") == 0
     assert len(jobs_of(kube_api, namespace, "work")) == 5, "one Job per message"
