@@ -36,6 +36,7 @@ NO_CAPACITY = (
     "previously considered podsets requests (0) + current podset request (8) > maximum "
     "capacity (2)"
 )
+FLAVORS = "couldn't assign flavors to pod set main:"
 BUSY = (
     "couldn't assign flavors to pod set main: insufficient unused quota for cpu in flavor "
     "kwok, 1 more needed"
@@ -76,7 +77,7 @@ def reserved(reason: str, message: str) -> dict[str, str]:
             [
                 reserved(
                     "Pending",
-                    "couldn't assign flavors to pod set main: resource nvidia.com/gpu unavailable in ClusterQueue",
+                    f"{FLAVORS} resource nvidia.com/gpu unavailable in ClusterQueue",
                 )
             ],
             REASON_NEVER_FITS,
@@ -86,7 +87,7 @@ def reserved(reason: str, message: str) -> dict[str, str]:
             [
                 reserved(
                     "Pending",
-                    "couldn't assign flavors to pod set main: topology \"block\" doesn't allow to fit any of 16 pod(s)",
+                    f'{FLAVORS} topology "block" doesn\'t allow to fit any of 16 pod(s)',
                 )
             ],
             None,
@@ -95,7 +96,7 @@ def reserved(reason: str, message: str) -> dict[str, str]:
             [
                 reserved(
                     "Pending",
-                    'couldn\'t assign flavors to pod set main: topology "rack" allows to fit only 8 out of 16 pod(s)',
+                    f'{FLAVORS} topology "rack" allows to fit only 8 out of 16 pod(s)',
                 )
             ],
             None,
