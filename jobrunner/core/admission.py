@@ -56,17 +56,18 @@ def evictions_of(job: Mapping[str, Any]) -> int:
 
 REASON_INADMISSIBLE = "Inadmissible"
 """Kueue's reason when the LocalQueue or ClusterQueue is missing, stopped or inactive
-(``WorkloadInadmissible``, apis/kueue/v1beta2/workload_types.go)."""
+(``WorkloadInadmissible``, apis/kueue/v1beta2/workload_types.go); jobrunner ends a Job
+for it only when the queue is missing (see ``never_admitted_text``)."""
 REASON_SECRET_NOT_SENT = "MultiKueueSecret"
 """jobrunner's reason when a Job MultiKueue dispatches needs its message Secret in its
 pod: the worker cluster will never have it, so the pod could never start there."""
 REASON_NEVER_FITS = "NeverFits"
+"""jobrunner's reason when Kueue says no flavor of the ClusterQueue can ever hold the
+Job (requests above what it could ever lend, a resource it does not cover, ...)."""
 REASON_DEACTIVATED = "Deactivated"
 """Kueue's reason when a Workload was deactivated (``spec.active: false``, set by a person
 or by Kueue once ``waitForPodsReady``'s requeuing limit is exceeded): it is not admitted
 again until someone activates it."""
-"""jobrunner's reason when Kueue says no flavor of the ClusterQueue can ever hold the
-Job's requests (its message has no "insufficient unused quota", only limits)."""
 NOT_ADMITTED_REASONS = frozenset(
     {REASON_INADMISSIBLE, REASON_NEVER_FITS, REASON_DEACTIVATED, REASON_SECRET_NOT_SENT}
 )
@@ -178,13 +179,12 @@ class Condition:
     status: str
     reason: str = ""
     message: str = ""
-    since: str = ""
-    """``lastTransitionTime`` (RFC 3339)."""
 
 
 @dataclass(frozen=True)
 class WorkloadView:
-    """What jobrunner reads of a Kueue Workload: its name and conditions by type."""
+    """What jobrunner reads of a Kueue Workload: its conditions by type, whether it is
+    active, and which Job controls it."""
 
     name: str
     conditions: Mapping[str, Condition]
@@ -203,7 +203,6 @@ class WorkloadView:
                     status=str(c.get("status", "")),
                     reason=str(c.get("reason") or ""),
                     message=str(c.get("message") or ""),
-                    since=str(c.get("lastTransitionTime") or ""),
                 )
         meta = obj.get("metadata") or {}
         owners = [o for o in meta.get("ownerReferences") or [] if isinstance(o, dict)]
@@ -214,11 +213,6 @@ class WorkloadView:
             active=(obj.get("spec") or {}).get("active") is not False,
             owner_uid=str(controller.get("uid", "")),
         )
-
-    @property
-    def admitted(self) -> bool:
-        c = self.conditions.get("Admitted")
-        return c is not None and c.status == "True"
 
     def never_admitted(self) -> tuple[str, str] | None:
         """(jobrunner's reason, Kueue's message) when Kueue says this Workload cannot be

@@ -174,6 +174,8 @@ class Dispatcher:
         self.limiter.seed(tracker.unfinished(), pending=tracker.pending_admission())
         for state in list(tracker.jobs.values()):
             if state.pending_admission:
+                # Told already if the tracker listed them after this dispatcher listened;
+                # not if it listed them before (telling twice changes nothing).
                 self.admission.job_changed(state, None)
         # Jobs that finished while no dispatcher was watching and whose message was
         # already acked are settled from the copy they keep; Jobs deleted meanwhile

@@ -99,9 +99,13 @@ class Lifecycle:
         if is_queued(job):
             # The API server's answer says whether Kueue holds the Job (its webhook may add
             # the queue label itself: LocalQueue defaulting), and an adopted Job may long be
-            # admitted: the slot follows the answer, and so does every later acquisition.
+            # admitted: the slot follows it, and so does every later acquisition. The
+            # tracker's state, when it has one, is newer than this answer (Kueue may have
+            # admitted the Job before the answer was read).
             self._queued_seen = True
-            self._limiter.admission(name, pending=is_suspended(job))
+            seen = self._scope.tracker.jobs.get(name)
+            waits = seen.pending_admission if seen is not None else is_suspended(job)
+            self._limiter.admission(name, pending=waits)
         self.rejected_in_row = 0
         finished = outcome_of(job)
         if not await self._created_or_adopted(

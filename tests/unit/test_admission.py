@@ -125,7 +125,6 @@ def test_an_eviction_is_read_with_kueues_reason() -> None:
         {"type": "Admitted", "status": "False", "reason": "NoReservation"},
         {"type": "Evicted", "status": "True", "reason": "Preempted", "message": "by higher"},
     )
-    assert not view.admitted
     assert view.eviction() == "Preempted", "the reason code only: the message names the preemptor"
 
 
