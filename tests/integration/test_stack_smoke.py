@@ -50,8 +50,12 @@ def job_gone(batch: client.BatchV1Api, namespace: str, name: str) -> bool:
     return False
 
 
-def wait_for_default_service_account(core: client.CoreV1Api, namespace: str) -> None:
-    # The ServiceAccount admission plugin rejects pods until the controller made it.
+def wait_for_default_service_account(
+    core: client.CoreV1Api, namespace: str, *, timeout: float = 30
+) -> None:
+    """The ServiceAccount admission plugin rejects pods until the controller made
+    ``default`` in ``namespace``: wait for it, at most ``timeout`` seconds."""
+
     def exists() -> bool:
         try:
             core.read_namespaced_service_account("default", namespace)
@@ -61,7 +65,7 @@ def wait_for_default_service_account(core: client.CoreV1Api, namespace: str) -> 
             raise
         return True
 
-    wait_until(exists, timeout=30)
+    wait_until(exists, timeout=timeout)
 
 
 @pytest.mark.kube

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
 
 from tests import services
 from tests.helpers import wait_until
+from tests.integration import test_stack_smoke as smoke
 
 RESTART_TIMEOUT = 120
 """Seconds the stack's script may take to stop the worker's API server and bring it back
@@ -85,18 +85,8 @@ def worker_api() -> client.ApiClient:
 
 
 def wait_for_default_service_account(core: client.CoreV1Api, namespace: str) -> None:
-    """The ServiceAccount admission rejects pods until the controller made `default`."""
-
-    def exists() -> bool:
-        try:
-            core.read_namespaced_service_account("default", namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return False
-            raise
-        return True
-
-    wait_until(exists, timeout=WORKER_TIMEOUT)
+    """As on the first cluster, with the worker's longer bound (see WORKER_TIMEOUT)."""
+    smoke.wait_for_default_service_account(core, namespace, timeout=WORKER_TIMEOUT)
 
 
 @pytest.fixture
