@@ -64,12 +64,22 @@ pod: the worker cluster will never have it, so the pod could never start there."
 REASON_NEVER_FITS = "NeverFits"
 """jobrunner's reason when Kueue says no flavor of the ClusterQueue can ever hold the
 Job (requests above what it could ever lend, a resource it does not cover, ...)."""
+REASON_NO_WORKLOAD = "NoWorkload"
+"""jobrunner's reason when Kueue made no Workload for a queued, suspended Job: Kueue then
+says why only in its own log (a WorkloadPriorityClass the Job names that does not exist,
+``kueue.x-k8s.io/priority-class``), and would hold the Job for ever."""
 REASON_DEACTIVATED = "Deactivated"
 """Kueue's reason when a Workload was deactivated (``spec.active: false``, set by a person
 or by Kueue once ``waitForPodsReady``'s requeuing limit is exceeded): it is not admitted
 again until someone activates it."""
 NOT_ADMITTED_REASONS = frozenset(
-    {REASON_INADMISSIBLE, REASON_NEVER_FITS, REASON_DEACTIVATED, REASON_SECRET_NOT_SENT}
+    {
+        REASON_INADMISSIBLE,
+        REASON_NEVER_FITS,
+        REASON_DEACTIVATED,
+        REASON_NO_WORKLOAD,
+        REASON_SECRET_NOT_SENT,
+    }
 )
 """The only reasons the annotation may give: anything else reads as ``JobDeleted``."""
 

@@ -101,6 +101,14 @@ REASONS: Mapping[str, str] = {
     "MaxDeliverExceeded": "the broker delivered it more often than it allows",
     "MaxDeliverReached": "the broker delivered it more often than it allows",
     "InternalError": "an error nobody foresaw, after the tries allowed (a bug: report it)",
+    # Kueue's admission (jobrunner.core.admission), after inadmissibleTimeoutSeconds:
+    "Inadmissible": "Kueue cannot admit the Job: its LocalQueue or ClusterQueue does not exist",
+    "NeverFits": "Kueue cannot admit the Job: no flavor of its ClusterQueue can ever hold it",
+    "Deactivated": "Kueue deactivated the Job's Workload (spec.active false, requeuing limit)",
+    "NoWorkload": "Kueue made no Workload for the Job (a WorkloadPriorityClass it names is "
+    "missing?)",
+    "MultiKueueSecret": "MultiKueue would run the Job on a worker cluster without its "
+    "message Secret: deliver the message in env",
 }
 """What each dead-letter reason means, for the listings' notes. A Job's own reason (its
 Failed condition, shown by ``jobs``) and the reason its message was dead-lettered (the

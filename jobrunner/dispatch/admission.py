@@ -36,6 +36,7 @@ from opentelemetry.trace import Span
 from jobrunner.core.admission import (
     ANNOTATION_EVICTIONS,
     ANNOTATION_NOT_ADMITTED,
+    REASON_NO_WORKLOAD,
     REASON_SECRET_NOT_SENT,
     WorkloadView,
     dispatched_by_multikueue,
@@ -181,11 +182,16 @@ class Admission:
     async def _workload(self, state: JobState) -> WorkloadView | None:
         """The Job's Workload, or None when it cannot be read (said once at WARNING
         when it is forbidden: then no Job is ever ended for Kueue's reasons)."""
+        return (await self._read_workload(state))[1]
+
+    async def _read_workload(self, state: JobState) -> tuple[bool, WorkloadView | None]:
+        """(read, the Workload): ``read`` False when the list failed (then the Workload is
+        unknown), True with None when Kueue has made none."""
         jobs = self._scope.jobs
         if not isinstance(jobs, ReadsWorkloads) or not state.uid:
-            return None
+            return False, None
         try:
-            return await jobs.workload_of(self._scope.namespace, state.uid)
+            return True, await jobs.workload_of(self._scope.namespace, state.uid)
         except ApiRejected as exc:
             if exc.status == 403 and not self._forbidden_said:
                 self._forbidden_said = True
@@ -197,10 +203,10 @@ class Admission:
                 )
             else:
                 self._scope.job_log(state.name).info("could not read its Workload: %s", exc)
-            return None
+            return False, None
         except (TransientError, ValueError) as exc:
             self._scope.job_log(state.name).info("could not read its Workload: %s", exc)
-            return None
+            return False, None
 
     def counts(self) -> AdmissionCounts | None:
         """This ScaledJob's queued Jobs by stage, None when it has had none here."""
@@ -269,10 +275,12 @@ class Admission:
             self._waiting_since.pop(name, None)
             self._never_since.pop(name, None)
             return
-        workload = await self._workload(state)
-        if workload is None:
+        read, workload = await self._read_workload(state)
+        if not read:
             return
-        never = workload.never_admitted()
+        # No Workload at all, half the bound after the Job was made (Kueue makes one in
+        # milliseconds): Kueue refused to, and says why only in its own log.
+        never = (REASON_NO_WORKLOAD, NO_WORKLOAD) if workload is None else workload.never_admitted()
         if never is None:
             self._never_since.pop(name, None)
             return
@@ -316,6 +324,12 @@ class Admission:
         finally:
             self._ending.discard(name)
 
+
+NO_WORKLOAD = (
+    "no Workload was made for this Job; Kueue refuses to make one when a "
+    "WorkloadPriorityClass the Job names (kueue.x-k8s.io/priority-class) does not exist"
+)
+"""The detail of ``NoWorkload`` (jobrunner's words: Kueue says nothing on the Job)."""
 
 KUEUE_TEXT_MAX = 1024
 """The most of a Kueue condition message that reaches an Event or a dead letter."""

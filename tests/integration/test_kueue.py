@@ -259,7 +259,7 @@ async def test_a_higher_priority_message_preempts_and_the_evicted_job_finishes_l
     assert any("Preempted" in (m or "") for m in told), told
 
 
-@pytest.mark.parametrize("why", ["NeverFits", "Inadmissible"])
+@pytest.mark.parametrize("why", ["NeverFits", "Inadmissible", "NoWorkload"])
 async def test_a_job_kueue_can_never_admit_is_dead_lettered_with_kueues_reason(
     why: str,
     kube_api: client.ApiClient,
@@ -275,8 +275,13 @@ async def test_a_job_kueue_can_never_admit_is_dead_lettered_with_kueues_reason(
     if why == "NeverFits":
         kueue.local_queue(namespace, lq, cluster_queue=cq)
         spec = queued_job(lq, cpu="8")  # more than the queue could ever hold
-    else:
+    elif why == "Inadmissible":
         spec = queued_job(f"{lq}-missing")  # a LocalQueue nobody made
+    else:
+        # A WorkloadPriorityClass nobody made: Kueue makes no Workload and says so only
+        # in its own log (a new user's first hour with the README's example).
+        kueue.local_queue(namespace, lq, cluster_queue=cq)
+        spec = queued_job(lq, priority=f"missing-{uuid.uuid4().hex[:8]}")
     dispatcher = dispatchers(
         queued_manifest(
             tmp_path, namespace, queue, rabbitmq_url, spec, inadmissibleTimeoutSeconds=3
@@ -289,7 +294,12 @@ async def test_a_job_kueue_can_never_admit_is_dead_lettered_with_kueues_reason(
     assert dead.headers["x-jobrunner-reason"] == why
     detail = str(dead.headers["x-jobrunner-detail"])
     assert detail.startswith("Kueue cannot admit it: ")
-    assert ("maximum capacity" in detail) if why == "NeverFits" else ("doesn't exist" in detail)
+    expected = {
+        "NeverFits": "maximum capacity",
+        "Inadmissible": "doesn't exist",
+        "NoWorkload": "WorkloadPriorityClass",
+    }
+    assert expected[why] in detail
 
     async def gone() -> bool:
         return not await asyncio.to_thread(jobs_of, kube_api, namespace, "work")

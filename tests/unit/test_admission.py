@@ -385,3 +385,28 @@ def test_uids_are_taken_out_of_kueues_words() -> None:
 
     text = "Preempted to accommodate a workload (UID: 0b7c6d1e-1111-4222-8333-944455556666)"
     assert without_uids(text) == "Preempted to accommodate a workload (UID: <uid>)"
+
+
+def test_the_readmes_kueue_objects_are_what_its_example_names() -> None:
+    from pathlib import Path
+
+    import yaml
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    section = readme.split("### A ScaledJob that submits to a LocalQueue", 1)[1]
+    scaledjob_block, objects_block = (b.split("```", 1)[0] for b in section.split("```yaml\n")[1:3])
+    renderer = Renderer(parse_scaledjob(yaml.safe_load(scaledjob_block)))
+    objects = {d["kind"]: d for d in yaml.safe_load_all(objects_block)}
+    classes = {
+        d["metadata"]["name"]
+        for d in yaml.safe_load_all(objects_block)
+        if d["kind"] == "WorkloadPriorityClass"
+    }
+    for headers in ({"priority": "9"}, {}):
+        labels = renderer.render(delivery(headers)).job["metadata"]["labels"]
+        assert labels[LABEL_PRIORITY_CLASS] in classes, "every priority the template gives exists"
+        assert labels[LABEL_QUEUE_NAME] == objects["LocalQueue"]["metadata"]["name"]
+    assert (
+        objects["LocalQueue"]["spec"]["clusterQueue"] == objects["ClusterQueue"]["metadata"]["name"]
+    )
+    assert objects["LocalQueue"]["metadata"]["namespace"] == renderer.scaledjob.namespace

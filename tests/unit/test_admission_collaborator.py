@@ -178,3 +178,22 @@ async def test_a_tenant_flipping_suspend_cannot_make_the_operator_write_without_
     await asyncio.gather(*spawned)
     assert len(spawned) == 1, "one count and Event per Job per quiet period"
     assert len(jobs.calls) <= 3
+
+
+async def test_a_job_kueue_made_no_workload_for_is_ended_as_no_workload() -> None:
+    class NoWorkload(ScriptedJobs):
+        async def workload_of(self, namespace: str, job_uid: str) -> WorkloadView | None:
+            self.calls.append(("list",))
+            return None
+
+    jobs = NoWorkload(workload(BUSY))
+    state = waiting()
+    adm = admission(jobs, state)
+    await adm._check(state.name, bound=300)
+    assert writes(jobs) == [], "the first read starts the count"
+    adm._never_since[state.name] = ("NoWorkload", time.monotonic() - 301)
+    await adm._check(state.name, bound=300)
+    assert writes(jobs) == ["annotate", "delete"]
+    told = next(c for c in jobs.calls if c[0] == "annotate")[2][ANNOTATION_NOT_ADMITTED]
+    assert '"NoWorkload"' in told
+    assert "WorkloadPriorityClass" in told
